@@ -1,0 +1,72 @@
+//! # deriva-core
+//!
+//! The data model and durable store of Deriva, a computation-addressed store.
+//!
+//! - [`addr`]: [`CAddr`], the 32-byte BLAKE3 address of leaves and recipes.
+//! - [`recipe`]: [`FunctionId`], [`Recipe`], params and the canonical recipe encoding.
+//! - [`error`]: [`DerivaError`], the error every Deriva crate returns.
+//! - [`store`]: [`Store`], recipes and the dependency graph in redb, leaf bytes in files.
+//!
+//! ## Addresses
+//!
+//! A **leaf** address is the plain BLAKE3 hash of the leaf's bytes: `b3sum FILE` prints the
+//! same 64 hex characters.
+//!
+//! A **recipe** address is `BLAKE3-derive_key(context, encoding)`, where the context string
+//! is [`RECIPE_ADDR_CONTEXT`](recipe::RECIPE_ADDR_CONTEXT)
+//! (`"deriva 2026-11-25 recipe address v1"`) and the encoding is the canonical encoding below.
+//! Using BLAKE3's key-derivation mode separates the two domains: no recipe can have the address
+//! of a leaf, whatever bytes the leaf holds.
+//!
+//! ### Canonical recipe encoding, version 1
+//!
+//! All integers are unsigned 32-bit little-endian; strings are UTF-8 preceded by their byte
+//! length.
+//!
+//! | field | bytes |
+//! |---|---|
+//! | encoding version | one byte, `0x01` |
+//! | function name | `u32` length, bytes |
+//! | function version | `u32` length, bytes |
+//! | inputs | `u32` count, then each input address as 32 raw bytes, in recipe order |
+//! | params | `u32` count, then per param sorted by key (bytewise): key (`u32` length, bytes), value (`u32` length, bytes) |
+//!
+//! Input order matters (`concat(a, b)` differs from `concat(b, a)`); param order does not, since
+//! params are always encoded sorted by key. Golden-vector tests in `tests/golden.rs` pin this
+//! encoding: any change to it must bump the version byte and the context string.
+//!
+//! Limits, checked when a recipe is built: function name and version 1–128 bytes with no `/`
+//! and no control characters; at most 1024 inputs; at most 256 params; keys 1–128 bytes;
+//! values at most 64 KiB.
+//!
+//! ## Store layout
+//!
+//! ```text
+//! <data-dir>/
+//!   deriva.redb             redb: tables `recipes`, `dependents` (multimap), `meta`
+//!   blobs/
+//!     tmp/                  in-progress writes; emptied when the store opens
+//!     00/ … ff/             shards by the first address byte
+//!       <64 hex chars>      one leaf's bytes, named by its address
+//! ```
+//!
+//! - `recipes`: recipe address → DAG depth (`u32` LE) followed by the canonical encoding.
+//!   Every read re-hashes the encoding and checks it against the key.
+//! - `dependents`: input address → each recipe that uses it; cascade invalidation walks it.
+//! - `meta`: `recipe_count`, updated in the same transaction as the insert.
+//!
+//! A blob is written to `blobs/tmp/`, fsynced, renamed into its shard and the shard directory
+//! fsynced, all before `put_leaf` returns; a crash never leaves partial bytes under a real
+//! address. Every read re-hashes the blob: a mismatch is [`DerivaError::Corrupted`], never data.
+//! Blob count and bytes are counted once at open (which also cleans `tmp/`) and then kept as
+//! atomics ([`store::StoreCounters`]); the recipe count is persisted in `meta`.
+
+pub mod addr;
+pub mod error;
+pub mod recipe;
+pub mod store;
+
+pub use addr::{AddrParseError, CAddr};
+pub use error::{DerivaError, Result};
+pub use recipe::{FunctionId, Params, Recipe};
+pub use store::{AddrKind, Store, StoreCounters, StoredRecipe};

@@ -1,0 +1,182 @@
+//! Leaf bytes as content-addressed files: `blobs/<first two hex chars>/<64 hex chars>`.
+//!
+//! A write goes to `blobs/tmp/`, is fsynced, and is then renamed into place and the shard
+//! directory fsynced, so a crash never leaves a partial file under a real address. `open`
+//! deletes whatever is left in `tmp/`. Every read re-hashes the bytes and reports a mismatch as
+//! [`DerivaError::Corrupted`].
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::StoreCounters;
+use crate::addr::CAddr;
+use crate::error::{DerivaError, Result};
+
+const TMP_DIR: &str = "tmp";
+
+/// The on-disk blob store. Cheap to share behind an `Arc`; all methods take `&self`.
+#[derive(Debug)]
+pub(crate) struct BlobStore {
+    root: PathBuf,
+    counters: Arc<StoreCounters>,
+    /// Serializes "is it there yet? then rename and count" so concurrent puts of the same bytes
+    /// count once. Data is written and fsynced before the lock is taken.
+    publish: Mutex<()>,
+    tmp_seq: AtomicU64,
+}
+
+impl BlobStore {
+    /// Opens (creating if needed) the blob directory, removes temporary leftovers, and counts the
+    /// blobs and their bytes once.
+    pub(crate) fn open(root: &Path, counters: Arc<StoreCounters>) -> Result<Self> {
+        let ctx = |what: &str, p: &Path| format!("{what} {}", p.display());
+        fs::create_dir_all(root.join(TMP_DIR))
+            .map_err(|e| DerivaError::storage(ctx("creating", root), e))?;
+        let mut removed = 0usize;
+        for entry in read_dir(&root.join(TMP_DIR))? {
+            let path = entry.path();
+            fs::remove_file(&path).map_err(|e| DerivaError::storage(ctx("removing", &path), e))?;
+            removed += 1;
+        }
+        if removed > 0 {
+            tracing::warn!(
+                removed,
+                "removed leftover temporary blob files from an interrupted write"
+            );
+        }
+        let (mut count, mut bytes) = (0u64, 0u64);
+        for shard in 0..=255u8 {
+            let dir = root.join(hex::encode([shard]));
+            fs::create_dir_all(&dir).map_err(|e| DerivaError::storage(ctx("creating", &dir), e))?;
+            for entry in read_dir(&dir)? {
+                let name = entry.file_name();
+                // Exactly what `put` writes: the lowercase hex of an address in this shard.
+                let valid = name
+                    .to_str()
+                    .and_then(|n| n.parse::<CAddr>().ok().filter(|a| a.to_hex() == n))
+                    .is_some_and(|a| a.as_bytes()[0] == shard);
+                let meta = entry
+                    .metadata()
+                    .map_err(|e| DerivaError::storage(ctx("reading", &entry.path()), e))?;
+                if !valid || !meta.is_file() {
+                    tracing::warn!(path = %entry.path().display(), "ignoring a stray entry in the blob store");
+                    continue;
+                }
+                count += 1;
+                bytes += meta.len();
+            }
+        }
+        sync_dir(root)?;
+        counters.blobs.store(count, Ordering::Relaxed);
+        counters.blob_bytes.store(bytes, Ordering::Relaxed);
+        Ok(Self {
+            root: root.to_owned(),
+            counters,
+            publish: Mutex::new(()),
+            tmp_seq: AtomicU64::new(0),
+        })
+    }
+
+    fn path_of(&self, addr: &CAddr) -> PathBuf {
+        let hex = addr.to_hex();
+        self.root.join(&hex[..2]).join(hex)
+    }
+
+    /// Stores `data` under its BLAKE3 address and returns the address. Idempotent: a second put
+    /// of the same bytes writes nothing (and repairs a corrupted copy if it finds one).
+    pub(crate) fn put(&self, data: &[u8]) -> Result<CAddr> {
+        let addr = CAddr::for_leaf(data);
+        let path = self.path_of(&addr);
+        match self.read_verified(&addr, &path) {
+            Ok(Some(_)) => return Ok(addr),
+            Ok(None) => {}
+            Err(DerivaError::Corrupted { .. }) => {
+                tracing::warn!(%addr, "rewriting a corrupted blob with the correct bytes");
+            }
+            Err(e) => return Err(e),
+        }
+
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.root.join(TMP_DIR).join(format!(
+            "{}.{}.{seq}.tmp",
+            addr.to_hex(),
+            std::process::id()
+        ));
+        let written = write_synced(&tmp, data);
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(DerivaError::storage(format!("writing blob {addr}"), e));
+        }
+
+        let _guard = self.publish.lock();
+        let already = fs::metadata(&path).ok().map(|m| m.len());
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(DerivaError::storage(format!("publishing blob {addr}"), e));
+        }
+        sync_dir(path.parent().unwrap_or(&self.root))?;
+        if already.is_none() {
+            self.counters.blobs.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .blob_bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        // Replacing a file (a concurrent put of the same bytes, or a repair) changes no count: a
+        // blob is counted at its correct length. One damaged *before* the store opened was
+        // counted at its on-disk size and is counted right again from the next open.
+        Ok(addr)
+    }
+
+    /// Reads and verifies a blob. `Ok(None)` when there is no such blob.
+    pub(crate) fn get(&self, addr: &CAddr) -> Result<Option<Bytes>> {
+        self.read_verified(addr, &self.path_of(addr))
+    }
+
+    fn read_verified(&self, addr: &CAddr, path: &Path) -> Result<Option<Bytes>> {
+        let data = match fs::read(path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(DerivaError::storage(format!("reading blob {addr}"), e)),
+        };
+        let actual = CAddr::for_leaf(&data);
+        if actual != *addr {
+            tracing::error!(%addr, %actual, len = data.len(), "blob content does not match its address");
+            return Err(DerivaError::Corrupted {
+                addr: *addr,
+                detail: format!("the {} bytes on disk hash to {actual}", data.len()),
+            });
+        }
+        Ok(Some(Bytes::from(data)))
+    }
+
+    /// Whether a blob file exists for `addr` (without reading or verifying it).
+    pub(crate) fn contains(&self, addr: &CAddr) -> bool {
+        self.path_of(addr).is_file()
+    }
+}
+
+fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>> {
+    let entries = fs::read_dir(dir)
+        .map_err(|e| DerivaError::storage(format!("listing {}", dir.display()), e))?;
+    entries
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(|e| DerivaError::storage(format!("listing {}", dir.display()), e))
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut f = File::create_new(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| DerivaError::storage(format!("syncing directory {}", dir.display()), e))
+}
