@@ -1,0 +1,300 @@
+//! [`Cache`]: the in-memory, byte-budgeted, cost-aware cache of materialized outputs.
+//!
+//! Eviction follows GreedyDual-Size: each entry has a priority `clock + cost/size`, where `cost`
+//! is the measured compute time. The entry with the lowest priority is evicted first and the
+//! clock advances to its priority, so entries that are cheap to recompute per byte go first,
+//! while entries that are not used age out however costly they were. A hit refreshes the entry's
+//! priority against the current clock.
+//!
+//! Hits, misses, evictions, bytes and entries are atomics in [`CacheStats`], read without locks
+//! by `Status` and by the metrics callbacks.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use deriva_core::CAddr;
+use parking_lot::Mutex;
+
+/// Live cache counters.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+    size_bytes: AtomicU64,
+    entries: AtomicU64,
+}
+
+impl CacheStats {
+    /// Lookups that found an entry.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Lookups that found nothing.
+    pub fn misses(&self) -> u64 {
+        self.misses.load(Ordering::Relaxed)
+    }
+
+    /// Entries evicted to stay within the byte budget (explicit invalidations not included).
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Bytes held.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Entries held.
+    pub fn entries(&self) -> u64 {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    /// `hits / (hits + misses)` since the cache was created; 0 before the first lookup.
+    pub fn hit_rate(&self) -> f64 {
+        let (h, m) = (self.hits(), self.misses());
+        if h + m == 0 {
+            0.0
+        } else {
+            h as f64 / (h + m) as f64
+        }
+    }
+}
+
+/// A cache hit: the bytes and the compute time that produced them.
+#[derive(Debug, Clone)]
+pub struct CacheHit {
+    /// The cached output.
+    pub data: Bytes,
+    /// How long the compute that produced it took.
+    pub cost: Duration,
+}
+
+#[derive(Debug)]
+struct Entry {
+    data: Bytes,
+    cost: Duration,
+    /// Key in `Inner::order`.
+    rank: (u64, u64),
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    map: HashMap<CAddr, Entry>,
+    /// (priority, sequence) → address, lowest first.
+    order: BTreeSet<(u64, u64, CAddr)>,
+    clock: u64,
+    seq: u64,
+}
+
+impl Inner {
+    fn rank(&mut self, cost: Duration, size: usize) -> (u64, u64) {
+        // Nanoseconds of compute per KiB held; an empty output counts as one byte.
+        let per_kib = (cost.as_nanos().saturating_mul(1024) / size.max(1) as u128) as u64;
+        self.seq += 1;
+        (self.clock.saturating_add(per_kib), self.seq)
+    }
+}
+
+/// The cache. Share it behind an `Arc`; every method takes `&self`.
+#[derive(Debug)]
+pub struct Cache {
+    budget: u64,
+    inner: Mutex<Inner>,
+    stats: Arc<CacheStats>,
+}
+
+impl Cache {
+    /// A cache that holds at most `budget_bytes` of data.
+    pub fn new(budget_bytes: u64) -> Self {
+        Self {
+            budget: budget_bytes,
+            inner: Mutex::default(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// The byte budget.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// The live counters.
+    pub fn stats(&self) -> &Arc<CacheStats> {
+        &self.stats
+    }
+
+    /// Looks `addr` up, counting a hit or a miss, and refreshes the entry's priority on a hit.
+    pub fn get(&self, addr: &CAddr) -> Option<CacheHit> {
+        let mut inner = self.inner.lock();
+        let Some((cost, size, old)) = inner.map.get(addr).map(|e| (e.cost, e.data.len(), e.rank))
+        else {
+            drop(inner);
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let rank = inner.rank(cost, size);
+        inner.order.remove(&(old.0, old.1, *addr));
+        inner.order.insert((rank.0, rank.1, *addr));
+        let entry = inner.map.get_mut(addr)?;
+        entry.rank = rank;
+        let hit = CacheHit {
+            data: entry.data.clone(),
+            cost: entry.cost,
+        };
+        drop(inner);
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        Some(hit)
+    }
+
+    /// Whether `addr` is cached, without counting a lookup or touching its priority.
+    pub fn contains(&self, addr: &CAddr) -> bool {
+        self.inner.lock().map.contains_key(addr)
+    }
+
+    /// Caches `data` for `addr`, evicting lower-priority entries as needed. Returns the
+    /// addresses evicted. An output larger than the whole budget is not cached.
+    pub fn insert(&self, addr: CAddr, data: Bytes, cost: Duration) -> Vec<CAddr> {
+        let size = data.len() as u64;
+        if size > self.budget {
+            tracing::debug!(%addr, size, budget = self.budget, "output larger than the cache budget; not cached");
+            return Vec::new();
+        }
+        let mut evicted = Vec::new();
+        let mut inner = self.inner.lock();
+        if let Some(old) = inner.map.remove(&addr) {
+            inner.order.remove(&(old.rank.0, old.rank.1, addr));
+            self.stats
+                .size_bytes
+                .fetch_sub(old.data.len() as u64, Ordering::Relaxed);
+            self.stats.entries.fetch_sub(1, Ordering::Relaxed);
+        }
+        while self.stats.size_bytes() + size > self.budget {
+            let Some((priority, _, victim)) = inner.order.pop_first() else {
+                break;
+            };
+            inner.clock = priority;
+            if let Some(gone) = inner.map.remove(&victim) {
+                self.stats
+                    .size_bytes
+                    .fetch_sub(gone.data.len() as u64, Ordering::Relaxed);
+                self.stats.entries.fetch_sub(1, Ordering::Relaxed);
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                evicted.push(victim);
+            }
+        }
+        let rank = inner.rank(cost, data.len());
+        inner.order.insert((rank.0, rank.1, addr));
+        inner.map.insert(addr, Entry { data, cost, rank });
+        self.stats.size_bytes.fetch_add(size, Ordering::Relaxed);
+        self.stats.entries.fetch_add(1, Ordering::Relaxed);
+        drop(inner);
+        if !evicted.is_empty() {
+            tracing::debug!(%addr, evicted = evicted.len(), "cache evicted entries to stay within budget");
+        }
+        evicted
+    }
+
+    /// Removes `addr`; returns whether it was cached.
+    pub fn remove(&self, addr: &CAddr) -> bool {
+        let mut inner = self.inner.lock();
+        let Some(old) = inner.map.remove(addr) else {
+            return false;
+        };
+        inner.order.remove(&(old.rank.0, old.rank.1, *addr));
+        self.stats
+            .size_bytes
+            .fetch_sub(old.data.len() as u64, Ordering::Relaxed);
+        self.stats.entries.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(n: u8) -> CAddr {
+        CAddr::from_bytes([n; 32])
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn get_counts_hits_and_misses() {
+        let cache = Cache::new(1024);
+        assert!(cache.get(&addr(1)).is_none());
+        cache.insert(addr(1), Bytes::from_static(b"abc"), ms(5));
+        let hit = cache.get(&addr(1)).unwrap();
+        assert_eq!(hit.data, &b"abc"[..]);
+        assert_eq!(hit.cost, ms(5));
+        let s = cache.stats();
+        assert_eq!(
+            (s.hits(), s.misses(), s.entries(), s.size_bytes()),
+            (1, 1, 1, 3)
+        );
+        assert!((s.hit_rate() - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn stays_within_budget_and_evicts_cheap_per_byte_first() {
+        let cache = Cache::new(300);
+        // Same size, different compute cost: the cheap one must go first.
+        cache.insert(addr(1), Bytes::from(vec![0; 100]), ms(100));
+        cache.insert(addr(2), Bytes::from(vec![0; 100]), ms(1));
+        cache.insert(addr(3), Bytes::from(vec![0; 100]), ms(50));
+        let evicted = cache.insert(addr(4), Bytes::from(vec![0; 100]), ms(20));
+        assert_eq!(evicted, vec![addr(2)]);
+        assert!(cache.stats().size_bytes() <= 300);
+        assert_eq!(cache.stats().evictions(), 1);
+        // A large cheap entry is worth less per byte than a small costly one.
+        let cache = Cache::new(1000);
+        cache.insert(addr(1), Bytes::from(vec![0; 900]), ms(10));
+        cache.insert(addr(2), Bytes::from(vec![0; 10]), ms(5));
+        let evicted = cache.insert(addr(3), Bytes::from(vec![0; 500]), ms(10));
+        assert_eq!(evicted, vec![addr(1)]);
+        assert!(cache.contains(&addr(2)) && cache.contains(&addr(3)));
+    }
+
+    #[test]
+    fn unused_costly_entries_age_out() {
+        let cache = Cache::new(200);
+        cache.insert(addr(1), Bytes::from(vec![0; 100]), ms(30));
+        // Keep inserting cheap entries; each eviction advances the clock, so the costly entry,
+        // never used again, is eventually evicted too.
+        for i in 2..40u8 {
+            cache.insert(addr(i), Bytes::from(vec![0; 100]), ms(2));
+        }
+        assert!(!cache.contains(&addr(1)));
+        assert!(cache.stats().size_bytes() <= 200);
+    }
+
+    #[test]
+    fn oversized_outputs_are_not_cached_and_remove_works() {
+        let cache = Cache::new(10);
+        assert!(
+            cache
+                .insert(addr(1), Bytes::from(vec![0; 11]), ms(1))
+                .is_empty()
+        );
+        assert!(!cache.contains(&addr(1)));
+        cache.insert(addr(2), Bytes::from_static(b"12345"), ms(1));
+        cache.insert(addr(2), Bytes::from_static(b"1234"), ms(1));
+        assert_eq!(
+            (cache.stats().entries(), cache.stats().size_bytes()),
+            (1, 4)
+        );
+        assert!(cache.remove(&addr(2)));
+        assert!(!cache.remove(&addr(2)));
+        assert_eq!(
+            (cache.stats().entries(), cache.stats().size_bytes()),
+            (0, 0)
+        );
+    }
+}

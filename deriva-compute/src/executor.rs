@@ -1,0 +1,579 @@
+//! [`AsyncExecutor`]: materialization, single-flight, the compute semaphore, invalidation and
+//! verification.
+//!
+//! `materialize(addr)` runs: cache → leaf → recipe → inputs (concurrently) → compute on the
+//! blocking pool → cache put. Everything after the cache check runs in a spawned task shared by
+//! every concurrent caller of the same address (single-flight). Because each level runs in its
+//! own task, a recipe chain of any depth never deepens the stack. When every caller of a shared
+//! materialization has gone away, its task is aborted.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result, Store};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared, WeakShared};
+use opentelemetry::metrics::Meter;
+use parking_lot::Mutex;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tracing::field::Empty;
+use tracing::instrument::WithSubscriber;
+use tracing::{Instrument, Span, info_span};
+
+use crate::cache::Cache;
+use crate::function::{ComputeFunction, FunctionError, FunctionRegistry};
+use crate::metrics::{ComputeMetrics, ExecStats, Outcome};
+
+/// When to compute a recipe twice and compare the outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum VerificationMode {
+    /// Never (the default).
+    #[default]
+    Off,
+    /// Every compute.
+    Dual,
+    /// Each compute with this probability (0 to 1).
+    Sampled(f64),
+}
+
+impl FromStr for VerificationMode {
+    type Err = DerivaError;
+
+    /// Parses `off`, `dual` or `sampled:RATE` with RATE in 0..=1.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "off" => Ok(Self::Off),
+            "dual" => Ok(Self::Dual),
+            _ => {
+                let rate = s
+                    .strip_prefix("sampled:")
+                    .and_then(|r| r.parse::<f64>().ok());
+                match rate {
+                    Some(r) if (0.0..=1.0).contains(&r) => Ok(Self::Sampled(r)),
+                    _ => Err(DerivaError::InvalidInput(format!(
+                        "verification mode {s:?} is not off, dual or sampled:RATE with RATE from 0 to 1"
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for VerificationMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Off => f.write_str("off"),
+            Self::Dual => f.write_str("dual"),
+            Self::Sampled(r) => write!(f, "sampled:{r}"),
+        }
+    }
+}
+
+impl VerificationMode {
+    fn should_verify(self) -> bool {
+        match self {
+            Self::Off => false,
+            Self::Dual => true,
+            Self::Sampled(rate) => fastrand::f64() < rate,
+        }
+    }
+}
+
+/// Executor settings.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// Most computes running at once on the blocking pool. Default: the number of CPUs.
+    pub max_concurrent_computes: usize,
+    /// When to verify determinism. Default: off.
+    pub verification: VerificationMode,
+    /// A compute slower than this logs a WARN. Default: 1 s.
+    pub slow_compute_threshold: Duration,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_computes: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            verification: VerificationMode::Off,
+            slow_compute_threshold: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What [`AsyncExecutor::invalidate`] evicted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidateReport {
+    /// Whether the address itself was cached.
+    pub was_cached: bool,
+    /// Every address removed from the cache, the requested one first if it was cached.
+    pub evicted: Vec<CAddr>,
+}
+
+type FlightOutput = Result<(Bytes, Outcome)>;
+type FlightFuture = BoxFuture<'static, FlightOutput>;
+
+struct Flight {
+    id: u64,
+    shared: WeakShared<FlightFuture>,
+}
+
+struct Inner {
+    store: Arc<Store>,
+    registry: Arc<FunctionRegistry>,
+    cache: Arc<Cache>,
+    config: ExecutorConfig,
+    computes: Semaphore,
+    inflight: Mutex<HashMap<CAddr, Flight>>,
+    next_flight: AtomicU64,
+    stats: Arc<ExecStats>,
+    metrics: ComputeMetrics,
+}
+
+/// The materialization engine. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct AsyncExecutor {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for AsyncExecutor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncExecutor")
+            .field("config", &self.inner.config)
+            .field("registry", &self.inner.registry)
+            .field("cache_budget", &self.inner.cache.budget())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The deepest level one top-level materialize reached.
+#[derive(Debug, Default)]
+struct DepthTracker(AtomicU32);
+
+impl AsyncExecutor {
+    /// Builds an executor over `store`, running the functions of `registry`, caching in
+    /// `cache`, with its instruments built from `meter`.
+    pub fn new(
+        store: Arc<Store>,
+        registry: Arc<FunctionRegistry>,
+        cache: Arc<Cache>,
+        config: ExecutorConfig,
+        meter: &Meter,
+    ) -> Self {
+        let stats = Arc::new(ExecStats::default());
+        let metrics =
+            ComputeMetrics::new(meter, cache.stats().clone(), stats.clone(), registry.ids());
+        let permits = config.max_concurrent_computes.max(1);
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                registry,
+                cache,
+                computes: Semaphore::new(permits),
+                config,
+                inflight: Mutex::default(),
+                next_flight: AtomicU64::new(0),
+                stats,
+                metrics,
+            }),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.inner.store
+    }
+
+    /// The cache.
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.inner.cache
+    }
+
+    /// The function registry.
+    pub fn registry(&self) -> &Arc<FunctionRegistry> {
+        &self.inner.registry
+    }
+
+    /// The live counters.
+    pub fn stats(&self) -> &Arc<ExecStats> {
+        &self.inner.stats
+    }
+
+    /// The verification mode in force.
+    pub fn verification_mode(&self) -> VerificationMode {
+        self.inner.config.verification
+    }
+
+    /// Checks a recipe against the registry (function registered, params and input count
+    /// accepted) and stores it. Every input must exist.
+    pub fn put_recipe(&self, recipe: &Recipe) -> Result<CAddr> {
+        let function = self.function(recipe.function())?;
+        function
+            .validate(recipe.inputs().len(), recipe.params())
+            .map_err(|e| invalid_recipe(recipe.function(), None, &e))?;
+        self.inner.store.put_recipe(recipe)
+    }
+
+    fn function(&self, id: &FunctionId) -> Result<Arc<dyn ComputeFunction>> {
+        self.inner
+            .registry
+            .get(id)
+            .cloned()
+            .ok_or_else(|| DerivaError::UnknownFunction {
+                function: id.clone(),
+            })
+    }
+
+    /// Produces the bytes of `addr`: from the cache, the leaf store, or by computing its recipe
+    /// (and, recursively, its inputs).
+    pub async fn materialize(&self, addr: CAddr) -> Result<Bytes> {
+        let depth = Arc::new(DepthTracker::default());
+        let result = self.materialize_at(addr, 0, depth.clone()).await;
+        self.inner
+            .metrics
+            .materialize_depth
+            .record(u64::from(depth.0.load(Ordering::Relaxed)), &[]);
+        result.map(|(bytes, _)| bytes)
+    }
+
+    /// One level of materialization, in its own `materialize` span.
+    fn materialize_at(
+        &self,
+        addr: CAddr,
+        depth: u32,
+        tracker: Arc<DepthTracker>,
+    ) -> impl Future<Output = FlightOutput> + Send + 'static {
+        tracker.0.fetch_max(depth, Ordering::Relaxed);
+        let span = info_span!("materialize", %addr, depth = i64::from(depth), result = Empty);
+        let this = self.clone();
+        async move {
+            let _active = this.inner.stats.active_guard();
+            let start = Instant::now();
+            let result = this.lookup_or_resolve(addr, depth, tracker).await;
+            let outcome = match &result {
+                Ok((_, outcome)) => *outcome,
+                Err(_) => Outcome::Error,
+            };
+            this.inner.stats.record(outcome);
+            this.inner
+                .metrics
+                .materialize_duration
+                .record(start.elapsed().as_secs_f64(), &[]);
+            Span::current().record("result", outcome.as_str());
+            result
+        }
+        .instrument(span)
+    }
+
+    async fn lookup_or_resolve(
+        &self,
+        addr: CAddr,
+        depth: u32,
+        tracker: Arc<DepthTracker>,
+    ) -> FlightOutput {
+        let hit = info_span!("cache_check", hit = Empty).in_scope(|| {
+            let hit = self.inner.cache.get(&addr);
+            Span::current().record("hit", hit.is_some());
+            hit
+        });
+        if let Some(hit) = hit {
+            return Ok((hit.data, Outcome::Hit));
+        }
+        self.join_or_start(addr, depth, tracker).await
+    }
+
+    /// Joins the in-flight materialization of `addr`, or starts one in a new task.
+    fn join_or_start(
+        &self,
+        addr: CAddr,
+        depth: u32,
+        tracker: Arc<DepthTracker>,
+    ) -> Shared<FlightFuture> {
+        let mut inflight = self.inner.inflight.lock();
+        if let Some(shared) = inflight.get(&addr).and_then(|f| f.shared.upgrade()) {
+            drop(inflight);
+            tracing::debug!(%addr, "joined an in-flight materialization");
+            return shared;
+        }
+        let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
+        let this = self.clone();
+        let span = Span::current();
+        // The span is entered and dropped inside the task's poll, where `with_current_subscriber`
+        // makes the caller's subscriber the default: tracing-subscriber closes a parent span
+        // through the thread's default subscriber, so a span dropped elsewhere would keep its
+        // parent open whenever the subscriber is not global (as in tests).
+        let task = tokio::spawn(
+            async move { this.resolve(addr, depth, tracker).instrument(span).await }
+                .with_current_subscriber(),
+        );
+        let guard = FlightTask {
+            task,
+            addr,
+            id,
+            inner: Arc::downgrade(&self.inner),
+        };
+        let shared = guard.boxed().shared();
+        let weak = shared
+            .downgrade()
+            .expect("a fresh Shared has not completed");
+        inflight.insert(addr, Flight { id, shared: weak });
+        shared
+    }
+
+    /// Leaf, then recipe. Runs inside the flight's task.
+    async fn resolve(&self, addr: CAddr, depth: u32, tracker: Arc<DepthTracker>) -> FlightOutput {
+        let store = self.inner.store.clone();
+        let leaf = run_blocking(info_span!("leaf_read", found = Empty), move || {
+            let leaf = store.get_leaf(&addr);
+            Span::current().record("found", matches!(leaf, Ok(Some(_))));
+            leaf
+        })
+        .await
+        .map_err(|e| internal(addr, &e))??;
+        if let Some(bytes) = leaf {
+            return Ok((bytes, Outcome::Leaf));
+        }
+        let stored = self
+            .inner
+            .store
+            .get_recipe(&addr)?
+            .ok_or(DerivaError::NotFound { addr })?;
+        let recipe = stored.recipe;
+        let inputs = futures::future::try_join_all(
+            recipe
+                .inputs()
+                .iter()
+                .map(|input| self.materialize_at(*input, depth + 1, tracker.clone())),
+        )
+        .await?;
+        let inputs: Vec<Bytes> = inputs.into_iter().map(|(bytes, _)| bytes).collect();
+        let (output, cost) = self.compute(addr, &recipe, inputs).await?;
+        info_span!("cache_put", bytes = as_i64(output.len())).in_scope(|| {
+            self.inner.cache.insert(addr, output.clone(), cost);
+        });
+        Ok((output, Outcome::Computed))
+    }
+
+    /// Runs the recipe's function on the blocking pool (and again to verify, when the mode
+    /// says so). Returns the output and the compute time.
+    async fn compute(
+        &self,
+        addr: CAddr,
+        recipe: &Recipe,
+        inputs: Vec<Bytes>,
+    ) -> Result<(Bytes, Duration)> {
+        let id = recipe.function();
+        let function = self.function(id)?;
+        let inputs: Arc<[Bytes]> = inputs.into();
+        let input_bytes: u64 = inputs.iter().map(|i| i.len() as u64).sum();
+        let params = Arc::new(recipe.params().clone());
+        let span = info_span!(
+            "compute",
+            function = %id,
+            input_bytes = as_i64(input_bytes),
+            output_bytes = Empty
+        );
+
+        let (output, elapsed) = self
+            .run_function(addr, id, &function, &inputs, &params, span.clone())
+            .await?;
+        span.record("output_bytes", as_i64(output.len()));
+        let attrs = self.inner.metrics.function_attrs(id);
+        let m = &self.inner.metrics;
+        m.compute_duration.record(elapsed.as_secs_f64(), attrs);
+        m.compute_input_bytes.record(input_bytes, attrs);
+        m.compute_output_bytes.record(output.len() as u64, attrs);
+        if elapsed >= self.inner.config.slow_compute_threshold {
+            span.in_scope(|| {
+                tracing::warn!(
+                    function = %id,
+                    %addr,
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "slow compute"
+                );
+            });
+        }
+
+        if self.inner.config.verification.should_verify() {
+            let span = info_span!("verify", function = %id, passed = Empty);
+            let (second, _) = self
+                .run_function(addr, id, &function, &inputs, &params, span.clone())
+                .await?;
+            let passed = second == output;
+            span.record("passed", passed);
+            self.inner.stats.record_verification(passed);
+            if !passed {
+                let (first, second) = (CAddr::for_leaf(&output), CAddr::for_leaf(&second));
+                span.in_scope(|| {
+                    tracing::error!(
+                        function = %id,
+                        %addr,
+                        %first,
+                        %second,
+                        "determinism violation: two runs of the same recipe gave different outputs"
+                    );
+                });
+                return Err(DerivaError::DeterminismViolation {
+                    function: id.clone(),
+                    addr,
+                    first,
+                    second,
+                });
+            }
+        }
+        Ok((output, elapsed))
+    }
+
+    async fn run_function(
+        &self,
+        addr: CAddr,
+        id: &FunctionId,
+        function: &Arc<dyn ComputeFunction>,
+        inputs: &Arc<[Bytes]>,
+        params: &Arc<deriva_core::Params>,
+        span: Span,
+    ) -> Result<(Bytes, Duration)> {
+        let _permit = self
+            .inner
+            .computes
+            .acquire()
+            .await
+            .map_err(|_| DerivaError::Storage("the compute semaphore was closed".into()))?;
+        let (function, inputs, params) = (function.clone(), inputs.clone(), params.clone());
+        let ran = run_blocking(span, move || {
+            let start = Instant::now();
+            let out = function.compute(&inputs, &params);
+            (out, start.elapsed())
+        })
+        .await;
+        match ran {
+            Ok((Ok(bytes), elapsed)) => Ok((bytes, elapsed)),
+            Ok((Err(e), _)) if e.is_invalid_recipe() => Err(invalid_recipe(id, Some(addr), &e)),
+            Ok((Err(e), _)) => Err(DerivaError::ComputeFailed {
+                function: id.clone(),
+                addr,
+                message: e.to_string(),
+            }),
+            Err(join) => Err(DerivaError::ComputeFailed {
+                function: id.clone(),
+                addr,
+                message: panic_message(join),
+            }),
+        }
+    }
+
+    /// Evicts `addr` from the cache and, with `cascade`, every recipe that depends on it
+    /// directly or transitively. [`DerivaError::NotFound`] if the store does not know `addr`.
+    pub fn invalidate(&self, addr: CAddr, cascade: bool) -> Result<InvalidateReport> {
+        let _span = info_span!("invalidate", %addr, cascade, evicted = Empty).entered();
+        if self.inner.store.kind_of(&addr)?.is_none() {
+            return Err(DerivaError::NotFound { addr });
+        }
+        let was_cached = self.inner.cache.remove(&addr);
+        let mut evicted = if was_cached { vec![addr] } else { Vec::new() };
+        if cascade {
+            for dependent in self.inner.store.transitive_dependents(&addr)? {
+                if self.inner.cache.remove(&dependent) {
+                    evicted.push(dependent);
+                }
+            }
+        }
+        Span::current().record("evicted", as_i64(evicted.len()));
+        Ok(InvalidateReport {
+            was_cached,
+            evicted,
+        })
+    }
+}
+
+/// Span fields are recorded as `i64`: tracing-opentelemetry exports `u64` fields as strings.
+fn as_i64(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
+}
+
+fn invalid_recipe(function: &FunctionId, addr: Option<CAddr>, e: &FunctionError) -> DerivaError {
+    match addr {
+        Some(addr) => DerivaError::InvalidInput(format!("{addr}: {function}: {e}")),
+        None => DerivaError::InvalidInput(format!("{function}: {e}")),
+    }
+}
+
+fn internal(addr: CAddr, e: &tokio::task::JoinError) -> DerivaError {
+    DerivaError::Storage(format!("{addr}: background read failed: {e}"))
+}
+
+fn panic_message(join: tokio::task::JoinError) -> String {
+    match join.try_into_panic() {
+        Ok(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            format!("the function panicked: {msg}")
+        }
+        Err(e) => format!("the compute task ended: {e}"),
+    }
+}
+
+/// Runs `f` on the blocking pool inside `span`, with the caller's subscriber, so spans and logs
+/// from the blocking thread join the same trace.
+async fn run_blocking<T: Send + 'static>(
+    span: Span,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::result::Result<T, tokio::task::JoinError> {
+    let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    tokio::task::spawn_blocking(move || {
+        tracing::dispatcher::with_default(&dispatch, move || {
+            let out = span.in_scope(f);
+            // Closed while `dispatch` is the default, so its parent is released too.
+            drop(span);
+            out
+        })
+    })
+    .await
+}
+
+/// The task of one shared materialization. Dropped when the last waiter leaves: it then aborts
+/// the task (a no-op if it finished) and removes its in-flight entry.
+struct FlightTask {
+    task: JoinHandle<FlightOutput>,
+    addr: CAddr,
+    id: u64,
+    inner: std::sync::Weak<Inner>,
+}
+
+impl Future for FlightTask {
+    type Output = FlightOutput;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<FlightOutput> {
+        let addr = self.addr;
+        Pin::new(&mut self.task).poll(cx).map(|joined| {
+            joined.unwrap_or_else(|e| {
+                Err(DerivaError::Storage(format!(
+                    "{addr}: materialization task failed: {e}"
+                )))
+            })
+        })
+    }
+}
+
+impl Drop for FlightTask {
+    fn drop(&mut self) {
+        self.task.abort();
+        if let Some(inner) = self.inner.upgrade() {
+            let mut inflight = inner.inflight.lock();
+            if inflight.get(&self.addr).is_some_and(|f| f.id == self.id) {
+                inflight.remove(&self.addr);
+            }
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! # deriva-compute
+//!
+//! Deriva's compute side: the functions, the cache of their outputs, and the engine that
+//! materializes any address.
+//!
+//! - [`function`]: the [`ComputeFunction`] trait and the [`FunctionRegistry`];
+//!   [`builtins`] holds the builtin functions (`concat/v1`, `gzip/v1`, …).
+//! - [`cache`]: [`Cache`], byte-budgeted and cost-aware, with lock-free stats.
+//! - [`executor`]: [`AsyncExecutor`], which materializes addresses (single-flight, concurrent
+//!   inputs, bounded computes), invalidates, and verifies determinism.
+//! - [`metrics`]: [`ComputeMetrics`], this crate's OpenTelemetry instruments.
+//!
+//! This crate only *emits* telemetry: `tracing` spans and events, and OpenTelemetry
+//! instruments built from a `Meter` it is given. Installing subscribers, providers and
+//! exporters is the server binary's job.
+//!
+//! ## Spans
+//!
+//! | span | fields | parent |
+//! |---|---|---|
+//! | `materialize` | `addr`, `depth` (0 for the requested address, +1 per input level), `result` | the caller's span, or the parent `materialize` for an input |
+//! | `cache_check` | `hit` | `materialize` |
+//! | `leaf_read` | `found` | `materialize` |
+//! | `compute` | `function`, `input_bytes`, `output_bytes` | `materialize` |
+//! | `verify` | `function`, `passed` | `materialize` |
+//! | `cache_put` | `bytes` | `materialize` |
+//! | `invalidate` | `addr`, `cascade`, `evicted` | the caller's span |
+//!
+//! A compute slower than 1 s (configurable) logs a WARN; a determinism violation logs an ERROR
+//! naming the function.
+//!
+//! ## Metric families
+//!
+//! Through the OpenTelemetry → Prometheus bridge these instruments appear as:
+//!
+//! | family | type | labels | buckets / meaning |
+//! |---|---|---|---|
+//! | `deriva_materialize_total` | counter | `result` = `hit`, `leaf`, `computed`, `error` | materialize calls (every level of a tree counts); `computed` includes calls that joined a concurrent compute |
+//! | `deriva_materialize_duration_seconds` | histogram | – | 0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30 |
+//! | `deriva_materialize_active` | gauge | – | materialize calls in progress |
+//! | `deriva_materialize_depth` | histogram | – | 0, 1, 2, 3, 5, 8, 13, 21, 50, 100, 1000; deepest level a top-level call descended to |
+//! | `deriva_cache_hit_total` | counter | – | cache lookups that hit |
+//! | `deriva_cache_miss_total` | counter | – | cache lookups that missed |
+//! | `deriva_cache_total` | counter | `result` = `hit`, `miss` | the same lookups, labelled, for ratio queries |
+//! | `deriva_cache_eviction_total` | counter | – | entries evicted to stay within budget |
+//! | `deriva_cache_size_bytes` | gauge | – | bytes cached |
+//! | `deriva_cache_entries` | gauge | – | entries cached |
+//! | `deriva_cache_hit_rate` | gauge | – | hits / lookups since start (0–1); use `deriva_cache_total` for windowed rates |
+//! | `deriva_compute_duration_seconds` | histogram | `function` | 0.0001, 0.001, 0.01, 0.05, 0.1, 0.5, 1, 5 |
+//! | `deriva_compute_input_bytes` | histogram | `function` | 64 B, 1 KiB, 16 KiB, 64 KiB, 256 KiB, 1 MiB, 4 MiB, 16 MiB, 64 MiB, 256 MiB, 1 GiB |
+//! | `deriva_compute_output_bytes` | histogram | `function` | as input bytes |
+//! | `deriva_verification_total` | counter | `result` = `pass`, `fail` | verifications |
+//! | `deriva_verification_failure_rate` | gauge | – | failed / all verifications since start (0–1) |
+//!
+//! `function` only ever holds a registered function id (`concat/v1`), so it stays bounded.
+//! Counters and state gauges are observable instruments read from atomics at collection time;
+//! only the histograms are recorded on the hot path.
+
+pub mod builtins;
+pub mod cache;
+pub mod executor;
+pub mod function;
+pub mod metrics;
+
+pub use cache::{Cache, CacheHit, CacheStats};
+pub use executor::{AsyncExecutor, ExecutorConfig, InvalidateReport, VerificationMode};
+pub use function::{ComputeFunction, FunctionError, FunctionRegistry};
+pub use metrics::{ComputeMetrics, ExecStats, Outcome};

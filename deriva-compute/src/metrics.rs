@@ -1,0 +1,318 @@
+//! [`ComputeMetrics`]: every OpenTelemetry instrument of this crate, built once from a `Meter`.
+//!
+//! Counters and gauges that mirror state are *observable* instruments whose callbacks read the
+//! atomics in [`CacheStats`] and [`ExecStats`] at collection time, so the hot path pays one
+//! relaxed atomic add instead of an SDK call. Only the histograms are recorded per operation,
+//! with attribute sets built once per registered function.
+//!
+//! See the crate docs for the resulting Prometheus families.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use deriva_core::FunctionId;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{
+    AsyncInstrument, Histogram, Meter, ObservableCounter, ObservableGauge,
+};
+
+use crate::cache::CacheStats;
+
+/// Buckets of `deriva_materialize_duration_seconds` (the design's §3.1).
+pub const MATERIALIZE_DURATION_BUCKETS: [f64; 8] = [0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
+/// Buckets of `deriva_compute_duration_seconds` (the design's §3.1).
+pub const COMPUTE_DURATION_BUCKETS: [f64; 8] = [0.0001, 0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+/// Buckets of `deriva_materialize_depth`: recursion levels.
+pub const DEPTH_BUCKETS: [f64; 11] = [
+    0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 50.0, 100.0, 1000.0,
+];
+/// Buckets of `deriva_compute_input_bytes` and `deriva_compute_output_bytes`: 64 B to 1 GiB.
+pub const BYTES_BUCKETS: [f64; 11] = [
+    64.0,
+    1024.0,
+    16384.0,
+    65536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
+    268_435_456.0,
+    1_073_741_824.0,
+];
+
+/// How one materialize call ended; the `result` label of `deriva_materialize_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Served from the cache.
+    Hit,
+    /// Read from the leaf store.
+    Leaf,
+    /// Computed from its recipe (by this call, or by a concurrent call it joined).
+    Computed,
+    /// Failed.
+    Error,
+}
+
+impl Outcome {
+    /// Every outcome, in label order.
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Hit,
+        Outcome::Leaf,
+        Outcome::Computed,
+        Outcome::Error,
+    ];
+
+    /// The label value: `hit`, `leaf`, `computed` or `error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Leaf => "leaf",
+            Outcome::Computed => "computed",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// Live executor counters, read by `Status` and by the metrics callbacks.
+#[derive(Debug, Default)]
+pub struct ExecStats {
+    outcomes: [AtomicU64; 4],
+    active: AtomicI64,
+    verify_pass: AtomicU64,
+    verify_fail: AtomicU64,
+}
+
+impl ExecStats {
+    /// Materialize calls that ended with `outcome`.
+    pub fn outcome(&self, outcome: Outcome) -> u64 {
+        self.outcomes[outcome as usize].load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record(&self, outcome: Outcome) {
+        self.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Materialize calls in progress now (every level of a recipe tree counts).
+    pub fn active(&self) -> i64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts one materialization as active until the guard drops, even on error or
+    /// cancellation.
+    pub(crate) fn active_guard(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(self.clone())
+    }
+
+    /// Verifications whose two runs agreed.
+    pub fn verifications_passed(&self) -> u64 {
+        self.verify_pass.load(Ordering::Relaxed)
+    }
+
+    /// Verifications whose two runs disagreed.
+    pub fn verifications_failed(&self) -> u64 {
+        self.verify_fail.load(Ordering::Relaxed)
+    }
+
+    /// `failed / (passed + failed)` since start; 0 before the first verification.
+    pub fn verification_failure_rate(&self) -> f64 {
+        let (p, f) = (self.verifications_passed(), self.verifications_failed());
+        if p + f == 0 {
+            0.0
+        } else {
+            f as f64 / (p + f) as f64
+        }
+    }
+
+    pub(crate) fn record_verification(&self, passed: bool) {
+        let counter = if passed {
+            &self.verify_pass
+        } else {
+            &self.verify_fail
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Decrements the active count when dropped.
+#[derive(Debug)]
+pub(crate) struct ActiveGuard(Arc<ExecStats>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An observable counter's callback: reads the stats and observes one value per attribute set.
+type Reading = Box<dyn Fn(&CacheStats, &ExecStats, &dyn AsyncInstrument<u64>) + Send + Sync>;
+
+/// The instruments of deriva-compute.
+#[derive(Debug)]
+pub struct ComputeMetrics {
+    pub(crate) materialize_duration: Histogram<f64>,
+    pub(crate) materialize_depth: Histogram<u64>,
+    pub(crate) compute_duration: Histogram<f64>,
+    pub(crate) compute_input_bytes: Histogram<u64>,
+    pub(crate) compute_output_bytes: Histogram<u64>,
+    /// `function=<id>` per registered function, built once.
+    function_attrs: HashMap<FunctionId, [KeyValue; 1]>,
+    // Observable instruments live as long as the provider; the handles are kept for clarity.
+    _counters: Vec<ObservableCounter<u64>>,
+    _gauges_u64: Vec<ObservableGauge<u64>>,
+    _gauges_f64: Vec<ObservableGauge<f64>>,
+    _gauge_active: ObservableGauge<i64>,
+}
+
+impl ComputeMetrics {
+    /// Builds every instrument from `meter`, with callbacks over `cache` and `exec`, and the
+    /// `function` attribute set for each of `functions`.
+    pub fn new(
+        meter: &Meter,
+        cache: Arc<CacheStats>,
+        exec: Arc<ExecStats>,
+        functions: impl IntoIterator<Item = FunctionId>,
+    ) -> Self {
+        let function_attrs = functions
+            .into_iter()
+            .map(|f| {
+                let kv = [KeyValue::new("function", f.to_string())];
+                (f, kv)
+            })
+            .collect();
+
+        let counter = |name: &'static str, desc: &'static str, read: Reading| {
+            let (cache, exec) = (cache.clone(), exec.clone());
+            meter
+                .u64_observable_counter(name)
+                .with_description(desc)
+                .with_callback(move |o| read(&cache, &exec, o))
+                .build()
+        };
+        let [hit, miss, pass, fail] =
+            ["hit", "miss", "pass", "fail"].map(|r| [KeyValue::new("result", r)]);
+        let outcomes = Outcome::ALL.map(|o| [KeyValue::new("result", o.as_str())]);
+        let counters = vec![
+            counter(
+                "deriva.materialize",
+                "Materialize calls by result: hit (cache), leaf (leaf store), computed (from the recipe), error",
+                Box::new(move |_, e, o| {
+                    for (outcome, attrs) in Outcome::ALL.iter().zip(&outcomes) {
+                        o.observe(e.outcome(*outcome), attrs);
+                    }
+                }),
+            ),
+            counter(
+                "deriva.cache.hit",
+                "Cache lookups that found the address",
+                Box::new(|c, _, o| o.observe(c.hits(), &[])),
+            ),
+            counter(
+                "deriva.cache.miss",
+                "Cache lookups that did not find the address",
+                Box::new(|c, _, o| o.observe(c.misses(), &[])),
+            ),
+            counter(
+                "deriva.cache",
+                "Cache lookups by result (hit or miss)",
+                Box::new(move |c, _, o| {
+                    o.observe(c.hits(), &hit);
+                    o.observe(c.misses(), &miss);
+                }),
+            ),
+            counter(
+                "deriva.cache.eviction",
+                "Cache entries evicted to stay within the byte budget",
+                Box::new(|c, _, o| o.observe(c.evictions(), &[])),
+            ),
+            counter(
+                "deriva.verification",
+                "Verifications (a second compute compared with the first) by result: pass or fail",
+                Box::new(move |_, e, o| {
+                    o.observe(e.verifications_passed(), &pass);
+                    o.observe(e.verifications_failed(), &fail);
+                }),
+            ),
+        ];
+
+        let c = cache.clone();
+        let size = meter
+            .u64_observable_gauge("deriva.cache.size")
+            .with_unit("By")
+            .with_description("Bytes held by the cache")
+            .with_callback(move |o| o.observe(c.size_bytes(), &[]))
+            .build();
+        let c = cache.clone();
+        let entries = meter
+            .u64_observable_gauge("deriva.cache.entries")
+            .with_description("Entries held by the cache")
+            .with_callback(move |o| o.observe(c.entries(), &[]))
+            .build();
+        let c = cache.clone();
+        let hit_rate = meter
+            .f64_observable_gauge("deriva.cache.hit_rate")
+            .with_description("Cache hits / lookups since the process started (0 to 1)")
+            .with_callback(move |o| o.observe(c.hit_rate(), &[]))
+            .build();
+        let e = exec.clone();
+        let failure_rate = meter
+            .f64_observable_gauge("deriva.verification.failure_rate")
+            .with_description("Failed / all verifications since the process started (0 to 1)")
+            .with_callback(move |o| o.observe(e.verification_failure_rate(), &[]))
+            .build();
+        let e = exec.clone();
+        let active = meter
+            .i64_observable_gauge("deriva.materialize.active")
+            .with_description("Materialize calls in progress (every level of a recipe tree counts)")
+            .with_callback(move |o| o.observe(e.active(), &[]))
+            .build();
+
+        Self {
+            materialize_duration: meter
+                .f64_histogram("deriva.materialize.duration")
+                .with_unit("s")
+                .with_description("Time of one materialize call, from cache check to result")
+                .with_boundaries(MATERIALIZE_DURATION_BUCKETS.to_vec())
+                .build(),
+            materialize_depth: meter
+                .u64_histogram("deriva.materialize.depth")
+                .with_description("Deepest recipe level a top-level materialize had to descend to (0: served at the top)")
+                .with_boundaries(DEPTH_BUCKETS.to_vec())
+                .build(),
+            compute_duration: meter
+                .f64_histogram("deriva.compute.duration")
+                .with_unit("s")
+                .with_description("Time of one compute function run, by function")
+                .with_boundaries(COMPUTE_DURATION_BUCKETS.to_vec())
+                .build(),
+            compute_input_bytes: meter
+                .u64_histogram("deriva.compute.input")
+                .with_unit("By")
+                .with_description("Total input bytes of one compute, by function")
+                .with_boundaries(BYTES_BUCKETS.to_vec())
+                .build(),
+            compute_output_bytes: meter
+                .u64_histogram("deriva.compute.output")
+                .with_unit("By")
+                .with_description("Output bytes of one compute, by function")
+                .with_boundaries(BYTES_BUCKETS.to_vec())
+                .build(),
+            function_attrs,
+            _counters: counters,
+            _gauges_u64: vec![size, entries],
+            _gauges_f64: vec![hit_rate, failure_rate],
+            _gauge_active: active,
+        }
+    }
+
+    /// The `function` attribute set for a registered function; empty for any other id, so
+    /// the label can only take registered values.
+    pub(crate) fn function_attrs(&self, id: &FunctionId) -> &[KeyValue] {
+        self.function_attrs
+            .get(id)
+            .map(|a| a.as_slice())
+            .unwrap_or(&[])
+    }
+}

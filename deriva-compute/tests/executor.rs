@@ -1,0 +1,350 @@
+//! Materialization behaviour: order, single-flight, concurrency, depth, errors, invalidation,
+//! verification.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Counter, Harness, Panics, Slow, fid};
+use deriva_compute::{ExecutorConfig, FunctionRegistry, VerificationMode};
+use deriva_core::{CAddr, DerivaError, Recipe};
+
+fn registry_with_slow(slow: &Slow) -> FunctionRegistry {
+    let mut r = FunctionRegistry::with_builtins();
+    r.register(fid("slow/v1"), slow.clone());
+    r
+}
+
+#[tokio::test]
+async fn leaf_recipe_and_cache_paths() {
+    let h = Harness::new();
+    let a = h.leaf(b"hello ");
+    let b = h.leaf(b"world");
+    let ab = h.recipe("concat/v1", &[a, b], &[]);
+    let upper = h.recipe("uppercase/v1", &[ab], &[]);
+    assert_eq!(h.exec.materialize(a).await.unwrap(), &b"hello "[..]);
+    assert_eq!(
+        h.exec.materialize(upper).await.unwrap(),
+        &b"HELLO WORLD"[..]
+    );
+    assert!(h.exec.cache().contains(&upper) && h.exec.cache().contains(&ab));
+    assert!(
+        !h.exec.cache().contains(&a),
+        "leaves are served from the store, not cached"
+    );
+    // Second time: a cache hit at the top.
+    let hits = h.exec.cache().stats().hits();
+    assert_eq!(
+        h.exec.materialize(upper).await.unwrap(),
+        &b"HELLO WORLD"[..]
+    );
+    assert_eq!(h.exec.cache().stats().hits(), hits + 1);
+}
+
+#[tokio::test]
+async fn unknown_address_is_not_found() {
+    let h = Harness::new();
+    let nowhere = CAddr::from_bytes([9; 32]);
+    assert_eq!(
+        h.exec.materialize(nowhere).await,
+        Err(DerivaError::NotFound { addr: nowhere })
+    );
+}
+
+#[tokio::test]
+async fn put_recipe_validates_function_and_params() {
+    let h = Harness::new();
+    let a = h.leaf(b"x");
+    let unknown = Recipe::new(fid("nope/v1"), vec![a], Vec::<(String, String)>::new()).unwrap();
+    assert!(matches!(
+        h.exec.put_recipe(&unknown),
+        Err(DerivaError::UnknownFunction { .. })
+    ));
+    let bad = Recipe::new(fid("repeat/v1"), vec![a], [("count", "many")]).unwrap();
+    let err = h.exec.put_recipe(&bad).unwrap_err();
+    assert!(
+        matches!(&err, DerivaError::InvalidInput(m) if m.contains("`count`")),
+        "{err}"
+    );
+    let missing = Recipe::new(
+        fid("identity/v1"),
+        vec![CAddr::from_bytes([1; 32])],
+        Vec::<(String, String)>::new(),
+    )
+    .unwrap();
+    assert!(matches!(
+        h.exec.put_recipe(&missing),
+        Err(DerivaError::MissingInput { .. })
+    ));
+    assert_eq!(h.exec.store().counters().recipes(), 0);
+}
+
+#[tokio::test]
+async fn compute_failures_and_panics_are_errors_not_crashes() {
+    let mut r = FunctionRegistry::with_builtins();
+    r.register(fid("panics/v1"), Panics);
+    let h = Harness::with(r, ExecutorConfig::default(), 1 << 20);
+    let junk = h.leaf(b"not gzip");
+    let bad = h.recipe("gunzip/v1", &[junk], &[]);
+    match h.exec.materialize(bad).await {
+        Err(DerivaError::ComputeFailed {
+            function,
+            addr,
+            message,
+        }) => {
+            assert_eq!(function.to_string(), "gunzip/v1");
+            assert_eq!(addr, bad);
+            assert!(message.contains("not valid gzip"), "{message}");
+        }
+        other => panic!("expected ComputeFailed, got {other:?}"),
+    }
+    let boom = h.recipe("panics/v1", &[junk], &[]);
+    let err = h.exec.materialize(boom).await.unwrap_err();
+    assert!(
+        matches!(&err, DerivaError::ComputeFailed { message, .. } if message.contains("boom")),
+        "{err}"
+    );
+    // The executor still works afterwards, and nothing failed was cached.
+    assert!(!h.exec.cache().contains(&bad) && !h.exec.cache().contains(&boom));
+    let ok = h.recipe("reverse/v1", &[junk], &[]);
+    assert_eq!(h.exec.materialize(ok).await.unwrap(), &b"pizg ton"[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_compute_once_and_share_the_result() {
+    let slow = Slow::new(Duration::from_millis(200));
+    let h = Harness::with(
+        registry_with_slow(&slow),
+        ExecutorConfig::default(),
+        1 << 20,
+    );
+    let a = h.leaf(b"abc");
+    let r = h.recipe("slow/v1", &[a], &[]);
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let exec = h.exec.clone();
+            tokio::spawn(async move { exec.materialize(r).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), &b"abc"[..]);
+    }
+    assert_eq!(
+        slow.calls(),
+        1,
+        "exactly one compute for 16 concurrent requests"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_waiters_all_get_the_same_error() {
+    let mut reg = FunctionRegistry::with_builtins();
+    reg.register(fid("fail/v1"), common::SlowFail(Duration::from_millis(100)));
+    let h = Harness::with(reg, ExecutorConfig::default(), 1 << 20);
+    let a = h.leaf(b"abc");
+    let r = h.recipe("fail/v1", &[a], &[]);
+    let results = futures::future::join_all((0..8).map(|_| h.exec.materialize(r))).await;
+    let first = results[0].clone().unwrap_err();
+    assert!(matches!(first, DerivaError::ComputeFailed { .. }));
+    assert!(results.iter().all(|r| r.as_ref().unwrap_err() == &first));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diamond_branches_run_concurrently() {
+    let slow = Slow::new(Duration::from_millis(200));
+    let h = Harness::with(
+        registry_with_slow(&slow),
+        ExecutorConfig::default(),
+        1 << 20,
+    );
+    let base = h.leaf(b"x");
+    let left = h.recipe("slow/v1", &[base], &[("tag", "L")]);
+    let right = h.recipe("slow/v1", &[base], &[("tag", "R")]);
+    let top = h.recipe("concat/v1", &[left, right], &[]);
+    let start = Instant::now();
+    assert_eq!(h.exec.materialize(top).await.unwrap(), &b"xLxR"[..]);
+    let took = start.elapsed();
+    assert_eq!(slow.calls(), 2);
+    // Sequential would be >= 400 ms; concurrent is ~200 ms.
+    assert!(
+        took < Duration::from_millis(350),
+        "two 200 ms branches took {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compute_semaphore_bounds_concurrency() {
+    let slow = Slow::new(Duration::from_millis(100));
+    let config = ExecutorConfig {
+        max_concurrent_computes: 1,
+        ..ExecutorConfig::default()
+    };
+    let h = Harness::with(registry_with_slow(&slow), config, 1 << 20);
+    let base = h.leaf(b"x");
+    let left = h.recipe("slow/v1", &[base], &[("tag", "L")]);
+    let right = h.recipe("slow/v1", &[base], &[("tag", "R")]);
+    let top = h.recipe("concat/v1", &[left, right], &[]);
+    let start = Instant::now();
+    h.exec.materialize(top).await.unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(200),
+        "one permit must serialize the branches"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_ten_thousand_deep_does_not_overflow_the_stack() {
+    let h = Harness::new();
+    let mut prev = h.leaf(b"deep");
+    let mut recipes = Vec::new();
+    for _ in 0..10_000 {
+        let r = Recipe::new(
+            fid("identity/v1"),
+            vec![prev],
+            Vec::<(String, String)>::new(),
+        )
+        .unwrap();
+        prev = r.addr();
+        recipes.push(r);
+    }
+    h.exec.store().put_recipes(&recipes).unwrap();
+    assert_eq!(
+        h.exec.store().get_recipe(&prev).unwrap().unwrap().depth,
+        10_000
+    );
+    assert_eq!(h.exec.materialize(prev).await.unwrap(), &b"deep"[..]);
+    assert_eq!(h.exec.stats().active(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_materialization_is_cancelled() {
+    let slow = Slow::new(Duration::from_millis(300));
+    let h = Harness::with(
+        registry_with_slow(&slow),
+        ExecutorConfig::default(),
+        1 << 20,
+    );
+    let a = h.leaf(b"a");
+    let first = h.recipe("slow/v1", &[a], &[("tag", "1")]);
+    let second = h.recipe("slow/v1", &[first], &[("tag", "2")]);
+    // Give up while `first` computes: `second` must never start.
+    let r = tokio::time::timeout(Duration::from_millis(100), h.exec.materialize(second)).await;
+    assert!(r.is_err());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(slow.calls(), 1, "the abandoned parent compute never ran");
+    assert_eq!(h.exec.stats().active(), 0);
+    // And a new request for the same address works.
+    assert_eq!(h.exec.materialize(second).await.unwrap(), &b"a12"[..]);
+}
+
+#[tokio::test]
+async fn invalidate_one_or_cascade() {
+    let h = Harness::new();
+    let a = h.leaf(b"a");
+    let b = h.recipe("identity/v1", &[a], &[]);
+    let c = h.recipe("reverse/v1", &[b], &[]);
+    let d = h.recipe("concat/v1", &[b, c], &[]);
+    let other = h.recipe("uppercase/v1", &[a], &[]);
+    for x in [d, other] {
+        h.exec.materialize(x).await.unwrap();
+    }
+    let report = h.exec.invalidate(c, false).unwrap();
+    assert!(report.was_cached);
+    assert_eq!(report.evicted, vec![c]);
+    assert!(h.exec.cache().contains(&d));
+
+    let report = h.exec.invalidate(a, true).unwrap();
+    assert!(!report.was_cached, "leaves are never cached");
+    let mut evicted = report.evicted.clone();
+    evicted.sort();
+    let mut expected = vec![b, d, other];
+    expected.sort();
+    assert_eq!(evicted, expected);
+    assert_eq!(h.exec.cache().stats().entries(), 0);
+    let nowhere = CAddr::from_bytes([3; 32]);
+    assert_eq!(
+        h.exec.invalidate(nowhere, true),
+        Err(DerivaError::NotFound { addr: nowhere })
+    );
+}
+
+#[tokio::test]
+async fn dual_verification_catches_a_non_deterministic_function() {
+    let mut reg = FunctionRegistry::with_builtins();
+    reg.register(fid("counter/v1"), Counter::default());
+    let config = ExecutorConfig {
+        verification: VerificationMode::Dual,
+        ..ExecutorConfig::default()
+    };
+    let h = Harness::with(reg, config, 1 << 20);
+    let a = h.leaf(b"a");
+    let flaky = h.recipe("counter/v1", &[a], &[]);
+    match h.exec.materialize(flaky).await {
+        Err(DerivaError::DeterminismViolation {
+            function,
+            addr,
+            first,
+            second,
+        }) => {
+            assert_eq!(function.to_string(), "counter/v1");
+            assert_eq!(addr, flaky);
+            assert_ne!(first, second);
+        }
+        other => panic!("expected DeterminismViolation, got {other:?}"),
+    }
+    assert!(
+        !h.exec.cache().contains(&flaky),
+        "a violating output is never cached"
+    );
+    let fine = h.recipe("reverse/v1", &[a], &[]);
+    h.exec.materialize(fine).await.unwrap();
+    let stats = h.exec.stats();
+    assert_eq!(
+        (stats.verifications_passed(), stats.verifications_failed()),
+        (1, 1)
+    );
+    assert!((stats.verification_failure_rate() - 0.5).abs() < 1e-9);
+}
+
+#[test]
+fn verification_mode_parses() {
+    assert_eq!(
+        "off".parse::<VerificationMode>().unwrap(),
+        VerificationMode::Off
+    );
+    assert_eq!(
+        "dual".parse::<VerificationMode>().unwrap(),
+        VerificationMode::Dual
+    );
+    assert_eq!(
+        "sampled:0.25".parse::<VerificationMode>().unwrap(),
+        VerificationMode::Sampled(0.25)
+    );
+    for bad in ["", "sampled:", "sampled:2", "sampled:x", "always"] {
+        let err = bad.parse::<VerificationMode>().unwrap_err();
+        assert!(
+            err.to_string().contains("verification mode"),
+            "{bad}: {err}"
+        );
+    }
+    assert_eq!(VerificationMode::Sampled(0.5).to_string(), "sampled:0.5");
+}
+
+#[tokio::test]
+async fn cache_budget_holds_under_materialization() {
+    let h = Harness::with(
+        FunctionRegistry::with_builtins(),
+        ExecutorConfig::default(),
+        1000,
+    );
+    let a = h.leaf(&[7u8; 300]);
+    for i in 0..10 {
+        let r = h.recipe("repeat/v1", &[a], &[("count", &(1 + i % 2).to_string())]);
+        let r2 = h.recipe("reverse/v1", &[r], &[]);
+        h.exec.materialize(r2).await.unwrap();
+        assert!(h.exec.cache().stats().size_bytes() <= 1000);
+    }
+    assert!(h.exec.cache().stats().evictions() > 0);
+    let _ = Arc::clone(h.exec.store());
+}

@@ -1,0 +1,222 @@
+//! The instruments, read back through a private meter provider and Prometheus registry per
+//! test (the design's §5.1 cases that belong to this crate).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Harness, Slow, fid};
+use deriva_compute::{ExecutorConfig, FunctionRegistry, VerificationMode};
+
+#[tokio::test]
+async fn cache_hit_and_miss_counters() {
+    let h = Harness::new();
+    let a = h.leaf(b"abc");
+    let r = h.recipe("reverse/v1", &[a], &[]);
+    h.exec.materialize(r).await.unwrap(); // miss on r, miss on a (a leaf)
+    assert_eq!(h.sample("deriva_cache_hit_total"), Some(0.0));
+    assert_eq!(h.sample("deriva_cache_miss_total"), Some(2.0));
+    h.exec.materialize(r).await.unwrap(); // hit
+    assert_eq!(h.sample("deriva_cache_hit_total"), Some(1.0));
+    assert_eq!(h.sample("deriva_cache_miss_total"), Some(2.0));
+    assert_eq!(h.sample(r#"deriva_cache_total{result="hit"}"#), Some(1.0));
+    assert_eq!(h.sample(r#"deriva_cache_total{result="miss"}"#), Some(2.0));
+    assert_eq!(h.sample("deriva_cache_entries"), Some(1.0));
+    assert_eq!(h.sample("deriva_cache_size_bytes"), Some(3.0));
+    assert_eq!(h.sample("deriva_cache_hit_rate"), Some(1.0 / 3.0));
+    assert_eq!(
+        h.sample(r#"deriva_materialize_total{result="hit"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        h.sample(r#"deriva_materialize_total{result="leaf"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        h.sample(r#"deriva_materialize_total{result="computed"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        h.sample(r#"deriva_materialize_total{result="error"}"#),
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
+async fn materialize_duration_histogram_is_observed_with_the_design_buckets() {
+    let h = Harness::new();
+    let a = h.leaf(b"abc");
+    let r = h.recipe("identity/v1", &[a], &[]);
+    h.exec.materialize(r).await.unwrap();
+    // One top-level call and one for its input.
+    assert_eq!(
+        h.sample("deriva_materialize_duration_seconds_count"),
+        Some(2.0)
+    );
+    assert!(h.sample("deriva_materialize_duration_seconds_sum").unwrap() > 0.0);
+    let text = h.scrape();
+    for le in [
+        "0.001", "0.01", "0.05", "0.1", "0.5", "1", "5", "30", "+Inf",
+    ] {
+        let line = format!("deriva_materialize_duration_seconds_bucket{{le=\"{le}\"}}");
+        assert!(text.contains(&line), "missing {line} in\n{text}");
+    }
+    // Depth: a top-level call that descended one level.
+    assert_eq!(h.sample("deriva_materialize_depth_count"), Some(1.0));
+    assert_eq!(
+        h.sample(r#"deriva_materialize_depth_bucket{le="0"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        h.sample(r#"deriva_materialize_depth_bucket{le="1"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn compute_duration_and_sizes_are_labelled_by_function() {
+    let h = Harness::new();
+    let a = h.leaf(b"hello ");
+    let b = h.leaf(b"world");
+    let r = h.recipe("concat/v1", &[a, b], &[]);
+    h.exec.materialize(r).await.unwrap();
+    assert_eq!(
+        h.sample(r#"deriva_compute_duration_seconds_count{function="concat/v1"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        h.sample(r#"deriva_compute_input_bytes_sum{function="concat/v1"}"#),
+        Some(11.0)
+    );
+    assert_eq!(
+        h.sample(r#"deriva_compute_output_bytes_sum{function="concat/v1"}"#),
+        Some(11.0)
+    );
+    let text = h.scrape();
+    for le in [
+        "0.0001", "0.001", "0.01", "0.05", "0.1", "0.5", "1", "5", "+Inf",
+    ] {
+        let line =
+            format!("deriva_compute_duration_seconds_bucket{{function=\"concat/v1\",le=\"{le}\"}}");
+        assert!(text.contains(&line), "missing {line}");
+    }
+    assert!(
+        !text.contains(r#"function="reverse/v1""#),
+        "only computed functions have series"
+    );
+}
+
+async fn wait_for_active(h: &Harness, want: f64) {
+    for _ in 0..200 {
+        if h.sample("deriva_materialize_active") == Some(want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!(
+        "deriva_materialize_active never became {want}: {:?}",
+        h.sample("deriva_materialize_active")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_gauge_rises_during_a_slow_compute_and_returns_to_zero() {
+    let slow = Slow::new(Duration::from_millis(300));
+    let mut reg = FunctionRegistry::with_builtins();
+    reg.register(fid("slow/v1"), slow.clone());
+    reg.register(fid("fail/v1"), common::SlowFail(Duration::from_millis(300)));
+    let h = Harness::with(reg, ExecutorConfig::default(), 1 << 20);
+    let a = h.leaf(b"a");
+    assert_eq!(h.sample("deriva_materialize_active"), Some(0.0));
+
+    let ok = h.recipe("slow/v1", &[a], &[]);
+    let exec = h.exec.clone();
+    let task = tokio::spawn(async move { exec.materialize(ok).await });
+    wait_for_active(&h, 1.0).await;
+    task.await.unwrap().unwrap();
+    assert_eq!(h.sample("deriva_materialize_active"), Some(0.0));
+
+    let bad = h.recipe("fail/v1", &[a], &[]);
+    let exec = h.exec.clone();
+    let task = tokio::spawn(async move { exec.materialize(bad).await });
+    wait_for_active(&h, 1.0).await;
+    assert!(task.await.unwrap().is_err());
+    assert_eq!(h.sample("deriva_materialize_active"), Some(0.0));
+    assert_eq!(
+        h.sample(r#"deriva_materialize_total{result="error"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn verification_counters_and_failure_rate() {
+    let mut reg = FunctionRegistry::with_builtins();
+    reg.register(fid("counter/v1"), common::Counter::default());
+    let config = ExecutorConfig {
+        verification: VerificationMode::Dual,
+        ..ExecutorConfig::default()
+    };
+    let h = Harness::with(reg, config, 1 << 20);
+    let a = h.leaf(b"a");
+    let good = h.recipe("reverse/v1", &[a], &[]);
+    let flaky = h.recipe("counter/v1", &[a], &[]);
+    h.exec.materialize(good).await.unwrap();
+    h.exec.materialize(flaky).await.unwrap_err();
+    assert_eq!(
+        h.sample(r#"deriva_verification_total{result="pass"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        h.sample(r#"deriva_verification_total{result="fail"}"#),
+        Some(1.0)
+    );
+    assert_eq!(h.sample("deriva_verification_failure_rate"), Some(0.5));
+}
+
+#[tokio::test]
+async fn every_family_has_its_documented_name_and_type() {
+    let h = Harness::with(
+        FunctionRegistry::with_builtins(),
+        ExecutorConfig::default(),
+        10,
+    );
+    let a = h.leaf(b"abc");
+    for n in 1..4 {
+        let r = h.recipe("repeat/v1", &[a], &[("count", &n.to_string())]);
+        h.exec.materialize(r).await.unwrap(); // small budget: forces evictions
+    }
+    assert!(h.sample("deriva_cache_eviction_total").unwrap() >= 1.0);
+    let text = h.scrape();
+    let expected = [
+        ("deriva_materialize_total", "counter"),
+        ("deriva_materialize_duration_seconds", "histogram"),
+        ("deriva_materialize_active", "gauge"),
+        ("deriva_materialize_depth", "histogram"),
+        ("deriva_cache_hit_total", "counter"),
+        ("deriva_cache_miss_total", "counter"),
+        ("deriva_cache_total", "counter"),
+        ("deriva_cache_eviction_total", "counter"),
+        ("deriva_cache_size_bytes", "gauge"),
+        ("deriva_cache_entries", "gauge"),
+        ("deriva_cache_hit_rate", "gauge"),
+        ("deriva_compute_duration_seconds", "histogram"),
+        ("deriva_compute_input_bytes", "histogram"),
+        ("deriva_compute_output_bytes", "histogram"),
+        ("deriva_verification_total", "counter"),
+        ("deriva_verification_failure_rate", "gauge"),
+    ];
+    for (name, kind) in expected {
+        let line = format!("# TYPE {name} {kind}");
+        assert!(text.contains(&line), "missing `{line}` in\n{text}");
+    }
+    let families: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .collect();
+    assert_eq!(
+        families.len(),
+        expected.len(),
+        "unexpected families: {families:?}"
+    );
+    assert!(!text.contains("otel_scope"), "no otel_scope_* labels");
+}

@@ -1,0 +1,127 @@
+//! The span tree of one materialization, exported through tracing-opentelemetry into an
+//! in-memory exporter.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::Harness;
+use opentelemetry::Value;
+use opentelemetry::trace::{SpanId, TracerProvider as _};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use tracing_subscriber::layer::SubscriberExt;
+
+fn attr(span: &SpanData, key: &str) -> Option<Value> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| kv.value.clone())
+}
+
+fn attr_str(span: &SpanData, key: &str) -> Option<String> {
+    attr(span, key).map(|v| v.as_str().into_owned())
+}
+
+// Multi-thread runtime: spawned tasks run on worker threads, so this also proves the executor
+// carries the (thread-local, test-only) subscriber into its tasks and the blocking pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn materialize_span_tree_for_a_recipe_with_two_inputs() {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let h = Harness::new();
+    let a = h.leaf(b"hello ");
+    let c = h.leaf(b"dlrow");
+    let b = h.recipe("reverse/v1", &[c], &[]);
+    let top = h.recipe("concat/v1", &[a, b], &[]);
+    h.exec.materialize(top).await.unwrap();
+    provider.force_flush().unwrap();
+
+    let spans = exporter.get_finished_spans().unwrap();
+    let by_id: HashMap<SpanId, &SpanData> = spans
+        .iter()
+        .map(|s| (s.span_context.span_id(), s))
+        .collect();
+    let materialize = |addr: deriva_core::CAddr| {
+        spans
+            .iter()
+            .find(|s| s.name == "materialize" && attr_str(s, "addr") == Some(addr.to_string()))
+            .unwrap_or_else(|| panic!("no materialize span for {addr}"))
+    };
+    let children = |parent: &SpanData| -> Vec<String> {
+        let mut names: Vec<String> = spans
+            .iter()
+            .filter(|s| s.parent_span_id == parent.span_context.span_id())
+            .map(|s| s.name.to_string())
+            .collect();
+        names.sort();
+        names
+    };
+
+    let root = materialize(top);
+    assert_eq!(
+        root.parent_span_id,
+        SpanId::INVALID,
+        "the top materialize is a root here"
+    );
+    assert_eq!(attr(root, "depth"), Some(Value::I64(0)));
+    assert_eq!(attr_str(root, "result").as_deref(), Some("computed"));
+    assert_eq!(
+        children(root),
+        [
+            "cache_check",
+            "cache_put",
+            "compute",
+            "leaf_read",
+            "materialize",
+            "materialize"
+        ]
+    );
+    let trace_id = root.span_context.trace_id();
+    assert!(
+        spans.iter().all(|s| s.span_context.trace_id() == trace_id),
+        "one trace"
+    );
+
+    let leaf_input = materialize(a);
+    assert_eq!(leaf_input.parent_span_id, root.span_context.span_id());
+    assert_eq!(attr(leaf_input, "depth"), Some(Value::I64(1)));
+    assert_eq!(attr_str(leaf_input, "result").as_deref(), Some("leaf"));
+
+    let recipe_input = materialize(b);
+    assert_eq!(recipe_input.parent_span_id, root.span_context.span_id());
+    assert_eq!(
+        children(recipe_input),
+        [
+            "cache_check",
+            "cache_put",
+            "compute",
+            "leaf_read",
+            "materialize"
+        ]
+    );
+    let grandchild = materialize(c);
+    assert_eq!(
+        grandchild.parent_span_id,
+        recipe_input.span_context.span_id()
+    );
+    assert_eq!(attr(grandchild, "depth"), Some(Value::I64(2)));
+
+    let compute = spans
+        .iter()
+        .find(|s| s.name == "compute" && s.parent_span_id == root.span_context.span_id())
+        .unwrap();
+    assert_eq!(attr_str(compute, "function").as_deref(), Some("concat/v1"));
+    assert_eq!(attr(compute, "input_bytes"), Some(Value::I64(11)));
+    assert_eq!(attr(compute, "output_bytes"), Some(Value::I64(11)));
+    let check = by_id
+        .values()
+        .find(|s| s.name == "cache_check" && s.parent_span_id == root.span_context.span_id())
+        .unwrap();
+    assert_eq!(attr(check, "hit"), Some(Value::Bool(false)));
+}
