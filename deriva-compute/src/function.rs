@@ -174,6 +174,12 @@ pub mod params {
         }
     }
 
+    /// The common shape of a builtin: exactly one input and no params.
+    pub fn unary_without_params(got: usize, params: &Params) -> Result<(), FunctionError> {
+        exactly(1, got)?;
+        only(params, &[])
+    }
+
     /// Checks the number of inputs is exactly `n`.
     pub fn exactly(n: usize, got: usize) -> Result<(), FunctionError> {
         if got == n {

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Counter, Harness, Panics, Slow, fid};
+use common::{Harness, Panics, Slow, fid};
 use deriva_compute::{ExecutorConfig, FunctionRegistry, VerificationMode};
 use deriva_core::{CAddr, DerivaError, Recipe};
 
@@ -271,13 +271,7 @@ async fn invalidate_one_or_cascade() {
 
 #[tokio::test]
 async fn dual_verification_catches_a_non_deterministic_function() {
-    let mut reg = FunctionRegistry::with_builtins();
-    reg.register(fid("counter/v1"), Counter::default());
-    let config = ExecutorConfig {
-        verification: VerificationMode::Dual,
-        ..ExecutorConfig::default()
-    };
-    let h = Harness::with(reg, config, 1 << 20);
+    let h = Harness::dual_with_counter();
     let a = h.leaf(b"a");
     let flaky = h.recipe("counter/v1", &[a], &[]);
     match h.exec.materialize(flaky).await {

@@ -5,8 +5,8 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Counter, Harness, Slow, fid};
-use deriva_compute::{ExecutorConfig, FunctionRegistry, VerificationMode};
+use common::{Harness, Slow, fid};
+use deriva_compute::{ExecutorConfig, FunctionRegistry};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
@@ -78,13 +78,7 @@ async fn a_determinism_violation_logs_an_error_naming_the_function() {
     let capture = Capture::default();
     let _guard =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
-    let mut reg = FunctionRegistry::with_builtins();
-    reg.register(fid("counter/v1"), Counter::default());
-    let config = ExecutorConfig {
-        verification: VerificationMode::Dual,
-        ..ExecutorConfig::default()
-    };
-    let h = Harness::with(reg, config, 1 << 20);
+    let h = Harness::dual_with_counter();
     let a = h.leaf(b"a");
     let flaky = h.recipe("counter/v1", &[a], &[]);
     h.exec.materialize(flaky).await.unwrap_err();

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Harness, Slow, fid};
-use deriva_compute::{ExecutorConfig, FunctionRegistry, VerificationMode};
+use deriva_compute::{ExecutorConfig, FunctionRegistry};
 
 #[tokio::test]
 async fn cache_hit_and_miss_counters() {
@@ -150,13 +150,7 @@ async fn active_gauge_rises_during_a_slow_compute_and_returns_to_zero() {
 
 #[tokio::test]
 async fn verification_counters_and_failure_rate() {
-    let mut reg = FunctionRegistry::with_builtins();
-    reg.register(fid("counter/v1"), common::Counter::default());
-    let config = ExecutorConfig {
-        verification: VerificationMode::Dual,
-        ..ExecutorConfig::default()
-    };
-    let h = Harness::with(reg, config, 1 << 20);
+    let h = Harness::dual_with_counter();
     let a = h.leaf(b"a");
     let good = h.recipe("reverse/v1", &[a], &[]);
     let flaky = h.recipe("counter/v1", &[a], &[]);

@@ -3,15 +3,14 @@
 use bytes::{Bytes, BytesMut};
 use deriva_core::Params;
 
-use crate::function::params::{exactly, only, required_u64};
+use crate::function::params::{exactly, only, required_u64, unary_without_params};
 use crate::function::{ComputeFunction, FunctionError, MAX_OUTPUT_BYTES};
 
 pub(super) struct Identity;
 
 impl ComputeFunction for Identity {
     fn validate(&self, n: usize, params: &Params) -> Result<(), FunctionError> {
-        exactly(1, n)?;
-        only(params, &[])
+        unary_without_params(n, params)
     }
 
     fn compute(&self, inputs: &[Bytes], params: &Params) -> Result<Bytes, FunctionError> {
@@ -52,8 +51,7 @@ pub(super) struct AsciiCase {
 
 impl ComputeFunction for AsciiCase {
     fn validate(&self, n: usize, params: &Params) -> Result<(), FunctionError> {
-        exactly(1, n)?;
-        only(params, &[])
+        unary_without_params(n, params)
     }
 
     fn compute(&self, inputs: &[Bytes], params: &Params) -> Result<Bytes, FunctionError> {
@@ -72,8 +70,7 @@ pub(super) struct Reverse;
 
 impl ComputeFunction for Reverse {
     fn validate(&self, n: usize, params: &Params) -> Result<(), FunctionError> {
-        exactly(1, n)?;
-        only(params, &[])
+        unary_without_params(n, params)
     }
 
     fn compute(&self, inputs: &[Bytes], params: &Params) -> Result<Bytes, FunctionError> {

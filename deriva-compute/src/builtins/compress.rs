@@ -8,7 +8,7 @@ use flate2::Compression;
 use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
 
-use crate::function::params::{exactly, only, optional_u64};
+use crate::function::params::{exactly, only, optional_u64, unary_without_params};
 use crate::function::{ComputeFunction, FunctionError, MAX_OUTPUT_BYTES};
 
 pub(super) struct Gzip;
@@ -49,8 +49,7 @@ pub(super) struct Gunzip;
 
 impl ComputeFunction for Gunzip {
     fn validate(&self, n: usize, params: &Params) -> Result<(), FunctionError> {
-        exactly(1, n)?;
-        only(params, &[])
+        unary_without_params(n, params)
     }
 
     fn compute(&self, inputs: &[Bytes], params: &Params) -> Result<Bytes, FunctionError> {

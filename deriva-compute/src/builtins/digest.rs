@@ -3,15 +3,14 @@
 use bytes::Bytes;
 use deriva_core::{CAddr, Params};
 
-use crate::function::params::{exactly, only};
+use crate::function::params::unary_without_params;
 use crate::function::{ComputeFunction, FunctionError};
 
 pub(super) struct Blake3Hex;
 
 impl ComputeFunction for Blake3Hex {
     fn validate(&self, n: usize, params: &Params) -> Result<(), FunctionError> {
-        exactly(1, n)?;
-        only(params, &[])
+        unary_without_params(n, params)
     }
 
     fn compute(&self, inputs: &[Bytes], params: &Params) -> Result<Bytes, FunctionError> {

@@ -62,6 +62,17 @@ impl Harness {
         }
     }
 
+    /// Dual verification, with the non-deterministic `counter/v1` registered.
+    pub fn dual_with_counter() -> Self {
+        let mut functions = FunctionRegistry::with_builtins();
+        functions.register(fid("counter/v1"), Counter::default());
+        let config = ExecutorConfig {
+            verification: deriva_compute::VerificationMode::Dual,
+            ..ExecutorConfig::default()
+        };
+        Self::with(functions, config, 1 << 20)
+    }
+
     pub fn leaf(&self, data: &[u8]) -> CAddr {
         self.exec.store().put_leaf(data).unwrap()
     }
