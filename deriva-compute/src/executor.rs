@@ -118,6 +118,21 @@ pub struct InvalidateReport {
     pub evicted: Vec<CAddr>,
 }
 
+/// What [`AsyncExecutor::verify`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Whether both runs gave the same bytes.
+    pub deterministic: bool,
+    /// BLAKE3 of the first run's output.
+    pub output_hash: CAddr,
+    /// BLAKE3 of the second run's output (equal to `output_hash` when deterministic).
+    pub second_hash: CAddr,
+    /// Size of the output in bytes (0 when the runs disagreed).
+    pub output_size: u64,
+    /// Time of the first run (zero when the runs disagreed).
+    pub compute_time: Duration,
+}
+
 type FlightOutput = Result<(Bytes, Outcome)>;
 type FlightFuture = BoxFuture<'static, FlightOutput>;
 
@@ -355,20 +370,21 @@ impl AsyncExecutor {
         )
         .await?;
         let inputs: Vec<Bytes> = inputs.into_iter().map(|(bytes, _)| bytes).collect();
-        let (output, cost) = self.compute(addr, &recipe, inputs).await?;
+        let (output, cost) = self.compute(addr, &recipe, inputs, false).await?;
         info_span!("cache_put", bytes = as_i64(output.len())).in_scope(|| {
             self.inner.cache.insert(addr, output.clone(), cost);
         });
         Ok((output, Outcome::Computed))
     }
 
-    /// Runs the recipe's function on the blocking pool (and again to verify, when the mode
-    /// says so). Returns the output and the compute time.
+    /// Runs the recipe's function on the blocking pool (and again to verify, when
+    /// `force_verify` or the mode says so). Returns the output and the compute time.
     async fn compute(
         &self,
         addr: CAddr,
         recipe: &Recipe,
         inputs: Vec<Bytes>,
+        force_verify: bool,
     ) -> Result<(Bytes, Duration)> {
         let id = recipe.function();
         let function = self.function(id)?;
@@ -402,7 +418,7 @@ impl AsyncExecutor {
             });
         }
 
-        if self.inner.config.verification.should_verify() {
+        if force_verify || self.inner.config.verification.should_verify() {
             let span = info_span!("verify", function = %id, passed = Empty);
             let (second, _) = self
                 .run_function(addr, id, &function, &inputs, &params, span.clone())
@@ -468,6 +484,60 @@ impl AsyncExecutor {
                 message: panic_message(join),
             }),
         }
+    }
+
+    /// Computes the recipe at `addr` twice, whatever the verification mode, and compares. The
+    /// inputs are materialized as usual. A deterministic output is cached. A mismatch is a
+    /// report with `deterministic: false` (and counts as a failed verification), not an error;
+    /// a leaf is [`DerivaError::InvalidInput`], an unknown address [`DerivaError::NotFound`].
+    pub async fn verify(&self, addr: CAddr) -> Result<VerifyReport> {
+        let span = info_span!("verify_recipe", %addr, deterministic = Empty);
+        async move {
+            let Some(stored) = self.inner.store.get_recipe(&addr)? else {
+                return Err(match self.inner.store.kind_of(&addr)? {
+                    Some(_) => DerivaError::InvalidInput(format!(
+                        "{addr} is a leaf; only recipes can be verified"
+                    )),
+                    None => DerivaError::NotFound { addr },
+                });
+            };
+            let recipe = stored.recipe;
+            let tracker = Arc::new(DepthTracker::default());
+            let inputs = futures::future::try_join_all(
+                recipe
+                    .inputs()
+                    .iter()
+                    .map(|input| self.materialize_at(*input, 1, tracker.clone())),
+            )
+            .await?;
+            let inputs = inputs.into_iter().map(|(bytes, _)| bytes).collect();
+            let report = match self.compute(addr, &recipe, inputs, true).await {
+                Ok((output, cost)) => {
+                    let hash = CAddr::for_leaf(&output);
+                    let size = output.len() as u64;
+                    self.inner.cache.insert(addr, output, cost);
+                    VerifyReport {
+                        deterministic: true,
+                        output_hash: hash,
+                        second_hash: hash,
+                        output_size: size,
+                        compute_time: cost,
+                    }
+                }
+                Err(DerivaError::DeterminismViolation { first, second, .. }) => VerifyReport {
+                    deterministic: false,
+                    output_hash: first,
+                    second_hash: second,
+                    output_size: 0,
+                    compute_time: Duration::ZERO,
+                },
+                Err(e) => return Err(e),
+            };
+            Span::current().record("deterministic", report.deterministic);
+            Ok(report)
+        }
+        .instrument(span)
+        .await
     }
 
     /// Evicts `addr` from the cache and, with `cascade`, every recipe that depends on it

@@ -25,6 +25,7 @@
 //! | `verify` | `function`, `passed` | `materialize` |
 //! | `cache_put` | `bytes` | `materialize` |
 //! | `invalidate` | `addr`, `cascade`, `evicted` | the caller's span |
+//! | `verify_recipe` | `addr`, `deterministic` | the caller's span (an explicit verification) |
 //!
 //! A compute slower than 1 s (configurable) logs a WARN; a determinism violation logs an ERROR
 //! naming the function.
@@ -63,6 +64,8 @@ pub mod function;
 pub mod metrics;
 
 pub use cache::{Cache, CacheHit, CacheStats};
-pub use executor::{AsyncExecutor, ExecutorConfig, InvalidateReport, VerificationMode};
+pub use executor::{
+    AsyncExecutor, ExecutorConfig, InvalidateReport, VerificationMode, VerifyReport,
+};
 pub use function::{ComputeFunction, FunctionError, FunctionRegistry};
 pub use metrics::{ComputeMetrics, ExecStats, Outcome};

@@ -342,3 +342,39 @@ async fn cache_budget_holds_under_materialization() {
     assert!(h.exec.cache().stats().evictions() > 0);
     let _ = Arc::clone(h.exec.store());
 }
+
+#[tokio::test]
+async fn verify_computes_twice_whatever_the_mode() {
+    let h = Harness::dual_with_counter();
+    let a = h.leaf(b"abc");
+    let good = h.recipe("reverse/v1", &[a], &[]);
+    let report = h.exec.verify(good).await.unwrap();
+    assert!(report.deterministic);
+    assert_eq!(report.output_hash, CAddr::for_leaf(b"cba"));
+    assert_eq!(report.output_size, 3);
+    assert!(
+        h.exec.cache().contains(&good),
+        "a verified output is cached"
+    );
+
+    let flaky = h.recipe("counter/v1", &[a], &[]);
+    let report = h.exec.verify(flaky).await.unwrap();
+    assert!(!report.deterministic);
+    assert_ne!(report.output_hash, report.second_hash);
+    assert!(!h.exec.cache().contains(&flaky));
+
+    assert!(
+        matches!(h.exec.verify(a).await, Err(DerivaError::InvalidInput(m)) if m.contains("leaf"))
+    );
+    let nowhere = CAddr::from_bytes([5; 32]);
+    assert_eq!(
+        h.exec.verify(nowhere).await,
+        Err(DerivaError::NotFound { addr: nowhere })
+    );
+    // Verification off by default: an explicit verify still runs twice.
+    let plain = Harness::new();
+    let a = plain.leaf(b"x");
+    let r = plain.recipe("identity/v1", &[a], &[]);
+    assert!(plain.exec.verify(r).await.unwrap().deterministic);
+    assert_eq!(plain.exec.stats().verifications_passed(), 1);
+}

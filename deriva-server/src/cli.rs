@@ -1,0 +1,1 @@
+//! The `deriva` client commands (to come).

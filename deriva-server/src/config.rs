@@ -1,0 +1,180 @@
+//! [`Config`], the server's settings, and [`ServerArgs`], the command line that fills it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use deriva_compute::VerificationMode;
+
+/// Everything the server needs to run. [`Config::default`] is what `deriva-server` runs with
+/// when given no flags.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the store lives (`deriva.redb` and `blobs/`). Created if missing.
+    pub data_dir: PathBuf,
+    /// Address of the gRPC listener.
+    pub listen: SocketAddr,
+    /// Byte budget of the in-memory cache of computed outputs.
+    pub cache_bytes: u64,
+    /// When to compute twice and compare.
+    pub verification: VerificationMode,
+    /// Most computes running at once.
+    pub max_concurrent_computes: usize,
+    /// Largest gRPC message accepted, in bytes; a larger request is `RESOURCE_EXHAUSTED`.
+    pub max_message_bytes: usize,
+    /// Size of each `Get` response chunk, in bytes.
+    pub chunk_bytes: usize,
+    /// How long in-flight calls may run after a shutdown signal before they are cut off.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./deriva-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            cache_bytes: 256 << 20,
+            verification: VerificationMode::Off,
+            max_concurrent_computes: deriva_compute::ExecutorConfig::default()
+                .max_concurrent_computes,
+            max_message_bytes: 64 << 20,
+            chunk_bytes: 64 << 10,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `deriva-server`'s flags. Each has a `DERIVA_*` environment equivalent; a flag wins over its
+/// variable.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "deriva-server",
+    version,
+    about = "Deriva: a computation-addressed store, served over gRPC"
+)]
+pub struct ServerArgs {
+    /// Data directory (created if missing).
+    #[arg(long, env = "DERIVA_DATA_DIR", default_value = "./deriva-data")]
+    pub data_dir: PathBuf,
+    /// gRPC listen address.
+    #[arg(long, env = "DERIVA_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Cache budget, in bytes or with a unit (KiB, MiB, GiB).
+    #[arg(long, env = "DERIVA_CACHE_BYTES", default_value = "256MiB", value_parser = parse_size)]
+    pub cache_bytes: u64,
+    /// Verification mode: off, dual, or sampled:RATE (RATE from 0 to 1).
+    #[arg(long, env = "DERIVA_VERIFICATION", default_value = "off", value_parser = parse_verification)]
+    pub verification: VerificationMode,
+    /// Most computes at once [default: the number of CPUs].
+    #[arg(long, env = "DERIVA_MAX_CONCURRENT_COMPUTES", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_computes: Option<u32>,
+    /// Largest gRPC message accepted, in bytes or with a unit.
+    #[arg(long, env = "DERIVA_MAX_MESSAGE_BYTES", default_value = "64MiB", value_parser = parse_size)]
+    pub max_message_bytes: u64,
+    /// Size of each Get response chunk, in bytes or with a unit.
+    #[arg(long, env = "DERIVA_CHUNK_BYTES", default_value = "64KiB", value_parser = parse_size)]
+    pub chunk_bytes: u64,
+    /// Seconds that in-flight calls may take to finish after SIGINT or SIGTERM.
+    #[arg(long, env = "DERIVA_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl ServerArgs {
+    /// The [`Config`] these flags describe.
+    pub fn into_config(self) -> Result<Config, String> {
+        let defaults = Config::default();
+        let chunk_bytes = usize::try_from(self.chunk_bytes)
+            .ok()
+            .filter(|c| *c > 0)
+            .ok_or("--chunk-bytes must be at least 1")?;
+        Ok(Config {
+            data_dir: self.data_dir,
+            listen: self.listen,
+            cache_bytes: self.cache_bytes,
+            verification: self.verification,
+            max_concurrent_computes: self
+                .max_concurrent_computes
+                .map_or(defaults.max_concurrent_computes, |n| n as usize),
+            max_message_bytes: usize::try_from(self.max_message_bytes)
+                .map_err(|_| "--max-message-bytes is too large")?,
+            chunk_bytes,
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+        })
+    }
+}
+
+fn parse_verification(s: &str) -> Result<VerificationMode, String> {
+    s.parse()
+        .map_err(|e: deriva_core::DerivaError| e.to_string())
+}
+
+/// Parses `1048576`, `64KiB`, `256MiB`, `1GiB` (also `KB`/`MB`/`GB` as powers of 1000, and
+/// `K`/`M`/`G` as powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 1048576 or 256MiB"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?}; use KiB, MiB or GiB"
+            ));
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert!(
+            parse_size("12 parsecs")
+                .unwrap_err()
+                .contains("unknown size unit")
+        );
+        assert!(parse_size("MiB").is_err());
+    }
+
+    #[test]
+    fn no_flags_gives_the_defaults() {
+        let config = ServerArgs::try_parse_from(["deriva-server"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        let defaults = Config::default();
+        assert_eq!(config.data_dir, defaults.data_dir);
+        assert_eq!(config.listen, defaults.listen);
+        assert_eq!(config.cache_bytes, defaults.cache_bytes);
+        assert_eq!(config.max_message_bytes, defaults.max_message_bytes);
+        assert_eq!(config.chunk_bytes, defaults.chunk_bytes);
+        assert_eq!(config.verification, VerificationMode::Off);
+    }
+
+    #[test]
+    fn bad_flags_are_rejected_with_the_reason() {
+        let err = ServerArgs::try_parse_from(["deriva-server", "--verification", "sometimes"])
+            .unwrap_err();
+        assert!(err.to_string().contains("verification mode"), "{err}");
+        let err = ServerArgs::try_parse_from(["deriva-server", "--listen", "nowhere"]).unwrap_err();
+        assert!(err.to_string().contains("--listen"), "{err}");
+    }
+}

@@ -1,0 +1,28 @@
+//! # deriva-server
+//!
+//! Deriva's gRPC server and its `deriva` command-line client.
+//!
+//! - [`config`]: [`Config`] and the `deriva-server` flags that fill it.
+//! - [`server`]: [`Server`], which opens the store and serves on a listener it is given until
+//!   a shutdown future completes (tests run it in-process on port 0).
+//! - [`service`]: the tonic implementation of `service Deriva`.
+//! - [`error`]: the one mapping from errors to gRPC status codes.
+//! - [`limits`]: the over-limit request rewrite (`RESOURCE_EXHAUSTED`).
+//! - [`proto`]: the generated code for `proto/deriva.proto`, client included.
+//! - [`cli`]: the `deriva` client commands.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod limits;
+pub mod server;
+pub mod service;
+
+/// Generated from `proto/deriva.proto`.
+#[allow(missing_docs, clippy::all, missing_debug_implementations)]
+pub mod proto {
+    tonic::include_proto!("deriva");
+}
+
+pub use config::{Config, ServerArgs};
+pub use server::{ServeError, Server};

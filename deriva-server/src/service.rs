@@ -1,0 +1,213 @@
+//! [`DerivaService`], the tonic implementation of `service Deriva`. It decodes requests, calls
+//! the executor or the store, and encodes answers; errors become statuses in
+//! [`crate::error`].
+
+use std::pin::Pin;
+
+use bytes::Bytes;
+use deriva_compute::AsyncExecutor;
+use deriva_core::{FunctionId, Recipe};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::error::{ApiResult, parse_addr};
+use crate::proto::deriva_server::Deriva;
+use crate::proto::*;
+
+/// The gRPC service. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct DerivaService {
+    exec: AsyncExecutor,
+    chunk_bytes: usize,
+}
+
+/// The stream type of `Get`.
+pub type GetStream = Pin<Box<dyn Stream<Item = Result<GetResponse, Status>> + Send + 'static>>;
+
+impl DerivaService {
+    /// A service over `exec`, answering `Get` in chunks of `chunk_bytes`.
+    pub fn new(exec: AsyncExecutor, chunk_bytes: usize) -> Self {
+        Self {
+            exec,
+            chunk_bytes: chunk_bytes.max(1),
+        }
+    }
+
+    /// Runs blocking store work (fsync, redb) off the async workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&AsyncExecutor) -> deriva_core::Result<T> + Send + 'static,
+    ) -> ApiResult<T> {
+        let exec = self.exec.clone();
+        let joined = tokio::task::spawn_blocking(move || f(&exec)).await;
+        let result = joined
+            .map_err(|e| deriva_core::DerivaError::Storage(format!("store task failed: {e}")))?;
+        Ok(result?)
+    }
+
+    async fn put_recipe_inner(&self, req: PutRecipeRequest) -> ApiResult<PutRecipeResponse> {
+        let function = FunctionId::new(req.function_name, req.function_version)?;
+        let inputs = req
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, raw)| parse_addr(format!("inputs[{i}]"), raw))
+            .collect::<ApiResult<Vec<_>>>()?;
+        let recipe = Recipe::new(function, inputs, req.params)?;
+        let addr = self.blocking(move |exec| exec.put_recipe(&recipe)).await?;
+        Ok(PutRecipeResponse {
+            addr: Bytes::copy_from_slice(addr.as_bytes()),
+        })
+    }
+
+    async fn get_inner(&self, req: GetRequest) -> ApiResult<GetStream> {
+        let addr = parse_addr("addr", &req.addr)?;
+        let data = self.exec.materialize(addr).await?;
+        // Slices of one `Bytes`: each chunk shares the output's buffer, nothing is copied.
+        let chunk = self.chunk_bytes;
+        let chunks = (0..data.len().div_ceil(chunk).max(1)).map(move |i| {
+            let end = ((i + 1) * chunk).min(data.len());
+            Ok(GetResponse {
+                chunk: data.slice(i * chunk..end),
+            })
+        });
+        Ok(Box::pin(futures::stream::iter(chunks)))
+    }
+
+    fn resolve_inner(&self, req: ResolveRequest) -> ApiResult<ResolveResponse> {
+        let addr = parse_addr("addr", &req.addr)?;
+        let Some(stored) = self.exec.store().get_recipe(&addr)? else {
+            return Ok(ResolveResponse::default());
+        };
+        let recipe = stored.recipe;
+        Ok(ResolveResponse {
+            found: true,
+            function_name: recipe.function().name().to_owned(),
+            function_version: recipe.function().version().to_owned(),
+            inputs: recipe
+                .inputs()
+                .iter()
+                .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+                .collect(),
+            params: recipe
+                .params()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
+    }
+
+    fn status_inner(&self) -> StatusResponse {
+        let store = self.exec.store().counters();
+        let cache = self.exec.cache().stats();
+        let exec = self.exec.stats();
+        let (passed, failed) = (exec.verifications_passed(), exec.verifications_failed());
+        StatusResponse {
+            recipe_count: store.recipes(),
+            blob_count: store.blobs(),
+            cache_entries: cache.entries(),
+            cache_size_bytes: cache.size_bytes(),
+            cache_hit_rate: cache.hit_rate(),
+            verification_mode: self.exec.verification_mode().to_string(),
+            verification_total: passed + failed,
+            verification_passed: passed,
+            verification_failed: failed,
+            verification_failure_rate: exec.verification_failure_rate(),
+        }
+    }
+
+    async fn verify_inner(&self, req: VerifyRequest) -> ApiResult<VerifyResponse> {
+        let addr = parse_addr("addr", &req.addr)?;
+        let report = self.exec.verify(addr).await?;
+        Ok(VerifyResponse {
+            deterministic: report.deterministic,
+            output_hash: report.output_hash.to_hex(),
+            output_size: report.output_size,
+            compute_time_us: u64::try_from(report.compute_time.as_micros()).unwrap_or(u64::MAX),
+            error: if report.deterministic {
+                String::new()
+            } else {
+                format!(
+                    "{addr}: two runs gave different outputs ({} and {})",
+                    report.output_hash, report.second_hash
+                )
+            },
+        })
+    }
+}
+
+fn reply<T>(result: ApiResult<T>) -> Result<Response<T>, Status> {
+    result.map(Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl Deriva for DerivaService {
+    async fn put_leaf(
+        &self,
+        request: Request<PutLeafRequest>,
+    ) -> Result<Response<PutLeafResponse>, Status> {
+        let data = request.into_inner().data;
+        let addr = self
+            .blocking(move |exec| exec.store().put_leaf(&data))
+            .await;
+        reply(addr.map(|a| PutLeafResponse {
+            addr: Bytes::copy_from_slice(a.as_bytes()),
+        }))
+    }
+
+    async fn put_recipe(
+        &self,
+        request: Request<PutRecipeRequest>,
+    ) -> Result<Response<PutRecipeResponse>, Status> {
+        reply(self.put_recipe_inner(request.into_inner()).await)
+    }
+
+    type GetStream = GetStream;
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<Self::GetStream>, Status> {
+        reply(self.get_inner(request.into_inner()).await)
+    }
+
+    async fn resolve(
+        &self,
+        request: Request<ResolveRequest>,
+    ) -> Result<Response<ResolveResponse>, Status> {
+        reply(self.resolve_inner(request.into_inner()))
+    }
+
+    async fn invalidate(
+        &self,
+        request: Request<InvalidateRequest>,
+    ) -> Result<Response<InvalidateResponse>, Status> {
+        let req = request.into_inner();
+        let result = match parse_addr("addr", &req.addr) {
+            Ok(addr) => {
+                self.blocking(move |exec| exec.invalidate(addr, req.cascade))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        reply(result.map(|report| InvalidateResponse {
+            was_cached: report.was_cached,
+            evicted_count: report.evicted.len() as u64,
+        }))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        reply(Ok(self.status_inner()))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<VerifyRequest>,
+    ) -> Result<Response<VerifyResponse>, Status> {
+        reply(self.verify_inner(request.into_inner()).await)
+    }
+}
+
+impl DerivaService {
+    /// The executor the service runs on.
+    pub fn executor(&self) -> &AsyncExecutor {
+        &self.exec
+    }
+}
