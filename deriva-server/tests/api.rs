@@ -1,0 +1,621 @@
+//! Every RPC and every documented error code, against the real server function on port 0 with
+//! a real tonic client.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use deriva_compute::{ComputeFunction, FunctionError, FunctionRegistry, VerificationMode};
+use deriva_core::{CAddr, FunctionId, Params};
+use deriva_server::proto::deriva_client::DerivaClient;
+use deriva_server::proto::{
+    GetRequest, InvalidateRequest, PutLeafRequest, PutRecipeRequest, ResolveRequest, StatusRequest,
+    StatusResponse, VerifyRequest,
+};
+use deriva_server::{Config, Server};
+use opentelemetry::metrics::MeterProvider as _;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct TestServer {
+    client: DerivaClient<Channel>,
+    channel: Channel,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), deriva_server::ServeError>>>,
+}
+
+impl TestServer {
+    async fn start(
+        dir: &Path,
+        tweak: impl FnOnce(&mut Config),
+        functions: FunctionRegistry,
+    ) -> Self {
+        let mut config = Config {
+            data_dir: dir.to_owned(),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let meter = opentelemetry::metrics::noop::NoopMeterProvider::new().meter("test");
+        let server = Server::open_with(config, functions, &meter).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(listener, async move {
+            let _ = stopped.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let client = DerivaClient::new(channel.clone())
+            .max_decoding_message_size(1 << 30)
+            .max_encoding_message_size(1 << 30);
+        Self {
+            client,
+            channel,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    async fn default(dir: &Path) -> Self {
+        Self::start(dir, |_| {}, FunctionRegistry::with_builtins()).await
+    }
+
+    async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        let served = tokio::time::timeout(Duration::from_secs(15), self.task.take().unwrap()).await;
+        served
+            .expect("the server stops within its grace")
+            .unwrap()
+            .unwrap();
+    }
+
+    async fn put(&mut self, data: &[u8]) -> Bytes {
+        let req = PutLeafRequest {
+            data: Bytes::copy_from_slice(data),
+        };
+        self.client.put_leaf(req).await.unwrap().into_inner().addr
+    }
+
+    async fn recipe(
+        &mut self,
+        name: &str,
+        inputs: &[&Bytes],
+        params: &[(&str, &str)],
+    ) -> Result<Bytes, tonic::Status> {
+        let req = PutRecipeRequest {
+            function_name: name.to_owned(),
+            function_version: "v1".to_owned(),
+            inputs: inputs.iter().map(|b| (*b).clone()).collect(),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        self.client
+            .put_recipe(req)
+            .await
+            .map(|r| r.into_inner().addr)
+    }
+
+    /// All chunks of a Get, or its status.
+    async fn get_chunks(&mut self, addr: &Bytes) -> Result<Vec<Bytes>, tonic::Status> {
+        let mut stream = self
+            .client
+            .get(GetRequest { addr: addr.clone() })
+            .await?
+            .into_inner();
+        let mut chunks = Vec::new();
+        while let Some(msg) = stream.message().await? {
+            chunks.push(msg.chunk);
+        }
+        Ok(chunks)
+    }
+
+    async fn get(&mut self, addr: &Bytes) -> Result<Vec<u8>, tonic::Status> {
+        Ok(self.get_chunks(addr).await?.concat())
+    }
+
+    async fn status(&mut self) -> StatusResponse {
+        self.client
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+}
+
+#[track_caller]
+fn assert_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, needle: &str) {
+    match result {
+        Err(status) => {
+            assert_eq!(status.code(), code, "status {status:?}");
+            assert!(
+                status.message().contains(needle),
+                "message {:?} lacks {needle:?}",
+                status.message()
+            );
+        }
+        Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
+    }
+}
+
+fn hex(addr: &Bytes) -> String {
+    CAddr::from_slice(addr).unwrap().to_hex()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_get_resolve_status_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = TestServer::default(dir.path()).await;
+    let a = s.put(b"hello ").await;
+    assert_eq!(
+        a.as_ref(),
+        CAddr::for_leaf(b"hello ").as_bytes(),
+        "a leaf address is plain BLAKE3"
+    );
+    let b = s.put(b"world").await;
+    assert_eq!(s.put(b"world").await, b, "idempotent");
+    let ab = s.recipe("concat", &[&a, &b], &[]).await.unwrap();
+    assert_eq!(s.recipe("concat", &[&a, &b], &[]).await.unwrap(), ab);
+    assert_eq!(s.get(&ab).await.unwrap(), b"hello world");
+    assert_eq!(s.get(&a).await.unwrap(), b"hello ");
+
+    let resolved = s
+        .client
+        .resolve(ResolveRequest { addr: ab.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resolved.found);
+    assert_eq!(
+        (
+            resolved.function_name.as_str(),
+            resolved.function_version.as_str()
+        ),
+        ("concat", "v1")
+    );
+    assert_eq!(resolved.inputs, vec![a.clone(), b.clone()]);
+    let leaf = s
+        .client
+        .resolve(ResolveRequest { addr: a.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!leaf.found);
+    let unknown = s
+        .client
+        .resolve(ResolveRequest {
+            addr: Bytes::from(vec![7; 32]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!unknown.found);
+    let rep = s.recipe("repeat", &[&a], &[("count", "2")]).await.unwrap();
+    let resolved = s
+        .client
+        .resolve(ResolveRequest { addr: rep })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resolved.params.get("count").map(String::as_str), Some("2"));
+
+    let st = s.status().await;
+    assert_eq!((st.recipe_count, st.blob_count), (2, 2));
+    assert_eq!(st.cache_entries, 1);
+    assert_eq!(st.cache_size_bytes, 11);
+    assert_eq!(st.verification_mode, "off");
+    assert!(st.cache_hit_rate >= 0.0 && st.cache_hit_rate <= 1.0);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_streams_chunks_of_the_configured_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = TestServer::default(dir.path()).await;
+    let data: Vec<u8> = (0..200 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let leaf = s.put(&data).await;
+    let chunks = s.get_chunks(&leaf).await.unwrap();
+    let sizes: Vec<usize> = chunks.iter().map(Bytes::len).collect();
+    assert_eq!(sizes, [65536, 65536, 65536, 8192]);
+    assert_eq!(chunks.concat(), data);
+    let empty = s.put(b"").await;
+    assert_eq!(
+        s.get_chunks(&empty).await.unwrap(),
+        vec![Bytes::new()],
+        "an empty value is one empty chunk"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_arguments_are_rejected_precisely() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = TestServer::default(dir.path()).await;
+    let a = s.put(b"x").await;
+    let short = Bytes::from(vec![1u8; 31]);
+    assert_code(
+        s.get(&short).await,
+        Code::InvalidArgument,
+        "addr: an address is 32 bytes, got 31",
+    );
+    assert_code(
+        s.client
+            .resolve(ResolveRequest {
+                addr: short.clone(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "addr",
+    );
+    assert_code(
+        s.client
+            .invalidate(InvalidateRequest {
+                addr: short.clone(),
+                cascade: false,
+            })
+            .await,
+        Code::InvalidArgument,
+        "addr",
+    );
+    assert_code(
+        s.client
+            .verify(VerifyRequest {
+                addr: short.clone(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "addr",
+    );
+    assert_code(
+        s.recipe("concat", &[&a, &short], &[]).await,
+        Code::InvalidArgument,
+        "inputs[1]",
+    );
+    assert_code(
+        s.recipe("con/cat", &[&a], &[]).await,
+        Code::InvalidArgument,
+        "function name",
+    );
+    assert_code(
+        s.recipe("", &[&a], &[]).await,
+        Code::InvalidArgument,
+        "function name is empty",
+    );
+    assert_code(
+        s.recipe("repeat", &[&a], &[("count", "lots")]).await,
+        Code::InvalidArgument,
+        "`count`",
+    );
+    assert_code(
+        s.recipe("repeat", &[&a], &[]).await,
+        Code::InvalidArgument,
+        "`count` is required",
+    );
+    assert_code(
+        s.recipe("identity", &[&a], &[("", "v")]).await,
+        Code::InvalidArgument,
+        "param key",
+    );
+    assert_eq!(
+        s.status().await.recipe_count,
+        0,
+        "nothing invalid was stored"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_found_and_failed_precondition() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = TestServer::default(dir.path()).await;
+    let nowhere = Bytes::from(vec![9u8; 32]);
+    let hexed = hex(&nowhere);
+    assert_code(s.get(&nowhere).await, Code::NotFound, &hexed);
+    assert_code(
+        s.client
+            .invalidate(InvalidateRequest {
+                addr: nowhere.clone(),
+                cascade: true,
+            })
+            .await,
+        Code::NotFound,
+        &hexed,
+    );
+    assert_code(
+        s.client
+            .verify(VerifyRequest {
+                addr: nowhere.clone(),
+            })
+            .await,
+        Code::NotFound,
+        &hexed,
+    );
+    assert_code(
+        s.recipe("concat", &[&nowhere], &[]).await,
+        Code::FailedPrecondition,
+        &hexed,
+    );
+    let a = s.put(b"x").await;
+    assert_code(
+        s.recipe("teleport", &[&a], &[]).await,
+        Code::FailedPrecondition,
+        "teleport/v1",
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compute_failure_is_internal_with_the_function_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = TestServer::default(dir.path()).await;
+    let junk = s.put(b"not gzip at all").await;
+    let bad = s.recipe("gunzip", &[&junk], &[]).await.unwrap();
+    assert_code(
+        s.get(&bad).await,
+        Code::Internal,
+        "gunzip/v1 failed: input is not valid gzip",
+    );
+    // The server is unharmed.
+    assert_eq!(s.get(&junk).await.unwrap(), b"not gzip at all");
+    s.stop().await;
+}
+
+/// Returns a different output each call.
+#[derive(Default)]
+struct Flaky(std::sync::atomic::AtomicU64);
+
+impl ComputeFunction for Flaky {
+    fn compute(&self, _: &[Bytes], _: &Params) -> Result<Bytes, FunctionError> {
+        Ok(self
+            .0
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            .to_string()
+            .into())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_loss_for_corruption_and_determinism_violations() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut functions = FunctionRegistry::with_builtins();
+    functions.register(FunctionId::new("flaky", "v1").unwrap(), Flaky::default());
+    let mut s = TestServer::start(
+        dir.path(),
+        |c| c.verification = VerificationMode::Dual,
+        functions,
+    )
+    .await;
+    let a = s.put(b"some bytes").await;
+    let flaky = s.recipe("flaky", &[&a], &[]).await.unwrap();
+    assert_code(
+        s.get(&flaky).await,
+        Code::DataLoss,
+        "flaky/v1 is not deterministic",
+    );
+
+    let verify = s
+        .client
+        .verify(VerifyRequest {
+            addr: flaky.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!verify.deterministic);
+    assert!(
+        verify.error.contains("different outputs"),
+        "{}",
+        verify.error
+    );
+    let st = s.status().await;
+    assert_eq!(st.verification_mode, "dual");
+    assert_eq!((st.verification_failed, st.verification_total), (2, 2));
+    assert!((st.verification_failure_rate - 1.0).abs() < 1e-9);
+
+    // Flip one byte of the stored blob: a Get of it, or of a recipe above it, is DATA_LOSS.
+    let upper = s.recipe("uppercase", &[&a], &[]).await.unwrap();
+    let hexed = hex(&a);
+    let path = dir.path().join("blobs").join(&hexed[..2]).join(&hexed);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    assert_code(s.get(&a).await, Code::DataLoss, &hexed);
+    assert_code(s.get(&upper).await, Code::DataLoss, &hexed);
+    let other = s.put(b"fine").await;
+    assert_eq!(s.get(&other).await.unwrap(), b"fine");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_resource_exhausted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = TestServer::start(
+        dir.path(),
+        |c| c.max_message_bytes = 1 << 20,
+        FunctionRegistry::with_builtins(),
+    )
+    .await;
+    let big = vec![0u8; 2 << 20];
+    let result = s
+        .client
+        .put_leaf(PutLeafRequest {
+            data: Bytes::from(big),
+        })
+        .await;
+    assert_code(
+        result,
+        Code::ResourceExhausted,
+        "1048576-byte message limit",
+    );
+    // Just under the limit still works, and the server is fine.
+    let ok = s.put(&vec![1u8; (1 << 20) - 64]).await;
+    assert_eq!(s.get(&ok).await.unwrap().len(), (1 << 20) - 64);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_and_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = TestServer::default(dir.path()).await;
+    let a = s.put(b"abc").await;
+    let b = s.recipe("reverse", &[&a], &[]).await.unwrap();
+    let c = s.recipe("uppercase", &[&b], &[]).await.unwrap();
+    assert_eq!(s.get(&c).await.unwrap(), b"CBA");
+    let inv = s
+        .client
+        .invalidate(InvalidateRequest {
+            addr: c.clone(),
+            cascade: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(inv.was_cached);
+    assert_eq!(inv.evicted_count, 1);
+    s.get(&c).await.unwrap();
+    let inv = s
+        .client
+        .invalidate(InvalidateRequest {
+            addr: a.clone(),
+            cascade: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!inv.was_cached);
+    assert_eq!(inv.evicted_count, 2);
+    assert_eq!(s.status().await.cache_entries, 0);
+
+    let v = s
+        .client
+        .verify(VerifyRequest { addr: c.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.deterministic);
+    assert_eq!(v.output_hash, CAddr::for_leaf(b"CBA").to_hex());
+    assert_eq!(v.output_size, 3);
+    assert!(v.error.is_empty());
+    assert_code(
+        s.client.verify(VerifyRequest { addr: a.clone() }).await,
+        Code::InvalidArgument,
+        "leaf",
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_service_reports_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::default(dir.path()).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(s.channel.clone());
+    let reply = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "deriva.Deriva".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        reply.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cancelling_mid_stream_leaves_the_server_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = TestServer::default(dir.path()).await;
+    let mib: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 256) as u8).collect();
+    let leaf = s.put(&mib).await;
+    let big = s
+        .recipe("repeat", &[&leaf], &[("count", "32")])
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let mut stream = s
+            .client
+            .get(GetRequest { addr: big.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        assert_eq!(first.chunk.len(), 65536);
+        drop(stream); // hang up mid-stream
+    }
+    let st = s.status().await;
+    assert_eq!(st.recipe_count, 1);
+    assert_eq!(s.get(&big).await.unwrap().len(), 32 << 20);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_survives_a_restart_on_the_same_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = TestServer::default(dir.path()).await;
+    let a = s.put(b"persist me").await;
+    let r = s.recipe("reverse", &[&a], &[]).await.unwrap();
+    s.stop().await;
+
+    let mut s = reopen(dir.path()).await;
+    assert_eq!(s.get(&a).await.unwrap(), b"persist me");
+    assert_eq!(s.get(&r).await.unwrap(), b"em tsisrep");
+    let st = s.status().await;
+    assert_eq!((st.recipe_count, st.blob_count), (1, 1));
+    s.stop().await;
+}
+
+/// Reopens a data dir whose previous server was just stopped; the previous store handle may
+/// take a moment to drop after `serve` returns.
+async fn reopen(dir: &Path) -> TestServer {
+    for _ in 0..100 {
+        let attempt = std::panic::AssertUnwindSafe(TestServer::default(dir));
+        match futures::FutureExt::catch_unwind(attempt).await {
+            Ok(s) => return s,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    panic!("the store was never released after shutdown");
+}
+
+/// Sleeps, counting its calls.
+#[derive(Clone, Default)]
+struct Sleepy(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl ComputeFunction for Sleepy {
+    fn compute(&self, inputs: &[Bytes], _: &Params) -> Result<Bytes, FunctionError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(400));
+        Ok(inputs.concat().into())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_stops_the_work_on_its_behalf() {
+    let dir = tempfile::tempdir().unwrap();
+    let sleepy = Sleepy::default();
+    let mut functions = FunctionRegistry::with_builtins();
+    functions.register(FunctionId::new("sleepy", "v1").unwrap(), sleepy.clone());
+    let mut s = TestServer::start(dir.path(), |_| {}, functions).await;
+    let a = s.put(b"a").await;
+    let first = s.recipe("sleepy", &[&a], &[]).await.unwrap();
+    let second = s.recipe("sleepy", &[&first], &[]).await.unwrap();
+    // Hang up while `first` computes: `second` must never be computed.
+    let gave_up = tokio::time::timeout(Duration::from_millis(150), s.get(&second)).await;
+    assert!(gave_up.is_err());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(sleepy.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        s.status().await.cache_entries,
+        0,
+        "the abandoned compute was not cached"
+    );
+    s.stop().await;
+}
