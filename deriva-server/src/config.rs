@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use deriva_compute::VerificationMode;
 
+use crate::telemetry::{LogFormat, TelemetryConfig};
+
 /// Everything the server needs to run. [`Config::default`] is what `deriva-server` runs with
 /// when given no flags.
 #[derive(Debug, Clone)]
@@ -26,6 +28,10 @@ pub struct Config {
     pub chunk_bytes: usize,
     /// How long in-flight calls may run after a shutdown signal before they are cut off.
     pub shutdown_grace: Duration,
+    /// Address of the HTTP listener for `/metrics` and the health endpoints; `None`: off.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Tracing, metrics export and logging.
+    pub telemetry: TelemetryConfig,
 }
 
 impl Default for Config {
@@ -40,6 +46,8 @@ impl Default for Config {
             max_message_bytes: 64 << 20,
             chunk_bytes: 64 << 10,
             shutdown_grace: Duration::from_secs(10),
+            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -77,6 +85,25 @@ pub struct ServerArgs {
     /// Seconds that in-flight calls may take to finish after SIGINT or SIGTERM.
     #[arg(long, env = "DERIVA_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+    /// HTTP address for /metrics, /health, /healthz and /readyz (loopback unless you open it).
+    #[arg(long, env = "DERIVA_METRICS_ADDR", default_value = "127.0.0.1:9090")]
+    pub metrics_addr: SocketAddr,
+    /// Shortcut for the port of --metrics-addr, keeping its host; 0 turns the HTTP listener off.
+    #[arg(long, env = "DERIVA_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+    /// OTLP/gRPC endpoint for spans and metrics, e.g. http://127.0.0.1:4317 [env:
+    /// OTEL_EXPORTER_OTLP_ENDPOINT is used when this is not set]. Without one nothing is exported.
+    #[arg(long, env = "DERIVA_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces sampled (0 to 1); a sampled caller is always honored.
+    #[arg(long, env = "DERIVA_TRACE_SAMPLE_RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
+    pub trace_sample_ratio: f64,
+    /// Most new traces sampled per second, so load cannot flood the collector [default: no cap].
+    #[arg(long, env = "DERIVA_TRACE_MAX_PER_SECOND")]
+    pub trace_max_per_second: Option<f64>,
+    /// Log format: text (with the time since start) or json.
+    #[arg(long, env = "DERIVA_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
 }
 
 impl ServerArgs {
@@ -99,7 +126,29 @@ impl ServerArgs {
                 .map_err(|_| "--max-message-bytes is too large")?,
             chunk_bytes,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            metrics_addr: match self.metrics_port {
+                Some(0) => None,
+                Some(port) => Some(SocketAddr::new(self.metrics_addr.ip(), port)),
+                None => Some(self.metrics_addr),
+            },
+            telemetry: TelemetryConfig {
+                otlp_endpoint: self
+                    .otlp_endpoint
+                    .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+                    .filter(|e| !e.is_empty()),
+                sample_ratio: self.trace_sample_ratio,
+                max_traces_per_second: self.trace_max_per_second,
+                log_format: self.log_format,
+                ..TelemetryConfig::default()
+            },
         })
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a ratio from 0 to 1")),
     }
 }
 
@@ -167,6 +216,34 @@ mod tests {
         assert_eq!(config.max_message_bytes, defaults.max_message_bytes);
         assert_eq!(config.chunk_bytes, defaults.chunk_bytes);
         assert_eq!(config.verification, VerificationMode::Off);
+        assert_eq!(config.metrics_addr, defaults.metrics_addr);
+        assert_eq!(config.telemetry.sample_ratio, 1.0);
+        assert_eq!(config.telemetry.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn metrics_port_keeps_the_host_and_zero_disables() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["deriva-server"];
+            all.extend_from_slice(args);
+            ServerArgs::try_parse_from(all)
+                .unwrap()
+                .into_config()
+                .unwrap()
+                .metrics_addr
+        };
+        assert_eq!(
+            parse(&["--metrics-port", "9191"]),
+            Some("127.0.0.1:9191".parse().unwrap())
+        );
+        assert_eq!(
+            parse(&["--metrics-addr", "0.0.0.0:9000", "--metrics-port", "9191"]),
+            Some("0.0.0.0:9191".parse().unwrap())
+        );
+        assert_eq!(parse(&["--metrics-port", "0"]), None);
+        let err = ServerArgs::try_parse_from(["deriva-server", "--trace-sample-ratio", "1.5"])
+            .unwrap_err();
+        assert!(err.to_string().contains("ratio"), "{err}");
     }
 
     #[test]

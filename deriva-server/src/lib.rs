@@ -14,9 +14,13 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod http;
 pub mod limits;
+pub mod metrics;
+pub mod rpc_layer;
 pub mod server;
 pub mod service;
+pub mod telemetry;
 
 /// Generated from `proto/deriva.proto`.
 #[allow(missing_docs, clippy::all, missing_debug_implementations)]

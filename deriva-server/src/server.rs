@@ -3,6 +3,8 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use deriva_compute::{AsyncExecutor, Cache, ExecutorConfig, FunctionRegistry};
 use deriva_core::{DerivaError, Store};
@@ -11,9 +13,14 @@ use opentelemetry::metrics::Meter;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use tracing::Dispatch;
+
 use crate::config::Config;
+use crate::http::HttpState;
 use crate::limits::OversizeLayer;
+use crate::metrics::ServerMetrics;
 use crate::proto::deriva_server::DerivaServer;
+use crate::rpc_layer::RpcLayer;
 use crate::service::DerivaService;
 
 /// Why serving stopped with an error.
@@ -22,6 +29,9 @@ pub enum ServeError {
     /// The gRPC transport failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The HTTP listener failed.
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
 }
 
 /// A server with its store open, ready to serve.
@@ -29,6 +39,9 @@ pub enum ServeError {
 pub struct Server {
     config: Config,
     exec: AsyncExecutor,
+    metrics: ServerMetrics,
+    registry: Option<prometheus::Registry>,
+    dispatch: Option<Dispatch>,
 }
 
 impl Server {
@@ -50,6 +63,7 @@ impl Server {
             verification: config.verification,
             ..ExecutorConfig::default()
         };
+        let metrics = ServerMetrics::new(meter, store.counters().clone());
         let exec = AsyncExecutor::new(
             store,
             Arc::new(functions),
@@ -57,7 +71,27 @@ impl Server {
             exec_config,
             meter,
         );
-        Ok(Self { config, exec })
+        Ok(Self {
+            config,
+            exec,
+            metrics,
+            registry: None,
+            dispatch: None,
+        })
+    }
+
+    /// Serves `registry` on `/metrics` (the registry the meter's Prometheus reader writes to).
+    pub fn with_registry(mut self, registry: prometheus::Registry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Sends the spans and logs of every call to `dispatch` rather than to the global
+    /// subscriber. Only in-process tests need this; the binary installs its subscriber
+    /// globally.
+    pub fn with_dispatch(mut self, dispatch: Dispatch) -> Self {
+        self.dispatch = Some(dispatch);
+        self
     }
 
     /// The engine.
@@ -65,43 +99,71 @@ impl Server {
         &self.exec
     }
 
-    /// Serves the Deriva service and the standard gRPC health service on `listener` until
-    /// `shutdown` completes. Then it stops accepting, lets in-flight calls finish for at most
-    /// `config.shutdown_grace`, and returns; dropping the last handle closes the store.
+    /// Serves the Deriva service and the standard gRPC health service on `grpc`, and the
+    /// HTTP endpoints (see [`crate::http`]) on `http` if given, until `shutdown` completes.
+    /// Then both stop accepting, `/readyz` turns 503, in-flight calls get at most
+    /// `config.shutdown_grace` to finish, and this returns; dropping the last handle closes the
+    /// store.
     pub async fn serve(
         self,
-        listener: TcpListener,
+        grpc: TcpListener,
+        http: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let limit = self.config.max_message_bytes;
+        let ready = Arc::new(AtomicBool::new(false));
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<DerivaServer<DerivaService>>().await;
-        let service = DerivaServer::new(DerivaService::new(self.exec, self.config.chunk_bytes))
-            .max_decoding_message_size(limit);
+        let service = DerivaServer::new(DerivaService::new(
+            self.exec.clone(),
+            self.config.chunk_bytes,
+            self.metrics.clone(),
+        ))
+        .max_decoding_message_size(limit);
 
         let shutdown = shutdown.boxed().shared();
         let stop_accepting = {
-            let shutdown = shutdown.clone();
+            let (shutdown, ready) = (shutdown.clone(), ready.clone());
             async move {
                 shutdown.await;
+                ready.store(false, Ordering::Release);
                 tracing::info!("shutting down: no new connections; waiting for in-flight calls");
                 health
                     .set_not_serving::<DerivaServer<DerivaService>>()
                     .await;
             }
         };
-        let serving = tonic::transport::Server::builder()
+        let grpc_serving = tonic::transport::Server::builder()
+            .layer(RpcLayer::new(self.metrics.clone(), self.dispatch.clone()))
             .layer(OversizeLayer { limit })
             .add_service(health_service)
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_accepting);
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stop_accepting);
+        let http_shutdown = shutdown.clone();
+        let http_serving = async {
+            match http {
+                Some(listener) => {
+                    let state = HttpState {
+                        registry: self.registry.clone(),
+                        exec: self.exec.clone(),
+                        started: Instant::now(),
+                        ready: ready.clone(),
+                    };
+                    crate::http::serve(listener, state, http_shutdown)
+                        .await
+                        .map_err(ServeError::Http)
+                }
+                None => Ok(()),
+            }
+        };
+        ready.store(true, Ordering::Release);
         let grace = self.config.shutdown_grace;
         let deadline = async move {
             shutdown.await;
             tokio::time::sleep(grace).await;
         };
         tokio::select! {
-            served = serving => served?,
+            served = async { tokio::try_join!(async { grpc_serving.await.map_err(ServeError::from) }, http_serving) } => { served?; }
             () = deadline => {
                 tracing::warn!(grace_secs = grace.as_secs_f64(), "in-flight calls outlived the shutdown grace; cutting them off");
             }

@@ -10,7 +10,8 @@ use deriva_core::{FunctionId, Recipe};
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::error::{ApiResult, parse_addr};
+use crate::error::{ApiError, ApiResult, parse_addr};
+use crate::metrics::ServerMetrics;
 use crate::proto::deriva_server::Deriva;
 use crate::proto::*;
 
@@ -19,6 +20,7 @@ use crate::proto::*;
 pub struct DerivaService {
     exec: AsyncExecutor,
     chunk_bytes: usize,
+    metrics: ServerMetrics,
 }
 
 /// The stream type of `Get`.
@@ -26,23 +28,27 @@ pub type GetStream = Pin<Box<dyn Stream<Item = Result<GetResponse, Status>> + Se
 
 impl DerivaService {
     /// A service over `exec`, answering `Get` in chunks of `chunk_bytes`.
-    pub fn new(exec: AsyncExecutor, chunk_bytes: usize) -> Self {
+    pub fn new(exec: AsyncExecutor, chunk_bytes: usize, metrics: ServerMetrics) -> Self {
         Self {
             exec,
             chunk_bytes: chunk_bytes.max(1),
+            metrics,
         }
     }
 
-    /// Runs blocking store work (fsync, redb) off the async workers.
+    /// Runs blocking store work (fsync, redb) off the async workers, inside the current span.
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&AsyncExecutor) -> deriva_core::Result<T> + Send + 'static,
+        f: impl FnOnce(&AsyncExecutor) -> T + Send + 'static,
     ) -> ApiResult<T> {
         let exec = self.exec.clone();
-        let joined = tokio::task::spawn_blocking(move || f(&exec)).await;
-        let result = joined
-            .map_err(|e| deriva_core::DerivaError::Storage(format!("store task failed: {e}")))?;
-        Ok(result?)
+        let span = tracing::Span::current();
+        let joined = tokio::task::spawn_blocking(move || span.in_scope(|| f(&exec))).await;
+        joined.map_err(|e| {
+            ApiError::Engine(deriva_core::DerivaError::Storage(format!(
+                "store task failed: {e}"
+            )))
+        })
     }
 
     async fn put_recipe_inner(&self, req: PutRecipeRequest) -> ApiResult<PutRecipeResponse> {
@@ -54,7 +60,16 @@ impl DerivaService {
             .map(|(i, raw)| parse_addr(format!("inputs[{i}]"), raw))
             .collect::<ApiResult<Vec<_>>>()?;
         let recipe = Recipe::new(function, inputs, req.params)?;
-        let addr = self.blocking(move |exec| exec.put_recipe(&recipe)).await?;
+        let addr = self
+            .blocking(move |exec| {
+                let start = std::time::Instant::now();
+                let addr = exec.put_recipe(&recipe);
+                (addr, start.elapsed())
+            })
+            .await;
+        let (addr, elapsed) = addr?;
+        self.metrics.record_dag_insert(elapsed);
+        let addr = addr?;
         Ok(PutRecipeResponse {
             addr: Bytes::copy_from_slice(addr.as_bytes()),
         })
@@ -149,7 +164,8 @@ impl Deriva for DerivaService {
         let data = request.into_inner().data;
         let addr = self
             .blocking(move |exec| exec.store().put_leaf(&data))
-            .await;
+            .await
+            .and_then(|a| Ok(a?));
         reply(addr.map(|a| PutLeafResponse {
             addr: Bytes::copy_from_slice(a.as_bytes()),
         }))
@@ -181,10 +197,10 @@ impl Deriva for DerivaService {
     ) -> Result<Response<InvalidateResponse>, Status> {
         let req = request.into_inner();
         let result = match parse_addr("addr", &req.addr) {
-            Ok(addr) => {
-                self.blocking(move |exec| exec.invalidate(addr, req.cascade))
-                    .await
-            }
+            Ok(addr) => self
+                .blocking(move |exec| exec.invalidate(addr, req.cascade))
+                .await
+                .and_then(|r| Ok(r?)),
             Err(e) => Err(e),
         };
         reply(result.map(|report| InvalidateResponse {

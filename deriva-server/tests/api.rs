@@ -42,7 +42,7 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(listener, async move {
+        let task = tokio::spawn(server.serve(listener, None, async move {
             let _ = stopped.await;
         }));
         let channel = Channel::from_shared(format!("http://{addr}"))

@@ -2,9 +2,13 @@
 
 use std::process::ExitCode;
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
 use clap::Parser;
-use deriva_server::{Server, ServerArgs};
-use opentelemetry::metrics::MeterProvider as _;
+use deriva_server::telemetry::Telemetry;
+use deriva_server::{Config, Server, ServerArgs};
+use tokio::net::TcpListener;
 
 fn main() -> ExitCode {
     let args = ServerArgs::parse();
@@ -15,14 +19,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                "deriva=info,deriva_server=info,deriva_core=info,deriva_compute=info".into()
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -34,42 +30,81 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(config.listen).await {
-            Ok(l) => l,
+        let telemetry = match Telemetry::new(config.telemetry.clone()) {
+            Ok(t) => t,
             Err(e) => {
-                eprintln!("deriva-server: cannot listen on {}: {e}", config.listen);
+                eprintln!("deriva-server: {e}");
                 return ExitCode::FAILURE;
             }
         };
-        // Telemetry export arrives with its own issue; until then instruments are no-ops.
-        let meter = opentelemetry::metrics::noop::NoopMeterProvider::new().meter("deriva-server");
-        let data_dir = config.data_dir.clone();
-        let server = match Server::open(config, &meter) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!(
-                    "deriva-server: cannot open the store in {}: {e}",
-                    data_dir.display()
-                );
-                return ExitCode::FAILURE;
-            }
-        };
-        let addr = listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        tracing::info!(%addr, data_dir = %data_dir.display(), "deriva-server listening");
-        match server.serve(listener, shutdown_signal()).await {
-            Ok(()) => {
-                tracing::info!("deriva-server stopped");
-                ExitCode::SUCCESS
+        match telemetry.subscriber(std::io::stderr) {
+            Ok(dispatch) => {
+                // The only global install in Deriva: the binary's subscriber.
+                let _ = tracing::dispatcher::set_global_default(dispatch);
             }
             Err(e) => {
                 eprintln!("deriva-server: {e}");
-                ExitCode::FAILURE
+                return ExitCode::from(2);
             }
         }
+        let code = run(config, &telemetry).await;
+        telemetry.shutdown(TELEMETRY_FLUSH_TIMEOUT).await;
+        code
     })
+}
+
+/// How long shutdown may spend flushing spans and metrics (a dead collector costs no more).
+const TELEMETRY_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, ExitCode> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        eprintln!("deriva-server: cannot listen for {what} on {addr}: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+async fn run(config: Config, telemetry: &Telemetry) -> ExitCode {
+    let grpc = match bind("gRPC", config.listen).await {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let http = match config.metrics_addr {
+        Some(addr) => match bind("HTTP (metrics)", addr).await {
+            Ok(l) => Some(l),
+            Err(code) => return code,
+        },
+        None => None,
+    };
+    let data_dir = config.data_dir.clone();
+    let otlp = config.telemetry.otlp_endpoint.clone();
+    let server = match Server::open(config, &telemetry.meter()) {
+        Ok(s) => s.with_registry(telemetry.registry().clone()),
+        Err(e) => {
+            eprintln!(
+                "deriva-server: cannot open the store in {}: {e}",
+                data_dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(
+        addr = %local(&grpc),
+        metrics = %http.as_ref().map(local).unwrap_or_else(|| "off".into()),
+        otlp = %otlp.as_deref().unwrap_or("off"),
+        data_dir = %data_dir.display(),
+        "deriva-server listening"
+    );
+    match server.serve(grpc, http, shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("deriva-server stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("deriva-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Completes on Ctrl-C (SIGINT) or SIGTERM.

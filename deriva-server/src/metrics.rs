@@ -1,0 +1,223 @@
+//! [`ServerMetrics`]: the server's own instruments (RPC, DAG and storage families).
+//!
+//! | family | type | labels | meaning |
+//! |---|---|---|---|
+//! | `deriva_rpc_total` | counter | `method`, `status` = `ok`/`error` | finished RPCs |
+//! | `deriva_rpc_duration_seconds` | histogram | `method` | RPC latency, until the last byte of a stream; buckets 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10 |
+//! | `deriva_rpc_active` | gauge | `method` | RPCs in flight |
+//! | `deriva_dag_recipes` | gauge | – | recipes stored |
+//! | `deriva_dag_insert_duration_seconds` | histogram | – | time to validate and durably store one recipe; buckets 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1 |
+//! | `deriva_storage_blobs` | gauge | – | leaf blobs stored |
+//! | `deriva_storage_blob_bytes` | gauge | – | bytes of leaf blobs stored |
+//!
+//! `method` is one of [`METHODS`]. Counts and gauges are atomics read by observable
+//! instruments at collection time; the store gauges read the store's own counters, so they are
+//! right from the first scrape after a restart.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use deriva_core::StoreCounters;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Histogram, Meter, ObservableCounter, ObservableGauge};
+
+/// Buckets of `deriva_rpc_duration_seconds` (the design's §3.1).
+pub const RPC_DURATION_BUCKETS: [f64; 9] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0];
+/// Buckets of `deriva_dag_insert_duration_seconds`.
+pub const DAG_INSERT_BUCKETS: [f64; 9] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0];
+
+/// The RPCs of `service Deriva`: (gRPC method name, `method` label).
+pub const METHODS: [(&str, &str); 7] = [
+    ("PutLeaf", "put_leaf"),
+    ("PutRecipe", "put_recipe"),
+    ("Get", "get"),
+    ("Resolve", "resolve"),
+    ("Invalidate", "invalidate"),
+    ("Status", "status"),
+    ("Verify", "verify"),
+];
+
+/// Index of a gRPC method in [`METHODS`].
+pub fn method_index(grpc_method: &str) -> Option<usize> {
+    METHODS.iter().position(|(m, _)| *m == grpc_method)
+}
+
+#[derive(Debug, Default)]
+struct RpcCounts {
+    ok: [AtomicU64; 7],
+    error: [AtomicU64; 7],
+    active: [AtomicI64; 7],
+}
+
+/// The server's instruments.
+#[derive(Debug, Clone)]
+pub struct ServerMetrics {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    counts: Arc<RpcCounts>,
+    rpc_duration: Histogram<f64>,
+    dag_insert: Histogram<f64>,
+    method_attrs: [[KeyValue; 1]; 7],
+    _counter: ObservableCounter<u64>,
+    _gauges: Vec<ObservableGauge<u64>>,
+    _active: ObservableGauge<i64>,
+}
+
+impl ServerMetrics {
+    /// Builds the instruments from `meter`, with the store gauges over `store`.
+    pub fn new(meter: &Meter, store: Arc<StoreCounters>) -> Self {
+        let counts = Arc::new(RpcCounts::default());
+        let method_attrs = METHODS.map(|(_, label)| [KeyValue::new("method", label)]);
+        let status_attrs: Vec<[[KeyValue; 2]; 2]> = METHODS
+            .iter()
+            .map(|(_, label)| {
+                ["ok", "error"].map(|status| {
+                    [
+                        KeyValue::new("method", *label),
+                        KeyValue::new("status", status),
+                    ]
+                })
+            })
+            .collect();
+
+        let c = counts.clone();
+        let counter = meter
+            .u64_observable_counter("deriva.rpc")
+            .with_description("Finished RPCs by method and status (ok or error)")
+            .with_callback(move |o| {
+                for (i, [ok, error]) in status_attrs.iter().enumerate() {
+                    o.observe(c.ok[i].load(Ordering::Relaxed), ok);
+                    o.observe(c.error[i].load(Ordering::Relaxed), error);
+                }
+            })
+            .build();
+        let (c, attrs) = (counts.clone(), method_attrs.clone());
+        let active = meter
+            .i64_observable_gauge("deriva.rpc.active")
+            .with_description("RPCs in flight, by method")
+            .with_callback(move |o| {
+                for (i, a) in attrs.iter().enumerate() {
+                    o.observe(c.active[i].load(Ordering::Relaxed), a);
+                }
+            })
+            .build();
+        let gauge = |name: &'static str,
+                     unit: Option<&'static str>,
+                     desc: &'static str,
+                     read: fn(&StoreCounters) -> u64| {
+            let store = store.clone();
+            let builder = meter.u64_observable_gauge(name).with_description(desc);
+            let builder = match unit {
+                Some(u) => builder.with_unit(u),
+                None => builder,
+            };
+            builder
+                .with_callback(move |o| o.observe(read(&store), &[]))
+                .build()
+        };
+        let gauges = vec![
+            gauge(
+                "deriva.dag.recipes",
+                None,
+                "Recipes stored",
+                StoreCounters::recipes,
+            ),
+            gauge(
+                "deriva.storage.blobs",
+                None,
+                "Leaf blobs stored",
+                StoreCounters::blobs,
+            ),
+            gauge(
+                "deriva.storage.blob",
+                Some("By"),
+                "Bytes of leaf blobs stored",
+                StoreCounters::blob_bytes,
+            ),
+        ];
+        Self {
+            inner: Arc::new(Inner {
+                counts,
+                rpc_duration: meter
+                    .f64_histogram("deriva.rpc.duration")
+                    .with_unit("s")
+                    .with_description(
+                        "RPC latency by method; a streaming Get is timed until its last byte",
+                    )
+                    .with_boundaries(RPC_DURATION_BUCKETS.to_vec())
+                    .build(),
+                dag_insert: meter
+                    .f64_histogram("deriva.dag.insert.duration")
+                    .with_unit("s")
+                    .with_description("Time to validate and durably store one recipe")
+                    .with_boundaries(DAG_INSERT_BUCKETS.to_vec())
+                    .build(),
+                method_attrs,
+                _counter: counter,
+                _gauges: gauges,
+                _active: active,
+            }),
+        }
+    }
+
+    /// Counts an RPC of method `index` as in flight until the guard is finished or dropped.
+    pub fn start(&self, index: usize) -> RpcTimer {
+        self.inner.counts.active[index].fetch_add(1, Ordering::Relaxed);
+        RpcTimer {
+            metrics: self.clone(),
+            index,
+            start: std::time::Instant::now(),
+            done: false,
+        }
+    }
+
+    /// Records one recipe insert.
+    pub fn record_dag_insert(&self, elapsed: std::time::Duration) {
+        self.inner.dag_insert.record(elapsed.as_secs_f64(), &[]);
+    }
+}
+
+/// One RPC in flight. [`RpcTimer::finish`] records it; dropping it unfinished records an error
+/// (the client went away, or the response was abandoned). Either way the in-flight gauge goes
+/// back down exactly once.
+#[derive(Debug)]
+pub struct RpcTimer {
+    metrics: ServerMetrics,
+    index: usize,
+    start: std::time::Instant,
+    done: bool,
+}
+
+impl RpcTimer {
+    /// Records the outcome and the duration.
+    pub fn finish(mut self, ok: bool) {
+        self.record(ok);
+    }
+
+    fn record(&mut self, ok: bool) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let inner = &self.metrics.inner;
+        inner.counts.active[self.index].fetch_sub(1, Ordering::Relaxed);
+        let counter = if ok {
+            &inner.counts.ok
+        } else {
+            &inner.counts.error
+        };
+        counter[self.index].fetch_add(1, Ordering::Relaxed);
+        inner.rpc_duration.record(
+            self.start.elapsed().as_secs_f64(),
+            &inner.method_attrs[self.index],
+        );
+    }
+}
+
+impl Drop for RpcTimer {
+    fn drop(&mut self) {
+        self.record(false);
+    }
+}

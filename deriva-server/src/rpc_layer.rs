@@ -1,0 +1,316 @@
+//! [`RpcLayer`]: one tower layer around the gRPC service that gives every Deriva RPC its
+//! telemetry, so no handler repeats it:
+//!
+//! - the `deriva_rpc_total{method,status}` count, the duration and the in-flight gauge, measured
+//!   until the last frame of the response (a streaming `Get` until its stream ends; an error
+//!   inside the stream or a client that hangs up counts as `error`);
+//! - an OpenTelemetry server span named `deriva.Deriva/<Method>` with `rpc.system`,
+//!   `rpc.service`, `rpc.method`, `rpc.grpc.status_code` and `request_id`, continuing the
+//!   caller's W3C `traceparent` when there is a valid one;
+//! - the request id: `x-request-id` when it is a sane token, a new UUID otherwise;
+//! - `x-request-id` and `x-trace-id` on every response, unary or streaming.
+//!
+//! Requests to other services (the gRPC health service) pass through untouched.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use http_body::{Body, Frame, SizeHint};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::TraceContextExt;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tonic::Status;
+use tower::{Layer, Service};
+use tracing::field::Empty;
+use tracing::instrument::WithSubscriber;
+use tracing::{Dispatch, Instrument, Span};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::metrics::{METHODS, RpcTimer, ServerMetrics, method_index};
+
+/// The gRPC path prefix of `service Deriva`.
+const SERVICE_PREFIX: &str = "/deriva.Deriva/";
+/// OTel span names, in [`METHODS`] order.
+const SPAN_NAMES: [&str; 7] = [
+    "deriva.Deriva/PutLeaf",
+    "deriva.Deriva/PutRecipe",
+    "deriva.Deriva/Get",
+    "deriva.Deriva/Resolve",
+    "deriva.Deriva/Invalidate",
+    "deriva.Deriva/Status",
+    "deriva.Deriva/Verify",
+];
+/// Longest `x-request-id` honored; longer ones are replaced.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+/// Longest `traceparent`/`tracestate` read; longer ones are ignored.
+const MAX_TRACE_HEADER_LEN: usize = 512;
+
+/// See the module docs.
+#[derive(Debug, Clone)]
+pub struct RpcLayer {
+    metrics: ServerMetrics,
+    dispatch: Option<Dispatch>,
+}
+
+impl RpcLayer {
+    /// A layer recording into `metrics`. With `dispatch`, spans and logs of each call go to that
+    /// subscriber instead of the global one (used by in-process tests).
+    pub fn new(metrics: ServerMetrics, dispatch: Option<Dispatch>) -> Self {
+        Self { metrics, dispatch }
+    }
+}
+
+impl<S> Layer<S> for RpcLayer {
+    type Service = RpcService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcService {
+            inner,
+            metrics: self.metrics.clone(),
+            dispatch: self.dispatch.clone(),
+        }
+    }
+}
+
+/// The service made by [`RpcLayer`].
+#[derive(Debug, Clone)]
+pub struct RpcService<S> {
+    inner: S,
+    metrics: ServerMetrics,
+    dispatch: Option<Dispatch>,
+}
+
+type Resp = http::Response<tonic::body::Body>;
+
+impl<S, B> Service<http::Request<B>> for RpcService<S>
+where
+    S: Service<http::Request<B>, Response = Resp, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Resp;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Resp, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let index = req
+            .uri()
+            .path()
+            .strip_prefix(SERVICE_PREFIX)
+            .and_then(method_index);
+        // The usual tower dance: the ready service handles this call, a clone takes its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let Some(index) = index else {
+            return Box::pin(inner.call(req));
+        };
+
+        let request_id = request_id(req.headers());
+        let dispatch = self.dispatch.clone();
+        let span = with_dispatch(dispatch.as_ref(), || {
+            rpc_span(index, &request_id, req.headers())
+        });
+        let trace_id = span.context().span().span_context().trace_id().to_string();
+        let timer = self.metrics.start(index);
+        let end = CallEnd {
+            timer: Some(timer),
+            span: span.clone(),
+            dispatch: dispatch.clone(),
+        };
+
+        let call = inner.call(req).instrument(span);
+        let call: Pin<Box<dyn Future<Output = Result<Resp, Infallible>> + Send>> = match dispatch {
+            Some(d) => Box::pin(call.with_subscriber(d)),
+            None => Box::pin(call),
+        };
+        Box::pin(async move {
+            let Ok(mut resp) = call.await;
+            let headers = resp.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(&request_id) {
+                headers.insert("x-request-id", v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&trace_id) {
+                headers.insert("x-trace-id", v);
+            }
+            if let Some(status) = Status::from_header_map(resp.headers()) {
+                // Trailers-only response: the call is over.
+                end.finish(status.code() as i32);
+                return Ok(resp);
+            }
+            let (parts, body) = resp.into_parts();
+            let body = TrackedBody {
+                inner: body,
+                end: Some(end),
+            };
+            Ok(http::Response::from_parts(
+                parts,
+                tonic::body::Body::new(body),
+            ))
+        })
+    }
+}
+
+fn with_dispatch<T>(dispatch: Option<&Dispatch>, f: impl FnOnce() -> T) -> T {
+    match dispatch {
+        Some(d) => tracing::dispatcher::with_default(d, f),
+        None => f(),
+    }
+}
+
+/// The server span, under the caller's context when `traceparent` is valid.
+fn rpc_span(index: usize, request_id: &str, headers: &HeaderMap) -> Span {
+    let (method, _) = METHODS[index];
+    let force = headers
+        .get("x-deriva-trace")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"force"));
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = SPAN_NAMES[index],
+        otel.kind = "server",
+        otel.status_code = Empty,
+        rpc.system = "grpc",
+        rpc.service = "deriva.Deriva",
+        rpc.method = method,
+        rpc.grpc.status_code = Empty,
+        request_id = request_id,
+        deriva.force_trace = force,
+    );
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    if parent.span().span_context().is_valid() {
+        // Before the span is entered, so the sampler sees the remote parent.
+        let _ = span.set_parent(parent);
+    }
+    span
+}
+
+/// The caller's request id if it is a sane token (1 to 128 characters of `A-Z a-z 0-9 - _ . : /
+/// + = @`), else a new UUID v4. Anything else would be a way to inject text into logs.
+pub fn request_id(headers: &HeaderMap) -> String {
+    let given = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| {
+            !id.is_empty()
+                && id.len() <= MAX_REQUEST_ID_LEN
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b))
+        });
+    match given {
+        Some(id) => id.to_owned(),
+        None => uuid::Uuid::new_v4().to_string(),
+    }
+}
+
+/// Reads W3C trace headers from HTTP headers, ignoring oversized values.
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        let value = self.0.get(key)?.to_str().ok()?;
+        (value.len() <= MAX_TRACE_HEADER_LEN).then_some(value)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Finishes a call exactly once: on the final status, or on drop (a client that went away).
+struct CallEnd {
+    timer: Option<RpcTimer>,
+    span: Span,
+    dispatch: Option<Dispatch>,
+}
+
+/// `CANCELLED`, reported when the response was dropped before it ended.
+const CANCELLED: i32 = 1;
+
+impl CallEnd {
+    fn finish(mut self, code: i32) {
+        self.record(code);
+    }
+
+    fn record(&mut self, code: i32) {
+        let Some(timer) = self.timer.take() else {
+            return;
+        };
+        let ok = code == 0;
+        timer.finish(ok);
+        self.span.record("rpc.grpc.status_code", i64::from(code));
+        if !ok {
+            self.span.record("otel.status_code", "ERROR");
+        }
+        let span = &self.span;
+        with_dispatch(self.dispatch.as_ref(), || {
+            span.in_scope(|| {
+                if ok {
+                    tracing::info!(code, "rpc finished");
+                } else {
+                    tracing::info!(code, "rpc failed");
+                }
+            });
+        });
+    }
+}
+
+impl Drop for CallEnd {
+    fn drop(&mut self) {
+        self.record(CANCELLED);
+    }
+}
+
+/// The response body, watched for its final status.
+struct TrackedBody {
+    inner: tonic::body::Body,
+    end: Option<CallEnd>,
+}
+
+impl TrackedBody {
+    fn finish(&mut self, code: i32) {
+        if let Some(end) = self.end.take() {
+            end.finish(code);
+        }
+    }
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    let code = Status::from_header_map(trailers).map_or(0, |s| s.code() as i32);
+                    this.finish(code);
+                }
+            }
+            Poll::Ready(Some(Err(status))) => this.finish(status.code() as i32),
+            Poll::Ready(None) => this.finish(0),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
