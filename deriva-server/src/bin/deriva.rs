@@ -1,1 +1,33 @@
-fn main() {}
+//! `deriva`: the command-line client of a Deriva server. It parses its flags, runs one command
+//! from [`deriva_server::cli`] and turns a failure into a one-line `deriva: ...` message and an
+//! exit code (2 for usage errors, 1 for server and I/O errors).
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use clap::Parser;
+use deriva_server::cli::{self, CliArgs};
+
+fn main() -> ExitCode {
+    let args = CliArgs::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "deriva: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(cli::run_until_interrupted(args));
+    // Do not wait for a blocking stdin read that an interrupt left behind.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "{}", cli::error_line(&e));
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

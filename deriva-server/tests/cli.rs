@@ -1,0 +1,558 @@
+//! End-to-end tests of the `deriva` binary against a real `deriva-server` child process, each
+//! test with its own server on a free port and its own data directory.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use deriva_core::CAddr;
+use deriva_server::cli::{CliArgs, parse_params};
+
+/// How long a server may take to start, or a `deriva` command to finish.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// A running `deriva-server`, killed when dropped.
+struct ServerProc {
+    child: Child,
+    url: String,
+    _data: tempfile::TempDir,
+}
+
+impl ServerProc {
+    fn start() -> Self {
+        let data = tempfile::tempdir().expect("temp dir");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_deriva-server"));
+        // Only the flags below: no settings from the environment (a log format, an OTLP
+        // endpoint), and no metrics listener, whose fixed default port parallel tests share.
+        for (key, _) in std::env::vars_os() {
+            let key_str = key.to_string_lossy();
+            if key_str.starts_with("DERIVA_") || key_str.starts_with("OTEL_") {
+                cmd.env_remove(&key);
+            }
+        }
+        let mut child = cmd
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--metrics-port")
+            .arg("0")
+            .arg("--data-dir")
+            .arg(data.path())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn deriva-server");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel::<String>();
+        // Forwards every stderr line, and keeps draining after the test stops listening so the
+        // server never blocks on a full pipe.
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(strip_ansi(&line));
+            }
+        });
+        let mut server = Self {
+            child,
+            url: String::new(),
+            _data: data,
+        };
+        let deadline = Instant::now() + DEADLINE;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if line.contains("deriva-server listening")
+                        && let Some(addr) = field(&line, "addr")
+                    {
+                        server.url = format!("http://{addr}");
+                        return server;
+                    }
+                    seen.push(line);
+                }
+                Err(e) => panic!("deriva-server did not start ({e:?}); stderr so far: {seen:#?}"),
+            }
+        }
+    }
+
+    /// A `deriva` command aimed at this server.
+    fn deriva(&self, args: &[&str]) -> Command {
+        let mut cmd = deriva_cmd(args);
+        cmd.arg("--server").arg(&self.url);
+        cmd
+    }
+
+    /// Runs `deriva ARGS` against this server, asserts success, and returns stdout as text.
+    fn ok(&self, args: &[&str]) -> String {
+        run(self.deriva(args), None).success(args)
+    }
+
+    /// `ok` for a command that prints one address: checks the form and returns it.
+    fn addr(&self, args: &[&str]) -> String {
+        let out = self.ok(args);
+        let addr = out
+            .strip_suffix('\n')
+            .unwrap_or_else(|| panic!("{args:?}: {out:?}"));
+        assert!(
+            addr.len() == 64 && addr.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{args:?} printed {out:?}, not one address line"
+        );
+        addr.to_owned()
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `key=value` in a tracing fmt line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ params final-byte.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A `deriva` command with no server from the environment.
+fn deriva_cmd(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_deriva"));
+    cmd.args(args).env_remove("DERIVA_SERVER");
+    cmd
+}
+
+struct Output {
+    code: Option<i32>,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Output {
+    fn success(self, args: &[&str]) -> String {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "deriva {args:?} failed; stderr: {}",
+            self.stderr
+        );
+        assert!(
+            self.stderr.is_empty(),
+            "deriva {args:?} wrote to stderr: {}",
+            self.stderr
+        );
+        String::from_utf8(self.stdout).expect("UTF-8 stdout")
+    }
+
+    /// Asserts a failure with `code` and exactly one `deriva: ...` line on stderr; returns it.
+    fn failure(self, code: i32) -> String {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "expected exit code {code}; stderr: {}",
+            self.stderr
+        );
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "not one line: {:?}", self.stderr);
+        assert!(lines[0].starts_with("deriva: "), "{:?}", lines[0]);
+        assert!(
+            !lines[0].contains("panicked") && !lines[0].contains("Status {"),
+            "{:?}",
+            lines[0]
+        );
+        lines[0].to_owned()
+    }
+}
+
+/// Runs `cmd` (feeding `stdin` if given), waiting at most [`DEADLINE`].
+fn run(mut cmd: Command, stdin: Option<Vec<u8>>) -> Output {
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn deriva");
+    let feeder = stdin.map(|data| {
+        let mut pipe = child.stdin.take().expect("piped stdin");
+        thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        })
+    });
+    let mut out_pipe = child.stdout.take().expect("piped stdout");
+    let mut err_pipe = child.stderr.take().expect("piped stderr");
+    let out = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out_pipe.read_to_end(&mut buf);
+        buf
+    });
+    let err = thread::spawn(move || {
+        let mut buf = String::new();
+        let _ = err_pipe.read_to_string(&mut buf);
+        buf
+    });
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for deriva") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("deriva {cmd:?} did not finish within {DEADLINE:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    if let Some(feeder) = feeder {
+        feeder.join().expect("stdin feeder");
+    }
+    Output {
+        code: status.code(),
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        seed ^= seed >> 12;
+        seed ^= seed << 25;
+        seed ^= seed >> 27;
+        out.extend_from_slice(&seed.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn key_values(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .map(|l| {
+            let (k, v) = l
+                .split_once(": ")
+                .unwrap_or_else(|| panic!("not key: value: {l:?}"));
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 temp path")
+}
+
+fn dir_entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn put_recipe_get_round_trip_and_status() {
+    let server = ServerProc::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a_path, b_path) = (dir.path().join("a.txt"), dir.path().join("b.bin"));
+    let (a, b) = (b"hello, ".to_vec(), pseudo_random(70_000, 7));
+    std::fs::write(&a_path, &a).unwrap();
+    std::fs::write(&b_path, &b).unwrap();
+
+    let a_addr = server.addr(&["put", path_str(&a_path)]);
+    let b_addr = server.addr(&["put", path_str(&b_path)]);
+    assert_eq!(a_addr, CAddr::for_leaf(&a).to_string());
+    assert_eq!(b_addr, CAddr::for_leaf(&b).to_string());
+
+    let r = server.addr(&["recipe", "concat", "v1", "-i", &a_addr, "--input", &b_addr]);
+    let out = run(server.deriva(&["get", &r]), None);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout, [a.as_slice(), b.as_slice()].concat());
+
+    let status = key_values(&server.ok(&["status"]));
+    assert_eq!(status["recipe_count"], "1");
+    assert_eq!(status["blob_count"], "2");
+    assert_eq!(status["verification_mode"], "off");
+    for key in [
+        "recipe_count",
+        "blob_count",
+        "cache_entries",
+        "cache_size_bytes",
+        "cache_hit_rate",
+        "verification_mode",
+        "verification_total",
+        "verification_passed",
+        "verification_failed",
+        "verification_failure_rate",
+    ] {
+        assert!(status.contains_key(key), "status lacks {key}: {status:?}");
+    }
+    assert_eq!(status.len(), 10, "{status:?}");
+
+    // The server also comes from DERIVA_SERVER.
+    let mut cmd = deriva_cmd(&["resolve", &r]);
+    cmd.env("DERIVA_SERVER", &server.url);
+    let out = run(cmd, None).success(&["resolve"]);
+    assert!(out.starts_with("function: concat\n"), "{out}");
+}
+
+#[test]
+fn put_reads_stdin() {
+    let server = ServerProc::start();
+    let data = pseudo_random(300_000, 42);
+    let out = run(server.deriva(&["put", "-"]), Some(data.clone())).success(&["put", "-"]);
+    assert_eq!(out, format!("{}\n", CAddr::for_leaf(&data)));
+    let out = run(server.deriva(&["get", out.trim_end()]), None);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout, data);
+}
+
+#[test]
+fn bad_input_is_a_usage_error_before_any_rpc() {
+    let nowhere = ["--server", "http://127.0.0.1:1"];
+    let good = "ab".repeat(32);
+    let cases: [&[&str]; 7] = [
+        &["get", "xyz"],
+        &["get", &good[1..]],
+        &["resolve", "zz"],
+        &["invalidate", "--cascade", "0x12"],
+        &["verify", &format!("{}g", &good[1..])],
+        &["recipe", "concat", "v1", "-i", &good, "-i", "nothex"],
+        &["recipe", "repeat", "v1", "-i", &good, "-p", "count"],
+    ];
+    for args in cases {
+        let line = run(deriva_cmd(&[&nowhere[..], args].concat()), None).failure(2);
+        if args.contains(&"-p") {
+            assert!(line.contains("key=value"), "{args:?}: {line}");
+        } else {
+            assert!(line.contains("hex"), "{args:?}: {line}");
+        }
+    }
+    let line = run(
+        deriva_cmd(&["--server", "http://127.0.0.1:1", "get", "xyz"]),
+        None,
+    )
+    .failure(2);
+    assert!(line.starts_with("deriva: get: \"xyz\""), "{line}");
+}
+
+#[test]
+fn params_parse_at_the_first_equals_sign_and_once_per_key() {
+    let params = parse_params(&["a=b=c".to_owned(), "empty=".to_owned()]).unwrap();
+    assert_eq!(params["a"], "b=c");
+    assert_eq!(params["empty"], "");
+    let err = parse_params(&["k=1".to_owned(), "k=2".to_owned()]).unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+    assert!(err.to_string().contains("twice"), "{err}");
+
+    use clap::Parser as _;
+    let args = CliArgs::try_parse_from(["deriva", "status"]).unwrap();
+    assert_eq!(args.server, deriva_server::cli::DEFAULT_SERVER);
+    let help = run(deriva_cmd(&["recipe", "--help"]), None).success(&["recipe", "--help"]);
+    assert!(help.contains("--param <KEY=VALUE>"), "{help}");
+    assert!(help.contains("--input <ADDR>"), "{help}");
+}
+
+#[test]
+fn unknown_address_is_not_found_and_leaves_no_file() {
+    let server = ServerProc::start();
+    let unknown = CAddr::for_leaf(b"never stored").to_string();
+    let line = run(server.deriva(&["get", &unknown]), None).failure(1);
+    assert!(line.contains("not found"), "{line}");
+    assert!(
+        line.starts_with(&format!("deriva: get {}", &unknown[..8])),
+        "{line}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("out.bin");
+    let line = run(
+        server.deriva(&["get", &unknown, "-o", path_str(&dest)]),
+        None,
+    )
+    .failure(1);
+    assert!(line.contains("not found"), "{line}");
+    assert!(
+        dir_entries(dir.path()).is_empty(),
+        "{:?}",
+        dir_entries(dir.path())
+    );
+
+    for cmd in ["resolve", "verify", "invalidate"] {
+        let out = run(server.deriva(&[cmd, &unknown]), None);
+        if cmd == "resolve" {
+            // Resolve answers found=false rather than failing.
+            let text = out.success(&[cmd]);
+            assert!(text.contains("not a recipe"), "{text}");
+        } else {
+            let line = out.failure(1);
+            assert!(line.contains("not found"), "{cmd}: {line}");
+        }
+    }
+}
+
+#[test]
+fn unknown_function_is_named() {
+    let server = ServerProc::start();
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = dir.path().join("leaf");
+    std::fs::write(&leaf, b"x").unwrap();
+    let addr = server.addr(&["put", path_str(&leaf)]);
+    let line = run(
+        server.deriva(&["recipe", "no_such_function", "v1", "-i", &addr]),
+        None,
+    )
+    .failure(1);
+    assert!(line.contains("no_such_function"), "{line}");
+    let line = run(
+        server.deriva(&["recipe", "repeat", "v1", "-i", &addr, "-p", "count=lots"]),
+        None,
+    )
+    .failure(1);
+    assert!(
+        line.contains("invalid argument") && line.contains("count"),
+        "{line}"
+    );
+}
+
+#[test]
+fn unreachable_server_names_the_url() {
+    let line = run(
+        deriva_cmd(&["--server", "http://127.0.0.1:1", "status"]),
+        None,
+    )
+    .failure(1);
+    assert!(line.contains("http://127.0.0.1:1"), "{line}");
+    // A missing file is reported as such, whatever the server.
+    let line = run(
+        deriva_cmd(&["--server", "http://127.0.0.1:1", "put", "/no/such/file"]),
+        None,
+    )
+    .failure(1);
+    assert!(line.contains("/no/such/file"), "{line}");
+}
+
+#[test]
+fn large_derived_output_streams_to_a_file() {
+    const LEAF: usize = 1 << 20;
+    const COUNT: usize = 100;
+    let server = ServerProc::start();
+    let dir = tempfile::tempdir().unwrap();
+    let leaf_path = dir.path().join("leaf.bin");
+    let leaf = pseudo_random(LEAF, 0x5eed);
+    std::fs::write(&leaf_path, &leaf).unwrap();
+    let addr = server.addr(&["put", path_str(&leaf_path)]);
+    let r = server.addr(&[
+        "recipe",
+        "repeat",
+        "v1",
+        "-i",
+        &addr,
+        "-p",
+        &format!("count={COUNT}"),
+    ]);
+    let dest = dir.path().join("out.bin");
+    let out = server.ok(&["get", &r, "-o", path_str(&dest)]);
+    assert_eq!(out, "");
+    assert_eq!(dir_entries(dir.path()), ["leaf.bin", "out.bin"]);
+
+    let mut file = std::fs::File::open(&dest).unwrap();
+    assert_eq!(file.metadata().unwrap().len(), (LEAF * COUNT) as u64);
+    let mut chunk = vec![0u8; LEAF];
+    for i in 0..COUNT {
+        file.read_exact(&mut chunk).unwrap();
+        assert!(chunk == leaf, "copy {i} of the leaf differs");
+    }
+    assert_eq!(file.read(&mut chunk).unwrap(), 0, "trailing bytes");
+}
+
+#[test]
+fn resolve_invalidate_and_verify_a_recipe() {
+    let server = ServerProc::start();
+    let a = server.addr_of_stdin(b"abc");
+    let b = server.addr_of_stdin(b"defg");
+    let r = server.addr(&["recipe", "concat", "v1", "-i", &a, "-i", &b]);
+    let r2 = server.addr(&["recipe", "repeat", "v1", "-i", &r, "-p", "count=2"]);
+
+    assert_eq!(
+        server.ok(&["resolve", &r2]),
+        format!("function: repeat\nversion: v1\ninputs:\n  {r}\nparams:\n  count=2\n")
+    );
+    assert_eq!(
+        server.ok(&["resolve", &r]),
+        format!("function: concat\nversion: v1\ninputs:\n  {a}\n  {b}\nparams: (none)\n")
+    );
+    assert!(server.ok(&["resolve", &a]).contains("not a recipe"));
+
+    // Materializing r2 caches r and r2; a leaf is never in the cache.
+    let out = run(server.deriva(&["get", &r2]), None);
+    assert_eq!(out.stdout, b"abcdefgabcdefg");
+    assert_eq!(
+        server.ok(&["invalidate", &a, "--cascade"]),
+        "was_cached: false\nevicted_count: 2\n"
+    );
+    assert_eq!(
+        server.ok(&["invalidate", &r2]),
+        "was_cached: false\nevicted_count: 0\n"
+    );
+    run(server.deriva(&["get", &r2]), None).success(&["get"]);
+    assert_eq!(
+        server.ok(&["invalidate", "--cascade", &r]),
+        "was_cached: true\nevicted_count: 2\n"
+    );
+
+    let verify = key_values(&server.ok(&["verify", &r]));
+    assert_eq!(verify["deterministic"], "true");
+    assert_eq!(
+        verify["output_hash"],
+        CAddr::for_leaf(b"abcdefg").to_string()
+    );
+    assert_eq!(verify["output_size"], "7");
+    assert!(
+        verify["compute_time_us"].parse::<u64>().is_ok(),
+        "{verify:?}"
+    );
+    assert!(!verify.contains_key("error"), "{verify:?}");
+
+    let line = run(server.deriva(&["verify", &a]), None).failure(1);
+    assert!(line.contains("leaf"), "{line}");
+}
+
+impl ServerProc {
+    /// `put -` of `data`; returns the address.
+    fn addr_of_stdin(&self, data: &[u8]) -> String {
+        let out = run(self.deriva(&["put", "-"]), Some(data.to_vec())).success(&["put", "-"]);
+        let addr = out.trim_end().to_owned();
+        assert_eq!(addr, CAddr::for_leaf(data).to_string());
+        addr
+    }
+}
