@@ -314,3 +314,182 @@ impl Body for TrackedBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+
+    use opentelemetry::metrics::MeterProvider as _;
+    use opentelemetry_sdk::metrics::SdkMeterProvider;
+    use tonic::Code;
+
+    use super::*;
+
+    /// A response body that yields the given frames.
+    struct Frames(VecDeque<Result<Frame<Bytes>, Status>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            Poll::Ready(self.get_mut().0.pop_front())
+        }
+    }
+
+    fn trailers(code: i32) -> Frame<Bytes> {
+        let mut map = HeaderMap::new();
+        map.insert("grpc-status", HeaderValue::from(code));
+        Frame::trailers(map)
+    }
+
+    struct Fixture {
+        registry: prometheus::Registry,
+        _provider: SdkMeterProvider,
+        metrics: ServerMetrics,
+    }
+
+    fn fixture() -> Fixture {
+        let registry = prometheus::Registry::new();
+        let exporter = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .without_target_info()
+            .scope_info_enabled(false)
+            .build()
+            .unwrap();
+        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let metrics = ServerMetrics::new(&provider.meter("test"), Default::default());
+        Fixture {
+            registry,
+            _provider: provider,
+            metrics,
+        }
+    }
+
+    fn sample(registry: &prometheus::Registry, series: &str) -> Option<f64> {
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Calls `Get` through the layer over a service answering `frames`, then reads the body to
+    /// its end, or drops it after `read` frames.
+    async fn get_through_layer(
+        f: &Fixture,
+        frames: Vec<Result<Frame<Bytes>, Status>>,
+        read: Option<usize>,
+    ) {
+        let frames = std::sync::Arc::new(std::sync::Mutex::new(Some(frames)));
+        let inner = tower::service_fn(move |_req: http::Request<()>| {
+            let body = Frames(frames.lock().unwrap().take().unwrap().into());
+            async move { Ok::<_, Infallible>(http::Response::new(tonic::body::Body::new(body))) }
+        });
+        let mut svc = RpcLayer::new(f.metrics.clone(), None).layer(inner);
+        let req = http::Request::builder()
+            .uri("http://x/deriva.Deriva/Get")
+            .body(())
+            .unwrap();
+        let Ok(resp) = svc.call(req).await;
+        assert!(resp.headers().contains_key("x-request-id"));
+        assert!(resp.headers().contains_key("x-trace-id"));
+        let mut body = resp.into_body();
+        let mut n = 0;
+        while read.is_none_or(|r| n < r) {
+            match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                Some(_) => n += 1,
+                None => break,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_ends_ok_counts_ok() {
+        let f = fixture();
+        let frames = vec![
+            Ok(Frame::data(Bytes::from_static(b"chunk"))),
+            Ok(trailers(0)),
+        ];
+        get_through_layer(&f, frames, None).await;
+        assert_eq!(
+            sample(&f.registry, r#"deriva_rpc_total{method="get",status="ok"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&f.registry, r#"deriva_rpc_active{method="get"}"#),
+            Some(0.0)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_in_the_middle_of_a_stream_counts_as_error() {
+        let f = fixture();
+        let frames = vec![
+            Ok(Frame::data(Bytes::from_static(b"first chunk"))),
+            Ok(trailers(Code::Internal as i32)),
+        ];
+        get_through_layer(&f, frames, None).await;
+        assert_eq!(
+            sample(
+                &f.registry,
+                r#"deriva_rpc_total{method="get",status="error"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&f.registry, r#"deriva_rpc_total{method="get",status="ok"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(&f.registry, r#"deriva_rpc_active{method="get"}"#),
+            Some(0.0)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_counts_as_error_once() {
+        let f = fixture();
+        let frames = vec![
+            Ok(Frame::data(Bytes::from_static(b"a"))),
+            Ok(Frame::data(Bytes::from_static(b"b"))),
+            Ok(trailers(0)),
+        ];
+        get_through_layer(&f, frames, Some(1)).await;
+        assert_eq!(
+            sample(
+                &f.registry,
+                r#"deriva_rpc_total{method="get",status="error"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&f.registry, r#"deriva_rpc_active{method="get"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &f.registry,
+                r#"deriva_rpc_duration_seconds_count{method="get"}"#
+            ),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn request_ids_are_sane_tokens_or_new_uuids() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-request-id", HeaderValue::from_static("req-42.a:b/c"));
+        assert_eq!(request_id(&headers), "req-42.a:b/c");
+        for hostile in ["a b", "quote\"d", "", &"x".repeat(MAX_REQUEST_ID_LEN + 1)] {
+            headers.insert("x-request-id", HeaderValue::from_str(hostile).unwrap());
+            let id = request_id(&headers);
+            assert_ne!(id, hostile);
+            assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+        }
+    }
+}

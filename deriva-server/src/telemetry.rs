@@ -11,9 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use opentelemetry::metrics::{Meter, MeterProvider as _};
-use opentelemetry::trace::{
-    Link, SpanKind, TraceContextExt, TraceId, TraceState, TracerProvider as _,
-};
+use opentelemetry::trace::{Link, SpanKind, TraceContextExt, TraceId, TracerProvider as _};
 use opentelemetry::{Context, KeyValue, Value};
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
@@ -335,7 +333,7 @@ fn decision(sample: bool, parent: Option<&Context>) -> SamplingResult {
     let trace_state = parent
         .filter(|c| c.has_active_span())
         .map(|c| c.span().span_context().trace_state().clone())
-        .unwrap_or_else(TraceState::default);
+        .unwrap_or_default();
     SamplingResult {
         decision: if sample {
             SamplingDecision::RecordAndSample
