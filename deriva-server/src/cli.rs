@@ -17,6 +17,9 @@ use deriva_core::CAddr;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tonic::Code;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::deriva_client::DerivaClient;
@@ -59,6 +62,10 @@ pub struct CliArgs {
         value_name = "URL"
     )]
     pub server: String,
+    /// Print this command's trace id to stderr (to look it up in Jaeger), and ask the server to
+    /// sample the trace whatever its sampling ratio.
+    #[arg(long, global = true)]
+    pub trace: bool,
     /// The command to run.
     #[command(subcommand)]
     pub command: Command,
@@ -367,8 +374,67 @@ fn emit(text: &str) -> Result<(), CliError> {
     }
 }
 
-/// Connects to `server` with the client's message limits.
-pub async fn connect(server: &str) -> Result<DerivaClient<Channel>, CliError> {
+/// The server a command talks to, and the W3C trace context every request of this command
+/// carries, so the server's spans join one trace per command.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The server URL as given.
+    pub url: String,
+    /// `traceparent`: a fresh trace id and span id, sampled.
+    pub traceparent: MetadataValue<Ascii>,
+    /// The trace id of this command (32 hex characters).
+    pub trace_id: String,
+    /// Whether to ask the server to sample whatever its ratio (`x-deriva-trace: force`).
+    pub force: bool,
+}
+
+impl Target {
+    /// A target with a new random trace context.
+    pub fn new(url: &str, force: bool) -> Self {
+        let trace_id = uuid::Uuid::new_v4().simple().to_string();
+        let span_id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
+        let traceparent = format!("00-{trace_id}-{span_id}-01")
+            .parse()
+            .expect("hex and dashes are valid metadata");
+        Self {
+            url: url.to_owned(),
+            traceparent,
+            trace_id,
+            force,
+        }
+    }
+}
+
+/// Adds the command's trace context to every request.
+#[derive(Debug, Clone)]
+pub struct TraceContext {
+    traceparent: MetadataValue<Ascii>,
+    force: bool,
+}
+
+impl Interceptor for TraceContext {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("traceparent", self.traceparent.clone());
+        if self.force {
+            request
+                .metadata_mut()
+                .insert("x-deriva-trace", MetadataValue::from_static("force"));
+        }
+        Ok(request)
+    }
+}
+
+/// A connected client.
+pub type Client = DerivaClient<InterceptedService<Channel, TraceContext>>;
+
+/// Connects to `target` with the client's message limits and its trace context.
+pub async fn connect(target: &Target) -> Result<Client, CliError> {
+    let server = target.url.as_str();
     let url = if server.contains("://") {
         server.to_owned()
     } else {
@@ -397,7 +463,11 @@ pub async fn connect(server: &str) -> Result<DerivaClient<Channel>, CliError> {
             url: server.to_owned(),
             reason: error_chain(&e),
         })?;
-    Ok(DerivaClient::new(channel)
+    let trace = TraceContext {
+        traceparent: target.traceparent.clone(),
+        force: target.force,
+    };
+    Ok(DerivaClient::with_interceptor(channel, trace)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
@@ -444,7 +514,10 @@ pub async fn run_until_interrupted(args: CliArgs) -> Result<(), CliError> {
 
 /// Runs one command against `args.server`, printing its answer on stdout.
 pub async fn run(args: CliArgs) -> Result<(), CliError> {
-    let server = args.server;
+    let server = Target::new(&args.server, args.trace);
+    if args.trace {
+        let _ = writeln!(std::io::stderr(), "deriva: trace id {}", server.trace_id);
+    }
     match args.command {
         Command::Put { file } => put(&server, &file).await,
         Command::Recipe {
@@ -517,7 +590,7 @@ pub async fn run(args: CliArgs) -> Result<(), CliError> {
     }
 }
 
-async fn put(server: &str, file: &Path) -> Result<(), CliError> {
+async fn put(server: &Target, file: &Path) -> Result<(), CliError> {
     let stdin = file == Path::new("-");
     let context = if stdin {
         "put stdin".to_owned()
@@ -552,7 +625,7 @@ async fn put(server: &str, file: &Path) -> Result<(), CliError> {
 }
 
 async fn recipe(
-    server: &str,
+    server: &Target,
     function: String,
     version: String,
     inputs: &[String],
@@ -580,7 +653,7 @@ async fn recipe(
     emit(&format!("{addr}\n"))
 }
 
-async fn get(server: &str, addr: CAddr, output: Option<&Path>) -> Result<(), CliError> {
+async fn get(server: &Target, addr: CAddr, output: Option<&Path>) -> Result<(), CliError> {
     let context = format!("get {}", short(&addr));
     let output = output.filter(|p| *p != Path::new("-"));
     // Create the temporary file before connecting, so an unwritable directory fails before the

@@ -93,7 +93,7 @@ fn a_port_in_use_is_a_one_line_error_naming_the_address() {
     let addr = taken.local_addr().unwrap().to_string();
     let data = tempfile::tempdir().unwrap();
     let out = Command::new(SERVER)
-        .args(["--listen", &addr, "--data-dir"])
+        .args(["--listen", &addr, "--metrics-port", "0", "--data-dir"])
         .arg(data.path())
         .output()
         .unwrap();
@@ -116,4 +116,30 @@ fn a_bad_flag_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("verification mode"), "{stderr}");
+}
+
+#[test]
+fn a_metrics_port_in_use_is_a_one_line_error_naming_the_address() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(SERVER)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            &addr,
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains(&addr) && lines[0].contains("metrics"),
+        "{stderr}"
+    );
 }

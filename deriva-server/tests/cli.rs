@@ -19,6 +19,8 @@ const DEADLINE: Duration = Duration::from_secs(120);
 struct ServerProc {
     child: Child,
     url: String,
+    /// The server's stderr lines after the listening line.
+    logs: mpsc::Receiver<String>,
     _data: tempfile::TempDir,
 }
 
@@ -57,11 +59,6 @@ impl ServerProc {
                 let _ = tx.send(strip_ansi(&line));
             }
         });
-        let mut server = Self {
-            child,
-            url: String::new(),
-            _data: data,
-        };
         let deadline = Instant::now() + DEADLINE;
         let mut seen = Vec::new();
         loop {
@@ -71,8 +68,12 @@ impl ServerProc {
                     if line.contains("deriva-server listening")
                         && let Some(addr) = field(&line, "addr")
                     {
-                        server.url = format!("http://{addr}");
-                        return server;
+                        return Self {
+                            child,
+                            url: format!("http://{addr}"),
+                            logs: rx,
+                            _data: data,
+                        };
                     }
                     seen.push(line);
                 }
@@ -555,4 +556,35 @@ impl ServerProc {
         assert_eq!(addr, CAddr::for_leaf(data).to_string());
         addr
     }
+}
+
+#[test]
+fn every_request_carries_the_commands_trace_context_and_trace_prints_its_id() {
+    let server = ServerProc::start();
+    let out = run(server.deriva(&["--trace", "status"]), None);
+    let stderr = out.stderr.clone();
+    let trace_id = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("deriva: trace id "))
+        .unwrap_or_else(|| panic!("no trace id on stderr: {stderr:?}"))
+        .to_owned();
+    assert!(trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit()));
+    // The server's log line for that call carries the same trace id.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match server.logs.recv_timeout(left) {
+            Ok(line)
+                if line.contains("rpc finished")
+                    && line.contains(&format!("trace_id={trace_id}")) =>
+            {
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("no server log line with trace_id={trace_id} ({e:?})"),
+        }
+    }
+    // Without --trace nothing is printed, but a trace context is still sent.
+    let out = run(server.deriva(&["status"]), None);
+    assert!(!out.stderr.contains("trace id"));
 }
