@@ -408,3 +408,51 @@ impl RateLimiter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceState};
+
+    use super::*;
+
+    fn decide(sampler: &DerivaSampler, parent: Option<&Context>, attrs: &[KeyValue]) -> bool {
+        let trace_id = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+        let result = sampler.should_sample(parent, trace_id, "rpc", &SpanKind::Server, attrs, &[]);
+        result.decision == SamplingDecision::RecordAndSample
+    }
+
+    fn remote_parent(sampled: bool) -> Context {
+        let flags = if sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+        let sc = SpanContext::new(
+            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+            SpanId::from_hex("b7ad6b7169203331").unwrap(),
+            flags,
+            true,
+            TraceState::default(),
+        );
+        Context::new().with_remote_span_context(sc)
+    }
+
+    #[test]
+    fn force_wins_and_parents_are_followed() {
+        let never = DerivaSampler::new(0.0, None);
+        let always = DerivaSampler::new(1.0, None);
+        let force = [KeyValue::new(FORCE_TRACE_ATTR, true)];
+        assert!(!decide(&never, None, &[]));
+        assert!(decide(&never, None, &force));
+        assert!(decide(&never, Some(&remote_parent(true)), &[]), "a sampled caller is honored");
+        assert!(!decide(&always, Some(&remote_parent(false)), &[]), "an unsampled caller too");
+        assert!(decide(&always, Some(&remote_parent(false)), &force), "unless forced");
+        assert!(decide(&always, None, &[KeyValue::new(FORCE_TRACE_ATTR, false)]));
+    }
+
+    #[test]
+    fn the_rate_cap_limits_new_traces_but_not_children_or_forced_ones() {
+        let capped = DerivaSampler::new(1.0, Some(2.0));
+        assert!(decide(&capped, None, &[]));
+        assert!(decide(&capped, None, &[]));
+        assert!(!decide(&capped, None, &[]), "a third new trace within the second is dropped");
+        assert!(decide(&capped, Some(&remote_parent(true)), &[]));
+        assert!(decide(&capped, None, &[KeyValue::new(FORCE_TRACE_ATTR, true)]));
+    }
+}
