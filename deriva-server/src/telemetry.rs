@@ -422,7 +422,11 @@ mod tests {
     }
 
     fn remote_parent(sampled: bool) -> Context {
-        let flags = if sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+        let flags = if sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
         let sc = SpanContext::new(
             TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
             SpanId::from_hex("b7ad6b7169203331").unwrap(),
@@ -440,10 +444,23 @@ mod tests {
         let force = [KeyValue::new(FORCE_TRACE_ATTR, true)];
         assert!(!decide(&never, None, &[]));
         assert!(decide(&never, None, &force));
-        assert!(decide(&never, Some(&remote_parent(true)), &[]), "a sampled caller is honored");
-        assert!(!decide(&always, Some(&remote_parent(false)), &[]), "an unsampled caller too");
-        assert!(decide(&always, Some(&remote_parent(false)), &force), "unless forced");
-        assert!(decide(&always, None, &[KeyValue::new(FORCE_TRACE_ATTR, false)]));
+        assert!(
+            decide(&never, Some(&remote_parent(true)), &[]),
+            "a sampled caller is honored"
+        );
+        assert!(
+            !decide(&always, Some(&remote_parent(false)), &[]),
+            "an unsampled caller too"
+        );
+        assert!(
+            decide(&always, Some(&remote_parent(false)), &force),
+            "unless forced"
+        );
+        assert!(decide(
+            &always,
+            None,
+            &[KeyValue::new(FORCE_TRACE_ATTR, false)]
+        ));
     }
 
     #[test]
@@ -451,8 +468,15 @@ mod tests {
         let capped = DerivaSampler::new(1.0, Some(2.0));
         assert!(decide(&capped, None, &[]));
         assert!(decide(&capped, None, &[]));
-        assert!(!decide(&capped, None, &[]), "a third new trace within the second is dropped");
+        assert!(
+            !decide(&capped, None, &[]),
+            "a third new trace within the second is dropped"
+        );
         assert!(decide(&capped, Some(&remote_parent(true)), &[]));
-        assert!(decide(&capped, None, &[KeyValue::new(FORCE_TRACE_ATTR, true)]));
+        assert!(decide(
+            &capped,
+            None,
+            &[KeyValue::new(FORCE_TRACE_ATTR, true)]
+        ));
     }
 }

@@ -77,7 +77,11 @@ impl ServerProc {
                     }
                     seen.push(line);
                 }
-                Err(e) => panic!("deriva-server did not start ({e:?}); stderr so far: {seen:#?}"),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("deriva-server did not start ({e:?}); stderr so far: {seen:#?}")
+                }
             }
         }
     }
