@@ -118,7 +118,13 @@ where
         let span = with_dispatch(dispatch.as_ref(), || {
             rpc_span(index, &request_id, req.headers())
         });
-        let trace_id = span.context().span().span_context().trace_id().to_string();
+        // Starting the OTel span here (with the remote parent already set) makes the sampling
+        // decision; without an OpenTelemetry layer there is no trace id to report.
+        let trace_id = {
+            let cx = span.context();
+            let sc = cx.span().span_context().clone();
+            sc.is_valid().then(|| sc.trace_id().to_string())
+        };
         let timer = self.metrics.start(index);
         let end = CallEnd {
             timer: Some(timer),
@@ -137,7 +143,10 @@ where
             if let Ok(v) = HeaderValue::from_str(&request_id) {
                 headers.insert("x-request-id", v);
             }
-            if let Ok(v) = HeaderValue::from_str(&trace_id) {
+            if let Some(v) = trace_id
+                .as_deref()
+                .and_then(|t| HeaderValue::from_str(t).ok())
+            {
                 headers.insert("x-trace-id", v);
             }
             if let Some(status) = Status::from_header_map(resp.headers()) {
@@ -397,7 +406,10 @@ mod tests {
             .unwrap();
         let Ok(resp) = svc.call(req).await;
         assert!(resp.headers().contains_key("x-request-id"));
-        assert!(resp.headers().contains_key("x-trace-id"));
+        assert!(
+            !resp.headers().contains_key("x-trace-id"),
+            "no OTel layer, no trace id"
+        );
         let mut body = resp.into_body();
         let mut n = 0;
         while read.is_none_or(|r| n < r) {
