@@ -329,8 +329,7 @@ mod tests {
     use std::collections::VecDeque;
     use std::convert::Infallible;
 
-    use opentelemetry::metrics::MeterProvider as _;
-    use opentelemetry_sdk::metrics::SdkMeterProvider;
+    use crate::telemetry::Telemetry;
     use tonic::Code;
 
     use super::*;
@@ -357,26 +356,15 @@ mod tests {
     }
 
     struct Fixture {
-        registry: prometheus::Registry,
-        _provider: SdkMeterProvider,
+        telemetry: Telemetry,
         metrics: ServerMetrics,
     }
 
+    /// Private providers and registry, nothing global.
     fn fixture() -> Fixture {
-        let registry = prometheus::Registry::new();
-        let exporter = opentelemetry_prometheus::exporter()
-            .with_registry(registry.clone())
-            .without_target_info()
-            .scope_info_enabled(false)
-            .build()
-            .unwrap();
-        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
-        let metrics = ServerMetrics::new(&provider.meter("test"), Default::default());
-        Fixture {
-            registry,
-            _provider: provider,
-            metrics,
-        }
+        let telemetry = Telemetry::new(Default::default()).unwrap();
+        let metrics = ServerMetrics::new(&telemetry.meter(), Default::default());
+        Fixture { telemetry, metrics }
     }
 
     fn sample(registry: &prometheus::Registry, series: &str) -> Option<f64> {
@@ -429,11 +417,14 @@ mod tests {
         ];
         get_through_layer(&f, frames, None).await;
         assert_eq!(
-            sample(&f.registry, r#"deriva_rpc_total{method="get",status="ok"}"#),
+            sample(
+                f.telemetry.registry(),
+                r#"deriva_rpc_total{method="get",status="ok"}"#
+            ),
             Some(1.0)
         );
         assert_eq!(
-            sample(&f.registry, r#"deriva_rpc_active{method="get"}"#),
+            sample(f.telemetry.registry(), r#"deriva_rpc_active{method="get"}"#),
             Some(0.0)
         );
     }
@@ -448,17 +439,20 @@ mod tests {
         get_through_layer(&f, frames, None).await;
         assert_eq!(
             sample(
-                &f.registry,
+                f.telemetry.registry(),
                 r#"deriva_rpc_total{method="get",status="error"}"#
             ),
             Some(1.0)
         );
         assert_eq!(
-            sample(&f.registry, r#"deriva_rpc_total{method="get",status="ok"}"#),
+            sample(
+                f.telemetry.registry(),
+                r#"deriva_rpc_total{method="get",status="ok"}"#
+            ),
             Some(0.0)
         );
         assert_eq!(
-            sample(&f.registry, r#"deriva_rpc_active{method="get"}"#),
+            sample(f.telemetry.registry(), r#"deriva_rpc_active{method="get"}"#),
             Some(0.0)
         );
     }
@@ -474,18 +468,18 @@ mod tests {
         get_through_layer(&f, frames, Some(1)).await;
         assert_eq!(
             sample(
-                &f.registry,
+                f.telemetry.registry(),
                 r#"deriva_rpc_total{method="get",status="error"}"#
             ),
             Some(1.0)
         );
         assert_eq!(
-            sample(&f.registry, r#"deriva_rpc_active{method="get"}"#),
+            sample(f.telemetry.registry(), r#"deriva_rpc_active{method="get"}"#),
             Some(0.0)
         );
         assert_eq!(
             sample(
-                &f.registry,
+                f.telemetry.registry(),
                 r#"deriva_rpc_duration_seconds_count{method="get"}"#
             ),
             Some(1.0)

@@ -87,22 +87,40 @@ fn starts_with_no_flags_and_stops_cleanly_on_sigterm() {
     );
 }
 
-#[test]
-fn a_port_in_use_is_a_one_line_error_naming_the_address() {
+/// Runs the server with `flags` plus one listener flag pointed at a port already taken; returns
+/// the taken address and the server's stderr.
+fn run_on_taken_port(flags: &[&str], taken_flag: &str) -> (String, String) {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let data = tempfile::tempdir().unwrap();
     let out = Command::new(SERVER)
-        .args(["--listen", &addr, "--metrics-port", "0", "--data-dir"])
+        .args(flags)
+        .args([taken_flag, &addr, "--data-dir"])
         .arg(data.path())
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let stderr = String::from_utf8(out.stderr).unwrap();
+    (addr, String::from_utf8(out.stderr).unwrap())
+}
+
+#[test]
+fn a_port_in_use_is_a_one_line_error_naming_the_address() {
+    let (addr, stderr) = run_on_taken_port(&["--metrics-port", "0"], "--listen");
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "{stderr}");
     assert!(
         lines[0].contains(&addr) && lines[0].contains("in use"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_metrics_port_in_use_is_a_one_line_error_naming_the_address() {
+    let (addr, stderr) = run_on_taken_port(&["--listen", "127.0.0.1:0"], "--metrics-addr");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains(&addr) && lines[0].contains("metrics"),
         "{stderr}"
     );
 }
@@ -116,30 +134,4 @@ fn a_bad_flag_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("verification mode"), "{stderr}");
-}
-
-#[test]
-fn a_metrics_port_in_use_is_a_one_line_error_naming_the_address() {
-    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = taken.local_addr().unwrap().to_string();
-    let data = tempfile::tempdir().unwrap();
-    let out = Command::new(SERVER)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            &addr,
-            "--data-dir",
-        ])
-        .arg(data.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{stderr}");
-    assert!(
-        lines[0].contains(&addr) && lines[0].contains("metrics"),
-        "{stderr}"
-    );
 }

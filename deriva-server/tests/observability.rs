@@ -639,6 +639,29 @@ async fn ratio_zero_exports_nothing_unless_forced_and_a_sampled_caller_is_honore
     obs.stop().await;
 }
 
+/// Starts a server exporting to `endpoint`, runs `during` (e.g. killing the collector) between
+/// two batches of Gets that must all succeed, then checks shutdown stays within its bound.
+async fn serve_through_collector_trouble(endpoint: String, during: impl FnOnce()) {
+    let mut obs = Obs::start(TelemetryConfig {
+        otlp_endpoint: Some(endpoint),
+        metric_export_interval: Duration::from_millis(200),
+        ..TelemetryConfig::default()
+    })
+    .await;
+    let a = obs.put(b"still serving").await;
+    obs.get(get_req(&a)).await.unwrap();
+    during();
+    for _ in 0..20 {
+        assert_eq!(obs.get(get_req(&a)).await.unwrap().0, b"still serving");
+    }
+    let telemetry = obs.telemetry.clone();
+    obs.stop().await;
+    let start = Instant::now();
+    telemetry.shutdown(Duration::from_secs(5)).await;
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(6), "shutdown took {took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_collector_costs_nothing_but_telemetry() {
     // Nothing listens on this port.
@@ -647,47 +670,13 @@ async fn a_dead_collector_costs_nothing_but_telemetry() {
         .local_addr()
         .unwrap()
         .port();
-    let mut obs = Obs::start(TelemetryConfig {
-        otlp_endpoint: Some(format!("http://127.0.0.1:{port}")),
-        metric_export_interval: Duration::from_millis(200),
-        ..TelemetryConfig::default()
-    })
-    .await;
-    let a = obs.put(b"still serving").await;
-    for _ in 0..20 {
-        assert_eq!(obs.get(get_req(&a)).await.unwrap().0, b"still serving");
-    }
-    let telemetry = obs.telemetry.clone();
-    obs.stop().await;
-    let start = Instant::now();
-    telemetry.shutdown(Duration::from_secs(5)).await;
-    assert!(
-        start.elapsed() < Duration::from_secs(6),
-        "shutdown took {:?}",
-        start.elapsed()
-    );
+    serve_through_collector_trouble(format!("http://127.0.0.1:{port}"), || {}).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_dying_mid_run_does_not_stop_serving() {
     let collector = FakeCollectorServer::start().await.unwrap();
-    let mut obs = Obs::start(TelemetryConfig {
-        otlp_endpoint: Some(collector.endpoint()),
-        metric_export_interval: Duration::from_millis(200),
-        ..TelemetryConfig::default()
-    })
-    .await;
-    let a = obs.put(b"x").await;
-    obs.get(get_req(&a)).await.unwrap();
-    collector.abort();
-    for _ in 0..20 {
-        obs.get(get_req(&a)).await.unwrap();
-    }
-    let telemetry = obs.telemetry.clone();
-    obs.stop().await;
-    let start = Instant::now();
-    telemetry.shutdown(Duration::from_secs(5)).await;
-    assert!(start.elapsed() < Duration::from_secs(6));
+    serve_through_collector_trouble(collector.endpoint(), move || collector.abort()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
