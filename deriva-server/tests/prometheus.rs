@@ -1,0 +1,644 @@
+//! The real `deriva-server` binary scraped by a real Prometheus: every PromQL query of the
+//! design's §11 answers with the values the workload implies, and `promtool check metrics`
+//! accepts the exposition.
+//!
+//! Needs the `prometheus` and `promtool` binaries on `PATH` (`bash .ci/run` installs them, or
+//! `apt-get install -y prometheus`); without them the tests fail, they never skip.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use common::{http_get, sample};
+use deriva_server::proto::deriva_client::DerivaClient;
+use deriva_server::proto::{
+    GetRequest, InvalidateRequest, PutLeafRequest, PutRecipeRequest, StatusRequest, VerifyRequest,
+};
+use serde_json::Value;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const SERVER: &str = env!("CARGO_BIN_EXE_deriva-server");
+
+/// Every wait of these tests ends by this long after it starts.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The window of the range queries: the design says `[5m]`, far longer than a test; with a 1 s
+/// scrape interval 30 s holds plenty of samples, and every query keeps its shape.
+const WINDOW: &str = "30s";
+
+/// Fails, with how to fix it, when `tool` is not installed.
+fn require(tool: &str) {
+    let found = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "`{tool}` is not installed (or not on PATH): this test runs the real Prometheus. \
+         Run `bash .ci/run` (it installs it), or `apt-get install -y prometheus` as root."
+    );
+}
+
+/// A child process killed (and reaped) when the test ends, however it ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The server binary, on free ports, with `--verification dual`.
+struct DerivaServer {
+    _child: Killed,
+    /// gRPC address.
+    grpc: String,
+    /// HTTP address of `/metrics`.
+    metrics: String,
+    /// Every stderr line so far, for failure messages.
+    log: Arc<Mutex<Vec<String>>>,
+    _data: tempfile::TempDir,
+}
+
+impl DerivaServer {
+    fn start() -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let child = Command::new(SERVER)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--verification",
+                "dual",
+                "--data-dir",
+            ])
+            .arg(data.path())
+            .env_remove("RUST_LOG")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("DERIVA_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut child = Killed(child);
+        let stderr = child.0.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let lines = log.clone();
+        // Drains stderr for the whole life of the server, so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("deriva-server listening") {
+                    let _ = tx.send(line.clone());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let line = rx.recv_timeout(DEADLINE).unwrap_or_else(|e| {
+            panic!(
+                "deriva-server never said it was listening ({e}); stderr:\n{}",
+                log.lock().unwrap().join("\n")
+            )
+        });
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                .to_owned()
+        };
+        let (grpc, metrics) = (field("addr="), field("metrics="));
+        assert!(grpc.starts_with("127.0.0.1:"), "{line}");
+        assert!(metrics.starts_with("127.0.0.1:"), "{line}");
+        Self {
+            _child: child,
+            grpc,
+            metrics,
+            log,
+            _data: data,
+        }
+    }
+
+    async fn client(&self) -> DerivaClient<Channel> {
+        DerivaClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.grpc))
+    }
+
+    async fn scrape(&self) -> String {
+        let r = http_get(&self.metrics, "/metrics").await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body
+    }
+
+    fn stderr(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+/// A real Prometheus scraping `target` every second.
+struct Prometheus {
+    child: Killed,
+    addr: String,
+    dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: deriva\n    static_configs:\n      \
+                 - targets: [\"{target}\"]\n"
+            ),
+        )
+        .unwrap();
+        let addr = free_port();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start prometheus");
+        Self {
+            child: Killed(child),
+            addr,
+            dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// Polls until `/-/ready` answers 200.
+    async fn wait_ready(&mut self, deadline: Instant) {
+        loop {
+            if let Ok(r) = http_get(&self.addr, "/-/ready").await
+                && r.status == 200
+            {
+                return;
+            }
+            if let Some(status) = self.child.0.try_wait().unwrap() {
+                panic!("prometheus exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus was not ready in time:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `/api/v1/query`: asserts `"status":"success"` and a vector, and returns its series.
+    async fn query(&self, promql: &str) -> Vec<Series> {
+        let path = format!("/api/v1/query?query={}", percent_encode(promql));
+        let r = http_get(&self.addr, &path).await.unwrap();
+        let json: Value = serde_json::from_str(&r.body)
+            .unwrap_or_else(|e| panic!("{promql}: not JSON ({e}): {}", r.body));
+        assert_eq!(r.status, 200, "{promql}: {}", r.body);
+        assert_eq!(json["status"], "success", "{promql}: {}", r.body);
+        assert_eq!(json["data"]["resultType"], "vector", "{promql}: {}", r.body);
+        json["data"]["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| Series {
+                labels: s["metric"].clone(),
+                value: s["value"][1].as_str().unwrap().parse().unwrap(),
+            })
+            .collect()
+    }
+
+    /// The value of the one series `promql` answers, polling until there is exactly one and it
+    /// satisfies `ok`.
+    async fn poll_one(&self, promql: &str, deadline: Instant, ok: impl Fn(f64) -> bool) -> f64 {
+        loop {
+            let result = self.query(promql).await;
+            if let [one] = result.as_slice()
+                && ok(one.value)
+            {
+                return one.value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{promql} never answered as expected; last answer: {result:?}\nprometheus:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// One series of an instant vector.
+#[derive(Debug, Clone)]
+struct Series {
+    labels: Value,
+    value: f64,
+}
+
+impl Series {
+    fn label(&self, name: &str) -> &str {
+        self.labels[name].as_str().unwrap_or("")
+    }
+}
+
+/// The one series of `result` whose `name` label is `value`.
+#[track_caller]
+fn series<'a>(result: &'a [Series], name: &str, value: &str) -> &'a Series {
+    let found: Vec<&Series> = result.iter().filter(|s| s.label(name) == value).collect();
+    match found.as_slice() {
+        [one] => one,
+        _ => panic!("expected one series with {name}={value:?} in {result:?}"),
+    }
+}
+
+/// `127.0.0.1:PORT` of a port free a moment ago.
+fn free_port() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+async fn put_leaf(client: &mut DerivaClient<Channel>, data: &[u8]) -> Bytes {
+    let req = PutLeafRequest {
+        data: Bytes::copy_from_slice(data),
+    };
+    client.put_leaf(req).await.unwrap().into_inner().addr
+}
+
+async fn concat(client: &mut DerivaClient<Channel>, a: &Bytes, b: &Bytes) -> Bytes {
+    let req = PutRecipeRequest {
+        function_name: "concat".to_owned(),
+        function_version: "v1".to_owned(),
+        inputs: vec![a.clone(), b.clone()],
+        params: Default::default(),
+    };
+    client.put_recipe(req).await.unwrap().into_inner().addr
+}
+
+/// All the bytes of a Get, or its status.
+async fn get(client: &mut DerivaClient<Channel>, addr: &Bytes) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream = client
+        .get(GetRequest { addr: addr.clone() })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.message().await? {
+        out.extend_from_slice(&msg.chunk);
+    }
+    Ok(out)
+}
+
+/// One round of the workload: Get misses (after an invalidate) and hits, a NOT_FOUND, an
+/// INVALID_ARGUMENT, a Verify and a Status; every compute is verified (`--verification dual`).
+async fn round(client: &mut DerivaClient<Channel>, leaves: &(Bytes, Bytes), recipe: &Bytes) {
+    assert_eq!(put_leaf(client, b"hello ").await, leaves.0);
+    assert_eq!(concat(client, &leaves.0, &leaves.1).await, *recipe);
+    client
+        .invalidate(InvalidateRequest {
+            addr: recipe.clone(),
+            cascade: false,
+        })
+        .await
+        .unwrap();
+    // A miss (computed twice and compared), then hits.
+    for _ in 0..4 {
+        assert_eq!(get(client, recipe).await.unwrap(), b"hello world");
+    }
+    let unknown = get(client, &Bytes::from(vec![0xab; 32])).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    let short = get(client, &Bytes::from(vec![0xab; 31])).await.unwrap_err();
+    assert_eq!(short.code(), Code::InvalidArgument, "{short:?}");
+    let verified = client
+        .verify(VerifyRequest {
+            addr: recipe.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verified.deterministic, "{verified:?}");
+    client.status(StatusRequest {}).await.unwrap();
+}
+
+/// Cache lookups so far, from one scrape: (hits, misses).
+fn cache_lookups(exposition: &str) -> (f64, f64) {
+    let read = |series: &str| {
+        sample(exposition, series).unwrap_or_else(|| panic!("no {series} in:\n{exposition}"))
+    };
+    (
+        read(r#"deriva_cache_total{result="hit"}"#),
+        read(r#"deriva_cache_total{result="miss"}"#),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_design_queries_answer_from_a_real_prometheus() {
+    require("prometheus");
+    let deadline = Instant::now() + DEADLINE;
+    let server = DerivaServer::start();
+    let mut client = server.client().await;
+
+    // The workload's first round by hand: two leaves, a concat/v1 recipe, misses then hits.
+    let a = put_leaf(&mut client, b"hello ").await;
+    let b = put_leaf(&mut client, b"world").await;
+    let recipe = concat(&mut client, &a, &b).await;
+    for _ in 0..3 {
+        assert_eq!(get(&mut client, &recipe).await.unwrap(), b"hello world");
+    }
+    let status = client.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.verification_mode, "dual");
+    assert_eq!(
+        (status.verification_passed, status.verification_failed),
+        (1, 0)
+    );
+
+    // Then the same rounds, over and over, until the queries have run.
+    let one_round = {
+        let before = cache_lookups(&server.scrape().await);
+        round(&mut client, &(a.clone(), b.clone()), &recipe).await;
+        let after = cache_lookups(&server.scrape().await);
+        (after.0 - before.0, after.1 - before.1)
+    };
+    assert!(one_round.0 > 0.0 && one_round.1 > 0.0, "{one_round:?}");
+    let expected_hit_rate = one_round.0 / (one_round.0 + one_round.1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let workload = tokio::spawn({
+        let (stop, leaves, recipe) = (stop.clone(), (a.clone(), b.clone()), recipe.clone());
+        let mut client = client.clone();
+        async move {
+            let mut rounds = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                round(&mut client, &leaves, &recipe).await;
+                rounds += 1;
+                // Pacing only: a steady rate over the scrapes.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            rounds
+        }
+    });
+
+    let mut prom = Prometheus::start(&server.metrics);
+    prom.wait_ready(deadline).await;
+    prom.poll_one(r#"up{job="deriva"}"#, deadline, |v| v == 1.0)
+        .await;
+    // At least 6 scrapes in the window, so every rate has samples to work with.
+    let scrapes = prom
+        .poll_one(
+            &format!(r#"count_over_time(up{{job="deriva"}}[{WINDOW}])"#),
+            deadline,
+            |v| v >= 6.0,
+        )
+        .await;
+
+    // Stop the workload, and wait for a scrape of the idle server: the windowed rates still
+    // cover the workload, and the gauges read idle.
+    stop.store(true, Ordering::Relaxed);
+    let rounds = workload.await.unwrap();
+    assert!(rounds > 0);
+    let stopped_at = unix_now();
+    prom.poll_one("timestamp(deriva_materialize_active)", deadline, |t| {
+        t > stopped_at + 0.01
+    })
+    .await;
+
+    let mut report = vec![format!(
+        "{scrapes} scrapes in [{WINDOW}]; {rounds} workload rounds; \
+         cache hit rate of one round: {expected_hit_rate:.4}"
+    )];
+    let mut run = async |promql: String| {
+        let result = prom.query(&promql).await;
+        report.push(format!("{promql}\n  => {result:?}"));
+        result
+    };
+
+    // Request rate by method.
+    let rates = run(format!("rate(deriva_rpc_total[{WINDOW}])")).await;
+    assert!(!rates.is_empty());
+    let rate_of = |method: &str, status: &str| {
+        rates
+            .iter()
+            .find(|s| s.label("method") == method && s.label("status") == status)
+            .unwrap_or_else(|| panic!("no {method}/{status} in {rates:?}"))
+            .value
+    };
+    for (method, status) in [
+        ("get", "ok"),
+        ("get", "error"),
+        ("put_leaf", "ok"),
+        ("put_recipe", "ok"),
+        ("invalidate", "ok"),
+        ("verify", "ok"),
+        ("status", "ok"),
+    ] {
+        let r = rate_of(method, status);
+        assert!(r > 0.0 && r.is_finite(), "{method}/{status}: {r}");
+    }
+    // Per round: 4 good Gets, 2 failed ones.
+    let ratio = rate_of("get", "ok") / rate_of("get", "error");
+    assert!((1.5..=2.5).contains(&ratio), "get ok/error = {ratio}");
+    for method in ["resolve", "put_leaf", "put_recipe", "status", "verify"] {
+        assert_eq!(rate_of(method, "error"), 0.0, "{method} errors");
+    }
+
+    // p99 latency of Get: a small positive number of seconds, within the buckets.
+    let p99 = run(format!(
+        r#"histogram_quantile(0.99, rate(deriva_rpc_duration_seconds_bucket{{method="get"}}[{WINDOW}]))"#
+    ))
+    .await;
+    let [p99] = p99.as_slice() else {
+        panic!("one p99 series expected: {p99:?}")
+    };
+    assert_eq!(p99.label("method"), "get");
+    assert!(p99.value > 0.0 && p99.value <= 10.0, "{p99:?}");
+
+    // Cache hit rate over time, as the design writes it. Its `+` matches series on every label,
+    // `result` included, so `hit + miss` pairs nothing and the whole query is empty: recorded,
+    // not asserted on.
+    let literal = run(format!(
+        r#"rate(deriva_cache_total{{result="hit"}}[{WINDOW}]) /
+(rate(deriva_cache_total{{result="hit"}}[{WINDOW}]) + rate(deriva_cache_total{{result="miss"}}[{WINDOW}]))"#
+    ))
+    .await;
+    // The same query, matching the operands while ignoring `result`.
+    let hit_rate = run(format!(
+        r#"rate(deriva_cache_total{{result="hit"}}[{WINDOW}]) / ignoring(result)
+(rate(deriva_cache_total{{result="hit"}}[{WINDOW}]) + ignoring(result) rate(deriva_cache_total{{result="miss"}}[{WINDOW}]))"#
+    ))
+    .await;
+    let [hit_rate] = hit_rate.as_slice() else {
+        panic!("one hit-rate series expected: {hit_rate:?}")
+    };
+    assert!(
+        hit_rate.value > 0.0 && hit_rate.value < 1.0,
+        "hit rate {hit_rate:?}"
+    );
+    assert!(
+        (hit_rate.value - expected_hit_rate).abs() < 0.1,
+        "hit rate {} where one round gives {expected_hit_rate}",
+        hit_rate.value
+    );
+
+    // The design's shape also works on the unlabelled pair of families, and agrees.
+    let pair = run(format!(
+        "rate(deriva_cache_hit_total[{WINDOW}]) /
+(rate(deriva_cache_hit_total[{WINDOW}]) + rate(deriva_cache_miss_total[{WINDOW}]))"
+    ))
+    .await;
+    let [pair] = pair.as_slice() else {
+        panic!("one hit-rate series expected: {pair:?}")
+    };
+    assert!(
+        (pair.value - hit_rate.value).abs() < 1e-9,
+        "{pair:?} vs {hit_rate:?}"
+    );
+
+    // p95 compute time by function: concat/v1 is the only function that ran.
+    let p95 = run(format!(
+        "histogram_quantile(0.95, rate(deriva_compute_duration_seconds_bucket[{WINDOW}]))"
+    ))
+    .await;
+    let concat_p95 = series(&p95, "function", "concat/v1");
+    assert!(
+        concat_p95.value > 0.0 && concat_p95.value <= 5.0,
+        "{concat_p95:?}"
+    );
+    for s in &p95 {
+        assert_eq!(
+            s.label("function"),
+            "concat/v1",
+            "only concat/v1 ran: {p95:?}"
+        );
+    }
+
+    // Active materializations: none on an idle server.
+    let active = run("deriva_materialize_active".to_owned()).await;
+    let [active] = active.as_slice() else {
+        panic!("one series expected: {active:?}")
+    };
+    assert_eq!(active.value, 0.0, "{active:?}");
+
+    // Verification failure rate, as the design writes it: `/` matches on every label, so it
+    // divides the fail rate by itself (0/0, NaN, while nothing fails). Recorded, not asserted on.
+    let literal_failures = run(format!(
+        r#"rate(deriva_verification_total{{result="fail"}}[{WINDOW}]) /
+rate(deriva_verification_total[{WINDOW}])"#
+    ))
+    .await;
+    // Fails over all verifications: there were verifications in the window, none failed.
+    let verified = run(format!("sum(rate(deriva_verification_total[{WINDOW}]))")).await;
+    let [verified] = verified.as_slice() else {
+        panic!("{verified:?}")
+    };
+    assert!(verified.value > 0.0, "no verification in the window");
+    let failure_rate = run(format!(
+        r#"rate(deriva_verification_total{{result="fail"}}[{WINDOW}]) / ignoring(result)
+sum without(result) (rate(deriva_verification_total[{WINDOW}]))"#
+    ))
+    .await;
+    let [failure_rate] = failure_rate.as_slice() else {
+        panic!("one failure-rate series expected: {failure_rate:?}")
+    };
+    assert_eq!(failure_rate.value, 0.0, "{failure_rate:?}");
+
+    eprintln!("{}", report.join("\n"));
+    eprintln!("design's literal hit-rate query: {literal:?}");
+    eprintln!("design's literal verification failure-rate query: {literal_failures:?}");
+    assert!(
+        !server.stderr().contains(" ERROR "),
+        "the server logged errors:\n{}",
+        server.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_accepts_the_exposition() {
+    require("promtool");
+    let server = DerivaServer::start();
+    let mut client = server.client().await;
+    // Every family present: leaves, a verified compute, hits, errors.
+    let a = put_leaf(&mut client, b"hello ").await;
+    let b = put_leaf(&mut client, b"world").await;
+    let recipe = concat(&mut client, &a, &b).await;
+    round(&mut client, &(a, b), &recipe).await;
+    let text = server.scrape().await;
+    assert!(text.contains("deriva_verification_total{"), "{text}");
+
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start promtool");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    eprintln!(
+        "promtool check metrics: {}\nstdout: {stdout:?}\nstderr: {stderr:?}",
+        out.status
+    );
+    assert!(
+        out.status.success() && stdout.trim().is_empty() && stderr.trim().is_empty(),
+        "promtool check metrics found problems ({}):\n{stdout}{stderr}\nin:\n{text}",
+        out.status
+    );
+}
+
+/// The query encoder leaves nothing PromQL needs unescaped.
+#[test]
+fn percent_encoding_covers_promql() {
+    assert_eq!(
+        percent_encode(r#"rate(x{a="b"}[30s]) / y"#),
+        "rate%28x%7Ba%3D%22b%22%7D%5B30s%5D%29%20%2F%20y"
+    );
+}
