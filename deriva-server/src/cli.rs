@@ -123,6 +123,9 @@ pub enum Command {
         /// The address of a recipe (64 hex characters).
         addr: String,
     },
+    /// Load-test the server: prepare data, run a workload from concurrent clients, report
+    /// throughput and latency (p50/p99/p999).
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Why a command failed.
@@ -380,8 +383,9 @@ fn emit(text: &str) -> Result<(), CliError> {
 pub struct Target {
     /// The server URL as given.
     pub url: String,
-    /// `traceparent`: a fresh trace id and span id, sampled.
-    pub traceparent: MetadataValue<Ascii>,
+    /// `traceparent`: a fresh trace id and span id, sampled; `None` sends none (bench), leaving
+    /// the sampling decision to the server.
+    pub traceparent: Option<MetadataValue<Ascii>>,
     /// The trace id of this command (32 hex characters).
     pub trace_id: String,
     /// Whether to ask the server to sample whatever its ratio (`x-deriva-trace: force`).
@@ -398,7 +402,7 @@ impl Target {
             .expect("hex and dashes are valid metadata");
         Self {
             url: url.to_owned(),
-            traceparent,
+            traceparent: Some(traceparent),
             trace_id,
             force,
         }
@@ -408,7 +412,7 @@ impl Target {
 /// Adds the command's trace context to every request.
 #[derive(Debug, Clone)]
 pub struct TraceContext {
-    traceparent: MetadataValue<Ascii>,
+    traceparent: Option<MetadataValue<Ascii>>,
     force: bool,
 }
 
@@ -417,9 +421,11 @@ impl Interceptor for TraceContext {
         &mut self,
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert("traceparent", self.traceparent.clone());
+        if let Some(traceparent) = &self.traceparent {
+            request
+                .metadata_mut()
+                .insert("traceparent", traceparent.clone());
+        }
         if self.force {
             request
                 .metadata_mut()
@@ -563,6 +569,22 @@ pub async fn run(args: CliArgs) -> Result<(), CliError> {
                 .map_err(|s| CliError::rpc("status", s))?
                 .into_inner();
             emit(&format_status(&answer))
+        }
+        Command::Bench(bench) => {
+            let target = Target {
+                traceparent: None,
+                ..server
+            };
+            let report = crate::bench::run(&target, &bench).await?;
+            if bench.json {
+                let json = serde_json::to_string_pretty(&report).map_err(|e| CliError::Failed {
+                    context: "bench".into(),
+                    message: e.to_string(),
+                })?;
+                emit(&format!("{json}\n"))
+            } else {
+                emit(&report.text())
+            }
         }
         Command::Verify { addr } => {
             let addr = parse_addr("verify", &addr)?;

@@ -11,6 +11,7 @@
 //! - [`proto`]: the generated code for `proto/deriva.proto`, client included.
 //! - [`cli`]: the `deriva` client commands.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod error;

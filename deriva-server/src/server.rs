@@ -11,7 +11,6 @@ use deriva_core::{DerivaError, Store};
 use futures::FutureExt;
 use opentelemetry::metrics::Meter;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use tracing::Dispatch;
 
@@ -138,7 +137,11 @@ impl Server {
             .layer(OversizeLayer { limit })
             .add_service(health_service)
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stop_accepting);
+            .serve_with_incoming_shutdown(
+                // No Nagle delay: small replies would otherwise wait for the peer's delayed ACK.
+                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                stop_accepting,
+            );
         let http_shutdown = shutdown.clone();
         let http_serving = async {
             match http {

@@ -592,3 +592,52 @@ fn every_request_carries_the_commands_trace_context_and_trace_prints_its_id() {
     let out = run(server.deriva(&["status"]), None);
     assert!(!out.stderr.contains("trace id"));
 }
+
+#[test]
+fn bench_runs_every_workload_and_reports_json() {
+    let server = ServerProc::start();
+    for workload in ["cached-get", "leaf-get", "compute-get", "put-leaf", "mixed"] {
+        let out = server.ok(&[
+            "bench",
+            "--workload",
+            workload,
+            "--requests",
+            "40",
+            "--concurrency",
+            "4",
+            "--json",
+        ]);
+        let report: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{workload}: {e}: {out}"));
+        assert_eq!(report["workload"], workload);
+        assert_eq!(report["requests"], 40, "{out}");
+        assert_eq!(report["errors"], 0, "{out}");
+        assert!(report["throughput_rps"].as_f64().unwrap() > 0.0);
+        let latency = &report["latency_us"];
+        assert!(latency["p50"].as_u64().unwrap() <= latency["p99"].as_u64().unwrap());
+        assert!(latency["p99"].as_u64().unwrap() <= latency["max"].as_u64().unwrap());
+        assert!(report["setup"].as_str().unwrap().len() > 10);
+    }
+    // compute-get really computes: the server's recipe count grows by the requests.
+    let status = server.ok(&["status"]);
+    let recipes: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("recipe_count: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(recipes >= 40, "{status}");
+    // Text mode, by duration.
+    let text = server.ok(&[
+        "bench",
+        "--workload",
+        "cached-get",
+        "--duration",
+        "300ms",
+        "-c",
+        "2",
+    ]);
+    for needle in ["workload:", "throughput:", "req/s", "p50", "p99", "p999"] {
+        assert!(text.contains(needle), "{needle} missing in\n{text}");
+    }
+}

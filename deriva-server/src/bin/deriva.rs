@@ -10,7 +10,7 @@ use deriva_server::cli::{self, CliArgs};
 
 fn main() -> ExitCode {
     let args = CliArgs::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
