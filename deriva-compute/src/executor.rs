@@ -139,6 +139,8 @@ type FlightFuture = BoxFuture<'static, FlightOutput>;
 struct Flight {
     id: u64,
     shared: WeakShared<FlightFuture>,
+    /// The `materialize` span of the call that started it, for joiners to link to.
+    span: Span,
 }
 
 struct Inner {
@@ -300,6 +302,7 @@ impl AsyncExecutor {
             hit
         });
         if let Some(hit) = hit {
+            self.inner.stats.record_saved(hit.cost);
             return Ok((hit.data, Outcome::Hit));
         }
         self.join_or_start(addr, depth, tracker).await
@@ -313,14 +316,22 @@ impl AsyncExecutor {
         tracker: Arc<DepthTracker>,
     ) -> Shared<FlightFuture> {
         let mut inflight = self.inner.inflight.lock();
-        if let Some(shared) = inflight.get(&addr).and_then(|f| f.shared.upgrade()) {
+        if let Some(flight) = inflight.get(&addr)
+            && let Some(shared) = flight.shared.upgrade()
+        {
+            // Show why this call waits: an event, and a link (`follows_from`, an OpenTelemetry
+            // span link) to the span doing the work.
+            let leader = flight.span.clone();
             drop(inflight);
-            tracing::debug!(%addr, "joined an in-flight materialization");
+            let current = Span::current();
+            current.follows_from(&leader);
+            tracing::info!(%addr, "joined an in-flight materialization");
             return shared;
         }
         let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
         let this = self.clone();
         let span = Span::current();
+        let leader_span = span.clone();
         // The span is entered and dropped inside the task's poll, where `with_current_subscriber`
         // makes the caller's subscriber the default: tracing-subscriber closes a parent span
         // through the thread's default subscriber, so a span dropped elsewhere would keep its
@@ -339,7 +350,14 @@ impl AsyncExecutor {
         let weak = shared
             .downgrade()
             .expect("a fresh Shared has not completed");
-        inflight.insert(addr, Flight { id, shared: weak });
+        inflight.insert(
+            addr,
+            Flight {
+                id,
+                shared: weak,
+                span: leader_span,
+            },
+        );
         shared
     }
 

@@ -28,7 +28,9 @@
 //! | `verify_recipe` | `addr`, `deterministic` | the caller's span (an explicit verification) |
 //!
 //! A compute slower than 1 s (configurable) logs a WARN; a determinism violation logs an ERROR
-//! naming the function.
+//! naming the function. A call that joins another call's in-flight materialization logs an INFO
+//! event and `follows_from` the computing span, which the OpenTelemetry layer exports as a span
+//! link.
 //!
 //! ## Metric families
 //!
@@ -47,6 +49,7 @@
 //! | `deriva_cache_size_bytes` | gauge | – | bytes cached |
 //! | `deriva_cache_entries` | gauge | – | entries cached |
 //! | `deriva_cache_hit_rate` | gauge | – | hits / lookups since start (0–1); use `deriva_cache_total` for windowed rates |
+//! | `deriva_cache_saved_seconds_total` | counter | – | compute time avoided: the recorded compute cost of every entry served from the cache |
 //! | `deriva_compute_duration_seconds` | histogram | `function` | 0.0001, 0.001, 0.01, 0.05, 0.1, 0.5, 1, 5 |
 //! | `deriva_compute_input_bytes` | histogram | `function` | 64 B, 1 KiB, 16 KiB, 64 KiB, 256 KiB, 1 MiB, 4 MiB, 16 MiB, 64 MiB, 256 MiB, 1 GiB |
 //! | `deriva_compute_output_bytes` | histogram | `function` | as input bytes |

@@ -79,6 +79,7 @@ impl Outcome {
 #[derive(Debug, Default)]
 pub struct ExecStats {
     outcomes: [AtomicU64; 4],
+    saved_nanos: AtomicU64,
     active: AtomicI64,
     verify_pass: AtomicU64,
     verify_fail: AtomicU64,
@@ -92,6 +93,17 @@ impl ExecStats {
 
     pub(crate) fn record(&self, outcome: Outcome) {
         self.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Compute time that cache hits avoided: the sum of the recorded compute cost of every
+    /// entry served from the cache.
+    pub fn saved(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.saved_nanos.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn record_saved(&self, cost: std::time::Duration) {
+        let nanos = u64::try_from(cost.as_nanos()).unwrap_or(u64::MAX);
+        self.saved_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
     /// Materialize calls in progress now (every level of a recipe tree counts).
@@ -164,6 +176,7 @@ pub struct ComputeMetrics {
     _gauges_u64: Vec<ObservableGauge<u64>>,
     _gauges_f64: Vec<ObservableGauge<f64>>,
     _gauge_active: ObservableGauge<i64>,
+    _saved: ObservableCounter<f64>,
 }
 
 impl ComputeMetrics {
@@ -269,6 +282,14 @@ impl ComputeMetrics {
             .with_callback(move |o| o.observe(e.active(), &[]))
             .build();
 
+        let e = exec.clone();
+        let saved = meter
+            .f64_observable_counter("deriva.cache.saved")
+            .with_unit("s")
+            .with_description("Compute time avoided by cache hits: the recorded compute cost of each entry served from the cache")
+            .with_callback(move |o| o.observe(e.saved().as_secs_f64(), &[]))
+            .build();
+
         Self {
             materialize_duration: meter
                 .f64_histogram("deriva.materialize.duration")
@@ -304,6 +325,7 @@ impl ComputeMetrics {
             _gauges_u64: vec![size, entries],
             _gauges_f64: vec![hit_rate, failure_rate],
             _gauge_active: active,
+            _saved: saved,
         }
     }
 

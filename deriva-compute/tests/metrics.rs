@@ -197,6 +197,7 @@ async fn every_family_has_its_documented_name_and_type() {
         ("deriva_compute_input_bytes", "histogram"),
         ("deriva_compute_output_bytes", "histogram"),
         ("deriva_verification_total", "counter"),
+        ("deriva_cache_saved_seconds_total", "counter"),
         ("deriva_verification_failure_rate", "gauge"),
     ];
     for (name, kind) in expected {
@@ -213,4 +214,31 @@ async fn every_family_has_its_documented_name_and_type() {
         "unexpected families: {families:?}"
     );
     assert!(!text.contains("otel_scope"), "no otel_scope_* labels");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saved_seconds_grow_by_the_hit_entrys_compute_cost() {
+    let mut reg = FunctionRegistry::with_builtins();
+    reg.register(fid("slow/v1"), Slow::new(Duration::from_millis(30)));
+    let h = Harness::with(reg, ExecutorConfig::default(), 1 << 20);
+    let a = h.leaf(b"a");
+    let r = h.recipe("slow/v1", &[a], &[]);
+    h.exec.materialize(r).await.unwrap();
+    assert_eq!(
+        h.sample("deriva_cache_saved_seconds_total"),
+        Some(0.0),
+        "a miss saves nothing"
+    );
+    // The entry's recorded cost (read without counting a materialization).
+    let cost = h.exec.cache().get(&r).unwrap().cost;
+    assert!(cost >= Duration::from_millis(30));
+    h.exec.materialize(r).await.unwrap();
+    assert_eq!(h.exec.stats().saved(), cost);
+    h.exec.materialize(r).await.unwrap();
+    assert_eq!(h.exec.stats().saved(), cost * 2);
+    let saved = h.sample("deriva_cache_saved_seconds_total").unwrap();
+    assert!(
+        (saved - (cost * 2).as_secs_f64()).abs() < 1e-9,
+        "{saved} vs {cost:?}"
+    );
 }

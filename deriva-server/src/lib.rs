@@ -22,6 +22,7 @@ pub mod rpc_layer;
 pub mod server;
 pub mod service;
 pub mod telemetry;
+pub mod trace_store;
 
 /// Generated from `proto/deriva.proto`.
 #[allow(missing_docs, clippy::all, missing_debug_implementations)]

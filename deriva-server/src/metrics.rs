@@ -27,7 +27,7 @@ pub const RPC_DURATION_BUCKETS: [f64; 9] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 
 pub const DAG_INSERT_BUCKETS: [f64; 9] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0];
 
 /// The RPCs of `service Deriva`: (gRPC method name, `method` label).
-pub const METHODS: [(&str, &str); 7] = [
+pub const METHODS: [(&str, &str); 8] = [
     ("PutLeaf", "put_leaf"),
     ("PutRecipe", "put_recipe"),
     ("Get", "get"),
@@ -35,6 +35,7 @@ pub const METHODS: [(&str, &str); 7] = [
     ("Invalidate", "invalidate"),
     ("Status", "status"),
     ("Verify", "verify"),
+    ("Explain", "explain"),
 ];
 
 /// Index of a gRPC method in [`METHODS`].
@@ -44,9 +45,9 @@ pub fn method_index(grpc_method: &str) -> Option<usize> {
 
 #[derive(Debug, Default)]
 struct RpcCounts {
-    ok: [AtomicU64; 7],
-    error: [AtomicU64; 7],
-    active: [AtomicI64; 7],
+    ok: [AtomicU64; 8],
+    error: [AtomicU64; 8],
+    active: [AtomicI64; 8],
 }
 
 /// The server's instruments.
@@ -60,7 +61,7 @@ struct Inner {
     counts: Arc<RpcCounts>,
     rpc_duration: Histogram<f64>,
     dag_insert: Histogram<f64>,
-    method_attrs: [[KeyValue; 1]; 7],
+    method_attrs: [[KeyValue; 1]; 8],
     _counter: ObservableCounter<u64>,
     _gauges: Vec<ObservableGauge<u64>>,
     _active: ObservableGauge<i64>,

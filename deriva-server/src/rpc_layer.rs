@@ -35,7 +35,7 @@ use crate::metrics::{METHODS, RpcTimer, ServerMetrics, method_index};
 /// The gRPC path prefix of `service Deriva`.
 const SERVICE_PREFIX: &str = "/deriva.Deriva/";
 /// OTel span names, in [`METHODS`] order.
-const SPAN_NAMES: [&str; 7] = [
+const SPAN_NAMES: [&str; 8] = [
     "deriva.Deriva/PutLeaf",
     "deriva.Deriva/PutRecipe",
     "deriva.Deriva/Get",
@@ -43,6 +43,7 @@ const SPAN_NAMES: [&str; 7] = [
     "deriva.Deriva/Invalidate",
     "deriva.Deriva/Status",
     "deriva.Deriva/Verify",
+    "deriva.Deriva/Explain",
 ];
 /// Longest `x-request-id` honored; longer ones are replaced.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
@@ -125,6 +126,9 @@ where
             let sc = cx.span().span_context().clone();
             sc.is_valid().then(|| sc.trace_id().to_string())
         };
+        if let Some(id) = &trace_id {
+            span.record("trace_id", id.as_str());
+        }
         let timer = self.metrics.start(index);
         let end = CallEnd {
             timer: Some(timer),
@@ -190,6 +194,7 @@ fn rpc_span(index: usize, request_id: &str, headers: &HeaderMap) -> Span {
         rpc.method = method,
         rpc.grpc.status_code = Empty,
         request_id = request_id,
+        trace_id = Empty,
         deriva.force_trace = force,
     );
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));

@@ -21,6 +21,7 @@ use crate::metrics::ServerMetrics;
 use crate::proto::deriva_server::DerivaServer;
 use crate::rpc_layer::RpcLayer;
 use crate::service::DerivaService;
+use crate::trace_store::TraceStore;
 
 /// Why serving stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,7 @@ pub struct Server {
     metrics: ServerMetrics,
     registry: Option<prometheus::Registry>,
     dispatch: Option<Dispatch>,
+    traces: Option<TraceStore>,
 }
 
 impl Server {
@@ -76,12 +78,20 @@ impl Server {
             metrics,
             registry: None,
             dispatch: None,
+            traces: None,
         })
     }
 
     /// Serves `registry` on `/metrics` (the registry the meter's Prometheus reader writes to).
     pub fn with_registry(mut self, registry: prometheus::Registry) -> Self {
         self.registry = Some(registry);
+        self
+    }
+
+    /// Answers `Explain` and `/debug/traces` from `traces` (filled by the subscriber's
+    /// [`TraceStore::layer`]).
+    pub fn with_trace_store(mut self, traces: TraceStore) -> Self {
+        self.traces = Some(traces);
         self
     }
 
@@ -113,11 +123,14 @@ impl Server {
         let ready = Arc::new(AtomicBool::new(false));
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<DerivaServer<DerivaService>>().await;
-        let service = DerivaServer::new(DerivaService::new(
-            self.exec.clone(),
-            self.config.chunk_bytes,
-            self.metrics.clone(),
-        ))
+        let service = DerivaServer::new(
+            DerivaService::new(
+                self.exec.clone(),
+                self.config.chunk_bytes,
+                self.metrics.clone(),
+            )
+            .with_trace_store(self.traces.clone()),
+        )
         .max_decoding_message_size(limit);
 
         let shutdown = shutdown.boxed().shared();
@@ -151,6 +164,7 @@ impl Server {
                         exec: self.exec.clone(),
                         started: Instant::now(),
                         ready: ready.clone(),
+                        traces: self.traces.clone(),
                     };
                     crate::http::serve(listener, state, http_shutdown)
                         .await

@@ -12,6 +12,10 @@ use tonic::{Request, Response, Status};
 
 use crate::error::{ApiError, ApiResult, parse_addr};
 use crate::metrics::ServerMetrics;
+use crate::trace_store::TraceStore;
+
+/// How long `Explain` waits for a trace that is still finishing.
+const EXPLAIN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::proto::deriva_server::Deriva;
 use crate::proto::*;
 
@@ -21,6 +25,7 @@ pub struct DerivaService {
     exec: AsyncExecutor,
     chunk_bytes: usize,
     metrics: ServerMetrics,
+    traces: Option<TraceStore>,
 }
 
 /// The stream type of `Get`.
@@ -33,7 +38,62 @@ impl DerivaService {
             exec,
             chunk_bytes: chunk_bytes.max(1),
             metrics,
+            traces: None,
         }
+    }
+
+    /// Answers `Explain` from `traces`.
+    pub fn with_trace_store(mut self, traces: Option<TraceStore>) -> Self {
+        self.traces = traces;
+        self
+    }
+
+    async fn explain_inner(&self, req: ExplainRequest) -> Result<ExplainResponse, Status> {
+        let Some(traces) = &self.traces else {
+            return Err(Status::failed_precondition(
+                "this server keeps no traces (the trace store is off)",
+            ));
+        };
+        let id = req.trace_id.trim();
+        if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument(format!(
+                "trace_id: a trace id is 32 hex characters, got {:?}",
+                id.chars().take(40).collect::<String>()
+            )));
+        }
+        // The request being explained may still be closing its span.
+        let Some(trace) = traces.wait_for(id, EXPLAIN_PATIENCE).await else {
+            return Err(Status::not_found(format!(
+                "trace {id} is not among the recent, slowest or failed requests this server keeps"
+            )));
+        };
+        Ok(ExplainResponse {
+            trace_id: trace.trace_id.clone(),
+            request_id: trace.request_id.clone(),
+            method: trace.method.clone(),
+            status_code: trace.status_code,
+            duration_us: trace.duration_us,
+            dropped_spans: trace.dropped_spans,
+            spans: trace
+                .spans
+                .iter()
+                .map(|s| TraceSpan {
+                    id: s.id,
+                    parent: s.parent.unwrap_or(0),
+                    name: s.name.to_owned(),
+                    fields: s
+                        .fields
+                        .iter()
+                        .map(|(k, v)| TraceField {
+                            key: k.clone(),
+                            value: v.clone(),
+                        })
+                        .collect(),
+                    start_us: s.start_us,
+                    duration_us: s.duration_us,
+                })
+                .collect(),
+        })
     }
 
     /// Runs blocking store work (fsync, redb) off the async workers, inside the current span.
@@ -211,6 +271,15 @@ impl Deriva for DerivaService {
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         reply(Ok(self.status_inner()))
+    }
+
+    async fn explain(
+        &self,
+        request: Request<ExplainRequest>,
+    ) -> Result<Response<ExplainResponse>, Status> {
+        self.explain_inner(request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn verify(

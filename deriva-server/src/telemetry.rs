@@ -20,10 +20,14 @@ use opentelemetry_sdk::trace::{
     Sampler, SamplingDecision, SamplingResult, SdkTracerProvider, ShouldSample,
 };
 use parking_lot::Mutex;
+use tracing::Level;
 use tracing::{Dispatch, Subscriber};
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Layer as _, SubscriberExt};
+
+use crate::trace_store::TraceStore;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{EnvFilter, fmt as tfmt};
 
@@ -58,6 +62,9 @@ pub struct TelemetryConfig {
     pub log_filter: Option<String>,
     /// How often OTLP metrics are pushed.
     pub metric_export_interval: Duration,
+    /// How many recent requests the in-process trace store keeps (see
+    /// [`crate::trace_store`]).
+    pub trace_store_capacity: usize,
 }
 
 impl Default for TelemetryConfig {
@@ -69,6 +76,7 @@ impl Default for TelemetryConfig {
             log_format: LogFormat::Text,
             log_filter: None,
             metric_export_interval: Duration::from_secs(15),
+            trace_store_capacity: 256,
         }
     }
 }
@@ -104,6 +112,7 @@ pub struct Telemetry {
     registry: prometheus::Registry,
     meter_provider: SdkMeterProvider,
     tracer_provider: SdkTracerProvider,
+    traces: TraceStore,
     config: TelemetryConfig,
 }
 
@@ -167,6 +176,7 @@ impl Telemetry {
             registry,
             meter_provider: meters.build(),
             tracer_provider: tracers.build(),
+            traces: TraceStore::new(config.trace_store_capacity),
             config,
         })
     }
@@ -179,6 +189,11 @@ impl Telemetry {
     /// A meter for Deriva's instruments.
     pub fn meter(&self) -> Meter {
         self.meter_provider.meter("deriva")
+    }
+
+    /// The in-process store of recent request traces, filled by the subscriber's layer.
+    pub fn traces(&self) -> &TraceStore {
+        &self.traces
     }
 
     /// The tracer provider (for flushing in tests).
@@ -214,18 +229,23 @@ impl Telemetry {
             .with_threads(false)
             .with_location(false)
             .with_tracked_inactivity(false);
+        // Log verbosity must not decide what is traced: the filter from RUST_LOG applies to the
+        // log lines only, while the OpenTelemetry layer and the trace store see every span of
+        // Deriva's own crates.
+        let spans = Targets::new()
+            .with_target("deriva_server", Level::INFO)
+            .with_target("deriva_compute", Level::INFO)
+            .with_target("deriva_core", Level::INFO);
+        let registry = tracing_subscriber::registry()
+            .with(otel.with_filter(spans.clone()))
+            .with(self.traces.layer().with_filter(spans));
         let fmt_layer = tfmt::layer().with_writer(writer).with_ansi(false);
         let dispatch = match self.config.log_format {
             LogFormat::Text => {
                 let fmt_layer = fmt_layer.event_format(WithTraceIds(
                     tfmt::format().with_timer(tfmt::time::uptime()),
                 ));
-                Dispatch::new(
-                    tracing_subscriber::registry()
-                        .with(filter)
-                        .with(otel)
-                        .with(fmt_layer),
-                )
+                Dispatch::new(registry.with(fmt_layer.with_filter(filter)))
             }
             LogFormat::Json => {
                 let fmt_layer = fmt_layer
@@ -236,12 +256,7 @@ impl Telemetry {
                             .with_current_span(true)
                             .with_span_list(false),
                     ));
-                Dispatch::new(
-                    tracing_subscriber::registry()
-                        .with(filter)
-                        .with(otel)
-                        .with(fmt_layer),
-                )
+                Dispatch::new(registry.with(fmt_layer.with_filter(filter)))
             }
         };
         Ok(dispatch)

@@ -641,3 +641,59 @@ fn bench_runs_every_workload_and_reports_json() {
         assert!(text.contains(needle), "{needle} missing in\n{text}");
     }
 }
+
+#[test]
+fn get_explain_prints_the_materialization_tree() {
+    let server = ServerProc::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, c) = (dir.path().join("a"), dir.path().join("c"));
+    std::fs::write(&a, b"hello ").unwrap();
+    std::fs::write(&c, b"dlrow").unwrap();
+    let a = server.addr(&["put", a.to_str().unwrap()]);
+    let c = server.addr(&["put", c.to_str().unwrap()]);
+    let cached = server.addr(&["recipe", "reverse", "v1", "-i", &c]);
+    server.ok(&["get", &cached]); // now cached
+    let computed = server.addr(&["recipe", "uppercase", "v1", "-i", &a]);
+    let top = server.addr(&["recipe", "concat", "v1", "-i", &cached, "-i", &computed]);
+
+    let out = run(server.deriva(&["get", &top, "--explain"]), None);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout, b"worldHELLO ");
+    let tree: Vec<&str> = out.stderr.lines().collect();
+    assert!(tree[0].starts_with("Get trace "), "{tree:#?}");
+    assert!(tree.last().unwrap().starts_with("total "), "{tree:#?}");
+    assert!(
+        tree.iter().all(|l| l.chars().count() <= 80),
+        "80 columns: {tree:#?}"
+    );
+    let steps: Vec<String> = tree[1..tree.len() - 1]
+        .iter()
+        .map(|l| {
+            // The step without its right-aligned duration.
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let keep = if matches!(words.last(), Some(&("ms" | "µs" | "s"))) {
+                words.len() - 2
+            } else {
+                words.len()
+            };
+            let indent = l.len() - l.trim_start().len();
+            format!("{}{}", " ".repeat(indent), words[..keep].join(" "))
+        })
+        .collect();
+    let expected = [
+        format!("  materialize {} computed", &top[..8]),
+        "    cache miss".to_owned(),
+        format!("    materialize {} hit", &cached[..8]),
+        "      cache hit".to_owned(),
+        format!("    materialize {} computed", &computed[..8]),
+        "      cache miss".to_owned(),
+        format!("      materialize {} leaf", &a[..8]),
+        "        cache miss".to_owned(),
+        "        leaf read".to_owned(),
+        "      compute uppercase/v1 6 B → 6 B".to_owned(),
+        "      cache put 6 B".to_owned(),
+        "    compute concat/v1 11 B → 11 B".to_owned(),
+        "    cache put 11 B".to_owned(),
+    ];
+    assert_eq!(steps, expected, "\n{}", out.stderr);
+}

@@ -11,9 +11,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{families, http_get, sample};
-use deriva_core::CAddr;
+use deriva_compute::{ComputeFunction, FunctionError, FunctionRegistry};
+use deriva_core::{CAddr, FunctionId, Params};
 use deriva_server::proto::deriva_client::DerivaClient;
-use deriva_server::proto::{GetRequest, PutLeafRequest, PutRecipeRequest, StatusRequest};
+use deriva_server::proto::{
+    ExplainRequest, GetRequest, PutLeafRequest, PutRecipeRequest, StatusRequest,
+};
 use deriva_server::telemetry::{LogFormat, Telemetry, TelemetryConfig};
 use deriva_server::{Config, Server};
 use fake_opentelemetry_collector::FakeCollectorServer;
@@ -63,6 +66,10 @@ struct Obs {
 
 impl Obs {
     async fn start(telemetry: TelemetryConfig) -> Self {
+        Self::start_with(telemetry, FunctionRegistry::with_builtins()).await
+    }
+
+    async fn start_with(telemetry: TelemetryConfig, functions: FunctionRegistry) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let telemetry = Telemetry::new(TelemetryConfig {
             log_filter: Some("info".into()),
@@ -75,9 +82,10 @@ impl Obs {
             data_dir: dir.path().to_owned(),
             ..Config::default()
         };
-        let server = Server::open(config, &telemetry.meter())
+        let server = Server::open_with(config, functions, &telemetry.meter())
             .unwrap()
             .with_registry(telemetry.registry().clone())
+            .with_trace_store(telemetry.traces().clone())
             .with_dispatch(dispatch);
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -320,7 +328,7 @@ async fn full_flow_shows_every_documented_family_as_the_readme_says() {
             )
         })
         .collect();
-    assert_eq!(documented.len(), 23, "README metrics table rows");
+    assert_eq!(documented.len(), 24, "README metrics table rows");
     for (name, kind, buckets) in &documented {
         let found = live
             .iter()
@@ -691,5 +699,163 @@ async fn text_log_lines_inside_a_request_carry_trace_and_span_ids() {
         .find(|l| l.contains("rpc finished") && l.contains(&format!("trace_id={trace_id}")));
     let line = line.unwrap_or_else(|| panic!("no text line with trace_id={trace_id}:\n{logs}"));
     assert!(line.contains(" span_id="), "{line}");
+    obs.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_traces_returns_the_same_tree_as_explain() {
+    let mut obs = Obs::plain().await;
+    let a = obs.put(b"hello ").await;
+    let c = obs.put(b"dlrow").await;
+    let b = obs.recipe("reverse", &[&c]).await;
+    let top = obs.recipe("concat", &[&a, &b]).await;
+    obs.get(get_req(&b)).await.unwrap(); // one input cached, the other a leaf
+    let (_, meta) = obs.get(get_req(&top)).await.unwrap();
+    let trace_id = meta.get("x-trace-id").unwrap().to_str().unwrap().to_owned();
+
+    let explained = obs
+        .client
+        .explain(ExplainRequest {
+            trace_id: trace_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(explained.method, "Get");
+    let names: Vec<&str> = explained.spans.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names.iter().filter(|n| **n == "materialize").count(),
+        3,
+        "{names:?}"
+    );
+
+    let listed = http_get(&obs.http, "/debug/traces").await.unwrap();
+    assert_eq!(listed.status, 200);
+    let lists: serde_json::Value = serde_json::from_str(&listed.body).unwrap();
+    assert!(
+        lists["recent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["trace_id"] == trace_id.as_str())
+    );
+
+    let one = http_get(&obs.http, &format!("/debug/traces/{trace_id}"))
+        .await
+        .unwrap();
+    assert_eq!(one.status, 200);
+    let json: serde_json::Value = serde_json::from_str(&one.body).unwrap();
+    let spans = json["spans"].as_array().unwrap();
+    assert_eq!(spans.len(), explained.spans.len());
+    for (http_span, rpc_span) in spans.iter().zip(&explained.spans) {
+        assert_eq!(http_span["name"], rpc_span.name.as_str());
+        assert_eq!(http_span["id"], rpc_span.id);
+        assert_eq!(http_span["parent"].as_u64().unwrap_or(0), rpc_span.parent);
+        assert_eq!(http_span["duration_us"], rpc_span.duration_us);
+    }
+    let unknown = obs
+        .client
+        .explain(ExplainRequest {
+            trace_id: "0".repeat(32),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    let bad = obs
+        .client
+        .explain(ExplainRequest {
+            trace_id: "xyz".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    obs.stop().await;
+}
+
+/// Sleeps, then copies its input.
+struct Sleepy;
+
+impl ComputeFunction for Sleepy {
+    fn compute(&self, inputs: &[Bytes], _: &Params) -> Result<Bytes, FunctionError> {
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(inputs.concat().into())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_materialization_links_to_the_computing_span() {
+    let mut collector = FakeCollectorServer::start().await.unwrap();
+    let mut functions = FunctionRegistry::with_builtins();
+    functions.register(FunctionId::new("sleepy", "v1").unwrap(), Sleepy);
+    let mut obs = Obs::start_with(
+        TelemetryConfig {
+            otlp_endpoint: Some(collector.endpoint()),
+            sample_ratio: 0.0,
+            ..TelemetryConfig::default()
+        },
+        functions,
+    )
+    .await;
+    let a = obs.put(b"x").await;
+    let slow = obs.recipe("sleepy", &[&a]).await;
+    let forced = || {
+        let mut req = get_req(&slow);
+        req.metadata_mut()
+            .insert("x-deriva-trace", MetadataValue::from_static("force"));
+        req
+    };
+    let mut second = obs.client.clone();
+    let (first, joined) = tokio::join!(obs.get(forced()), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let resp = second.get(forced()).await?;
+        let mut stream = resp.into_inner();
+        while stream.message().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    });
+    first.unwrap();
+    joined.unwrap();
+    obs.telemetry.tracer_provider().force_flush().unwrap();
+    let spans = collector.exported_spans(10, Duration::from_secs(10)).await;
+    let computing = spans
+        .iter()
+        .find(|s| {
+            s.name == "materialize"
+                && spans
+                    .iter()
+                    .any(|c| c.name == "compute" && c.parent_span_id == s.span_id)
+        })
+        .expect("the computing materialize span");
+    // The other top-level materialize: a direct child of the second request's RPC span.
+    let rpc_ids: Vec<&str> = spans
+        .iter()
+        .filter(|s| s.name == "deriva.Deriva/Get")
+        .map(|s| s.span_id.as_str())
+        .collect();
+    assert_eq!(rpc_ids.len(), 2, "both requests were forced");
+    let joiner = spans
+        .iter()
+        .find(|s| {
+            s.name == "materialize"
+                && s.span_id != computing.span_id
+                && rpc_ids.contains(&s.parent_span_id.as_str())
+        })
+        .expect("the joining materialize span");
+    assert!(
+        joiner
+            .links
+            .iter()
+            .any(|l| l.span_id == computing.span_id && l.trace_id == computing.trace_id),
+        "joiner links {:?}, computing span {}",
+        joiner.links,
+        computing.span_id
+    );
+    assert!(
+        joiner
+            .events
+            .iter()
+            .any(|e| e.name.contains("joined an in-flight materialization")),
+        "{:?}",
+        joiner.events
+    );
     obs.stop().await;
 }

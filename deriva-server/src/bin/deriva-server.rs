@@ -78,7 +78,9 @@ async fn run(config: Config, telemetry: &Telemetry) -> ExitCode {
     let data_dir = config.data_dir.clone();
     let otlp = config.telemetry.otlp_endpoint.clone();
     let server = match Server::open(config, &telemetry.meter()) {
-        Ok(s) => s.with_registry(telemetry.registry().clone()),
+        Ok(s) => s
+            .with_registry(telemetry.registry().clone())
+            .with_trace_store(telemetry.traces().clone()),
         Err(e) => {
             eprintln!(
                 "deriva-server: cannot open the store in {}: {e}",

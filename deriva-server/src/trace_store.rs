@@ -1,0 +1,536 @@
+//! [`TraceStore`]: the finished span trees of recent requests, kept in process so a
+//! materialization can be explained without any tracing backend (`deriva get --explain`,
+//! `GET /debug/traces`).
+//!
+//! [`TraceStoreLayer`] is a `tracing` layer. For every request span (the `rpc` span of
+//! [`crate::rpc_layer`]) it collects the spans below it — name, parent, fields, start offset
+//! and duration — and when the request span closes, files the finished tree:
+//!
+//! - in a ring of the last `capacity` requests (default 256);
+//! - among the slowest [`SLOWEST_KEPT`] requests of the last [`SLOWEST_WINDOW`];
+//! - among the last [`FAILED_KEPT`] failed requests.
+//!
+//! Memory is bounded: at most [`MAX_SPANS_PER_TRACE`] spans per request (the rest are counted,
+//! not kept) and [`MAX_FIELD_LEN`] bytes per field value. The work per span is one small
+//! allocation; nothing is formatted unless a field is recorded, and nothing is read unless
+//! someone asks.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use tracing::Subscriber;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing_subscriber::layer::{Context, Layer};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The name of the span that roots a request's tree.
+pub const REQUEST_SPAN: &str = "rpc";
+/// Most spans kept per request.
+pub const MAX_SPANS_PER_TRACE: usize = 2000;
+/// Longest field value kept, in bytes.
+pub const MAX_FIELD_LEN: usize = 256;
+/// How many of the slowest recent requests are kept.
+pub const SLOWEST_KEPT: usize = 16;
+/// How far back "recent" goes for the slowest requests.
+pub const SLOWEST_WINDOW: Duration = Duration::from_secs(300);
+/// How many failed requests are kept.
+pub const FAILED_KEPT: usize = 64;
+
+/// One finished span of a trace.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpanRecord {
+    /// Unique within the trace.
+    pub id: u64,
+    /// The parent's `id`; `None` for the request span.
+    pub parent: Option<u64>,
+    /// The span name (`rpc`, `materialize`, `compute`, ...).
+    pub name: &'static str,
+    /// Recorded fields, in order.
+    pub fields: Vec<(String, String)>,
+    /// Start, in microseconds after the request span started.
+    pub start_us: u64,
+    /// Duration in microseconds.
+    pub duration_us: u64,
+}
+
+impl SpanRecord {
+    /// A field's value.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One finished request.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceRecord {
+    /// The W3C trace id (32 hex characters), or empty when no OpenTelemetry layer runs.
+    pub trace_id: String,
+    /// The request id.
+    pub request_id: String,
+    /// The RPC method, such as `Get`.
+    pub method: String,
+    /// The address the request materialized, if any.
+    pub addr: Option<String>,
+    /// The gRPC status code (0 is OK; 1 is also used for a client that went away).
+    pub status_code: i64,
+    /// Unix time of the start, in milliseconds.
+    pub started_unix_ms: u64,
+    /// Duration in microseconds.
+    pub duration_us: u64,
+    /// Spans not kept because of [`MAX_SPANS_PER_TRACE`].
+    pub dropped_spans: u64,
+    /// The spans, request span first, then in the order they closed.
+    pub spans: Vec<SpanRecord>,
+}
+
+impl TraceRecord {
+    /// Whether the request failed.
+    pub fn failed(&self) -> bool {
+        self.status_code != 0
+    }
+
+    /// The summary line of `/debug/traces`.
+    pub fn summary(&self) -> TraceSummary {
+        TraceSummary {
+            trace_id: self.trace_id.clone(),
+            request_id: self.request_id.clone(),
+            method: self.method.clone(),
+            addr: self.addr.clone(),
+            status_code: self.status_code,
+            started_unix_ms: self.started_unix_ms,
+            duration_us: self.duration_us,
+            spans: self.spans.len(),
+        }
+    }
+}
+
+/// A request without its spans.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceSummary {
+    /// See [`TraceRecord::trace_id`].
+    pub trace_id: String,
+    /// See [`TraceRecord::request_id`].
+    pub request_id: String,
+    /// See [`TraceRecord::method`].
+    pub method: String,
+    /// See [`TraceRecord::addr`].
+    pub addr: Option<String>,
+    /// See [`TraceRecord::status_code`].
+    pub status_code: i64,
+    /// See [`TraceRecord::started_unix_ms`].
+    pub started_unix_ms: u64,
+    /// See [`TraceRecord::duration_us`].
+    pub duration_us: u64,
+    /// Number of spans kept.
+    pub spans: usize,
+}
+
+/// The three views of `/debug/traces`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceLists {
+    /// Most recent first.
+    pub recent: Vec<TraceSummary>,
+    /// Slowest first.
+    pub slowest: Vec<TraceSummary>,
+    /// Most recent first.
+    pub failed: Vec<TraceSummary>,
+}
+
+#[derive(Debug, Default)]
+struct Kept {
+    recent: VecDeque<Arc<TraceRecord>>,
+    /// (finished at, trace), slowest first.
+    slowest: Vec<(Instant, Arc<TraceRecord>)>,
+    failed: VecDeque<Arc<TraceRecord>>,
+}
+
+/// The store. Cheap to clone; clones share the same traces.
+#[derive(Debug, Clone)]
+pub struct TraceStore {
+    capacity: usize,
+    kept: Arc<Mutex<Kept>>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl TraceStore {
+    /// A store keeping the last `capacity` requests (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            kept: Arc::default(),
+            next_id: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    /// The layer that fills this store.
+    pub fn layer(&self) -> TraceStoreLayer {
+        TraceStoreLayer {
+            store: self.clone(),
+        }
+    }
+
+    fn insert(&self, trace: TraceRecord) {
+        let trace = Arc::new(trace);
+        let now = Instant::now();
+        let mut kept = self.kept.lock();
+        if kept.recent.len() == self.capacity {
+            kept.recent.pop_back();
+        }
+        kept.recent.push_front(trace.clone());
+        if trace.failed() {
+            if kept.failed.len() == FAILED_KEPT {
+                kept.failed.pop_back();
+            }
+            kept.failed.push_front(trace.clone());
+        }
+        kept.slowest
+            .retain(|(at, _)| now.duration_since(*at) <= SLOWEST_WINDOW);
+        let slower_than_kept = kept.slowest.len() < SLOWEST_KEPT
+            || kept
+                .slowest
+                .last()
+                .is_some_and(|(_, t)| t.duration_us < trace.duration_us);
+        if slower_than_kept {
+            let at = kept
+                .slowest
+                .partition_point(|(_, t)| t.duration_us >= trace.duration_us);
+            kept.slowest.insert(at, (now, trace));
+            kept.slowest.truncate(SLOWEST_KEPT);
+        }
+    }
+
+    /// Recent, slowest and failed requests.
+    pub fn lists(&self) -> TraceLists {
+        let kept = self.kept.lock();
+        TraceLists {
+            recent: kept.recent.iter().map(|t| t.summary()).collect(),
+            slowest: kept.slowest.iter().map(|(_, t)| t.summary()).collect(),
+            failed: kept.failed.iter().map(|t| t.summary()).collect(),
+        }
+    }
+
+    /// The trace with this id, if it is still kept.
+    pub fn get(&self, trace_id: &str) -> Option<Arc<TraceRecord>> {
+        let kept = self.kept.lock();
+        let found = kept
+            .recent
+            .iter()
+            .chain(kept.failed.iter())
+            .chain(kept.slowest.iter().map(|(_, t)| t))
+            .find(|t| !trace_id.is_empty() && t.trace_id.eq_ignore_ascii_case(trace_id));
+        found.cloned()
+    }
+
+    /// Waits up to `patience` for a trace that may still be finishing (its request span closes
+    /// just after the client saw the last byte).
+    pub async fn wait_for(&self, trace_id: &str, patience: Duration) -> Option<Arc<TraceRecord>> {
+        let deadline = Instant::now() + patience;
+        loop {
+            if let Some(t) = self.get(trace_id) {
+                return Some(t);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Number of traces held in all three views (a trace in several counts once per view).
+    pub fn held(&self) -> (usize, usize, usize) {
+        let kept = self.kept.lock();
+        (kept.recent.len(), kept.slowest.len(), kept.failed.len())
+    }
+}
+
+/// What the layer keeps in a span's extensions while it is open.
+struct Open {
+    id: u64,
+    parent: Option<u64>,
+    start: Instant,
+    fields: Vec<(String, String)>,
+}
+
+/// Extra state of an open request span.
+struct Request {
+    start: Instant,
+    started_unix_ms: u64,
+    spans: Vec<SpanRecord>,
+    dropped: u64,
+}
+
+struct Fields<'a>(&'a mut Vec<(String, String)>);
+
+impl Fields<'_> {
+    fn put(&mut self, field: &Field, mut value: String) {
+        if value.len() > MAX_FIELD_LEN {
+            let mut cut = MAX_FIELD_LEN;
+            while !value.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            value.truncate(cut);
+            value.push('…');
+        }
+        match self.0.iter_mut().find(|(k, _)| k == field.name()) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((field.name().to_owned(), value)),
+        }
+    }
+}
+
+impl Visit for Fields<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field, value.to_owned());
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.put(field, format!("{value:?}"));
+    }
+}
+
+/// The layer of a [`TraceStore`]; see the module docs.
+#[derive(Debug, Clone)]
+pub struct TraceStoreLayer {
+    store: TraceStore,
+}
+
+impl<S> Layer<S> for TraceStoreLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let parent = span.parent();
+        let is_request = parent.is_none() && attrs.metadata().name() == REQUEST_SPAN;
+        // Only spans under a request span are kept.
+        let parent_id = match &parent {
+            Some(p) => match p.extensions().get::<Open>() {
+                Some(open) => Some(open.id),
+                None => return,
+            },
+            None if is_request => None,
+            None => return,
+        };
+        let mut fields = Vec::new();
+        attrs.record(&mut Fields(&mut fields));
+        let start = Instant::now();
+        let mut ext = span.extensions_mut();
+        ext.insert(Open {
+            id: self.store.next_id.fetch_add(1, Ordering::Relaxed),
+            parent: parent_id,
+            start,
+            fields,
+        });
+        if is_request {
+            let started_unix_ms = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            ext.insert(Request {
+                start,
+                started_unix_ms,
+                spans: Vec::new(),
+                dropped: 0,
+            });
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut ext = span.extensions_mut();
+        if let Some(open) = ext.get_mut::<Open>() {
+            values.record(&mut Fields(&mut open.fields));
+        }
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(&id) else { return };
+        let Some(open) = span.extensions_mut().remove::<Open>() else {
+            return;
+        };
+        let end = Instant::now();
+        let request = span.extensions_mut().remove::<Request>();
+        let root_start = match &request {
+            Some(r) => r.start,
+            None => match span
+                .scope()
+                .from_root()
+                .next()
+                .and_then(|root| root.extensions().get::<Request>().map(|r| r.start))
+            {
+                Some(start) => start,
+                None => return,
+            },
+        };
+        let record = SpanRecord {
+            id: open.id,
+            parent: open.parent,
+            name: span.name(),
+            start_us: open.start.duration_since(root_start).as_micros() as u64,
+            duration_us: end.duration_since(open.start).as_micros() as u64,
+            fields: open.fields,
+        };
+        match request {
+            None => {
+                // A span inside a request: file it with the request span (still open, since a
+                // parent outlives its children).
+                if let Some(root) = span.scope().from_root().next() {
+                    let mut ext = root.extensions_mut();
+                    if let Some(r) = ext.get_mut::<Request>() {
+                        if r.spans.len() < MAX_SPANS_PER_TRACE {
+                            r.spans.push(record);
+                        } else {
+                            r.dropped += 1;
+                        }
+                    }
+                }
+            }
+            Some(r) => {
+                let field = |name: &str| record.field(name).map(str::to_owned);
+                let mut spans = Vec::with_capacity(r.spans.len() + 1);
+                let addr = r
+                    .spans
+                    .iter()
+                    .filter(|s| s.name == "materialize")
+                    .min_by_key(|s| s.start_us)
+                    .and_then(|s| s.field("addr"))
+                    .map(str::to_owned);
+                let trace = TraceRecord {
+                    trace_id: field("trace_id").unwrap_or_default(),
+                    request_id: field("request_id").unwrap_or_default(),
+                    method: field("rpc.method").unwrap_or_default(),
+                    addr,
+                    status_code: field("rpc.grpc.status_code")
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(0),
+                    started_unix_ms: r.started_unix_ms,
+                    duration_us: record.duration_us,
+                    dropped_spans: r.dropped,
+                    spans: Vec::new(),
+                };
+                // Asking for a trace is not worth a trace: it would also share the trace id of
+                // the request it explains (the CLI sends one trace context per command).
+                if trace.method == "Explain" {
+                    return;
+                }
+                spans.push(record);
+                spans.extend(r.spans);
+                self.store.insert(TraceRecord { spans, ..trace });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    fn with_store<T>(store: &TraceStore, f: impl FnOnce() -> T) -> T {
+        let subscriber = tracing_subscriber::registry().with(store.layer());
+        tracing::subscriber::with_default(subscriber, f)
+    }
+
+    fn request(i: u64, code: i64, children: usize) {
+        let rpc = tracing::info_span!(
+            "rpc",
+            rpc.method = "Get",
+            request_id = i,
+            trace_id = tracing::field::Empty,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
+        rpc.record("trace_id", format!("{i:032x}").as_str());
+        rpc.in_scope(|| {
+            let m = tracing::info_span!("materialize", addr = "ab".repeat(32).as_str(), depth = 0);
+            m.in_scope(|| {
+                for _ in 0..children {
+                    tracing::info_span!("cache_check", hit = true).in_scope(|| {});
+                }
+            });
+        });
+        rpc.record("rpc.grpc.status_code", code);
+    }
+
+    #[test]
+    fn a_request_becomes_a_tree_with_parents_fields_and_summary() {
+        let store = TraceStore::new(8);
+        with_store(&store, || {
+            tracing::info_span!("not_a_request").in_scope(|| {});
+            request(7, 0, 2);
+        });
+        let trace = store.get(&format!("{:032x}", 7)).expect("kept");
+        assert_eq!(trace.method, "Get");
+        assert_eq!(trace.request_id, "7");
+        assert_eq!(trace.addr.as_deref(), Some("ab".repeat(32).as_str()));
+        let names: Vec<&str> = trace.spans.iter().map(|s| s.name).collect();
+        assert_eq!(names, ["rpc", "cache_check", "cache_check", "materialize"]);
+        let (rpc, materialize) = (&trace.spans[0], &trace.spans[3]);
+        assert_eq!(rpc.parent, None);
+        assert_eq!(materialize.parent, Some(rpc.id));
+        assert!(
+            trace.spans[1..3]
+                .iter()
+                .all(|s| s.parent == Some(materialize.id))
+        );
+        assert_eq!(trace.spans[1].field("hit"), Some("true"));
+        assert!(materialize.start_us <= trace.spans[1].start_us);
+        assert_eq!(
+            store.lists().recent.len(),
+            1,
+            "spans outside a request are not kept"
+        );
+    }
+
+    #[test]
+    fn the_store_stays_within_its_bounds_after_ten_thousand_requests() {
+        let store = TraceStore::new(256);
+        with_store(&store, || {
+            for i in 0..10_000u64 {
+                request(i, if i % 10 == 0 { 13 } else { 0 }, 1);
+            }
+        });
+        let (recent, slowest, failed) = store.held();
+        assert_eq!(recent, 256);
+        assert!(slowest <= SLOWEST_KEPT);
+        assert_eq!(failed, FAILED_KEPT);
+        let lists = store.lists();
+        assert_eq!(
+            lists.recent[0].trace_id,
+            format!("{:032x}", 9_999),
+            "newest first"
+        );
+        assert!(lists.failed.iter().all(|t| t.status_code == 13));
+        assert!(
+            lists
+                .slowest
+                .windows(2)
+                .all(|w| w[0].duration_us >= w[1].duration_us)
+        );
+        let distinct: std::collections::HashSet<&str> = lists
+            .recent
+            .iter()
+            .chain(&lists.slowest)
+            .chain(&lists.failed)
+            .map(|t| t.trace_id.as_str())
+            .collect();
+        assert!(distinct.len() <= 256 + SLOWEST_KEPT + FAILED_KEPT);
+    }
+
+    #[test]
+    fn huge_traces_keep_a_bounded_number_of_spans() {
+        let store = TraceStore::new(4);
+        with_store(&store, || request(1, 0, MAX_SPANS_PER_TRACE + 500));
+        let trace = store.get(&format!("{:032x}", 1)).unwrap();
+        assert_eq!(trace.spans.len(), MAX_SPANS_PER_TRACE + 1);
+        assert_eq!(trace.dropped_spans, 501);
+    }
+}
