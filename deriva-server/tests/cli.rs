@@ -565,7 +565,10 @@ impl ServerProc {
 #[test]
 fn every_request_carries_the_commands_trace_context_and_trace_prints_its_id() {
     let server = ServerProc::start();
-    let out = run(server.deriva(&["--trace", "status"]), None);
+    // A failing call: failures are logged at INFO (successes only at DEBUG).
+    let unknown = "0".repeat(64);
+    let out = run(server.deriva(&["--trace", "get", &unknown]), None);
+    assert_eq!(out.code, Some(1));
     let stderr = out.stderr.clone();
     let trace_id = stderr
         .lines()
@@ -579,7 +582,7 @@ fn every_request_carries_the_commands_trace_context_and_trace_prints_its_id() {
         let left = deadline.saturating_duration_since(Instant::now());
         match server.logs.recv_timeout(left) {
             Ok(line)
-                if line.contains("rpc finished")
+                if line.contains("rpc failed")
                     && line.contains(&format!("trace_id={trace_id}")) =>
             {
                 break;

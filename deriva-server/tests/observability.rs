@@ -72,7 +72,8 @@ impl Obs {
     async fn start_with(telemetry: TelemetryConfig, functions: FunctionRegistry) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let telemetry = Telemetry::new(TelemetryConfig {
-            log_filter: Some("info".into()),
+            // The per-call "rpc finished" line is DEBUG.
+            log_filter: Some("info,deriva_server=debug".into()),
             ..telemetry
         })
         .unwrap();
