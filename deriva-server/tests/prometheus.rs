@@ -7,263 +7,26 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{http_get, sample};
+use common::{
+    DEADLINE, DerivaServer, Prometheus, Series, percent_encode, require, sample, unix_now,
+};
 use deriva_server::proto::deriva_client::DerivaClient;
 use deriva_server::proto::{
     GetRequest, InvalidateRequest, PutLeafRequest, PutRecipeRequest, StatusRequest, VerifyRequest,
 };
-use serde_json::Value;
 use tonic::Code;
 use tonic::transport::Channel;
-
-const SERVER: &str = env!("CARGO_BIN_EXE_deriva-server");
-
-/// Every wait of these tests ends by this long after it starts.
-const DEADLINE: Duration = Duration::from_secs(60);
 
 /// The window of the range queries: the design says `[5m]`, far longer than a test; with a 1 s
 /// scrape interval 30 s holds plenty of samples, and every query keeps its shape.
 const WINDOW: &str = "30s";
-
-/// Fails, with how to fix it, when `tool` is not installed.
-fn require(tool: &str) {
-    let found = Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        found,
-        "`{tool}` is not installed (or not on PATH): this test runs the real Prometheus. \
-         Run `bash .ci/run` (it installs it), or `apt-get install -y prometheus` as root."
-    );
-}
-
-/// A child process killed (and reaped) when the test ends, however it ends.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The server binary, on free ports, with `--verification dual`.
-struct DerivaServer {
-    _child: Killed,
-    /// gRPC address.
-    grpc: String,
-    /// HTTP address of `/metrics`.
-    metrics: String,
-    /// Every stderr line so far, for failure messages.
-    log: Arc<Mutex<Vec<String>>>,
-    _data: tempfile::TempDir,
-}
-
-impl DerivaServer {
-    fn start() -> Self {
-        let data = tempfile::tempdir().unwrap();
-        let child = Command::new(SERVER)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--verification",
-                "dual",
-                "--data-dir",
-            ])
-            .arg(data.path())
-            .env_remove("RUST_LOG")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("DERIVA_OTLP_ENDPOINT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut child = Killed(child);
-        let stderr = child.0.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let lines = log.clone();
-        // Drains stderr for the whole life of the server, so it never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("deriva-server listening") {
-                    let _ = tx.send(line.clone());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let line = rx.recv_timeout(DEADLINE).unwrap_or_else(|e| {
-            panic!(
-                "deriva-server never said it was listening ({e}); stderr:\n{}",
-                log.lock().unwrap().join("\n")
-            )
-        });
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-                .to_owned()
-        };
-        let (grpc, metrics) = (field("addr="), field("metrics="));
-        assert!(grpc.starts_with("127.0.0.1:"), "{line}");
-        assert!(metrics.starts_with("127.0.0.1:"), "{line}");
-        Self {
-            _child: child,
-            grpc,
-            metrics,
-            log,
-            _data: data,
-        }
-    }
-
-    async fn client(&self) -> DerivaClient<Channel> {
-        DerivaClient::connect(format!("http://{}", self.grpc))
-            .await
-            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.grpc))
-    }
-
-    async fn scrape(&self) -> String {
-        let r = http_get(&self.metrics, "/metrics").await.unwrap();
-        assert_eq!(r.status, 200, "{}", r.body);
-        r.body
-    }
-
-    fn stderr(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-}
-
-/// A real Prometheus scraping `target` every second.
-struct Prometheus {
-    child: Killed,
-    addr: String,
-    dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    fn start(target: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: deriva\n    static_configs:\n      \
-                 - targets: [\"{target}\"]\n"
-            ),
-        )
-        .unwrap();
-        let addr = free_port();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("cannot start prometheus");
-        Self {
-            child: Killed(child),
-            addr,
-            dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
-    }
-
-    /// Polls until `/-/ready` answers 200.
-    async fn wait_ready(&mut self, deadline: Instant) {
-        loop {
-            if let Ok(r) = http_get(&self.addr, "/-/ready").await
-                && r.status == 200
-            {
-                return;
-            }
-            if let Some(status) = self.child.0.try_wait().unwrap() {
-                panic!("prometheus exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "prometheus was not ready in time:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// `/api/v1/query`: asserts `"status":"success"` and a vector, and returns its series.
-    async fn query(&self, promql: &str) -> Vec<Series> {
-        let path = format!("/api/v1/query?query={}", percent_encode(promql));
-        let r = http_get(&self.addr, &path).await.unwrap();
-        let json: Value = serde_json::from_str(&r.body)
-            .unwrap_or_else(|e| panic!("{promql}: not JSON ({e}): {}", r.body));
-        assert_eq!(r.status, 200, "{promql}: {}", r.body);
-        assert_eq!(json["status"], "success", "{promql}: {}", r.body);
-        assert_eq!(json["data"]["resultType"], "vector", "{promql}: {}", r.body);
-        json["data"]["result"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| Series {
-                labels: s["metric"].clone(),
-                value: s["value"][1].as_str().unwrap().parse().unwrap(),
-            })
-            .collect()
-    }
-
-    /// The value of the one series `promql` answers, polling until there is exactly one and it
-    /// satisfies `ok`.
-    async fn poll_one(&self, promql: &str, deadline: Instant, ok: impl Fn(f64) -> bool) -> f64 {
-        loop {
-            let result = self.query(promql).await;
-            if let [one] = result.as_slice()
-                && ok(one.value)
-            {
-                return one.value;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{promql} never answered as expected; last answer: {result:?}\nprometheus:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-/// One series of an instant vector.
-#[derive(Debug, Clone)]
-struct Series {
-    labels: Value,
-    value: f64,
-}
-
-impl Series {
-    fn label(&self, name: &str) -> &str {
-        self.labels[name].as_str().unwrap_or("")
-    }
-}
 
 /// The one series of `result` whose `name` label is `value`.
 #[track_caller]
@@ -273,32 +36,6 @@ fn series<'a>(result: &'a [Series], name: &str, value: &str) -> &'a Series {
         [one] => one,
         _ => panic!("expected one series with {name}={value:?} in {result:?}"),
     }
-}
-
-/// `127.0.0.1:PORT` of a port free a moment ago.
-fn free_port() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-/// Percent-encodes everything but RFC 3986's unreserved characters.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
 }
 
 async fn put_leaf(client: &mut DerivaClient<Channel>, data: &[u8]) -> Bytes {
