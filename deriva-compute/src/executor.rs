@@ -370,14 +370,12 @@ impl AsyncExecutor {
             leaf
         })
         .await
-        .map_err(|e| internal(addr, &e))??;
-        if let Some(bytes) = leaf {
+        .map_err(|e| internal(addr, &e))?;
+        if let Some(bytes) = self.count_corruption(leaf)? {
             return Ok((bytes, Outcome::Leaf));
         }
         let stored = self
-            .inner
-            .store
-            .get_recipe(&addr)?
+            .count_corruption(self.inner.store.get_recipe(&addr))?
             .ok_or(DerivaError::NotFound { addr })?;
         let recipe = stored.recipe;
         let inputs = futures::future::try_join_all(
@@ -393,6 +391,15 @@ impl AsyncExecutor {
             self.inner.cache.insert(addr, output.clone(), cost);
         });
         Ok((output, Outcome::Computed))
+    }
+
+    /// Counts a [`DerivaError::Corrupted`] found while reading `addr` itself (not one passed up
+    /// from an input, which was counted where it was found).
+    fn count_corruption<T>(&self, read: Result<T>) -> Result<T> {
+        if let Err(DerivaError::Corrupted { .. }) = &read {
+            self.inner.stats.record_corruption();
+        }
+        read
     }
 
     /// Runs the recipe's function on the blocking pool (and again to verify, when

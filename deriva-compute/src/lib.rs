@@ -53,6 +53,7 @@
 //! | `deriva_compute_duration_seconds` | histogram | `function` | 0.0001, 0.001, 0.01, 0.05, 0.1, 0.5, 1, 5 |
 //! | `deriva_compute_input_bytes` | histogram | `function` | 64 B, 1 KiB, 16 KiB, 64 KiB, 256 KiB, 1 MiB, 4 MiB, 16 MiB, 64 MiB, 256 MiB, 1 GiB |
 //! | `deriva_compute_output_bytes` | histogram | `function` | as input bytes |
+//! | `deriva_storage_corruption_total` | counter | – | stored leaves or recipes found corrupted when read (answered `DATA_LOSS`, never served or cached); each detection counts |
 //! | `deriva_verification_total` | counter | `result` = `pass`, `fail` | verifications |
 //! | `deriva_verification_failure_rate` | gauge | – | failed / all verifications since start (0–1) |
 //!

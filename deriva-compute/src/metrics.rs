@@ -80,6 +80,7 @@ impl Outcome {
 pub struct ExecStats {
     outcomes: [AtomicU64; 4],
     saved_nanos: AtomicU64,
+    corruptions: AtomicU64,
     active: AtomicI64,
     verify_pass: AtomicU64,
     verify_fail: AtomicU64,
@@ -104,6 +105,15 @@ impl ExecStats {
     pub(crate) fn record_saved(&self, cost: std::time::Duration) {
         let nanos = u64::try_from(cost.as_nanos()).unwrap_or(u64::MAX);
         self.saved_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Stored leaves or recipes found corrupted when read (each detection counts).
+    pub fn corruptions(&self) -> u64 {
+        self.corruptions.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record_corruption(&self) {
+        self.corruptions.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Materialize calls in progress now (every level of a recipe tree counts).
@@ -239,6 +249,11 @@ impl ComputeMetrics {
                 "deriva.cache.eviction",
                 "Cache entries evicted to stay within the byte budget",
                 Box::new(|c, _, o| o.observe(c.evictions(), &[])),
+            ),
+            counter(
+                "deriva.storage.corruption",
+                "Stored leaves or recipes whose bytes no longer match their address, found when read (answered DATA_LOSS, never served)",
+                Box::new(|_, e, o| o.observe(e.corruptions(), &[])),
             ),
             counter(
                 "deriva.verification",

@@ -198,6 +198,7 @@ async fn every_family_has_its_documented_name_and_type() {
         ("deriva_compute_output_bytes", "histogram"),
         ("deriva_verification_total", "counter"),
         ("deriva_cache_saved_seconds_total", "counter"),
+        ("deriva_storage_corruption_total", "counter"),
         ("deriva_verification_failure_rate", "gauge"),
     ];
     for (name, kind) in expected {
@@ -241,4 +242,25 @@ async fn saved_seconds_grow_by_the_hit_entrys_compute_cost() {
         (saved - (cost * 2).as_secs_f64()).abs() < 1e-9,
         "{saved} vs {cost:?}"
     );
+}
+
+#[tokio::test]
+async fn corruption_is_counted_where_it_is_found() {
+    let h = Harness::new();
+    let a = h.leaf(b"precious bytes");
+    let up = h.recipe("uppercase/v1", &[a], &[]);
+    let hex = a.to_hex();
+    let path = h.dir.path().join("blobs").join(&hex[..2]).join(&hex);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    assert_eq!(h.sample("deriva_storage_corruption_total"), Some(0.0));
+    // Through a recipe: counted once, for the leaf, not again for the recipe above it.
+    assert!(
+        matches!(h.exec.materialize(up).await, Err(deriva_core::DerivaError::Corrupted { addr, .. }) if addr == a)
+    );
+    assert_eq!(h.sample("deriva_storage_corruption_total"), Some(1.0));
+    assert!(!h.exec.cache().contains(&up));
+    assert!(h.exec.materialize(a).await.is_err());
+    assert_eq!(h.exec.stats().corruptions(), 2);
 }

@@ -329,7 +329,7 @@ async fn full_flow_shows_every_documented_family_as_the_readme_says() {
             )
         })
         .collect();
-    assert_eq!(documented.len(), 24, "README metrics table rows");
+    assert_eq!(documented.len(), 25, "README metrics table rows");
     for (name, kind, buckets) in &documented {
         let found = live
             .iter()
