@@ -1,15 +1,23 @@
 //! # deriva-server
 //!
-//! Deriva's gRPC server and its `deriva` command-line client.
+//! Deriva's gRPC server, its telemetry, and its `deriva` command-line client.
 //!
 //! - [`config`]: [`Config`] and the `deriva-server` flags that fill it.
-//! - [`server`]: [`Server`], which opens the store and serves on a listener it is given until
-//!   a shutdown future completes (tests run it in-process on port 0).
+//! - [`server`]: [`Server`], which opens the store and serves gRPC and HTTP on listeners it is
+//!   given until a shutdown future completes (tests run it in-process on port 0).
 //! - [`service`]: the tonic implementation of `service Deriva`.
 //! - [`error`]: the one mapping from errors to gRPC status codes.
 //! - [`limits`]: the over-limit request rewrite (`RESOURCE_EXHAUSTED`).
+//! - [`rpc_layer`]: the tower layer that gives every RPC its metrics, server span, request id
+//!   and trace propagation.
+//! - [`metrics`]: the server's instruments (RPC, DAG and storage families).
+//! - [`telemetry`]: the OpenTelemetry providers, the Prometheus registry, OTLP export, sampling
+//!   and the `tracing` subscriber; only the binary installs anything global.
+//! - [`trace_store`]: the in-process store of recent request span trees (`Explain`,
+//!   `/debug/traces`).
+//! - [`http`]: `/metrics`, `/health`, `/healthz`, `/readyz` and `/debug/traces`.
 //! - [`proto`]: the generated code for `proto/deriva.proto`, client included.
-//! - [`cli`]: the `deriva` client commands.
+//! - [`cli`] and [`bench`](mod@bench): the `deriva` client commands, and its load generator.
 
 pub mod bench;
 pub mod cli;
