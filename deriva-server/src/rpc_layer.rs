@@ -31,6 +31,7 @@ use tracing::{Dispatch, Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::metrics::{METHODS, RpcTimer, ServerMetrics, method_index};
+use crate::telemetry::RequestId;
 
 /// The gRPC path prefix of `service Deriva`.
 const SERVICE_PREFIX: &str = "/deriva.Deriva/";
@@ -134,6 +135,7 @@ where
             timer: Some(timer),
             span: span.clone(),
             dispatch: dispatch.clone(),
+            method: METHODS[index].1,
         };
 
         let call = inner.call(req).instrument(span);
@@ -197,11 +199,11 @@ fn rpc_span(index: usize, request_id: &str, headers: &HeaderMap) -> Span {
         trace_id = Empty,
         deriva.force_trace = force,
     );
+    // The caller's context when `traceparent` is valid (an empty one otherwise, which makes this
+    // a root), carrying the request id for log lines. Set before the span is entered, so the
+    // sampler sees the remote parent.
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
-    if parent.span().span_context().is_valid() {
-        // Before the span is entered, so the sampler sees the remote parent.
-        let _ = span.set_parent(parent);
-    }
+    let _ = span.set_parent(parent.with_value(RequestId(request_id.into())));
     span
 }
 
@@ -243,6 +245,8 @@ struct CallEnd {
     timer: Option<RpcTimer>,
     span: Span,
     dispatch: Option<Dispatch>,
+    /// The `method` label, for the completion line.
+    method: &'static str,
 }
 
 /// `CANCELLED`, reported when the response was dropped before it ended.
@@ -263,15 +267,15 @@ impl CallEnd {
         if !ok {
             self.span.record("otel.status_code", "ERROR");
         }
-        let span = &self.span;
+        let (span, method) = (&self.span, self.method);
         with_dispatch(self.dispatch.as_ref(), || {
             span.in_scope(|| {
                 // A line per successful call is an access log, and formatting and writing it
                 // cost ~20% of cached-Get throughput (BENCHMARKS.md): DEBUG. Failures stay INFO.
                 if ok {
-                    tracing::debug!(code, "rpc finished");
+                    tracing::debug!(method = %method, code, "rpc finished");
                 } else {
-                    tracing::info!(code, "rpc failed");
+                    tracing::info!(method = %method, code, "rpc failed");
                 }
             });
         });

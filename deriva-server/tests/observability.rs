@@ -429,6 +429,11 @@ async fn every_response_carries_request_and_trace_ids() {
         .find(|l| l.contains("rpc finished") && l.contains(&trace_id))
         .unwrap_or_else(|| panic!("no log line with {trace_id}:\n{logs}"));
     assert!(line.contains("span_id="), "{line}");
+    assert!(
+        line.contains("request_id=req-42"),
+        "the request id names the line: {line}"
+    );
+    assert!(line.contains("method=get"), "{line}");
     obs.stop().await;
 }
 
@@ -574,6 +579,10 @@ async fn spans_of_one_get_reach_a_real_otlp_receiver_as_one_tree() {
             panic!("no JSON log line of the Get with trace_id {caller_trace}:\n{logs}")
         });
     assert_eq!(finished["span_id"], rpc.span_id.as_str());
+    assert_eq!(
+        finished["request_id"].as_str(),
+        Some(attr(rpc, "request_id").unwrap().as_str())
+    );
     obs.stop().await;
 }
 
