@@ -416,3 +416,146 @@ pub fn unix_now() -> f64 {
         .unwrap()
         .as_secs_f64()
 }
+
+/// The server binary on free ports over a data directory the caller owns, so a test can kill it
+/// (SIGKILL, with [`ServerOnDir::kill`]) and start it again on the same directory.
+pub struct ServerOnDir {
+    child: Killed,
+    /// gRPC address.
+    pub grpc: String,
+    /// HTTP address of `/metrics`.
+    pub metrics: String,
+    /// Every stderr line so far, for failure messages.
+    log: Arc<Mutex<Vec<String>>>,
+    /// From spawn to the "listening" line.
+    pub startup: Duration,
+}
+
+impl ServerOnDir {
+    /// Starts `deriva-server` on `dir` with `extra` flags, and waits until it listens.
+    pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        let started = Instant::now();
+        let child = Command::new(SERVER)
+            .args(["--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            .args(extra)
+            .arg("--data-dir")
+            .arg(dir)
+            .env_remove("RUST_LOG")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("DERIVA_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut child = Killed(child);
+        let stderr = child.0.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("deriva-server listening") {
+                    let _ = tx.send(line.clone());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let line = rx.recv_timeout(DEADLINE).unwrap_or_else(|e| {
+            panic!(
+                "deriva-server never said it was listening ({e}); stderr:\n{}",
+                log.lock().unwrap().join("\n")
+            )
+        });
+        let startup = started.elapsed();
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                .to_owned()
+        };
+        Self {
+            grpc: field("addr="),
+            metrics: field("metrics="),
+            child,
+            log,
+            startup,
+        }
+    }
+
+    pub async fn client(&self) -> DerivaClient<Channel> {
+        DerivaClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.grpc))
+            .max_decoding_message_size(1 << 30)
+            .max_encoding_message_size(1 << 30)
+    }
+
+    pub async fn scrape(&self) -> String {
+        let r = http_get(&self.metrics, "/metrics").await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body
+    }
+
+    pub fn stderr(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        self.child.0.kill().unwrap();
+        self.child.0.wait().unwrap();
+    }
+}
+
+/// A small deterministic PRNG (SplitMix64) for generated test inputs; print the seed on failure.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// From `DERIVA_SEED` when set, else from the clock; prints the seed.
+    pub fn from_env(what: &str) -> Self {
+        let seed = std::env::var("DERIVA_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("{what}: seed {seed} (rerun with DERIVA_SEED={seed})");
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
+/// How many times longer the long forms of the reliability campaigns run: `DERIVA_LONG`
+/// (`1` means 10×, any other number that factor), else 1.
+pub fn long_factor() -> u64 {
+    match std::env::var("DERIVA_LONG").ok().as_deref() {
+        None | Some("") | Some("0") => 1,
+        Some("1") => 10,
+        Some(n) => n.parse().unwrap_or(10),
+    }
+}
