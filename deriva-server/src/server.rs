@@ -23,6 +23,9 @@ use crate::rpc_layer::RpcLayer;
 use crate::service::DerivaService;
 use crate::trace_store::TraceStore;
 
+/// Largest header block (all metadata of one request) accepted, in bytes.
+pub const MAX_HEADER_LIST_BYTES: u32 = 256 * 1024;
+
 /// Why serving stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -146,6 +149,10 @@ impl Server {
             }
         };
         let grpc_serving = tonic::transport::Server::builder()
+            // hyper's default (~16 KiB) answers a larger header block with GOAWAY, failing every
+            // other call on that connection too. Accept more; oversized trace headers and request
+            // ids are ignored or replaced by the RPC layer anyway.
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .layer(RpcLayer::new(self.metrics.clone(), self.dispatch.clone()))
             .layer(OversizeLayer { limit })
             .add_service(health_service)

@@ -256,13 +256,15 @@ impl TraceStore {
 struct Open {
     id: u64,
     parent: Option<u64>,
+    /// The request span's tracing id and start, so closing is O(1) however deep the span
+    /// (walking the scope to the root made a 10,000-deep chain quadratic).
+    root: (Id, Instant),
     start: Instant,
     fields: Vec<(String, String)>,
 }
 
 /// Extra state of an open request span.
 struct Request {
-    start: Instant,
     started_unix_ms: u64,
     spans: Vec<SpanRecord>,
     dropped: u64,
@@ -311,22 +313,23 @@ where
         let Some(span) = ctx.span(id) else { return };
         let parent = span.parent();
         let is_request = parent.is_none() && attrs.metadata().name() == REQUEST_SPAN;
+        let start = Instant::now();
         // Only spans under a request span are kept.
-        let parent_id = match &parent {
+        let (parent_id, root) = match &parent {
             Some(p) => match p.extensions().get::<Open>() {
-                Some(open) => Some(open.id),
+                Some(open) => (Some(open.id), open.root.clone()),
                 None => return,
             },
-            None if is_request => None,
+            None if is_request => (None, (id.clone(), start)),
             None => return,
         };
         let mut fields = Vec::new();
         attrs.record(&mut Fields(&mut fields));
-        let start = Instant::now();
         let mut ext = span.extensions_mut();
         ext.insert(Open {
             id: self.store.next_id.fetch_add(1, Ordering::Relaxed),
             parent: parent_id,
+            root,
             start,
             fields,
         });
@@ -335,7 +338,6 @@ where
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
             ext.insert(Request {
-                start,
                 started_unix_ms,
                 spans: Vec::new(),
                 dropped: 0,
@@ -358,18 +360,7 @@ where
         };
         let end = Instant::now();
         let request = span.extensions_mut().remove::<Request>();
-        let root_start = match &request {
-            Some(r) => r.start,
-            None => match span
-                .scope()
-                .from_root()
-                .next()
-                .and_then(|root| root.extensions().get::<Request>().map(|r| r.start))
-            {
-                Some(start) => start,
-                None => return,
-            },
-        };
+        let (root_id, root_start) = open.root.clone();
         let record = SpanRecord {
             id: open.id,
             parent: open.parent,
@@ -382,7 +373,7 @@ where
             None => {
                 // A span inside a request: file it with the request span (still open, since a
                 // parent outlives its children).
-                if let Some(root) = span.scope().from_root().next() {
+                if let Some(root) = ctx.span(&root_id) {
                     let mut ext = root.extensions_mut();
                     if let Some(r) = ext.get_mut::<Request>() {
                         if r.spans.len() < MAX_SPANS_PER_TRACE {
