@@ -5,12 +5,10 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{families, http_get, sample};
+use common::{Logs, families, http_get, sample};
 use deriva_compute::{ComputeFunction, FunctionError, FunctionRegistry};
 use deriva_core::{CAddr, FunctionId, Params};
 use deriva_server::proto::deriva_client::DerivaClient;
@@ -24,35 +22,6 @@ use tokio::sync::oneshot;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
-
-/// Captures log output.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
-    type Writer = Logs;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
 
 struct Obs {
     _dir: tempfile::TempDir,

@@ -9,14 +9,13 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Rng, http_get, long_factor};
+use common::{Logs, Rng, http_get, long_factor};
 use deriva_compute::FunctionRegistry;
 use deriva_core::CAddr;
 use deriva_server::proto::deriva_client::DerivaClient;
@@ -52,35 +51,6 @@ fn count_panics() {
             default(info);
         }));
     });
-}
-
-/// Captures log output.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
-    type Writer = Logs;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
 }
 
 /// The server function on port 0 with its own telemetry, registry and captured logs.
