@@ -101,6 +101,10 @@ pub struct ServerArgs {
     /// Most new traces sampled per second, so load cannot flood the collector [default: no cap].
     #[arg(long, env = "DERIVA_TRACE_MAX_PER_SECOND")]
     pub trace_max_per_second: Option<f64>,
+    /// How many recent requests the in-process trace store keeps for `deriva get --explain` and
+    /// /debug/traces (plus the slowest and the failed ones).
+    #[arg(long, env = "DERIVA_TRACE_STORE_SIZE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub trace_store_size: u32,
     /// Log format: text (with the time since start) or json.
     #[arg(long, env = "DERIVA_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -139,6 +143,7 @@ impl ServerArgs {
                 sample_ratio: self.trace_sample_ratio,
                 max_traces_per_second: self.trace_max_per_second,
                 log_format: self.log_format,
+                trace_store_capacity: self.trace_store_size as usize,
                 ..TelemetryConfig::default()
             },
         })
@@ -219,6 +224,7 @@ mod tests {
         assert_eq!(config.metrics_addr, defaults.metrics_addr);
         assert_eq!(config.telemetry.sample_ratio, 1.0);
         assert_eq!(config.telemetry.log_format, LogFormat::Text);
+        assert_eq!(config.telemetry.trace_store_capacity, 256);
     }
 
     #[test]

@@ -145,92 +145,35 @@ impl Drop for Killed {
     }
 }
 
-/// The server binary, on free ports, with `--verification dual`.
+/// The server binary, on free ports, with `--verification dual`, on a temporary data
+/// directory. Everything else is [`ServerOnDir`]'s.
 pub struct DerivaServer {
-    _child: Killed,
-    /// gRPC address.
-    pub grpc: String,
-    /// HTTP address of `/metrics`.
-    pub metrics: String,
-    /// Every stderr line so far, for failure messages.
-    log: Arc<Mutex<Vec<String>>>,
+    server: ServerOnDir,
     _data: tempfile::TempDir,
 }
 
 impl DerivaServer {
     pub fn start() -> Self {
         let data = tempfile::tempdir().unwrap();
-        let child = Command::new(SERVER)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--verification",
-                "dual",
-                "--data-dir",
-            ])
-            .arg(data.path())
-            .env_remove("RUST_LOG")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("DERIVA_OTLP_ENDPOINT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut child = Killed(child);
-        let stderr = child.0.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let lines = log.clone();
-        // Drains stderr for the whole life of the server, so it never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("deriva-server listening") {
-                    let _ = tx.send(line.clone());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let line = rx.recv_timeout(DEADLINE).unwrap_or_else(|e| {
-            panic!(
-                "deriva-server never said it was listening ({e}); stderr:\n{}",
-                log.lock().unwrap().join("\n")
-            )
-        });
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-                .to_owned()
-        };
-        let (grpc, metrics) = (field("addr="), field("metrics="));
-        assert!(grpc.starts_with("127.0.0.1:"), "{line}");
-        assert!(metrics.starts_with("127.0.0.1:"), "{line}");
+        let server = ServerOnDir::start(data.path(), &["--verification", "dual"]);
+        assert!(server.grpc.starts_with("127.0.0.1:"), "{}", server.grpc);
+        assert!(
+            server.metrics.starts_with("127.0.0.1:"),
+            "{}",
+            server.metrics
+        );
         Self {
-            _child: child,
-            grpc,
-            metrics,
-            log,
+            server,
             _data: data,
         }
     }
+}
 
-    pub async fn client(&self) -> DerivaClient<Channel> {
-        DerivaClient::connect(format!("http://{}", self.grpc))
-            .await
-            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.grpc))
-    }
+impl std::ops::Deref for DerivaServer {
+    type Target = ServerOnDir;
 
-    pub async fn scrape(&self) -> String {
-        let r = http_get(&self.metrics, "/metrics").await.unwrap();
-        assert_eq!(r.status, 200, "{}", r.body);
-        r.body
-    }
-
-    pub fn stderr(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+    fn deref(&self) -> &ServerOnDir {
+        &self.server
     }
 }
 
