@@ -20,12 +20,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{DEADLINE, DerivaServer, Prometheus, free_port, require};
-use deriva_server::proto::deriva_client::DerivaClient;
-use deriva_server::proto::{
-    GetRequest, InvalidateRequest, PutLeafRequest, PutRecipeRequest, ResolveRequest, StatusRequest,
-    VerifyRequest,
+use common::{
+    DEADLINE, DerivaServer, Prometheus, free_port, get_all, put_leaf, put_recipe, require,
 };
+use deriva_server::proto::deriva_client::DerivaClient;
+use deriva_server::proto::{InvalidateRequest, ResolveRequest, StatusRequest, VerifyRequest};
 use serde_json::Value;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -357,44 +356,6 @@ fn derived_config(deriva_metrics: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // The workload.
 
-async fn put_leaf(client: &mut DerivaClient<Channel>, data: &[u8]) -> Bytes {
-    let req = PutLeafRequest {
-        data: Bytes::copy_from_slice(data),
-    };
-    client.put_leaf(req).await.unwrap().into_inner().addr
-}
-
-async fn recipe(
-    client: &mut DerivaClient<Channel>,
-    function: &str,
-    inputs: &[&Bytes],
-    params: &[(&str, &str)],
-) -> Bytes {
-    let req = PutRecipeRequest {
-        function_name: function.to_owned(),
-        function_version: "v1".to_owned(),
-        inputs: inputs.iter().map(|&i| i.clone()).collect(),
-        params: params
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect(),
-    };
-    client.put_recipe(req).await.unwrap().into_inner().addr
-}
-
-/// All the bytes of a Get, or its status.
-async fn get(client: &mut DerivaClient<Channel>, addr: &Bytes) -> Result<Vec<u8>, tonic::Status> {
-    let mut stream = client
-        .get(GetRequest { addr: addr.clone() })
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(msg) = stream.message().await? {
-        out.extend_from_slice(&msg.chunk);
-    }
-    Ok(out)
-}
-
 /// One round: leaves, recipes over four functions (concat, uppercase, reverse, repeat), cache
 /// misses (after a cascading invalidate) and hits, every compute verified
 /// (`--verification dual`) plus a Verify, two errors (NOT_FOUND and INVALID_ARGUMENT), a
@@ -402,10 +363,10 @@ async fn get(client: &mut DerivaClient<Channel>, addr: &Bytes) -> Result<Vec<u8>
 async fn round(client: &mut DerivaClient<Channel>) {
     let a = put_leaf(client, b"hello ").await;
     let b = put_leaf(client, b"world").await;
-    let joined = recipe(client, "concat", &[&a, &b], &[]).await;
-    let upper = recipe(client, "uppercase", &[&joined], &[]).await;
-    let reversed = recipe(client, "reverse", &[&a], &[]).await;
-    let repeated = recipe(client, "repeat", &[&b], &[("count", "3")]).await;
+    let joined = put_recipe(client, "concat", &[&a, &b], &[]).await;
+    let upper = put_recipe(client, "uppercase", &[&joined], &[]).await;
+    let reversed = put_recipe(client, "reverse", &[&a], &[]).await;
+    let repeated = put_recipe(client, "repeat", &[&b], &[("count", "3")]).await;
     client
         .invalidate(InvalidateRequest {
             addr: joined.clone(),
@@ -415,13 +376,20 @@ async fn round(client: &mut DerivaClient<Channel>) {
         .unwrap();
     // Misses (concat and uppercase computed again), then hits.
     for _ in 0..3 {
-        assert_eq!(get(client, &upper).await.unwrap(), b"HELLO WORLD");
-        assert_eq!(get(client, &reversed).await.unwrap(), b" olleh");
-        assert_eq!(get(client, &repeated).await.unwrap(), b"worldworldworld");
+        assert_eq!(get_all(client, &upper).await.unwrap(), b"HELLO WORLD");
+        assert_eq!(get_all(client, &reversed).await.unwrap(), b" olleh");
+        assert_eq!(
+            get_all(client, &repeated).await.unwrap(),
+            b"worldworldworld"
+        );
     }
-    let unknown = get(client, &Bytes::from(vec![0xab; 32])).await.unwrap_err();
+    let unknown = get_all(client, &Bytes::from(vec![0xab; 32]))
+        .await
+        .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
-    let short = get(client, &Bytes::from(vec![0xab; 31])).await.unwrap_err();
+    let short = get_all(client, &Bytes::from(vec![0xab; 31]))
+        .await
+        .unwrap_err();
     assert_eq!(short.code(), Code::InvalidArgument, "{short:?}");
     let verified = client
         .verify(VerifyRequest {

@@ -8,13 +8,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Logs, families, http_get, sample};
+use common::{Logs, families, http_get, put_leaf, put_recipe, sample};
 use deriva_compute::{ComputeFunction, FunctionError, FunctionRegistry};
 use deriva_core::{CAddr, FunctionId, Params};
 use deriva_server::proto::deriva_client::DerivaClient;
-use deriva_server::proto::{
-    ExplainRequest, GetRequest, PutLeafRequest, PutRecipeRequest, StatusRequest,
-};
+use deriva_server::proto::{ExplainRequest, GetRequest, PutRecipeRequest, StatusRequest};
 use deriva_server::telemetry::{LogFormat, Telemetry, TelemetryConfig};
 use deriva_server::{Config, Server};
 use fake_opentelemetry_collector::FakeCollectorServer;
@@ -91,24 +89,11 @@ impl Obs {
     }
 
     async fn put(&mut self, data: &[u8]) -> Bytes {
-        self.client
-            .put_leaf(PutLeafRequest {
-                data: Bytes::copy_from_slice(data),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .addr
+        put_leaf(&mut self.client, data).await
     }
 
     async fn recipe(&mut self, name: &str, inputs: &[&Bytes]) -> Bytes {
-        let req = PutRecipeRequest {
-            function_name: name.into(),
-            function_version: "v1".into(),
-            inputs: inputs.iter().map(|b| (*b).clone()).collect(),
-            params: Default::default(),
-        };
-        self.client.put_recipe(req).await.unwrap().into_inner().addr
+        put_recipe(&mut self.client, name, inputs, &[]).await
     }
 
     async fn get(

@@ -15,12 +15,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{
-    DEADLINE, DerivaServer, Prometheus, Series, percent_encode, require, sample, unix_now,
+    DEADLINE, DerivaServer, Prometheus, Series, get_all, percent_encode, put_leaf, put_recipe,
+    require, sample, unix_now,
 };
 use deriva_server::proto::deriva_client::DerivaClient;
-use deriva_server::proto::{
-    GetRequest, InvalidateRequest, PutLeafRequest, PutRecipeRequest, StatusRequest, VerifyRequest,
-};
+use deriva_server::proto::{InvalidateRequest, StatusRequest, VerifyRequest};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -38,34 +37,8 @@ fn series<'a>(result: &'a [Series], name: &str, value: &str) -> &'a Series {
     }
 }
 
-async fn put_leaf(client: &mut DerivaClient<Channel>, data: &[u8]) -> Bytes {
-    let req = PutLeafRequest {
-        data: Bytes::copy_from_slice(data),
-    };
-    client.put_leaf(req).await.unwrap().into_inner().addr
-}
-
 async fn concat(client: &mut DerivaClient<Channel>, a: &Bytes, b: &Bytes) -> Bytes {
-    let req = PutRecipeRequest {
-        function_name: "concat".to_owned(),
-        function_version: "v1".to_owned(),
-        inputs: vec![a.clone(), b.clone()],
-        params: Default::default(),
-    };
-    client.put_recipe(req).await.unwrap().into_inner().addr
-}
-
-/// All the bytes of a Get, or its status.
-async fn get(client: &mut DerivaClient<Channel>, addr: &Bytes) -> Result<Vec<u8>, tonic::Status> {
-    let mut stream = client
-        .get(GetRequest { addr: addr.clone() })
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(msg) = stream.message().await? {
-        out.extend_from_slice(&msg.chunk);
-    }
-    Ok(out)
+    put_recipe(client, "concat", &[a, b], &[]).await
 }
 
 /// One round of the workload: Get misses (after an invalidate) and hits, a NOT_FOUND, an
@@ -82,11 +55,15 @@ async fn round(client: &mut DerivaClient<Channel>, leaves: &(Bytes, Bytes), reci
         .unwrap();
     // A miss (computed twice and compared), then hits.
     for _ in 0..4 {
-        assert_eq!(get(client, recipe).await.unwrap(), b"hello world");
+        assert_eq!(get_all(client, recipe).await.unwrap(), b"hello world");
     }
-    let unknown = get(client, &Bytes::from(vec![0xab; 32])).await.unwrap_err();
+    let unknown = get_all(client, &Bytes::from(vec![0xab; 32]))
+        .await
+        .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
-    let short = get(client, &Bytes::from(vec![0xab; 31])).await.unwrap_err();
+    let short = get_all(client, &Bytes::from(vec![0xab; 31]))
+        .await
+        .unwrap_err();
     assert_eq!(short.code(), Code::InvalidArgument, "{short:?}");
     let verified = client
         .verify(VerifyRequest {
@@ -122,7 +99,7 @@ async fn the_design_queries_answer_from_a_real_prometheus() {
     let b = put_leaf(&mut client, b"world").await;
     let recipe = concat(&mut client, &a, &b).await;
     for _ in 0..3 {
-        assert_eq!(get(&mut client, &recipe).await.unwrap(), b"hello world");
+        assert_eq!(get_all(&mut client, &recipe).await.unwrap(), b"hello world");
     }
     let status = client.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.verification_mode, "dual");

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Logs, Rng, http_get, long_factor};
+use common::{Logs, Rng, get_all, http_get, long_factor, put_leaf, put_recipe};
 use deriva_compute::FunctionRegistry;
 use deriva_core::CAddr;
 use deriva_server::proto::deriva_client::DerivaClient;
@@ -140,36 +140,15 @@ impl Srv {
     }
 
     async fn put(&mut self, data: &[u8]) -> Bytes {
-        self.client
-            .put_leaf(PutLeafRequest {
-                data: Bytes::copy_from_slice(data),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .addr
+        put_leaf(&mut self.client, data).await
     }
 
     async fn recipe(&mut self, name: &str, inputs: &[&Bytes], params: &[(&str, &str)]) -> Bytes {
-        let req = PutRecipeRequest {
-            function_name: name.into(),
-            function_version: "v1".into(),
-            inputs: inputs.iter().map(|b| (*b).clone()).collect(),
-            params: params
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-        };
-        self.client
-            .put_recipe(req)
-            .await
-            .unwrap_or_else(|e| panic!("PutRecipe {name}: {e}"))
-            .into_inner()
-            .addr
+        put_recipe(&mut self.client, name, inputs, params).await
     }
 
     async fn get(&mut self, addr: &Bytes) -> Result<Vec<u8>, tonic::Status> {
-        get_with(&mut self.client, addr).await
+        get_all(&mut self.client, addr).await
     }
 
     /// Asserts the standard gRPC health check answers SERVING, overall and for the service.
@@ -205,21 +184,6 @@ impl Srv {
             .unwrap()
             .unwrap();
     }
-}
-
-async fn get_with(
-    client: &mut DerivaClient<Channel>,
-    addr: &Bytes,
-) -> Result<Vec<u8>, tonic::Status> {
-    let mut stream = client
-        .get(GetRequest { addr: addr.clone() })
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(m) = stream.message().await? {
-        out.extend_from_slice(&m.chunk);
-    }
-    Ok(out)
 }
 
 fn hex(addr: &Bytes) -> String {
@@ -644,7 +608,7 @@ async fn one_generated_request(
             let addr = gen_addr(rng, &snapshot());
             (
                 format!("Get {} bytes", addr.len()),
-                get_with(client, &addr).await.map(drop),
+                get_all(client, &addr).await.map(drop),
             )
         }
         65..72 => {
@@ -848,7 +812,7 @@ async fn concurrent_invalidations_during_gets_never_serve_wrong_bytes() {
             while !stop.load(Ordering::Relaxed) {
                 let (addr, want) = &expected[i % expected.len()];
                 i += 1;
-                let got = get_with(&mut client, addr)
+                let got = get_all(&mut client, addr)
                     .await
                     .map_err(|e| format!("Get: {e}"))?;
                 if &got != want {
@@ -1107,7 +1071,7 @@ async fn an_oversized_header_fails_only_its_own_request() {
     let victim_get = async {
         // Let the hostile request go first.
         tokio::task::yield_now().await;
-        get_with(&mut victim, &leaf).await
+        get_all(&mut victim, &leaf).await
     };
     let (_, victim_got) = tokio::join!(hostile_get, victim_get);
     assert_eq!(
@@ -1245,7 +1209,7 @@ async fn rejected_functions_add_no_label_values() {
                         .await;
                     codes.push(r.map_or_else(|e| e.code(), |_| Code::Ok));
                     // An unknown address must not become a label either.
-                    let _ = get_with(&mut client, &Bytes::from(wrng.bytes(32))).await;
+                    let _ = get_all(&mut client, &Bytes::from(wrng.bytes(32))).await;
                 }
                 codes
             }));

@@ -532,3 +532,44 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
         self.clone()
     }
 }
+
+/// `PutLeaf`, unwrapped: the address.
+pub async fn put_leaf(client: &mut DerivaClient<Channel>, data: &[u8]) -> bytes::Bytes {
+    let req = deriva_server::proto::PutLeafRequest {
+        data: bytes::Bytes::copy_from_slice(data),
+    };
+    client.put_leaf(req).await.unwrap().into_inner().addr
+}
+
+/// `PutRecipe` of `function/v1`, unwrapped: the address.
+pub async fn put_recipe(
+    client: &mut DerivaClient<Channel>,
+    function: &str,
+    inputs: &[&bytes::Bytes],
+    params: &[(&str, &str)],
+) -> bytes::Bytes {
+    let req = deriva_server::proto::PutRecipeRequest {
+        function_name: function.to_owned(),
+        function_version: "v1".to_owned(),
+        inputs: inputs.iter().map(|&i| i.clone()).collect(),
+        params: params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    };
+    client.put_recipe(req).await.unwrap().into_inner().addr
+}
+
+/// All the bytes of a Get, or its status.
+pub async fn get_all(
+    client: &mut DerivaClient<Channel>,
+    addr: &bytes::Bytes,
+) -> Result<Vec<u8>, tonic::Status> {
+    let req = deriva_server::proto::GetRequest { addr: addr.clone() };
+    let mut stream = client.get(req).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.message().await? {
+        out.extend_from_slice(&msg.chunk);
+    }
+    Ok(out)
+}
