@@ -6,6 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use rustix::process::{Pid, Signal};
+
 const SERVER: &str = env!("CARGO_BIN_EXE_deriva-server");
 
 /// Kills the child if the test ends early.
@@ -18,34 +20,47 @@ impl Drop for Running {
     }
 }
 
-/// Waits until stderr shows the listening line; returns the remaining stderr lines' receiver.
-fn wait_listening(child: &mut Child) -> mpsc::Receiver<String> {
+/// Forwards the child's stderr lines to the returned receiver. When `signal` is given, the
+/// reader thread sends it to the child the instant it reads the listening line, before it
+/// forwards that line: as soon after the announcement as a client could react.
+fn read_stderr(child: &mut Child, signal: Option<Signal>) -> mpsc::Receiver<String> {
     let stderr = child.stderr.take().unwrap();
+    let pid = Pid::from_child(child);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(signal) = signal
+                && line.contains("deriva-server listening")
+            {
+                rustix::process::kill_process(pid, signal).expect("cannot signal deriva-server");
+            }
             if tx.send(line).is_err() {
                 break;
             }
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(line) if line.contains("deriva-server listening") => return rx,
-            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+    rx
+}
+
+/// Waits until `rx` shows the listening line; every line read so far on failure.
+fn wait_listening(rx: &mpsc::Receiver<String>) {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("deriva-server listening") => return,
+            Ok(line) => seen.push(line),
+            Err(_) => break,
         }
     }
-    panic!("deriva-server never said it was listening");
+    panic!(
+        "deriva-server never said it was listening; stderr:\n{}",
+        seen.join("\n")
+    );
 }
 
 fn sigterm(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    rustix::process::kill_process(Pid::from_child(child), Signal::TERM).unwrap();
 }
 
 fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
@@ -72,19 +87,64 @@ fn starts_with_no_flags_and_stops_cleanly_on_sigterm() {
         .spawn()
         .unwrap();
     let mut running = Running(child);
-    let rx = wait_listening(&mut running.0);
+    let rx = read_stderr(&mut running.0, None);
+    wait_listening(&rx);
     assert!(
         cwd.path().join("deriva-data").join("deriva.redb").is_file(),
         "default data dir"
     );
     sigterm(&running.0);
-    let status = wait_exit(&mut running.0, Duration::from_secs(10));
+    let status = wait_exit(&mut running.0, Duration::from_secs(60));
     assert!(status.success(), "exit status {status:?}");
-    let rest: Vec<String> = rx.try_iter().collect();
+    let rest: Vec<String> = rx.iter().collect();
     assert!(
         rest.iter().any(|l| l.contains("SIGTERM received")),
         "{rest:?}"
     );
+}
+
+/// An orchestrator may stop a server the moment it has started. From the listening line on,
+/// SIGTERM and SIGINT take the graceful path (exit 0, the signal logged, "stopped"), never the
+/// default action that kills the process: the handlers are installed before anything is
+/// announced. The signal is sent from the thread that reads the line, the instant it does.
+#[test]
+fn a_signal_right_after_the_listening_line_always_stops_gracefully() {
+    const STARTS: usize = 50;
+    let data = tempfile::tempdir().unwrap();
+    for start in 0..STARTS {
+        let (signal, name) = if start % 2 == 0 {
+            (Signal::TERM, "SIGTERM")
+        } else {
+            (Signal::INT, "SIGINT")
+        };
+        let child = Command::new(SERVER)
+            .args(["--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data.path())
+            .env_remove("RUST_LOG")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("DERIVA_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut running = Running(child);
+        let rx = read_stderr(&mut running.0, Some(signal));
+        wait_listening(&rx);
+        let status = wait_exit(&mut running.0, Duration::from_secs(60));
+        let rest: Vec<String> = rx.iter().collect();
+        assert!(
+            status.success(),
+            "start {start}: {name} right after the listening line ended the server with \
+             {status:?}; stderr after the line: {rest:?}"
+        );
+        assert!(
+            rest.iter().any(|l| l.contains(&format!("{name} received")))
+                && rest.iter().any(|l| l.contains("deriva-server stopped")),
+            "start {start}: {rest:?}"
+        );
+    }
 }
 
 /// Runs the server with `flags` plus one listener flag pointed at a port already taken; returns

@@ -30,6 +30,16 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // First of all, before anything is bound or announced: from here on SIGINT and SIGTERM
+        // are caught and lead to the graceful path, never to the default action (which would
+        // end the process without draining calls or flushing telemetry).
+        let signals = match ShutdownSignals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("deriva-server: cannot install the SIGINT and SIGTERM handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let telemetry = match Telemetry::new(config.telemetry.clone()) {
             Ok(t) => t,
             Err(e) => {
@@ -47,7 +57,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         }
-        let code = run(config, &telemetry).await;
+        let code = run(config, &telemetry, signals).await;
         telemetry.shutdown(TELEMETRY_FLUSH_TIMEOUT).await;
         code
     })
@@ -63,7 +73,7 @@ async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, ExitCode> {
     })
 }
 
-async fn run(config: Config, telemetry: &Telemetry) -> ExitCode {
+async fn run(config: Config, telemetry: &Telemetry, signals: ShutdownSignals) -> ExitCode {
     let grpc = match bind("gRPC", config.listen).await {
         Ok(l) => l,
         Err(code) => return code,
@@ -97,7 +107,7 @@ async fn run(config: Config, telemetry: &Telemetry) -> ExitCode {
         data_dir = %data_dir.display(),
         "deriva-server listening"
     );
-    match server.serve(grpc, http, shutdown_signal()).await {
+    match server.serve(grpc, http, signals.recv()).await {
         Ok(()) => {
             tracing::info!("deriva-server stopped");
             ExitCode::SUCCESS
@@ -109,30 +119,50 @@ async fn run(config: Config, telemetry: &Telemetry) -> ExitCode {
     }
 }
 
-/// Completes on Ctrl-C (SIGINT) or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
+/// SIGINT (Ctrl-C) and SIGTERM, caught from the moment [`ShutdownSignals::install`] returns: a
+/// signal that arrives before [`ShutdownSignals::recv`] is first polled is kept, not lost.
+struct ShutdownSignals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Installs the handlers now (tokio registers a signal's handler when its stream is created,
+    /// whereas `tokio::signal::ctrl_c()` would register only when first polled). Needs the runtime.
+    #[cfg(unix)]
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {})
+    }
+
+    /// Completes on the first SIGINT or SIGTERM.
+    #[cfg(unix)]
+    async fn recv(mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => tracing::info!("SIGINT received"),
+            _ = self.terminate.recv() => tracing::info!("SIGTERM received"),
+        }
+    }
+
+    /// Completes on the first Ctrl-C.
+    #[cfg(not(unix))]
+    async fn recv(self) {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => tracing::info!("SIGINT received"),
             Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                tracing::error!(error = %e, "cannot listen for Ctrl-C");
                 std::future::pending::<()>().await;
             }
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
     }
 }
