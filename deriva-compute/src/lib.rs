@@ -9,6 +9,8 @@
 //! - [`executor`]: [`AsyncExecutor`], which materializes addresses (single-flight, concurrent
 //!   inputs, bounded computes), invalidates, and verifies determinism.
 //! - [`metrics`]: [`ComputeMetrics`], this crate's OpenTelemetry instruments.
+//! - `testing` (feature `test-util`, for tests only): `Gate`, a compute function that holds its
+//!   calls until the test opens it, so tests wait for events rather than sleep.
 //!
 //! This crate only *emits* telemetry: `tracing` spans and events, and OpenTelemetry
 //! instruments built from a `Meter` it is given. Installing subscribers, providers and
@@ -66,6 +68,8 @@ pub mod cache;
 pub mod executor;
 pub mod function;
 pub mod metrics;
+#[cfg(feature = "test-util")]
+pub mod testing;
 
 pub use cache::{Cache, CacheHit, CacheStats};
 pub use executor::{

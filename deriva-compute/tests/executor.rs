@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Harness, Panics, Slow, fid};
+use deriva_compute::testing::{GATE_DEADLINE, Gate};
 use deriva_compute::{ExecutorConfig, FunctionRegistry, VerificationMode};
 use deriva_core::{CAddr, DerivaError, Recipe};
 
@@ -152,44 +153,54 @@ async fn concurrent_waiters_all_get_the_same_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn diamond_branches_run_concurrently() {
-    let slow = Slow::new(Duration::from_millis(200));
-    let h = Harness::with(
-        registry_with_slow(&slow),
-        ExecutorConfig::default(),
-        1 << 20,
-    );
+    let gate = Gate::new();
+    let mut functions = FunctionRegistry::with_builtins();
+    functions.register(fid("gate/v1"), gate.clone());
+    let config = ExecutorConfig {
+        max_concurrent_computes: 2,
+        ..ExecutorConfig::default()
+    };
+    let h = Harness::with(functions, config, 1 << 20);
     let base = h.leaf(b"x");
-    let left = h.recipe("slow/v1", &[base], &[("tag", "L")]);
-    let right = h.recipe("slow/v1", &[base], &[("tag", "R")]);
+    let left = h.recipe("gate/v1", &[base], &[("tag", "L")]);
+    let right = h.recipe("gate/v1", &[base], &[("tag", "R")]);
     let top = h.recipe("concat/v1", &[left, right], &[]);
-    let start = Instant::now();
-    assert_eq!(h.exec.materialize(top).await.unwrap(), &b"xLxR"[..]);
-    let took = start.elapsed();
-    assert_eq!(slow.calls(), 2);
-    // Sequential would be >= 400 ms; concurrent is ~200 ms.
-    assert!(
-        took < Duration::from_millis(350),
-        "two 200 ms branches took {took:?}"
-    );
+    let exec = h.exec.clone();
+    let task = tokio::spawn(async move { exec.materialize(top).await });
+    // Both branches are inside their compute at once: run one after the other, the second
+    // could not start while the first is held.
+    gate.wait_started(2).await;
+    gate.open();
+    assert_eq!(task.await.unwrap().unwrap(), &b"xLxR"[..]);
+    assert_eq!(gate.counts().max_running, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compute_semaphore_bounds_concurrency() {
-    let slow = Slow::new(Duration::from_millis(100));
+    let gate = Gate::new();
+    let mut functions = FunctionRegistry::with_builtins();
+    functions.register(fid("gate/v1"), gate.clone());
     let config = ExecutorConfig {
         max_concurrent_computes: 1,
         ..ExecutorConfig::default()
     };
-    let h = Harness::with(registry_with_slow(&slow), config, 1 << 20);
+    let h = Harness::with(functions, config, 1 << 20);
     let base = h.leaf(b"x");
-    let left = h.recipe("slow/v1", &[base], &[("tag", "L")]);
-    let right = h.recipe("slow/v1", &[base], &[("tag", "R")]);
+    let left = h.recipe("gate/v1", &[base], &[("tag", "L")]);
+    let right = h.recipe("gate/v1", &[base], &[("tag", "R")]);
     let top = h.recipe("concat/v1", &[left, right], &[]);
-    let start = Instant::now();
-    h.exec.materialize(top).await.unwrap();
-    assert!(
-        start.elapsed() >= Duration::from_millis(200),
-        "one permit must serialize the branches"
+    let exec = h.exec.clone();
+    let task = tokio::spawn(async move { exec.materialize(top).await });
+    gate.wait_started(1).await;
+    // The branches are materialized concurrently, so only the one permit keeps the second
+    // compute out; the gate counts how many calls were ever inside at once.
+    gate.open();
+    assert_eq!(task.await.unwrap().unwrap(), &b"xLxR"[..]);
+    assert_eq!(gate.counts().started, 2);
+    assert_eq!(
+        gate.counts().max_running,
+        1,
+        "one permit serializes computes"
     );
 }
 
@@ -219,23 +230,48 @@ async fn a_chain_ten_thousand_deep_does_not_overflow_the_stack() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_materialization_is_cancelled() {
-    let slow = Slow::new(Duration::from_millis(300));
-    let h = Harness::with(
-        registry_with_slow(&slow),
-        ExecutorConfig::default(),
-        1 << 20,
-    );
+    let gate = Gate::new();
+    let mut functions = FunctionRegistry::with_builtins();
+    functions.register(fid("gate/v1"), gate.clone());
+    let h = Harness::with(functions, ExecutorConfig::default(), 1 << 20);
     let a = h.leaf(b"a");
-    let first = h.recipe("slow/v1", &[a], &[("tag", "1")]);
-    let second = h.recipe("slow/v1", &[first], &[("tag", "2")]);
-    // Give up while `first` computes: `second` must never start.
-    let r = tokio::time::timeout(Duration::from_millis(100), h.exec.materialize(second)).await;
-    assert!(r.is_err());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(slow.calls(), 1, "the abandoned parent compute never ran");
-    assert_eq!(h.exec.stats().active(), 0);
-    // And a new request for the same address works.
+    let first = h.recipe("gate/v1", &[a], &[("tag", "1")]);
+    let second = h.recipe("gate/v1", &[first], &[("tag", "2")]);
+    let exec = h.exec.clone();
+    let task = tokio::spawn(async move { exec.materialize(second).await });
+    // Give up while `first` computes.
+    gate.wait_started(1).await;
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    wait_until("no materialization is active", || {
+        h.exec.stats().active() == 0
+    })
+    .await;
+    // Let the abandoned compute return: its result must go nowhere, and `second` must never
+    // start on its behalf.
+    gate.open();
+    gate.wait_finished(1).await;
+    // A new request computes both levels itself. Had the abandoned work gone on, it would find
+    // `first` cached (or `second` computed or in flight), and the gate would count fewer calls.
     assert_eq!(h.exec.materialize(second).await.unwrap(), &b"a12"[..]);
+    assert_eq!(
+        gate.counts().started,
+        3,
+        "the abandoned compute of `first`, then `first` and `second` again"
+    );
+    assert_eq!(h.exec.stats().active(), 0);
+}
+
+/// Polls `done` until it holds; panics after [`GATE_DEADLINE`].
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + GATE_DEADLINE;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {GATE_DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 #[tokio::test]

@@ -3,9 +3,10 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{Harness, Slow, fid};
+use deriva_compute::testing::{GATE_DEADLINE, Gate};
 use deriva_compute::{ExecutorConfig, FunctionRegistry};
 
 #[tokio::test]
@@ -107,39 +108,46 @@ async fn compute_duration_and_sizes_are_labelled_by_function() {
 }
 
 async fn wait_for_active(h: &Harness, want: f64) {
-    for _ in 0..200 {
-        if h.sample("deriva_materialize_active") == Some(want) {
+    let deadline = Instant::now() + GATE_DEADLINE;
+    loop {
+        let got = h.sample("deriva_materialize_active");
+        if got == Some(want) {
             return;
         }
+        assert!(
+            Instant::now() < deadline,
+            "deriva_materialize_active never became {want}: {got:?}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    panic!(
-        "deriva_materialize_active never became {want}: {:?}",
-        h.sample("deriva_materialize_active")
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_gauge_rises_during_a_slow_compute_and_returns_to_zero() {
-    let slow = Slow::new(Duration::from_millis(300));
+    let (ok_gate, fail_gate) = (Gate::new(), Gate::failing());
     let mut reg = FunctionRegistry::with_builtins();
-    reg.register(fid("slow/v1"), slow.clone());
-    reg.register(fid("fail/v1"), common::SlowFail(Duration::from_millis(300)));
+    reg.register(fid("gate/v1"), ok_gate.clone());
+    reg.register(fid("fail/v1"), fail_gate.clone());
     let h = Harness::with(reg, ExecutorConfig::default(), 1 << 20);
     let a = h.leaf(b"a");
     assert_eq!(h.sample("deriva_materialize_active"), Some(0.0));
 
-    let ok = h.recipe("slow/v1", &[a], &[]);
+    // Held in its compute: one materialization is active until the gate opens.
+    let ok = h.recipe("gate/v1", &[a], &[]);
     let exec = h.exec.clone();
     let task = tokio::spawn(async move { exec.materialize(ok).await });
+    ok_gate.wait_started(1).await;
     wait_for_active(&h, 1.0).await;
+    ok_gate.open();
     task.await.unwrap().unwrap();
     assert_eq!(h.sample("deriva_materialize_active"), Some(0.0));
 
     let bad = h.recipe("fail/v1", &[a], &[]);
     let exec = h.exec.clone();
     let task = tokio::spawn(async move { exec.materialize(bad).await });
+    fail_gate.wait_started(1).await;
     wait_for_active(&h, 1.0).await;
+    fail_gate.open();
     assert!(task.await.unwrap().is_err());
     assert_eq!(h.sample("deriva_materialize_active"), Some(0.0));
     assert_eq!(
