@@ -1,11 +1,18 @@
 //! Every RPC and every documented error code, against the real server function on port 0 with
 //! a real tonic client.
 
+mod common;
+
 use std::path::Path;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use deriva_compute::{ComputeFunction, FunctionError, FunctionRegistry, VerificationMode};
+use deriva_compute::testing::{GATE_DEADLINE, Gate};
+use deriva_compute::{
+    ComputeFunction, ExecStats, FunctionError, FunctionRegistry, VerificationMode,
+};
+use deriva_core::Store;
 use deriva_core::{CAddr, FunctionId, Params};
 use deriva_server::proto::deriva_client::DerivaClient;
 use deriva_server::proto::{
@@ -24,6 +31,10 @@ struct TestServer {
     channel: Channel,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), deriva_server::ServeError>>>,
+    /// The engine's live counters.
+    stats: Arc<ExecStats>,
+    /// The store, to see when the last handle to it is gone.
+    store: Weak<Store>,
 }
 
 impl TestServer {
@@ -39,6 +50,8 @@ impl TestServer {
         tweak(&mut config);
         let meter = opentelemetry::metrics::noop::NoopMeterProvider::new().meter("test");
         let server = Server::open_with(config, functions, &meter).unwrap();
+        let stats = server.executor().stats().clone();
+        let store = Arc::downgrade(server.executor().store());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -58,6 +71,8 @@ impl TestServer {
             channel,
             stop: Some(stop),
             task: Some(task),
+            stats,
+            store,
         }
     }
 
@@ -65,13 +80,21 @@ impl TestServer {
         Self::start(dir, |_| {}, FunctionRegistry::with_builtins()).await
     }
 
+    /// Stops the server, and waits until the store is closed (connection tasks that still
+    /// hold the service may outlive `serve` by a moment), so the directory can be reopened.
     async fn stop(mut self) {
         self.stop.take().unwrap().send(()).unwrap();
-        let served = tokio::time::timeout(Duration::from_secs(15), self.task.take().unwrap()).await;
+        let served = tokio::time::timeout(Duration::from_secs(60), self.task.take().unwrap()).await;
         served
             .expect("the server stops within its grace")
             .unwrap()
             .unwrap();
+        drop(self.client);
+        drop(self.channel);
+        wait_until("the store is closed after shutdown", || {
+            self.store.strong_count() == 0
+        })
+        .await;
     }
 
     async fn put(&mut self, data: &[u8]) -> Bytes {
@@ -564,7 +587,7 @@ async fn data_survives_a_restart_on_the_same_dir() {
     let r = s.recipe("reverse", &[&a], &[]).await.unwrap();
     s.stop().await;
 
-    let mut s = reopen(dir.path()).await;
+    let mut s = TestServer::default(dir.path()).await;
     assert_eq!(s.get(&a).await.unwrap(), b"persist me");
     assert_eq!(s.get(&r).await.unwrap(), b"em tsisrep");
     let st = s.status().await;
@@ -572,50 +595,53 @@ async fn data_survives_a_restart_on_the_same_dir() {
     s.stop().await;
 }
 
-/// Reopens a data dir whose previous server was just stopped; the previous store handle may
-/// take a moment to drop after `serve` returns.
-async fn reopen(dir: &Path) -> TestServer {
-    for _ in 0..100 {
-        let attempt = std::panic::AssertUnwindSafe(TestServer::default(dir));
-        match futures::FutureExt::catch_unwind(attempt).await {
-            Ok(s) => return s,
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-    panic!("the store was never released after shutdown");
-}
-
-/// Sleeps, counting its calls.
-#[derive(Clone, Default)]
-struct Sleepy(std::sync::Arc<std::sync::atomic::AtomicUsize>);
-
-impl ComputeFunction for Sleepy {
-    fn compute(&self, inputs: &[Bytes], _: &Params) -> Result<Bytes, FunctionError> {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(400));
-        Ok(inputs.concat().into())
+/// Polls `done` until it holds; panics after a minute.
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + GATE_DEADLINE;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {GATE_DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_hangs_up_stops_the_work_on_its_behalf() {
     let dir = tempfile::tempdir().unwrap();
-    let sleepy = Sleepy::default();
+    let gate = Gate::new();
     let mut functions = FunctionRegistry::with_builtins();
-    functions.register(FunctionId::new("sleepy", "v1").unwrap(), sleepy.clone());
+    functions.register(FunctionId::new("gate", "v1").unwrap(), gate.clone());
     let mut s = TestServer::start(dir.path(), |_| {}, functions).await;
     let a = s.put(b"a").await;
-    let first = s.recipe("sleepy", &[&a], &[]).await.unwrap();
-    let second = s.recipe("sleepy", &[&first], &[]).await.unwrap();
-    // Hang up while `first` computes: `second` must never be computed.
-    let gave_up = tokio::time::timeout(Duration::from_millis(150), s.get(&second)).await;
-    assert!(gave_up.is_err());
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(sleepy.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let first = s.recipe("gate", &[&a], &[]).await.unwrap();
+    let second = s.recipe("gate", &[&first], &[]).await.unwrap();
+    // Hang up while `first` computes, and wait until the server has dropped the call.
+    let mut client = s.client.clone();
+    let call = tokio::spawn({
+        let second = second.clone();
+        async move { common::get_all(&mut client, &second).await }
+    });
+    gate.wait_started(1).await;
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
+    wait_until("the server dropped the abandoned Get", || {
+        s.stats.active() == 0
+    })
+    .await;
+    // Let the abandoned compute return: its output must not be cached, and `second` must
+    // never be computed on its behalf.
+    gate.open();
+    gate.wait_finished(1).await;
     assert_eq!(
         s.status().await.cache_entries,
         0,
         "the abandoned compute was not cached"
     );
+    // A new Get computes both levels itself (had the abandoned work gone on, it would find
+    // them cached or in flight, and the gate would count fewer calls).
+    assert_eq!(s.get(&second).await.unwrap(), b"a");
+    assert_eq!(gate.counts().started, 3);
     s.stop().await;
 }

@@ -20,9 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{
-    DEADLINE, DerivaServer, Prometheus, free_port, get_all, put_leaf, put_recipe, require,
-};
+use common::{DEADLINE, DerivaServer, NOWHERE, Prometheus, get_all, put_leaf, put_recipe, require};
 use deriva_server::proto::deriva_client::DerivaClient;
 use deriva_server::proto::{InvalidateRequest, ResolveRequest, StatusRequest, VerifyRequest};
 use serde_json::Value;
@@ -329,7 +327,6 @@ fn all_checks() -> (Vec<Check>, Vec<Rule>) {
 /// job names, labels) as it is.
 fn derived_config(deriva_metrics: &str) -> String {
     let mut config = read("monitoring/prometheus.yml");
-    let nowhere = free_port();
     for (from, to) in [
         ("scrape_interval: 15s", "scrape_interval: 1s".to_owned()),
         (
@@ -340,7 +337,7 @@ fn derived_config(deriva_metrics: &str) -> String {
             "\"host.docker.internal:9090\"",
             format!("\"{deriva_metrics}\""),
         ),
-        ("\"otel-collector:8889\"", format!("\"{nowhere}\"")),
+        ("\"otel-collector:8889\"", format!("\"{NOWHERE}\"")),
     ] {
         assert_eq!(
             config.matches(from).count(),

@@ -1302,32 +1302,39 @@ fn store_chain(exec: &deriva_compute::AsyncExecutor, tag: &str, depth: usize) ->
     Bytes::copy_from_slice(top.as_bytes())
 }
 
-/// With telemetry on, materializing a chain should cost time linear in its depth, as it does
-/// without telemetry (0.13 s for 1,000 levels, 0.46 s for 4,000 in a debug build). It is
-/// quadratic (1.0 s and 12.6 s): probably because each closing span walks up to its request's
-/// root span (`TraceStoreLayer::on_close` in `trace_store.rs`, `span.scope().from_root()`, twice).
+/// With telemetry on, materializing a chain costs time linear in its depth, as it does without
+/// telemetry. It was quadratic once (each closing span walked up to its request's root span in
+/// `TraceStoreLayer::on_close`, `trace_store.rs`): 1.0 s for 1,000 levels, 12.6 s for 4,000 in a
+/// debug build, against 0.13 s and 0.46 s without telemetry.
+///
+/// 16x the depth (250 to 4,000) costs at most 16x the time when linear (less, as fixed costs
+/// weigh more in the short chain). With that old code put back, 8x the depth (250 to 2,000)
+/// already took 28x the time on a loaded machine, and the quadratic part grows 4x again by
+/// 4,000. The bound, 40x, sits between the two, and each depth's time is the fastest of three
+/// interleaved runs (on a fresh chain each time), so a busy machine slowing one run does not
+/// decide the result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deep_chain_get_is_linear_in_depth_with_telemetry() {
+    const DEPTHS: [usize; 2] = [250, 4000];
     let mut s = Srv::start(LogFormat::Json, |_| {}).await;
-    let mut times = Vec::new();
-    for depth in [1000, 4000] {
-        let top = store_chain(&s.exec, &format!("chain of {depth}"), depth);
-        let started = Instant::now();
-        assert_eq!(
-            s.get(&top).await.unwrap(),
-            format!("chain of {depth}").as_bytes()
-        );
-        times.push(started.elapsed());
+    let mut best = [Duration::MAX; 2];
+    for round in 0..3 {
+        for (i, depth) in DEPTHS.into_iter().enumerate() {
+            let tag = format!("chain of {depth}, round {round}");
+            let top = store_chain(&s.exec, &tag, depth);
+            let started = Instant::now();
+            assert_eq!(s.get(&top).await.unwrap(), tag.as_bytes());
+            best[i] = best[i].min(started.elapsed());
+        }
     }
-    let ratio = times[1].as_secs_f64() / times[0].as_secs_f64();
+    let ratio = best[1].as_secs_f64() / best[0].as_secs_f64();
     eprintln!(
-        "deep chain with telemetry: 1,000 deep {:?}, 4,000 deep {:?}, ratio {ratio:.1}",
-        times[0], times[1]
+        "deep chain with telemetry (fastest of 3): {} deep {:?}, {} deep {:?}, ratio {ratio:.1}",
+        DEPTHS[0], best[0], DEPTHS[1], best[1]
     );
-    // Linear: about 4. Quadratic: about 16.
     assert!(
-        ratio < 8.0,
-        "4x the depth took {ratio:.1}x the time: {times:?}"
+        ratio < 40.0,
+        "16x the depth took {ratio:.1}x the time: {best:?}"
     );
     s.stop().await;
 }

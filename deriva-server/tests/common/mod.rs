@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
@@ -177,11 +176,15 @@ impl std::ops::Deref for DerivaServer {
     }
 }
 
-/// A real Prometheus, on a free port, with its config and data in a temporary directory.
+/// A real Prometheus on a port it binds itself (`127.0.0.1:0`, read back from its log), with
+/// its config and data in a temporary directory.
 pub struct Prometheus {
     child: Killed,
+    /// `127.0.0.1:PORT` of its HTTP API, known once [`Prometheus::wait_ready`] returns.
     pub addr: String,
-    dir: tempfile::TempDir,
+    /// Every line it has logged so far.
+    log: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
 }
 
 impl Prometheus {
@@ -208,35 +211,59 @@ impl Prometheus {
             std::fs::copy(file, dir.path().join(name))
                 .unwrap_or_else(|e| panic!("cannot copy {}: {e}", file.display()));
         }
-        let addr = free_port();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-        let child = Command::new("prometheus")
+        let mut child = Command::new("prometheus")
             .arg(format!("--config.file={}", config_path.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
                 dir.path().join("data").display()
             ))
-            .arg(format!("--web.listen-address={addr}"))
+            .arg("--web.listen-address=127.0.0.1:0")
             .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("cannot start prometheus");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
         Self {
             child: Killed(child),
-            addr,
-            dir,
+            addr: String::new(),
+            log,
+            _dir: dir,
         }
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+        self.log.lock().unwrap().join("\n")
     }
 
-    /// Polls until `/-/ready` answers 200.
+    /// The address in its `msg="Listening on" address=127.0.0.1:PORT` line, once logged.
+    fn listening_on(&self) -> Option<String> {
+        self.log.lock().unwrap().iter().find_map(|line| {
+            let (_, rest) = line.split_once("msg=\"Listening on\"")?;
+            let addr = rest
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("address="))?;
+            Some(addr.trim_matches('"').to_owned())
+        })
+    }
+
+    /// Waits until it has said where it listens and `/-/ready` answers 200 there.
     pub async fn wait_ready(&mut self, deadline: Instant) {
         loop {
-            if let Ok(r) = http_get(&self.addr, "/-/ready").await
+            if self.addr.is_empty()
+                && let Some(addr) = self.listening_on()
+            {
+                self.addr = addr;
+            }
+            if !self.addr.is_empty()
+                && let Ok(r) = http_get(&self.addr, "/-/ready").await
                 && r.status == 200
             {
                 return;
@@ -333,11 +360,9 @@ impl Series {
     }
 }
 
-/// `127.0.0.1:PORT` of a port free a moment ago.
-pub fn free_port() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
+/// An address where nothing listens: port 1 (tcpmux) is never handed out by a bind to port 0,
+/// so unlike a port that was free a moment ago no other test can take it meanwhile.
+pub const NOWHERE: &str = "127.0.0.1:1";
 
 /// Percent-encodes everything but RFC 3986's unreserved characters.
 pub fn percent_encode(s: &str) -> String {
