@@ -452,8 +452,13 @@ impl RateLimiter {
 
     /// Takes a token if one is available.
     pub fn try_acquire(&self) -> bool {
+        self.try_acquire_at(Instant::now())
+    }
+
+    /// Takes a token if one is available at `now` (not before the last call's `now`).
+    fn try_acquire_at(&self, now: Instant) -> bool {
         let mut state = self.state.lock();
-        let now = Instant::now();
+        let now = now.max(state.1);
         let refill = now.duration_since(state.1).as_secs_f64() * self.rate;
         state.0 = (state.0 + refill).min(self.rate.max(1.0));
         state.1 = now;
@@ -522,12 +527,13 @@ mod tests {
 
     #[test]
     fn the_rate_cap_limits_new_traces_but_not_children_or_forced_ones() {
-        let capped = DerivaSampler::new(1.0, Some(2.0));
-        assert!(decide(&capped, None, &[]));
+        // One new trace per 1,000 s: the bucket holds one token, and no test run is slow
+        // enough to see it refilled.
+        let capped = DerivaSampler::new(1.0, Some(1e-3));
         assert!(decide(&capped, None, &[]));
         assert!(
             !decide(&capped, None, &[]),
-            "a third new trace within the second is dropped"
+            "a second new trace within the period is dropped"
         );
         assert!(decide(&capped, Some(&remote_parent(true)), &[]));
         assert!(decide(
@@ -535,5 +541,24 @@ mod tests {
             None,
             &[KeyValue::new(FORCE_TRACE_ATTR, true)]
         ));
+    }
+
+    #[test]
+    fn the_rate_limiter_refills_at_its_rate_up_to_its_burst() {
+        let limiter = RateLimiter::new(2.0);
+        let t0 = limiter.state.lock().1;
+        let at = |secs: f64| t0 + Duration::from_secs_f64(secs);
+        assert!(limiter.try_acquire_at(at(0.0)));
+        assert!(limiter.try_acquire_at(at(0.0)));
+        assert!(!limiter.try_acquire_at(at(0.0)), "two tokens at first");
+        assert!(!limiter.try_acquire_at(at(0.4)), "0.8 of a token");
+        assert!(limiter.try_acquire_at(at(0.5)), "one token after 0.5 s");
+        assert!(!limiter.try_acquire_at(at(0.5)));
+        // A long pause refills only up to the burst of two.
+        assert!(limiter.try_acquire_at(at(100.0)));
+        assert!(limiter.try_acquire_at(at(100.0)));
+        assert!(!limiter.try_acquire_at(at(100.0)));
+        // Time never runs backwards for the bucket.
+        assert!(!limiter.try_acquire_at(at(50.0)));
     }
 }

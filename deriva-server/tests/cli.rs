@@ -577,7 +577,7 @@ fn every_request_carries_the_commands_trace_context_and_trace_prints_its_id() {
         .to_owned();
     assert!(trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit()));
     // The server's log line for that call carries the same trace id.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + DEADLINE;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match server.logs.recv_timeout(left) {

@@ -113,7 +113,7 @@ impl Obs {
 
     async fn stop(mut self) {
         self.stop.take().unwrap().send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(15), self.task.take().unwrap())
+        tokio::time::timeout(Duration::from_secs(60), self.task.take().unwrap())
             .await
             .unwrap()
             .unwrap()
@@ -127,7 +127,7 @@ fn get_req(addr: &Bytes) -> tonic::Request<GetRequest> {
 
 /// Polls `/metrics` until `series` has `want`.
 async fn wait_sample(obs: &Obs, series: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let got = sample(&obs.scrape().await, series);
         if got == Some(want) {
@@ -457,7 +457,7 @@ async fn spans_of_one_get_reach_a_real_otlp_receiver_as_one_tree() {
     assert_eq!(bytes, b"hello world");
     assert_eq!(meta.get("x-trace-id").unwrap(), caller_trace);
     obs.telemetry.tracer_provider().force_flush().unwrap();
-    let spans = collector.exported_spans(12, Duration::from_secs(10)).await;
+    let spans = collector.exported_spans(12, Duration::from_secs(60)).await;
 
     assert!(
         spans.iter().all(|s| s.trace_id == caller_trace),
@@ -560,7 +560,7 @@ async fn a_malformed_traceparent_starts_a_new_root() {
         .insert("x-deriva-trace", MetadataValue::from_static("force"));
     let (_, meta) = obs.get(req).await.unwrap();
     obs.telemetry.tracer_provider().force_flush().unwrap();
-    let spans = collector.exported_spans(1, Duration::from_secs(10)).await;
+    let spans = collector.exported_spans(1, Duration::from_secs(60)).await;
     let rpc = spans
         .iter()
         .find(|s| s.name == "deriva.Deriva/Get")
@@ -602,7 +602,7 @@ async fn ratio_zero_exports_nothing_unless_forced_and_a_sampled_caller_is_honore
     );
     obs.get(req).await.unwrap();
     obs.telemetry.tracer_provider().force_flush().unwrap();
-    let spans = collector.exported_spans(1, Duration::from_secs(10)).await;
+    let spans = collector.exported_spans(1, Duration::from_secs(60)).await;
     assert!(
         spans
             .iter()
@@ -778,7 +778,7 @@ async fn a_joined_materialization_links_to_the_computing_span() {
     joined.await.unwrap().unwrap();
     assert_eq!(gate.counts().started, 1, "one compute for both Gets");
     obs.telemetry.tracer_provider().force_flush().unwrap();
-    let spans = collector.exported_spans(10, Duration::from_secs(10)).await;
+    let spans = collector.exported_spans(10, Duration::from_secs(60)).await;
     let computing = spans
         .iter()
         .find(|s| {

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Logs, Rng, get_all, http_get, long_factor, put_leaf, put_recipe};
+use common::{DEADLINE, Logs, Rng, get_all, http_get, long_factor, put_leaf, put_recipe};
 use deriva_compute::FunctionRegistry;
 use deriva_core::CAddr;
 use deriva_server::proto::deriva_client::DerivaClient;
@@ -178,7 +178,7 @@ impl Srv {
 
     async fn stop(mut self) {
         self.stop.take().unwrap().send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(15), self.task.take().unwrap())
+        tokio::time::timeout(Duration::from_secs(60), self.task.take().unwrap())
             .await
             .expect("the server stops within its grace")
             .unwrap()
@@ -848,6 +848,16 @@ async fn concurrent_invalidations_during_gets_never_serve_wrong_bytes() {
         }));
     }
     tokio::time::sleep(duration).await;
+    // A loaded machine may have got little done in that time: go on until both sides have
+    // done something, so the race was really run.
+    let deadline = Instant::now() + DEADLINE;
+    while gets.load(Ordering::Relaxed) == 0 || invalidations.load(Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no Get or no Invalidate completed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap().unwrap();

@@ -40,7 +40,7 @@ impl HttpResponse {
 /// health endpoints and the Prometheus query API. Handles `Content-Length` and chunked bodies.
 pub async fn http_get(addr: &str, path_and_query: &str) -> std::io::Result<HttpResponse> {
     let mut stream = tokio::time::timeout(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         tokio::net::TcpStream::connect(addr),
     )
     .await
