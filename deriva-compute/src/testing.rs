@@ -15,20 +15,38 @@ use crate::function::{ComputeFunction, FunctionError};
 /// than any test needs, so reaching it means a bug. Tests use it for their other waits too.
 pub const GATE_DEADLINE: Duration = Duration::from_secs(60);
 
-/// How long a call is held before it fails on its own: longer than any wait of the test, so a
-/// test that waits for the held work to be cancelled fails rather than sees it end this way.
+/// How long a call is held before it fails on its own (should its gate be leaked): longer than
+/// any wait of the test, so a test that waits for the held work to be cancelled fails rather
+/// than sees it end this way.
 const HOLD_DEADLINE: Duration = Duration::from_secs(2 * GATE_DEADLINE.as_secs());
 
-/// A compute function that holds every call until the test [`Gate::open`]s it, and tells the
-/// test how many calls have started, are running and have finished.
+/// Holds every call of its compute function ([`Gate::function`]) until the test
+/// [`Gate::open`]s it, and tells the test how many calls have started, are running and have
+/// finished.
 ///
 /// Once open, a call returns its inputs concatenated, followed by its `tag` param (if any), or
-/// fails with [`FunctionError::Failed`] when built with [`Gate::failing`]. A call held for twice
-/// [`GATE_DEADLINE`] fails, so a test that never opens the gate ends rather than hangs.
-#[derive(Clone, Default)]
+/// fails with [`FunctionError::Failed`] when built with [`Gate::failing`]. Dropping the gate
+/// opens it, so a test that fails while calls are held does not leave them blocking the
+/// runtime's shutdown; a call held for twice [`GATE_DEADLINE`] fails on its own.
+#[derive(Default)]
 pub struct Gate {
     inner: Arc<GateInner>,
     fail: bool,
+}
+
+/// The compute function of a [`Gate`], to register under any id.
+#[derive(Clone)]
+pub struct GateFunction {
+    inner: Arc<GateInner>,
+    fail: bool,
+}
+
+impl std::fmt::Debug for GateFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GateFunction")
+            .field("fail", &self.fail)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Default)]
@@ -60,10 +78,25 @@ struct GateState {
 impl std::fmt::Debug for Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gate")
-            .field("open", &self.state().open)
+            .field("open", &self.inner.state().open)
             .field("counts", &self.counts())
             .field("fail", &self.fail)
             .finish()
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.open();
+    }
+}
+
+impl GateInner {
+    fn state(&self) -> MutexGuard<'_, GateState> {
+        // A panicking test thread must not turn every later call into a second panic.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -76,29 +109,29 @@ impl Gate {
     /// A closed gate whose calls fail once it opens.
     pub fn failing() -> Self {
         Self {
+            inner: Arc::default(),
             fail: true,
-            ..Self::default()
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, GateState> {
-        // A panicking test thread must not turn every later call into a second panic.
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Its compute function: register it under any id; every clone belongs to this gate.
+    pub fn function(&self) -> GateFunction {
+        GateFunction {
+            inner: self.inner.clone(),
+            fail: self.fail,
+        }
     }
 
     /// Lets every held call, and every later one, run to completion.
     pub fn open(&self) {
-        self.state().open = true;
+        self.inner.state().open = true;
         self.inner.opened.notify_all();
         self.inner.changed.notify_waiters();
     }
 
     /// What the gate has seen so far.
     pub fn counts(&self) -> GateCounts {
-        self.state().counts
+        self.inner.state().counts
     }
 
     /// Waits until at least `n` calls have started; panics after [`GATE_DEADLINE`].
@@ -132,10 +165,10 @@ impl Gate {
     }
 }
 
-impl ComputeFunction for Gate {
+impl ComputeFunction for GateFunction {
     fn compute(&self, inputs: &[Bytes], params: &Params) -> Result<Bytes, FunctionError> {
         let deadline = Instant::now() + HOLD_DEADLINE;
-        let mut state = self.state();
+        let mut state = self.inner.state();
         state.counts.started += 1;
         let running = state.counts.started - state.counts.finished;
         state.counts.max_running = state.counts.max_running.max(running);

@@ -6,6 +6,9 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+
 use common::{Harness, Panics, Slow, fid};
 use deriva_compute::testing::{GATE_DEADLINE, Gate};
 use deriva_compute::{ExecutorConfig, FunctionRegistry, VerificationMode};
@@ -151,13 +154,13 @@ async fn concurrent_waiters_all_get_the_same_error() {
     assert!(results.iter().all(|r| r.as_ref().unwrap_err() == &first));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn diamond_branches_run_concurrently() {
+/// `concat(gate(x, L), gate(x, R))` materializing in a task, with `permits` compute permits.
+fn gated_diamond(permits: usize) -> (Harness, Gate, JoinHandle<deriva_core::Result<Bytes>>) {
     let gate = Gate::new();
     let mut functions = FunctionRegistry::with_builtins();
-    functions.register(fid("gate/v1"), gate.clone());
+    functions.register(fid("gate/v1"), gate.function());
     let config = ExecutorConfig {
-        max_concurrent_computes: 2,
+        max_concurrent_computes: permits,
         ..ExecutorConfig::default()
     };
     let h = Harness::with(functions, config, 1 << 20);
@@ -167,6 +170,12 @@ async fn diamond_branches_run_concurrently() {
     let top = h.recipe("concat/v1", &[left, right], &[]);
     let exec = h.exec.clone();
     let task = tokio::spawn(async move { exec.materialize(top).await });
+    (h, gate, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diamond_branches_run_concurrently() {
+    let (_h, gate, task) = gated_diamond(2);
     // Both branches are inside their compute at once: run one after the other, the second
     // could not start while the first is held.
     gate.wait_started(2).await;
@@ -177,23 +186,17 @@ async fn diamond_branches_run_concurrently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compute_semaphore_bounds_concurrency() {
-    let gate = Gate::new();
-    let mut functions = FunctionRegistry::with_builtins();
-    functions.register(fid("gate/v1"), gate.clone());
-    let config = ExecutorConfig {
-        max_concurrent_computes: 1,
-        ..ExecutorConfig::default()
-    };
-    let h = Harness::with(functions, config, 1 << 20);
-    let base = h.leaf(b"x");
-    let left = h.recipe("gate/v1", &[base], &[("tag", "L")]);
-    let right = h.recipe("gate/v1", &[base], &[("tag", "R")]);
-    let top = h.recipe("concat/v1", &[left, right], &[]);
-    let exec = h.exec.clone();
-    let task = tokio::spawn(async move { exec.materialize(top).await });
+    let (_h, gate, task) = gated_diamond(1);
     gate.wait_started(1).await;
     // The branches are materialized concurrently, so only the one permit keeps the second
-    // compute out; the gate counts how many calls were ever inside at once.
+    // compute out while the first is held. (Half a second is ample for it to get in were the
+    // permit not enforced; a slow machine can only make this check weaker, never fail it.)
+    let second = tokio::time::timeout(Duration::from_millis(500), gate.wait_started(2)).await;
+    assert!(
+        second.is_err(),
+        "a second compute started: {:?}",
+        gate.counts()
+    );
     gate.open();
     assert_eq!(task.await.unwrap().unwrap(), &b"xLxR"[..]);
     assert_eq!(gate.counts().started, 2);
@@ -232,7 +235,7 @@ async fn a_chain_ten_thousand_deep_does_not_overflow_the_stack() {
 async fn abandoned_materialization_is_cancelled() {
     let gate = Gate::new();
     let mut functions = FunctionRegistry::with_builtins();
-    functions.register(fid("gate/v1"), gate.clone());
+    functions.register(fid("gate/v1"), gate.function());
     let h = Harness::with(functions, ExecutorConfig::default(), 1 << 20);
     let a = h.leaf(b"a");
     let first = h.recipe("gate/v1", &[a], &[("tag", "1")]);

@@ -126,8 +126,8 @@ async fn wait_for_active(h: &Harness, want: f64) {
 async fn active_gauge_rises_during_a_slow_compute_and_returns_to_zero() {
     let (ok_gate, fail_gate) = (Gate::new(), Gate::failing());
     let mut reg = FunctionRegistry::with_builtins();
-    reg.register(fid("gate/v1"), ok_gate.clone());
-    reg.register(fid("fail/v1"), fail_gate.clone());
+    reg.register(fid("gate/v1"), ok_gate.function());
+    reg.register(fid("fail/v1"), fail_gate.function());
     let h = Harness::with(reg, ExecutorConfig::default(), 1 << 20);
     let a = h.leaf(b"a");
     assert_eq!(h.sample("deriva_materialize_active"), Some(0.0));

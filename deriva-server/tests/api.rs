@@ -612,7 +612,7 @@ async fn a_client_that_hangs_up_stops_the_work_on_its_behalf() {
     let dir = tempfile::tempdir().unwrap();
     let gate = Gate::new();
     let mut functions = FunctionRegistry::with_builtins();
-    functions.register(FunctionId::new("gate", "v1").unwrap(), gate.clone());
+    functions.register(FunctionId::new("gate", "v1").unwrap(), gate.function());
     let mut s = TestServer::start(dir.path(), |_| {}, functions).await;
     let a = s.put(b"a").await;
     let first = s.recipe("gate", &[&a], &[]).await.unwrap();

@@ -1,24 +1,15 @@
 //! The `deriva-server` binary itself: defaults, port conflicts, signals.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::{Killed, SERVER};
 use rustix::process::{Pid, Signal};
-
-const SERVER: &str = env!("CARGO_BIN_EXE_deriva-server");
-
-/// Kills the child if the test ends early.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Forwards the child's stderr lines to the returned receiver. When `signal` is given, the
 /// reader thread sends it to the child the instant it reads the listening line, before it
@@ -86,7 +77,7 @@ fn starts_with_no_flags_and_stops_cleanly_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut running = Running(child);
+    let mut running = Killed(child);
     let rx = read_stderr(&mut running.0, None);
     wait_listening(&rx);
     assert!(
@@ -117,19 +108,8 @@ fn a_signal_right_after_the_listening_line_always_stops_gracefully() {
         } else {
             (Signal::INT, "SIGINT")
         };
-        let child = Command::new(SERVER)
-            .args(["--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(data.path())
-            .env_remove("RUST_LOG")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("DERIVA_OTLP_ENDPOINT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut running = Running(child);
+        let child = common::server_command(data.path(), &[]).spawn().unwrap();
+        let mut running = Killed(child);
         let rx = read_stderr(&mut running.0, Some(signal));
         wait_listening(&rx);
         let status = wait_exit(&mut running.0, Duration::from_secs(60));

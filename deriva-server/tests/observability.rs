@@ -738,7 +738,7 @@ async fn a_joined_materialization_links_to_the_computing_span() {
     let mut collector = FakeCollectorServer::start().await.unwrap();
     let gate = Gate::new();
     let mut functions = FunctionRegistry::with_builtins();
-    functions.register(FunctionId::new("gate", "v1").unwrap(), gate.clone());
+    functions.register(FunctionId::new("gate", "v1").unwrap(), gate.function());
     let mut obs = Obs::start_with(
         TelemetryConfig {
             otlp_endpoint: Some(collector.endpoint()),

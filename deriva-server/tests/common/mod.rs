@@ -399,23 +399,30 @@ pub struct ServerOnDir {
     pub startup: Duration,
 }
 
+/// The server binary with `extra` flags on `dir`, both listeners on ports it picks itself
+/// (`127.0.0.1:0`, announced in its listening line), no logging or OTLP settings from the
+/// environment, and stderr piped.
+pub fn server_command(dir: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(SERVER);
+    command
+        .args(["--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+        .args(extra)
+        .arg("--data-dir")
+        .arg(dir)
+        .env_remove("RUST_LOG")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("DERIVA_OTLP_ENDPOINT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command
+}
+
 impl ServerOnDir {
     /// Starts `deriva-server` on `dir` with `extra` flags, and waits until it listens.
     pub fn start(dir: &Path, extra: &[&str]) -> Self {
         let started = Instant::now();
-        let child = Command::new(SERVER)
-            .args(["--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
-            .args(extra)
-            .arg("--data-dir")
-            .arg(dir)
-            .env_remove("RUST_LOG")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("DERIVA_OTLP_ENDPOINT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = server_command(dir, extra).spawn().unwrap();
         let mut child = Killed(child);
         let stderr = child.0.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
