@@ -119,8 +119,9 @@ async fn run(config: Config, telemetry: &Telemetry, signals: ShutdownSignals) ->
     }
 }
 
-/// SIGINT (Ctrl-C) and SIGTERM, caught from the moment [`ShutdownSignals::install`] returns: a
-/// signal that arrives before [`ShutdownSignals::recv`] is first polled is kept, not lost.
+/// SIGINT (Ctrl-C) and SIGTERM, caught on Unix from the moment [`ShutdownSignals::install`]
+/// returns: a signal that arrives before [`ShutdownSignals::recv`] is first polled is kept, not
+/// lost. (Elsewhere only Ctrl-C, caught once `recv` is polled.)
 struct ShutdownSignals {
     #[cfg(unix)]
     interrupt: tokio::signal::unix::Signal,
