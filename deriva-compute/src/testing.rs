@@ -165,6 +165,20 @@ impl Gate {
     }
 }
 
+/// Polls `done` every few milliseconds until it holds; panics, naming `what`, after
+/// [`GATE_DEADLINE`]. For conditions nothing notifies about (a counter, a log line); a gate's
+/// own counts have [`Gate::wait_started`] and [`Gate::wait_finished`].
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + GATE_DEADLINE;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {GATE_DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 impl ComputeFunction for GateFunction {
     fn compute(&self, inputs: &[Bytes], params: &Params) -> Result<Bytes, FunctionError> {
         let deadline = Instant::now() + HOLD_DEADLINE;

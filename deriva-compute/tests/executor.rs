@@ -4,13 +4,13 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::task::JoinHandle;
 
 use common::{Harness, Panics, Slow, fid};
-use deriva_compute::testing::{GATE_DEADLINE, Gate};
+use deriva_compute::testing::{Gate, wait_until};
 use deriva_compute::{ExecutorConfig, FunctionRegistry, VerificationMode};
 use deriva_core::{CAddr, DerivaError, Recipe};
 
@@ -263,18 +263,6 @@ async fn abandoned_materialization_is_cancelled() {
         "the abandoned compute of `first`, then `first` and `second` again"
     );
     assert_eq!(h.exec.stats().active(), 0);
-}
-
-/// Polls `done` until it holds; panics after [`GATE_DEADLINE`].
-async fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + GATE_DEADLINE;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {GATE_DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use deriva_compute::testing::{GATE_DEADLINE, Gate};
+use deriva_compute::testing::{Gate, wait_until};
 use deriva_compute::{
     ComputeFunction, ExecStats, FunctionError, FunctionRegistry, VerificationMode,
 };
@@ -593,18 +593,6 @@ async fn data_survives_a_restart_on_the_same_dir() {
     let st = s.status().await;
     assert_eq!((st.recipe_count, st.blob_count), (1, 1));
     s.stop().await;
-}
-
-/// Polls `done` until it holds; panics after a minute.
-async fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + GATE_DEADLINE;
-    while !done() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {GATE_DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{Killed, SERVER};
+use common::{DEADLINE, Killed, SERVER};
 use rustix::process::{Pid, Signal};
 
 /// Forwards the child's stderr lines to the returned receiver. When `signal` is given, the
@@ -36,7 +36,7 @@ fn read_stderr(child: &mut Child, signal: Option<Signal>) -> mpsc::Receiver<Stri
 /// Waits until `rx` shows the listening line; every line read so far on failure.
 fn wait_listening(rx: &mpsc::Receiver<String>) {
     let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + DEADLINE;
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         match rx.recv_timeout(left) {
             Ok(line) if line.contains("deriva-server listening") => return,
@@ -85,7 +85,7 @@ fn starts_with_no_flags_and_stops_cleanly_on_sigterm() {
         "default data dir"
     );
     sigterm(&running.0);
-    let status = wait_exit(&mut running.0, Duration::from_secs(60));
+    let status = wait_exit(&mut running.0, DEADLINE);
     assert!(status.success(), "exit status {status:?}");
     let rest: Vec<String> = rx.iter().collect();
     assert!(
@@ -112,7 +112,7 @@ fn a_signal_right_after_the_listening_line_always_stops_gracefully() {
         let mut running = Killed(child);
         let rx = read_stderr(&mut running.0, Some(signal));
         wait_listening(&rx);
-        let status = wait_exit(&mut running.0, Duration::from_secs(60));
+        let status = wait_exit(&mut running.0, DEADLINE);
         let rest: Vec<String> = rx.iter().collect();
         assert!(
             status.success(),

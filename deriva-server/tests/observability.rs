@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{Logs, families, http_get, put_leaf, put_recipe, sample};
 use deriva_compute::FunctionRegistry;
-use deriva_compute::testing::{GATE_DEADLINE, Gate};
+use deriva_compute::testing::{Gate, wait_until};
 use deriva_core::{CAddr, FunctionId};
 use deriva_server::proto::deriva_client::DerivaClient;
 use deriva_server::proto::{ExplainRequest, GetRequest, PutRecipeRequest, StatusRequest};
@@ -764,15 +764,12 @@ async fn a_joined_materialization_links_to_the_computing_span() {
     let first = forced_get(obs.client.clone());
     gate.wait_started(1).await;
     let joined = forced_get(obs.client.clone());
-    let deadline = Instant::now() + GATE_DEADLINE;
-    while !obs
-        .logs
-        .text()
-        .contains("joined an in-flight materialization")
-    {
-        assert!(Instant::now() < deadline, "the second Get never joined");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("the second Get joins the first", || {
+        obs.logs
+            .text()
+            .contains("joined an in-flight materialization")
+    })
+    .await;
     gate.open();
     first.await.unwrap().unwrap();
     joined.await.unwrap().unwrap();

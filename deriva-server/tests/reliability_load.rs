@@ -9,9 +9,10 @@ mod common;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{DEADLINE, ServerOnDir, http_get, long_factor, sample};
+use common::{ServerOnDir, http_get, long_factor, sample};
+use deriva_compute::testing::wait_until;
 use parking_lot::Mutex;
 
 const CLI: &str = env!("CARGO_BIN_EXE_deriva");
@@ -88,11 +89,10 @@ async fn thirty_two_scrapers_under_cached_get_load() {
     let loaded = bench(&server.grpc, secs).await;
     // On a loaded machine the scrapers may have had little time: let them go on until there
     // were at least as many scrapes as scrapers.
-    let deadline = Instant::now() + DEADLINE;
-    while scrapes.load(Ordering::Relaxed) < SCRAPERS as u64 && failures.lock().is_empty() {
-        assert!(Instant::now() < deadline, "only {scrapes:?} scrapes");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("as many scrapes as scrapers, or a failed one", || {
+        scrapes.load(Ordering::Relaxed) >= SCRAPERS as u64 || !failures.lock().is_empty()
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     for s in scrapers {
         tokio::time::timeout(Duration::from_secs(60), s)
