@@ -64,6 +64,7 @@
 pub mod addr;
 pub mod error;
 pub mod recipe;
+pub mod spans;
 pub mod store;
 
 pub use addr::{AddrParseError, CAddr};

@@ -1,0 +1,62 @@
+//! The names of Deriva's spans and of the fields they carry: one constant per name, used by the
+//! code that opens the span (`deriva-compute`'s executor, `deriva-server`'s RPC layer), by the
+//! server's trace store and by the client's `--explain` rendering. Renaming a span here renames
+//! it everywhere; a test in `deriva-compute` checks that the executor's spans carry these fields.
+//!
+//! The names live in `deriva-core` because the `deriva` client, which renders them, depends on
+//! `deriva-core` and `deriva-proto` only.
+
+/// The server span of one RPC, the root of a request's tree.
+pub const RPC: &str = "rpc";
+/// One level of materialization: cache, then leaf, then recipe.
+pub const MATERIALIZE: &str = "materialize";
+/// The cache lookup at the start of a materialization.
+pub const CACHE_CHECK: &str = "cache_check";
+/// The read of a leaf from the blob store.
+pub const LEAF_READ: &str = "leaf_read";
+/// One run of a recipe's function.
+pub const COMPUTE: &str = "compute";
+/// The second run of a function, compared with the first.
+pub const VERIFY: &str = "verify";
+/// The insertion of a computed output into the cache.
+pub const CACHE_PUT: &str = "cache_put";
+/// A `Verify` call: materialize the inputs, then compute twice.
+pub const VERIFY_RECIPE: &str = "verify_recipe";
+/// An `Invalidate` call.
+pub const INVALIDATE: &str = "invalidate";
+
+/// Field names.
+pub mod field {
+    /// The address a span works on (hex).
+    pub const ADDR: &str = "addr";
+    /// How deep in the recipe DAG a materialization is (0 for the requested address).
+    pub const DEPTH: &str = "depth";
+    /// How a materialization ended: `hit`, `leaf`, `computed` or `error`.
+    pub const RESULT: &str = "result";
+    /// Whether the cache held the address.
+    pub const HIT: &str = "hit";
+    /// Whether a leaf or recipe was found.
+    pub const FOUND: &str = "found";
+    /// The function id, `name/version`.
+    pub const FUNCTION: &str = "function";
+    /// Total size of a compute's inputs.
+    pub const INPUT_BYTES: &str = "input_bytes";
+    /// Size of a compute's output.
+    pub const OUTPUT_BYTES: &str = "output_bytes";
+    /// Size of what was put into the cache.
+    pub const BYTES: &str = "bytes";
+    /// Whether the verification run agreed with the first.
+    pub const PASSED: &str = "passed";
+    /// Whether a `Verify` found the recipe deterministic.
+    pub const DETERMINISTIC: &str = "deterministic";
+    /// Whether an invalidation cascades to dependents.
+    pub const CASCADE: &str = "cascade";
+    /// How many cache entries an invalidation removed.
+    pub const EVICTED: &str = "evicted";
+    /// The request id of an RPC (the `x-request-id` header or a new UUID).
+    pub const REQUEST_ID: &str = "request_id";
+    /// The trace id of an RPC, 32 hex characters.
+    pub const TRACE_ID: &str = "trace_id";
+    /// The gRPC method of an RPC, as in `rpc.method`.
+    pub const RPC_METHOD: &str = "rpc.method";
+}
