@@ -36,14 +36,16 @@ fn world(rt: &tokio::runtime::Runtime, meter: &Meter) -> World {
         ExecutorConfig::default(),
         meter,
     );
-    let leaf = exec.store().put_leaf(&[7u8; 1024]).unwrap();
+    let leaf = rt
+        .block_on(exec.store().put_leaf(bytes::Bytes::from(vec![7u8; 1024])))
+        .unwrap();
     let recipe = Recipe::new(
         FunctionId::new("reverse", "v1").unwrap(),
         vec![leaf],
         Vec::<(String, String)>::new(),
     )
     .unwrap();
-    let hot = exec.put_recipe(&recipe).unwrap();
+    let hot = rt.block_on(exec.put_recipe(recipe)).unwrap();
     rt.block_on(exec.materialize(hot)).unwrap();
     World {
         _dir: dir,

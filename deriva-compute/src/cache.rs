@@ -6,6 +6,13 @@
 //! while entries that are not used age out however costly they were. A hit refreshes the entry's
 //! priority against the current clock.
 //!
+//! Each address has a generation that [`Cache::invalidate`] advances. A compute notes the
+//! generation when it starts ([`Cache::generation`]) and caches its output with
+//! [`Cache::insert_if_current`], which refuses it if an invalidation came in between: an
+//! invalidation always wins over a compute that started before it. Generations are kept per
+//! stripe of addresses (4096 stripes), so memory stays fixed; an invalidation of another address
+//! of the same stripe only costs a compute its cache slot, never correctness.
+//!
 //! Hits, misses, evictions, bytes and entries are atomics in [`CacheStats`], read without locks
 //! by `Status` and by the metrics callbacks.
 
@@ -82,13 +89,36 @@ struct Entry {
     rank: (u64, u64),
 }
 
-#[derive(Debug, Default)]
+/// Number of generation stripes.
+const STRIPES: usize = 4096;
+
+#[derive(Debug)]
 struct Inner {
     map: HashMap<CAddr, Entry>,
     /// (priority, sequence) → address, lowest first.
     order: BTreeSet<(u64, u64, CAddr)>,
     clock: u64,
     seq: u64,
+    /// Invalidation generations, by stripe of address.
+    generations: Box<[u64]>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            order: BTreeSet::new(),
+            clock: 0,
+            seq: 0,
+            generations: vec![0; STRIPES].into_boxed_slice(),
+        }
+    }
+}
+
+/// The generation stripe of an address (its bytes are a uniform hash already).
+fn stripe(addr: &CAddr) -> usize {
+    let b = addr.as_bytes();
+    usize::from(u16::from_le_bytes([b[0], b[1]])) % STRIPES
 }
 
 impl Inner {
@@ -159,13 +189,55 @@ impl Cache {
     /// Caches `data` for `addr`, evicting lower-priority entries as needed. Returns the
     /// addresses evicted. An output larger than the whole budget is not cached.
     pub fn insert(&self, addr: CAddr, data: Bytes, cost: Duration) -> Vec<CAddr> {
+        let inner = self.inner.lock();
+        self.insert_locked(inner, addr, data, cost)
+    }
+
+    /// The invalidation generation of `addr`, to pass to [`Cache::insert_if_current`].
+    pub fn generation(&self, addr: &CAddr) -> u64 {
+        self.inner.lock().generations[stripe(addr)]
+    }
+
+    /// Like [`Cache::insert`], unless `addr` was invalidated since `generation` was read: then
+    /// nothing is cached and this returns `None`.
+    pub fn insert_if_current(
+        &self,
+        addr: CAddr,
+        data: Bytes,
+        cost: Duration,
+        generation: u64,
+    ) -> Option<Vec<CAddr>> {
+        let inner = self.inner.lock();
+        if inner.generations[stripe(&addr)] != generation {
+            tracing::debug!(%addr, "invalidated while it was computed; not cached");
+            return None;
+        }
+        Some(self.insert_locked(inner, addr, data, cost))
+    }
+
+    /// Advances the generation of `addr`, so no compute that started earlier caches it, and
+    /// removes it; returns whether it was cached.
+    pub fn invalidate(&self, addr: &CAddr) -> bool {
+        let mut inner = self.inner.lock();
+        let g = &mut inner.generations[stripe(addr)];
+        *g = g.wrapping_add(1);
+        self.remove_locked(&mut inner, addr)
+    }
+
+    fn insert_locked(
+        &self,
+        mut inner: parking_lot::MutexGuard<'_, Inner>,
+        addr: CAddr,
+        data: Bytes,
+        cost: Duration,
+    ) -> Vec<CAddr> {
         let size = data.len() as u64;
         if size > self.budget {
+            drop(inner);
             tracing::debug!(%addr, size, budget = self.budget, "output larger than the cache budget; not cached");
             return Vec::new();
         }
         let mut evicted = Vec::new();
-        let mut inner = self.inner.lock();
         if let Some(old) = inner.map.remove(&addr) {
             inner.order.remove(&(old.rank.0, old.rank.1, addr));
             self.stats
@@ -202,6 +274,10 @@ impl Cache {
     /// Removes `addr`; returns whether it was cached.
     pub fn remove(&self, addr: &CAddr) -> bool {
         let mut inner = self.inner.lock();
+        self.remove_locked(&mut inner, addr)
+    }
+
+    fn remove_locked(&self, inner: &mut Inner, addr: &CAddr) -> bool {
         let Some(old) = inner.map.remove(addr) else {
             return false;
         };

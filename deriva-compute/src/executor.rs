@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use deriva_core::spans::{self, field};
 use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result, Store};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared, WeakShared};
@@ -148,7 +149,7 @@ struct Inner {
     registry: Arc<FunctionRegistry>,
     cache: Arc<Cache>,
     config: ExecutorConfig,
-    computes: Semaphore,
+    computes: Arc<Semaphore>,
     inflight: Mutex<HashMap<CAddr, Flight>>,
     next_flight: AtomicU64,
     stats: Arc<ExecStats>,
@@ -194,7 +195,7 @@ impl AsyncExecutor {
                 store,
                 registry,
                 cache,
-                computes: Semaphore::new(permits),
+                computes: Arc::new(Semaphore::new(permits)),
                 config,
                 inflight: Mutex::default(),
                 next_flight: AtomicU64::new(0),
@@ -229,14 +230,19 @@ impl AsyncExecutor {
         self.inner.config.verification
     }
 
+    /// How many more computes could start now (the compute limit minus those running).
+    pub fn compute_permits_available(&self) -> usize {
+        self.inner.computes.available_permits()
+    }
+
     /// Checks a recipe against the registry (function registered, params and input count
     /// accepted) and stores it. Every input must exist.
-    pub fn put_recipe(&self, recipe: &Recipe) -> Result<CAddr> {
+    pub async fn put_recipe(&self, recipe: Recipe) -> Result<CAddr> {
         let function = self.function(recipe.function())?;
         function
             .validate(recipe.inputs().len(), recipe.params())
             .map_err(|e| invalid_recipe(recipe.function(), None, &e))?;
-        self.inner.store.put_recipe(recipe)
+        self.inner.store.put_recipe(recipe).await
     }
 
     fn function(&self, id: &FunctionId) -> Result<Arc<dyn ComputeFunction>> {
@@ -269,7 +275,12 @@ impl AsyncExecutor {
         tracker: Arc<DepthTracker>,
     ) -> impl Future<Output = FlightOutput> + Send + 'static {
         tracker.0.fetch_max(depth, Ordering::Relaxed);
-        let span = info_span!("materialize", %addr, depth = i64::from(depth), result = Empty);
+        let span = info_span!(
+            spans::MATERIALIZE,
+            { field::ADDR } = %addr,
+            { field::DEPTH } = i64::from(depth),
+            { field::RESULT } = Empty
+        );
         let this = self.clone();
         async move {
             let _active = this.inner.stats.active_guard();
@@ -284,7 +295,7 @@ impl AsyncExecutor {
                 .metrics
                 .materialize_duration
                 .record(start.elapsed().as_secs_f64(), &[]);
-            Span::current().record("result", outcome.as_str());
+            Span::current().record(field::RESULT, outcome.as_str());
             result
         }
         .instrument(span)
@@ -296,9 +307,9 @@ impl AsyncExecutor {
         depth: u32,
         tracker: Arc<DepthTracker>,
     ) -> FlightOutput {
-        let hit = info_span!("cache_check", hit = Empty).in_scope(|| {
+        let hit = info_span!(spans::CACHE_CHECK, { field::HIT } = Empty).in_scope(|| {
             let hit = self.inner.cache.get(&addr);
-            Span::current().record("hit", hit.is_some());
+            Span::current().record(field::HIT, hit.is_some());
             hit
         });
         if let Some(hit) = hit {
@@ -363,19 +374,23 @@ impl AsyncExecutor {
 
     /// Leaf, then recipe. Runs inside the flight's task.
     async fn resolve(&self, addr: CAddr, depth: u32, tracker: Arc<DepthTracker>) -> FlightOutput {
-        let store = self.inner.store.clone();
-        let leaf = run_blocking(info_span!("leaf_read", found = Empty), move || {
-            let leaf = store.get_leaf(&addr);
-            Span::current().record("found", matches!(leaf, Ok(Some(_))));
-            leaf
-        })
-        .await
-        .map_err(|e| internal(addr, &e))?;
+        // Noted before anything is read: an invalidation from now on keeps this output out of
+        // the cache.
+        let generation = self.inner.cache.generation(&addr);
+        let read = info_span!(spans::LEAF_READ, { field::FOUND } = Empty);
+        let leaf = self
+            .inner
+            .store
+            .get_leaf(addr)
+            .instrument(read.clone())
+            .await;
+        read.record(field::FOUND, matches!(leaf, Ok(Some(_))));
+        drop(read);
         if let Some(bytes) = self.count_corruption(leaf)? {
             return Ok((bytes, Outcome::Leaf));
         }
         let stored = self
-            .count_corruption(self.inner.store.get_recipe(&addr))?
+            .count_corruption(self.inner.store.get_recipe(addr).await)?
             .ok_or(DerivaError::NotFound { addr })?;
         let recipe = stored.recipe;
         let inputs = futures::future::try_join_all(
@@ -387,8 +402,10 @@ impl AsyncExecutor {
         .await?;
         let inputs: Vec<Bytes> = inputs.into_iter().map(|(bytes, _)| bytes).collect();
         let (output, cost) = self.compute(addr, &recipe, inputs, false).await?;
-        info_span!("cache_put", bytes = as_i64(output.len())).in_scope(|| {
-            self.inner.cache.insert(addr, output.clone(), cost);
+        info_span!(spans::CACHE_PUT, { field::BYTES } = as_i64(output.len())).in_scope(|| {
+            self.inner
+                .cache
+                .insert_if_current(addr, output.clone(), cost, generation);
         });
         Ok((output, Outcome::Computed))
     }
@@ -417,16 +434,16 @@ impl AsyncExecutor {
         let input_bytes: u64 = inputs.iter().map(|i| i.len() as u64).sum();
         let params = Arc::new(recipe.params().clone());
         let span = info_span!(
-            "compute",
-            function = %id,
-            input_bytes = as_i64(input_bytes),
-            output_bytes = Empty
+            spans::COMPUTE,
+            { field::FUNCTION } = %id,
+            { field::INPUT_BYTES } = as_i64(input_bytes),
+            { field::OUTPUT_BYTES } = Empty
         );
 
         let (output, elapsed) = self
             .run_function(addr, id, &function, &inputs, &params, span.clone())
             .await?;
-        span.record("output_bytes", as_i64(output.len()));
+        span.record(field::OUTPUT_BYTES, as_i64(output.len()));
         let attrs = self.inner.metrics.function_attrs(id);
         let m = &self.inner.metrics;
         m.compute_duration.record(elapsed.as_secs_f64(), attrs);
@@ -444,12 +461,13 @@ impl AsyncExecutor {
         }
 
         if force_verify || self.inner.config.verification.should_verify() {
-            let span = info_span!("verify", function = %id, passed = Empty);
+            let span =
+                info_span!(spans::VERIFY, { field::FUNCTION } = %id, { field::PASSED } = Empty);
             let (second, _) = self
                 .run_function(addr, id, &function, &inputs, &params, span.clone())
                 .await?;
             let passed = second == output;
-            span.record("passed", passed);
+            span.record(field::PASSED, passed);
             self.inner.stats.record_verification(passed);
             if !passed {
                 let (first, second) = (CAddr::for_leaf(&output), CAddr::for_leaf(&second));
@@ -482,14 +500,20 @@ impl AsyncExecutor {
         params: &Arc<deriva_core::Params>,
         span: Span,
     ) -> Result<(Bytes, Duration)> {
-        let _permit = self
+        // The permit moves into the blocking closure: a compute holds it until it returns,
+        // even when every caller has gone and this task was aborted.
+        let permit = self
             .inner
             .computes
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
-            .map_err(|_| DerivaError::Storage("the compute semaphore was closed".into()))?;
+            .map_err(|_| DerivaError::TaskCancelled {
+                task: format!("{addr}: waiting for a compute slot"),
+            })?;
         let (function, inputs, params) = (function.clone(), inputs.clone(), params.clone());
         let ran = run_blocking(span, move || {
+            let _permit = permit;
             let start = Instant::now();
             let out = function.compute(&inputs, &params);
             (out, start.elapsed())
@@ -503,11 +527,19 @@ impl AsyncExecutor {
                 addr,
                 message: e.to_string(),
             }),
-            Err(join) => Err(DerivaError::ComputeFailed {
-                function: id.clone(),
-                addr,
-                message: panic_message(join),
-            }),
+            Err(join) => match join.try_into_panic() {
+                Ok(payload) => Err(DerivaError::ComputeFailed {
+                    function: id.clone(),
+                    addr,
+                    message: format!(
+                        "the function panicked: {}",
+                        deriva_core::error::panic_text(payload.as_ref())
+                    ),
+                }),
+                Err(_) => Err(DerivaError::TaskCancelled {
+                    task: format!("{addr}: the compute of {id}"),
+                }),
+            },
         }
     }
 
@@ -516,10 +548,11 @@ impl AsyncExecutor {
     /// report with `deterministic: false` (and counts as a failed verification), not an error;
     /// a leaf is [`DerivaError::InvalidInput`], an unknown address [`DerivaError::NotFound`].
     pub async fn verify(&self, addr: CAddr) -> Result<VerifyReport> {
-        let span = info_span!("verify_recipe", %addr, deterministic = Empty);
+        let span = info_span!(spans::VERIFY_RECIPE, { field::ADDR } = %addr, { field::DETERMINISTIC } = Empty);
         async move {
-            let Some(stored) = self.inner.store.get_recipe(&addr)? else {
-                return Err(match self.inner.store.kind_of(&addr)? {
+            let generation = self.inner.cache.generation(&addr);
+            let Some(stored) = self.inner.store.get_recipe(addr).await? else {
+                return Err(match self.inner.store.kind_of(addr).await? {
                     Some(_) => DerivaError::InvalidInput(format!(
                         "{addr} is a leaf; only recipes can be verified"
                     )),
@@ -540,7 +573,9 @@ impl AsyncExecutor {
                 Ok((output, cost)) => {
                     let hash = CAddr::for_leaf(&output);
                     let size = output.len() as u64;
-                    self.inner.cache.insert(addr, output, cost);
+                    self.inner
+                        .cache
+                        .insert_if_current(addr, output, cost, generation);
                     VerifyReport {
                         deterministic: true,
                         output_hash: hash,
@@ -558,7 +593,7 @@ impl AsyncExecutor {
                 },
                 Err(e) => return Err(e),
             };
-            Span::current().record("deterministic", report.deterministic);
+            Span::current().record(field::DETERMINISTIC, report.deterministic);
             Ok(report)
         }
         .instrument(span)
@@ -567,25 +602,47 @@ impl AsyncExecutor {
 
     /// Evicts `addr` from the cache and, with `cascade`, every recipe that depends on it
     /// directly or transitively. [`DerivaError::NotFound`] if the store does not know `addr`.
-    pub fn invalidate(&self, addr: CAddr, cascade: bool) -> Result<InvalidateReport> {
-        let _span = info_span!("invalidate", %addr, cascade, evicted = Empty).entered();
-        if self.inner.store.kind_of(&addr)?.is_none() {
-            return Err(DerivaError::NotFound { addr });
-        }
-        let was_cached = self.inner.cache.remove(&addr);
-        let mut evicted = if was_cached { vec![addr] } else { Vec::new() };
-        if cascade {
-            for dependent in self.inner.store.transitive_dependents(&addr)? {
-                if self.inner.cache.remove(&dependent) {
+    ///
+    /// An invalidation wins over computes already running: their outputs are not cached, and
+    /// the next request starts a new materialization rather than joining theirs.
+    pub async fn invalidate(&self, addr: CAddr, cascade: bool) -> Result<InvalidateReport> {
+        let span = info_span!(
+            spans::INVALIDATE,
+            { field::ADDR } = %addr,
+            { field::CASCADE } = cascade,
+            { field::EVICTED } = Empty
+        );
+        async move {
+            if self.inner.store.kind_of(addr).await?.is_none() {
+                return Err(DerivaError::NotFound { addr });
+            }
+            let dependents = if cascade {
+                self.inner.store.transitive_dependents(addr).await?
+            } else {
+                Vec::new()
+            };
+            let was_cached = self.forget(&addr);
+            let mut evicted = if was_cached { vec![addr] } else { Vec::new() };
+            for dependent in dependents {
+                if self.forget(&dependent) {
                     evicted.push(dependent);
                 }
             }
+            Span::current().record(field::EVICTED, as_i64(evicted.len()));
+            Ok(InvalidateReport {
+                was_cached,
+                evicted,
+            })
         }
-        Span::current().record("evicted", as_i64(evicted.len()));
-        Ok(InvalidateReport {
-            was_cached,
-            evicted,
-        })
+        .instrument(span)
+        .await
+    }
+
+    /// Invalidates `addr` in the cache and detaches its in-flight materialization, if any, so
+    /// that later requests start afresh. Returns whether it was cached.
+    fn forget(&self, addr: &CAddr) -> bool {
+        self.inner.inflight.lock().remove(addr);
+        self.inner.cache.invalidate(addr)
     }
 }
 
@@ -598,24 +655,6 @@ fn invalid_recipe(function: &FunctionId, addr: Option<CAddr>, e: &FunctionError)
     match addr {
         Some(addr) => DerivaError::InvalidInput(format!("{addr}: {function}: {e}")),
         None => DerivaError::InvalidInput(format!("{function}: {e}")),
-    }
-}
-
-fn internal(addr: CAddr, e: &tokio::task::JoinError) -> DerivaError {
-    DerivaError::Storage(format!("{addr}: background read failed: {e}"))
-}
-
-fn panic_message(join: tokio::task::JoinError) -> String {
-    match join.try_into_panic() {
-        Ok(payload) => {
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_owned());
-            format!("the function panicked: {msg}")
-        }
-        Err(e) => format!("the compute task ended: {e}"),
     }
 }
 
@@ -652,11 +691,8 @@ impl Future for FlightTask {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<FlightOutput> {
         let addr = self.addr;
         Pin::new(&mut self.task).poll(cx).map(|joined| {
-            joined.unwrap_or_else(|e| {
-                Err(DerivaError::Storage(format!(
-                    "{addr}: materialization task failed: {e}"
-                )))
-            })
+            joined
+                .unwrap_or_else(|e| Err(DerivaError::from_join(format!("materializing {addr}"), e)))
         })
     }
 }

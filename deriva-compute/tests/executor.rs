@@ -23,10 +23,10 @@ fn registry_with_slow(slow: &Slow) -> FunctionRegistry {
 #[tokio::test]
 async fn leaf_recipe_and_cache_paths() {
     let h = Harness::new();
-    let a = h.leaf(b"hello ");
-    let b = h.leaf(b"world");
-    let ab = h.recipe("concat/v1", &[a, b], &[]);
-    let upper = h.recipe("uppercase/v1", &[ab], &[]);
+    let a = h.leaf(b"hello ").await;
+    let b = h.leaf(b"world").await;
+    let ab = h.recipe("concat/v1", &[a, b], &[]).await;
+    let upper = h.recipe("uppercase/v1", &[ab], &[]).await;
     assert_eq!(h.exec.materialize(a).await.unwrap(), &b"hello "[..]);
     assert_eq!(
         h.exec.materialize(upper).await.unwrap(),
@@ -59,14 +59,14 @@ async fn unknown_address_is_not_found() {
 #[tokio::test]
 async fn put_recipe_validates_function_and_params() {
     let h = Harness::new();
-    let a = h.leaf(b"x");
+    let a = h.leaf(b"x").await;
     let unknown = Recipe::new(fid("nope/v1"), vec![a], Vec::<(String, String)>::new()).unwrap();
     assert!(matches!(
-        h.exec.put_recipe(&unknown),
+        h.exec.put_recipe(unknown).await,
         Err(DerivaError::UnknownFunction { .. })
     ));
     let bad = Recipe::new(fid("repeat/v1"), vec![a], [("count", "many")]).unwrap();
-    let err = h.exec.put_recipe(&bad).unwrap_err();
+    let err = h.exec.put_recipe(bad).await.unwrap_err();
     assert!(
         matches!(&err, DerivaError::InvalidInput(m) if m.contains("`count`")),
         "{err}"
@@ -78,7 +78,7 @@ async fn put_recipe_validates_function_and_params() {
     )
     .unwrap();
     assert!(matches!(
-        h.exec.put_recipe(&missing),
+        h.exec.put_recipe(missing).await,
         Err(DerivaError::MissingInput { .. })
     ));
     assert_eq!(h.exec.store().counters().recipes(), 0);
@@ -89,8 +89,8 @@ async fn compute_failures_and_panics_are_errors_not_crashes() {
     let mut r = FunctionRegistry::with_builtins();
     r.register(fid("panics/v1"), Panics);
     let h = Harness::with(r, ExecutorConfig::default(), 1 << 20);
-    let junk = h.leaf(b"not gzip");
-    let bad = h.recipe("gunzip/v1", &[junk], &[]);
+    let junk = h.leaf(b"not gzip").await;
+    let bad = h.recipe("gunzip/v1", &[junk], &[]).await;
     match h.exec.materialize(bad).await {
         Err(DerivaError::ComputeFailed {
             function,
@@ -103,7 +103,7 @@ async fn compute_failures_and_panics_are_errors_not_crashes() {
         }
         other => panic!("expected ComputeFailed, got {other:?}"),
     }
-    let boom = h.recipe("panics/v1", &[junk], &[]);
+    let boom = h.recipe("panics/v1", &[junk], &[]).await;
     let err = h.exec.materialize(boom).await.unwrap_err();
     assert!(
         matches!(&err, DerivaError::ComputeFailed { message, .. } if message.contains("boom")),
@@ -111,7 +111,7 @@ async fn compute_failures_and_panics_are_errors_not_crashes() {
     );
     // The executor still works afterwards, and nothing failed was cached.
     assert!(!h.exec.cache().contains(&bad) && !h.exec.cache().contains(&boom));
-    let ok = h.recipe("reverse/v1", &[junk], &[]);
+    let ok = h.recipe("reverse/v1", &[junk], &[]).await;
     assert_eq!(h.exec.materialize(ok).await.unwrap(), &b"pizg ton"[..]);
 }
 
@@ -123,8 +123,8 @@ async fn concurrent_requests_compute_once_and_share_the_result() {
         ExecutorConfig::default(),
         1 << 20,
     );
-    let a = h.leaf(b"abc");
-    let r = h.recipe("slow/v1", &[a], &[]);
+    let a = h.leaf(b"abc").await;
+    let r = h.recipe("slow/v1", &[a], &[]).await;
     let tasks: Vec<_> = (0..16)
         .map(|_| {
             let exec = h.exec.clone();
@@ -146,8 +146,8 @@ async fn concurrent_waiters_all_get_the_same_error() {
     let mut reg = FunctionRegistry::with_builtins();
     reg.register(fid("fail/v1"), common::SlowFail(Duration::from_millis(100)));
     let h = Harness::with(reg, ExecutorConfig::default(), 1 << 20);
-    let a = h.leaf(b"abc");
-    let r = h.recipe("fail/v1", &[a], &[]);
+    let a = h.leaf(b"abc").await;
+    let r = h.recipe("fail/v1", &[a], &[]).await;
     let results = futures::future::join_all((0..8).map(|_| h.exec.materialize(r))).await;
     let first = results[0].clone().unwrap_err();
     assert!(matches!(first, DerivaError::ComputeFailed { .. }));
@@ -155,7 +155,7 @@ async fn concurrent_waiters_all_get_the_same_error() {
 }
 
 /// `concat(gate(x, L), gate(x, R))` materializing in a task, with `permits` compute permits.
-fn gated_diamond(permits: usize) -> (Harness, Gate, JoinHandle<deriva_core::Result<Bytes>>) {
+async fn gated_diamond(permits: usize) -> (Harness, Gate, JoinHandle<deriva_core::Result<Bytes>>) {
     let gate = Gate::new();
     let mut functions = FunctionRegistry::with_builtins();
     functions.register(fid("gate/v1"), gate.function());
@@ -164,10 +164,10 @@ fn gated_diamond(permits: usize) -> (Harness, Gate, JoinHandle<deriva_core::Resu
         ..ExecutorConfig::default()
     };
     let h = Harness::with(functions, config, 1 << 20);
-    let base = h.leaf(b"x");
-    let left = h.recipe("gate/v1", &[base], &[("tag", "L")]);
-    let right = h.recipe("gate/v1", &[base], &[("tag", "R")]);
-    let top = h.recipe("concat/v1", &[left, right], &[]);
+    let base = h.leaf(b"x").await;
+    let left = h.recipe("gate/v1", &[base], &[("tag", "L")]).await;
+    let right = h.recipe("gate/v1", &[base], &[("tag", "R")]).await;
+    let top = h.recipe("concat/v1", &[left, right], &[]).await;
     let exec = h.exec.clone();
     let task = tokio::spawn(async move { exec.materialize(top).await });
     (h, gate, task)
@@ -175,7 +175,7 @@ fn gated_diamond(permits: usize) -> (Harness, Gate, JoinHandle<deriva_core::Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn diamond_branches_run_concurrently() {
-    let (_h, gate, task) = gated_diamond(2);
+    let (_h, gate, task) = gated_diamond(2).await;
     // Both branches are inside their compute at once: run one after the other, the second
     // could not start while the first is held.
     gate.wait_started(2).await;
@@ -186,7 +186,7 @@ async fn diamond_branches_run_concurrently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compute_semaphore_bounds_concurrency() {
-    let (_h, gate, task) = gated_diamond(1);
+    let (_h, gate, task) = gated_diamond(1).await;
     gate.wait_started(1).await;
     // The branches are materialized concurrently, so only the one permit keeps the second
     // compute out while the first is held. (Half a second is ample for it to get in were the
@@ -210,7 +210,7 @@ async fn compute_semaphore_bounds_concurrency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_ten_thousand_deep_does_not_overflow_the_stack() {
     let h = Harness::new();
-    let mut prev = h.leaf(b"deep");
+    let mut prev = h.leaf(b"deep").await;
     let mut recipes = Vec::new();
     for _ in 0..10_000 {
         let r = Recipe::new(
@@ -222,9 +222,15 @@ async fn a_chain_ten_thousand_deep_does_not_overflow_the_stack() {
         prev = r.addr();
         recipes.push(r);
     }
-    h.exec.store().put_recipes(&recipes).unwrap();
+    h.exec.store().put_recipes(recipes).await.unwrap();
     assert_eq!(
-        h.exec.store().get_recipe(&prev).unwrap().unwrap().depth,
+        h.exec
+            .store()
+            .get_recipe(prev)
+            .await
+            .unwrap()
+            .unwrap()
+            .depth,
         10_000
     );
     assert_eq!(h.exec.materialize(prev).await.unwrap(), &b"deep"[..]);
@@ -239,9 +245,9 @@ async fn abandoned_materialization_is_cancelled() {
     functions.register(fid("inner/v1"), inner.function());
     functions.register(fid("outer/v1"), outer.function());
     let h = Harness::with(functions, ExecutorConfig::default(), 1 << 20);
-    let a = h.leaf(b"a");
-    let first = h.recipe("inner/v1", &[a], &[("tag", "1")]);
-    let second = h.recipe("outer/v1", &[first], &[("tag", "2")]);
+    let a = h.leaf(b"a").await;
+    let first = h.recipe("inner/v1", &[a], &[("tag", "1")]).await;
+    let second = h.recipe("outer/v1", &[first], &[("tag", "2")]).await;
     let exec = h.exec.clone();
     let task = tokio::spawn(async move { exec.materialize(second).await });
     // Give up while `first` computes. Every materialization on the caller's behalf ends while
@@ -274,23 +280,124 @@ async fn abandoned_materialization_is_cancelled() {
     assert_eq!(h.exec.stats().active(), 0);
 }
 
+/// Race 1: a request that hangs up must not hand its compute slot to the next request while
+/// its compute runs on. Waves of requests for slow recipes are abandoned while every slot is
+/// taken; then one more request comes. The abandoned computes keep their slots until they
+/// return, so no more than the limit ever run at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_cancelled_requests_never_runs_more_computes_than_the_limit() {
+    const LIMIT: usize = 2;
+    let gate = Gate::new();
+    let mut functions = FunctionRegistry::with_builtins();
+    functions.register(fid("gate/v1"), gate.function());
+    let config = ExecutorConfig {
+        max_concurrent_computes: LIMIT,
+        ..ExecutorConfig::default()
+    };
+    let h = Harness::with(functions, config, 1 << 20);
+    let a = h.leaf(b"a").await;
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let idle = tasks();
+    for wave in 0..3 {
+        let mut requests = Vec::new();
+        for i in 0..LIMIT {
+            let r = h
+                .recipe("gate/v1", &[a], &[("tag", &format!("{wave}.{i}"))])
+                .await;
+            let exec = h.exec.clone();
+            requests.push(tokio::spawn(async move { exec.materialize(r).await }));
+        }
+        wait_until("every compute slot is taken", || {
+            h.exec.compute_permits_available() == 0
+        })
+        .await;
+        for request in requests {
+            request.abort();
+            let _ = request.await;
+        }
+        // Every task of the abandoned materializations is gone (and with it whatever it held).
+        wait_until("the abandoned tasks are dropped", || tasks() == idle).await;
+    }
+    let last = h.recipe("gate/v1", &[a], &[("tag", "last")]).await;
+    let exec = h.exec.clone();
+    let request = tokio::spawn(async move { exec.materialize(last).await });
+    // Had a slot come back, the last request's compute would start while the others are held.
+    wait_until("a compute starts or every slot stays taken", || {
+        gate.counts().started > LIMIT || h.exec.compute_permits_available() == 0
+    })
+    .await;
+    assert!(
+        gate.counts().max_running <= LIMIT,
+        "{} computes ran at once with a limit of {LIMIT}",
+        gate.counts().max_running
+    );
+    gate.open();
+    assert_eq!(request.await.unwrap().unwrap(), &b"alast"[..]);
+    assert!(gate.counts().max_running <= LIMIT, "{:?}", gate.counts());
+    assert_eq!(h.exec.compute_permits_available(), LIMIT);
+}
+
+/// Race 4: an invalidation that arrives while a recipe computes wins: the compute's output
+/// is returned to its caller but not cached, and the next request computes again. The same
+/// holds for a cascade from an input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_wins_over_a_compute_already_running() {
+    let (first, second) = (Gate::new(), Gate::new());
+    let mut functions = FunctionRegistry::with_builtins();
+    functions.register(fid("first/v1"), first.function());
+    functions.register(fid("second/v1"), second.function());
+    let h = Harness::with(functions, ExecutorConfig::default(), 1 << 20);
+    let a = h.leaf(b"a").await;
+    let r1 = h.recipe("first/v1", &[a], &[("tag", "1")]).await;
+    let r2 = h.recipe("second/v1", &[a], &[("tag", "2")]).await;
+
+    // Round 1 invalidates the recipe itself; round 2 cascades from its input.
+    for (gate, r, target, cascade) in [(&first, r1, r1, false), (&second, r2, a, true)] {
+        let exec = h.exec.clone();
+        let request = tokio::spawn(async move { exec.materialize(r).await });
+        gate.wait_started(1).await;
+        let report = h.exec.invalidate(target, cascade).await.unwrap();
+        assert!(!report.was_cached);
+        gate.open();
+        assert!(request.await.unwrap().is_ok());
+        assert!(
+            !h.exec.cache().contains(&r),
+            "a compute that started before the invalidation was cached (cascade: {cascade})"
+        );
+        assert_eq!(h.exec.cache().stats().entries(), 0);
+        assert_eq!(h.exec.cache().stats().size_bytes(), 0);
+        // The next request computes again, and that output is cached.
+        assert_eq!(
+            h.exec.materialize(r).await.unwrap(),
+            h.exec.materialize(r).await.unwrap()
+        );
+        assert_eq!(gate.counts().started, 2, "one compute before and one after");
+        assert!(h.exec.cache().contains(&r));
+        h.exec.cache().remove(&r);
+    }
+}
+
 #[tokio::test]
 async fn invalidate_one_or_cascade() {
     let h = Harness::new();
-    let a = h.leaf(b"a");
-    let b = h.recipe("identity/v1", &[a], &[]);
-    let c = h.recipe("reverse/v1", &[b], &[]);
-    let d = h.recipe("concat/v1", &[b, c], &[]);
-    let other = h.recipe("uppercase/v1", &[a], &[]);
+    let a = h.leaf(b"a").await;
+    let b = h.recipe("identity/v1", &[a], &[]).await;
+    let c = h.recipe("reverse/v1", &[b], &[]).await;
+    let d = h.recipe("concat/v1", &[b, c], &[]).await;
+    let other = h.recipe("uppercase/v1", &[a], &[]).await;
     for x in [d, other] {
         h.exec.materialize(x).await.unwrap();
     }
-    let report = h.exec.invalidate(c, false).unwrap();
+    let report = h.exec.invalidate(c, false).await.unwrap();
     assert!(report.was_cached);
     assert_eq!(report.evicted, vec![c]);
     assert!(h.exec.cache().contains(&d));
 
-    let report = h.exec.invalidate(a, true).unwrap();
+    let report = h.exec.invalidate(a, true).await.unwrap();
     assert!(!report.was_cached, "leaves are never cached");
     let mut evicted = report.evicted.clone();
     evicted.sort();
@@ -300,7 +407,7 @@ async fn invalidate_one_or_cascade() {
     assert_eq!(h.exec.cache().stats().entries(), 0);
     let nowhere = CAddr::from_bytes([3; 32]);
     assert_eq!(
-        h.exec.invalidate(nowhere, true),
+        h.exec.invalidate(nowhere, true).await,
         Err(DerivaError::NotFound { addr: nowhere })
     );
 }
@@ -308,8 +415,8 @@ async fn invalidate_one_or_cascade() {
 #[tokio::test]
 async fn dual_verification_catches_a_non_deterministic_function() {
     let h = Harness::dual_with_counter();
-    let a = h.leaf(b"a");
-    let flaky = h.recipe("counter/v1", &[a], &[]);
+    let a = h.leaf(b"a").await;
+    let flaky = h.recipe("counter/v1", &[a], &[]).await;
     match h.exec.materialize(flaky).await {
         Err(DerivaError::DeterminismViolation {
             function,
@@ -327,7 +434,7 @@ async fn dual_verification_catches_a_non_deterministic_function() {
         !h.exec.cache().contains(&flaky),
         "a violating output is never cached"
     );
-    let fine = h.recipe("reverse/v1", &[a], &[]);
+    let fine = h.recipe("reverse/v1", &[a], &[]).await;
     h.exec.materialize(fine).await.unwrap();
     let stats = h.exec.stats();
     assert_eq!(
@@ -368,10 +475,12 @@ async fn cache_budget_holds_under_materialization() {
         ExecutorConfig::default(),
         1000,
     );
-    let a = h.leaf(&[7u8; 300]);
+    let a = h.leaf(&[7u8; 300]).await;
     for i in 0..10 {
-        let r = h.recipe("repeat/v1", &[a], &[("count", &(1 + i % 2).to_string())]);
-        let r2 = h.recipe("reverse/v1", &[r], &[]);
+        let r = h
+            .recipe("repeat/v1", &[a], &[("count", &(1 + i % 2).to_string())])
+            .await;
+        let r2 = h.recipe("reverse/v1", &[r], &[]).await;
         h.exec.materialize(r2).await.unwrap();
         assert!(h.exec.cache().stats().size_bytes() <= 1000);
     }
@@ -382,8 +491,8 @@ async fn cache_budget_holds_under_materialization() {
 #[tokio::test]
 async fn verify_computes_twice_whatever_the_mode() {
     let h = Harness::dual_with_counter();
-    let a = h.leaf(b"abc");
-    let good = h.recipe("reverse/v1", &[a], &[]);
+    let a = h.leaf(b"abc").await;
+    let good = h.recipe("reverse/v1", &[a], &[]).await;
     let report = h.exec.verify(good).await.unwrap();
     assert!(report.deterministic);
     assert_eq!(report.output_hash, CAddr::for_leaf(b"cba"));
@@ -393,7 +502,7 @@ async fn verify_computes_twice_whatever_the_mode() {
         "a verified output is cached"
     );
 
-    let flaky = h.recipe("counter/v1", &[a], &[]);
+    let flaky = h.recipe("counter/v1", &[a], &[]).await;
     let report = h.exec.verify(flaky).await.unwrap();
     assert!(!report.deterministic);
     assert_ne!(report.output_hash, report.second_hash);
@@ -409,8 +518,8 @@ async fn verify_computes_twice_whatever_the_mode() {
     );
     // Verification off by default: an explicit verify still runs twice.
     let plain = Harness::new();
-    let a = plain.leaf(b"x");
-    let r = plain.recipe("identity/v1", &[a], &[]);
+    let a = plain.leaf(b"x").await;
+    let r = plain.recipe("identity/v1", &[a], &[]).await;
     assert!(plain.exec.verify(r).await.unwrap().deterministic);
     assert_eq!(plain.exec.stats().verifications_passed(), 1);
 }

@@ -58,9 +58,9 @@ async fn a_slow_compute_logs_a_warning_with_the_function() {
         ..ExecutorConfig::default()
     };
     let h = Harness::with(reg, config, 1 << 20);
-    let a = h.leaf(b"a");
-    let slow = h.recipe("slow/v1", &[a], &[]);
-    let fast = h.recipe("reverse/v1", &[a], &[]);
+    let a = h.leaf(b"a").await;
+    let slow = h.recipe("slow/v1", &[a], &[]).await;
+    let fast = h.recipe("reverse/v1", &[a], &[]).await;
     h.exec.materialize(fast).await.unwrap();
     assert!(
         capture.find(Level::WARN, "slow compute").is_none(),
@@ -80,8 +80,8 @@ async fn a_determinism_violation_logs_an_error_naming_the_function() {
     let _guard =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
     let h = Harness::dual_with_counter();
-    let a = h.leaf(b"a");
-    let flaky = h.recipe("counter/v1", &[a], &[]);
+    let a = h.leaf(b"a").await;
+    let flaky = h.recipe("counter/v1", &[a], &[]).await;
     h.exec.materialize(flaky).await.unwrap_err();
     let err = capture
         .find(Level::ERROR, "determinism violation")

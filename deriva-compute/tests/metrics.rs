@@ -12,8 +12,8 @@ use deriva_compute::{ExecutorConfig, FunctionRegistry};
 #[tokio::test]
 async fn cache_hit_and_miss_counters() {
     let h = Harness::new();
-    let a = h.leaf(b"abc");
-    let r = h.recipe("reverse/v1", &[a], &[]);
+    let a = h.leaf(b"abc").await;
+    let r = h.recipe("reverse/v1", &[a], &[]).await;
     h.exec.materialize(r).await.unwrap(); // miss on r, miss on a (a leaf)
     assert_eq!(h.sample("deriva_cache_hit_total"), Some(0.0));
     assert_eq!(h.sample("deriva_cache_miss_total"), Some(2.0));
@@ -46,8 +46,8 @@ async fn cache_hit_and_miss_counters() {
 #[tokio::test]
 async fn materialize_duration_histogram_is_observed_with_the_design_buckets() {
     let h = Harness::new();
-    let a = h.leaf(b"abc");
-    let r = h.recipe("identity/v1", &[a], &[]);
+    let a = h.leaf(b"abc").await;
+    let r = h.recipe("identity/v1", &[a], &[]).await;
     h.exec.materialize(r).await.unwrap();
     // One top-level call and one for its input.
     assert_eq!(
@@ -77,9 +77,9 @@ async fn materialize_duration_histogram_is_observed_with_the_design_buckets() {
 #[tokio::test]
 async fn compute_duration_and_sizes_are_labelled_by_function() {
     let h = Harness::new();
-    let a = h.leaf(b"hello ");
-    let b = h.leaf(b"world");
-    let r = h.recipe("concat/v1", &[a, b], &[]);
+    let a = h.leaf(b"hello ").await;
+    let b = h.leaf(b"world").await;
+    let r = h.recipe("concat/v1", &[a, b], &[]).await;
     h.exec.materialize(r).await.unwrap();
     assert_eq!(
         h.sample(r#"deriva_compute_duration_seconds_count{function="concat/v1"}"#),
@@ -129,11 +129,11 @@ async fn active_gauge_rises_during_a_slow_compute_and_returns_to_zero() {
     reg.register(fid("gate/v1"), ok_gate.function());
     reg.register(fid("fail/v1"), fail_gate.function());
     let h = Harness::with(reg, ExecutorConfig::default(), 1 << 20);
-    let a = h.leaf(b"a");
+    let a = h.leaf(b"a").await;
     assert_eq!(h.sample("deriva_materialize_active"), Some(0.0));
 
     // Held in its compute: one materialization is active until the gate opens.
-    let ok = h.recipe("gate/v1", &[a], &[]);
+    let ok = h.recipe("gate/v1", &[a], &[]).await;
     let exec = h.exec.clone();
     let task = tokio::spawn(async move { exec.materialize(ok).await });
     ok_gate.wait_started(1).await;
@@ -142,7 +142,7 @@ async fn active_gauge_rises_during_a_slow_compute_and_returns_to_zero() {
     task.await.unwrap().unwrap();
     assert_eq!(h.sample("deriva_materialize_active"), Some(0.0));
 
-    let bad = h.recipe("fail/v1", &[a], &[]);
+    let bad = h.recipe("fail/v1", &[a], &[]).await;
     let exec = h.exec.clone();
     let task = tokio::spawn(async move { exec.materialize(bad).await });
     fail_gate.wait_started(1).await;
@@ -159,9 +159,9 @@ async fn active_gauge_rises_during_a_slow_compute_and_returns_to_zero() {
 #[tokio::test]
 async fn verification_counters_and_failure_rate() {
     let h = Harness::dual_with_counter();
-    let a = h.leaf(b"a");
-    let good = h.recipe("reverse/v1", &[a], &[]);
-    let flaky = h.recipe("counter/v1", &[a], &[]);
+    let a = h.leaf(b"a").await;
+    let good = h.recipe("reverse/v1", &[a], &[]).await;
+    let flaky = h.recipe("counter/v1", &[a], &[]).await;
     h.exec.materialize(good).await.unwrap();
     h.exec.materialize(flaky).await.unwrap_err();
     assert_eq!(
@@ -182,9 +182,11 @@ async fn every_family_has_its_documented_name_and_type() {
         ExecutorConfig::default(),
         10,
     );
-    let a = h.leaf(b"abc");
+    let a = h.leaf(b"abc").await;
     for n in 1..4 {
-        let r = h.recipe("repeat/v1", &[a], &[("count", &n.to_string())]);
+        let r = h
+            .recipe("repeat/v1", &[a], &[("count", &n.to_string())])
+            .await;
         h.exec.materialize(r).await.unwrap(); // small budget: forces evictions
     }
     assert!(h.sample("deriva_cache_eviction_total").unwrap() >= 1.0);
@@ -230,8 +232,8 @@ async fn saved_seconds_grow_by_the_hit_entrys_compute_cost() {
     let mut reg = FunctionRegistry::with_builtins();
     reg.register(fid("slow/v1"), Slow::new(Duration::from_millis(30)));
     let h = Harness::with(reg, ExecutorConfig::default(), 1 << 20);
-    let a = h.leaf(b"a");
-    let r = h.recipe("slow/v1", &[a], &[]);
+    let a = h.leaf(b"a").await;
+    let r = h.recipe("slow/v1", &[a], &[]).await;
     h.exec.materialize(r).await.unwrap();
     assert_eq!(
         h.sample("deriva_cache_saved_seconds_total"),
@@ -255,8 +257,8 @@ async fn saved_seconds_grow_by_the_hit_entrys_compute_cost() {
 #[tokio::test]
 async fn corruption_is_counted_where_it_is_found() {
     let h = Harness::new();
-    let a = h.leaf(b"precious bytes");
-    let up = h.recipe("uppercase/v1", &[a], &[]);
+    let a = h.leaf(b"precious bytes").await;
+    let up = h.recipe("uppercase/v1", &[a], &[]).await;
     let hex = a.to_hex();
     let path = h.dir.path().join("blobs").join(&hex[..2]).join(&hex);
     let mut bytes = std::fs::read(&path).unwrap();

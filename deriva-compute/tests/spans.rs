@@ -35,10 +35,10 @@ async fn materialize_span_tree_for_a_recipe_with_two_inputs() {
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let h = Harness::new();
-    let a = h.leaf(b"hello ");
-    let c = h.leaf(b"dlrow");
-    let b = h.recipe("reverse/v1", &[c], &[]);
-    let top = h.recipe("concat/v1", &[a, b], &[]);
+    let a = h.leaf(b"hello ").await;
+    let c = h.leaf(b"dlrow").await;
+    let b = h.recipe("reverse/v1", &[c], &[]).await;
+    let top = h.recipe("concat/v1", &[a, b], &[]).await;
     h.exec.materialize(top).await.unwrap();
     provider.force_flush().unwrap();
 

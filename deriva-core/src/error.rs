@@ -63,15 +63,99 @@ pub enum DerivaError {
         /// What was found.
         detail: String,
     },
-    /// The durable store failed (I/O or database error).
-    #[error("storage error: {0}")]
-    Storage(String),
+    /// An I/O operation failed. The [`std::io::ErrorKind`] is kept so callers can tell, say, a
+    /// full disk from a permission problem.
+    #[error("{context}: {message}")]
+    Io {
+        /// What was being done, with the path or address.
+        context: String,
+        /// The kind the operating system reported.
+        kind: std::io::ErrorKind,
+        /// The error's own message.
+        message: String,
+    },
+    /// A storage backend's database failed (an error that is not the operating system's I/O).
+    #[error("{context}: database error: {message}")]
+    Database {
+        /// What was being done.
+        context: String,
+        /// The database's message.
+        message: String,
+    },
+    /// Bytes that should hold an encoded value (a stored recipe, a row) do not decode.
+    #[error("{context}: cannot decode: {message}")]
+    Decode {
+        /// What was being decoded.
+        context: String,
+        /// Why it does not decode, with the byte offset where one is known.
+        message: String,
+    },
+    /// A background task (a compute, a store call on the blocking pool) panicked.
+    #[error("{task} panicked: {message}")]
+    TaskPanicked {
+        /// What the task was doing.
+        task: String,
+        /// The panic payload, when it is a string.
+        message: String,
+    },
+    /// A background task was cancelled before it finished, because its runtime is shutting
+    /// down.
+    #[error("{task} was cancelled: the server is shutting down")]
+    TaskCancelled {
+        /// What the task was doing.
+        task: String,
+    },
 }
 
 impl DerivaError {
-    /// Builds a [`DerivaError::Storage`] from any error, with a short context.
-    pub fn storage(context: impl std::fmt::Display, err: impl std::fmt::Display) -> Self {
-        Self::Storage(format!("{context}: {err}"))
+    /// Builds a [`DerivaError::Io`] from an I/O error, with a short context.
+    pub fn io(context: impl std::fmt::Display, err: &std::io::Error) -> Self {
+        Self::Io {
+            context: context.to_string(),
+            kind: err.kind(),
+            message: err.to_string(),
+        }
+    }
+
+    /// Builds a [`DerivaError::Database`] from a backend's error, with a short context.
+    pub fn database(context: impl std::fmt::Display, err: impl std::fmt::Display) -> Self {
+        Self::Database {
+            context: context.to_string(),
+            message: err.to_string(),
+        }
+    }
+
+    /// Builds a [`DerivaError::Decode`].
+    pub fn decode(context: impl std::fmt::Display, message: impl std::fmt::Display) -> Self {
+        Self::Decode {
+            context: context.to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    /// Builds [`DerivaError::TaskPanicked`] or [`DerivaError::TaskCancelled`] from the
+    /// [`JoinError`](tokio::task::JoinError) of a task doing `task`.
+    pub fn from_join(task: impl std::fmt::Display, err: tokio::task::JoinError) -> Self {
+        let task = task.to_string();
+        match err.try_into_panic() {
+            Ok(payload) => Self::TaskPanicked {
+                task,
+                message: panic_text(payload.as_ref()),
+            },
+            Err(_) => Self::TaskCancelled { task },
+        }
+    }
+
+    /// Whether this is a failure of the server or its storage rather than of the request: the
+    /// detail belongs in the server's log, not in the caller's answer.
+    pub fn is_internal(&self) -> bool {
+        matches!(
+            self,
+            Self::Io { .. }
+                | Self::Database { .. }
+                | Self::Decode { .. }
+                | Self::TaskPanicked { .. }
+        )
     }
 
     /// A short, stable, snake_case name of the variant, for logs and bounded metric labels.
@@ -84,7 +168,20 @@ impl DerivaError {
             Self::ComputeFailed { .. } => "compute_failed",
             Self::DeterminismViolation { .. } => "determinism_violation",
             Self::Corrupted { .. } => "corrupted",
-            Self::Storage(_) => "storage",
+            Self::Io { .. } => "io",
+            Self::Database { .. } => "database",
+            Self::Decode { .. } => "decode",
+            Self::TaskPanicked { .. } => "task_panicked",
+            Self::TaskCancelled { .. } => "task_cancelled",
         }
     }
+}
+
+/// The text of a panic payload: the message of `panic!("...")`, or a placeholder.
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }

@@ -5,7 +5,14 @@
 //! - [`addr`]: [`CAddr`], the 32-byte BLAKE3 address of leaves and recipes.
 //! - [`recipe`]: [`FunctionId`], [`Recipe`], params and the canonical recipe encoding.
 //! - [`error`]: [`DerivaError`], the error every Deriva crate returns.
-//! - [`store`]: [`Store`], recipes and the dependency graph in redb, leaf bytes in files.
+//! - [`store`]: what the engine needs from storage, as two async traits ([`BlobStore`],
+//!   [`RecipeIndex`]), the [`Store`] built from one of each, the local backend
+//!   ([`store::local`], feature `local`, on by default: recipes in redb, leaf bytes in files) and
+//!   the conformance suite every backend passes (`store::conformance`, feature `conformance`).
+//! - [`spans`]: the names of Deriva's spans and their fields, shared by the engine, the server's
+//!   trace store and the client's `--explain`.
+//!
+//! Without the `local` feature (as the `deriva` client builds it) the crate does not link redb.
 //!
 //! ## Addresses
 //!
@@ -39,7 +46,7 @@
 //! and no control characters; at most 1024 inputs; at most 256 params; keys 1–128 bytes;
 //! values at most 64 KiB.
 //!
-//! ## Store layout
+//! ## Local store layout
 //!
 //! ```text
 //! <data-dir>/
@@ -56,7 +63,7 @@
 //! - `meta`: `recipe_count`, updated in the same transaction as the insert.
 //!
 //! A blob is written to `blobs/tmp/`, fsynced, renamed into its shard and the shard directory
-//! fsynced, all before `put_leaf` returns; a crash never leaves partial bytes under a real
+//! fsynced, all before `put` returns; a crash never leaves partial bytes under a real
 //! address. Every read re-hashes the blob: a mismatch is [`DerivaError::Corrupted`], never data.
 //! Blob count and bytes are counted once at open (which also cleans `tmp/`) and then kept as
 //! atomics ([`store::StoreCounters`]); the recipe count is persisted in `meta`.
@@ -70,4 +77,4 @@ pub mod store;
 pub use addr::{AddrParseError, CAddr};
 pub use error::{DerivaError, Result};
 pub use recipe::{FunctionId, Params, Recipe};
-pub use store::{AddrKind, Store, StoreCounters, StoredRecipe};
+pub use store::{AddrKind, BlobStore, RecipeIndex, Store, StoreCounters, StoredRecipe};

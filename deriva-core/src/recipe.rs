@@ -289,7 +289,7 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn err(&self, why: impl fmt::Display) -> DerivaError {
-        DerivaError::Storage(format!("bad recipe encoding at byte {}: {why}", self.pos))
+        DerivaError::decode("a recipe encoding", format!("at byte {}: {why}", self.pos))
     }
 
     fn take(&mut self, n: usize) -> Result<&[u8]> {

@@ -1,14 +1,19 @@
 //! The durable store: round trips, idempotency, restart, crash leftovers, corruption and
-//! concurrency. Every test works in its own temporary directory.
+//! concurrency. Every test works in its own temporary directory, on a multi-thread tokio
+//! runtime: the local backend does its I/O on tokio's blocking pool. A restart drops the store
+//! and waits for it to be [released](Store::released) (the redb file lock is free only then)
+//! before it opens the directory again.
 
 use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Barrier;
+use std::sync::Arc;
 
-use deriva_core::store::BLOB_DIR;
+use bytes::Bytes;
+use deriva_core::store::local::BLOB_DIR;
 use deriva_core::{AddrKind, CAddr, DerivaError, FunctionId, Recipe, Store};
 use tempfile::TempDir;
+use tokio::sync::Barrier;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -16,6 +21,23 @@ use tempfile::TempDir;
 
 fn open(dir: &Path) -> Store {
     Store::open(dir).expect("store opens")
+}
+
+/// Drops `store` and waits until its backend has let go of the data directory.
+async fn close(store: Store) {
+    let released = store.released();
+    drop(store);
+    released.wait().await;
+}
+
+/// Closes `store` and opens the same directory again: a restart.
+async fn reopen(store: Store, dir: &Path) -> Store {
+    close(store).await;
+    open(dir)
+}
+
+fn bytes(data: &[u8]) -> Bytes {
+    Bytes::copy_from_slice(data)
 }
 
 fn recipe(function: &str, inputs: &[CAddr], params: &[(&str, &str)]) -> Recipe {
@@ -68,91 +90,97 @@ fn assert_corrupted<T: std::fmt::Debug>(result: Result<T, DerivaError>, expected
 // Leaves and kinds
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn leaf_round_trip() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaf_round_trip() {
     let tmp = TempDir::new().unwrap();
     let store = open(tmp.path());
     let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     for data in [&b"hello"[..], b"", &big] {
-        let addr = store.put_leaf(data).unwrap();
+        let addr = store.put_leaf(bytes(data)).await.unwrap();
         assert_eq!(addr, CAddr::for_leaf(data));
-        assert_eq!(store.get_leaf(&addr).unwrap().as_deref(), Some(data));
+        assert_eq!(store.get_leaf(addr).await.unwrap().as_deref(), Some(data));
         assert_eq!(fs::read(blob_path(tmp.path(), &addr)).unwrap(), data);
     }
     assert_eq!(counters(&store), (0, 3, 5 + 200_000));
 }
 
-#[test]
-fn unknown_address_is_none() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_address_is_none() {
     let tmp = TempDir::new().unwrap();
     let store = open(tmp.path());
     let unknown = CAddr::for_leaf(b"never stored");
-    assert_eq!(store.get_leaf(&unknown).unwrap(), None);
-    assert_eq!(store.get_recipe(&unknown).unwrap(), None);
-    assert_eq!(store.kind_of(&unknown).unwrap(), None);
-    assert_eq!(store.dependents(&unknown).unwrap(), vec![]);
+    assert_eq!(store.get_leaf(unknown).await.unwrap(), None);
+    assert_eq!(store.get_recipe(unknown).await.unwrap(), None);
+    assert_eq!(store.kind_of(unknown).await.unwrap(), None);
+    assert_eq!(store.dependents(unknown).await.unwrap(), vec![]);
 }
 
-#[test]
-fn kind_of_tells_leaves_from_recipes() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kind_of_tells_leaves_from_recipes() {
     let tmp = TempDir::new().unwrap();
     let store = open(tmp.path());
-    let leaf = store.put_leaf(b"data").unwrap();
-    let r = store.put_recipe(&recipe("upper/v1", &[leaf], &[])).unwrap();
-    assert_eq!(store.kind_of(&leaf).unwrap(), Some(AddrKind::Leaf));
-    assert_eq!(store.kind_of(&r).unwrap(), Some(AddrKind::Recipe));
-    assert_eq!(store.kind_of(&CAddr::for_leaf(b"other")).unwrap(), None);
+    let leaf = store.put_leaf(bytes(b"data")).await.unwrap();
+    let r = store
+        .put_recipe(recipe("upper/v1", &[leaf], &[]))
+        .await
+        .unwrap();
+    assert_eq!(store.kind_of(leaf).await.unwrap(), Some(AddrKind::Leaf));
+    assert_eq!(store.kind_of(r).await.unwrap(), Some(AddrKind::Recipe));
+    assert_eq!(
+        store.kind_of(CAddr::for_leaf(b"other")).await.unwrap(),
+        None
+    );
     // A recipe is not a leaf, and a leaf is not a recipe.
-    assert_eq!(store.get_leaf(&r).unwrap(), None);
-    assert_eq!(store.get_recipe(&leaf).unwrap(), None);
+    assert_eq!(store.get_leaf(r).await.unwrap(), None);
+    assert_eq!(store.get_recipe(leaf).await.unwrap(), None);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Recipes
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn put_recipe_with_missing_input_stores_nothing() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_recipe_with_missing_input_stores_nothing() {
     let tmp = TempDir::new().unwrap();
     let store = open(tmp.path());
-    let present = store.put_leaf(b"present").unwrap();
+    let present = store.put_leaf(bytes(b"present")).await.unwrap();
     let missing = CAddr::for_leaf(b"missing");
     let before = counters(&store);
 
     let r = recipe("concat/v1", &[present, missing], &[]);
-    let err = store.put_recipe(&r).unwrap_err();
+    let err = store.put_recipe(r.clone()).await.unwrap_err();
     assert_eq!(err, DerivaError::MissingInput { input: missing });
     assert!(err.to_string().contains(&missing.to_hex()), "{err}");
 
-    assert_eq!(store.get_recipe(&r.addr()).unwrap(), None);
-    assert_eq!(store.kind_of(&r.addr()).unwrap(), None);
-    assert_eq!(store.dependents(&present).unwrap(), vec![]);
-    assert_eq!(store.dependents(&missing).unwrap(), vec![]);
+    assert_eq!(store.get_recipe(r.addr()).await.unwrap(), None);
+    assert_eq!(store.kind_of(r.addr()).await.unwrap(), None);
+    assert_eq!(store.dependents(present).await.unwrap(), vec![]);
+    assert_eq!(store.dependents(missing).await.unwrap(), vec![]);
     assert_eq!(counters(&store), before);
-    assert_eq!(store.count_recipes_by_scan().unwrap(), 0);
+    assert_eq!(store.count_recipes_by_scan().await.unwrap(), 0);
 
     // Once the input exists the same recipe is accepted.
-    store.put_leaf(b"missing").unwrap();
-    assert_eq!(store.put_recipe(&r).unwrap(), r.addr());
+    store.put_leaf(bytes(b"missing")).await.unwrap();
+    assert_eq!(store.put_recipe(r.clone()).await.unwrap(), r.addr());
     assert_eq!(store.counters().recipes(), 1);
 }
 
-#[test]
-fn puts_are_idempotent() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puts_are_idempotent() {
     let tmp = TempDir::new().unwrap();
     let store = open(tmp.path());
-    let leaf = store.put_leaf(b"twice").unwrap();
-    assert_eq!(store.put_leaf(b"twice").unwrap(), leaf);
+    let leaf = store.put_leaf(bytes(b"twice")).await.unwrap();
+    assert_eq!(store.put_leaf(bytes(b"twice")).await.unwrap(), leaf);
 
     let r = recipe("repeat/v1", &[leaf], &[("count", "3")]);
-    let first = store.put_recipe(&r).unwrap();
-    let second = store.put_recipe(&r.clone()).unwrap();
+    let first = store.put_recipe(r.clone()).await.unwrap();
+    let second = store.put_recipe(r.clone()).await.unwrap();
     assert_eq!(first, second);
     assert_eq!(first, r.addr());
 
     assert_eq!(counters(&store), (1, 1, 5));
-    assert_eq!(store.count_recipes_by_scan().unwrap(), 1);
-    assert_eq!(store.dependents(&leaf).unwrap(), vec![r.addr()]);
+    assert_eq!(store.count_recipes_by_scan().await.unwrap(), 1);
+    assert_eq!(store.dependents(leaf).await.unwrap(), vec![r.addr()]);
 }
 
 /// Leaves and recipes of the restart test:
@@ -175,12 +203,12 @@ struct Graph {
 }
 
 impl Graph {
-    fn build(store: &Store) -> Self {
+    async fn build(store: &Store) -> Self {
         let data: [Vec<u8>; 3] = [b"alpha".to_vec(), b"beta".to_vec(), (0..=255u8).collect()];
-        let leaves: Vec<(CAddr, Vec<u8>)> = data
-            .into_iter()
-            .map(|d| (store.put_leaf(&d).unwrap(), d))
-            .collect();
+        let mut leaves: Vec<(CAddr, Vec<u8>)> = Vec::new();
+        for d in data {
+            leaves.push((store.put_leaf(bytes(&d)).await.unwrap(), d));
+        }
         let (alpha, beta, gamma) = (leaves[0].0, leaves[1].0, leaves[2].0);
         let r_concat = recipe("concat/v1", &[alpha, beta], &[]);
         let r_upper = recipe("upper/v1", &[alpha], &[("locale", "tr")]);
@@ -191,7 +219,7 @@ impl Graph {
         );
         let r_wrap = recipe("wrap/v2", &[r_join.addr(), gamma], &[]);
         for r in [&r_concat, &r_upper, &r_join, &r_wrap] {
-            assert_eq!(store.put_recipe(r).unwrap(), r.addr());
+            assert_eq!(store.put_recipe(r.clone()).await.unwrap(), r.addr());
         }
         Self {
             leaves,
@@ -205,10 +233,13 @@ impl Graph {
         }
     }
 
-    fn check(&self, store: &Store) {
+    async fn check(&self, store: &Store) {
         for (addr, data) in &self.leaves {
-            assert_eq!(store.get_leaf(addr).unwrap().as_deref(), Some(&data[..]));
-            assert_eq!(store.kind_of(addr).unwrap(), Some(AddrKind::Leaf));
+            assert_eq!(
+                store.get_leaf(*addr).await.unwrap().as_deref(),
+                Some(&data[..])
+            );
+            assert_eq!(store.kind_of(*addr).await.unwrap(), Some(AddrKind::Leaf));
         }
         for (r, depth) in [
             (&self.r_concat, 1),
@@ -217,7 +248,8 @@ impl Graph {
             (&self.r_wrap, 3),
         ] {
             let stored = store
-                .get_recipe(&r.addr())
+                .get_recipe(r.addr())
+                .await
                 .unwrap()
                 .expect("recipe is stored");
             assert_eq!(&stored.recipe, r);
@@ -231,56 +263,53 @@ impl Graph {
             self.r_wrap.addr(),
         );
         assert_eq!(
-            set(&store.dependents(&self.alpha).unwrap()),
+            set(&store.dependents(self.alpha).await.unwrap()),
             set(&[concat, upper])
         );
-        assert_eq!(store.dependents(&self.beta).unwrap(), vec![concat]);
-        assert_eq!(store.dependents(&self.gamma).unwrap(), vec![wrap]);
-        assert_eq!(store.dependents(&concat).unwrap(), vec![join]);
-        assert_eq!(store.dependents(&upper).unwrap(), vec![join]);
-        assert_eq!(store.dependents(&join).unwrap(), vec![wrap]);
-        assert_eq!(store.dependents(&wrap).unwrap(), vec![]);
+        assert_eq!(store.dependents(self.beta).await.unwrap(), vec![concat]);
+        assert_eq!(store.dependents(self.gamma).await.unwrap(), vec![wrap]);
+        assert_eq!(store.dependents(concat).await.unwrap(), vec![join]);
+        assert_eq!(store.dependents(upper).await.unwrap(), vec![join]);
+        assert_eq!(store.dependents(join).await.unwrap(), vec![wrap]);
+        assert_eq!(store.dependents(wrap).await.unwrap(), vec![]);
 
         // The diamond: join is reached through both concat and upper but listed once, after
         // both (breadth-first), and wrap comes last.
-        let from_alpha = store.transitive_dependents(&self.alpha).unwrap();
+        let from_alpha = store.transitive_dependents(self.alpha).await.unwrap();
         assert_eq!(from_alpha.len(), 4, "{from_alpha:?}");
         assert_eq!(set(&from_alpha[..2]), set(&[concat, upper]));
         assert_eq!(from_alpha[2..], [join, wrap]);
         assert_eq!(
-            store.transitive_dependents(&self.beta).unwrap(),
+            store.transitive_dependents(self.beta).await.unwrap(),
             vec![concat, join, wrap]
         );
         assert_eq!(
-            store.transitive_dependents(&self.gamma).unwrap(),
+            store.transitive_dependents(self.gamma).await.unwrap(),
             vec![wrap]
         );
-        assert_eq!(store.transitive_dependents(&wrap).unwrap(), vec![]);
+        assert_eq!(store.transitive_dependents(wrap).await.unwrap(), vec![]);
     }
 }
 
-#[test]
-fn everything_survives_a_restart() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_survives_a_restart() {
     let tmp = TempDir::new().unwrap();
-    let (graph, before) = {
-        let store = open(tmp.path());
-        let graph = Graph::build(&store);
-        graph.check(&store);
-        let before = counters(&store);
-        assert_eq!(before, (4, 3, 5 + 4 + 256));
-        (graph, before)
-    };
-
     let store = open(tmp.path());
-    graph.check(&store);
+    let graph = Graph::build(&store).await;
+    graph.check(&store).await;
+    let before = counters(&store);
+    assert_eq!(before, (4, 3, 5 + 4 + 256));
+
+    let store = reopen(store, tmp.path()).await;
+    graph.check(&store).await;
     assert_eq!(counters(&store), before);
     assert_eq!(
-        store.count_recipes_by_scan().unwrap(),
+        store.count_recipes_by_scan().await.unwrap(),
         store.counters().recipes()
     );
 
     // Putting everything again after the restart changes nothing.
-    let again = Graph::build(&store);
+    let again = Graph::build(&store).await;
     assert_eq!(again.r_wrap.addr(), graph.r_wrap.addr());
     assert_eq!(counters(&store), before);
 }
@@ -289,8 +318,8 @@ fn everything_survives_a_restart() {
 // Crash leftovers and stray files
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn leftover_temporary_blobs_are_never_served() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftover_temporary_blobs_are_never_served() {
     let tmp = TempDir::new().unwrap();
     let kept = b"kept";
     let only_in_tmp = b"these bytes only ever reached tmp/";
@@ -298,18 +327,18 @@ fn leftover_temporary_blobs_are_never_served() {
     let only_in_tmp_addr = CAddr::for_leaf(only_in_tmp);
     let partial_addr = CAddr::for_leaf(partial);
 
-    let before = {
-        let store = open(tmp.path());
-        store.put_leaf(kept).unwrap();
-        // A file in tmp/ named exactly like an address is not a blob, even while open.
-        fs::write(
-            tmp_dir(tmp.path()).join(only_in_tmp_addr.to_hex()),
-            only_in_tmp,
-        )
-        .unwrap();
-        assert_eq!(store.get_leaf(&only_in_tmp_addr).unwrap(), None);
-        counters(&store)
-    };
+    let store = open(tmp.path());
+    store.put_leaf(bytes(kept)).await.unwrap();
+    // A file in tmp/ named exactly like an address is not a blob, even while open.
+    fs::write(
+        tmp_dir(tmp.path()).join(only_in_tmp_addr.to_hex()),
+        only_in_tmp,
+    )
+    .unwrap();
+    assert_eq!(store.get_leaf(only_in_tmp_addr).await.unwrap(), None);
+    let before = counters(&store);
+    close(store).await;
+
     // A crash in the middle of a write leaves a truncated file under the store's tmp name.
     fs::write(
         tmp_dir(tmp.path()).join(format!("{}.4242.0.tmp", partial_addr.to_hex())),
@@ -321,27 +350,30 @@ fn leftover_temporary_blobs_are_never_served() {
     let store = open(tmp.path());
     assert_eq!(dir_entries(&tmp_dir(tmp.path())), Vec::<String>::new());
     for addr in [only_in_tmp_addr, partial_addr] {
-        assert_eq!(store.get_leaf(&addr).unwrap(), None);
-        assert_eq!(store.kind_of(&addr).unwrap(), None);
+        assert_eq!(store.get_leaf(addr).await.unwrap(), None);
+        assert_eq!(store.kind_of(addr).await.unwrap(), None);
         assert!(!blob_path(tmp.path(), &addr).exists());
     }
     assert_eq!(counters(&store), before);
     assert_eq!(counters(&store), (0, 1, kept.len() as u64));
     assert_eq!(
-        store.get_leaf(&CAddr::for_leaf(kept)).unwrap().as_deref(),
+        store
+            .get_leaf(CAddr::for_leaf(kept))
+            .await
+            .unwrap()
+            .as_deref(),
         Some(&kept[..])
     );
 }
 
-#[test]
-fn stray_files_in_shard_dirs_are_ignored_at_open() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_files_in_shard_dirs_are_ignored_at_open() {
     let tmp = TempDir::new().unwrap();
     let leaf = b"the only real blob";
-    let before = {
-        let store = open(tmp.path());
-        store.put_leaf(leaf).unwrap();
-        counters(&store)
-    };
+    let store = open(tmp.path());
+    store.put_leaf(bytes(leaf)).await.unwrap();
+    let before = counters(&store);
+    close(store).await;
     assert_eq!(before, (0, 1, leaf.len() as u64));
 
     let blobs = tmp.path().join(BLOB_DIR);
@@ -357,49 +389,55 @@ fn stray_files_in_shard_dirs_are_ignored_at_open() {
 
     let store = open(tmp.path());
     assert_eq!(counters(&store), before);
-    assert_eq!(store.get_leaf(&elsewhere).unwrap(), None);
+    assert_eq!(store.get_leaf(elsewhere).await.unwrap(), None);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Corruption
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn a_flipped_byte_is_reported_and_repaired() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_is_reported_and_repaired() {
     let tmp = TempDir::new().unwrap();
     let store = open(tmp.path());
     let data: Vec<u8> = (0..100u8).collect();
-    let addr = store.put_leaf(&data).unwrap();
+    let addr = store.put_leaf(bytes(&data)).await.unwrap();
     let before = counters(&store);
 
     let path = blob_path(tmp.path(), &addr);
     let mut on_disk = fs::read(&path).unwrap();
     on_disk[42] ^= 0x01;
     fs::write(&path, &on_disk).unwrap();
-    assert_corrupted(store.get_leaf(&addr), addr);
+    assert_corrupted(store.get_leaf(addr).await, addr);
 
-    assert_eq!(store.put_leaf(&data).unwrap(), addr);
-    assert_eq!(store.get_leaf(&addr).unwrap().as_deref(), Some(&data[..]));
+    assert_eq!(store.put_leaf(bytes(&data)).await.unwrap(), addr);
+    assert_eq!(
+        store.get_leaf(addr).await.unwrap().as_deref(),
+        Some(&data[..])
+    );
     assert_eq!(fs::read(&path).unwrap(), data);
     assert_eq!(counters(&store), before);
 }
 
-#[test]
-fn a_truncated_blob_is_reported_and_repaired() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_blob_is_reported_and_repaired() {
     let tmp = TempDir::new().unwrap();
     let store = open(tmp.path());
     let data = b"a blob that will lose its tail".to_vec();
-    let addr = store.put_leaf(&data).unwrap();
+    let addr = store.put_leaf(bytes(&data)).await.unwrap();
     let blobs_before = store.counters().blobs();
 
     let path = blob_path(tmp.path(), &addr);
     fs::write(&path, &data[..data.len() / 2]).unwrap();
-    assert_corrupted(store.get_leaf(&addr), addr);
+    assert_corrupted(store.get_leaf(addr).await, addr);
     fs::write(&path, b"").unwrap();
-    assert_corrupted(store.get_leaf(&addr), addr);
+    assert_corrupted(store.get_leaf(addr).await, addr);
 
-    assert_eq!(store.put_leaf(&data).unwrap(), addr);
-    assert_eq!(store.get_leaf(&addr).unwrap().as_deref(), Some(&data[..]));
+    assert_eq!(store.put_leaf(bytes(&data)).await.unwrap(), addr);
+    assert_eq!(
+        store.get_leaf(addr).await.unwrap().as_deref(),
+        Some(&data[..])
+    );
     assert_eq!(store.counters().blobs(), blobs_before);
 }
 
@@ -407,41 +445,49 @@ fn a_truncated_blob_is_reported_and_repaired() {
 // Concurrency
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn concurrent_puts_of_the_same_data_count_once() {
-    const THREADS: usize = 8;
+/// Eight tasks released together by a barrier each put the same leaf and recipe. Every store
+/// call runs on its own blocking-pool thread, so the puts really do race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_puts_of_the_same_data_count_once() {
+    const TASKS: usize = 8;
     const ROUNDS: usize = 4;
     let tmp = TempDir::new().unwrap();
-    let store = open(tmp.path());
+    let store = Arc::new(open(tmp.path()));
 
     for round in 0..ROUNDS {
-        let data = format!("shared leaf, round {round}").into_bytes();
+        let data = Bytes::from(format!("shared leaf, round {round}"));
         let leaf = CAddr::for_leaf(&data);
         let r = recipe("hash/v1", &[leaf], &[("round", &round.to_string())]);
-        let barrier = Barrier::new(THREADS);
+        let barrier = Arc::new(Barrier::new(TASKS));
 
-        let results: Vec<(CAddr, CAddr)> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..THREADS)
-                .map(|_| {
-                    s.spawn(|| {
-                        barrier.wait();
-                        let l = store.put_leaf(&data).unwrap();
-                        let a = store.put_recipe(&r).unwrap();
-                        (l, a)
-                    })
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let (store, barrier) = (store.clone(), barrier.clone());
+                let (data, r) = (data.clone(), r.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let l = store.put_leaf(data).await.unwrap();
+                    let a = store.put_recipe(r).await.unwrap();
+                    (l, a)
                 })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+            })
+            .collect();
+        let mut results: Vec<(CAddr, CAddr)> = Vec::new();
+        for task in tasks {
+            results.push(task.await.unwrap());
+        }
 
         assert!(
             results.iter().all(|&res| res == (leaf, r.addr())),
             "{results:?}"
         );
-        let stored = store.get_recipe(&r.addr()).unwrap().unwrap();
+        let stored = store.get_recipe(r.addr()).await.unwrap().unwrap();
         assert_eq!((stored.recipe, stored.depth), (r.clone(), 1));
-        assert_eq!(store.dependents(&leaf).unwrap(), vec![r.addr()]);
-        assert_eq!(store.get_leaf(&leaf).unwrap().as_deref(), Some(&data[..]));
+        assert_eq!(store.dependents(leaf).await.unwrap(), vec![r.addr()]);
+        assert_eq!(
+            store.get_leaf(leaf).await.unwrap().as_deref(),
+            Some(&data[..])
+        );
     }
 
     let expected_bytes: usize = (0..ROUNDS)
@@ -451,12 +497,12 @@ fn concurrent_puts_of_the_same_data_count_once() {
         counters(&store),
         (ROUNDS as u64, ROUNDS as u64, expected_bytes as u64)
     );
-    assert_eq!(store.count_recipes_by_scan().unwrap(), ROUNDS as u64);
+    assert_eq!(store.count_recipes_by_scan().await.unwrap(), ROUNDS as u64);
     assert_eq!(dir_entries(&tmp_dir(tmp.path())), Vec::<String>::new());
 
     // A fresh count from disk agrees with the live counters.
-    drop(store);
-    let reopened = open(tmp.path());
+    let store = Arc::into_inner(store).expect("every task is done");
+    let reopened = reopen(store, tmp.path()).await;
     assert_eq!(
         counters(&reopened),
         (ROUNDS as u64, ROUNDS as u64, expected_bytes as u64)
@@ -469,16 +515,16 @@ fn concurrent_puts_of_the_same_data_count_once() {
 
 /// `blob_bytes` must match the bytes on disk after a repair, as a reopen counts them.
 /// (Once drifted, and even wrapped, when the damaged file's length was subtracted.)
-#[test]
-fn repairing_a_blob_keeps_blob_bytes_equal_to_disk() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repairing_a_blob_keeps_blob_bytes_equal_to_disk() {
     let tmp = TempDir::new().unwrap();
     let store = open(tmp.path());
     let data = b"0123456789".to_vec();
-    let addr = store.put_leaf(&data).unwrap();
+    let addr = store.put_leaf(bytes(&data)).await.unwrap();
     let path = blob_path(tmp.path(), &addr);
 
     fs::write(&path, &data[..5]).unwrap();
-    store.put_leaf(&data).unwrap();
+    store.put_leaf(bytes(&data)).await.unwrap();
     assert_eq!(
         store.counters().blob_bytes(),
         10,
@@ -486,42 +532,41 @@ fn repairing_a_blob_keeps_blob_bytes_equal_to_disk() {
     );
 
     fs::write(&path, vec![7u8; 1000]).unwrap();
-    store.put_leaf(&data).unwrap();
+    store.put_leaf(bytes(&data)).await.unwrap();
     assert_eq!(
         store.counters().blob_bytes(),
         10,
         "after repairing a grown blob"
     );
 
-    drop(store);
-    assert_eq!(counters(&open(tmp.path())), (0, 1, 10));
+    let store = reopen(store, tmp.path()).await;
+    assert_eq!(counters(&store), (0, 1, 10));
 }
 
 /// A file whose name is an address in upper-case hex is never served (reads use lower-case
 /// paths) and must not be counted.
-
-#[test]
-fn upper_case_stray_file_is_not_counted() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upper_case_stray_file_is_not_counted() {
     let tmp = TempDir::new().unwrap();
-    drop(open(tmp.path()));
+    close(open(tmp.path())).await;
     let addr = CAddr::from_bytes([0xab; 32]);
     let shard = tmp.path().join(BLOB_DIR).join("ab");
     fs::write(shard.join(addr.to_hex().to_uppercase()), b"stray").unwrap();
 
     let store = open(tmp.path());
-    assert_eq!(store.get_leaf(&addr).unwrap(), None);
+    assert_eq!(store.get_leaf(addr).await.unwrap(), None);
     assert_eq!(counters(&store), (0, 0, 0));
 }
 
 /// A directory named like an address is not a blob and must not be counted.
-#[test]
-fn stray_directory_is_not_counted() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_directory_is_not_counted() {
     let tmp = TempDir::new().unwrap();
-    drop(open(tmp.path()));
+    close(open(tmp.path())).await;
     let addr = CAddr::from_bytes([0xcd; 32]);
     fs::create_dir(blob_path(tmp.path(), &addr)).unwrap();
 
     let store = open(tmp.path());
     assert_eq!(counters(&store), (0, 0, 0));
-    assert_eq!(store.kind_of(&addr).unwrap(), None);
+    assert_eq!(store.kind_of(addr).await.unwrap(), None);
 }

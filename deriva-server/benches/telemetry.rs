@@ -137,12 +137,14 @@ fn scrape_world(
         ExecutorConfig::default(),
         &meter,
     );
-    let leaf = exec.store().put_leaf(b"bench").unwrap();
+    let leaf = rt
+        .block_on(exec.store().put_leaf(bytes::Bytes::from_static(b"bench")))
+        .unwrap();
     let recipes: Vec<Recipe> = ids
         .iter()
         .map(|id| Recipe::new(id.clone(), vec![leaf], Vec::<(String, String)>::new()).unwrap())
         .collect();
-    let addrs: Vec<CAddr> = exec.store().put_recipes(&recipes).unwrap();
+    let addrs: Vec<CAddr> = rt.block_on(exec.store().put_recipes(recipes)).unwrap();
     rt.block_on(async {
         for a in &addrs {
             exec.materialize(*a).await.unwrap();

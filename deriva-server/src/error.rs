@@ -32,7 +32,8 @@ impl From<ApiError> for Status {
     /// | missing input, unregistered function | `FAILED_PRECONDITION` |
     /// | compute failure | `INTERNAL`, with the function's message |
     /// | determinism violation, corrupted data | `DATA_LOSS` |
-    /// | storage failure | `INTERNAL`, detail in the server log only |
+    /// | storage failure (I/O, database, undecodable row), panicked task | `INTERNAL`, detail in the server log only |
+    /// | task cancelled because the server is shutting down | `UNAVAILABLE` |
     ///
     /// Oversized messages are rejected before any handler runs; see [`crate::limits`].
     fn from(err: ApiError) -> Status {
@@ -40,6 +41,10 @@ impl From<ApiError> for Status {
             ApiError::BadAddr { .. } => return Status::invalid_argument(err.to_string()),
             ApiError::Engine(e) => e,
         };
+        if err.is_internal() {
+            tracing::error!(error = %err, kind = err.kind(), "storage or task failure");
+            return Status::internal("internal storage error; the server log has the details");
+        }
         let code = match &err {
             DerivaError::InvalidInput(_) => Code::InvalidArgument,
             DerivaError::NotFound { .. } => Code::NotFound,
@@ -51,10 +56,11 @@ impl From<ApiError> for Status {
                 tracing::error!(error = %err, "data integrity failure");
                 Code::DataLoss
             }
-            DerivaError::Storage(detail) => {
-                tracing::error!(%detail, "storage failure");
-                return Status::internal("internal storage error; the server log has the details");
-            }
+            DerivaError::TaskCancelled { .. } => Code::Unavailable,
+            DerivaError::Io { .. }
+            | DerivaError::Database { .. }
+            | DerivaError::Decode { .. }
+            | DerivaError::TaskPanicked { .. } => Code::Internal,
         };
         Status::new(code, err.to_string())
     }

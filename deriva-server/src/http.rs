@@ -20,7 +20,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use deriva_compute::AsyncExecutor;
-use deriva_core::CAddr;
 use serde_json::json;
 
 use crate::trace_store::{TraceRecord, TraceStore};
@@ -92,22 +91,15 @@ async fn metrics(State(state): State<HttpState>) -> Response {
 }
 
 async fn health(State(state): State<HttpState>) -> Response {
-    let exec = state.exec.clone();
-    // A real read of both halves of the store: a redb lookup and a blob directory lookup.
-    let probe = tokio::task::spawn_blocking(move || {
-        let store = exec.store();
-        store.get_recipe(&CAddr::from_bytes([0; 32]))?;
-        store.get_leaf(&CAddr::from_bytes([0; 32]))?;
-        std::fs::metadata(store.dir().join(deriva_core::store::BLOB_DIR))
-            .map_err(|e| deriva_core::DerivaError::storage("reading the blob directory", e))?;
-        Ok::<_, deriva_core::DerivaError>(())
-    })
-    .await;
-    let failure = match probe {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e.to_string()),
-        Err(e) => Some(format!("health probe failed: {e}")),
-    };
+    // A real read of both halves of the store (for the local backend: a redb lookup and a
+    // blob directory lookup).
+    let failure = state
+        .exec
+        .store()
+        .check()
+        .await
+        .err()
+        .map(|e| e.to_string());
     let body = |status: &str| {
         json!({
             "status": status,

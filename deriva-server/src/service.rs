@@ -96,21 +96,6 @@ impl DerivaService {
         })
     }
 
-    /// Runs blocking store work (fsync, redb) off the async workers, inside the current span.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&AsyncExecutor) -> T + Send + 'static,
-    ) -> ApiResult<T> {
-        let exec = self.exec.clone();
-        let span = tracing::Span::current();
-        let joined = tokio::task::spawn_blocking(move || span.in_scope(|| f(&exec))).await;
-        joined.map_err(|e| {
-            ApiError::Engine(deriva_core::DerivaError::Storage(format!(
-                "store task failed: {e}"
-            )))
-        })
-    }
-
     async fn put_recipe_inner(&self, req: PutRecipeRequest) -> ApiResult<PutRecipeResponse> {
         let function = FunctionId::new(req.function_name, req.function_version)?;
         let inputs = req
@@ -120,15 +105,10 @@ impl DerivaService {
             .map(|(i, raw)| parse_addr(format!("inputs[{i}]"), raw))
             .collect::<ApiResult<Vec<_>>>()?;
         let recipe = Recipe::new(function, inputs, req.params)?;
-        let addr = self
-            .blocking(move |exec| {
-                let start = std::time::Instant::now();
-                let addr = exec.put_recipe(&recipe);
-                (addr, start.elapsed())
-            })
-            .await;
-        let (addr, elapsed) = addr?;
-        self.metrics.record_dag_insert(elapsed);
+        // The store does its blocking work (redb, fsync) on the blocking pool.
+        let start = std::time::Instant::now();
+        let addr = self.exec.put_recipe(recipe).await;
+        self.metrics.record_dag_insert(start.elapsed());
         let addr = addr?;
         Ok(PutRecipeResponse {
             addr: Bytes::copy_from_slice(addr.as_bytes()),
@@ -149,9 +129,9 @@ impl DerivaService {
         Ok(Box::pin(futures::stream::iter(chunks)))
     }
 
-    fn resolve_inner(&self, req: ResolveRequest) -> ApiResult<ResolveResponse> {
+    async fn resolve_inner(&self, req: ResolveRequest) -> ApiResult<ResolveResponse> {
         let addr = parse_addr("addr", &req.addr)?;
-        let Some(stored) = self.exec.store().get_recipe(&addr)? else {
+        let Some(stored) = self.exec.store().get_recipe(addr).await? else {
             return Ok(ResolveResponse::default());
         };
         let recipe = stored.recipe;
@@ -223,9 +203,11 @@ impl Deriva for DerivaService {
     ) -> Result<Response<PutLeafResponse>, Status> {
         let data = request.into_inner().data;
         let addr = self
-            .blocking(move |exec| exec.store().put_leaf(&data))
+            .exec
+            .store()
+            .put_leaf(data)
             .await
-            .and_then(|a| Ok(a?));
+            .map_err(ApiError::from);
         reply(addr.map(|a| PutLeafResponse {
             addr: Bytes::copy_from_slice(a.as_bytes()),
         }))
@@ -248,7 +230,7 @@ impl Deriva for DerivaService {
         &self,
         request: Request<ResolveRequest>,
     ) -> Result<Response<ResolveResponse>, Status> {
-        reply(self.resolve_inner(request.into_inner()))
+        reply(self.resolve_inner(request.into_inner()).await)
     }
 
     async fn invalidate(
@@ -258,9 +240,10 @@ impl Deriva for DerivaService {
         let req = request.into_inner();
         let result = match parse_addr("addr", &req.addr) {
             Ok(addr) => self
-                .blocking(move |exec| exec.invalidate(addr, req.cascade))
+                .exec
+                .invalidate(addr, req.cascade)
                 .await
-                .and_then(|r| Ok(r?)),
+                .map_err(ApiError::from),
             Err(e) => Err(e),
         };
         reply(result.map(|report| InvalidateResponse {

@@ -15,7 +15,7 @@
 //! allocation; nothing is formatted unless a field is recorded, and nothing is read unless
 //! someone asks.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,8 +29,10 @@ use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
+use deriva_core::spans;
+
 /// The name of the span that roots a request's tree.
-pub const REQUEST_SPAN: &str = "rpc";
+pub const REQUEST_SPAN: &str = deriva_core::spans::RPC;
 /// Most spans kept per request.
 pub const MAX_SPANS_PER_TRACE: usize = 2000;
 /// Longest field value kept, in bytes.
@@ -159,6 +161,10 @@ pub struct TraceStore {
     capacity: usize,
     kept: Arc<Mutex<Kept>>,
     next_id: Arc<AtomicU64>,
+    /// Trace ids of the request spans open right now (not `Explain`'s), with how many.
+    open: Arc<Mutex<HashMap<String, usize>>>,
+    /// Notified whenever a request span closes.
+    closed: Arc<tokio::sync::Notify>,
 }
 
 impl TraceStore {
@@ -168,6 +174,8 @@ impl TraceStore {
             capacity: capacity.max(1),
             kept: Arc::default(),
             next_id: Arc::new(AtomicU64::new(1)),
+            open: Arc::default(),
+            closed: Arc::default(),
         }
     }
 
@@ -230,19 +238,49 @@ impl TraceStore {
         found.cloned()
     }
 
-    /// Waits up to `patience` for a trace that may still be finishing (its request span closes
-    /// just after the client saw the last byte).
+    /// The trace with this id, waiting for it while a request of that trace is still open
+    /// (its request span closes just after the client saw the last byte), for at most
+    /// `patience`. `None` at once when no such request is open: the trace cannot arrive.
     pub async fn wait_for(&self, trace_id: &str, patience: Duration) -> Option<Arc<TraceRecord>> {
-        let deadline = Instant::now() + patience;
+        let deadline = tokio::time::Instant::now() + patience;
+        let key = trace_id.to_ascii_lowercase();
         loop {
+            // Registered before the checks, so a close between them still wakes this.
+            let closed = self.closed.notified();
+            let mut closed = std::pin::pin!(closed);
+            closed.as_mut().enable();
             if let Some(t) = self.get(trace_id) {
                 return Some(t);
             }
-            if Instant::now() >= deadline {
+            if !self.open.lock().contains_key(&key) {
                 return None;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            if tokio::time::timeout_at(deadline, closed).await.is_err() {
+                return self.get(trace_id);
+            }
         }
+    }
+
+    fn opened(&self, trace_id: &str) {
+        *self
+            .open
+            .lock()
+            .entry(trace_id.to_ascii_lowercase())
+            .or_default() += 1;
+    }
+
+    fn closed(&self, trace_id: Option<&str>) {
+        if let Some(id) = trace_id {
+            let mut open = self.open.lock();
+            let key = id.to_ascii_lowercase();
+            if let Some(n) = open.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&key);
+                }
+            }
+        }
+        self.closed.notify_waiters();
     }
 
     /// Number of traces held in all three views (a trace in several counts once per view).
@@ -268,6 +306,10 @@ struct Request {
     started_unix_ms: u64,
     spans: Vec<SpanRecord>,
     dropped: u64,
+    /// The trace id once it is recorded and counted among the open ones (never for `Explain`,
+    /// which shares the trace id of the command whose request it explains).
+    counted_as_open: Option<String>,
+    explain: bool,
 }
 
 struct Fields<'a>(&'a mut Vec<(String, String)>);
@@ -325,6 +367,10 @@ where
         };
         let mut fields = Vec::new();
         attrs.record(&mut Fields(&mut fields));
+        let explain = is_request
+            && fields
+                .iter()
+                .any(|(k, v)| k == spans::field::RPC_METHOD && v == "Explain");
         let mut ext = span.extensions_mut();
         ext.insert(Open {
             id: self.store.next_id.fetch_add(1, Ordering::Relaxed),
@@ -341,6 +387,8 @@ where
                 started_unix_ms,
                 spans: Vec::new(),
                 dropped: 0,
+                counted_as_open: None,
+                explain,
             });
         }
     }
@@ -348,8 +396,21 @@ where
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
         let mut ext = span.extensions_mut();
-        if let Some(open) = ext.get_mut::<Open>() {
-            values.record(&mut Fields(&mut open.fields));
+        let Some(open) = ext.get_mut::<Open>() else {
+            return;
+        };
+        values.record(&mut Fields(&mut open.fields));
+        let trace_id = open
+            .fields
+            .iter()
+            .find(|(k, v)| k == spans::field::TRACE_ID && !v.is_empty())
+            .map(|(_, v)| v.clone());
+        if let (Some(request), Some(id)) = (ext.get_mut::<Request>(), trace_id)
+            && !request.explain
+            && request.counted_as_open.is_none()
+        {
+            self.store.opened(&id);
+            request.counted_as_open = Some(id);
         }
     }
 
@@ -385,19 +446,20 @@ where
                 }
             }
             Some(r) => {
+                let _closed = Closed(&self.store, r.counted_as_open.clone());
                 let field = |name: &str| record.field(name).map(str::to_owned);
                 let mut spans = Vec::with_capacity(r.spans.len() + 1);
                 let addr = r
                     .spans
                     .iter()
-                    .filter(|s| s.name == "materialize")
+                    .filter(|s| s.name == spans::MATERIALIZE)
                     .min_by_key(|s| s.start_us)
-                    .and_then(|s| s.field("addr"))
+                    .and_then(|s| s.field(spans::field::ADDR))
                     .map(str::to_owned);
                 let trace = TraceRecord {
-                    trace_id: field("trace_id").unwrap_or_default(),
-                    request_id: field("request_id").unwrap_or_default(),
-                    method: field("rpc.method").unwrap_or_default(),
+                    trace_id: field(spans::field::TRACE_ID).unwrap_or_default(),
+                    request_id: field(spans::field::REQUEST_ID).unwrap_or_default(),
+                    method: field(spans::field::RPC_METHOD).unwrap_or_default(),
                     addr,
                     status_code: field("rpc.grpc.status_code")
                         .and_then(|c| c.parse().ok())
@@ -417,6 +479,15 @@ where
                 self.store.insert(TraceRecord { spans, ..trace });
             }
         }
+    }
+}
+
+/// Marks a request span closed when dropped: after its trace is filed, or when it is skipped.
+struct Closed<'a>(&'a TraceStore, Option<String>);
+
+impl Drop for Closed<'_> {
+    fn drop(&mut self) {
+        self.0.closed(self.1.as_deref());
     }
 }
 
@@ -449,6 +520,49 @@ mod tests {
             });
         });
         rpc.record("rpc.grpc.status_code", code);
+    }
+
+    /// Race 5: `Explain` of a trace no open request can produce answers at once, without
+    /// waiting out its patience (time is simulated: any wait would show as elapsed time).
+    #[tokio::test(start_paused = true)]
+    async fn an_unknown_trace_is_not_found_at_once() {
+        let store = TraceStore::new(8);
+        with_store(&store, || request(1, 0, 1));
+        let start = tokio::time::Instant::now();
+        assert!(
+            store
+                .wait_for(&format!("{:032x}", 2), Duration::from_secs(2))
+                .await
+                .is_none()
+        );
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    /// Race 5: a trace whose request is still closing is waited for, and returned the moment
+    /// its request span closes.
+    #[tokio::test(start_paused = true)]
+    async fn a_trace_still_closing_is_returned_when_it_closes() {
+        let store = TraceStore::new(8);
+        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(store.layer()));
+        let _guard = tracing::dispatcher::set_default(&dispatch);
+        let id = format!("{:032x}", 3);
+        let rpc = tracing::info_span!("rpc", rpc.method = "Get", trace_id = tracing::field::Empty,);
+        rpc.record("trace_id", id.as_str());
+        let start = tokio::time::Instant::now();
+        let (found, ()) = tokio::join!(store.wait_for(&id, Duration::from_secs(2)), async {
+            tokio::task::yield_now().await;
+            drop(rpc);
+        });
+        assert_eq!(found.expect("filed when it closed").trace_id, id);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        // Closed now: another ask for an absent trace does not wait either.
+        assert!(
+            store
+                .wait_for(&"f".repeat(32), Duration::from_secs(2))
+                .await
+                .is_none()
+        );
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 
     #[test]

@@ -1294,8 +1294,12 @@ fn listeners_default_to_loopback() {
 
 /// A chain of `depth` `identity/v1` recipes over one leaf, stored in one batch: the top's
 /// address.
-fn store_chain(exec: &deriva_compute::AsyncExecutor, tag: &str, depth: usize) -> Bytes {
-    let leaf = exec.store().put_leaf(tag.as_bytes()).unwrap();
+async fn store_chain(exec: &deriva_compute::AsyncExecutor, tag: &str, depth: usize) -> Bytes {
+    let leaf = exec
+        .store()
+        .put_leaf(Bytes::copy_from_slice(tag.as_bytes()))
+        .await
+        .unwrap();
     let identity = deriva_core::FunctionId::new("identity", "v1").unwrap();
     let mut top = leaf;
     let mut batch = Vec::with_capacity(depth);
@@ -1305,7 +1309,7 @@ fn store_chain(exec: &deriva_compute::AsyncExecutor, tag: &str, depth: usize) ->
         top = r.addr();
         batch.push(r);
     }
-    exec.store().put_recipes(&batch).unwrap();
+    exec.store().put_recipes(batch).await.unwrap();
     Bytes::copy_from_slice(top.as_bytes())
 }
 
@@ -1328,7 +1332,7 @@ async fn deep_chain_get_is_linear_in_depth_with_telemetry() {
     for round in 0..3 {
         for (i, depth) in DEPTHS.into_iter().enumerate() {
             let tag = format!("chain of {depth}, round {round}");
-            let top = store_chain(&s.exec, &tag, depth);
+            let top = store_chain(&s.exec, &tag, depth).await;
             let started = Instant::now();
             assert_eq!(s.get(&top).await.unwrap(), tag.as_bytes());
             best[i] = best[i].min(started.elapsed());

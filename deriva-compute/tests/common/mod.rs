@@ -73,13 +73,17 @@ impl Harness {
         Self::with(functions, config, 1 << 20)
     }
 
-    pub fn leaf(&self, data: &[u8]) -> CAddr {
-        self.exec.store().put_leaf(data).unwrap()
+    pub async fn leaf(&self, data: &[u8]) -> CAddr {
+        self.exec
+            .store()
+            .put_leaf(Bytes::copy_from_slice(data))
+            .await
+            .unwrap()
     }
 
-    pub fn recipe(&self, function: &str, inputs: &[CAddr], params: &[(&str, &str)]) -> CAddr {
+    pub async fn recipe(&self, function: &str, inputs: &[CAddr], params: &[(&str, &str)]) -> CAddr {
         let recipe = Recipe::new(fid(function), inputs.to_vec(), params.iter().copied()).unwrap();
-        self.exec.put_recipe(&recipe).unwrap()
+        self.exec.put_recipe(recipe).await.unwrap()
     }
 
     /// The Prometheus text exposition of this harness's registry.

@@ -1,29 +1,36 @@
-//! The durable [`Store`]: recipes and the dependency graph in redb, leaf bytes in
-//! content-addressed files. See the crate docs for the directory layout.
+//! Storage: what the engine needs from a backend, as two traits, and the [`Store`] the engine
+//! and the server use.
+//!
+//! - [`BlobStore`]: leaf bytes by their BLAKE3 address.
+//! - [`RecipeIndex`]: recipes by address, with their DAG depth and the dependency graph.
+//! - [`Store`]: one of each, plus what spans the two (an input must exist before a recipe uses
+//!   it; transitive dependents; the live [`StoreCounters`]).
+//!
+//! Both traits are async: a backend may be remote. A backend whose calls block (the local one
+//! does file and redb I/O) runs them on the blocking pool, never on the caller's async worker.
+//! [`local`] is the first backend (redb + blob files); `conformance` (a feature) is the suite every
+//! backend must pass.
 
-mod blobs;
-mod recipes;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+#[cfg(feature = "local")]
+pub mod local;
 
 use std::collections::{HashSet, VecDeque};
-use std::path::{Path, PathBuf};
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::addr::CAddr;
 use crate::error::{DerivaError, Result};
 use crate::recipe::Recipe;
 
-pub use recipes::StoredRecipe;
-
-/// Name of the redb file inside the data directory.
-pub const DB_FILE: &str = "deriva.redb";
-/// Name of the blob directory inside the data directory.
-pub const BLOB_DIR: &str = "blobs";
-
 /// Live totals of a [`Store`], kept as atomics so metrics callbacks and `Status` read them
-/// without a scan or a lock. They are loaded when the store opens and updated on every new put.
+/// without a scan or a lock. A backend is given them when it opens, loads them then, and keeps
+/// them current on every put and delete.
 #[derive(Debug, Default)]
 pub struct StoreCounters {
     recipes: AtomicU64,
@@ -46,6 +53,44 @@ impl StoreCounters {
     pub fn blob_bytes(&self) -> u64 {
         self.blob_bytes.load(Ordering::Relaxed)
     }
+
+    /// Sets the recipe count (when a backend opens).
+    pub fn set_recipes(&self, n: u64) {
+        self.recipes.store(n, Ordering::Relaxed);
+    }
+
+    /// Adds `n` new recipes; a negative `n` removes.
+    pub fn add_recipes(&self, n: i64) {
+        add_signed(&self.recipes, n);
+    }
+
+    /// Sets the blob count and bytes (when a backend opens).
+    pub fn set_blobs(&self, count: u64, bytes: u64) {
+        self.blobs.store(count, Ordering::Relaxed);
+        self.blob_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts one new blob of `bytes` bytes, or with `added == false` one deleted blob.
+    pub fn count_blob(&self, added: bool, bytes: u64) {
+        if added {
+            self.blobs.fetch_add(1, Ordering::Relaxed);
+            self.blob_bytes.fetch_add(bytes, Ordering::Relaxed);
+        } else {
+            add_signed(&self.blobs, -1);
+            add_signed(&self.blob_bytes, -(bytes.min(i64::MAX as u64) as i64));
+        }
+    }
+}
+
+/// Adds a signed amount to a counter, never below zero.
+fn add_signed(counter: &AtomicU64, n: i64) {
+    if n >= 0 {
+        counter.fetch_add(n.unsigned_abs(), Ordering::Relaxed);
+    } else {
+        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(n.unsigned_abs()))
+        });
+    }
 }
 
 /// What an address names in the store.
@@ -57,89 +102,229 @@ pub enum AddrKind {
     Recipe,
 }
 
-/// The durable store. All methods take `&self` and are safe to call from many threads; they
-/// block on disk I/O, so async callers should use a blocking-friendly context for large blobs.
-#[derive(Debug)]
+/// A stored recipe with its DAG depth (1 + the deepest input; leaves have depth 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecipe {
+    /// The recipe.
+    pub recipe: Recipe,
+    /// Its depth in the DAG.
+    pub depth: u32,
+}
+
+/// Leaf bytes by BLAKE3 address.
+///
+/// Every method may be called from many tasks at once. Errors are [`DerivaError`]s: a read
+/// whose bytes do not hash to the address is [`DerivaError::Corrupted`], never data.
+#[async_trait]
+pub trait BlobStore: Send + Sync + fmt::Debug + 'static {
+    /// Stores `data` durably under its BLAKE3 address, and returns the address. Idempotent:
+    /// storing the same bytes again changes nothing (a backend may repair a corrupted copy).
+    async fn put(&self, data: Bytes) -> Result<CAddr>;
+
+    /// The bytes at `addr`, verified against the address; `Ok(None)` if there are none.
+    async fn get(&self, addr: CAddr) -> Result<Option<Bytes>>;
+
+    /// Whether a blob exists at `addr` (without reading or verifying it).
+    async fn contains(&self, addr: CAddr) -> Result<bool>;
+
+    /// The stored size of the blob at `addr`, if there is one.
+    async fn size(&self, addr: CAddr) -> Result<Option<u64>>;
+
+    /// Deletes the blob at `addr`; `Ok(false)` if there was none.
+    async fn delete(&self, addr: CAddr) -> Result<bool>;
+
+    /// Every stored blob address, in no particular order.
+    async fn list(&self) -> Result<Vec<CAddr>>;
+
+    /// A cheap real round trip to the backend, for health checks: `Ok` if it can serve.
+    async fn check(&self) -> Result<()>;
+}
+
+/// Recipes by address, with their DAG depth, and for each address the recipes that use it.
+///
+/// Every method may be called from many tasks at once. A read whose stored recipe does not
+/// hash to its key is [`DerivaError::Corrupted`].
+#[async_trait]
+pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
+    /// Stores the recipes of `batch` (with their addresses) atomically and durably: all or
+    /// none. Recipes already stored are skipped. An input is a recipe of the index, an earlier
+    /// recipe of the batch, or else taken to be a leaf (depth 0): [`Store`] checks that inputs
+    /// exist before it calls this. Returns how many recipes were new.
+    async fn put_batch(&self, batch: Vec<(CAddr, Recipe)>) -> Result<u64>;
+
+    /// The recipe at `addr` and its depth; `Ok(None)` if there is none.
+    async fn get(&self, addr: CAddr) -> Result<Option<StoredRecipe>>;
+
+    /// Of `addrs`, the ones that are not stored recipes, in the given order.
+    async fn missing(&self, addrs: Vec<CAddr>) -> Result<Vec<CAddr>>;
+
+    /// The recipes that use `addr` directly as an input.
+    async fn dependents(&self, addr: CAddr) -> Result<Vec<CAddr>>;
+
+    /// Deletes the recipe at `addr` and its edges to its inputs; `Ok(false)` if there was none.
+    async fn delete(&self, addr: CAddr) -> Result<bool>;
+
+    /// The number of stored recipes, counted by a scan: for checks, not hot paths (use
+    /// [`StoreCounters`]).
+    async fn count_by_scan(&self) -> Result<u64>;
+
+    /// A cheap real round trip to the backend, for health checks: `Ok` if it can serve.
+    async fn check(&self) -> Result<()>;
+}
+
+/// Held by everything that keeps a backend's resources (a database file, connections) in use.
+/// When the last `Lease` of a store is dropped, its [`Released`] completes.
+#[derive(Debug, Clone)]
+pub struct Lease(#[allow(dead_code)] Arc<tokio::sync::watch::Sender<()>>);
+
+/// Completes when every [`Lease`] of a store has been dropped: then the store's resources are
+/// free (the local backend's redb file can be opened again).
+#[derive(Debug, Clone)]
+pub struct Released(tokio::sync::watch::Receiver<()>);
+
+/// A new lease and the signal of its release.
+pub fn lease() -> (Lease, Released) {
+    let (tx, rx) = tokio::sync::watch::channel(());
+    (Lease(Arc::new(tx)), Released(rx))
+}
+
+impl Released {
+    /// Waits until every lease is gone.
+    pub async fn wait(mut self) {
+        while self.0.changed().await.is_ok() {}
+    }
+
+    /// Whether every lease is gone already.
+    pub fn is_released(&self) -> bool {
+        self.0.has_changed().is_err()
+    }
+}
+
+/// The storage of one Deriva server: a [`BlobStore`] for leaves and a [`RecipeIndex`] for
+/// recipes. Cheap to share behind an `Arc`; every method is async and never blocks its caller's
+/// thread.
 pub struct Store {
-    dir: PathBuf,
-    recipes: recipes::RecipeStore,
-    blobs: blobs::BlobStore,
+    blobs: Arc<dyn BlobStore>,
+    recipes: Arc<dyn RecipeIndex>,
     counters: Arc<StoreCounters>,
+    released: Released,
+    _lease: Lease,
+    description: String,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.description)
+            .field("blobs", &self.blobs)
+            .field("recipes", &self.recipes)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Store {
-    /// Opens the store in `dir`, creating it if needed. Removes leftover temporary blob files
-    /// and loads the counters.
-    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref();
-        std::fs::create_dir_all(dir)
-            .map_err(|e| DerivaError::storage(format!("creating {}", dir.display()), e))?;
-        let counters = Arc::new(StoreCounters::default());
-        let recipes = recipes::RecipeStore::open(&dir.join(DB_FILE), counters.clone())?;
-        let blobs = blobs::BlobStore::open(&dir.join(BLOB_DIR), counters.clone())?;
-        tracing::info!(
-            dir = %dir.display(),
-            recipes = counters.recipes(),
-            blobs = counters.blobs(),
-            blob_bytes = counters.blob_bytes(),
-            "store opened"
-        );
-        Ok(Self {
-            dir: dir.to_owned(),
-            recipes,
+    /// A store over two backends. `counters` must be the counters the backends keep current;
+    /// `lease` and `released` come from one [`lease()`], whose other clones the backends hold
+    /// for as long as they use their resources. `description` names the backend in logs.
+    pub fn new(
+        blobs: Arc<dyn BlobStore>,
+        recipes: Arc<dyn RecipeIndex>,
+        counters: Arc<StoreCounters>,
+        (lease, released): (Lease, Released),
+        description: impl Into<String>,
+    ) -> Self {
+        Self {
             blobs,
+            recipes,
             counters,
-        })
+            released,
+            _lease: lease,
+            description: description.into(),
+        }
     }
 
-    /// The data directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// Names the backend, for logs: `local /var/lib/deriva`.
+    pub fn description(&self) -> &str {
+        &self.description
     }
 
-    /// The live counters, shareable with metrics callbacks.
+    /// The live counters, shareable with metrics callbacks (they do not keep the store open).
     pub fn counters(&self) -> &Arc<StoreCounters> {
         &self.counters
     }
 
-    /// Stores a leaf durably (fsynced before this returns) and returns its address.
-    pub fn put_leaf(&self, data: &[u8]) -> Result<CAddr> {
-        self.blobs.put(data)
+    /// Completes once this store and everything that kept its backends' resources are gone.
+    pub fn released(&self) -> Released {
+        self.released.clone()
+    }
+
+    /// The blob store.
+    pub fn blobs(&self) -> &Arc<dyn BlobStore> {
+        &self.blobs
+    }
+
+    /// The recipe index.
+    pub fn recipes(&self) -> &Arc<dyn RecipeIndex> {
+        &self.recipes
+    }
+
+    /// Stores a leaf durably and returns its address.
+    pub async fn put_leaf(&self, data: Bytes) -> Result<CAddr> {
+        self.blobs.put(data).await
     }
 
     /// Reads a leaf, verifying its hash. `Ok(None)` if there is no leaf at `addr`;
     /// [`DerivaError::Corrupted`] if the stored bytes do not match the address.
-    pub fn get_leaf(&self, addr: &CAddr) -> Result<Option<Bytes>> {
-        self.blobs.get(addr)
+    pub async fn get_leaf(&self, addr: CAddr) -> Result<Option<Bytes>> {
+        self.blobs.get(addr).await
     }
 
     /// Stores a recipe durably and returns its address. Every input must already be a leaf or
     /// a recipe ([`DerivaError::MissingInput`] otherwise). Storing the same recipe again is a
     /// no-op.
-    pub fn put_recipe(&self, recipe: &Recipe) -> Result<CAddr> {
-        Ok(self.put_recipes(std::slice::from_ref(recipe))?[0])
+    pub async fn put_recipe(&self, recipe: Recipe) -> Result<CAddr> {
+        Ok(self.put_recipes(vec![recipe]).await?[0])
     }
 
-    /// Stores several recipes in one transaction (one fsync), in order: a recipe may use an
-    /// earlier recipe of the same batch as an input. All or nothing: if any input is missing,
-    /// nothing is stored. Returns the addresses, in order.
-    pub fn put_recipes(&self, recipes: &[Recipe]) -> Result<Vec<CAddr>> {
-        let batch: Vec<(CAddr, &Recipe)> = recipes.iter().map(|r| (r.addr(), r)).collect();
-        let is_leaf = |a: &CAddr| self.blobs.contains(a);
-        self.recipes.put_batch(&batch, &is_leaf)?;
-        Ok(batch.into_iter().map(|(addr, _)| addr).collect())
+    /// Stores several recipes atomically, in order: a recipe may use an earlier recipe of the
+    /// same batch as an input. All or nothing: if any input is missing, nothing is stored.
+    /// Returns the addresses, in order.
+    pub async fn put_recipes(&self, recipes: Vec<Recipe>) -> Result<Vec<CAddr>> {
+        let batch: Vec<(CAddr, Recipe)> = recipes.into_iter().map(|r| (r.addr(), r)).collect();
+        // Inputs that are not earlier recipes of the batch must exist already: as recipes, or
+        // else as leaves. The first missing one, in batch order, is the error.
+        let mut earlier = HashSet::with_capacity(batch.len());
+        let mut outside = Vec::new();
+        for (addr, recipe) in &batch {
+            for input in recipe.inputs() {
+                if !earlier.contains(input) && !outside.contains(input) {
+                    outside.push(*input);
+                }
+            }
+            earlier.insert(*addr);
+        }
+        if !outside.is_empty() {
+            for input in self.recipes.missing(outside).await? {
+                if !self.blobs.contains(input).await? {
+                    return Err(DerivaError::MissingInput { input });
+                }
+            }
+        }
+        let addrs = batch.iter().map(|(addr, _)| *addr).collect();
+        self.recipes.put_batch(batch).await?;
+        Ok(addrs)
     }
 
     /// Reads a recipe and its DAG depth. `Ok(None)` if there is no recipe at `addr`.
-    pub fn get_recipe(&self, addr: &CAddr) -> Result<Option<StoredRecipe>> {
-        self.recipes.get(addr)
+    pub async fn get_recipe(&self, addr: CAddr) -> Result<Option<StoredRecipe>> {
+        self.recipes.get(addr).await
     }
 
     /// What `addr` names, if anything.
-    pub fn kind_of(&self, addr: &CAddr) -> Result<Option<AddrKind>> {
-        if self.recipes.contains(addr)? {
+    pub async fn kind_of(&self, addr: CAddr) -> Result<Option<AddrKind>> {
+        if self.recipes.missing(vec![addr]).await?.is_empty() {
             Ok(Some(AddrKind::Recipe))
-        } else if self.blobs.contains(addr) {
+        } else if self.blobs.contains(addr).await? {
             Ok(Some(AddrKind::Leaf))
         } else {
             Ok(None)
@@ -147,18 +332,18 @@ impl Store {
     }
 
     /// The recipes that use `addr` directly as an input.
-    pub fn dependents(&self, addr: &CAddr) -> Result<Vec<CAddr>> {
-        self.recipes.dependents(addr)
+    pub async fn dependents(&self, addr: CAddr) -> Result<Vec<CAddr>> {
+        self.recipes.dependents(addr).await
     }
 
     /// Every recipe that depends on `addr`, directly or through other recipes, in breadth-first
     /// order, each once. `addr` itself is not included.
-    pub fn transitive_dependents(&self, addr: &CAddr) -> Result<Vec<CAddr>> {
-        let mut seen = HashSet::from([*addr]);
-        let mut queue = VecDeque::from([*addr]);
+    pub async fn transitive_dependents(&self, addr: CAddr) -> Result<Vec<CAddr>> {
+        let mut seen = HashSet::from([addr]);
+        let mut queue = VecDeque::from([addr]);
         let mut out = Vec::new();
         while let Some(next) = queue.pop_front() {
-            for dep in self.recipes.dependents(&next)? {
+            for dep in self.recipes.dependents(next).await? {
                 if seen.insert(dep) {
                     out.push(dep);
                     queue.push_back(dep);
@@ -168,9 +353,15 @@ impl Store {
         Ok(out)
     }
 
-    /// Counts recipes by scanning the table; for health checks and consistency tests, not for
-    /// hot paths (use [`Store::counters`]).
-    pub fn count_recipes_by_scan(&self) -> Result<u64> {
-        self.recipes.count_by_scan()
+    /// Checks that both backends can serve (a real read of each), for health checks.
+    pub async fn check(&self) -> Result<()> {
+        self.recipes.check().await?;
+        self.blobs.check().await
+    }
+
+    /// Counts recipes by scanning; for health checks and consistency tests, not for hot paths
+    /// (use [`Store::counters`]).
+    pub async fn count_recipes_by_scan(&self) -> Result<u64> {
+        self.recipes.count_by_scan().await
     }
 }

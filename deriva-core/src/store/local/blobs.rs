@@ -14,15 +14,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::StoreCounters;
 use crate::addr::CAddr;
 use crate::error::{DerivaError, Result};
+use crate::store::StoreCounters;
 
 const TMP_DIR: &str = "tmp";
 
 /// The on-disk blob store. Cheap to share behind an `Arc`; all methods take `&self`.
 #[derive(Debug)]
-pub(crate) struct BlobStore {
+pub(super) struct BlobFiles {
     root: PathBuf,
     counters: Arc<StoreCounters>,
     /// Serializes "is it there yet? then rename and count" so concurrent puts of the same bytes
@@ -31,17 +31,17 @@ pub(crate) struct BlobStore {
     tmp_seq: AtomicU64,
 }
 
-impl BlobStore {
+impl BlobFiles {
     /// Opens (creating if needed) the blob directory, removes temporary leftovers, and counts the
     /// blobs and their bytes once.
-    pub(crate) fn open(root: &Path, counters: Arc<StoreCounters>) -> Result<Self> {
+    pub(super) fn open(root: &Path, counters: Arc<StoreCounters>) -> Result<Self> {
         let ctx = |what: &str, p: &Path| format!("{what} {}", p.display());
         fs::create_dir_all(root.join(TMP_DIR))
-            .map_err(|e| DerivaError::storage(ctx("creating", root), e))?;
+            .map_err(|e| DerivaError::io(ctx("creating", root), &e))?;
         let mut removed = 0usize;
         for entry in read_dir(&root.join(TMP_DIR))? {
             let path = entry.path();
-            fs::remove_file(&path).map_err(|e| DerivaError::storage(ctx("removing", &path), e))?;
+            fs::remove_file(&path).map_err(|e| DerivaError::io(ctx("removing", &path), &e))?;
             removed += 1;
         }
         if removed > 0 {
@@ -53,7 +53,7 @@ impl BlobStore {
         let (mut count, mut bytes) = (0u64, 0u64);
         for shard in 0..=255u8 {
             let dir = root.join(hex::encode([shard]));
-            fs::create_dir_all(&dir).map_err(|e| DerivaError::storage(ctx("creating", &dir), e))?;
+            fs::create_dir_all(&dir).map_err(|e| DerivaError::io(ctx("creating", &dir), &e))?;
             for entry in read_dir(&dir)? {
                 let name = entry.file_name();
                 // Exactly what `put` writes: the lowercase hex of an address in this shard.
@@ -63,7 +63,7 @@ impl BlobStore {
                     .is_some_and(|a| a.as_bytes()[0] == shard);
                 let meta = entry
                     .metadata()
-                    .map_err(|e| DerivaError::storage(ctx("reading", &entry.path()), e))?;
+                    .map_err(|e| DerivaError::io(ctx("reading", &entry.path()), &e))?;
                 if !valid || !meta.is_file() {
                     tracing::warn!(path = %entry.path().display(), "ignoring a stray entry in the blob store");
                     continue;
@@ -73,8 +73,7 @@ impl BlobStore {
             }
         }
         sync_dir(root)?;
-        counters.blobs.store(count, Ordering::Relaxed);
-        counters.blob_bytes.store(bytes, Ordering::Relaxed);
+        counters.set_blobs(count, bytes);
         Ok(Self {
             root: root.to_owned(),
             counters,
@@ -90,7 +89,7 @@ impl BlobStore {
 
     /// Stores `data` under its BLAKE3 address and returns the address. Idempotent: a second put
     /// of the same bytes writes nothing (and repairs a corrupted copy if it finds one).
-    pub(crate) fn put(&self, data: &[u8]) -> Result<CAddr> {
+    pub(super) fn put(&self, data: &[u8]) -> Result<CAddr> {
         let addr = CAddr::for_leaf(data);
         let path = self.path_of(&addr);
         match self.read_verified(&addr, &path) {
@@ -111,21 +110,18 @@ impl BlobStore {
         let written = write_synced(&tmp, data);
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
-            return Err(DerivaError::storage(format!("writing blob {addr}"), e));
+            return Err(DerivaError::io(format!("writing blob {addr}"), &e));
         }
 
         let _guard = self.publish.lock();
         let already = fs::metadata(&path).ok().map(|m| m.len());
         if let Err(e) = fs::rename(&tmp, &path) {
             let _ = fs::remove_file(&tmp);
-            return Err(DerivaError::storage(format!("publishing blob {addr}"), e));
+            return Err(DerivaError::io(format!("publishing blob {addr}"), &e));
         }
         sync_dir(path.parent().unwrap_or(&self.root))?;
         if already.is_none() {
-            self.counters.blobs.fetch_add(1, Ordering::Relaxed);
-            self.counters
-                .blob_bytes
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            self.counters.count_blob(true, data.len() as u64);
         }
         // Replacing a file (a concurrent put of the same bytes, or a repair) changes no count: a
         // blob is counted at its correct length. One damaged *before* the store opened was
@@ -134,7 +130,7 @@ impl BlobStore {
     }
 
     /// Reads and verifies a blob. `Ok(None)` when there is no such blob.
-    pub(crate) fn get(&self, addr: &CAddr) -> Result<Option<Bytes>> {
+    pub(super) fn get(&self, addr: &CAddr) -> Result<Option<Bytes>> {
         self.read_verified(addr, &self.path_of(addr))
     }
 
@@ -142,7 +138,7 @@ impl BlobStore {
         let data = match fs::read(path) {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(DerivaError::storage(format!("reading blob {addr}"), e)),
+            Err(e) => return Err(DerivaError::io(format!("reading blob {addr}"), &e)),
         };
         let actual = CAddr::for_leaf(&data);
         if actual != *addr {
@@ -156,17 +152,79 @@ impl BlobStore {
     }
 
     /// Whether a blob file exists for `addr` (without reading or verifying it).
-    pub(crate) fn contains(&self, addr: &CAddr) -> bool {
+    pub(super) fn contains(&self, addr: &CAddr) -> bool {
         self.path_of(addr).is_file()
+    }
+
+    /// The size of the blob file for `addr`, if there is one.
+    pub(super) fn size(&self, addr: &CAddr) -> Result<Option<u64>> {
+        match fs::metadata(self.path_of(addr)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(DerivaError::io(
+                format!("reading the size of blob {addr}"),
+                &e,
+            )),
+        }
+    }
+
+    /// Removes the blob file for `addr` and counts it; `false` if there was none.
+    pub(super) fn delete(&self, addr: &CAddr) -> Result<bool> {
+        let path = self.path_of(addr);
+        let _guard = self.publish.lock();
+        let len = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(DerivaError::io(format!("deleting blob {addr}"), &e)),
+        };
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(DerivaError::io(format!("deleting blob {addr}"), &e)),
+        }
+        sync_dir(path.parent().unwrap_or(&self.root))?;
+        self.counters.count_blob(false, len);
+        Ok(true)
+    }
+
+    /// A read of an absent blob and of the blob directory itself: fails if the directory is
+    /// gone or unreadable.
+    pub(super) fn check(&self) -> Result<()> {
+        self.get(&CAddr::from_bytes([0; 32]))?;
+        fs::metadata(&self.root).map_err(|e| {
+            DerivaError::io(
+                format!("reading the blob directory {}", self.root.display()),
+                &e,
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Every blob address, by listing the shard directories.
+    pub(super) fn list(&self) -> Result<Vec<CAddr>> {
+        let mut out = Vec::new();
+        for shard in 0..=255u8 {
+            for entry in read_dir(&self.root.join(hex::encode([shard])))? {
+                let name = entry.file_name();
+                if let Some(addr) = name
+                    .to_str()
+                    .and_then(|n| n.parse::<CAddr>().ok().filter(|a| a.to_hex() == n))
+                    .filter(|a| a.as_bytes()[0] == shard)
+                {
+                    out.push(addr);
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>> {
-    let entries = fs::read_dir(dir)
-        .map_err(|e| DerivaError::storage(format!("listing {}", dir.display()), e))?;
+    let entries =
+        fs::read_dir(dir).map_err(|e| DerivaError::io(format!("listing {}", dir.display()), &e))?;
     entries
         .collect::<io::Result<Vec<_>>>()
-        .map_err(|e| DerivaError::storage(format!("listing {}", dir.display()), e))
+        .map_err(|e| DerivaError::io(format!("listing {}", dir.display()), &e))
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
@@ -178,5 +236,5 @@ fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| DerivaError::storage(format!("syncing directory {}", dir.display()), e))
+        .map_err(|e| DerivaError::io(format!("syncing directory {}", dir.display()), &e))
 }

@@ -7,17 +7,16 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use redb::{
     Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition,
 };
 
-use super::StoreCounters;
 use crate::addr::CAddr;
 use crate::error::{DerivaError, Result};
 use crate::recipe::Recipe;
+use crate::store::{StoreCounters, StoredRecipe};
 
 const RECIPES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("recipes");
 const DEPENDENTS: MultimapTableDefinition<&[u8; 32], &[u8; 32]> =
@@ -25,40 +24,36 @@ const DEPENDENTS: MultimapTableDefinition<&[u8; 32], &[u8; 32]> =
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const RECIPE_COUNT: &str = "recipe_count";
 
-/// Turns any redb error into [`DerivaError::Storage`] with a short context.
+/// Turns a redb error into [`DerivaError::Io`] (keeping the OS error kind) or
+/// [`DerivaError::Database`], with a short context.
 trait OrStorage<T> {
     fn or_storage(self, context: &str) -> Result<T>;
 }
 
 impl<T, E: Into<redb::Error>> OrStorage<T> for std::result::Result<T, E> {
     fn or_storage(self, context: &str) -> Result<T> {
-        self.map_err(|e| DerivaError::storage(context, e.into()))
+        self.map_err(|e| db_error(context, e.into()))
     }
 }
 
-/// A stored recipe with its DAG depth (1 + the deepest input; leaves have depth 0).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredRecipe {
-    /// The recipe.
-    pub recipe: Recipe,
-    /// Its depth in the DAG.
-    pub depth: u32,
+fn db_error(context: &str, err: redb::Error) -> DerivaError {
+    match err {
+        redb::Error::Io(io) => DerivaError::io(context, &io),
+        other => DerivaError::database(context, other),
+    }
 }
 
 #[derive(Debug)]
-pub(crate) struct RecipeStore {
+pub(super) struct RecipeDb {
     db: Database,
     counters: Arc<StoreCounters>,
 }
 
-/// Whether an input address names a blob; passed in so this module needs no blob store.
-pub(crate) type IsLeaf<'a> = &'a dyn Fn(&CAddr) -> bool;
-
-impl RecipeStore {
-    pub(crate) fn open(path: &Path, counters: Arc<StoreCounters>) -> Result<Self> {
+impl RecipeDb {
+    pub(super) fn open(path: &Path, counters: Arc<StoreCounters>) -> Result<Self> {
         const CTX: &str = "opening the recipe database";
         let db = Database::create(path)
-            .map_err(|e| DerivaError::storage(format!("opening {}", path.display()), e))?;
+            .map_err(|e| db_error(&format!("opening {}", path.display()), e.into()))?;
         let txn = db.begin_write().or_storage(CTX)?;
         let count = {
             txn.open_table(RECIPES).or_storage(CTX)?;
@@ -68,14 +63,14 @@ impl RecipeStore {
             count.map(|v| v.value()).unwrap_or(0)
         };
         txn.commit().or_storage(CTX)?;
-        counters.recipes.store(count, Ordering::Relaxed);
+        counters.set_recipes(count);
         Ok(Self { db, counters })
     }
 
     /// Inserts recipes in one transaction, in order, so a recipe may use an earlier one of the
-    /// batch as an input. Returns how many were new. If any recipe has a missing input, nothing
-    /// is stored.
-    pub(crate) fn put_batch(&self, batch: &[(CAddr, &Recipe)], is_leaf: IsLeaf<'_>) -> Result<u64> {
+    /// batch as an input; an input that is no recipe is a leaf (the caller checked that it
+    /// exists). Returns how many were new.
+    pub(super) fn put_batch(&self, batch: &[(CAddr, Recipe)]) -> Result<u64> {
         const CTX: &str = "storing a recipe";
         let txn = self.db.begin_write().or_storage(CTX)?;
         let mut added = 0u64;
@@ -89,9 +84,8 @@ impl RecipeStore {
                 let mut depth = 0u32;
                 for input in recipe.inputs() {
                     let input_depth = match recipes.get(input.as_bytes()).or_storage(CTX)? {
-                        Some(row) => decode_depth(row.value())?,
-                        None if is_leaf(input) => 0,
-                        None => return Err(DerivaError::MissingInput { input: *input }),
+                        Some(row) => decode_depth(input, row.value())?,
+                        None => 0,
                     };
                     depth = depth.max(input_depth);
                 }
@@ -120,11 +114,11 @@ impl RecipeStore {
             return Ok(0);
         }
         txn.commit().or_storage(CTX)?;
-        self.counters.recipes.fetch_add(added, Ordering::Relaxed);
+        self.counters.add_recipes(added as i64);
         Ok(added)
     }
 
-    pub(crate) fn get(&self, addr: &CAddr) -> Result<Option<StoredRecipe>> {
+    pub(super) fn get(&self, addr: &CAddr) -> Result<Option<StoredRecipe>> {
         const CTX: &str = "reading a recipe";
         let txn = self.db.begin_read().or_storage(CTX)?;
         let table = txn.open_table(RECIPES).or_storage(CTX)?;
@@ -132,7 +126,7 @@ impl RecipeStore {
             return Ok(None);
         };
         let row = row.value();
-        let depth = decode_depth(row)?;
+        let depth = decode_depth(addr, row)?;
         let recipe =
             Recipe::from_canonical_bytes(&row[4..]).map_err(|e| DerivaError::Corrupted {
                 addr: *addr,
@@ -147,15 +141,54 @@ impl RecipeStore {
         Ok(Some(StoredRecipe { recipe, depth }))
     }
 
-    pub(crate) fn contains(&self, addr: &CAddr) -> Result<bool> {
-        const CTX: &str = "reading a recipe";
+    /// Of `addrs`, those with no row, in one read transaction.
+    pub(super) fn missing(&self, addrs: &[CAddr]) -> Result<Vec<CAddr>> {
+        const CTX: &str = "looking up recipes";
         let txn = self.db.begin_read().or_storage(CTX)?;
         let table = txn.open_table(RECIPES).or_storage(CTX)?;
-        Ok(table.get(addr.as_bytes()).or_storage(CTX)?.is_some())
+        let mut out = Vec::new();
+        for addr in addrs {
+            if table.get(addr.as_bytes()).or_storage(CTX)?.is_none() {
+                out.push(*addr);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the row of `addr`, its edges from its inputs, and counts it; `false` if there
+    /// was no row. Edges *to* it (recipes that use it) stay: they name what would break.
+    pub(super) fn delete(&self, addr: &CAddr) -> Result<bool> {
+        const CTX: &str = "deleting a recipe";
+        let txn = self.db.begin_write().or_storage(CTX)?;
+        {
+            let mut recipes = txn.open_table(RECIPES).or_storage(CTX)?;
+            let Some(row) = recipes.remove(addr.as_bytes()).or_storage(CTX)? else {
+                drop(recipes);
+                txn.abort().or_storage(CTX)?;
+                return Ok(false);
+            };
+            let recipe = Recipe::from_canonical_bytes(&row.value()[4..]);
+            drop(row);
+            let mut dependents = txn.open_multimap_table(DEPENDENTS).or_storage(CTX)?;
+            if let Ok(recipe) = recipe {
+                for input in recipe.inputs() {
+                    dependents
+                        .remove(input.as_bytes(), addr.as_bytes())
+                        .or_storage(CTX)?;
+                }
+            }
+            let mut meta = txn.open_table(META).or_storage(CTX)?;
+            let count = meta.get(RECIPE_COUNT).or_storage(CTX)?.map(|v| v.value());
+            meta.insert(RECIPE_COUNT, count.unwrap_or(1).saturating_sub(1))
+                .or_storage(CTX)?;
+        }
+        txn.commit().or_storage(CTX)?;
+        self.counters.add_recipes(-1);
+        Ok(true)
     }
 
     /// The recipes that use `addr` directly as an input.
-    pub(crate) fn dependents(&self, addr: &CAddr) -> Result<Vec<CAddr>> {
+    pub(super) fn dependents(&self, addr: &CAddr) -> Result<Vec<CAddr>> {
         const CTX: &str = "reading dependents";
         let txn = self.db.begin_read().or_storage(CTX)?;
         let table = txn.open_multimap_table(DEPENDENTS).or_storage(CTX)?;
@@ -166,8 +199,21 @@ impl RecipeStore {
         Ok(out)
     }
 
+    /// Overwrites the row of `addr` with a valid depth header followed by bytes that are no
+    /// recipe encoding.
+    #[cfg(feature = "conformance")]
+    pub(super) fn damage_row(&self, addr: &CAddr) -> Result<()> {
+        const CTX: &str = "damaging a recipe";
+        let txn = self.db.begin_write().or_storage(CTX)?;
+        txn.open_table(RECIPES)
+            .or_storage(CTX)?
+            .insert(addr.as_bytes(), &[1, 0, 0, 0, 0xff, 0xff][..])
+            .or_storage(CTX)?;
+        txn.commit().or_storage(CTX)
+    }
+
     /// Counts the rows of `recipes` by scanning: slow, for consistency checks only.
-    pub(crate) fn count_by_scan(&self) -> Result<u64> {
+    pub(super) fn count_by_scan(&self) -> Result<u64> {
         const CTX: &str = "counting recipes";
         let txn = self.db.begin_read().or_storage(CTX)?;
         let table = txn.open_table(RECIPES).or_storage(CTX)?;
@@ -175,10 +221,16 @@ impl RecipeStore {
     }
 }
 
-fn decode_depth(row: &[u8]) -> Result<u32> {
+fn decode_depth(addr: &CAddr, row: &[u8]) -> Result<u32> {
     let raw: [u8; 4] = row
         .get(..4)
         .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| DerivaError::Storage("recipe row shorter than its depth header".into()))?;
+        .ok_or_else(|| DerivaError::Corrupted {
+            addr: *addr,
+            detail: format!(
+                "the recipe row is {} bytes, shorter than its depth header",
+                row.len()
+            ),
+        })?;
     Ok(u32::from_le_bytes(raw))
 }

@@ -1,0 +1,324 @@
+//! The conformance suite every storage backend passes: written once, generic over a
+//! [`Harness`] that opens the backend under test and can damage it behind its back.
+//!
+//! A backend's tests instantiate it with [`conformance_tests!`](crate::conformance_tests):
+//!
+//! ```ignore
+//! deriva_core::conformance_tests!(MyHarness::new());
+//! ```
+//!
+//! which generates one `#[tokio::test]` per case, each with a fresh harness. The cases:
+//! durability across reopen, idempotent puts, missing inputs, dependents, corruption
+//! detection, concurrent writers, and the blob operations (size, list, delete).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::addr::CAddr;
+use crate::error::{DerivaError, Result};
+use crate::recipe::{FunctionId, Recipe};
+use crate::store::Store;
+
+/// Opens one backend instance for the suite, and damages its data for the corruption case.
+#[async_trait]
+pub trait Harness: Send + Sync {
+    /// Opens the store. Called again after the previous store was dropped and
+    /// [released](Store::released), it must open the same data.
+    async fn open(&self) -> Result<Store>;
+
+    /// Replaces the stored bytes of blob `addr` with `bytes`, behind the store's back. Called
+    /// while no store is open.
+    async fn corrupt_blob(&self, addr: CAddr, bytes: &[u8]);
+
+    /// Damages the stored recipe `addr` so that it no longer decodes or no longer hashes to
+    /// `addr`. Called while no store is open.
+    async fn corrupt_recipe(&self, addr: CAddr);
+}
+
+/// Generates one test per conformance case for the harness built by `$harness`.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($harness:expr) => {
+        $crate::conformance_tests!(@cases $harness;
+            durability_across_reopen, idempotent_puts, missing_inputs, dependents,
+            corruption_detection, concurrent_writers, blob_operations);
+    };
+    (@cases $harness:expr; $($case:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                $crate::store::conformance::$case(&$harness).await;
+            }
+        )*
+    };
+}
+
+fn concat() -> FunctionId {
+    FunctionId::new("concat", "1").expect("valid function id")
+}
+
+fn recipe(inputs: Vec<CAddr>, tag: &str) -> Recipe {
+    Recipe::new(
+        concat(),
+        inputs,
+        BTreeMap::from([("tag".to_owned(), tag.to_owned())]),
+    )
+    .expect("valid recipe")
+}
+
+/// Drops `store` and waits until its resources are free, so it can be opened again.
+async fn close(store: Store) {
+    let released = store.released();
+    drop(store);
+    released.wait().await;
+}
+
+/// Leaves and recipes survive a close and reopen, with the same counters.
+pub async fn durability_across_reopen(h: &impl Harness) {
+    let store = h.open().await.expect("open");
+    let a = store.put_leaf(Bytes::from_static(b"alpha")).await.unwrap();
+    let b = store
+        .put_leaf(Bytes::from(vec![7u8; 100_000]))
+        .await
+        .unwrap();
+    let ab = store.put_recipe(recipe(vec![a, b], "ab")).await.unwrap();
+    let top = store.put_recipe(recipe(vec![ab, a], "top")).await.unwrap();
+    let counts = |s: &Store| {
+        let c = s.counters();
+        (c.recipes(), c.blobs(), c.blob_bytes())
+    };
+    let before = counts(&store);
+    assert_eq!(before, (2, 2, 100_005));
+    close(store).await;
+
+    let store = h.open().await.expect("reopen");
+    assert_eq!(counts(&store), before, "counters after reopen");
+    assert_eq!(
+        store.get_leaf(a).await.unwrap().as_deref(),
+        Some(&b"alpha"[..])
+    );
+    assert_eq!(store.get_leaf(b).await.unwrap().unwrap().len(), 100_000);
+    let stored = store.get_recipe(top).await.unwrap().expect("recipe kept");
+    assert_eq!(stored.recipe.inputs(), [ab, a]);
+    assert_eq!(stored.depth, 2);
+    assert_eq!(store.get_recipe(ab).await.unwrap().unwrap().depth, 1);
+    assert_eq!(store.count_recipes_by_scan().await.unwrap(), 2);
+    close(store).await;
+}
+
+/// Storing the same leaf or recipe again returns the same address and counts once.
+pub async fn idempotent_puts(h: &impl Harness) {
+    let store = h.open().await.expect("open");
+    let data = Bytes::from_static(b"same bytes");
+    let first = store.put_leaf(data.clone()).await.unwrap();
+    let second = store.put_leaf(data).await.unwrap();
+    assert_eq!(first, second);
+    assert_eq!(first, CAddr::for_leaf(b"same bytes"));
+    assert_eq!(
+        (store.counters().blobs(), store.counters().blob_bytes()),
+        (1, 10)
+    );
+
+    let r = recipe(vec![first], "r");
+    let addr = store.put_recipe(r.clone()).await.unwrap();
+    assert_eq!(store.put_recipe(r.clone()).await.unwrap(), addr);
+    let again = store.put_recipes(vec![r.clone(), r]).await.unwrap();
+    assert_eq!(again, [addr, addr]);
+    assert_eq!(store.counters().recipes(), 1);
+    assert_eq!(store.count_recipes_by_scan().await.unwrap(), 1);
+    assert_eq!(store.dependents(first).await.unwrap(), [addr]);
+    close(store).await;
+}
+
+/// A recipe whose input exists nowhere is refused, naming the input, and a batch is all or
+/// nothing; an input may be an earlier recipe of the same batch, not a later one.
+pub async fn missing_inputs(h: &impl Harness) {
+    let store = h.open().await.expect("open");
+    let leaf = store.put_leaf(Bytes::from_static(b"leaf")).await.unwrap();
+    let ghost = CAddr::for_leaf(b"never stored");
+    match store.put_recipe(recipe(vec![leaf, ghost], "x")).await {
+        Err(DerivaError::MissingInput { input }) => assert_eq!(input, ghost),
+        other => panic!("expected MissingInput, got {other:?}"),
+    }
+
+    let good = recipe(vec![leaf], "good");
+    let bad = recipe(vec![ghost], "bad");
+    let err = store
+        .put_recipes(vec![good.clone(), bad])
+        .await
+        .unwrap_err();
+    assert_eq!(err, DerivaError::MissingInput { input: ghost });
+    assert!(store.get_recipe(good.addr()).await.unwrap().is_none());
+    assert_eq!(store.counters().recipes(), 0);
+
+    let later = recipe(vec![leaf], "later");
+    let uses_later = recipe(vec![later.addr()], "uses later");
+    let err = store
+        .put_recipes(vec![uses_later.clone(), later.clone()])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        DerivaError::MissingInput {
+            input: later.addr()
+        }
+    );
+    let addrs = store
+        .put_recipes(vec![later.clone(), uses_later.clone()])
+        .await
+        .unwrap();
+    assert_eq!(addrs, [later.addr(), uses_later.addr()]);
+    assert_eq!(store.get_recipe(addrs[1]).await.unwrap().unwrap().depth, 2);
+    assert_eq!(store.counters().recipes(), 2);
+    close(store).await;
+}
+
+/// Direct and transitive dependents of a diamond, each once; deleting a recipe removes its
+/// edges.
+pub async fn dependents(h: &impl Harness) {
+    let store = h.open().await.expect("open");
+    let a = store.put_leaf(Bytes::from_static(b"a")).await.unwrap();
+    let b = store.put_leaf(Bytes::from_static(b"b")).await.unwrap();
+    let left = store.put_recipe(recipe(vec![a], "left")).await.unwrap();
+    let right = store.put_recipe(recipe(vec![a, b], "right")).await.unwrap();
+    let join = store
+        .put_recipe(recipe(vec![left, right], "join"))
+        .await
+        .unwrap();
+    let sorted = |mut v: Vec<CAddr>| {
+        v.sort();
+        v
+    };
+    assert_eq!(
+        sorted(store.dependents(a).await.unwrap()),
+        sorted(vec![left, right])
+    );
+    assert_eq!(store.dependents(b).await.unwrap(), [right]);
+    assert!(store.dependents(join).await.unwrap().is_empty());
+    let all = store.transitive_dependents(a).await.unwrap();
+    assert_eq!(sorted(all.clone()), sorted(vec![left, right, join]));
+    assert_eq!(all.last(), Some(&join), "breadth-first: join comes last");
+
+    assert!(store.recipes().delete(join).await.unwrap());
+    assert!(!store.recipes().delete(join).await.unwrap());
+    assert!(store.dependents(left).await.unwrap().is_empty());
+    assert!(store.get_recipe(join).await.unwrap().is_none());
+    assert_eq!(store.counters().recipes(), 2);
+    assert_eq!(store.count_recipes_by_scan().await.unwrap(), 2);
+    close(store).await;
+}
+
+/// Damaged blobs and recipes are reported as [`DerivaError::Corrupted`], never returned as
+/// data; putting the right bytes again repairs a blob.
+pub async fn corruption_detection(h: &impl Harness) {
+    let store = h.open().await.expect("open");
+    let leaf = store
+        .put_leaf(Bytes::from_static(b"precious"))
+        .await
+        .unwrap();
+    let r = store.put_recipe(recipe(vec![leaf], "r")).await.unwrap();
+    close(store).await;
+    h.corrupt_blob(leaf, b"precioU$").await;
+    h.corrupt_recipe(r).await;
+
+    let store = h.open().await.expect("reopen");
+    match store.get_leaf(leaf).await {
+        Err(DerivaError::Corrupted { addr, .. }) => assert_eq!(addr, leaf),
+        other => panic!("a damaged blob must be Corrupted, got {other:?}"),
+    }
+    match store.get_recipe(r).await {
+        Err(DerivaError::Corrupted { addr, .. }) => assert_eq!(addr, r),
+        other => panic!("a damaged recipe must be Corrupted, got {other:?}"),
+    }
+    assert_eq!(
+        store
+            .put_leaf(Bytes::from_static(b"precious"))
+            .await
+            .unwrap(),
+        leaf
+    );
+    assert_eq!(
+        store.get_leaf(leaf).await.unwrap().as_deref(),
+        Some(&b"precious"[..])
+    );
+    close(store).await;
+}
+
+/// Many tasks putting overlapping leaves and recipes at once: every put succeeds, each thing
+/// is stored once, and the counters equal a scan.
+pub async fn concurrent_writers(h: &impl Harness) {
+    let store = Arc::new(h.open().await.expect("open"));
+    const WRITERS: usize = 8;
+    const ITEMS: usize = 20;
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut addrs = Vec::new();
+                for i in 0..ITEMS {
+                    // Half of the items are shared by every writer, half are the writer's own.
+                    let key = if i % 2 == 0 {
+                        format!("shared {i}")
+                    } else {
+                        format!("writer {w} item {i}")
+                    };
+                    let leaf = store.put_leaf(Bytes::from(key.clone())).await.unwrap();
+                    let r = store.put_recipe(recipe(vec![leaf], &key)).await.unwrap();
+                    addrs.push((leaf, r));
+                }
+                addrs
+            })
+        })
+        .collect();
+    let mut leaves = std::collections::HashSet::new();
+    let mut recipes = std::collections::HashSet::new();
+    for task in tasks {
+        for (leaf, r) in task.await.expect("writer") {
+            leaves.insert(leaf);
+            recipes.insert(r);
+        }
+    }
+    let expected = (ITEMS / 2 + WRITERS * ITEMS / 2) as u64;
+    assert_eq!(leaves.len() as u64, expected);
+    assert_eq!(recipes.len() as u64, expected);
+    assert_eq!(store.counters().blobs(), expected);
+    assert_eq!(store.counters().recipes(), expected);
+    assert_eq!(store.count_recipes_by_scan().await.unwrap(), expected);
+    assert_eq!(store.blobs().list().await.unwrap().len() as u64, expected);
+    for r in &recipes {
+        assert!(store.get_recipe(*r).await.unwrap().is_some());
+    }
+    let store = Arc::into_inner(store).expect("writers are done");
+    close(store).await;
+}
+
+/// Size, list and delete of blobs, with the counters kept right.
+pub async fn blob_operations(h: &impl Harness) {
+    let store = h.open().await.expect("open");
+    let blobs = store.blobs().clone();
+    let a = blobs.put(Bytes::from_static(b"12345")).await.unwrap();
+    let b = blobs.put(Bytes::from_static(b"xy")).await.unwrap();
+    let ghost = CAddr::for_leaf(b"ghost");
+    assert_eq!(blobs.size(a).await.unwrap(), Some(5));
+    assert_eq!(blobs.size(ghost).await.unwrap(), None);
+    assert!(blobs.contains(b).await.unwrap());
+    assert!(!blobs.contains(ghost).await.unwrap());
+    let mut listed = blobs.list().await.unwrap();
+    listed.sort();
+    let mut expected = vec![a, b];
+    expected.sort();
+    assert_eq!(listed, expected);
+    assert!(blobs.delete(a).await.unwrap());
+    assert!(!blobs.delete(a).await.unwrap());
+    assert_eq!(blobs.get(a).await.unwrap(), None);
+    assert_eq!(
+        (store.counters().blobs(), store.counters().blob_bytes()),
+        (1, 2)
+    );
+    assert_eq!(blobs.list().await.unwrap(), [b]);
+    drop(blobs);
+    close(store).await;
+}

@@ -1,0 +1,249 @@
+//! The local backend: recipes and the dependency graph in redb, leaf bytes in
+//! content-addressed files. See the crate docs for the directory layout.
+//!
+//! Both halves do blocking I/O (fsync, redb transactions), so every trait method runs its work
+//! on tokio's blocking pool, inside the caller's span, and awaits it: no call blocks an async
+//! worker. Each pooled call holds a [`Lease`], so [`Store::released`] completes only when the
+//! redb file is closed.
+
+mod blobs;
+mod recipes;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{BlobStore, Lease, RecipeIndex, Store, StoreCounters, StoredRecipe, lease};
+use crate::addr::CAddr;
+use crate::error::{DerivaError, Result};
+use crate::recipe::Recipe;
+
+/// Name of the redb file inside the data directory.
+pub const DB_FILE: &str = "deriva.redb";
+/// Name of the blob directory inside the data directory.
+pub const BLOB_DIR: &str = "blobs";
+
+impl Store {
+    /// Opens the local store in `dir`, creating it if needed: removes leftover temporary blob
+    /// files and loads the counters. Blocks while it scans the blob directory, so call it at
+    /// start-up (or on the blocking pool).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir)
+            .map_err(|e| DerivaError::io(format!("creating {}", dir.display()), &e))?;
+        let counters = Arc::new(StoreCounters::default());
+        let (lease, released) = lease();
+        let recipes = LocalRecipeIndex {
+            inner: Arc::new((
+                recipes::RecipeDb::open(&dir.join(DB_FILE), counters.clone())?,
+                lease.clone(),
+            )),
+        };
+        let blobs = LocalBlobStore {
+            inner: Arc::new((
+                blobs::BlobFiles::open(&dir.join(BLOB_DIR), counters.clone())?,
+                lease.clone(),
+            )),
+        };
+        tracing::info!(
+            dir = %dir.display(),
+            recipes = counters.recipes(),
+            blobs = counters.blobs(),
+            blob_bytes = counters.blob_bytes(),
+            "store opened"
+        );
+        Ok(Store::new(
+            Arc::new(blobs),
+            Arc::new(recipes),
+            counters,
+            (lease, released),
+            format!("local {}", dir.display()),
+        ))
+    }
+}
+
+/// Replaces the stored row of recipe `addr` in the redb file of the local store in
+/// `data_dir` with bytes that do not decode, for the conformance suite's corruption case. The
+/// store must be closed.
+#[cfg(feature = "conformance")]
+pub fn damage_recipe_row(data_dir: &Path, addr: CAddr) -> Result<()> {
+    recipes::RecipeDb::open(&data_dir.join(DB_FILE), Arc::default())?.damage_row(&addr)
+}
+
+/// Runs `f(inner)` on the blocking pool, inside the caller's span and with its subscriber, so
+/// logs from the pool thread join the caller's trace.
+async fn on_pool<I, T>(
+    inner: &Arc<(I, Lease)>,
+    what: &'static str,
+    f: impl FnOnce(&I) -> Result<T> + Send + 'static,
+) -> Result<T>
+where
+    I: Send + Sync + 'static,
+    T: Send + 'static,
+{
+    let inner = inner.clone();
+    let span = tracing::Span::current();
+    let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    #[cfg(test)]
+    let caller = std::thread::current().id();
+    tokio::task::spawn_blocking(move || {
+        #[cfg(test)]
+        tests::POOL_CALLS
+            .lock()
+            .push((caller, std::thread::current().id()));
+        tracing::dispatcher::with_default(&dispatch, || span.in_scope(|| f(&inner.0)))
+    })
+    .await
+    .map_err(|e| DerivaError::from_join(what, e))?
+}
+
+/// Leaf bytes in files under `<data-dir>/blobs`.
+#[derive(Debug, Clone)]
+pub struct LocalBlobStore {
+    inner: Arc<(blobs::BlobFiles, Lease)>,
+}
+
+#[async_trait]
+impl BlobStore for LocalBlobStore {
+    async fn put(&self, data: Bytes) -> Result<CAddr> {
+        on_pool(&self.inner, "storing a blob", move |b| b.put(&data)).await
+    }
+
+    async fn get(&self, addr: CAddr) -> Result<Option<Bytes>> {
+        on_pool(&self.inner, "reading a blob", move |b| b.get(&addr)).await
+    }
+
+    async fn contains(&self, addr: CAddr) -> Result<bool> {
+        on_pool(&self.inner, "looking up a blob", move |b| {
+            Ok(b.contains(&addr))
+        })
+        .await
+    }
+
+    async fn size(&self, addr: CAddr) -> Result<Option<u64>> {
+        on_pool(&self.inner, "sizing a blob", move |b| b.size(&addr)).await
+    }
+
+    async fn delete(&self, addr: CAddr) -> Result<bool> {
+        on_pool(&self.inner, "deleting a blob", move |b| b.delete(&addr)).await
+    }
+
+    async fn list(&self) -> Result<Vec<CAddr>> {
+        on_pool(&self.inner, "listing blobs", |b| b.list()).await
+    }
+
+    async fn check(&self) -> Result<()> {
+        on_pool(&self.inner, "checking the blob directory", |b| b.check()).await
+    }
+}
+
+/// Recipes and the dependency graph in `<data-dir>/deriva.redb`.
+#[derive(Debug, Clone)]
+pub struct LocalRecipeIndex {
+    inner: Arc<(recipes::RecipeDb, Lease)>,
+}
+
+#[async_trait]
+impl RecipeIndex for LocalRecipeIndex {
+    async fn put_batch(&self, batch: Vec<(CAddr, Recipe)>) -> Result<u64> {
+        on_pool(&self.inner, "storing recipes", move |r| r.put_batch(&batch)).await
+    }
+
+    async fn get(&self, addr: CAddr) -> Result<Option<StoredRecipe>> {
+        on_pool(&self.inner, "reading a recipe", move |r| r.get(&addr)).await
+    }
+
+    async fn missing(&self, addrs: Vec<CAddr>) -> Result<Vec<CAddr>> {
+        on_pool(&self.inner, "looking up recipes", move |r| {
+            r.missing(&addrs)
+        })
+        .await
+    }
+
+    async fn dependents(&self, addr: CAddr) -> Result<Vec<CAddr>> {
+        on_pool(&self.inner, "reading dependents", move |r| {
+            r.dependents(&addr)
+        })
+        .await
+    }
+
+    async fn delete(&self, addr: CAddr) -> Result<bool> {
+        on_pool(&self.inner, "deleting a recipe", move |r| r.delete(&addr)).await
+    }
+
+    async fn count_by_scan(&self) -> Result<u64> {
+        on_pool(&self.inner, "counting recipes", |r| r.count_by_scan()).await
+    }
+
+    async fn check(&self) -> Result<()> {
+        on_pool(&self.inner, "checking the recipe database", |r| {
+            r.get(&CAddr::from_bytes([0; 32])).map(drop)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::thread::ThreadId;
+
+    use super::*;
+
+    /// Each pooled call: the thread that asked, the thread that did the work.
+    pub(super) static POOL_CALLS: parking_lot::Mutex<Vec<(ThreadId, ThreadId)>> =
+        parking_lot::Mutex::new(Vec::new());
+
+    /// Every trait method does its I/O on the blocking pool. On a current-thread runtime the
+    /// one async worker is the test's own thread: each call must show up as pooled work asked
+    /// for by this thread and done on another.
+    #[test]
+    fn store_calls_never_run_on_the_async_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let worker = std::thread::current().id();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let calls = rt.block_on(async {
+            let blobs = store.blobs();
+            let recipes = store.recipes();
+            let leaf = blobs.put(Bytes::from_static(b"x")).await.unwrap();
+            blobs.get(leaf).await.unwrap().unwrap();
+            assert!(blobs.contains(leaf).await.unwrap());
+            assert_eq!(blobs.size(leaf).await.unwrap(), Some(1));
+            assert_eq!(blobs.list().await.unwrap(), [leaf]);
+            let recipe = Recipe::new(
+                crate::FunctionId::new("identity", "1").unwrap(),
+                vec![leaf],
+                crate::Params::new(),
+            )
+            .unwrap();
+            let addr = recipe.addr();
+            assert_eq!(recipes.put_batch(vec![(addr, recipe)]).await.unwrap(), 1);
+            recipes.get(addr).await.unwrap().unwrap();
+            assert!(recipes.missing(vec![addr]).await.unwrap().is_empty());
+            assert_eq!(recipes.dependents(leaf).await.unwrap(), [addr]);
+            assert_eq!(recipes.count_by_scan().await.unwrap(), 1);
+            assert!(recipes.delete(addr).await.unwrap());
+            assert!(blobs.delete(leaf).await.unwrap());
+            12
+        });
+        let pooled: Vec<ThreadId> = POOL_CALLS
+            .lock()
+            .iter()
+            .filter(|(caller, _)| *caller == worker)
+            .map(|(_, ran_on)| *ran_on)
+            .collect();
+        assert_eq!(
+            pooled.len(),
+            calls,
+            "a store call skipped the blocking pool"
+        );
+        assert!(
+            pooled.iter().all(|t| *t != worker),
+            "store work ran on the async worker"
+        );
+    }
+}
