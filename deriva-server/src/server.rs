@@ -20,7 +20,7 @@ use crate::limits::OversizeLayer;
 use crate::metrics::ServerMetrics;
 use crate::proto::deriva_server::DerivaServer;
 use crate::rpc_layer::RpcLayer;
-use crate::service::DerivaService;
+use crate::service::{Cutoff, DerivaService};
 use crate::trace_store::TraceStore;
 
 /// Largest header block (all metadata of one request) accepted, in bytes.
@@ -113,9 +113,11 @@ impl Server {
 
     /// Serves the Deriva service and the standard gRPC health service on `grpc`, and the
     /// HTTP endpoints (see [`crate::http`]) on `http` if given, until `shutdown` completes.
-    /// Then both stop accepting, `/readyz` turns 503, in-flight calls get at most
-    /// `config.shutdown_grace` to finish, and this returns; dropping the last handle closes the
-    /// store.
+    /// Then both stop accepting, `/readyz` turns 503, and in-flight calls get at most
+    /// `config.shutdown_grace` to finish; calls still running then answer `UNAVAILABLE`.
+    /// This returns only once every handle on the store is gone (computes already running on
+    /// the blocking pool finish first), so the data directory can be opened again at once. An
+    /// executor clone the caller took from [`Server::executor`] counts too: drop it first.
     pub async fn serve(
         self,
         grpc: TcpListener,
@@ -123,6 +125,8 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let limit = self.config.max_message_bytes;
+        let released = self.exec.store().released();
+        let (cut_off, cutoff) = Cutoff::new();
         let ready = Arc::new(AtomicBool::new(false));
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<DerivaServer<DerivaService>>().await;
@@ -132,7 +136,8 @@ impl Server {
                 self.config.chunk_bytes,
                 self.metrics.clone(),
             )
-            .with_trace_store(self.traces.clone()),
+            .with_trace_store(self.traces.clone())
+            .with_cutoff(cutoff),
         )
         .max_decoding_message_size(limit);
 
@@ -186,12 +191,39 @@ impl Server {
             shutdown.await;
             tokio::time::sleep(grace).await;
         };
-        tokio::select! {
-            served = async { tokio::try_join!(async { grpc_serving.await.map_err(ServeError::from) }, http_serving) } => { served?; }
+        let mut serving = Box::pin(async {
+            tokio::try_join!(
+                async { grpc_serving.await.map_err(ServeError::from) },
+                http_serving
+            )
+        });
+        let served = tokio::select! {
+            served = &mut serving => served.map(drop),
             () = deadline => {
                 tracing::warn!(grace_secs = grace.as_secs_f64(), "in-flight calls outlived the shutdown grace; cutting them off");
+                let _ = cut_off.send(true);
+                // The cut-off calls answer at once; a reply still streaming to a slow client
+                // gets one more grace period.
+                match tokio::time::timeout(grace, &mut serving).await {
+                    Ok(served) => served.map(drop),
+                    Err(_) => {
+                        tracing::warn!("connections still open after the cutoff; leaving them");
+                        Ok(())
+                    }
+                }
             }
+        };
+        drop(serving);
+        drop(cut_off);
+        drop(self);
+        // Materializations abandoned by their callers end as their tasks are dropped, and
+        // store calls on the blocking pool finish; then the store closes.
+        let waited = tokio::time::timeout(grace, released.clone().wait()).await;
+        if waited.is_err() {
+            tracing::warn!("waiting for store calls still running before closing the store");
+            released.wait().await;
         }
-        Ok(())
+        tracing::debug!("store closed");
+        served
     }
 }

@@ -2,6 +2,7 @@
 //! the executor or the store, and encodes answers; errors become statuses in
 //! [`crate::error`].
 
+use std::future::Future;
 use std::pin::Pin;
 
 use bytes::Bytes;
@@ -26,6 +27,34 @@ pub struct DerivaService {
     chunk_bytes: usize,
     metrics: ServerMetrics,
     traces: Option<TraceStore>,
+    cutoff: Cutoff,
+}
+
+/// Ends the calls still running when the server's shutdown grace is over: they answer
+/// `UNAVAILABLE`, and drop what they hold (their materializations, and with them the store).
+#[derive(Debug, Clone, Default)]
+pub struct Cutoff(Option<tokio::sync::watch::Receiver<bool>>);
+
+impl Cutoff {
+    /// A cutoff, and the sender that triggers it with `true` (or by being dropped).
+    pub fn new() -> (tokio::sync::watch::Sender<bool>, Self) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (tx, Self(Some(rx)))
+    }
+
+    async fn run<T>(&self, call: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
+        let Some(rx) = &self.0 else {
+            return call.await;
+        };
+        let mut rx = rx.clone();
+        tokio::select! {
+            biased;
+            done = call => done,
+            _ = rx.wait_for(|cut| *cut) => Err(Status::unavailable(
+                "the server is shutting down, and this call outlived the shutdown grace",
+            )),
+        }
+    }
 }
 
 /// The stream type of `Get`.
@@ -39,7 +68,14 @@ impl DerivaService {
             chunk_bytes: chunk_bytes.max(1),
             metrics,
             traces: None,
+            cutoff: Cutoff::default(),
         }
+    }
+
+    /// Ends calls with `UNAVAILABLE` once `cutoff` triggers.
+    pub fn with_cutoff(mut self, cutoff: Cutoff) -> Self {
+        self.cutoff = cutoff;
+        self
     }
 
     /// Answers `Explain` from `traces`.
@@ -195,6 +231,8 @@ fn reply<T>(result: ApiResult<T>) -> Result<Response<T>, Status> {
     result.map(Response::new).map_err(Status::from)
 }
 
+// Every call runs under the cutoff: when the shutdown grace is over, what is still running
+// answers UNAVAILABLE.
 #[tonic::async_trait]
 impl Deriva for DerivaService {
     async fn put_leaf(
@@ -202,35 +240,37 @@ impl Deriva for DerivaService {
         request: Request<PutLeafRequest>,
     ) -> Result<Response<PutLeafResponse>, Status> {
         let data = request.into_inner().data;
-        let addr = self
-            .exec
-            .store()
-            .put_leaf(data)
+        self.cutoff
+            .run(async {
+                let addr = self.exec.store().put_leaf(data).await;
+                reply(addr.map_err(ApiError::from).map(|a| PutLeafResponse {
+                    addr: Bytes::copy_from_slice(a.as_bytes()),
+                }))
+            })
             .await
-            .map_err(ApiError::from);
-        reply(addr.map(|a| PutLeafResponse {
-            addr: Bytes::copy_from_slice(a.as_bytes()),
-        }))
     }
 
     async fn put_recipe(
         &self,
         request: Request<PutRecipeRequest>,
     ) -> Result<Response<PutRecipeResponse>, Status> {
-        reply(self.put_recipe_inner(request.into_inner()).await)
+        let call = self.put_recipe_inner(request.into_inner());
+        self.cutoff.run(async { reply(call.await) }).await
     }
 
     type GetStream = GetStream;
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<Self::GetStream>, Status> {
-        reply(self.get_inner(request.into_inner()).await)
+        let call = self.get_inner(request.into_inner());
+        self.cutoff.run(async { reply(call.await) }).await
     }
 
     async fn resolve(
         &self,
         request: Request<ResolveRequest>,
     ) -> Result<Response<ResolveResponse>, Status> {
-        reply(self.resolve_inner(request.into_inner()).await)
+        let call = self.resolve_inner(request.into_inner());
+        self.cutoff.run(async { reply(call.await) }).await
     }
 
     async fn invalidate(
@@ -238,18 +278,23 @@ impl Deriva for DerivaService {
         request: Request<InvalidateRequest>,
     ) -> Result<Response<InvalidateResponse>, Status> {
         let req = request.into_inner();
-        let result = match parse_addr("addr", &req.addr) {
-            Ok(addr) => self
-                .exec
-                .invalidate(addr, req.cascade)
-                .await
-                .map_err(ApiError::from),
-            Err(e) => Err(e),
-        };
-        reply(result.map(|report| InvalidateResponse {
-            was_cached: report.was_cached,
-            evicted_count: report.evicted.len() as u64,
-        }))
+        self.cutoff
+            .run(async {
+                let addr = parse_addr("addr", &req.addr);
+                let report = match addr {
+                    Ok(addr) => self
+                        .exec
+                        .invalidate(addr, req.cascade)
+                        .await
+                        .map_err(ApiError::from),
+                    Err(e) => Err(e),
+                };
+                reply(report.map(|report| InvalidateResponse {
+                    was_cached: report.was_cached,
+                    evicted_count: report.evicted.len() as u64,
+                }))
+            })
+            .await
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
@@ -260,16 +305,18 @@ impl Deriva for DerivaService {
         &self,
         request: Request<ExplainRequest>,
     ) -> Result<Response<ExplainResponse>, Status> {
-        self.explain_inner(request.into_inner())
+        let call = self.explain_inner(request.into_inner());
+        self.cutoff
+            .run(async { call.await.map(Response::new) })
             .await
-            .map(Response::new)
     }
 
     async fn verify(
         &self,
         request: Request<VerifyRequest>,
     ) -> Result<Response<VerifyResponse>, Status> {
-        reply(self.verify_inner(request.into_inner()).await)
+        let call = self.verify_inner(request.into_inner());
+        self.cutoff.run(async { reply(call.await) }).await
     }
 }
 

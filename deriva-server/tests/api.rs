@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::Path;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,8 +33,6 @@ struct TestServer {
     task: Option<JoinHandle<Result<(), deriva_server::ServeError>>>,
     /// The engine's live counters.
     stats: Arc<ExecStats>,
-    /// The store, to see when the last handle to it is gone.
-    store: Weak<Store>,
 }
 
 impl TestServer {
@@ -51,7 +49,6 @@ impl TestServer {
         let meter = opentelemetry::metrics::noop::NoopMeterProvider::new().meter("test");
         let server = Server::open_with(config, functions, &meter).unwrap();
         let stats = server.executor().stats().clone();
-        let store = Arc::downgrade(server.executor().store());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -72,7 +69,6 @@ impl TestServer {
             stop: Some(stop),
             task: Some(task),
             stats,
-            store,
         }
     }
 
@@ -80,8 +76,8 @@ impl TestServer {
         Self::start(dir, |_| {}, FunctionRegistry::with_builtins()).await
     }
 
-    /// Stops the server, and waits until the store is closed (connection tasks that still
-    /// hold the service may outlive `serve` by a moment), so the directory can be reopened.
+    /// Stops the server. `serve` returns once the store is closed, so the directory can be
+    /// reopened at once.
     async fn stop(mut self) {
         self.stop.take().unwrap().send(()).unwrap();
         let served = tokio::time::timeout(Duration::from_secs(60), self.task.take().unwrap()).await;
@@ -89,12 +85,6 @@ impl TestServer {
             .expect("the server stops within its grace")
             .unwrap()
             .unwrap();
-        drop(self.client);
-        drop(self.channel);
-        wait_until("the store is closed after shutdown", || {
-            self.store.strong_count() == 0
-        })
-        .await;
     }
 
     async fn put(&mut self, data: &[u8]) -> Bytes {
@@ -645,4 +635,37 @@ async fn a_client_that_hangs_up_stops_the_work_on_its_behalf() {
     );
     assert!((1..=2).contains(&inner.counts().started));
     s.stop().await;
+}
+
+/// Race 3: `serve` returns only once every handle on the store is gone, so the data
+/// directory opens again at once. A Get still computing when the shutdown grace ends is cut
+/// off (`UNAVAILABLE`) and its materialization dropped; the held compute itself runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_returns_only_when_the_store_can_be_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Gate::new();
+    let mut functions = FunctionRegistry::with_builtins();
+    functions.register(FunctionId::new("held", "v1").unwrap(), gate.function());
+    let mut s = TestServer::start(
+        dir.path(),
+        |c| c.shutdown_grace = Duration::from_millis(200),
+        functions,
+    )
+    .await;
+    let a = s.put(b"a").await;
+    let held = s.recipe("held", &[&a], &[]).await.unwrap();
+    let mut client = s.client.clone();
+    let call = tokio::spawn(async move { common::get_all(&mut client, &held).await });
+    gate.wait_started(1).await;
+
+    s.stop().await;
+    // At once: no retry, no wait. redb refuses a second open while any handle is alive.
+    let reopened = Store::open(dir.path());
+    let answer = call.await.unwrap();
+    gate.open();
+    let store = reopened.expect("the store reopens as soon as serve returns");
+    assert_eq!(store.counters().recipes(), 1);
+    let status = answer.expect_err("the held Get was cut off");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
 }

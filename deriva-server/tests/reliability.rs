@@ -178,6 +178,8 @@ impl Srv {
     }
 
     async fn stop(mut self) {
+        // `serve` returns once every handle on the store is gone, this one included.
+        drop(self.exec);
         self.stop.take().unwrap().send(()).unwrap();
         tokio::time::timeout(Duration::from_secs(60), self.task.take().unwrap())
             .await
