@@ -65,9 +65,11 @@ pub mod addr;
 pub mod error;
 pub mod recipe;
 pub mod spans;
+#[cfg(feature = "local")]
 pub mod store;
 
 pub use addr::{AddrParseError, CAddr};
 pub use error::{DerivaError, Result};
 pub use recipe::{FunctionId, Params, Recipe};
+#[cfg(feature = "local")]
 pub use store::{AddrKind, Store, StoreCounters, StoredRecipe};
