@@ -5,6 +5,7 @@
 //! - [`addr`]: [`CAddr`], the 32-byte BLAKE3 address of leaves and recipes.
 //! - [`recipe`]: [`FunctionId`], [`Recipe`], params and the canonical recipe encoding.
 //! - [`error`]: [`DerivaError`], the error every Deriva crate returns.
+//! - [`size`]: [`parse_size`](size::parse_size), byte sizes with units (`64KiB`, `256MiB`).
 //! - [`store`]: [`Store`], recipes and the dependency graph in redb, leaf bytes in files.
 //!
 //! ## Addresses
@@ -64,6 +65,7 @@
 pub mod addr;
 pub mod error;
 pub mod recipe;
+pub mod size;
 pub mod spans;
 #[cfg(feature = "local")]
 pub mod store;
