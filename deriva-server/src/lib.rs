@@ -16,7 +16,7 @@
 //! - [`trace_store`]: the in-process store of recent request span trees (`Explain`,
 //!   `/debug/traces`).
 //! - [`http`]: `/metrics`, `/health`, `/healthz`, `/readyz` and `/debug/traces`.
-//! - [`proto`]: the generated code for `proto/deriva.proto`, client included.
+//! - [`proto`]: the wire contract, [`deriva_proto`] re-exported.
 //! - [`cli`] and [`bench`](mod@bench): the `deriva` client commands, and its load generator.
 
 pub mod bench;
@@ -32,11 +32,8 @@ pub mod service;
 pub mod telemetry;
 pub mod trace_store;
 
-/// Generated from `proto/deriva.proto`.
-#[allow(missing_docs, clippy::all, missing_debug_implementations)]
-pub mod proto {
-    tonic::include_proto!("deriva");
-}
+/// The wire contract, from [`deriva_proto`]: `crate::proto::GetRequest` and so on.
+pub use deriva_proto as proto;
 
 pub use config::{Config, ServerArgs};
 pub use server::{ServeError, Server};
