@@ -1,6 +1,6 @@
 //! # deriva-server
 //!
-//! Deriva's gRPC server, its telemetry, and its `deriva` command-line client.
+//! Deriva's gRPC server and its telemetry.
 //!
 //! - [`config`]: [`Config`] and the `deriva-server` flags that fill it.
 //! - [`server`]: [`Server`], which opens the store and serves gRPC and HTTP on listeners it is
@@ -17,10 +17,7 @@
 //!   `/debug/traces`).
 //! - [`http`]: `/metrics`, `/health`, `/healthz`, `/readyz` and `/debug/traces`.
 //! - [`proto`]: the wire contract, [`deriva_proto`] re-exported.
-//! - [`cli`] and [`bench`](mod@bench): the `deriva` client commands, and its load generator.
 
-pub mod bench;
-pub mod cli;
 pub mod config;
 pub mod error;
 pub mod http;

@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use deriva_core::CAddr;
 
-use crate::cli::{CliError, Client, Target, connect};
-use crate::proto::{GetRequest, PutLeafRequest, PutRecipeRequest};
+use deriva_proto::{GetRequest, PutLeafRequest, PutRecipeRequest};
+
+use crate::client::{CliError, Client, Target, code_words, connect};
 
 /// The workloads of `deriva bench`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -432,11 +433,7 @@ pub async fn run(target: &Target, args: &BenchArgs) -> Result<Report, CliError> 
                         Err(status) => {
                             errors.fetch_add(1, Ordering::Relaxed);
                             first_error.lock().get_or_insert_with(|| {
-                                format!(
-                                    "{}: {}",
-                                    crate::cli::code_words(status.code()),
-                                    status.message()
-                                )
+                                format!("{}: {}", code_words(status.code()), status.message())
                             });
                         }
                     }
