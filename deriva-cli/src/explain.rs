@@ -1,7 +1,12 @@
 //! [`format_explain`]: the `get --explain` tree, rendered from an `Explain` answer.
+//!
+//! Span and field names come from [`deriva_core::spans`], the constants the server's executor
+//! opens its spans with, so a renamed span cannot silently fall through to the generic line.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
+use deriva_core::spans::{self, field};
 use deriva_proto::{ExplainResponse, TraceSpan};
 
 /// Width of the `--explain` output.
@@ -14,7 +19,6 @@ const EXPLAIN_MAX_LINES: usize = 200;
 /// Renders an `Explain` answer as a tree, one line per step, indented by depth, with each
 /// step's duration right-aligned within 80 columns, and the total at the end.
 pub fn format_explain(resp: &ExplainResponse) -> String {
-    use std::collections::HashMap;
     let mut children: HashMap<u64, Vec<&TraceSpan>> = HashMap::new();
     for span in &resp.spans {
         children.entry(span.parent).or_default().push(span);
@@ -22,7 +26,8 @@ pub fn format_explain(resp: &ExplainResponse) -> String {
     for list in children.values_mut() {
         list.sort_by_key(|s| (s.start_us, s.id));
     }
-    let field = |span: &TraceSpan, key: &str| {
+    // The value of a span's field, or "" when the span lacks it.
+    let value = |span: &TraceSpan, key: &str| {
         span.fields
             .iter()
             .find(|f| f.key == key)
@@ -46,16 +51,17 @@ pub fn format_explain(resp: &ExplainResponse) -> String {
         .unwrap_or_default();
     while let Some((span, depth)) = stack.pop() {
         let line = match span.name.as_str() {
-            "materialize" => Some((
+            spans::MATERIALIZE => Some((
                 format!(
-                    "materialize {} {}",
-                    short_addr(field(span, "addr")),
-                    field(span, "result")
+                    "{} {} {}",
+                    spans::MATERIALIZE,
+                    short_addr(value(span, field::ADDR)),
+                    value(span, field::RESULT)
                 ),
                 Some(span.duration_us),
             )),
-            "cache_check" => Some((
-                if field(span, "hit") == "true" {
+            spans::CACHE_CHECK => Some((
+                if value(span, field::HIT) == "true" {
                     "cache hit"
                 } else {
                     "cache miss"
@@ -63,23 +69,26 @@ pub fn format_explain(resp: &ExplainResponse) -> String {
                 .to_owned(),
                 None,
             )),
-            "leaf_read" if field(span, "found") == "true" => {
+            // A leaf read that found nothing only means the address is a recipe: no line.
+            spans::LEAF_READ if value(span, field::FOUND) == "true" => {
                 Some(("leaf read".to_owned(), Some(span.duration_us)))
             }
-            "leaf_read" => None,
-            "compute" => Some((
+            spans::LEAF_READ => None,
+            spans::COMPUTE => Some((
                 format!(
-                    "compute {} {} → {}",
-                    field(span, "function"),
-                    bytes_text(&field(span, "input_bytes")),
-                    bytes_text(&field(span, "output_bytes"))
+                    "{} {} {} → {}",
+                    spans::COMPUTE,
+                    value(span, field::FUNCTION),
+                    bytes_text(&value(span, field::INPUT_BYTES)),
+                    bytes_text(&value(span, field::OUTPUT_BYTES))
                 ),
                 Some(span.duration_us),
             )),
-            "verify" => Some((
+            spans::VERIFY => Some((
                 format!(
-                    "verify {}",
-                    if field(span, "passed") == "true" {
+                    "{} {}",
+                    spans::VERIFY,
+                    if value(span, field::PASSED) == "true" {
                         "passed"
                     } else {
                         "FAILED"
@@ -87,8 +96,8 @@ pub fn format_explain(resp: &ExplainResponse) -> String {
                 ),
                 Some(span.duration_us),
             )),
-            "cache_put" => Some((
-                format!("cache put {}", bytes_text(&field(span, "bytes"))),
+            spans::CACHE_PUT => Some((
+                format!("cache put {}", bytes_text(&value(span, field::BYTES))),
                 None,
             )),
             other => Some((other.to_owned(), Some(span.duration_us))),
@@ -161,5 +170,130 @@ fn bytes_text(raw: &str) -> String {
         n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
         n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
         n => format!("{n} B"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use deriva_proto::TraceField;
+
+    use super::*;
+
+    fn span(id: u64, parent: u64, name: &str, fields: &[(&str, &str)], start_us: u64) -> TraceSpan {
+        TraceSpan {
+            id,
+            parent,
+            name: name.to_owned(),
+            fields: fields
+                .iter()
+                .map(|(key, value)| TraceField {
+                    key: (*key).to_owned(),
+                    value: (*value).to_owned(),
+                })
+                .collect(),
+            start_us,
+            duration_us: 1500,
+        }
+    }
+
+    #[test]
+    fn a_computed_recipe_over_a_leaf_renders_as_an_indented_tree() {
+        let (top, leaf) = ("ab".repeat(32), "cd".repeat(32));
+        let resp = ExplainResponse {
+            trace_id: "0".repeat(32),
+            method: "Get".to_owned(),
+            duration_us: 2_500_000,
+            spans: vec![
+                span(1, 0, spans::RPC, &[], 0),
+                span(
+                    2,
+                    1,
+                    spans::MATERIALIZE,
+                    &[(field::ADDR, &top), (field::RESULT, "computed")],
+                    1,
+                ),
+                span(3, 2, spans::CACHE_CHECK, &[(field::HIT, "false")], 2),
+                // Out of order: children are sorted by start time.
+                span(
+                    6,
+                    2,
+                    spans::COMPUTE,
+                    &[
+                        (field::FUNCTION, "concat/v1"),
+                        (field::INPUT_BYTES, "2048"),
+                        (field::OUTPUT_BYTES, "2048"),
+                    ],
+                    9,
+                ),
+                span(4, 2, spans::LEAF_READ, &[(field::FOUND, "false")], 3),
+                span(
+                    5,
+                    2,
+                    spans::MATERIALIZE,
+                    &[(field::ADDR, &leaf), (field::RESULT, "leaf")],
+                    4,
+                ),
+                span(7, 5, spans::LEAF_READ, &[(field::FOUND, "true")], 5),
+                span(8, 2, spans::VERIFY, &[(field::PASSED, "false")], 10),
+                span(9, 2, spans::CACHE_PUT, &[(field::BYTES, "2048")], 11),
+                span(10, 2, "something_new", &[], 12),
+            ],
+            ..Default::default()
+        };
+        let text = format_explain(&resp);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], format!("Get trace {} (ok)", "0".repeat(32)));
+        let steps: Vec<String> = lines[1..lines.len() - 1]
+            .iter()
+            .map(|l| l.trim_end_matches(" 1.50 ms").trim_end().to_owned())
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                "  materialize abababab computed",
+                "    cache miss",
+                "    materialize cdcdcdcd leaf",
+                "      leaf read",
+                "    compute concat/v1 2.0 KiB → 2.0 KiB",
+                "    verify FAILED",
+                "    cache put 2.0 KiB",
+                "    something_new",
+            ]
+        );
+        assert_eq!(lines[lines.len() - 1], "total 2.50 s");
+        assert!(
+            lines.iter().all(|l| l.chars().count() <= EXPLAIN_WIDTH),
+            "{text}"
+        );
+        // Durations are right-aligned at column 80; steps without one have none.
+        assert!(lines[1].ends_with(" 1.50 ms") && lines[1].chars().count() == EXPLAIN_WIDTH);
+        assert!(!lines[2].contains("ms"));
+    }
+
+    #[test]
+    fn a_deep_tree_is_cut_short_and_says_how_much_is_left() {
+        let mut spans_list = vec![span(1, 0, spans::RPC, &[], 0)];
+        let depth = EXPLAIN_MAX_LINES as u64 + 50;
+        for id in 2..2 + depth {
+            let addr = format!("{id:064x}");
+            spans_list.push(span(
+                id,
+                id - 1,
+                spans::MATERIALIZE,
+                &[(field::ADDR, &addr), (field::RESULT, "computed")],
+                id,
+            ));
+        }
+        let resp = ExplainResponse {
+            spans: spans_list,
+            dropped_spans: 3,
+            ..Default::default()
+        };
+        let text = format_explain(&resp);
+        assert!(text.contains("  … 50 more steps\n"), "{text}");
+        assert!(text.contains("(3 spans were too many to keep)"), "{text}");
+        // Past the deepest indent, a line shows its depth instead of indenting further.
+        assert!(text.contains("[17] materialize"), "{text}");
+        assert!(text.lines().all(|l| l.chars().count() <= EXPLAIN_WIDTH));
     }
 }
