@@ -13,7 +13,7 @@ secs=${2:-5}
 conc=${3:-16}
 [ "$rounds" -ge 3 ] || { echo "at least 3 rounds" >&2; exit 2; }
 
-cargo build --release -q -p deriva-server --bins --example otlp-sink
+cargo build --release -q -p deriva-server -p deriva-cli --bins --example otlp-sink
 bin=target/release
 work=$(mktemp -d)
 pids=()

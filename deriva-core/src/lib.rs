@@ -5,6 +5,7 @@
 //! - [`addr`]: [`CAddr`], the 32-byte BLAKE3 address of leaves and recipes.
 //! - [`recipe`]: [`FunctionId`], [`Recipe`], params and the canonical recipe encoding.
 //! - [`error`]: [`DerivaError`], the error every Deriva crate returns.
+//! - [`size`]: [`parse_size`](size::parse_size), byte sizes with units (`64KiB`, `256MiB`).
 //! - [`store`]: what the engine needs from storage, as two async traits ([`BlobStore`],
 //!   [`RecipeIndex`]), the [`Store`] built from one of each, the local backend
 //!   ([`store::local`], feature `local`, on by default: recipes in redb, leaf bytes in files) and
@@ -71,6 +72,7 @@
 pub mod addr;
 pub mod error;
 pub mod recipe;
+pub mod size;
 pub mod spans;
 pub mod store;
 

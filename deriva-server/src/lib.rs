@@ -1,6 +1,6 @@
 //! # deriva-server
 //!
-//! Deriva's gRPC server, its telemetry, and its `deriva` command-line client.
+//! Deriva's gRPC server and its telemetry.
 //!
 //! - [`config`]: [`Config`] and the `deriva-server` flags that fill it.
 //! - [`server`]: [`Server`], which opens the store and serves gRPC and HTTP on listeners it is
@@ -16,11 +16,8 @@
 //! - [`trace_store`]: the in-process store of recent request span trees (`Explain`,
 //!   `/debug/traces`).
 //! - [`http`]: `/metrics`, `/health`, `/healthz`, `/readyz` and `/debug/traces`.
-//! - [`proto`]: the generated code for `proto/deriva.proto`, client included.
-//! - [`cli`] and [`bench`](mod@bench): the `deriva` client commands, and its load generator.
+//! - [`proto`]: the wire contract, [`deriva_proto`] re-exported.
 
-pub mod bench;
-pub mod cli;
 pub mod config;
 pub mod error;
 pub mod http;
@@ -32,11 +29,8 @@ pub mod service;
 pub mod telemetry;
 pub mod trace_store;
 
-/// Generated from `proto/deriva.proto`.
-#[allow(missing_docs, clippy::all, missing_debug_implementations)]
-pub mod proto {
-    tonic::include_proto!("deriva");
-}
+/// The wire contract, from [`deriva_proto`]: `crate::proto::GetRequest` and so on.
+pub use deriva_proto as proto;
 
 pub use config::{Config, ServerArgs};
 pub use server::{ServeError, Server};

@@ -1,5 +1,12 @@
 //! End-to-end tests of the `deriva` binary against a real `deriva-server` child process, each
-//! test with its own server on a free port and its own data directory.
+//! test with its own server on a free port and its own data directory. The tests of `deriva`
+//! that need no server are in `deriva-cli/tests/usage.rs`.
+//!
+//! `deriva` is a binary of `deriva-cli`, which cargo does not build for this package's tests:
+//! `cargo test --workspace` builds it, or `cargo build -p deriva-cli` before
+//! `cargo test -p deriva-server --test cli`.
+
+mod common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -10,7 +17,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use deriva_core::CAddr;
-use deriva_server::cli::{CliArgs, parse_params};
 
 /// How long a server may take to start, or a `deriva` command to finish.
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -145,7 +151,7 @@ fn strip_ansi(s: &str) -> String {
 
 /// A `deriva` command with no server from the environment.
 fn deriva_cmd(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_deriva"));
+    let mut cmd = Command::new(common::deriva_bin());
     cmd.args(args).env_remove("DERIVA_SERVER");
     cmd
 }
@@ -342,52 +348,6 @@ fn put_reads_stdin() {
 }
 
 #[test]
-fn bad_input_is_a_usage_error_before_any_rpc() {
-    let nowhere = ["--server", "http://127.0.0.1:1"];
-    let good = "ab".repeat(32);
-    let cases: [&[&str]; 7] = [
-        &["get", "xyz"],
-        &["get", &good[1..]],
-        &["resolve", "zz"],
-        &["invalidate", "--cascade", "0x12"],
-        &["verify", &format!("{}g", &good[1..])],
-        &["recipe", "concat", "v1", "-i", &good, "-i", "nothex"],
-        &["recipe", "repeat", "v1", "-i", &good, "-p", "count"],
-    ];
-    for args in cases {
-        let line = run(deriva_cmd(&[&nowhere[..], args].concat()), None).failure(2);
-        if args.contains(&"-p") {
-            assert!(line.contains("key=value"), "{args:?}: {line}");
-        } else {
-            assert!(line.contains("hex"), "{args:?}: {line}");
-        }
-    }
-    let line = run(
-        deriva_cmd(&["--server", "http://127.0.0.1:1", "get", "xyz"]),
-        None,
-    )
-    .failure(2);
-    assert!(line.starts_with("deriva: get: \"xyz\""), "{line}");
-}
-
-#[test]
-fn params_parse_at_the_first_equals_sign_and_once_per_key() {
-    let params = parse_params(&["a=b=c".to_owned(), "empty=".to_owned()]).unwrap();
-    assert_eq!(params["a"], "b=c");
-    assert_eq!(params["empty"], "");
-    let err = parse_params(&["k=1".to_owned(), "k=2".to_owned()]).unwrap_err();
-    assert_eq!(err.exit_code(), 2);
-    assert!(err.to_string().contains("twice"), "{err}");
-
-    use clap::Parser as _;
-    let args = CliArgs::try_parse_from(["deriva", "status"]).unwrap();
-    assert_eq!(args.server, deriva_server::cli::DEFAULT_SERVER);
-    let help = run(deriva_cmd(&["recipe", "--help"]), None).success(&["recipe", "--help"]);
-    assert!(help.contains("--param <KEY=VALUE>"), "{help}");
-    assert!(help.contains("--input <ADDR>"), "{help}");
-}
-
-#[test]
 fn unknown_address_is_not_found_and_leaves_no_file() {
     let server = ServerProc::start();
     let unknown = CAddr::for_leaf(b"never stored").to_string();
@@ -447,23 +407,6 @@ fn unknown_function_is_named() {
         line.contains("invalid argument") && line.contains("count"),
         "{line}"
     );
-}
-
-#[test]
-fn unreachable_server_names_the_url() {
-    let line = run(
-        deriva_cmd(&["--server", "http://127.0.0.1:1", "status"]),
-        None,
-    )
-    .failure(1);
-    assert!(line.contains("http://127.0.0.1:1"), "{line}");
-    // A missing file is reported as such, whatever the server.
-    let line = run(
-        deriva_cmd(&["--server", "http://127.0.0.1:1", "put", "/no/such/file"]),
-        None,
-    )
-    .failure(1);
-    assert!(line.contains("/no/such/file"), "{line}");
 }
 
 #[test]

@@ -11,18 +11,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{ServerOnDir, http_get, long_factor, sample};
+use common::{ServerOnDir, deriva_bin, http_get, long_factor, sample};
 use deriva_compute::testing::wait_until;
 use parking_lot::Mutex;
 
-const CLI: &str = env!("CARGO_BIN_EXE_deriva");
 const SCRAPERS: usize = 32;
 
 /// `deriva bench --workload cached-get` for `secs` seconds: the JSON report.
 async fn bench(grpc: &str, secs: u64) -> serde_json::Value {
     let grpc = grpc.to_owned();
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(CLI)
+        Command::new(deriva_bin())
             .env("DERIVA_SERVER", format!("http://{grpc}"))
             .args(["bench", "--workload", "cached-get", "--concurrency", "8"])
             .args(["--duration", &format!("{secs}s"), "--json"])

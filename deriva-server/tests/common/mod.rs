@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,6 +15,24 @@ use tonic::transport::Channel;
 
 /// The server binary the tests start.
 pub const SERVER: &str = env!("CARGO_BIN_EXE_deriva-server");
+
+/// The `deriva` client binary, next to [`SERVER`] in cargo's output directory.
+///
+/// It belongs to `deriva-cli`, so cargo builds it for `cargo test --workspace` and
+/// `cargo build -p deriva-cli`, but not for this package's tests alone; without it, this panics
+/// and says so. (A `deriva` built before the client's last change is used as it is.)
+pub fn deriva_bin() -> PathBuf {
+    let name = format!("deriva{}", std::env::consts::EXE_SUFFIX);
+    let path = Path::new(SERVER).with_file_name(name);
+    assert!(
+        path.is_file(),
+        "the deriva binary is not at {}: it belongs to deriva-cli, which these tests do not \
+         build; run `cargo build -p deriva-cli` first (with --release for release tests), or \
+         `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
 
 /// Every wait of the tests that run the binaries ends by this long after it starts.
 pub const DEADLINE: Duration = Duration::from_secs(60);

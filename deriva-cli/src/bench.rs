@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use deriva_core::CAddr;
 
-use crate::cli::{CliError, Client, Target, connect};
-use crate::proto::{GetRequest, PutLeafRequest, PutRecipeRequest};
+use deriva_proto::{GetRequest, PutLeafRequest, PutRecipeRequest};
+
+use crate::client::{CliError, Client, Target, code_words, connect};
 
 /// The workloads of `deriva bench`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -68,7 +69,7 @@ pub struct BenchArgs {
     #[arg(short = 'w', long, value_enum, default_value = "cached-get")]
     pub workload: Workload,
     /// Size of the leaf values, in bytes or with a unit (KiB, MiB).
-    #[arg(short = 's', long, default_value = "1KiB", value_parser = crate::config::parse_size)]
+    #[arg(short = 's', long, default_value = "1KiB", value_parser = deriva_core::size::parse_size)]
     pub size: u64,
     /// Print the report as one JSON object.
     #[arg(long)]
@@ -432,11 +433,7 @@ pub async fn run(target: &Target, args: &BenchArgs) -> Result<Report, CliError> 
                         Err(status) => {
                             errors.fetch_add(1, Ordering::Relaxed);
                             first_error.lock().get_or_insert_with(|| {
-                                format!(
-                                    "{}: {}",
-                                    crate::cli::code_words(status.code()),
-                                    status.message()
-                                )
+                                format!("{}: {}", code_words(status.code()), status.message())
                             });
                         }
                     }

@@ -1,0 +1,178 @@
+//! The `deriva` command line: [`CliArgs`] and [`Command`], the clap types that parse it, and
+//! the parsers of the values clap leaves as strings (addresses and `key=value` params).
+//!
+//! Those values are checked before any RPC, so bad input fails the same way whether or not a
+//! server is running: a [`CliError::Usage`], exit code 2.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use deriva_core::CAddr;
+
+use crate::bench::BenchArgs;
+use crate::client::CliError;
+
+/// The server the client talks to when given neither `--server` nor `DERIVA_SERVER`.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
+
+/// `deriva`: the command-line client of a Deriva server.
+#[derive(Debug, Parser)]
+#[command(
+    name = "deriva",
+    version,
+    about = "Command-line client of a Deriva server: store leaves and recipes, fetch their bytes",
+    long_about = "Command-line client of a Deriva server, a computation-addressed store. Leaves \
+                  are stored by their BLAKE3 address; recipes (a function, input addresses and \
+                  params) have addresses too and are materialized on demand. Addresses are \
+                  printed and accepted as 64 hex characters."
+)]
+pub struct CliArgs {
+    /// URL of the server (a bare HOST:PORT means http://HOST:PORT).
+    #[arg(
+        long,
+        global = true,
+        env = "DERIVA_SERVER",
+        default_value = DEFAULT_SERVER,
+        value_name = "URL"
+    )]
+    pub server: String,
+    /// Print this command's trace id to stderr (to look it up in Jaeger), and ask the server to
+    /// sample the trace whatever its sampling ratio.
+    #[arg(long, global = true)]
+    pub trace: bool,
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The `deriva` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Store a file (or stdin) as a leaf and print its address.
+    Put {
+        /// The file to store, or `-` for standard input.
+        #[arg(value_name = "FILE|-")]
+        file: PathBuf,
+    },
+    /// Store a recipe and print its address.
+    Recipe {
+        /// Function name, such as `concat`.
+        function: String,
+        /// Function version, such as `v1`.
+        version: String,
+        /// An input address; repeat for several inputs, in order.
+        #[arg(short = 'i', long = "input", value_name = "ADDR")]
+        inputs: Vec<String>,
+        /// A parameter, as key=value; repeat for several.
+        #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+    },
+    /// Materialize an address and write its bytes to stdout or to a file.
+    Get {
+        /// The address (64 hex characters).
+        addr: String,
+        /// Write to FILE instead of stdout. The bytes go to a temporary file in the same
+        /// directory, renamed to FILE only once the transfer is complete.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// After the transfer, print the materialization tree of this Get to stderr: cache hits
+        /// and misses, leaves, computes with their sizes, and the time of each step.
+        #[arg(long)]
+        explain: bool,
+    },
+    /// Show the recipe behind an address (function, version, inputs, params).
+    Resolve {
+        /// The address (64 hex characters).
+        addr: String,
+    },
+    /// Evict an address from the server's cache; print whether it was cached and the count
+    /// evicted.
+    Invalidate {
+        /// The address (64 hex characters).
+        addr: String,
+        /// Also evict every recipe that depends on it, directly or not.
+        #[arg(long)]
+        cascade: bool,
+    },
+    /// Print the server's store, cache and verification counters.
+    Status,
+    /// Compute a recipe twice and compare; exits with 1 if the two outputs differ.
+    Verify {
+        /// The address of a recipe (64 hex characters).
+        addr: String,
+    },
+    /// Load-test the server: prepare data, run a workload from concurrent clients, report
+    /// throughput and latency (p50/p99/p999).
+    Bench(BenchArgs),
+}
+
+/// Parses a command-line address, naming `what` (such as `get` or `-i #2`) when it is wrong.
+pub fn parse_addr(what: &str, s: &str) -> Result<CAddr, CliError> {
+    s.parse::<CAddr>()
+        .map_err(|e| CliError::Usage(format!("{what}: {s:?} is not an address: {e}")))
+}
+
+/// Parses `key=value` (split at the first `=`; the value may be empty or contain `=`).
+pub fn parse_param(s: &str) -> Result<(String, String), CliError> {
+    match s.split_once('=') {
+        Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
+        None => Err(CliError::Usage(format!(
+            "-p {s:?}: a param is key=value (no '=' found)"
+        ))),
+    }
+}
+
+/// The params of a recipe command line; a key given twice is a usage error.
+pub fn parse_params(raw: &[String]) -> Result<HashMap<String, String>, CliError> {
+    let mut params = HashMap::new();
+    for p in raw {
+        let (k, v) = parse_param(p)?;
+        if params.contains_key(&k) {
+            return Err(CliError::Usage(format!("-p: param {k:?} is given twice")));
+        }
+        params.insert(k, v);
+    }
+    Ok(params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_parse_at_the_first_equals_sign_and_once_per_key() {
+        let params = parse_params(&["a=b=c".to_owned(), "empty=".to_owned()]).unwrap();
+        assert_eq!(params["a"], "b=c");
+        assert_eq!(params["empty"], "");
+        let err = parse_params(&["k=1".to_owned(), "k=2".to_owned()]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("twice"), "{err}");
+        let err = parse_param("count").unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("key=value"), "{err}");
+    }
+
+    #[test]
+    fn addresses_are_64_hex_characters_and_errors_name_the_argument() {
+        let addr = CAddr::for_leaf(b"x");
+        assert_eq!(parse_addr("get", &addr.to_string()).unwrap(), addr);
+        let err = parse_addr("-i #2", "nothex").unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().starts_with("-i #2: \"nothex\""), "{err}");
+    }
+
+    #[test]
+    fn the_server_defaults_and_bench_sizes_take_units() {
+        let args = CliArgs::try_parse_from(["deriva", "status"]).unwrap();
+        assert_eq!(args.server, DEFAULT_SERVER);
+        assert!(!args.trace);
+        let args = CliArgs::try_parse_from(["deriva", "bench", "--size", "64KiB"]).unwrap();
+        let Command::Bench(bench) = args.command else {
+            panic!("not bench: {:?}", args.command)
+        };
+        assert_eq!(bench.size, 64 << 10);
+        let err = CliArgs::try_parse_from(["deriva", "bench", "--size", "3 parsecs"]).unwrap_err();
+        assert!(err.to_string().contains("unknown size unit"), "{err}");
+    }
+}
