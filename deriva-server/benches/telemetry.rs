@@ -20,7 +20,7 @@ use deriva_compute::{
     AsyncExecutor, Cache, ComputeFunction, ExecutorConfig, FunctionError, FunctionRegistry,
 };
 use deriva_core::{CAddr, FunctionId, Params, Recipe, Store};
-use deriva_server::metrics::ServerMetrics;
+use deriva_server::telemetry::ServerMetrics;
 use deriva_server::telemetry::{Telemetry, TelemetryConfig};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::TracerProvider as _;
@@ -151,8 +151,8 @@ fn scrape_world(
         }
     });
     // Every server family has data too.
-    for i in 0..7 {
-        metrics.start(i).finish(i % 2 == 0);
+    for (i, method) in deriva_server::rpc::RpcMethod::ALL.into_iter().enumerate() {
+        metrics.start(method).finish(i % 2 == 0);
     }
     metrics.record_dag_insert(Duration::from_micros(300));
     (dir, telemetry, exec)

@@ -35,7 +35,7 @@ impl From<ApiError> for Status {
     /// | storage failure (I/O, database, undecodable row), panicked task | `INTERNAL`, detail in the server log only |
     /// | task cancelled because the server is shutting down | `UNAVAILABLE` |
     ///
-    /// Oversized messages are rejected before any handler runs; see [`crate::limits`].
+    /// Oversized messages are rejected before any handler runs; see [`crate::rpc::status_rewrite`].
     fn from(err: ApiError) -> Status {
         let err = match err {
             ApiError::BadAddr { .. } => return Status::invalid_argument(err.to_string()),

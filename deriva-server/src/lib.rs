@@ -1,29 +1,31 @@
 //! # deriva-server
 //!
-//! Deriva's gRPC server and its telemetry.
+//! Deriva's gRPC server and its telemetry. The path of a request, and which files to touch to
+//! add an RPC, a metric or a span, are in `ARCHITECTURE.md` at the repository root.
 //!
 //! - [`config`]: [`Config`] and the `deriva-server` flags that fill it.
 //! - [`server`]: [`Server`], which opens the store and serves gRPC and HTTP on listeners it is
 //!   given until a shutdown future completes (tests run it in-process on port 0).
-//! - [`service`]: the tonic implementation of `service Deriva`.
-//! - [`error`]: the one mapping from errors to gRPC status codes.
-//! - [`limits`]: the over-limit request rewrite (`RESOURCE_EXHAUSTED`).
-//! - [`rpc_layer`]: the tower layer that gives every RPC its metrics, server span, request id
-//!   and trace propagation.
-//! - [`metrics`]: the server's instruments (RPC, DAG and storage families).
-//! - [`telemetry`]: the OpenTelemetry providers, the Prometheus registry, OTLP export, sampling
-//!   and the `tracing` subscriber; only the binary installs anything global.
+//! - [`service`]: the tonic implementation of `service Deriva`: decode, call the engine,
+//!   encode.
+//! - [`error`]: [`ApiError`](error::ApiError) and the one mapping from errors to gRPC status
+//!   codes.
+//! - [`rpc`]: [`RpcMethod`](rpc::RpcMethod) (one variant per RPC: path, metric label, span
+//!   name), the tower layer that gives every RPC its metrics, server span, request id and
+//!   trace propagation, and the over-limit status rewrite (`RESOURCE_EXHAUSTED`).
+//! - [`telemetry`]: the OpenTelemetry providers, the Prometheus registry, OTLP export,
+//!   [`sampler`](telemetry::sampler), log lines with trace ids ([`logs`](telemetry::logs)) and
+//!   the server's instruments ([`metrics`](telemetry::metrics)); only the binary installs
+//!   anything global.
 //! - [`trace_store`]: the in-process store of recent request span trees (`Explain`,
-//!   `/debug/traces`).
-//! - [`http`]: `/metrics`, `/health`, `/healthz`, `/readyz` and `/debug/traces`.
+//!   `/debug/traces`) and the `tracing` layer that fills it.
+//! - [`http`]: `/metrics`, `/health`, `/healthz`, `/readyz` and the `/debug` pages.
 //! - [`proto`]: the wire contract, [`deriva_proto`] re-exported.
 
 pub mod config;
 pub mod error;
 pub mod http;
-pub mod limits;
-pub mod metrics;
-pub mod rpc_layer;
+pub mod rpc;
 pub mod server;
 pub mod service;
 pub mod telemetry;

@@ -16,11 +16,10 @@ use tracing::Dispatch;
 
 use crate::config::Config;
 use crate::http::HttpState;
-use crate::limits::OversizeLayer;
-use crate::metrics::ServerMetrics;
 use crate::proto::deriva_server::DerivaServer;
-use crate::rpc_layer::RpcLayer;
+use crate::rpc::{OversizeLayer, RpcLayer};
 use crate::service::{Cutoff, DerivaService};
+use crate::telemetry::ServerMetrics;
 use crate::trace_store::TraceStore;
 
 /// Largest header block (all metadata of one request) accepted, in bytes.

@@ -12,7 +12,7 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::error::{ApiError, ApiResult, parse_addr};
-use crate::metrics::ServerMetrics;
+use crate::telemetry::ServerMetrics;
 use crate::trace_store::TraceStore;
 
 /// How long `Explain` waits for a trace that is still finishing.

@@ -30,22 +30,12 @@ use tracing::instrument::WithSubscriber;
 use tracing::{Dispatch, Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::metrics::{METHODS, RpcTimer, ServerMetrics, method_index};
-use crate::telemetry::RequestId;
+use deriva_core::spans;
 
-/// The gRPC path prefix of `service Deriva`.
-const SERVICE_PREFIX: &str = "/deriva.Deriva/";
-/// OTel span names, in [`METHODS`] order.
-const SPAN_NAMES: [&str; 8] = [
-    "deriva.Deriva/PutLeaf",
-    "deriva.Deriva/PutRecipe",
-    "deriva.Deriva/Get",
-    "deriva.Deriva/Resolve",
-    "deriva.Deriva/Invalidate",
-    "deriva.Deriva/Status",
-    "deriva.Deriva/Verify",
-    "deriva.Deriva/Explain",
-];
+use crate::rpc::method::{RpcMethod, SERVICE};
+use crate::telemetry::RequestId;
+use crate::telemetry::metrics::{RpcTimer, ServerMetrics};
+
 /// Longest `x-request-id` honored; longer ones are replaced.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
 /// Longest `traceparent`/`tracestate` read; longer ones are ignored.
@@ -103,22 +93,18 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let index = req
-            .uri()
-            .path()
-            .strip_prefix(SERVICE_PREFIX)
-            .and_then(method_index);
+        let method = RpcMethod::from_path(req.uri().path());
         // The usual tower dance: the ready service handles this call, a clone takes its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let Some(index) = index else {
+        let Some(method) = method else {
             return Box::pin(inner.call(req));
         };
 
         let request_id = request_id(req.headers());
         let dispatch = self.dispatch.clone();
         let span = with_dispatch(dispatch.as_ref(), || {
-            rpc_span(index, &request_id, req.headers())
+            rpc_span(method, &request_id, req.headers())
         });
         // Starting the OTel span here (with the remote parent already set) makes the sampling
         // decision; without an OpenTelemetry layer there is no trace id to report.
@@ -128,14 +114,14 @@ where
             sc.is_valid().then(|| sc.trace_id().to_string())
         };
         if let Some(id) = &trace_id {
-            span.record("trace_id", id.as_str());
+            span.record(spans::field::TRACE_ID, id.as_str());
         }
-        let timer = self.metrics.start(index);
+        let timer = self.metrics.start(method);
         let end = CallEnd {
             timer: Some(timer),
             span: span.clone(),
             dispatch: dispatch.clone(),
-            method: METHODS[index].1,
+            method: method.label(),
         };
 
         let call = inner.call(req).instrument(span);
@@ -181,22 +167,21 @@ fn with_dispatch<T>(dispatch: Option<&Dispatch>, f: impl FnOnce() -> T) -> T {
 }
 
 /// The server span, under the caller's context when `traceparent` is valid.
-fn rpc_span(index: usize, request_id: &str, headers: &HeaderMap) -> Span {
-    let (method, _) = METHODS[index];
+fn rpc_span(method: RpcMethod, request_id: &str, headers: &HeaderMap) -> Span {
     let force = headers
         .get("x-deriva-trace")
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"force"));
     let span = tracing::info_span!(
-        "rpc",
-        otel.name = SPAN_NAMES[index],
+        spans::RPC,
+        otel.name = method.span_name(),
         otel.kind = "server",
         otel.status_code = Empty,
         rpc.system = "grpc",
-        rpc.service = "deriva.Deriva",
-        rpc.method = method,
+        rpc.service = SERVICE,
+        { spans::field::RPC_METHOD } = method.grpc_name(),
         rpc.grpc.status_code = Empty,
-        request_id = request_id,
-        trace_id = Empty,
+        { spans::field::REQUEST_ID } = request_id,
+        { spans::field::TRACE_ID } = Empty,
         deriva.force_trace = force,
     );
     // The caller's context when `traceparent` is valid (an empty one otherwise, which makes this

@@ -10,7 +10,7 @@
 //! | `deriva_storage_blobs` | gauge | – | leaf blobs stored |
 //! | `deriva_storage_blob_bytes` | gauge | – | bytes of leaf blobs stored |
 //!
-//! `method` is one of [`METHODS`]. Counts and gauges are atomics read by observable
+//! `method` is the [`RpcMethod::label`] of one of [`RpcMethod::ALL`]. Counts and gauges are atomics read by observable
 //! instruments at collection time; the store gauges read the store's own counters, so they are
 //! right from the first scrape after a restart.
 
@@ -18,6 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use deriva_core::StoreCounters;
+
+use crate::rpc::RpcMethod;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Histogram, Meter, ObservableCounter, ObservableGauge};
 
@@ -26,28 +28,12 @@ pub const RPC_DURATION_BUCKETS: [f64; 9] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 
 /// Buckets of `deriva_dag_insert_duration_seconds`.
 pub const DAG_INSERT_BUCKETS: [f64; 9] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0];
 
-/// The RPCs of `service Deriva`: (gRPC method name, `method` label).
-pub const METHODS: [(&str, &str); 8] = [
-    ("PutLeaf", "put_leaf"),
-    ("PutRecipe", "put_recipe"),
-    ("Get", "get"),
-    ("Resolve", "resolve"),
-    ("Invalidate", "invalidate"),
-    ("Status", "status"),
-    ("Verify", "verify"),
-    ("Explain", "explain"),
-];
-
-/// Index of a gRPC method in [`METHODS`].
-pub fn method_index(grpc_method: &str) -> Option<usize> {
-    METHODS.iter().position(|(m, _)| *m == grpc_method)
-}
-
+/// Counts per method, indexed by [`RpcMethod::index`].
 #[derive(Debug, Default)]
 struct RpcCounts {
-    ok: [AtomicU64; 8],
-    error: [AtomicU64; 8],
-    active: [AtomicI64; 8],
+    ok: [AtomicU64; RpcMethod::COUNT],
+    error: [AtomicU64; RpcMethod::COUNT],
+    active: [AtomicI64; RpcMethod::COUNT],
 }
 
 /// The server's instruments.
@@ -61,7 +47,7 @@ struct Inner {
     counts: Arc<RpcCounts>,
     rpc_duration: Histogram<f64>,
     dag_insert: Histogram<f64>,
-    method_attrs: [[KeyValue; 1]; 8],
+    method_attrs: [[KeyValue; 1]; RpcMethod::COUNT],
     _counter: ObservableCounter<u64>,
     _gauges: Vec<ObservableGauge<u64>>,
     _active: ObservableGauge<i64>,
@@ -71,13 +57,13 @@ impl ServerMetrics {
     /// Builds the instruments from `meter`, with the store gauges over `store`.
     pub fn new(meter: &Meter, store: Arc<StoreCounters>) -> Self {
         let counts = Arc::new(RpcCounts::default());
-        let method_attrs = METHODS.map(|(_, label)| [KeyValue::new("method", label)]);
-        let status_attrs: Vec<[[KeyValue; 2]; 2]> = METHODS
+        let method_attrs = RpcMethod::ALL.map(|m| [KeyValue::new("method", m.label())]);
+        let status_attrs: Vec<[[KeyValue; 2]; 2]> = RpcMethod::ALL
             .iter()
-            .map(|(_, label)| {
+            .map(|m| {
                 ["ok", "error"].map(|status| {
                     [
-                        KeyValue::new("method", *label),
+                        KeyValue::new("method", m.label()),
                         KeyValue::new("status", status),
                     ]
                 })
@@ -164,8 +150,9 @@ impl ServerMetrics {
         }
     }
 
-    /// Counts an RPC of method `index` as in flight until the guard is finished or dropped.
-    pub fn start(&self, index: usize) -> RpcTimer {
+    /// Counts an RPC of `method` as in flight until the guard is finished or dropped.
+    pub fn start(&self, method: RpcMethod) -> RpcTimer {
+        let index = method.index();
         self.inner.counts.active[index].fetch_add(1, Ordering::Relaxed);
         RpcTimer {
             metrics: self.clone(),

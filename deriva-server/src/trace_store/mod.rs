@@ -3,7 +3,7 @@
 //! `GET /debug/traces`).
 //!
 //! [`TraceStoreLayer`] is a `tracing` layer. For every request span (the `rpc` span of
-//! [`crate::rpc_layer`]) it collects the spans below it — name, parent, fields, start offset
+//! [`crate::rpc::layer`]) it collects the spans below it — name, parent, fields, start offset
 //! and duration — and when the request span closes, files the finished tree:
 //!
 //! - in a ring of the last `capacity` requests (default 256);
@@ -15,21 +15,17 @@
 //! allocation; nothing is formatted unless a field is recorded, and nothing is read unless
 //! someone asks.
 
+mod layer;
+
+pub use layer::TraceStoreLayer;
+
 use std::collections::{HashMap, VecDeque};
-use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use tracing::Subscriber;
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing_subscriber::layer::{Context, Layer};
-use tracing_subscriber::registry::LookupSpan;
-
-use deriva_core::spans;
 
 /// The name of the span that roots a request's tree.
 pub const REQUEST_SPAN: &str = deriva_core::spans::RPC;
@@ -160,7 +156,7 @@ struct Kept {
 pub struct TraceStore {
     capacity: usize,
     kept: Arc<Mutex<Kept>>,
-    next_id: Arc<AtomicU64>,
+    pub(super) next_id: Arc<AtomicU64>,
     /// Trace ids of the request spans open right now (not `Explain`'s), with how many.
     open: Arc<Mutex<HashMap<String, usize>>>,
     /// Notified whenever a request span closes.
@@ -186,7 +182,7 @@ impl TraceStore {
         }
     }
 
-    fn insert(&self, trace: TraceRecord) {
+    pub(super) fn insert(&self, trace: TraceRecord) {
         let trace = Arc::new(trace);
         let now = Instant::now();
         let mut kept = self.kept.lock();
@@ -261,7 +257,7 @@ impl TraceStore {
         }
     }
 
-    fn opened(&self, trace_id: &str) {
+    pub(super) fn opened(&self, trace_id: &str) {
         *self
             .open
             .lock()
@@ -269,7 +265,7 @@ impl TraceStore {
             .or_default() += 1;
     }
 
-    fn closed(&self, trace_id: Option<&str>) {
+    pub(super) fn closed(&self, trace_id: Option<&str>) {
         if let Some(id) = trace_id {
             let mut open = self.open.lock();
             let key = id.to_ascii_lowercase();
@@ -287,207 +283,6 @@ impl TraceStore {
     pub fn held(&self) -> (usize, usize, usize) {
         let kept = self.kept.lock();
         (kept.recent.len(), kept.slowest.len(), kept.failed.len())
-    }
-}
-
-/// What the layer keeps in a span's extensions while it is open.
-struct Open {
-    id: u64,
-    parent: Option<u64>,
-    /// The request span's tracing id and start, so closing is O(1) however deep the span
-    /// (walking the scope to the root made a 10,000-deep chain quadratic).
-    root: (Id, Instant),
-    start: Instant,
-    fields: Vec<(String, String)>,
-}
-
-/// Extra state of an open request span.
-struct Request {
-    started_unix_ms: u64,
-    spans: Vec<SpanRecord>,
-    dropped: u64,
-    /// The trace id once it is recorded and counted among the open ones (never for `Explain`,
-    /// which shares the trace id of the command whose request it explains).
-    counted_as_open: Option<String>,
-    explain: bool,
-}
-
-struct Fields<'a>(&'a mut Vec<(String, String)>);
-
-impl Fields<'_> {
-    fn put(&mut self, field: &Field, mut value: String) {
-        if value.len() > MAX_FIELD_LEN {
-            let mut cut = MAX_FIELD_LEN;
-            while !value.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            value.truncate(cut);
-            value.push('…');
-        }
-        match self.0.iter_mut().find(|(k, _)| k == field.name()) {
-            Some(slot) => slot.1 = value,
-            None => self.0.push((field.name().to_owned(), value)),
-        }
-    }
-}
-
-impl Visit for Fields<'_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.put(field, value.to_owned());
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.put(field, format!("{value:?}"));
-    }
-}
-
-/// The layer of a [`TraceStore`]; see the module docs.
-#[derive(Debug, Clone)]
-pub struct TraceStoreLayer {
-    store: TraceStore,
-}
-
-impl<S> Layer<S> for TraceStoreLayer
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-{
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(id) else { return };
-        let parent = span.parent();
-        let is_request = parent.is_none() && attrs.metadata().name() == REQUEST_SPAN;
-        let start = Instant::now();
-        // Only spans under a request span are kept.
-        let (parent_id, root) = match &parent {
-            Some(p) => match p.extensions().get::<Open>() {
-                Some(open) => (Some(open.id), open.root.clone()),
-                None => return,
-            },
-            None if is_request => (None, (id.clone(), start)),
-            None => return,
-        };
-        let mut fields = Vec::new();
-        attrs.record(&mut Fields(&mut fields));
-        let explain = is_request
-            && fields
-                .iter()
-                .any(|(k, v)| k == spans::field::RPC_METHOD && v == "Explain");
-        let mut ext = span.extensions_mut();
-        ext.insert(Open {
-            id: self.store.next_id.fetch_add(1, Ordering::Relaxed),
-            parent: parent_id,
-            root,
-            start,
-            fields,
-        });
-        if is_request {
-            let started_unix_ms = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            ext.insert(Request {
-                started_unix_ms,
-                spans: Vec::new(),
-                dropped: 0,
-                counted_as_open: None,
-                explain,
-            });
-        }
-    }
-
-    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(id) else { return };
-        let mut ext = span.extensions_mut();
-        let Some(open) = ext.get_mut::<Open>() else {
-            return;
-        };
-        values.record(&mut Fields(&mut open.fields));
-        let trace_id = open
-            .fields
-            .iter()
-            .find(|(k, v)| k == spans::field::TRACE_ID && !v.is_empty())
-            .map(|(_, v)| v.clone());
-        if let (Some(request), Some(id)) = (ext.get_mut::<Request>(), trace_id)
-            && !request.explain
-            && request.counted_as_open.is_none()
-        {
-            self.store.opened(&id);
-            request.counted_as_open = Some(id);
-        }
-    }
-
-    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(&id) else { return };
-        let Some(open) = span.extensions_mut().remove::<Open>() else {
-            return;
-        };
-        let end = Instant::now();
-        let request = span.extensions_mut().remove::<Request>();
-        let (root_id, root_start) = open.root.clone();
-        let record = SpanRecord {
-            id: open.id,
-            parent: open.parent,
-            name: span.name(),
-            start_us: open.start.duration_since(root_start).as_micros() as u64,
-            duration_us: end.duration_since(open.start).as_micros() as u64,
-            fields: open.fields,
-        };
-        match request {
-            None => {
-                // A span inside a request: file it with the request span (still open, since a
-                // parent outlives its children).
-                if let Some(root) = ctx.span(&root_id) {
-                    let mut ext = root.extensions_mut();
-                    if let Some(r) = ext.get_mut::<Request>() {
-                        if r.spans.len() < MAX_SPANS_PER_TRACE {
-                            r.spans.push(record);
-                        } else {
-                            r.dropped += 1;
-                        }
-                    }
-                }
-            }
-            Some(r) => {
-                let _closed = Closed(&self.store, r.counted_as_open.clone());
-                let field = |name: &str| record.field(name).map(str::to_owned);
-                let mut spans = Vec::with_capacity(r.spans.len() + 1);
-                let addr = r
-                    .spans
-                    .iter()
-                    .filter(|s| s.name == spans::MATERIALIZE)
-                    .min_by_key(|s| s.start_us)
-                    .and_then(|s| s.field(spans::field::ADDR))
-                    .map(str::to_owned);
-                let trace = TraceRecord {
-                    trace_id: field(spans::field::TRACE_ID).unwrap_or_default(),
-                    request_id: field(spans::field::REQUEST_ID).unwrap_or_default(),
-                    method: field(spans::field::RPC_METHOD).unwrap_or_default(),
-                    addr,
-                    status_code: field("rpc.grpc.status_code")
-                        .and_then(|c| c.parse().ok())
-                        .unwrap_or(0),
-                    started_unix_ms: r.started_unix_ms,
-                    duration_us: record.duration_us,
-                    dropped_spans: r.dropped,
-                    spans: Vec::new(),
-                };
-                // Asking for a trace is not worth a trace: it would also share the trace id of
-                // the request it explains (the CLI sends one trace context per command).
-                if trace.method == "Explain" {
-                    return;
-                }
-                spans.push(record);
-                spans.extend(r.spans);
-                self.store.insert(TraceRecord { spans, ..trace });
-            }
-        }
-    }
-}
-
-/// Marks a request span closed when dropped: after its trace is filed, or when it is skipped.
-struct Closed<'a>(&'a TraceStore, Option<String>);
-
-impl Drop for Closed<'_> {
-    fn drop(&mut self) {
-        self.0.closed(self.1.as_deref());
     }
 }
 
