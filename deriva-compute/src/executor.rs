@@ -18,7 +18,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use deriva_core::spans::{self, field};
 use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result, Store};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared, WeakShared};
@@ -33,6 +32,7 @@ use tracing::{Instrument, Span, info_span};
 use crate::cache::Cache;
 use crate::function::{ComputeFunction, FunctionError, FunctionRegistry};
 use crate::metrics::{ComputeMetrics, ExecStats, Outcome};
+use crate::spans::{self, field};
 
 /// When to compute a recipe twice and compare the outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]

@@ -18,6 +18,9 @@
 //!
 //! ## Spans
 //!
+//! Their names are the constants of [`spans`] (defined in `deriva_core::spans`, so the
+//! `deriva` client, which links no engine, renders the same names).
+//!
 //! | span | fields | parent |
 //! |---|---|---|
 //! | `materialize` | `addr`, `depth` (0 for the requested address, +1 per input level), `result` | the caller's span, or the parent `materialize` for an input |
@@ -70,6 +73,9 @@ pub mod function;
 pub mod metrics;
 #[cfg(feature = "test-util")]
 pub mod testing;
+
+/// Span and field names: [`deriva_core::spans`], re-exported where the spans are emitted.
+pub use deriva_core::spans;
 
 pub use cache::{Cache, CacheHit, CacheStats};
 pub use executor::{

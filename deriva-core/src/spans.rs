@@ -1,7 +1,9 @@
 //! The names of Deriva's spans and of the fields they carry: one constant per name, used by the
 //! code that opens the span (`deriva-compute`'s executor, `deriva-server`'s RPC layer), by the
 //! server's trace store and by the client's `--explain` rendering. Renaming a span here renames
-//! it everywhere; a test in `deriva-compute` checks that the executor's spans carry these fields.
+//! it everywhere. `deriva-compute` re-exports this module as `deriva_compute::spans`; its
+//! `tests/spans.rs` pins the names as literals, since they are what Jaeger and `--explain`
+//! users see.
 //!
 //! The names live in `deriva-core` because the `deriva` client, which renders them, depends on
 //! `deriva-core` and `deriva-proto` only.
