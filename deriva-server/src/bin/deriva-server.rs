@@ -87,13 +87,23 @@ async fn run(config: Config, telemetry: &Telemetry, signals: ShutdownSignals) ->
     };
     let data_dir = config.data_dir.clone();
     let otlp = config.telemetry.otlp_endpoint.clone();
-    let server = match Server::open(config, &telemetry.meter()) {
-        Ok(s) => s
+    let meter = telemetry.meter();
+    // Opening counts the blob directory: blocking work, kept off the async workers.
+    let opened = tokio::task::spawn_blocking(move || Server::open(config, &meter)).await;
+    let server = match opened {
+        Ok(Ok(s)) => s
             .with_registry(telemetry.registry().clone())
             .with_trace_store(telemetry.traces().clone()),
-        Err(e) => {
+        Ok(Err(e)) => {
             eprintln!(
                 "deriva-server: cannot open the store in {}: {e}",
+                data_dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!(
+                "deriva-server: opening the store in {} failed: {e}",
                 data_dir.display()
             );
             return ExitCode::FAILURE;
