@@ -108,7 +108,8 @@ impl Default for Config {
 }
 
 impl Config {
-    /// The settings the flags control: one `(key, value)` per setting, in the order of `--help`, keyed by the flag that sets it
+    /// The settings the flags control, as `deriva-server --print-config` prints them: one
+    /// `(key, value)` per setting, in the order of `--help`, keyed by the flag that sets it
     /// (`--metrics-port` shows in `metrics-addr`). Sizes are in bytes and durations in seconds;
     /// a listener or an export that is off shows `off`, and no cap shows `none`.
     pub fn describe(&self) -> Vec<(&'static str, String)> {
@@ -209,6 +210,10 @@ pub struct ServerArgs {
     /// Log format: text (with the time since start) or json.
     #[arg(long, env = "DERIVA_LOG_FORMAT", value_enum, default_value_t = LogFormat::default())]
     pub log_format: LogFormat,
+    /// Print the effective configuration (flags, then DERIVA_* variables, then defaults), one
+    /// `key = value` per line, and exit without opening the store or binding anything.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 impl ServerArgs {
