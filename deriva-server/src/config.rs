@@ -1,4 +1,5 @@
-//! [`Config`], the server's settings, and [`ServerArgs`], the command line that fills it.
+//! [`Config`], the server's settings, and [`ServerArgs`], the command line that fills it. Every
+//! default is written once, in [`defaults`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,6 +9,55 @@ use deriva_compute::VerificationMode;
 use deriva_core::size::parse_size;
 
 use crate::telemetry::{LogFormat, TelemetryConfig};
+
+/// The defaults of the `deriva-server` flags, each written once: clap applies them (and shows
+/// them in `--help`), and [`Config::default`] is built from them, so the two cannot disagree.
+///
+/// Sizes are strings as an operator writes them (`256MiB`), parsed by the flags' own parser.
+/// The executor's settings default to [`deriva_compute::ExecutorConfig::default`], and the
+/// telemetry settings to the constants of [`crate::telemetry`] behind
+/// [`TelemetryConfig::default`].
+pub mod defaults {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    use deriva_compute::{ExecutorConfig, VerificationMode};
+
+    pub use crate::telemetry::{
+        DEFAULT_SAMPLE_RATIO as TRACE_SAMPLE_RATIO,
+        DEFAULT_TRACE_STORE_CAPACITY as TRACE_STORE_SIZE,
+    };
+
+    /// `--data-dir`.
+    pub const DATA_DIR: &str = "./deriva-data";
+    /// `--listen`: loopback only.
+    pub const LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 50051);
+    /// `--cache-bytes`.
+    pub const CACHE_BYTES: &str = "256MiB";
+    /// `--max-message-bytes`.
+    pub const MAX_MESSAGE_BYTES: &str = "64MiB";
+    /// `--chunk-bytes`.
+    pub const CHUNK_BYTES: &str = "64KiB";
+    /// `--shutdown-grace-secs`.
+    pub const SHUTDOWN_GRACE_SECS: u64 = 10;
+    /// `--metrics-addr`: loopback only.
+    pub const METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9090);
+
+    /// `--verification`: the executor's default (off).
+    pub fn verification() -> VerificationMode {
+        ExecutorConfig::default().verification
+    }
+
+    /// `--max-concurrent-computes`: the executor's default (the number of CPUs).
+    pub fn max_concurrent_computes() -> usize {
+        ExecutorConfig::default().max_concurrent_computes
+    }
+
+    /// A size default, in bytes.
+    pub(super) fn size(flag: &str, value: &str) -> u64 {
+        super::parse_size(value)
+            .unwrap_or_else(|e| panic!("the default of --{flag}, {value:?}, is not a size: {e}"))
+    }
+}
 
 /// Everything the server needs to run. [`Config::default`] is what `deriva-server` runs with
 /// when given no flags.
@@ -36,25 +86,76 @@ pub struct Config {
 }
 
 impl Default for Config {
+    /// The settings of [`defaults`]; never reads the environment.
     fn default() -> Self {
+        let usize_size = |flag, value| {
+            usize::try_from(defaults::size(flag, value))
+                .unwrap_or_else(|_| panic!("the default of --{flag} does not fit a usize"))
+        };
         Self {
-            data_dir: PathBuf::from("./deriva-data"),
-            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
-            cache_bytes: 256 << 20,
-            verification: VerificationMode::Off,
-            max_concurrent_computes: deriva_compute::ExecutorConfig::default()
-                .max_concurrent_computes,
-            max_message_bytes: 64 << 20,
-            chunk_bytes: 64 << 10,
-            shutdown_grace: Duration::from_secs(10),
-            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            data_dir: PathBuf::from(defaults::DATA_DIR),
+            listen: defaults::LISTEN,
+            cache_bytes: defaults::size("cache-bytes", defaults::CACHE_BYTES),
+            verification: defaults::verification(),
+            max_concurrent_computes: defaults::max_concurrent_computes(),
+            max_message_bytes: usize_size("max-message-bytes", defaults::MAX_MESSAGE_BYTES),
+            chunk_bytes: usize_size("chunk-bytes", defaults::CHUNK_BYTES),
+            shutdown_grace: Duration::from_secs(defaults::SHUTDOWN_GRACE_SECS),
+            metrics_addr: Some(defaults::METRICS_ADDR),
             telemetry: TelemetryConfig::default(),
         }
     }
 }
 
-/// `deriva-server`'s flags. Each has a `DERIVA_*` environment equivalent; a flag wins over its
-/// variable.
+impl Config {
+    /// The settings the flags control, as `deriva-server --print-config` prints them: one
+    /// `(key, value)` per setting, in the order of `--help`, keyed by the flag that sets it
+    /// (`--metrics-port` shows in `metrics-addr`). Sizes are in bytes and durations in seconds;
+    /// a listener or an export that is off shows `off`, and no cap shows `none`.
+    pub fn describe(&self) -> Vec<(&'static str, String)> {
+        let t = &self.telemetry;
+        vec![
+            ("data-dir", self.data_dir.display().to_string()),
+            ("listen", self.listen.to_string()),
+            ("cache-bytes", self.cache_bytes.to_string()),
+            ("verification", self.verification.to_string()),
+            (
+                "max-concurrent-computes",
+                self.max_concurrent_computes.to_string(),
+            ),
+            ("max-message-bytes", self.max_message_bytes.to_string()),
+            ("chunk-bytes", self.chunk_bytes.to_string()),
+            (
+                "shutdown-grace-secs",
+                self.shutdown_grace.as_secs().to_string(),
+            ),
+            (
+                "metrics-addr",
+                self.metrics_addr.map_or("off".into(), |a| a.to_string()),
+            ),
+            (
+                "otlp-endpoint",
+                t.otlp_endpoint.clone().unwrap_or_else(|| "off".into()),
+            ),
+            ("trace-sample-ratio", t.sample_ratio.to_string()),
+            (
+                "trace-max-per-second",
+                t.max_traces_per_second
+                    .map_or("none".into(), |n| n.to_string()),
+            ),
+            ("trace-store-size", t.trace_store_capacity.to_string()),
+            (
+                "log-format",
+                clap::ValueEnum::to_possible_value(&t.log_format)
+                    .map(|v| v.get_name().to_owned())
+                    .unwrap_or_default(),
+            ),
+        ]
+    }
+}
+
+/// `deriva-server`'s flags. Each setting has a `DERIVA_*` environment equivalent; a flag wins
+/// over its variable.
 #[derive(Debug, clap::Parser)]
 #[command(
     name = "deriva-server",
@@ -63,31 +164,31 @@ impl Default for Config {
 )]
 pub struct ServerArgs {
     /// Data directory (created if missing).
-    #[arg(long, env = "DERIVA_DATA_DIR", default_value = "./deriva-data")]
+    #[arg(long, env = "DERIVA_DATA_DIR", default_value = defaults::DATA_DIR)]
     pub data_dir: PathBuf,
     /// gRPC listen address.
-    #[arg(long, env = "DERIVA_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "DERIVA_LISTEN", default_value_t = defaults::LISTEN)]
     pub listen: SocketAddr,
     /// Cache budget, in bytes or with a unit (KiB, MiB, GiB).
-    #[arg(long, env = "DERIVA_CACHE_BYTES", default_value = "256MiB", value_parser = parse_size)]
+    #[arg(long, env = "DERIVA_CACHE_BYTES", default_value = defaults::CACHE_BYTES, value_parser = parse_size)]
     pub cache_bytes: u64,
     /// Verification mode: off, dual, or sampled:RATE (RATE from 0 to 1).
-    #[arg(long, env = "DERIVA_VERIFICATION", default_value = "off", value_parser = parse_verification)]
+    #[arg(long, env = "DERIVA_VERIFICATION", default_value_t = defaults::verification(), value_parser = parse_verification)]
     pub verification: VerificationMode,
     /// Most computes at once [default: the number of CPUs].
     #[arg(long, env = "DERIVA_MAX_CONCURRENT_COMPUTES", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_computes: Option<u32>,
     /// Largest gRPC message accepted, in bytes or with a unit.
-    #[arg(long, env = "DERIVA_MAX_MESSAGE_BYTES", default_value = "64MiB", value_parser = parse_size)]
+    #[arg(long, env = "DERIVA_MAX_MESSAGE_BYTES", default_value = defaults::MAX_MESSAGE_BYTES, value_parser = parse_size)]
     pub max_message_bytes: u64,
     /// Size of each Get response chunk, in bytes or with a unit.
-    #[arg(long, env = "DERIVA_CHUNK_BYTES", default_value = "64KiB", value_parser = parse_size)]
+    #[arg(long, env = "DERIVA_CHUNK_BYTES", default_value = defaults::CHUNK_BYTES, value_parser = parse_size)]
     pub chunk_bytes: u64,
     /// Seconds that in-flight calls may take to finish after SIGINT or SIGTERM.
-    #[arg(long, env = "DERIVA_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    #[arg(long, env = "DERIVA_SHUTDOWN_GRACE_SECS", default_value_t = defaults::SHUTDOWN_GRACE_SECS)]
     pub shutdown_grace_secs: u64,
     /// HTTP address for /metrics, /health, /healthz and /readyz (loopback unless you open it).
-    #[arg(long, env = "DERIVA_METRICS_ADDR", default_value = "127.0.0.1:9090")]
+    #[arg(long, env = "DERIVA_METRICS_ADDR", default_value_t = defaults::METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
     /// Shortcut for the port of --metrics-addr, keeping its host; 0 turns the HTTP listener off.
     #[arg(long, env = "DERIVA_METRICS_PORT")]
@@ -97,24 +198,34 @@ pub struct ServerArgs {
     #[arg(long, env = "DERIVA_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// Fraction of new traces sampled (0 to 1); a sampled caller is always honored.
-    #[arg(long, env = "DERIVA_TRACE_SAMPLE_RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
+    #[arg(long, env = "DERIVA_TRACE_SAMPLE_RATIO", default_value_t = defaults::TRACE_SAMPLE_RATIO, value_parser = parse_ratio)]
     pub trace_sample_ratio: f64,
     /// Most new traces sampled per second, so load cannot flood the collector [default: no cap].
     #[arg(long, env = "DERIVA_TRACE_MAX_PER_SECOND")]
     pub trace_max_per_second: Option<f64>,
     /// How many recent requests the in-process trace store keeps for `deriva get --explain` and
     /// /debug/traces (plus the slowest and the failed ones).
-    #[arg(long, env = "DERIVA_TRACE_STORE_SIZE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub trace_store_size: u32,
+    #[arg(long, env = "DERIVA_TRACE_STORE_SIZE", default_value_t = defaults::TRACE_STORE_SIZE, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub trace_store_size: usize,
     /// Log format: text (with the time since start) or json.
-    #[arg(long, env = "DERIVA_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(long, env = "DERIVA_LOG_FORMAT", value_enum, default_value_t = LogFormat::default())]
     pub log_format: LogFormat,
+    /// Print the effective configuration (flags, then DERIVA_* variables, then defaults), one
+    /// `key = value` per line, and exit without opening the store or binding anything.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 impl ServerArgs {
-    /// The [`Config`] these flags describe.
+    /// The [`Config`] these flags describe. The OTLP endpoint falls back to
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub fn into_config(self) -> Result<Config, String> {
-        let defaults = Config::default();
+        let otel_endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok();
+        self.into_config_with(otel_endpoint)
+    }
+
+    /// [`ServerArgs::into_config`], with the `OTEL_EXPORTER_OTLP_ENDPOINT` fallback given.
+    fn into_config_with(self, otel_endpoint: Option<String>) -> Result<Config, String> {
         let chunk_bytes = usize::try_from(self.chunk_bytes)
             .ok()
             .filter(|c| *c > 0)
@@ -126,7 +237,7 @@ impl ServerArgs {
             verification: self.verification,
             max_concurrent_computes: self
                 .max_concurrent_computes
-                .map_or(defaults.max_concurrent_computes, |n| n as usize),
+                .map_or_else(defaults::max_concurrent_computes, |n| n as usize),
             max_message_bytes: usize::try_from(self.max_message_bytes)
                 .map_err(|_| "--max-message-bytes is too large")?,
             chunk_bytes,
@@ -139,12 +250,12 @@ impl ServerArgs {
             telemetry: TelemetryConfig {
                 otlp_endpoint: self
                     .otlp_endpoint
-                    .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+                    .or(otel_endpoint)
                     .filter(|e| !e.is_empty()),
                 sample_ratio: self.trace_sample_ratio,
                 max_traces_per_second: self.trace_max_per_second,
                 log_format: self.log_format,
-                trace_store_capacity: self.trace_store_size as usize,
+                trace_store_capacity: self.trace_store_size,
                 ..TelemetryConfig::default()
             },
         })
@@ -166,35 +277,47 @@ fn parse_verification(s: &str) -> Result<VerificationMode, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use clap::{CommandFactory as _, FromArgMatches as _, Parser};
+
+    /// `args` parsed as the command line, ignoring every `DERIVA_*` variable of the process.
+    fn parse_without_env(args: &[&str]) -> Result<ServerArgs, clap::Error> {
+        let command = ServerArgs::command().mut_args(|a| a.env(None::<&'static str>));
+        let mut all = vec!["deriva-server"];
+        all.extend_from_slice(args);
+        ServerArgs::from_arg_matches(&command.try_get_matches_from(all)?)
+    }
 
     #[test]
-    fn no_flags_gives_the_defaults() {
-        let config = ServerArgs::try_parse_from(["deriva-server"])
+    fn no_flags_and_no_environment_give_config_default() {
+        let config = parse_without_env(&[])
             .unwrap()
-            .into_config()
+            .into_config_with(None)
             .unwrap();
         let defaults = Config::default();
-        assert_eq!(config.data_dir, defaults.data_dir);
-        assert_eq!(config.listen, defaults.listen);
-        assert_eq!(config.cache_bytes, defaults.cache_bytes);
-        assert_eq!(config.max_message_bytes, defaults.max_message_bytes);
-        assert_eq!(config.chunk_bytes, defaults.chunk_bytes);
-        assert_eq!(config.verification, VerificationMode::Off);
-        assert_eq!(config.metrics_addr, defaults.metrics_addr);
-        assert_eq!(config.telemetry.sample_ratio, 1.0);
-        assert_eq!(config.telemetry.log_format, LogFormat::Text);
-        assert_eq!(config.telemetry.trace_store_capacity, 256);
+        assert_eq!(config.describe(), defaults.describe());
+        assert_eq!(defaults.data_dir, PathBuf::from("./deriva-data"));
+        assert_eq!(defaults.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(defaults.cache_bytes, 256 << 20);
+        assert_eq!(defaults.verification, VerificationMode::Off);
+        assert_eq!(defaults.max_message_bytes, 64 << 20);
+        assert_eq!(defaults.chunk_bytes, 64 << 10);
+        assert_eq!(defaults.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(
+            defaults.metrics_addr,
+            Some("127.0.0.1:9090".parse().unwrap())
+        );
+        assert_eq!(defaults.telemetry.otlp_endpoint, None);
+        assert_eq!(defaults.telemetry.sample_ratio, 1.0);
+        assert_eq!(defaults.telemetry.log_format, LogFormat::Text);
+        assert_eq!(defaults.telemetry.trace_store_capacity, 256);
     }
 
     #[test]
     fn metrics_port_keeps_the_host_and_zero_disables() {
         let parse = |args: &[&str]| {
-            let mut all = vec!["deriva-server"];
-            all.extend_from_slice(args);
-            ServerArgs::try_parse_from(all)
+            parse_without_env(args)
                 .unwrap()
-                .into_config()
+                .into_config_with(None)
                 .unwrap()
                 .metrics_addr
         };
@@ -207,8 +330,7 @@ mod tests {
             Some("0.0.0.0:9191".parse().unwrap())
         );
         assert_eq!(parse(&["--metrics-port", "0"]), None);
-        let err = ServerArgs::try_parse_from(["deriva-server", "--trace-sample-ratio", "1.5"])
-            .unwrap_err();
+        let err = parse_without_env(&["--trace-sample-ratio", "1.5"]).unwrap_err();
         assert!(err.to_string().contains("ratio"), "{err}");
     }
 

@@ -17,6 +17,23 @@ pub enum ApiError {
         /// What was wrong.
         source: AddrParseError,
     },
+    /// `Explain` on a server that keeps no traces.
+    #[error("this server keeps no traces (the trace store is off)")]
+    TraceStoreOff,
+    /// An `Explain` trace id that is not 32 hex characters.
+    #[error("trace_id: a trace id is 32 hex characters, got {got:?}")]
+    BadTraceId {
+        /// The start of what was given (its first 40 characters).
+        got: String,
+    },
+    /// An `Explain` trace id that the trace store does not hold (or no longer holds).
+    #[error(
+        "trace {trace_id} is not among the recent, slowest or failed requests this server keeps"
+    )]
+    TraceNotFound {
+        /// The trace id.
+        trace_id: String,
+    },
 }
 
 /// The result type of every RPC body.
@@ -27,9 +44,9 @@ impl From<ApiError> for Status {
     ///
     /// | error | code |
     /// |---|---|
-    /// | bad address, bad function id or param | `INVALID_ARGUMENT` |
-    /// | unknown address | `NOT_FOUND` |
-    /// | missing input, unregistered function | `FAILED_PRECONDITION` |
+    /// | bad address, bad function id or param, malformed trace id | `INVALID_ARGUMENT` |
+    /// | unknown address, trace not kept | `NOT_FOUND` |
+    /// | missing input, unregistered function, trace store off | `FAILED_PRECONDITION` |
     /// | compute failure | `INTERNAL`, with the function's message |
     /// | determinism violation, corrupted data | `DATA_LOSS` |
     /// | storage failure (I/O, database, undecodable row), panicked task | `INTERNAL`, detail in the server log only |
@@ -38,7 +55,11 @@ impl From<ApiError> for Status {
     /// Oversized messages are rejected before any handler runs; see [`crate::rpc::status_rewrite`].
     fn from(err: ApiError) -> Status {
         let err = match err {
-            ApiError::BadAddr { .. } => return Status::invalid_argument(err.to_string()),
+            ApiError::BadAddr { .. } | ApiError::BadTraceId { .. } => {
+                return Status::invalid_argument(err.to_string());
+            }
+            ApiError::TraceNotFound { .. } => return Status::not_found(err.to_string()),
+            ApiError::TraceStoreOff => return Status::failed_precondition(err.to_string()),
             ApiError::Engine(e) => e,
         };
         if err.is_internal() {
@@ -72,4 +93,40 @@ pub fn parse_addr(field: impl Into<String>, raw: &[u8]) -> ApiResult<CAddr> {
         field: field.into(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explain_errors_keep_their_codes_and_messages() {
+        let unknown = "0".repeat(32);
+        let cases = [
+            (
+                ApiError::TraceStoreOff,
+                Code::FailedPrecondition,
+                "this server keeps no traces (the trace store is off)".to_owned(),
+            ),
+            (
+                ApiError::BadTraceId { got: "xyz".into() },
+                Code::InvalidArgument,
+                r#"trace_id: a trace id is 32 hex characters, got "xyz""#.to_owned(),
+            ),
+            (
+                ApiError::TraceNotFound {
+                    trace_id: unknown.clone(),
+                },
+                Code::NotFound,
+                format!(
+                    "trace {unknown} is not among the recent, slowest or failed requests this \
+                     server keeps"
+                ),
+            ),
+        ];
+        for (err, code, message) in cases {
+            let status = Status::from(err);
+            assert_eq!((status.code(), status.message()), (code, message.as_str()));
+        }
+    }
 }

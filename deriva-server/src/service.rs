@@ -84,24 +84,21 @@ impl DerivaService {
         self
     }
 
-    async fn explain_inner(&self, req: ExplainRequest) -> Result<ExplainResponse, Status> {
+    async fn explain_inner(&self, req: ExplainRequest) -> ApiResult<ExplainResponse> {
         let Some(traces) = &self.traces else {
-            return Err(Status::failed_precondition(
-                "this server keeps no traces (the trace store is off)",
-            ));
+            return Err(ApiError::TraceStoreOff);
         };
         let id = req.trace_id.trim();
         if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Status::invalid_argument(format!(
-                "trace_id: a trace id is 32 hex characters, got {:?}",
-                id.chars().take(40).collect::<String>()
-            )));
+            return Err(ApiError::BadTraceId {
+                got: id.chars().take(40).collect(),
+            });
         }
         // The request being explained may still be closing its span.
         let Some(trace) = traces.wait_for(id, EXPLAIN_PATIENCE).await else {
-            return Err(Status::not_found(format!(
-                "trace {id} is not among the recent, slowest or failed requests this server keeps"
-            )));
+            return Err(ApiError::TraceNotFound {
+                trace_id: id.to_owned(),
+            });
         };
         Ok(ExplainResponse {
             trace_id: trace.trace_id.clone(),
@@ -306,9 +303,7 @@ impl Deriva for DerivaService {
         request: Request<ExplainRequest>,
     ) -> Result<Response<ExplainResponse>, Status> {
         let call = self.explain_inner(request.into_inner());
-        self.cutoff
-            .run(async { call.await.map(Response::new) })
-            .await
+        self.cutoff.run(async { reply(call.await) }).await
     }
 
     async fn verify(

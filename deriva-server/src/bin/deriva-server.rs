@@ -1,7 +1,9 @@
-//! `deriva-server`: parses its flags, binds, serves until SIGINT or SIGTERM, shuts down.
+//! `deriva-server`: parses its flags, binds, serves until SIGINT or SIGTERM, shuts down. With
+//! `--print-config` it prints the configuration and exits instead.
 
 use std::process::ExitCode;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -12,6 +14,7 @@ use tokio::net::TcpListener;
 
 fn main() -> ExitCode {
     let args = ServerArgs::parse();
+    let print_only = args.print_config;
     let config = match args.into_config() {
         Ok(config) => config,
         Err(e) => {
@@ -19,6 +22,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if print_only {
+        return print_config(&config);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -61,6 +67,23 @@ fn main() -> ExitCode {
         telemetry.shutdown(TELEMETRY_FLUSH_TIMEOUT).await;
         code
     })
+}
+
+/// `--print-config`: one `key = value` line per setting on stdout; nothing opened or bound.
+fn print_config(config: &Config) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    let written = config
+        .describe()
+        .iter()
+        .try_for_each(|(key, value)| writeln!(out, "{key} = {value}"))
+        .and_then(|()| out.flush());
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("deriva-server: cannot print the configuration: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// How long shutdown may spend flushing spans and metrics (a dead collector costs no more).

@@ -39,6 +39,12 @@ use tracing_subscriber::{EnvFilter, fmt as tfmt};
 /// The filter used when `RUST_LOG` is not set: Deriva at info, the transport crates quiet.
 pub const DEFAULT_LOG_FILTER: &str = "info,deriva_server=info,deriva_compute=info,deriva_core=info,h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,opentelemetry=warn,opentelemetry_sdk=warn";
 
+/// The default [`TelemetryConfig::sample_ratio`] (and `--trace-sample-ratio`): every new trace.
+pub const DEFAULT_SAMPLE_RATIO: f64 = 1.0;
+
+/// The default [`TelemetryConfig::trace_store_capacity`] (and `--trace-store-size`).
+pub const DEFAULT_TRACE_STORE_CAPACITY: usize = 256;
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
@@ -73,12 +79,12 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
             otlp_endpoint: None,
-            sample_ratio: 1.0,
+            sample_ratio: DEFAULT_SAMPLE_RATIO,
             max_traces_per_second: None,
-            log_format: LogFormat::Text,
+            log_format: LogFormat::default(),
             log_filter: None,
             metric_export_interval: Duration::from_secs(15),
-            trace_store_capacity: 256,
+            trace_store_capacity: DEFAULT_TRACE_STORE_CAPACITY,
         }
     }
 }

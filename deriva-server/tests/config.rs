@@ -1,0 +1,350 @@
+//! `deriva-server --print-config`, run as a process: every flag and its `DERIVA_*` variable reach
+//! the configuration, a flag wins over its variable, and with neither the printed configuration
+//! is [`Config::default`], so clap's defaults and `Config::default` agree.
+//!
+//! The child never inherits a `DERIVA_*` or `OTEL_*` variable: each run sets exactly the
+//! variables it names.
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+
+use clap::CommandFactory as _;
+use deriva_server::{Config, ServerArgs};
+
+const SERVER: &str = env!("CARGO_BIN_EXE_deriva-server");
+
+/// One setting flag: a value other than its default, and what `--print-config` shows for it.
+struct Row {
+    /// The flag, without `--`.
+    flag: &'static str,
+    /// The variables that set it when the flag is absent, strongest first: its `DERIVA_*`
+    /// variable, then any fallback.
+    vars: &'static [&'static str],
+    /// A value that is not the default.
+    value: &'static str,
+    /// The printed key, and the printed value for `value`.
+    shows: (&'static str, &'static str),
+    /// Another valid value, given to the weaker source when precedence is checked; it must
+    /// show differently from `value`.
+    other: &'static str,
+}
+
+/// Every setting flag of [`ServerArgs`]: a new flag is one more row
+/// (`every_flag_has_a_row` fails until it has one).
+const ROWS: &[Row] = &[
+    Row {
+        flag: "data-dir",
+        vars: &["DERIVA_DATA_DIR"],
+        value: "elsewhere/data",
+        shows: ("data-dir", "elsewhere/data"),
+        other: "other/data",
+    },
+    Row {
+        flag: "listen",
+        vars: &["DERIVA_LISTEN"],
+        value: "0.0.0.0:50052",
+        shows: ("listen", "0.0.0.0:50052"),
+        other: "127.0.0.1:50053",
+    },
+    Row {
+        flag: "cache-bytes",
+        vars: &["DERIVA_CACHE_BYTES"],
+        value: "1GiB",
+        shows: ("cache-bytes", "1073741824"),
+        other: "2GiB",
+    },
+    Row {
+        flag: "verification",
+        vars: &["DERIVA_VERIFICATION"],
+        value: "sampled:0.25",
+        shows: ("verification", "sampled:0.25"),
+        other: "dual",
+    },
+    Row {
+        flag: "max-concurrent-computes",
+        vars: &["DERIVA_MAX_CONCURRENT_COMPUTES"],
+        // Not a plausible number of CPUs, which is the default.
+        value: "1234",
+        shows: ("max-concurrent-computes", "1234"),
+        other: "4321",
+    },
+    Row {
+        flag: "max-message-bytes",
+        vars: &["DERIVA_MAX_MESSAGE_BYTES"],
+        value: "1MiB",
+        shows: ("max-message-bytes", "1048576"),
+        other: "2MiB",
+    },
+    Row {
+        flag: "chunk-bytes",
+        vars: &["DERIVA_CHUNK_BYTES"],
+        value: "4KiB",
+        shows: ("chunk-bytes", "4096"),
+        other: "8KiB",
+    },
+    Row {
+        flag: "shutdown-grace-secs",
+        vars: &["DERIVA_SHUTDOWN_GRACE_SECS"],
+        value: "3",
+        shows: ("shutdown-grace-secs", "3"),
+        other: "7",
+    },
+    Row {
+        flag: "metrics-addr",
+        vars: &["DERIVA_METRICS_ADDR"],
+        value: "0.0.0.0:9100",
+        shows: ("metrics-addr", "0.0.0.0:9100"),
+        other: "127.0.0.1:9200",
+    },
+    Row {
+        flag: "metrics-port",
+        vars: &["DERIVA_METRICS_PORT"],
+        value: "9191",
+        shows: ("metrics-addr", "127.0.0.1:9191"),
+        other: "0",
+    },
+    Row {
+        flag: "otlp-endpoint",
+        vars: &["DERIVA_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"],
+        value: "http://127.0.0.1:4317",
+        shows: ("otlp-endpoint", "http://127.0.0.1:4317"),
+        other: "http://collector.invalid:4317",
+    },
+    Row {
+        flag: "trace-sample-ratio",
+        vars: &["DERIVA_TRACE_SAMPLE_RATIO"],
+        value: "0.25",
+        shows: ("trace-sample-ratio", "0.25"),
+        other: "0.5",
+    },
+    Row {
+        flag: "trace-max-per-second",
+        vars: &["DERIVA_TRACE_MAX_PER_SECOND"],
+        value: "50",
+        shows: ("trace-max-per-second", "50"),
+        other: "70",
+    },
+    Row {
+        flag: "trace-store-size",
+        vars: &["DERIVA_TRACE_STORE_SIZE"],
+        value: "1000",
+        shows: ("trace-store-size", "1000"),
+        other: "2000",
+    },
+    Row {
+        flag: "log-format",
+        vars: &["DERIVA_LOG_FORMAT"],
+        value: "json",
+        shows: ("log-format", "json"),
+        other: "text",
+    },
+];
+
+/// Flags that are actions, not settings: no variable, nothing in the configuration.
+const ACTIONS: &[&str] = &["print-config"];
+
+/// What a run printed, or why it failed.
+type Printed = Result<Vec<(String, String)>, String>;
+
+/// Runs `deriva-server --print-config ARGS` in `cwd` with exactly the `DERIVA_*` and `OTEL_*`
+/// variables of `vars`.
+fn print_config(cwd: &Path, args: &[&str], vars: &[(&str, &str)]) -> Printed {
+    let mut command = Command::new(SERVER);
+    command.current_dir(cwd).arg("--print-config").args(args);
+    for (name, _) in std::env::vars_os() {
+        let inherited = name.to_string_lossy();
+        if inherited.starts_with("DERIVA_") || inherited.starts_with("OTEL_") {
+            command.env_remove(&name);
+        }
+    }
+    command.envs(vars.iter().copied());
+    let out = command
+        .output()
+        .map_err(|e| format!("cannot run {SERVER}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "{args:?} with {vars:?}: {}; stderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    stdout
+        .lines()
+        .map(|line| {
+            line.split_once(" = ")
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| format!("{args:?} with {vars:?}: not `key = value`: {line:?}"))
+        })
+        .collect()
+}
+
+/// The value printed for `key`.
+fn shown(printed: &Printed, key: &str) -> Result<String, String> {
+    let lines = printed.as_ref().map_err(Clone::clone)?;
+    lines
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| format!("no `{key}` in {lines:?}"))
+}
+
+#[test]
+fn every_flag_has_a_row() {
+    let command = ServerArgs::command();
+    let mut missing = Vec::new();
+    let mut flags = BTreeSet::new();
+    for arg in command.get_arguments() {
+        let id = arg.get_id().as_str();
+        if matches!(id, "help" | "version") {
+            continue;
+        }
+        let flag = arg
+            .get_long()
+            .unwrap_or_else(|| panic!("argument {id} has no long flag"));
+        flags.insert(flag);
+        let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+        if ACTIONS.contains(&flag) {
+            assert_eq!(env, None, "the action --{flag} has a variable");
+            continue;
+        }
+        match ROWS.iter().find(|r| r.flag == flag) {
+            None => missing.push(format!("--{flag}")),
+            Some(row) => assert_eq!(
+                env.as_deref(),
+                Some(row.vars[0]),
+                "--{flag} reads another variable than its row says"
+            ),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "flags without a row in ROWS: {missing:?}"
+    );
+    let mut seen = BTreeSet::new();
+    for row in ROWS {
+        assert!(seen.insert(row.flag), "two rows for --{}", row.flag);
+        assert!(
+            flags.contains(row.flag),
+            "a row for --{}, no such flag",
+            row.flag
+        );
+        assert!(row.vars[0].starts_with("DERIVA_"), "--{}", row.flag);
+    }
+    for action in ACTIONS {
+        assert!(flags.contains(action), "no such flag --{action}");
+    }
+}
+
+#[test]
+fn with_no_flag_and_no_variable_it_prints_config_default() {
+    let cwd = tempfile::tempdir().unwrap();
+    let printed = print_config(cwd.path(), &[], &[]).unwrap();
+    let expected: Vec<(String, String)> = Config::default()
+        .describe()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    assert_eq!(printed, expected);
+    let keys: BTreeSet<&str> = printed.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys.len(),
+        printed.len(),
+        "a key printed twice: {printed:?}"
+    );
+}
+
+#[test]
+fn each_flag_and_its_variable_set_the_value_and_the_flag_wins() {
+    let cwd = tempfile::tempdir().unwrap();
+    let defaults = Ok(print_config(cwd.path(), &[], &[]).unwrap());
+    let mut failures = Vec::new();
+    let mut check = |row: &Row, how: String, printed: Printed, expected: &str| {
+        let (key, _) = row.shows;
+        match shown(&printed, key) {
+            Ok(v) if v == expected => {}
+            Ok(v) => failures.push(format!("{how}: `{key} = {v}`, expected `{expected}`")),
+            Err(e) => failures.push(format!("{how}: {e}")),
+        }
+    };
+    for row in ROWS {
+        let (key, value_shows) = row.shows;
+        let flag = format!("--{}", row.flag);
+        let default = shown(&defaults, key).unwrap();
+        assert_ne!(value_shows, default, "{flag}'s row sets the default");
+        let other_shows = shown(&print_config(cwd.path(), &[&flag, row.other], &[]), key)
+            .unwrap_or_else(|e| panic!("{flag} {}: {e}", row.other));
+        assert_ne!(
+            other_shows, value_shows,
+            "{flag}'s row: `other` shows as `value` does"
+        );
+
+        let run = |args: &[&str], vars: &[(&str, &str)]| print_config(cwd.path(), args, vars);
+        let printed = run(&[&flag, row.value], &[]);
+        check(row, format!("{flag} {}", row.value), printed, value_shows);
+        for var in row.vars {
+            let printed = run(&[], &[(var, row.value)]);
+            check(row, format!("{var}={}", row.value), printed, value_shows);
+        }
+        // The flag wins over every variable.
+        let others: Vec<(&str, &str)> = row.vars.iter().map(|v| (*v, row.other)).collect();
+        let printed = run(&[&flag, row.value], &others);
+        let how = format!("{flag} {} with {others:?}", row.value);
+        check(row, how, printed, value_shows);
+        // A variable wins over its fallbacks.
+        for (i, strong) in row.vars.iter().enumerate() {
+            for weak in &row.vars[i + 1..] {
+                let vars = [(*strong, row.value), (*weak, row.other)];
+                let printed = run(&[], &vars);
+                check(row, format!("{vars:?}"), printed, value_shows);
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn print_config_opens_and_binds_nothing() {
+    let cwd = tempfile::tempdir().unwrap();
+    // Both addresses taken: the server would fail to bind them.
+    let grpc = TcpListener::bind("127.0.0.1:0").unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (grpc, http) = (
+        grpc.local_addr().unwrap().to_string(),
+        http.local_addr().unwrap().to_string(),
+    );
+    let printed = Ok(print_config(
+        cwd.path(),
+        &["--listen", &grpc, "--metrics-addr", &http],
+        &[],
+    )
+    .unwrap());
+    assert_eq!(shown(&printed, "listen").unwrap(), grpc);
+    assert_eq!(shown(&printed, "metrics-addr").unwrap(), http);
+    // The default data directory, relative to the working directory, was not created.
+    let created: Vec<_> = std::fs::read_dir(cwd.path()).unwrap().collect();
+    assert!(created.is_empty(), "{created:?}");
+}
+
+#[test]
+fn print_config_rejects_what_the_server_would_reject() {
+    let cwd = tempfile::tempdir().unwrap();
+    let rejected = |args: &[&str], vars: &[(&str, &str)], reason: &str| {
+        let err = print_config(cwd.path(), args, vars).unwrap_err();
+        assert!(err.contains(reason), "{args:?} {vars:?}: {err}");
+    };
+    rejected(
+        &["--chunk-bytes", "0"],
+        &[],
+        "--chunk-bytes must be at least 1",
+    );
+    rejected(&[], &[("DERIVA_CACHE_BYTES", "lots")], "not a size");
+    rejected(&["--trace-store-size", "0"], &[], "--trace-store-size");
+}
