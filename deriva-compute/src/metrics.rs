@@ -19,9 +19,9 @@ use opentelemetry::metrics::{
 
 use crate::cache::CacheStats;
 
-/// Buckets of `deriva_materialize_duration_seconds` (the design's §3.1).
+/// Buckets of `deriva_materialize_duration_seconds` (listed in README.md, "Metrics reference").
 pub const MATERIALIZE_DURATION_BUCKETS: [f64; 8] = [0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
-/// Buckets of `deriva_compute_duration_seconds` (the design's §3.1).
+/// Buckets of `deriva_compute_duration_seconds` (listed in README.md, "Metrics reference").
 pub const COMPUTE_DURATION_BUCKETS: [f64; 8] = [0.0001, 0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
 /// Buckets of `deriva_materialize_depth`: recursion levels.
 pub const DEPTH_BUCKETS: [f64; 11] = [

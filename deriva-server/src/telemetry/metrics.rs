@@ -23,7 +23,7 @@ use crate::rpc::RpcMethod;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Histogram, Meter, ObservableCounter, ObservableGauge};
 
-/// Buckets of `deriva_rpc_duration_seconds` (the design's §3.1).
+/// Buckets of `deriva_rpc_duration_seconds` (listed in README.md, "Metrics reference").
 pub const RPC_DURATION_BUCKETS: [f64; 9] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0];
 /// Buckets of `deriva_dag_insert_duration_seconds`.
 pub const DAG_INSERT_BUCKETS: [f64; 9] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0];

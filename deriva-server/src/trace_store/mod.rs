@@ -317,8 +317,9 @@ mod tests {
         rpc.record("rpc.grpc.status_code", code);
     }
 
-    /// Race 5: `Explain` of a trace no open request can produce answers at once, without
-    /// waiting out its patience (time is simulated: any wait would show as elapsed time).
+    /// Race 5 of RELIABILITY.md: `Explain` of a trace no open request can produce answers at
+    /// once, without waiting out its patience (time is simulated: any wait would show as
+    /// elapsed time).
     #[tokio::test(start_paused = true)]
     async fn an_unknown_trace_is_not_found_at_once() {
         let store = TraceStore::new(8);
@@ -333,8 +334,8 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::ZERO);
     }
 
-    /// Race 5: a trace whose request is still closing is waited for, and returned the moment
-    /// its request span closes.
+    /// Race 5 of RELIABILITY.md: a trace whose request is still closing is waited for, and
+    /// returned the moment its request span closes.
     #[tokio::test(start_paused = true)]
     async fn a_trace_still_closing_is_returned_when_it_closes() {
         let store = TraceStore::new(8);
