@@ -1,6 +1,7 @@
 //! [`ApiError`] and the one mapping from it to a gRPC [`Status`].
 
-use deriva_core::{AddrParseError, CAddr, DerivaError};
+use deriva_core::{CAddr, DerivaError};
+use deriva_proto::BadAddr;
 use tonic::{Code, Status};
 
 /// Why an RPC failed, before it becomes a [`Status`].
@@ -9,14 +10,9 @@ pub enum ApiError {
     /// The engine or the store refused or failed.
     #[error(transparent)]
     Engine(#[from] DerivaError),
-    /// A wire address is not 32 bytes.
-    #[error("{field}: {source}")]
-    BadAddr {
-        /// The request field, such as `addr` or `inputs[2]`.
-        field: String,
-        /// What was wrong.
-        source: AddrParseError,
-    },
+    /// A wire address is not 32 bytes; names the request field, such as `addr` or `inputs[2]`.
+    #[error(transparent)]
+    BadAddr(#[from] BadAddr),
     /// `Explain` on a server that keeps no traces.
     #[error("this server keeps no traces (the trace store is off)")]
     TraceStoreOff,
@@ -55,7 +51,7 @@ impl From<ApiError> for Status {
     /// Oversized messages are rejected before any handler runs; see [`crate::rpc::status_rewrite`].
     fn from(err: ApiError) -> Status {
         let err = match err {
-            ApiError::BadAddr { .. } | ApiError::BadTraceId { .. } => {
+            ApiError::BadAddr(_) | ApiError::BadTraceId { .. } => {
                 return Status::invalid_argument(err.to_string());
             }
             ApiError::TraceNotFound { .. } => return Status::not_found(err.to_string()),
@@ -88,11 +84,8 @@ impl From<ApiError> for Status {
 }
 
 /// Parses a 32-byte wire address, naming the field when it is wrong.
-pub fn parse_addr(field: impl Into<String>, raw: &[u8]) -> ApiResult<CAddr> {
-    CAddr::from_slice(raw).map_err(|source| ApiError::BadAddr {
-        field: field.into(),
-        source,
-    })
+pub fn parse_addr(field: &str, raw: &[u8]) -> ApiResult<CAddr> {
+    Ok(deriva_proto::addr_from_bytes(field, raw)?)
 }
 
 #[cfg(test)]

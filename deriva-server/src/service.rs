@@ -5,11 +5,12 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use bytes::Bytes;
 use deriva_compute::AsyncExecutor;
 use deriva_core::{FunctionId, Recipe};
 use futures::Stream;
 use tonic::{Request, Response, Status};
+
+use deriva_proto::addr_bytes;
 
 use crate::error::{ApiError, ApiResult, parse_addr};
 use crate::telemetry::ServerMetrics;
@@ -135,7 +136,7 @@ impl DerivaService {
             .inputs
             .iter()
             .enumerate()
-            .map(|(i, raw)| parse_addr(format!("inputs[{i}]"), raw))
+            .map(|(i, raw)| parse_addr(&format!("inputs[{i}]"), raw))
             .collect::<ApiResult<Vec<_>>>()?;
         let recipe = Recipe::new(function, inputs, req.params)?;
         // The store does its blocking work (redb, fsync) on the blocking pool.
@@ -144,7 +145,7 @@ impl DerivaService {
         self.metrics.record_dag_insert(start.elapsed());
         let addr = addr?;
         Ok(PutRecipeResponse {
-            addr: Bytes::copy_from_slice(addr.as_bytes()),
+            addr: addr_bytes(&addr),
         })
     }
 
@@ -172,11 +173,7 @@ impl DerivaService {
             found: true,
             function_name: recipe.function().name().to_owned(),
             function_version: recipe.function().version().to_owned(),
-            inputs: recipe
-                .inputs()
-                .iter()
-                .map(|a| Bytes::copy_from_slice(a.as_bytes()))
-                .collect(),
+            inputs: recipe.inputs().iter().map(addr_bytes).collect(),
             params: recipe
                 .params()
                 .iter()
@@ -241,7 +238,7 @@ impl Deriva for DerivaService {
             .run(async {
                 let addr = self.exec.store().put_leaf(data).await;
                 reply(addr.map_err(ApiError::from).map(|a| PutLeafResponse {
-                    addr: Bytes::copy_from_slice(a.as_bytes()),
+                    addr: addr_bytes(&a),
                 }))
             })
             .await
