@@ -1,5 +1,5 @@
-//! Helpers shared by the server's integration tests: the server harnesses, [`InProcess`]
-//! (the server function in the test's runtime) and the real binary's, a real
+//! Helpers shared by the server's integration tests: the two server harnesses, [`InProcess`]
+//! (the server function in the test's runtime) and [`ServerProcess`] (the real binary), a real
 //! [`Prometheus`], a minimal HTTP client, exposition parsing, RPC shorthands and a seeded PRNG.
 //!
 //! Every test file compiles this module for itself and uses part of it.
@@ -8,6 +8,7 @@
 
 pub mod http;
 pub mod in_process;
+pub mod process;
 pub mod prometheus;
 
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use tonic::transport::Channel;
 pub use self::{
     http::{HttpResponse, http_get, scrape},
     in_process::InProcess,
+    process::{SERVER, ServerProcess},
     prometheus::{Prometheus, Series, percent_encode, require, unix_now},
 };
 
@@ -214,155 +216,4 @@ pub async fn get_all(
     addr: &Bytes,
 ) -> Result<Vec<u8>, tonic::Status> {
     Ok(get_chunks(client, addr).await?.concat())
-}
-
-// ---------------------------------------------------------------------------------------------
-// The older child-process harnesses, until every test file is on `ServerProcess`.
-
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::Instant;
-
-/// The server binary the tests start.
-pub const SERVER: &str = env!("CARGO_BIN_EXE_deriva-server");
-
-/// A child process killed (and reaped) when the test ends, however it ends.
-pub struct Killed(pub Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The server binary, on free ports, with `--verification dual`, on a temporary data
-/// directory. Everything else is [`ServerOnDir`]'s.
-pub struct DerivaServer {
-    server: ServerOnDir,
-    _data: tempfile::TempDir,
-}
-
-impl DerivaServer {
-    pub fn start() -> Self {
-        let data = tempfile::tempdir().unwrap();
-        let server = ServerOnDir::start(data.path(), &["--verification", "dual"]);
-        assert!(server.grpc.starts_with("127.0.0.1:"), "{}", server.grpc);
-        assert!(
-            server.metrics.starts_with("127.0.0.1:"),
-            "{}",
-            server.metrics
-        );
-        Self {
-            server,
-            _data: data,
-        }
-    }
-}
-
-impl std::ops::Deref for DerivaServer {
-    type Target = ServerOnDir;
-
-    fn deref(&self) -> &ServerOnDir {
-        &self.server
-    }
-}
-
-/// The server binary on free ports over a data directory the caller owns, so a test can kill it
-/// (SIGKILL, with [`ServerOnDir::kill`]) and start it again on the same directory.
-pub struct ServerOnDir {
-    child: Killed,
-    /// gRPC address.
-    pub grpc: String,
-    /// HTTP address of `/metrics`.
-    pub metrics: String,
-    /// Every stderr line so far, for failure messages.
-    log: Arc<Mutex<Vec<String>>>,
-    /// From spawn to the "listening" line.
-    pub startup: Duration,
-}
-
-/// The server binary with `extra` flags on `dir`, both listeners on ports it picks itself
-/// (`127.0.0.1:0`, announced in its listening line), no logging or OTLP settings from the
-/// environment, and stderr piped.
-pub fn server_command(dir: &Path, extra: &[&str]) -> Command {
-    let mut command = Command::new(SERVER);
-    command
-        .args(["--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
-        .args(extra)
-        .arg("--data-dir")
-        .arg(dir)
-        .env_remove("RUST_LOG")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("DERIVA_OTLP_ENDPOINT")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    command
-}
-
-impl ServerOnDir {
-    /// Starts `deriva-server` on `dir` with `extra` flags, and waits until it listens.
-    pub fn start(dir: &Path, extra: &[&str]) -> Self {
-        let started = Instant::now();
-        let child = server_command(dir, extra).spawn().unwrap();
-        let mut child = Killed(child);
-        let stderr = child.0.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("deriva-server listening") {
-                    let _ = tx.send(line.clone());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let line = rx.recv_timeout(DEADLINE).unwrap_or_else(|e| {
-            panic!(
-                "deriva-server never said it was listening ({e}); stderr:\n{}",
-                log.lock().unwrap().join("\n")
-            )
-        });
-        let startup = started.elapsed();
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-                .to_owned()
-        };
-        Self {
-            grpc: field("addr="),
-            metrics: field("metrics="),
-            child,
-            log,
-            startup,
-        }
-    }
-
-    pub async fn client(&self) -> DerivaClient<Channel> {
-        DerivaClient::connect(format!("http://{}", self.grpc))
-            .await
-            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.grpc))
-            .max_decoding_message_size(1 << 30)
-            .max_encoding_message_size(1 << 30)
-    }
-
-    pub async fn scrape(&self) -> String {
-        let r = http_get(&self.metrics, "/metrics").await.unwrap();
-        assert_eq!(r.status, 200, "{}", r.body);
-        r.body
-    }
-
-    pub fn stderr(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    /// SIGKILL, and reap.
-    pub fn kill(&mut self) {
-        self.child.0.kill().unwrap();
-        self.child.0.wait().unwrap();
-    }
 }
