@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::InProcess;
+use common::{InProcess, hex};
 use deriva_compute::testing::{Gate, wait_until};
 use deriva_compute::{ComputeFunction, FunctionError, FunctionRegistry, VerificationMode};
 use deriva_core::Store;
@@ -29,10 +29,6 @@ fn assert_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code,
         }
         Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
     }
-}
-
-fn hex(addr: &Bytes) -> String {
-    CAddr::from_slice(addr).unwrap().to_hex()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,7 +297,7 @@ async fn data_loss_for_corruption_and_determinism_violations() {
     // Flip one byte of the stored blob: a Get of it, or of a recipe above it, is DATA_LOSS.
     let upper = s.recipe("uppercase", &[&a], &[]).await;
     let hexed = hex(&a);
-    let path = s.dir().join("blobs").join(&hexed[..2]).join(&hexed);
+    let path = s.blob_path(&a);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[0] ^= 0xff;
     std::fs::write(&path, bytes).unwrap();

@@ -15,9 +15,8 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{InProcess, Rng, get_all, long_factor};
+use common::{InProcess, Rng, get_all, hex, long_factor};
 use deriva_compute::testing::wait_until;
-use deriva_core::CAddr;
 use deriva_server::Config;
 use deriva_server::proto::deriva_client::DerivaClient;
 use deriva_server::proto::{
@@ -65,10 +64,6 @@ async fn start(log_format: LogFormat, tweak: impl FnOnce(&mut Config)) -> InProc
         .http()
         .start()
         .await
-}
-
-fn hex(addr: &Bytes) -> String {
-    CAddr::from_slice(addr).unwrap().to_hex()
 }
 
 /// Sample lines of an exposition (no comments).

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use deriva_compute::{AsyncExecutor, ExecStats, FunctionRegistry};
-use deriva_core::CAddr;
 use deriva_server::proto::deriva_client::DerivaClient;
 use deriva_server::proto::{GetRequest, StatusRequest, StatusResponse};
 use deriva_server::telemetry::{Telemetry, TelemetryConfig};
@@ -208,7 +207,7 @@ impl InProcess {
 
     /// Where the blob of the leaf `addr` lives.
     pub fn blob_path(&self, addr: &Bytes) -> PathBuf {
-        let hex = CAddr::from_slice(addr).unwrap().to_hex();
+        let hex = super::hex(addr);
         self.dir.join("blobs").join(&hex[..2]).join(hex)
     }
 

@@ -135,6 +135,11 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
 /// so unlike a port that was free a moment ago no other test can take it meanwhile.
 pub const NOWHERE: &str = "127.0.0.1:1";
 
+/// An address as 64 hex characters.
+pub fn hex(addr: &Bytes) -> String {
+    deriva_core::CAddr::from_slice(addr).unwrap().to_hex()
+}
+
 /// The value of one sample line of a Prometheus exposition, e.g.
 /// `deriva_rpc_total{method="get",status="ok"}`.
 pub fn sample(exposition: &str, series: &str) -> Option<f64> {
