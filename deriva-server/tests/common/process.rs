@@ -400,8 +400,9 @@ impl ServerProcess {
         })
     }
 
-    /// Sends `signal`.
+    /// Sends `signal`; panics once the server is reaped (its pid may be another's by then).
     pub fn signal(&self, signal: Signal) {
+        assert!(self.status.is_none(), "deriva-server has already exited");
         rustix::process::kill_process(self.pid, signal)
             .unwrap_or_else(|e| panic!("cannot send {signal:?} to deriva-server: {e}"));
     }
