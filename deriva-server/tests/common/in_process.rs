@@ -2,6 +2,11 @@
 //! test's own runtime, with a tonic client on it. Built with [`InProcess::builder`]: a config
 //! tweak, a function registry, telemetry of its own (captured logs, a Prometheus registry, a
 //! trace store, OTLP export) and the HTTP listener are each optional.
+//!
+//! Tests on it run on real time, not `tokio::time::pause`: client and server talk over real
+//! loopback sockets, and a paused clock jumps to the next timer whenever the runtime has no task
+//! to run, I/O still in flight or not; and while a compute runs on the blocking pool (as a
+//! `Gate` holds one) a paused clock does not move at all, so a timer never fires.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
