@@ -3,144 +3,18 @@
 
 mod common;
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::{InProcess, hex};
 use deriva_compute::testing::{Gate, wait_until};
-use deriva_compute::{
-    ComputeFunction, ExecStats, FunctionError, FunctionRegistry, VerificationMode,
-};
+use deriva_compute::{ComputeFunction, FunctionError, FunctionRegistry, VerificationMode};
 use deriva_core::Store;
 use deriva_core::{CAddr, FunctionId, Params};
-use deriva_server::proto::deriva_client::DerivaClient;
 use deriva_server::proto::{
-    GetRequest, InvalidateRequest, PutLeafRequest, PutRecipeRequest, ResolveRequest, StatusRequest,
-    StatusResponse, VerifyRequest,
+    GetRequest, InvalidateRequest, PutLeafRequest, ResolveRequest, VerifyRequest,
 };
-use deriva_server::{Config, Server};
-use opentelemetry::metrics::MeterProvider as _;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::Code;
-use tonic::transport::Channel;
-
-struct TestServer {
-    client: DerivaClient<Channel>,
-    channel: Channel,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), deriva_server::ServeError>>>,
-    /// The engine's live counters.
-    stats: Arc<ExecStats>,
-}
-
-impl TestServer {
-    async fn start(
-        dir: &Path,
-        tweak: impl FnOnce(&mut Config),
-        functions: FunctionRegistry,
-    ) -> Self {
-        let mut config = Config {
-            data_dir: dir.to_owned(),
-            ..Config::default()
-        };
-        tweak(&mut config);
-        let meter = opentelemetry::metrics::noop::NoopMeterProvider::new().meter("test");
-        let server = Server::open_with(config, functions, &meter).unwrap();
-        let stats = server.executor().stats().clone();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(listener, None, async move {
-            let _ = stopped.await;
-        }));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let client = DerivaClient::new(channel.clone())
-            .max_decoding_message_size(1 << 30)
-            .max_encoding_message_size(1 << 30);
-        Self {
-            client,
-            channel,
-            stop: Some(stop),
-            task: Some(task),
-            stats,
-        }
-    }
-
-    async fn default(dir: &Path) -> Self {
-        Self::start(dir, |_| {}, FunctionRegistry::with_builtins()).await
-    }
-
-    /// Stops the server. `serve` returns once the store is closed, so the directory can be
-    /// reopened at once.
-    async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        let served = tokio::time::timeout(Duration::from_secs(60), self.task.take().unwrap()).await;
-        served
-            .expect("the server stops within its grace")
-            .unwrap()
-            .unwrap();
-    }
-
-    async fn put(&mut self, data: &[u8]) -> Bytes {
-        let req = PutLeafRequest {
-            data: Bytes::copy_from_slice(data),
-        };
-        self.client.put_leaf(req).await.unwrap().into_inner().addr
-    }
-
-    async fn recipe(
-        &mut self,
-        name: &str,
-        inputs: &[&Bytes],
-        params: &[(&str, &str)],
-    ) -> Result<Bytes, tonic::Status> {
-        let req = PutRecipeRequest {
-            function_name: name.to_owned(),
-            function_version: "v1".to_owned(),
-            inputs: inputs.iter().map(|b| (*b).clone()).collect(),
-            params: params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
-        self.client
-            .put_recipe(req)
-            .await
-            .map(|r| r.into_inner().addr)
-    }
-
-    /// All chunks of a Get, or its status.
-    async fn get_chunks(&mut self, addr: &Bytes) -> Result<Vec<Bytes>, tonic::Status> {
-        let mut stream = self
-            .client
-            .get(GetRequest { addr: addr.clone() })
-            .await?
-            .into_inner();
-        let mut chunks = Vec::new();
-        while let Some(msg) = stream.message().await? {
-            chunks.push(msg.chunk);
-        }
-        Ok(chunks)
-    }
-
-    async fn get(&mut self, addr: &Bytes) -> Result<Vec<u8>, tonic::Status> {
-        Ok(self.get_chunks(addr).await?.concat())
-    }
-
-    async fn status(&mut self) -> StatusResponse {
-        self.client
-            .status(StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-    }
-}
 
 #[track_caller]
 fn assert_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, needle: &str) {
@@ -157,14 +31,9 @@ fn assert_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code,
     }
 }
 
-fn hex(addr: &Bytes) -> String {
-    CAddr::from_slice(addr).unwrap().to_hex()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_get_resolve_status_round_trip() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = TestServer::default(dir.path()).await;
+    let mut s = InProcess::start().await;
     let a = s.put(b"hello ").await;
     assert_eq!(
         a.as_ref(),
@@ -173,8 +42,8 @@ async fn put_get_resolve_status_round_trip() {
     );
     let b = s.put(b"world").await;
     assert_eq!(s.put(b"world").await, b, "idempotent");
-    let ab = s.recipe("concat", &[&a, &b], &[]).await.unwrap();
-    assert_eq!(s.recipe("concat", &[&a, &b], &[]).await.unwrap(), ab);
+    let ab = s.recipe("concat", &[&a, &b], &[]).await;
+    assert_eq!(s.recipe("concat", &[&a, &b], &[]).await, ab);
     assert_eq!(s.get(&ab).await.unwrap(), b"hello world");
     assert_eq!(s.get(&a).await.unwrap(), b"hello ");
 
@@ -209,7 +78,7 @@ async fn put_get_resolve_status_round_trip() {
         .unwrap()
         .into_inner();
     assert!(!unknown.found);
-    let rep = s.recipe("repeat", &[&a], &[("count", "2")]).await.unwrap();
+    let rep = s.recipe("repeat", &[&a], &[("count", "2")]).await;
     let resolved = s
         .client
         .resolve(ResolveRequest { addr: rep })
@@ -229,8 +98,7 @@ async fn put_get_resolve_status_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_streams_chunks_of_the_configured_size() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = TestServer::default(dir.path()).await;
+    let mut s = InProcess::start().await;
     let data: Vec<u8> = (0..200 * 1024u32).map(|i| (i % 251) as u8).collect();
     let leaf = s.put(&data).await;
     let chunks = s.get_chunks(&leaf).await.unwrap();
@@ -248,8 +116,7 @@ async fn get_streams_chunks_of_the_configured_size() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_arguments_are_rejected_precisely() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = TestServer::default(dir.path()).await;
+    let mut s = InProcess::start().await;
     let a = s.put(b"x").await;
     let short = Bytes::from(vec![1u8; 31]);
     assert_code(
@@ -286,32 +153,32 @@ async fn invalid_arguments_are_rejected_precisely() {
         "addr",
     );
     assert_code(
-        s.recipe("concat", &[&a, &short], &[]).await,
+        s.try_recipe("concat", &[&a, &short], &[]).await,
         Code::InvalidArgument,
         "inputs[1]",
     );
     assert_code(
-        s.recipe("con/cat", &[&a], &[]).await,
+        s.try_recipe("con/cat", &[&a], &[]).await,
         Code::InvalidArgument,
         "function name",
     );
     assert_code(
-        s.recipe("", &[&a], &[]).await,
+        s.try_recipe("", &[&a], &[]).await,
         Code::InvalidArgument,
         "function name is empty",
     );
     assert_code(
-        s.recipe("repeat", &[&a], &[("count", "lots")]).await,
+        s.try_recipe("repeat", &[&a], &[("count", "lots")]).await,
         Code::InvalidArgument,
         "`count`",
     );
     assert_code(
-        s.recipe("repeat", &[&a], &[]).await,
+        s.try_recipe("repeat", &[&a], &[]).await,
         Code::InvalidArgument,
         "`count` is required",
     );
     assert_code(
-        s.recipe("identity", &[&a], &[("", "v")]).await,
+        s.try_recipe("identity", &[&a], &[("", "v")]).await,
         Code::InvalidArgument,
         "param key",
     );
@@ -325,8 +192,7 @@ async fn invalid_arguments_are_rejected_precisely() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_found_and_failed_precondition() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = TestServer::default(dir.path()).await;
+    let mut s = InProcess::start().await;
     let nowhere = Bytes::from(vec![9u8; 32]);
     let hexed = hex(&nowhere);
     assert_code(s.get(&nowhere).await, Code::NotFound, &hexed);
@@ -350,13 +216,13 @@ async fn not_found_and_failed_precondition() {
         &hexed,
     );
     assert_code(
-        s.recipe("concat", &[&nowhere], &[]).await,
+        s.try_recipe("concat", &[&nowhere], &[]).await,
         Code::FailedPrecondition,
         &hexed,
     );
     let a = s.put(b"x").await;
     assert_code(
-        s.recipe("teleport", &[&a], &[]).await,
+        s.try_recipe("teleport", &[&a], &[]).await,
         Code::FailedPrecondition,
         "teleport/v1",
     );
@@ -365,10 +231,9 @@ async fn not_found_and_failed_precondition() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compute_failure_is_internal_with_the_function_message() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = TestServer::default(dir.path()).await;
+    let mut s = InProcess::start().await;
     let junk = s.put(b"not gzip at all").await;
-    let bad = s.recipe("gunzip", &[&junk], &[]).await.unwrap();
+    let bad = s.recipe("gunzip", &[&junk], &[]).await;
     assert_code(
         s.get(&bad).await,
         Code::Internal,
@@ -395,17 +260,15 @@ impl ComputeFunction for Flaky {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_loss_for_corruption_and_determinism_violations() {
-    let dir = tempfile::tempdir().unwrap();
     let mut functions = FunctionRegistry::with_builtins();
     functions.register(FunctionId::new("flaky", "v1").unwrap(), Flaky::default());
-    let mut s = TestServer::start(
-        dir.path(),
-        |c| c.verification = VerificationMode::Dual,
-        functions,
-    )
-    .await;
+    let mut s = InProcess::builder()
+        .config(|c| c.verification = VerificationMode::Dual)
+        .functions(functions)
+        .start()
+        .await;
     let a = s.put(b"some bytes").await;
-    let flaky = s.recipe("flaky", &[&a], &[]).await.unwrap();
+    let flaky = s.recipe("flaky", &[&a], &[]).await;
     assert_code(
         s.get(&flaky).await,
         Code::DataLoss,
@@ -432,9 +295,9 @@ async fn data_loss_for_corruption_and_determinism_violations() {
     assert!((st.verification_failure_rate - 1.0).abs() < 1e-9);
 
     // Flip one byte of the stored blob: a Get of it, or of a recipe above it, is DATA_LOSS.
-    let upper = s.recipe("uppercase", &[&a], &[]).await.unwrap();
+    let upper = s.recipe("uppercase", &[&a], &[]).await;
     let hexed = hex(&a);
-    let path = dir.path().join("blobs").join(&hexed[..2]).join(&hexed);
+    let path = s.blob_path(&a);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[0] ^= 0xff;
     std::fs::write(&path, bytes).unwrap();
@@ -447,13 +310,10 @@ async fn data_loss_for_corruption_and_determinism_violations() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_requests_are_resource_exhausted() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = TestServer::start(
-        dir.path(),
-        |c| c.max_message_bytes = 1 << 20,
-        FunctionRegistry::with_builtins(),
-    )
-    .await;
+    let mut s = InProcess::builder()
+        .config(|c| c.max_message_bytes = 1 << 20)
+        .start()
+        .await;
     let big = vec![0u8; 2 << 20];
     let result = s
         .client
@@ -474,11 +334,10 @@ async fn oversized_requests_are_resource_exhausted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidate_and_verify() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = TestServer::default(dir.path()).await;
+    let mut s = InProcess::start().await;
     let a = s.put(b"abc").await;
-    let b = s.recipe("reverse", &[&a], &[]).await.unwrap();
-    let c = s.recipe("uppercase", &[&b], &[]).await.unwrap();
+    let b = s.recipe("reverse", &[&a], &[]).await;
+    let c = s.recipe("uppercase", &[&b], &[]).await;
     assert_eq!(s.get(&c).await.unwrap(), b"CBA");
     let inv = s
         .client
@@ -525,8 +384,7 @@ async fn invalidate_and_verify() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_service_reports_serving() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::default(dir.path()).await;
+    let s = InProcess::start().await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(s.channel.clone());
     let reply = health
         .check(tonic_health::pb::HealthCheckRequest {
@@ -544,14 +402,10 @@ async fn health_service_reports_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_cancelling_mid_stream_leaves_the_server_healthy() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = TestServer::default(dir.path()).await;
+    let mut s = InProcess::start().await;
     let mib: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 256) as u8).collect();
     let leaf = s.put(&mib).await;
-    let big = s
-        .recipe("repeat", &[&leaf], &[("count", "32")])
-        .await
-        .unwrap();
+    let big = s.recipe("repeat", &[&leaf], &[("count", "32")]).await;
     for _ in 0..3 {
         let mut stream = s
             .client
@@ -572,12 +426,12 @@ async fn a_client_cancelling_mid_stream_leaves_the_server_healthy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_survives_a_restart_on_the_same_dir() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = TestServer::default(dir.path()).await;
+    let mut s = InProcess::builder().dir(dir.path()).start().await;
     let a = s.put(b"persist me").await;
-    let r = s.recipe("reverse", &[&a], &[]).await.unwrap();
+    let r = s.recipe("reverse", &[&a], &[]).await;
     s.stop().await;
 
-    let mut s = TestServer::default(dir.path()).await;
+    let mut s = InProcess::builder().dir(dir.path()).start().await;
     assert_eq!(s.get(&a).await.unwrap(), b"persist me");
     assert_eq!(s.get(&r).await.unwrap(), b"em tsisrep");
     let st = s.status().await;
@@ -587,16 +441,15 @@ async fn data_survives_a_restart_on_the_same_dir() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_hangs_up_stops_the_work_on_its_behalf() {
-    let dir = tempfile::tempdir().unwrap();
     // `first = inner(a)` and `second = outer(first)`, each function held by its own gate.
     let (inner, outer) = (Gate::new(), Gate::new());
     let mut functions = FunctionRegistry::with_builtins();
     functions.register(FunctionId::new("inner", "v1").unwrap(), inner.function());
     functions.register(FunctionId::new("outer", "v1").unwrap(), outer.function());
-    let mut s = TestServer::start(dir.path(), |_| {}, functions).await;
+    let mut s = InProcess::builder().functions(functions).start().await;
     let a = s.put(b"a").await;
-    let first = s.recipe("inner", &[&a], &[]).await.unwrap();
-    let second = s.recipe("outer", &[&first], &[]).await.unwrap();
+    let first = s.recipe("inner", &[&a], &[]).await;
+    let second = s.recipe("outer", &[&first], &[]).await;
     // Hang up while `first` computes. The server drops the call and every materialization on
     // its behalf while that compute is still held: nothing is left that could compute `second`.
     let mut client = s.client.clone();
@@ -646,14 +499,14 @@ async fn serve_returns_only_when_the_store_can_be_reopened() {
     let gate = Gate::new();
     let mut functions = FunctionRegistry::with_builtins();
     functions.register(FunctionId::new("held", "v1").unwrap(), gate.function());
-    let mut s = TestServer::start(
-        dir.path(),
-        |c| c.shutdown_grace = Duration::from_millis(200),
-        functions,
-    )
-    .await;
+    let mut s = InProcess::builder()
+        .dir(dir.path())
+        .config(|c| c.shutdown_grace = Duration::from_millis(200))
+        .functions(functions)
+        .start()
+        .await;
     let a = s.put(b"a").await;
-    let held = s.recipe("held", &[&a], &[]).await.unwrap();
+    let held = s.recipe("held", &[&a], &[]).await;
     let mut client = s.client.clone();
     let call = tokio::spawn(async move { common::get_all(&mut client, &held).await });
     gate.wait_started(1).await;

@@ -2,92 +2,25 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
-use common::{DEADLINE, Killed, SERVER};
-use rustix::process::{Pid, Signal};
-
-/// Forwards the child's stderr lines to the returned receiver. When `signal` is given, the
-/// reader thread sends it to the child the instant it reads the listening line, before it
-/// forwards that line: as soon after the announcement as a client could react.
-fn read_stderr(child: &mut Child, signal: Option<Signal>) -> mpsc::Receiver<String> {
-    let stderr = child.stderr.take().unwrap();
-    let pid = Pid::from_child(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(signal) = signal
-                && line.contains("deriva-server listening")
-            {
-                rustix::process::kill_process(pid, signal).expect("cannot signal deriva-server");
-            }
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// Waits until `rx` shows the listening line; every line read so far on failure.
-fn wait_listening(rx: &mpsc::Receiver<String>) {
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + DEADLINE;
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(line) if line.contains("deriva-server listening") => return,
-            Ok(line) => seen.push(line),
-            Err(_) => break,
-        }
-    }
-    panic!(
-        "deriva-server never said it was listening; stderr:\n{}",
-        seen.join("\n")
-    );
-}
-
-fn sigterm(child: &Child) {
-    rustix::process::kill_process(Pid::from_child(child), Signal::TERM).unwrap();
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "deriva-server did not exit within {within:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::{DEADLINE, ServerProcess};
+use rustix::process::Signal;
 
 #[test]
 fn starts_with_no_flags_and_stops_cleanly_on_sigterm() {
     let cwd = tempfile::tempdir().unwrap();
-    let child = Command::new(SERVER)
-        .current_dir(cwd.path())
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut running = Killed(child);
-    let rx = read_stderr(&mut running.0, None);
-    wait_listening(&rx);
+    let mut server = ServerProcess::options()
+        .without_listener_flags()
+        .default_data_dir_in(cwd.path())
+        .start();
     assert!(
         cwd.path().join("deriva-data").join("deriva.redb").is_file(),
         "default data dir"
     );
-    sigterm(&running.0);
-    let status = wait_exit(&mut running.0, DEADLINE);
+    let status = server.stop();
     assert!(status.success(), "exit status {status:?}");
-    let rest: Vec<String> = rx.iter().collect();
+    let rest = server.stderr_after_listening();
     assert!(
         rest.iter().any(|l| l.contains("SIGTERM received")),
         "{rest:?}"
@@ -108,12 +41,14 @@ fn a_signal_right_after_the_listening_line_always_stops_gracefully() {
         } else {
             (Signal::INT, "SIGINT")
         };
-        let child = common::server_command(data.path(), &[]).spawn().unwrap();
-        let mut running = Killed(child);
-        let rx = read_stderr(&mut running.0, Some(signal));
-        wait_listening(&rx);
-        let status = wait_exit(&mut running.0, DEADLINE);
-        let rest: Vec<String> = rx.iter().collect();
+        let mut server = ServerProcess::options()
+            .dir(data.path())
+            .on_listening(move |pid| {
+                rustix::process::kill_process(pid, signal).expect("cannot signal deriva-server");
+            })
+            .start();
+        let status = server.wait_exit(DEADLINE);
+        let rest = server.stderr_after_listening();
         assert!(
             status.success(),
             "start {start}: {name} right after the listening line ended the server with \
@@ -132,15 +67,13 @@ fn a_signal_right_after_the_listening_line_always_stops_gracefully() {
 fn run_on_taken_port(flags: &[&str], taken_flag: &str) -> (String, String) {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let data = tempfile::tempdir().unwrap();
-    let out = Command::new(SERVER)
+    let out = ServerProcess::options()
+        .without_listener_flags()
         .args(flags)
-        .args([taken_flag, &addr, "--data-dir"])
-        .arg(data.path())
-        .output()
-        .unwrap();
+        .args([taken_flag, &addr])
+        .run_to_exit();
     assert!(!out.status.success());
-    (addr, String::from_utf8(out.stderr).unwrap())
+    (addr, out.stderr)
 }
 
 #[test]
@@ -167,11 +100,11 @@ fn a_metrics_port_in_use_is_a_one_line_error_naming_the_address() {
 
 #[test]
 fn a_bad_flag_is_a_usage_error() {
-    let out = Command::new(SERVER)
+    let out = ServerProcess::options()
+        .without_listener_flags()
         .args(["--verification", "maybe"])
-        .output()
-        .unwrap();
+        .run_to_exit();
     assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8(out.stderr).unwrap();
+    let stderr = out.stderr;
     assert!(stderr.contains("verification mode"), "{stderr}");
 }

@@ -9,95 +9,22 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::ServerProcess;
 use deriva_core::CAddr;
 
-/// How long a server may take to start, or a `deriva` command to finish.
+/// How long a `deriva` command may take to finish.
 const DEADLINE: Duration = Duration::from_secs(120);
 
-/// A running `deriva-server`, killed when dropped.
-struct ServerProc {
-    child: Child,
-    url: String,
-    /// The server's stderr lines after the listening line.
-    logs: mpsc::Receiver<String>,
-    _data: tempfile::TempDir,
-}
-
-impl ServerProc {
-    fn start() -> Self {
-        let data = tempfile::tempdir().expect("temp dir");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_deriva-server"));
-        // Only the flags below: no settings from the environment (a log format, an OTLP
-        // endpoint), and no metrics listener, whose fixed default port parallel tests share.
-        for (key, _) in std::env::vars_os() {
-            let key_str = key.to_string_lossy();
-            if key_str.starts_with("DERIVA_") || key_str.starts_with("OTEL_") {
-                cmd.env_remove(&key);
-            }
-        }
-        let mut child = cmd
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--metrics-port")
-            .arg("0")
-            .arg("--data-dir")
-            .arg(data.path())
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn deriva-server");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, rx) = mpsc::channel::<String>();
-        // Forwards every stderr line, and keeps draining after the test stops listening so the
-        // server never blocks on a full pipe.
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(strip_ansi(&line));
-            }
-        });
-        let deadline = Instant::now() + DEADLINE;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if line.contains("deriva-server listening")
-                        && let Some(addr) = field(&line, "addr")
-                    {
-                        return Self {
-                            child,
-                            url: format!("http://{addr}"),
-                            logs: rx,
-                            _data: data,
-                        };
-                    }
-                    seen.push(line);
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("deriva-server did not start ({e:?}); stderr so far: {seen:#?}")
-                }
-            }
-        }
-    }
-
+/// `deriva` commands aimed at a server.
+trait Deriva {
     /// A `deriva` command aimed at this server.
-    fn deriva(&self, args: &[&str]) -> Command {
-        let mut cmd = deriva_cmd(args);
-        cmd.arg("--server").arg(&self.url);
-        cmd
-    }
+    fn deriva(&self, args: &[&str]) -> Command;
 
     /// Runs `deriva ARGS` against this server, asserts success, and returns stdout as text.
     fn ok(&self, args: &[&str]) -> String {
@@ -116,37 +43,22 @@ impl ServerProc {
         );
         addr.to_owned()
     }
-}
 
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// `put -` of `data`; returns the address.
+    fn addr_of_stdin(&self, data: &[u8]) -> String {
+        let out = run(self.deriva(&["put", "-"]), Some(data.to_vec())).success(&["put", "-"]);
+        let addr = out.trim_end().to_owned();
+        assert_eq!(addr, CAddr::for_leaf(data).to_string());
+        addr
     }
 }
 
-/// `key=value` in a tracing fmt line.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ params final-byte.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
+impl Deriva for ServerProcess {
+    fn deriva(&self, args: &[&str]) -> Command {
+        let mut cmd = deriva_cmd(args);
+        cmd.arg("--server").arg(self.url());
+        cmd
     }
-    out
 }
 
 /// A `deriva` command with no server from the environment.
@@ -292,7 +204,7 @@ fn dir_entries(dir: &Path) -> Vec<String> {
 
 #[test]
 fn put_recipe_get_round_trip_and_status() {
-    let server = ServerProc::start();
+    let server = ServerProcess::start();
     let dir = tempfile::tempdir().unwrap();
     let (a_path, b_path) = (dir.path().join("a.txt"), dir.path().join("b.bin"));
     let (a, b) = (b"hello, ".to_vec(), pseudo_random(70_000, 7));
@@ -331,14 +243,14 @@ fn put_recipe_get_round_trip_and_status() {
 
     // The server also comes from DERIVA_SERVER.
     let mut cmd = deriva_cmd(&["resolve", &r]);
-    cmd.env("DERIVA_SERVER", &server.url);
+    cmd.env("DERIVA_SERVER", server.url());
     let out = run(cmd, None).success(&["resolve"]);
     assert!(out.starts_with("function: concat\n"), "{out}");
 }
 
 #[test]
 fn put_reads_stdin() {
-    let server = ServerProc::start();
+    let server = ServerProcess::start();
     let data = pseudo_random(300_000, 42);
     let out = run(server.deriva(&["put", "-"]), Some(data.clone())).success(&["put", "-"]);
     assert_eq!(out, format!("{}\n", CAddr::for_leaf(&data)));
@@ -349,7 +261,7 @@ fn put_reads_stdin() {
 
 #[test]
 fn unknown_address_is_not_found_and_leaves_no_file() {
-    let server = ServerProc::start();
+    let server = ServerProcess::start();
     let unknown = CAddr::for_leaf(b"never stored").to_string();
     let line = run(server.deriva(&["get", &unknown]), None).failure(1);
     assert!(line.contains("not found"), "{line}");
@@ -387,7 +299,7 @@ fn unknown_address_is_not_found_and_leaves_no_file() {
 
 #[test]
 fn unknown_function_is_named() {
-    let server = ServerProc::start();
+    let server = ServerProcess::start();
     let dir = tempfile::tempdir().unwrap();
     let leaf = dir.path().join("leaf");
     std::fs::write(&leaf, b"x").unwrap();
@@ -413,7 +325,7 @@ fn unknown_function_is_named() {
 fn large_derived_output_streams_to_a_file() {
     const LEAF: usize = 1 << 20;
     const COUNT: usize = 100;
-    let server = ServerProc::start();
+    let server = ServerProcess::start();
     let dir = tempfile::tempdir().unwrap();
     let leaf_path = dir.path().join("leaf.bin");
     let leaf = pseudo_random(LEAF, 0x5eed);
@@ -445,7 +357,7 @@ fn large_derived_output_streams_to_a_file() {
 
 #[test]
 fn resolve_invalidate_and_verify_a_recipe() {
-    let server = ServerProc::start();
+    let server = ServerProcess::start();
     let a = server.addr_of_stdin(b"abc");
     let b = server.addr_of_stdin(b"defg");
     let r = server.addr(&["recipe", "concat", "v1", "-i", &a, "-i", &b]);
@@ -495,19 +407,9 @@ fn resolve_invalidate_and_verify_a_recipe() {
     assert!(line.contains("leaf"), "{line}");
 }
 
-impl ServerProc {
-    /// `put -` of `data`; returns the address.
-    fn addr_of_stdin(&self, data: &[u8]) -> String {
-        let out = run(self.deriva(&["put", "-"]), Some(data.to_vec())).success(&["put", "-"]);
-        let addr = out.trim_end().to_owned();
-        assert_eq!(addr, CAddr::for_leaf(data).to_string());
-        addr
-    }
-}
-
 #[test]
 fn every_request_carries_the_commands_trace_context_and_trace_prints_its_id() {
-    let server = ServerProc::start();
+    let server = ServerProcess::start();
     // A failing call: failures are logged at INFO (successes only at DEBUG).
     let unknown = "0".repeat(64);
     let out = run(server.deriva(&["--trace", "get", &unknown]), None);
@@ -520,20 +422,10 @@ fn every_request_carries_the_commands_trace_context_and_trace_prints_its_id() {
         .to_owned();
     assert!(trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit()));
     // The server's log line for that call carries the same trace id.
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match server.logs.recv_timeout(left) {
-            Ok(line)
-                if line.contains("rpc failed")
-                    && line.contains(&format!("trace_id={trace_id}")) =>
-            {
-                break;
-            }
-            Ok(_) => {}
-            Err(e) => panic!("no server log line with trace_id={trace_id} ({e:?})"),
-        }
-    }
+    let with_id = format!("trace_id={trace_id}");
+    server.wait_for_stderr(&format!("line with {with_id}"), |line| {
+        line.contains("rpc failed") && line.contains(&with_id)
+    });
     // Without --trace nothing is printed, but a trace context is still sent.
     let out = run(server.deriva(&["status"]), None);
     assert!(!out.stderr.contains("trace id"));
@@ -541,7 +433,7 @@ fn every_request_carries_the_commands_trace_context_and_trace_prints_its_id() {
 
 #[test]
 fn bench_runs_every_workload_and_reports_json() {
-    let server = ServerProc::start();
+    let server = ServerProcess::start();
     for workload in ["cached-get", "leaf-get", "compute-get", "put-leaf", "mixed"] {
         let out = server.ok(&[
             "bench",
@@ -590,7 +482,7 @@ fn bench_runs_every_workload_and_reports_json() {
 
 #[test]
 fn get_explain_prints_the_materialization_tree() {
-    let server = ServerProc::start();
+    let server = ServerProcess::start();
     let dir = tempfile::tempdir().unwrap();
     let (a, c) = (dir.path().join("a"), dir.path().join("c"));
     std::fs::write(&a, b"hello ").unwrap();

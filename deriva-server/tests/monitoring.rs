@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{DEADLINE, DerivaServer, NOWHERE, Prometheus, get_all, put_leaf, put_recipe, require};
+use common::{
+    DEADLINE, NOWHERE, Prometheus, ServerProcess, get_all, put_leaf, put_recipe, require,
+};
 use deriva_server::proto::deriva_client::DerivaClient;
 use deriva_server::proto::{InvalidateRequest, ResolveRequest, StatusRequest, VerifyRequest};
 use serde_json::Value;
@@ -437,7 +439,9 @@ async fn every_dashboard_alert_and_recording_query_returns_data() {
     require("prometheus");
     let (checks, rules) = all_checks();
     let deadline = Instant::now() + DEADLINE;
-    let server = DerivaServer::start();
+    let server = ServerProcess::options()
+        .args(["--verification", "dual"])
+        .start();
     let mut client = server.client().await;
 
     // A first round by hand, so that every histogram family has its first observation, then
@@ -459,7 +463,7 @@ async fn every_dashboard_alert_and_recording_query_returns_data() {
         }
     });
 
-    let config = derived_config(&server.metrics);
+    let config = derived_config(server.metrics_addr());
     let rule_files = [
         repo_path("monitoring/alerts.yml"),
         repo_path("monitoring/recording.yml"),

@@ -8,117 +8,30 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Logs, families, http_get, put_leaf, put_recipe, sample};
+use common::{InProcess, families, http_get, sample};
 use deriva_compute::FunctionRegistry;
 use deriva_compute::testing::{Gate, wait_until};
 use deriva_core::{CAddr, FunctionId};
 use deriva_server::proto::deriva_client::DerivaClient;
 use deriva_server::proto::{ExplainRequest, GetRequest, PutRecipeRequest, StatusRequest};
-use deriva_server::telemetry::{LogFormat, Telemetry, TelemetryConfig};
-use deriva_server::{Config, Server};
+use deriva_server::telemetry::{LogFormat, TelemetryConfig};
 use fake_opentelemetry_collector::FakeCollectorServer;
-use tokio::sync::oneshot;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
-struct Obs {
-    _dir: tempfile::TempDir,
-    telemetry: Telemetry,
-    client: DerivaClient<Channel>,
-    http: String,
-    logs: Logs,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), deriva_server::ServeError>>>,
+/// The server with telemetry of its own built from `telemetry`, and the HTTP listener.
+async fn observed(telemetry: TelemetryConfig) -> InProcess {
+    InProcess::builder()
+        .telemetry(telemetry)
+        .http()
+        .start()
+        .await
 }
 
-impl Obs {
-    async fn start(telemetry: TelemetryConfig) -> Self {
-        Self::start_with(telemetry, FunctionRegistry::with_builtins()).await
-    }
-
-    async fn start_with(telemetry: TelemetryConfig, functions: FunctionRegistry) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let telemetry = Telemetry::new(TelemetryConfig {
-            // The per-call "rpc finished" line is DEBUG.
-            log_filter: Some("info,deriva_server=debug".into()),
-            ..telemetry
-        })
-        .unwrap();
-        let logs = Logs::default();
-        let dispatch = telemetry.subscriber(logs.clone()).unwrap();
-        let config = Config {
-            data_dir: dir.path().to_owned(),
-            ..Config::default()
-        };
-        let server = Server::open_with(config, functions, &telemetry.meter())
-            .unwrap()
-            .with_registry(telemetry.registry().clone())
-            .with_trace_store(telemetry.traces().clone())
-            .with_dispatch(dispatch);
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(grpc, Some(http), async move {
-            let _ = stopped.await;
-        }));
-        let channel = Channel::from_shared(format!("http://{grpc_addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        Self {
-            _dir: dir,
-            telemetry,
-            client: DerivaClient::new(channel),
-            http: http_addr.to_string(),
-            logs,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    async fn plain() -> Self {
-        Self::start(TelemetryConfig::default()).await
-    }
-
-    async fn scrape(&self) -> String {
-        let resp = http_get(&self.http, "/metrics").await.unwrap();
-        assert_eq!(resp.status, 200);
-        resp.body
-    }
-
-    async fn put(&mut self, data: &[u8]) -> Bytes {
-        put_leaf(&mut self.client, data).await
-    }
-
-    async fn recipe(&mut self, name: &str, inputs: &[&Bytes]) -> Bytes {
-        put_recipe(&mut self.client, name, inputs, &[]).await
-    }
-
-    async fn get(
-        &mut self,
-        req: tonic::Request<GetRequest>,
-    ) -> Result<(Vec<u8>, tonic::metadata::MetadataMap), tonic::Status> {
-        let resp = self.client.get(req).await?;
-        let meta = resp.metadata().clone();
-        let mut stream = resp.into_inner();
-        let mut out = Vec::new();
-        while let Some(m) = stream.message().await? {
-            out.extend_from_slice(&m.chunk);
-        }
-        Ok((out, meta))
-    }
-
-    async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(60), self.task.take().unwrap())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-    }
+/// [`observed`] with the default telemetry settings.
+async fn plain() -> InProcess {
+    observed(TelemetryConfig::default()).await
 }
 
 fn get_req(addr: &Bytes) -> tonic::Request<GetRequest> {
@@ -126,7 +39,7 @@ fn get_req(addr: &Bytes) -> tonic::Request<GetRequest> {
 }
 
 /// Polls `/metrics` until `series` has `want`.
-async fn wait_sample(obs: &Obs, series: &str, want: f64) {
+async fn wait_sample(obs: &InProcess, series: &str, want: f64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let got = sample(&obs.scrape().await, series);
@@ -143,8 +56,8 @@ async fn wait_sample(obs: &Obs, series: &str, want: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint_answers_200_with_the_prometheus_format() {
-    let obs = Obs::plain().await;
-    let resp = http_get(&obs.http, "/metrics").await.unwrap();
+    let obs = plain().await;
+    let resp = http_get(obs.http_addr(), "/metrics").await.unwrap();
     assert_eq!(resp.status, 200);
     assert_eq!(
         resp.header("content-type"),
@@ -174,16 +87,16 @@ async fn metrics_endpoint_answers_200_with_the_prometheus_format() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpc_total_counts_ok_and_error_and_the_gauge_returns_to_zero() {
-    let mut obs = Obs::plain().await;
+    let mut obs = plain().await;
     let a = obs.put(b"abc").await;
-    obs.get(get_req(&a)).await.unwrap();
+    obs.get_with_metadata(get_req(&a)).await.unwrap();
     let err = obs
-        .get(get_req(&Bytes::from(vec![1u8; 31])))
+        .get_with_metadata(get_req(&Bytes::from(vec![1u8; 31])))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = obs
-        .get(get_req(&Bytes::from(vec![1u8; 32])))
+        .get_with_metadata(get_req(&Bytes::from(vec![1u8; 32])))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -219,7 +132,7 @@ async fn rpc_total_counts_ok_and_error_and_the_gauge_returns_to_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_hanging_up_mid_stream_counts_as_error_and_releases_the_gauge() {
-    let mut obs = Obs::plain().await;
+    let mut obs = plain().await;
     let mib: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
     let leaf = obs.put(&mib).await;
     let req = PutRecipeRequest {
@@ -257,12 +170,15 @@ async fn a_client_hanging_up_mid_stream_counts_as_error_and_releases_the_gauge()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_flow_shows_every_documented_family_as_the_readme_says() {
-    let mut obs = Obs::plain().await;
+    let mut obs = plain().await;
     let a = obs.put(b"hello ").await;
     let b = obs.put(b"world").await;
-    let ab = obs.recipe("concat", &[&a, &b]).await;
-    assert_eq!(obs.get(get_req(&ab)).await.unwrap().0, b"hello world");
-    obs.get(get_req(&ab)).await.unwrap();
+    let ab = obs.recipe("concat", &[&a, &b], &[]).await;
+    assert_eq!(
+        obs.get_with_metadata(get_req(&ab)).await.unwrap().0,
+        b"hello world"
+    );
+    obs.get_with_metadata(get_req(&ab)).await.unwrap();
     obs.client
         .verify(deriva_server::proto::VerifyRequest { addr: ab.clone() })
         .await
@@ -343,13 +259,13 @@ async fn full_flow_shows_every_documented_family_as_the_readme_says() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_response_carries_request_and_trace_ids() {
-    let mut obs = Obs::plain().await;
+    let mut obs = plain().await;
     let a = obs.put(b"x").await;
     // Streaming, with the caller's request id.
     let mut req = get_req(&a);
     req.metadata_mut()
         .insert("x-request-id", MetadataValue::from_static("req-42"));
-    let (_, meta) = obs.get(req).await.unwrap();
+    let (_, meta) = obs.get_with_metadata(req).await.unwrap();
     assert_eq!(meta.get("x-request-id").unwrap(), "req-42");
     let trace_id = meta.get("x-trace-id").unwrap().to_str().unwrap().to_owned();
     assert_eq!(trace_id.len(), 32);
@@ -371,7 +287,7 @@ async fn every_response_carries_request_and_trace_ids() {
     assert_ne!(resp.metadata().get("x-request-id").unwrap(), "a\"b c");
     // Errors too.
     let err = obs
-        .get(get_req(&Bytes::from(vec![1u8; 32])))
+        .get_with_metadata(get_req(&Bytes::from(vec![1u8; 32])))
         .await
         .unwrap_err();
     assert!(
@@ -394,19 +310,25 @@ async fn every_response_carries_request_and_trace_ids() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_endpoints() {
-    let obs = Obs::plain().await;
-    let health = http_get(&obs.http, "/health").await.unwrap();
+    let obs = plain().await;
+    let health = http_get(obs.http_addr(), "/health").await.unwrap();
     assert_eq!(health.status, 200);
     let json: serde_json::Value = serde_json::from_str(&health.body).unwrap();
     assert_eq!(json["status"], "healthy");
     assert_eq!(json["dag_recipes"], 0);
     assert_eq!(json["cache_entries"], 0);
     assert!(json["uptime_seconds"].is_u64());
-    assert_eq!(http_get(&obs.http, "/healthz").await.unwrap().status, 200);
-    assert_eq!(http_get(&obs.http, "/readyz").await.unwrap().status, 200);
+    assert_eq!(
+        http_get(obs.http_addr(), "/healthz").await.unwrap().status,
+        200
+    );
+    assert_eq!(
+        http_get(obs.http_addr(), "/readyz").await.unwrap().status,
+        200
+    );
     // Break the store under the server: /health must say so.
-    std::fs::remove_dir_all(obs._dir.path().join("blobs")).unwrap();
-    let health = http_get(&obs.http, "/health").await.unwrap();
+    std::fs::remove_dir_all(obs.dir().join("blobs")).unwrap();
+    let health = http_get(obs.http_addr(), "/health").await.unwrap();
     assert_eq!(health.status, 503);
     let json: serde_json::Value = serde_json::from_str(&health.body).unwrap();
     assert_eq!(json["status"], "unhealthy");
@@ -435,7 +357,7 @@ fn traceparent(trace: &str, span: &str) -> MetadataValue<tonic::metadata::Ascii>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_of_one_get_reach_a_real_otlp_receiver_as_one_tree() {
     let mut collector = FakeCollectorServer::start().await.unwrap();
-    let mut obs = Obs::start(TelemetryConfig {
+    let mut obs = observed(TelemetryConfig {
         otlp_endpoint: Some(collector.endpoint()),
         log_format: LogFormat::Json,
         // Only the forced request below is sampled, so the receiver sees exactly its spans.
@@ -445,18 +367,18 @@ async fn spans_of_one_get_reach_a_real_otlp_receiver_as_one_tree() {
     .await;
     let a = obs.put(b"hello ").await;
     let c = obs.put(b"dlrow").await;
-    let b = obs.recipe("reverse", &[&c]).await;
-    let top = obs.recipe("concat", &[&a, &b]).await;
+    let b = obs.recipe("reverse", &[&c], &[]).await;
+    let top = obs.recipe("concat", &[&a, &b], &[]).await;
 
     let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
     let mut req = get_req(&top);
     req.metadata_mut()
         .insert("traceparent", traceparent(caller_trace, caller_span));
-    let (bytes, meta) = obs.get(req).await.unwrap();
+    let (bytes, meta) = obs.get_with_metadata(req).await.unwrap();
     assert_eq!(bytes, b"hello world");
     assert_eq!(meta.get("x-trace-id").unwrap(), caller_trace);
-    obs.telemetry.tracer_provider().force_flush().unwrap();
+    obs.telemetry().tracer_provider().force_flush().unwrap();
     let spans = collector.exported_spans(12, Duration::from_secs(60)).await;
 
     assert!(
@@ -544,7 +466,7 @@ async fn spans_of_one_get_reach_a_real_otlp_receiver_as_one_tree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_traceparent_starts_a_new_root() {
     let mut collector = FakeCollectorServer::start().await.unwrap();
-    let mut obs = Obs::start(TelemetryConfig {
+    let mut obs = observed(TelemetryConfig {
         otlp_endpoint: Some(collector.endpoint()),
         sample_ratio: 0.0,
         ..TelemetryConfig::default()
@@ -558,8 +480,8 @@ async fn a_malformed_traceparent_starts_a_new_root() {
     );
     req.metadata_mut()
         .insert("x-deriva-trace", MetadataValue::from_static("force"));
-    let (_, meta) = obs.get(req).await.unwrap();
-    obs.telemetry.tracer_provider().force_flush().unwrap();
+    let (_, meta) = obs.get_with_metadata(req).await.unwrap();
+    obs.telemetry().tracer_provider().force_flush().unwrap();
     let spans = collector.exported_spans(1, Duration::from_secs(60)).await;
     let rpc = spans
         .iter()
@@ -576,7 +498,7 @@ async fn a_malformed_traceparent_starts_a_new_root() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ratio_zero_exports_nothing_unless_forced_and_a_sampled_caller_is_honored() {
     let mut collector = FakeCollectorServer::start().await.unwrap();
-    let mut obs = Obs::start(TelemetryConfig {
+    let mut obs = observed(TelemetryConfig {
         otlp_endpoint: Some(collector.endpoint()),
         sample_ratio: 0.0,
         ..TelemetryConfig::default()
@@ -584,9 +506,9 @@ async fn ratio_zero_exports_nothing_unless_forced_and_a_sampled_caller_is_honore
     .await;
     let a = obs.put(b"x").await;
     for _ in 0..5 {
-        obs.get(get_req(&a)).await.unwrap();
+        obs.get_with_metadata(get_req(&a)).await.unwrap();
     }
-    obs.telemetry.tracer_provider().force_flush().unwrap();
+    obs.telemetry().tracer_provider().force_flush().unwrap();
     assert!(
         collector
             .exported_spans(1, Duration::from_millis(500))
@@ -600,8 +522,8 @@ async fn ratio_zero_exports_nothing_unless_forced_and_a_sampled_caller_is_honore
         "traceparent",
         traceparent("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"),
     );
-    obs.get(req).await.unwrap();
-    obs.telemetry.tracer_provider().force_flush().unwrap();
+    obs.get_with_metadata(req).await.unwrap();
+    obs.telemetry().tracer_provider().force_flush().unwrap();
     let spans = collector.exported_spans(1, Duration::from_secs(60)).await;
     assert!(
         spans
@@ -615,19 +537,22 @@ async fn ratio_zero_exports_nothing_unless_forced_and_a_sampled_caller_is_honore
 /// Starts a server exporting to `endpoint`, runs `during` (e.g. killing the collector) between
 /// two batches of Gets that must all succeed, then checks shutdown stays within its bound.
 async fn serve_through_collector_trouble(endpoint: String, during: impl FnOnce()) {
-    let mut obs = Obs::start(TelemetryConfig {
+    let mut obs = observed(TelemetryConfig {
         otlp_endpoint: Some(endpoint),
         metric_export_interval: Duration::from_millis(200),
         ..TelemetryConfig::default()
     })
     .await;
     let a = obs.put(b"still serving").await;
-    obs.get(get_req(&a)).await.unwrap();
+    obs.get_with_metadata(get_req(&a)).await.unwrap();
     during();
     for _ in 0..20 {
-        assert_eq!(obs.get(get_req(&a)).await.unwrap().0, b"still serving");
+        assert_eq!(
+            obs.get_with_metadata(get_req(&a)).await.unwrap().0,
+            b"still serving"
+        );
     }
-    let telemetry = obs.telemetry.clone();
+    let telemetry = obs.telemetry().clone();
     obs.stop().await;
     let start = Instant::now();
     telemetry.shutdown(Duration::from_secs(5)).await;
@@ -650,9 +575,9 @@ async fn a_collector_dying_mid_run_does_not_stop_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_log_lines_inside_a_request_carry_trace_and_span_ids() {
-    let mut obs = Obs::plain().await;
+    let mut obs = plain().await;
     let a = obs.put(b"x").await;
-    let (_, meta) = obs.get(get_req(&a)).await.unwrap();
+    let (_, meta) = obs.get_with_metadata(get_req(&a)).await.unwrap();
     let trace_id = meta.get("x-trace-id").unwrap().to_str().unwrap().to_owned();
     let logs = obs.logs.text();
     let line = logs
@@ -665,13 +590,13 @@ async fn text_log_lines_inside_a_request_carry_trace_and_span_ids() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debug_traces_returns_the_same_tree_as_explain() {
-    let mut obs = Obs::plain().await;
+    let mut obs = plain().await;
     let a = obs.put(b"hello ").await;
     let c = obs.put(b"dlrow").await;
-    let b = obs.recipe("reverse", &[&c]).await;
-    let top = obs.recipe("concat", &[&a, &b]).await;
-    obs.get(get_req(&b)).await.unwrap(); // one input cached, the other a leaf
-    let (_, meta) = obs.get(get_req(&top)).await.unwrap();
+    let b = obs.recipe("reverse", &[&c], &[]).await;
+    let top = obs.recipe("concat", &[&a, &b], &[]).await;
+    obs.get_with_metadata(get_req(&b)).await.unwrap(); // one input cached, the other a leaf
+    let (_, meta) = obs.get_with_metadata(get_req(&top)).await.unwrap();
     let trace_id = meta.get("x-trace-id").unwrap().to_str().unwrap().to_owned();
 
     let explained = obs
@@ -690,7 +615,7 @@ async fn debug_traces_returns_the_same_tree_as_explain() {
         "{names:?}"
     );
 
-    let listed = http_get(&obs.http, "/debug/traces").await.unwrap();
+    let listed = http_get(obs.http_addr(), "/debug/traces").await.unwrap();
     assert_eq!(listed.status, 200);
     let lists: serde_json::Value = serde_json::from_str(&listed.body).unwrap();
     assert!(
@@ -701,7 +626,7 @@ async fn debug_traces_returns_the_same_tree_as_explain() {
             .any(|t| t["trace_id"] == trace_id.as_str())
     );
 
-    let one = http_get(&obs.http, &format!("/debug/traces/{trace_id}"))
+    let one = http_get(obs.http_addr(), &format!("/debug/traces/{trace_id}"))
         .await
         .unwrap();
     assert_eq!(one.status, 200);
@@ -739,17 +664,18 @@ async fn a_joined_materialization_links_to_the_computing_span() {
     let gate = Gate::new();
     let mut functions = FunctionRegistry::with_builtins();
     functions.register(FunctionId::new("gate", "v1").unwrap(), gate.function());
-    let mut obs = Obs::start_with(
-        TelemetryConfig {
+    let mut obs = InProcess::builder()
+        .telemetry(TelemetryConfig {
             otlp_endpoint: Some(collector.endpoint()),
             sample_ratio: 0.0,
             ..TelemetryConfig::default()
-        },
-        functions,
-    )
-    .await;
+        })
+        .http()
+        .functions(functions)
+        .start()
+        .await;
     let a = obs.put(b"x").await;
-    let slow = obs.recipe("gate", &[&a]).await;
+    let slow = obs.recipe("gate", &[&a], &[]).await;
     let forced_get = |mut client: DerivaClient<Channel>| {
         let mut req = get_req(&slow);
         req.metadata_mut()
@@ -774,7 +700,7 @@ async fn a_joined_materialization_links_to_the_computing_span() {
     first.await.unwrap().unwrap();
     joined.await.unwrap().unwrap();
     assert_eq!(gate.counts().started, 1, "one compute for both Gets");
-    obs.telemetry.tracer_provider().force_flush().unwrap();
+    obs.telemetry().tracer_provider().force_flush().unwrap();
     let spans = collector.exported_spans(10, Duration::from_secs(60)).await;
     let computing = spans
         .iter()

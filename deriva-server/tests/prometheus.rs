@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{
-    DEADLINE, DerivaServer, Prometheus, Series, get_all, percent_encode, put_leaf, put_recipe,
+    DEADLINE, Prometheus, Series, ServerProcess, get_all, percent_encode, put_leaf, put_recipe,
     require, sample, unix_now,
 };
 use deriva_server::proto::deriva_client::DerivaClient;
@@ -91,7 +91,9 @@ fn cache_lookups(exposition: &str) -> (f64, f64) {
 async fn the_design_queries_answer_from_a_real_prometheus() {
     require("prometheus");
     let deadline = Instant::now() + DEADLINE;
-    let server = DerivaServer::start();
+    let server = ServerProcess::options()
+        .args(["--verification", "dual"])
+        .start();
     let mut client = server.client().await;
 
     // The workload's first round by hand: two leaves, a concat/v1 recipe, misses then hits.
@@ -133,7 +135,7 @@ async fn the_design_queries_answer_from_a_real_prometheus() {
         }
     });
 
-    let mut prom = Prometheus::start(&server.metrics);
+    let mut prom = Prometheus::start(server.metrics_addr());
     prom.wait_ready(deadline).await;
     prom.poll_one(r#"up{job="deriva"}"#, deadline, |v| v == 1.0)
         .await;
@@ -309,7 +311,9 @@ sum without(result) (rate(deriva_verification_total[{WINDOW}]))"#
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promtool_accepts_the_exposition() {
     require("promtool");
-    let server = DerivaServer::start();
+    let server = ServerProcess::options()
+        .args(["--verification", "dual"])
+        .start();
     let mut client = server.client().await;
     // Every family present: leaves, a verified compute, hits, errors.
     let a = put_leaf(&mut client, b"hello ").await;

@@ -9,24 +9,21 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Logs, Rng, get_all, http_get, long_factor, put_leaf, put_recipe};
-use deriva_compute::FunctionRegistry;
+use common::{InProcess, Rng, get_all, hex, long_factor};
 use deriva_compute::testing::wait_until;
-use deriva_core::CAddr;
+use deriva_server::Config;
 use deriva_server::proto::deriva_client::DerivaClient;
 use deriva_server::proto::{
     ExplainRequest, GetRequest, InvalidateRequest, PutLeafRequest, PutRecipeRequest,
     ResolveRequest, StatusRequest, VerifyRequest,
 };
-use deriva_server::telemetry::{LogFormat, Telemetry, TelemetryConfig};
-use deriva_server::{Config, Server};
-use tokio::sync::oneshot;
+use deriva_server::telemetry::{LogFormat, TelemetryConfig};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
@@ -54,143 +51,19 @@ fn count_panics() {
     });
 }
 
-/// The server function on port 0 with its own telemetry, registry and captured logs.
-struct Srv {
-    _dir: tempfile::TempDir,
-    dir: PathBuf,
-    _telemetry: Telemetry,
-    /// The engine behind the server, to set up large fixtures without an RPC each.
-    exec: deriva_compute::AsyncExecutor,
-    client: DerivaClient<Channel>,
-    channel: Channel,
-    grpc: String,
-    http: String,
-    logs: Logs,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), deriva_server::ServeError>>>,
-}
-
-impl Srv {
-    async fn start(log_format: LogFormat, tweak: impl FnOnce(&mut Config)) -> Self {
-        count_panics();
-        let dir = tempfile::tempdir().unwrap();
-        let telemetry = Telemetry::new(TelemetryConfig {
+/// The server function on port 0 with telemetry of its own (log lines in `log_format`) and the
+/// HTTP listener; counts server panics from now on.
+async fn start(log_format: LogFormat, tweak: impl FnOnce(&mut Config)) -> InProcess {
+    count_panics();
+    InProcess::builder()
+        .config(tweak)
+        .telemetry(TelemetryConfig {
             log_format,
-            // The per-call "rpc finished" line is DEBUG.
-            log_filter: Some("info,deriva_server=debug".into()),
             ..TelemetryConfig::default()
         })
-        .unwrap();
-        let logs = Logs::default();
-        let dispatch = telemetry.subscriber(logs.clone()).unwrap();
-        let mut config = Config {
-            data_dir: dir.path().to_owned(),
-            ..Config::default()
-        };
-        tweak(&mut config);
-        let server = Server::open_with(
-            config,
-            FunctionRegistry::with_builtins(),
-            &telemetry.meter(),
-        )
-        .unwrap()
-        .with_registry(telemetry.registry().clone())
-        .with_trace_store(telemetry.traces().clone())
-        .with_dispatch(dispatch);
-        let exec = server.executor().clone();
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(grpc, Some(http), async move {
-            let _ = stopped.await;
-        }));
-        let channel = Channel::from_shared(format!("http://{grpc_addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        Self {
-            dir: dir.path().to_owned(),
-            _dir: dir,
-            _telemetry: telemetry,
-            exec,
-            client: DerivaClient::new(channel.clone())
-                .max_decoding_message_size(1 << 30)
-                .max_encoding_message_size(1 << 30),
-            channel,
-            grpc: grpc_addr.to_string(),
-            http: http_addr.to_string(),
-            logs,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    /// A client on a connection of its own.
-    async fn new_client(&self) -> DerivaClient<Channel> {
-        DerivaClient::connect(format!("http://{}", self.grpc))
-            .await
-            .unwrap()
-    }
-
-    async fn scrape(&self) -> String {
-        let resp = http_get(&self.http, "/metrics").await.unwrap();
-        assert_eq!(resp.status, 200);
-        resp.body
-    }
-
-    async fn put(&mut self, data: &[u8]) -> Bytes {
-        put_leaf(&mut self.client, data).await
-    }
-
-    async fn recipe(&mut self, name: &str, inputs: &[&Bytes], params: &[(&str, &str)]) -> Bytes {
-        put_recipe(&mut self.client, name, inputs, params).await
-    }
-
-    async fn get(&mut self, addr: &Bytes) -> Result<Vec<u8>, tonic::Status> {
-        get_all(&mut self.client, addr).await
-    }
-
-    /// Asserts the standard gRPC health check answers SERVING, overall and for the service.
-    async fn assert_serving(&self) {
-        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
-        for service in ["", "deriva.Deriva"] {
-            let status = health
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: service.into(),
-                })
-                .await
-                .unwrap_or_else(|e| panic!("health check {service:?}: {e}"))
-                .into_inner()
-                .status();
-            assert_eq!(
-                status,
-                tonic_health::pb::health_check_response::ServingStatus::Serving,
-                "health of {service:?}"
-            );
-        }
-    }
-
-    fn blob_path(&self, addr: &Bytes) -> PathBuf {
-        let hex = hex(addr);
-        self.dir.join("blobs").join(&hex[..2]).join(hex)
-    }
-
-    async fn stop(mut self) {
-        // `serve` returns once every handle on the store is gone, this one included.
-        drop(self.exec);
-        self.stop.take().unwrap().send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(60), self.task.take().unwrap())
-            .await
-            .expect("the server stops within its grace")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-fn hex(addr: &Bytes) -> String {
-    CAddr::from_slice(addr).unwrap().to_hex()
+        .http()
+        .start()
+        .await
 }
 
 /// Sample lines of an exposition (no comments).
@@ -272,7 +145,7 @@ fn assert_data_loss(r: Result<Vec<u8>, tonic::Status>, culprit: &str, what: &str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_blobs_answer_data_loss_and_are_never_served() {
-    let mut s = Srv::start(LogFormat::Json, |_| {}).await;
+    let mut s = start(LogFormat::Json, |_| {}).await;
     let a = s.put(&[b'a'; 4096]).await;
     let b = s.put(b"bravo").await;
     let c = s.put(&[b'c'; 10_000]).await;
@@ -380,7 +253,7 @@ async fn corrupted_blobs_answer_data_loss_and_are_never_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn detected_corruptions_are_counted() {
     const FAMILY: &str = "deriva_storage_corruption_total";
-    let mut s = Srv::start(LogFormat::Json, |_| {}).await;
+    let mut s = start(LogFormat::Json, |_| {}).await;
     let a = s.put(b"to be damaged").await;
     let over = s.recipe("reverse", &[&a], &[]).await;
     let counted = |m: &str| common::sample(m, FAMILY);
@@ -686,7 +559,7 @@ async fn generated_bad_input_gets_only_documented_codes() {
     let mut rng = Rng::from_env("bad-input campaign");
     let seed = rng.0;
     let panics_before = SERVER_PANICS.load(Ordering::SeqCst);
-    let mut s = Srv::start(LogFormat::Text, |c| c.max_message_bytes = LIMIT).await;
+    let mut s = start(LogFormat::Text, |c| c.max_message_bytes = LIMIT).await;
     let mut leaves = Vec::new();
     for i in 0..16 {
         let data = format!("leaf {i} of the bad-input campaign ").repeat(i + 1);
@@ -748,7 +621,7 @@ async fn generated_bad_input_gets_only_documented_codes() {
 async fn a_deep_chain_materializes_without_overflow() {
     let depth = if long_factor() > 1 { 10_000 } else { 2_000 };
     let panics_before = SERVER_PANICS.load(Ordering::SeqCst);
-    let mut s = Srv::start(LogFormat::Text, |_| {}).await;
+    let mut s = start(LogFormat::Text, |_| {}).await;
     let leaf = s.put(b"the bottom of a deep chain").await;
     let started = Instant::now();
     let mut top = leaf.clone();
@@ -785,7 +658,7 @@ async fn a_deep_chain_materializes_without_overflow() {
 async fn concurrent_invalidations_during_gets_never_serve_wrong_bytes() {
     let duration = Duration::from_secs(2) * long_factor() as u32;
     let panics_before = SERVER_PANICS.load(Ordering::SeqCst);
-    let mut s = Srv::start(LogFormat::Text, |_| {}).await;
+    let mut s = start(LogFormat::Text, |_| {}).await;
     let l1 = s.put(b"hello ").await;
     let l2 = s.put(b"world").await;
     let up = s.recipe("uppercase", &[&l1], &[]).await;
@@ -980,7 +853,7 @@ fn rejected_by_transport(e: &tonic::Status) -> bool {
 /// Sends every hostile value, each with a Get and a Status on a connection of its own, next to
 /// a victim request with a valid `traceparent` on another connection. Returns the problems, and
 /// how many hostile requests the HTTP/2 layer refused outright.
-async fn send_hostile(s: &mut Srv) -> (Vec<String>, u64) {
+async fn send_hostile(s: &mut InProcess) -> (Vec<String>, u64) {
     let leaf = s.put(b"hostile metadata target").await;
     let mut problems = Vec::new();
     let mut refused = 0;
@@ -1067,7 +940,7 @@ async fn send_hostile(s: &mut Srv) -> (Vec<String>, u64) {
 /// a 64 KiB `traceparent` with a connection-wide GOAWAY instead, failing every concurrent call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_header_fails_only_its_own_request() {
-    let mut s = Srv::start(LogFormat::Text, |_| {}).await;
+    let mut s = start(LogFormat::Text, |_| {}).await;
     let leaf = s.put(b"shared connection").await;
     let shared = s.new_client().await;
     let (mut hostile, mut victim) = (shared.clone(), shared);
@@ -1090,7 +963,7 @@ async fn an_oversized_header_fails_only_its_own_request() {
     s.stop().await;
 }
 
-async fn assert_no_hostile_label(s: &Srv) {
+async fn assert_no_hostile_label(s: &InProcess) {
     let metrics = s.scrape().await;
     for (k, v) in label_values(&metrics) {
         assert!(
@@ -1102,7 +975,7 @@ async fn assert_no_hostile_label(s: &Srv) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_metadata_breaks_no_json_log_line_label_or_trace() {
-    let mut s = Srv::start(LogFormat::Json, |_| {}).await;
+    let mut s = start(LogFormat::Json, |_| {}).await;
     let (problems, refused) = send_hostile(&mut s).await;
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     eprintln!(
@@ -1143,7 +1016,7 @@ async fn hostile_metadata_breaks_no_json_log_line_label_or_trace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_metadata_breaks_no_text_log_line() {
-    let mut s = Srv::start(LogFormat::Text, |_| {}).await;
+    let mut s = start(LogFormat::Text, |_| {}).await;
     let (problems, refused) = send_hostile(&mut s).await;
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     eprintln!(
@@ -1182,7 +1055,7 @@ async fn rejected_functions_add_no_label_values() {
     let total = 10_000 * long_factor();
     let mut rng = Rng::from_env("cardinality campaign");
     let seed = rng.0;
-    let mut s = Srv::start(LogFormat::Text, |_| {}).await;
+    let mut s = start(LogFormat::Text, |_| {}).await;
     let leaf = s.put(b"cardinality").await;
     // Every family with its usual labels, before the flood.
     let ok = s.recipe("uppercase", &[&leaf], &[]).await;
@@ -1329,12 +1202,12 @@ async fn store_chain(exec: &deriva_compute::AsyncExecutor, tag: &str, depth: usi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deep_chain_get_is_linear_in_depth_with_telemetry() {
     const DEPTHS: [usize; 2] = [250, 4000];
-    let mut s = Srv::start(LogFormat::Json, |_| {}).await;
+    let mut s = start(LogFormat::Json, |_| {}).await;
     let mut best = [Duration::MAX; 2];
     for round in 0..3 {
         for (i, depth) in DEPTHS.into_iter().enumerate() {
             let tag = format!("chain of {depth}, round {round}");
-            let top = store_chain(&s.exec, &tag, depth).await;
+            let top = store_chain(s.executor(), &tag, depth).await;
             let started = Instant::now();
             assert_eq!(s.get(&top).await.unwrap(), tag.as_bytes());
             best[i] = best[i].min(started.elapsed());

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Rng, ServerOnDir, long_factor, sample};
+use common::{Rng, ServerProcess, long_factor, sample};
 use deriva_core::{CAddr, FunctionId, Params, Recipe};
 use deriva_server::proto::deriva_client::DerivaClient;
 use deriva_server::proto::{GetRequest, PutLeafRequest, PutRecipeRequest, StatusRequest};
@@ -179,7 +179,7 @@ async fn acknowledged_puts_survive_sigkill_under_load() {
     for round in 0..=rounds {
         let ctx = format!("seed {seed}, round {round}");
         let t0 = Instant::now();
-        let mut server = ServerOnDir::start(dir, &[]);
+        let mut server = ServerProcess::options().dir(dir).start();
         let mut client = server.client().await;
         if round > 0 {
             restarts.push(t0.elapsed());

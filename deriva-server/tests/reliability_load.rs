@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{ServerOnDir, deriva_bin, http_get, long_factor, sample};
+use common::{ServerProcess, deriva_bin, http_get, long_factor, sample};
 use deriva_compute::testing::wait_until;
 use parking_lot::Mutex;
 
@@ -54,10 +54,9 @@ fn check(report: &serde_json::Value, phase: &str) -> (u64, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_scrapers_under_cached_get_load() {
     let secs = 3 * long_factor();
-    let data = tempfile::tempdir().unwrap();
-    let server = ServerOnDir::start(data.path(), &[]);
+    let server = ServerProcess::start();
 
-    let alone = bench(&server.grpc, secs).await;
+    let alone = bench(server.grpc_addr(), secs).await;
     let (requests_alone, p99_alone) = check(&alone, "without scrapers");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -66,7 +65,7 @@ async fn thirty_two_scrapers_under_cached_get_load() {
     let mut scrapers = Vec::new();
     for _ in 0..SCRAPERS {
         let (addr, stop, scrapes, failures) = (
-            server.metrics.clone(),
+            server.metrics_addr().to_owned(),
             stop.clone(),
             scrapes.clone(),
             failures.clone(),
@@ -85,7 +84,7 @@ async fn thirty_two_scrapers_under_cached_get_load() {
             }
         }));
     }
-    let loaded = bench(&server.grpc, secs).await;
+    let loaded = bench(server.grpc_addr(), secs).await;
     // On a loaded machine the scrapers may have had little time: let them go on until there
     // were at least as many scrapes as scrapers.
     wait_until("as many scrapes as scrapers, or a failed one", || {
