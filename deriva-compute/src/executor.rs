@@ -502,15 +502,20 @@ impl AsyncExecutor {
     ) -> Result<(Bytes, Duration)> {
         // The permit moves into the blocking closure: a compute holds it until it returns,
         // even when every caller has gone and this task was aborted.
-        let permit = self
-            .inner
-            .computes
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| DerivaError::TaskCancelled {
-                task: format!("{addr}: waiting for a compute slot"),
-            })?;
+        let permit = match self.inner.computes.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let _waiting = self.inner.stats.waiting_guard();
+                self.inner
+                    .computes
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| DerivaError::TaskCancelled {
+                        task: format!("{addr}: waiting for a compute slot"),
+                    })?
+            }
+        };
         let (function, inputs, params) = (function.clone(), inputs.clone(), params.clone());
         let ran = run_blocking(span, move || {
             let _permit = permit;

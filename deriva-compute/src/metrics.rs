@@ -82,6 +82,7 @@ pub struct ExecStats {
     saved_nanos: AtomicU64,
     corruptions: AtomicU64,
     active: AtomicI64,
+    waiting: AtomicI64,
     verify_pass: AtomicU64,
     verify_fail: AtomicU64,
 }
@@ -119,6 +120,17 @@ impl ExecStats {
     /// Materialize calls in progress now (every level of a recipe tree counts).
     pub fn active(&self) -> i64 {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Computes waiting for a compute permit now (all permits were taken when they asked).
+    pub fn computes_waiting(&self) -> i64 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Counts one compute as waiting for a permit until the guard drops.
+    pub(crate) fn waiting_guard(self: &Arc<Self>) -> WaitingGuard {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        WaitingGuard(self.clone())
     }
 
     /// Counts one materialization as active until the guard drops, even on error or
@@ -351,5 +363,15 @@ impl ComputeMetrics {
             .get(id)
             .map(|a| a.as_slice())
             .unwrap_or(&[])
+    }
+}
+
+/// See [`ExecStats::waiting_guard`].
+#[derive(Debug)]
+pub(crate) struct WaitingGuard(Arc<ExecStats>);
+
+impl Drop for WaitingGuard {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -490,8 +490,8 @@ async fn a_client_that_hangs_up_stops_the_work_on_its_behalf() {
     s.stop().await;
 }
 
-/// Race 3: `serve` returns only once every handle on the store is gone, so the data
-/// directory opens again at once. A Get still computing when the shutdown grace ends is cut
+/// Race 3 of RELIABILITY.md: `serve` returns only once every handle on the store is gone, so the
+/// data directory opens again at once. A Get still computing when the shutdown grace ends is cut
 /// off (`UNAVAILABLE`) and its materialization dropped; the held compute itself runs on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_returns_only_when_the_store_can_be_reopened() {
