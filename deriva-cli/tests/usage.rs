@@ -2,10 +2,12 @@
 //! RPC, and a server that cannot be reached. The tests against a real server are in
 //! `deriva-server/tests/cli.rs`.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::Output;
 
 /// How long one `deriva` command may take.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -13,72 +15,11 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// Where nothing listens: port 1 (tcpmux) is never handed out by a bind to port 0.
 const NOWHERE: &str = "http://127.0.0.1:1";
 
-struct Output {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Output {
-    /// Asserts a failure with `code` and exactly one `deriva: ...` line on stderr; returns it.
-    fn failure(self, code: i32) -> String {
-        assert_eq!(
-            self.code,
-            Some(code),
-            "expected exit code {code}; stderr: {}",
-            self.stderr
-        );
-        let lines: Vec<&str> = self.stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "not one line: {:?}", self.stderr);
-        assert!(lines[0].starts_with("deriva: "), "{:?}", lines[0]);
-        assert!(
-            !lines[0].contains("panicked") && !lines[0].contains("Status {"),
-            "{:?}",
-            lines[0]
-        );
-        lines[0].to_owned()
-    }
-}
-
 /// Runs `deriva ARGS` with no server from the environment, waiting at most [`DEADLINE`].
 fn deriva(args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_deriva"))
-        .args(args)
-        .env_remove("DERIVA_SERVER")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn deriva");
-    let mut out_pipe = child.stdout.take().expect("piped stdout");
-    let mut err_pipe = child.stderr.take().expect("piped stderr");
-    let out = thread::spawn(move || {
-        let mut buf = String::new();
-        let _ = out_pipe.read_to_string(&mut buf);
-        buf
-    });
-    let err = thread::spawn(move || {
-        let mut buf = String::new();
-        let _ = err_pipe.read_to_string(&mut buf);
-        buf
-    });
-    let deadline = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for deriva") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("deriva {args:?} did not finish within {DEADLINE:?}");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        code: status.code(),
-        stdout: out.join().expect("stdout reader"),
-        stderr: err.join().expect("stderr reader"),
-    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_deriva"));
+    cmd.args(args).env_remove("DERIVA_SERVER");
+    support::run(cmd, None, DEADLINE)
 }
 
 #[test]
@@ -147,8 +88,9 @@ fn unreachable_server_names_the_url() {
 fn help_names_the_flags_and_bad_flags_exit_2() {
     let out = deriva(&["recipe", "--help"]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
-    assert!(out.stdout.contains("--param <KEY=VALUE>"), "{}", out.stdout);
-    assert!(out.stdout.contains("--input <ADDR>"), "{}", out.stdout);
+    let stdout = out.text();
+    assert!(stdout.contains("--param <KEY=VALUE>"), "{stdout}");
+    assert!(stdout.contains("--input <ADDR>"), "{stdout}");
     // clap's own errors: several lines, but the same exit code as every usage error.
     let out = deriva(&["bench", "--size", "12 parsecs"]);
     assert_eq!(out.code, Some(2), "{}", out.stderr);

@@ -7,16 +7,18 @@
 //! `cargo test -p deriva-server --test cli`.
 
 mod common;
+#[path = "../../deriva-cli/tests/support/mod.rs"]
+mod support;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::ServerProcess;
 use deriva_core::CAddr;
+use support::Output;
 
 /// How long a `deriva` command may take to finish.
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -68,96 +70,9 @@ fn deriva_cmd(args: &[&str]) -> Command {
     cmd
 }
 
-struct Output {
-    code: Option<i32>,
-    stdout: Vec<u8>,
-    stderr: String,
-}
-
-impl Output {
-    fn success(self, args: &[&str]) -> String {
-        assert_eq!(
-            self.code,
-            Some(0),
-            "deriva {args:?} failed; stderr: {}",
-            self.stderr
-        );
-        assert!(
-            self.stderr.is_empty(),
-            "deriva {args:?} wrote to stderr: {}",
-            self.stderr
-        );
-        String::from_utf8(self.stdout).expect("UTF-8 stdout")
-    }
-
-    /// Asserts a failure with `code` and exactly one `deriva: ...` line on stderr; returns it.
-    fn failure(self, code: i32) -> String {
-        assert_eq!(
-            self.code,
-            Some(code),
-            "expected exit code {code}; stderr: {}",
-            self.stderr
-        );
-        let lines: Vec<&str> = self.stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "not one line: {:?}", self.stderr);
-        assert!(lines[0].starts_with("deriva: "), "{:?}", lines[0]);
-        assert!(
-            !lines[0].contains("panicked") && !lines[0].contains("Status {"),
-            "{:?}",
-            lines[0]
-        );
-        lines[0].to_owned()
-    }
-}
-
 /// Runs `cmd` (feeding `stdin` if given), waiting at most [`DEADLINE`].
-fn run(mut cmd: Command, stdin: Option<Vec<u8>>) -> Output {
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn deriva");
-    let feeder = stdin.map(|data| {
-        let mut pipe = child.stdin.take().expect("piped stdin");
-        thread::spawn(move || {
-            let _ = pipe.write_all(&data);
-        })
-    });
-    let mut out_pipe = child.stdout.take().expect("piped stdout");
-    let mut err_pipe = child.stderr.take().expect("piped stderr");
-    let out = thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = out_pipe.read_to_end(&mut buf);
-        buf
-    });
-    let err = thread::spawn(move || {
-        let mut buf = String::new();
-        let _ = err_pipe.read_to_string(&mut buf);
-        buf
-    });
-    let deadline = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for deriva") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("deriva {cmd:?} did not finish within {DEADLINE:?}");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    if let Some(feeder) = feeder {
-        feeder.join().expect("stdin feeder");
-    }
-    Output {
-        code: status.code(),
-        stdout: out.join().expect("stdout reader"),
-        stderr: err.join().expect("stderr reader"),
-    }
+fn run(cmd: Command, stdin: Option<Vec<u8>>) -> Output {
+    support::run(cmd, stdin, DEADLINE)
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*).
