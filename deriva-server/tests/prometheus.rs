@@ -1,6 +1,7 @@
-//! The real `deriva-server` binary scraped by a real Prometheus: every PromQL query of the
-//! design's §11 answers with the values the workload implies, and `promtool check metrics`
-//! accepts the exposition.
+//! The real `deriva-server` binary scraped by a real Prometheus: the PromQL queries an operator
+//! runs against the families of README.md's metrics reference (p99 latency, cache hit rate,
+//! verification failure rate, the shapes the `monitoring/` dashboard uses) answer with the
+//! values the workload implies, and `promtool check metrics` accepts the exposition.
 //!
 //! Needs the `prometheus` and `promtool` binaries on `PATH` (`bash .ci/run` installs them, or
 //! `apt-get install -y prometheus`); without them the tests fail, they never skip.
@@ -23,7 +24,7 @@ use deriva_server::proto::{InvalidateRequest, StatusRequest, VerifyRequest};
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// The window of the range queries: the design says `[5m]`, far longer than a test; with a 1 s
+/// The window of the range queries: dashboards use `[5m]`, far longer than a test; with a 1 s
 /// scrape interval 30 s holds plenty of samples, and every query keeps its shape.
 const WINDOW: &str = "30s";
 
@@ -88,7 +89,7 @@ fn cache_lookups(exposition: &str) -> (f64, f64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_design_queries_answer_from_a_real_prometheus() {
+async fn the_dashboard_queries_answer_from_a_real_prometheus() {
     require("prometheus");
     let deadline = Instant::now() + DEADLINE;
     let server = ServerProcess::options()
@@ -209,7 +210,7 @@ async fn the_design_queries_answer_from_a_real_prometheus() {
     assert_eq!(p99.label("method"), "get");
     assert!(p99.value > 0.0 && p99.value <= 10.0, "{p99:?}");
 
-    // Cache hit rate over time, as the design writes it. Its `+` matches series on every label,
+    // Cache hit rate over time, as it is usually first written. Its `+` matches series on every label,
     // `result` included, so `hit + miss` pairs nothing and the whole query is empty: recorded,
     // not asserted on.
     let literal = run(format!(
@@ -236,7 +237,7 @@ async fn the_design_queries_answer_from_a_real_prometheus() {
         hit_rate.value
     );
 
-    // The design's shape also works on the unlabelled pair of families, and agrees.
+    // The same shape also works on the unlabelled pair of families, and agrees.
     let pair = run(format!(
         "rate(deriva_cache_hit_total[{WINDOW}]) /
 (rate(deriva_cache_hit_total[{WINDOW}]) + rate(deriva_cache_miss_total[{WINDOW}]))"
@@ -275,7 +276,7 @@ async fn the_design_queries_answer_from_a_real_prometheus() {
     };
     assert_eq!(active.value, 0.0, "{active:?}");
 
-    // Verification failure rate, as the design writes it: `/` matches on every label, so it
+    // Verification failure rate, as it is usually first written: `/` matches on every label, so it
     // divides the fail rate by itself (0/0, NaN, while nothing fails). Recorded, not asserted on.
     let literal_failures = run(format!(
         r#"rate(deriva_verification_total{{result="fail"}}[{WINDOW}]) /
@@ -299,8 +300,8 @@ sum without(result) (rate(deriva_verification_total[{WINDOW}]))"#
     assert_eq!(failure_rate.value, 0.0, "{failure_rate:?}");
 
     eprintln!("{}", report.join("\n"));
-    eprintln!("design's literal hit-rate query: {literal:?}");
-    eprintln!("design's literal verification failure-rate query: {literal_failures:?}");
+    eprintln!("literal hit-rate query: {literal:?}");
+    eprintln!("literal verification failure-rate query: {literal_failures:?}");
     assert!(
         !server.stderr().contains(" ERROR "),
         "the server logged errors:\n{}",
