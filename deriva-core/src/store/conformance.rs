@@ -3,7 +3,7 @@
 //!
 //! A backend's tests instantiate it with [`conformance_tests!`](crate::conformance_tests):
 //!
-//! ```ignore
+//! ```text
 //! deriva_core::conformance_tests!(MyHarness::new());
 //! ```
 //!
