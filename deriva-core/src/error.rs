@@ -98,6 +98,16 @@ pub enum DerivaError {
         /// The panic payload, when it is a string.
         message: String,
     },
+    /// A remote backend (object store, database) cannot be reached or does not answer in time.
+    /// Retrying later may succeed; nothing was stored or served half-way.
+    #[error("{backend} is unavailable: {message}")]
+    Unavailable {
+        /// Which backend, as operators know it: `the object store s3://bucket`, `the index
+        /// database`.
+        backend: String,
+        /// What failed.
+        message: String,
+    },
     /// A background task was cancelled before it finished, because its runtime is shutting
     /// down.
     #[error("{task} was cancelled: the server is shutting down")]
@@ -173,6 +183,7 @@ impl DerivaError {
             Self::Decode { .. } => "decode",
             Self::TaskPanicked { .. } => "task_panicked",
             Self::TaskCancelled { .. } => "task_cancelled",
+            Self::Unavailable { .. } => "unavailable",
         }
     }
 }

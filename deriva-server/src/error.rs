@@ -46,7 +46,7 @@ impl From<ApiError> for Status {
     /// | compute failure | `INTERNAL`, with the function's message |
     /// | determinism violation, corrupted data | `DATA_LOSS` |
     /// | storage failure (I/O, database, undecodable row), panicked task | `INTERNAL`, detail in the server log only |
-    /// | task cancelled because the server is shutting down | `UNAVAILABLE` |
+    /// | task cancelled because the server is shutting down; a remote backend that cannot be reached (the message names it) | `UNAVAILABLE` |
     ///
     /// Oversized messages are rejected before any handler runs; see [`crate::rpc::status_rewrite`].
     fn from(err: ApiError) -> Status {
@@ -73,7 +73,9 @@ impl From<ApiError> for Status {
                 tracing::error!(error = %err, "data integrity failure");
                 Code::DataLoss
             }
-            DerivaError::TaskCancelled { .. } => Code::Unavailable,
+            DerivaError::TaskCancelled { .. } | DerivaError::Unavailable { .. } => {
+                Code::Unavailable
+            }
             DerivaError::Io { .. }
             | DerivaError::Database { .. }
             | DerivaError::Decode { .. }
