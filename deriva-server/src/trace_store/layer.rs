@@ -126,15 +126,21 @@ where
             return;
         };
         values.record(&mut Fields(&mut open.fields));
-        let trace_id = open
-            .fields
-            .iter()
-            .find(|(k, v)| k == spans::field::TRACE_ID && !v.is_empty())
-            .map(|(_, v)| v.clone());
-        if let (Some(request), Some(id)) = (ext.get_mut::<Request>(), trace_id)
-            && !request.explain
-            && request.counted_as_open.is_none()
-        {
+        // Only a request span's first recorded trace id counts it among the open traces; the
+        // spans below it pay nothing more here.
+        let wants_id = ext
+            .get_mut::<Request>()
+            .is_some_and(|r| !r.explain && r.counted_as_open.is_none());
+        if !wants_id {
+            return;
+        }
+        let trace_id = ext.get_mut::<Open>().and_then(|open| {
+            open.fields
+                .iter()
+                .find(|(k, v)| k == spans::field::TRACE_ID && !v.is_empty())
+                .map(|(_, v)| v.clone())
+        });
+        if let (Some(request), Some(id)) = (ext.get_mut::<Request>(), trace_id) {
             self.store.opened(&id);
             request.counted_as_open = Some(id);
         }
