@@ -156,18 +156,6 @@ impl DerivaError {
         }
     }
 
-    /// Whether this is a failure of the server or its storage rather than of the request: the
-    /// detail belongs in the server's log, not in the caller's answer.
-    pub fn is_internal(&self) -> bool {
-        matches!(
-            self,
-            Self::Io { .. }
-                | Self::Database { .. }
-                | Self::Decode { .. }
-                | Self::TaskPanicked { .. }
-        )
-    }
-
     /// A short, stable, snake_case name of the variant, for logs and bounded metric labels.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -58,10 +58,6 @@ impl From<ApiError> for Status {
             ApiError::TraceStoreOff => return Status::failed_precondition(err.to_string()),
             ApiError::Engine(e) => e,
         };
-        if err.is_internal() {
-            tracing::error!(error = %err, kind = err.kind(), "storage or task failure");
-            return Status::internal("internal storage error; the server log has the details");
-        }
         let code = match &err {
             DerivaError::InvalidInput(_) => Code::InvalidArgument,
             DerivaError::NotFound { .. } => Code::NotFound,
@@ -76,10 +72,14 @@ impl From<ApiError> for Status {
             DerivaError::TaskCancelled { .. } | DerivaError::Unavailable { .. } => {
                 Code::Unavailable
             }
+            // A failure of the server or its storage: the detail goes to the log only.
             DerivaError::Io { .. }
             | DerivaError::Database { .. }
             | DerivaError::Decode { .. }
-            | DerivaError::TaskPanicked { .. } => Code::Internal,
+            | DerivaError::TaskPanicked { .. } => {
+                tracing::error!(error = %err, kind = err.kind(), "storage or task failure");
+                return Status::internal("internal storage error; the server log has the details");
+            }
         };
         Status::new(code, err.to_string())
     }

@@ -193,11 +193,6 @@ impl Released {
     pub async fn wait(mut self) {
         while self.0.changed().await.is_ok() {}
     }
-
-    /// Whether every lease is gone already.
-    pub fn is_released(&self) -> bool {
-        self.0.has_changed().is_err()
-    }
 }
 
 /// The storage of one Deriva server: a [`BlobStore`] for leaves and a [`RecipeIndex`] for
