@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use deriva_core::task::spawn_blocking_in;
 use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result, Store};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared, WeakShared};
@@ -517,7 +518,7 @@ impl AsyncExecutor {
             }
         };
         let (function, inputs, params) = (function.clone(), inputs.clone(), params.clone());
-        let ran = run_blocking(span, move || {
+        let ran = spawn_blocking_in(span, move || {
             let _permit = permit;
             let start = Instant::now();
             let out = function.compute(&inputs, &params);
@@ -661,24 +662,6 @@ fn invalid_recipe(function: &FunctionId, addr: Option<CAddr>, e: &FunctionError)
         Some(addr) => DerivaError::InvalidInput(format!("{addr}: {function}: {e}")),
         None => DerivaError::InvalidInput(format!("{function}: {e}")),
     }
-}
-
-/// Runs `f` on the blocking pool inside `span`, with the caller's subscriber, so spans and logs
-/// from the blocking thread join the same trace.
-async fn run_blocking<T: Send + 'static>(
-    span: Span,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::result::Result<T, tokio::task::JoinError> {
-    let dispatch = tracing::dispatcher::get_default(Clone::clone);
-    tokio::task::spawn_blocking(move || {
-        tracing::dispatcher::with_default(&dispatch, move || {
-            let out = span.in_scope(f);
-            // Closed while `dispatch` is the default, so its parent is released too.
-            drop(span);
-            out
-        })
-    })
-    .await
 }
 
 /// The task of one shared materialization. Dropped when the last waiter leaves: it then aborts

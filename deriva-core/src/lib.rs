@@ -10,6 +10,7 @@
 //!   [`RecipeIndex`]), the [`Store`] built from one of each, the local backend
 //!   ([`store::local`], feature `local`, on by default: recipes in redb, leaf bytes in files) and
 //!   the conformance suite every backend passes (`store::conformance`, feature `conformance`).
+//! - [`task`]: blocking work on the blocking pool that stays in its caller's trace.
 //! - [`spans`]: the names of Deriva's spans and their fields, shared by the engine, the server's
 //!   trace store and the client's `--explain`.
 //!
@@ -75,6 +76,7 @@ pub mod recipe;
 pub mod size;
 pub mod spans;
 pub mod store;
+pub mod task;
 
 pub use addr::{AddrParseError, CAddr};
 pub use error::{DerivaError, Result};

@@ -72,8 +72,8 @@ pub fn damage_recipe_row(data_dir: &Path, addr: CAddr) -> Result<()> {
     recipes::RecipeDb::open(&data_dir.join(DB_FILE), Arc::default())?.damage_row(&addr)
 }
 
-/// Runs `f(inner)` on the blocking pool, inside the caller's span and with its subscriber, so
-/// logs from the pool thread join the caller's trace.
+/// Runs `f(inner)` on the blocking pool, in the caller's trace (see
+/// [`crate::task::spawn_blocking_in`]).
 async fn on_pool<I, T>(
     inner: &Arc<(I, Lease)>,
     what: &'static str,
@@ -84,16 +84,14 @@ where
     T: Send + 'static,
 {
     let inner = inner.clone();
-    let span = tracing::Span::current();
-    let dispatch = tracing::dispatcher::get_default(Clone::clone);
     #[cfg(test)]
     let caller = std::thread::current().id();
-    tokio::task::spawn_blocking(move || {
+    crate::task::spawn_blocking_in(tracing::Span::current(), move || {
         #[cfg(test)]
         tests::POOL_CALLS
             .lock()
             .push((caller, std::thread::current().id()));
-        tracing::dispatcher::with_default(&dispatch, || span.in_scope(|| f(&inner.0)))
+        f(&inner.0)
     })
     .await
     .map_err(|e| DerivaError::from_join(what, e))?
