@@ -224,6 +224,22 @@ impl Cache {
         self.remove_locked(&mut inner, addr)
     }
 
+    /// Invalidates everything: every generation advances and every entry goes (after a node
+    /// may have missed invalidations from other nodes). Returns how many entries were cached.
+    pub fn invalidate_all(&self) -> usize {
+        let mut inner = self.inner.lock();
+        for g in inner.generations.iter_mut() {
+            *g = g.wrapping_add(1);
+        }
+        let gone = inner.map.len();
+        let bytes: u64 = inner.map.values().map(|e| e.data.len() as u64).sum();
+        inner.map.clear();
+        inner.order.clear();
+        self.stats.size_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.stats.entries.fetch_sub(gone as u64, Ordering::Relaxed);
+        gone
+    }
+
     fn insert_locked(
         &self,
         mut inner: parking_lot::MutexGuard<'_, Inner>,

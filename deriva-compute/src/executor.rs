@@ -394,6 +394,20 @@ impl AsyncExecutor {
             .count_corruption(self.inner.store.get_recipe(addr).await)?
             .ok_or(DerivaError::NotFound { addr })?;
         let recipe = stored.recipe;
+        let outputs = self.inner.store.outputs();
+        if let Some(outputs) = outputs
+            && let Some(output) = self.read_output_tier(outputs, addr).await
+        {
+            info_span!(spans::CACHE_PUT, { field::BYTES } = as_i64(output.len())).in_scope(|| {
+                self.inner.cache.insert_if_current(
+                    addr,
+                    output.clone(),
+                    Duration::ZERO,
+                    generation,
+                );
+            });
+            return Ok((output, Outcome::Stored));
+        }
         let inputs = futures::future::try_join_all(
             recipe
                 .inputs()
@@ -408,7 +422,40 @@ impl AsyncExecutor {
                 .cache
                 .insert_if_current(addr, output.clone(), cost, generation);
         });
+        // Not after an invalidation that came in meanwhile: that output is what it evicted.
+        if let Some(outputs) = outputs
+            && self.inner.cache.generation(&addr) == generation
+        {
+            let write = info_span!(spans::OUTPUT_WRITE, { field::BYTES } = as_i64(output.len()));
+            if let Err(e) = outputs.put(addr, output.clone()).instrument(write).await {
+                // The output tier saves recomputes; losing a write costs one later.
+                tracing::warn!(%addr, error = %e, "could not keep the output in the output tier");
+            }
+        }
         Ok((output, Outcome::Computed))
+    }
+
+    /// The output of `addr` from the shared output tier, if it holds one. A tier that fails
+    /// is logged and skipped: the recipe is computed instead.
+    async fn read_output_tier(
+        &self,
+        outputs: &Arc<dyn deriva_core::OutputStore>,
+        addr: CAddr,
+    ) -> Option<Bytes> {
+        let read = info_span!(spans::OUTPUT_READ, { field::FOUND } = Empty);
+        let found = outputs.get(addr).instrument(read.clone()).await;
+        read.record(field::FOUND, matches!(found, Ok(Some(_))));
+        match found {
+            Ok(found) => found,
+            Err(e) => {
+                if let DerivaError::Corrupted { .. } = e {
+                    self.inner.stats.record_corruption();
+                }
+                let _entered = read.enter();
+                tracing::warn!(%addr, error = %e, "the output tier failed; computing instead");
+                None
+            }
+        }
     }
 
     /// Counts a [`DerivaError::Corrupted`] found while reading `addr` itself (not one passed up
@@ -629,10 +676,21 @@ impl AsyncExecutor {
             };
             let was_cached = self.forget(&addr);
             let mut evicted = if was_cached { vec![addr] } else { Vec::new() };
-            for dependent in dependents {
-                if self.forget(&dependent) {
-                    evicted.push(dependent);
+            for dependent in &dependents {
+                if self.forget(dependent) {
+                    evicted.push(*dependent);
                 }
+            }
+            // The other nodes and the shared output tier forget them too. Both are remote:
+            // a failure is the call's error (the client retries), never half-silent.
+            let mut everything = dependents;
+            everything.insert(0, addr);
+            if let Some(outputs) = self.inner.store.outputs() {
+                futures::future::try_join_all(everything.iter().map(|a| outputs.delete(*a)))
+                    .await?;
+            }
+            if let Some(bus) = self.inner.store.bus() {
+                bus.publish(&everything).await?;
             }
             Span::current().record(field::EVICTED, as_i64(evicted.len()));
             Ok(InvalidateReport {
@@ -642,6 +700,21 @@ impl AsyncExecutor {
         }
         .instrument(span)
         .await
+    }
+
+    /// Evicts `addrs` from this node's cache only, as an `Invalidate` on another node asked
+    /// (through the store's [`deriva_core::InvalidationBus`]); computes running now will not
+    /// cache their outputs. Returns how many were cached.
+    pub fn evict_local(&self, addrs: &[CAddr]) -> usize {
+        addrs.iter().filter(|a| self.forget(a)).count()
+    }
+
+    /// Evicts everything from this node's cache and detaches every in-flight
+    /// materialization: after a node may have missed invalidations from the others (its
+    /// subscription to them was down). Returns how many entries were cached.
+    pub fn evict_all_local(&self) -> usize {
+        self.inner.inflight.lock().clear();
+        self.inner.cache.invalidate_all()
     }
 
     /// Invalidates `addr` in the cache and detaches its in-flight materialization, if any, so

@@ -53,24 +53,29 @@ pub enum Outcome {
     Computed,
     /// Failed.
     Error,
+    /// Read from the shared output tier (`--output-tier blob-store`): computed before, by this
+    /// node or another.
+    Stored,
 }
 
 impl Outcome {
     /// Every outcome, in label order.
-    pub const ALL: [Outcome; 4] = [
+    pub const ALL: [Outcome; 5] = [
         Outcome::Hit,
         Outcome::Leaf,
         Outcome::Computed,
         Outcome::Error,
+        Outcome::Stored,
     ];
 
-    /// The label value: `hit`, `leaf`, `computed` or `error`.
+    /// The label value: `hit`, `leaf`, `computed`, `error` or `stored`.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Hit => "hit",
             Outcome::Leaf => "leaf",
             Outcome::Computed => "computed",
             Outcome::Error => "error",
+            Outcome::Stored => "stored",
         }
     }
 }
@@ -78,7 +83,7 @@ impl Outcome {
 /// Live executor counters, read by `Status` and by the metrics callbacks.
 #[derive(Debug, Default)]
 pub struct ExecStats {
-    outcomes: [AtomicU64; 4],
+    outcomes: [AtomicU64; Outcome::ALL.len()],
     saved_nanos: AtomicU64,
     corruptions: AtomicU64,
     active: AtomicI64,

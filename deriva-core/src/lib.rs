@@ -81,4 +81,7 @@ pub mod task;
 pub use addr::{AddrParseError, CAddr};
 pub use error::{DerivaError, Result};
 pub use recipe::{FunctionId, Params, Recipe};
-pub use store::{AddrKind, BlobStore, RecipeIndex, Store, StoreCounters, StoredRecipe};
+pub use store::{
+    AddrKind, BlobStore, InvalidationBus, OutputStore, RecipeIndex, Store, StoreCounters,
+    StoredRecipe,
+};

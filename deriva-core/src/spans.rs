@@ -27,6 +27,18 @@ pub const VERIFY_RECIPE: &str = "verify_recipe";
 /// An `Invalidate` call.
 pub const INVALIDATE: &str = "invalidate";
 
+/// A read of the shared output tier, before computing a recipe; `found` tells whether it
+/// held the output.
+pub const OUTPUT_READ: &str = "output_read";
+/// A write of a computed output to the shared output tier.
+pub const OUTPUT_WRITE: &str = "output_write";
+/// A client call to the object store (S3 API), with the OpenTelemetry semantic-convention
+/// attributes `rpc.system=aws-api`, `rpc.method`, `aws.s3.bucket` and `aws.s3.key`.
+pub const OBJECT_STORE: &str = "object_store";
+/// A client call to the PostgreSQL index, with `db.system.name=postgresql`,
+/// `db.operation.name` and `db.collection.name`.
+pub const INDEX_DB: &str = "index_db";
+
 /// Field names.
 pub mod field {
     /// The address a span works on (hex).

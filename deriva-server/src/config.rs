@@ -39,6 +39,12 @@ pub mod defaults {
     pub const CHUNK_BYTES: &str = "64KiB";
     /// `--shutdown-grace-secs`.
     pub const SHUTDOWN_GRACE_SECS: u64 = 10;
+    /// `--index-schema`.
+    pub const INDEX_SCHEMA: &str = "deriva";
+    /// `--index-pool-size`.
+    pub const INDEX_POOL_SIZE: usize = 16;
+    /// `--local-cache-bytes`.
+    pub const LOCAL_CACHE_BYTES: &str = "1GiB";
     /// `--metrics-addr`: loopback only.
     pub const METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9090);
 
@@ -83,6 +89,86 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// Tracing, metrics export and logging.
     pub telemetry: TelemetryConfig,
+    /// The object store for leaves (`s3://BUCKET[/PREFIX]`); with [`Config::index`], the
+    /// remote backend replaces the local one.
+    pub blob_store: Option<String>,
+    /// The PostgreSQL index (`postgres://…`); goes with [`Config::blob_store`].
+    pub index: Option<String>,
+    /// The PostgreSQL schema of Deriva's tables.
+    pub index_schema: String,
+    /// Connections in the PostgreSQL pool.
+    pub index_pool_size: usize,
+    /// Bound of the local read-through cache of remote leaves, in `<data-dir>/remote-cache`;
+    /// 0 turns it off.
+    pub local_cache_bytes: u64,
+    /// Where computed outputs are kept besides the memory cache.
+    pub output_tier: OutputTier,
+}
+
+/// `--output-tier`: where computed outputs are kept besides each node's memory cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputTier {
+    /// Nowhere: an evicted output is recomputed.
+    #[default]
+    None,
+    /// In the object store too (`outputs/<hex>`), so that another node, or this one after a
+    /// restart, serves it without recomputing. Needs the remote backend.
+    BlobStore,
+}
+
+/// What went wrong in the backend flags.
+fn pair_error(given: &str, missing: &str) -> String {
+    format!(
+        "{given} needs {missing} too: the remote backend keeps leaves in the object store and the index in PostgreSQL"
+    )
+}
+
+impl Config {
+    /// The remote backend's settings, if the flags ask for it; an error naming the missing
+    /// flag if only half of it is given.
+    pub fn remote(&self) -> Result<Option<deriva_remote::RemoteConfig>, String> {
+        let (blob_store, index) = match (&self.blob_store, &self.index) {
+            (None, None) => {
+                return if self.output_tier == OutputTier::BlobStore {
+                    Err("--output-tier blob-store needs --blob-store and --index".into())
+                } else {
+                    Ok(None)
+                };
+            }
+            (Some(_), None) => {
+                return Err(pair_error("--blob-store", "--index (DERIVA_INDEX_URL)"));
+            }
+            (None, Some(_)) => return Err(pair_error("--index", "--blob-store")),
+            (Some(b), Some(i)) => (b.clone(), i.clone()),
+        };
+        Ok(Some(deriva_remote::RemoteConfig {
+            blob_store,
+            aws: deriva_remote::aws_env(),
+            index,
+            schema: self.index_schema.clone(),
+            pool_size: self.index_pool_size,
+            local_cache: (self.local_cache_bytes > 0)
+                .then(|| (self.data_dir.join("remote-cache"), self.local_cache_bytes)),
+            output_tier: self.output_tier == OutputTier::BlobStore,
+            node_id: String::new(),
+        }))
+    }
+}
+
+/// `url` with its password, if any, replaced by `***`, for printing.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
 }
 
 impl Default for Config {
@@ -103,6 +189,12 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(defaults::SHUTDOWN_GRACE_SECS),
             metrics_addr: Some(defaults::METRICS_ADDR),
             telemetry: TelemetryConfig::default(),
+            blob_store: None,
+            index: None,
+            index_schema: defaults::INDEX_SCHEMA.to_owned(),
+            index_pool_size: defaults::INDEX_POOL_SIZE,
+            local_cache_bytes: defaults::size("local-cache-bytes", defaults::LOCAL_CACHE_BYTES),
+            output_tier: OutputTier::default(),
         }
     }
 }
@@ -147,6 +239,23 @@ impl Config {
             (
                 "log-format",
                 clap::ValueEnum::to_possible_value(&t.log_format)
+                    .map(|v| v.get_name().to_owned())
+                    .unwrap_or_default(),
+            ),
+            (
+                "blob-store",
+                self.blob_store.clone().unwrap_or_else(|| "off".into()),
+            ),
+            (
+                "index",
+                self.index.as_deref().map_or("off".into(), redact_url),
+            ),
+            ("index-schema", self.index_schema.clone()),
+            ("index-pool-size", self.index_pool_size.to_string()),
+            ("local-cache-bytes", self.local_cache_bytes.to_string()),
+            (
+                "output-tier",
+                clap::ValueEnum::to_possible_value(&self.output_tier)
                     .map(|v| v.get_name().to_owned())
                     .unwrap_or_default(),
             ),
@@ -210,6 +319,28 @@ pub struct ServerArgs {
     /// Log format: text (with the time since start) or json.
     #[arg(long, env = "DERIVA_LOG_FORMAT", value_enum, default_value_t = LogFormat::default())]
     pub log_format: LogFormat,
+    /// Object store for leaves: s3://BUCKET[/PREFIX], with endpoint, region and credentials
+    /// from the standard AWS_* variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY). Needs --index; together they replace the local store.
+    #[arg(long, env = "DERIVA_BLOB_STORE")]
+    pub blob_store: Option<String>,
+    /// PostgreSQL index: postgres://USER:PASSWORD@HOST:PORT/DATABASE. Needs --blob-store.
+    #[arg(long, env = "DERIVA_INDEX_URL")]
+    pub index: Option<String>,
+    /// PostgreSQL schema for Deriva's tables (created and migrated at start).
+    #[arg(long, env = "DERIVA_INDEX_SCHEMA", default_value = defaults::INDEX_SCHEMA)]
+    pub index_schema: String,
+    /// Connections in the PostgreSQL pool.
+    #[arg(long, env = "DERIVA_INDEX_POOL_SIZE", default_value_t = defaults::INDEX_POOL_SIZE, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    pub index_pool_size: usize,
+    /// Local read-through cache of remote leaves, in <data-dir>/remote-cache, bounded to this
+    /// many bytes (or with a unit); 0 turns it off.
+    #[arg(long, env = "DERIVA_LOCAL_CACHE_BYTES", default_value = defaults::LOCAL_CACHE_BYTES, value_parser = parse_size)]
+    pub local_cache_bytes: u64,
+    /// Where computed outputs are kept besides the memory cache: none, or blob-store (the
+    /// object store, so any node serves them without recomputing).
+    #[arg(long, env = "DERIVA_OUTPUT_TIER", value_enum, default_value_t = OutputTier::default())]
+    pub output_tier: OutputTier,
     /// Print the effective configuration (flags, then DERIVA_* variables, then defaults), one
     /// `key = value` per line, and exit without opening the store or binding anything.
     #[arg(long)]
@@ -258,6 +389,12 @@ impl ServerArgs {
                 trace_store_capacity: self.trace_store_size,
                 ..TelemetryConfig::default()
             },
+            blob_store: self.blob_store.filter(|s| !s.is_empty()),
+            index: self.index.filter(|s| !s.is_empty()),
+            index_schema: self.index_schema,
+            index_pool_size: self.index_pool_size,
+            local_cache_bytes: self.local_cache_bytes,
+            output_tier: self.output_tier,
         })
     }
 }
@@ -332,6 +469,44 @@ mod tests {
         assert_eq!(parse(&["--metrics-port", "0"]), None);
         let err = parse_without_env(&["--trace-sample-ratio", "1.5"]).unwrap_err();
         assert!(err.to_string().contains("ratio"), "{err}");
+    }
+
+    #[test]
+    fn the_remote_backend_needs_both_flags() {
+        let remote = |args: &[&str]| {
+            parse_without_env(args)
+                .unwrap()
+                .into_config_with(None)
+                .unwrap()
+                .remote()
+        };
+        assert!(remote(&[]).unwrap().is_none());
+        let err = remote(&["--blob-store", "s3://b"]).unwrap_err();
+        assert!(err.contains("--index"), "{err}");
+        let err = remote(&["--index", "postgres://h/db"]).unwrap_err();
+        assert!(err.contains("--blob-store"), "{err}");
+        let err = remote(&["--output-tier", "blob-store"]).unwrap_err();
+        assert!(err.contains("--blob-store"), "{err}");
+        let config = remote(&["--blob-store", "s3://b/p", "--index", "postgres://h/db"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(config.blob_store, "s3://b/p");
+        assert_eq!(config.schema, "deriva");
+        assert_eq!(
+            config.local_cache,
+            Some((PathBuf::from("./deriva-data/remote-cache"), 1 << 30))
+        );
+    }
+
+    #[test]
+    fn printed_urls_hide_passwords() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("postgres://h/db?x=a@b"), "postgres://h/db?x=a@b");
+        assert_eq!(redact_url("host=h user=u"), "host=h user=u");
     }
 
     #[test]

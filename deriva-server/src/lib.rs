@@ -34,5 +34,5 @@ pub mod trace_store;
 /// The wire contract, from [`deriva_proto`]: `crate::proto::GetRequest` and so on.
 pub use deriva_proto as proto;
 
-pub use config::{Config, ServerArgs};
+pub use config::{Config, OutputTier, ServerArgs};
 pub use server::{ServeError, Server};

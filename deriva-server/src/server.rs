@@ -45,6 +45,8 @@ pub struct Server {
     registry: Option<prometheus::Registry>,
     dispatch: Option<Dispatch>,
     traces: Option<TraceStore>,
+    /// Listens for the other nodes' invalidations (remote backend only); stops when dropped.
+    listener: Option<deriva_remote::Listener>,
 }
 
 impl Server {
@@ -61,6 +63,67 @@ impl Server {
         meter: &Meter,
     ) -> Result<Self, DerivaError> {
         let store = Arc::new(Store::open(&config.data_dir)?);
+        Ok(Self::with_store(config, store, functions, meter))
+    }
+
+    /// Opens the store the configuration names: the remote backend (object store and
+    /// PostgreSQL) when `--blob-store` and `--index` are given, else the local store in
+    /// `config.data_dir` (opened on the blocking pool). Builds the engine with the builtin
+    /// functions. A remote backend that cannot be reached is [`DerivaError::Unavailable`].
+    ///
+    /// With the remote backend, the server listens for the other nodes' invalidations
+    /// (PostgreSQL `NOTIFY`) until it stops; `node_id` (its `service.instance.id`) tells its
+    /// own from theirs.
+    pub async fn connect(
+        config: Config,
+        meter: &Meter,
+        node_id: &str,
+    ) -> Result<Self, DerivaError> {
+        let remote = config.remote().map_err(DerivaError::InvalidInput)?;
+        let (store, bus) = match remote {
+            Some(mut remote) => {
+                node_id.clone_into(&mut remote.node_id);
+                let metrics = Arc::new(deriva_remote::BackendMetrics::new(meter));
+                let opened = deriva_remote::open(&remote, metrics).await?;
+                (opened.store, Some(opened.bus))
+            }
+            None => {
+                let dir = config.data_dir.clone();
+                let store = tokio::task::spawn_blocking(move || Store::open(dir))
+                    .await
+                    .map_err(|e| DerivaError::from_join("opening the store", e))??;
+                (store, None)
+            }
+        };
+        let mut server = Self::with_store(
+            config,
+            Arc::new(store),
+            FunctionRegistry::with_builtins(),
+            meter,
+        );
+        if let Some(bus) = bus {
+            let exec = server.exec.clone();
+            server.listener = Some(bus.listen(move |invalidation| match invalidation {
+                deriva_remote::Invalidation::Addrs(addrs) => {
+                    let evicted = exec.evict_local(&addrs);
+                    tracing::debug!(addrs = addrs.len(), evicted, "invalidated by another node");
+                }
+                deriva_remote::Invalidation::All => {
+                    let evicted = exec.evict_all_local();
+                    tracing::info!(evicted, "cache cleared: invalidations may have been missed");
+                }
+            }));
+        }
+        Ok(server)
+    }
+
+    /// The engine over an open `store`.
+    pub fn with_store(
+        config: Config,
+        store: Arc<Store>,
+        functions: FunctionRegistry,
+        meter: &Meter,
+    ) -> Self {
         let exec_config = ExecutorConfig {
             max_concurrent_computes: config.max_concurrent_computes,
             verification: config.verification,
@@ -74,14 +137,15 @@ impl Server {
             exec_config,
             meter,
         );
-        Ok(Self {
+        Self {
             config,
             exec,
             metrics,
             registry: None,
             dispatch: None,
             traces: None,
-        })
+            listener: None,
+        }
     }
 
     /// Serves `registry` on `/metrics` (the registry the meter's Prometheus reader writes to).

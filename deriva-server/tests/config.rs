@@ -140,6 +140,48 @@ const ROWS: &[Row] = &[
         shows: ("log-format", "json"),
         other: "text",
     },
+    Row {
+        flag: "blob-store",
+        vars: &["DERIVA_BLOB_STORE"],
+        value: "s3://bucket/team",
+        shows: ("blob-store", "s3://bucket/team"),
+        other: "s3://other",
+    },
+    Row {
+        flag: "index",
+        vars: &["DERIVA_INDEX_URL"],
+        value: "postgres://deriva:secret@db:5432/deriva",
+        shows: ("index", "postgres://deriva:***@db:5432/deriva"),
+        other: "postgres://db/other",
+    },
+    Row {
+        flag: "index-schema",
+        vars: &["DERIVA_INDEX_SCHEMA"],
+        value: "team_a",
+        shows: ("index-schema", "team_a"),
+        other: "team_b",
+    },
+    Row {
+        flag: "index-pool-size",
+        vars: &["DERIVA_INDEX_POOL_SIZE"],
+        value: "4",
+        shows: ("index-pool-size", "4"),
+        other: "8",
+    },
+    Row {
+        flag: "local-cache-bytes",
+        vars: &["DERIVA_LOCAL_CACHE_BYTES"],
+        value: "0",
+        shows: ("local-cache-bytes", "0"),
+        other: "2GiB",
+    },
+    Row {
+        flag: "output-tier",
+        vars: &["DERIVA_OUTPUT_TIER"],
+        value: "blob-store",
+        shows: ("output-tier", "blob-store"),
+        other: "none",
+    },
 ];
 
 /// Flags that are actions, not settings: no variable, nothing in the configuration.

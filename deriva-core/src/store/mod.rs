@@ -161,6 +161,42 @@ pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
     /// The recipes that use `addr` directly as an input.
     async fn dependents(&self, addr: CAddr) -> Result<Vec<CAddr>>;
 
+    /// Every recipe that depends on `addr`, directly or through other recipes, in breadth-first
+    /// order (by distance from `addr`), each once; `addr` itself is not included. The default
+    /// asks [`RecipeIndex::dependents`] level by level; an index that can walk the graph in one
+    /// query (PostgreSQL's recursive CTE) overrides it.
+    async fn transitive_dependents(&self, addr: CAddr) -> Result<Vec<CAddr>> {
+        let mut seen = HashSet::from([addr]);
+        let mut queue = VecDeque::from([addr]);
+        let mut out = Vec::new();
+        while let Some(next) = queue.pop_front() {
+            for dep in self.dependents(next).await? {
+                if seen.insert(dep) {
+                    out.push(dep);
+                    queue.push_back(dep);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Of `addrs` (inputs of recipes about to be stored), the first, in order, that is neither
+    /// a recipe of this index nor a blob of `blobs`; `None` if all exist. The default asks
+    /// [`RecipeIndex::missing`], then `blobs` for each address that is no recipe. An index that
+    /// also records the leaves (the PostgreSQL one) answers in one round trip.
+    async fn first_missing_input(
+        &self,
+        addrs: Vec<CAddr>,
+        blobs: &dyn BlobStore,
+    ) -> Result<Option<CAddr>> {
+        for input in self.missing(addrs).await? {
+            if !blobs.contains(input).await? {
+                return Ok(Some(input));
+            }
+        }
+        Ok(None)
+    }
+
     /// Deletes the recipe at `addr` and its edges to its inputs; `Ok(false)` if there was none.
     async fn delete(&self, addr: CAddr) -> Result<bool>;
 
@@ -170,6 +206,29 @@ pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
 
     /// A cheap real round trip to the backend, for health checks: `Ok` if it can serve.
     async fn check(&self) -> Result<()>;
+}
+
+/// Computed outputs kept beyond one node's memory (the shared output tier): any node, or the
+/// same node after a restart, serves them without recomputing. Keyed by recipe address; the
+/// backend must detect damaged bytes (an output has no address of its own to check against).
+#[async_trait]
+pub trait OutputStore: Send + Sync + fmt::Debug + 'static {
+    /// The stored output of the recipe at `recipe`, verified; `Ok(None)` if there is none.
+    async fn get(&self, recipe: CAddr) -> Result<Option<Bytes>>;
+
+    /// Stores `output` as the output of `recipe`, replacing any earlier one.
+    async fn put(&self, recipe: CAddr, output: Bytes) -> Result<()>;
+
+    /// Deletes the stored output of `recipe`; deleting nothing is no error.
+    async fn delete(&self, recipe: CAddr) -> Result<()>;
+}
+
+/// Tells the other nodes that share a store which addresses were invalidated, so that each
+/// evicts them from its own memory cache.
+#[async_trait]
+pub trait InvalidationBus: Send + Sync + fmt::Debug + 'static {
+    /// Publishes `addrs` (never empty) to every other node.
+    async fn publish(&self, addrs: &[CAddr]) -> Result<()>;
 }
 
 /// Held by everything that keeps a backend's resources (a database file, connections) in use.
@@ -201,6 +260,8 @@ impl Released {
 pub struct Store {
     blobs: Arc<dyn BlobStore>,
     recipes: Arc<dyn RecipeIndex>,
+    outputs: Option<Arc<dyn OutputStore>>,
+    bus: Option<Arc<dyn InvalidationBus>>,
     counters: Arc<StoreCounters>,
     released: Released,
     _lease: Lease,
@@ -231,11 +292,35 @@ impl Store {
         Self {
             blobs,
             recipes,
+            outputs: None,
+            bus: None,
             counters,
             released,
             _lease: lease,
             description: description.into(),
         }
+    }
+
+    /// Keeps computed outputs in `outputs` too (the shared output tier).
+    pub fn with_outputs(mut self, outputs: Arc<dyn OutputStore>) -> Self {
+        self.outputs = Some(outputs);
+        self
+    }
+
+    /// Publishes invalidations to the other nodes of a cluster on `bus`.
+    pub fn with_bus(mut self, bus: Arc<dyn InvalidationBus>) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
+    /// The shared output tier, if there is one.
+    pub fn outputs(&self) -> Option<&Arc<dyn OutputStore>> {
+        self.outputs.as_ref()
+    }
+
+    /// The invalidation bus to the other nodes, if there are any.
+    pub fn bus(&self) -> Option<&Arc<dyn InvalidationBus>> {
+        self.bus.as_ref()
     }
 
     /// Names the backend, for logs: `local /var/lib/deriva`.
@@ -298,12 +383,13 @@ impl Store {
             }
             earlier.insert(*addr);
         }
-        if !outside.is_empty() {
-            for input in self.recipes.missing(outside).await? {
-                if !self.blobs.contains(input).await? {
-                    return Err(DerivaError::MissingInput { input });
-                }
-            }
+        if !outside.is_empty()
+            && let Some(input) = self
+                .recipes
+                .first_missing_input(outside, self.blobs.as_ref())
+                .await?
+        {
+            return Err(DerivaError::MissingInput { input });
         }
         let addrs = batch.iter().map(|(addr, _)| *addr).collect();
         self.recipes.put_batch(batch).await?;
@@ -334,18 +420,7 @@ impl Store {
     /// Every recipe that depends on `addr`, directly or through other recipes, in breadth-first
     /// order, each once. `addr` itself is not included.
     pub async fn transitive_dependents(&self, addr: CAddr) -> Result<Vec<CAddr>> {
-        let mut seen = HashSet::from([addr]);
-        let mut queue = VecDeque::from([addr]);
-        let mut out = Vec::new();
-        while let Some(next) = queue.pop_front() {
-            for dep in self.recipes.dependents(next).await? {
-                if seen.insert(dep) {
-                    out.push(dep);
-                    queue.push_back(dep);
-                }
-            }
-        }
-        Ok(out)
+        self.recipes.transitive_dependents(addr).await
     }
 
     /// Checks that both backends can serve (a real read of each), for health checks.

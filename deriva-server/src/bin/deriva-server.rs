@@ -111,24 +111,12 @@ async fn run(config: Config, telemetry: &Telemetry, signals: ShutdownSignals) ->
     let data_dir = config.data_dir.clone();
     let otlp = config.telemetry.otlp_endpoint.clone();
     let meter = telemetry.meter();
-    // Opening counts the blob directory: blocking work, kept off the async workers.
-    let opened = tokio::task::spawn_blocking(move || Server::open(config, &meter)).await;
-    let server = match opened {
-        Ok(Ok(s)) => s
+    let server = match Server::connect(config, &meter, telemetry.instance_id()).await {
+        Ok(s) => s
             .with_registry(telemetry.registry().clone())
             .with_trace_store(telemetry.traces().clone()),
-        Ok(Err(e)) => {
-            eprintln!(
-                "deriva-server: cannot open the store in {}: {e}",
-                data_dir.display()
-            );
-            return ExitCode::FAILURE;
-        }
         Err(e) => {
-            eprintln!(
-                "deriva-server: opening the store in {} failed: {e}",
-                data_dir.display()
-            );
+            eprintln!("deriva-server: cannot open the store: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -138,6 +126,7 @@ async fn run(config: Config, telemetry: &Telemetry, signals: ShutdownSignals) ->
         metrics = %http.as_ref().map(local).unwrap_or_else(|| "off".into()),
         otlp = %otlp.as_deref().unwrap_or("off"),
         data_dir = %data_dir.display(),
+        store = %server.executor().store().description(),
         "deriva-server listening"
     );
     match server.serve(grpc, http, signals.recv()).await {

@@ -3,9 +3,9 @@
 //! | path | answer |
 //! |---|---|
 //! | `GET /metrics` | the Prometheus text format (`text/plain; version=0.0.4`) |
-//! | `GET /health` | JSON `{status, cache_entries, dag_recipes, uptime_seconds}`; 503 with `reason` when a real read of the store fails |
+//! | `GET /health` | JSON `{status, store, cache_entries, dag_recipes, uptime_seconds}`; 503 with `reason` and `failures` (each naming its backend: the index, the blob store) when a real read of either fails |
 //! | `GET /healthz` | liveness: 200 while the process serves HTTP |
-//! | `GET /readyz` | readiness: 200 once the store is open, 503 while shutting down |
+//! | `GET /readyz` | readiness: 200 once the store is open and both backends answer a real read; 503 while shutting down, or while a backend is unreachable (the body names it) |
 //! | `GET /debug/traces` | JSON: the recent, slowest and failed requests (see [`crate::trace_store`]) |
 //! | `GET /debug/traces/{trace_id}` | one request's span tree as JSON, or as HTML for a browser (`Accept: text/html`) |
 
@@ -92,39 +92,67 @@ async fn metrics(State(state): State<HttpState>) -> Response {
     }
 }
 
+/// How long a health or readiness probe waits for each backend.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A real round trip to each half of the store, at once (for the local backend: a redb lookup
+/// and a blob directory lookup; for the remote one: a PostgreSQL query and a signed object
+/// store request). Returns what failed, each naming its backend.
+async fn backend_failures(exec: &AsyncExecutor) -> Vec<String> {
+    let store = exec.store();
+    let probe = |what: &'static str, check| async move {
+        match tokio::time::timeout(PROBE_TIMEOUT, check).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("{e}")),
+            Err(_) => Some(format!(
+                "{what} did not answer within {} s",
+                PROBE_TIMEOUT.as_secs()
+            )),
+        }
+    };
+    let (index, blobs) = tokio::join!(
+        probe("the recipe index", store.recipes().check()),
+        probe("the blob store", store.blobs().check()),
+    );
+    index.into_iter().chain(blobs).collect()
+}
+
 async fn health(State(state): State<HttpState>) -> Response {
-    // A real read of both halves of the store (for the local backend: a redb lookup and a
-    // blob directory lookup).
-    let failure = state
-        .exec
-        .store()
-        .check()
-        .await
-        .err()
-        .map(|e| e.to_string());
+    let failures = backend_failures(&state.exec).await;
     let body = |status: &str| {
         json!({
             "status": status,
+            "store": state.exec.store().description(),
             "cache_entries": state.exec.cache().stats().entries(),
             "dag_recipes": state.exec.store().counters().recipes(),
             "uptime_seconds": state.started.elapsed().as_secs(),
         })
     };
-    match failure {
-        None => (StatusCode::OK, axum::Json(body("healthy"))).into_response(),
-        Some(reason) => {
-            tracing::warn!(%reason, "health check failed");
-            let mut value = body("unhealthy");
-            value["reason"] = json!(reason);
-            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(value)).into_response()
-        }
+    if failures.is_empty() {
+        (StatusCode::OK, axum::Json(body("healthy"))).into_response()
+    } else {
+        let reason = failures.join("; ");
+        tracing::warn!(%reason, "health check failed");
+        let mut value = body("unhealthy");
+        value["reason"] = json!(reason);
+        value["failures"] = json!(failures);
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(value)).into_response()
     }
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {
-    if state.ready.load(Ordering::Acquire) {
+    if !state.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response();
+    }
+    let failures = backend_failures(&state.exec).await;
+    if failures.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+        let reason = failures.join("; ");
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        )
+            .into_response()
     }
 }

@@ -122,6 +122,7 @@ pub struct Telemetry {
     tracer_provider: SdkTracerProvider,
     traces: TraceStore,
     config: TelemetryConfig,
+    instance_id: String,
 }
 
 /// The service resource: `service.name` (`OTEL_SERVICE_NAME`, default `deriva-server`),
@@ -144,6 +145,10 @@ impl Telemetry {
     /// Builds the providers. Must run inside a tokio runtime when an OTLP endpoint is set.
     pub fn new(config: TelemetryConfig) -> Result<Self, TelemetryError> {
         let resource = resource();
+        let instance_id = resource
+            .get(&opentelemetry::Key::from_static_str("service.instance.id"))
+            .map(|v| v.to_string())
+            .unwrap_or_default();
         let registry = prometheus::Registry::new();
         let prom = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
@@ -186,12 +191,19 @@ impl Telemetry {
             tracer_provider: tracers.build(),
             traces: TraceStore::new(config.trace_store_capacity),
             config,
+            instance_id,
         })
     }
 
     /// The Prometheus registry that `/metrics` serves.
     pub fn registry(&self) -> &prometheus::Registry {
         &self.registry
+    }
+
+    /// This process's `service.instance.id` (from the resource): a fresh UUID unless
+    /// `OTEL_RESOURCE_ATTRIBUTES` names one.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
     }
 
     /// A meter for Deriva's instruments.

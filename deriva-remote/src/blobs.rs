@@ -1,0 +1,207 @@
+//! [`RemoteBlobStore`]: leaf bytes in the object store, the record of which leaves exist (and
+//! their sizes) in PostgreSQL's `leaves` table.
+//!
+//! - A put writes the bytes first (a conditional create), then the row: an object without a row
+//!   is garbage for the collector, never a row without its bytes.
+//! - Existence, size and listing are index questions, answered by PostgreSQL, never by object
+//!   listings.
+//! - A read goes to the local read-through cache, then to the object store, and is verified
+//!   against the address either way.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deriva_core::error::Result;
+use deriva_core::store::{BlobStore, StoreCounters};
+use deriva_core::{CAddr, DerivaError};
+
+use crate::cache::{self, DiskCache};
+use crate::index::addr_of;
+use crate::objects::{Objects, Written};
+use crate::observe::BackendMetrics;
+use crate::pg::Pg;
+
+/// Leaves in an S3-compatible bucket, recorded in PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct RemoteBlobStore {
+    objects: Arc<Objects>,
+    pg: Arc<Pg>,
+    counters: Arc<StoreCounters>,
+    cache: Option<Arc<DiskCache>>,
+    metrics: Arc<BackendMetrics>,
+}
+
+impl RemoteBlobStore {
+    pub(crate) fn new(
+        objects: Arc<Objects>,
+        pg: Arc<Pg>,
+        counters: Arc<StoreCounters>,
+        cache: Option<Arc<DiskCache>>,
+        metrics: Arc<BackendMetrics>,
+    ) -> Self {
+        Self {
+            objects,
+            pg,
+            counters,
+            cache,
+            metrics,
+        }
+    }
+
+    /// Records the leaf `addr` of `size` bytes; returns whether the row is new.
+    async fn record(&self, addr: CAddr, size: u64) -> Result<bool> {
+        const CTX: &str = "recording a leaf";
+        let pg = &self.pg;
+        pg.call("put_leaf", "INSERT", "leaves", async {
+            let conn = pg.conn().await?;
+            let stmt = conn
+                .prepare_cached(&pg.sql(
+                    "INSERT INTO {s}.leaves (addr, size) VALUES ($1, $2)
+                     ON CONFLICT (addr) DO NOTHING",
+                ))
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+            let size = i64::try_from(size).unwrap_or(i64::MAX);
+            let n = conn
+                .execute(&stmt, &[&addr.as_bytes().as_slice(), &size])
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    /// Reads the object at `addr` and verifies it. `Ok(None)` if there is none.
+    async fn fetch(&self, addr: CAddr) -> Result<Option<Bytes>> {
+        let Some(bytes) = self.objects.get(&self.objects.leaf_key(&addr)).await? else {
+            return Ok(None);
+        };
+        let found = CAddr::for_leaf(&bytes);
+        if found != addr {
+            return Err(DerivaError::Corrupted {
+                addr,
+                detail: format!(
+                    "{} holds {} bytes that hash to {found}",
+                    self.objects.name(),
+                    bytes.len()
+                ),
+            });
+        }
+        Ok(Some(bytes))
+    }
+}
+
+#[async_trait]
+impl BlobStore for RemoteBlobStore {
+    async fn put(&self, data: Bytes) -> Result<CAddr> {
+        let addr = CAddr::for_leaf(&data);
+        let key = self.objects.leaf_key(&addr);
+        let size = data.len() as u64;
+        if self.objects.create(&key, data.clone()).await? == Written::Existed {
+            // Same address, same bytes, unless the stored copy was damaged: check, and repair.
+            match self.fetch(addr).await {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(DerivaError::Corrupted { .. }) => {
+                    tracing::warn!(%addr, "rewriting a damaged or vanished object");
+                    self.objects.overwrite(&key, data).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if self.record(addr, size).await? {
+            self.counters.count_blob(true, size);
+        }
+        Ok(addr)
+    }
+
+    async fn get(&self, addr: CAddr) -> Result<Option<Bytes>> {
+        if let Some(cache) = &self.cache {
+            let hit = cache::on_pool(cache, move |c| c.get(&addr)).await.flatten();
+            self.metrics.cache_read(hit.is_some());
+            if hit.is_some() {
+                return Ok(hit);
+            }
+        }
+        let bytes = self.fetch(addr).await?;
+        if let (Some(cache), Some(bytes)) = (&self.cache, &bytes) {
+            let bytes = bytes.clone();
+            cache::on_pool(cache, move |c| c.put(&addr, &bytes)).await;
+        }
+        Ok(bytes)
+    }
+
+    async fn contains(&self, addr: CAddr) -> Result<bool> {
+        Ok(self.size(addr).await?.is_some())
+    }
+
+    async fn size(&self, addr: CAddr) -> Result<Option<u64>> {
+        const CTX: &str = "looking up a leaf";
+        let pg = &self.pg;
+        pg.call("find_leaf", "SELECT", "leaves", async {
+            let conn = pg.conn().await?;
+            let stmt = conn
+                .prepare_cached(&pg.sql("SELECT size FROM {s}.leaves WHERE addr = $1"))
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+            Ok(conn
+                .query_opt(&stmt, &[&addr.as_bytes().as_slice()])
+                .await
+                .map_err(|e| pg.error(CTX, e))?
+                .map(|row| row.get::<_, i64>(0).max(0) as u64))
+        })
+        .await
+    }
+
+    async fn delete(&self, addr: CAddr) -> Result<bool> {
+        const CTX: &str = "deleting a leaf";
+        let pg = &self.pg;
+        // The row first: a crash between the two leaves an object without a row, which is
+        // garbage, never a row whose bytes are gone.
+        let size = pg
+            .call("delete_leaf", "DELETE", "leaves", async {
+                let conn = pg.conn().await?;
+                let stmt = conn
+                    .prepare_cached(
+                        &pg.sql("DELETE FROM {s}.leaves WHERE addr = $1 RETURNING size"),
+                    )
+                    .await
+                    .map_err(|e| pg.error(CTX, e))?;
+                Ok(conn
+                    .query_opt(&stmt, &[&addr.as_bytes().as_slice()])
+                    .await
+                    .map_err(|e| pg.error(CTX, e))?
+                    .map(|row| row.get::<_, i64>(0).max(0) as u64))
+            })
+            .await?;
+        self.objects.delete(&self.objects.leaf_key(&addr)).await?;
+        if let Some(cache) = &self.cache {
+            cache::on_pool(cache, move |c| c.remove(&addr)).await;
+        }
+        match size {
+            Some(size) => {
+                self.counters.count_blob(false, size);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<CAddr>> {
+        const CTX: &str = "listing leaves";
+        let pg = &self.pg;
+        pg.call("list_leaves", "SELECT", "leaves", async {
+            let conn = pg.conn().await?;
+            let rows = conn
+                .query(&pg.sql("SELECT addr FROM {s}.leaves"), &[])
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+            rows.iter().map(|row| addr_of(row.get(0), CTX)).collect()
+        })
+        .await
+    }
+
+    async fn check(&self) -> Result<()> {
+        self.objects.check().await
+    }
+}

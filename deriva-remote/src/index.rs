@@ -1,0 +1,319 @@
+//! [`PgIndex`]: the [`RecipeIndex`] in PostgreSQL. Each method is one round trip (one
+//! statement, or one transaction for a batch of puts), inside an `index_db` client span.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use deriva_core::error::Result;
+use deriva_core::store::{BlobStore, RecipeIndex, StoreCounters, StoredRecipe};
+use deriva_core::{CAddr, DerivaError, Recipe};
+
+use crate::pg::Pg;
+
+/// Recipes, their depths and the dependency edges in PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgIndex {
+    pg: Arc<Pg>,
+    counters: Arc<StoreCounters>,
+}
+
+pub(crate) fn addr_of(bytes: &[u8], context: &str) -> Result<CAddr> {
+    CAddr::from_slice(bytes).map_err(|e| DerivaError::decode(context, e))
+}
+
+fn rows_to_addrs(rows: &[tokio_postgres::Row], context: &str) -> Result<Vec<CAddr>> {
+    rows.iter()
+        .map(|row| addr_of(row.get::<_, &[u8]>(0), context))
+        .collect()
+}
+
+impl PgIndex {
+    pub(crate) fn new(pg: Arc<Pg>, counters: Arc<StoreCounters>) -> Self {
+        Self { pg, counters }
+    }
+}
+
+#[async_trait]
+impl RecipeIndex for PgIndex {
+    async fn put_batch(&self, batch: Vec<(CAddr, Recipe)>) -> Result<u64> {
+        const CTX: &str = "storing recipes";
+        let pg = &self.pg;
+        pg.call("put_recipes", "INSERT", "recipes", async {
+            // Depths of the inputs that are stored recipes; the rest of the inputs are
+            // earlier recipes of the batch or leaves (depth 0).
+            let mut inputs: Vec<&[u8]> = Vec::new();
+            let mut seen = HashSet::new();
+            for (_, recipe) in &batch {
+                for input in recipe.inputs() {
+                    if seen.insert(*input) {
+                        inputs.push(input.as_bytes());
+                    }
+                }
+            }
+            let mut conn = pg.conn().await?;
+            let tx = conn.transaction().await.map_err(|e| pg.error(CTX, e))?;
+            let depth_of = tx
+                .prepare_cached(&pg.sql("SELECT addr, depth FROM {s}.recipes WHERE addr = ANY($1)"))
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+            let mut depths: HashMap<CAddr, i32> = HashMap::new();
+            for row in tx
+                .query(&depth_of, &[&inputs])
+                .await
+                .map_err(|e| pg.error(CTX, e))?
+            {
+                depths.insert(addr_of(row.get(0), CTX)?, row.get(1));
+            }
+            let mut addrs: Vec<&[u8]> = Vec::with_capacity(batch.len());
+            let mut encodings: Vec<Vec<u8>> = Vec::with_capacity(batch.len());
+            let mut levels: Vec<i32> = Vec::with_capacity(batch.len());
+            let mut placed = HashSet::new();
+            for (addr, recipe) in &batch {
+                let depth = 1 + recipe
+                    .inputs()
+                    .iter()
+                    .map(|i| depths.get(i).copied().unwrap_or(0))
+                    .max()
+                    .unwrap_or(0);
+                depths.entry(*addr).or_insert(depth);
+                if placed.insert(*addr) {
+                    addrs.push(addr.as_bytes());
+                    encodings.push(recipe.canonical_bytes());
+                    levels.push(depths[addr]);
+                }
+            }
+            let insert = tx
+                .prepare_cached(&pg.sql(
+                    "INSERT INTO {s}.recipes (addr, encoding, depth)
+                     SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::integer[])
+                     ON CONFLICT (addr) DO NOTHING
+                     RETURNING addr",
+                ))
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+            let new: HashSet<CAddr> = rows_to_addrs(
+                &tx.query(&insert, &[&addrs, &encodings, &levels])
+                    .await
+                    .map_err(|e| pg.error(CTX, e))?,
+                CTX,
+            )?
+            .into_iter()
+            .collect();
+            let (mut edge_inputs, mut edge_recipes): (Vec<&[u8]>, Vec<&[u8]>) = (vec![], vec![]);
+            for (addr, recipe) in batch.iter().filter(|(a, _)| new.contains(a)) {
+                let mut own = HashSet::new();
+                for input in recipe.inputs().iter().filter(|i| own.insert(**i)) {
+                    edge_inputs.push(input.as_bytes());
+                    edge_recipes.push(addr.as_bytes());
+                }
+            }
+            if !edge_inputs.is_empty() {
+                let edges = tx
+                    .prepare_cached(&pg.sql(
+                        "INSERT INTO {s}.edges (input, recipe)
+                         SELECT * FROM unnest($1::bytea[], $2::bytea[])
+                         ON CONFLICT DO NOTHING",
+                    ))
+                    .await
+                    .map_err(|e| pg.error(CTX, e))?;
+                tx.execute(&edges, &[&edge_inputs, &edge_recipes])
+                    .await
+                    .map_err(|e| pg.error(CTX, e))?;
+            }
+            tx.commit().await.map_err(|e| pg.error(CTX, e))?;
+            let added = new.len() as u64;
+            self.counters.add_recipes(added as i64);
+            Ok(added)
+        })
+        .await
+    }
+
+    async fn get(&self, addr: CAddr) -> Result<Option<StoredRecipe>> {
+        const CTX: &str = "reading a recipe";
+        let pg = &self.pg;
+        pg.call("get_recipe", "SELECT", "recipes", async {
+            let conn = pg.conn().await?;
+            let stmt = conn
+                .prepare_cached(&pg.sql("SELECT encoding, depth FROM {s}.recipes WHERE addr = $1"))
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+            let Some(row) = conn
+                .query_opt(&stmt, &[&addr.as_bytes().as_slice()])
+                .await
+                .map_err(|e| pg.error(CTX, e))?
+            else {
+                return Ok(None);
+            };
+            let encoding: &[u8] = row.get(0);
+            let depth: i32 = row.get(1);
+            let recipe =
+                Recipe::from_canonical_bytes(encoding).map_err(|e| DerivaError::Corrupted {
+                    addr,
+                    detail: format!("the stored recipe does not decode: {e}"),
+                })?;
+            if recipe.addr() != addr {
+                return Err(DerivaError::Corrupted {
+                    addr,
+                    detail: format!("the stored recipe hashes to {}", recipe.addr()),
+                });
+            }
+            let depth = u32::try_from(depth).map_err(|_| DerivaError::Corrupted {
+                addr,
+                detail: format!("the stored depth {depth} is negative"),
+            })?;
+            Ok(Some(StoredRecipe { recipe, depth }))
+        })
+        .await
+    }
+
+    async fn missing(&self, addrs: Vec<CAddr>) -> Result<Vec<CAddr>> {
+        const CTX: &str = "looking up recipes";
+        let pg = &self.pg;
+        pg.call("find_recipes", "SELECT", "recipes", async {
+            let conn = pg.conn().await?;
+            let stmt = conn
+                .prepare_cached(&pg.sql("SELECT addr FROM {s}.recipes WHERE addr = ANY($1)"))
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+            let keys: Vec<&[u8]> = addrs.iter().map(|a| a.as_bytes().as_slice()).collect();
+            let found: HashSet<CAddr> = rows_to_addrs(
+                &conn
+                    .query(&stmt, &[&keys])
+                    .await
+                    .map_err(|e| pg.error(CTX, e))?,
+                CTX,
+            )?
+            .into_iter()
+            .collect();
+            Ok(addrs.into_iter().filter(|a| !found.contains(a)).collect())
+        })
+        .await
+    }
+
+    async fn first_missing_input(
+        &self,
+        addrs: Vec<CAddr>,
+        _blobs: &dyn BlobStore,
+    ) -> Result<Option<CAddr>> {
+        // The leaves table is this database's record of the blob store (see RemoteBlobStore),
+        // so one query answers for both.
+        const CTX: &str = "checking the inputs of recipes";
+        let pg = &self.pg;
+        pg.call("check_inputs", "SELECT", "recipes", async {
+            let conn = pg.conn().await?;
+            let stmt = conn
+                .prepare_cached(&pg.sql(
+                    "SELECT a FROM unnest($1::bytea[]) WITH ORDINALITY AS t (a, i)
+                     WHERE NOT EXISTS (SELECT 1 FROM {s}.recipes WHERE addr = a)
+                       AND NOT EXISTS (SELECT 1 FROM {s}.leaves WHERE addr = a)
+                     ORDER BY i LIMIT 1",
+                ))
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+            let keys: Vec<&[u8]> = addrs.iter().map(|a| a.as_bytes().as_slice()).collect();
+            conn.query_opt(&stmt, &[&keys])
+                .await
+                .map_err(|e| pg.error(CTX, e))?
+                .map(|row| addr_of(row.get(0), CTX))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn dependents(&self, addr: CAddr) -> Result<Vec<CAddr>> {
+        const CTX: &str = "reading dependents";
+        let pg = &self.pg;
+        pg.call("dependents", "SELECT", "edges", async {
+            let conn = pg.conn().await?;
+            let stmt = conn
+                .prepare_cached(&pg.sql("SELECT recipe FROM {s}.edges WHERE input = $1"))
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+            rows_to_addrs(
+                &conn
+                    .query(&stmt, &[&addr.as_bytes().as_slice()])
+                    .await
+                    .map_err(|e| pg.error(CTX, e))?,
+                CTX,
+            )
+        })
+        .await
+    }
+
+    async fn transitive_dependents(&self, addr: CAddr) -> Result<Vec<CAddr>> {
+        const CTX: &str = "reading transitive dependents";
+        let pg = &self.pg;
+        pg.call("transitive_dependents", "SELECT", "edges", async {
+            let conn = pg.conn().await?;
+            // Each recipe once, at its shortest distance from `addr`: breadth-first order.
+            let stmt = conn
+                .prepare_cached(&pg.sql(
+                    "WITH RECURSIVE walk (addr, dist) AS (
+                         SELECT recipe, 1 FROM {s}.edges WHERE input = $1
+                         UNION
+                         SELECT e.recipe, w.dist + 1
+                         FROM {s}.edges e JOIN walk w ON e.input = w.addr
+                     )
+                     SELECT addr FROM walk GROUP BY addr ORDER BY min(dist), addr",
+                ))
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+            rows_to_addrs(
+                &conn
+                    .query(&stmt, &[&addr.as_bytes().as_slice()])
+                    .await
+                    .map_err(|e| pg.error(CTX, e))?,
+                CTX,
+            )
+        })
+        .await
+    }
+
+    async fn delete(&self, addr: CAddr) -> Result<bool> {
+        const CTX: &str = "deleting a recipe";
+        let pg = &self.pg;
+        pg.call("delete_recipe", "DELETE", "recipes", async {
+            let conn = pg.conn().await?;
+            let stmt = conn
+                .prepare_cached(&pg.sql("DELETE FROM {s}.recipes WHERE addr = $1"))
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+            let n = conn
+                .execute(&stmt, &[&addr.as_bytes().as_slice()])
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+            if n > 0 {
+                self.counters.add_recipes(-1);
+            }
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn count_by_scan(&self) -> Result<u64> {
+        const CTX: &str = "counting recipes";
+        let pg = &self.pg;
+        pg.call("count_recipes", "SELECT", "recipes", async {
+            let conn = pg.conn().await?;
+            let row = conn
+                .query_one(&pg.sql("SELECT count(*) FROM {s}.recipes"), &[])
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+            Ok(row.get::<_, i64>(0) as u64)
+        })
+        .await
+    }
+
+    async fn check(&self) -> Result<()> {
+        let pg = &self.pg;
+        pg.call("check", "SELECT", "recipes", async {
+            let conn = pg.conn().await?;
+            conn.simple_query("SELECT 1")
+                .await
+                .map(drop)
+                .map_err(|e| pg.error("checking the index", e))
+        })
+        .await
+    }
+}

@@ -1,0 +1,164 @@
+//! Deriva's remote backends, for running any number of `deriva-server` nodes on engines that
+//! operators already run:
+//!
+//! - [`RemoteBlobStore`]: leaf bytes in an S3-compatible object store at `leaves/<hex>`
+//!   (conditional creates, bounded retries, hash-verified reads, multipart for large leaves),
+//!   with a bounded local read-through cache ([`DiskCache`]);
+//! - [`PgIndex`]: recipes, depths and dependency edges in PostgreSQL, in a schema the server
+//!   migrates itself (see `pg.rs` for the tables). PostgreSQL also records which leaves exist:
+//!   every index question is answered there, never from object listings.
+//!
+//! [`open`] connects both and returns a [`deriva_core::Store`] over them. Every backend call
+//! is an OpenTelemetry client span with its metrics ([`BackendMetrics`]). A backend that cannot
+//! be reached is [`deriva_core::DerivaError::Unavailable`], naming it.
+
+mod blobs;
+mod bus;
+mod cache;
+mod index;
+mod objects;
+mod observe;
+mod outputs;
+mod pg;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use deriva_core::error::Result;
+use deriva_core::store::{Store, StoreCounters, lease};
+
+pub use blobs::RemoteBlobStore;
+pub use bus::{Invalidation, Listener, PgBus};
+pub use cache::DiskCache;
+pub use index::PgIndex;
+pub use objects::{CONNECT_TIMEOUT as S3_CONNECT_TIMEOUT, MULTIPART_THRESHOLD, PART_BYTES};
+pub use objects::{REQUEST_TIMEOUT as S3_REQUEST_TIMEOUT, RETRY as S3_RETRY};
+pub use observe::{BACKEND_DURATION_BUCKETS, Backend, BackendMetrics};
+pub use outputs::ObjectOutputs;
+pub use pg::{CONNECT_TIMEOUT as PG_CONNECT_TIMEOUT, POOL_WAIT as PG_POOL_WAIT};
+pub use pg::{SCHEMA_VERSION, STATEMENT_TIMEOUT_MS};
+
+/// Where the remote backends are.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// `s3://BUCKET[/PREFIX]`.
+    pub blob_store: String,
+    /// The object store's endpoint, region and credentials, as the standard `AWS_*` variables
+    /// (name, value): `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, … The server
+    /// passes its environment's ([`aws_env`]).
+    pub aws: Vec<(String, String)>,
+    /// A PostgreSQL URL (`postgres://user:pass@host:port/db`).
+    pub index: String,
+    /// The PostgreSQL schema that holds Deriva's tables.
+    pub schema: String,
+    /// Connections in the PostgreSQL pool.
+    pub pool_size: usize,
+    /// The local read-through cache: its directory and its bound in bytes; `None` for no cache.
+    pub local_cache: Option<(PathBuf, u64)>,
+    /// Keep computed outputs in the object store too (the shared output tier).
+    pub output_tier: bool,
+    /// This node's id (its `service.instance.id`), so that it ignores its own invalidations.
+    pub node_id: String,
+}
+
+/// The remote store, and the invalidation channel its nodes share.
+#[derive(Debug)]
+pub struct Remote {
+    /// The store: leaves, recipes, and (with the output tier) outputs; invalidations are
+    /// published on [`Remote::bus`].
+    pub store: Store,
+    /// The channel to listen on for the other nodes' invalidations.
+    pub bus: PgBus,
+}
+
+/// The process environment's `AWS_*` variables, for [`RemoteConfig::aws`].
+pub fn aws_env() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(name, _)| name.starts_with("AWS_"))
+        .collect()
+}
+
+/// Opens the store over an object store and a PostgreSQL index: connects to the database,
+/// migrates its schema, loads the counters, and opens the local cache. The object store is not
+/// contacted here (see [`Store::check`]).
+pub async fn open(config: &RemoteConfig, metrics: Arc<BackendMetrics>) -> Result<Remote> {
+    let objects = Arc::new(objects::Objects::open(
+        &config.blob_store,
+        &config.aws,
+        metrics.clone(),
+    )?);
+    let pg = Arc::new(
+        pg::Pg::open(
+            &config.index,
+            &config.schema,
+            config.pool_size,
+            metrics.clone(),
+        )
+        .await?,
+    );
+    let counters = Arc::new(StoreCounters::default());
+    load_counters(&pg, &counters).await?;
+    let cache = match &config.local_cache {
+        Some((dir, bytes)) => {
+            let (dir, bytes) = (dir.clone(), *bytes);
+            let opened = tokio::task::spawn_blocking(move || DiskCache::open(&dir, bytes))
+                .await
+                .map_err(|e| deriva_core::DerivaError::from_join("opening the local cache", e))??;
+            Some(Arc::new(opened))
+        }
+        None => None,
+    };
+    let description = format!("remote {} + {}", objects.name(), pg.name());
+    let blobs = RemoteBlobStore::new(
+        objects.clone(),
+        pg.clone(),
+        counters.clone(),
+        cache,
+        metrics,
+    );
+    let recipes = PgIndex::new(pg.clone(), counters.clone());
+    let bus = PgBus::new(pg, config.node_id.clone());
+    tracing::info!(
+        backend = %description,
+        recipes = counters.recipes(),
+        blobs = counters.blobs(),
+        blob_bytes = counters.blob_bytes(),
+        "store opened"
+    );
+    let mut store = Store::new(
+        Arc::new(blobs),
+        Arc::new(recipes),
+        counters,
+        lease(),
+        description,
+    )
+    .with_bus(Arc::new(bus.clone()));
+    if config.output_tier {
+        store = store.with_outputs(Arc::new(ObjectOutputs::new(objects)));
+    }
+    Ok(Remote { store, bus })
+}
+
+/// Sets `counters` from the index: the totals of every node's writes.
+async fn load_counters(pg: &pg::Pg, counters: &StoreCounters) -> Result<()> {
+    const CTX: &str = "counting the index";
+    pg.call("count", "SELECT", "leaves", async {
+        let conn = pg.conn().await?;
+        let row = conn
+            .query_one(
+                &pg.sql(
+                    "SELECT (SELECT count(*) FROM {s}.recipes),
+                            (SELECT count(*) FROM {s}.leaves),
+                            (SELECT coalesce(sum(size), 0)::bigint FROM {s}.leaves)",
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| pg.error(CTX, e))?;
+        let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
+        counters.set_recipes(n(0));
+        counters.set_blobs(n(1), n(2));
+        Ok(())
+    })
+    .await
+}

@@ -1,0 +1,319 @@
+//! The PostgreSQL index: a connection pool, the schema Deriva migrates itself, and the mapping
+//! of PostgreSQL errors to Deriva's.
+//!
+//! Tables, in the schema named by `--index-schema` (default `deriva`):
+//! - `schema_version(version, applied_at)`: one row per applied migration;
+//! - `leaves(addr, size)`: every leaf whose bytes are durable in the object store;
+//! - `recipes(addr, encoding, depth)`: the canonical encoding and DAG depth of every recipe;
+//! - `edges(input, recipe)`: one row per input of a recipe, keyed by input (for dependents);
+//!   deleting a recipe deletes its edges.
+//!
+//! Every call is bounded: [`CONNECT_TIMEOUT`] to connect, [`POOL_WAIT`] for a free
+//! connection, and [`STATEMENT_TIMEOUT_MS`] per statement on the server side. A database that
+//! cannot be reached is [`DerivaError::Unavailable`], naming it.
+
+use std::fmt::Write as _;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deriva_core::DerivaError;
+use deriva_core::error::Result;
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use crate::observe::{Backend, BackendMetrics, pg_span};
+
+/// Time allowed to open one connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Time a call waits for a free pooled connection before it fails.
+pub const POOL_WAIT: Duration = Duration::from_secs(5);
+/// PostgreSQL's `statement_timeout` on every connection of the pool.
+pub const STATEMENT_TIMEOUT_MS: u32 = 30_000;
+/// The schema version this build knows; a database migrated by a newer build is refused.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// The migrations, in order; migration `i` brings the schema to version `i + 1`. `{s}` is the
+/// quoted schema name.
+const MIGRATIONS: [&str; 1] = [r#"
+CREATE TABLE {s}.leaves (
+    addr bytea PRIMARY KEY CHECK (length(addr) = 32),
+    size bigint NOT NULL CHECK (size >= 0),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE {s}.recipes (
+    addr bytea PRIMARY KEY CHECK (length(addr) = 32),
+    encoding bytea NOT NULL,
+    depth integer NOT NULL CHECK (depth >= 1),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE {s}.edges (
+    input bytea NOT NULL,
+    recipe bytea NOT NULL REFERENCES {s}.recipes (addr) ON DELETE CASCADE,
+    PRIMARY KEY (input, recipe)
+);
+CREATE INDEX edges_by_recipe ON {s}.edges (recipe);
+"#];
+
+/// A pool of connections to the index database, with its schema migrated.
+#[derive(Debug)]
+pub(crate) struct Pg {
+    pool: Pool,
+    /// The connection settings, for connections outside the pool (the LISTEN connection).
+    config: tokio_postgres::Config,
+    /// The quoted schema name, for queries.
+    schema: String,
+    /// `the index database postgres://host:port/db`, for errors.
+    name: String,
+    metrics: Arc<BackendMetrics>,
+}
+
+/// A pooled connection.
+pub(crate) type Conn = deadpool_postgres::Object;
+
+/// Checks a schema name: lower-case letters, digits and `_`, not starting with a digit.
+fn check_schema(schema: &str) -> Result<()> {
+    let ok = !schema.is_empty()
+        && schema.len() <= 63
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !schema.as_bytes()[0].is_ascii_digit();
+    if ok {
+        Ok(())
+    } else {
+        Err(DerivaError::InvalidInput(format!(
+            "--index-schema {schema:?}: use lower-case letters, digits and _ (at most 63), \
+             not starting with a digit"
+        )))
+    }
+}
+
+/// `postgres://host:port/db` from a parsed config: the URL without user or password.
+fn describe(config: &tokio_postgres::Config) -> String {
+    let mut out = String::from("postgres://");
+    for (i, host) in config.get_hosts().iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match host {
+            tokio_postgres::config::Host::Tcp(h) => out.push_str(h),
+            tokio_postgres::config::Host::Unix(p) => out.push_str(&p.display().to_string()),
+        }
+        if let Some(port) = config.get_ports().get(i).or(config.get_ports().first()) {
+            let _ = write!(out, ":{port}");
+        }
+    }
+    let _ = write!(out, "/{}", config.get_dbname().unwrap_or(""));
+    out
+}
+
+impl Pg {
+    /// Connects to the database at `url` (a libpq URL or key=value string), and migrates
+    /// `schema` to [`SCHEMA_VERSION`].
+    pub(crate) async fn open(
+        url: &str,
+        schema: &str,
+        pool_size: usize,
+        metrics: Arc<BackendMetrics>,
+    ) -> Result<Self> {
+        check_schema(schema)?;
+        let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
+            DerivaError::InvalidInput(format!("--index: not a PostgreSQL URL: {e}"))
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("deriva-server");
+        }
+        config.options(format!("-c statement_timeout={STATEMENT_TIMEOUT_MS}"));
+        config.keepalives(true);
+        let name = format!("the index database {}", describe(&config));
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| DerivaError::InvalidInput(format!("--index: {e}")))?;
+        let pg = Self {
+            pool,
+            config,
+            schema: format!("\"{schema}\""),
+            name,
+            metrics,
+        };
+        pg.migrate().await?;
+        Ok(pg)
+    }
+
+    /// The connection settings.
+    pub(crate) fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    /// The schema name, unquoted.
+    pub(crate) fn schema_name(&self) -> &str {
+        self.schema.trim_matches('"')
+    }
+
+    /// Names the database in messages.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `sql` with `{s}` replaced by the quoted schema name.
+    pub(crate) fn sql(&self, sql: &str) -> String {
+        sql.replace("{s}", &self.schema)
+    }
+
+    /// Turns a PostgreSQL error into Deriva's: a database that cannot be reached, is shutting
+    /// down or has no free connection is [`DerivaError::Unavailable`]; anything else (a
+    /// constraint, a bad statement) is [`DerivaError::Database`].
+    pub(crate) fn error(&self, context: &str, err: tokio_postgres::Error) -> DerivaError {
+        let unavailable = match err.code() {
+            None => true,
+            Some(code) => {
+                *code == SqlState::ADMIN_SHUTDOWN
+                    || *code == SqlState::CRASH_SHUTDOWN
+                    || *code == SqlState::CANNOT_CONNECT_NOW
+                    || *code == SqlState::TOO_MANY_CONNECTIONS
+                    || *code == SqlState::QUERY_CANCELED
+                    || code.code().starts_with("08")
+            }
+        } || err.is_closed();
+        let message = match err.as_db_error() {
+            Some(db) => db.message().to_owned(),
+            None => err.to_string(),
+        };
+        if unavailable {
+            DerivaError::Unavailable {
+                backend: self.name.clone(),
+                message: format!("{context}: {message}"),
+            }
+        } else {
+            DerivaError::database(context, message)
+        }
+    }
+
+    /// A connection from the pool.
+    pub(crate) async fn conn(&self) -> Result<Conn> {
+        self.pool.get().await.map_err(|e| {
+            let message = match e {
+                deadpool_postgres::PoolError::Backend(e) => match e.as_db_error() {
+                    Some(db) => db.message().to_owned(),
+                    None => e.to_string(),
+                },
+                deadpool_postgres::PoolError::Timeout(_) => {
+                    "timed out waiting for a connection".to_owned()
+                }
+                other => other.to_string(),
+            };
+            DerivaError::Unavailable {
+                backend: self.name.clone(),
+                message,
+            }
+        })
+    }
+
+    /// Runs one index call inside a client span with its metrics.
+    pub(crate) async fn call<T>(
+        &self,
+        op: &'static str,
+        operation: &'static str,
+        table: &'static str,
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        self.metrics
+            .call(Backend::Postgres, op, pg_span(operation, table), call)
+            .await
+    }
+
+    /// Brings the schema to [`SCHEMA_VERSION`], under an advisory lock so that nodes starting
+    /// together migrate once.
+    async fn migrate(&self) -> Result<()> {
+        const CTX: &str = "migrating the index schema";
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(|e| self.error(CTX, e))?;
+        // One lock per schema name: a fixed tag in the high bits, the name's hash below.
+        let key = 0x4465_7269_0000_0000_i64
+            | i64::from(u32::from_le_bytes(
+                blake3::hash(self.schema.as_bytes()).as_bytes()[..4]
+                    .try_into()
+                    .expect("4 bytes"),
+            ));
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&key])
+            .await
+            .map_err(|e| self.error(CTX, e))?;
+        tx.batch_execute(&self.sql(
+            "CREATE SCHEMA IF NOT EXISTS {s};
+             CREATE TABLE IF NOT EXISTS {s}.schema_version (
+                 version integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             );",
+        ))
+        .await
+        .map_err(|e| self.error(CTX, e))?;
+        let row = tx
+            .query_one(
+                &self.sql("SELECT coalesce(max(version), 0) FROM {s}.schema_version"),
+                &[],
+            )
+            .await
+            .map_err(|e| self.error(CTX, e))?;
+        let current: i32 = row.get(0);
+        if current > SCHEMA_VERSION {
+            return Err(DerivaError::InvalidInput(format!(
+                "{} has index schema version {current} in {}, newer than this server's \
+                 {SCHEMA_VERSION}: upgrade deriva-server",
+                self.name, self.schema
+            )));
+        }
+        for (i, migration) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            let version = i as i32 + 1;
+            tx.batch_execute(&self.sql(migration))
+                .await
+                .map_err(|e| self.error(CTX, e))?;
+            tx.execute(
+                &self.sql("INSERT INTO {s}.schema_version (version) VALUES ($1)"),
+                &[&version],
+            )
+            .await
+            .map_err(|e| self.error(CTX, e))?;
+            tracing::info!(schema = %self.schema, version, "index schema migrated");
+        }
+        tx.commit().await.map_err(|e| self.error(CTX, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names() {
+        for good in ["deriva", "d_1", "_x"] {
+            check_schema(good).unwrap();
+        }
+        for bad in ["", "1x", "Deriva", "a-b", "a\"b", &"x".repeat(64)] {
+            assert!(check_schema(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn descriptions_hide_credentials() {
+        let config =
+            tokio_postgres::Config::from_str("postgres://u:secret@db.example:6543/idx").unwrap();
+        assert_eq!(describe(&config), "postgres://db.example:6543/idx");
+    }
+}
