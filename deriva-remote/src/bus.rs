@@ -66,7 +66,8 @@ impl PgBus {
                 match bus.listen_once(&on, &mut connected_before).await {
                     Ok(()) => backoff = Duration::from_millis(100),
                     Err(e) => {
-                        tracing::warn!(error = %e, channel = %bus.channel, "not listening for invalidations; retrying");
+                        let error = crate::pg::describe_error(&e);
+                        tracing::warn!(%error, channel = %bus.channel, "not listening for invalidations; retrying");
                     }
                 }
                 tokio::time::sleep(backoff).await;

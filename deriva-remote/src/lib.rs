@@ -117,6 +117,7 @@ pub async fn open(config: &RemoteConfig, metrics: Arc<BackendMetrics>) -> Result
         metrics,
     );
     let recipes = PgIndex::new(pg.clone(), counters.clone());
+    refresh_counters(&pg, &counters);
     let bus = PgBus::new(pg, config.node_id.clone());
     tracing::info!(
         backend = %description,
@@ -137,6 +138,30 @@ pub async fn open(config: &RemoteConfig, metrics: Arc<BackendMetrics>) -> Result
         store = store.with_outputs(Arc::new(ObjectOutputs::new(objects)));
     }
     Ok(Remote { store, bus })
+}
+
+/// How often a node reloads its counters from the index, to count the other nodes' writes.
+pub const COUNTS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reloads `counters` every [`COUNTS_REFRESH`] while the store is open: this node updates
+/// them on its own writes at once, and learns the other nodes' writes here. Ends when the
+/// store is dropped. A failed reload is logged and retried at the next tick.
+fn refresh_counters(pg: &Arc<pg::Pg>, counters: &Arc<StoreCounters>) {
+    let (pg, counters) = (Arc::downgrade(pg), Arc::downgrade(counters));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(COUNTS_REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let (Some(pg), Some(counters)) = (pg.upgrade(), counters.upgrade()) else {
+                return;
+            };
+            if let Err(e) = load_counters(&pg, &counters).await {
+                tracing::debug!(error = %e, "could not reload the store's counters");
+            }
+        }
+    });
 }
 
 /// Sets `counters` from the index: the totals of every node's writes.

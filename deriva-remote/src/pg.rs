@@ -79,13 +79,14 @@ fn check_schema(schema: &str) -> Result<()> {
         && schema
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        && !schema.as_bytes()[0].is_ascii_digit();
+        && !schema.as_bytes()[0].is_ascii_digit()
+        && !schema.starts_with("pg_");
     if ok {
         Ok(())
     } else {
         Err(DerivaError::InvalidInput(format!(
             "--index-schema {schema:?}: use lower-case letters, digits and _ (at most 63), \
-             not starting with a digit"
+             not starting with a digit or pg_ (PostgreSQL reserves those)"
         )))
     }
 }
@@ -106,6 +107,25 @@ fn describe(config: &tokio_postgres::Config) -> String {
         }
     }
     let _ = write!(out, "/{}", config.get_dbname().unwrap_or(""));
+    out
+}
+
+/// A PostgreSQL error in one line: the server's message, or the client's with its cause
+/// (`error connecting to server: Connection refused (os error 111)`).
+pub(crate) fn describe_error(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        return db.message().to_owned();
+    }
+    let mut out = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
     out
 }
 
@@ -192,10 +212,7 @@ impl Pg {
                     || code.code().starts_with("08")
             }
         } || err.is_closed();
-        let message = match err.as_db_error() {
-            Some(db) => db.message().to_owned(),
-            None => err.to_string(),
-        };
+        let message = describe_error(&err);
         if unavailable {
             DerivaError::Unavailable {
                 backend: self.name.clone(),
@@ -210,10 +227,7 @@ impl Pg {
     pub(crate) async fn conn(&self) -> Result<Conn> {
         self.pool.get().await.map_err(|e| {
             let message = match e {
-                deadpool_postgres::PoolError::Backend(e) => match e.as_db_error() {
-                    Some(db) => db.message().to_owned(),
-                    None => e.to_string(),
-                },
+                deadpool_postgres::PoolError::Backend(e) => describe_error(&e),
                 deadpool_postgres::PoolError::Timeout(_) => {
                     "timed out waiting for a connection".to_owned()
                 }
@@ -305,7 +319,7 @@ mod tests {
         for good in ["deriva", "d_1", "_x"] {
             check_schema(good).unwrap();
         }
-        for bad in ["", "1x", "Deriva", "a-b", "a\"b", &"x".repeat(64)] {
+        for bad in ["", "1x", "Deriva", "a-b", "a\"b", "pg_x", &"x".repeat(64)] {
             assert!(check_schema(bad).is_err(), "{bad}");
         }
     }

@@ -37,7 +37,7 @@ use crate::trace_store::TraceStore;
 use tracing_subscriber::{EnvFilter, fmt as tfmt};
 
 /// The filter used when `RUST_LOG` is not set: Deriva at info, the transport crates quiet.
-pub const DEFAULT_LOG_FILTER: &str = "info,deriva_server=info,deriva_compute=info,deriva_core=info,h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,opentelemetry=warn,opentelemetry_sdk=warn";
+pub const DEFAULT_LOG_FILTER: &str = "info,deriva_server=info,deriva_compute=info,deriva_core=info,deriva_remote=info,h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,opentelemetry=warn,opentelemetry_sdk=warn";
 
 /// The default [`TelemetryConfig::sample_ratio`] (and `--trace-sample-ratio`): every new trace.
 pub const DEFAULT_SAMPLE_RATIO: f64 = 1.0;
@@ -255,7 +255,8 @@ impl Telemetry {
         let spans = Targets::new()
             .with_target("deriva_server", Level::INFO)
             .with_target("deriva_compute", Level::INFO)
-            .with_target("deriva_core", Level::INFO);
+            .with_target("deriva_core", Level::INFO)
+            .with_target("deriva_remote", Level::INFO);
         let registry = tracing_subscriber::registry()
             .with(otel.with_filter(spans.clone()))
             .with(self.traces.layer().with_filter(spans));
