@@ -355,6 +355,34 @@ mod tests {
     }
 
     #[test]
+    fn invalidate_all_empties_and_outdates_every_generation() {
+        let cache = Cache::new(1000);
+        let generations: Vec<u64> = (1..=3).map(|i| cache.generation(&addr(i))).collect();
+        cache.insert(addr(1), Bytes::from(vec![0; 100]), ms(1));
+        cache.insert(addr(2), Bytes::from(vec![0; 50]), ms(1));
+        assert_eq!(cache.invalidate_all(), 2);
+        assert_eq!(
+            (cache.stats().entries(), cache.stats().size_bytes()),
+            (0, 0)
+        );
+        assert!(!cache.contains(&addr(1)));
+        // A compute that noted its generation before cannot cache its output now.
+        for (i, g) in (1..=3).zip(generations) {
+            assert!(
+                cache
+                    .insert_if_current(addr(i), Bytes::from_static(b"x"), ms(1), g)
+                    .is_none()
+            );
+        }
+        let fresh = cache.generation(&addr(3));
+        assert!(
+            cache
+                .insert_if_current(addr(3), Bytes::from_static(b"x"), ms(1), fresh)
+                .is_some()
+        );
+    }
+
+    #[test]
     fn unused_costly_entries_age_out() {
         let cache = Cache::new(200);
         cache.insert(addr(1), Bytes::from(vec![0; 100]), ms(30));
