@@ -9,9 +9,13 @@
 //! exist, host ports, datasource uids, units, quantiles by `le`).
 //!
 //! Needs the `prometheus` binary on `PATH` (`bash .ci/run` installs it, or
-//! `apt-get install -y prometheus`); without it the test fails, it never skips.
+//! `apt-get install -y prometheus`); without it the test fails, it never skips. The server runs
+//! on the remote backend (SeaweedFS and PostgreSQL from `scripts/backends.sh`), so that the
+//! scale-out panels have data as well.
 
 mod common;
+#[path = "../../deriva-remote/tests/services/mod.rs"]
+mod services;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -439,9 +443,21 @@ async fn every_dashboard_alert_and_recording_query_returns_data() {
     require("prometheus");
     let (checks, rules) = all_checks();
     let deadline = Instant::now() + DEADLINE;
-    let server = ServerProcess::options()
-        .args(["--verification", "dual"])
-        .start();
+    // On the remote backend (a real SeaweedFS and PostgreSQL), so that the scale-out panels
+    // (object store and index calls, the local read-through cache) have data too.
+    let services = services::Backends::start();
+    let mut options = ServerProcess::options().args([
+        "--verification".to_owned(),
+        "dual".to_owned(),
+        "--blob-store".to_owned(),
+        format!("s3://{}/monitoring", services.bucket()),
+        "--index".to_owned(),
+        services.pg_url(),
+    ]);
+    for (key, value) in services.aws_env() {
+        options = options.env(key, value);
+    }
+    let server = options.start();
     let mut client = server.client().await;
 
     // A first round by hand, so that every histogram family has its first observation, then

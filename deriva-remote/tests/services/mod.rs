@@ -1,0 +1,181 @@
+//! Real SeaweedFS and PostgreSQL for tests, started and stopped by `scripts/backends.sh` (the
+//! same script the benchmarks use). Shared by path with `deriva-server`'s tests.
+//!
+//! - [`Backends::start`]: a pair of this test's own, in a temporary directory, stopped (by
+//!   pid, through the script) when dropped; for tests that stop or kill them.
+//! - [`shared`]: one pair for every test of a binary that leaves them running; started by the
+//!   first test that asks, stopped when the last one using them is done.
+//!
+//! `weed` comes from `$DERIVA_WEED`, the PATH, or the virtual environment `.ci/run` installs;
+//! PostgreSQL from Debian's package. Without them, the start fails and says how to install.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, Weak};
+
+/// One SeaweedFS and one PostgreSQL, with all their state in a temporary directory.
+#[derive(Debug)]
+pub struct Backends {
+    dir: tempfile::TempDir,
+    env: BTreeMap<String, String>,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root")
+        .join("scripts/backends.sh")
+}
+
+impl Backends {
+    /// Starts both on free loopback ports; waits until each answers a real request.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("deriva-backends-")
+            .tempdir()
+            .expect("a temporary directory");
+        let mut backends = Self {
+            dir,
+            env: BTreeMap::new(),
+        };
+        backends.run("start", "all");
+        let env_file = backends.dir.path().join("env");
+        let text = std::fs::read_to_string(&env_file)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", env_file.display()));
+        backends.env = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        backends
+    }
+
+    fn run(&self, command: &str, which: &str) {
+        let out = Command::new("bash")
+            .arg(script())
+            .arg(command)
+            .arg(self.dir.path())
+            .arg(which)
+            .output()
+            .expect("running scripts/backends.sh");
+        assert!(
+            out.status.success(),
+            "scripts/backends.sh {command} {which} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn get(&self, key: &str) -> String {
+        self.env
+            .get(key)
+            .unwrap_or_else(|| panic!("scripts/backends.sh wrote no {key}"))
+            .clone()
+    }
+
+    /// The directory holding both services' state (see `scripts/backends.sh`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The settings the script wrote (`DERIVA_TEST_*`).
+    pub fn env(&self) -> &BTreeMap<String, String> {
+        &self.env
+    }
+
+    /// The recorded pid of `which` (`weed`, or `pg` for the postmaster), if it runs.
+    pub fn pid(&self, which: &str) -> Option<u32> {
+        std::fs::read_to_string(self.dir.path().join(format!("{which}.pid")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The S3 endpoint, `http://127.0.0.1:PORT`.
+    pub fn s3_endpoint(&self) -> String {
+        self.get("DERIVA_TEST_S3_ENDPOINT")
+    }
+
+    /// The bucket, which exists.
+    pub fn bucket(&self) -> String {
+        self.get("DERIVA_TEST_S3_BUCKET")
+    }
+
+    /// The S3 access key id.
+    pub fn access_key(&self) -> String {
+        self.get("DERIVA_TEST_AWS_ACCESS_KEY_ID")
+    }
+
+    /// The S3 secret key.
+    pub fn secret_key(&self) -> String {
+        self.get("DERIVA_TEST_AWS_SECRET_ACCESS_KEY")
+    }
+
+    /// `postgres://deriva@127.0.0.1:PORT/deriva`.
+    pub fn pg_url(&self) -> String {
+        self.get("DERIVA_TEST_PG_URL")
+    }
+
+    /// The `AWS_*` variables a server needs to reach the object store.
+    pub fn aws_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL".into(), self.s3_endpoint()),
+            ("AWS_REGION".into(), "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID".into(), self.access_key()),
+            ("AWS_SECRET_ACCESS_KEY".into(), self.secret_key()),
+        ]
+    }
+
+    /// Stops `which` (`weed`, `pg` or `all`) cleanly.
+    pub fn stop(&self, which: &str) {
+        self.run("stop", which);
+    }
+
+    /// Kills `which` (`weed` or `pg`) with SIGKILL: a crash.
+    pub fn kill(&self, which: &str) {
+        self.run("kill", which);
+    }
+
+    /// Starts `which` again, at the same address and with the same data.
+    pub fn start_again(&self, which: &str) {
+        self.run("start", which);
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        // Never panics: a failed stop is reported, and the pids are in the directory's files.
+        match Command::new("bash")
+            .arg(script())
+            .arg("stop")
+            .arg(self.dir.path())
+            .arg("all")
+            .output()
+        {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "scripts/backends.sh stop failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!("scripts/backends.sh stop could not run: {e}"),
+        }
+    }
+}
+
+static SHARED: Mutex<Weak<Backends>> = Mutex::new(Weak::new());
+
+/// The pair shared by the tests of this binary that leave them running.
+pub fn shared() -> Arc<Backends> {
+    let mut slot = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(running) = slot.upgrade() {
+        return running;
+    }
+    let started = Arc::new(Backends::start());
+    *slot = Arc::downgrade(&started);
+    started
+}

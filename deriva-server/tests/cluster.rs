@@ -1,0 +1,464 @@
+//! Several `deriva-server` processes on one remote store: a real SeaweedFS (S3) for the bytes
+//! and a real PostgreSQL for the index, started for this test binary by `scripts/backends.sh`.
+//!
+//! - two nodes share one bucket and database: put through A, get through B; an Invalidate
+//!   through B evicts on A; the output tier serves B without a recompute;
+//! - the object store or the database going away under load gives `UNAVAILABLE` naming it,
+//!   never `INTERNAL`, and nothing wrong is served; the same nodes recover when it is back;
+//! - a node killed under load loses nothing it acknowledged.
+
+mod common;
+#[path = "../../deriva-remote/tests/services/mod.rs"]
+mod services;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{DEADLINE, ServerProcess, get_all, http_get, put_leaf, put_recipe, sample};
+use deriva_server::proto::PutLeafRequest;
+use deriva_server::proto::{ExplainRequest, GetRequest, InvalidateRequest};
+use services::Backends;
+use tonic::Code;
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// A place of its own in the shared services for one test: a key prefix and a schema.
+struct Space {
+    prefix: String,
+    schema: String,
+}
+
+impl Space {
+    fn new(test: &str) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{test}_{}_{n}", std::process::id());
+        Self {
+            prefix: format!("cluster-{tag}"),
+            schema: format!("t_{tag}"),
+        }
+    }
+}
+
+/// A node on `services`, in `space`, with `extra` flags.
+fn node(services: &Backends, space: &Space, extra: &[&str]) -> ServerProcess {
+    let mut options = ServerProcess::options()
+        .args([
+            "--blob-store".to_owned(),
+            format!("s3://{}/{}", services.bucket(), space.prefix),
+            "--index".to_owned(),
+            services.pg_url(),
+            "--index-schema".to_owned(),
+            space.schema.clone(),
+        ])
+        .args(extra.iter().copied());
+    for (key, value) in services.aws_env() {
+        options = options.env(key, value);
+    }
+    options.start()
+}
+
+/// Waits until `done` holds, asking again every 20 ms, for at most [`DEADLINE`].
+async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !done().await {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{what}: not within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn materialized(exposition: &str, result: &str) -> f64 {
+    sample(
+        exposition,
+        &format!(r#"deriva_materialize_total{{result="{result}"}}"#),
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_leaves_recipes_outputs_and_invalidations() {
+    let services = services::shared();
+    let space = Space::new("two_nodes");
+    let a = node(&services, &space, &["--output-tier", "blob-store"]);
+    let b = node(&services, &space, &["--output-tier", "blob-store"]);
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+
+    // Leaves put through A are served by B, byte for byte (a large one goes in parts).
+    let small = put_leaf(&mut ca, b"hello, ").await;
+    let big_bytes: Vec<u8> = (0..20 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let big = put_leaf(&mut ca, &big_bytes).await;
+    assert_eq!(get_all(&mut cb, &big).await.unwrap(), big_bytes);
+
+    // B's trace of that Get shows the object-store read inside the materialize tree, as a
+    // client span with the semantic-convention attributes.
+    let response = cb
+        .get(GetRequest {
+            addr: small.clone(),
+        })
+        .await
+        .expect("Get through B");
+    let trace_id = response
+        .metadata()
+        .get("x-trace-id")
+        .expect("x-trace-id")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut stream = response.into_inner();
+    let mut got = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        got.extend_from_slice(&m.chunk);
+    }
+    assert_eq!(got, b"hello, ");
+    let explained = cb
+        .explain(ExplainRequest { trace_id })
+        .await
+        .expect("Explain through B")
+        .into_inner();
+    let field = |span: &deriva_server::proto::TraceSpan, key: &str| {
+        span.fields
+            .iter()
+            .find(|f| f.key == key)
+            .map(|f| f.value.clone())
+    };
+    let read = explained
+        .spans
+        .iter()
+        .find(|s| {
+            s.name == "object_store" && field(s, "rpc.method").as_deref() == Some("GetObject")
+        })
+        .unwrap_or_else(|| panic!("no object-store read in {:#?}", explained.spans));
+    assert_eq!(field(read, "rpc.system").as_deref(), Some("aws-api"));
+    assert_eq!(field(read, "aws.s3.bucket"), Some(services.bucket()));
+    let key = field(read, "aws.s3.key").unwrap_or_default();
+    assert!(
+        key.ends_with(&format!("leaves/{}", common::hex(&small))),
+        "{key}"
+    );
+    let parent = explained
+        .spans
+        .iter()
+        .find(|s| s.id == read.parent)
+        .expect("the read has a parent");
+    assert_eq!(parent.name, "leaf_read");
+
+    // A recipe put through A, computed by A, is served by B from the output tier.
+    let world = put_leaf(&mut ca, b"world").await;
+    let greeting = put_recipe(&mut ca, "concat", &[&small, &world], &[]).await;
+    assert_eq!(get_all(&mut ca, &greeting).await.unwrap(), b"hello, world");
+    let before = b.scrape().await;
+    assert_eq!(get_all(&mut cb, &greeting).await.unwrap(), b"hello, world");
+    let after = b.scrape().await;
+    assert_eq!(
+        materialized(&after, "stored") - materialized(&before, "stored"),
+        1.0,
+        "B read the output from the output tier"
+    );
+    assert_eq!(
+        materialized(&after, "computed"),
+        materialized(&before, "computed"),
+        "B computed nothing"
+    );
+
+    // Invalidate through B: A forgets its cached output (LISTEN/NOTIFY), and the output tier
+    // forgets it too, so A's next Get computes it again.
+    let cached_on_a = |exposition: &str| sample(exposition, "deriva_cache_entries").unwrap_or(0.0);
+    let cached_before = cached_on_a(&a.scrape().await);
+    assert!(cached_before >= 1.0);
+    cb.invalidate(InvalidateRequest {
+        addr: greeting.clone(),
+        cascade: true,
+    })
+    .await
+    .expect("Invalidate through B");
+    wait_for("A evicts what B invalidated", async || {
+        cached_on_a(&a.scrape().await) == cached_before - 1.0
+    })
+    .await;
+    let before = a.scrape().await;
+    assert_eq!(get_all(&mut ca, &greeting).await.unwrap(), b"hello, world");
+    let after = a.scrape().await;
+    assert_eq!(
+        materialized(&after, "computed") - materialized(&before, "computed"),
+        1.0,
+        "A computed the invalidated output again"
+    );
+
+    // Both nodes count the same store (B learns A's writes when it reloads its counters).
+    for n in [&a, &b] {
+        wait_for("every node counts every node's writes", async || {
+            let text = n.scrape().await;
+            sample(&text, "deriva_dag_recipes") == Some(1.0)
+                && sample(&text, "deriva_storage_blobs") == Some(3.0)
+        })
+        .await;
+    }
+}
+
+/// Puts and gets as fast as one client can, until `stop`; panics on any status but
+/// `UNAVAILABLE`, or on wrong bytes. Returns (successes, unavailable answers, their messages).
+async fn load(
+    node: &ServerProcess,
+    known: Vec<(Bytes, Vec<u8>)>,
+    stop: Arc<AtomicBool>,
+) -> (u64, u64, Vec<String>) {
+    let mut client = node.client().await;
+    let (mut ok, mut unavailable, mut messages) = (0, 0, Vec::new());
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        i += 1;
+        let outcome = if i.is_multiple_of(2) {
+            let data = format!("load {i} {}", std::process::id()).into_bytes();
+            client
+                .put_leaf(PutLeafRequest {
+                    data: Bytes::from(data),
+                })
+                .await
+                .map(drop)
+        } else {
+            let (addr, bytes) = &known[(i as usize / 2) % known.len()];
+            match client.get(GetRequest { addr: addr.clone() }).await {
+                Ok(stream) => {
+                    let mut stream = stream.into_inner();
+                    let mut got = Vec::new();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(m)) => got.extend_from_slice(&m.chunk),
+                            Ok(None) => {
+                                assert_eq!(&got, bytes, "a Get served wrong bytes");
+                                break Ok(());
+                            }
+                            Err(s) => break Err(s),
+                        }
+                    }
+                }
+                Err(s) => Err(s),
+            }
+        };
+        match outcome {
+            Ok(()) => ok += 1,
+            Err(s) if s.code() == Code::Unavailable => {
+                unavailable += 1;
+                if messages.len() < 5 {
+                    messages.push(s.message().to_owned());
+                }
+            }
+            Err(s) => panic!("expected OK or UNAVAILABLE, got {s:?}"),
+        }
+    }
+    (ok, unavailable, messages)
+}
+
+/// `GET /readyz`: the status and body.
+async fn readyz(node: &ServerProcess) -> (u16, String) {
+    let r = http_get(node.metrics_addr(), "/readyz")
+        .await
+        .expect("GET /readyz");
+    (r.status, r.body)
+}
+
+/// Runs load on `node` while `which` (`weed` or `pg`) is down; returns what the load saw.
+async fn outage(services: &Backends, node: &ServerProcess, which: &str, names: &str) {
+    let mut client = node.client().await;
+    let mut known = Vec::new();
+    for i in 0..20 {
+        let data = format!("before the outage {i}").into_bytes();
+        known.push((put_leaf(&mut client, &data).await, data));
+    }
+    // A recipe never materialized: a Get of it needs both the object store (its address is
+    // looked for among the leaves first) and the index (its recipe).
+    let untouched = put_recipe(&mut client, "concat", &[&known[0].0, &known[1].0], &[]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let loader = load(node, known.clone(), stop.clone());
+    let during = async {
+        // Some successful traffic first, then the outage.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        services.kill(which);
+        let killed = Instant::now();
+        wait_for("readiness turns 503 naming the backend", async || {
+            let (status, body) = readyz(node).await;
+            status == 503 && body.contains(names)
+        })
+        .await;
+        eprintln!(
+            "{which}: /readyz 503 naming it {} ms after the kill",
+            killed.elapsed().as_millis()
+        );
+        let status = client
+            .get(GetRequest {
+                addr: untouched.clone(),
+            })
+            .await;
+        let status = match status {
+            Ok(stream) => stream.into_inner().message().await.map(drop),
+            Err(s) => Err(s),
+        };
+        let status = status.expect_err("a Get while the backend is down fails");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains(names), "{status:?}");
+        let put = client
+            .put_leaf(PutLeafRequest {
+                data: Bytes::from_static(b"during the outage"),
+            })
+            .await
+            .expect_err("a put while the backend is down fails");
+        assert_eq!(put.code(), Code::Unavailable, "{put:?}");
+        assert!(put.message().contains(names), "{put:?}");
+        let restarted = Instant::now();
+        services.start_again(which);
+        wait_for("readiness recovers", async || readyz(node).await.0 == 200).await;
+        eprintln!(
+            "{which}: back and the node ready {} ms after the restart began",
+            restarted.elapsed().as_millis()
+        );
+        // Some traffic after the recovery, then stop the load.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop.store(true, Ordering::Relaxed);
+    };
+    let ((ok, unavailable, messages), ()) = tokio::join!(loader, during);
+    assert!(ok > 0, "the load got answers");
+    for m in &messages {
+        assert!(m.contains(names), "UNAVAILABLE names the backend: {m}");
+    }
+    eprintln!("{which} outage: {ok} answers OK, {unavailable} UNAVAILABLE");
+    // Recovered, without restarting the node: every leaf from before is still there.
+    for (addr, bytes) in &known {
+        assert_eq!(&get_all(&mut client, addr).await.unwrap(), bytes);
+    }
+    let mut expected = known[0].1.clone();
+    expected.extend_from_slice(&known[1].1);
+    assert_eq!(get_all(&mut client, &untouched).await.unwrap(), expected);
+    let after = put_leaf(&mut client, b"after the outage").await;
+    assert_eq!(
+        get_all(&mut client, &after).await.unwrap(),
+        b"after the outage"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_store_outage_is_unavailable_and_recovers() {
+    // Services of its own: this test stops them.
+    let services = Backends::start();
+    let space = Space::new("s3_outage");
+    let n = node(&services, &space, &["--local-cache-bytes", "0"]);
+    outage(&services, &n, "weed", "object store").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_outage_is_unavailable_and_recovers() {
+    let services = Backends::start();
+    let space = Space::new("pg_outage");
+    let n = node(&services, &space, &[]);
+    outage(&services, &n, "pg", "index database").await;
+    // By now the node has made calls of each kind, failed ones and local cache reads included:
+    // every family of the README's remote table is on /metrics, as documented.
+    readme_remote_families_are_live(&n.scrape().await);
+}
+
+/// The README's "Remote backend metrics" table against a live exposition: each documented
+/// family is there with its type and buckets, and each live `deriva_backend_*` or
+/// `deriva_local_cache_*` family is documented.
+fn readme_remote_families_are_live(text: &str) {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = readme
+        .split("### Remote backend metrics")
+        .nth(1)
+        .expect("README has a remote backend metrics table")
+        .split("\n#")
+        .next()
+        .unwrap_or_default();
+    let documented: Vec<(String, String, String)> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `deriva_"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            (
+                format!("deriva_{}", cells[0].trim_end_matches('`')),
+                cells[1].to_owned(),
+                cells[3].to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(documented.len(), 4, "README remote metrics rows");
+    let live = common::families(text);
+    for (name, kind, buckets) in &documented {
+        let found = live
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{name} is documented but not on /metrics"));
+        assert_eq!(&found.1, kind, "type of {name}");
+        for le in buckets.split(", ").filter(|b| !b.is_empty()) {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("{name}_bucket{{"))
+                        && l.contains(&format!("le=\"{le}\""))),
+                "{name}: no bucket {le}"
+            );
+        }
+    }
+    for (name, _) in live
+        .iter()
+        .filter(|(n, _)| n.starts_with("deriva_backend_") || n.starts_with("deriva_local_cache_"))
+    {
+        assert!(
+            documented.iter().any(|(n, _, _)| n == name),
+            "{name} is on /metrics but not in the README"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_under_load_loses_nothing_it_acknowledged() {
+    let services = services::shared();
+    let space = Space::new("kill_node");
+    let mut a = node(&services, &space, &[]);
+    let b = node(&services, &space, &[]);
+    let acknowledged = Arc::new(parking_lot::Mutex::new(Vec::<(Bytes, Vec<u8>)>::new()));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let acknowledged = acknowledged.clone();
+            let url = a.url();
+            tokio::spawn(async move {
+                let Ok(mut client) =
+                    deriva_server::proto::deriva_client::DerivaClient::connect(url).await
+                else {
+                    return;
+                };
+                for i in 0.. {
+                    let data = format!("writer {w} leaf {i}").into_bytes();
+                    match client
+                        .put_leaf(PutLeafRequest {
+                            data: Bytes::from(data.clone()),
+                        })
+                        .await
+                    {
+                        Ok(r) => acknowledged.lock().push((r.into_inner().addr, data)),
+                        Err(_) => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_for("writes are acknowledged", async || {
+        acknowledged.lock().len() >= 100
+    })
+    .await;
+    a.kill();
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let acknowledged = acknowledged.lock().clone();
+    let mut client = b.client().await;
+    for (addr, data) in &acknowledged {
+        assert_eq!(&get_all(&mut client, addr).await.unwrap(), data);
+    }
+    eprintln!(
+        "{} acknowledged leaves all readable through B",
+        acknowledged.len()
+    );
+}
