@@ -118,13 +118,16 @@ impl BlobStore for RemoteBlobStore {
     async fn get(&self, addr: CAddr) -> Result<Option<Bytes>> {
         if let Some(cache) = &self.cache {
             let hit = cache::on_pool(cache, move |c| c.get(&addr)).await.flatten();
-            self.metrics.cache_read(hit.is_some());
             if hit.is_some() {
+                self.metrics.cache_read(true);
                 return Ok(hit);
             }
         }
         let bytes = self.fetch(addr).await?;
+        // A miss is a leaf the cache did not hold; an address that is no leaf at all (the
+        // executor asks here first for recipes too) is neither a hit nor a miss.
         if let (Some(cache), Some(bytes)) = (&self.cache, &bytes) {
+            self.metrics.cache_read(false);
             let bytes = bytes.clone();
             cache::on_pool(cache, move |c| c.put(&addr, &bytes)).await;
         }

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use common::{DEADLINE, ServerProcess, get_all, http_get, put_leaf, put_recipe, sample};
 use deriva_server::proto::PutLeafRequest;
 use deriva_server::proto::{ExplainRequest, GetRequest, InvalidateRequest};
+use fake_opentelemetry_collector::FakeCollectorServer;
 use services::Backends;
 use tonic::Code;
 
@@ -83,8 +84,19 @@ fn materialized(exposition: &str, result: &str) -> f64 {
 async fn two_nodes_share_leaves_recipes_outputs_and_invalidations() {
     let services = services::shared();
     let space = Space::new("two_nodes");
+    // B exports its spans to a real OTLP receiver, as to Jaeger.
+    let mut collector = FakeCollectorServer::start().await.unwrap();
     let a = node(&services, &space, &["--output-tier", "blob-store"]);
-    let b = node(&services, &space, &["--output-tier", "blob-store"]);
+    let b = node(
+        &services,
+        &space,
+        &[
+            "--output-tier",
+            "blob-store",
+            "--otlp-endpoint",
+            &collector.endpoint(),
+        ],
+    );
     let (mut ca, mut cb) = (a.client().await, b.client().await);
 
     // Leaves put through A are served by B, byte for byte (a large one goes in parts).
@@ -146,6 +158,35 @@ async fn two_nodes_share_leaves_recipes_outputs_and_invalidations() {
         .expect("the read has a parent");
     assert_eq!(parent.name, "leaf_read");
 
+    // The same read reaches the OTLP receiver as a client span of that trace, with the
+    // semantic-convention attributes (what Jaeger shows).
+    let mut exported = Vec::new();
+    let start = Instant::now();
+    let object_read = loop {
+        exported.extend(collector.exported_spans(1, Duration::from_secs(1)).await);
+        if let Some(span) = exported
+            .iter()
+            .find(|s| s.trace_id == explained.trace_id && s.name == "GetObject")
+        {
+            break span.clone();
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no GetObject span of trace {} among {} exported spans",
+            explained.trace_id,
+            exported.len()
+        );
+    };
+    assert_eq!(object_read.kind, "SPAN_KIND_CLIENT");
+    for (key, value) in [
+        ("rpc.system", "aws-api".to_owned()),
+        ("rpc.method", "GetObject".to_owned()),
+        ("aws.s3.bucket", services.bucket()),
+    ] {
+        let raw = object_read.attributes.get(key).cloned().unwrap_or_default();
+        assert!(raw.contains(&format!("{value:?}")), "{key}: {raw}");
+    }
+
     // A recipe put through A, computed by A, is served by B from the output tier.
     let world = put_leaf(&mut ca, b"world").await;
     let greeting = put_recipe(&mut ca, "concat", &[&small, &world], &[]).await;
@@ -187,6 +228,35 @@ async fn two_nodes_share_leaves_recipes_outputs_and_invalidations() {
         1.0,
         "A computed the invalidated output again"
     );
+
+    // B's index queries (the Invalidate above walked the dependents in PostgreSQL) reach the
+    // receiver as client spans with the database conventions.
+    let start = Instant::now();
+    loop {
+        exported.extend(collector.exported_spans(1, Duration::from_secs(1)).await);
+        let query = exported.iter().find(|s| {
+            s.attributes
+                .get("db.operation.name")
+                .is_some_and(|v| v.contains("\"SELECT\""))
+        });
+        if let Some(query) = query {
+            assert_eq!(query.kind, "SPAN_KIND_CLIENT");
+            let system = query.attributes.get("db.system.name").cloned();
+            assert!(
+                system
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("\"postgresql\""),
+                "{system:?}"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no PostgreSQL client span among {} exported spans",
+            exported.len()
+        );
+    }
 
     // Both nodes count the same store (B learns A's writes when it reloads its counters).
     for n in [&a, &b] {
