@@ -20,7 +20,7 @@ use crate::cache::{self, DiskCache};
 use crate::index::addr_of;
 use crate::objects::{Objects, Written};
 use crate::observe::BackendMetrics;
-use crate::pg::Pg;
+use crate::pg::{Call, Pg};
 
 /// Leaves in an S3-compatible bucket, recorded in PostgreSQL.
 #[derive(Debug, Clone)]
@@ -51,25 +51,26 @@ impl RemoteBlobStore {
 
     /// Records the leaf `addr` of `size` bytes; returns whether the row is new.
     async fn record(&self, addr: CAddr, size: u64) -> Result<bool> {
-        const CTX: &str = "recording a leaf";
-        let pg = &self.pg;
-        pg.call("put_leaf", "INSERT", "leaves", async {
-            let conn = pg.conn().await?;
-            let stmt = conn
-                .prepare_cached(&pg.sql(
-                    "INSERT INTO {s}.leaves (addr, size) VALUES ($1, $2)
-                     ON CONFLICT (addr) DO NOTHING",
-                ))
-                .await
-                .map_err(|e| pg.error(CTX, e))?;
-            let size = i64::try_from(size).unwrap_or(i64::MAX);
-            let n = conn
-                .execute(&stmt, &[&addr.as_bytes().as_slice(), &size])
-                .await
-                .map_err(|e| pg.error(CTX, e))?;
-            Ok(n == 1)
-        })
-        .await
+        const CALL: Call = Call {
+            op: "put_leaf",
+            operation: "INSERT",
+            table: "leaves",
+            context: "recording a leaf",
+        };
+        let (key, size) = (
+            addr.as_bytes().as_slice(),
+            i64::try_from(size).unwrap_or(i64::MAX),
+        );
+        let inserted = self
+            .pg
+            .query_opt(
+                CALL,
+                "INSERT INTO {s}.leaves (addr, size) VALUES ($1, $2)
+                 ON CONFLICT (addr) DO NOTHING RETURNING addr",
+                &[&key, &size],
+            )
+            .await?;
+        Ok(inserted.is_some())
     }
 
     /// Reads the object at `addr` and verifies it. `Ok(None)` if there is none.
@@ -139,44 +140,39 @@ impl BlobStore for RemoteBlobStore {
     }
 
     async fn size(&self, addr: CAddr) -> Result<Option<u64>> {
-        const CTX: &str = "looking up a leaf";
-        let pg = &self.pg;
-        pg.call("find_leaf", "SELECT", "leaves", async {
-            let conn = pg.conn().await?;
-            let stmt = conn
-                .prepare_cached(&pg.sql("SELECT size FROM {s}.leaves WHERE addr = $1"))
-                .await
-                .map_err(|e| pg.error(CTX, e))?;
-            Ok(conn
-                .query_opt(&stmt, &[&addr.as_bytes().as_slice()])
-                .await
-                .map_err(|e| pg.error(CTX, e))?
-                .map(|row| row.get::<_, i64>(0).max(0) as u64))
-        })
-        .await
+        const CALL: Call = Call {
+            op: "find_leaf",
+            operation: "SELECT",
+            table: "leaves",
+            context: "looking up a leaf",
+        };
+        let key = addr.as_bytes().as_slice();
+        let row = self
+            .pg
+            .query_opt(CALL, "SELECT size FROM {s}.leaves WHERE addr = $1", &[&key])
+            .await?;
+        Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64))
     }
 
     async fn delete(&self, addr: CAddr) -> Result<bool> {
-        const CTX: &str = "deleting a leaf";
-        let pg = &self.pg;
+        const CALL: Call = Call {
+            op: "delete_leaf",
+            operation: "DELETE",
+            table: "leaves",
+            context: "deleting a leaf",
+        };
         // The row first: a crash between the two leaves an object without a row, which is
         // garbage, never a row whose bytes are gone.
-        let size = pg
-            .call("delete_leaf", "DELETE", "leaves", async {
-                let conn = pg.conn().await?;
-                let stmt = conn
-                    .prepare_cached(
-                        &pg.sql("DELETE FROM {s}.leaves WHERE addr = $1 RETURNING size"),
-                    )
-                    .await
-                    .map_err(|e| pg.error(CTX, e))?;
-                Ok(conn
-                    .query_opt(&stmt, &[&addr.as_bytes().as_slice()])
-                    .await
-                    .map_err(|e| pg.error(CTX, e))?
-                    .map(|row| row.get::<_, i64>(0).max(0) as u64))
-            })
-            .await?;
+        let key = addr.as_bytes().as_slice();
+        let size = self
+            .pg
+            .query_opt(
+                CALL,
+                "DELETE FROM {s}.leaves WHERE addr = $1 RETURNING size",
+                &[&key],
+            )
+            .await?
+            .map(|r| r.get::<_, i64>(0).max(0) as u64);
         self.objects.delete(&self.objects.leaf_key(&addr)).await?;
         if let Some(cache) = &self.cache {
             cache::on_pool(cache, move |c| c.remove(&addr)).await;
@@ -191,17 +187,19 @@ impl BlobStore for RemoteBlobStore {
     }
 
     async fn list(&self) -> Result<Vec<CAddr>> {
-        const CTX: &str = "listing leaves";
-        let pg = &self.pg;
-        pg.call("list_leaves", "SELECT", "leaves", async {
-            let conn = pg.conn().await?;
-            let rows = conn
-                .query(&pg.sql("SELECT addr FROM {s}.leaves"), &[])
-                .await
-                .map_err(|e| pg.error(CTX, e))?;
-            rows.iter().map(|row| addr_of(row.get(0), CTX)).collect()
-        })
-        .await
+        const CALL: Call = Call {
+            op: "list_leaves",
+            operation: "SELECT",
+            table: "leaves",
+            context: "listing leaves",
+        };
+        let rows = self
+            .pg
+            .query(CALL, "SELECT addr FROM {s}.leaves", &[])
+            .await?;
+        rows.iter()
+            .map(|row| addr_of(row.get(0), CALL.context))
+            .collect()
     }
 
     async fn check(&self) -> Result<()> {

@@ -9,7 +9,7 @@ use deriva_core::error::Result;
 use deriva_core::store::{BlobStore, RecipeIndex, StoreCounters, StoredRecipe};
 use deriva_core::{CAddr, DerivaError, Recipe};
 
-use crate::pg::Pg;
+use crate::pg::{Call, Pg};
 
 /// Recipes, their depths and the dependency edges in PostgreSQL.
 #[derive(Debug, Clone)]
@@ -130,65 +130,62 @@ impl RecipeIndex for PgIndex {
     }
 
     async fn get(&self, addr: CAddr) -> Result<Option<StoredRecipe>> {
-        const CTX: &str = "reading a recipe";
-        let pg = &self.pg;
-        pg.call("get_recipe", "SELECT", "recipes", async {
-            let conn = pg.conn().await?;
-            let stmt = conn
-                .prepare_cached(&pg.sql("SELECT encoding, depth FROM {s}.recipes WHERE addr = $1"))
-                .await
-                .map_err(|e| pg.error(CTX, e))?;
-            let Some(row) = conn
-                .query_opt(&stmt, &[&addr.as_bytes().as_slice()])
-                .await
-                .map_err(|e| pg.error(CTX, e))?
-            else {
-                return Ok(None);
-            };
-            let encoding: &[u8] = row.get(0);
-            let depth: i32 = row.get(1);
-            let recipe =
-                Recipe::from_canonical_bytes(encoding).map_err(|e| DerivaError::Corrupted {
-                    addr,
-                    detail: format!("the stored recipe does not decode: {e}"),
-                })?;
-            if recipe.addr() != addr {
-                return Err(DerivaError::Corrupted {
-                    addr,
-                    detail: format!("the stored recipe hashes to {}", recipe.addr()),
-                });
-            }
-            let depth = u32::try_from(depth).map_err(|_| DerivaError::Corrupted {
+        const CALL: Call = Call {
+            op: "get_recipe",
+            operation: "SELECT",
+            table: "recipes",
+            context: "reading a recipe",
+        };
+        let key = addr.as_bytes().as_slice();
+        let Some(row) = self
+            .pg
+            .query_opt(
+                CALL,
+                "SELECT encoding, depth FROM {s}.recipes WHERE addr = $1",
+                &[&key],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let encoding: &[u8] = row.get(0);
+        let depth: i32 = row.get(1);
+        let recipe =
+            Recipe::from_canonical_bytes(encoding).map_err(|e| DerivaError::Corrupted {
                 addr,
-                detail: format!("the stored depth {depth} is negative"),
+                detail: format!("the stored recipe does not decode: {e}"),
             })?;
-            Ok(Some(StoredRecipe { recipe, depth }))
-        })
-        .await
+        if recipe.addr() != addr {
+            return Err(DerivaError::Corrupted {
+                addr,
+                detail: format!("the stored recipe hashes to {}", recipe.addr()),
+            });
+        }
+        let depth = u32::try_from(depth).map_err(|_| DerivaError::Corrupted {
+            addr,
+            detail: format!("the stored depth {depth} is negative"),
+        })?;
+        Ok(Some(StoredRecipe { recipe, depth }))
     }
 
     async fn missing(&self, addrs: Vec<CAddr>) -> Result<Vec<CAddr>> {
-        const CTX: &str = "looking up recipes";
-        let pg = &self.pg;
-        pg.call("find_recipes", "SELECT", "recipes", async {
-            let conn = pg.conn().await?;
-            let stmt = conn
-                .prepare_cached(&pg.sql("SELECT addr FROM {s}.recipes WHERE addr = ANY($1)"))
-                .await
-                .map_err(|e| pg.error(CTX, e))?;
-            let keys: Vec<&[u8]> = addrs.iter().map(|a| a.as_bytes().as_slice()).collect();
-            let found: HashSet<CAddr> = rows_to_addrs(
-                &conn
-                    .query(&stmt, &[&keys])
-                    .await
-                    .map_err(|e| pg.error(CTX, e))?,
-                CTX,
-            )?
-            .into_iter()
-            .collect();
-            Ok(addrs.into_iter().filter(|a| !found.contains(a)).collect())
-        })
-        .await
+        const CALL: Call = Call {
+            op: "find_recipes",
+            operation: "SELECT",
+            table: "recipes",
+            context: "looking up recipes",
+        };
+        let keys: Vec<&[u8]> = addrs.iter().map(|a| a.as_bytes().as_slice()).collect();
+        let rows = self
+            .pg
+            .query(
+                CALL,
+                "SELECT addr FROM {s}.recipes WHERE addr = ANY($1)",
+                &[&keys],
+            )
+            .await?;
+        let found: HashSet<CAddr> = rows_to_addrs(&rows, CALL.context)?.into_iter().collect();
+        Ok(addrs.into_iter().filter(|a| !found.contains(a)).collect())
     }
 
     async fn first_missing_input(
@@ -198,122 +195,116 @@ impl RecipeIndex for PgIndex {
     ) -> Result<Option<CAddr>> {
         // The leaves table is this database's record of the blob store (see RemoteBlobStore),
         // so one query answers for both.
-        const CTX: &str = "checking the inputs of recipes";
-        let pg = &self.pg;
-        pg.call("check_inputs", "SELECT", "recipes", async {
-            let conn = pg.conn().await?;
-            let stmt = conn
-                .prepare_cached(&pg.sql(
-                    "SELECT a FROM unnest($1::bytea[]) WITH ORDINALITY AS t (a, i)
-                     WHERE NOT EXISTS (SELECT 1 FROM {s}.recipes WHERE addr = a)
-                       AND NOT EXISTS (SELECT 1 FROM {s}.leaves WHERE addr = a)
-                     ORDER BY i LIMIT 1",
-                ))
-                .await
-                .map_err(|e| pg.error(CTX, e))?;
-            let keys: Vec<&[u8]> = addrs.iter().map(|a| a.as_bytes().as_slice()).collect();
-            conn.query_opt(&stmt, &[&keys])
-                .await
-                .map_err(|e| pg.error(CTX, e))?
-                .map(|row| addr_of(row.get(0), CTX))
-                .transpose()
-        })
-        .await
+        const CALL: Call = Call {
+            op: "check_inputs",
+            operation: "SELECT",
+            table: "recipes",
+            context: "checking the inputs of recipes",
+        };
+        let keys: Vec<&[u8]> = addrs.iter().map(|a| a.as_bytes().as_slice()).collect();
+        self.pg
+            .query_opt(
+                CALL,
+                "SELECT a FROM unnest($1::bytea[]) WITH ORDINALITY AS t (a, i)
+                 WHERE NOT EXISTS (SELECT 1 FROM {s}.recipes WHERE addr = a)
+                   AND NOT EXISTS (SELECT 1 FROM {s}.leaves WHERE addr = a)
+                 ORDER BY i LIMIT 1",
+                &[&keys],
+            )
+            .await?
+            .map(|row| addr_of(row.get(0), CALL.context))
+            .transpose()
     }
 
     async fn dependents(&self, addr: CAddr) -> Result<Vec<CAddr>> {
-        const CTX: &str = "reading dependents";
-        let pg = &self.pg;
-        pg.call("dependents", "SELECT", "edges", async {
-            let conn = pg.conn().await?;
-            let stmt = conn
-                .prepare_cached(&pg.sql("SELECT recipe FROM {s}.edges WHERE input = $1"))
-                .await
-                .map_err(|e| pg.error(CTX, e))?;
-            rows_to_addrs(
-                &conn
-                    .query(&stmt, &[&addr.as_bytes().as_slice()])
-                    .await
-                    .map_err(|e| pg.error(CTX, e))?,
-                CTX,
+        const CALL: Call = Call {
+            op: "dependents",
+            operation: "SELECT",
+            table: "edges",
+            context: "reading dependents",
+        };
+        let key = addr.as_bytes().as_slice();
+        let rows = self
+            .pg
+            .query(
+                CALL,
+                "SELECT recipe FROM {s}.edges WHERE input = $1",
+                &[&key],
             )
-        })
-        .await
+            .await?;
+        rows_to_addrs(&rows, CALL.context)
     }
 
     async fn transitive_dependents(&self, addr: CAddr) -> Result<Vec<CAddr>> {
-        const CTX: &str = "reading transitive dependents";
-        let pg = &self.pg;
-        pg.call("transitive_dependents", "SELECT", "edges", async {
-            let conn = pg.conn().await?;
-            // Each recipe once, at its shortest distance from `addr`: breadth-first order.
-            let stmt = conn
-                .prepare_cached(&pg.sql(
-                    "WITH RECURSIVE walk (addr, dist) AS (
-                         SELECT recipe, 1 FROM {s}.edges WHERE input = $1
-                         UNION
-                         SELECT e.recipe, w.dist + 1
-                         FROM {s}.edges e JOIN walk w ON e.input = w.addr
-                     )
-                     SELECT addr FROM walk GROUP BY addr ORDER BY min(dist), addr",
-                ))
-                .await
-                .map_err(|e| pg.error(CTX, e))?;
-            rows_to_addrs(
-                &conn
-                    .query(&stmt, &[&addr.as_bytes().as_slice()])
-                    .await
-                    .map_err(|e| pg.error(CTX, e))?,
-                CTX,
+        const CALL: Call = Call {
+            op: "transitive_dependents",
+            operation: "SELECT",
+            table: "edges",
+            context: "reading transitive dependents",
+        };
+        // Each recipe once, at its shortest distance from `addr`: breadth-first order.
+        let key = addr.as_bytes().as_slice();
+        let rows = self
+            .pg
+            .query(
+                CALL,
+                "WITH RECURSIVE walk (addr, dist) AS (
+                     SELECT recipe, 1 FROM {s}.edges WHERE input = $1
+                     UNION
+                     SELECT e.recipe, w.dist + 1
+                     FROM {s}.edges e JOIN walk w ON e.input = w.addr
+                 )
+                 SELECT addr FROM walk GROUP BY addr ORDER BY min(dist), addr",
+                &[&key],
             )
-        })
-        .await
+            .await?;
+        rows_to_addrs(&rows, CALL.context)
     }
 
     async fn delete(&self, addr: CAddr) -> Result<bool> {
-        const CTX: &str = "deleting a recipe";
-        let pg = &self.pg;
-        pg.call("delete_recipe", "DELETE", "recipes", async {
-            let conn = pg.conn().await?;
-            let stmt = conn
-                .prepare_cached(&pg.sql("DELETE FROM {s}.recipes WHERE addr = $1"))
-                .await
-                .map_err(|e| pg.error(CTX, e))?;
-            let n = conn
-                .execute(&stmt, &[&addr.as_bytes().as_slice()])
-                .await
-                .map_err(|e| pg.error(CTX, e))?;
-            if n > 0 {
-                self.counters.add_recipes(-1);
-            }
-            Ok(n > 0)
-        })
-        .await
+        const CALL: Call = Call {
+            op: "delete_recipe",
+            operation: "DELETE",
+            table: "recipes",
+            context: "deleting a recipe",
+        };
+        let key = addr.as_bytes().as_slice();
+        let deleted = self
+            .pg
+            .query_opt(
+                CALL,
+                "DELETE FROM {s}.recipes WHERE addr = $1 RETURNING addr",
+                &[&key],
+            )
+            .await?
+            .is_some();
+        if deleted {
+            self.counters.add_recipes(-1);
+        }
+        Ok(deleted)
     }
 
     async fn count_by_scan(&self) -> Result<u64> {
-        const CTX: &str = "counting recipes";
-        let pg = &self.pg;
-        pg.call("count_recipes", "SELECT", "recipes", async {
-            let conn = pg.conn().await?;
-            let row = conn
-                .query_one(&pg.sql("SELECT count(*) FROM {s}.recipes"), &[])
-                .await
-                .map_err(|e| pg.error(CTX, e))?;
-            Ok(row.get::<_, i64>(0) as u64)
-        })
-        .await
+        const CALL: Call = Call {
+            op: "count_recipes",
+            operation: "SELECT",
+            table: "recipes",
+            context: "counting recipes",
+        };
+        let row = self
+            .pg
+            .query_opt(CALL, "SELECT count(*) FROM {s}.recipes", &[])
+            .await?;
+        Ok(row.map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
     }
 
     async fn check(&self) -> Result<()> {
-        let pg = &self.pg;
-        pg.call("check", "SELECT", "recipes", async {
-            let conn = pg.conn().await?;
-            conn.simple_query("SELECT 1")
-                .await
-                .map(drop)
-                .map_err(|e| pg.error("checking the index", e))
-        })
-        .await
+        const CALL: Call = Call {
+            op: "check",
+            operation: "SELECT",
+            table: "recipes",
+            context: "checking the index",
+        };
+        self.pg.query(CALL, "SELECT 1", &[]).await.map(drop)
     }
 }

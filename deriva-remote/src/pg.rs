@@ -69,6 +69,19 @@ pub(crate) struct Pg {
     metrics: Arc<BackendMetrics>,
 }
 
+/// What one index call is, for its span, its metrics and its errors.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Call {
+    /// The `op` label of `deriva_backend_*`.
+    pub op: &'static str,
+    /// `db.operation.name`: `SELECT`, `INSERT`, `DELETE`.
+    pub operation: &'static str,
+    /// `db.collection.name`: the main table.
+    pub table: &'static str,
+    /// What was being done, for error messages.
+    pub context: &'static str,
+}
+
 /// A pooled connection.
 pub(crate) type Conn = deadpool_postgres::Object;
 
@@ -251,6 +264,37 @@ impl Pg {
         self.metrics
             .call(Backend::Postgres, op, pg_span(operation, table), call)
             .await
+    }
+
+    /// Runs one statement (prepared once per connection) on a pooled connection, inside a
+    /// client span with its metrics: the rows it returns. `sql` names tables as `{s}.table`.
+    pub(crate) async fn query(
+        &self,
+        call: Call,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        self.call(call.op, call.operation, call.table, async {
+            let conn = self.conn().await?;
+            let stmt = conn
+                .prepare_cached(&self.sql(sql))
+                .await
+                .map_err(|e| self.error(call.context, e))?;
+            conn.query(&stmt, params)
+                .await
+                .map_err(|e| self.error(call.context, e))
+        })
+        .await
+    }
+
+    /// [`Pg::query`] for a statement that returns at most one row.
+    pub(crate) async fn query_opt(
+        &self,
+        call: Call,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<tokio_postgres::Row>> {
+        Ok(self.query(call, sql, params).await?.into_iter().next())
     }
 
     /// Brings the schema to [`SCHEMA_VERSION`], under an advisory lock so that nodes starting

@@ -433,27 +433,7 @@ async fn index_outage_is_unavailable_and_recovers() {
 /// family is there with its type and buckets, and each live `deriva_backend_*` or
 /// `deriva_local_cache_*` family is documented.
 fn readme_remote_families_are_live(text: &str) {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let section = readme
-        .split("### Remote backend metrics")
-        .nth(1)
-        .expect("README has a remote backend metrics table")
-        .split("\n#")
-        .next()
-        .unwrap_or_default();
-    let documented: Vec<(String, String, String)> = section
-        .lines()
-        .filter_map(|l| l.strip_prefix("| `deriva_"))
-        .map(|l| {
-            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
-            (
-                format!("deriva_{}", cells[0].trim_end_matches('`')),
-                cells[1].to_owned(),
-                cells[3].to_owned(),
-            )
-        })
-        .collect();
+    let documented = common::readme_metrics("### Remote backend metrics");
     assert_eq!(documented.len(), 4, "README remote metrics rows");
     let live = common::families(text);
     for (name, kind, buckets) in &documented {

@@ -186,29 +186,9 @@ async fn full_flow_shows_every_documented_family_as_the_readme_says() {
     let text = obs.scrape().await;
     let live = families(&text);
 
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    // The main table: from its heading to the next heading (the remote backend's families
-    // have a table of their own, checked by tests/cluster.rs).
-    let section = readme
-        .split("### Metrics reference")
-        .nth(1)
-        .expect("README has a metrics reference")
-        .split("\n#")
-        .next()
-        .unwrap_or_default();
-    let documented: Vec<(String, String, String)> = section
-        .lines()
-        .filter_map(|l| l.strip_prefix("| `deriva_"))
-        .map(|l| {
-            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
-            (
-                format!("deriva_{}", cells[0].trim_end_matches('`')),
-                cells[1].to_owned(),
-                cells[3].to_owned(),
-            )
-        })
-        .collect();
+    // The main table only: the remote backend's families have a table of their own, checked
+    // by tests/cluster.rs.
+    let documented = common::readme_metrics("### Metrics reference");
     assert_eq!(documented.len(), 25, "README metrics table rows");
     for (name, kind, buckets) in &documented {
         let found = live

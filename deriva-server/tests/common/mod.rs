@@ -222,3 +222,29 @@ pub async fn get_all(
 ) -> Result<Vec<u8>, tonic::Status> {
     Ok(get_chunks(client, addr).await?.concat())
 }
+
+/// The rows of a metrics table of README.md: the table under `heading`, up to the next
+/// heading. Each row: the family, its type, and its buckets (or an empty cell).
+pub fn readme_metrics(heading: &str) -> Vec<(String, String, String)> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = readme
+        .split(heading)
+        .nth(1)
+        .unwrap_or_else(|| panic!("README has no {heading:?}"))
+        .split("\n#")
+        .next()
+        .unwrap_or_default();
+    section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `deriva_"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            (
+                format!("deriva_{}", cells[0].trim_end_matches('`')),
+                cells[1].to_owned(),
+                cells[3].to_owned(),
+            )
+        })
+        .collect()
+}
