@@ -295,10 +295,11 @@ start_weed() {
     # setsid starts a new session (no terminal, so no SIGHUP either); the shell inside records
     # its own pid, which exec hands to weed, so the pid is right even if setsid had to fork.
     # -master.telemetry=false: no anonymous statistics sent to seaweedfs.com from tests.
+    # -logdir: its glog files in DIR (by default they pile up in /tmp).
     # shellcheck disable=SC2016 # $$ and $@ are the inner shell's
     AWS_ACCESS_KEY_ID=$ACCESS_KEY AWS_SECRET_ACCESS_KEY=$SECRET_KEY \
         setsid sh -c 'echo $$ >"$0" && exec "$@"' "$dir/weed.pid" \
-        "$weed" mini -dir="$dir/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+        "$weed" -logdir="$dir/weed" mini -dir="$dir/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
         -s3.port="$S3_PORT" -s3.port.grpc="$S3_GRPC_PORT" \
         -master.port="$MASTER_PORT" -master.port.grpc="$MASTER_GRPC_PORT" \
         -volume.port="$VOLUME_PORT" -volume.port.grpc="$VOLUME_GRPC_PORT" \
