@@ -54,6 +54,14 @@ impl OutputStore for Tier {
         self.deleted.lock().push(recipe);
         Ok(())
     }
+
+    async fn contains(&self, recipe: CAddr) -> Result<bool> {
+        Ok(self.outputs.lock().contains_key(&recipe))
+    }
+
+    async fn list(&self) -> Result<Vec<CAddr>> {
+        Ok(self.outputs.lock().keys().copied().collect())
+    }
 }
 
 #[derive(Debug, Default)]

@@ -284,6 +284,30 @@ impl RecipeIndex for PgIndex {
         Ok(deleted)
     }
 
+    async fn list(&self) -> Result<Vec<(CAddr, u32)>> {
+        const CALL: Call = Call {
+            op: "list_recipes",
+            operation: "SELECT",
+            table: "recipes",
+            context: "listing recipes",
+        };
+        let rows = self
+            .pg
+            .query(CALL, "SELECT addr, depth FROM {s}.recipes", &[])
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let addr = addr_of(row.get(0), CALL.context)?;
+                let depth: i32 = row.get(1);
+                let depth = u32::try_from(depth).map_err(|_| DerivaError::Corrupted {
+                    addr,
+                    detail: format!("the stored depth {depth} is negative"),
+                })?;
+                Ok((addr, depth))
+            })
+            .collect()
+    }
+
     async fn count_by_scan(&self) -> Result<u64> {
         const CALL: Call = Call {
             op: "count_recipes",

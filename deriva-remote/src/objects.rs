@@ -271,6 +271,29 @@ impl Objects {
             .await
     }
 
+    /// The addresses of every object under `{prefix}{dir}/` whose name is an address (a
+    /// bulk listing, for `deriva-server migrate`: never for index questions). Names that are
+    /// no address are skipped.
+    pub(crate) async fn list_addrs(&self, dir: &str) -> Result<Vec<CAddr>> {
+        use futures::TryStreamExt as _;
+        let prefix = Path::from(format!("{}{dir}", self.prefix));
+        let span = s3_span("ListObjectsV2", &self.bucket, prefix.as_ref());
+        self.metrics
+            .call(Backend::S3, "list", span, async {
+                let metas: Vec<object_store::ObjectMeta> = self
+                    .store
+                    .list(Some(&prefix))
+                    .try_collect()
+                    .await
+                    .map_err(|e| self.unavailable("listing", &prefix, e))?;
+                Ok(metas
+                    .iter()
+                    .filter_map(|m| m.location.filename()?.parse::<CAddr>().ok())
+                    .collect())
+            })
+            .await
+    }
+
     /// A real signed request (a HEAD of a key that need not exist), for health checks.
     pub(crate) async fn check(&self) -> Result<()> {
         let key = Path::from(format!("{}health-check", self.prefix));

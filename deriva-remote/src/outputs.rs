@@ -63,4 +63,13 @@ impl OutputStore for ObjectOutputs {
     async fn delete(&self, recipe: CAddr) -> Result<()> {
         self.objects.delete(&self.objects.output_key(&recipe)).await
     }
+
+    async fn contains(&self, recipe: CAddr) -> Result<bool> {
+        let key = self.objects.output_key(&recipe);
+        Ok(self.objects.size(&key).await?.is_some())
+    }
+
+    async fn list(&self) -> Result<Vec<CAddr>> {
+        self.objects.list_addrs("outputs").await
+    }
 }

@@ -201,6 +201,11 @@ pub async fn dependents(h: &impl Harness) {
     let all = store.transitive_dependents(a).await.unwrap();
     assert_eq!(sorted(all.clone()), sorted(vec![left, right, join]));
     assert_eq!(all.last(), Some(&join), "breadth-first: join comes last");
+    let mut listed = store.recipes().list().await.unwrap();
+    listed.sort();
+    let mut expected = vec![(left, 1), (right, 1), (join, 2)];
+    expected.sort();
+    assert_eq!(listed, expected, "every recipe listed once, with its depth");
 
     assert!(store.recipes().delete(join).await.unwrap());
     assert!(!store.recipes().delete(join).await.unwrap());

@@ -200,6 +200,11 @@ pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
     /// Deletes the recipe at `addr` and its edges to its inputs; `Ok(false)` if there was none.
     async fn delete(&self, addr: CAddr) -> Result<bool>;
 
+    /// Every stored recipe's address and DAG depth, in no particular order, read at one point
+    /// in time (one read transaction). For bulk work such as `deriva-server migrate`, not for
+    /// hot paths.
+    async fn list(&self) -> Result<Vec<(CAddr, u32)>>;
+
     /// The number of stored recipes, counted by a scan: for checks, not hot paths (use
     /// [`StoreCounters`]).
     async fn count_by_scan(&self) -> Result<u64>;
@@ -221,6 +226,13 @@ pub trait OutputStore: Send + Sync + fmt::Debug + 'static {
 
     /// Deletes the stored output of `recipe`; deleting nothing is no error.
     async fn delete(&self, recipe: CAddr) -> Result<()>;
+
+    /// Whether an output of `recipe` is stored (without reading or verifying it).
+    async fn contains(&self, recipe: CAddr) -> Result<bool>;
+
+    /// The recipe address of every stored output, in no particular order; for bulk work such
+    /// as `deriva-server migrate`.
+    async fn list(&self) -> Result<Vec<CAddr>>;
 }
 
 /// Tells the other nodes that share a store which addresses were invalidated, so that each

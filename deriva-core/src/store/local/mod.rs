@@ -171,6 +171,10 @@ impl RecipeIndex for LocalRecipeIndex {
         on_pool(&self.inner, "deleting a recipe", move |r| r.delete(&addr)).await
     }
 
+    async fn list(&self) -> Result<Vec<(CAddr, u32)>> {
+        on_pool(&self.inner, "listing recipes", |r| r.list()).await
+    }
+
     async fn count_by_scan(&self) -> Result<u64> {
         on_pool(&self.inner, "counting recipes", |r| r.count_by_scan()).await
     }
@@ -224,9 +228,10 @@ mod tests {
             assert!(recipes.missing(vec![addr]).await.unwrap().is_empty());
             assert_eq!(recipes.dependents(leaf).await.unwrap(), [addr]);
             assert_eq!(recipes.count_by_scan().await.unwrap(), 1);
+            assert_eq!(recipes.list().await.unwrap(), [(addr, 1)]);
             assert!(recipes.delete(addr).await.unwrap());
             assert!(blobs.delete(leaf).await.unwrap());
-            12
+            13
         });
         let pooled: Vec<ThreadId> = POOL_CALLS
             .lock()

@@ -52,8 +52,16 @@ pub(super) struct RecipeDb {
 impl RecipeDb {
     pub(super) fn open(path: &Path, counters: Arc<StoreCounters>) -> Result<Self> {
         const CTX: &str = "opening the recipe database";
-        let db = Database::create(path)
-            .map_err(|e| db_error(&format!("opening {}", path.display()), e.into()))?;
+        let db = Database::create(path).map_err(|e| match e {
+            // redb's file lock: another process (a running deriva-server) has the store open.
+            redb::DatabaseError::DatabaseAlreadyOpen => DerivaError::Unavailable {
+                backend: format!("the local store {}", path.display()),
+                message: "it is open in another process (a running deriva-server?); \
+                          one process at a time may open a local store"
+                    .into(),
+            },
+            e => db_error(&format!("opening {}", path.display()), e.into()),
+        })?;
         let txn = db.begin_write().or_storage(CTX)?;
         let count = {
             txn.open_table(RECIPES).or_storage(CTX)?;
@@ -210,6 +218,21 @@ impl RecipeDb {
             .insert(addr.as_bytes(), &[1, 0, 0, 0, 0xff, 0xff][..])
             .or_storage(CTX)?;
         txn.commit().or_storage(CTX)
+    }
+
+    /// Every recipe's address and depth, from one read transaction.
+    pub(super) fn list(&self) -> Result<Vec<(CAddr, u32)>> {
+        const CTX: &str = "listing recipes";
+        let txn = self.db.begin_read().or_storage(CTX)?;
+        let table = txn.open_table(RECIPES).or_storage(CTX)?;
+        let mut out =
+            Vec::with_capacity(usize::try_from(table.len().or_storage(CTX)?).unwrap_or(0));
+        for entry in table.iter().or_storage(CTX)? {
+            let (key, row) = entry.or_storage(CTX)?;
+            let addr = CAddr::from_bytes(*key.value());
+            out.push((addr, decode_depth(&addr, row.value())?));
+        }
+        Ok(out)
     }
 
     /// Counts the rows of `recipes` by scanning: slow, for consistency checks only.
