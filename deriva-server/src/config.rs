@@ -269,7 +269,8 @@ impl Config {
 #[command(
     name = "deriva-server",
     version,
-    about = "Deriva: a computation-addressed store, served over gRPC"
+    about = "Deriva: a computation-addressed store, served over gRPC",
+    after_help = "Other commands:\n  deriva-server migrate --help   copy a store to another backend (local, or S3 + PostgreSQL)"
 )]
 pub struct ServerArgs {
     /// Data directory (created if missing).

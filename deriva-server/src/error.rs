@@ -58,31 +58,49 @@ impl From<ApiError> for Status {
             ApiError::TraceStoreOff => return Status::failed_precondition(err.to_string()),
             ApiError::Engine(e) => e,
         };
-        let code = match &err {
-            DerivaError::InvalidInput(_) => Code::InvalidArgument,
-            DerivaError::NotFound { .. } => Code::NotFound,
-            DerivaError::UnknownFunction { .. } | DerivaError::MissingInput { .. } => {
-                Code::FailedPrecondition
-            }
-            DerivaError::ComputeFailed { .. } => Code::Internal,
-            DerivaError::DeterminismViolation { .. } | DerivaError::Corrupted { .. } => {
-                tracing::error!(error = %err, "data integrity failure");
-                Code::DataLoss
-            }
-            DerivaError::TaskCancelled { .. } | DerivaError::Unavailable { .. } => {
-                Code::Unavailable
-            }
-            // A failure of the server or its storage: the detail goes to the log only.
-            DerivaError::Io { .. }
-            | DerivaError::Database { .. }
-            | DerivaError::Decode { .. }
-            | DerivaError::TaskPanicked { .. } => {
+        let code = code_of(&err);
+        match code {
+            Code::DataLoss => tracing::error!(error = %err, "data integrity failure"),
+            Code::Internal if !matches!(err, DerivaError::ComputeFailed { .. }) => {
+                // A failure of the server or its storage: the detail goes to the log only.
                 tracing::error!(error = %err, kind = err.kind(), "storage or task failure");
                 return Status::internal("internal storage error; the server log has the details");
             }
-        };
+            _ => {}
+        }
         Status::new(code, err.to_string())
     }
+}
+
+/// The gRPC code of an engine or store error (the table of [`Status::from`]); the command-line
+/// tools (`deriva-server migrate`) name their failures by it too.
+pub fn code_of(err: &DerivaError) -> Code {
+    match err {
+        DerivaError::InvalidInput(_) => Code::InvalidArgument,
+        DerivaError::NotFound { .. } => Code::NotFound,
+        DerivaError::UnknownFunction { .. } | DerivaError::MissingInput { .. } => {
+            Code::FailedPrecondition
+        }
+        DerivaError::DeterminismViolation { .. } | DerivaError::Corrupted { .. } => Code::DataLoss,
+        DerivaError::TaskCancelled { .. } | DerivaError::Unavailable { .. } => Code::Unavailable,
+        DerivaError::ComputeFailed { .. }
+        | DerivaError::Io { .. }
+        | DerivaError::Database { .. }
+        | DerivaError::Decode { .. }
+        | DerivaError::TaskPanicked { .. } => Code::Internal,
+    }
+}
+
+/// A code as gRPC writes it: `DATA_LOSS`, `UNAVAILABLE`.
+pub fn code_name(code: Code) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
 }
 
 /// Parses a 32-byte wire address, naming the field when it is wrong.
@@ -93,6 +111,14 @@ pub fn parse_addr(field: &str, raw: &[u8]) -> ApiResult<CAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn code_names_are_grpc_spelling() {
+        assert_eq!(code_name(Code::DataLoss), "DATA_LOSS");
+        assert_eq!(code_name(Code::Unavailable), "UNAVAILABLE");
+        assert_eq!(code_name(Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(code_name(Code::Ok), "OK");
+    }
 
     #[test]
     fn explain_errors_keep_their_codes_and_messages() {

@@ -20,11 +20,13 @@
 //! - [`trace_store`]: the in-process store of recent request span trees (`Explain`,
 //!   `/debug/traces`) and the `tracing` layer that fills it.
 //! - [`http`]: `/metrics`, `/health`, `/healthz`, `/readyz` and the `/debug` pages.
+//! - [`migrate`]: `deriva-server migrate`, which copies a store between backends.
 //! - [`proto`]: the wire contract, [`deriva_proto`] re-exported.
 
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod migrate;
 pub mod rpc;
 pub mod server;
 pub mod service;

@@ -8,11 +8,10 @@
 //! - a node killed under load loses nothing it acknowledged.
 
 mod common;
-#[path = "../../deriva-remote/tests/services/mod.rs"]
-mod services;
+mod remote;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,57 +19,9 @@ use common::{DEADLINE, ServerProcess, get_all, http_get, put_leaf, put_recipe, s
 use deriva_server::proto::PutLeafRequest;
 use deriva_server::proto::{ExplainRequest, GetRequest, InvalidateRequest};
 use fake_opentelemetry_collector::FakeCollectorServer;
-use services::Backends;
+use remote::services::{self, Backends};
+use remote::{Space, node, wait_for};
 use tonic::Code;
-
-static NEXT: AtomicU64 = AtomicU64::new(0);
-
-/// A place of its own in the shared services for one test: a key prefix and a schema.
-struct Space {
-    prefix: String,
-    schema: String,
-}
-
-impl Space {
-    fn new(test: &str) -> Self {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let tag = format!("{test}_{}_{n}", std::process::id());
-        Self {
-            prefix: format!("cluster-{tag}"),
-            schema: format!("t_{tag}"),
-        }
-    }
-}
-
-/// A node on `services`, in `space`, with `extra` flags.
-fn node(services: &Backends, space: &Space, extra: &[&str]) -> ServerProcess {
-    let mut options = ServerProcess::options()
-        .args([
-            "--blob-store".to_owned(),
-            format!("s3://{}/{}", services.bucket(), space.prefix),
-            "--index".to_owned(),
-            services.pg_url(),
-            "--index-schema".to_owned(),
-            space.schema.clone(),
-        ])
-        .args(extra.iter().copied());
-    for (key, value) in services.aws_env() {
-        options = options.env(key, value);
-    }
-    options.start()
-}
-
-/// Waits until `done` holds, asking again every 20 ms, for at most [`DEADLINE`].
-async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while !done().await {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "{what}: not within {DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn materialized(exposition: &str, result: &str) -> f64 {
     sample(

@@ -1,5 +1,6 @@
 //! `deriva-server`: parses its flags, binds, serves until SIGINT or SIGTERM, shuts down. With
-//! `--print-config` it prints the configuration and exits instead.
+//! `--print-config` it prints the configuration and exits instead; `deriva-server migrate …`
+//! copies a store between backends ([`deriva_server::migrate`]).
 
 use std::process::ExitCode;
 
@@ -8,11 +9,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use deriva_server::migrate::{self, MigrateArgs};
 use deriva_server::telemetry::Telemetry;
 use deriva_server::{Config, Server, ServerArgs};
 use tokio::net::TcpListener;
 
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "migrate") {
+        return migrate();
+    }
     let args = ServerArgs::parse();
     let print_only = args.print_config;
     let config = match args.into_config() {
@@ -67,6 +72,67 @@ fn main() -> ExitCode {
         telemetry.shutdown(TELEMETRY_FLUSH_TIMEOUT).await;
         code
     })
+}
+
+/// `deriva-server migrate …`: the migration, its report on stdout (JSON with `--json`), and
+/// the exit status of [`MigrateError::exit_code`].
+fn migrate() -> ExitCode {
+    let args = MigrateArgs::parse_from(
+        std::iter::once(std::ffi::OsString::from("deriva-server migrate"))
+            .chain(std::env::args_os().skip(2)),
+    );
+    let json = args.json;
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("deriva-server migrate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(migrate::run(args));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(report) => {
+            if json {
+                match serde_json::to_string(&report) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => eprintln!("deriva-server migrate: cannot print the report: {e}"),
+                }
+            } else {
+                print!("{}", report.human());
+            }
+            match report.problems() {
+                0 => ExitCode::SUCCESS,
+                n => {
+                    eprintln!(
+                        "deriva-server migrate: {n} object(s) failed, damaged or missing{}",
+                        report
+                            .errors
+                            .first()
+                            .map(|e| format!("; the first: {e}"))
+                            .unwrap_or_default()
+                    );
+                    let damaged = report.mode == "verify"
+                        && [
+                            Some(&report.leaves),
+                            Some(&report.recipes),
+                            report.outputs.as_ref(),
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .any(|t| t.failed > 0);
+                    ExitCode::from(if damaged { 3 } else { 1 })
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("deriva-server migrate: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }
 
 /// `--print-config`: one `key = value` line per setting on stdout; nothing opened or bound.

@@ -1,0 +1,495 @@
+//! `deriva-server migrate` against the real services (SeaweedFS for S3, PostgreSQL for the
+//! index, from `scripts/backends.sh`):
+//!
+//! - a local store with thousands of leaves and recipes (a deep chain, a fan-out, a leaf above
+//!   the multipart threshold) moves to the remote backend; the first run is killed halfway and
+//!   a second finishes it; a third copies nothing; `--verify` passes; a node on the destination
+//!   serves every address byte for byte as a node on the source does, with the same counts;
+//!   migrating back to a fresh local directory gives the same addresses and depths;
+//! - `--include-outputs` carries the output tier, which the destination then serves;
+//! - a damaged leaf stops the migration with `DATA_LOSS` naming it; a store in use, bad flags
+//!   and a source that does not exist are refused with a message that says so.
+
+mod common;
+mod remote;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
+
+use bytes::Bytes;
+use common::process::SERVER;
+use common::{DEADLINE, Rng, ServerProcess, get_all, sample};
+use deriva_core::{CAddr, FunctionId, Recipe, Store};
+use deriva_server::migrate::Report;
+use deriva_server::proto::StatusRequest;
+use futures::StreamExt as _;
+use remote::services::{self, Backends};
+use remote::{Space, node, wait_for};
+
+/// `deriva-server migrate ARGS`, with the services' `AWS_*` variables and no `DERIVA_*` one.
+fn migrate_command(services: &Backends, args: &[&str]) -> Command {
+    let mut command = Command::new(SERVER);
+    for (key, _) in std::env::vars_os() {
+        let name = key.to_string_lossy();
+        if name.starts_with("DERIVA_") || name.starts_with("AWS_") {
+            command.env_remove(&key);
+        }
+    }
+    command.envs(services.aws_env());
+    command.arg("migrate").args(args);
+    command.stdin(Stdio::null());
+    command
+}
+
+/// Runs a migration to its end.
+fn migrate(services: &Backends, args: &[&str]) -> Output {
+    migrate_command(services, args)
+        .output()
+        .expect("running deriva-server migrate")
+}
+
+/// Runs a migration that must succeed with `--json`, and returns its report.
+fn migrate_ok(services: &Backends, args: &[&str]) -> Report {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = migrate(services, &all);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "migrate {args:?} failed ({}):\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("a JSON report: {e}: {stdout}"))
+}
+
+/// The flags that name `space` on `services`, with `--` or `--to-` flags.
+fn remote_flags(services: &Backends, space: &Space, to: bool) -> Vec<String> {
+    let p = if to { "--to-" } else { "--" };
+    vec![
+        format!("{p}blob-store"),
+        format!("s3://{}/{}", services.bucket(), space.prefix),
+        format!("{p}index"),
+        services.pg_url(),
+        format!("{p}index-schema"),
+        space.schema.clone(),
+    ]
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn concat() -> FunctionId {
+    FunctionId::new("concat", "v1").unwrap()
+}
+
+fn recipe(function: &str, inputs: Vec<CAddr>) -> Recipe {
+    Recipe::new(
+        FunctionId::new(function, "v1").unwrap(),
+        inputs,
+        Vec::<(String, String)>::new(),
+    )
+    .unwrap()
+}
+
+/// What the source store holds.
+struct Contents {
+    leaves: Vec<CAddr>,
+    recipes: Vec<CAddr>,
+}
+
+/// A local store in `dir` with `n` leaves (the last 20 MiB, above the multipart threshold)
+/// and about `n` recipes: a chain 300 deep, a fan-out of one leaf into `n / 2` recipes, and
+/// a `reverse` of the other leaves with a second level over some of them.
+async fn build_local_store(dir: &Path, n: usize) -> Contents {
+    let store = Store::open(dir).unwrap();
+    let mut rng = Rng::from_env("migrate");
+    let mut leaves = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut data = format!("leaf {i} ").into_bytes();
+        let len = if i == n - 1 {
+            20 << 20
+        } else {
+            rng.below(2048) as usize
+        };
+        data.extend(rng.bytes(len));
+        leaves.push(store.put_leaf(Bytes::from(data)).await.unwrap());
+    }
+    let mut recipes = Vec::new();
+    // A chain: identity(l0), then concat(previous, l_k).
+    let mut chain = vec![recipe("identity", vec![leaves[0]])];
+    for k in 1..300 {
+        let previous = chain[k - 1].addr();
+        chain.push(
+            Recipe::new(
+                concat(),
+                vec![previous, leaves[k]],
+                Vec::<(String, String)>::new(),
+            )
+            .unwrap(),
+        );
+    }
+    recipes.extend(store.put_recipes(chain).await.unwrap());
+    // A fan-out: the hub leaf is an input of n/2 recipes.
+    let hub = leaves[1];
+    let fan: Vec<Recipe> = (n / 2..n)
+        .map(|i| recipe("concat", vec![hub, leaves[i]]))
+        .collect();
+    let fan = store.put_recipes(fan).await.unwrap();
+    // reverse of the leaves 300..n/2, and concat(fan, reverse) over some of them.
+    let reversed: Vec<Recipe> = (300..n / 2)
+        .map(|i| recipe("reverse", vec![leaves[i]]))
+        .collect();
+    let reversed = store.put_recipes(reversed).await.unwrap();
+    let second: Vec<Recipe> = fan
+        .iter()
+        .zip(&reversed)
+        .step_by(3)
+        .map(|(f, r)| recipe("concat", vec![*f, *r]))
+        .collect();
+    recipes.extend(fan);
+    recipes.extend(reversed);
+    recipes.extend(store.put_recipes(second).await.unwrap());
+    let released = store.released();
+    drop(store);
+    released.wait().await;
+    Contents { leaves, recipes }
+}
+
+/// Leaves of `space` in the index, counted; 0 before the schema exists.
+async fn leaves_in_index(services: &Backends, space: &Space) -> i64 {
+    let Ok((client, connection)) =
+        tokio_postgres::connect(&services.pg_url(), tokio_postgres::NoTls).await
+    else {
+        return 0;
+    };
+    let task = tokio::spawn(connection);
+    let sql = format!("SELECT count(*) FROM \"{}\".leaves", space.schema);
+    let n = match client.query_one(&sql, &[]).await {
+        Ok(row) => row.get::<_, i64>(0),
+        Err(_) => 0,
+    };
+    drop(client);
+    let _ = task.await;
+    n
+}
+
+/// Every address's bytes through `a` and through `b`, compared; at most 8 Gets at once.
+async fn same_bytes(a: &ServerProcess, b: &ServerProcess, addrs: &[CAddr]) {
+    let (ca, cb) = (a.client().await, b.client().await);
+    let compared = futures::stream::iter(addrs.iter().copied())
+        .map(|addr| {
+            let (mut ca, mut cb) = (ca.clone(), cb.clone());
+            async move {
+                let key = Bytes::copy_from_slice(addr.as_bytes());
+                let from_a = get_all(&mut ca, &key).await;
+                let from_b = get_all(&mut cb, &key).await;
+                match (from_a, from_b) {
+                    (Ok(x), Ok(y)) => assert!(x == y, "{addr}: the nodes serve different bytes"),
+                    (x, y) => panic!("{addr}: {:?} / {:?}", x.err(), y.err()),
+                }
+            }
+        })
+        .buffer_unordered(8)
+        .count()
+        .await;
+    assert_eq!(compared, addrs.len());
+}
+
+async fn counts(node: &ServerProcess) -> (u64, u64) {
+    let status = node
+        .client()
+        .await
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    (status.recipe_count, status.blob_count)
+}
+
+/// Sorted leaves, and recipes with depths, of the local store in `dir`.
+async fn listing(dir: &Path) -> (Vec<CAddr>, Vec<(CAddr, u32)>) {
+    let store = Store::open(dir).unwrap();
+    let mut leaves = store.blobs().list().await.unwrap();
+    let mut recipes = store.recipes().list().await.unwrap();
+    leaves.sort();
+    recipes.sort();
+    let released = store.released();
+    drop(store);
+    released.wait().await;
+    (leaves, recipes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_store_moves_to_the_remote_backend_resumably_and_back() {
+    let services = services::shared();
+    let space = Space::new("migrate_up");
+    let source = tempfile::tempdir().unwrap();
+    let contents = build_local_store(source.path(), 2000).await;
+    let (n_leaves, n_recipes) = (contents.leaves.len() as u64, contents.recipes.len() as u64);
+    assert!(n_recipes >= 1500, "{n_recipes} recipes");
+    let src = source.path().to_str().unwrap().to_owned();
+    let mut to_remote = vec!["--data-dir".to_owned(), src.clone()];
+    to_remote.extend(remote_flags(&services, &space, true));
+    // A dry run counts everything and writes nothing.
+    let dry = migrate_ok(&services, &[strs(&to_remote), vec!["--dry-run"]].concat());
+    assert_eq!(
+        (dry.leaves.copied, dry.recipes.copied),
+        (n_leaves, n_recipes)
+    );
+    assert_eq!(dry.mode, "dry-run");
+    assert_eq!(leaves_in_index(&services, &space).await, 0);
+
+    // One object at a time, killed once some leaves are in: a crash halfway.
+    let mut first = migrate_command(
+        &services,
+        &[strs(&to_remote), vec!["--concurrency", "1"]].concat(),
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    wait_for("the first run copies some leaves", async || {
+        leaves_in_index(&services, &space).await >= 50
+    })
+    .await;
+    first.kill().unwrap();
+    let status = first.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the first run ended before it was killed"
+    );
+    let copied_before = leaves_in_index(&services, &space).await as u64;
+    assert!(
+        copied_before < n_leaves,
+        "killed after it copied everything"
+    );
+
+    // What the kill left is consistent: nothing damaged, no recipe without its inputs; the
+    // rest is missing (exit 1, not 3).
+    let mut verify_args = to_remote.clone();
+    verify_args.extend(["--verify".to_owned(), "--json".to_owned()]);
+    let half = migrate(&services, &strs(&verify_args));
+    assert_eq!(
+        half.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&half.stderr)
+    );
+    let half: Report = serde_json::from_slice(&half.stdout).unwrap();
+    assert_eq!(
+        (half.leaves.failed, half.recipes.failed),
+        (0, 0),
+        "{:?}",
+        half.errors
+    );
+    assert_eq!(half.leaves.checked, copied_before);
+    assert_eq!(half.leaves.missing, n_leaves - copied_before);
+    // Run again: only the rest is copied.
+    let second = migrate_ok(&services, &strs(&to_remote));
+    assert_eq!(second.leaves.skipped, copied_before);
+    assert_eq!(second.leaves.copied, n_leaves - copied_before);
+    assert_eq!(
+        second.leaves.failed + second.recipes.failed,
+        0,
+        "{:?}",
+        second.errors
+    );
+    assert_eq!(second.recipes.copied + second.recipes.skipped, n_recipes);
+    // And again: nothing to do, nothing rewritten.
+    let third = migrate_ok(&services, &strs(&to_remote));
+    assert_eq!(
+        (third.leaves.copied, third.recipes.copied, third.bytes),
+        (0, 0, 0)
+    );
+    assert_eq!(
+        (third.leaves.skipped, third.recipes.skipped),
+        (n_leaves, n_recipes)
+    );
+
+    let verified = migrate_ok(&services, &strs(&verify_args[..verify_args.len() - 1]));
+    assert_eq!(verified.mode, "verify");
+    assert_eq!(
+        (verified.leaves.checked, verified.recipes.checked),
+        (n_leaves, n_recipes)
+    );
+    assert_eq!(verified.leaves.missing + verified.recipes.missing, 0);
+    // A node on each side serves the same bytes for every address, with the same counts.
+    let on_source = ServerProcess::options().dir(source.path()).start();
+    let on_destination = node(&services, &space, &[]);
+    assert_eq!(counts(&on_source).await, (n_recipes, n_leaves));
+    assert_eq!(counts(&on_destination).await, (n_recipes, n_leaves));
+    let all: Vec<CAddr> = contents
+        .leaves
+        .iter()
+        .chain(&contents.recipes)
+        .copied()
+        .collect();
+    same_bytes(&on_source, &on_destination, &all).await;
+    drop(on_source);
+    drop(on_destination);
+    // Back to a fresh local directory: the same addresses, with the same depths.
+    let back = tempfile::tempdir().unwrap();
+    let mut to_local = remote_flags(&services, &space, false);
+    to_local.extend([
+        "--to-data-dir".to_owned(),
+        back.path().to_str().unwrap().to_owned(),
+    ]);
+    let down = migrate_ok(&services, &strs(&to_local));
+    assert_eq!(
+        (down.leaves.copied, down.recipes.copied),
+        (n_leaves, n_recipes)
+    );
+    assert_eq!(listing(back.path()).await, listing(source.path()).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_output_tier_moves_with_include_outputs() {
+    let services = services::shared();
+    let (from, to) = (Space::new("outputs_from"), Space::new("outputs_to"));
+    let tier = ["--output-tier", "blob-store"];
+    let origin = node(&services, &from, &tier);
+    let mut client = origin.client().await;
+    let mut recipes = Vec::new();
+    for i in 0..20 {
+        let data = format!("output {i}").into_bytes();
+        let leaf = common::put_leaf(&mut client, &data).await;
+        let r = common::put_recipe(&mut client, "reverse", &[&leaf], &[]).await;
+        get_all(&mut client, &r).await.unwrap();
+        recipes.push((r, data.into_iter().rev().collect::<Vec<u8>>()));
+    }
+    drop(origin);
+
+    let mut args = remote_flags(&services, &from, false);
+    args.extend(remote_flags(&services, &to, true));
+    args.push("--include-outputs".to_owned());
+    let report = migrate_ok(&services, &strs(&args));
+    let outputs = report.outputs.expect("an outputs tally");
+    assert_eq!((outputs.copied, outputs.failed), (20, 0));
+    assert_eq!((report.leaves.copied, report.recipes.copied), (20, 20));
+    args.push("--verify".to_owned());
+    let verified = migrate_ok(&services, &strs(&args));
+    assert_eq!(verified.outputs.unwrap().checked, 20);
+
+    // The destination serves the outputs from its tier: nothing is computed.
+    let moved = node(&services, &to, &tier);
+    let mut client = moved.client().await;
+    for (r, expected) in &recipes {
+        assert_eq!(&get_all(&mut client, r).await.unwrap(), expected);
+    }
+    let exposition = moved.scrape().await;
+    let stored = sample(&exposition, r#"deriva_materialize_total{result="stored"}"#);
+    let computed = sample(
+        &exposition,
+        r#"deriva_materialize_total{result="computed"}"#,
+    );
+    assert_eq!(stored, Some(20.0), "{exposition}");
+    assert_eq!(computed.unwrap_or(0.0), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_leaf_stops_the_migration_with_data_loss_naming_it() {
+    let services = services::shared();
+    let source = tempfile::tempdir().unwrap();
+    let store = Store::open(source.path()).unwrap();
+    let mut damaged = None;
+    for i in 0..50 {
+        let addr = store
+            .put_leaf(Bytes::from(format!("leaf {i}")))
+            .await
+            .unwrap();
+        if i == 30 {
+            damaged = Some(addr);
+        }
+    }
+    let released = store.released();
+    drop(store);
+    released.wait().await;
+    let damaged = damaged.unwrap();
+    let hex = damaged.to_hex();
+    let file = source.path().join("blobs").join(&hex[..2]).join(&hex);
+    std::fs::write(&file, b"not what was stored").unwrap();
+
+    let destination = tempfile::tempdir().unwrap();
+    let out = migrate(
+        &services,
+        &[
+            "--data-dir",
+            source.path().to_str().unwrap(),
+            "--to-data-dir",
+            destination.path().to_str().unwrap(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("DATA_LOSS") && stderr.contains(&hex),
+        "{stderr}"
+    );
+    // The destination never got the damaged leaf.
+    let (leaves, _) = listing(destination.path()).await;
+    assert!(!leaves.contains(&damaged));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_in_use_and_bad_flags_are_refused_with_the_reason() {
+    let services = services::shared();
+    let started = Instant::now();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let to = ["--to-data-dir", elsewhere.path().to_str().unwrap()];
+    let to_other = ["--to-data-dir", other.path().to_str().unwrap()];
+
+    // A local store a server holds.
+    let running = ServerProcess::start();
+    let dir = running.dir().to_str().unwrap().to_owned();
+    let out = migrate(
+        &services,
+        &[&["--data-dir", dir.as_str()][..], &to].concat(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("UNAVAILABLE") && stderr.contains("open in another process"),
+        "{stderr}"
+    );
+    drop(running);
+
+    let cases: [(&[&str], i32, &str); 5] = [
+        (
+            &[&["--data-dir", "/nonexistent/deriva"][..], &to].concat(),
+            1,
+            "holds no Deriva store",
+        ),
+        (
+            &["--data-dir", elsewhere.path().to_str().unwrap()],
+            2,
+            "no destination",
+        ),
+        (&to, 2, "the same store"),
+        (
+            &["--to-blob-store", "s3://b"],
+            2,
+            "--to-blob-store needs --to-index",
+        ),
+        (
+            &[&to_other[..], &["--include-outputs"]].concat(),
+            2,
+            "--include-outputs needs the remote backend",
+        ),
+    ];
+    for (args, code, says) in cases {
+        let mut args = args.to_vec();
+        // The source defaults to ./deriva-data: name one for the cases that test the destination.
+        if !args.contains(&"--data-dir") {
+            args.extend(["--data-dir", elsewhere.path().to_str().unwrap()]);
+        }
+        let out = migrate(&services, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    assert!(started.elapsed() < DEADLINE);
+}
