@@ -13,12 +13,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use deriva_core::error::Result;
-use deriva_core::store::{BlobStore, StoreCounters};
+use deriva_core::store::{BlobStore, ByteStream, StoreCounters, stream};
 use deriva_core::{CAddr, DerivaError};
+use futures::StreamExt as _;
 
 use crate::cache::{self, DiskCache};
 use crate::index::addr_of;
-use crate::objects::{Objects, Written};
+use crate::objects::{MULTIPART_THRESHOLD, Objects, Written};
 use crate::observe::BackendMetrics;
 use crate::pg::{Call, Pg};
 
@@ -133,6 +134,52 @@ impl BlobStore for RemoteBlobStore {
             cache::on_pool(cache, move |c| c.put(&addr, &bytes)).await;
         }
         Ok(bytes)
+    }
+
+    async fn get_stream(&self, addr: CAddr, chunk_bytes: usize) -> Result<Option<ByteStream>> {
+        // Straight from the object store: the local cache holds whole leaves.
+        let key = self.objects.leaf_key(&addr);
+        let Some(chunks) = self.objects.get_stream(&key, chunk_bytes).await? else {
+            return Ok(None);
+        };
+        Ok(Some(stream::verified(
+            addr,
+            self.objects.name().to_owned(),
+            chunks,
+        )))
+    }
+
+    async fn put_stream(&self, addr: CAddr, mut data: ByteStream) -> Result<()> {
+        // Up to the multipart threshold, a leaf is held and put whole (a conditional create).
+        let mut head = Vec::new();
+        let mut len = 0usize;
+        while len <= MULTIPART_THRESHOLD {
+            let Some(chunk) = data.next().await else {
+                let whole = Bytes::from(head.concat());
+                let found = CAddr::for_leaf(&whole);
+                if found != addr {
+                    return Err(DerivaError::Corrupted {
+                        addr,
+                        detail: format!("the {len} bytes given hash to {found}"),
+                    });
+                }
+                self.put(whole).await?;
+                return Ok(());
+            };
+            let chunk: Bytes = chunk?;
+            len += chunk.len();
+            head.push(chunk);
+        }
+        // Larger: uploaded in parts as it comes, completed only if the hash matches.
+        let key = self.objects.leaf_key(&addr);
+        let rest = futures::stream::iter(head.into_iter().map(Ok))
+            .chain(data)
+            .boxed();
+        let size = self.objects.upload_stream(&key, addr, rest).await?;
+        if self.record(addr, size).await? {
+            self.counters.count_blob(true, size);
+        }
+        Ok(())
     }
 
     async fn contains(&self, addr: CAddr) -> Result<bool> {

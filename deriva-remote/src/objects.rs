@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use deriva_core::error::Result;
+use deriva_core::store::ByteStream;
 use deriva_core::{CAddr, DerivaError};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path;
@@ -240,6 +241,110 @@ impl Objects {
                     .await
                     .map(Some)
                     .map_err(|e| self.unavailable("reading", key, e))
+            })
+            .await
+    }
+
+    /// The object at `key` as a stream of chunks of at most `chunk_bytes` (unverified); `None`
+    /// if there is none. Only the request that opens the stream is timed and traced.
+    pub(crate) async fn get_stream(
+        &self,
+        key: &Path,
+        chunk_bytes: usize,
+    ) -> Result<Option<ByteStream>> {
+        use futures::StreamExt as _;
+        let span = s3_span("GetObject", &self.bucket, key.as_ref());
+        let result = self
+            .metrics
+            .call(Backend::S3, "get", span, async {
+                match self.store.get(key).await {
+                    Ok(result) => Ok(Some(result)),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(self.unavailable("reading", key, e)),
+                }
+            })
+            .await?;
+        let Some(result) = result else {
+            return Ok(None);
+        };
+        let (name, key, chunk) = (self.name.clone(), key.clone(), chunk_bytes.max(1));
+        let chunks = result
+            .into_stream()
+            .map(move |item| match item {
+                // The body's own pieces, cut to at most `chunk` bytes each.
+                Ok(bytes) => futures::stream::iter(
+                    (0..bytes.len())
+                        .step_by(chunk)
+                        .map(|at| Ok(bytes.slice(at..(at + chunk).min(bytes.len()))))
+                        .collect::<Vec<_>>(),
+                )
+                .left_stream(),
+                Err(e) => {
+                    futures::stream::once(futures::future::ready(Err(DerivaError::Unavailable {
+                        backend: name.clone(),
+                        message: format!("reading {key}: {e}"),
+                    })))
+                    .right_stream()
+                }
+            })
+            .flatten()
+            .boxed();
+        Ok(Some(chunks))
+    }
+
+    /// Uploads `data` to `key` in parts while hashing it, and completes the upload only if its
+    /// bytes hash to `expected`: else it is aborted (nothing becomes visible) and the error is
+    /// [`DerivaError::Corrupted`]. An error item of `data` aborts it too. At most two parts are
+    /// in flight. Returns the size.
+    pub(crate) async fn upload_stream(
+        &self,
+        key: &Path,
+        expected: CAddr,
+        mut data: ByteStream,
+    ) -> Result<u64> {
+        use futures::StreamExt as _;
+        let span = s3_span("CompleteMultipartUpload", &self.bucket, key.as_ref());
+        self.metrics
+            .call(Backend::S3, "put_multipart", span, async {
+                let upload = self
+                    .store
+                    .put_multipart(key)
+                    .await
+                    .map_err(|e| self.unavailable("starting the upload of", key, e))?;
+                let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+                let mut hasher = blake3::Hasher::new();
+                let mut len = 0u64;
+                let failure = loop {
+                    let chunk = match data.next().await {
+                        Some(Ok(chunk)) => chunk,
+                        Some(Err(e)) => break Some(e),
+                        None => break None,
+                    };
+                    if let Err(e) = writer.wait_for_capacity(2).await {
+                        break Some(self.unavailable("uploading", key, e));
+                    }
+                    hasher.update(&chunk);
+                    len += chunk.len() as u64;
+                    writer.put(chunk);
+                };
+                let found = CAddr::from(*hasher.finalize().as_bytes());
+                let failure = failure.or_else(|| {
+                    (found != expected).then(|| DerivaError::Corrupted {
+                        addr: expected,
+                        detail: format!("the {len} bytes given hash to {found}"),
+                    })
+                });
+                if let Some(e) = failure {
+                    if let Err(abort) = writer.abort().await {
+                        tracing::warn!(%key, error = %abort, "could not abort a multipart upload");
+                    }
+                    return Err(e);
+                }
+                writer
+                    .finish()
+                    .await
+                    .map_err(|e| self.unavailable("completing the upload of", key, e))?;
+                Ok(len)
             })
             .await
     }

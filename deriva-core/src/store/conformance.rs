@@ -9,7 +9,8 @@
 //!
 //! which generates one `#[tokio::test]` per case, each with a fresh harness. The cases:
 //! durability across reopen, idempotent puts, missing inputs, dependents, corruption
-//! detection, concurrent writers, and the blob operations (size, list, delete).
+//! detection, concurrent writers, the blob operations (size, list, delete), and streamed
+//! leaves.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use bytes::Bytes;
 use crate::addr::CAddr;
 use crate::error::{DerivaError, Result};
 use crate::recipe::{FunctionId, Recipe};
-use crate::store::Store;
+use crate::store::{ByteStream, Store};
 
 /// Opens one backend instance for the suite, and damages its data for the corruption case.
 #[async_trait]
@@ -44,7 +45,7 @@ macro_rules! conformance_tests {
     ($harness:expr) => {
         $crate::conformance_tests!(@cases $harness;
             durability_across_reopen, idempotent_puts, missing_inputs, dependents,
-            corruption_detection, concurrent_writers, blob_operations);
+            corruption_detection, concurrent_writers, blob_operations, streams);
     };
     (@cases $harness:expr; $($case:ident),*) => {
         $(
@@ -325,5 +326,118 @@ pub async fn blob_operations(h: &impl Harness) {
     );
     assert_eq!(blobs.list().await.unwrap(), [b]);
     drop(blobs);
+    close(store).await;
+}
+
+/// `data` as a stream of `n`-byte chunks.
+fn chunked(data: Bytes, n: usize) -> ByteStream {
+    use futures::StreamExt as _;
+    let cuts: Vec<Result<Bytes>> = (0..data.len())
+        .step_by(n)
+        .map(|at| Ok(data.slice(at..(at + n).min(data.len()))))
+        .collect();
+    futures::stream::iter(cuts).boxed()
+}
+
+/// Leaves streamed in and out: a round trip in chunks, above the remote backend's multipart
+/// threshold (16 MiB) and below it; bytes that do not hash to the address, and a stream that
+/// fails part-way, are refused with nothing stored; a damaged blob's stream ends with
+/// [`DerivaError::Corrupted`].
+pub async fn streams(h: &impl Harness) {
+    use futures::{StreamExt as _, TryStreamExt as _};
+    let store = h.open().await.expect("open");
+    let blobs = store.blobs().clone();
+    let large: Bytes = (0..(17usize << 20) + 3)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    let large_addr = CAddr::for_leaf(&large);
+    blobs
+        .put_stream(large_addr, chunked(large.clone(), 1 << 20))
+        .await
+        .unwrap();
+    assert_eq!(
+        blobs.size(large_addr).await.unwrap(),
+        Some(large.len() as u64)
+    );
+    let chunks: Vec<Bytes> = blobs
+        .get_stream(large_addr, 64 << 10)
+        .await
+        .unwrap()
+        .expect("the streamed leaf")
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(
+        chunks.iter().all(|c| c.len() <= 64 << 10),
+        "chunks of at most 64 KiB"
+    );
+    assert!(chunks.concat() == large, "the bytes streamed back");
+    assert!(blobs.get(large_addr).await.unwrap().unwrap() == large);
+    // Again: nothing changes.
+    blobs
+        .put_stream(large_addr, chunked(large.clone(), 3 << 20))
+        .await
+        .unwrap();
+    assert_eq!(store.counters().blobs(), 1);
+
+    let small = Bytes::from_static(b"a small leaf, streamed in 4-byte chunks");
+    let small_addr = CAddr::for_leaf(&small);
+    blobs
+        .put_stream(small_addr, chunked(small.clone(), 4))
+        .await
+        .unwrap();
+    assert_eq!(blobs.get(small_addr).await.unwrap().unwrap(), small);
+    assert_eq!(store.counters().blobs(), 2);
+
+    // Bytes that are not the address's: refused, nothing stored.
+    let wrong = CAddr::for_leaf(b"something else");
+    for data in [small.clone(), large.clone()] {
+        let err = blobs
+            .put_stream(wrong, chunked(data, 1 << 20))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, DerivaError::Corrupted { addr, .. } if *addr == wrong),
+            "{err}"
+        );
+        assert!(!blobs.contains(wrong).await.unwrap());
+    }
+    assert!(blobs.get_stream(wrong, 1024).await.unwrap().is_none());
+
+    // A stream that fails after 17 MiB: its error, nothing stored.
+    let other: Bytes = vec![7u8; 18 << 20].into();
+    let other_addr = CAddr::for_leaf(&other);
+    let failing = chunked(other.slice(..17 << 20), 1 << 20)
+        .chain(futures::stream::once(async {
+            Err(DerivaError::Unavailable {
+                backend: "the test's source".into(),
+                message: "gone".into(),
+            })
+        }))
+        .boxed();
+    let err = blobs.put_stream(other_addr, failing).await.unwrap_err();
+    assert!(matches!(err, DerivaError::Unavailable { .. }), "{err}");
+    assert!(!blobs.contains(other_addr).await.unwrap());
+    assert_eq!(store.counters().blobs(), 2);
+
+    // A damaged blob: every chunk, then Corrupted.
+    drop(blobs);
+    close(store).await;
+    h.corrupt_blob(small_addr, b"not the small leaf at all")
+        .await;
+    let store = h.open().await.expect("reopen");
+    let items: Vec<Result<Bytes>> = store
+        .blobs()
+        .get_stream(small_addr, 8)
+        .await
+        .unwrap()
+        .expect("the damaged leaf")
+        .collect()
+        .await;
+    assert!(
+        matches!(items.last(), Some(Err(DerivaError::Corrupted { addr, .. })) if *addr == small_addr),
+        "{items:?}"
+    );
+    assert!(items[..items.len() - 1].iter().all(Result::is_ok));
     close(store).await;
 }

@@ -15,6 +15,7 @@
 pub mod conformance;
 #[cfg(feature = "local")]
 pub mod local;
+pub mod stream;
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
@@ -27,6 +28,7 @@ use bytes::Bytes;
 use crate::addr::CAddr;
 use crate::error::{DerivaError, Result};
 use crate::recipe::Recipe;
+pub use stream::ByteStream;
 
 /// Live totals of a [`Store`], kept as atomics so metrics callbacks and `Status` read them
 /// without a scan or a lock. A backend is given them when it opens, loads them then, and keeps
@@ -123,6 +125,18 @@ pub trait BlobStore: Send + Sync + fmt::Debug + 'static {
 
     /// The bytes at `addr`, verified against the address; `Ok(None)` if there are none.
     async fn get(&self, addr: CAddr) -> Result<Option<Bytes>>;
+
+    /// The bytes at `addr` as a stream of chunks of at most `chunk_bytes` (the last may be
+    /// shorter), holding about one chunk in memory whatever the leaf's size; `Ok(None)` if
+    /// there are none. Hashed as they pass: bytes that do not match end the stream with
+    /// [`DerivaError::Corrupted`] after the last chunk (see [`stream`]).
+    async fn get_stream(&self, addr: CAddr, chunk_bytes: usize) -> Result<Option<ByteStream>>;
+
+    /// Stores the leaf `addr` from a stream of its bytes, holding a bounded part of them at a
+    /// time, durably once this returns `Ok`. Nothing is stored if the bytes do not hash to
+    /// `addr` ([`DerivaError::Corrupted`]) or if `data` yields an error (returned as it is).
+    /// Idempotent, like [`BlobStore::put`].
+    async fn put_stream(&self, addr: CAddr, data: ByteStream) -> Result<()>;
 
     /// Whether a blob exists at `addr` (without reading or verifying it).
     async fn contains(&self, addr: CAddr) -> Result<bool>;

@@ -101,32 +101,89 @@ impl BlobFiles {
             Err(e) => return Err(e),
         }
 
-        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.root.join(TMP_DIR).join(format!(
-            "{}.{}.{seq}.tmp",
-            addr.to_hex(),
-            std::process::id()
-        ));
+        let tmp = self.tmp_path(&addr);
         let written = write_synced(&tmp, data);
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
             return Err(DerivaError::io(format!("writing blob {addr}"), &e));
         }
+        self.publish(&addr, &tmp, data.len() as u64)?;
+        Ok(addr)
+    }
 
+    /// A fresh path in `tmp/` for a write of `addr`.
+    fn tmp_path(&self, addr: &CAddr) -> PathBuf {
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        self.root.join(TMP_DIR).join(format!(
+            "{}.{}.{seq}.tmp",
+            addr.to_hex(),
+            std::process::id()
+        ))
+    }
+
+    /// Moves the written and fsynced file `tmp`, `len` bytes that hash to `addr`, into place,
+    /// fsyncs its directory and counts it. On failure `tmp` is removed.
+    fn publish(&self, addr: &CAddr, tmp: &Path, len: u64) -> Result<()> {
+        let path = self.path_of(addr);
         let _guard = self.publish.lock();
         let already = fs::metadata(&path).ok().map(|m| m.len());
-        if let Err(e) = fs::rename(&tmp, &path) {
-            let _ = fs::remove_file(&tmp);
+        if let Err(e) = fs::rename(tmp, &path) {
+            let _ = fs::remove_file(tmp);
             return Err(DerivaError::io(format!("publishing blob {addr}"), &e));
         }
         sync_dir(path.parent().unwrap_or(&self.root))?;
         if already.is_none() {
-            self.counters.count_blob(true, data.len() as u64);
+            self.counters.count_blob(true, len);
         }
         // Replacing a file (a concurrent put of the same bytes, or a repair) changes no count: a
         // blob is counted at its correct length. One damaged *before* the store opened was
         // counted at its on-disk size and is counted right again from the next open.
-        Ok(addr)
+        Ok(())
+    }
+
+    /// Opens the blob file of `addr` for a streamed read; `None` if there is none.
+    pub(super) fn open_read(&self, addr: &CAddr) -> Result<Option<(File, PathBuf)>> {
+        let path = self.path_of(addr);
+        match File::open(&path) {
+            Ok(f) => Ok(Some((f, path))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(DerivaError::io(format!("reading blob {addr}"), &e)),
+        }
+    }
+
+    /// Starts a streamed write of the leaf `addr`: a new file in `tmp/`.
+    pub(super) fn start_write(&self, addr: &CAddr) -> Result<StreamedWrite> {
+        let tmp = self.tmp_path(addr);
+        let file = File::create_new(&tmp)
+            .map_err(|e| DerivaError::io(format!("writing blob {addr}"), &e))?;
+        Ok(StreamedWrite {
+            addr: *addr,
+            tmp,
+            file: Some(file),
+            hasher: blake3::Hasher::new(),
+            len: 0,
+        })
+    }
+
+    /// Ends a streamed write: fsyncs it and, if its bytes hash to its address, publishes it
+    /// (see [`BlobFiles::publish`]); else removes it and reports [`DerivaError::Corrupted`].
+    pub(super) fn finish_write(&self, mut write: StreamedWrite) -> Result<()> {
+        let addr = write.addr;
+        let file = write.file.take();
+        if let Some(f) = file
+            && let Err(e) = f.sync_all()
+        {
+            return Err(DerivaError::io(format!("writing blob {addr}"), &e));
+        }
+        let found = CAddr::from(*write.hasher.finalize().as_bytes());
+        if found != addr {
+            return Err(DerivaError::Corrupted {
+                addr,
+                detail: format!("the {} bytes given hash to {found}", write.len),
+            });
+        }
+        let tmp = std::mem::take(&mut write.tmp);
+        self.publish(&addr, &tmp, write.len)
     }
 
     /// Reads and verifies a blob. `Ok(None)` when there is no such blob.
@@ -216,6 +273,43 @@ impl BlobFiles {
             }
         }
         Ok(out)
+    }
+}
+
+/// A streamed write of one leaf in progress: a file in `tmp/`, the hash and length so far.
+/// Dropped before [`BlobFiles::finish_write`] publishes it, it removes its file.
+#[derive(Debug)]
+pub(super) struct StreamedWrite {
+    addr: CAddr,
+    tmp: PathBuf,
+    file: Option<File>,
+    hasher: blake3::Hasher,
+    len: u64,
+}
+
+impl StreamedWrite {
+    /// Appends `chunk` (blocking I/O: call it on the blocking pool).
+    pub(super) fn write(&mut self, chunk: &[u8]) -> Result<()> {
+        let addr = self.addr;
+        let file = self.file.as_mut().ok_or_else(|| {
+            DerivaError::io(
+                format!("writing blob {addr}"),
+                &io::Error::other("the write was already finished"),
+            )
+        })?;
+        file.write_all(chunk)
+            .map_err(|e| DerivaError::io(format!("writing blob {addr}"), &e))?;
+        self.hasher.update(chunk);
+        self.len += chunk.len() as u64;
+        Ok(())
+    }
+}
+
+impl Drop for StreamedWrite {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.tmp);
+        }
     }
 }
 

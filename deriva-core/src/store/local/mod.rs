@@ -15,6 +15,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use futures::StreamExt as _;
+
+use super::stream::{self, ByteStream};
 use super::{BlobStore, Lease, RecipeIndex, Store, StoreCounters, StoredRecipe, lease};
 use crate::addr::CAddr;
 use crate::error::{DerivaError, Result};
@@ -97,6 +100,21 @@ where
     .map_err(|e| DerivaError::from_join(what, e))?
 }
 
+/// Reads into `buf` until it is full or the file ends; the number of bytes read.
+fn read_up_to(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read as _;
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 /// Leaf bytes in files under `<data-dir>/blobs`.
 #[derive(Debug, Clone)]
 pub struct LocalBlobStore {
@@ -111,6 +129,57 @@ impl BlobStore for LocalBlobStore {
 
     async fn get(&self, addr: CAddr) -> Result<Option<Bytes>> {
         on_pool(&self.inner, "reading a blob", move |b| b.get(&addr)).await
+    }
+
+    async fn get_stream(&self, addr: CAddr, chunk_bytes: usize) -> Result<Option<ByteStream>> {
+        let opened = on_pool(&self.inner, "opening a blob", move |b| b.open_read(&addr)).await?;
+        let Some((file, path)) = opened else {
+            return Ok(None);
+        };
+        let chunk = chunk_bytes.max(1);
+        let inner = self.inner.clone();
+        // Each chunk is read on the blocking pool; the file travels from one read to the next.
+        let chunks = futures::stream::try_unfold(Some(file), move |file| {
+            let inner = inner.clone();
+            async move {
+                let Some(mut file) = file else {
+                    return Ok(None);
+                };
+                let (file, buf) = on_pool(&inner, "reading a blob", move |_| {
+                    let mut buf = vec![0; chunk];
+                    let n = read_up_to(&mut file, &mut buf)
+                        .map_err(|e| DerivaError::io(format!("reading blob {addr}"), &e))?;
+                    buf.truncate(n);
+                    Ok((file, buf))
+                })
+                .await?;
+                Ok((!buf.is_empty()).then(|| (Bytes::from(buf), Some(file))))
+            }
+        })
+        .boxed();
+        Ok(Some(stream::verified(
+            addr,
+            format!("the blob file {}", path.display()),
+            chunks,
+        )))
+    }
+
+    async fn put_stream(&self, addr: CAddr, mut data: ByteStream) -> Result<()> {
+        let mut write =
+            on_pool(&self.inner, "storing a blob", move |b| b.start_write(&addr)).await?;
+        // An error item, or a failed write, drops `write`, which removes its file.
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk?;
+            write = on_pool(&self.inner, "storing a blob", move |_| {
+                write.write(&chunk)?;
+                Ok(write)
+            })
+            .await?;
+        }
+        on_pool(&self.inner, "storing a blob", move |b| {
+            b.finish_write(write)
+        })
+        .await
     }
 
     async fn contains(&self, addr: CAddr) -> Result<bool> {
