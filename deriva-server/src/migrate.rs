@@ -15,7 +15,8 @@
 //! - **Resumable.** What the destination already holds is skipped, never rewritten, so running
 //!   the command again after a kill copies only the rest.
 //! - **Bounded.** At most `--concurrency` objects are in flight, holding at most
-//!   `--max-buffer-bytes` of leaf bytes (a larger leaf is copied alone).
+//!   `--max-buffer-bytes` of leaf bytes: leaves above [`STREAM_ABOVE`] are streamed, each
+//!   holding a bounded part of itself whatever its size.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -42,6 +43,16 @@ use crate::error::{code_name, code_of};
 pub const DEFAULT_CONCURRENCY: usize = 8;
 /// `--max-buffer-bytes`.
 pub const DEFAULT_MAX_BUFFER_BYTES: &str = "256MiB";
+/// Leaves larger than this are streamed from the source to the destination, never held whole.
+pub const STREAM_ABOVE: u64 = 8 << 20;
+/// Chunks of a streamed leaf.
+const STREAM_CHUNK: usize = 1 << 20;
+/// What one streamed leaf may hold in memory at most, counted against `--max-buffer-bytes`: the
+/// remote backend holds up to 16 MiB before it starts a multipart upload, then 8 MiB parts,
+/// two in flight, and the part being filled.
+const STREAM_MEMORY: u64 = 48 << 20;
+/// The least `--max-buffer-bytes`: one streamed leaf fits.
+pub const MIN_BUFFER_BYTES: u64 = 64 << 20;
 /// Recipes written per destination transaction.
 const RECIPE_BATCH: usize = 500;
 /// Failures quoted in the report (all are counted).
@@ -106,8 +117,8 @@ pub struct MigrateArgs {
     /// Objects copied at once.
     #[arg(long, default_value_t = DEFAULT_CONCURRENCY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     pub concurrency: usize,
-    /// Most leaf bytes held in memory at once, in bytes or with a unit; a larger leaf is copied
-    /// alone.
+    /// Most leaf bytes held in memory at once, in bytes or with a unit (at least 64MiB). Leaves
+    /// above 8 MiB are streamed, holding at most 48 MiB each whatever their size.
     #[arg(long, default_value = DEFAULT_MAX_BUFFER_BYTES, value_parser = parse_size)]
     pub max_buffer_bytes: u64,
     /// No progress bar, even on a terminal.
@@ -434,6 +445,8 @@ impl Run {
         }
     }
 
+    /// One object done, with `bytes` of its data: the bar moves, and its message shows the
+    /// bytes so far and the rates since the start.
     fn step(&self, bytes: u64) {
         self.bar.inc(1);
         if bytes > 0 {
@@ -443,9 +456,10 @@ impl Run {
                 .sum();
             let secs = self.started.elapsed().as_secs_f64().max(0.001);
             self.bar.set_message(format!(
-                "{} ({}/s)",
+                "{}, {}/s, {:.0} objects/s",
                 HumanBytes(total),
-                HumanBytes((total as f64 / secs) as u64)
+                HumanBytes((total as f64 / secs) as u64),
+                self.bar.position() as f64 / secs
             ));
         }
     }
@@ -513,6 +527,12 @@ pub async fn run(args: MigrateArgs) -> Result<Report, MigrateError> {
     } else {
         Mode::Copy
     };
+    if args.max_buffer_bytes < MIN_BUFFER_BYTES {
+        return Err(MigrateError::usage(format!(
+            "--max-buffer-bytes must be at least {MIN_BUFFER_BYTES} (64MiB): one streamed leaf \
+             holds up to {STREAM_MEMORY} bytes"
+        )));
+    }
     let budget_kib = u32::try_from(args.max_buffer_bytes.div_ceil(1024))
         .unwrap_or(u32::MAX)
         .clamp(1, Semaphore::MAX_PERMITS as u32);
@@ -573,7 +593,7 @@ pub async fn run(args: MigrateArgs) -> Result<Report, MigrateError> {
             .set_length((leaves.len() + recipes.len() + outputs.len()) as u64);
         run.bar.set_style(
             ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {human_pos}/{human_len} objects, {msg}, {per_sec}, ETA {eta}",
+                "{prefix:>7} [{bar:20}] {human_pos}/{human_len} objects, {msg}, ETA {eta}",
             )
             .expect("a valid progress template")
             .progress_chars("=> "),
@@ -669,6 +689,9 @@ async fn copy_leaf(run: Arc<Run>, addr: CAddr) -> Result<(), MigrateError> {
         run.step(size);
         return Ok(());
     }
+    if size > STREAM_ABOVE {
+        return stream_leaf(run, addr, size).await;
+    }
     let _permit = run
         .budget
         .acquire_many(run.permits(size))
@@ -706,6 +729,48 @@ async fn copy_leaf(run: Arc<Run>, addr: CAddr) -> Result<(), MigrateError> {
     Counts::add(&counts.copied, 1);
     Counts::add(&counts.bytes, len);
     run.step(len);
+    Ok(())
+}
+
+/// Copies a large leaf as a stream: the source's read hashes it as it goes (a damaged source
+/// ends the stream with an error, which stops the write), and the destination's write hashes
+/// it again and commits only if it matches the address.
+async fn stream_leaf(run: Arc<Run>, addr: CAddr, size: u64) -> Result<(), MigrateError> {
+    let counts = &run.leaves;
+    let _permit = run
+        .budget
+        .acquire_many(run.permits(size.min(STREAM_MEMORY)))
+        .await
+        .expect("the budget semaphore is never closed");
+    let chunks = match run.src.blobs().get_stream(addr, STREAM_CHUNK).await {
+        Ok(Some(chunks)) => chunks,
+        Ok(None) => {
+            run.failed(counts, format!("leaf {addr}: no longer in the source"));
+            run.step(0);
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(MigrateError::store(
+                format!("reading leaf {addr} from the source"),
+                &e,
+            ));
+        }
+    };
+    match run.dst.blobs().put_stream(addr, chunks).await {
+        Ok(()) => {}
+        Err(e @ DerivaError::Corrupted { .. }) => {
+            return Err(data_loss(format!("leaf {addr}: {e}")));
+        }
+        Err(e) => {
+            return Err(MigrateError::store(
+                format!("streaming leaf {addr} to the destination"),
+                &e,
+            ));
+        }
+    }
+    Counts::add(&counts.copied, 1);
+    Counts::add(&counts.bytes, size);
+    run.step(size);
     Ok(())
 }
 
@@ -993,6 +1058,18 @@ async fn verify_leaf(run: Arc<Run>, addr: CAddr) -> Result<(), MigrateError> {
         .await
         .map_err(|e| MigrateError::store(format!("sizing leaf {addr} in the destination"), &e))?
         .unwrap_or(0);
+    if size > STREAM_ABOVE {
+        // Read through, a chunk at a time; the stream's end says whether the bytes match.
+        let read = match run.dst.blobs().get_stream(addr, STREAM_CHUNK).await {
+            Ok(Some(chunks)) => chunks
+                .try_fold(0u64, |n, chunk| async move { Ok(n + chunk.len() as u64) })
+                .await
+                .map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        return run.checked(&run.leaves, format!("leaf {addr}"), read, |n| *n);
+    }
     let _permit = run
         .budget
         .acquire_many(run.permits(size))

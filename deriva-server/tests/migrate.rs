@@ -372,6 +372,9 @@ async fn the_output_tier_moves_with_include_outputs() {
     args.push("--verify".to_owned());
     let verified = migrate_ok(&services, &strs(&args));
     assert_eq!(verified.outputs.unwrap().checked, 20);
+    let first = common::hex(&recipes[0].0);
+    assert!(services.object_exists(&format!("{}/outputs/{first}", to.prefix)));
+    assert!(!services.object_exists(&format!("{}/outputs/{}", to.prefix, "0".repeat(64))));
 
     // The destination serves the outputs from its tier: nothing is computed.
     let moved = node(&services, &to, &tier);
@@ -431,6 +434,114 @@ async fn a_damaged_leaf_stops_the_migration_with_data_loss_naming_it() {
     // The destination never got the damaged leaf.
     let (leaves, _) = listing(destination.path()).await;
     assert!(!leaves.contains(&damaged));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_leaf_damaged_in_the_middle_is_caught_while_it_streams() {
+    let services = services::shared();
+    let space = Space::new("migrate_damaged_stream");
+    let source = tempfile::tempdir().unwrap();
+    let store = Store::open(source.path()).unwrap();
+    let data: Vec<u8> = (0..(24usize << 20)).map(|i| (i % 253) as u8).collect();
+    let addr = store.put_leaf(Bytes::from(data)).await.unwrap();
+    let released = store.released();
+    drop(store);
+    released.wait().await;
+    // One byte flipped halfway: same size, so only the hash can tell.
+    let hex = addr.to_hex();
+    let file = source.path().join("blobs").join(&hex[..2]).join(&hex);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[12 << 20] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+
+    let mut args = vec![
+        "--data-dir".to_owned(),
+        source.path().to_str().unwrap().to_owned(),
+    ];
+    args.extend(remote_flags(&services, &space, true));
+    let out = migrate(&services, &strs(&args));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("DATA_LOSS") && stderr.contains(&hex),
+        "{stderr}"
+    );
+    // The upload was abandoned: no row, and no object under the leaf's key.
+    assert_eq!(leaves_in_index(&services, &space).await, 0);
+    let key = format!("{}/leaves/{hex}", space.prefix);
+    assert!(
+        !services.object_exists(&key),
+        "the aborted upload left an object at {key}"
+    );
+}
+
+/// A local store of `n` small leaves in `dir`.
+async fn small_store(dir: &Path, n: usize) {
+    let store = Store::open(dir).unwrap();
+    for i in 0..n {
+        store
+            .put_leaf(Bytes::from(format!("leaf {i}")))
+            .await
+            .unwrap();
+    }
+    let released = store.released();
+    drop(store);
+    released.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_shows_a_progress_bar_and_a_pipe_does_not() {
+    let source = tempfile::tempdir().unwrap();
+    small_store(source.path(), 300).await;
+    let (to_tty, to_pipe) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let command = |to: &Path| {
+        format!(
+            "{SERVER} migrate --data-dir {} --to-data-dir {} --concurrency 1",
+            source.path().display(),
+            to.display()
+        )
+    };
+    // `script` (util-linux) runs the command on a pseudo-terminal and copies what it draws.
+    let out = Command::new("script")
+        .args(["-q", "-e", "-c", &command(to_tty.path()), "/dev/null"])
+        .env_remove("DERIVA_BLOB_STORE")
+        .env_remove("DERIVA_INDEX_URL")
+        .output()
+        .expect("running script (util-linux)");
+    let drawn = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{drawn}");
+    for part in [
+        "leaves [",
+        "/300 objects",
+        "B/s",
+        "objects/s",
+        "ETA ",
+        "300 copied",
+    ] {
+        assert!(
+            drawn.contains(part),
+            "no {part:?} on the terminal:\n{drawn}"
+        );
+    }
+    let out = Command::new("sh")
+        .args(["-c", &command(to_pipe.path())])
+        .env_remove("DERIVA_BLOB_STORE")
+        .env_remove("DERIVA_INDEX_URL")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("ETA") && stdout.contains("300 copied"),
+        "{stdout}{stderr}"
+    );
+    assert!(
+        stderr.contains("migrate: 300 leaves, 0 recipes"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

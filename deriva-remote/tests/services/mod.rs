@@ -131,6 +131,36 @@ impl Backends {
         ]
     }
 
+    /// Whether the bucket holds an object at `key`: a signed HEAD with curl (as
+    /// `scripts/backends.sh` makes its probes), which answers 200 or 404.
+    pub fn object_exists(&self, key: &str) -> bool {
+        let url = format!("{}/{}/{key}", self.s3_endpoint(), self.bucket());
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "10",
+                "-I",
+            ])
+            .args(["--aws-sigv4", "aws:amz:us-east-1:s3", "--user"])
+            .arg(format!("{}:{}", self.access_key(), self.secret_key()))
+            .arg(&url)
+            .output()
+            .expect("running curl");
+        match String::from_utf8_lossy(&out.stdout).trim() {
+            "200" => true,
+            "404" => false,
+            other => panic!(
+                "HEAD {url}: HTTP {other:?}, {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    }
+
     /// Stops `which` (`weed`, `pg` or `all`) cleanly.
     pub fn stop(&self, which: &str) {
         self.run("stop", which);
