@@ -13,8 +13,9 @@
 #   and no checks.
 #
 # Each tool reports its own duration (from its start of work to the end of the last write,
-# listing included); the rates are bytes / duration and objects / duration. Prints every run,
-# then per store the medians and the median of the per-round ratios migrate / plain.
+# listing included); the rates are bytes / duration and objects / duration. The peak RSS of
+# each migrate run (its ru_maxrss, from a Python wrapper) shows its memory bound. Prints every
+# run, then per store the medians and the median of the per-round ratios migrate / plain.
 #
 # Usage: scripts/bench-migrate.sh [ROUNDS] [SMALL] [LARGE]   (defaults: 5 4000 8)
 # BENCH_KEEP=1 keeps the work directory.
@@ -87,15 +88,25 @@ fill() {
 fill small "$small" 1KiB
 fill large "$large" 32MiB
 
+# The peak RSS (KiB) of a command, written to the file $1; runs the command in $2...
+cat >"$work/rss.py" <<'PY'
+import resource, subprocess, sys
+done = subprocess.run(sys.argv[2:], stdout=subprocess.PIPE)
+with open(sys.argv[1], "w") as f:
+    print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=f)
+sys.stdout.buffer.write(done.stdout)
+sys.exit(done.returncode)
+PY
+
 results=$work/results.tsv
-printf 'store\ttool\tround\tobjects\tbytes\tseconds\n' >"$results"
+printf 'store\ttool\tround\tobjects\tbytes\tseconds\trss_kib\n' >"$results"
 
 # run_one STORE TOOL ROUND: one copy of $work/STORE to a fresh place; appends to $results.
 run_one() {
     local store=$1 tool=$2 round=$3 out
     case $tool in
     migrate)
-        out=$("$bin/deriva-server" migrate --data-dir "$work/$store" \
+        out=$(python3 "$work/rss.py" "$work/rss" "$bin/deriva-server" migrate --data-dir "$work/$store" \
             --to-blob-store "s3://$DERIVA_TEST_S3_BUCKET/bench-migrate/$store-$round" \
             --to-index "$DERIVA_TEST_PG_URL" --to-index-schema "bench_migrate_${store}_$round" \
             --json)
@@ -109,7 +120,9 @@ print(r["leaves"]["copied"], r["bytes"], r["duration_seconds"])' "$out"
             "bench-plain/$store-$round" 8
         ;;
     esac | { read -r objects bytes seconds
-        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$store" "$tool" "$round" "$objects" "$bytes" "$seconds"; } >>"$results"
+        rss=-
+        [ "$tool" != migrate ] || rss=$(cat "$work/rss")
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$store" "$tool" "$round" "$objects" "$bytes" "$seconds" "$rss"; } >>"$results"
     tail -n 1 "$results"
 }
 
@@ -138,6 +151,8 @@ for store in ("small", "large"):
         per[tool] = {int(r["round"]): float(r["seconds"]) for r in rs}
         print(f"{store:<6} {tool:<8} {objects:>8} {nbytes / 2**20:>8.1f} {secs:>11.3f} "
               f"{objects / secs:>9.0f} {nbytes / 2**20 / secs:>8.1f}")
+    rss = [int(r["rss_kib"]) for r in rows if r["store"] == store and r["tool"] == "migrate"]
+    print(f"{store:<6} migrate peak RSS: max {max(rss) / 1024:.0f} MiB, median {statistics.median(rss) / 1024:.0f} MiB")
     ratios = [per["plain"][k] / per["migrate"][k] for k in per["migrate"]]
     print(f"{store:<6} rate migrate / plain: median {statistics.median(ratios):.2f} "
           f"(rounds: {' '.join(f'{x:.2f}' for x in ratios)})")
