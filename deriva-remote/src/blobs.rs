@@ -186,6 +186,29 @@ impl BlobStore for RemoteBlobStore {
         Ok(self.size(addr).await?.is_some())
     }
 
+    async fn missing(&self, addrs: Vec<CAddr>) -> Result<Vec<CAddr>> {
+        const CALL: Call = Call {
+            op: "find_leaves",
+            operation: "SELECT",
+            table: "leaves",
+            context: "looking up leaves",
+        };
+        let keys: Vec<&[u8]> = addrs.iter().map(|a| a.as_bytes().as_slice()).collect();
+        let rows = self
+            .pg
+            .query(
+                CALL,
+                "SELECT addr FROM {s}.leaves WHERE addr = ANY($1)",
+                &[&keys],
+            )
+            .await?;
+        let found: std::collections::HashSet<CAddr> = rows
+            .iter()
+            .map(|row| addr_of(row.get(0), CALL.context))
+            .collect::<Result<_>>()?;
+        Ok(addrs.into_iter().filter(|a| !found.contains(a)).collect())
+    }
+
     async fn size(&self, addr: CAddr) -> Result<Option<u64>> {
         const CALL: Call = Call {
             op: "find_leaf",

@@ -53,6 +53,8 @@ const STREAM_CHUNK: usize = 1 << 20;
 const STREAM_MEMORY: u64 = 48 << 20;
 /// The least `--max-buffer-bytes`: one streamed leaf fits.
 pub const MIN_BUFFER_BYTES: u64 = 64 << 20;
+/// Leaves looked up in the destination per query.
+const LEAF_BATCH: usize = 500;
 /// Recipes written per destination transaction.
 const RECIPE_BATCH: usize = 500;
 /// Failures quoted in the report (all are counted).
@@ -635,7 +637,19 @@ async fn copy(
     outputs: Vec<CAddr>,
 ) -> Result<(), MigrateError> {
     run.bar.set_prefix("leaves");
-    for_each(run, leaves, copy_leaf).await?;
+    for chunk in leaves.chunks(LEAF_BATCH) {
+        // One lookup per batch of what the destination lacks; the rest is skipped.
+        let absent = run
+            .dst
+            .blobs()
+            .missing(chunk.to_vec())
+            .await
+            .map_err(|e| MigrateError::store("looking up leaves in the destination", &e))?;
+        let present = (chunk.len() - absent.len()) as u64;
+        Counts::add(&run.leaves.skipped, present);
+        run.bar.inc(present);
+        for_each(run, absent, copy_leaf).await?;
+    }
     run.say("leaves done");
     run.bar.set_prefix("recipes");
     copy_recipes(run, recipes).await?;
@@ -661,17 +675,10 @@ where
         .await
 }
 
+/// Copies one leaf that the destination lacks.
 async fn copy_leaf(run: Arc<Run>, addr: CAddr) -> Result<(), MigrateError> {
     let counts = &run.leaves;
     let dst = run.dst.blobs();
-    let present = dst.contains(addr).await.map_err(|e| {
-        MigrateError::store(format!("looking up leaf {addr} in the destination"), &e)
-    })?;
-    if present {
-        Counts::add(&counts.skipped, 1);
-        run.step(0);
-        return Ok(());
-    }
     let size = run
         .src
         .blobs()
@@ -971,14 +978,18 @@ async fn verify(
 
     // Everything of the source is in the destination.
     run.bar.set_prefix("source");
-    for_each(run, src_leaves, |run, addr| async move {
-        let present = run.dst.blobs().contains(addr).await.map_err(|e| {
-            MigrateError::store(format!("looking up leaf {addr} in the destination"), &e)
-        })?;
-        run.missing_unless(&run.leaves, present, || format!("leaf {addr}"));
-        Ok(())
-    })
-    .await?;
+    for chunk in src_leaves.chunks(LEAF_BATCH) {
+        let absent = run
+            .dst
+            .blobs()
+            .missing(chunk.to_vec())
+            .await
+            .map_err(|e| MigrateError::store("looking up leaves in the destination", &e))?;
+        run.bar.inc((chunk.len() - absent.len()) as u64);
+        for addr in absent {
+            run.missing_unless(&run.leaves, false, || format!("leaf {addr}"));
+        }
+    }
     let src_recipes: Vec<CAddr> = src_recipes.into_iter().map(|(a, _)| a).collect();
     for chunk in src_recipes.chunks(RECIPE_BATCH) {
         let missing = run

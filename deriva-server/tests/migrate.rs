@@ -158,15 +158,15 @@ async fn build_local_store(dir: &Path, n: usize) -> Contents {
     Contents { leaves, recipes }
 }
 
-/// Leaves of `space` in the index, counted; 0 before the schema exists.
-async fn leaves_in_index(services: &Backends, space: &Space) -> i64 {
+/// Rows of `table` in the index of `space`, counted; 0 before the schema exists.
+async fn rows_in_index(services: &Backends, space: &Space, table: &str) -> i64 {
     let Ok((client, connection)) =
         tokio_postgres::connect(&services.pg_url(), tokio_postgres::NoTls).await
     else {
         return 0;
     };
     let task = tokio::spawn(connection);
-    let sql = format!("SELECT count(*) FROM \"{}\".leaves", space.schema);
+    let sql = format!("SELECT count(*) FROM \"{}\".{table}", space.schema);
     let n = match client.query_one(&sql, &[]).await {
         Ok(row) => row.get::<_, i64>(0),
         Err(_) => 0,
@@ -240,57 +240,65 @@ async fn a_local_store_moves_to_the_remote_backend_resumably_and_back() {
         (n_leaves, n_recipes)
     );
     assert_eq!(dry.mode, "dry-run");
-    assert_eq!(leaves_in_index(&services, &space).await, 0);
+    assert_eq!(rows_in_index(&services, &space, "leaves").await, 0);
 
-    // One object at a time, killed once some leaves are in: a crash halfway.
-    let mut first = migrate_command(
-        &services,
-        &[strs(&to_remote), vec!["--concurrency", "1"]].concat(),
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    wait_for("the first run copies some leaves", async || {
-        leaves_in_index(&services, &space).await >= 50
-    })
-    .await;
-    first.kill().unwrap();
-    let status = first.wait().unwrap();
-    assert!(
-        !status.success(),
-        "the first run ended before it was killed"
-    );
-    let copied_before = leaves_in_index(&services, &space).await as u64;
-    assert!(
-        copied_before < n_leaves,
-        "killed after it copied everything"
-    );
-
-    // What the kill left is consistent: nothing damaged, no recipe without its inputs; the
-    // rest is missing (exit 1, not 3).
+    // One object at a time, killed twice: once some leaves are in, and once some recipes are.
     let mut verify_args = to_remote.clone();
     verify_args.extend(["--verify".to_owned(), "--json".to_owned()]);
-    let half = migrate(&services, &strs(&verify_args));
-    assert_eq!(
-        half.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&half.stderr)
+    let mut at_kill = Vec::new();
+    for (table, at_least) in [("leaves", 50), ("recipes", 1)] {
+        let mut run = migrate_command(
+            &services,
+            &[strs(&to_remote), vec!["--concurrency", "1"]].concat(),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        wait_for(&format!("the run copies some {table}"), async || {
+            rows_in_index(&services, &space, table).await >= at_least
+        })
+        .await;
+        run.kill().unwrap();
+        let status = run.wait().unwrap();
+        assert!(!status.success(), "the run ended before it was killed");
+
+        // What the kill left is consistent: nothing damaged, no recipe without its inputs;
+        // the rest is missing (exit 1, not 3).
+        let half = migrate(&services, &strs(&verify_args));
+        let stderr = String::from_utf8_lossy(&half.stderr);
+        assert_eq!(half.status.code(), Some(1), "{stderr}");
+        let half: Report = serde_json::from_slice(&half.stdout).unwrap();
+        assert_eq!(
+            (half.leaves.failed, half.recipes.failed),
+            (0, 0),
+            "{:?}",
+            half.errors
+        );
+        let (leaves, recipes) = (half.leaves.checked, half.recipes.checked);
+        assert_eq!(
+            leaves,
+            rows_in_index(&services, &space, "leaves").await as u64
+        );
+        assert_eq!(half.leaves.missing, n_leaves - leaves);
+        assert_eq!(half.recipes.missing, n_recipes - recipes);
+        assert!(
+            half.leaves.missing + half.recipes.missing > 0,
+            "killed after it copied everything"
+        );
+        at_kill.push((leaves, recipes));
+    }
+    let (copied_before, recipes_before) = at_kill[1];
+    assert!(
+        recipes_before > 0 && recipes_before < n_recipes,
+        "{at_kill:?}"
     );
-    let half: Report = serde_json::from_slice(&half.stdout).unwrap();
-    assert_eq!(
-        (half.leaves.failed, half.recipes.failed),
-        (0, 0),
-        "{:?}",
-        half.errors
-    );
-    assert_eq!(half.leaves.checked, copied_before);
-    assert_eq!(half.leaves.missing, n_leaves - copied_before);
+
     // Run again: only the rest is copied.
     let second = migrate_ok(&services, &strs(&to_remote));
     assert_eq!(second.leaves.skipped, copied_before);
     assert_eq!(second.leaves.copied, n_leaves - copied_before);
+    assert_eq!(second.recipes.skipped, recipes_before);
     assert_eq!(
         second.leaves.failed + second.recipes.failed,
         0,
@@ -298,6 +306,17 @@ async fn a_local_store_moves_to_the_remote_backend_resumably_and_back() {
         second.errors
     );
     assert_eq!(second.recipes.copied + second.recipes.skipped, n_recipes);
+    eprintln!(
+        "migrate killed twice: {n_leaves} leaves and {n_recipes} recipes in the source; \
+         (leaves, recipes) in the destination at the kills: {at_kill:?}, each time 0 damaged \
+         and 0 recipes without an input; the last run copied {} leaves and {} recipes and \
+         skipped {} and {}, in {:.1} s",
+        second.leaves.copied,
+        second.recipes.copied,
+        second.leaves.skipped,
+        second.recipes.skipped,
+        second.duration_seconds
+    );
     // And again: nothing to do, nothing rewritten.
     let third = migrate_ok(&services, &strs(&to_remote));
     assert_eq!(
@@ -467,7 +486,7 @@ async fn a_large_leaf_damaged_in_the_middle_is_caught_while_it_streams() {
         "{stderr}"
     );
     // The upload was abandoned: no row, and no object under the leaf's key.
-    assert_eq!(leaves_in_index(&services, &space).await, 0);
+    assert_eq!(rows_in_index(&services, &space, "leaves").await, 0);
     let key = format!("{}/leaves/{hex}", space.prefix);
     assert!(
         !services.object_exists(&key),

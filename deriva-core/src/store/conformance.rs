@@ -312,6 +312,12 @@ pub async fn blob_operations(h: &impl Harness) {
     assert_eq!(blobs.size(ghost).await.unwrap(), None);
     assert!(blobs.contains(b).await.unwrap());
     assert!(!blobs.contains(ghost).await.unwrap());
+    assert_eq!(
+        blobs.missing(vec![ghost, a, b, ghost]).await.unwrap(),
+        [ghost, ghost],
+        "the absent ones, in order"
+    );
+    assert!(blobs.missing(vec![]).await.unwrap().is_empty());
     let mut listed = blobs.list().await.unwrap();
     listed.sort();
     let mut expected = vec![a, b];

@@ -141,6 +141,19 @@ pub trait BlobStore: Send + Sync + fmt::Debug + 'static {
     /// Whether a blob exists at `addr` (without reading or verifying it).
     async fn contains(&self, addr: CAddr) -> Result<bool>;
 
+    /// Of `addrs`, the ones with no blob, in the given order. The default asks
+    /// [`BlobStore::contains`] for each; an index that records the leaves (the PostgreSQL one)
+    /// answers in one round trip.
+    async fn missing(&self, addrs: Vec<CAddr>) -> Result<Vec<CAddr>> {
+        let mut out = Vec::new();
+        for addr in addrs {
+            if !self.contains(addr).await? {
+                out.push(addr);
+            }
+        }
+        Ok(out)
+    }
+
     /// The stored size of the blob at `addr`, if there is one.
     async fn size(&self, addr: CAddr) -> Result<Option<u64>>;
 
