@@ -175,7 +175,7 @@ impl BlobStore for RemoteBlobStore {
         let rest = futures::stream::iter(head.into_iter().map(Ok))
             .chain(data)
             .boxed();
-        let size = self.objects.upload_stream(&key, addr, rest).await?;
+        let size = self.objects.upload_stream(&key, Some(addr), rest).await?;
         if self.record(addr, size).await? {
             self.counters.count_blob(true, size);
         }

@@ -197,33 +197,17 @@ impl Objects {
     /// create for multipart uploads everywhere, so a HEAD first skips data already there;
     /// two nodes racing both upload the same bytes, which is harmless.
     async fn create_multipart(&self, key: &Path, data: Bytes) -> Result<Written> {
+        use futures::StreamExt as _;
         if self.size(key).await?.is_some() {
             return Ok(Written::Existed);
         }
-        let span = s3_span("CompleteMultipartUpload", &self.bucket, key.as_ref());
-        self.metrics
-            .call(Backend::S3, "put_multipart", span, async {
-                let upload = self
-                    .store
-                    .put_multipart(key)
-                    .await
-                    .map_err(|e| self.unavailable("starting the upload of", key, e))?;
-                let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
-                for part in data.chunks(PART_BYTES) {
-                    writer
-                        .wait_for_capacity(2)
-                        .await
-                        .map_err(|e| self.unavailable("uploading", key, e))?;
-                    writer.put(data.slice_ref(part));
-                }
-                writer
-                    .finish()
-                    .await
-                    .map(drop)
-                    .map_err(|e| self.unavailable("completing the upload of", key, e))?;
-                Ok(Written::Created)
-            })
-            .await
+        let parts: Vec<Result<Bytes>> = data
+            .chunks(PART_BYTES)
+            .map(|part| Ok(data.slice_ref(part)))
+            .collect();
+        self.upload_stream(key, None, futures::stream::iter(parts).boxed())
+            .await?;
+        Ok(Written::Created)
     }
 
     /// The bytes at `key`, unverified; `None` if there is no object.
@@ -292,14 +276,14 @@ impl Objects {
         Ok(Some(chunks))
     }
 
-    /// Uploads `data` to `key` in parts while hashing it, and completes the upload only if its
-    /// bytes hash to `expected`: else it is aborted (nothing becomes visible) and the error is
-    /// [`DerivaError::Corrupted`]. An error item of `data` aborts it too. At most two parts are
-    /// in flight. Returns the size.
+    /// Uploads `data` to `key` in parts and, with `expected`, hashes it on the way and completes
+    /// the upload only if its bytes hash to `expected`: else it is aborted (nothing becomes
+    /// visible) and the error is [`DerivaError::Corrupted`]. An error item of `data` aborts it
+    /// too. At most two parts are in flight. Returns the size.
     pub(crate) async fn upload_stream(
         &self,
         key: &Path,
-        expected: CAddr,
+        expected: Option<CAddr>,
         mut data: ByteStream,
     ) -> Result<u64> {
         use futures::StreamExt as _;
@@ -323,12 +307,15 @@ impl Objects {
                     if let Err(e) = writer.wait_for_capacity(2).await {
                         break Some(self.unavailable("uploading", key, e));
                     }
-                    hasher.update(&chunk);
+                    if expected.is_some() {
+                        hasher.update(&chunk);
+                    }
                     len += chunk.len() as u64;
                     writer.put(chunk);
                 };
-                let found = CAddr::from(*hasher.finalize().as_bytes());
                 let failure = failure.or_else(|| {
+                    let expected = expected?;
+                    let found = CAddr::from(*hasher.finalize().as_bytes());
                     (found != expected).then(|| DerivaError::Corrupted {
                         addr: expected,
                         detail: format!("the {len} bytes given hash to {found}"),

@@ -53,10 +53,8 @@ const STREAM_CHUNK: usize = 1 << 20;
 const STREAM_MEMORY: u64 = 48 << 20;
 /// The least `--max-buffer-bytes`: one streamed leaf fits.
 pub const MIN_BUFFER_BYTES: u64 = 64 << 20;
-/// Leaves looked up in the destination per query.
-const LEAF_BATCH: usize = 500;
-/// Recipes written per destination transaction.
-const RECIPE_BATCH: usize = 500;
+/// Leaves or recipes looked up in the destination per query; recipes written per transaction.
+const BATCH: usize = 500;
 /// Failures quoted in the report (all are counted).
 const ERRORS_KEPT: usize = 20;
 
@@ -480,6 +478,36 @@ impl Run {
     }
 }
 
+/// What is looked up in the destination in batches.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Leaf,
+    Recipe,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Leaf => "leaf",
+            Self::Recipe => "recipe",
+        }
+    }
+}
+
+/// Of `addrs`, those the destination lacks, in one query.
+async fn absent(run: &Run, kind: Kind, addrs: &[CAddr]) -> Result<Vec<CAddr>, MigrateError> {
+    let lacking = match kind {
+        Kind::Leaf => run.dst.blobs().missing(addrs.to_vec()).await,
+        Kind::Recipe => run.dst.recipes().missing(addrs.to_vec()).await,
+    };
+    lacking.map_err(|e| {
+        MigrateError::store(
+            format!("looking up {}s in the destination", kind.name()),
+            &e,
+        )
+    })
+}
+
 /// A DATA_LOSS error naming the object.
 fn data_loss(message: String) -> MigrateError {
     MigrateError {
@@ -637,14 +665,9 @@ async fn copy(
     outputs: Vec<CAddr>,
 ) -> Result<(), MigrateError> {
     run.bar.set_prefix("leaves");
-    for chunk in leaves.chunks(LEAF_BATCH) {
+    for chunk in leaves.chunks(BATCH) {
         // One lookup per batch of what the destination lacks; the rest is skipped.
-        let absent = run
-            .dst
-            .blobs()
-            .missing(chunk.to_vec())
-            .await
-            .map_err(|e| MigrateError::store("looking up leaves in the destination", &e))?;
+        let absent = absent(run, Kind::Leaf, chunk).await?;
         let present = (chunk.len() - absent.len()) as u64;
         Counts::add(&run.leaves.skipped, present);
         run.bar.inc(present);
@@ -705,22 +728,9 @@ async fn copy_leaf(run: Arc<Run>, addr: CAddr) -> Result<(), MigrateError> {
         .await
         .expect("the budget semaphore is never closed");
     // The source's read verifies the bytes against the address (a damaged leaf is Corrupted).
-    let data = match run.src.blobs().get(addr).await {
-        Ok(Some(data)) => data,
-        Ok(None) => {
-            run.failed(counts, format!("leaf {addr}: no longer in the source"));
-            run.step(0);
-            return Ok(());
-        }
-        Err(e @ DerivaError::Corrupted { .. }) => {
-            return Err(data_loss(format!("leaf {addr} in the source: {e}")));
-        }
-        Err(e) => {
-            return Err(MigrateError::store(
-                format!("reading leaf {addr} from the source"),
-                &e,
-            ));
-        }
+    let read = run.src.blobs().get(addr).await;
+    let Some(data) = run.source_read(counts, &format!("leaf {addr}"), read)? else {
+        return Ok(());
     };
     let len = data.len() as u64;
     // The destination hashes what it writes: the address it returns is that hash.
@@ -749,19 +759,9 @@ async fn stream_leaf(run: Arc<Run>, addr: CAddr, size: u64) -> Result<(), Migrat
         .acquire_many(run.permits(size.min(STREAM_MEMORY)))
         .await
         .expect("the budget semaphore is never closed");
-    let chunks = match run.src.blobs().get_stream(addr, STREAM_CHUNK).await {
-        Ok(Some(chunks)) => chunks,
-        Ok(None) => {
-            run.failed(counts, format!("leaf {addr}: no longer in the source"));
-            run.step(0);
-            return Ok(());
-        }
-        Err(e) => {
-            return Err(MigrateError::store(
-                format!("reading leaf {addr} from the source"),
-                &e,
-            ));
-        }
+    let read = run.src.blobs().get_stream(addr, STREAM_CHUNK).await;
+    let Some(chunks) = run.source_read(counts, &format!("leaf {addr}"), read)? else {
+        return Ok(());
     };
     match run.dst.blobs().put_stream(addr, chunks).await {
         Ok(()) => {}
@@ -790,13 +790,8 @@ async fn copy_recipes(run: &Arc<Run>, recipes: Vec<(CAddr, u32)>) -> Result<(), 
     }
     let counts = &run.recipes;
     for addrs in levels.into_values() {
-        for chunk in addrs.chunks(RECIPE_BATCH) {
-            let missing = run
-                .dst
-                .recipes()
-                .missing(chunk.to_vec())
-                .await
-                .map_err(|e| MigrateError::store("looking up recipes in the destination", &e))?;
+        for chunk in addrs.chunks(BATCH) {
+            let missing = absent(run, Kind::Recipe, chunk).await?;
             let present = (chunk.len() - missing.len()) as u64;
             Counts::add(&counts.skipped, present);
             run.bar.inc(present);
@@ -896,25 +891,9 @@ async fn copy_output(run: Arc<Run>, recipe: CAddr) -> Result<(), MigrateError> {
         run.step(0);
         return Ok(());
     }
-    let output = match src.get(recipe).await {
-        Ok(Some(output)) => output,
-        Ok(None) => {
-            run.failed(
-                counts,
-                format!("output of {recipe}: no longer in the source"),
-            );
-            run.step(0);
-            return Ok(());
-        }
-        Err(e @ DerivaError::Corrupted { .. }) => {
-            return Err(data_loss(format!("output of {recipe} in the source: {e}")));
-        }
-        Err(e) => {
-            return Err(MigrateError::store(
-                format!("reading the output of {recipe} from the source"),
-                &e,
-            ));
-        }
+    let read = src.get(recipe).await;
+    let Some(output) = run.source_read(counts, &format!("the output of {recipe}"), read)? else {
+        return Ok(());
     };
     let len = output.len() as u64;
     if run.mode == Mode::Copy {
@@ -978,29 +957,18 @@ async fn verify(
 
     // Everything of the source is in the destination.
     run.bar.set_prefix("source");
-    for chunk in src_leaves.chunks(LEAF_BATCH) {
-        let absent = run
-            .dst
-            .blobs()
-            .missing(chunk.to_vec())
-            .await
-            .map_err(|e| MigrateError::store("looking up leaves in the destination", &e))?;
-        run.bar.inc((chunk.len() - absent.len()) as u64);
-        for addr in absent {
-            run.missing_unless(&run.leaves, false, || format!("leaf {addr}"));
-        }
-    }
     let src_recipes: Vec<CAddr> = src_recipes.into_iter().map(|(a, _)| a).collect();
-    for chunk in src_recipes.chunks(RECIPE_BATCH) {
-        let missing = run
-            .dst
-            .recipes()
-            .missing(chunk.to_vec())
-            .await
-            .map_err(|e| MigrateError::store("looking up recipes in the destination", &e))?;
-        run.bar.inc((chunk.len() - missing.len()) as u64);
-        for addr in missing {
-            run.missing_unless(&run.recipes, false, || format!("recipe {addr}"));
+    for (kind, addrs) in [(Kind::Leaf, &src_leaves), (Kind::Recipe, &src_recipes)] {
+        for chunk in addrs.chunks(BATCH) {
+            let absent = absent(run, kind, chunk).await?;
+            run.bar.inc((chunk.len() - absent.len()) as u64);
+            for addr in absent {
+                let counts = match kind {
+                    Kind::Leaf => &run.leaves,
+                    Kind::Recipe => &run.recipes,
+                };
+                run.missing_unless(counts, false, || format!("{} {addr}", kind.name()));
+            }
         }
     }
     for_each(run, src_outputs, |run, recipe| async move {
@@ -1020,6 +988,31 @@ async fn verify(
 }
 
 impl Run {
+    /// What a read of `what` from the source gave: its value; or `None` if it is gone since the
+    /// listing (counted as a failure); `DATA_LOSS` if it is damaged; any other error stops.
+    fn source_read<T>(
+        &self,
+        counts: &Counts,
+        what: &str,
+        read: deriva_core::Result<Option<T>>,
+    ) -> Result<Option<T>, MigrateError> {
+        match read {
+            Ok(Some(value)) => Ok(Some(value)),
+            Ok(None) => {
+                self.failed(counts, format!("{what}: no longer in the source"));
+                self.step(0);
+                Ok(None)
+            }
+            Err(e @ DerivaError::Corrupted { .. }) => {
+                Err(data_loss(format!("{what} in the source: {e}")))
+            }
+            Err(e) => Err(MigrateError::store(
+                format!("reading {what} from the source"),
+                &e,
+            )),
+        }
+    }
+
     /// Counts an object of the source that the destination lacks, unless `present`.
     fn missing_unless(&self, counts: &Counts, present: bool, what: impl FnOnce() -> String) {
         if !present {
