@@ -5,8 +5,10 @@
 //!   is garbage for the collector, never a row without its bytes.
 //! - Existence, size and listing are index questions, answered by PostgreSQL, never by object
 //!   listings.
-//! - A read goes to the local read-through cache, then to the object store, and is verified
-//!   against the address either way.
+//! - A read goes to the local read-through cache, then, if the index records the leaf, to the
+//!   object store, and is verified against the address either way. Asking the index first
+//!   spares the object store a GET that would miss (the executor asks for a leaf at every
+//!   recipe's address) and never serves an object the index does not know.
 
 use std::sync::Arc;
 
@@ -125,6 +127,9 @@ impl BlobStore for RemoteBlobStore {
                 return Ok(hit);
             }
         }
+        if self.size(addr).await?.is_none() {
+            return Ok(None);
+        }
         let bytes = self.fetch(addr).await?;
         // A miss is a leaf the cache did not hold; an address that is no leaf at all (the
         // executor asks here first for recipes too) is neither a hit nor a miss.
@@ -137,7 +142,11 @@ impl BlobStore for RemoteBlobStore {
     }
 
     async fn get_stream(&self, addr: CAddr, chunk_bytes: usize) -> Result<Option<ByteStream>> {
-        // Straight from the object store: the local cache holds whole leaves.
+        // Straight from the object store (the local cache holds whole leaves), if the index
+        // records the leaf.
+        if self.size(addr).await?.is_none() {
+            return Ok(None);
+        }
         let key = self.objects.leaf_key(&addr);
         let Some(chunks) = self.objects.get_stream(&key, chunk_bytes).await? else {
             return Ok(None);

@@ -57,6 +57,9 @@ pub struct RemoteConfig {
     pub local_cache: Option<(PathBuf, u64)>,
     /// Keep computed outputs in the object store too (the shared output tier).
     pub output_tier: bool,
+    /// Create the schema if it does not exist (a server does); `false` for a store that is
+    /// only read, such as a migration's source: a missing schema is then an error naming it.
+    pub create_schema: bool,
     /// This node's id (its `service.instance.id`), so that it ignores its own invalidations.
     pub node_id: String,
 }
@@ -93,6 +96,7 @@ pub async fn open(config: &RemoteConfig, metrics: Arc<BackendMetrics>) -> Result
             &config.schema,
             config.pool_size,
             metrics.clone(),
+            config.create_schema,
         )
         .await?,
     );

@@ -150,6 +150,7 @@ impl Pg {
         schema: &str,
         pool_size: usize,
         metrics: Arc<BackendMetrics>,
+        create: bool,
     ) -> Result<Self> {
         check_schema(schema)?;
         let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
@@ -186,8 +187,36 @@ impl Pg {
             name,
             metrics,
         };
+        if !create {
+            pg.require_schema().await?;
+        }
         pg.migrate().await?;
         Ok(pg)
+    }
+
+    /// Fails, naming it, if the schema does not exist (for a store that is only read).
+    async fn require_schema(&self) -> Result<()> {
+        const CALL: Call = Call {
+            op: "find_schema",
+            operation: "SELECT",
+            table: "information_schema.schemata",
+            context: "looking up the index schema",
+        };
+        let name = self.schema_name().to_owned();
+        let found = self
+            .query_opt(
+                CALL,
+                "SELECT 1 FROM information_schema.schemata WHERE schema_name = $1",
+                &[&name],
+            )
+            .await?;
+        match found {
+            Some(_) => Ok(()),
+            None => Err(DerivaError::InvalidInput(format!(
+                "{} has no schema {name}: there is no Deriva index to read (check --index-schema)",
+                self.name
+            ))),
+        }
     }
 
     /// The connection settings.

@@ -47,6 +47,7 @@ impl RemoteHarness {
             pool_size: 8,
             local_cache: None,
             output_tier: false,
+            create_schema: true,
             node_id: "conformance".into(),
         }
     }
@@ -97,3 +98,51 @@ impl Harness for RemoteHarness {
 }
 
 deriva_core::conformance_tests!(RemoteHarness::new());
+
+/// Only the index says what exists: an object under `leaves/` that PostgreSQL does not record
+/// (a put that stopped between its two writes) is not served, and no read of an absent leaf
+/// (the executor asks for a leaf at every recipe's address) goes to the object store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_the_index_does_not_record_is_not_served() {
+    let harness = RemoteHarness::new();
+    let store = harness.open().await.unwrap();
+    let recorded = store
+        .put_leaf(Bytes::from_static(b"recorded"))
+        .await
+        .unwrap();
+    let orphan_bytes = b"written to the bucket, never recorded";
+    let orphan = CAddr::for_leaf(orphan_bytes);
+    let s3 = AmazonS3Builder::new()
+        .with_endpoint(harness.services.s3_endpoint())
+        .with_allow_http(true)
+        .with_region("us-east-1")
+        .with_access_key_id(harness.services.access_key())
+        .with_secret_access_key(harness.services.secret_key())
+        .with_bucket_name(harness.services.bucket())
+        .build()
+        .expect("an S3 client");
+    let key = Path::from(format!("{}/leaves/{}", harness.prefix, orphan.to_hex()));
+    s3.put(&key, Bytes::from_static(orphan_bytes).into())
+        .await
+        .unwrap();
+    let blobs = store.blobs();
+    assert_eq!(blobs.get(orphan).await.unwrap(), None);
+    assert!(blobs.get_stream(orphan, 1024).await.unwrap().is_none());
+    assert!(!blobs.contains(orphan).await.unwrap());
+    assert_eq!(
+        blobs.get(recorded).await.unwrap().as_deref(),
+        Some(&b"recorded"[..])
+    );
+    // Putting the same bytes records the object (found, verified, kept) and serves it.
+    assert_eq!(
+        store
+            .put_leaf(Bytes::from_static(orphan_bytes))
+            .await
+            .unwrap(),
+        orphan
+    );
+    assert_eq!(
+        blobs.get(orphan).await.unwrap().as_deref(),
+        Some(&orphan_bytes[..])
+    );
+}

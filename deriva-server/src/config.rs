@@ -150,6 +150,7 @@ impl Config {
             local_cache: (self.local_cache_bytes > 0)
                 .then(|| (self.data_dir.join("remote-cache"), self.local_cache_bytes)),
             output_tier: self.output_tier == OutputTier::BlobStore,
+            create_schema: true,
             node_id: String::new(),
         }))
     }

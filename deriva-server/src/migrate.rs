@@ -362,6 +362,8 @@ impl Side {
                     pool_size: 16,
                     local_cache: None,
                     output_tier: outputs,
+                    // A source is only read: a mistyped schema must not be created, empty.
+                    create_schema: role != "source",
                     node_id: format!("migrate-{}", std::process::id()),
                 };
                 let meter = opentelemetry::metrics::noop::NoopMeterProvider::new().meter("migrate");

@@ -621,5 +621,23 @@ async fn stores_in_use_and_bad_flags_are_refused_with_the_reason() {
         assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
+    // A remote source whose schema does not exist: refused, and not created.
+    let nowhere = Space::new("migrate_no_such_schema");
+    let mut args = remote_flags(&services, &nowhere, false);
+    args.extend(to_other.iter().map(|a| (*a).to_owned()));
+    let out = migrate(&services, &strs(&args));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("has no schema {}", nowhere.schema)),
+        "{stderr}"
+    );
+    let out = migrate(&services, &strs(&args));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "still absent: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(started.elapsed() < DEADLINE);
 }
