@@ -18,10 +18,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use deriva_core::store::{ByteStream, stream};
 use deriva_core::task::spawn_blocking_in;
 use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result, Store};
-use futures::FutureExt;
 use futures::future::{BoxFuture, Shared, WeakShared};
+use futures::{FutureExt, StreamExt as _};
 use opentelemetry::metrics::Meter;
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
@@ -275,6 +276,22 @@ impl AsyncExecutor {
         depth: u32,
         tracker: Arc<DepthTracker>,
     ) -> impl Future<Output = FlightOutput> + Send + 'static {
+        let this = self.clone();
+        let inner_tracker = tracker.clone();
+        self.observed(addr, depth, tracker, async move {
+            this.lookup_or_resolve(addr, depth, inner_tracker).await
+        })
+    }
+
+    /// Runs `body`, one level of materialization, in its own `materialize` span, and counts
+    /// its outcome and its time.
+    fn observed<T: Send + 'static>(
+        &self,
+        addr: CAddr,
+        depth: u32,
+        tracker: Arc<DepthTracker>,
+        body: impl Future<Output = Result<(T, Outcome)>> + Send + 'static,
+    ) -> impl Future<Output = Result<(T, Outcome)>> + Send + 'static {
         tracker.0.fetch_max(depth, Ordering::Relaxed);
         let span = info_span!(
             spans::MATERIALIZE,
@@ -286,7 +303,7 @@ impl AsyncExecutor {
         async move {
             let _active = this.inner.stats.active_guard();
             let start = Instant::now();
-            let result = this.lookup_or_resolve(addr, depth, tracker).await;
+            let result = body.await;
             let outcome = match &result {
                 Ok((_, outcome)) => *outcome,
                 Err(_) => Outcome::Error,
@@ -302,30 +319,93 @@ impl AsyncExecutor {
         .instrument(span)
     }
 
+    /// The bytes of `addr` for a Get, in chunks of at most `chunk_bytes`, in a `materialize`
+    /// span as [`AsyncExecutor::materialize`] makes: a cached output from memory; a leaf
+    /// straight from the store as it is sent, holding about one chunk (hashed on the way: a
+    /// damaged leaf ends the stream with [`DerivaError::Corrupted`], counted as a corruption;
+    /// see [`deriva_core::store::stream`]); a recipe materialized, then cut into slices.
+    pub async fn get_stream(&self, addr: CAddr, chunk_bytes: usize) -> Result<ByteStream> {
+        let tracker = Arc::new(DepthTracker::default());
+        let this = self.clone();
+        let inner_tracker = tracker.clone();
+        let result = self
+            .observed(addr, 0, tracker.clone(), async move {
+                this.cached_leaf_or_resolve(addr, chunk_bytes, inner_tracker)
+                    .await
+            })
+            .await;
+        self.inner
+            .metrics
+            .materialize_depth
+            .record(u64::from(tracker.0.load(Ordering::Relaxed)), &[]);
+        result.map(|(chunks, _)| chunks)
+    }
+
+    async fn cached_leaf_or_resolve(
+        &self,
+        addr: CAddr,
+        chunk_bytes: usize,
+        tracker: Arc<DepthTracker>,
+    ) -> Result<(ByteStream, Outcome)> {
+        if let Some(hit) = self.cache_check(&addr) {
+            return Ok((stream::chunks(hit, chunk_bytes), Outcome::Hit));
+        }
+        let read = info_span!(spans::LEAF_READ, { field::FOUND } = Empty);
+        let leaf = self
+            .inner
+            .store
+            .blobs()
+            .get_stream(addr, chunk_bytes)
+            .instrument(read.clone())
+            .await;
+        read.record(field::FOUND, matches!(leaf, Ok(Some(_))));
+        drop(read);
+        if let Some(chunks) = self.count_corruption(leaf)? {
+            let stats = self.inner.stats.clone();
+            let counted = chunks
+                .inspect(move |item| {
+                    if let Err(DerivaError::Corrupted { .. }) = item {
+                        stats.record_corruption();
+                    }
+                })
+                .boxed();
+            return Ok((counted, Outcome::Leaf));
+        }
+        let (bytes, outcome) = self.join_or_start(addr, 0, tracker, true).await?;
+        Ok((stream::chunks(bytes, chunk_bytes), outcome))
+    }
+
+    /// The cached output of `addr`, if any, in a `cache_check` span.
+    fn cache_check(&self, addr: &CAddr) -> Option<Bytes> {
+        let hit = info_span!(spans::CACHE_CHECK, { field::HIT } = Empty).in_scope(|| {
+            let hit = self.inner.cache.get(addr);
+            Span::current().record(field::HIT, hit.is_some());
+            hit
+        })?;
+        self.inner.stats.record_saved(hit.cost);
+        Some(hit.data)
+    }
+
     async fn lookup_or_resolve(
         &self,
         addr: CAddr,
         depth: u32,
         tracker: Arc<DepthTracker>,
     ) -> FlightOutput {
-        let hit = info_span!(spans::CACHE_CHECK, { field::HIT } = Empty).in_scope(|| {
-            let hit = self.inner.cache.get(&addr);
-            Span::current().record(field::HIT, hit.is_some());
-            hit
-        });
-        if let Some(hit) = hit {
-            self.inner.stats.record_saved(hit.cost);
-            return Ok((hit.data, Outcome::Hit));
+        if let Some(hit) = self.cache_check(&addr) {
+            return Ok((hit, Outcome::Hit));
         }
-        self.join_or_start(addr, depth, tracker).await
+        self.join_or_start(addr, depth, tracker, false).await
     }
 
-    /// Joins the in-flight materialization of `addr`, or starts one in a new task.
+    /// Joins the in-flight materialization of `addr`, or starts one in a new task (which skips
+    /// the leaf read if `leaf_read` says the caller found no leaf already).
     fn join_or_start(
         &self,
         addr: CAddr,
         depth: u32,
         tracker: Arc<DepthTracker>,
+        leaf_read: bool,
     ) -> Shared<FlightFuture> {
         let mut inflight = self.inner.inflight.lock();
         if let Some(flight) = inflight.get(&addr)
@@ -349,8 +429,12 @@ impl AsyncExecutor {
         // through the thread's default subscriber, so a span dropped elsewhere would keep its
         // parent open whenever the subscriber is not global (as in tests).
         let task = tokio::spawn(
-            async move { this.resolve(addr, depth, tracker).instrument(span).await }
-                .with_current_subscriber(),
+            async move {
+                this.resolve(addr, depth, tracker, leaf_read)
+                    .instrument(span)
+                    .await
+            }
+            .with_current_subscriber(),
         );
         let guard = FlightTask {
             task,
@@ -373,22 +457,31 @@ impl AsyncExecutor {
         shared
     }
 
-    /// Leaf, then recipe. Runs inside the flight's task.
-    async fn resolve(&self, addr: CAddr, depth: u32, tracker: Arc<DepthTracker>) -> FlightOutput {
+    /// Leaf (unless `leaf_read`: the caller found none), then recipe. Runs inside the flight's
+    /// task.
+    async fn resolve(
+        &self,
+        addr: CAddr,
+        depth: u32,
+        tracker: Arc<DepthTracker>,
+        leaf_read: bool,
+    ) -> FlightOutput {
         // Noted before anything is read: an invalidation from now on keeps this output out of
         // the cache.
         let generation = self.inner.cache.generation(&addr);
-        let read = info_span!(spans::LEAF_READ, { field::FOUND } = Empty);
-        let leaf = self
-            .inner
-            .store
-            .get_leaf(addr)
-            .instrument(read.clone())
-            .await;
-        read.record(field::FOUND, matches!(leaf, Ok(Some(_))));
-        drop(read);
-        if let Some(bytes) = self.count_corruption(leaf)? {
-            return Ok((bytes, Outcome::Leaf));
+        if !leaf_read {
+            let read = info_span!(spans::LEAF_READ, { field::FOUND } = Empty);
+            let leaf = self
+                .inner
+                .store
+                .get_leaf(addr)
+                .instrument(read.clone())
+                .await;
+            read.record(field::FOUND, matches!(leaf, Ok(Some(_))));
+            drop(read);
+            if let Some(bytes) = self.count_corruption(leaf)? {
+                return Ok((bytes, Outcome::Leaf));
+            }
         }
         let stored = self
             .count_corruption(self.inner.store.get_recipe(addr).await)?

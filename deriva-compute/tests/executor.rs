@@ -527,3 +527,77 @@ async fn verify_computes_twice_whatever_the_mode() {
     assert!(plain.exec.verify(r).await.unwrap().deterministic);
     assert_eq!(plain.exec.stats().verifications_passed(), 1);
 }
+
+/// `get_stream`: a leaf streams from the store in chunks of at most the asked size (one chunk
+/// when it fits); a recipe's output is cut into slices; a cached output comes from memory; a
+/// leaf damaged in the middle streams its chunks and then ends with `Corrupted`, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_stream_streams_leaves_and_slices_outputs() {
+    use deriva_compute::Outcome;
+    use futures::{StreamExt as _, TryStreamExt as _};
+    let h = Harness::new();
+    let big: Vec<u8> = (0..300_001u32).map(|i| (i % 251) as u8).collect();
+    let leaf = h.leaf(&big).await;
+    let small = h.leaf(b"tiny").await;
+    let upper = h.recipe("uppercase/v1", &[small], &[]).await;
+
+    let chunks: Vec<Bytes> = h
+        .exec
+        .get_stream(leaf, 64 << 10)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(chunks.len(), 5, "300,001 bytes in 64 KiB chunks");
+    assert!(chunks.iter().all(|c| c.len() <= 64 << 10));
+    assert!(chunks.concat() == big);
+    let one: Vec<Bytes> = h
+        .exec
+        .get_stream(small, 64 << 10)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(one, [Bytes::from_static(b"tiny")]);
+    for outcome in [Outcome::Computed, Outcome::Hit] {
+        let before = h.exec.stats().outcome(outcome);
+        let out: Vec<Bytes> = h
+            .exec
+            .get_stream(upper, 2)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(out, [&b"TI"[..], &b"NY"[..]]);
+        assert_eq!(h.exec.stats().outcome(outcome), before + 1, "{outcome:?}");
+    }
+    // Two streamed leaves, and the recipe's input, read whole by its compute.
+    assert_eq!(h.exec.stats().outcome(Outcome::Leaf), 3);
+    let missing = CAddr::for_leaf(b"never stored");
+    assert!(matches!(
+        h.exec.get_stream(missing, 1024).await,
+        Err(DerivaError::NotFound { .. })
+    ));
+
+    // A byte flipped in the middle: same size, every chunk sent, then Corrupted.
+    let hex = leaf.to_hex();
+    let path = h.dir.path().join("blobs").join(&hex[..2]).join(&hex);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[150_000] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let before = h.exec.stats().corruptions();
+    let items: Vec<deriva_core::Result<Bytes>> = h
+        .exec
+        .get_stream(leaf, 64 << 10)
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(items.len(), 6, "five chunks, then the error");
+    assert!(items[..5].iter().all(Result::is_ok));
+    assert!(matches!(&items[5], Err(DerivaError::Corrupted { addr, .. }) if *addr == leaf));
+    assert_eq!(h.exec.stats().corruptions(), before + 1);
+}

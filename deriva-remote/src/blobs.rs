@@ -76,6 +76,29 @@ impl RemoteBlobStore {
         Ok(inserted.is_some())
     }
 
+    /// The leaf `addr` from the local read-through cache, verified, if it holds it.
+    async fn cached(&self, addr: CAddr) -> Option<Bytes> {
+        let cache = self.cache.as_ref()?;
+        let hit = cache::on_pool(cache, move |c| c.get(&addr)).await.flatten();
+        if hit.is_some() {
+            self.metrics.cache_read(true);
+        }
+        hit
+    }
+
+    /// Reads the leaf `addr` from the object store, verified, and keeps it in the local cache.
+    async fn fetch_and_keep(&self, addr: CAddr) -> Result<Option<Bytes>> {
+        let bytes = self.fetch(addr).await?;
+        // A miss is a leaf the cache did not hold; an address that is no leaf at all (the
+        // executor asks here first for recipes too) is neither a hit nor a miss.
+        if let (Some(cache), Some(bytes)) = (&self.cache, &bytes) {
+            self.metrics.cache_read(false);
+            let bytes = bytes.clone();
+            cache::on_pool(cache, move |c| c.put(&addr, &bytes)).await;
+        }
+        Ok(bytes)
+    }
+
     /// Reads the object at `addr` and verifies it. `Ok(None)` if there is none.
     async fn fetch(&self, addr: CAddr) -> Result<Option<Bytes>> {
         let Some(bytes) = self.objects.get(&self.objects.leaf_key(&addr)).await? else {
@@ -120,32 +143,26 @@ impl BlobStore for RemoteBlobStore {
     }
 
     async fn get(&self, addr: CAddr) -> Result<Option<Bytes>> {
-        if let Some(cache) = &self.cache {
-            let hit = cache::on_pool(cache, move |c| c.get(&addr)).await.flatten();
-            if hit.is_some() {
-                self.metrics.cache_read(true);
-                return Ok(hit);
-            }
+        if let Some(hit) = self.cached(addr).await {
+            return Ok(Some(hit));
         }
         if self.size(addr).await?.is_none() {
             return Ok(None);
         }
-        let bytes = self.fetch(addr).await?;
-        // A miss is a leaf the cache did not hold; an address that is no leaf at all (the
-        // executor asks here first for recipes too) is neither a hit nor a miss.
-        if let (Some(cache), Some(bytes)) = (&self.cache, &bytes) {
-            self.metrics.cache_read(false);
-            let bytes = bytes.clone();
-            cache::on_pool(cache, move |c| c.put(&addr, &bytes)).await;
-        }
-        Ok(bytes)
+        self.fetch_and_keep(addr).await
     }
 
     async fn get_stream(&self, addr: CAddr, chunk_bytes: usize) -> Result<Option<ByteStream>> {
-        // Straight from the object store (the local cache holds whole leaves), if the index
-        // records the leaf.
-        if self.size(addr).await?.is_none() {
+        if let Some(hit) = self.cached(addr).await {
+            return Ok(Some(stream::once(hit)));
+        }
+        // Only what the index records; a leaf of one chunk or less is read whole (and kept in
+        // the local cache), a larger one streams from the object store.
+        let Some(size) = self.size(addr).await? else {
             return Ok(None);
+        };
+        if size <= chunk_bytes as u64 {
+            return Ok(self.fetch_and_keep(addr).await?.map(stream::once));
         }
         let key = self.objects.leaf_key(&addr);
         let Some(chunks) = self.objects.get_stream(&key, chunk_bytes).await? else {

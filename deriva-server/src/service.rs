@@ -7,7 +7,7 @@ use std::pin::Pin;
 
 use deriva_compute::AsyncExecutor;
 use deriva_core::{FunctionId, Recipe};
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
 use deriva_proto::addr_bytes;
@@ -151,16 +151,17 @@ impl DerivaService {
 
     async fn get_inner(&self, req: GetRequest) -> ApiResult<GetStream> {
         let addr = parse_addr("addr", &req.addr)?;
-        let data = self.exec.materialize(addr).await?;
-        // Slices of one `Bytes`: each chunk shares the output's buffer, nothing is copied.
-        let chunk = self.chunk_bytes;
-        let chunks = (0..data.len().div_ceil(chunk).max(1)).map(move |i| {
-            let end = ((i + 1) * chunk).min(data.len());
-            Ok(GetResponse {
-                chunk: data.slice(i * chunk..end),
-            })
-        });
-        Ok(Box::pin(futures::stream::iter(chunks)))
+        // A leaf streams from the store as it is sent; an output is cut into slices of one
+        // `Bytes`. A leaf whose bytes turn out not to match its address ends the stream with
+        // DATA_LOSS instead of OK (a client keeps what it got only after an OK end).
+        let chunks = self.exec.get_stream(addr, self.chunk_bytes).await?;
+        // The error of a stream's end is logged in the request's span, with its trace id.
+        let span = tracing::Span::current();
+        Ok(Box::pin(chunks.map(move |item| {
+            let _in_request = span.enter();
+            item.map(|chunk| GetResponse { chunk })
+                .map_err(|e| Status::from(ApiError::from(e)))
+        })))
     }
 
     async fn resolve_inner(&self, req: ResolveRequest) -> ApiResult<ResolveResponse> {

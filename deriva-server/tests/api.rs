@@ -114,6 +114,55 @@ async fn get_streams_chunks_of_the_configured_size() {
     s.stop().await;
 }
 
+/// A leaf larger than a chunk streams from the store: every chunk is sent as it is read and
+/// hashed; if the bytes turn out not to match the address, the stream ends with DATA_LOSS
+/// (naming the leaf) instead of OK, and the corruption is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaf_damaged_mid_way_ends_its_stream_with_data_loss() {
+    let mut s = InProcess::builder()
+        .telemetry(deriva_server::telemetry::TelemetryConfig::default())
+        .http()
+        .start()
+        .await;
+    let data: Vec<u8> = (0..300 * 1024u32).map(|i| (i % 253) as u8).collect();
+    let leaf = s.put(&data).await;
+    let path = s.blob_path(&leaf);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[150 * 1024] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let corruptions = |exposition: &str| {
+        common::sample(exposition, "deriva_storage_corruption_total").unwrap_or(0.0)
+    };
+    let before = corruptions(&s.scrape().await);
+
+    let mut stream = s
+        .client
+        .get(GetRequest { addr: leaf.clone() })
+        .await
+        .expect("the Get starts: the damage is found only at the end")
+        .into_inner();
+    let mut received = 0;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(msg)) => received += msg.chunk.len(),
+            Ok(None) => panic!("the stream ended OK after {received} bytes"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(
+        received,
+        data.len(),
+        "every chunk is sent before the verdict"
+    );
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    assert!(status.message().contains(&hex(&leaf)), "{status:?}");
+    assert_eq!(corruptions(&s.scrape().await), before + 1.0);
+    // The server goes on serving.
+    let other = s.put(b"fine").await;
+    assert_eq!(s.get(&other).await.unwrap(), b"fine");
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_arguments_are_rejected_precisely() {
     let mut s = InProcess::start().await;

@@ -270,6 +270,33 @@ fn large_derived_output_streams_to_a_file() {
     assert_eq!(file.read(&mut chunk).unwrap(), 0, "trailing bytes");
 }
 
+/// The client's side of a streamed leaf that turns out damaged: every chunk arrives, then
+/// DATA_LOSS; `deriva get -o` keeps nothing (its temporary file is removed, the destination
+/// never created).
+#[test]
+fn a_leaf_damaged_mid_way_leaves_no_file_behind() {
+    const LEAF: usize = 1 << 20;
+    let server = ServerProcess::start();
+    let dir = tempfile::tempdir().unwrap();
+    let leaf_path = dir.path().join("leaf.bin");
+    std::fs::write(&leaf_path, pseudo_random(LEAF, 0xbad)).unwrap();
+    let addr = server.addr(&["put", path_str(&leaf_path)]);
+    let blob = server.dir().join("blobs").join(&addr[..2]).join(&addr);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[LEAF / 2] ^= 0xff;
+    std::fs::write(&blob, bytes).unwrap();
+
+    let out_dir = tempfile::tempdir().unwrap();
+    let dest = out_dir.path().join("out.bin");
+    let line = run(server.deriva(&["get", &addr, "-o", path_str(&dest)]), None).failure(1);
+    assert!(line.contains("corrupted") && line.contains(&addr), "{line}");
+    assert!(
+        dir_entries(out_dir.path()).is_empty(),
+        "{:?}",
+        dir_entries(out_dir.path())
+    );
+}
+
 #[test]
 fn resolve_invalidate_and_verify_a_recipe() {
     let server = ServerProcess::start();

@@ -71,6 +71,17 @@ pub fn once(data: Bytes) -> ByteStream {
     futures::stream::once(async move { Ok(data) }).boxed()
 }
 
+/// `data` in chunks of at most `chunk_bytes`, each a slice of it (nothing is copied); empty
+/// data is one empty chunk.
+pub fn chunks(data: Bytes, chunk_bytes: usize) -> ByteStream {
+    let chunk = chunk_bytes.max(1);
+    let count = data.len().div_ceil(chunk).max(1);
+    let cuts: Vec<Result<Bytes>> = (0..count)
+        .map(|i| Ok(data.slice(i * chunk..((i + 1) * chunk).min(data.len()))))
+        .collect();
+    futures::stream::iter(cuts).boxed()
+}
+
 #[cfg(test)]
 mod tests {
     use futures::TryStreamExt as _;

@@ -141,14 +141,24 @@ impl BlobFiles {
         Ok(())
     }
 
-    /// Opens the blob file of `addr` for a streamed read; `None` if there is none.
-    pub(super) fn open_read(&self, addr: &CAddr) -> Result<Option<(File, PathBuf)>> {
+    /// Opens the blob file of `addr` for a streamed read; `None` if there is none. A blob of
+    /// at most `whole_up_to` bytes is read and verified at once instead.
+    pub(super) fn open_read(&self, addr: &CAddr, whole_up_to: u64) -> Result<Option<Opened>> {
         let path = self.path_of(addr);
-        match File::open(&path) {
-            Ok(f) => Ok(Some((f, path))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(DerivaError::io(format!("reading blob {addr}"), &e)),
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(DerivaError::io(format!("reading blob {addr}"), &e)),
+        };
+        let len = file
+            .metadata()
+            .map_err(|e| DerivaError::io(format!("reading blob {addr}"), &e))?
+            .len();
+        if len <= whole_up_to {
+            drop(file);
+            return Ok(self.read_verified(addr, &path)?.map(Opened::Whole));
         }
+        Ok(Some(Opened::File(file, path)))
     }
 
     /// Starts a streamed write of the leaf `addr`: a new file in `tmp/`.
@@ -274,6 +284,13 @@ impl BlobFiles {
         }
         Ok(out)
     }
+}
+
+/// A blob opened for a streamed read: small enough to have been read whole, or a file.
+#[derive(Debug)]
+pub(super) enum Opened {
+    Whole(Bytes),
+    File(File, PathBuf),
 }
 
 /// A streamed write of one leaf in progress: a file in `tmp/`, the hash and length so far.

@@ -132,11 +132,17 @@ impl BlobStore for LocalBlobStore {
     }
 
     async fn get_stream(&self, addr: CAddr, chunk_bytes: usize) -> Result<Option<ByteStream>> {
-        let opened = on_pool(&self.inner, "opening a blob", move |b| b.open_read(&addr)).await?;
-        let Some((file, path)) = opened else {
-            return Ok(None);
-        };
         let chunk = chunk_bytes.max(1);
+        let opened = on_pool(&self.inner, "opening a blob", move |b| {
+            b.open_read(&addr, chunk as u64)
+        })
+        .await?;
+        let (file, path) = match opened {
+            None => return Ok(None),
+            // One chunk or less: read and verified in that same call.
+            Some(blobs::Opened::Whole(data)) => return Ok(Some(stream::once(data))),
+            Some(blobs::Opened::File(file, path)) => (file, path),
+        };
         let inner = self.inner.clone();
         // Each chunk is read on the blocking pool; the file travels from one read to the next.
         let chunks = futures::stream::try_unfold(Some(file), move |file| {
