@@ -38,6 +38,19 @@ impl RemoteHarness {
         }
     }
 
+    /// A client of the bucket, to write behind the store's back.
+    fn s3(&self) -> object_store::aws::AmazonS3 {
+        AmazonS3Builder::new()
+            .with_endpoint(self.services.s3_endpoint())
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id(self.services.access_key())
+            .with_secret_access_key(self.services.secret_key())
+            .with_bucket_name(self.services.bucket())
+            .build()
+            .expect("an S3 client")
+    }
+
     fn config(&self) -> RemoteConfig {
         RemoteConfig {
             blob_store: format!("s3://{}/{}", self.services.bucket(), self.prefix),
@@ -61,15 +74,7 @@ impl Harness for RemoteHarness {
     }
 
     async fn corrupt_blob(&self, addr: CAddr, bytes: &[u8]) {
-        let s3 = AmazonS3Builder::new()
-            .with_endpoint(self.services.s3_endpoint())
-            .with_allow_http(true)
-            .with_region("us-east-1")
-            .with_access_key_id(self.services.access_key())
-            .with_secret_access_key(self.services.secret_key())
-            .with_bucket_name(self.services.bucket())
-            .build()
-            .expect("an S3 client");
+        let s3 = self.s3();
         let key = Path::from(format!("{}/leaves/{}", self.prefix, addr.to_hex()));
         s3.head(&key).await.expect("the leaf's object exists");
         s3.put(&key, Bytes::copy_from_slice(bytes).into())
@@ -112,15 +117,7 @@ async fn an_object_the_index_does_not_record_is_not_served() {
         .unwrap();
     let orphan_bytes = b"written to the bucket, never recorded";
     let orphan = CAddr::for_leaf(orphan_bytes);
-    let s3 = AmazonS3Builder::new()
-        .with_endpoint(harness.services.s3_endpoint())
-        .with_allow_http(true)
-        .with_region("us-east-1")
-        .with_access_key_id(harness.services.access_key())
-        .with_secret_access_key(harness.services.secret_key())
-        .with_bucket_name(harness.services.bucket())
-        .build()
-        .expect("an S3 client");
+    let s3 = harness.s3();
     let key = Path::from(format!("{}/leaves/{}", harness.prefix, orphan.to_hex()));
     s3.put(&key, Bytes::from_static(orphan_bytes).into())
         .await
