@@ -20,7 +20,7 @@ use deriva_core::{CAddr, DerivaError};
 use futures::StreamExt as _;
 
 use crate::cache::{self, DiskCache};
-use crate::index::addr_of;
+use crate::index::{self, addr_of};
 use crate::objects::{MULTIPART_THRESHOLD, Objects, Written};
 use crate::observe::BackendMetrics;
 use crate::pg::{Call, Pg};
@@ -219,20 +219,8 @@ impl BlobStore for RemoteBlobStore {
             table: "leaves",
             context: "looking up leaves",
         };
-        let keys: Vec<&[u8]> = addrs.iter().map(|a| a.as_bytes().as_slice()).collect();
-        let rows = self
-            .pg
-            .query(
-                CALL,
-                "SELECT addr FROM {s}.leaves WHERE addr = ANY($1)",
-                &[&keys],
-            )
-            .await?;
-        let found: std::collections::HashSet<CAddr> = rows
-            .iter()
-            .map(|row| addr_of(row.get(0), CALL.context))
-            .collect::<Result<_>>()?;
-        Ok(addrs.into_iter().filter(|a| !found.contains(a)).collect())
+        let sql = "SELECT addr FROM {s}.leaves WHERE addr = ANY($1)";
+        index::absent(&self.pg, CALL, sql, addrs).await
     }
 
     async fn size(&self, addr: CAddr) -> Result<Option<u64>> {

@@ -28,6 +28,20 @@ fn rows_to_addrs(rows: &[tokio_postgres::Row], context: &str) -> Result<Vec<CAdd
         .collect()
 }
 
+/// Of `addrs`, the ones `sql` (`SELECT addr FROM … WHERE addr = ANY($1)`) does not find, in
+/// the given order: one query for the whole batch.
+pub(crate) async fn absent(
+    pg: &Pg,
+    call: Call,
+    sql: &str,
+    addrs: Vec<CAddr>,
+) -> Result<Vec<CAddr>> {
+    let keys: Vec<&[u8]> = addrs.iter().map(|a| a.as_bytes().as_slice()).collect();
+    let rows = pg.query(call, sql, &[&keys]).await?;
+    let found: HashSet<CAddr> = rows_to_addrs(&rows, call.context)?.into_iter().collect();
+    Ok(addrs.into_iter().filter(|a| !found.contains(a)).collect())
+}
+
 impl PgIndex {
     pub(crate) fn new(pg: Arc<Pg>, counters: Arc<StoreCounters>) -> Self {
         Self { pg, counters }
@@ -175,17 +189,8 @@ impl RecipeIndex for PgIndex {
             table: "recipes",
             context: "looking up recipes",
         };
-        let keys: Vec<&[u8]> = addrs.iter().map(|a| a.as_bytes().as_slice()).collect();
-        let rows = self
-            .pg
-            .query(
-                CALL,
-                "SELECT addr FROM {s}.recipes WHERE addr = ANY($1)",
-                &[&keys],
-            )
-            .await?;
-        let found: HashSet<CAddr> = rows_to_addrs(&rows, CALL.context)?.into_iter().collect();
-        Ok(addrs.into_iter().filter(|a| !found.contains(a)).collect())
+        let sql = "SELECT addr FROM {s}.recipes WHERE addr = ANY($1)";
+        absent(&self.pg, CALL, sql, addrs).await
     }
 
     async fn first_missing_input(

@@ -30,7 +30,6 @@ use deriva_core::size::parse_size;
 use deriva_core::{CAddr, DerivaError, Recipe, Store};
 use futures::{StreamExt as _, TryStreamExt as _};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
-use opentelemetry::metrics::MeterProvider as _;
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::Semaphore;
@@ -366,8 +365,7 @@ impl Side {
                     create_schema: role != "source",
                     node_id: format!("migrate-{}", std::process::id()),
                 };
-                let meter = opentelemetry::metrics::noop::NoopMeterProvider::new().meter("migrate");
-                let metrics = Arc::new(deriva_remote::BackendMetrics::new(&meter));
+                let metrics = Arc::new(deriva_remote::BackendMetrics::noop());
                 let remote = deriva_remote::open(&config, metrics)
                     .await
                     .map_err(|e| MigrateError::store(&what, &e))?;
@@ -505,6 +503,19 @@ async fn absent(run: &Run, kind: Kind, addrs: &[CAddr]) -> Result<Vec<CAddr>, Mi
     lacking.map_err(|e| {
         MigrateError::store(
             format!("looking up {}s in the destination", kind.name()),
+            &e,
+        )
+    })
+}
+
+/// Whether the destination's output tier holds the output of `recipe` (false without a tier).
+async fn output_in_destination(run: &Run, recipe: CAddr) -> Result<bool, MigrateError> {
+    let Some(tier) = run.dst.outputs() else {
+        return Ok(false);
+    };
+    tier.contains(recipe).await.map_err(|e| {
+        MigrateError::store(
+            format!("looking up the output of {recipe} in the destination"),
             &e,
         )
     })
@@ -882,13 +893,7 @@ async fn copy_output(run: Arc<Run>, recipe: CAddr) -> Result<(), MigrateError> {
     let (Some(src), Some(dst)) = (run.src.outputs(), run.dst.outputs()) else {
         return Ok(());
     };
-    let present = dst.contains(recipe).await.map_err(|e| {
-        MigrateError::store(
-            format!("looking up the output of {recipe} in the destination"),
-            &e,
-        )
-    })?;
-    if present {
+    if output_in_destination(&run, recipe).await? {
         Counts::add(&counts.skipped, 1);
         run.step(0);
         return Ok(());
@@ -974,15 +979,7 @@ async fn verify(
         }
     }
     for_each(run, src_outputs, |run, recipe| async move {
-        let Some(tier) = run.dst.outputs() else {
-            return Ok(());
-        };
-        let present = tier.contains(recipe).await.map_err(|e| {
-            MigrateError::store(
-                format!("looking up the output of {recipe} in the destination"),
-                &e,
-            )
-        })?;
+        let present = output_in_destination(&run, recipe).await?;
         run.missing_unless(&run.outputs, present, || format!("output of {recipe}"));
         Ok(())
     })

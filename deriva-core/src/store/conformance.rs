@@ -21,7 +21,7 @@ use bytes::Bytes;
 use crate::addr::CAddr;
 use crate::error::{DerivaError, Result};
 use crate::recipe::{FunctionId, Recipe};
-use crate::store::{ByteStream, Store};
+use crate::store::Store;
 
 /// Opens one backend instance for the suite, and damages its data for the corruption case.
 #[async_trait]
@@ -335,16 +335,6 @@ pub async fn blob_operations(h: &impl Harness) {
     close(store).await;
 }
 
-/// `data` as a stream of `n`-byte chunks.
-fn chunked(data: Bytes, n: usize) -> ByteStream {
-    use futures::StreamExt as _;
-    let cuts: Vec<Result<Bytes>> = (0..data.len())
-        .step_by(n)
-        .map(|at| Ok(data.slice(at..(at + n).min(data.len()))))
-        .collect();
-    futures::stream::iter(cuts).boxed()
-}
-
 /// Leaves streamed in and out: a round trip in chunks, above the remote backend's multipart
 /// threshold (16 MiB) and below it; bytes that do not hash to the address, and a stream that
 /// fails part-way, are refused with nothing stored; a damaged blob's stream ends with
@@ -358,7 +348,10 @@ pub async fn streams(h: &impl Harness) {
         .collect();
     let large_addr = CAddr::for_leaf(&large);
     blobs
-        .put_stream(large_addr, chunked(large.clone(), 1 << 20))
+        .put_stream(
+            large_addr,
+            crate::store::stream::chunks(large.clone(), 1 << 20),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -381,7 +374,10 @@ pub async fn streams(h: &impl Harness) {
     assert!(blobs.get(large_addr).await.unwrap().unwrap() == large);
     // Again: nothing changes.
     blobs
-        .put_stream(large_addr, chunked(large.clone(), 3 << 20))
+        .put_stream(
+            large_addr,
+            crate::store::stream::chunks(large.clone(), 3 << 20),
+        )
         .await
         .unwrap();
     assert_eq!(store.counters().blobs(), 1);
@@ -389,7 +385,7 @@ pub async fn streams(h: &impl Harness) {
     let small = Bytes::from_static(b"a small leaf, streamed in 4-byte chunks");
     let small_addr = CAddr::for_leaf(&small);
     blobs
-        .put_stream(small_addr, chunked(small.clone(), 4))
+        .put_stream(small_addr, crate::store::stream::chunks(small.clone(), 4))
         .await
         .unwrap();
     assert_eq!(blobs.get(small_addr).await.unwrap().unwrap(), small);
@@ -399,7 +395,7 @@ pub async fn streams(h: &impl Harness) {
     let wrong = CAddr::for_leaf(b"something else");
     for data in [small.clone(), large.clone()] {
         let err = blobs
-            .put_stream(wrong, chunked(data, 1 << 20))
+            .put_stream(wrong, crate::store::stream::chunks(data, 1 << 20))
             .await
             .unwrap_err();
         assert!(
@@ -413,7 +409,7 @@ pub async fn streams(h: &impl Harness) {
     // A stream that fails after 17 MiB: its error, nothing stored.
     let other: Bytes = vec![7u8; 18 << 20].into();
     let other_addr = CAddr::for_leaf(&other);
-    let failing = chunked(other.slice(..17 << 20), 1 << 20)
+    let failing = crate::store::stream::chunks(other.slice(..17 << 20), 1 << 20)
         .chain(futures::stream::once(async {
             Err(DerivaError::Unavailable {
                 backend: "the test's source".into(),
