@@ -342,7 +342,13 @@ async fn a_storm_of_cancelled_requests_never_runs_more_computes_than_the_limit()
     gate.open();
     assert_eq!(request.await.unwrap().unwrap(), &b"alast"[..]);
     assert!(gate.counts().max_running <= LIMIT, "{:?}", gate.counts());
-    assert_eq!(h.exec.compute_permits_available(), LIMIT);
+    // The abandoned computes, released by the same gate, give their slots back as they finish
+    // on the blocking pool, which may be after the last request has its answer: every slot
+    // comes back.
+    wait_until("every compute slot is free again", || {
+        h.exec.compute_permits_available() == LIMIT
+    })
+    .await;
 }
 
 /// Race 4 of RELIABILITY.md: an invalidation that arrives while a recipe computes wins: the
