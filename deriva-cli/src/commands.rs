@@ -24,6 +24,13 @@ use crate::explain::format_explain;
 /// `get` shows a progress counter on a terminal once this many bytes have arrived.
 pub const PROGRESS_THRESHOLD_BYTES: u64 = 8 << 20;
 
+/// `put` sends a leaf larger than this with `PutLeafStream` (with a progress bar on a
+/// terminal), a smaller one as one `PutLeaf`.
+pub const STREAM_PUT_THRESHOLD_BYTES: u64 = 8 << 20;
+
+/// The chunk size of a streamed `put`.
+pub const PUT_CHUNK_BYTES: usize = 1 << 20;
+
 /// Lowercase hex of raw bytes (for a 32-byte address, the same as `CAddr`'s `Display`).
 fn hex(raw: &[u8]) -> String {
     raw.iter()
@@ -275,30 +282,107 @@ async fn put(server: &Target, file: &Path) -> Result<(), CliError> {
         format!("put {}", file.display())
     };
     // Open before connecting, so a missing file is reported as such whatever the server.
-    let mut source: Box<dyn AsyncRead + Unpin + Send> = if stdin {
-        Box::new(tokio::io::stdin())
+    let (mut source, total): (Box<dyn AsyncRead + Unpin + Send>, Option<u64>) = if stdin {
+        (Box::new(tokio::io::stdin()), None)
     } else {
-        Box::new(
-            tokio::fs::File::open(file)
-                .await
-                .map_err(|e| CliError::io(&context, e))?,
-        )
+        let opened = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| CliError::io(&context, e))?;
+        let len = opened.metadata().await.ok().map(|m| m.len());
+        (Box::new(opened), len)
     };
     let mut client = connect(server).await?;
-    let mut data = Vec::new();
-    source
-        .read_to_end(&mut data)
+    // Up to the threshold, one PutLeaf (which any Deriva server answers); beyond it, the bytes
+    // stream in chunks and only a chunk or two is held at a time.
+    let mut head = Vec::new();
+    (&mut source)
+        .take(STREAM_PUT_THRESHOLD_BYTES + 1)
+        .read_to_end(&mut head)
         .await
         .map_err(|e| CliError::io(&context, e))?;
-    let answer = client
-        .put_leaf(PutLeafRequest {
-            data: Bytes::from(data),
-        })
-        .await
-        .map_err(|s| CliError::rpc(&context, s))?
-        .into_inner();
+    let answer = if head.len() as u64 <= STREAM_PUT_THRESHOLD_BYTES {
+        client
+            .put_leaf(PutLeafRequest {
+                data: Bytes::from(head),
+            })
+            .await
+            .map_err(|s| CliError::rpc(&context, s))?
+            .into_inner()
+    } else {
+        put_streamed(&mut client, &context, Bytes::from(head), source, total).await?
+    };
     let addr = answered_addr(&context, &answer.addr)?;
     emit(&format!("{addr}\n"))
+}
+
+/// `put` of more than [`STREAM_PUT_THRESHOLD_BYTES`]: `PutLeafStream` of `head` and then the
+/// rest of `source`, in chunks of [`PUT_CHUNK_BYTES`], with a progress bar on a terminal. A
+/// read error cancels the call, so the server stores nothing.
+async fn put_streamed(
+    client: &mut crate::client::Client,
+    context: &str,
+    head: Bytes,
+    source: Box<dyn AsyncRead + Unpin + Send>,
+    total: Option<u64>,
+) -> Result<deriva_proto::PutLeafResponse, CliError> {
+    let progress = UploadProgress::new(total);
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<std::io::Error>();
+    struct Reading {
+        head: Option<Bytes>,
+        source: Box<dyn AsyncRead + Unpin + Send>,
+        failed: Option<tokio::sync::oneshot::Sender<std::io::Error>>,
+        sent: u64,
+        progress: UploadProgress,
+    }
+    let reading = Reading {
+        head: Some(head),
+        source,
+        failed: Some(failed_tx),
+        sent: 0,
+        progress: progress.clone(),
+    };
+    let chunks = futures::stream::unfold(reading, |mut r| async move {
+        let chunk = match r.head.take() {
+            // What was read to choose the call goes first, in chunks like the rest.
+            Some(mut head) if !head.is_empty() => {
+                let chunk = head.split_to(head.len().min(PUT_CHUNK_BYTES));
+                r.head = Some(head);
+                chunk
+            }
+            _ => {
+                let mut buf = Vec::with_capacity(PUT_CHUNK_BYTES);
+                match (&mut r.source)
+                    .take(PUT_CHUNK_BYTES as u64)
+                    .read_to_end(&mut buf)
+                    .await
+                {
+                    Ok(0) => return None,
+                    Ok(_) => Bytes::from(buf),
+                    Err(e) => {
+                        // Never end the stream cleanly after a failed read: the caller
+                        // cancels the call instead.
+                        if let Some(tx) = r.failed.take() {
+                            let _ = tx.send(e);
+                        }
+                        futures::future::pending::<()>().await;
+                        return None;
+                    }
+                }
+            }
+        };
+        r.sent += chunk.len() as u64;
+        r.progress.update(r.sent);
+        Some((deriva_proto::PutLeafStreamRequest { chunk }, r))
+    });
+    let call = client.put_leaf_stream(chunks);
+    let answer = tokio::select! {
+        answer = call => answer
+            .map(tonic::Response::into_inner)
+            .map_err(|s| CliError::rpc(context, s)),
+        Ok(e) = failed_rx => Err(CliError::io(context, e)),
+    };
+    progress.finish();
+    answer
 }
 
 async fn recipe(
@@ -441,6 +525,47 @@ impl Progress {
 impl Drop for Progress {
     fn drop(&mut self) {
         if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// The progress bar of a streamed `put` on stderr, when it is a terminal: bytes sent of the
+/// file's size (a counter for stdin). Cheap to clone; the clones share the bar.
+#[derive(Clone)]
+struct UploadProgress(Option<ProgressBar>);
+
+impl UploadProgress {
+    fn new(total: Option<u64>) -> Self {
+        Self(std::io::stderr().is_terminal().then(|| {
+            let (bar, template) = match total {
+                Some(len) => (
+                    ProgressBar::new(len),
+                    "{bar:30} {bytes}/{total_bytes} sent ({binary_bytes_per_sec}, {eta} left)",
+                ),
+                None => (
+                    ProgressBar::no_length(),
+                    "{spinner} {bytes} sent ({binary_bytes_per_sec}, {elapsed})",
+                ),
+            };
+            bar.set_style(
+                ProgressStyle::with_template(template)
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+            bar.enable_steady_tick(Duration::from_millis(100));
+            bar
+        }))
+    }
+
+    fn update(&self, sent: u64) {
+        if let Some(bar) = &self.0 {
+            bar.set_position(sent);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.0 {
             bar.finish_and_clear();
         }
     }

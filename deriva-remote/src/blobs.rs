@@ -24,6 +24,7 @@ use crate::index::{self, addr_of};
 use crate::objects::{MULTIPART_THRESHOLD, Objects, Written};
 use crate::observe::BackendMetrics;
 use crate::pg::{Call, Pg};
+use crate::spool::Spool;
 
 /// Leaves in an S3-compatible bucket, recorded in PostgreSQL.
 #[derive(Debug, Clone)]
@@ -32,6 +33,7 @@ pub struct RemoteBlobStore {
     pg: Arc<Pg>,
     counters: Arc<StoreCounters>,
     cache: Option<Arc<DiskCache>>,
+    spool: Option<Arc<Spool>>,
     metrics: Arc<BackendMetrics>,
 }
 
@@ -40,7 +42,7 @@ impl RemoteBlobStore {
         objects: Arc<Objects>,
         pg: Arc<Pg>,
         counters: Arc<StoreCounters>,
-        cache: Option<Arc<DiskCache>>,
+        (cache, spool): (Option<Arc<DiskCache>>, Option<Arc<Spool>>),
         metrics: Arc<BackendMetrics>,
     ) -> Self {
         Self {
@@ -48,6 +50,7 @@ impl RemoteBlobStore {
             pg,
             counters,
             cache,
+            spool,
             metrics,
         }
     }
@@ -206,6 +209,20 @@ impl BlobStore for RemoteBlobStore {
             self.counters.count_blob(true, size);
         }
         Ok(())
+    }
+
+    async fn put_unaddressed(&self, data: ByteStream) -> Result<(CAddr, u64)> {
+        // The object's key is the address: the bytes wait in a local file until it is known.
+        let Some(spool) = &self.spool else {
+            return Err(DerivaError::InvalidInput(
+                "this store was opened without a spool directory, so it takes no streamed uploads"
+                    .into(),
+            ));
+        };
+        let spooled = spool.take(data).await?;
+        let (addr, len) = (spooled.addr, spooled.len);
+        self.put_stream(addr, spooled.stream()?).await?;
+        Ok((addr, len))
     }
 
     async fn contains(&self, addr: CAddr) -> Result<bool> {

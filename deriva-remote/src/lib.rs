@@ -20,6 +20,7 @@ mod objects;
 mod observe;
 mod outputs;
 mod pg;
+mod spool;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -55,6 +56,10 @@ pub struct RemoteConfig {
     pub pool_size: usize,
     /// The local read-through cache: its directory and its bound in bytes; `None` for no cache.
     pub local_cache: Option<(PathBuf, u64)>,
+    /// Where a streamed upload waits until its last byte tells its address (then it is
+    /// uploaded under it); emptied when the store opens. `None` for a store that takes no
+    /// streamed uploads (a migration's).
+    pub spool_dir: Option<PathBuf>,
     /// Keep computed outputs in the object store too (the shared output tier).
     pub output_tier: bool,
     /// Create the schema if it does not exist (a server does); `false` for a store that is
@@ -112,12 +117,22 @@ pub async fn open(config: &RemoteConfig, metrics: Arc<BackendMetrics>) -> Result
         }
         None => None,
     };
+    let spool = match config.spool_dir.clone() {
+        Some(dir) => Some(Arc::new(
+            tokio::task::spawn_blocking(move || spool::Spool::open(&dir))
+                .await
+                .map_err(|e| {
+                    deriva_core::DerivaError::from_join("opening the upload spool", e)
+                })??,
+        )),
+        None => None,
+    };
     let description = format!("remote {} + {}", objects.name(), pg.name());
     let blobs = RemoteBlobStore::new(
         objects.clone(),
         pg.clone(),
         counters.clone(),
-        cache,
+        (cache, spool),
         metrics,
     );
     let recipes = PgIndex::new(pg.clone(), counters.clone());

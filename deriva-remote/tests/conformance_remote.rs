@@ -25,6 +25,7 @@ struct RemoteHarness {
     services: Arc<Backends>,
     prefix: String,
     schema: String,
+    spool: tempfile::TempDir,
 }
 
 impl RemoteHarness {
@@ -35,6 +36,7 @@ impl RemoteHarness {
             services: services::shared(),
             prefix: format!("conformance-{tag}"),
             schema: format!("conformance_{tag}"),
+            spool: tempfile::tempdir().expect("a spool directory"),
         }
     }
 
@@ -59,6 +61,7 @@ impl RemoteHarness {
             schema: self.schema.clone(),
             pool_size: 8,
             local_cache: None,
+            spool_dir: Some(self.spool.path().to_owned()),
             output_tier: false,
             create_schema: true,
             node_id: "conformance".into(),

@@ -149,6 +149,7 @@ impl Config {
             pool_size: self.index_pool_size,
             local_cache: (self.local_cache_bytes > 0)
                 .then(|| (self.data_dir.join("remote-cache"), self.local_cache_bytes)),
+            spool_dir: Some(self.data_dir.join("incoming")),
             output_tier: self.output_tier == OutputTier::BlobStore,
             create_schema: true,
             node_id: String::new(),

@@ -360,6 +360,8 @@ impl Side {
                     schema: schema.clone(),
                     pool_size: 16,
                     local_cache: None,
+                    // Migration puts leaves by their addresses: nothing waits in a spool.
+                    spool_dir: None,
                     output_tier: outputs,
                     // A source is only read: a mistyped schema must not be created, empty.
                     create_schema: role != "source",

@@ -6,9 +6,9 @@ use std::future::Future;
 use std::pin::Pin;
 
 use deriva_compute::AsyncExecutor;
-use deriva_core::{FunctionId, Recipe};
+use deriva_core::{DerivaError, FunctionId, Recipe};
 use futures::{Stream, StreamExt as _};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use deriva_proto::addr_bytes;
 
@@ -241,6 +241,46 @@ impl Deriva for DerivaService {
                 reply(addr.map_err(ApiError::from).map(|a| PutLeafResponse {
                     addr: addr_bytes(&a),
                 }))
+            })
+            .await
+    }
+
+    async fn put_leaf_stream(
+        &self,
+        request: Request<Streaming<PutLeafStreamRequest>>,
+    ) -> Result<Response<PutLeafResponse>, Status> {
+        // Chunks are written as they come (to a file, hashed on the way); the address is known,
+        // and the leaf stored, only at the end. A stream that breaks off (a message over the
+        // limit, a client that hangs up) stores nothing, and its status is the answer.
+        let broke_off = std::sync::Arc::new(parking_lot::Mutex::new(None::<Status>));
+        let seen = broke_off.clone();
+        let chunks = request
+            .into_inner()
+            .map(move |item| {
+                item.map(|req| req.chunk).map_err(|status| {
+                    let err = DerivaError::InvalidInput(format!(
+                        "the upload broke off before its end: {}",
+                        status.message()
+                    ));
+                    *seen.lock() = Some(status);
+                    err
+                })
+            })
+            .boxed();
+        self.cutoff
+            .run(async {
+                let put = self.exec.store().blobs().put_unaddressed(chunks).await;
+                if put.is_err()
+                    && let Some(status) = broke_off.lock().take()
+                {
+                    return Err(status);
+                }
+                reply(
+                    put.map_err(ApiError::from)
+                        .map(|(addr, _)| PutLeafResponse {
+                            addr: addr_bytes(&addr),
+                        }),
+                )
             })
             .await
     }

@@ -114,6 +114,73 @@ async fn get_streams_chunks_of_the_configured_size() {
     s.stop().await;
 }
 
+/// `PutLeafStream` stores what `PutLeaf` would, however the bytes are cut, including a leaf
+/// larger than one message; a stream that breaks off stores nothing and leaves no file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_leaf_stream_stores_a_leaf_of_any_size_or_nothing_at_all() {
+    use deriva_server::proto::PutLeafStreamRequest;
+    let mut s = InProcess::builder()
+        .config(|c| c.max_message_bytes = 1 << 20)
+        .start()
+        .await;
+    let streamed = |parts: Vec<Vec<u8>>| {
+        futures::stream::iter(
+            parts
+                .into_iter()
+                .map(|p| PutLeafStreamRequest { chunk: p.into() }),
+        )
+    };
+    let data: Vec<u8> = (0..5u32 << 20).map(|i| (i * 13 % 251) as u8).collect();
+    assert_code(
+        s.client
+            .put_leaf(PutLeafRequest {
+                data: data.clone().into(),
+            })
+            .await,
+        Code::ResourceExhausted,
+        "message",
+    );
+    // Cut unevenly, every message under the 1 MiB limit.
+    let mut parts = vec![data[..1].to_vec(), data[1..700_000].to_vec()];
+    parts.extend(data[700_000..].chunks((1 << 20) - 64).map(<[u8]>::to_vec));
+    let addr = s
+        .client
+        .put_leaf_stream(streamed(parts))
+        .await
+        .unwrap()
+        .into_inner()
+        .addr;
+    assert_eq!(addr.as_ref(), CAddr::for_leaf(&data).as_bytes());
+    assert_eq!(s.get(&addr).await.unwrap(), data);
+    let empty = s
+        .client
+        .put_leaf_stream(streamed(vec![]))
+        .await
+        .unwrap()
+        .into_inner()
+        .addr;
+    assert_eq!(
+        empty,
+        s.put(b"").await,
+        "the empty leaf, as PutLeaf stores it"
+    );
+    assert_eq!(s.status().await.blob_count, 2);
+
+    // A stream that breaks off half-way (here, with a message over the limit): its error,
+    // nothing stored, no file left behind.
+    let parts = vec![vec![1u8; 1 << 19], vec![2u8; 1 << 19], vec![3u8; 2 << 20]];
+    assert_code(
+        s.client.put_leaf_stream(streamed(parts)).await,
+        Code::ResourceExhausted,
+        "1048576",
+    );
+    let tmp = s.dir().join("blobs").join("tmp");
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+    assert_eq!(s.status().await.blob_count, 2);
+    assert_eq!(s.get(&addr).await.unwrap().len(), data.len());
+    s.stop().await;
+}
+
 /// A leaf larger than a chunk streams from the store: every chunk is sent as it is read and
 /// hashed; if the bytes turn out not to match the address, the stream ends with DATA_LOSS
 /// (naming the leaf) instead of OK, and the corruption is counted.

@@ -174,6 +174,66 @@ fn put_reads_stdin() {
     assert_eq!(out.stdout, data);
 }
 
+/// Above 8 MiB, `put` streams (`PutLeafStream`): a leaf larger than the server's message limit
+/// goes in from a file and from stdin. A `put` killed half-way stores nothing and leaves no
+/// temporary file on the server.
+#[test]
+fn put_streams_large_leaves_and_a_killed_put_stores_nothing() {
+    let server = ServerProcess::options()
+        .args(["--max-message-bytes", "4MiB"])
+        .start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = pseudo_random(20 << 20, 0x5eed);
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, &data).unwrap();
+    let expected = CAddr::for_leaf(&data).to_string();
+    assert_eq!(server.addr(&["put", path_str(&path)]), expected);
+    let tail = &data[3..];
+    let out = run(server.deriva(&["put", "-"]), Some(tail.to_vec())).success(&["put", "-"]);
+    assert_eq!(out.trim_end(), CAddr::for_leaf(tail).to_string());
+    let back = dir.path().join("back.bin");
+    server.ok(&["get", &expected, "-o", path_str(&back)]);
+    assert!(std::fs::read(&back).unwrap() == data, "the leaf read back");
+
+    // A put from a pipe that stalls after 12 MiB, killed while the server holds them.
+    let fifo = dir.path().join("stalling.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            let mut pipe = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
+            // Its last bytes may meet the killed reader: a broken pipe then.
+            let _ = pipe.write_all(&pseudo_random(12 << 20, 7));
+            pipe // held open: the put never sees the end
+        })
+    };
+    let mut put = server.deriva(&["put", path_str(&fifo)]);
+    put.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut put = put.spawn().unwrap();
+    let tmp = server.dir().join("blobs").join("tmp");
+    let held = || -> u64 {
+        std::fs::read_dir(&tmp)
+            .unwrap()
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    common::wait_for("the server to hold 10 MiB of the put", || {
+        held() >= 10 << 20
+    });
+    put.kill().unwrap();
+    put.wait().unwrap();
+    common::wait_for("the killed put's file to go", || {
+        dir_entries(&tmp).is_empty()
+    });
+    let status = key_values(&server.ok(&["status"]));
+    assert_eq!(status["blob_count"], "2", "{status:?}");
+    drop(writer.join().unwrap());
+}
+
 #[test]
 fn unknown_address_is_not_found_and_leaves_no_file() {
     let server = ServerProcess::start();

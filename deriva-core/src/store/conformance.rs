@@ -9,8 +9,8 @@
 //!
 //! which generates one `#[tokio::test]` per case, each with a fresh harness. The cases:
 //! durability across reopen, idempotent puts, missing inputs, dependents, corruption
-//! detection, concurrent writers, the blob operations (size, list, delete), and streamed
-//! leaves.
+//! detection, concurrent writers, the blob operations (size, list, delete), streamed
+//! leaves, and streamed uploads whose address comes at the end.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -45,7 +45,8 @@ macro_rules! conformance_tests {
     ($harness:expr) => {
         $crate::conformance_tests!(@cases $harness;
             durability_across_reopen, idempotent_puts, missing_inputs, dependents,
-            corruption_detection, concurrent_writers, blob_operations, streams);
+            corruption_detection, concurrent_writers, blob_operations, streams,
+            unaddressed_uploads);
     };
     (@cases $harness:expr; $($case:ident),*) => {
         $(
@@ -441,5 +442,59 @@ pub async fn streams(h: &impl Harness) {
         "{items:?}"
     );
     assert!(items[..items.len() - 1].iter().all(Result::is_ok));
+    close(store).await;
+}
+
+/// [`BlobStore::put_unaddressed`](crate::store::BlobStore::put_unaddressed): the address
+/// comes from the bytes, large and small, again changes nothing, and a failing stream stores
+/// nothing.
+pub async fn unaddressed_uploads(h: &impl Harness) {
+    use futures::StreamExt as _;
+    let store = h.open().await.expect("open");
+    let blobs = store.blobs().clone();
+    let large: Bytes = (0..(17usize << 20) + 11)
+        .map(|i| (i * 7 % 253) as u8)
+        .collect();
+    let small = Bytes::from_static(b"a small upload");
+    for data in [large.clone(), small.clone(), Bytes::new()] {
+        let (addr, len) = blobs
+            .put_unaddressed(crate::store::stream::chunks(data.clone(), 1 << 20))
+            .await
+            .unwrap();
+        assert_eq!(addr, CAddr::for_leaf(&data));
+        assert_eq!(len, data.len() as u64);
+        assert!(blobs.get(addr).await.unwrap().unwrap() == data);
+    }
+    assert_eq!(store.counters().blobs(), 3);
+    assert_eq!(
+        store.counters().blob_bytes(),
+        (large.len() + small.len()) as u64
+    );
+    let (again, _) = blobs
+        .put_unaddressed(crate::store::stream::chunks(large.clone(), 5 << 20))
+        .await
+        .unwrap();
+    assert_eq!(again, CAddr::for_leaf(&large));
+    assert_eq!(store.counters().blobs(), 3);
+
+    let other: Bytes = vec![9u8; 18 << 20].into();
+    let failing = crate::store::stream::chunks(other.slice(..17 << 20), 1 << 20)
+        .chain(futures::stream::once(async {
+            Err(DerivaError::Unavailable {
+                backend: "the test's client".into(),
+                message: "gone".into(),
+            })
+        }))
+        .boxed();
+    let err = blobs.put_unaddressed(failing).await.unwrap_err();
+    assert!(matches!(err, DerivaError::Unavailable { .. }), "{err}");
+    assert!(
+        !blobs
+            .contains(CAddr::for_leaf(&other.slice(..17 << 20)))
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.counters().blobs(), 3);
+    drop(blobs);
     close(store).await;
 }

@@ -138,6 +138,12 @@ pub trait BlobStore: Send + Sync + fmt::Debug + 'static {
     /// Idempotent, like [`BlobStore::put`].
     async fn put_stream(&self, addr: CAddr, data: ByteStream) -> Result<()>;
 
+    /// Stores a leaf from a stream of its bytes whose address is known only at the end (a
+    /// client's streamed upload), holding a bounded part of them at a time; returns its address
+    /// and length, durably stored once this returns `Ok`. Nothing is stored if `data` yields
+    /// an error (returned as it is). Idempotent, like [`BlobStore::put`].
+    async fn put_unaddressed(&self, data: ByteStream) -> Result<(CAddr, u64)>;
+
     /// Whether a blob exists at `addr` (without reading or verifying it).
     async fn contains(&self, addr: CAddr) -> Result<bool>;
 

@@ -24,11 +24,13 @@ pub enum RpcMethod {
     Verify,
     /// `Explain`: the span tree of a recent request.
     Explain,
+    /// `PutLeafStream`: store bytes sent as a stream of chunks, get their address.
+    PutLeafStream,
 }
 
 impl RpcMethod {
     /// Every method, in the order of [`RpcMethod::index`].
-    pub const ALL: [RpcMethod; 8] = [
+    pub const ALL: [RpcMethod; 9] = [
         Self::PutLeaf,
         Self::PutRecipe,
         Self::Get,
@@ -37,6 +39,7 @@ impl RpcMethod {
         Self::Status,
         Self::Verify,
         Self::Explain,
+        Self::PutLeafStream,
     ];
 
     /// How many methods there are: the length of per-method arrays.
@@ -53,6 +56,7 @@ impl RpcMethod {
             Self::Status => "Status",
             Self::Verify => "Verify",
             Self::Explain => "Explain",
+            Self::PutLeafStream => "PutLeafStream",
         }
     }
 
@@ -67,6 +71,7 @@ impl RpcMethod {
             Self::Status => "status",
             Self::Verify => "verify",
             Self::Explain => "explain",
+            Self::PutLeafStream => "put_leaf_stream",
         }
     }
 
@@ -81,6 +86,7 @@ impl RpcMethod {
             Self::Status => "deriva.Deriva/Status",
             Self::Verify => "deriva.Deriva/Verify",
             Self::Explain => "deriva.Deriva/Explain",
+            Self::PutLeafStream => "deriva.Deriva/PutLeafStream",
         }
     }
 

@@ -248,3 +248,16 @@ pub fn readme_metrics(heading: &str) -> Vec<(String, String, String)> {
         })
         .collect()
 }
+
+/// Polls `done` every 20 ms until it holds; panics naming `what` after [`DEADLINE`].
+#[allow(dead_code)]
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {DEADLINE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

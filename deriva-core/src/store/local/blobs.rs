@@ -101,7 +101,7 @@ impl BlobFiles {
             Err(e) => return Err(e),
         }
 
-        let tmp = self.tmp_path(&addr);
+        let tmp = self.tmp_path(Some(&addr));
         let written = write_synced(&tmp, data);
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
@@ -111,14 +111,14 @@ impl BlobFiles {
         Ok(addr)
     }
 
-    /// A fresh path in `tmp/` for a write of `addr`.
-    fn tmp_path(&self, addr: &CAddr) -> PathBuf {
+    /// A fresh path in `tmp/` for a write of `addr` (of a leaf whose address is not known yet
+    /// when `None`).
+    fn tmp_path(&self, addr: Option<&CAddr>) -> PathBuf {
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        self.root.join(TMP_DIR).join(format!(
-            "{}.{}.{seq}.tmp",
-            addr.to_hex(),
-            std::process::id()
-        ))
+        let name = addr.map_or_else(|| "incoming".to_owned(), CAddr::to_hex);
+        self.root
+            .join(TMP_DIR)
+            .join(format!("{name}.{}.{seq}.tmp", std::process::id()))
     }
 
     /// Moves the written and fsynced file `tmp`, `len` bytes that hash to `addr`, into place,
@@ -161,13 +161,13 @@ impl BlobFiles {
         Ok(Some(Opened::File(file, path)))
     }
 
-    /// Starts a streamed write of the leaf `addr`: a new file in `tmp/`.
-    pub(super) fn start_write(&self, addr: &CAddr) -> Result<StreamedWrite> {
-        let tmp = self.tmp_path(addr);
-        let file = File::create_new(&tmp)
-            .map_err(|e| DerivaError::io(format!("writing blob {addr}"), &e))?;
+    /// Starts a streamed write of the leaf `addr` (of a leaf whose address its bytes will tell
+    /// when `None`): a new file in `tmp/`.
+    pub(super) fn start_write(&self, addr: Option<CAddr>) -> Result<StreamedWrite> {
+        let tmp = self.tmp_path(addr.as_ref());
+        let file = File::create_new(&tmp).map_err(|e| DerivaError::io(what_of(addr), &e))?;
         Ok(StreamedWrite {
-            addr: *addr,
+            addr,
             tmp,
             file: Some(file),
             hasher: blake3::Hasher::new(),
@@ -175,25 +175,28 @@ impl BlobFiles {
         })
     }
 
-    /// Ends a streamed write: fsyncs it and, if its bytes hash to its address, publishes it
-    /// (see [`BlobFiles::publish`]); else removes it and reports [`DerivaError::Corrupted`].
-    pub(super) fn finish_write(&self, mut write: StreamedWrite) -> Result<()> {
-        let addr = write.addr;
+    /// Ends a streamed write: fsyncs it and, if its bytes hash to the address it was started
+    /// with (any address when none), publishes it (see [`BlobFiles::publish`]) and returns
+    /// that address and the length; else removes it and reports [`DerivaError::Corrupted`].
+    pub(super) fn finish_write(&self, mut write: StreamedWrite) -> Result<(CAddr, u64)> {
         let file = write.file.take();
         if let Some(f) = file
             && let Err(e) = f.sync_all()
         {
-            return Err(DerivaError::io(format!("writing blob {addr}"), &e));
+            return Err(DerivaError::io(what_of(write.addr), &e));
         }
         let found = CAddr::from(*write.hasher.finalize().as_bytes());
-        if found != addr {
+        if let Some(addr) = write.addr
+            && found != addr
+        {
             return Err(DerivaError::Corrupted {
                 addr,
                 detail: format!("the {} bytes given hash to {found}", write.len),
             });
         }
         let tmp = std::mem::take(&mut write.tmp);
-        self.publish(&addr, &tmp, write.len)
+        self.publish(&found, &tmp, write.len)?;
+        Ok((found, write.len))
     }
 
     /// Reads and verifies a blob. `Ok(None)` when there is no such blob.
@@ -297,7 +300,7 @@ pub(super) enum Opened {
 /// Dropped before [`BlobFiles::finish_write`] publishes it, it removes its file.
 #[derive(Debug)]
 pub(super) struct StreamedWrite {
-    addr: CAddr,
+    addr: Option<CAddr>,
     tmp: PathBuf,
     file: Option<File>,
     hasher: blake3::Hasher,
@@ -310,12 +313,12 @@ impl StreamedWrite {
         let addr = self.addr;
         let file = self.file.as_mut().ok_or_else(|| {
             DerivaError::io(
-                format!("writing blob {addr}"),
+                what_of(addr),
                 &io::Error::other("the write was already finished"),
             )
         })?;
         file.write_all(chunk)
-            .map_err(|e| DerivaError::io(format!("writing blob {addr}"), &e))?;
+            .map_err(|e| DerivaError::io(what_of(addr), &e))?;
         self.hasher.update(chunk);
         self.len += chunk.len() as u64;
         Ok(())
@@ -327,6 +330,14 @@ impl Drop for StreamedWrite {
         if !self.tmp.as_os_str().is_empty() {
             let _ = fs::remove_file(&self.tmp);
         }
+    }
+}
+
+/// The context of a streamed write's I/O error.
+fn what_of(addr: Option<CAddr>) -> String {
+    match addr {
+        Some(addr) => format!("writing blob {addr}"),
+        None => "writing a streamed leaf".to_owned(),
     }
 }
 

@@ -121,6 +121,34 @@ pub struct LocalBlobStore {
     inner: Arc<(blobs::BlobFiles, Lease)>,
 }
 
+impl LocalBlobStore {
+    /// Writes `data` to a file in `tmp/` chunk by chunk, then publishes it under its address,
+    /// which must be `expected` if given.
+    async fn write_stream(
+        &self,
+        expected: Option<CAddr>,
+        mut data: ByteStream,
+    ) -> Result<(CAddr, u64)> {
+        let mut write = on_pool(&self.inner, "storing a blob", move |b| {
+            b.start_write(expected)
+        })
+        .await?;
+        // An error item, or a failed write, drops `write`, which removes its file.
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk?;
+            write = on_pool(&self.inner, "storing a blob", move |_| {
+                write.write(&chunk)?;
+                Ok(write)
+            })
+            .await?;
+        }
+        on_pool(&self.inner, "storing a blob", move |b| {
+            b.finish_write(write)
+        })
+        .await
+    }
+}
+
 #[async_trait]
 impl BlobStore for LocalBlobStore {
     async fn put(&self, data: Bytes) -> Result<CAddr> {
@@ -170,22 +198,12 @@ impl BlobStore for LocalBlobStore {
         )))
     }
 
-    async fn put_stream(&self, addr: CAddr, mut data: ByteStream) -> Result<()> {
-        let mut write =
-            on_pool(&self.inner, "storing a blob", move |b| b.start_write(&addr)).await?;
-        // An error item, or a failed write, drops `write`, which removes its file.
-        while let Some(chunk) = data.next().await {
-            let chunk = chunk?;
-            write = on_pool(&self.inner, "storing a blob", move |_| {
-                write.write(&chunk)?;
-                Ok(write)
-            })
-            .await?;
-        }
-        on_pool(&self.inner, "storing a blob", move |b| {
-            b.finish_write(write)
-        })
-        .await
+    async fn put_stream(&self, addr: CAddr, data: ByteStream) -> Result<()> {
+        self.write_stream(Some(addr), data).await.map(|_| ())
+    }
+
+    async fn put_unaddressed(&self, data: ByteStream) -> Result<(CAddr, u64)> {
+        self.write_stream(None, data).await
     }
 
     async fn contains(&self, addr: CAddr) -> Result<bool> {
