@@ -1,19 +1,19 @@
-//! Memory of the real `deriva-server` binary as it serves large values: its peak resident set
-//! (`VmHWM` in `/proc/PID/status`) before and after.
+//! Memory of the real `deriva-server` binary as it takes and serves large values: its peak
+//! resident set (`VmHWM` in `/proc/PID/status`) before and after.
 //!
-//! - a Get of a 256 MiB leaf streams it: the peak grows by far less than the leaf (at most
-//!   64 MiB), where reading it whole would add the whole leaf.
+//! - A 1 GiB leaf put with `PutLeafStream` and read back with `Get` streams both ways: the
+//!   peak grows by at most 64 MiB, where holding it would add the whole gibibyte.
+//! - A 4 GiB leaf goes in and comes back out, byte for byte, within the same bound.
 
 mod common;
 
-use std::path::Path;
-
 use bytes::Bytes;
 use common::ServerProcess;
-use deriva_core::store::ByteStream;
-use deriva_core::{CAddr, Store};
-use deriva_server::proto::GetRequest;
+use deriva_core::CAddr;
+use deriva_server::proto::deriva_client::DerivaClient;
+use deriva_server::proto::{GetRequest, PutLeafStreamRequest};
 use futures::StreamExt as _;
+use tonic::transport::Channel;
 
 /// The peak resident set of process `pid`, in bytes (`VmHWM`).
 fn peak_rss(pid: u32) -> u64 {
@@ -27,73 +27,142 @@ fn peak_rss(pid: u32) -> u64 {
     kib * 1024
 }
 
-/// `len` bytes of a cheap pattern, in 1 MiB pieces, and their address.
-fn pattern(len: usize) -> (Vec<Bytes>, CAddr) {
-    let mut hasher = blake3::Hasher::new();
-    let pieces: Vec<Bytes> = (0..len.div_ceil(1 << 20))
-        .map(|i| {
-            let n = (len - i * (1 << 20)).min(1 << 20);
-            let piece: Bytes = (0..n).map(|j| ((i * 7 + j) % 251) as u8).collect();
-            hasher.update(&piece);
-            piece
-        })
-        .collect();
-    (pieces, CAddr::from(*hasher.finalize().as_bytes()))
+/// A leaf of `mib` MiB, made on the fly: one pseudo-random MiB with the piece's number in its
+/// first bytes, so every piece differs. The test never holds more than a piece of it.
+#[derive(Clone)]
+struct Pattern {
+    base: Bytes,
+    mib: u64,
 }
 
-/// Stores the pieces as one leaf in the local store in `dir`, streamed, and closes the store.
-async fn store_leaf(dir: &Path, pieces: Vec<Bytes>, addr: CAddr) {
-    let store = Store::open(dir).unwrap();
-    let stream: ByteStream = futures::stream::iter(pieces.into_iter().map(Ok)).boxed();
-    store.blobs().put_stream(addr, stream).await.unwrap();
-    let released = store.released();
-    drop(store);
-    released.wait().await;
+impl Pattern {
+    fn new(mib: u64) -> Self {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let base: Bytes = (0..1 << 17)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect();
+        Self { base, mib }
+    }
+
+    fn len(&self) -> u64 {
+        self.mib << 20
+    }
+
+    fn piece(&self, i: u64) -> Bytes {
+        let mut piece = self.base.to_vec();
+        piece[..8].copy_from_slice(&i.to_le_bytes());
+        piece.into()
+    }
+
+    /// The leaf's address (hashing it piece by piece).
+    fn addr(&self) -> CAddr {
+        let mut hasher = blake3::Hasher::new();
+        for i in 0..self.mib {
+            hasher.update(&self.piece(i));
+        }
+        CAddr::from(*hasher.finalize().as_bytes())
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_get_of_a_large_leaf_streams_in_bounded_memory() {
-    const LEAF: usize = 256 << 20;
-    const GROWTH: u64 = 64 << 20;
-    let dir = tempfile::tempdir().unwrap();
-    let (pieces, addr) = pattern(LEAF);
-    store_leaf(dir.path(), pieces, addr).await;
+/// Puts the leaf with `PutLeafStream`, in 1 MiB messages; returns the address answered.
+async fn put_streamed(client: &mut DerivaClient<Channel>, leaf: &Pattern) -> Bytes {
+    let pieces = leaf.clone();
+    let chunks = futures::stream::iter(0..leaf.mib).map(move |i| PutLeafStreamRequest {
+        chunk: pieces.piece(i),
+    });
+    client
+        .put_leaf_stream(chunks)
+        .await
+        .unwrap()
+        .into_inner()
+        .addr
+}
 
-    let server = ServerProcess::options().dir(dir.path()).start();
-    let pid = server.pid().as_raw_nonzero().get() as u32;
-    let mut client = server.client().await;
-    // A small Get first, so that the baseline includes a served request.
-    let small = common::put_leaf(&mut client, b"warm-up").await;
-    common::get_all(&mut client, &small).await.unwrap();
-    let baseline = peak_rss(pid);
-
+/// Gets `addr` and checks that the bytes are the leaf's, piece by piece.
+async fn get_and_compare(client: &mut DerivaClient<Channel>, addr: &Bytes, leaf: &Pattern) {
     let mut stream = client
-        .get(GetRequest {
-            addr: Bytes::copy_from_slice(addr.as_bytes()),
-        })
+        .get(GetRequest { addr: addr.clone() })
         .await
         .unwrap()
         .into_inner();
-    let mut hasher = blake3::Hasher::new();
-    let mut received = 0usize;
+    let mut expected = leaf.piece(0);
+    let (mut next, mut received) = (1u64, 0u64);
     while let Some(msg) = stream.message().await.unwrap() {
-        received += msg.chunk.len();
-        hasher.update(&msg.chunk);
+        let mut chunk = msg.chunk;
+        while !chunk.is_empty() {
+            if expected.is_empty() {
+                assert!(next < leaf.mib, "more bytes than the leaf has");
+                expected = leaf.piece(next);
+                next += 1;
+            }
+            let n = chunk.len().min(expected.len());
+            assert!(
+                chunk.split_to(n) == expected.split_to(n),
+                "the bytes differ near offset {received}"
+            );
+            received += n as u64;
+        }
     }
-    assert_eq!(received, LEAF);
-    assert_eq!(CAddr::from(*hasher.finalize().as_bytes()), addr);
+    assert_eq!(received, leaf.len(), "every byte came back");
+}
+
+/// Starts a server on a fresh directory; returns it, a client, its pid and its peak RSS once
+/// it has served a small put and get.
+async fn started() -> (ServerProcess, DerivaClient<Channel>, u32, u64) {
+    let server = ServerProcess::options().start();
+    let pid = server.pid().as_raw_nonzero().get() as u32;
+    let mut client = server.client().await;
+    let small = common::put_leaf(&mut client, b"warm-up").await;
+    common::get_all(&mut client, &small).await.unwrap();
+    let baseline = peak_rss(pid);
+    (server, client, pid, baseline)
+}
+
+/// The peak may have grown by at most `growth` over `baseline`.
+#[track_caller]
+fn assert_bounded(what: &str, pid: u32, baseline: u64, growth: u64) {
     let peak = peak_rss(pid);
     eprintln!(
-        "peak RSS of deriva-server: {} MiB before the Get of a {} MiB leaf, {} MiB after",
+        "peak RSS of deriva-server: {} MiB before {what}, {} MiB after",
         baseline >> 20,
-        LEAF >> 20,
         peak >> 20
     );
     assert!(
-        peak <= baseline + GROWTH,
-        "the peak grew by {} MiB (at most {} MiB allowed) for a {} MiB leaf",
+        peak <= baseline + growth,
+        "{what}: the peak grew by {} MiB (at most {} MiB allowed)",
         (peak - baseline) >> 20,
-        GROWTH >> 20,
-        LEAF >> 20
+        growth >> 20
     );
+}
+
+const GROWTH: u64 = 64 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1_gib_leaf_put_and_get_stream_in_bounded_memory() {
+    let (_server, mut client, pid, baseline) = started().await;
+    let leaf = Pattern::new(1024);
+    let addr = put_streamed(&mut client, &leaf).await;
+    assert_eq!(addr.as_ref(), leaf.addr().as_bytes());
+    assert_bounded("the PutLeafStream of a 1 GiB leaf", pid, baseline, GROWTH);
+    get_and_compare(&mut client, &addr, &leaf).await;
+    assert_bounded("its Get", pid, baseline, GROWTH);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_4_gib_leaf_round_trips() {
+    let (server, mut client, pid, baseline) = started().await;
+    let leaf = Pattern::new(4096);
+    let addr = put_streamed(&mut client, &leaf).await;
+    let hex = leaf.addr().to_hex();
+    assert_eq!(addr.as_ref(), leaf.addr().as_bytes());
+    let blob = server.dir().join("blobs").join(&hex[..2]).join(&hex);
+    let stored = std::fs::metadata(blob).unwrap().len();
+    assert_eq!(stored, 4 << 30);
+    get_and_compare(&mut client, &addr, &leaf).await;
+    assert_bounded("the put and get of a 4 GiB leaf", pid, baseline, GROWTH);
 }
