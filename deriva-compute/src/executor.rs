@@ -31,10 +31,12 @@ use tracing::field::Empty;
 use tracing::instrument::WithSubscriber;
 use tracing::{Instrument, Span, info_span};
 
+use crate::budget::{BudgetConfig, MemoryBudget, Reservation};
 use crate::cache::Cache;
 use crate::function::{ComputeFunction, FunctionError, FunctionRegistry};
 use crate::metrics::{ComputeMetrics, ExecStats, Outcome};
 use crate::spans::{self, field};
+use crate::spill::SpillStore;
 
 /// When to compute a recipe twice and compare the outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -100,6 +102,22 @@ pub struct ExecutorConfig {
     pub verification: VerificationMode,
     /// A compute slower than this logs a WARN. Default: 1 s.
     pub slow_compute_threshold: Duration,
+    /// The memory budget of materializations (see [`crate::budget`]). Default:
+    /// [`BudgetConfig::default`].
+    pub memory: BudgetConfig,
+    /// Where outputs too large for the memory cache go. Default: nowhere (every output may be
+    /// cached in memory).
+    pub spill: Option<Spill>,
+}
+
+/// Outputs larger than `threshold` bytes are kept in `store` (a local directory) instead of
+/// the memory cache, and a `Get` streams them from there.
+#[derive(Debug, Clone)]
+pub struct Spill {
+    /// The spill directory.
+    pub store: Arc<SpillStore>,
+    /// Outputs above this many bytes are spilled.
+    pub threshold: u64,
 }
 
 impl Default for ExecutorConfig {
@@ -108,6 +126,8 @@ impl Default for ExecutorConfig {
             max_concurrent_computes: std::thread::available_parallelism().map_or(2, |n| n.get()),
             verification: VerificationMode::Off,
             slow_compute_threshold: Duration::from_secs(1),
+            memory: BudgetConfig::default(),
+            spill: None,
         }
     }
 }
@@ -137,7 +157,12 @@ pub struct VerifyReport {
 }
 
 type FlightOutput = Result<(Bytes, Outcome)>;
-type FlightFuture = BoxFuture<'static, FlightOutput>;
+/// The memory reservation that still covers a flight's output: for an output kept in neither
+/// the cache nor anywhere else in memory (a spilled one), until its last caller lets it go.
+type Held = Option<Arc<Reservation>>;
+/// What a shared flight gives each of its callers.
+type FlownOutput = Result<((Bytes, Held), Outcome)>;
+type FlightFuture = BoxFuture<'static, FlownOutput>;
 
 struct Flight {
     id: u64,
@@ -156,6 +181,7 @@ struct Inner {
     next_flight: AtomicU64,
     stats: Arc<ExecStats>,
     metrics: ComputeMetrics,
+    budget: Arc<MemoryBudget>,
 }
 
 /// The materialization engine. Cheap to clone; clones share everything.
@@ -189,8 +215,14 @@ impl AsyncExecutor {
         meter: &Meter,
     ) -> Self {
         let stats = Arc::new(ExecStats::default());
-        let metrics =
+        let budget = Arc::new(MemoryBudget::new(config.memory));
+        let mut metrics =
             ComputeMetrics::new(meter, cache.stats().clone(), stats.clone(), registry.ids());
+        metrics.observe_memory(
+            meter,
+            budget.clone(),
+            config.spill.as_ref().map(|s| s.store.clone()),
+        );
         let permits = config.max_concurrent_computes.max(1);
         Self {
             inner: Arc::new(Inner {
@@ -203,8 +235,19 @@ impl AsyncExecutor {
                 next_flight: AtomicU64::new(0),
                 stats,
                 metrics,
+                budget,
             }),
         }
+    }
+
+    /// The memory budget.
+    pub fn budget(&self) -> &Arc<MemoryBudget> {
+        &self.inner.budget
+    }
+
+    /// The spill directory, if outputs are spilled.
+    pub fn spill(&self) -> Option<&Arc<SpillStore>> {
+        self.inner.config.spill.as_ref().map(|s| &s.store)
     }
 
     /// The store.
@@ -350,6 +393,9 @@ impl AsyncExecutor {
         if let Some(hit) = self.cache_check(&addr) {
             return Ok((stream::chunks(hit, chunk_bytes), Outcome::Hit));
         }
+        if let Some(chunks) = self.spilled_stream(addr, chunk_bytes).await {
+            return Ok((chunks, Outcome::Hit));
+        }
         let read = info_span!(spans::LEAF_READ, { field::FOUND } = Empty);
         let leaf = self
             .inner
@@ -371,8 +417,86 @@ impl AsyncExecutor {
                 .boxed();
             return Ok((counted, Outcome::Leaf));
         }
-        let (bytes, outcome) = self.join_or_start(addr, 0, tracker, true).await?;
-        Ok((stream::chunks(bytes, chunk_bytes), outcome))
+        let ((bytes, held), outcome) = self.join_or_start(addr, 0, tracker, true).await?;
+        // A spilled output streams from its file, so this call does not hold it while a slow
+        // client reads; its reservation goes once every caller has let it go.
+        if self.spills(bytes.len())
+            && let Some(chunks) = self.spilled_stream(addr, chunk_bytes).await
+        {
+            drop((bytes, held));
+            return Ok((chunks, outcome));
+        }
+        let chunks = stream::chunks(bytes, chunk_bytes).map(move |chunk| {
+            let _covered = &held;
+            chunk
+        });
+        Ok((chunks.boxed(), outcome))
+    }
+
+    /// Whether an output of `len` bytes goes to the spill directory rather than the cache.
+    fn spills(&self, len: usize) -> bool {
+        self.inner
+            .config
+            .spill
+            .as_ref()
+            .is_some_and(|s| len as u64 > s.threshold)
+    }
+
+    /// The spilled output of `addr` as a stream, if the spill directory holds it. A damaged
+    /// file ends the stream with [`DerivaError::Corrupted`], counted as a corruption; a file
+    /// that cannot be opened is logged and treated as absent.
+    async fn spilled_stream(&self, addr: CAddr, chunk_bytes: usize) -> Option<ByteStream> {
+        let spill = self.inner.config.spill.as_ref()?;
+        if !spill.store.contains(&addr) {
+            return None;
+        }
+        match spill.store.stream(addr, chunk_bytes).await {
+            Ok(Some(chunks)) => {
+                let stats = self.inner.stats.clone();
+                Some(
+                    chunks
+                        .inspect(move |item| {
+                            if let Err(DerivaError::Corrupted { .. }) = item {
+                                stats.record_corruption();
+                            }
+                        })
+                        .boxed(),
+                )
+            }
+            Ok(None) => None,
+            Err(e) => {
+                if let DerivaError::Corrupted { .. } = e {
+                    self.inner.stats.record_corruption();
+                }
+                tracing::warn!(%addr, error = %e, "could not read a spilled output; materializing it instead");
+                None
+            }
+        }
+    }
+
+    /// The spilled output of `addr`, read whole and verified, if the spill directory holds it
+    /// (as an input of another compute).
+    async fn spilled_bytes(&self, addr: CAddr) -> Option<Bytes> {
+        let spill = self.inner.config.spill.as_ref()?;
+        if !spill.store.contains(&addr) {
+            return None;
+        }
+        let store = spill.store.clone();
+        let read = spawn_blocking_in(Span::current(), move || store.get(&addr)).await;
+        match read {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                if let DerivaError::Corrupted { .. } = e {
+                    self.inner.stats.record_corruption();
+                }
+                tracing::warn!(%addr, error = %e, "could not read a spilled output; computing it instead");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "could not read a spilled output; computing it instead");
+                None
+            }
+        }
     }
 
     /// The cached output of `addr`, if any, in a `cache_check` span.
@@ -395,7 +519,12 @@ impl AsyncExecutor {
         if let Some(hit) = self.cache_check(&addr) {
             return Ok((hit, Outcome::Hit));
         }
-        self.join_or_start(addr, depth, tracker, false).await
+        if let Some(spilled) = self.spilled_bytes(addr).await {
+            return Ok((spilled, Outcome::Hit));
+        }
+        // An input is covered by the reservation of the compute that uses it.
+        let ((bytes, _held), outcome) = self.join_or_start(addr, depth, tracker, false).await?;
+        Ok((bytes, outcome))
     }
 
     /// Joins the in-flight materialization of `addr`, or starts one in a new task (which skips
@@ -465,7 +594,7 @@ impl AsyncExecutor {
         depth: u32,
         tracker: Arc<DepthTracker>,
         leaf_read: bool,
-    ) -> FlightOutput {
+    ) -> FlownOutput {
         // Noted before anything is read: an invalidation from now on keeps this output out of
         // the cache.
         let generation = self.inner.cache.generation(&addr);
@@ -480,26 +609,24 @@ impl AsyncExecutor {
             read.record(field::FOUND, matches!(leaf, Ok(Some(_))));
             drop(read);
             if let Some(bytes) = self.count_corruption(leaf)? {
-                return Ok((bytes, Outcome::Leaf));
+                // Known from now on, for the budget checks of the recipes that use it.
+                self.inner.budget.record(addr, bytes.len() as u64);
+                return Ok(((bytes, None), Outcome::Leaf));
             }
         }
         let stored = self
             .count_corruption(self.inner.store.get_recipe(addr).await)?
             .ok_or(DerivaError::NotFound { addr })?;
         let recipe = stored.recipe;
+        // Before anything is read: refuse what could never fit the memory budget.
+        self.check_budget(addr, &recipe).await?;
         let outputs = self.inner.store.outputs();
         if let Some(outputs) = outputs
             && let Some(output) = self.read_output_tier(outputs, addr).await
         {
-            info_span!(spans::CACHE_PUT, { field::BYTES } = as_i64(output.len())).in_scope(|| {
-                self.inner.cache.insert_if_current(
-                    addr,
-                    output.clone(),
-                    Duration::ZERO,
-                    generation,
-                );
-            });
-            return Ok((output, Outcome::Stored));
+            self.inner.budget.record(addr, output.len() as u64);
+            self.keep(addr, &output, Duration::ZERO, generation).await;
+            return Ok(((output, None), Outcome::Stored));
         }
         let inputs = futures::future::try_join_all(
             recipe
@@ -509,12 +636,9 @@ impl AsyncExecutor {
         )
         .await?;
         let inputs: Vec<Bytes> = inputs.into_iter().map(|(bytes, _)| bytes).collect();
-        let (output, cost) = self.compute(addr, &recipe, inputs, false).await?;
-        info_span!(spans::CACHE_PUT, { field::BYTES } = as_i64(output.len())).in_scope(|| {
-            self.inner
-                .cache
-                .insert_if_current(addr, output.clone(), cost, generation);
-        });
+        // Held until the output is kept (cache or spill) and handed to the callers.
+        let (output, cost, reserved) = self.compute(addr, &recipe, inputs, false).await?;
+        let cached = self.keep(addr, &output, cost, generation).await;
         // Not after an invalidation that came in meanwhile: that output is what it evicted.
         if let Some(outputs) = outputs
             && self.inner.cache.generation(&addr) == generation
@@ -525,7 +649,71 @@ impl AsyncExecutor {
                 tracing::warn!(%addr, error = %e, "could not keep the output in the output tier");
             }
         }
-        Ok((output, Outcome::Computed))
+        // A cached output counts against the cache's budget from now on; any other stays
+        // covered while its callers hold it.
+        let held = (!cached).then(|| Arc::new(reserved));
+        Ok(((output, held), Outcome::Computed))
+    }
+
+    /// Keeps the output of `addr` for later calls: in the memory cache, or, above the spill
+    /// threshold, in the spill directory (not after an invalidation since `generation`).
+    /// Returns whether it went into the memory cache.
+    async fn keep(&self, addr: CAddr, output: &Bytes, cost: Duration, generation: u64) -> bool {
+        let spill = self.inner.config.spill.as_ref();
+        if let Some(spill) = spill.filter(|_| self.spills(output.len())) {
+            if self.inner.cache.generation(&addr) != generation {
+                return false;
+            }
+            let (store, data) = (spill.store.clone(), output.clone());
+            let write = info_span!(spans::SPILL_WRITE, { field::BYTES } = as_i64(output.len()));
+            let written = spawn_blocking_in(write, move || store.put(addr, &data)).await;
+            match written {
+                Ok(Ok(_)) => {
+                    // An invalidation that came in while it was written wins.
+                    if self.inner.cache.generation(&addr) != generation {
+                        spill.store.remove(&addr);
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%addr, error = %e, "could not spill an output; it will be recomputed");
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "could not spill an output; it will be recomputed");
+                }
+            }
+            return false;
+        }
+        info_span!(spans::CACHE_PUT, { field::BYTES } = as_i64(output.len())).in_scope(|| {
+            self.inner
+                .cache
+                .insert_if_current(addr, output.clone(), cost, generation)
+                .is_some()
+        })
+    }
+
+    /// What materializing the recipe `addr` is known to need in memory before anything is
+    /// read: its inputs' sizes where known (recorded outputs, leaf sizes from the store) and
+    /// its output's (from the function, or recorded). Refused with
+    /// [`DerivaError::OverBudget`] if that alone exceeds the memory budget.
+    async fn check_budget(&self, addr: CAddr, recipe: &Recipe) -> Result<()> {
+        let budget = &self.inner.budget;
+        let sizes = futures::future::join_all(recipe.inputs().iter().map(|input| async move {
+            match budget.recorded(input) {
+                Some(size) => Some(size),
+                None => self.inner.store.blobs().size(*input).await.ok().flatten(),
+            }
+        }))
+        .await;
+        let known: u64 = sizes.iter().flatten().sum();
+        let all: Option<Vec<u64>> = sizes.into_iter().collect();
+        let output = budget.recorded(&addr).or_else(|| {
+            let function = self.inner.registry.get(recipe.function())?;
+            function.output_size(all.as_deref()?, recipe.params())
+        });
+        budget.check(
+            || format!("materializing {addr} ({})", recipe.function()),
+            known.saturating_add(output.unwrap_or(0)),
+        )
     }
 
     /// The output of `addr` from the shared output tier, if it holds one. A tier that fails
@@ -568,12 +756,27 @@ impl AsyncExecutor {
         recipe: &Recipe,
         inputs: Vec<Bytes>,
         force_verify: bool,
-    ) -> Result<(Bytes, Duration)> {
+    ) -> Result<(Bytes, Duration, Reservation)> {
         let id = recipe.function();
         let function = self.function(id)?;
         let inputs: Arc<[Bytes]> = inputs.into();
         let input_bytes: u64 = inputs.iter().map(|i| i.len() as u64).sum();
         let params = Arc::new(recipe.params().clone());
+        // The inputs and the output (two with a verification), reserved before the function
+        // runs; the output's size from the function, else the last compute's, else the inputs'.
+        let verifying = force_verify || self.inner.config.verification.should_verify();
+        let sizes: Vec<u64> = inputs.iter().map(|i| i.len() as u64).collect();
+        let output_guess = function
+            .output_size(&sizes, &params)
+            .or_else(|| self.inner.budget.recorded(&addr))
+            .unwrap_or(input_bytes);
+        let needed =
+            input_bytes.saturating_add(output_guess.saturating_mul(if verifying { 2 } else { 1 }));
+        let reserved = self
+            .inner
+            .budget
+            .reserve(|| format!("computing {addr} ({id})"), needed)
+            .await?;
         let span = info_span!(
             spans::COMPUTE,
             { field::FUNCTION } = %id,
@@ -585,6 +788,7 @@ impl AsyncExecutor {
             .run_function(addr, id, &function, &inputs, &params, span.clone())
             .await?;
         span.record(field::OUTPUT_BYTES, as_i64(output.len()));
+        self.inner.budget.record(addr, output.len() as u64);
         let attrs = self.inner.metrics.function_attrs(id);
         let m = &self.inner.metrics;
         m.compute_duration.record(elapsed.as_secs_f64(), attrs);
@@ -601,7 +805,7 @@ impl AsyncExecutor {
             });
         }
 
-        if force_verify || self.inner.config.verification.should_verify() {
+        if verifying {
             let span =
                 info_span!(spans::VERIFY, { field::FUNCTION } = %id, { field::PASSED } = Empty);
             let (second, _) = self
@@ -629,7 +833,7 @@ impl AsyncExecutor {
                 });
             }
         }
-        Ok((output, elapsed))
+        Ok((output, elapsed, reserved))
     }
 
     async fn run_function(
@@ -716,12 +920,10 @@ impl AsyncExecutor {
             .await?;
             let inputs = inputs.into_iter().map(|(bytes, _)| bytes).collect();
             let report = match self.compute(addr, &recipe, inputs, true).await {
-                Ok((output, cost)) => {
+                Ok((output, cost, _reserved)) => {
                     let hash = CAddr::for_leaf(&output);
                     let size = output.len() as u64;
-                    self.inner
-                        .cache
-                        .insert_if_current(addr, output, cost, generation);
+                    self.keep(addr, &output, cost, generation).await;
                     VerifyReport {
                         deterministic: true,
                         output_hash: hash,
@@ -807,14 +1009,20 @@ impl AsyncExecutor {
     /// subscription to them was down). Returns how many entries were cached.
     pub fn evict_all_local(&self) -> usize {
         self.inner.inflight.lock().clear();
-        self.inner.cache.invalidate_all()
+        let cached = self.inner.cache.invalidate_all();
+        let spilled = self.spill().map_or(0, |s| s.clear());
+        cached + spilled
     }
 
     /// Invalidates `addr` in the cache and detaches its in-flight materialization, if any, so
     /// that later requests start afresh. Returns whether it was cached.
     fn forget(&self, addr: &CAddr) -> bool {
         self.inner.inflight.lock().remove(addr);
-        self.inner.cache.invalidate(addr)
+        // The generation moves first: a compute finishing now keeps its output nowhere.
+        let cached = self.inner.cache.invalidate(addr);
+        // Removing a spilled file is one unlink, short enough for the caller's thread.
+        let spilled = self.spill().is_some_and(|s| s.remove(addr));
+        cached || spilled
     }
 }
 
@@ -833,16 +1041,16 @@ fn invalid_recipe(function: &FunctionId, addr: Option<CAddr>, e: &FunctionError)
 /// The task of one shared materialization. Dropped when the last waiter leaves: it then aborts
 /// the task (a no-op if it finished) and removes its in-flight entry.
 struct FlightTask {
-    task: JoinHandle<FlightOutput>,
+    task: JoinHandle<FlownOutput>,
     addr: CAddr,
     id: u64,
     inner: std::sync::Weak<Inner>,
 }
 
 impl Future for FlightTask {
-    type Output = FlightOutput;
+    type Output = FlownOutput;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<FlightOutput> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<FlownOutput> {
         let addr = self.addr;
         Pin::new(&mut self.task).poll(cx).map(|joined| {
             joined

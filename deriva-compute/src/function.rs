@@ -67,6 +67,16 @@ pub trait ComputeFunction: Send + Sync + 'static {
 
     /// Computes the output.
     fn compute(&self, inputs: &[Bytes], params: &Params) -> Result<Bytes, FunctionError>;
+
+    /// The size of the output for inputs of `input_sizes` bytes, when the function can tell
+    /// without computing (`concat`: their sum). The executor checks it against the memory
+    /// budget before it reads any input, and reserves it before the compute. The default:
+    /// unknown (the executor then uses the size recorded at an earlier compute, or the inputs'
+    /// total).
+    fn output_size(&self, input_sizes: &[u64], params: &Params) -> Option<u64> {
+        let _ = (input_sizes, params);
+        None
+    }
 }
 
 /// The functions a server can run, by [`FunctionId`].

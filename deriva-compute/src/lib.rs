@@ -6,6 +6,9 @@
 //! - [`function`]: the [`ComputeFunction`] trait and the [`FunctionRegistry`];
 //!   [`builtins`] holds the builtin functions (`concat/v1`, `gzip/v1`, …).
 //! - [`cache`]: [`Cache`], byte-budgeted and cost-aware, with lock-free stats.
+//! - [`spill`]: [`spill::SpillStore`], the local directory that holds outputs too large for
+//!   the cache, with its own byte budget; Gets stream them from there.
+//! - [`budget`]: [`MemoryBudget`], the bound on the bytes computes hold at once.
 //! - [`executor`]: [`AsyncExecutor`], which materializes addresses (single-flight, concurrent
 //!   inputs, bounded computes), invalidates, and verifies determinism.
 //! - [`metrics`]: [`ComputeMetrics`], this crate's OpenTelemetry instruments.
@@ -29,6 +32,7 @@
 //! | `compute` | `function`, `input_bytes`, `output_bytes` | `materialize` |
 //! | `verify` | `function`, `passed` | `materialize` |
 //! | `cache_put` | `bytes` | `materialize` |
+//! | `spill_write` | `bytes` | `materialize` (an output above the spill threshold) |
 //! | `invalidate` | `addr`, `cascade`, `evicted` | the caller's span |
 //! | `verify_recipe` | `addr`, `deterministic` | the caller's span (an explicit verification) |
 //!
@@ -61,22 +65,29 @@
 //! | `deriva_storage_corruption_total` | counter | – | stored leaves or recipes found corrupted when read (answered `DATA_LOSS`, never served or cached); each detection counts |
 //! | `deriva_verification_total` | counter | `result` = `pass`, `fail` | verifications |
 //! | `deriva_verification_failure_rate` | gauge | – | failed / all verifications since start (0–1) |
+//! | `deriva_memory_budget_bytes`, `deriva_memory_inflight_bytes`, `deriva_memory_waiting` | gauge | – | the memory budget, the bytes reserved now, the requests waiting for room |
+//! | `deriva_memory_waits_total`, `deriva_memory_rejections_total` | counter | – | requests that waited; requests refused (`RESOURCE_EXHAUSTED`) |
+//! | `deriva_spill_budget_bytes`, `deriva_spill_size_bytes`, `deriva_spill_entries` | gauge | – | the spill directory's budget, bytes and entries (with a spill directory) |
+//! | `deriva_spill_write_total`, `deriva_spill_hit_total`, `deriva_spill_eviction_total` | counter | – | outputs spilled, read back, evicted |
 //!
 //! `function` only ever holds a registered function id (`concat/v1`), so it stays bounded.
 //! Counters and state gauges are observable instruments read from atomics at collection time;
 //! only the histograms are recorded on the hot path.
 
+pub mod budget;
 pub mod builtins;
 pub mod cache;
 pub mod executor;
 pub mod function;
 pub mod metrics;
+pub mod spill;
 #[cfg(feature = "test-util")]
 pub mod testing;
 
 /// Span and field names: [`deriva_core::spans`], re-exported where the spans are emitted.
 pub use deriva_core::spans;
 
+pub use budget::{BudgetConfig, MemoryBudget};
 pub use cache::{Cache, CacheHit, CacheStats};
 pub use executor::{
     AsyncExecutor, ExecutorConfig, InvalidateReport, VerificationMode, VerifyReport,

@@ -17,7 +17,9 @@ use opentelemetry::metrics::{
     AsyncInstrument, Histogram, Meter, ObservableCounter, ObservableGauge,
 };
 
+use crate::budget::MemoryBudget;
 use crate::cache::CacheStats;
+use crate::spill::SpillStore;
 
 /// Buckets of `deriva_materialize_duration_seconds` (listed in README.md, "Metrics reference").
 pub const MATERIALIZE_DURATION_BUCKETS: [f64; 8] = [0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
@@ -204,6 +206,8 @@ pub struct ComputeMetrics {
     _gauges_f64: Vec<ObservableGauge<f64>>,
     _gauge_active: ObservableGauge<i64>,
     _saved: ObservableCounter<f64>,
+    _memory: Vec<ObservableGauge<u64>>,
+    _memory_counters: Vec<ObservableCounter<u64>>,
 }
 
 impl ComputeMetrics {
@@ -358,6 +362,146 @@ impl ComputeMetrics {
             _gauges_f64: vec![hit_rate, failure_rate],
             _gauge_active: active,
             _saved: saved,
+            _memory: Vec::new(),
+            _memory_counters: Vec::new(),
+        }
+    }
+
+    /// Adds the instruments of the memory budget and, if outputs are spilled, of the spill
+    /// directory: `deriva_memory_*` and `deriva_spill_*`.
+    pub fn observe_memory(
+        &mut self,
+        meter: &Meter,
+        budget: Arc<MemoryBudget>,
+        spill: Option<Arc<SpillStore>>,
+    ) {
+        type Read<T> = Box<dyn Fn(&T) -> u64 + Send + Sync>;
+        fn gauge<T: Send + Sync + 'static>(
+            meter: &Meter,
+            of: &Arc<T>,
+            name: &'static str,
+            bytes: bool,
+            desc: &'static str,
+            read: Read<T>,
+        ) -> ObservableGauge<u64> {
+            let of = of.clone();
+            let builder = meter
+                .u64_observable_gauge(name)
+                .with_description(desc)
+                .with_callback(move |o| o.observe(read(&of), &[]));
+            if bytes {
+                builder.with_unit("By").build()
+            } else {
+                builder.build()
+            }
+        }
+        fn counter<T: Send + Sync + 'static>(
+            meter: &Meter,
+            of: &Arc<T>,
+            name: &'static str,
+            desc: &'static str,
+            read: Read<T>,
+        ) -> ObservableCounter<u64> {
+            let of = of.clone();
+            meter
+                .u64_observable_counter(name)
+                .with_description(desc)
+                .with_callback(move |o| o.observe(read(&of), &[]))
+                .build()
+        }
+        let m = meter;
+        self._memory = vec![
+            gauge(
+                m,
+                &budget,
+                "deriva.memory.budget",
+                true,
+                "The memory budget of materializations (--memory-budget)",
+                Box::new(|b| b.bytes()),
+            ),
+            gauge(
+                m,
+                &budget,
+                "deriva.memory.inflight",
+                true,
+                "Bytes reserved now by materializations: their inputs and outputs",
+                Box::new(|b| b.stats().inflight_bytes()),
+            ),
+            gauge(
+                m,
+                &budget,
+                "deriva.memory.waiting",
+                false,
+                "Requests waiting now for room in the memory budget",
+                Box::new(|b| b.stats().waiting()),
+            ),
+        ];
+        self._memory_counters = vec![
+            counter(
+                m,
+                &budget,
+                "deriva.memory.waits",
+                "Requests that waited for room in the memory budget",
+                Box::new(|b| b.stats().waits()),
+            ),
+            counter(
+                m,
+                &budget,
+                "deriva.memory.rejections",
+                "Requests refused with RESOURCE_EXHAUSTED: larger than the memory budget, the wait queue full, or no room in time",
+                Box::new(|b| b.stats().rejections()),
+            ),
+        ];
+        if let Some(spill) = spill {
+            self._memory.extend([
+                gauge(
+                    m,
+                    &spill,
+                    "deriva.spill.budget",
+                    true,
+                    "The byte budget of the spill directory (--spill-budget)",
+                    Box::new(|s| s.budget()),
+                ),
+                gauge(
+                    m,
+                    &spill,
+                    "deriva.spill.size",
+                    true,
+                    "Bytes of outputs held in the spill directory",
+                    Box::new(|s| s.stats().bytes()),
+                ),
+                gauge(
+                    m,
+                    &spill,
+                    "deriva.spill.entries",
+                    false,
+                    "Outputs held in the spill directory",
+                    Box::new(|s| s.stats().entries()),
+                ),
+            ]);
+            self._memory_counters.extend([
+                counter(
+                    m,
+                    &spill,
+                    "deriva.spill.write",
+                    "Outputs larger than --spill-bytes written to the spill directory",
+                    Box::new(|s| s.stats().writes()),
+                ),
+                counter(
+                    m,
+                    &spill,
+                    "deriva.spill.hit",
+                    "Lookups that found an output in the spill directory",
+                    Box::new(|s| s.stats().hits()),
+                ),
+                counter(
+                    m,
+                    &spill,
+                    "deriva.spill.eviction",
+                    "Spilled outputs evicted to stay within the spill budget",
+                    Box::new(|s| s.stats().evictions()),
+                ),
+            ]);
         }
     }
 

@@ -210,6 +210,11 @@ async fn every_family_has_its_documented_name_and_type() {
         ("deriva_cache_saved_seconds_total", "counter"),
         ("deriva_storage_corruption_total", "counter"),
         ("deriva_verification_failure_rate", "gauge"),
+        ("deriva_memory_budget_bytes", "gauge"),
+        ("deriva_memory_inflight_bytes", "gauge"),
+        ("deriva_memory_waiting", "gauge"),
+        ("deriva_memory_waits_total", "counter"),
+        ("deriva_memory_rejections_total", "counter"),
     ];
     for (name, kind) in expected {
         let line = format!("# TYPE {name} {kind}");

@@ -108,6 +108,21 @@ pub enum DerivaError {
         /// What failed.
         message: String,
     },
+    /// Serving the request would take more memory than the server's budget allows now: the
+    /// request alone is larger than the budget, or it waited for room and none came. Nothing
+    /// was read or computed for it beyond what is named.
+    #[error("{what} needs {needed} bytes in memory; the memory budget is {budget} bytes: {reason}")]
+    OverBudget {
+        /// What needed the memory: `materializing <addr> (concat/v1)`.
+        what: String,
+        /// The bytes it needed.
+        needed: u64,
+        /// The budget, in bytes.
+        budget: u64,
+        /// Why it was refused: larger than the whole budget, the wait queue full, or the
+        /// wait too long.
+        reason: String,
+    },
     /// A background task was cancelled before it finished, because its runtime is shutting
     /// down.
     #[error("{task} was cancelled: the server is shutting down")]
@@ -172,6 +187,7 @@ impl DerivaError {
             Self::TaskPanicked { .. } => "task_panicked",
             Self::TaskCancelled { .. } => "task_cancelled",
             Self::Unavailable { .. } => "unavailable",
+            Self::OverBudget { .. } => "over_budget",
         }
     }
 }

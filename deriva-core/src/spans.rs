@@ -32,6 +32,9 @@ pub const INVALIDATE: &str = "invalidate";
 pub const OUTPUT_READ: &str = "output_read";
 /// A write of a computed output to the shared output tier.
 pub const OUTPUT_WRITE: &str = "output_write";
+/// A write of a computed output larger than the spill threshold to the local spill directory
+/// (instead of the memory cache); `bytes` is its size.
+pub const SPILL_WRITE: &str = "spill_write";
 /// A client call to the object store (S3 API), with the OpenTelemetry semantic-convention
 /// attributes `rpc.system=aws-api`, `rpc.method`, `aws.s3.bucket` and `aws.s3.key`.
 pub const OBJECT_STORE: &str = "object_store";

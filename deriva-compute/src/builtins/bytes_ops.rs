@@ -9,6 +9,10 @@ use crate::function::{ComputeFunction, FunctionError, MAX_OUTPUT_BYTES};
 pub(super) struct Identity;
 
 impl ComputeFunction for Identity {
+    fn output_size(&self, sizes: &[u64], _: &Params) -> Option<u64> {
+        sizes.first().copied()
+    }
+
     fn validate(&self, n: usize, params: &Params) -> Result<(), FunctionError> {
         unary_without_params(n, params)
     }
@@ -22,6 +26,10 @@ impl ComputeFunction for Identity {
 pub(super) struct Concat;
 
 impl ComputeFunction for Concat {
+    fn output_size(&self, sizes: &[u64], _: &Params) -> Option<u64> {
+        sizes.iter().try_fold(0u64, |a, b| a.checked_add(*b))
+    }
+
     fn validate(&self, _n: usize, params: &Params) -> Result<(), FunctionError> {
         only(params, &[])
     }
@@ -50,6 +58,10 @@ pub(super) struct AsciiCase {
 }
 
 impl ComputeFunction for AsciiCase {
+    fn output_size(&self, sizes: &[u64], _: &Params) -> Option<u64> {
+        sizes.first().copied()
+    }
+
     fn validate(&self, n: usize, params: &Params) -> Result<(), FunctionError> {
         unary_without_params(n, params)
     }
@@ -69,6 +81,10 @@ impl ComputeFunction for AsciiCase {
 pub(super) struct Reverse;
 
 impl ComputeFunction for Reverse {
+    fn output_size(&self, sizes: &[u64], _: &Params) -> Option<u64> {
+        sizes.first().copied()
+    }
+
     fn validate(&self, n: usize, params: &Params) -> Result<(), FunctionError> {
         unary_without_params(n, params)
     }
@@ -84,6 +100,11 @@ impl ComputeFunction for Reverse {
 pub(super) struct Repeat;
 
 impl ComputeFunction for Repeat {
+    fn output_size(&self, sizes: &[u64], params: &Params) -> Option<u64> {
+        let count = required_u64(params, "count").ok()?;
+        sizes.first()?.checked_mul(count)
+    }
+
     fn validate(&self, n: usize, params: &Params) -> Result<(), FunctionError> {
         exactly(1, n)?;
         only(params, &["count"])?;
@@ -117,6 +138,11 @@ impl ComputeFunction for Repeat {
 pub(super) struct Slice;
 
 impl ComputeFunction for Slice {
+    fn output_size(&self, sizes: &[u64], params: &Params) -> Option<u64> {
+        let length = required_u64(params, "length").ok()?;
+        Some(length.min(*sizes.first()?))
+    }
+
     fn validate(&self, n: usize, params: &Params) -> Result<(), FunctionError> {
         exactly(1, n)?;
         only(params, &["offset", "length"])?;

@@ -9,6 +9,10 @@ use crate::function::{ComputeFunction, FunctionError};
 pub(super) struct Blake3Hex;
 
 impl ComputeFunction for Blake3Hex {
+    fn output_size(&self, _: &[u64], _: &Params) -> Option<u64> {
+        Some(64)
+    }
+
     fn validate(&self, n: usize, params: &Params) -> Result<(), FunctionError> {
         unary_without_params(n, params)
     }
