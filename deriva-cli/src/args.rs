@@ -49,7 +49,8 @@ pub struct CliArgs {
 /// The `deriva` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Store a file (or stdin) as a leaf and print its address.
+    /// Store a file (or stdin) as a leaf and print its address. Above 8 MiB it is streamed
+    /// (PutLeafStream), with a progress bar on a terminal.
     Put {
         /// The file to store, or `-` for standard input.
         #[arg(value_name = "FILE|-")]

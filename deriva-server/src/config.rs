@@ -45,12 +45,26 @@ pub mod defaults {
     pub const INDEX_POOL_SIZE: usize = 16;
     /// `--local-cache-bytes`.
     pub const LOCAL_CACHE_BYTES: &str = "1GiB";
+    /// `--memory-queue`.
+    pub const MEMORY_QUEUE: usize = 64;
+    /// `--memory-wait-secs`.
+    pub const MEMORY_WAIT_SECS: u64 = 30;
+    /// `--spill-bytes`.
+    pub const SPILL_BYTES: &str = "64MiB";
+    /// `--spill-budget`.
+    pub const SPILL_BUDGET: &str = "4GiB";
     /// `--metrics-addr`: loopback only.
     pub const METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9090);
 
     /// `--verification`: the executor's default (off).
     pub fn verification() -> VerificationMode {
         ExecutorConfig::default().verification
+    }
+
+    /// `--memory-budget`: the executor's default (a quarter of the machine's memory, at least
+    /// 256 MiB).
+    pub fn memory_budget() -> u64 {
+        ExecutorConfig::default().memory.bytes
     }
 
     /// `--max-concurrent-computes`: the executor's default (the number of CPUs).
@@ -103,6 +117,16 @@ pub struct Config {
     pub local_cache_bytes: u64,
     /// Where computed outputs are kept besides the memory cache.
     pub output_tier: OutputTier,
+    /// Bound of the bytes that materializations hold in memory at once.
+    pub memory_budget: u64,
+    /// Most requests waiting for room in the memory budget.
+    pub memory_queue: usize,
+    /// Longest a request waits for room in the memory budget.
+    pub memory_wait: Duration,
+    /// Outputs larger than this go to `<data-dir>/spill` instead of the memory cache.
+    pub spill_bytes: u64,
+    /// Byte budget of `<data-dir>/spill`; 0 spills nothing.
+    pub spill_budget: u64,
 }
 
 /// `--output-tier`: where computed outputs are kept besides each node's memory cache.
@@ -197,6 +221,11 @@ impl Default for Config {
             index_pool_size: defaults::INDEX_POOL_SIZE,
             local_cache_bytes: defaults::size("local-cache-bytes", defaults::LOCAL_CACHE_BYTES),
             output_tier: OutputTier::default(),
+            memory_budget: defaults::memory_budget(),
+            memory_queue: defaults::MEMORY_QUEUE,
+            memory_wait: Duration::from_secs(defaults::MEMORY_WAIT_SECS),
+            spill_bytes: defaults::size("spill-bytes", defaults::SPILL_BYTES),
+            spill_budget: defaults::size("spill-budget", defaults::SPILL_BUDGET),
         }
     }
 }
@@ -261,6 +290,11 @@ impl Config {
                     .map(|v| v.get_name().to_owned())
                     .unwrap_or_default(),
             ),
+            ("memory-budget", self.memory_budget.to_string()),
+            ("memory-queue", self.memory_queue.to_string()),
+            ("memory-wait-secs", self.memory_wait.as_secs().to_string()),
+            ("spill-bytes", self.spill_bytes.to_string()),
+            ("spill-budget", self.spill_budget.to_string()),
         ]
     }
 }
@@ -344,6 +378,26 @@ pub struct ServerArgs {
     /// object store, so any node serves them without recomputing).
     #[arg(long, env = "DERIVA_OUTPUT_TIER", value_enum, default_value_t = OutputTier::default())]
     pub output_tier: OutputTier,
+    /// Bound of the bytes that materializations hold in memory at once (inputs, outputs), in
+    /// bytes or with a unit; a request that would exceed it waits, or is RESOURCE_EXHAUSTED
+    /// [default: a quarter of the machine's memory, at least 256MiB].
+    #[arg(long, env = "DERIVA_MEMORY_BUDGET", value_parser = parse_size)]
+    pub memory_budget: Option<u64>,
+    /// Most requests waiting for room in the memory budget; one more is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DERIVA_MEMORY_QUEUE", default_value_t = defaults::MEMORY_QUEUE)]
+    pub memory_queue: usize,
+    /// Seconds a request may wait for room in the memory budget before it is
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DERIVA_MEMORY_WAIT_SECS", default_value_t = defaults::MEMORY_WAIT_SECS)]
+    pub memory_wait_secs: u64,
+    /// Computed outputs larger than this (bytes or with a unit) are kept in <data-dir>/spill
+    /// instead of the memory cache, and Get streams them from there.
+    #[arg(long, env = "DERIVA_SPILL_BYTES", default_value = defaults::SPILL_BYTES, value_parser = parse_size)]
+    pub spill_bytes: u64,
+    /// Byte budget of <data-dir>/spill (least recently used outputs are evicted); 0 spills
+    /// nothing.
+    #[arg(long, env = "DERIVA_SPILL_BUDGET", default_value = defaults::SPILL_BUDGET, value_parser = parse_size)]
+    pub spill_budget: u64,
     /// Print the effective configuration (flags, then DERIVA_* variables, then defaults), one
     /// `key = value` per line, and exit without opening the store or binding anything.
     #[arg(long)]
@@ -398,6 +452,11 @@ impl ServerArgs {
             index_pool_size: self.index_pool_size,
             local_cache_bytes: self.local_cache_bytes,
             output_tier: self.output_tier,
+            memory_budget: self.memory_budget.unwrap_or_else(defaults::memory_budget),
+            memory_queue: self.memory_queue,
+            memory_wait: Duration::from_secs(self.memory_wait_secs),
+            spill_bytes: self.spill_bytes,
+            spill_budget: self.spill_budget,
         })
     }
 }

@@ -47,6 +47,7 @@ impl From<ApiError> for Status {
     /// | determinism violation, corrupted data | `DATA_LOSS` |
     /// | storage failure (I/O, database, undecodable row), panicked task | `INTERNAL`, detail in the server log only |
     /// | task cancelled because the server is shutting down; a remote backend that cannot be reached (the message names it) | `UNAVAILABLE` |
+    /// | more memory than `--memory-budget` allows (the message gives the size and the budget) | `RESOURCE_EXHAUSTED` |
     ///
     /// Oversized messages are rejected before any handler runs; see [`crate::rpc::status_rewrite`].
     fn from(err: ApiError) -> Status {
@@ -83,6 +84,7 @@ pub fn code_of(err: &DerivaError) -> Code {
         }
         DerivaError::DeterminismViolation { .. } | DerivaError::Corrupted { .. } => Code::DataLoss,
         DerivaError::TaskCancelled { .. } | DerivaError::Unavailable { .. } => Code::Unavailable,
+        DerivaError::OverBudget { .. } => Code::ResourceExhausted,
         DerivaError::ComputeFailed { .. }
         | DerivaError::Io { .. }
         | DerivaError::Database { .. }

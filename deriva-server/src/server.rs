@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use deriva_compute::{AsyncExecutor, Cache, ExecutorConfig, FunctionRegistry};
+use deriva_compute::executor::Spill;
+use deriva_compute::spill::SpillStore;
+use deriva_compute::{AsyncExecutor, BudgetConfig, Cache, ExecutorConfig, FunctionRegistry};
 use deriva_core::{DerivaError, Store};
 use futures::FutureExt;
 use opentelemetry::metrics::Meter;
@@ -63,7 +65,7 @@ impl Server {
         meter: &Meter,
     ) -> Result<Self, DerivaError> {
         let store = Arc::new(Store::open(&config.data_dir)?);
-        Ok(Self::with_store(config, store, functions, meter))
+        Self::with_store(config, store, functions, meter)
     }
 
     /// Opens the store the configuration names: the remote backend (object store and
@@ -100,7 +102,7 @@ impl Server {
             Arc::new(store),
             FunctionRegistry::with_builtins(),
             meter,
-        );
+        )?;
         if let Some(bus) = bus {
             let exec = server.exec.clone();
             server.listener = Some(bus.listen(move |invalidation| match invalidation {
@@ -117,16 +119,32 @@ impl Server {
         Ok(server)
     }
 
-    /// The engine over an open `store`.
+    /// The engine over an open `store`, with its spill directory `<data-dir>/spill` (emptied:
+    /// spilled outputs do not outlive the process).
     pub fn with_store(
         config: Config,
         store: Arc<Store>,
         functions: FunctionRegistry,
         meter: &Meter,
-    ) -> Self {
+    ) -> Result<Self, DerivaError> {
+        let spill = if config.spill_budget > 0 {
+            let dir = config.data_dir.join("spill");
+            Some(Spill {
+                store: Arc::new(SpillStore::open(&dir, config.spill_budget)?),
+                threshold: config.spill_bytes,
+            })
+        } else {
+            None
+        };
         let exec_config = ExecutorConfig {
             max_concurrent_computes: config.max_concurrent_computes,
             verification: config.verification,
+            memory: BudgetConfig {
+                bytes: config.memory_budget,
+                queue: config.memory_queue,
+                wait: config.memory_wait,
+            },
+            spill,
             ..ExecutorConfig::default()
         };
         let metrics = ServerMetrics::new(meter, store.counters().clone());
@@ -137,7 +155,7 @@ impl Server {
             exec_config,
             meter,
         );
-        Self {
+        Ok(Self {
             config,
             exec,
             metrics,
@@ -145,7 +163,7 @@ impl Server {
             dispatch: None,
             traces: None,
             listener: None,
-        }
+        })
     }
 
     /// Serves `registry` on `/metrics` (the registry the meter's Prometheus reader writes to).

@@ -638,3 +638,164 @@ async fn serve_returns_only_when_the_store_can_be_reopened() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("shutting down"), "{status:?}");
 }
+
+/// The memory budget: a recipe whose known sizes exceed it is RESOURCE_EXHAUSTED before any
+/// input is read, with the size and the budget in the message; one that fits only once
+/// another compute is done waits for it, then runs. The server serves on either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_budget_refuses_up_front_and_queues_what_fits_later() {
+    const BUDGET: u64 = 8 << 20;
+    let gate = Gate::new();
+    let mut functions = FunctionRegistry::with_builtins();
+    functions.register(FunctionId::new("held", "v1").unwrap(), gate.function());
+    let mut s = InProcess::builder()
+        .config(|c| c.memory_budget = BUDGET)
+        .functions(functions)
+        .telemetry(deriva_server::telemetry::TelemetryConfig::default())
+        .http()
+        .start()
+        .await;
+    let mib: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+    let leaf = s.put(&mib).await;
+    // 1 MiB in, 16 MiB out: refused before anything is read or computed.
+    let huge = s.recipe("repeat", &[&leaf], &[("count", "16")]).await;
+    let needed = (17u64 << 20).to_string();
+    for _ in 0..2 {
+        let err = s.get(&huge).await.unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        for part in [
+            needed.as_str(),
+            &BUDGET.to_string(),
+            "memory budget",
+            "repeat/v1",
+        ] {
+            assert!(
+                err.message().contains(part),
+                "{part:?} in {:?}",
+                err.message()
+            );
+        }
+    }
+    // A concat of three 3 MiB leaves: 9 MiB in, 9 MiB out.
+    let parts: Vec<Bytes> = futures::future::join_all((0..3u8).map(|i| {
+        let mut client = s.client.clone();
+        async move { common::put_leaf(&mut client, &vec![i; 3 << 20]).await }
+    }))
+    .await;
+    let refs: Vec<&Bytes> = parts.iter().collect();
+    let joined = s.recipe("concat", &refs, &[]).await;
+    assert_code(s.get(&joined).await, Code::ResourceExhausted, "concat/v1");
+    assert_eq!(s.stats.outcome(deriva_compute::Outcome::Computed), 0);
+
+    // Two held computes of 3 MiB in and (the gate's guess) 3 MiB out: the second waits.
+    let three = &parts[0];
+    let first = s.recipe("held", &[three], &[("tag", "1")]).await;
+    let second = s.recipe("held", &[three], &[("tag", "2")]).await;
+    let calls: Vec<_> = [first, second]
+        .into_iter()
+        .map(|addr| {
+            let mut client = s.client.clone();
+            tokio::spawn(async move { common::get_all(&mut client, &addr).await })
+        })
+        .collect();
+    gate.wait_started(1).await;
+    let budget = s.executor().budget().clone();
+    wait_until("the second compute to wait for memory", || {
+        budget.stats().waiting() == 1
+    })
+    .await;
+    assert_eq!(
+        gate.counts().started,
+        1,
+        "the second waits outside the function"
+    );
+    assert_eq!(budget.stats().inflight_bytes(), 6 << 20);
+    gate.open();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap().len(), (3 << 20) + 1);
+    }
+    assert_eq!(budget.stats().waits(), 1);
+    assert_eq!(budget.stats().rejections(), 3);
+    assert_eq!(budget.stats().inflight_bytes(), 0);
+    let text = s.scrape().await;
+    assert_eq!(
+        common::sample(&text, "deriva_memory_budget_bytes"),
+        Some(BUDGET as f64)
+    );
+    assert_eq!(
+        common::sample(&text, "deriva_memory_rejections_total"),
+        Some(3.0)
+    );
+    assert_eq!(
+        common::sample(&text, "deriva_memory_waits_total"),
+        Some(1.0)
+    );
+    s.stop().await;
+}
+
+/// An output above `--spill-bytes` is kept in `<data-dir>/spill`, not in the memory cache,
+/// and later Gets stream it from there; invalidating it removes the file; a damaged file ends
+/// a Get with DATA_LOSS and is dropped, so the next Get computes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_outputs_spill_to_disk_and_stream_from_there() {
+    let mut s = InProcess::builder()
+        .config(|c| c.spill_bytes = 1 << 20)
+        .telemetry(deriva_server::telemetry::TelemetryConfig::default())
+        .http()
+        .start()
+        .await;
+    let mib: Vec<u8> = (0..1u32 << 20).map(|i| (i * 3 % 251) as u8).collect();
+    let leaf = s.put(&mib).await;
+    let big = s.recipe("repeat", &[&leaf], &[("count", "4")]).await;
+    let small = s
+        .recipe("slice", &[&leaf], &[("offset", "0"), ("length", "10")])
+        .await;
+    let expected = mib.repeat(4);
+    assert!(s.get(&big).await.unwrap() == expected);
+    assert_eq!(s.get(&small).await.unwrap(), &mib[..10]);
+    let spilled = s.dir().join("spill").join(hex(&big));
+    assert!(spilled.is_file(), "{} is written", spilled.display());
+    let st = s.status().await;
+    assert_eq!(st.cache_entries, 1, "only the small output is in memory");
+    assert!(st.cache_size_bytes < 1 << 20);
+
+    let computed = s.stats.outcome(deriva_compute::Outcome::Computed);
+    assert!(s.get(&big).await.unwrap() == expected);
+    assert_eq!(
+        s.stats.outcome(deriva_compute::Outcome::Computed),
+        computed,
+        "not computed again"
+    );
+    let text = s.scrape().await;
+    assert_eq!(common::sample(&text, "deriva_spill_entries"), Some(1.0));
+    assert_eq!(
+        common::sample(&text, "deriva_spill_size_bytes"),
+        Some((4u64 << 20) as f64)
+    );
+    assert_eq!(common::sample(&text, "deriva_spill_write_total"), Some(1.0));
+    // Both Gets streamed from the file: the first once its compute had written it.
+    assert_eq!(common::sample(&text, "deriva_spill_hit_total"), Some(2.0));
+
+    // Damaged in the middle: the Get ends with DATA_LOSS; the next one recomputes.
+    let mut bytes = std::fs::read(&spilled).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&spilled, bytes).unwrap();
+    assert_code(s.get(&big).await, Code::DataLoss, "corrupted");
+    assert!(s.get(&big).await.unwrap() == expected);
+    assert_eq!(
+        s.stats.outcome(deriva_compute::Outcome::Computed),
+        computed + 1
+    );
+
+    s.client
+        .invalidate(InvalidateRequest {
+            addr: big.clone(),
+            cascade: false,
+        })
+        .await
+        .unwrap();
+    assert!(!spilled.exists(), "invalidated: the file is gone");
+    assert!(s.get(&big).await.unwrap() == expected);
+    s.stop().await;
+}

@@ -182,6 +182,41 @@ const ROWS: &[Row] = &[
         shows: ("output-tier", "blob-store"),
         other: "none",
     },
+    Row {
+        flag: "memory-budget",
+        vars: &["DERIVA_MEMORY_BUDGET"],
+        value: "512MiB",
+        shows: ("memory-budget", "536870912"),
+        other: "1GiB",
+    },
+    Row {
+        flag: "memory-queue",
+        vars: &["DERIVA_MEMORY_QUEUE"],
+        value: "3",
+        shows: ("memory-queue", "3"),
+        other: "5",
+    },
+    Row {
+        flag: "memory-wait-secs",
+        vars: &["DERIVA_MEMORY_WAIT_SECS"],
+        value: "7",
+        shows: ("memory-wait-secs", "7"),
+        other: "9",
+    },
+    Row {
+        flag: "spill-bytes",
+        vars: &["DERIVA_SPILL_BYTES"],
+        value: "1MiB",
+        shows: ("spill-bytes", "1048576"),
+        other: "2MiB",
+    },
+    Row {
+        flag: "spill-budget",
+        vars: &["DERIVA_SPILL_BUDGET"],
+        value: "0",
+        shows: ("spill-budget", "0"),
+        other: "1GiB",
+    },
 ];
 
 /// Flags that are actions, not settings: no variable, nothing in the configuration.

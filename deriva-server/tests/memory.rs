@@ -4,6 +4,10 @@
 //! - A 1 GiB leaf put with `PutLeafStream` and read back with `Get` streams both ways: the
 //!   peak grows by at most 64 MiB, where holding it would add the whole gibibyte.
 //! - A 4 GiB leaf goes in and comes back out, byte for byte, within the same bound.
+//! - 8 concurrent Gets of a 256 MiB computed output stay under the memory budget + 64 MiB:
+//!   one compute (single-flight) within the budget, its output spilled to disk, and every Get
+//!   streaming from the spill file. 8 concurrent Gets of 8 *different* 256 MiB outputs (2 GiB
+//!   in all) stay under the same bound: their computes take turns within the budget.
 
 mod common;
 
@@ -111,10 +115,10 @@ async fn get_and_compare(client: &mut DerivaClient<Channel>, addr: &Bytes, leaf:
     assert_eq!(received, leaf.len(), "every byte came back");
 }
 
-/// Starts a server on a fresh directory; returns it, a client, its pid and its peak RSS once
-/// it has served a small put and get.
-async fn started() -> (ServerProcess, DerivaClient<Channel>, u32, u64) {
-    let server = ServerProcess::options().start();
+/// Starts a server on a fresh directory with `args`; returns it, a client, its pid and its
+/// peak RSS once it has served a small put and get.
+async fn started_with(args: &[&str]) -> (ServerProcess, DerivaClient<Channel>, u32, u64) {
+    let server = ServerProcess::options().args(args).start();
     let pid = server.pid().as_raw_nonzero().get() as u32;
     let mut client = server.client().await;
     let small = common::put_leaf(&mut client, b"warm-up").await;
@@ -138,6 +142,10 @@ fn assert_bounded(what: &str, pid: u32, baseline: u64, growth: u64) {
         (peak - baseline) >> 20,
         growth >> 20
     );
+}
+
+async fn started() -> (ServerProcess, DerivaClient<Channel>, u32, u64) {
+    started_with(&[]).await
 }
 
 const GROWTH: u64 = 64 << 20;
@@ -165,4 +173,78 @@ async fn a_4_gib_leaf_round_trips() {
     assert_eq!(stored, 4 << 30);
     get_and_compare(&mut client, &addr, &leaf).await;
     assert_bounded("the put and get of a 4 GiB leaf", pid, baseline, GROWTH);
+}
+
+/// Gets every address of `outputs` at once, each from its own task; checks each against the
+/// hash in `expected`.
+async fn get_all_at_once(client: &DerivaClient<Channel>, outputs: &[(Bytes, CAddr)]) {
+    let gets: Vec<_> = outputs
+        .iter()
+        .cloned()
+        .map(|(addr, expected)| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let mut stream = client.get(GetRequest { addr }).await.unwrap().into_inner();
+                let mut hasher = blake3::Hasher::new();
+                while let Some(msg) = stream.message().await.unwrap() {
+                    hasher.update(&msg.chunk);
+                }
+                assert_eq!(CAddr::from(*hasher.finalize().as_bytes()), expected);
+            })
+        })
+        .collect();
+    for get in gets {
+        get.await.unwrap();
+    }
+}
+
+/// A 256 MiB output: `repeat` of the `i`th MiB of a pattern, 256 times; its address and the
+/// hash of its bytes.
+async fn repeat_output(client: &mut DerivaClient<Channel>, i: u64) -> (Bytes, CAddr) {
+    let piece = Pattern::new(1).piece(i);
+    let leaf = common::put_leaf(client, &piece).await;
+    let output = common::put_recipe(client, "repeat", &[&leaf], &[("count", "256")]).await;
+    let mut hasher = blake3::Hasher::new();
+    for _ in 0..256 {
+        hasher.update(&piece);
+    }
+    (output, CAddr::from(*hasher.finalize().as_bytes()))
+}
+
+const BUDGET: u64 = 320 << 20;
+
+#[track_caller]
+fn assert_under_budget(what: &str, pid: u32) {
+    let peak = peak_rss(pid);
+    eprintln!(
+        "peak RSS of deriva-server after {what}: {} MiB (budget {} MiB)",
+        peak >> 20,
+        BUDGET >> 20
+    );
+    assert!(
+        peak <= BUDGET + GROWTH,
+        "{what}: peak {} MiB over the budget {} MiB + {} MiB",
+        peak >> 20,
+        BUDGET >> 20,
+        GROWTH >> 20
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_concurrent_gets_of_a_256_mib_output_stay_under_the_budget() {
+    let (_server, mut client, pid, _) = started_with(&["--memory-budget", "320MiB"]).await;
+    let output = repeat_output(&mut client, 0).await;
+    get_all_at_once(&client, &vec![output; 8]).await;
+    assert_under_budget("8 concurrent Gets of one 256 MiB output", pid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_concurrent_gets_of_different_256_mib_outputs_take_turns_within_the_budget() {
+    let (_server, mut client, pid, _) = started_with(&["--memory-budget", "320MiB"]).await;
+    let mut outputs = Vec::new();
+    for i in 0..8 {
+        outputs.push(repeat_output(&mut client, i).await);
+    }
+    get_all_at_once(&client, &outputs).await;
+    assert_under_budget("8 concurrent Gets of 8 different 256 MiB outputs", pid);
 }
