@@ -423,27 +423,13 @@ impl SpillStore {
             return Ok(None);
         };
 
-        // Each chunk is read on the blocking pool; the file travels from one read to the next.
-        // `None` state: the file is done. The flag says whether a chunk was yielded yet, so
-        // that an empty output is one empty chunk.
-        let chunks = futures::stream::try_unfold(Some((file, false)), move |state| async move {
-            let Some((mut file, yielded)) = state else {
-                return Ok(None);
-            };
-            let (file, buf) = on_pool("reading a spilled output", move || {
-                let mut buf = vec![0; chunk];
-                let n = read_up_to(&mut file, &mut buf)
-                    .map_err(|e| DerivaError::io(format!("reading spilled output {addr}"), &e))?;
-                buf.truncate(n);
-                Ok((file, buf))
-            })
-            .await?;
-            if buf.is_empty() {
-                return Ok((!yielded).then(|| (Bytes::new(), None)));
-            }
-            Ok(Some((Bytes::from(buf), Some((file, true)))))
-        })
-        .boxed();
+        // Read on the blocking pool, a block at a time, and cut into chunks.
+        let chunks = stream::file_chunks(
+            file,
+            chunk,
+            format!("reading spilled output {addr}"),
+            (),
+        );
 
         let source = format!(
             "the spill file {}, whose header records {expected},",
@@ -504,20 +490,6 @@ async fn on_pool<T: Send + 'static>(
     deriva_core::task::spawn_blocking_in(tracing::Span::current(), f)
         .await
         .map_err(|e| DerivaError::from_join(what, e))?
-}
-
-/// Reads into `buf` until it is full or the file ends; the number of bytes read.
-fn read_up_to(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 #[cfg(test)]

@@ -3,13 +3,13 @@
 //! address, so the bytes must be complete before the first part is named.
 
 use std::fs::{self, File};
-use std::io::{self, Read as _, Write as _};
+use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use deriva_core::error::Result;
-use deriva_core::store::ByteStream;
+use deriva_core::store::{ByteStream, stream};
 use deriva_core::{CAddr, DerivaError};
 use futures::StreamExt as _;
 
@@ -91,34 +91,9 @@ impl Spool {
 impl Spooled {
     /// The file's bytes, read back in chunks on the blocking pool.
     pub(crate) fn stream(&self) -> Result<ByteStream> {
-        let file = File::open(&self.path)
-            .map_err(|e| DerivaError::io(format!("reading {}", self.path.display()), &e))?;
         let context = format!("reading {}", self.path.display());
-        Ok(futures::stream::try_unfold(Some(file), move |file| {
-            let context = context.clone();
-            async move {
-                let Some(mut file) = file else {
-                    return Ok(None);
-                };
-                let (file, buf) = blocking(&context, move || {
-                    let mut buf = vec![0; READ_CHUNK];
-                    let mut filled = 0;
-                    while filled < buf.len() {
-                        match file.read(&mut buf[filled..]) {
-                            Ok(0) => break,
-                            Ok(n) => filled += n,
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    buf.truncate(filled);
-                    Ok((file, buf))
-                })
-                .await?;
-                Ok((!buf.is_empty()).then(|| (Bytes::from(buf), Some(file))))
-            }
-        })
-        .boxed())
+        let file = File::open(&self.path).map_err(|e| DerivaError::io(&context, &e))?;
+        Ok(stream::file_chunks(file, READ_CHUNK, context, ()))
     }
 }
 
@@ -157,7 +132,7 @@ mod tests {
         assert_eq!(spooled.addr, CAddr::for_leaf(&data));
         assert_eq!(spooled.len, data.len() as u64);
         let back: Vec<Bytes> = spooled.stream().unwrap().try_collect().await.unwrap();
-        assert_eq!(back.len(), 4);
+        assert_eq!(back.len(), 4, "1 MiB chunks");
         assert_eq!(back.concat(), data);
         drop(spooled);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);

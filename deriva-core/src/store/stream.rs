@@ -8,8 +8,8 @@
 //! end (a writer that gets an error item abandons what it wrote).
 
 use bytes::Bytes;
-use futures::StreamExt as _;
 use futures::stream::BoxStream;
+use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::addr::CAddr;
 use crate::error::{DerivaError, Result};
@@ -66,6 +66,64 @@ pub fn verified(addr: CAddr, source: String, chunks: ByteStream) -> ByteStream {
     .boxed()
 }
 
+/// The bytes read from a file are read in blocks of about this many bytes, one blocking call
+/// each, and sent on in chunks cut from them.
+pub const READ_BLOCK_BYTES: usize = 1 << 20;
+
+/// The rest of `file` (from its current position) in chunks of at most `chunk_bytes`: read in
+/// blocks of about [`READ_BLOCK_BYTES`] (a whole number of chunks), each on the blocking pool
+/// in the caller's span, and cut into chunks without copying. An empty rest is one empty chunk.
+/// A read error ends the stream with [`DerivaError::Io`] naming `context`. `keep` is held until
+/// the stream ends or is dropped (a store's lease, so that it does not close under a reader).
+pub fn file_chunks<K: Send + 'static>(
+    file: std::fs::File,
+    chunk_bytes: usize,
+    context: String,
+    keep: K,
+) -> ByteStream {
+    let chunk = chunk_bytes.max(1);
+    let block = (READ_BLOCK_BYTES / chunk).max(1) * chunk;
+    struct State<K> {
+        file: std::fs::File,
+        yielded: bool,
+        _keep: K,
+    }
+    let state = State {
+        file,
+        yielded: false,
+        _keep: keep,
+    };
+    futures::stream::try_unfold(Some(state), move |state| {
+        let context = context.clone();
+        async move {
+            let Some(mut state) = state else {
+                return Ok(None);
+            };
+            let span = tracing::Span::current();
+            let (file, buf) = crate::task::spawn_blocking_in(span, move || {
+                use std::io::Read as _;
+                let mut file = state.file;
+                let mut buf = Vec::with_capacity(block);
+                let read = (&mut file).take(block as u64).read_to_end(&mut buf);
+                read.map(|_| (file, buf))
+            })
+            .await
+            .map_err(|e| DerivaError::from_join(&context, e))?
+            .map_err(|e| DerivaError::io(&context, &e))?;
+            state.file = file;
+            if buf.is_empty() {
+                let last = (!state.yielded).then(|| (vec![Ok(Bytes::new())], None));
+                return Ok(last);
+            }
+            state.yielded = true;
+            Ok(Some((cut(Bytes::from(buf), chunk), Some(state))))
+        }
+    })
+    .map_ok(futures::stream::iter)
+    .try_flatten()
+    .boxed()
+}
+
 /// One chunk of `data` as a stream, for a backend whose reads are whole.
 pub fn once(data: Bytes) -> ByteStream {
     futures::stream::once(async move { Ok(data) }).boxed()
@@ -74,12 +132,15 @@ pub fn once(data: Bytes) -> ByteStream {
 /// `data` in chunks of at most `chunk_bytes`, each a slice of it (nothing is copied); empty
 /// data is one empty chunk.
 pub fn chunks(data: Bytes, chunk_bytes: usize) -> ByteStream {
-    let chunk = chunk_bytes.max(1);
+    futures::stream::iter(cut(data, chunk_bytes.max(1))).boxed()
+}
+
+/// `data` as slices of at most `chunk` bytes; empty data is one empty slice.
+fn cut(data: Bytes, chunk: usize) -> Vec<Result<Bytes>> {
     let count = data.len().div_ceil(chunk).max(1);
-    let cuts: Vec<Result<Bytes>> = (0..count)
+    (0..count)
         .map(|i| Ok(data.slice(i * chunk..((i + 1) * chunk).min(data.len()))))
-        .collect();
-    futures::stream::iter(cuts).boxed()
+        .collect()
 }
 
 #[cfg(test)]

@@ -100,21 +100,6 @@ where
     .map_err(|e| DerivaError::from_join(what, e))?
 }
 
-/// Reads into `buf` until it is full or the file ends; the number of bytes read.
-fn read_up_to(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    use std::io::Read as _;
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
-}
-
 /// Leaf bytes in files under `<data-dir>/blobs`.
 #[derive(Debug, Clone)]
 pub struct LocalBlobStore {
@@ -171,26 +156,13 @@ impl BlobStore for LocalBlobStore {
             Some(blobs::Opened::Whole(data)) => return Ok(Some(stream::once(data))),
             Some(blobs::Opened::File(file, path)) => (file, path),
         };
-        let inner = self.inner.clone();
-        // Each chunk is read on the blocking pool; the file travels from one read to the next.
-        let chunks = futures::stream::try_unfold(Some(file), move |file| {
-            let inner = inner.clone();
-            async move {
-                let Some(mut file) = file else {
-                    return Ok(None);
-                };
-                let (file, buf) = on_pool(&inner, "reading a blob", move |_| {
-                    let mut buf = vec![0; chunk];
-                    let n = read_up_to(&mut file, &mut buf)
-                        .map_err(|e| DerivaError::io(format!("reading blob {addr}"), &e))?;
-                    buf.truncate(n);
-                    Ok((file, buf))
-                })
-                .await?;
-                Ok((!buf.is_empty()).then(|| (Bytes::from(buf), Some(file))))
-            }
-        })
-        .boxed();
+        // Read on the blocking pool, a block at a time; the store's lease travels with the file.
+        let chunks = stream::file_chunks(
+            file,
+            chunk,
+            format!("reading blob {addr}"),
+            self.inner.clone(),
+        );
         Ok(Some(stream::verified(
             addr,
             format!("the blob file {}", path.display()),
