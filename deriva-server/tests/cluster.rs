@@ -463,3 +463,63 @@ async fn a_node_killed_under_load_loses_nothing_it_acknowledged() {
         acknowledged.len()
     );
 }
+
+/// Large values on the remote backend: a leaf streamed in through one node (spooled, then
+/// uploaded in parts) comes out of the other; a spilled output is served from each node's own
+/// spill directory; and a budget check uses the leaf sizes PostgreSQL records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_values_stream_spill_and_meet_the_budget_on_the_remote_backend() {
+    use deriva_server::proto::PutLeafStreamRequest;
+    let services = services::shared();
+    let space = Space::new("large_values");
+    let flags = ["--spill-bytes", "1MiB", "--memory-budget", "64MiB"];
+    let (a, b) = (
+        node(&services, &space, &flags),
+        node(&services, &space, &flags),
+    );
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+
+    let data: Vec<u8> = (0..20u32 << 20).map(|i| (i * 11 % 251) as u8).collect();
+    let pieces: Vec<PutLeafStreamRequest> = data
+        .chunks(1 << 20)
+        .map(|c| PutLeafStreamRequest {
+            chunk: Bytes::copy_from_slice(c),
+        })
+        .collect();
+    let leaf = ca
+        .put_leaf_stream(futures::stream::iter(pieces))
+        .await
+        .unwrap()
+        .into_inner()
+        .addr;
+    assert_eq!(
+        leaf.as_ref(),
+        deriva_core::CAddr::for_leaf(&data).as_bytes()
+    );
+    let spool = a.dir().join("incoming");
+    assert_eq!(
+        std::fs::read_dir(&spool).unwrap().count(),
+        0,
+        "the spool is empty again"
+    );
+    assert!(get_all(&mut cb, &leaf).await.unwrap() == data);
+
+    let mib = put_leaf(&mut ca, &data[..1 << 20]).await;
+    let four = put_recipe(&mut ca, "repeat", &[&mib], &[("count", "4")]).await;
+    for (node, client) in [(&a, &mut ca), (&b, &mut cb)] {
+        assert!(get_all(client, &four).await.unwrap() == data[..1 << 20].repeat(4));
+        let spilled = node.dir().join("spill").join(common::hex(&four));
+        assert!(spilled.is_file(), "{} holds the output", spilled.display());
+    }
+
+    // 20 MiB in, 160 MiB out: refused before anything is read, by the other node, from the
+    // leaf's size as PostgreSQL records it.
+    let huge = put_recipe(&mut ca, "repeat", &[&leaf], &[("count", "8")]).await;
+    let err = get_all(&mut cb, &huge).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains(&(180u64 << 20).to_string()),
+        "{}",
+        err.message()
+    );
+}
