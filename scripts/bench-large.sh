@@ -25,27 +25,16 @@ readonly ready_secs=60
 command -v b3sum >/dev/null || { apt-get install -y -q b3sum >/dev/null || { echo "needs b3sum (apt-get install b3sum)" >&2; exit 1; }; }
 cargo build --release -q -p deriva-server -p deriva-cli --bins
 bin=$PWD/target/release
-work=$(mktemp -d /tmp/deriva-bench-large.XXXXXX)
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
+bench_begin bench-large
 server_pid=
-cleanup() {
-    local status=$?
-    trap - EXIT
+bench_stop() {
     if [ -n "$server_pid" ]; then
         kill "$server_pid" 2>/dev/null || true
         wait "$server_pid" 2>/dev/null || true
     fi
-    if [ -n "${BENCH_KEEP:-}" ] || [ "$status" -ne 0 ]; then
-        echo "bench-large: logs and raw results kept in $work" >&2
-    else
-        rm -rf "$work"
-    fi
-    exit "$status"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 
 file=$work/leaf.bin
 head -c "$((mib << 20))" /dev/urandom >"$file"
@@ -63,14 +52,13 @@ done
 addr=$("$bin/deriva" --server "$url" put "$file")
 [ "$addr" = "$(b3sum --no-names "$file")" ] || { echo "the address is not the file's BLAKE3" >&2; exit 1; }
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$server_pid/stat"; }
 reset_peak() { echo 5 >"/proc/$server_pid/clear_refs"; }
 peak_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$server_pid/status"; }
 now() { date +%s.%N; }
 
 run() {
     local what=$1 start end ticks0 ticks1
-    case $what in put | get) reset_peak; ticks0=$(cpu_ticks) ;; esac
+    case $what in put | get) reset_peak; ticks0=$(cpu_ticks "$server_pid") ;; esac
     start=$(now)
     case $what in
         b3sum) b3sum --num-threads 1 "$file" >/dev/null ;;
@@ -81,7 +69,7 @@ run() {
     esac
     end=$(now)
     case $what in
-        put | get) ticks1=$(cpu_ticks)
+        put | get) ticks1=$(cpu_ticks "$server_pid")
             echo "$what $(echo "$end - $start" | bc -l) $((ticks1 - ticks0)) $(peak_kib)" ;;
         *) echo "$what $(echo "$end - $start" | bc -l) 0 0" ;;
     esac

@@ -30,30 +30,19 @@ readonly ready_secs=60
 cargo build --release -q -p deriva-server -p deriva-cli --bins
 cargo build --release -q -p deriva-remote --example plain_copy
 bin=$PWD/target/release
-work=$(mktemp -d /tmp/deriva-bench-migrate.XXXXXX)
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
+bench_begin bench-migrate
 chmod o+x "$work"   # the postgres user reaches $work/backends/pg through it
 backends=$work/backends
 server_pid=
-cleanup() {
-    local status=$?
-    trap - EXIT
+bench_stop() {
     if [ -n "$server_pid" ]; then
         kill "$server_pid" 2>/dev/null || true
         wait "$server_pid" 2>/dev/null || true
     fi
-    scripts/backends.sh stop "$backends" >/dev/null || echo "bench-migrate: stopping the backends failed" >&2
-    if [ -n "${BENCH_KEEP:-}" ] || [ "$status" -ne 0 ]; then
-        echo "bench-migrate: logs and raw results kept in $work" >&2
-    else
-        rm -rf "$work"
-    fi
-    exit "$status"
+    scripts/backends.sh stop "$backends" >/dev/null
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 
 scripts/backends.sh start "$backends" >"$work/backends.out" 2>&1 ||
     { cat "$work/backends.out" >&2; exit 1; }

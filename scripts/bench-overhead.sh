@@ -15,16 +15,14 @@ conc=${3:-16}
 
 cargo build --release -q -p deriva-server -p deriva-cli --bins --example otlp-sink
 bin=target/release
-work=$(mktemp -d)
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
+bench_begin bench-overhead
 pids=()
-cleanup() {
+bench_stop() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$work"
 }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 
 "$bin/examples/otlp-sink" > "$work/sink.out" 2> "$work/sink.err" &
 pids+=($!)

@@ -39,43 +39,21 @@ readonly ready_secs=60
 
 cargo build --release -q -p deriva-server -p deriva-cli --bins
 bin=$PWD/target/release
-work=$(mktemp -d /tmp/deriva-bench-remote.XXXXXX)
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
+bench_begin bench-remote
 # The postgres user (backends.sh runs PostgreSQL as it when we are root) must reach
 # $work/backends/pg through this directory.
 chmod o+x "$work"
 backends=$work/backends
 declare -A pid port metrics
 server_pids=()
-cleanup() {
-    local status=$?
-    trap - EXIT
+bench_stop() {
     if [ "${#server_pids[@]}" -gt 0 ]; then
         kill "${server_pids[@]}" 2>/dev/null || true
         wait "${server_pids[@]}" 2>/dev/null || true
     fi
-    scripts/backends.sh stop "$backends" >/dev/null || echo "bench-remote: stopping the backends failed" >&2
-    if [ -n "${BENCH_KEEP:-}" ] || [ "$status" -ne 0 ]; then
-        echo "bench-remote: logs and raw results kept in $work" >&2
-    else
-        rm -rf "$work"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-
-# utime + stime of PID, in clock ticks (fields 14 and 15 of /proc/PID/stat, counted after the
-# command name, which may hold spaces).
-cpu_ticks() {
-    local stat
-    read -r stat <"/proc/$1/stat"
-    stat=${stat##*) }
-    local -a f
-    read -r -a f <<<"$stat"
-    echo $((f[11] + f[12]))
+    scripts/backends.sh stop "$backends" >/dev/null
 }
 clk_tck=$(getconf CLK_TCK)
 
