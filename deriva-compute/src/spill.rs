@@ -424,12 +424,7 @@ impl SpillStore {
         };
 
         // Read on the blocking pool, a block at a time, and cut into chunks.
-        let chunks = stream::file_chunks(
-            file,
-            chunk,
-            format!("reading spilled output {addr}"),
-            (),
-        );
+        let chunks = stream::file_chunks(file, chunk, format!("reading spilled output {addr}"), ());
 
         let source = format!(
             "the spill file {}, whose header records {expected},",
