@@ -240,7 +240,7 @@ impl RecipeIndex for PgIndex {
         rows_to_addrs(&rows, CALL.context)
     }
 
-    async fn transitive_dependents(&self, addr: CAddr) -> Result<Vec<CAddr>> {
+    async fn transitive_dependents(&self, addr: CAddr) -> Result<Vec<(CAddr, u32)>> {
         const CALL: Call = Call {
             op: "transitive_dependents",
             operation: "SELECT",
@@ -259,11 +259,16 @@ impl RecipeIndex for PgIndex {
                      SELECT e.recipe, w.dist + 1
                      FROM {s}.edges e JOIN walk w ON e.input = w.addr
                  )
-                 SELECT addr FROM walk GROUP BY addr ORDER BY min(dist), addr",
+                 SELECT addr, min(dist) FROM walk GROUP BY addr ORDER BY min(dist), addr",
                 &[&key],
             )
             .await?;
-        rows_to_addrs(&rows, CALL.context)
+        rows.iter()
+            .map(|row| {
+                let dist = u32::try_from(row.get::<_, i32>(1)).unwrap_or(u32::MAX);
+                addr_of(row.get(0), CALL.context).map(|a| (a, dist))
+            })
+            .collect()
     }
 
     async fn delete(&self, addr: CAddr) -> Result<bool> {
@@ -310,6 +315,69 @@ impl RecipeIndex for PgIndex {
                 })?;
                 Ok((addr, depth))
             })
+            .collect()
+    }
+
+    async fn pin(&self, addr: CAddr) -> Result<bool> {
+        const CALL: Call = Call {
+            op: "pin",
+            operation: "INSERT",
+            table: "pins",
+            context: "pinning an address",
+        };
+        let key = addr.as_bytes().as_slice();
+        let new = self
+            .pg
+            .query_opt(
+                CALL,
+                "INSERT INTO {s}.pins (addr) VALUES ($1) ON CONFLICT (addr) DO NOTHING
+                 RETURNING addr",
+                &[&key],
+            )
+            .await?
+            .is_some();
+        if new {
+            self.counters.add_pins(1);
+        }
+        Ok(new)
+    }
+
+    async fn unpin(&self, addr: CAddr) -> Result<bool> {
+        const CALL: Call = Call {
+            op: "unpin",
+            operation: "DELETE",
+            table: "pins",
+            context: "unpinning an address",
+        };
+        let key = addr.as_bytes().as_slice();
+        let was = self
+            .pg
+            .query_opt(
+                CALL,
+                "DELETE FROM {s}.pins WHERE addr = $1 RETURNING addr",
+                &[&key],
+            )
+            .await?
+            .is_some();
+        if was {
+            self.counters.add_pins(-1);
+        }
+        Ok(was)
+    }
+
+    async fn pins(&self) -> Result<Vec<CAddr>> {
+        const CALL: Call = Call {
+            op: "list_pins",
+            operation: "SELECT",
+            table: "pins",
+            context: "listing pins",
+        };
+        let rows = self
+            .pg
+            .query(CALL, "SELECT addr FROM {s}.pins", &[])
+            .await?;
+        rows.iter()
+            .map(|row| addr_of(row.get(0), CALL.context))
             .collect()
     }
 

@@ -193,7 +193,8 @@ async fn load_counters(pg: &pg::Pg, counters: &StoreCounters) -> Result<()> {
                 &pg.sql(
                     "SELECT (SELECT count(*) FROM {s}.recipes),
                             (SELECT count(*) FROM {s}.leaves),
-                            (SELECT coalesce(sum(size), 0)::bigint FROM {s}.leaves)",
+                            (SELECT coalesce(sum(size), 0)::bigint FROM {s}.leaves),
+                            (SELECT count(*) FROM {s}.pins)",
                 ),
                 &[],
             )
@@ -202,6 +203,7 @@ async fn load_counters(pg: &pg::Pg, counters: &StoreCounters) -> Result<()> {
         let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
         counters.set_recipes(n(0));
         counters.set_blobs(n(1), n(2));
+        counters.set_pins(n(3));
         Ok(())
     })
     .await

@@ -6,6 +6,7 @@
 //! - `leaves(addr, size)`: every leaf whose bytes are durable in the object store;
 //! - `recipes(addr, encoding, depth)`: the canonical encoding and DAG depth of every recipe;
 //! - `edges(input, recipe)`: one row per input of a recipe, keyed by input (for dependents);
+//! - `pins(addr, pinned_at)`: the pinned addresses (migration 2);
 //!   deleting a recipe deletes its edges.
 //!
 //! Every call is bounded: [`CONNECT_TIMEOUT`] to connect, [`POOL_WAIT`] for a free
@@ -32,11 +33,12 @@ pub const POOL_WAIT: Duration = Duration::from_secs(5);
 /// PostgreSQL's `statement_timeout` on every connection of the pool.
 pub const STATEMENT_TIMEOUT_MS: u32 = 30_000;
 /// The schema version this build knows; a database migrated by a newer build is refused.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// The migrations, in order; migration `i` brings the schema to version `i + 1`. `{s}` is the
 /// quoted schema name.
-const MIGRATIONS: [&str; 1] = [r#"
+const MIGRATIONS: [&str; 2] = [
+    r#"
 CREATE TABLE {s}.leaves (
     addr bytea PRIMARY KEY CHECK (length(addr) = 32),
     size bigint NOT NULL CHECK (size >= 0),
@@ -54,7 +56,14 @@ CREATE TABLE {s}.edges (
     PRIMARY KEY (input, recipe)
 );
 CREATE INDEX edges_by_recipe ON {s}.edges (recipe);
-"#];
+"#,
+    r#"
+CREATE TABLE {s}.pins (
+    addr bytea PRIMARY KEY CHECK (length(addr) = 32),
+    pinned_at timestamptz NOT NULL DEFAULT now()
+);
+"#,
+];
 
 /// A pool of connections to the index database, with its schema migrated.
 #[derive(Debug)]

@@ -10,7 +10,7 @@
 //! which generates one `#[tokio::test]` per case, each with a fresh harness. The cases:
 //! durability across reopen, idempotent puts, missing inputs, dependents, corruption
 //! detection, concurrent writers, the blob operations (size, list, delete), streamed
-//! leaves, and streamed uploads whose address comes at the end.
+//! leaves, streamed uploads whose address comes at the end, and pins.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -46,7 +46,7 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $harness;
             durability_across_reopen, idempotent_puts, missing_inputs, dependents,
             corruption_detection, concurrent_writers, blob_operations, streams,
-            unaddressed_uploads);
+            unaddressed_uploads, pins);
     };
     (@cases $harness:expr; $($case:ident),*) => {
         $(
@@ -496,5 +496,45 @@ pub async fn unaddressed_uploads(h: &impl Harness) {
     );
     assert_eq!(store.counters().blobs(), 3);
     drop(blobs);
+    close(store).await;
+}
+
+/// Pins: only what exists, once each, listed, counted, durable across a reopen, and unpinned.
+pub async fn pins(h: &impl Harness) {
+    let store = h.open().await.expect("open");
+    let leaf = store
+        .put_leaf(Bytes::from_static(b"pinned leaf"))
+        .await
+        .unwrap();
+    let recipe = Recipe::new(
+        FunctionId::new("concat", "v1").unwrap(),
+        vec![leaf],
+        BTreeMap::<String, String>::new(),
+    )
+    .unwrap();
+    let recipe = store.put_recipe(recipe).await.unwrap();
+    let unknown = CAddr::for_leaf(b"never stored");
+    assert!(matches!(
+        store.pin(unknown).await,
+        Err(DerivaError::NotFound { addr }) if addr == unknown
+    ));
+    assert!(store.pin(leaf).await.unwrap(), "new");
+    assert!(!store.pin(leaf).await.unwrap(), "already pinned");
+    assert!(store.pin(recipe).await.unwrap());
+    let mut pins = store.pins().await.unwrap();
+    pins.sort();
+    let mut expected = vec![leaf, recipe];
+    expected.sort();
+    assert_eq!(pins, expected);
+    assert_eq!(store.counters().pins(), 2);
+    close(store).await;
+
+    let store = h.open().await.expect("reopen");
+    assert_eq!(store.counters().pins(), 2, "counted again at open");
+    assert!(store.unpin(leaf).await.unwrap());
+    assert!(!store.unpin(leaf).await.unwrap(), "no longer pinned");
+    assert!(!store.unpin(unknown).await.unwrap());
+    assert_eq!(store.pins().await.unwrap(), vec![recipe]);
+    assert_eq!(store.counters().pins(), 1);
     close(store).await;
 }

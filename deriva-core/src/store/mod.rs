@@ -35,12 +35,28 @@ pub use stream::ByteStream;
 /// them current on every put and delete.
 #[derive(Debug, Default)]
 pub struct StoreCounters {
+    pins: AtomicU64,
     recipes: AtomicU64,
     blobs: AtomicU64,
     blob_bytes: AtomicU64,
 }
 
 impl StoreCounters {
+    /// Number of pinned addresses.
+    pub fn pins(&self) -> u64 {
+        self.pins.load(Ordering::Relaxed)
+    }
+
+    /// Sets the pin count (when a backend opens).
+    pub fn set_pins(&self, n: u64) {
+        self.pins.store(n, Ordering::Relaxed);
+    }
+
+    /// Adds `n` pins; a negative `n` removes.
+    pub fn add_pins(&self, n: i64) {
+        add_signed(&self.pins, n);
+    }
+
     /// Number of stored recipes.
     pub fn recipes(&self) -> u64 {
         self.recipes.load(Ordering::Relaxed)
@@ -194,19 +210,20 @@ pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
     /// The recipes that use `addr` directly as an input.
     async fn dependents(&self, addr: CAddr) -> Result<Vec<CAddr>>;
 
-    /// Every recipe that depends on `addr`, directly or through other recipes, in breadth-first
-    /// order (by distance from `addr`), each once; `addr` itself is not included. The default
+    /// Every recipe that depends on `addr`, directly or through other recipes, with its
+    /// shortest distance from `addr` (1 for a direct dependent), in breadth-first order, each
+    /// once; `addr` itself is not included. The default
     /// asks [`RecipeIndex::dependents`] level by level; an index that can walk the graph in one
     /// query (PostgreSQL's recursive CTE) overrides it.
-    async fn transitive_dependents(&self, addr: CAddr) -> Result<Vec<CAddr>> {
+    async fn transitive_dependents(&self, addr: CAddr) -> Result<Vec<(CAddr, u32)>> {
         let mut seen = HashSet::from([addr]);
-        let mut queue = VecDeque::from([addr]);
+        let mut queue = VecDeque::from([(addr, 0u32)]);
         let mut out = Vec::new();
-        while let Some(next) = queue.pop_front() {
+        while let Some((next, distance)) = queue.pop_front() {
             for dep in self.dependents(next).await? {
                 if seen.insert(dep) {
-                    out.push(dep);
-                    queue.push_back(dep);
+                    out.push((dep, distance + 1));
+                    queue.push_back((dep, distance + 1));
                 }
             }
         }
@@ -241,6 +258,17 @@ pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
     /// The number of stored recipes, counted by a scan: for checks, not hot paths (use
     /// [`StoreCounters`]).
     async fn count_by_scan(&self) -> Result<u64>;
+
+    /// Pins `addr`, durably: pinned addresses are the roots of what garbage collection keeps.
+    /// Whether it was not pinned before. The index does not check that `addr` exists
+    /// ([`Store::pin`] does).
+    async fn pin(&self, addr: CAddr) -> Result<bool>;
+
+    /// Unpins `addr`; whether it was pinned.
+    async fn unpin(&self, addr: CAddr) -> Result<bool>;
+
+    /// Every pinned address, in no particular order.
+    async fn pins(&self) -> Result<Vec<CAddr>>;
 
     /// A cheap real round trip to the backend, for health checks: `Ok` if it can serve.
     async fn check(&self) -> Result<()>;
@@ -465,7 +493,35 @@ impl Store {
     /// Every recipe that depends on `addr`, directly or through other recipes, in breadth-first
     /// order, each once. `addr` itself is not included.
     pub async fn transitive_dependents(&self, addr: CAddr) -> Result<Vec<CAddr>> {
+        let found = self.recipes.transitive_dependents(addr).await?;
+        Ok(found.into_iter().map(|(dep, _)| dep).collect())
+    }
+
+    /// [`Store::transitive_dependents`], each with its shortest distance from `addr`.
+    pub async fn transitive_dependents_with_distance(
+        &self,
+        addr: CAddr,
+    ) -> Result<Vec<(CAddr, u32)>> {
         self.recipes.transitive_dependents(addr).await
+    }
+
+    /// Pins `addr`, a leaf or a recipe ([`DerivaError::NotFound`] otherwise): a root of what
+    /// garbage collection keeps. Whether it was not pinned before.
+    pub async fn pin(&self, addr: CAddr) -> Result<bool> {
+        if self.kind_of(addr).await?.is_none() {
+            return Err(DerivaError::NotFound { addr });
+        }
+        self.recipes.pin(addr).await
+    }
+
+    /// Unpins `addr`; whether it was pinned (unpinning what is not pinned is no error).
+    pub async fn unpin(&self, addr: CAddr) -> Result<bool> {
+        self.recipes.unpin(addr).await
+    }
+
+    /// Every pinned address, in no particular order.
+    pub async fn pins(&self) -> Result<Vec<CAddr>> {
+        self.recipes.pins().await
     }
 
     /// Checks that both backends can serve (a real read of each), for health checks.

@@ -240,6 +240,21 @@ impl RecipeIndex for LocalRecipeIndex {
         on_pool(&self.inner, "listing recipes", |r| r.list()).await
     }
 
+    async fn pin(&self, addr: CAddr) -> Result<bool> {
+        on_pool(&self.inner, "pinning an address", move |db| db.pin(&addr)).await
+    }
+
+    async fn unpin(&self, addr: CAddr) -> Result<bool> {
+        on_pool(&self.inner, "unpinning an address", move |db| {
+            db.unpin(&addr)
+        })
+        .await
+    }
+
+    async fn pins(&self) -> Result<Vec<CAddr>> {
+        on_pool(&self.inner, "listing pins", |db| db.pins()).await
+    }
+
     async fn count_by_scan(&self) -> Result<u64> {
         on_pool(&self.inner, "counting recipes", |r| r.count_by_scan()).await
     }

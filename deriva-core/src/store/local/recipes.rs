@@ -3,7 +3,8 @@
 //! Tables:
 //! - `recipes`: recipe address → `depth (u32 LE) ‖ canonical recipe encoding`;
 //! - `dependents` (multimap): input address → addresses of the recipes that use it;
-//! - `meta`: `"recipe_count"` → number of rows in `recipes`, updated in the same transaction.
+//! - `meta`: `"recipe_count"` → number of rows in `recipes`, updated in the same transaction;
+//! - `pins`: pinned address → when it was pinned (seconds since the Unix epoch).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ const DEPENDENTS: MultimapTableDefinition<&[u8; 32], &[u8; 32]> =
     MultimapTableDefinition::new("dependents");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const RECIPE_COUNT: &str = "recipe_count";
+const PINS: TableDefinition<&[u8; 32], u64> = TableDefinition::new("pins");
 
 /// Turns a redb error into [`DerivaError::Io`] (keeping the OS error kind) or
 /// [`DerivaError::Database`], with a short context.
@@ -66,6 +68,8 @@ impl RecipeDb {
         let count = {
             txn.open_table(RECIPES).or_storage(CTX)?;
             txn.open_multimap_table(DEPENDENTS).or_storage(CTX)?;
+            let pins = txn.open_table(PINS).or_storage(CTX)?;
+            counters.set_pins(pins.len().or_storage(CTX)?);
             let meta = txn.open_table(META).or_storage(CTX)?;
             let count = meta.get(RECIPE_COUNT).or_storage(CTX)?;
             count.map(|v| v.value()).unwrap_or(0)
@@ -231,6 +235,62 @@ impl RecipeDb {
             let (key, row) = entry.or_storage(CTX)?;
             let addr = CAddr::from_bytes(*key.value());
             out.push((addr, decode_depth(&addr, row.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Pins `addr` (durably); whether it was not pinned before.
+    pub(super) fn pin(&self, addr: &CAddr) -> Result<bool> {
+        const CTX: &str = "pinning an address";
+        let txn = self.db.begin_write().or_storage(CTX)?;
+        let new = {
+            let mut pins = txn.open_table(PINS).or_storage(CTX)?;
+            if pins.get(addr.as_bytes()).or_storage(CTX)?.is_some() {
+                false
+            } else {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                pins.insert(addr.as_bytes(), now).or_storage(CTX)?;
+                true
+            }
+        };
+        if !new {
+            txn.abort().or_storage(CTX)?;
+            return Ok(false);
+        }
+        txn.commit().or_storage(CTX)?;
+        self.counters.add_pins(1);
+        Ok(true)
+    }
+
+    /// Unpins `addr`; whether it was pinned.
+    pub(super) fn unpin(&self, addr: &CAddr) -> Result<bool> {
+        const CTX: &str = "unpinning an address";
+        let txn = self.db.begin_write().or_storage(CTX)?;
+        let was = txn
+            .open_table(PINS)
+            .or_storage(CTX)?
+            .remove(addr.as_bytes())
+            .or_storage(CTX)?
+            .is_some();
+        if !was {
+            txn.abort().or_storage(CTX)?;
+            return Ok(false);
+        }
+        txn.commit().or_storage(CTX)?;
+        self.counters.add_pins(-1);
+        Ok(true)
+    }
+
+    /// Every pinned address, from one read transaction.
+    pub(super) fn pins(&self) -> Result<Vec<CAddr>> {
+        const CTX: &str = "listing pins";
+        let txn = self.db.begin_read().or_storage(CTX)?;
+        let table = txn.open_table(PINS).or_storage(CTX)?;
+        let mut out = Vec::new();
+        for entry in table.iter().or_storage(CTX)? {
+            out.push(CAddr::from_bytes(*entry.or_storage(CTX)?.0.value()));
         }
         Ok(out)
     }
