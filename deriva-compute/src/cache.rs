@@ -186,6 +186,12 @@ impl Cache {
         self.inner.lock().map.contains_key(addr)
     }
 
+    /// The size of the cached output of `addr`, if any, without counting a lookup or changing
+    /// its rank.
+    pub fn size_of(&self, addr: &CAddr) -> Option<u64> {
+        self.inner.lock().map.get(addr).map(|e| e.data.len() as u64)
+    }
+
     /// Caches `data` for `addr`, evicting lower-priority entries as needed. Returns the
     /// addresses evicted. An output larger than the whole budget is not cached.
     pub fn insert(&self, addr: CAddr, data: Bytes, cost: Duration) -> Vec<CAddr> {

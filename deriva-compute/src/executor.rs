@@ -141,6 +141,60 @@ pub struct InvalidateReport {
     pub evicted: Vec<CAddr>,
 }
 
+/// What [`AsyncExecutor::cascade_invalidate`] does with the addresses it finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CascadePolicy {
+    /// Evict them (the default).
+    #[default]
+    Immediate,
+    /// Report what would be evicted; change nothing.
+    DryRun,
+    /// Do nothing.
+    None,
+}
+
+impl CascadePolicy {
+    /// Every policy, in the order of [`CascadePolicy::as_str`]'s labels.
+    pub const ALL: [CascadePolicy; 3] = [Self::Immediate, Self::DryRun, Self::None];
+
+    /// The policy a client names: `dry_run` or `dryrun`, `none` (any case); anything else is
+    /// `immediate`.
+    pub fn parse(name: &str) -> Self {
+        match name.to_ascii_lowercase().as_str() {
+            "dry_run" | "dryrun" => Self::DryRun,
+            "none" => Self::None,
+            _ => Self::Immediate,
+        }
+    }
+
+    /// The label: `immediate`, `dry_run` or `none`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Immediate => "immediate",
+            Self::DryRun => "dry_run",
+            Self::None => "none",
+        }
+    }
+}
+
+/// What [`AsyncExecutor::cascade_invalidate`] found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CascadeReport {
+    /// Whether the requested address itself was held (cached or spilled) and evicted (or
+    /// would be, in a dry run).
+    pub was_cached: bool,
+    /// The addresses evicted (or that would be), the requested one first if it was.
+    pub evicted: Vec<CAddr>,
+    /// The addresses examined: the root if included, and every transitive dependent.
+    pub traversed: u64,
+    /// The longest distance from the root to a dependent (0 without dependents).
+    pub max_depth: u32,
+    /// The bytes of the evicted outputs (in memory and in the spill directory).
+    pub bytes_reclaimed: u64,
+    /// How long it took.
+    pub duration: Duration,
+}
+
 /// What [`AsyncExecutor::verify`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyReport {
@@ -950,51 +1004,110 @@ impl AsyncExecutor {
 
     /// Evicts `addr` from the cache and, with `cascade`, every recipe that depends on it
     /// directly or transitively. [`DerivaError::NotFound`] if the store does not know `addr`.
-    ///
-    /// An invalidation wins over computes already running: their outputs are not cached, and
-    /// the next request starts a new materialization rather than joining theirs.
+    /// The same as [`AsyncExecutor::cascade_invalidate`] with [`CascadePolicy::Immediate`] and
+    /// the root included.
     pub async fn invalidate(&self, addr: CAddr, cascade: bool) -> Result<InvalidateReport> {
+        let report = self
+            .cascade_invalidate(addr, cascade, CascadePolicy::Immediate, true)
+            .await?;
+        Ok(InvalidateReport {
+            was_cached: report.was_cached,
+            evicted: report.evicted,
+        })
+    }
+
+    /// Invalidates `addr` (if `include_root`) and, with `cascade`, every recipe that depends
+    /// on it directly or transitively: each is evicted from the memory cache and the spill
+    /// directory of this node, from the shared output tier, and (through the store's
+    /// [`deriva_core::InvalidationBus`]) from the other nodes. [`CascadePolicy::DryRun`]
+    /// reports what would be evicted and changes nothing; [`CascadePolicy::None`] does
+    /// nothing. [`DerivaError::NotFound`] if the store does not know `addr`.
+    ///
+    /// An invalidation wins over computes already running: their outputs are not kept, and
+    /// the next request starts a new materialization rather than joining theirs.
+    pub async fn cascade_invalidate(
+        &self,
+        addr: CAddr,
+        cascade: bool,
+        policy: CascadePolicy,
+        include_root: bool,
+    ) -> Result<CascadeReport> {
         let span = info_span!(
             spans::INVALIDATE,
             { field::ADDR } = %addr,
             { field::CASCADE } = cascade,
+            { field::POLICY } = policy.as_str(),
             { field::EVICTED } = Empty
         );
         async move {
+            let start = Instant::now();
+            self.inner.stats.record_cascade(policy);
             if self.inner.store.kind_of(addr).await?.is_none() {
                 return Err(DerivaError::NotFound { addr });
             }
+            if policy == CascadePolicy::None {
+                Span::current().record(field::EVICTED, 0i64);
+                return Ok(CascadeReport::default());
+            }
             let dependents = if cascade {
-                self.inner.store.transitive_dependents(addr).await?
+                self.inner
+                    .store
+                    .transitive_dependents_with_distance(addr)
+                    .await?
             } else {
                 Vec::new()
             };
-            let was_cached = self.forget(&addr);
-            let mut evicted = if was_cached { vec![addr] } else { Vec::new() };
-            for dependent in &dependents {
-                if self.forget(dependent) {
-                    evicted.push(*dependent);
+            let max_depth = dependents.iter().map(|(_, d)| *d).max().unwrap_or(0);
+            let mut targets: Vec<CAddr> = dependents.into_iter().map(|(a, _)| a).collect();
+            if include_root {
+                targets.insert(0, addr);
+            }
+            let mut report = CascadeReport {
+                traversed: targets.len() as u64,
+                max_depth,
+                ..CascadeReport::default()
+            };
+            for target in &targets {
+                let size = self.held_size(target);
+                let gone = match policy {
+                    CascadePolicy::DryRun => size.is_some(),
+                    _ => self.forget(target),
+                };
+                if gone {
+                    report.evicted.push(*target);
+                    report.bytes_reclaimed += size.unwrap_or(0);
+                    report.was_cached |= *target == addr;
                 }
             }
-            // The other nodes and the shared output tier forget them too. Both are remote:
-            // a failure is the call's error (the client retries), never half-silent.
-            let mut everything = dependents;
-            everything.insert(0, addr);
-            if let Some(outputs) = self.inner.store.outputs() {
-                futures::future::try_join_all(everything.iter().map(|a| outputs.delete(*a)))
-                    .await?;
+            if policy == CascadePolicy::Immediate && !targets.is_empty() {
+                // The other nodes and the shared output tier forget them too. Both are
+                // remote: a failure is the call's error (the client retries), never
+                // half-silent.
+                if let Some(outputs) = self.inner.store.outputs() {
+                    futures::future::try_join_all(targets.iter().map(|a| outputs.delete(*a)))
+                        .await?;
+                }
+                if let Some(bus) = self.inner.store.bus() {
+                    bus.publish(&targets).await?;
+                }
             }
-            if let Some(bus) = self.inner.store.bus() {
-                bus.publish(&everything).await?;
-            }
-            Span::current().record(field::EVICTED, as_i64(evicted.len()));
-            Ok(InvalidateReport {
-                was_cached,
-                evicted,
-            })
+            report.duration = start.elapsed();
+            Span::current().record(field::EVICTED, as_i64(report.evicted.len()));
+            Ok(report)
         }
         .instrument(span)
         .await
+    }
+
+    /// The bytes this node holds for the output of `addr`: in the memory cache or the spill
+    /// directory.
+    fn held_size(&self, addr: &CAddr) -> Option<u64> {
+        let cached = self.inner.cache.size_of(addr);
+        let spilled = self.spill().and_then(|s| s.size_of(addr));
+        match (cached, spilled) {
+            (None, None) => None,
+            (c, s) => Some(c.unwrap_or(0) + s.unwrap_or(0)),
+        }
     }
 
     /// Evicts `addrs` from this node's cache only, as an `Invalidate` on another node asked

@@ -33,7 +33,7 @@
 //! | `verify` | `function`, `passed` | `materialize` |
 //! | `cache_put` | `bytes` | `materialize` |
 //! | `spill_write` | `bytes` | `materialize` (an output above the spill threshold) |
-//! | `invalidate` | `addr`, `cascade`, `evicted` | the caller's span |
+//! | `invalidate` | `addr`, `cascade`, `policy`, `evicted` | the caller's span |
 //! | `verify_recipe` | `addr`, `deterministic` | the caller's span (an explicit verification) |
 //!
 //! A compute slower than 1 s (configurable) logs a WARN; a determinism violation logs an ERROR
@@ -65,6 +65,7 @@
 //! | `deriva_storage_corruption_total` | counter | – | stored leaves or recipes found corrupted when read (answered `DATA_LOSS`, never served or cached); each detection counts |
 //! | `deriva_verification_total` | counter | `result` = `pass`, `fail` | verifications |
 //! | `deriva_verification_failure_rate` | gauge | – | failed / all verifications since start (0–1) |
+//! | `deriva_invalidation_total` | counter | `policy` = `immediate`, `dry_run`, `none` | invalidations (plain or cascading) by policy |
 //! | `deriva_memory_budget_bytes`, `deriva_memory_inflight_bytes`, `deriva_memory_waiting` | gauge | – | the memory budget, the bytes reserved now, the requests waiting for room |
 //! | `deriva_memory_waits_total`, `deriva_memory_rejections_total` | counter | – | requests that waited; requests refused (`RESOURCE_EXHAUSTED`) |
 //! | `deriva_spill_budget_bytes`, `deriva_spill_size_bytes`, `deriva_spill_entries` | gauge | – | the spill directory's budget, bytes and entries (with a spill directory) |
@@ -90,7 +91,8 @@ pub use deriva_core::spans;
 pub use budget::{BudgetConfig, MemoryBudget};
 pub use cache::{Cache, CacheHit, CacheStats};
 pub use executor::{
-    AsyncExecutor, ExecutorConfig, InvalidateReport, VerificationMode, VerifyReport,
+    AsyncExecutor, CascadePolicy, CascadeReport, ExecutorConfig, InvalidateReport,
+    VerificationMode, VerifyReport,
 };
 pub use function::{ComputeFunction, FunctionError, FunctionRegistry};
 pub use metrics::{ComputeMetrics, ExecStats, Outcome};

@@ -19,6 +19,7 @@ use opentelemetry::metrics::{
 
 use crate::budget::MemoryBudget;
 use crate::cache::CacheStats;
+use crate::executor::CascadePolicy;
 use crate::spill::SpillStore;
 
 /// Buckets of `deriva_materialize_duration_seconds` (listed in README.md, "Metrics reference").
@@ -92,6 +93,7 @@ pub struct ExecStats {
     waiting: AtomicI64,
     verify_pass: AtomicU64,
     verify_fail: AtomicU64,
+    cascades: [AtomicU64; CascadePolicy::ALL.len()],
 }
 
 impl ExecStats {
@@ -167,6 +169,15 @@ impl ExecStats {
         }
     }
 
+    /// Invalidations (plain or cascading) asked with `policy`.
+    pub fn cascades(&self, policy: CascadePolicy) -> u64 {
+        self.cascades[policy as usize].load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record_cascade(&self, policy: CascadePolicy) {
+        self.cascades[policy as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn record_verification(&self, passed: bool) {
         let counter = if passed {
             &self.verify_pass
@@ -238,6 +249,7 @@ impl ComputeMetrics {
         let [hit, miss, pass, fail] =
             ["hit", "miss", "pass", "fail"].map(|r| [KeyValue::new("result", r)]);
         let outcomes = Outcome::ALL.map(|o| [KeyValue::new("result", o.as_str())]);
+        let policies = CascadePolicy::ALL.map(|p| [KeyValue::new("policy", p.as_str())]);
         let counters = vec![
             counter(
                 "deriva.materialize",
@@ -270,6 +282,15 @@ impl ComputeMetrics {
                 "deriva.cache.eviction",
                 "Cache entries evicted to stay within the byte budget",
                 Box::new(|c, _, o| o.observe(c.evictions(), &[])),
+            ),
+            counter(
+                "deriva.invalidation",
+                "Invalidate and CascadeInvalidate calls by policy: immediate, dry_run or none",
+                Box::new(move |_, e, o| {
+                    for (policy, attrs) in CascadePolicy::ALL.iter().zip(&policies) {
+                        o.observe(e.cascades(*policy), attrs);
+                    }
+                }),
             ),
             counter(
                 "deriva.storage.corruption",

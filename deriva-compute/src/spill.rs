@@ -288,6 +288,11 @@ impl SpillStore {
         self.inner.lock().map.contains_key(addr)
     }
 
+    /// The size of the spilled output of `addr`, if any (no LRU touch, no hit or miss).
+    pub fn size_of(&self, addr: &CAddr) -> Option<u64> {
+        self.inner.lock().map.get(addr).map(|e| e.len)
+    }
+
     /// Looks `addr` up, opens its file, touches it and counts a hit; or counts a miss.
     fn lookup(&self, addr: &CAddr) -> Result<Option<Found>> {
         let path = self.path_of(addr);

@@ -215,6 +215,7 @@ async fn every_family_has_its_documented_name_and_type() {
         ("deriva_memory_waiting", "gauge"),
         ("deriva_memory_waits_total", "counter"),
         ("deriva_memory_rejections_total", "counter"),
+        ("deriva_invalidation_total", "counter"),
     ];
     for (name, kind) in expected {
         let line = format!("# TYPE {name} {kind}");

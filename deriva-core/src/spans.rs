@@ -68,6 +68,8 @@ pub mod field {
     pub const DETERMINISTIC: &str = "deterministic";
     /// Whether an invalidation cascades to dependents.
     pub const CASCADE: &str = "cascade";
+    /// `invalidate`: what it does with what it finds (`immediate`, `dry_run`, `none`).
+    pub const POLICY: &str = "policy";
     /// How many cache entries an invalidation removed.
     pub const EVICTED: &str = "evicted";
     /// The request id of an RPC (the `x-request-id` header or a new UUID).
