@@ -88,14 +88,34 @@ pub enum Command {
         addr: String,
     },
     /// Evict an address from the server's cache; print whether it was cached and the count
-    /// evicted.
+    /// evicted. With --cascade (CascadeInvalidate), print what was evicted and walked.
     Invalidate {
         /// The address (64 hex characters).
         addr: String,
         /// Also evict every recipe that depends on it, directly or not.
         #[arg(long)]
         cascade: bool,
+        /// With --cascade: report what would be evicted, and evict nothing.
+        #[arg(long, requires = "cascade")]
+        dry_run: bool,
+        /// With --cascade: also print every evicted address, one per line.
+        #[arg(long, requires = "cascade")]
+        detail: bool,
     },
+    /// Pin an address (a leaf or a recipe): a root of what garbage collection keeps.
+    Pin {
+        /// The address (64 hex characters).
+        addr: String,
+    },
+    /// Unpin an address.
+    Unpin {
+        /// The address (64 hex characters).
+        addr: String,
+    },
+    /// List the pinned addresses, one per line.
+    Pins,
+    /// List the nodes serving the store, with their state.
+    Cluster,
     /// Print the server's store, cache and verification counters.
     Status,
     /// Compute a recipe twice and compare; exits with 1 if the two outputs differ.

@@ -10,9 +10,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use deriva_core::CAddr;
 use deriva_proto::{
-    ExplainRequest, GetRequest, GetResponse, InvalidateRequest, InvalidateResponse, PutLeafRequest,
-    PutRecipeRequest, ResolveRequest, ResolveResponse, StatusRequest, StatusResponse,
-    VerifyRequest, VerifyResponse, addr_bytes, addr_from_bytes,
+    CascadeInvalidateRequest, CascadeInvalidateResponse, ClusterStatusRequest,
+    ClusterStatusResponse, ExplainRequest, GetRequest, GetResponse, InvalidateRequest,
+    InvalidateResponse, ListPinsRequest, PinRequest, PutLeafRequest, PutRecipeRequest,
+    ResolveRequest, ResolveResponse, StatusRequest, StatusResponse, UnpinRequest, VerifyRequest,
+    VerifyResponse, addr_bytes, addr_from_bytes,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -89,6 +91,54 @@ pub fn format_invalidate(r: &InvalidateResponse) -> String {
         "was_cached: {}\nevicted_count: {}\n",
         r.was_cached, r.evicted_count
     )
+}
+
+/// `CascadeInvalidateResponse` as `key: value` lines (`dry_run: true` first for a dry run),
+/// then the evicted addresses, if the server listed them, one per line after `evicted:`.
+pub fn format_cascade(r: &CascadeInvalidateResponse, dry_run: bool) -> String {
+    let mut out = String::new();
+    if dry_run {
+        out.push_str("dry_run: true\n");
+    }
+    let _ = write!(
+        out,
+        "evicted_count: {}\ntraversed_count: {}\nmax_depth: {}\nbytes_reclaimed: {}\n",
+        r.evicted_count, r.traversed_count, r.max_depth, r.bytes_reclaimed
+    );
+    if !r.evicted_addrs.is_empty() {
+        out.push_str("evicted:\n");
+        for raw in &r.evicted_addrs {
+            let _ = writeln!(out, "  {}", hex(raw));
+        }
+    }
+    out
+}
+
+/// `ClusterStatusResponse`: one line per node (name, state, role, gRPC address, uptime,
+/// cache entries and bytes, blobs, load per CPU), then the counts by state.
+pub fn format_cluster(r: &ClusterStatusResponse) -> String {
+    let mut out = String::new();
+    for n in &r.nodes {
+        let _ = writeln!(
+            out,
+            "{} {} {} {} up {}s cache {} entries {} B blobs {} load {:.2}",
+            n.name,
+            n.state,
+            n.role,
+            n.grpc_addr,
+            n.uptime_secs,
+            n.cache_entries,
+            n.cache_bytes,
+            n.blob_count,
+            n.cpu_load
+        );
+    }
+    let _ = writeln!(
+        out,
+        "alive: {}, suspect: {}, dead: {}",
+        r.alive_count, r.suspect_count, r.dead_count
+    );
+    out
 }
 
 /// Every field of `StatusResponse`, one `key: value` per line, in the proto's order.
@@ -207,19 +257,92 @@ pub async fn run(args: CliArgs) -> Result<(), CliError> {
                 .into_inner();
             emit(&format_resolve(&addr, &answer))
         }
-        Command::Invalidate { addr, cascade } => {
+        Command::Invalidate {
+            addr,
+            cascade: false,
+            ..
+        } => {
             let addr = parse_addr("invalidate", &addr)?;
             let context = format!("invalidate {}", short(&addr));
             let answer = connect(&server)
                 .await?
                 .invalidate(InvalidateRequest {
                     addr: addr_bytes(&addr),
-                    cascade,
+                    cascade: false,
                 })
                 .await
                 .map_err(|s| CliError::rpc(&context, s))?
                 .into_inner();
             emit(&format_invalidate(&answer))
+        }
+        Command::Invalidate {
+            addr,
+            cascade: true,
+            dry_run,
+            detail,
+        } => {
+            let addr = parse_addr("invalidate", &addr)?;
+            let context = format!("invalidate --cascade {}", short(&addr));
+            let answer = connect(&server)
+                .await?
+                .cascade_invalidate(CascadeInvalidateRequest {
+                    addr: addr_bytes(&addr),
+                    policy: if dry_run { "dry_run" } else { "immediate" }.into(),
+                    include_root: true,
+                    detail_addrs: detail,
+                })
+                .await
+                .map_err(|s| CliError::rpc(&context, s))?
+                .into_inner();
+            emit(&format_cascade(&answer, dry_run))
+        }
+        Command::Pin { addr } => {
+            let addr = parse_addr("pin", &addr)?;
+            let context = format!("pin {}", short(&addr));
+            let answer = connect(&server)
+                .await?
+                .pin(PinRequest {
+                    addr: addr_bytes(&addr),
+                })
+                .await
+                .map_err(|s| CliError::rpc(&context, s))?
+                .into_inner();
+            emit(&format!("was_new: {}\n", answer.was_new))
+        }
+        Command::Unpin { addr } => {
+            let addr = parse_addr("unpin", &addr)?;
+            let context = format!("unpin {}", short(&addr));
+            let answer = connect(&server)
+                .await?
+                .unpin(UnpinRequest {
+                    addr: addr_bytes(&addr),
+                })
+                .await
+                .map_err(|s| CliError::rpc(&context, s))?
+                .into_inner();
+            emit(&format!("was_pinned: {}\n", answer.was_pinned))
+        }
+        Command::Pins => {
+            let answer = connect(&server)
+                .await?
+                .list_pins(ListPinsRequest {})
+                .await
+                .map_err(|s| CliError::rpc("pins", s))?
+                .into_inner();
+            let mut out = String::new();
+            for raw in &answer.addrs {
+                let _ = writeln!(out, "{}", answered_addr("pins", raw)?);
+            }
+            emit(&out)
+        }
+        Command::Cluster => {
+            let answer = connect(&server)
+                .await?
+                .cluster_status(ClusterStatusRequest {})
+                .await
+                .map_err(|s| CliError::rpc("cluster", s))?
+                .into_inner();
+            emit(&format_cluster(&answer))
         }
         Command::Status => {
             let answer = connect(&server)

@@ -18,7 +18,7 @@
 //!   `--max-buffer-bytes` of leaf bytes: leaves above [`STREAM_ABOVE`] are streamed, each
 //!   holding a bounded part of itself whatever its size.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -204,6 +204,9 @@ pub struct Report {
     pub recipes: Tally,
     /// The output tier (`--include-outputs` only).
     pub outputs: Option<Tally>,
+    /// Pins (the roots garbage collection keeps), copied after what they name.
+    #[serde(default)]
+    pub pins: Tally,
     /// Leaf and output bytes copied (or to be, or read back).
     pub bytes: u64,
     /// Seconds from start to end.
@@ -219,6 +222,7 @@ impl Report {
             Some(&self.leaves),
             Some(&self.recipes),
             self.outputs.as_ref(),
+            Some(&self.pins),
         ]
         .into_iter()
         .flatten()
@@ -240,10 +244,10 @@ impl Report {
             ("leaves", Some(&self.leaves)),
             ("recipes", Some(&self.recipes)),
         ];
-        for (name, tally) in kinds
-            .into_iter()
-            .chain([("outputs", self.outputs.as_ref())])
-        {
+        for (name, tally) in kinds.into_iter().chain([
+            ("outputs", self.outputs.as_ref()),
+            ("pins", Some(&self.pins)),
+        ]) {
             let Some(t) = tally else { continue };
             let line = if self.mode == "verify" {
                 format!(
@@ -430,6 +434,7 @@ struct Run {
     leaves: Counts,
     recipes: Counts,
     outputs: Counts,
+    pins: Counts,
     errors: Mutex<Vec<String>>,
     bar: ProgressBar,
     started: Instant,
@@ -599,6 +604,7 @@ pub async fn run(args: MigrateArgs) -> Result<Report, MigrateError> {
         leaves: Counts::default(),
         recipes: Counts::default(),
         outputs: Counts::default(),
+        pins: Counts::default(),
         errors: Mutex::new(Vec::new()),
         bar,
         started,
@@ -667,6 +673,7 @@ pub async fn run(args: MigrateArgs) -> Result<Report, MigrateError> {
         leaves: leaves_tally,
         recipes: run.recipes.tally(),
         outputs: outputs_tally,
+        pins: run.pins.tally(),
         bytes,
         duration_seconds: started.elapsed().as_secs_f64(),
         errors: std::mem::take(&mut *run.errors.lock()),
@@ -697,7 +704,44 @@ async fn copy(
         for_each(run, outputs, copy_output).await?;
         run.say("outputs done");
     }
+    copy_pins(run).await
+}
+
+/// Pins the destination's copies of what the source pins (last: a pin names something that
+/// must be there).
+async fn copy_pins(run: &Run) -> Result<(), MigrateError> {
+    let (src, dst) = pin_sets(run).await?;
+    for addr in src {
+        if dst.contains(&addr) {
+            Counts::add(&run.pins.skipped, 1);
+        } else if run.mode == Mode::DryRun {
+            Counts::add(&run.pins.copied, 1);
+        } else {
+            match run.dst.pin(addr).await {
+                Ok(_) => Counts::add(&run.pins.copied, 1),
+                Err(e) if code_of(&e) == Code::Unavailable => {
+                    return Err(MigrateError::store(format!("pinning {addr}"), &e));
+                }
+                Err(e) => run.failed(&run.pins, format!("pin {addr}: {e}")),
+            }
+        }
+    }
     Ok(())
+}
+
+/// The pins of the source, in order, and the set of the destination's.
+async fn pin_sets(run: &Run) -> Result<(Vec<CAddr>, HashSet<CAddr>), MigrateError> {
+    let src = run
+        .src
+        .pins()
+        .await
+        .map_err(|e| MigrateError::store("listing the source's pins", &e))?;
+    let dst = run
+        .dst
+        .pins()
+        .await
+        .map_err(|e| MigrateError::store("listing the destination's pins", &e))?;
+    Ok((src, dst.into_iter().collect()))
 }
 
 /// Runs `task` on every address, at most `run.concurrency` at once; stops at the first error.
@@ -985,7 +1029,16 @@ async fn verify(
         run.missing_unless(&run.outputs, present, || format!("output of {recipe}"));
         Ok(())
     })
-    .await
+    .await?;
+    let (src_pins, dst_pins) = pin_sets(run).await?;
+    for addr in src_pins {
+        let present = dst_pins.contains(&addr);
+        if present {
+            Counts::add(&run.pins.checked, 1);
+        }
+        run.missing_unless(&run.pins, present, || format!("pin {addr}"));
+    }
+    Ok(())
 }
 
 impl Run {

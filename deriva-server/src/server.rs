@@ -49,6 +49,8 @@ pub struct Server {
     traces: Option<TraceStore>,
     /// Listens for the other nodes' invalidations (remote backend only); stops when dropped.
     listener: Option<deriva_remote::Listener>,
+    /// This node's name in `ClusterStatus` (its `service.instance.id` when known).
+    node_name: String,
 }
 
 impl Server {
@@ -103,6 +105,7 @@ impl Server {
             FunctionRegistry::with_builtins(),
             meter,
         )?;
+        node_id.clone_into(&mut server.node_name);
         if let Some(bus) = bus {
             let exec = server.exec.clone();
             server.listener = Some(bus.listen(move |invalidation| match invalidation {
@@ -163,6 +166,7 @@ impl Server {
             dispatch: None,
             traces: None,
             listener: None,
+            node_name: String::from("deriva-server"),
         })
     }
 
@@ -218,7 +222,11 @@ impl Server {
                 self.metrics.clone(),
             )
             .with_trace_store(self.traces.clone())
-            .with_cutoff(cutoff),
+            .with_cutoff(cutoff)
+            .with_node(crate::service::NodeInfo::new(
+                self.node_name.clone(),
+                grpc.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            )),
         )
         .max_decoding_message_size(limit);
 

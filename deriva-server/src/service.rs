@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use deriva_compute::AsyncExecutor;
+use deriva_compute::{AsyncExecutor, CascadePolicy};
 use deriva_core::{DerivaError, FunctionId, Recipe};
 use futures::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
@@ -29,6 +29,32 @@ pub struct DerivaService {
     metrics: ServerMetrics,
     traces: Option<TraceStore>,
     cutoff: Cutoff,
+    node: NodeInfo,
+}
+
+/// What `ClusterStatus` says of this node.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    name: String,
+    grpc_addr: String,
+    started: std::time::Instant,
+    /// When it started, in seconds since the Unix epoch: a new value per process.
+    incarnation: u64,
+}
+
+impl NodeInfo {
+    /// This node, named `name`, serving gRPC on `grpc_addr`, started now.
+    pub fn new(name: String, grpc_addr: String) -> Self {
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Self {
+            name,
+            grpc_addr,
+            started: std::time::Instant::now(),
+            incarnation,
+        }
+    }
 }
 
 /// Ends the calls still running when the server's shutdown grace is over: they answer
@@ -70,7 +96,14 @@ impl DerivaService {
             metrics,
             traces: None,
             cutoff: Cutoff::default(),
+            node: NodeInfo::new("deriva-server".into(), String::new()),
         }
+    }
+
+    /// Describes this node in `ClusterStatus` as `node`.
+    pub fn with_node(mut self, node: NodeInfo) -> Self {
+        self.node = node;
+        self
     }
 
     /// Ends calls with `UNAVAILABLE` once `cutoff` triggers.
@@ -183,6 +216,62 @@ impl DerivaService {
         })
     }
 
+    async fn cascade_inner(
+        &self,
+        req: CascadeInvalidateRequest,
+    ) -> ApiResult<CascadeInvalidateResponse> {
+        let addr = parse_addr("addr", &req.addr)?;
+        let policy = CascadePolicy::parse(&req.policy);
+        let report = self
+            .exec
+            .cascade_invalidate(addr, true, policy, req.include_root)
+            .await?;
+        Ok(CascadeInvalidateResponse {
+            evicted_count: report.evicted.len() as u64,
+            traversed_count: report.traversed,
+            max_depth: report.max_depth,
+            bytes_reclaimed: report.bytes_reclaimed,
+            evicted_addrs: if req.detail_addrs {
+                report.evicted.iter().map(addr_bytes).collect()
+            } else {
+                Vec::new()
+            },
+            duration_micros: u64::try_from(report.duration.as_micros()).unwrap_or(u64::MAX),
+        })
+    }
+
+    async fn list_pins_inner(&self) -> ApiResult<ListPinsResponse> {
+        let pins = self.exec.store().pins().await?;
+        Ok(ListPinsResponse {
+            count: pins.len() as u64,
+            addrs: pins.iter().map(addr_bytes).collect(),
+        })
+    }
+
+    /// This node, the only one it knows of: the nodes of a store do not track each other yet.
+    fn cluster_inner(&self) -> ClusterStatusResponse {
+        let cache = self.exec.cache().stats();
+        let node = ClusterNodeInfo {
+            name: self.node.name.clone(),
+            addr: self.node.grpc_addr.clone(),
+            state: "alive".into(),
+            incarnation: self.node.incarnation,
+            grpc_addr: self.node.grpc_addr.clone(),
+            role: "server".into(),
+            cache_entries: cache.entries(),
+            cache_bytes: cache.size_bytes(),
+            blob_count: self.exec.store().counters().blobs(),
+            cpu_load: load_per_cpu(),
+            uptime_secs: self.node.started.elapsed().as_secs(),
+        };
+        ClusterStatusResponse {
+            nodes: vec![node],
+            alive_count: 1,
+            suspect_count: 0,
+            dead_count: 0,
+        }
+    }
+
     fn status_inner(&self) -> StatusResponse {
         let store = self.exec.store().counters();
         let cache = self.exec.cache().stats();
@@ -220,6 +309,16 @@ impl DerivaService {
             },
         })
     }
+}
+
+/// The 1-minute load average divided by the number of CPUs (0 where it cannot be read).
+fn load_per_cpu() -> f32 {
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse::<f32>().ok())
+        .unwrap_or(0.0);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    load / cpus as f32
 }
 
 fn reply<T>(result: ApiResult<T>) -> Result<Response<T>, Status> {
@@ -350,6 +449,65 @@ impl Deriva for DerivaService {
     ) -> Result<Response<VerifyResponse>, Status> {
         let call = self.verify_inner(request.into_inner());
         self.cutoff.run(async { reply(call.await) }).await
+    }
+
+    async fn cascade_invalidate(
+        &self,
+        request: Request<CascadeInvalidateRequest>,
+    ) -> Result<Response<CascadeInvalidateResponse>, Status> {
+        let call = self.cascade_inner(request.into_inner());
+        self.cutoff.run(async { reply(call.await) }).await
+    }
+
+    async fn garbage_collect(&self, _: Request<GcRequest>) -> Result<Response<GcResponse>, Status> {
+        Err(Status::unimplemented(
+            "garbage collection is not available on this server yet; pins are kept for it",
+        ))
+    }
+
+    async fn pin(&self, request: Request<PinRequest>) -> Result<Response<PinResponse>, Status> {
+        let req = request.into_inner();
+        self.cutoff
+            .run(async {
+                let pinned = match parse_addr("addr", &req.addr) {
+                    Ok(addr) => self.exec.store().pin(addr).await.map_err(ApiError::from),
+                    Err(e) => Err(e),
+                };
+                reply(pinned.map(|was_new| PinResponse { was_new }))
+            })
+            .await
+    }
+
+    async fn unpin(
+        &self,
+        request: Request<UnpinRequest>,
+    ) -> Result<Response<UnpinResponse>, Status> {
+        let req = request.into_inner();
+        self.cutoff
+            .run(async {
+                let unpinned = match parse_addr("addr", &req.addr) {
+                    Ok(addr) => self.exec.store().unpin(addr).await.map_err(ApiError::from),
+                    Err(e) => Err(e),
+                };
+                reply(unpinned.map(|was_pinned| UnpinResponse { was_pinned }))
+            })
+            .await
+    }
+
+    async fn list_pins(
+        &self,
+        _: Request<ListPinsRequest>,
+    ) -> Result<Response<ListPinsResponse>, Status> {
+        self.cutoff
+            .run(async { reply(self.list_pins_inner().await) })
+            .await
+    }
+
+    async fn cluster_status(
+        &self,
+        _: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        reply(Ok(self.cluster_inner()))
     }
 }
 

@@ -799,3 +799,151 @@ async fn large_outputs_spill_to_disk_and_stream_from_there() {
     assert!(s.get(&big).await.unwrap() == expected);
     s.stop().await;
 }
+
+/// The RPCs of the original Deriva's newer contract, called with the client generated from
+/// their proto text: pins, CascadeInvalidate under every policy, ClusterStatus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_cascade_policies_and_cluster_status() {
+    use deriva_server::proto::{
+        CascadeInvalidateRequest, ClusterStatusRequest, ListPinsRequest, PinRequest, UnpinRequest,
+    };
+    let mut s = InProcess::builder()
+        .telemetry(deriva_server::telemetry::TelemetryConfig::default())
+        .http()
+        .start()
+        .await;
+    let a = s.put(b"abc").await;
+    let r = s.recipe("uppercase", &[&a], &[]).await;
+    let r2 = s.recipe("repeat", &[&r], &[("count", "3")]).await;
+
+    // Pins: only what exists, once; listed; counted on /metrics.
+    let pin = |addr: &Bytes| PinRequest { addr: addr.clone() };
+    assert!(s.client.pin(pin(&a)).await.unwrap().into_inner().was_new);
+    assert!(!s.client.pin(pin(&a)).await.unwrap().into_inner().was_new);
+    assert!(s.client.pin(pin(&r2)).await.unwrap().into_inner().was_new);
+    let unknown = Bytes::copy_from_slice(CAddr::for_leaf(b"unknown").as_bytes());
+    assert_code(
+        s.client.pin(pin(&unknown)).await,
+        Code::NotFound,
+        "no leaf or recipe",
+    );
+    assert_code(
+        s.client.pin(pin(&Bytes::from_static(b"short"))).await,
+        Code::InvalidArgument,
+        "addr",
+    );
+    let listed = s
+        .client
+        .list_pins(ListPinsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.count, 2);
+    let mut addrs = listed.addrs.clone();
+    addrs.sort();
+    let mut expected = vec![a.clone(), r2.clone()];
+    expected.sort();
+    assert_eq!(addrs, expected);
+    assert_eq!(common::sample(&s.scrape().await, "deriva_pins"), Some(2.0));
+    let unpin = |addr: &Bytes| UnpinRequest { addr: addr.clone() };
+    assert!(
+        s.client
+            .unpin(unpin(&a))
+            .await
+            .unwrap()
+            .into_inner()
+            .was_pinned
+    );
+    assert!(
+        !s.client
+            .unpin(unpin(&a))
+            .await
+            .unwrap()
+            .into_inner()
+            .was_pinned
+    );
+
+    // CascadeInvalidate: r and r2 cached (3 + 9 bytes).
+    assert_eq!(s.get(&r2).await.unwrap(), b"ABCABCABC");
+    let cascade = |policy: &str, include_root: bool| CascadeInvalidateRequest {
+        addr: a.clone(),
+        policy: policy.into(),
+        include_root,
+        detail_addrs: true,
+    };
+    for policy in ["NONE", "none"] {
+        let none = s
+            .client
+            .cascade_invalidate(cascade(policy, true))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (none.evicted_count, none.traversed_count),
+            (0, 0),
+            "{policy}"
+        );
+    }
+    for policy in ["dry_run", "DryRun"] {
+        let dry = s
+            .client
+            .cascade_invalidate(cascade(policy, true))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(dry.evicted_count, 2, "{policy}");
+        assert_eq!(dry.traversed_count, 3);
+        assert_eq!(dry.max_depth, 2);
+        assert_eq!(dry.bytes_reclaimed, 12);
+        assert_eq!(dry.evicted_addrs, vec![r.clone(), r2.clone()]);
+    }
+    assert_eq!(
+        s.status().await.cache_entries,
+        2,
+        "a dry run evicts nothing"
+    );
+    // Any other policy is immediate; without the root, only the dependents are walked.
+    let done = s
+        .client
+        .cascade_invalidate(cascade("whatever", false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((done.evicted_count, done.traversed_count), (2, 2));
+    assert_eq!(s.status().await.cache_entries, 0);
+    assert_code(
+        s.client
+            .cascade_invalidate(CascadeInvalidateRequest {
+                addr: unknown.clone(),
+                ..cascade("immediate", true)
+            })
+            .await,
+        Code::NotFound,
+        "no leaf or recipe",
+    );
+    let text = s.scrape().await;
+    assert_eq!(
+        common::sample(&text, r#"deriva_invalidation_total{policy="dry_run"}"#),
+        Some(2.0)
+    );
+    assert_eq!(
+        common::sample(&text, r#"deriva_invalidation_total{policy="none"}"#),
+        Some(2.0)
+    );
+
+    let cluster = s
+        .client
+        .cluster_status(ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((cluster.alive_count, cluster.nodes.len()), (1, 1));
+    let node = &cluster.nodes[0];
+    assert_eq!(
+        (node.state.as_str(), node.role.as_str()),
+        ("alive", "server")
+    );
+    assert_eq!(node.grpc_addr, s.grpc_addr());
+    assert_eq!(node.blob_count, 1);
+    s.stop().await;
+}

@@ -357,6 +357,38 @@ fn a_leaf_damaged_mid_way_leaves_no_file_behind() {
     );
 }
 
+/// Pins through the CLI: only what exists, once each, listed, unpinned; and `cluster` lists
+/// the one node.
+#[test]
+fn pin_unpin_pins_and_cluster() {
+    let server = ServerProcess::start();
+    let a = server.addr_of_stdin(b"to keep");
+    let r = server.addr(&["recipe", "reverse", "v1", "-i", &a]);
+    assert_eq!(server.ok(&["pins"]), "");
+    assert_eq!(server.ok(&["pin", &a]), "was_new: true\n");
+    assert_eq!(server.ok(&["pin", &a]), "was_new: false\n");
+    assert_eq!(server.ok(&["pin", &r]), "was_new: true\n");
+    let mut listed: Vec<String> = server.ok(&["pins"]).lines().map(str::to_owned).collect();
+    listed.sort();
+    let mut expected = vec![a.clone(), r.clone()];
+    expected.sort();
+    assert_eq!(listed, expected);
+    let unknown = CAddr::for_leaf(b"nothing").to_string();
+    let line = run(server.deriva(&["pin", &unknown]), None).failure(1);
+    assert!(
+        line.contains("not found") || line.contains("no leaf or recipe"),
+        "{line}"
+    );
+    assert_eq!(server.ok(&["unpin", &a]), "was_pinned: true\n");
+    assert_eq!(server.ok(&["unpin", &a]), "was_pinned: false\n");
+    assert_eq!(server.ok(&["pins"]), format!("{r}\n"));
+    let cluster = server.ok(&["cluster"]);
+    assert!(
+        cluster.contains(" alive server ") && cluster.ends_with("alive: 1, suspect: 0, dead: 0\n"),
+        "{cluster}"
+    );
+}
+
 #[test]
 fn resolve_invalidate_and_verify_a_recipe() {
     let server = ServerProcess::start();
@@ -378,9 +410,18 @@ fn resolve_invalidate_and_verify_a_recipe() {
     // Materializing r2 caches r and r2; a leaf is never in the cache.
     let out = run(server.deriva(&["get", &r2]), None);
     assert_eq!(out.stdout, b"abcdefgabcdefg");
+    // CascadeInvalidate: a dry run first (nothing evicted), then the real one. r and r2 hold
+    // 7 + 14 bytes; r2 is two steps from a.
+    assert_eq!(
+        server.ok(&["invalidate", &a, "--cascade", "--dry-run", "--detail"]),
+        format!(
+            "dry_run: true\nevicted_count: 2\ntraversed_count: 3\nmax_depth: 2\n\
+             bytes_reclaimed: 21\nevicted:\n  {r}\n  {r2}\n"
+        )
+    );
     assert_eq!(
         server.ok(&["invalidate", &a, "--cascade"]),
-        "was_cached: false\nevicted_count: 2\n"
+        "evicted_count: 2\ntraversed_count: 3\nmax_depth: 2\nbytes_reclaimed: 21\n"
     );
     assert_eq!(
         server.ok(&["invalidate", &r2]),
@@ -389,7 +430,7 @@ fn resolve_invalidate_and_verify_a_recipe() {
     run(server.deriva(&["get", &r2]), None).success(&["get"]);
     assert_eq!(
         server.ok(&["invalidate", "--cascade", &r]),
-        "was_cached: true\nevicted_count: 2\n"
+        "evicted_count: 2\ntraversed_count: 2\nmax_depth: 1\nbytes_reclaimed: 21\n"
     );
 
     let verify = key_values(&server.ok(&["verify", &r]));

@@ -152,6 +152,10 @@ async fn build_local_store(dir: &Path, n: usize) -> Contents {
     recipes.extend(fan);
     recipes.extend(reversed);
     recipes.extend(store.put_recipes(second).await.unwrap());
+    // Three pins: a leaf, the end of the chain, and the last recipe.
+    for pinned in [leaves[0], recipes[299], *recipes.last().unwrap()] {
+        assert!(store.pin(pinned).await.unwrap());
+    }
     let released = store.released();
     drop(store);
     released.wait().await;
@@ -240,6 +244,7 @@ async fn a_local_store_moves_to_the_remote_backend_resumably_and_back() {
         (n_leaves, n_recipes)
     );
     assert_eq!(dry.mode, "dry-run");
+    assert_eq!(dry.pins.copied, 3, "pins are counted too");
     assert_eq!(rows_in_index(&services, &space, "leaves").await, 0);
 
     // One object at a time, killed twice: once some leaves are in, and once some recipes are.
@@ -306,6 +311,7 @@ async fn a_local_store_moves_to_the_remote_backend_resumably_and_back() {
         second.errors
     );
     assert_eq!(second.recipes.copied + second.recipes.skipped, n_recipes);
+    assert_eq!((second.pins.copied, second.pins.failed), (3, 0));
     eprintln!(
         "migrate killed twice: {n_leaves} leaves and {n_recipes} recipes in the source; \
          (leaves, recipes) in the destination at the kills: {at_kill:?}, each time 0 damaged \
@@ -327,6 +333,7 @@ async fn a_local_store_moves_to_the_remote_backend_resumably_and_back() {
         (third.leaves.skipped, third.recipes.skipped),
         (n_leaves, n_recipes)
     );
+    assert_eq!((third.pins.copied, third.pins.skipped), (0, 3));
 
     let verified = migrate_ok(&services, &strs(&verify_args[..verify_args.len() - 1]));
     assert_eq!(verified.mode, "verify");
@@ -335,6 +342,7 @@ async fn a_local_store_moves_to_the_remote_backend_resumably_and_back() {
         (n_leaves, n_recipes)
     );
     assert_eq!(verified.leaves.missing + verified.recipes.missing, 0);
+    assert_eq!((verified.pins.checked, verified.pins.missing), (3, 0));
     // A node on each side serves the same bytes for every address, with the same counts.
     let on_source = ServerProcess::options().dir(source.path()).start();
     let on_destination = node(&services, &space, &[]);
@@ -362,6 +370,17 @@ async fn a_local_store_moves_to_the_remote_backend_resumably_and_back() {
         (n_leaves, n_recipes)
     );
     assert_eq!(listing(back.path()).await, listing(source.path()).await);
+    assert_eq!(down.pins.copied, 3);
+    let store = Store::open(back.path()).unwrap();
+    let mut pins = store.pins().await.unwrap();
+    pins.sort();
+    let mut expected = vec![
+        contents.leaves[0],
+        contents.recipes[299],
+        *contents.recipes.last().unwrap(),
+    ];
+    expected.sort();
+    assert_eq!(pins, expected, "the pins came back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

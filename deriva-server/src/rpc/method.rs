@@ -26,11 +26,23 @@ pub enum RpcMethod {
     Explain,
     /// `PutLeafStream`: store bytes sent as a stream of chunks, get their address.
     PutLeafStream,
+    /// `CascadeInvalidate`: evict an address and its dependents, with a policy.
+    CascadeInvalidate,
+    /// `GarbageCollect`: remove what no pin reaches.
+    GarbageCollect,
+    /// `Pin`: make an address a root of what is kept.
+    Pin,
+    /// `Unpin`: stop keeping an address for its own sake.
+    Unpin,
+    /// `ListPins`: the pinned addresses.
+    ListPins,
+    /// `ClusterStatus`: the nodes serving the store.
+    ClusterStatus,
 }
 
 impl RpcMethod {
     /// Every method, in the order of [`RpcMethod::index`].
-    pub const ALL: [RpcMethod; 9] = [
+    pub const ALL: [RpcMethod; 15] = [
         Self::PutLeaf,
         Self::PutRecipe,
         Self::Get,
@@ -40,6 +52,12 @@ impl RpcMethod {
         Self::Verify,
         Self::Explain,
         Self::PutLeafStream,
+        Self::CascadeInvalidate,
+        Self::GarbageCollect,
+        Self::Pin,
+        Self::Unpin,
+        Self::ListPins,
+        Self::ClusterStatus,
     ];
 
     /// How many methods there are: the length of per-method arrays.
@@ -57,6 +75,12 @@ impl RpcMethod {
             Self::Verify => "Verify",
             Self::Explain => "Explain",
             Self::PutLeafStream => "PutLeafStream",
+            Self::CascadeInvalidate => "CascadeInvalidate",
+            Self::GarbageCollect => "GarbageCollect",
+            Self::Pin => "Pin",
+            Self::Unpin => "Unpin",
+            Self::ListPins => "ListPins",
+            Self::ClusterStatus => "ClusterStatus",
         }
     }
 
@@ -72,6 +96,12 @@ impl RpcMethod {
             Self::Verify => "verify",
             Self::Explain => "explain",
             Self::PutLeafStream => "put_leaf_stream",
+            Self::CascadeInvalidate => "cascade_invalidate",
+            Self::GarbageCollect => "garbage_collect",
+            Self::Pin => "pin",
+            Self::Unpin => "unpin",
+            Self::ListPins => "list_pins",
+            Self::ClusterStatus => "cluster_status",
         }
     }
 
@@ -87,6 +117,12 @@ impl RpcMethod {
             Self::Verify => "deriva.Deriva/Verify",
             Self::Explain => "deriva.Deriva/Explain",
             Self::PutLeafStream => "deriva.Deriva/PutLeafStream",
+            Self::CascadeInvalidate => "deriva.Deriva/CascadeInvalidate",
+            Self::GarbageCollect => "deriva.Deriva/GarbageCollect",
+            Self::Pin => "deriva.Deriva/Pin",
+            Self::Unpin => "deriva.Deriva/Unpin",
+            Self::ListPins => "deriva.Deriva/ListPins",
+            Self::ClusterStatus => "deriva.Deriva/ClusterStatus",
         }
     }
 

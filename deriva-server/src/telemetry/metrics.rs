@@ -9,6 +9,7 @@
 //! | `deriva_dag_insert_duration_seconds` | histogram | – | time to validate and durably store one recipe; buckets 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1 |
 //! | `deriva_storage_blobs` | gauge | – | leaf blobs stored |
 //! | `deriva_storage_blob_bytes` | gauge | – | bytes of leaf blobs stored |
+//! | `deriva_pins` | gauge | – | pinned addresses |
 //!
 //! `method` is the [`RpcMethod::label`] of one of [`RpcMethod::ALL`]. Counts and gauges are atomics read by observable
 //! instruments at collection time; the store gauges read the store's own counters, so they are
@@ -117,6 +118,12 @@ impl ServerMetrics {
                 None,
                 "Leaf blobs stored",
                 StoreCounters::blobs,
+            ),
+            gauge(
+                "deriva.pins",
+                None,
+                "Pinned addresses: the roots of what garbage collection keeps",
+                StoreCounters::pins,
             ),
             gauge(
                 "deriva.storage.blob",
