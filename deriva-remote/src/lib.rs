@@ -16,6 +16,7 @@ mod blobs;
 mod bus;
 mod cache;
 mod index;
+mod nodes;
 mod objects;
 mod observe;
 mod outputs;
@@ -32,6 +33,7 @@ pub use blobs::RemoteBlobStore;
 pub use bus::{Invalidation, Listener, PgBus};
 pub use cache::DiskCache;
 pub use index::PgIndex;
+pub use nodes::{DEAD_AFTER, NodeBeat, NodeRow, PgNodes};
 pub use objects::{CONNECT_TIMEOUT as S3_CONNECT_TIMEOUT, MULTIPART_THRESHOLD, PART_BYTES};
 pub use objects::{REQUEST_TIMEOUT as S3_REQUEST_TIMEOUT, RETRY as S3_RETRY};
 pub use observe::{BACKEND_DURATION_BUCKETS, Backend, BackendMetrics};
@@ -77,6 +79,8 @@ pub struct Remote {
     pub store: Store,
     /// The channel to listen on for the other nodes' invalidations.
     pub bus: PgBus,
+    /// The nodes serving this schema, by their heartbeats.
+    pub nodes: PgNodes,
 }
 
 /// The process environment's `AWS_*` variables, for [`RemoteConfig::aws`].
@@ -137,6 +141,7 @@ pub async fn open(config: &RemoteConfig, metrics: Arc<BackendMetrics>) -> Result
     );
     let recipes = PgIndex::new(pg.clone(), counters.clone());
     refresh_counters(&pg, &counters);
+    let nodes = PgNodes::new(pg.clone());
     let bus = PgBus::new(pg, config.node_id.clone());
     tracing::info!(
         backend = %description,
@@ -156,7 +161,7 @@ pub async fn open(config: &RemoteConfig, metrics: Arc<BackendMetrics>) -> Result
     if config.output_tier {
         store = store.with_outputs(Arc::new(ObjectOutputs::new(objects)));
     }
-    Ok(Remote { store, bus })
+    Ok(Remote { store, bus, nodes })
 }
 
 /// How often a node reloads its counters from the index, to count the other nodes' writes.

@@ -7,6 +7,8 @@
 //! - `recipes(addr, encoding, depth)`: the canonical encoding and DAG depth of every recipe;
 //! - `edges(input, recipe)`: one row per input of a recipe, keyed by input (for dependents);
 //! - `pins(addr, pinned_at)`: the pinned addresses (migration 2);
+//! - `nodes(name, grpc_addr, role, incarnation, started_at, heartbeat_at, …)`: one row per
+//!   node, refreshed by its heartbeat (migration 2);
 //!   deleting a recipe deletes its edges.
 //!
 //! Every call is bounded: [`CONNECT_TIMEOUT`] to connect, [`POOL_WAIT`] for a free
@@ -61,6 +63,18 @@ CREATE INDEX edges_by_recipe ON {s}.edges (recipe);
 CREATE TABLE {s}.pins (
     addr bytea PRIMARY KEY CHECK (length(addr) = 32),
     pinned_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE {s}.nodes (
+    name text PRIMARY KEY,
+    grpc_addr text NOT NULL,
+    role text NOT NULL,
+    incarnation bigint NOT NULL,
+    started_at timestamptz NOT NULL,
+    heartbeat_at timestamptz NOT NULL,
+    cache_entries bigint NOT NULL,
+    cache_bytes bigint NOT NULL,
+    blob_count bigint NOT NULL,
+    cpu_load real NOT NULL
 );
 "#,
 ];

@@ -45,6 +45,8 @@ pub mod defaults {
     pub const INDEX_POOL_SIZE: usize = 16;
     /// `--local-cache-bytes`.
     pub const LOCAL_CACHE_BYTES: &str = "1GiB";
+    /// `--heartbeat-secs`.
+    pub const HEARTBEAT_SECS: u64 = 5;
     /// `--memory-queue`.
     pub const MEMORY_QUEUE: usize = 64;
     /// `--memory-wait-secs`.
@@ -127,6 +129,8 @@ pub struct Config {
     pub spill_bytes: u64,
     /// Byte budget of `<data-dir>/spill`; 0 spills nothing.
     pub spill_budget: u64,
+    /// How often a node on the remote backend writes its heartbeat row.
+    pub heartbeat: Duration,
 }
 
 /// `--output-tier`: where computed outputs are kept besides each node's memory cache.
@@ -226,6 +230,7 @@ impl Default for Config {
             memory_wait: Duration::from_secs(defaults::MEMORY_WAIT_SECS),
             spill_bytes: defaults::size("spill-bytes", defaults::SPILL_BYTES),
             spill_budget: defaults::size("spill-budget", defaults::SPILL_BUDGET),
+            heartbeat: Duration::from_secs(defaults::HEARTBEAT_SECS),
         }
     }
 }
@@ -295,6 +300,7 @@ impl Config {
             ("memory-wait-secs", self.memory_wait.as_secs().to_string()),
             ("spill-bytes", self.spill_bytes.to_string()),
             ("spill-budget", self.spill_budget.to_string()),
+            ("heartbeat-secs", self.heartbeat.as_secs().to_string()),
         ]
     }
 }
@@ -398,6 +404,10 @@ pub struct ServerArgs {
     /// nothing.
     #[arg(long, env = "DERIVA_SPILL_BUDGET", default_value = defaults::SPILL_BUDGET, value_parser = parse_size)]
     pub spill_budget: u64,
+    /// Seconds between the heartbeats a node on the remote backend writes to the index
+    /// (ClusterStatus: suspect after one missed, dead after three).
+    #[arg(long, env = "DERIVA_HEARTBEAT_SECS", default_value_t = defaults::HEARTBEAT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub heartbeat_secs: u64,
     /// Print the effective configuration (flags, then DERIVA_* variables, then defaults), one
     /// `key = value` per line, and exit without opening the store or binding anything.
     #[arg(long)]
@@ -457,6 +467,7 @@ impl ServerArgs {
             memory_wait: Duration::from_secs(self.memory_wait_secs),
             spill_bytes: self.spill_bytes,
             spill_budget: self.spill_budget,
+            heartbeat: Duration::from_secs(self.heartbeat_secs),
         })
     }
 }

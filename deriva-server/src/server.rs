@@ -51,6 +51,8 @@ pub struct Server {
     listener: Option<deriva_remote::Listener>,
     /// This node's name in `ClusterStatus` (its `service.instance.id` when known).
     node_name: String,
+    /// The nodes of the remote backend, by their heartbeats (remote backend only).
+    nodes: Option<deriva_remote::PgNodes>,
 }
 
 impl Server {
@@ -84,19 +86,19 @@ impl Server {
         node_id: &str,
     ) -> Result<Self, DerivaError> {
         let remote = config.remote().map_err(DerivaError::InvalidInput)?;
-        let (store, bus) = match remote {
+        let (store, bus, nodes) = match remote {
             Some(mut remote) => {
                 node_id.clone_into(&mut remote.node_id);
                 let metrics = Arc::new(deriva_remote::BackendMetrics::new(meter));
                 let opened = deriva_remote::open(&remote, metrics).await?;
-                (opened.store, Some(opened.bus))
+                (opened.store, Some(opened.bus), Some(opened.nodes))
             }
             None => {
                 let dir = config.data_dir.clone();
                 let store = tokio::task::spawn_blocking(move || Store::open(dir))
                     .await
                     .map_err(|e| DerivaError::from_join("opening the store", e))??;
-                (store, None)
+                (store, None, None)
             }
         };
         let mut server = Self::with_store(
@@ -106,6 +108,7 @@ impl Server {
             meter,
         )?;
         node_id.clone_into(&mut server.node_name);
+        server.nodes = nodes;
         if let Some(bus) = bus {
             let exec = server.exec.clone();
             server.listener = Some(bus.listen(move |invalidation| match invalidation {
@@ -167,6 +170,7 @@ impl Server {
             traces: None,
             listener: None,
             node_name: String::from("deriva-server"),
+            nodes: None,
         })
     }
 
@@ -213,6 +217,24 @@ impl Server {
         let released = self.exec.store().released();
         let (cut_off, cutoff) = Cutoff::new();
         let ready = Arc::new(AtomicBool::new(false));
+        let node = crate::service::NodeInfo::new(
+            self.node_name.clone(),
+            grpc.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        );
+        // On the remote backend, a heartbeat row in the index until serving ends.
+        let _heartbeat = self.nodes.clone().map(|nodes| {
+            let (exec, node, every) = (self.exec.clone(), node.clone(), self.config.heartbeat);
+            AbortOnDrop(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = nodes.beat(&node.beat(&exec)).await {
+                        tracing::warn!(error = %e, "could not write this node's heartbeat");
+                    }
+                }
+            }))
+        });
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<DerivaServer<DerivaService>>().await;
         let service = DerivaServer::new(
@@ -223,10 +245,8 @@ impl Server {
             )
             .with_trace_store(self.traces.clone())
             .with_cutoff(cutoff)
-            .with_node(crate::service::NodeInfo::new(
-                self.node_name.clone(),
-                grpc.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            )),
+            .with_node(node.clone())
+            .with_cluster(self.nodes.clone().map(|n| (n, self.config.heartbeat))),
         )
         .max_decoding_message_size(limit);
 
@@ -314,5 +334,14 @@ impl Server {
         }
         tracing::debug!("store closed");
         served
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

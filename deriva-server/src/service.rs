@@ -30,6 +30,8 @@ pub struct DerivaService {
     traces: Option<TraceStore>,
     cutoff: Cutoff,
     node: NodeInfo,
+    /// The remote backend's nodes and their heartbeat interval.
+    cluster: Option<(deriva_remote::PgNodes, std::time::Duration)>,
 }
 
 /// What `ClusterStatus` says of this node.
@@ -53,6 +55,21 @@ impl NodeInfo {
             grpc_addr,
             started: std::time::Instant::now(),
             incarnation,
+        }
+    }
+
+    /// What this node says of itself now, over `exec`.
+    pub fn beat(&self, exec: &AsyncExecutor) -> deriva_remote::NodeBeat {
+        let cache = exec.cache().stats();
+        deriva_remote::NodeBeat {
+            name: self.name.clone(),
+            grpc_addr: self.grpc_addr.clone(),
+            role: "server".into(),
+            incarnation: self.incarnation,
+            cache_entries: cache.entries(),
+            cache_bytes: cache.size_bytes(),
+            blob_count: exec.store().counters().blobs(),
+            cpu_load: load_per_cpu(),
         }
     }
 }
@@ -97,7 +114,17 @@ impl DerivaService {
             traces: None,
             cutoff: Cutoff::default(),
             node: NodeInfo::new("deriva-server".into(), String::new()),
+            cluster: None,
         }
+    }
+
+    /// Answers `ClusterStatus` from the heartbeats in `nodes`, written every `interval`.
+    pub fn with_cluster(
+        mut self,
+        cluster: Option<(deriva_remote::PgNodes, std::time::Duration)>,
+    ) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     /// Describes this node in `ClusterStatus` as `node`.
@@ -248,28 +275,41 @@ impl DerivaService {
         })
     }
 
-    /// This node, the only one it knows of: the nodes of a store do not track each other yet.
-    fn cluster_inner(&self) -> ClusterStatusResponse {
-        let cache = self.exec.cache().stats();
-        let node = ClusterNodeInfo {
-            name: self.node.name.clone(),
-            addr: self.node.grpc_addr.clone(),
-            state: "alive".into(),
-            incarnation: self.node.incarnation,
-            grpc_addr: self.node.grpc_addr.clone(),
-            role: "server".into(),
-            cache_entries: cache.entries(),
-            cache_bytes: cache.size_bytes(),
-            blob_count: self.exec.store().counters().blobs(),
-            cpu_load: load_per_cpu(),
-            uptime_secs: self.node.started.elapsed().as_secs(),
+    /// Every node with a heartbeat row on the remote backend; else this node alone.
+    async fn cluster_inner(&self) -> ApiResult<ClusterStatusResponse> {
+        let info = |beat: deriva_remote::NodeBeat, state: &str, uptime_secs: u64| ClusterNodeInfo {
+            name: beat.name,
+            addr: beat.grpc_addr.clone(),
+            state: state.to_owned(),
+            incarnation: beat.incarnation,
+            grpc_addr: beat.grpc_addr,
+            role: beat.role,
+            cache_entries: beat.cache_entries,
+            cache_bytes: beat.cache_bytes,
+            blob_count: beat.blob_count,
+            cpu_load: beat.cpu_load,
+            uptime_secs,
         };
-        ClusterStatusResponse {
-            nodes: vec![node],
-            alive_count: 1,
-            suspect_count: 0,
-            dead_count: 0,
-        }
+        let nodes = match &self.cluster {
+            Some((nodes, interval)) => nodes
+                .list(*interval)
+                .await?
+                .into_iter()
+                .map(|row| info(row.beat, row.state, row.uptime_secs))
+                .collect(),
+            None => vec![info(
+                self.node.beat(&self.exec),
+                "alive",
+                self.node.started.elapsed().as_secs(),
+            )],
+        };
+        let count = |state: &str| nodes.iter().filter(|n| n.state == state).count() as u64;
+        Ok(ClusterStatusResponse {
+            alive_count: count("alive"),
+            suspect_count: count("suspect"),
+            dead_count: count("dead"),
+            nodes,
+        })
     }
 
     fn status_inner(&self) -> StatusResponse {
@@ -507,7 +547,8 @@ impl Deriva for DerivaService {
         &self,
         _: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        reply(Ok(self.cluster_inner()))
+        let call = self.cluster_inner();
+        self.cutoff.run(async { reply(call.await) }).await
     }
 }
 

@@ -523,3 +523,58 @@ async fn large_values_stream_spill_and_meet_the_budget_on_the_remote_backend() {
         err.message()
     );
 }
+
+/// ClusterStatus on the remote backend: every node with a heartbeat row, `alive` while it
+/// beats, `suspect` after a missed heartbeat, `dead` after three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_status_follows_the_heartbeats() {
+    use deriva_server::proto::{ClusterStatusRequest, ClusterStatusResponse};
+    let services = services::shared();
+    let space = Space::new("heartbeats");
+    let flags = ["--heartbeat-secs", "1"];
+    let a = node(&services, &space, &flags);
+    let mut b = node(&services, &space, &flags);
+    let mut ca = a.client().await;
+    async fn status(
+        client: &mut deriva_server::proto::deriva_client::DerivaClient<tonic::transport::Channel>,
+    ) -> ClusterStatusResponse {
+        client
+            .cluster_status(ClusterStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+    let state_of = |s: &ClusterStatusResponse, addr: &str| {
+        s.nodes
+            .iter()
+            .find(|n| n.grpc_addr == addr)
+            .map(|n| n.state.clone())
+    };
+    wait_for("both nodes alive", async || {
+        let s = status(&mut ca).await;
+        s.alive_count == 2
+            && state_of(&s, a.grpc_addr()).as_deref() == Some("alive")
+            && state_of(&s, b.grpc_addr()).as_deref() == Some("alive")
+    })
+    .await;
+    let s = status(&mut ca).await;
+    assert!(s.nodes.iter().all(|n| n.role == "server"), "{s:?}");
+    assert_ne!(s.nodes[0].name, s.nodes[1].name);
+
+    let b_addr = b.grpc_addr().to_owned();
+    b.kill();
+    wait_for("the killed node suspect", async || {
+        state_of(&status(&mut ca).await, &b_addr).as_deref() == Some("suspect")
+    })
+    .await;
+    wait_for("the killed node dead", async || {
+        let s = status(&mut ca).await;
+        state_of(&s, &b_addr).as_deref() == Some("dead") && s.alive_count == 1 && s.dead_count == 1
+    })
+    .await;
+    assert_eq!(
+        state_of(&status(&mut ca).await, a.grpc_addr()).as_deref(),
+        Some("alive"),
+        "the node that answers still beats"
+    );
+}

@@ -217,6 +217,13 @@ const ROWS: &[Row] = &[
         shows: ("spill-budget", "0"),
         other: "1GiB",
     },
+    Row {
+        flag: "heartbeat-secs",
+        vars: &["DERIVA_HEARTBEAT_SECS"],
+        value: "2",
+        shows: ("heartbeat-secs", "2"),
+        other: "7",
+    },
 ];
 
 /// Flags that are actions, not settings: no variable, nothing in the configuration.
