@@ -461,15 +461,7 @@ impl AsyncExecutor {
         read.record(field::FOUND, matches!(leaf, Ok(Some(_))));
         drop(read);
         if let Some(chunks) = self.count_corruption(leaf)? {
-            let stats = self.inner.stats.clone();
-            let counted = chunks
-                .inspect(move |item| {
-                    if let Err(DerivaError::Corrupted { .. }) = item {
-                        stats.record_corruption();
-                    }
-                })
-                .boxed();
-            return Ok((counted, Outcome::Leaf));
+            return Ok((self.counting_corruption(chunks), Outcome::Leaf));
         }
         let ((bytes, held), outcome) = self.join_or_start(addr, 0, tracker, true).await?;
         // A spilled output streams from its file, so this call does not hold it while a slow
@@ -504,28 +496,30 @@ impl AsyncExecutor {
         if !spill.store.contains(&addr) {
             return None;
         }
-        match spill.store.stream(addr, chunk_bytes).await {
-            Ok(Some(chunks)) => {
-                let stats = self.inner.stats.clone();
-                Some(
-                    chunks
-                        .inspect(move |item| {
-                            if let Err(DerivaError::Corrupted { .. }) = item {
-                                stats.record_corruption();
-                            }
-                        })
-                        .boxed(),
-                )
-            }
-            Ok(None) => None,
-            Err(e) => {
-                if let DerivaError::Corrupted { .. } = e {
-                    self.inner.stats.record_corruption();
+        let opened = self.count_corruption(spill.store.stream(addr, chunk_bytes).await);
+        self.absent_if_failed(addr, opened)
+            .map(|chunks| self.counting_corruption(chunks))
+    }
+
+    /// `chunks`, with a [`DerivaError::Corrupted`] at their end counted as a corruption.
+    fn counting_corruption(&self, chunks: ByteStream) -> ByteStream {
+        let stats = self.inner.stats.clone();
+        chunks
+            .inspect(move |item| {
+                if let Err(DerivaError::Corrupted { .. }) = item {
+                    stats.record_corruption();
                 }
-                tracing::warn!(%addr, error = %e, "could not read a spilled output; materializing it instead");
-                None
-            }
-        }
+            })
+            .boxed()
+    }
+
+    /// What a read of the spill directory found; a failed read is logged and taken as absent
+    /// (the output is computed again).
+    fn absent_if_failed<T>(&self, addr: CAddr, read: Result<Option<T>>) -> Option<T> {
+        read.unwrap_or_else(|e| {
+            tracing::warn!(%addr, error = %e, "could not read a spilled output; computing it instead");
+            None
+        })
     }
 
     /// The spilled output of `addr`, read whole and verified, if the spill directory holds it
@@ -536,21 +530,11 @@ impl AsyncExecutor {
             return None;
         }
         let store = spill.store.clone();
-        let read = spawn_blocking_in(Span::current(), move || store.get(&addr)).await;
-        match read {
-            Ok(Ok(found)) => found,
-            Ok(Err(e)) => {
-                if let DerivaError::Corrupted { .. } = e {
-                    self.inner.stats.record_corruption();
-                }
-                tracing::warn!(%addr, error = %e, "could not read a spilled output; computing it instead");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(%addr, error = %e, "could not read a spilled output; computing it instead");
-                None
-            }
-        }
+        let read = spawn_blocking_in(Span::current(), move || store.get(&addr))
+            .await
+            .unwrap_or_else(|e| Err(DerivaError::from_join("reading a spilled output", e)));
+        let read = self.count_corruption(read);
+        self.absent_if_failed(addr, read)
     }
 
     /// The cached output of `addr`, if any, in a `cache_check` span.
@@ -720,17 +704,15 @@ impl AsyncExecutor {
             }
             let (store, data) = (spill.store.clone(), output.clone());
             let write = info_span!(spans::SPILL_WRITE, { field::BYTES } = as_i64(output.len()));
-            let written = spawn_blocking_in(write, move || store.put(addr, &data)).await;
+            let written = spawn_blocking_in(write, move || store.put(addr, &data))
+                .await
+                .unwrap_or_else(|e| Err(DerivaError::from_join("spilling an output", e)));
             match written {
-                Ok(Ok(_)) => {
-                    // An invalidation that came in while it was written wins.
-                    if self.inner.cache.generation(&addr) != generation {
-                        spill.store.remove(&addr);
-                    }
+                // An invalidation that came in while it was written wins.
+                Ok(_) if self.inner.cache.generation(&addr) != generation => {
+                    spill.store.remove(&addr);
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(%addr, error = %e, "could not spill an output; it will be recomputed");
-                }
+                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(%addr, error = %e, "could not spill an output; it will be recomputed");
                 }
