@@ -18,7 +18,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use deriva_core::store::{ByteStream, stream};
+use deriva_core::store::gc::{GcOptions, GcOutcome};
+use deriva_core::store::{AddrKind, ByteStream, stream};
 use deriva_core::task::spawn_blocking_in;
 use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result, Store};
 use futures::future::{BoxFuture, Shared, WeakShared};
@@ -34,7 +35,7 @@ use tracing::{Instrument, Span, info_span};
 use crate::budget::{BudgetConfig, MemoryBudget, Reservation};
 use crate::cache::Cache;
 use crate::function::{ComputeFunction, FunctionError, FunctionRegistry};
-use crate::metrics::{ComputeMetrics, ExecStats, Outcome};
+use crate::metrics::{ComputeMetrics, ExecStats, GcResult, Outcome};
 use crate::spans::{self, field};
 use crate::spill::SpillStore;
 
@@ -191,6 +192,22 @@ pub struct CascadeReport {
     pub max_depth: u32,
     /// The bytes of the evicted outputs (in memory and in the spill directory).
     pub bytes_reclaimed: u64,
+    /// How long it took.
+    pub duration: Duration,
+}
+
+/// What [`AsyncExecutor::garbage_collect`] found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// What the store's collection found and removed.
+    pub store: GcOutcome,
+    /// Outputs of removed recipes this node held (in memory or spilled) and dropped (or, in a
+    /// dry run, would drop).
+    pub cache_entries_removed: u64,
+    /// Their bytes.
+    pub bytes_reclaimed_cache: u64,
+    /// Whether nothing was removed, only reported.
+    pub dry_run: bool,
     /// How long it took.
     pub duration: Duration,
 }
@@ -1075,6 +1092,116 @@ impl AsyncExecutor {
             }
             report.duration = start.elapsed();
             Span::current().record(field::EVICTED, as_i64(report.evicted.len()));
+            Ok(report)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Collects garbage in the store (see [`deriva_core::store::gc`]), then drops the outputs
+    /// of the removed recipes from this node's cache and spill directory, from the shared
+    /// output tier and (through the bus) from the other nodes' caches. In a `gc` span whose
+    /// children are the store's `mark` and `sweep`; counted in `deriva_gc_*`.
+    pub async fn garbage_collect(&self, options: GcOptions) -> Result<GcReport> {
+        let span = info_span!(
+            spans::GC,
+            { field::DRY_RUN } = options.dry_run,
+            { field::GRACE_SECS } = as_i64(options.grace.as_secs()),
+            { field::REMOVED } = Empty,
+            otel.status_code = Empty,
+            otel.status_message = Empty,
+        );
+        async move {
+            let start = Instant::now();
+            let gc = &self.inner.metrics.gc;
+            let outcome = match self.inner.store.collect_garbage(&options).await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    gc.record(
+                        options.dry_run,
+                        GcResult::Error,
+                        start.elapsed().as_secs_f64(),
+                        [0; 3],
+                        0,
+                    );
+                    let span = Span::current();
+                    span.record("otel.status_code", "ERROR");
+                    span.record("otel.status_message", tracing::field::display(&e));
+                    tracing::error!(error = %e, "garbage collection failed");
+                    return Err(e);
+                }
+            };
+            let recipes: Vec<CAddr> = outcome
+                .removed
+                .iter()
+                .filter(|r| r.kind == AddrKind::Recipe)
+                .map(|r| r.addr)
+                .collect();
+            let mut report = GcReport {
+                dry_run: options.dry_run,
+                ..GcReport::default()
+            };
+            for recipe in &recipes {
+                let size = self.held_size(recipe);
+                let dropped = if options.dry_run {
+                    size.is_some()
+                } else {
+                    self.forget(recipe)
+                };
+                if dropped {
+                    report.cache_entries_removed += 1;
+                    report.bytes_reclaimed_cache += size.unwrap_or(0);
+                }
+            }
+            if !options.dry_run && !recipes.is_empty() {
+                // The recipes are gone already: a tier object or another node's cached copy
+                // left behind is garbage, never served wrongly (an output is a function of
+                // its recipe), so a failure here is logged, not the collection's error.
+                if let Some(outputs) = self.inner.store.outputs() {
+                    let deletes = recipes.iter().map(|a| outputs.delete(*a));
+                    if let Err(e) = futures::future::try_join_all(deletes).await {
+                        tracing::warn!(error = %e, "could not delete the shared outputs of collected recipes");
+                    }
+                }
+                if let Some(bus) = self.inner.store.bus()
+                    && let Err(e) = bus.publish(&recipes).await
+                {
+                    tracing::warn!(error = %e, "could not tell the other nodes about collected recipes");
+                }
+            }
+            for _ in 0..outcome.corrupted {
+                self.inner.stats.record_corruption();
+            }
+            let result = if outcome.corrupted > 0 {
+                GcResult::Corrupted
+            } else {
+                GcResult::Ok
+            };
+            report.duration = start.elapsed();
+            gc.record(
+                options.dry_run,
+                result,
+                report.duration.as_secs_f64(),
+                [
+                    outcome.blobs_removed,
+                    outcome.recipes_removed,
+                    report.cache_entries_removed,
+                ],
+                outcome.bytes_reclaimed + report.bytes_reclaimed_cache,
+            );
+            Span::current().record(field::REMOVED, as_i64(outcome.removed.len()));
+            tracing::info!(
+                dry_run = options.dry_run,
+                blobs_removed = outcome.blobs_removed,
+                recipes_removed = outcome.recipes_removed,
+                outputs_removed = report.cache_entries_removed,
+                bytes_reclaimed = outcome.bytes_reclaimed + report.bytes_reclaimed_cache,
+                kept = outcome.kept,
+                live_blobs = outcome.live_blobs,
+                live_recipes = outcome.live_recipes,
+                "garbage collection finished"
+            );
+            report.store = outcome;
             Ok(report)
         }
         .instrument(span)

@@ -90,9 +90,10 @@ pub use deriva_core::spans;
 
 pub use budget::{BudgetConfig, MemoryBudget};
 pub use cache::{Cache, CacheHit, CacheStats};
+pub use deriva_core::store::gc::GcOptions;
 pub use executor::{
-    AsyncExecutor, CascadePolicy, CascadeReport, ExecutorConfig, InvalidateReport,
+    AsyncExecutor, CascadePolicy, CascadeReport, ExecutorConfig, GcReport, InvalidateReport,
     VerificationMode, VerifyReport,
 };
 pub use function::{ComputeFunction, FunctionError, FunctionRegistry};
-pub use metrics::{ComputeMetrics, ExecStats, Outcome};
+pub use metrics::{ComputeMetrics, ExecStats, GcResult, Outcome};

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use deriva_core::FunctionId;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{
-    AsyncInstrument, Histogram, Meter, ObservableCounter, ObservableGauge,
+    AsyncInstrument, Counter, Histogram, Meter, ObservableCounter, ObservableGauge,
 };
 
 use crate::budget::MemoryBudget;
@@ -219,6 +219,114 @@ pub struct ComputeMetrics {
     _saved: ObservableCounter<f64>,
     _memory: Vec<ObservableGauge<u64>>,
     _memory_counters: Vec<ObservableCounter<u64>>,
+    pub(crate) gc: GcMetrics,
+}
+
+/// Bucket boundaries of `deriva_gc_duration_seconds`.
+pub const GC_DURATION_BUCKETS: [f64; 9] = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0];
+
+/// How a garbage collection ended, the `result` label of `deriva_gc_runs_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GcResult {
+    /// It finished and found nothing wrong.
+    Ok,
+    /// It finished, and found stored recipes that do not decode.
+    Corrupted,
+    /// It failed (a backend error); some items may have been removed.
+    Error,
+}
+
+impl GcResult {
+    /// Every result, in label order.
+    pub const ALL: [GcResult; 3] = [Self::Ok, Self::Corrupted, Self::Error];
+
+    /// The label: `ok`, `corrupted` or `error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Corrupted => "corrupted",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// The instruments of garbage collection (`deriva_gc_*`).
+#[derive(Debug)]
+pub(crate) struct GcMetrics {
+    runs: Counter<u64>,
+    removed: Counter<u64>,
+    reclaimed: Counter<u64>,
+    duration: Histogram<f64>,
+}
+
+impl GcMetrics {
+    fn new(meter: &Meter) -> Self {
+        let gc = Self {
+            runs: meter
+                .u64_counter("deriva.gc.runs")
+                .with_description("Garbage collections by mode (collect or dry_run) and result (ok, corrupted: finished but found recipes that do not decode, error)")
+                .build(),
+            removed: meter
+                .u64_counter("deriva.gc.removed")
+                .with_description("Items garbage collection removed, by kind: leaf, recipe, or output (a cached or spilled output of a removed recipe)")
+                .build(),
+            reclaimed: meter
+                .u64_counter("deriva.gc.reclaimed")
+                .with_unit("By")
+                .with_description("Bytes garbage collection freed: removed leaves, and the cached and spilled outputs of removed recipes")
+                .build(),
+            duration: meter
+                .f64_histogram("deriva.gc.duration")
+                .with_unit("s")
+                .with_description("Time of one garbage collection, mark and sweep")
+                .with_boundaries(GC_DURATION_BUCKETS.to_vec())
+                .build(),
+        };
+        // Every series exists from the start, at zero, so rates and alerts see the first run.
+        for mode in ["collect", "dry_run"] {
+            for result in GcResult::ALL {
+                gc.runs.add(
+                    0,
+                    &[
+                        KeyValue::new("mode", mode),
+                        KeyValue::new("result", result.as_str()),
+                    ],
+                );
+            }
+        }
+        for kind in ["leaf", "recipe", "output"] {
+            gc.removed.add(0, &[KeyValue::new("kind", kind)]);
+        }
+        gc.reclaimed.add(0, &[]);
+        gc
+    }
+
+    /// Records one garbage collection.
+    pub(crate) fn record(
+        &self,
+        dry_run: bool,
+        result: GcResult,
+        seconds: f64,
+        removed: [u64; 3],
+        reclaimed: u64,
+    ) {
+        let mode = if dry_run { "dry_run" } else { "collect" };
+        self.runs.add(
+            1,
+            &[
+                KeyValue::new("mode", mode),
+                KeyValue::new("result", result.as_str()),
+            ],
+        );
+        self.duration
+            .record(seconds, &[KeyValue::new("mode", mode)]);
+        if !dry_run {
+            for (kind, n) in ["leaf", "recipe", "output"].into_iter().zip(removed) {
+                self.removed.add(n, &[KeyValue::new("kind", kind)]);
+            }
+            self.reclaimed.add(reclaimed, &[]);
+        }
+    }
 }
 
 impl ComputeMetrics {
@@ -385,6 +493,7 @@ impl ComputeMetrics {
             _saved: saved,
             _memory: Vec::new(),
             _memory_counters: Vec::new(),
+            gc: GcMetrics::new(meter),
         }
     }
 

@@ -52,11 +52,12 @@
 //!
 //! ```text
 //! <data-dir>/
-//!   deriva.redb             redb: tables `recipes`, `dependents` (multimap), `meta`
+//!   deriva.redb             redb: tables `recipes`, `dependents` (multimap), `meta`, `pins`,
+//!                           `recipe_times` (each recipe's last put, for garbage collection)
 //!   blobs/
 //!     tmp/                  in-progress writes; emptied when the store opens
 //!     00/ … ff/             shards by the first address byte
-//!       <64 hex chars>      one leaf's bytes, named by its address
+//!       <64 hex chars>      one leaf's bytes, named by its address; its mtime is its last put
 //! ```
 //!
 //! - `recipes`: recipe address → DAG depth (`u32` LE) followed by the canonical encoding.

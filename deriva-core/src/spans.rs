@@ -35,6 +35,14 @@ pub const OUTPUT_WRITE: &str = "output_write";
 /// A write of a computed output larger than the spill threshold to the local spill directory
 /// (instead of the memory cache); `bytes` is its size.
 pub const SPILL_WRITE: &str = "spill_write";
+/// A garbage collection (`GarbageCollect`, or the periodic one of `--gc-interval`).
+pub const GC: &str = "gc";
+/// The mark of a garbage collection: listing what is stored and what must stay; `live` and
+/// `candidates` count them.
+pub const GC_MARK: &str = "mark";
+/// The sweep of a garbage collection: the conditional deletes; `removed` and `kept` count
+/// them.
+pub const GC_SWEEP: &str = "sweep";
 /// A client call to the object store (S3 API), with the OpenTelemetry semantic-convention
 /// attributes `rpc.system=aws-api`, `rpc.method`, `aws.s3.bucket` and `aws.s3.key`.
 pub const OBJECT_STORE: &str = "object_store";
@@ -44,6 +52,18 @@ pub const INDEX_DB: &str = "index_db";
 
 /// Field names.
 pub mod field {
+    /// Addresses a garbage collection's mark found live.
+    pub const LIVE: &str = "live";
+    /// Addresses the mark found eligible for removal.
+    pub const CANDIDATES: &str = "candidates";
+    /// Whether a garbage collection only reports.
+    pub const DRY_RUN: &str = "dry_run";
+    /// Items a garbage collection removed (or would, in a dry run).
+    pub const REMOVED: &str = "removed";
+    /// Candidates a garbage collection's conditional deletes kept.
+    pub const KEPT: &str = "kept";
+    /// The grace period of a garbage collection, in seconds.
+    pub const GRACE_SECS: &str = "grace_secs";
     /// The address a span works on (hex).
     pub const ADDR: &str = "addr";
     /// How deep in the recipe DAG a materialization is (0 for the requested address).

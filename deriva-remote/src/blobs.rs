@@ -11,11 +11,12 @@
 //!   recipe's address) and never serves an object the index does not know.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use deriva_core::error::Result;
-use deriva_core::store::{BlobStore, ByteStream, StoreCounters, stream};
+use deriva_core::store::{AgedLeaf, BlobStore, ByteStream, StoreCounters, stream};
 use deriva_core::{CAddr, DerivaError};
 use futures::StreamExt as _;
 
@@ -55,7 +56,9 @@ impl RemoteBlobStore {
         }
     }
 
-    /// Records the leaf `addr` of `size` bytes; returns whether the row is new.
+    /// Records the leaf `addr` of `size` bytes, or refreshes the time of its row (its last
+    /// put); returns whether the row is new. Holds the sweep lock shared, so a garbage
+    /// collection's delete of the row and its object comes wholly before or after.
     async fn record(&self, addr: CAddr, size: u64) -> Result<bool> {
         const CALL: Call = Call {
             op: "put_leaf",
@@ -67,16 +70,30 @@ impl RemoteBlobStore {
             addr.as_bytes().as_slice(),
             i64::try_from(size).unwrap_or(i64::MAX),
         );
-        let inserted = self
+        let lock = self.pg.sweep_key();
+        let row = self
             .pg
             .query_opt(
                 CALL,
-                "INSERT INTO {s}.leaves (addr, size) VALUES ($1, $2)
-                 ON CONFLICT (addr) DO NOTHING RETURNING addr",
-                &[&key, &size],
+                "WITH held AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared($3::bigint))
+                 INSERT INTO {s}.leaves (addr, size) SELECT $1::bytea, $2::bigint FROM held
+                 ON CONFLICT (addr) DO UPDATE SET created_at = clock_timestamp()
+                 RETURNING (xmax = 0)",
+                &[&key, &size, &lock],
             )
             .await?;
-        Ok(inserted.is_some())
+        Ok(row.is_some_and(|r| r.get(0)))
+    }
+
+    /// After a new row for a leaf whose object this put did not create: garbage collection may
+    /// have deleted the object between the write and the row (it deletes a row, then its
+    /// object). Whether the object is there now; the row is young, so it stays.
+    async fn object_survived(&self, addr: CAddr) -> Result<bool> {
+        Ok(self
+            .objects
+            .size(&self.objects.leaf_key(&addr))
+            .await?
+            .is_some())
     }
 
     /// The leaf `addr` from the local read-through cache, verified, if it holds it.
@@ -128,19 +145,24 @@ impl BlobStore for RemoteBlobStore {
         let addr = CAddr::for_leaf(&data);
         let key = self.objects.leaf_key(&addr);
         let size = data.len() as u64;
-        if self.objects.create(&key, data.clone()).await? == Written::Existed {
+        let existed = self.objects.create(&key, data.clone()).await? == Written::Existed;
+        if existed {
             // Same address, same bytes, unless the stored copy was damaged: check, and repair.
             match self.fetch(addr).await {
                 Ok(Some(_)) => {}
                 Ok(None) | Err(DerivaError::Corrupted { .. }) => {
                     tracing::warn!(%addr, "rewriting a damaged or vanished object");
-                    self.objects.overwrite(&key, data).await?;
+                    self.objects.overwrite(&key, data.clone()).await?;
                 }
                 Err(e) => return Err(e),
             }
         }
         if self.record(addr, size).await? {
             self.counters.count_blob(true, size);
+            if existed && !self.object_survived(addr).await? {
+                tracing::info!(%addr, "rewriting an object garbage collection removed during the put");
+                self.objects.overwrite(&key, data).await?;
+            }
         }
         Ok(addr)
     }
@@ -206,6 +228,19 @@ impl BlobStore for RemoteBlobStore {
             .boxed();
         let size = self.objects.upload_stream(&key, Some(addr), rest).await?;
         if self.record(addr, size).await? {
+            if !self.object_survived(addr).await? {
+                // Garbage collection removed the object of an old row just after the upload
+                // replaced it; the bytes are gone from here too, so the row goes and the
+                // client is told to put again.
+                self.forget_row(addr).await?;
+                return Err(DerivaError::Unavailable {
+                    backend: self.objects.name().to_owned(),
+                    message: format!(
+                        "garbage collection removed leaf {addr} while it was being uploaded; \
+                         put it again"
+                    ),
+                });
+            }
             self.counters.count_blob(true, size);
         }
         Ok(())
@@ -303,7 +338,77 @@ impl BlobStore for RemoteBlobStore {
             .collect()
     }
 
+    async fn list_aged(&self) -> Result<Vec<AgedLeaf>> {
+        const CALL: Call = Call {
+            op: "list_leaves",
+            operation: "SELECT",
+            table: "leaves",
+            context: "listing leaves",
+        };
+        let rows = self
+            .pg
+            .query(CALL, "SELECT addr, size, created_at FROM {s}.leaves", &[])
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AgedLeaf {
+                    addr: addr_of(row.get(0), CALL.context)?,
+                    size: row.get::<_, i64>(1).max(0) as u64,
+                    at: row.get(2),
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_if_older(&self, addr: CAddr, cutoff: SystemTime) -> Result<Option<u64>> {
+        const CALL: Call = Call {
+            op: "collect_leaf",
+            operation: "DELETE",
+            table: "leaves",
+            context: "collecting a leaf",
+        };
+        // The row first, as in `delete`: a crash between the two leaves an object without a
+        // row (garbage), never a row without its object. The caller holds the sweep lock, so
+        // no put records the leaf again before its object is gone.
+        let key = addr.as_bytes().as_slice();
+        let Some(size) = self
+            .pg
+            .query_opt(
+                CALL,
+                "DELETE FROM {s}.leaves WHERE addr = $1 AND created_at < $2 RETURNING size",
+                &[&key, &cutoff],
+            )
+            .await?
+            .map(|r| r.get::<_, i64>(0).max(0) as u64)
+        else {
+            return Ok(None);
+        };
+        self.counters.count_blob(false, size);
+        self.objects.delete(&self.objects.leaf_key(&addr)).await?;
+        if let Some(cache) = &self.cache {
+            cache::on_pool(cache, move |c| c.remove(&addr)).await;
+        }
+        Ok(Some(size))
+    }
+
     async fn check(&self) -> Result<()> {
         self.objects.check().await
+    }
+}
+
+impl RemoteBlobStore {
+    /// Deletes the row of `addr` (not its object).
+    async fn forget_row(&self, addr: CAddr) -> Result<()> {
+        const CALL: Call = Call {
+            op: "delete_leaf",
+            operation: "DELETE",
+            table: "leaves",
+            context: "deleting a leaf",
+        };
+        let key = addr.as_bytes().as_slice();
+        self.pg
+            .query(CALL, "DELETE FROM {s}.leaves WHERE addr = $1", &[&key])
+            .await?;
+        Ok(())
     }
 }

@@ -3,13 +3,16 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use deriva_core::error::Result;
-use deriva_core::store::{BlobStore, RecipeIndex, StoreCounters, StoredRecipe};
+use deriva_core::store::{
+    AgedRecipe, BlobStore, RecipeIndex, StoreCounters, StoredRecipe, SweepLock,
+};
 use deriva_core::{CAddr, DerivaError, Recipe};
 
-use crate::pg::{Call, Pg};
+use crate::pg::{Call, Conn, Pg};
 
 /// Recipes, their depths and the dependency edges in PostgreSQL.
 #[derive(Debug, Clone)]
@@ -48,12 +51,71 @@ impl PgIndex {
     }
 }
 
-#[async_trait]
-impl RecipeIndex for PgIndex {
-    async fn put_batch(&self, batch: Vec<(CAddr, Recipe)>) -> Result<u64> {
+/// The exclusive hold of [`Pg::sweep_key`] on one connection. Dropped, it lets go on a task
+/// of its own; a connection that cannot let go is closed, which lets go too.
+struct SweepGuard {
+    conn: Option<Conn>,
+    key: i64,
+}
+
+impl Drop for SweepGuard {
+    fn drop(&mut self) {
+        let (Some(conn), Ok(runtime)) = (self.conn.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let key = self.key;
+        runtime.spawn(async move {
+            if conn
+                .execute("SELECT pg_advisory_unlock($1)", &[&key])
+                .await
+                .is_err()
+            {
+                drop(deadpool_postgres::Object::take(conn));
+            }
+        });
+    }
+}
+
+impl PgIndex {
+    /// Stores `batch` in one transaction that holds the sweep lock shared, after checking
+    /// that `inputs` exist (recipes or leaves): garbage collection deletes either before the
+    /// check (which then fails) or after the commit (and then sees the new references).
+    async fn put_tx(&self, batch: Vec<(CAddr, Recipe)>, inputs: Vec<CAddr>) -> Result<u64> {
         const CTX: &str = "storing recipes";
         let pg = &self.pg;
         pg.call("put_recipes", "INSERT", "recipes", async {
+            let mut conn = pg.conn().await?;
+            let tx = conn.transaction().await.map_err(|e| pg.error(CTX, e))?;
+            let lock = tx
+                .prepare_cached("SELECT pg_advisory_xact_lock_shared($1)")
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+            tx.execute(&lock, &[&pg.sweep_key()])
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+            if !inputs.is_empty() {
+                let check = tx
+                    .prepare_cached(&pg.sql(
+                        "SELECT a FROM unnest($1::bytea[]) WITH ORDINALITY AS t (a, i)
+                         WHERE NOT EXISTS (SELECT 1 FROM {s}.recipes WHERE addr = a)
+                           AND NOT EXISTS (SELECT 1 FROM {s}.leaves WHERE addr = a)
+                         ORDER BY i LIMIT 1",
+                    ))
+                    .await
+                    .map_err(|e| pg.error(CTX, e))?;
+                let keys: Vec<&[u8]> = inputs.iter().map(|a| a.as_bytes().as_slice()).collect();
+                if let Some(row) = tx
+                    .query_opt(&check, &[&keys])
+                    .await
+                    .map_err(|e| pg.error(CTX, e))?
+                {
+                    // The client's error, not the backend's: the call itself succeeded.
+                    return Ok(Err(DerivaError::MissingInput {
+                        input: addr_of(row.get(0), CTX)?,
+                    }));
+                }
+            }
             // Depths of the inputs that are stored recipes; the rest of the inputs are
             // earlier recipes of the batch or leaves (depth 0).
             let mut inputs: Vec<&[u8]> = Vec::new();
@@ -65,8 +127,6 @@ impl RecipeIndex for PgIndex {
                     }
                 }
             }
-            let mut conn = pg.conn().await?;
-            let tx = conn.transaction().await.map_err(|e| pg.error(CTX, e))?;
             let depth_of = tx
                 .prepare_cached(&pg.sql("SELECT addr, depth FROM {s}.recipes WHERE addr = ANY($1)"))
                 .await
@@ -101,19 +161,22 @@ impl RecipeIndex for PgIndex {
                 .prepare_cached(&pg.sql(
                     "INSERT INTO {s}.recipes (addr, encoding, depth)
                      SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::integer[])
-                     ON CONFLICT (addr) DO NOTHING
-                     RETURNING addr",
+                     ON CONFLICT (addr) DO UPDATE SET created_at = clock_timestamp()
+                     RETURNING addr, (xmax = 0)",
                 ))
                 .await
                 .map_err(|e| pg.error(CTX, e))?;
-            let new: HashSet<CAddr> = rows_to_addrs(
-                &tx.query(&insert, &[&addrs, &encodings, &levels])
-                    .await
-                    .map_err(|e| pg.error(CTX, e))?,
-                CTX,
-            )?
-            .into_iter()
-            .collect();
+            // Every row comes back; the ones inserted (not refreshed) are new.
+            let mut new: HashSet<CAddr> = HashSet::new();
+            for row in tx
+                .query(&insert, &[&addrs, &encodings, &levels])
+                .await
+                .map_err(|e| pg.error(CTX, e))?
+            {
+                if row.get::<_, bool>(1) {
+                    new.insert(addr_of(row.get(0), CTX)?);
+                }
+            }
             let (mut edge_inputs, mut edge_recipes): (Vec<&[u8]>, Vec<&[u8]>) = (vec![], vec![]);
             for (addr, recipe) in batch.iter().filter(|(a, _)| new.contains(a)) {
                 let mut own = HashSet::new();
@@ -138,7 +201,133 @@ impl RecipeIndex for PgIndex {
             tx.commit().await.map_err(|e| pg.error(CTX, e))?;
             let added = new.len() as u64;
             self.counters.add_recipes(added as i64);
-            Ok(added)
+            Ok(Ok(added))
+        })
+        .await?
+    }
+}
+
+#[async_trait]
+impl RecipeIndex for PgIndex {
+    async fn put_batch(&self, batch: Vec<(CAddr, Recipe)>) -> Result<u64> {
+        self.put_tx(batch, Vec::new()).await
+    }
+
+    async fn put_checked(
+        &self,
+        batch: Vec<(CAddr, Recipe)>,
+        inputs: Vec<CAddr>,
+        _blobs: &dyn BlobStore,
+    ) -> Result<u64> {
+        // The leaves table is this database's record of the blob store.
+        self.put_tx(batch, inputs).await
+    }
+
+    async fn clock(&self) -> Result<SystemTime> {
+        const CALL: Call = Call {
+            op: "clock",
+            operation: "SELECT",
+            table: "recipes",
+            context: "reading the database's clock",
+        };
+        let row = self
+            .pg
+            .query_opt(CALL, "SELECT clock_timestamp()", &[])
+            .await?;
+        Ok(row.map_or_else(SystemTime::now, |r| r.get(0)))
+    }
+
+    async fn list_aged(&self) -> Result<Vec<AgedRecipe>> {
+        const CALL: Call = Call {
+            op: "list_recipes",
+            operation: "SELECT",
+            table: "recipes",
+            context: "listing recipes",
+        };
+        let rows = self
+            .pg
+            .query(
+                CALL,
+                "SELECT addr, depth, created_at, encoding FROM {s}.recipes",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let addr = addr_of(row.get(0), CALL.context)?;
+                let inputs = Recipe::from_canonical_bytes(row.get(3))
+                    .ok()
+                    .filter(|r| r.addr() == addr)
+                    .map(|r| r.inputs().to_vec());
+                Ok(AgedRecipe {
+                    addr,
+                    depth: u32::try_from(row.get::<_, i32>(1)).unwrap_or(0),
+                    at: row.get(2),
+                    inputs,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_if_unused(&self, addr: CAddr, cutoff: SystemTime) -> Result<bool> {
+        const CALL: Call = Call {
+            op: "collect_recipe",
+            operation: "DELETE",
+            table: "recipes",
+            context: "collecting a recipe",
+        };
+        let key = addr.as_bytes().as_slice();
+        let deleted = self
+            .pg
+            .query_opt(
+                CALL,
+                "DELETE FROM {s}.recipes WHERE addr = $1 AND created_at < $2
+                   AND NOT EXISTS (SELECT 1 FROM {s}.edges WHERE input = $1)
+                   AND NOT EXISTS (SELECT 1 FROM {s}.pins WHERE addr = $1)
+                 RETURNING addr",
+                &[&key, &cutoff],
+            )
+            .await?
+            .is_some();
+        if deleted {
+            self.counters.add_recipes(-1);
+        }
+        Ok(deleted)
+    }
+
+    async fn is_referenced(&self, addr: CAddr) -> Result<bool> {
+        const CALL: Call = Call {
+            op: "find_references",
+            operation: "SELECT",
+            table: "edges",
+            context: "looking up references",
+        };
+        let key = addr.as_bytes().as_slice();
+        let row = self
+            .pg
+            .query_opt(
+                CALL,
+                "SELECT EXISTS (SELECT 1 FROM {s}.edges WHERE input = $1)
+                     OR EXISTS (SELECT 1 FROM {s}.pins WHERE addr = $1)",
+                &[&key],
+            )
+            .await?;
+        Ok(row.is_some_and(|r| r.get(0)))
+    }
+
+    async fn lock_for_sweep(&self) -> Result<SweepLock> {
+        const CTX: &str = "holding off writers for garbage collection";
+        let pg = &self.pg;
+        pg.call("lock_sweep", "SELECT", "pins", async {
+            let conn = pg.conn().await?;
+            let key = pg.sweep_key();
+            conn.execute("SELECT pg_advisory_lock($1)", &[&key])
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+            Ok(SweepLock::new(SweepGuard {
+                conn: Some(conn),
+                key,
+            }))
         })
         .await
     }
@@ -318,24 +507,49 @@ impl RecipeIndex for PgIndex {
             .collect()
     }
 
-    async fn pin(&self, addr: CAddr) -> Result<bool> {
-        const CALL: Call = Call {
-            op: "pin",
-            operation: "INSERT",
-            table: "pins",
-            context: "pinning an address",
-        };
-        let key = addr.as_bytes().as_slice();
-        let new = self
-            .pg
-            .query_opt(
-                CALL,
-                "INSERT INTO {s}.pins (addr) VALUES ($1) ON CONFLICT (addr) DO NOTHING
-                 RETURNING addr",
-                &[&key],
-            )
-            .await?
-            .is_some();
+    async fn pin(&self, addr: CAddr, _blobs: &dyn BlobStore) -> Result<bool> {
+        const CTX: &str = "pinning an address";
+        let pg = &self.pg;
+        let new = pg
+            .call("pin", "INSERT", "pins", async {
+                let mut conn = pg.conn().await?;
+                let tx = conn.transaction().await.map_err(|e| pg.error(CTX, e))?;
+                // Shared with puts, so a sweep deletes either before the check or not at all.
+                tx.execute(
+                    "SELECT pg_advisory_xact_lock_shared($1)",
+                    &[&pg.sweep_key()],
+                )
+                .await
+                .map_err(|e| pg.error(CTX, e))?;
+                let key = addr.as_bytes().as_slice();
+                let row = tx
+                    .query_one(
+                        &pg.sql(
+                            "SELECT EXISTS (SELECT 1 FROM {s}.recipes WHERE addr = $1)
+                                 OR EXISTS (SELECT 1 FROM {s}.leaves WHERE addr = $1)",
+                        ),
+                        &[&key],
+                    )
+                    .await
+                    .map_err(|e| pg.error(CTX, e))?;
+                if !row.get::<_, bool>(0) {
+                    return Ok(Err(DerivaError::NotFound { addr }));
+                }
+                let new = tx
+                    .query_opt(
+                        &pg.sql(
+                            "INSERT INTO {s}.pins (addr) VALUES ($1) ON CONFLICT (addr) DO NOTHING
+                             RETURNING addr",
+                        ),
+                        &[&key],
+                    )
+                    .await
+                    .map_err(|e| pg.error(CTX, e))?
+                    .is_some();
+                tx.commit().await.map_err(|e| pg.error(CTX, e))?;
+                Ok(Ok(new))
+            })
+            .await??;
         if new {
             self.counters.add_pins(1);
         }

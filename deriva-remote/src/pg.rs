@@ -8,8 +8,10 @@
 //! - `edges(input, recipe)`: one row per input of a recipe, keyed by input (for dependents);
 //! - `pins(addr, pinned_at)`: the pinned addresses (migration 2);
 //! - `nodes(name, grpc_addr, role, incarnation, started_at, heartbeat_at, …)`: one row per
-//!   node, refreshed by its heartbeat (migration 2);
-//!   deleting a recipe deletes its edges.
+//!   node, refreshed by its heartbeat (migration 2).
+//!
+//! Deleting a recipe deletes its edges. `created_at` of a leaf or recipe is the time of its
+//! last put (a put of what is stored refreshes it): garbage collection's clock.
 //!
 //! Every call is bounded: [`CONNECT_TIMEOUT`] to connect, [`POOL_WAIT`] for a free
 //! connection, and [`STATEMENT_TIMEOUT_MS`] per statement on the server side. A database that
@@ -349,19 +351,31 @@ impl Pg {
         Ok(self.query(call, sql, params).await?.into_iter().next())
     }
 
+    /// An advisory lock key of this schema: `tag` in the high bits, the schema name's hash
+    /// below, so two schemas in one database never share a lock.
+    fn lock_key(&self, tag: u32) -> i64 {
+        (i64::from(tag) << 32)
+            | i64::from(u32::from_le_bytes(
+                blake3::hash(self.schema.as_bytes()).as_bytes()[..4]
+                    .try_into()
+                    .expect("4 bytes"),
+            ))
+    }
+
+    /// The advisory lock that keeps garbage collection's deletes and the puts that add
+    /// references apart: every such put holds it shared in its transaction
+    /// (`pg_advisory_xact_lock_shared`), a sweep holds it exclusively on its own connection.
+    pub(crate) fn sweep_key(&self) -> i64 {
+        self.lock_key(0x4465_7267)
+    }
+
     /// Brings the schema to [`SCHEMA_VERSION`], under an advisory lock so that nodes starting
     /// together migrate once.
     async fn migrate(&self) -> Result<()> {
         const CTX: &str = "migrating the index schema";
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await.map_err(|e| self.error(CTX, e))?;
-        // One lock per schema name: a fixed tag in the high bits, the name's hash below.
-        let key = 0x4465_7269_0000_0000_i64
-            | i64::from(u32::from_le_bytes(
-                blake3::hash(self.schema.as_bytes()).as_bytes()[..4]
-                    .try_into()
-                    .expect("4 bytes"),
-            ));
+        let key = self.lock_key(0x4465_7269);
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&key])
             .await
             .map_err(|e| self.error(CTX, e))?;

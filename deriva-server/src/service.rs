@@ -4,8 +4,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
-use deriva_compute::{AsyncExecutor, CascadePolicy};
+use deriva_compute::{AsyncExecutor, CascadePolicy, GcOptions};
 use deriva_core::{DerivaError, FunctionId, Recipe};
 use futures::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
@@ -267,6 +268,34 @@ impl DerivaService {
         })
     }
 
+    async fn gc_inner(&self, req: GcRequest) -> ApiResult<GcResponse> {
+        let options = GcOptions {
+            grace: Duration::from_secs(req.grace_period_secs),
+            dry_run: req.dry_run,
+            max_removals: req.max_removals,
+        };
+        let report = self.exec.garbage_collect(options).await?;
+        let store = &report.store;
+        Ok(GcResponse {
+            blobs_removed: store.blobs_removed,
+            recipes_removed: store.recipes_removed,
+            cache_entries_removed: report.cache_entries_removed,
+            bytes_reclaimed_blobs: store.bytes_reclaimed,
+            bytes_reclaimed_cache: report.bytes_reclaimed_cache,
+            total_bytes_reclaimed: store.bytes_reclaimed + report.bytes_reclaimed_cache,
+            live_blobs: store.live_blobs,
+            live_recipes: store.live_recipes,
+            pinned_count: store.pinned,
+            duration_micros: u64::try_from(report.duration.as_micros()).unwrap_or(u64::MAX),
+            removed_addrs: if req.detail_addrs {
+                store.removed.iter().map(|r| addr_bytes(&r.addr)).collect()
+            } else {
+                Vec::new()
+            },
+            dry_run: report.dry_run,
+        })
+    }
+
     async fn list_pins_inner(&self) -> ApiResult<ListPinsResponse> {
         let pins = self.exec.store().pins().await?;
         Ok(ListPinsResponse {
@@ -499,10 +528,12 @@ impl Deriva for DerivaService {
         self.cutoff.run(async { reply(call.await) }).await
     }
 
-    async fn garbage_collect(&self, _: Request<GcRequest>) -> Result<Response<GcResponse>, Status> {
-        Err(Status::unimplemented(
-            "garbage collection is not available on this server yet; pins are kept for it",
-        ))
+    async fn garbage_collect(
+        &self,
+        request: Request<GcRequest>,
+    ) -> Result<Response<GcResponse>, Status> {
+        let call = self.gc_inner(request.into_inner());
+        self.cutoff.run(async { reply(call.await) }).await
     }
 
     async fn pin(&self, request: Request<PinRequest>) -> Result<Response<PinResponse>, Status> {

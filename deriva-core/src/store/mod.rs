@@ -13,6 +13,7 @@
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod gc;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod stream;
@@ -21,6 +22,7 @@ use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -129,6 +131,50 @@ pub struct StoredRecipe {
     pub depth: u32,
 }
 
+/// A stored leaf as garbage collection sees it: its address, its size and when it was last
+/// put (stored, or stored again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgedLeaf {
+    /// The leaf's address.
+    pub addr: CAddr,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was last put.
+    pub at: SystemTime,
+}
+
+/// A stored recipe as garbage collection sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgedRecipe {
+    /// The recipe's address.
+    pub addr: CAddr,
+    /// Its DAG depth.
+    pub depth: u32,
+    /// When it was last put (stored, or stored again).
+    pub at: SystemTime,
+    /// Its inputs; `None` if its stored row does not decode (a corrupted recipe, which
+    /// garbage collection keeps and reports).
+    pub inputs: Option<Vec<CAddr>>,
+}
+
+/// Held while garbage collection deletes: no put, pin or other change of what refers to what
+/// runs on any node that shares the backend until it is dropped. A backend without other
+/// nodes has nothing to hold ([`Store`] excludes the puts of its own process).
+pub struct SweepLock(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+impl SweepLock {
+    /// A lock that holds `guard` until it is dropped.
+    pub fn new(guard: impl Send + Sync + 'static) -> Self {
+        Self(Box::new(guard))
+    }
+}
+
+impl fmt::Debug for SweepLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SweepLock")
+    }
+}
+
 /// Leaf bytes by BLAKE3 address.
 ///
 /// Every method may be called from many tasks at once. Errors are [`DerivaError`]s: a read
@@ -185,6 +231,15 @@ pub trait BlobStore: Send + Sync + fmt::Debug + 'static {
     /// Every stored blob address, in no particular order.
     async fn list(&self) -> Result<Vec<CAddr>>;
 
+    /// Every stored blob with its size and the time it was last put, in no particular order.
+    /// A put of a leaf already stored refreshes its time.
+    async fn list_aged(&self) -> Result<Vec<AgedLeaf>>;
+
+    /// Deletes the blob at `addr` if it was last put before `cutoff`: its size if it was
+    /// deleted, `Ok(None)` if it was put since (or is gone). For garbage collection, which
+    /// holds off writers and has checked that nothing refers to it.
+    async fn delete_if_older(&self, addr: CAddr, cutoff: SystemTime) -> Result<Option<u64>>;
+
     /// A cheap real round trip to the backend, for health checks: `Ok` if it can serve.
     async fn check(&self) -> Result<()>;
 }
@@ -196,7 +251,8 @@ pub trait BlobStore: Send + Sync + fmt::Debug + 'static {
 #[async_trait]
 pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
     /// Stores the recipes of `batch` (with their addresses) atomically and durably: all or
-    /// none. Recipes already stored are skipped. An input is a recipe of the index, an earlier
+    /// none. Recipes already stored are not changed, except for the time of their last put
+    /// (garbage collection's clock), which is refreshed. An input is a recipe of the index, an earlier
     /// recipe of the batch, or else taken to be a leaf (depth 0): [`Store`] checks that inputs
     /// exist before it calls this. Returns how many recipes were new.
     async fn put_batch(&self, batch: Vec<(CAddr, Recipe)>) -> Result<u64>;
@@ -247,8 +303,53 @@ pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
         Ok(None)
     }
 
+    /// Stores the recipes of `batch` like [`RecipeIndex::put_batch`], after checking that
+    /// every address of `inputs` (the inputs that are no recipe of the batch) is a recipe of
+    /// this index or a blob of `blobs`: the first that is neither, in order, is
+    /// [`DerivaError::MissingInput`] and nothing is stored. A recipe already stored is stored
+    /// again: its time is refreshed. The check and the insert are one step for garbage
+    /// collection: a backend shared by several nodes excludes their sweeps itself (the local
+    /// one relies on [`Store`]'s lock). The default checks with
+    /// [`RecipeIndex::first_missing_input`], then calls [`RecipeIndex::put_batch`].
+    async fn put_checked(
+        &self,
+        batch: Vec<(CAddr, Recipe)>,
+        inputs: Vec<CAddr>,
+        blobs: &dyn BlobStore,
+    ) -> Result<u64> {
+        if !inputs.is_empty()
+            && let Some(input) = self.first_missing_input(inputs, blobs).await?
+        {
+            return Err(DerivaError::MissingInput { input });
+        }
+        self.put_batch(batch).await
+    }
+
     /// Deletes the recipe at `addr` and its edges to its inputs; `Ok(false)` if there was none.
     async fn delete(&self, addr: CAddr) -> Result<bool>;
+
+    /// The time by which garbage collection measures ages: the clock that stamps puts (the
+    /// database's, for a shared index). The default is this machine's.
+    async fn clock(&self) -> Result<SystemTime> {
+        Ok(SystemTime::now())
+    }
+
+    /// Every stored recipe with its depth, inputs and the time it was last put, in no
+    /// particular order.
+    async fn list_aged(&self) -> Result<Vec<AgedRecipe>>;
+
+    /// Deletes the recipe at `addr`, as [`RecipeIndex::delete`] does, only if it was last put
+    /// before `cutoff`, no recipe uses it and it is not pinned; whether it was deleted.
+    async fn delete_if_unused(&self, addr: CAddr, cutoff: SystemTime) -> Result<bool>;
+
+    /// Whether a stored recipe uses `addr` as an input, or `addr` is pinned.
+    async fn is_referenced(&self, addr: CAddr) -> Result<bool>;
+
+    /// Holds off the puts and pins of every other node that shares this index, for garbage
+    /// collection's deletes. The default (an index of one process) holds nothing.
+    async fn lock_for_sweep(&self) -> Result<SweepLock> {
+        Ok(SweepLock::new(()))
+    }
 
     /// Every stored recipe's address and DAG depth, in no particular order, read at one point
     /// in time (one read transaction). For bulk work such as `deriva-server migrate`, not for
@@ -260,9 +361,10 @@ pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
     async fn count_by_scan(&self) -> Result<u64>;
 
     /// Pins `addr`, durably: pinned addresses are the roots of what garbage collection keeps.
-    /// Whether it was not pinned before. The index does not check that `addr` exists
-    /// ([`Store::pin`] does).
-    async fn pin(&self, addr: CAddr) -> Result<bool>;
+    /// Whether it was not pinned before; [`DerivaError::NotFound`] if `addr` is neither a
+    /// recipe of this index nor a blob of `blobs`. The check and the pin are one step for
+    /// garbage collection, like [`RecipeIndex::put_checked`]'s.
+    async fn pin(&self, addr: CAddr, blobs: &dyn BlobStore) -> Result<bool>;
 
     /// Unpins `addr`; whether it was pinned.
     async fn unpin(&self, addr: CAddr) -> Result<bool>;
@@ -336,6 +438,11 @@ pub struct Store {
     outputs: Option<Arc<dyn OutputStore>>,
     bus: Option<Arc<dyn InvalidationBus>>,
     counters: Arc<StoreCounters>,
+    /// Held shared by whatever adds a reference (a recipe put, a pin) across its check and its
+    /// write, and exclusively by garbage collection's deletes.
+    writers: tokio::sync::RwLock<()>,
+    /// One garbage collection at a time.
+    collecting: tokio::sync::Mutex<()>,
     released: Released,
     _lease: Lease,
     description: String,
@@ -368,6 +475,8 @@ impl Store {
             outputs: None,
             bus: None,
             counters,
+            writers: tokio::sync::RwLock::new(()),
+            collecting: tokio::sync::Mutex::new(()),
             released,
             _lease: lease,
             description: description.into(),
@@ -433,8 +542,8 @@ impl Store {
     }
 
     /// Stores a recipe durably and returns its address. Every input must already be a leaf or
-    /// a recipe ([`DerivaError::MissingInput`] otherwise). Storing the same recipe again is a
-    /// no-op.
+    /// a recipe ([`DerivaError::MissingInput`] otherwise). Storing the same recipe again changes
+    /// nothing but the time of its last put, which garbage collection's grace period counts from.
     pub async fn put_recipe(&self, recipe: Recipe) -> Result<CAddr> {
         Ok(self.put_recipes(vec![recipe]).await?[0])
     }
@@ -456,16 +565,13 @@ impl Store {
             }
             earlier.insert(*addr);
         }
-        if !outside.is_empty()
-            && let Some(input) = self
-                .recipes
-                .first_missing_input(outside, self.blobs.as_ref())
-                .await?
-        {
-            return Err(DerivaError::MissingInput { input });
-        }
         let addrs = batch.iter().map(|(addr, _)| *addr).collect();
-        self.recipes.put_batch(batch).await?;
+        // A sweep of garbage collection waits until the check and the insert are done, so it
+        // never deletes an input between them.
+        let _writing = self.writers.read().await;
+        self.recipes
+            .put_checked(batch, outside, self.blobs.as_ref())
+            .await?;
         Ok(addrs)
     }
 
@@ -508,10 +614,8 @@ impl Store {
     /// Pins `addr`, a leaf or a recipe ([`DerivaError::NotFound`] otherwise): a root of what
     /// garbage collection keeps. Whether it was not pinned before.
     pub async fn pin(&self, addr: CAddr) -> Result<bool> {
-        if self.kind_of(addr).await?.is_none() {
-            return Err(DerivaError::NotFound { addr });
-        }
-        self.recipes.pin(addr).await
+        let _writing = self.writers.read().await;
+        self.recipes.pin(addr, self.blobs.as_ref()).await
     }
 
     /// Unpins `addr`; whether it was pinned (unpinning what is not pinned is no error).

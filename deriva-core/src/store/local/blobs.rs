@@ -10,13 +10,14 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::addr::CAddr;
 use crate::error::{DerivaError, Result};
-use crate::store::StoreCounters;
+use crate::store::{AgedLeaf, StoreCounters};
 
 const TMP_DIR: &str = "tmp";
 
@@ -93,8 +94,10 @@ impl BlobFiles {
         let addr = CAddr::for_leaf(data);
         let path = self.path_of(&addr);
         match self.read_verified(&addr, &path) {
-            Ok(Some(_)) => return Ok(addr),
-            Ok(None) => {}
+            // Stored again: its time is refreshed, unless garbage collection removed it in
+            // between (then it is written afresh).
+            Ok(Some(_)) if self.touch(&addr)? => return Ok(addr),
+            Ok(_) => {}
             Err(DerivaError::Corrupted { .. }) => {
                 tracing::warn!(%addr, "rewriting a corrupted blob with the correct bytes");
             }
@@ -109,6 +112,69 @@ impl BlobFiles {
         }
         self.publish(&addr, &tmp, data.len() as u64)?;
         Ok(addr)
+    }
+
+    /// Sets the modification time of the blob file of `addr`, its last put, to now; `false`
+    /// if there is no such file. Under the publish lock, so a conditional delete sees either
+    /// the old time and deletes first, or the new one.
+    fn touch(&self, addr: &CAddr) -> Result<bool> {
+        let path = self.path_of(addr);
+        let _guard = self.publish.lock();
+        let file = match File::options().write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(DerivaError::io(format!("touching blob {addr}"), &e)),
+        };
+        file.set_modified(SystemTime::now())
+            .map_err(|e| DerivaError::io(format!("touching blob {addr}"), &e))?;
+        Ok(true)
+    }
+
+    /// Every blob with its size and modification time (the time of its last put).
+    pub(super) fn list_aged(&self) -> Result<Vec<AgedLeaf>> {
+        let mut out = Vec::new();
+        for addr in self.list()? {
+            let path = self.path_of(&addr);
+            let meta = match fs::metadata(&path) {
+                Ok(m) => m,
+                // Deleted since the listing.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(DerivaError::io(format!("reading blob {addr}"), &e)),
+            };
+            let at = meta
+                .modified()
+                .map_err(|e| DerivaError::io(format!("reading the time of blob {addr}"), &e))?;
+            out.push(AgedLeaf {
+                addr,
+                size: meta.len(),
+                at,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Removes the blob file of `addr` and counts it if it was last put before `cutoff`: its
+    /// size, or `None` if it is newer or gone.
+    pub(super) fn delete_if_older(&self, addr: &CAddr, cutoff: SystemTime) -> Result<Option<u64>> {
+        let path = self.path_of(addr);
+        let _guard = self.publish.lock();
+        let ctx = || format!("deleting blob {addr}");
+        let meta = match fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(DerivaError::io(ctx(), &e)),
+        };
+        if meta.modified().map_err(|e| DerivaError::io(ctx(), &e))? >= cutoff {
+            return Ok(None);
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(DerivaError::io(ctx(), &e)),
+        }
+        sync_dir(path.parent().unwrap_or(&self.root))?;
+        self.counters.count_blob(false, meta.len());
+        Ok(Some(meta.len()))
     }
 
     /// A fresh path in `tmp/` for a write of `addr` (of a leaf whose address is not known yet

@@ -11,6 +11,7 @@ mod recipes;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -18,7 +19,9 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 
 use super::stream::{self, ByteStream};
-use super::{BlobStore, Lease, RecipeIndex, Store, StoreCounters, StoredRecipe, lease};
+use super::{
+    AgedLeaf, AgedRecipe, BlobStore, Lease, RecipeIndex, Store, StoreCounters, StoredRecipe, lease,
+};
 use crate::addr::CAddr;
 use crate::error::{DerivaError, Result};
 use crate::recipe::Recipe;
@@ -197,6 +200,17 @@ impl BlobStore for LocalBlobStore {
         on_pool(&self.inner, "listing blobs", |b| b.list()).await
     }
 
+    async fn list_aged(&self) -> Result<Vec<AgedLeaf>> {
+        on_pool(&self.inner, "listing blobs", |b| b.list_aged()).await
+    }
+
+    async fn delete_if_older(&self, addr: CAddr, cutoff: SystemTime) -> Result<Option<u64>> {
+        on_pool(&self.inner, "collecting a blob", move |b| {
+            b.delete_if_older(&addr, cutoff)
+        })
+        .await
+    }
+
     async fn check(&self) -> Result<()> {
         on_pool(&self.inner, "checking the blob directory", |b| b.check()).await
     }
@@ -240,8 +254,34 @@ impl RecipeIndex for LocalRecipeIndex {
         on_pool(&self.inner, "listing recipes", |r| r.list()).await
     }
 
-    async fn pin(&self, addr: CAddr) -> Result<bool> {
+    async fn pin(&self, addr: CAddr, blobs: &dyn BlobStore) -> Result<bool> {
+        // The caller ([`Store::pin`]) holds off garbage collection across the check and the pin.
+        let recipe = on_pool(&self.inner, "looking up a recipe", move |db| {
+            db.contains(&addr)
+        })
+        .await?;
+        if !recipe && !blobs.contains(addr).await? {
+            return Err(DerivaError::NotFound { addr });
+        }
         on_pool(&self.inner, "pinning an address", move |db| db.pin(&addr)).await
+    }
+
+    async fn list_aged(&self) -> Result<Vec<AgedRecipe>> {
+        on_pool(&self.inner, "listing recipes", |db| db.list_aged()).await
+    }
+
+    async fn delete_if_unused(&self, addr: CAddr, cutoff: SystemTime) -> Result<bool> {
+        on_pool(&self.inner, "collecting a recipe", move |db| {
+            db.delete_if_unused(&addr, cutoff)
+        })
+        .await
+    }
+
+    async fn is_referenced(&self, addr: CAddr) -> Result<bool> {
+        on_pool(&self.inner, "looking up references", move |db| {
+            db.is_referenced(&addr)
+        })
+        .await
     }
 
     async fn unpin(&self, addr: CAddr) -> Result<bool> {

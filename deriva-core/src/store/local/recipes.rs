@@ -4,20 +4,24 @@
 //! - `recipes`: recipe address → `depth (u32 LE) ‖ canonical recipe encoding`;
 //! - `dependents` (multimap): input address → addresses of the recipes that use it;
 //! - `meta`: `"recipe_count"` → number of rows in `recipes`, updated in the same transaction;
-//! - `pins`: pinned address → when it was pinned (seconds since the Unix epoch).
+//! - `pins`: pinned address → when it was pinned (seconds since the Unix epoch);
+//! - `recipe_times`: recipe address → when it was last put (milliseconds since the Unix
+//!   epoch), for garbage collection; a recipe without a row (stored by an older version)
+//!   counts as put long ago.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{
-    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition,
+    Database, MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
+    ReadableTableMetadata, TableDefinition,
 };
 
 use crate::addr::CAddr;
 use crate::error::{DerivaError, Result};
 use crate::recipe::Recipe;
-use crate::store::{StoreCounters, StoredRecipe};
+use crate::store::{AgedRecipe, StoreCounters, StoredRecipe};
 
 const RECIPES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("recipes");
 const DEPENDENTS: MultimapTableDefinition<&[u8; 32], &[u8; 32]> =
@@ -25,6 +29,16 @@ const DEPENDENTS: MultimapTableDefinition<&[u8; 32], &[u8; 32]> =
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const RECIPE_COUNT: &str = "recipe_count";
 const PINS: TableDefinition<&[u8; 32], u64> = TableDefinition::new("pins");
+const RECIPE_TIMES: TableDefinition<&[u8; 32], u64> = TableDefinition::new("recipe_times");
+/// A recipe stored again refreshes its time only if the stored one is at least this old: a
+/// burst of identical puts commits (and fsyncs) once.
+const TOUCH_EVERY_MS: u64 = 1000;
+
+/// Milliseconds since the Unix epoch.
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
 /// Turns a redb error into [`DerivaError::Io`] (keeping the OS error kind) or
 /// [`DerivaError::Database`], with a short context.
@@ -68,6 +82,7 @@ impl RecipeDb {
         let count = {
             txn.open_table(RECIPES).or_storage(CTX)?;
             txn.open_multimap_table(DEPENDENTS).or_storage(CTX)?;
+            txn.open_table(RECIPE_TIMES).or_storage(CTX)?;
             let pins = txn.open_table(PINS).or_storage(CTX)?;
             counters.set_pins(pins.len().or_storage(CTX)?);
             let meta = txn.open_table(META).or_storage(CTX)?;
@@ -86,13 +101,26 @@ impl RecipeDb {
         const CTX: &str = "storing a recipe";
         let txn = self.db.begin_write().or_storage(CTX)?;
         let mut added = 0u64;
+        let mut touched = 0u64;
+        let now = millis(SystemTime::now());
         {
             let mut recipes = txn.open_table(RECIPES).or_storage(CTX)?;
             let mut dependents = txn.open_multimap_table(DEPENDENTS).or_storage(CTX)?;
+            let mut times = txn.open_table(RECIPE_TIMES).or_storage(CTX)?;
             for (addr, recipe) in batch {
                 if recipes.get(addr.as_bytes()).or_storage(CTX)?.is_some() {
+                    // Stored again: refresh its time.
+                    let at = times
+                        .get(addr.as_bytes())
+                        .or_storage(CTX)?
+                        .map(|v| v.value());
+                    if at.is_none_or(|at| at.saturating_add(TOUCH_EVERY_MS) <= now) {
+                        times.insert(addr.as_bytes(), now).or_storage(CTX)?;
+                        touched += 1;
+                    }
                     continue;
                 }
+                times.insert(addr.as_bytes(), now).or_storage(CTX)?;
                 let mut depth = 0u32;
                 for input in recipe.inputs() {
                     let input_depth = match recipes.get(input.as_bytes()).or_storage(CTX)? {
@@ -120,7 +148,7 @@ impl RecipeDb {
                     .or_storage(CTX)?;
             }
         }
-        if added == 0 {
+        if added == 0 && touched == 0 {
             // Nothing changed: skip the fsync of a commit.
             txn.abort().or_storage(CTX)?;
             return Ok(0);
@@ -170,8 +198,50 @@ impl RecipeDb {
     /// Deletes the row of `addr`, its edges from its inputs, and counts it; `false` if there
     /// was no row. Edges *to* it (recipes that use it) stay: they name what would break.
     pub(super) fn delete(&self, addr: &CAddr) -> Result<bool> {
+        self.delete_when(addr, |_| Ok(true))
+    }
+
+    /// [`RecipeDb::delete`] if `addr` was last put before `cutoff`, no recipe uses it and it is
+    /// not pinned, all checked in the deleting transaction.
+    pub(super) fn delete_if_unused(&self, addr: &CAddr, cutoff: SystemTime) -> Result<bool> {
+        const CTX: &str = "collecting a recipe";
+        let cutoff = millis(cutoff);
+        self.delete_when(addr, |txn| {
+            let at = txn
+                .open_table(RECIPE_TIMES)
+                .or_storage(CTX)?
+                .get(addr.as_bytes())
+                .or_storage(CTX)?
+                .map_or(0, |v| v.value());
+            let used = !txn
+                .open_multimap_table(DEPENDENTS)
+                .or_storage(CTX)?
+                .get(addr.as_bytes())
+                .or_storage(CTX)?
+                .is_empty();
+            let pinned = txn
+                .open_table(PINS)
+                .or_storage(CTX)?
+                .get(addr.as_bytes())
+                .or_storage(CTX)?
+                .is_some();
+            Ok(at < cutoff && !used && !pinned)
+        })
+    }
+
+    /// Deletes the recipe `addr` if it exists and `allowed` (asked inside the write
+    /// transaction) says so.
+    fn delete_when(
+        &self,
+        addr: &CAddr,
+        allowed: impl FnOnce(&redb::WriteTransaction) -> Result<bool>,
+    ) -> Result<bool> {
         const CTX: &str = "deleting a recipe";
         let txn = self.db.begin_write().or_storage(CTX)?;
+        if !allowed(&txn)? {
+            txn.abort().or_storage(CTX)?;
+            return Ok(false);
+        }
         {
             let mut recipes = txn.open_table(RECIPES).or_storage(CTX)?;
             let Some(row) = recipes.remove(addr.as_bytes()).or_storage(CTX)? else {
@@ -189,6 +259,10 @@ impl RecipeDb {
                         .or_storage(CTX)?;
                 }
             }
+            txn.open_table(RECIPE_TIMES)
+                .or_storage(CTX)?
+                .remove(addr.as_bytes())
+                .or_storage(CTX)?;
             let mut meta = txn.open_table(META).or_storage(CTX)?;
             let count = meta.get(RECIPE_COUNT).or_storage(CTX)?.map(|v| v.value());
             meta.insert(RECIPE_COUNT, count.unwrap_or(1).saturating_sub(1))
@@ -197,6 +271,61 @@ impl RecipeDb {
         txn.commit().or_storage(CTX)?;
         self.counters.add_recipes(-1);
         Ok(true)
+    }
+
+    /// Whether a recipe uses `addr` as an input, or `addr` is pinned.
+    pub(super) fn is_referenced(&self, addr: &CAddr) -> Result<bool> {
+        const CTX: &str = "looking up references";
+        let txn = self.db.begin_read().or_storage(CTX)?;
+        let used = !txn
+            .open_multimap_table(DEPENDENTS)
+            .or_storage(CTX)?
+            .get(addr.as_bytes())
+            .or_storage(CTX)?
+            .is_empty();
+        Ok(used
+            || txn
+                .open_table(PINS)
+                .or_storage(CTX)?
+                .get(addr.as_bytes())
+                .or_storage(CTX)?
+                .is_some())
+    }
+
+    /// Every recipe with its depth, time and inputs (`None` for a row that does not decode),
+    /// from one read transaction.
+    pub(super) fn list_aged(&self) -> Result<Vec<AgedRecipe>> {
+        const CTX: &str = "listing recipes";
+        let txn = self.db.begin_read().or_storage(CTX)?;
+        let table = txn.open_table(RECIPES).or_storage(CTX)?;
+        let times = txn.open_table(RECIPE_TIMES).or_storage(CTX)?;
+        let mut out = Vec::new();
+        for entry in table.iter().or_storage(CTX)? {
+            let (key, row) = entry.or_storage(CTX)?;
+            let addr = CAddr::from_bytes(*key.value());
+            let row = row.value();
+            let inputs = row
+                .get(4..)
+                .and_then(|enc| Recipe::from_canonical_bytes(enc).ok())
+                .filter(|r| r.addr() == addr)
+                .map(|r| r.inputs().to_vec());
+            let at = times
+                .get(key.value())
+                .or_storage(CTX)?
+                .map_or(0, |v| v.value());
+            out.push(AgedRecipe {
+                addr,
+                depth: decode_depth(&addr, row).unwrap_or(0),
+                at: UNIX_EPOCH + Duration::from_millis(at),
+                inputs,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whether `addr` is a stored recipe.
+    pub(super) fn contains(&self, addr: &CAddr) -> Result<bool> {
+        Ok(self.missing(std::slice::from_ref(addr))?.is_empty())
     }
 
     /// The recipes that use `addr` directly as an input.
