@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use deriva_core::CAddr;
@@ -114,6 +115,34 @@ pub enum Command {
     },
     /// List the pinned addresses, one per line.
     Pins,
+    /// Collect garbage: remove what no pin reaches and was last put before the grace period.
+    ///
+    /// The roots are the pinned addresses and every recipe put within the grace period: they
+    /// and everything they reach through recipe inputs stay. Any other leaf or recipe last put
+    /// longer ago than the grace period is removed (recipes deepest first, then leaves), with
+    /// its cached output. Prints the counts removed and what stays. With --dry-run, nothing is
+    /// removed and the counts are what would be.
+    Gc {
+        /// Report what would be removed, and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep anything put within this long before the collection, reachable or not: a
+        /// number of seconds, or with a unit (90s, 15m, 24h, 7d).
+        #[arg(
+            long,
+            default_value = "1h",
+            value_name = "DURATION",
+            value_parser = deriva_core::size::parse_duration
+        )]
+        grace: Duration,
+        /// Remove at most N leaves and recipes (recipes deepest first, then leaves); 0 for no
+        /// limit.
+        #[arg(long = "max", default_value_t = 0, value_name = "N")]
+        max: u64,
+        /// Also print every removed address, one per line.
+        #[arg(long)]
+        detail: bool,
+    },
     /// List the nodes serving the store, with their state.
     Cluster,
     /// Print the server's store, cache and verification counters.
@@ -195,5 +224,55 @@ mod tests {
         assert_eq!(bench.size, 64 << 10);
         let err = CliArgs::try_parse_from(["deriva", "bench", "--size", "3 parsecs"]).unwrap_err();
         assert!(err.to_string().contains("unknown size unit"), "{err}");
+    }
+
+    #[test]
+    fn gc_keeps_an_hour_by_default_and_takes_durations_with_units() {
+        let args = CliArgs::try_parse_from(["deriva", "gc"]).unwrap();
+        let Command::Gc {
+            dry_run,
+            grace,
+            max,
+            detail,
+        } = args.command
+        else {
+            panic!("not gc: {:?}", args.command)
+        };
+        assert_eq!(
+            (dry_run, grace, max, detail),
+            (false, Duration::from_secs(3600), 0, false)
+        );
+        let args = CliArgs::try_parse_from([
+            "deriva",
+            "gc",
+            "--dry-run",
+            "--grace",
+            "15m",
+            "--max",
+            "7",
+            "--detail",
+        ])
+        .unwrap();
+        let Command::Gc {
+            dry_run,
+            grace,
+            max,
+            detail,
+        } = args.command
+        else {
+            panic!("not gc: {:?}", args.command)
+        };
+        assert_eq!(
+            (dry_run, grace, max, detail),
+            (true, Duration::from_secs(900), 7, true)
+        );
+        let err = CliArgs::try_parse_from(["deriva", "gc", "--grace", "banana"]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("--grace") && text.contains("banana"),
+            "{text}"
+        );
+        let err = CliArgs::try_parse_from(["deriva", "gc", "--max", "lots"]).unwrap_err();
+        assert!(err.to_string().contains("--max"), "{err}");
     }
 }

@@ -11,10 +11,10 @@ use bytes::Bytes;
 use deriva_core::CAddr;
 use deriva_proto::{
     CascadeInvalidateRequest, CascadeInvalidateResponse, ClusterStatusRequest,
-    ClusterStatusResponse, ExplainRequest, GetRequest, GetResponse, InvalidateRequest,
-    InvalidateResponse, ListPinsRequest, PinRequest, PutLeafRequest, PutRecipeRequest,
-    ResolveRequest, ResolveResponse, StatusRequest, StatusResponse, UnpinRequest, VerifyRequest,
-    VerifyResponse, addr_bytes, addr_from_bytes,
+    ClusterStatusResponse, ExplainRequest, GcRequest, GcResponse, GetRequest, GetResponse,
+    InvalidateRequest, InvalidateResponse, ListPinsRequest, PinRequest, PutLeafRequest,
+    PutRecipeRequest, ResolveRequest, ResolveResponse, StatusRequest, StatusResponse, UnpinRequest,
+    VerifyRequest, VerifyResponse, addr_bytes, addr_from_bytes,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -109,6 +109,46 @@ pub fn format_cascade(r: &CascadeInvalidateResponse, dry_run: bool) -> String {
         out.push_str("evicted:\n");
         for raw in &r.evicted_addrs {
             let _ = writeln!(out, "  {}", hex(raw));
+        }
+    }
+    out
+}
+
+/// `GcResponse` as `key: value` lines in the proto's order, `dry_run:` first (for a dry run
+/// with a note that nothing was removed and the counts are what would be); with `detail`, the
+/// removed addresses after `removed:` (`would_remove:` in a dry run), one per line, or
+/// `(none)`.
+pub fn format_gc(r: &GcResponse, detail: bool) -> String {
+    let mut out = if r.dry_run {
+        "dry_run: true (nothing was removed: the counts are what would be removed)\n".to_owned()
+    } else {
+        "dry_run: false\n".to_owned()
+    };
+    let _ = write!(
+        out,
+        "blobs_removed: {}\nrecipes_removed: {}\ncache_entries_removed: {}\n\
+         bytes_reclaimed_blobs: {}\nbytes_reclaimed_cache: {}\ntotal_bytes_reclaimed: {}\n\
+         live_blobs: {}\nlive_recipes: {}\npinned_count: {}\nduration_micros: {}\n",
+        r.blobs_removed,
+        r.recipes_removed,
+        r.cache_entries_removed,
+        r.bytes_reclaimed_blobs,
+        r.bytes_reclaimed_cache,
+        r.total_bytes_reclaimed,
+        r.live_blobs,
+        r.live_recipes,
+        r.pinned_count,
+        r.duration_micros,
+    );
+    if detail {
+        let header = if r.dry_run { "would_remove" } else { "removed" };
+        if r.removed_addrs.is_empty() {
+            let _ = writeln!(out, "{header}: (none)");
+        } else {
+            let _ = writeln!(out, "{header}:");
+            for raw in &r.removed_addrs {
+                let _ = writeln!(out, "  {}", hex(raw));
+            }
         }
     }
     out
@@ -334,6 +374,26 @@ pub async fn run(args: CliArgs) -> Result<(), CliError> {
                 let _ = writeln!(out, "{}", answered_addr("pins", raw)?);
             }
             emit(&out)
+        }
+        Command::Gc {
+            dry_run,
+            grace,
+            max,
+            detail,
+        } => {
+            let context = if dry_run { "gc --dry-run" } else { "gc" };
+            let answer = connect(&server)
+                .await?
+                .garbage_collect(GcRequest {
+                    grace_period_secs: grace.as_secs(),
+                    dry_run,
+                    detail_addrs: detail,
+                    max_removals: max,
+                })
+                .await
+                .map_err(|s| CliError::rpc(context, s))?
+                .into_inner();
+            emit(&format_gc(&answer, detail))
         }
         Command::Cluster => {
             let answer = connect(&server)

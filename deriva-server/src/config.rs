@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use deriva_compute::VerificationMode;
-use deriva_core::size::parse_size;
+use deriva_core::size::{parse_duration, parse_size};
 
 use crate::telemetry::{LogFormat, TelemetryConfig};
 
@@ -47,6 +47,10 @@ pub mod defaults {
     pub const LOCAL_CACHE_BYTES: &str = "1GiB";
     /// `--heartbeat-secs`.
     pub const HEARTBEAT_SECS: u64 = 5;
+    /// `--gc-grace`.
+    pub const GC_GRACE: &str = "1h";
+    /// `--gc-grace`, as a duration.
+    pub const GC_GRACE_DURATION: std::time::Duration = std::time::Duration::from_secs(3600);
     /// `--memory-queue`.
     pub const MEMORY_QUEUE: usize = 64;
     /// `--memory-wait-secs`.
@@ -131,6 +135,10 @@ pub struct Config {
     pub spill_budget: u64,
     /// How often a node on the remote backend writes its heartbeat row.
     pub heartbeat: Duration,
+    /// How often garbage collection runs by itself; `None`: only when asked (GarbageCollect).
+    pub gc_interval: Option<Duration>,
+    /// The grace period of the periodic garbage collection.
+    pub gc_grace: Duration,
 }
 
 /// `--output-tier`: where computed outputs are kept besides each node's memory cache.
@@ -231,6 +239,8 @@ impl Default for Config {
             spill_bytes: defaults::size("spill-bytes", defaults::SPILL_BYTES),
             spill_budget: defaults::size("spill-budget", defaults::SPILL_BUDGET),
             heartbeat: Duration::from_secs(defaults::HEARTBEAT_SECS),
+            gc_interval: None,
+            gc_grace: defaults::GC_GRACE_DURATION,
         }
     }
 }
@@ -301,6 +311,12 @@ impl Config {
             ("spill-bytes", self.spill_bytes.to_string()),
             ("spill-budget", self.spill_budget.to_string()),
             ("heartbeat-secs", self.heartbeat.as_secs().to_string()),
+            (
+                "gc-interval",
+                self.gc_interval
+                    .map_or_else(|| "off".to_owned(), |d| format!("{}s", d.as_secs())),
+            ),
+            ("gc-grace", format!("{}s", self.gc_grace.as_secs())),
         ]
     }
 }
@@ -408,6 +424,14 @@ pub struct ServerArgs {
     /// (ClusterStatus: suspect after one missed, dead after three).
     #[arg(long, env = "DERIVA_HEARTBEAT_SECS", default_value_t = defaults::HEARTBEAT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub heartbeat_secs: u64,
+    /// Run garbage collection by itself this often (300, 90s, 15m, 24h, 7d), with
+    /// --gc-grace; 0 (the default) runs it only when a client asks (GarbageCollect, deriva gc).
+    #[arg(long, env = "DERIVA_GC_INTERVAL", default_value = "0", value_parser = parse_duration)]
+    pub gc_interval: Duration,
+    /// The grace period of the periodic garbage collection: what was put more recently stays,
+    /// reachable from a pin or not.
+    #[arg(long, env = "DERIVA_GC_GRACE", default_value = defaults::GC_GRACE, value_parser = parse_duration)]
+    pub gc_grace: Duration,
     /// Print the effective configuration (flags, then DERIVA_* variables, then defaults), one
     /// `key = value` per line, and exit without opening the store or binding anything.
     #[arg(long)]
@@ -468,6 +492,8 @@ impl ServerArgs {
             spill_bytes: self.spill_bytes,
             spill_budget: self.spill_budget,
             heartbeat: Duration::from_secs(self.heartbeat_secs),
+            gc_interval: Some(self.gc_interval).filter(|d| !d.is_zero()),
+            gc_grace: self.gc_grace,
         })
     }
 }

@@ -222,7 +222,7 @@ impl Server {
             grpc.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         );
         // On the remote backend, a heartbeat row in the index until serving ends.
-        let _heartbeat = self.nodes.clone().map(|nodes| {
+        let heartbeat = self.nodes.clone().map(|nodes| {
             let (exec, node, every) = (self.exec.clone(), node.clone(), self.config.heartbeat);
             AbortOnDrop(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
@@ -232,6 +232,24 @@ impl Server {
                     if let Err(e) = nodes.beat(&node.beat(&exec)).await {
                         tracing::warn!(error = %e, "could not write this node's heartbeat");
                     }
+                }
+            }))
+        });
+        // Periodic garbage collection, if asked for (`--gc-interval`); the first after one
+        // interval. A failed run is logged and counted, and the next one tries again.
+        let collector = self.config.gc_interval.map(|every| {
+            let (exec, grace) = (self.exec.clone(), self.config.gc_grace);
+            AbortOnDrop(tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let options = deriva_compute::GcOptions {
+                        grace,
+                        ..Default::default()
+                    };
+                    // The outcome is logged and counted by the collection itself.
+                    let _ = exec.garbage_collect(options).await;
                 }
             }))
         });
@@ -324,6 +342,8 @@ impl Server {
         };
         drop(serving);
         drop(cut_off);
+        // The background tasks hold the executor, hence the store: end them first.
+        drop((heartbeat, collector));
         drop(self);
         // Materializations abandoned by their callers end as their tasks are dropped, and
         // store calls on the blocking pool finish; then the store closes.

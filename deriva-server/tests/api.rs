@@ -947,3 +947,145 @@ async fn pins_cascade_policies_and_cluster_status() {
     assert_eq!(node.blob_count, 1);
     s.stop().await;
 }
+
+/// GarbageCollect with the client generated from the original proto text: a dry run, a bounded
+/// run, a full run that keeps what a pin reaches; then the periodic collection of
+/// `--gc-interval` removes what is left unpinned by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_collect_by_request_and_by_itself() {
+    use deriva_server::proto::{GcRequest, PinRequest};
+    let mut s = InProcess::builder()
+        .telemetry(deriva_server::telemetry::TelemetryConfig::default())
+        .http()
+        .start()
+        .await;
+    let kept = s.put(b"kept").await;
+    let pinned = s.recipe("uppercase", &[&kept], &[]).await;
+    let loose = s.put(b"loose").await;
+    let inner = s.recipe("reverse", &[&loose], &[]).await;
+    let outer = s.recipe("repeat", &[&inner], &[("count", "2")]).await;
+    s.client
+        .pin(PinRequest {
+            addr: pinned.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.get(&outer).await.unwrap(), b"esoolesool");
+    // Strictly older than a cutoff with no grace period (times are kept to the millisecond).
+    tokio::time::sleep(Duration::from_millis(30)).await;
+
+    let gc = |grace_period_secs, dry_run, max_removals| GcRequest {
+        grace_period_secs,
+        dry_run,
+        detail_addrs: true,
+        max_removals,
+    };
+    let young = s
+        .client
+        .garbage_collect(gc(3600, false, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((young.blobs_removed, young.recipes_removed), (0, 0));
+    assert_eq!(
+        (young.live_blobs, young.live_recipes, young.pinned_count),
+        (2, 3, 1)
+    );
+
+    let dry = s
+        .client
+        .garbage_collect(gc(0, true, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(dry.dry_run);
+    assert_eq!(
+        dry.removed_addrs,
+        vec![outer.clone(), inner.clone(), loose.clone()]
+    );
+    assert_eq!((dry.blobs_removed, dry.recipes_removed), (1, 2));
+    assert_eq!(dry.bytes_reclaimed_blobs, 5);
+    // outer and inner are cached: 10 + 5 bytes.
+    assert_eq!(
+        (dry.cache_entries_removed, dry.bytes_reclaimed_cache),
+        (2, 15)
+    );
+    assert_eq!(dry.total_bytes_reclaimed, 20);
+    assert_eq!(
+        s.get(&outer).await.unwrap(),
+        b"esoolesool",
+        "a dry run removes nothing"
+    );
+
+    let one = s
+        .client
+        .garbage_collect(gc(0, false, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.removed_addrs, vec![outer.clone()]);
+    assert_eq!(one.cache_entries_removed, 1);
+    assert_code(s.get(&outer).await, Code::NotFound, "no leaf or recipe");
+    assert_eq!(s.get(&inner).await.unwrap(), b"esool");
+
+    let rest = s
+        .client
+        .garbage_collect(gc(0, false, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!rest.dry_run);
+    assert_eq!(rest.removed_addrs, vec![inner.clone(), loose.clone()]);
+    assert_eq!((rest.live_blobs, rest.live_recipes), (1, 1));
+    assert_code(s.get(&loose).await, Code::NotFound, "no leaf or recipe");
+    assert_eq!(s.get(&pinned).await.unwrap(), b"KEPT");
+    let quiet = s.client.garbage_collect(gc(0, false, 0)).await.unwrap();
+    assert!(
+        quiet.into_inner().removed_addrs.is_empty(),
+        "nothing left to remove"
+    );
+
+    let text = s.scrape().await;
+    assert_eq!(
+        common::sample(&text, r#"deriva_gc_runs_total{mode="collect",result="ok"}"#),
+        Some(4.0)
+    );
+    assert_eq!(
+        common::sample(&text, r#"deriva_gc_removed_total{kind="recipe"}"#),
+        Some(2.0)
+    );
+    assert_eq!(
+        common::sample(&text, r#"deriva_gc_removed_total{kind="leaf"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        common::sample(&text, r#"deriva_gc_removed_total{kind="output"}"#),
+        Some(2.0)
+    );
+    assert_eq!(
+        common::sample(&text, "deriva_gc_reclaimed_bytes_total"),
+        Some(20.0)
+    );
+    assert_eq!(common::sample(&text, "deriva_storage_blobs"), Some(1.0));
+    assert_eq!(common::sample(&text, "deriva_dag_recipes"), Some(1.0));
+    s.stop().await;
+
+    // By itself: every 100 ms with no grace period; unpinned, the rest goes without a request.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = InProcess::builder()
+        .dir(dir.path())
+        .config(|c| {
+            c.gc_interval = Some(Duration::from_millis(100));
+            c.gc_grace = Duration::ZERO;
+        })
+        .start()
+        .await;
+    let leaf = s.put(b"collected by itself").await;
+    let counters = s.executor().store().counters().clone();
+    wait_until("the periodic collection to remove the leaf", || {
+        counters.blobs() == 0
+    })
+    .await;
+    assert_code(s.get(&leaf).await, Code::NotFound, "no leaf or recipe");
+    s.stop().await;
+}

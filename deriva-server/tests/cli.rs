@@ -389,6 +389,186 @@ fn pin_unpin_pins_and_cluster() {
     );
 }
 
+/// `deriva gc` output: its `key: value` lines, and the addresses listed after `removed:` or
+/// `would_remove:` (with `--detail`).
+fn gc_report(text: &str) -> (HashMap<String, String>, Vec<String>) {
+    let mut values = HashMap::new();
+    let mut addrs = Vec::new();
+    for line in text.lines() {
+        if let Some(addr) = line.strip_prefix("  ") {
+            addrs.push(addr.to_owned());
+        } else if let Some((k, v)) = line.split_once(": ") {
+            values.insert(k.to_owned(), v.to_owned());
+        } else {
+            let header = line.strip_suffix(':');
+            assert!(
+                matches!(header, Some("removed" | "would_remove")),
+                "unexpected line {line:?} in {text}"
+            );
+        }
+    }
+    (values, addrs)
+}
+
+/// Asserts the counts of a `deriva gc` report: removed blobs, recipes and cache entries, bytes
+/// reclaimed (blobs, cache), live blobs and recipes, pins.
+#[track_caller]
+fn assert_gc_counts(report: &HashMap<String, String>, expected: [u64; 8]) {
+    let [
+        blobs,
+        recipes,
+        cached,
+        blob_bytes,
+        cache_bytes,
+        live_blobs,
+        live_recipes,
+        pins,
+    ] = expected;
+    for (key, value) in [
+        ("blobs_removed", blobs),
+        ("recipes_removed", recipes),
+        ("cache_entries_removed", cached),
+        ("bytes_reclaimed_blobs", blob_bytes),
+        ("bytes_reclaimed_cache", cache_bytes),
+        ("total_bytes_reclaimed", blob_bytes + cache_bytes),
+        ("live_blobs", live_blobs),
+        ("live_recipes", live_recipes),
+        ("pinned_count", pins),
+    ] {
+        assert_eq!(report[key], value.to_string(), "{key}: {report:?}");
+    }
+    assert!(
+        report["duration_micros"].parse::<u64>().is_ok(),
+        "{report:?}"
+    );
+}
+
+/// `deriva gc` removes what no pin reaches once it is older than the grace period, deepest
+/// recipe first, leaves last: a dry run lists it and removes nothing, a grace of an hour keeps
+/// everything, `--max 1` removes the deepest unreachable recipe only, and the pinned tree (and
+/// the leaf it shares with the garbage) stays retrievable.
+#[test]
+fn gc_removes_what_no_pin_reaches() {
+    let server = ServerProcess::start();
+    // Kept: the pinned recipe tree rk2 = repeat(concat(k1, shared)) and the pinned leaf k2.
+    let k1 = server.addr_of_stdin(b"keep one");
+    let k2 = server.addr_of_stdin(b"keep two, pinned itself");
+    let shared = server.addr_of_stdin(b"shared");
+    let rk = server.addr(&["recipe", "concat", "v1", "-i", &k1, "-i", &shared]);
+    let rk2 = server.addr(&["recipe", "repeat", "v1", "-i", &rk, "-p", "count=2"]);
+    // Unreachable: rg2 = reverse(concat(g1, shared)) and the lone leaf g2.
+    let g1 = server.addr_of_stdin(b"gone one");
+    let g2 = server.addr_of_stdin(b"gone two");
+    let rg = server.addr(&["recipe", "concat", "v1", "-i", &g1, "-i", &shared]);
+    let rg2 = server.addr(&["recipe", "reverse", "v1", "-i", &rg]);
+    assert_eq!(server.ok(&["pin", &rk2]), "was_new: true\n");
+    assert_eq!(server.ok(&["pin", &k2]), "was_new: true\n");
+    // Materializing rg2 caches rg and rg2 (14 bytes each), which gc then drops.
+    let rg2_bytes: Vec<u8> = b"gone oneshared".iter().rev().copied().collect();
+    let out = run(server.deriva(&["get", &rg2]), None);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout, rg2_bytes);
+    let expected_bytes: [(&str, Vec<u8>); 9] = [
+        (&k1, b"keep one".to_vec()),
+        (&k2, b"keep two, pinned itself".to_vec()),
+        (&shared, b"shared".to_vec()),
+        (&rk, b"keep oneshared".to_vec()),
+        (&rk2, b"keep onesharedkeep oneshared".to_vec()),
+        (&g1, b"gone one".to_vec()),
+        (&g2, b"gone two".to_vec()),
+        (&rg, b"gone oneshared".to_vec()),
+        (&rg2, rg2_bytes),
+    ];
+    // Age, not readiness: the server stamps puts to the millisecond, and a grace of 0 removes
+    // only what was put strictly before the collection started.
+    std::thread::sleep(Duration::from_millis(50));
+
+    // 1. A dry run lists exactly the unreachable addresses, deepest recipe first, leaves last,
+    // and removes nothing.
+    let text = server.ok(&["gc", "--dry-run", "--grace", "0", "--detail"]);
+    assert!(
+        text.starts_with("dry_run: true (nothing was removed")
+            && text.contains("\nwould_remove:\n"),
+        "{text}"
+    );
+    let (report, listed) = gc_report(&text);
+    assert_gc_counts(&report, [2, 2, 2, 16, 28, 3, 2, 2]);
+    assert_eq!(listed[..2], [rg2.clone(), rg.clone()], "{text}");
+    let mut leaves = listed[2..].to_vec();
+    leaves.sort();
+    let mut expected_leaves = vec![g1.clone(), g2.clone()];
+    expected_leaves.sort();
+    assert_eq!(leaves, expected_leaves, "{text}");
+    for (addr, bytes) in &expected_bytes {
+        let out = run(server.deriva(&["get", addr]), None);
+        assert_eq!(
+            out.code,
+            Some(0),
+            "get {addr} after a dry run: {}",
+            out.stderr
+        );
+        assert_eq!(&out.stdout, bytes, "get {addr} after a dry run");
+    }
+
+    // 2. Everything is younger than an hour: nothing goes, and every recipe is a root.
+    let text = server.ok(&["gc", "--grace", "1h"]);
+    assert!(text.starts_with("dry_run: false\n"), "{text}");
+    let (report, listed) = gc_report(&text);
+    assert_gc_counts(&report, [0, 0, 0, 0, 0, 5, 4, 2]);
+    assert!(listed.is_empty() && !text.contains("\nremoved:"), "{text}");
+
+    // 3. At most one removal: the deepest unreachable recipe, with its cached output.
+    let text = server.ok(&["gc", "--grace", "0", "--max", "1", "--detail"]);
+    assert!(
+        text.starts_with("dry_run: false\n") && text.contains("\nremoved:\n"),
+        "{text}"
+    );
+    let (report, listed) = gc_report(&text);
+    assert_gc_counts(&report, [0, 1, 1, 0, 14, 5, 3, 2]);
+    assert_eq!(listed, [rg2.as_str()], "{text}");
+    assert!(server.ok(&["resolve", &rg2]).contains("not a recipe"));
+    assert!(
+        server
+            .ok(&["resolve", &rg])
+            .starts_with("function: concat\n")
+    );
+
+    // 4. The rest of the garbage: rg, then the leaves g1 and g2 (8 bytes each).
+    let text = server.ok(&["gc", "--grace", "0"]);
+    let (report, listed) = gc_report(&text);
+    assert_gc_counts(&report, [2, 1, 1, 16, 14, 3, 2, 2]);
+    assert!(listed.is_empty() && !text.contains("\nremoved:"), "{text}");
+    for (addr, bytes) in &expected_bytes[..5] {
+        let out = run(server.deriva(&["get", addr]), None);
+        assert_eq!(out.code, Some(0), "get {addr} after gc: {}", out.stderr);
+        assert_eq!(&out.stdout, bytes, "get {addr} after gc");
+    }
+    for addr in [&g1, &g2, &rg, &rg2] {
+        let line = run(server.deriva(&["get", addr]), None).failure(1);
+        assert!(line.contains("not found"), "get {addr} after gc: {line}");
+    }
+    let status = key_values(&server.ok(&["status"]));
+    assert_eq!(status["blob_count"], "3", "{status:?}");
+    assert_eq!(status["recipe_count"], "2", "{status:?}");
+    let text = server.ok(&["gc", "--grace", "0", "--detail"]);
+    let (report, listed) = gc_report(&text);
+    assert_gc_counts(&report, [0, 0, 0, 0, 0, 3, 2, 2]);
+    assert!(
+        listed.is_empty() && text.ends_with("\nremoved: (none)\n"),
+        "{text}"
+    );
+
+    // 5. A grace that is not a duration is a usage error, before any RPC.
+    let out = run(server.deriva(&["gc", "--grace", "banana"]), None);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--grace") && out.stderr.contains("\"banana\" is not a duration"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stdout.is_empty());
+}
+
 #[test]
 fn resolve_invalidate_and_verify_a_recipe() {
     let server = ServerProcess::start();

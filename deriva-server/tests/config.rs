@@ -224,6 +224,20 @@ const ROWS: &[Row] = &[
         shows: ("heartbeat-secs", "2"),
         other: "7",
     },
+    Row {
+        flag: "gc-interval",
+        vars: &["DERIVA_GC_INTERVAL"],
+        value: "15m",
+        shows: ("gc-interval", "900s"),
+        other: "1h",
+    },
+    Row {
+        flag: "gc-grace",
+        vars: &["DERIVA_GC_GRACE"],
+        value: "2d",
+        shows: ("gc-grace", "172800s"),
+        other: "90",
+    },
 ];
 
 /// Flags that are actions, not settings: no variable, nothing in the configuration.
