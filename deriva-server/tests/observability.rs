@@ -183,13 +183,24 @@ async fn full_flow_shows_every_documented_family_as_the_readme_says() {
         .verify(deriva_server::proto::VerifyRequest { addr: ab.clone() })
         .await
         .unwrap();
+    // A collection, so that its duration histogram exists; its grace period keeps everything.
+    let gc = obs
+        .client
+        .garbage_collect(deriva_server::proto::GcRequest {
+            grace_period_secs: 3600,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((gc.blobs_removed, gc.recipes_removed), (0, 0));
     let text = obs.scrape().await;
     let live = families(&text);
 
     // The main table only: the remote backend's families have a table of their own, checked
     // by tests/cluster.rs.
     let documented = common::readme_metrics("### Metrics reference");
-    assert_eq!(documented.len(), 38, "README metrics table rows");
+    assert_eq!(documented.len(), 42, "README metrics table rows");
     for (name, kind, buckets) in &documented {
         let found = live
             .iter()
