@@ -373,12 +373,13 @@ impl BlobStore for RemoteBlobStore {
         let key = addr.as_bytes().as_slice();
         let Some(size) = self
             .pg
-            .query_opt(
+            .query_in_sweep(
                 CALL,
                 "DELETE FROM {s}.leaves WHERE addr = $1 AND created_at < $2 RETURNING size",
                 &[&key, &cutoff],
             )
             .await?
+            .first()
             .map(|r| r.get::<_, i64>(0).max(0) as u64)
         else {
             return Ok(None);

@@ -12,7 +12,7 @@ use deriva_core::store::{
 };
 use deriva_core::{CAddr, DerivaError, Recipe};
 
-use crate::pg::{Call, Conn, Pg};
+use crate::pg::{Call, Pg};
 
 /// Recipes, their depths and the dependency edges in PostgreSQL.
 #[derive(Debug, Clone)]
@@ -51,29 +51,12 @@ impl PgIndex {
     }
 }
 
-/// The exclusive hold of [`Pg::sweep_key`] on one connection. Dropped, it lets go on a task
-/// of its own; a connection that cannot let go is closed, which lets go too.
-struct SweepGuard {
-    conn: Option<Conn>,
-    key: i64,
-}
+/// The sweep lock of one batch of deletes: let go when dropped.
+struct SweepGuard(Arc<Pg>);
 
 impl Drop for SweepGuard {
     fn drop(&mut self) {
-        let (Some(conn), Ok(runtime)) = (self.conn.take(), tokio::runtime::Handle::try_current())
-        else {
-            return;
-        };
-        let key = self.key;
-        runtime.spawn(async move {
-            if conn
-                .execute("SELECT pg_advisory_unlock($1)", &[&key])
-                .await
-                .is_err()
-            {
-                drop(deadpool_postgres::Object::take(conn));
-            }
-        });
+        self.0.release_sweep();
     }
 }
 
@@ -277,9 +260,9 @@ impl RecipeIndex for PgIndex {
             context: "collecting a recipe",
         };
         let key = addr.as_bytes().as_slice();
-        let deleted = self
+        let deleted = !self
             .pg
-            .query_opt(
+            .query_in_sweep(
                 CALL,
                 "DELETE FROM {s}.recipes WHERE addr = $1 AND created_at < $2
                    AND NOT EXISTS (SELECT 1 FROM {s}.edges WHERE input = $1)
@@ -288,7 +271,7 @@ impl RecipeIndex for PgIndex {
                 &[&key, &cutoff],
             )
             .await?
-            .is_some();
+            .is_empty();
         if deleted {
             self.counters.add_recipes(-1);
         }
@@ -303,33 +286,21 @@ impl RecipeIndex for PgIndex {
             context: "looking up references",
         };
         let key = addr.as_bytes().as_slice();
-        let row = self
+        let rows = self
             .pg
-            .query_opt(
+            .query_in_sweep(
                 CALL,
                 "SELECT EXISTS (SELECT 1 FROM {s}.edges WHERE input = $1)
                      OR EXISTS (SELECT 1 FROM {s}.pins WHERE addr = $1)",
                 &[&key],
             )
             .await?;
-        Ok(row.is_some_and(|r| r.get(0)))
+        Ok(rows.first().is_some_and(|r| r.get(0)))
     }
 
     async fn lock_for_sweep(&self) -> Result<SweepLock> {
-        const CTX: &str = "holding off writers for garbage collection";
-        let pg = &self.pg;
-        pg.call("lock_sweep", "SELECT", "pins", async {
-            let conn = pg.conn().await?;
-            let key = pg.sweep_key();
-            conn.execute("SELECT pg_advisory_lock($1)", &[&key])
-                .await
-                .map_err(|e| pg.error(CTX, e))?;
-            Ok(SweepLock::new(SweepGuard {
-                conn: Some(conn),
-                key,
-            }))
-        })
-        .await
+        self.pg.hold_sweep().await?;
+        Ok(SweepLock::new(SweepGuard(self.pg.clone())))
     }
 
     async fn get(&self, addr: CAddr) -> Result<Option<StoredRecipe>> {

@@ -92,6 +92,10 @@ pub(crate) struct Pg {
     /// `the index database postgres://host:port/db`, for errors.
     name: String,
     metrics: Arc<BackendMetrics>,
+    /// The connection that holds the sweep lock while garbage collection deletes (see
+    /// [`Pg::hold_sweep`]): the sweep's statements run on it, so writers waiting for the lock
+    /// on pooled connections can never starve the sweep of one.
+    sweep: parking_lot::Mutex<Option<Conn>>,
 }
 
 /// What one index call is, for its span, its metrics and its errors.
@@ -109,6 +113,29 @@ pub(crate) struct Call {
 
 /// A pooled connection.
 pub(crate) type Conn = deadpool_postgres::Object;
+
+/// The sweep's connection, lent to one statement. Given back, it returns to its slot; dropped
+/// otherwise (the statement's future was dropped), it is closed, which lets go of the lock.
+struct Lent<'a> {
+    conn: Option<Conn>,
+    slot: &'a parking_lot::Mutex<Option<Conn>>,
+}
+
+impl Lent<'_> {
+    fn give_back(mut self) {
+        if let Some(conn) = self.conn.take() {
+            *self.slot.lock() = Some(conn);
+        }
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(deadpool_postgres::Object::take(conn));
+        }
+    }
+}
 
 /// Checks a schema name: lower-case letters, digits and `_`, not starting with a digit.
 fn check_schema(schema: &str) -> Result<()> {
@@ -211,6 +238,7 @@ impl Pg {
             schema: format!("\"{schema}\""),
             name,
             metrics,
+            sweep: parking_lot::Mutex::new(None),
         };
         if !create {
             pg.require_schema().await?;
@@ -337,6 +365,86 @@ impl Pg {
             conn.query(&stmt, params)
                 .await
                 .map_err(|e| self.error(call.context, e))
+        })
+        .await
+    }
+
+    /// Takes [`Pg::sweep_key`] exclusively on a connection of its own and keeps that
+    /// connection for the sweep's statements ([`Pg::query_in_sweep`]) until
+    /// [`Pg::release_sweep`].
+    pub(crate) async fn hold_sweep(&self) -> Result<()> {
+        const CTX: &str = "holding off writers for garbage collection";
+        self.call("lock_sweep", "SELECT", "pins", async {
+            let conn = self.conn().await?;
+            conn.execute("SELECT pg_advisory_lock($1)", &[&self.sweep_key()])
+                .await
+                .map_err(|e| self.error(CTX, e))?;
+            if let Some(stale) = self.sweep.lock().replace(conn) {
+                // Never expected (one sweep at a time per store); closing lets go of its lock.
+                drop(deadpool_postgres::Object::take(stale));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Lets go of the sweep lock on a task of its own; a connection that cannot let go is
+    /// closed, which lets go too.
+    pub(crate) fn release_sweep(&self) {
+        let Some(conn) = self.sweep.lock().take() else {
+            return;
+        };
+        let key = self.sweep_key();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if conn
+                        .execute("SELECT pg_advisory_unlock($1)", &[&key])
+                        .await
+                        .is_err()
+                    {
+                        drop(deadpool_postgres::Object::take(conn));
+                    }
+                });
+            }
+            Err(_) => drop(deadpool_postgres::Object::take(conn)),
+        }
+    }
+
+    /// [`Pg::query`] on the connection that holds the sweep lock ([`DerivaError::Unavailable`]
+    /// if none does: the sweep's deletes are only safe under it). If the call is dropped
+    /// midway, that connection is closed rather than returned with the lock held.
+    pub(crate) async fn query_in_sweep(
+        &self,
+        call: Call,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        self.call(call.op, call.operation, call.table, async move {
+            let Some(conn) = self.sweep.lock().take() else {
+                // Only a sweep holding the lock deletes: never on a pooled connection.
+                return Err(DerivaError::Unavailable {
+                    backend: self.name.clone(),
+                    message: format!(
+                        "{}: garbage collection does not hold its lock (lost with its connection)",
+                        call.context
+                    ),
+                });
+            };
+            let lent = Lent {
+                conn: Some(conn),
+                slot: &self.sweep,
+            };
+            let rows = match lent.conn.as_ref() {
+                Some(conn) => match conn.prepare_cached(&self.sql(sql)).await {
+                    Ok(stmt) => conn.query(&stmt, params).await,
+                    Err(e) => Err(e),
+                },
+                None => unreachable!("lent until given back"),
+            };
+            // Given back whatever the statement did; only a dropped call closes it.
+            lent.give_back();
+            rows.map_err(|e| self.error(call.context, e))
         })
         .await
     }

@@ -146,3 +146,69 @@ async fn an_object_the_index_does_not_record_is_not_served() {
         Some(&orphan_bytes[..])
     );
 }
+
+/// Writers that wait for the sweep lock hold pooled connections while they wait; the sweep's
+/// own statements run on the connection that holds the lock, so a pool of two, with eight
+/// writers waiting, never starves a collection (it would fail after the pool's wait,
+/// `UNAVAILABLE`, with the writers stalled that long).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_never_waits_for_a_pool_its_writers_hold() {
+    let harness = RemoteHarness::new();
+    let config = deriva_remote::RemoteConfig {
+        pool_size: 2,
+        ..harness.config()
+    };
+    let store = Arc::new(
+        deriva_remote::open(&config, Arc::new(BackendMetrics::noop()))
+            .await
+            .unwrap()
+            .store,
+    );
+    // Garbage for the sweeps: 60 leaves, each under a recipe.
+    let recipe = |inputs: Vec<CAddr>| {
+        let concat = deriva_core::FunctionId::new("concat", "v1").unwrap();
+        deriva_core::Recipe::new(concat, inputs, deriva_core::Params::new()).unwrap()
+    };
+    for i in 0..60 {
+        let leaf = store
+            .put_leaf(Bytes::from(format!("garbage {i}")))
+            .await
+            .unwrap();
+        store.put_recipe(recipe(vec![leaf])).await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (store, done) = (store.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut i = 0;
+                while !done.load(Ordering::Relaxed) {
+                    i += 1;
+                    let leaf = store
+                        .put_leaf(Bytes::from(format!("writer {w} {i}")))
+                        .await
+                        .unwrap();
+                    match store.put_recipe(recipe(vec![leaf])).await {
+                        Ok(_) | Err(deriva_core::DerivaError::MissingInput { .. }) => {}
+                        Err(e) => panic!("writer {w}: {e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut removed = 0;
+    for _ in 0..3 {
+        // Waiting for a pooled connection would end in UNAVAILABLE after PG_POOL_WAIT.
+        let outcome = store
+            .collect_garbage(&deriva_core::store::gc::GcOptions::default())
+            .await
+            .unwrap();
+        removed += outcome.removed.len();
+    }
+    done.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert!(removed >= 120, "the garbage was collected: {removed}");
+}
