@@ -578,3 +578,65 @@ async fn cluster_status_follows_the_heartbeats() {
         "the node that answers still beats"
     );
 }
+
+/// A collection through node A on the shared store removes the recipe and its leaf, drops
+/// the output from the output tier, and (through the bus) from B's cache, so B, which had it
+/// cached, answers NOT_FOUND; put again, it is computed afresh, not read from the tier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_on_one_node_reaches_the_output_tier_and_the_other_nodes() {
+    use deriva_server::proto::GcRequest;
+    let services = services::shared();
+    let space = Space::new("gc_two_nodes");
+    let flags = ["--output-tier", "blob-store"];
+    let (a, b) = (node(&services, &space, &flags), node(&services, &space, &flags));
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let leaf = put_leaf(&mut ca, b"collected").await;
+    let upper = put_recipe(&mut ca, "uppercase", &[&leaf], &[]).await;
+    assert_eq!(get_all(&mut cb, &upper).await.unwrap(), b"COLLECTED");
+    // Strictly older than a cutoff with no grace period (times are kept to the millisecond).
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let gc = ca
+        .garbage_collect(GcRequest {
+            detail_addrs: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(gc.removed_addrs, vec![upper.clone(), leaf.clone()]);
+    assert_eq!((gc.live_blobs, gc.live_recipes), (0, 0));
+    wait_for("B to forget the collected output", async || {
+        get_all(&mut cb, &upper)
+            .await
+            .is_err_and(|e| e.code() == Code::NotFound)
+    })
+    .await;
+    let e = get_all(&mut ca, &leaf).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // Put again: B computes it; the tier no longer holds the old output.
+    assert_eq!(put_leaf(&mut ca, b"collected").await, leaf);
+    assert_eq!(put_recipe(&mut ca, "uppercase", &[&leaf], &[]).await, upper);
+    let before = b.scrape().await;
+    assert_eq!(get_all(&mut cb, &upper).await.unwrap(), b"COLLECTED");
+    let after = b.scrape().await;
+    assert_eq!(
+        materialized(&after, "computed") - materialized(&before, "computed"),
+        1.0,
+        "B computed it again"
+    );
+    assert_eq!(
+        materialized(&after, "stored"),
+        materialized(&before, "stored"),
+        "nothing came from the output tier"
+    );
+    let text = a.scrape().await;
+    assert_eq!(
+        sample(&text, r#"deriva_gc_removed_total{kind="recipe"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, r#"deriva_gc_runs_total{mode="collect",result="ok"}"#),
+        Some(1.0)
+    );
+}
