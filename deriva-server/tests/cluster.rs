@@ -588,7 +588,10 @@ async fn a_collection_on_one_node_reaches_the_output_tier_and_the_other_nodes() 
     let services = services::shared();
     let space = Space::new("gc_two_nodes");
     let flags = ["--output-tier", "blob-store"];
-    let (a, b) = (node(&services, &space, &flags), node(&services, &space, &flags));
+    let (a, b) = (
+        node(&services, &space, &flags),
+        node(&services, &space, &flags),
+    );
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     let leaf = put_leaf(&mut ca, b"collected").await;
     let upper = put_recipe(&mut ca, "uppercase", &[&leaf], &[]).await;

@@ -49,7 +49,7 @@ macro_rules! conformance_tests {
             durability_across_reopen, idempotent_puts, missing_inputs, dependents,
             corruption_detection, concurrent_writers, blob_operations, streams,
             unaddressed_uploads, pins, garbage_collection, gc_refreshed_by_puts,
-            gc_races_with_writers);
+            gc_races_with_writers, gc_keeps_corrupted_recipes);
     };
     (@cases $harness:expr; $($case:ident),*) => {
         $(
@@ -851,4 +851,35 @@ async fn assert_consistent_recipes(store: &Store) {
             }
         }
     }
+}
+
+/// A recipe whose stored row no longer decodes is kept, and so are its inputs (the reference
+/// check reads the edges, not the damaged row); the collection reports it.
+pub async fn gc_keeps_corrupted_recipes(h: &impl Harness) {
+    let store = h.open().await.expect("open");
+    let leaf = store
+        .put_leaf(Bytes::from_static(b"under a damaged recipe"))
+        .await
+        .unwrap();
+    let damaged = store
+        .put_recipe(recipe(vec![leaf], "damaged"))
+        .await
+        .unwrap();
+    let other = store
+        .put_leaf(Bytes::from_static(b"plain garbage"))
+        .await
+        .unwrap();
+    close(store).await;
+    h.corrupt_recipe(damaged).await;
+    let store = h.open().await.expect("reopen");
+    tick().await;
+    let outcome = store.collect_garbage(&now_gc()).await.unwrap();
+    assert_eq!(outcome.corrupted, 1);
+    assert_eq!(removed(&outcome), [other]);
+    assert!(
+        store.blobs().contains(leaf).await.unwrap(),
+        "the damaged recipe's input stays"
+    );
+    assert_eq!(store.count_recipes_by_scan().await.unwrap(), 1);
+    close(store).await;
 }
