@@ -216,6 +216,10 @@ async fn every_family_has_its_documented_name_and_type() {
         ("deriva_memory_waits_total", "counter"),
         ("deriva_memory_rejections_total", "counter"),
         ("deriva_invalidation_total", "counter"),
+        // Zero until a collection runs (its duration histogram appears with the first).
+        ("deriva_gc_runs_total", "counter"),
+        ("deriva_gc_removed_total", "counter"),
+        ("deriva_gc_reclaimed_bytes_total", "counter"),
     ];
     for (name, kind) in expected {
         let line = format!("# TYPE {name} {kind}");
