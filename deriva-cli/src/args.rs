@@ -42,9 +42,43 @@ pub struct CliArgs {
     /// sample the trace whatever its sampling ratio.
     #[arg(long, global = true)]
     pub trace: bool,
+    /// The bearer token to send, for a server started with --auth-tokens (better given as
+    /// DERIVA_TOKEN: a flag shows in the process list).
+    #[arg(
+        long,
+        global = true,
+        env = "DERIVA_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
     /// The command to run.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `deriva token …`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a fresh random token. Prints the token (give it to the client, e.g. as
+    /// DERIVA_TOKEN; it is shown only now), then the line to add to the server's
+    /// --auth-tokens file (its SHA-256, never the token). Needs no server.
+    New {
+        /// What the token may do: read, write, admin, comma-separated.
+        #[arg(long, value_name = "SCOPES", value_parser = scopes_arg)]
+        scopes: String,
+        /// The name logs and spans give the caller (auth.name).
+        #[arg(long, value_parser = name_arg)]
+        name: String,
+    },
+}
+
+fn scopes_arg(s: &str) -> Result<String, String> {
+    deriva_core::token::parse_scopes(s).map(|_| s.to_owned())
+}
+
+fn name_arg(s: &str) -> Result<String, String> {
+    deriva_core::token::check_name(s).map(|()| s.to_owned())
 }
 
 /// The `deriva` subcommands.
@@ -145,6 +179,12 @@ pub enum Command {
     },
     /// List the nodes serving the store, with their state.
     Cluster,
+    /// Bearer tokens for a server's --auth-tokens file.
+    Token {
+        /// What to do.
+        #[command(subcommand)]
+        action: TokenCommand,
+    },
     /// Print the server's store, cache and verification counters.
     Status,
     /// Compute a recipe twice and compare; exits with 1 if the two outputs differ.

@@ -150,6 +150,8 @@ pub struct Target {
     pub trace_id: String,
     /// Whether to ask the server to sample whatever its ratio (`x-deriva-trace: force`).
     pub force: bool,
+    /// `authorization: Bearer <token>` for a server with `--auth-tokens`.
+    pub authorization: Option<MetadataValue<Ascii>>,
 }
 
 impl Target {
@@ -165,7 +167,24 @@ impl Target {
             traceparent: Some(traceparent),
             trace_id,
             force,
+            authorization: None,
         }
+    }
+
+    /// Sends `token` as a bearer token with every request.
+    pub fn with_token(mut self, token: Option<&str>) -> Result<Self, CliError> {
+        self.authorization = match token.map(str::trim).filter(|t| !t.is_empty()) {
+            None => None,
+            Some(token) => {
+                let mut value: MetadataValue<Ascii> =
+                    format!("Bearer {token}").parse().map_err(|_| {
+                        CliError::Usage("--token (DERIVA_TOKEN) must be printable ASCII".into())
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        Ok(self)
     }
 }
 
@@ -174,6 +193,7 @@ impl Target {
 pub struct TraceContext {
     traceparent: Option<MetadataValue<Ascii>>,
     force: bool,
+    authorization: Option<MetadataValue<Ascii>>,
 }
 
 impl Interceptor for TraceContext {
@@ -190,6 +210,11 @@ impl Interceptor for TraceContext {
             request
                 .metadata_mut()
                 .insert("x-deriva-trace", MetadataValue::from_static("force"));
+        }
+        if let Some(authorization) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", authorization.clone());
         }
         Ok(request)
     }
@@ -232,6 +257,7 @@ pub async fn connect(target: &Target) -> Result<Client, CliError> {
     let trace = TraceContext {
         traceparent: target.traceparent.clone(),
         force: target.force,
+        authorization: target.authorization.clone(),
     };
     Ok(DerivaClient::with_interceptor(channel, trace)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -19,7 +19,7 @@ use deriva_proto::{
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::args::{CliArgs, Command, parse_addr, parse_params};
+use crate::args::{CliArgs, Command, TokenCommand, parse_addr, parse_params};
 use crate::client::{CliError, Target, connect, error_line};
 use crate::explain::format_explain;
 
@@ -256,9 +256,32 @@ pub async fn run_until_interrupted(args: CliArgs) -> Result<(), CliError> {
     }
 }
 
+/// `deriva token new`: a fresh token on the first line, the token file's line on the second.
+fn new_token(scopes: &str, name: &str) -> Result<(), CliError> {
+    let token = deriva_core::token::new_token().map_err(|message| CliError::Failed {
+        context: "token new".into(),
+        message,
+    })?;
+    let _ = writeln!(
+        std::io::stderr(),
+        "deriva: the token (line 1) is shown only now; add line 2 to the server's --auth-tokens file"
+    );
+    emit(&format!(
+        "{token}\n{} {scopes} {name}\n",
+        deriva_core::token::hashed(&token)
+    ))
+}
+
 /// Runs one command against `args.server`, printing its answer on stdout.
 pub async fn run(args: CliArgs) -> Result<(), CliError> {
-    let server = Target::new(&args.server, args.trace);
+    if let Command::Token {
+        action: TokenCommand::New { scopes, name },
+    } = &args.command
+    {
+        // Needs no server (nor a valid --token).
+        return new_token(scopes, name);
+    }
+    let server = Target::new(&args.server, args.trace).with_token(args.token.as_deref())?;
     if args.trace {
         let _ = writeln!(std::io::stderr(), "deriva: trace id {}", server.trace_id);
     }
@@ -395,6 +418,7 @@ pub async fn run(args: CliArgs) -> Result<(), CliError> {
                 .into_inner();
             emit(&format_gc(&answer, detail))
         }
+        Command::Token { .. } => unreachable!("handled before connecting"),
         Command::Cluster => {
             let answer = connect(&server)
                 .await?

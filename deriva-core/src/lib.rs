@@ -78,6 +78,7 @@ pub mod size;
 pub mod spans;
 pub mod store;
 pub mod task;
+pub mod token;
 
 pub use addr::{AddrParseError, CAddr};
 pub use error::{DerivaError, Result};

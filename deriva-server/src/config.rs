@@ -139,6 +139,9 @@ pub struct Config {
     pub gc_interval: Option<Duration>,
     /// The grace period of the periodic garbage collection.
     pub gc_grace: Duration,
+    /// The token file of `--auth-tokens`: with it, every RPC, `/metrics` and `/debug/*` need a
+    /// bearer token with the right scope.
+    pub auth_tokens: Option<PathBuf>,
 }
 
 /// `--output-tier`: where computed outputs are kept besides each node's memory cache.
@@ -241,6 +244,7 @@ impl Default for Config {
             heartbeat: Duration::from_secs(defaults::HEARTBEAT_SECS),
             gc_interval: None,
             gc_grace: defaults::GC_GRACE_DURATION,
+            auth_tokens: None,
         }
     }
 }
@@ -317,6 +321,12 @@ impl Config {
                     .map_or_else(|| "off".to_owned(), |d| format!("{}s", d.as_secs())),
             ),
             ("gc-grace", format!("{}s", self.gc_grace.as_secs())),
+            (
+                "auth-tokens",
+                self.auth_tokens
+                    .as_ref()
+                    .map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
+            ),
         ]
     }
 }
@@ -432,6 +442,11 @@ pub struct ServerArgs {
     /// reachable from a pin or not.
     #[arg(long, env = "DERIVA_GC_GRACE", default_value = defaults::GC_GRACE, value_parser = parse_duration)]
     pub gc_grace: Duration,
+    /// Require a bearer token on every RPC, /metrics and /debug/*: a file of lines
+    /// `sha256:<hex of the token's SHA-256> SCOPES NAME` (SCOPES: read, write, admin,
+    /// comma-separated); `deriva token new` makes a token and its line.
+    #[arg(long, env = "DERIVA_AUTH_TOKENS", value_name = "FILE")]
+    pub auth_tokens: Option<PathBuf>,
     /// Print the effective configuration (flags, then DERIVA_* variables, then defaults), one
     /// `key = value` per line, and exit without opening the store or binding anything.
     #[arg(long)]
@@ -494,6 +509,7 @@ impl ServerArgs {
             heartbeat: Duration::from_secs(self.heartbeat_secs),
             gc_interval: Some(self.gc_interval).filter(|d| !d.is_zero()),
             gc_grace: self.gc_grace,
+            auth_tokens: self.auth_tokens.filter(|p| !p.as_os_str().is_empty()),
         })
     }
 }

@@ -3,6 +3,7 @@
 //! Deriva's gRPC server and its telemetry. The path of a request, and which files to touch to
 //! add an RPC, a metric or a span, are in `ARCHITECTURE.md` at the repository root.
 //!
+//! - [`auth`]: the scoped bearer tokens of `--auth-tokens`.
 //! - [`config`]: [`Config`] and the `deriva-server` flags that fill it.
 //! - [`server`]: [`Server`], which opens the store and serves gRPC and HTTP on listeners it is
 //!   given until a shutdown future completes (tests run it in-process on port 0).
@@ -23,6 +24,7 @@
 //! - [`migrate`]: `deriva-server migrate`, which copies a store between backends.
 //! - [`proto`]: the wire contract, [`deriva_proto`] re-exported.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;

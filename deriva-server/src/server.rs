@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 
 use tracing::Dispatch;
 
+use crate::auth::Tokens;
 use crate::config::Config;
 use crate::http::HttpState;
 use crate::proto::deriva_server::DerivaServer;
@@ -53,6 +54,8 @@ pub struct Server {
     node_name: String,
     /// The nodes of the remote backend, by their heartbeats (remote backend only).
     nodes: Option<deriva_remote::PgNodes>,
+    /// The bearer tokens of `--auth-tokens`, if it is given.
+    auth: Option<Arc<Tokens>>,
 }
 
 impl Server {
@@ -153,6 +156,18 @@ impl Server {
             spill,
             ..ExecutorConfig::default()
         };
+        let auth = match &config.auth_tokens {
+            Some(path) => {
+                let tokens = Tokens::load(path).map_err(DerivaError::InvalidInput)?;
+                tracing::info!(
+                    file = %path.display(),
+                    tokens = tokens.names().len(),
+                    "every RPC, /metrics and /debug need a bearer token"
+                );
+                Some(Arc::new(tokens))
+            }
+            None => None,
+        };
         let metrics = ServerMetrics::new(meter, store.counters().clone());
         let exec = AsyncExecutor::new(
             store,
@@ -171,6 +186,7 @@ impl Server {
             listener: None,
             node_name: String::from("deriva-server"),
             nodes: None,
+            auth,
         })
     }
 
@@ -285,7 +301,10 @@ impl Server {
             // other call on that connection too. Accept more; oversized trace headers and request
             // ids are ignored or replaced by the RPC layer anyway.
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
-            .layer(RpcLayer::new(self.metrics.clone(), self.dispatch.clone()))
+            .layer(
+                RpcLayer::new(self.metrics.clone(), self.dispatch.clone())
+                    .with_auth(self.auth.clone()),
+            )
             .layer(OversizeLayer { limit })
             .add_service(health_service)
             .add_service(service)
@@ -304,6 +323,8 @@ impl Server {
                         started: Instant::now(),
                         ready: ready.clone(),
                         traces: self.traces.clone(),
+                        auth: self.auth.clone(),
+                        metrics: self.metrics.clone(),
                     };
                     crate::http::serve(listener, state, http_shutdown)
                         .await

@@ -238,6 +238,13 @@ const ROWS: &[Row] = &[
         shows: ("gc-grace", "172800s"),
         other: "90",
     },
+    Row {
+        flag: "auth-tokens",
+        vars: &["DERIVA_AUTH_TOKENS"],
+        value: "etc/tokens",
+        shows: ("auth-tokens", "etc/tokens"),
+        other: "other/tokens",
+    },
 ];
 
 /// Flags that are actions, not settings: no variable, nothing in the configuration.

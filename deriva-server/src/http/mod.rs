@@ -8,6 +8,10 @@
 //! | `GET /readyz` | readiness: 200 once the store is open and both backends answer a real read; 503 while shutting down, or while a backend is unreachable (the body names it) |
 //! | `GET /debug/traces` | JSON: the recent, slowest and failed requests (see [`crate::trace_store`]) |
 //! | `GET /debug/traces/{trace_id}` | one request's span tree as JSON, or as HTML for a browser (`Accept: text/html`) |
+//!
+//! With `--auth-tokens`, `/metrics` and `/debug/*` need a bearer token with the `admin` scope
+//! (401 without a known token, 403 without the scope); `/healthz` and `/readyz` stay open for
+//! probes, and `/health` then shows counts only (no paths, no backend addresses).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,6 +26,8 @@ use axum::routing::get;
 use deriva_compute::AsyncExecutor;
 use serde_json::json;
 
+use crate::auth::{AuthError, Scope, Tokens};
+use crate::telemetry::ServerMetrics;
 use crate::trace_store::TraceStore;
 
 mod debug;
@@ -39,18 +45,60 @@ pub struct HttpState {
     pub ready: Arc<AtomicBool>,
     /// Recent request traces; `None` answers 404 on `/debug/traces`.
     pub traces: Option<TraceStore>,
+    /// The bearer tokens of `--auth-tokens`: with them, `/metrics` and `/debug/*` need `admin`.
+    pub auth: Option<Arc<Tokens>>,
+    /// Counts refused requests (`deriva_auth_failures_total`).
+    pub metrics: ServerMetrics,
 }
 
 /// The router.
 pub fn router(state: HttpState) -> Router {
-    Router::new()
+    let guarded = Router::new()
         .route("/metrics", get(metrics))
+        .route("/debug/traces", get(debug::trace_lists))
+        .route("/debug/traces/{trace_id}", get(debug::trace_one))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_admin,
+        ));
+    Router::new()
         .route("/health", get(health))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/debug/traces", get(debug::trace_lists))
-        .route("/debug/traces/{trace_id}", get(debug::trace_one))
+        .merge(guarded)
         .with_state(state)
+}
+
+/// With `--auth-tokens`, lets through only requests with an `admin` bearer token.
+async fn require_admin(
+    State(state): State<HttpState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(tokens) = &state.auth else {
+        return next.run(request).await;
+    };
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    match tokens.check(authorization, Scope::Admin) {
+        Ok(_) => next.run(request).await,
+        Err(e) => {
+            state.metrics.record_auth_failure(e.reason());
+            let status = match e {
+                AuthError::Scope { .. } => StatusCode::FORBIDDEN,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            let message = format!("{}\n", e.message(Scope::Admin));
+            (
+                status,
+                [(header::WWW_AUTHENTICATE, "Bearer realm=\"deriva\"")],
+                message,
+            )
+                .into_response()
+        }
+    }
 }
 
 /// Serves `router(state)` on `listener` until `shutdown` completes.
@@ -119,14 +167,19 @@ async fn backend_failures(exec: &AsyncExecutor) -> Vec<String> {
 
 async fn health(State(state): State<HttpState>) -> Response {
     let failures = backend_failures(&state.exec).await;
+    // Open to anyone: with --auth-tokens, counts only (no data directory, no backend address).
+    let open = state.auth.is_some();
     let body = |status: &str| {
-        json!({
+        let mut value = json!({
             "status": status,
-            "store": state.exec.store().description(),
             "cache_entries": state.exec.cache().stats().entries(),
             "dag_recipes": state.exec.store().counters().recipes(),
             "uptime_seconds": state.started.elapsed().as_secs(),
-        })
+        });
+        if !open {
+            value["store"] = json!(state.exec.store().description());
+        }
+        value
     };
     if failures.is_empty() {
         (StatusCode::OK, axum::Json(body("healthy"))).into_response()
@@ -134,8 +187,12 @@ async fn health(State(state): State<HttpState>) -> Response {
         let reason = failures.join("; ");
         tracing::warn!(%reason, "health check failed");
         let mut value = body("unhealthy");
-        value["reason"] = json!(reason);
-        value["failures"] = json!(failures);
+        if open {
+            value["failures"] = json!(failures.len());
+        } else {
+            value["reason"] = json!(reason);
+            value["failures"] = json!(failures);
+        }
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(value)).into_response()
     }
 }
@@ -147,6 +204,13 @@ async fn readyz(State(state): State<HttpState>) -> Response {
     let failures = backend_failures(&state.exec).await;
     if failures.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
+    } else if state.auth.is_some() {
+        // Open to anyone: no backend addresses.
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {} backend(s) unreachable\n", failures.len()),
+        )
+            .into_response()
     } else {
         let reason = failures.join("; ");
         (

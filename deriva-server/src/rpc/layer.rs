@@ -15,6 +15,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -32,9 +33,14 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use deriva_core::spans;
 
+use crate::auth::{AuthError, Tokens};
 use crate::rpc::method::{RpcMethod, SERVICE};
 use crate::telemetry::RequestId;
 use crate::telemetry::metrics::{RpcTimer, ServerMetrics};
+
+/// The span field (and so the log field) naming the caller under `--auth-tokens`: the name of
+/// its token's entry, never the token.
+pub const AUTH_NAME: &str = "auth.name";
 
 /// Longest `x-request-id` honored; longer ones are replaced.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
@@ -46,13 +52,26 @@ const MAX_TRACE_HEADER_LEN: usize = 512;
 pub struct RpcLayer {
     metrics: ServerMetrics,
     dispatch: Option<Dispatch>,
+    auth: Option<Arc<Tokens>>,
 }
 
 impl RpcLayer {
     /// A layer recording into `metrics`. With `dispatch`, spans and logs of each call go to that
     /// subscriber instead of the global one (used by in-process tests).
     pub fn new(metrics: ServerMetrics, dispatch: Option<Dispatch>) -> Self {
-        Self { metrics, dispatch }
+        Self {
+            metrics,
+            dispatch,
+            auth: None,
+        }
+    }
+
+    /// Requires a bearer token of `tokens` with the scope of each RPC
+    /// ([`RpcMethod::scope`]); a refused call answers `UNAUTHENTICATED` or `PERMISSION_DENIED`
+    /// without reaching the service.
+    pub fn with_auth(mut self, tokens: Option<Arc<Tokens>>) -> Self {
+        self.auth = tokens;
+        self
     }
 }
 
@@ -64,6 +83,7 @@ impl<S> Layer<S> for RpcLayer {
             inner,
             metrics: self.metrics.clone(),
             dispatch: self.dispatch.clone(),
+            auth: self.auth.clone(),
         }
     }
 }
@@ -74,6 +94,7 @@ pub struct RpcService<S> {
     inner: S,
     metrics: ServerMetrics,
     dispatch: Option<Dispatch>,
+    auth: Option<Arc<Tokens>>,
 }
 
 type Resp = http::Response<tonic::body::Body>;
@@ -116,15 +137,46 @@ where
         if let Some(id) = &trace_id {
             span.record(spans::field::TRACE_ID, id.as_str());
         }
+        // With --auth-tokens: the caller's name (for the span and the completion line), or the
+        // status that refuses the call before it reaches the service.
+        let mut caller: Option<String> = None;
+        let refused = self.auth.as_deref().and_then(|tokens| {
+            let needed = method.scope();
+            let authorization = req
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .map(HeaderValue::as_bytes);
+            match tokens.check(authorization, needed) {
+                Ok(name) => {
+                    caller = Some(name.to_owned());
+                    None
+                }
+                Err(e) => {
+                    if let AuthError::Scope { name, .. } = &e {
+                        caller = Some(name.clone());
+                    }
+                    self.metrics.record_auth_failure(e.reason());
+                    Some(e.status(needed))
+                }
+            }
+        });
+        if let Some(name) = &caller {
+            span.record(AUTH_NAME, name.as_str());
+        }
         let timer = self.metrics.start(method);
         let end = CallEnd {
             timer: Some(timer),
             span: span.clone(),
             dispatch: dispatch.clone(),
             method: method.label(),
+            caller,
         };
 
-        let call = inner.call(req).instrument(span);
+        let call: Pin<Box<dyn Future<Output = Result<Resp, Infallible>> + Send>> = match refused {
+            Some(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+            None => Box::pin(inner.call(req)),
+        };
+        let call = call.instrument(span);
         let call: Pin<Box<dyn Future<Output = Result<Resp, Infallible>> + Send>> = match dispatch {
             Some(d) => Box::pin(call.with_subscriber(d)),
             None => Box::pin(call),
@@ -183,6 +235,7 @@ fn rpc_span(method: RpcMethod, request_id: &str, headers: &HeaderMap) -> Span {
         { spans::field::REQUEST_ID } = request_id,
         { spans::field::TRACE_ID } = Empty,
         deriva.force_trace = force,
+        auth.name = Empty,
     );
     // The caller's context when `traceparent` is valid (an empty one otherwise, which makes this
     // a root), carrying the request id for log lines. Set before the span is entered, so the
@@ -232,6 +285,8 @@ struct CallEnd {
     dispatch: Option<Dispatch>,
     /// The `method` label, for the completion line.
     method: &'static str,
+    /// The caller's token name under `--auth-tokens` (`auth.name` on the completion line).
+    caller: Option<String>,
 }
 
 /// `CANCELLED`, reported when the response was dropped before it ended.
@@ -252,7 +307,7 @@ impl CallEnd {
         if !ok {
             self.span.record("otel.status_code", "ERROR");
         }
-        let (span, method) = (&self.span, self.method);
+        let (span, method, caller) = (&self.span, self.method, self.caller.as_deref());
         with_dispatch(self.dispatch.as_ref(), || {
             // A line per successful call is an access log, and formatting and writing it cost
             // ~20% of cached-Get throughput (BENCHMARKS.md): DEBUG. Failures stay INFO. The span
@@ -260,10 +315,20 @@ impl CallEnd {
             // the line will be written: on the hot path DEBUG is usually off.
             if ok {
                 if tracing::event_enabled!(tracing::Level::DEBUG) {
-                    span.in_scope(|| tracing::debug!(method = %method, code, "rpc finished"));
+                    span.in_scope(|| match caller {
+                        Some(name) => {
+                            tracing::debug!(method = %method, code, auth.name = %name, "rpc finished");
+                        }
+                        None => tracing::debug!(method = %method, code, "rpc finished"),
+                    });
                 }
             } else {
-                span.in_scope(|| tracing::info!(method = %method, code, "rpc failed"));
+                span.in_scope(|| match caller {
+                    Some(name) => {
+                        tracing::info!(method = %method, code, auth.name = %name, "rpc failed");
+                    }
+                    None => tracing::info!(method = %method, code, "rpc failed"),
+                });
             }
         });
     }

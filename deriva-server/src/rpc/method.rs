@@ -60,6 +60,23 @@ impl RpcMethod {
         Self::ClusterStatus,
     ];
 
+    /// The token scope the method needs under `--auth-tokens`.
+    pub const fn scope(self) -> crate::auth::Scope {
+        use crate::auth::Scope;
+        match self {
+            Self::Get | Self::Resolve | Self::Status | Self::Explain | Self::ClusterStatus => {
+                Scope::Read
+            }
+            Self::PutLeaf
+            | Self::PutLeafStream
+            | Self::PutRecipe
+            | Self::Invalidate
+            | Self::CascadeInvalidate
+            | Self::Verify => Scope::Write,
+            Self::GarbageCollect | Self::Pin | Self::Unpin | Self::ListPins => Scope::Admin,
+        }
+    }
+
     /// How many methods there are: the length of per-method arrays.
     pub const COUNT: usize = Self::ALL.len();
 

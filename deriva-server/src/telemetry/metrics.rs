@@ -37,6 +37,9 @@ struct RpcCounts {
     active: [AtomicI64; RpcMethod::COUNT],
 }
 
+/// The `reason` values of `deriva_auth_failures_total`.
+pub const AUTH_FAILURE_REASONS: [&str; 4] = ["missing", "malformed", "unknown", "scope"];
+
 /// The server's instruments.
 #[derive(Debug, Clone)]
 pub struct ServerMetrics {
@@ -48,6 +51,7 @@ struct Inner {
     counts: Arc<RpcCounts>,
     rpc_duration: Histogram<f64>,
     dag_insert: Histogram<f64>,
+    auth_failures: opentelemetry::metrics::Counter<u64>,
     method_attrs: [[KeyValue; 1]; RpcMethod::COUNT],
     _counter: ObservableCounter<u64>,
     _gauges: Vec<ObservableGauge<u64>>,
@@ -132,9 +136,17 @@ impl ServerMetrics {
                 StoreCounters::blob_bytes,
             ),
         ];
+        let auth_failures = meter
+            .u64_counter("deriva.auth.failures")
+            .with_description("Requests refused by --auth-tokens, by reason: missing, malformed, unknown (token), scope (the token lacks the scope)")
+            .build();
+        for reason in AUTH_FAILURE_REASONS {
+            auth_failures.add(0, &[KeyValue::new("reason", reason)]);
+        }
         Self {
             inner: Arc::new(Inner {
                 counts,
+                auth_failures,
                 rpc_duration: meter
                     .f64_histogram("deriva.rpc.duration")
                     .with_unit("s")
@@ -167,6 +179,14 @@ impl ServerMetrics {
             start: std::time::Instant::now(),
             done: false,
         }
+    }
+
+    /// Counts one request refused by the token check, for `reason` (one of
+    /// [`AUTH_FAILURE_REASONS`]).
+    pub fn record_auth_failure(&self, reason: &'static str) {
+        self.inner
+            .auth_failures
+            .add(1, &[KeyValue::new("reason", reason)]);
     }
 
     /// Records one recipe insert.

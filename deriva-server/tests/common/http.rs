@@ -24,14 +24,28 @@ impl HttpResponse {
 /// `GET http://{addr}{path_and_query}` with `Connection: close`; enough for /metrics, the
 /// health endpoints and the Prometheus query API. Handles `Content-Length` and chunked bodies.
 pub async fn http_get(addr: &str, path_and_query: &str) -> std::io::Result<HttpResponse> {
+    http_get_with(addr, path_and_query, &[]).await
+}
+
+/// [`http_get`] with extra request headers.
+pub async fn http_get_with(
+    addr: &str,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpResponse> {
     let mut stream = tokio::time::timeout(
         Duration::from_secs(30),
         tokio::net::TcpStream::connect(addr),
     )
     .await
     .map_err(|_| std::io::Error::other("connect timed out"))??;
-    let request =
-        format!("GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let request = format!(
+        "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\r\n"
+    );
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw))
