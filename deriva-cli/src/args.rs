@@ -29,7 +29,8 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
                   printed and accepted as 64 hex characters."
 )]
 pub struct CliArgs {
-    /// URL of the server (a bare HOST:PORT means http://HOST:PORT).
+    /// URL of the server: http://HOST:PORT, or https://HOST:PORT for a server with TLS (a bare
+    /// HOST:PORT means http://HOST:PORT).
     #[arg(
         long,
         global = true,
@@ -52,6 +53,17 @@ pub struct CliArgs {
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
+    /// Trust the server's certificate if this CA (PEM) issued it, instead of the system's CAs
+    /// (https:// URLs).
+    #[arg(long, global = true, env = "DERIVA_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// Present this client certificate (PEM) to a server that requires one (mutual TLS); needs
+    /// --tls-key.
+    #[arg(long, global = true, env = "DERIVA_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, global = true, env = "DERIVA_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
     /// The command to run.
     #[command(subcommand)]
     pub command: Command,

@@ -14,7 +14,7 @@ use tonic::Code;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// The client's own gRPC message limit, both ways. The server enforces its own (smaller) one.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
@@ -152,6 +152,50 @@ pub struct Target {
     pub force: bool,
     /// `authorization: Bearer <token>` for a server with `--auth-tokens`.
     pub authorization: Option<MetadataValue<Ascii>>,
+    /// TLS files for https:// URLs.
+    pub tls: TlsFiles,
+}
+
+/// The client's TLS files (`--tls-ca`, `--tls-cert`, `--tls-key`).
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    /// The CA that issued the server's certificate; else the system's CAs.
+    pub ca: Option<std::path::PathBuf>,
+    /// A client certificate, for mutual TLS.
+    pub cert: Option<std::path::PathBuf>,
+    /// Its private key.
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl TlsFiles {
+    fn any(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    /// tonic's TLS settings from the files.
+    fn config(&self) -> Result<ClientTlsConfig, CliError> {
+        let read = |flag: &str, path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| CliError::Usage(format!("{flag} {}: {e}", path.display())))
+        };
+        let mut config = ClientTlsConfig::new();
+        config = match &self.ca {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?)),
+            None => config.with_native_roots(),
+        };
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                config = config.identity(Identity::from_pem(
+                    read("--tls-cert", cert)?,
+                    read("--tls-key", key)?,
+                ));
+            }
+            (None, None) => {}
+            (Some(_), None) => return Err(CliError::Usage("--tls-cert needs --tls-key".into())),
+            (None, Some(_)) => return Err(CliError::Usage("--tls-key needs --tls-cert".into())),
+        }
+        Ok(config)
+    }
 }
 
 impl Target {
@@ -168,7 +212,14 @@ impl Target {
             trace_id,
             force,
             authorization: None,
+            tls: TlsFiles::default(),
         }
+    }
+
+    /// Uses `tls` for an https:// URL.
+    pub fn with_tls(mut self, tls: TlsFiles) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Sends `token` as a bearer token with every request.
@@ -231,21 +282,33 @@ pub async fn connect(target: &Target) -> Result<Client, CliError> {
     } else {
         format!("http://{server}")
     };
-    if !url
-        .get(..7)
-        .is_some_and(|p| p.eq_ignore_ascii_case("http://"))
-    {
-        // Without a TLS stack, an https URL would silently be served in plain text.
+    let scheme = |s: &str| {
+        url.get(..s.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(s))
+    };
+    let https = scheme("https://");
+    if !https && !scheme("http://") {
         return Err(CliError::Usage(format!(
-            "--server {server:?}: only http:// URLs are supported"
+            "--server {server:?}: only http:// and https:// URLs are supported"
         )));
     }
-    let endpoint = Endpoint::from_shared(url).map_err(|e| {
+    if !https && target.tls.any() {
+        // They would be ignored, and the connection plaintext.
+        return Err(CliError::Usage(format!(
+            "--tls-ca, --tls-cert and --tls-key need an https:// --server URL, not {server:?}"
+        )));
+    }
+    let mut endpoint = Endpoint::from_shared(url).map_err(|e| {
         CliError::Usage(format!(
             "--server {server:?} is not a valid URL: {}",
             error_chain(&e)
         ))
     })?;
+    if https {
+        endpoint = endpoint.tls_config(target.tls.config()?).map_err(|e| {
+            CliError::Usage(format!("--server {server:?}: TLS: {}", error_chain(&e)))
+        })?;
+    }
     let channel = endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .connect()

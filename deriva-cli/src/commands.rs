@@ -281,7 +281,13 @@ pub async fn run(args: CliArgs) -> Result<(), CliError> {
         // Needs no server (nor a valid --token).
         return new_token(scopes, name);
     }
-    let server = Target::new(&args.server, args.trace).with_token(args.token.as_deref())?;
+    let server = Target::new(&args.server, args.trace)
+        .with_token(args.token.as_deref())?
+        .with_tls(crate::client::TlsFiles {
+            ca: args.tls_ca.clone(),
+            cert: args.tls_cert.clone(),
+            key: args.tls_key.clone(),
+        });
     if args.trace {
         let _ = writeln!(std::io::stderr(), "deriva: trace id {}", server.trace_id);
     }

@@ -53,9 +53,19 @@ fn bad_input_is_a_usage_error_before_any_rpc() {
 }
 
 #[test]
-fn a_server_url_that_is_not_plain_http_is_a_usage_error() {
-    let line = deriva(&["--server", "https://127.0.0.1:1", "status"]).failure(2);
-    assert!(line.contains("only http://"), "{line}");
+fn a_server_url_that_is_not_http_or_https_is_a_usage_error() {
+    let line = deriva(&["--server", "ftp://127.0.0.1:1", "status"]).failure(2);
+    assert!(line.contains("only http:// and https://"), "{line}");
+    // TLS files without an https:// URL would be ignored: refused instead.
+    let line = deriva(&[
+        "--server",
+        "http://127.0.0.1:1",
+        "--tls-ca",
+        "ca.pem",
+        "status",
+    ])
+    .failure(2);
+    assert!(line.contains("https://"), "{line}");
     let line = deriva(&["--server", "http://[::1", "status"]).failure(2);
     assert!(line.contains("not a valid URL"), "{line}");
 }

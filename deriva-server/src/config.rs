@@ -142,6 +142,8 @@ pub struct Config {
     /// The token file of `--auth-tokens`: with it, every RPC, `/metrics` and `/debug/*` need a
     /// bearer token with the right scope.
     pub auth_tokens: Option<PathBuf>,
+    /// TLS on both listeners (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// `--output-tier`: where computed outputs are kept besides each node's memory cache.
@@ -245,6 +247,7 @@ impl Default for Config {
             gc_interval: None,
             gc_grace: defaults::GC_GRACE_DURATION,
             auth_tokens: None,
+            tls: None,
         }
     }
 }
@@ -321,6 +324,12 @@ impl Config {
                     .map_or_else(|| "off".to_owned(), |d| format!("{}s", d.as_secs())),
             ),
             ("gc-grace", format!("{}s", self.gc_grace.as_secs())),
+            ("tls-cert", shown_path(self.tls.as_ref().map(|t| &t.cert))),
+            ("tls-key", shown_path(self.tls.as_ref().map(|t| &t.key))),
+            (
+                "tls-client-ca",
+                shown_path(self.tls.as_ref().and_then(|t| t.client_ca.as_ref())),
+            ),
             (
                 "auth-tokens",
                 self.auth_tokens
@@ -329,6 +338,11 @@ impl Config {
             ),
         ]
     }
+}
+
+/// A path for `--print-config`, or `off`.
+fn shown_path(path: Option<&PathBuf>) -> String {
+    path.map_or_else(|| "off".to_owned(), |p| p.display().to_string())
 }
 
 /// `deriva-server`'s flags. Each setting has a `DERIVA_*` environment equivalent; a flag wins
@@ -447,6 +461,17 @@ pub struct ServerArgs {
     /// comma-separated); `deriva token new` makes a token and its line.
     #[arg(long, env = "DERIVA_AUTH_TOKENS", value_name = "FILE")]
     pub auth_tokens: Option<PathBuf>,
+    /// Serve both listeners over TLS with this certificate chain (PEM); needs --tls-key. The
+    /// certificate and key are read again on SIGHUP.
+    #[arg(long, env = "DERIVA_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "DERIVA_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates issued by these CAs (PEM) on the gRPC listener (mutual
+    /// TLS); needs --tls-cert.
+    #[arg(long, env = "DERIVA_TLS_CLIENT_CA", value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Print the effective configuration (flags, then DERIVA_* variables, then defaults), one
     /// `key = value` per line, and exit without opening the store or binding anything.
     #[arg(long)]
@@ -463,6 +488,27 @@ impl ServerArgs {
 
     /// [`ServerArgs::into_config`], with the `OTEL_EXPORTER_OTLP_ENDPOINT` fallback given.
     fn into_config_with(self, otel_endpoint: Option<String>) -> Result<Config, String> {
+        let given = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
+        let tls = match (
+            given(self.tls_cert),
+            given(self.tls_key),
+            given(self.tls_client_ca),
+        ) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), client_ca) => Some(crate::tls::TlsFiles {
+                cert,
+                key,
+                client_ca,
+            }),
+            (Some(_), None, _) => return Err("--tls-cert needs --tls-key (its private key)".into()),
+            (None, Some(_), _) => return Err("--tls-key needs --tls-cert (its certificate)".into()),
+            (None, None, Some(_)) => {
+                return Err(
+                    "--tls-client-ca needs --tls-cert and --tls-key: client certificates are checked over TLS"
+                        .into(),
+                );
+            }
+        };
         let chunk_bytes = usize::try_from(self.chunk_bytes)
             .ok()
             .filter(|c| *c > 0)
@@ -510,6 +556,7 @@ impl ServerArgs {
             gc_interval: Some(self.gc_interval).filter(|d| !d.is_zero()),
             gc_grace: self.gc_grace,
             auth_tokens: self.auth_tokens.filter(|p| !p.as_os_str().is_empty()),
+            tls,
         })
     }
 }

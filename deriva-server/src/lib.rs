@@ -18,6 +18,7 @@
 //!   [`sampler`](telemetry::sampler), log lines with trace ids ([`logs`](telemetry::logs)) and
 //!   the server's instruments ([`metrics`](telemetry::metrics)); only the binary installs
 //!   anything global.
+//! - [`tls`]: TLS on both listeners, client certificates, the certificate swapped on SIGHUP.
 //! - [`trace_store`]: the in-process store of recent request span trees (`Explain`,
 //!   `/debug/traces`) and the `tracing` layer that fills it.
 //! - [`http`]: `/metrics`, `/health`, `/healthz`, `/readyz` and the `/debug` pages.
@@ -33,6 +34,7 @@ pub mod rpc;
 pub mod server;
 pub mod service;
 pub mod telemetry;
+pub mod tls;
 pub mod trace_store;
 
 /// The wire contract, from [`deriva_proto`]: `crate::proto::GetRequest` and so on.

@@ -23,6 +23,7 @@ use crate::proto::deriva_server::DerivaServer;
 use crate::rpc::{OversizeLayer, RpcLayer};
 use crate::service::{Cutoff, DerivaService};
 use crate::telemetry::ServerMetrics;
+use crate::tls::{ReloadableCert, Tls};
 use crate::trace_store::TraceStore;
 
 /// Largest header block (all metadata of one request) accepted, in bytes.
@@ -56,6 +57,8 @@ pub struct Server {
     nodes: Option<deriva_remote::PgNodes>,
     /// The bearer tokens of `--auth-tokens`, if it is given.
     auth: Option<Arc<Tokens>>,
+    /// TLS on both listeners, if `--tls-cert` is given.
+    tls: Option<Tls>,
 }
 
 impl Server {
@@ -168,6 +171,12 @@ impl Server {
             }
             None => None,
         };
+        let tls = config
+            .tls
+            .as_ref()
+            .map(Tls::new)
+            .transpose()
+            .map_err(DerivaError::InvalidInput)?;
         let metrics = ServerMetrics::new(meter, store.counters().clone());
         let exec = AsyncExecutor::new(
             store,
@@ -187,6 +196,7 @@ impl Server {
             node_name: String::from("deriva-server"),
             nodes: None,
             auth,
+            tls,
         })
     }
 
@@ -209,6 +219,12 @@ impl Server {
     pub fn with_dispatch(mut self, dispatch: Dispatch) -> Self {
         self.dispatch = Some(dispatch);
         self
+    }
+
+    /// The server's certificate when it serves TLS: [`ReloadableCert::reload`] reads its files
+    /// again (the binary does on SIGHUP).
+    pub fn tls_cert(&self) -> Option<Arc<ReloadableCert>> {
+        self.tls.as_ref().map(|t| t.cert().clone())
     }
 
     /// The engine.
@@ -307,12 +323,21 @@ impl Server {
             )
             .layer(OversizeLayer { limit })
             .add_service(health_service)
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                // No Nagle delay: small replies would otherwise wait for the peer's delayed ACK.
-                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                stop_accepting,
-            );
+            .add_service(service);
+        let grpc_serving: futures::future::BoxFuture<'_, Result<(), tonic::transport::Error>> =
+            match &self.tls {
+                Some(tls) => grpc_serving
+                    .serve_with_incoming_shutdown(tls.grpc_incoming(grpc), stop_accepting)
+                    .boxed(),
+                None => grpc_serving
+                    .serve_with_incoming_shutdown(
+                        // No Nagle delay: small replies would otherwise wait for the peer's
+                        // delayed ACK.
+                        tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                        stop_accepting,
+                    )
+                    .boxed(),
+            };
         let http_shutdown = shutdown.clone();
         let http_serving = async {
             match http {
@@ -326,9 +351,14 @@ impl Server {
                         auth: self.auth.clone(),
                         metrics: self.metrics.clone(),
                     };
-                    crate::http::serve(listener, state, http_shutdown)
-                        .await
-                        .map_err(ServeError::Http)
+                    let served = match &self.tls {
+                        Some(tls) => {
+                            let listener = tls.http_listener(listener).map_err(ServeError::Http)?;
+                            crate::http::serve(listener, state, http_shutdown).await
+                        }
+                        None => crate::http::serve(listener, state, http_shutdown).await,
+                    };
+                    served.map_err(ServeError::Http)
                 }
                 None => Ok(()),
             }

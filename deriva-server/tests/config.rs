@@ -239,6 +239,27 @@ const ROWS: &[Row] = &[
         other: "90",
     },
     Row {
+        flag: "tls-cert",
+        vars: &["DERIVA_TLS_CERT"],
+        value: "etc/cert.pem",
+        shows: ("tls-cert", "etc/cert.pem"),
+        other: "other/cert.pem",
+    },
+    Row {
+        flag: "tls-key",
+        vars: &["DERIVA_TLS_KEY"],
+        value: "etc/key.pem",
+        shows: ("tls-key", "etc/key.pem"),
+        other: "other/key.pem",
+    },
+    Row {
+        flag: "tls-client-ca",
+        vars: &["DERIVA_TLS_CLIENT_CA"],
+        value: "etc/clients.pem",
+        shows: ("tls-client-ca", "etc/clients.pem"),
+        other: "other/clients.pem",
+    },
+    Row {
         flag: "auth-tokens",
         vars: &["DERIVA_AUTH_TOKENS"],
         value: "etc/tokens",
@@ -246,6 +267,16 @@ const ROWS: &[Row] = &[
         other: "other/tokens",
     },
 ];
+
+/// The flags a row's flag needs beside it (a TLS key needs its certificate, and so on).
+fn companions(flag: &str) -> &'static [&'static str] {
+    match flag {
+        "--tls-cert" => &["--tls-key", "k.pem"],
+        "--tls-key" => &["--tls-cert", "c.pem"],
+        "--tls-client-ca" => &["--tls-cert", "c.pem", "--tls-key", "k.pem"],
+        _ => &[],
+    }
+}
 
 /// Flags that are actions, not settings: no variable, nothing in the configuration.
 const ACTIONS: &[&str] = &["print-config"];
@@ -379,14 +410,23 @@ fn each_flag_and_its_variable_set_the_value_and_the_flag_wins() {
         let flag = format!("--{}", row.flag);
         let default = shown(&defaults, key).unwrap();
         assert_ne!(value_shows, default, "{flag}'s row sets the default");
-        let other_shows = shown(&print_config(cwd.path(), &[&flag, row.other], &[]), key)
+        let with = companions(&flag);
+        let other_args: Vec<&str> = with
+            .iter()
+            .copied()
+            .chain([flag.as_str(), row.other])
+            .collect();
+        let other_shows = shown(&print_config(cwd.path(), &other_args, &[]), key)
             .unwrap_or_else(|e| panic!("{flag} {}: {e}", row.other));
         assert_ne!(
             other_shows, value_shows,
             "{flag}'s row: `other` shows as `value` does"
         );
 
-        let run = |args: &[&str], vars: &[(&str, &str)]| print_config(cwd.path(), args, vars);
+        let run = |args: &[&str], vars: &[(&str, &str)]| {
+            let args: Vec<&str> = with.iter().chain(args).copied().collect();
+            print_config(cwd.path(), &args, vars)
+        };
         let printed = run(&[&flag, row.value], &[]);
         check(row, format!("{flag} {}", row.value), printed, value_shows);
         for var in row.vars {

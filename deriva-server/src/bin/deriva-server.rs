@@ -152,6 +152,35 @@ fn print_config(config: &Config) -> ExitCode {
     }
 }
 
+/// Reads the TLS certificate and key again on every SIGHUP; a failed read keeps the previous
+/// ones (and says why). Connections already open keep theirs.
+fn reload_on_sighup(cert: std::sync::Arc<deriva_server::tls::ReloadableCert>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hangup) => {
+                tokio::spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        match cert.reload() {
+                            Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                            Err(e) => tracing::warn!(
+                                error = %e,
+                                "SIGHUP: TLS certificate not reloaded; the previous one stays"
+                            ),
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot catch SIGHUP: the TLS certificate will not be reloaded")
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = cert;
+}
+
 /// How long shutdown may spend flushing spans and metrics (a dead collector costs no more).
 const TELEMETRY_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -181,16 +210,26 @@ async fn run(config: Config, telemetry: &Telemetry, signals: ShutdownSignals) ->
         Ok(s) => s
             .with_registry(telemetry.registry().clone())
             .with_trace_store(telemetry.traces().clone()),
+        Err(e @ deriva_core::DerivaError::InvalidInput(_)) => {
+            // A flag's file (the token file, a certificate) is wrong.
+            eprintln!("deriva-server: {e}");
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
             eprintln!("deriva-server: cannot open the store: {e}");
             return ExitCode::FAILURE;
         }
     };
+    let tls = server.tls_cert();
+    if let Some(cert) = tls.clone() {
+        reload_on_sighup(cert);
+    }
     let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(
         addr = %local(&grpc),
         metrics = %http.as_ref().map(local).unwrap_or_else(|| "off".into()),
         otlp = %otlp.as_deref().unwrap_or("off"),
+        tls = %if tls.is_some() { "on" } else { "off" },
         data_dir = %data_dir.display(),
         store = %server.executor().store().description(),
         "deriva-server listening"
