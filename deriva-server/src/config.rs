@@ -49,6 +49,16 @@ pub mod defaults {
     pub const HEARTBEAT_SECS: u64 = 5;
     /// `--gc-grace`.
     pub const GC_GRACE: &str = "1h";
+    /// `--max-connections`, per listener.
+    pub const MAX_CONNECTIONS: usize = 4096;
+    /// `--max-streams-per-connection`.
+    pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+    /// `--request-timeout-secs`.
+    pub const REQUEST_TIMEOUT_SECS: u64 = 600;
+    /// `--keepalive-secs`.
+    pub const KEEPALIVE_SECS: u64 = 60;
+    /// `--handshake-timeout-secs`.
+    pub const HANDSHAKE_TIMEOUT_SECS: u64 = 10;
     /// `--gc-grace`, as a duration.
     pub const GC_GRACE_DURATION: std::time::Duration = std::time::Duration::from_secs(3600);
     /// `--memory-queue`.
@@ -144,7 +154,19 @@ pub struct Config {
     pub auth_tokens: Option<PathBuf>,
     /// TLS on both listeners (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Most connections open at once on each listener, and the first-byte deadline.
+    pub limits: crate::listen::Limits,
+    /// Most concurrent streams (calls) on one HTTP/2 connection.
+    pub max_streams_per_connection: u32,
+    /// Longest an RPC may take to answer (its first response message); `None`: no limit.
+    pub request_timeout: Option<Duration>,
+    /// Interval of HTTP/2 keepalive pings; a peer that does not answer one within
+    /// [`KEEPALIVE_TIMEOUT`] is dropped.
+    pub keepalive: Duration,
 }
+
+/// How long a peer has to answer a keepalive ping.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// `--output-tier`: where computed outputs are kept besides each node's memory cache.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -248,6 +270,13 @@ impl Default for Config {
             gc_grace: defaults::GC_GRACE_DURATION,
             auth_tokens: None,
             tls: None,
+            limits: crate::listen::Limits {
+                max_connections: defaults::MAX_CONNECTIONS,
+                handshake_timeout: Duration::from_secs(defaults::HANDSHAKE_TIMEOUT_SECS),
+            },
+            max_streams_per_connection: defaults::MAX_STREAMS_PER_CONNECTION,
+            request_timeout: Some(Duration::from_secs(defaults::REQUEST_TIMEOUT_SECS)),
+            keepalive: Duration::from_secs(defaults::KEEPALIVE_SECS),
         }
     }
 }
@@ -324,6 +353,20 @@ impl Config {
                     .map_or_else(|| "off".to_owned(), |d| format!("{}s", d.as_secs())),
             ),
             ("gc-grace", format!("{}s", self.gc_grace.as_secs())),
+            ("max-connections", self.limits.max_connections.to_string()),
+            (
+                "max-streams-per-connection",
+                self.max_streams_per_connection.to_string(),
+            ),
+            (
+                "request-timeout-secs",
+                self.request_timeout.map_or(0, |d| d.as_secs()).to_string(),
+            ),
+            ("keepalive-secs", self.keepalive.as_secs().to_string()),
+            (
+                "handshake-timeout-secs",
+                self.limits.handshake_timeout.as_secs().to_string(),
+            ),
             ("tls-cert", shown_path(self.tls.as_ref().map(|t| &t.cert))),
             ("tls-key", shown_path(self.tls.as_ref().map(|t| &t.key))),
             (
@@ -472,6 +515,25 @@ pub struct ServerArgs {
     /// TLS); needs --tls-cert.
     #[arg(long, env = "DERIVA_TLS_CLIENT_CA", value_name = "PEM")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Most connections open at once on each listener; at the limit new ones wait (and the log
+    /// says so once) until one closes.
+    #[arg(long, env = "DERIVA_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+    /// Most calls in flight on one HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "DERIVA_MAX_STREAMS_PER_CONNECTION", default_value_t = defaults::MAX_STREAMS_PER_CONNECTION, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+    /// Longest an RPC may take to give its answer (a Get: its first chunk); later it is
+    /// CANCELLED. 0: no limit.
+    #[arg(long, env = "DERIVA_REQUEST_TIMEOUT_SECS", default_value_t = defaults::REQUEST_TIMEOUT_SECS)]
+    pub request_timeout_secs: u64,
+    /// Seconds between HTTP/2 keepalive pings on idle connections; a peer that does not answer
+    /// within 20 s is dropped.
+    #[arg(long, env = "DERIVA_KEEPALIVE_SECS", default_value_t = defaults::KEEPALIVE_SECS, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub keepalive_secs: u64,
+    /// A new connection that sends nothing (or does not finish its TLS handshake) within this
+    /// many seconds is closed.
+    #[arg(long, env = "DERIVA_HANDSHAKE_TIMEOUT_SECS", default_value_t = defaults::HANDSHAKE_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub handshake_timeout_secs: u64,
     /// Print the effective configuration (flags, then DERIVA_* variables, then defaults), one
     /// `key = value` per line, and exit without opening the store or binding anything.
     #[arg(long)]
@@ -557,6 +619,14 @@ impl ServerArgs {
             gc_grace: self.gc_grace,
             auth_tokens: self.auth_tokens.filter(|p| !p.as_os_str().is_empty()),
             tls,
+            limits: crate::listen::Limits {
+                max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+                handshake_timeout: Duration::from_secs(self.handshake_timeout_secs),
+            },
+            max_streams_per_connection: self.max_streams_per_connection,
+            request_timeout: Some(Duration::from_secs(self.request_timeout_secs))
+                .filter(|d| !d.is_zero()),
+            keepalive: Duration::from_secs(self.keepalive_secs),
         })
     }
 }

@@ -18,6 +18,7 @@
 //!   [`sampler`](telemetry::sampler), log lines with trace ids ([`logs`](telemetry::logs)) and
 //!   the server's instruments ([`metrics`](telemetry::metrics)); only the binary installs
 //!   anything global.
+//! - [`listen`]: the accept loop of both listeners and its limits (connections, first byte).
 //! - [`tls`]: TLS on both listeners, client certificates, the certificate swapped on SIGHUP.
 //! - [`trace_store`]: the in-process store of recent request span trees (`Explain`,
 //!   `/debug/traces`) and the `tracing` layer that fills it.
@@ -29,6 +30,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod listen;
 pub mod migrate;
 pub mod rpc;
 pub mod server;

@@ -312,11 +312,18 @@ impl Server {
                     .await;
             }
         };
-        let grpc_serving = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder()
             // hyper's default (~16 KiB) answers a larger header block with GOAWAY, failing every
             // other call on that connection too. Accept more; oversized trace headers and request
             // ids are ignored or replaced by the RPC layer anyway.
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .max_concurrent_streams(Some(self.config.max_streams_per_connection))
+            .http2_keepalive_interval(Some(self.config.keepalive))
+            .http2_keepalive_timeout(Some(crate::config::KEEPALIVE_TIMEOUT));
+        if let Some(timeout) = self.config.request_timeout {
+            builder = builder.timeout(timeout);
+        }
+        let grpc_serving = builder
             .layer(
                 RpcLayer::new(self.metrics.clone(), self.dispatch.clone())
                     .with_auth(self.auth.clone()),
@@ -324,20 +331,12 @@ impl Server {
             .layer(OversizeLayer { limit })
             .add_service(health_service)
             .add_service(service);
-        let grpc_serving: futures::future::BoxFuture<'_, Result<(), tonic::transport::Error>> =
-            match &self.tls {
-                Some(tls) => grpc_serving
-                    .serve_with_incoming_shutdown(tls.grpc_incoming(grpc), stop_accepting)
-                    .boxed(),
-                None => grpc_serving
-                    .serve_with_incoming_shutdown(
-                        // No Nagle delay: small replies would otherwise wait for the peer's
-                        // delayed ACK.
-                        tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                        stop_accepting,
-                    )
-                    .boxed(),
-            };
+        let limits = self.config.limits;
+        // The accept loop sets no Nagle delay: small replies would otherwise wait for the
+        // peer's delayed ACK.
+        let incoming =
+            crate::listen::incoming(grpc, self.tls.as_ref().map(Tls::grpc_acceptor), limits);
+        let grpc_serving = grpc_serving.serve_with_incoming_shutdown(incoming, stop_accepting);
         let http_shutdown = shutdown.clone();
         let http_serving = async {
             match http {
@@ -351,14 +350,15 @@ impl Server {
                         auth: self.auth.clone(),
                         metrics: self.metrics.clone(),
                     };
-                    let served = match &self.tls {
-                        Some(tls) => {
-                            let listener = tls.http_listener(listener).map_err(ServeError::Http)?;
-                            crate::http::serve(listener, state, http_shutdown).await
-                        }
-                        None => crate::http::serve(listener, state, http_shutdown).await,
-                    };
-                    served.map_err(ServeError::Http)
+                    let listener = crate::listen::HttpListener::new(
+                        listener,
+                        self.tls.as_ref().map(Tls::http_acceptor),
+                        limits,
+                    )
+                    .map_err(ServeError::Http)?;
+                    crate::http::serve(listener, state, http_shutdown)
+                        .await
+                        .map_err(ServeError::Http)
                 }
                 None => Ok(()),
             }

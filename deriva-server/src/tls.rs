@@ -2,18 +2,11 @@
 //! (`--tls-client-ca`), and the certificate swapped on SIGHUP without dropping open
 //! connections.
 //!
-//! Each listener accepts TCP connections on one task and runs each TLS handshake on a task of
-//! its own (bounded by [`HANDSHAKE_TIMEOUT`]), so a client that stalls its handshake delays no
-//! one else. A failed handshake (a plaintext client, a client that does not trust the
-//! certificate, a missing or unknown client certificate) closes that connection and is logged
-//! at DEBUG.
+//! The handshakes run in [`crate::listen`]'s accept loop, each on a task of its own.
 
 use std::fmt;
-use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use parking_lot::RwLock;
 use rustls::crypto::CryptoProvider;
@@ -21,13 +14,7 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-
-/// Longest a TLS handshake may take before its connection is closed.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The files of `--tls-cert`, `--tls-key` and `--tls-client-ca`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,89 +167,13 @@ impl Tls {
         &self.cert
     }
 
-    /// The TLS connections of the gRPC listener, for tonic's `serve_with_incoming`.
-    pub fn grpc_incoming(
-        &self,
-        listener: TcpListener,
-    ) -> impl futures::Stream<Item = io::Result<TlsStream<TcpStream>>> + Send + 'static {
-        let rx = accept_loop(listener, TlsAcceptor::from(self.grpc.clone()), "gRPC");
-        futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|(stream, _)| (Ok(stream), rx))
-        })
+    /// The acceptor of the gRPC listener.
+    pub fn grpc_acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.grpc.clone())
     }
 
-    /// The TLS connections of the HTTP listener, for `axum::serve`.
-    pub fn http_listener(&self, listener: TcpListener) -> io::Result<TlsListener> {
-        let local = listener.local_addr()?;
-        let rx = accept_loop(listener, TlsAcceptor::from(self.http.clone()), "HTTP");
-        Ok(TlsListener { rx, local })
-    }
-}
-
-type Accepted = (TlsStream<TcpStream>, SocketAddr);
-
-/// Accepts on `listener` until the receiver is dropped; each handshake on a task of its own.
-fn accept_loop(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    what: &'static str,
-) -> mpsc::Receiver<Accepted> {
-    let (tx, rx) = mpsc::channel::<Accepted>(64);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = tx.closed() => return,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: the next accept may do better.
-                    tracing::warn!(listener = what, error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send((stream, peer)).await;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(listener = what, %peer, error = %e, "TLS handshake failed");
-                    }
-                    Err(_) => {
-                        tracing::debug!(listener = what, %peer, "TLS handshake timed out");
-                    }
-                }
-            });
-        }
-    });
-    rx
-}
-
-/// The HTTP listener's TLS connections, as `axum::serve` takes them.
-#[derive(Debug)]
-pub struct TlsListener {
-    rx: mpsc::Receiver<Accepted>,
-    local: SocketAddr,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(accepted) => accepted,
-            // The accept loop only ends once this receiver is gone.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local)
+    /// The acceptor of the HTTP listener.
+    pub fn http_acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.http.clone())
     }
 }

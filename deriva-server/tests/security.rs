@@ -451,3 +451,77 @@ fn a_bad_token_file_stops_the_server_naming_the_line() {
         missing.stderr
     );
 }
+
+/// Open file descriptors of process `pid`.
+fn fds(pid: rustix::process::Pid) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", pid.as_raw_nonzero()))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// 1,000 idle connections against a cap of 200: the server's descriptors stay bounded, the
+/// log says the cap was reached, a client connected before keeps being served, and a new
+/// client is served once the idle sockets have been closed for sending nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_connections_neither_starve_clients_nor_exhaust_descriptors() {
+    // This test process needs more than 1,000 descriptors of its own.
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        },
+    )
+    .unwrap();
+    let server = ServerProcess::options()
+        .args(["--max-connections", "200", "--handshake-timeout-secs", "2"])
+        .start();
+    let mut early = server.client().await;
+    early.status(StatusRequest {}).await.unwrap();
+    let baseline = fds(server.pid());
+    let mut idle = Vec::new();
+    // More than the listen backlog holds beside the 200 accepted: the later connects wait for
+    // the culling of idle ones (their SYNs are retried), so they are made concurrently.
+    let connects: Vec<_> = (0..1000)
+        .map(|_| {
+            tokio::spawn(tokio::net::TcpStream::connect(
+                server.grpc_addr().to_owned(),
+            ))
+        })
+        .collect();
+    server.wait_for_stderr("the connection limit line", |l| {
+        l.contains("connection limit reached")
+    });
+    let flood = tokio::spawn(async move {
+        for c in connects {
+            // Each one connects in the end, or times out in the kernel: either way it was tried.
+            if let Ok(Ok(stream)) = c.await {
+                idle.push(stream);
+            }
+        }
+        idle
+    });
+    // Under the cap, whatever the flood: 200 slots, plus the early client's and some slack.
+    for _ in 0..20 {
+        let open = fds(server.pid());
+        assert!(
+            open <= baseline + 200 + 16,
+            "{open} descriptors open, baseline {baseline}"
+        );
+        early
+            .status(StatusRequest {})
+            .await
+            .expect("the connected client keeps being served");
+    }
+    // A new client waits behind the flood only until the idle ones are closed.
+    let started = std::time::Instant::now();
+    let mut late = server.client().await;
+    late.status(StatusRequest {}).await.unwrap();
+    assert!(
+        started.elapsed() < common::DEADLINE,
+        "a new client waited {:?}",
+        started.elapsed()
+    );
+    flood.abort();
+}
