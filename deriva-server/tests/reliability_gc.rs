@@ -46,21 +46,8 @@ impl Backend {
     fn start(&self) -> ServerProcess {
         match self {
             Backend::Local(dir) => ServerProcess::options().dir(dir.path()).start(),
-            Backend::Remote(services, space, dir) => {
-                let mut options = ServerProcess::options().dir(dir.path()).args([
-                    "--blob-store".to_owned(),
-                    format!("s3://{}/{}", services.bucket(), space.prefix),
-                    "--index".to_owned(),
-                    services.pg_url(),
-                    "--index-schema".to_owned(),
-                    space.schema.clone(),
-                    "--output-tier".to_owned(),
-                    "blob-store".to_owned(),
-                ]);
-                for (key, value) in services.aws_env() {
-                    options = options.env(key, value);
-                }
-                options.start()
+            Backend::Remote(services, space, _) => {
+                remote::node(services, space, &["--output-tier", "blob-store"])
             }
         }
     }

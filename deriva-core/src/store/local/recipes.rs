@@ -213,19 +213,12 @@ impl RecipeDb {
                 .get(addr.as_bytes())
                 .or_storage(CTX)?
                 .map_or(0, |v| v.value());
-            let used = !txn
-                .open_multimap_table(DEPENDENTS)
-                .or_storage(CTX)?
-                .get(addr.as_bytes())
-                .or_storage(CTX)?
-                .is_empty();
-            let pinned = txn
-                .open_table(PINS)
-                .or_storage(CTX)?
-                .get(addr.as_bytes())
-                .or_storage(CTX)?
-                .is_some();
-            Ok(at < cutoff && !used && !pinned)
+            let referenced = referenced(
+                &txn.open_multimap_table(DEPENDENTS).or_storage(CTX)?,
+                &txn.open_table(PINS).or_storage(CTX)?,
+                addr,
+            )?;
+            Ok(at < cutoff && !referenced)
         })
     }
 
@@ -277,19 +270,11 @@ impl RecipeDb {
     pub(super) fn is_referenced(&self, addr: &CAddr) -> Result<bool> {
         const CTX: &str = "looking up references";
         let txn = self.db.begin_read().or_storage(CTX)?;
-        let used = !txn
-            .open_multimap_table(DEPENDENTS)
-            .or_storage(CTX)?
-            .get(addr.as_bytes())
-            .or_storage(CTX)?
-            .is_empty();
-        Ok(used
-            || txn
-                .open_table(PINS)
-                .or_storage(CTX)?
-                .get(addr.as_bytes())
-                .or_storage(CTX)?
-                .is_some())
+        referenced(
+            &txn.open_multimap_table(DEPENDENTS).or_storage(CTX)?,
+            &txn.open_table(PINS).or_storage(CTX)?,
+            addr,
+        )
     }
 
     /// Every recipe with its depth, time and inputs (`None` for a row that does not decode),
@@ -431,6 +416,18 @@ impl RecipeDb {
         let table = txn.open_table(RECIPES).or_storage(CTX)?;
         table.len().or_storage(CTX)
     }
+}
+
+/// Whether a recipe uses `addr` (an edge in `dependents`) or `addr` is pinned, in the
+/// transaction the tables were opened in.
+fn referenced(
+    dependents: &impl ReadableMultimapTable<&'static [u8; 32], &'static [u8; 32]>,
+    pins: &impl ReadableTable<&'static [u8; 32], u64>,
+    addr: &CAddr,
+) -> Result<bool> {
+    const CTX: &str = "looking up references";
+    let used = !dependents.get(addr.as_bytes()).or_storage(CTX)?.is_empty();
+    Ok(used || pins.get(addr.as_bytes()).or_storage(CTX)?.is_some())
 }
 
 fn decode_depth(addr: &CAddr, row: &[u8]) -> Result<u32> {
