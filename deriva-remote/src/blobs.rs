@@ -27,6 +27,14 @@ use crate::observe::BackendMetrics;
 use crate::pg::{Call, Pg};
 use crate::spool::Spool;
 
+/// The listing of the `leaves` table (`list`, `list_aged`).
+const LIST_LEAVES: Call = Call {
+    op: "list_leaves",
+    operation: "SELECT",
+    table: "leaves",
+    context: "listing leaves",
+};
+
 /// Leaves in an S3-compatible bucket, recorded in PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct RemoteBlobStore {
@@ -323,12 +331,7 @@ impl BlobStore for RemoteBlobStore {
     }
 
     async fn list(&self) -> Result<Vec<CAddr>> {
-        const CALL: Call = Call {
-            op: "list_leaves",
-            operation: "SELECT",
-            table: "leaves",
-            context: "listing leaves",
-        };
+        const CALL: Call = LIST_LEAVES;
         let rows = self
             .pg
             .query(CALL, "SELECT addr FROM {s}.leaves", &[])
@@ -339,12 +342,7 @@ impl BlobStore for RemoteBlobStore {
     }
 
     async fn list_aged(&self) -> Result<Vec<AgedLeaf>> {
-        const CALL: Call = Call {
-            op: "list_leaves",
-            operation: "SELECT",
-            table: "leaves",
-            context: "listing leaves",
-        };
+        const CALL: Call = LIST_LEAVES;
         let rows = self
             .pg
             .query(CALL, "SELECT addr, size, created_at FROM {s}.leaves", &[])

@@ -14,6 +14,13 @@ use deriva_core::{CAddr, DerivaError, Recipe};
 
 use crate::pg::{Call, Pg};
 
+/// Of the addresses in `$1`, the first, in order, that is neither a recipe nor a leaf: the
+/// input check of a recipe put (inside its transaction) and of `first_missing_input`.
+const FIRST_MISSING_INPUT: &str = "SELECT a FROM unnest($1::bytea[]) WITH ORDINALITY AS t (a, i)
+     WHERE NOT EXISTS (SELECT 1 FROM {s}.recipes WHERE addr = a)
+       AND NOT EXISTS (SELECT 1 FROM {s}.leaves WHERE addr = a)
+     ORDER BY i LIMIT 1";
+
 /// Recipes, their depths and the dependency edges in PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct PgIndex {
@@ -79,12 +86,7 @@ impl PgIndex {
                 .map_err(|e| pg.error(CTX, e))?;
             if !inputs.is_empty() {
                 let check = tx
-                    .prepare_cached(&pg.sql(
-                        "SELECT a FROM unnest($1::bytea[]) WITH ORDINALITY AS t (a, i)
-                         WHERE NOT EXISTS (SELECT 1 FROM {s}.recipes WHERE addr = a)
-                           AND NOT EXISTS (SELECT 1 FROM {s}.leaves WHERE addr = a)
-                         ORDER BY i LIMIT 1",
-                    ))
+                    .prepare_cached(&pg.sql(FIRST_MISSING_INPUT))
                     .await
                     .map_err(|e| pg.error(CTX, e))?;
                 let keys: Vec<&[u8]> = inputs.iter().map(|a| a.as_bytes().as_slice()).collect();
@@ -368,14 +370,7 @@ impl RecipeIndex for PgIndex {
         };
         let keys: Vec<&[u8]> = addrs.iter().map(|a| a.as_bytes().as_slice()).collect();
         self.pg
-            .query_opt(
-                CALL,
-                "SELECT a FROM unnest($1::bytea[]) WITH ORDINALITY AS t (a, i)
-                 WHERE NOT EXISTS (SELECT 1 FROM {s}.recipes WHERE addr = a)
-                   AND NOT EXISTS (SELECT 1 FROM {s}.leaves WHERE addr = a)
-                 ORDER BY i LIMIT 1",
-                &[&keys],
-            )
+            .query_opt(CALL, FIRST_MISSING_INPUT, &[&keys])
             .await?
             .map(|row| addr_of(row.get(0), CALL.context))
             .transpose()
