@@ -53,8 +53,10 @@ pub mod defaults {
     pub const MAX_CONNECTIONS: usize = 4096;
     /// `--max-streams-per-connection`.
     pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
-    /// `--request-timeout-secs`.
-    pub const REQUEST_TIMEOUT_SECS: u64 = 600;
+    /// `--request-timeout-secs`: none, as before the limits existed. A recompute may
+    /// legitimately take long, and a streamed upload takes as long as its bytes do; clients
+    /// bound their own calls with deadlines (`grpc-timeout`), which the server honours.
+    pub const REQUEST_TIMEOUT_SECS: u64 = 0;
     /// `--keepalive-secs`.
     pub const KEEPALIVE_SECS: u64 = 60;
     /// `--handshake-timeout-secs`.
@@ -275,7 +277,8 @@ impl Default for Config {
                 handshake_timeout: Duration::from_secs(defaults::HANDSHAKE_TIMEOUT_SECS),
             },
             max_streams_per_connection: defaults::MAX_STREAMS_PER_CONNECTION,
-            request_timeout: Some(Duration::from_secs(defaults::REQUEST_TIMEOUT_SECS)),
+            request_timeout: Some(Duration::from_secs(defaults::REQUEST_TIMEOUT_SECS))
+                .filter(|d| !d.is_zero()),
             keepalive: Duration::from_secs(defaults::KEEPALIVE_SECS),
         }
     }
@@ -447,10 +450,12 @@ pub struct ServerArgs {
     pub log_format: LogFormat,
     /// Object store for leaves: s3://BUCKET[/PREFIX], with endpoint, region and credentials
     /// from the standard AWS_* variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
-    /// AWS_SECRET_ACCESS_KEY). Needs --index; together they replace the local store.
+    /// AWS_SECRET_ACCESS_KEY; AWS_CA_BUNDLE for an https endpoint signed by a private CA).
+    /// Needs --index; together they replace the local store.
     #[arg(long, env = "DERIVA_BLOB_STORE")]
     pub blob_store: Option<String>,
-    /// PostgreSQL index: postgres://USER:PASSWORD@HOST:PORT/DATABASE. Needs --blob-store.
+    /// PostgreSQL index: postgres://USER:PASSWORD@HOST:PORT/DATABASE, over TLS with
+    /// ?sslmode=verify-full&sslrootcert=CA.pem (libpq's parameters). Needs --blob-store.
     #[arg(long, env = "DERIVA_INDEX_URL")]
     pub index: Option<String>,
     /// PostgreSQL schema for Deriva's tables (created and migrated at start).
@@ -522,8 +527,8 @@ pub struct ServerArgs {
     /// Most calls in flight on one HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS).
     #[arg(long, env = "DERIVA_MAX_STREAMS_PER_CONNECTION", default_value_t = defaults::MAX_STREAMS_PER_CONNECTION, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_connection: u32,
-    /// Longest an RPC may take to give its answer (a Get: its first chunk); later it is
-    /// CANCELLED. 0: no limit.
+    /// Longest an RPC may take to give its answer (a Get: its first chunk; an upload: all of
+    /// it); later it is CANCELLED. 0 (the default): no limit beyond the client's deadline.
     #[arg(long, env = "DERIVA_REQUEST_TIMEOUT_SECS", default_value_t = defaults::REQUEST_TIMEOUT_SECS)]
     pub request_timeout_secs: u64,
     /// Seconds between HTTP/2 keepalive pings on idle connections; a peer that does not answer

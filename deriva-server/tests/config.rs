@@ -255,9 +255,9 @@ const ROWS: &[Row] = &[
     Row {
         flag: "request-timeout-secs",
         vars: &["DERIVA_REQUEST_TIMEOUT_SECS"],
-        value: "0",
-        shows: ("request-timeout-secs", "0"),
-        other: "30",
+        value: "30",
+        shows: ("request-timeout-secs", "30"),
+        other: "45",
     },
     Row {
         flag: "keepalive-secs",

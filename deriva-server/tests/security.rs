@@ -525,3 +525,45 @@ async fn a_thousand_idle_connections_neither_starve_clients_nor_exhaust_descript
     );
     flood.abort();
 }
+
+/// `--request-timeout-secs` cuts off a call that has not answered in time: an upload that
+/// stalls after its first chunk gets `CANCELLED`, nothing is stored, and the server serves the
+/// next call. (It is off by default: the same stalled upload would wait for its client.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_timeout_cancels_a_stalled_upload() {
+    let server = ServerProcess::options()
+        .args(["--request-timeout-secs", "1"])
+        .start();
+    let mut client = server.client().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(PutLeafStreamRequest {
+        chunk: Bytes::from_static(b"the first chunk of an upload that stalls"),
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let status = client
+        .put_leaf_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect_err("a stalled upload is cut off");
+    assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(1),
+        "cut off after {:?}, before the timeout",
+        started.elapsed()
+    );
+    drop(tx);
+    let status = client
+        .status(StatusRequest {})
+        .await
+        .expect("served after the timeout")
+        .into_inner();
+    assert_eq!(status.blob_count, 0, "the stalled upload stored nothing");
+    let tmp = server.dir().join("blobs/tmp");
+    common::wait_for("the upload's temporary file removed", || {
+        std::fs::read_dir(&tmp)
+            .unwrap_or_else(|e| panic!("{}: {e}", tmp.display()))
+            .next()
+            .is_none()
+    });
+}
