@@ -14,10 +14,18 @@
 # shell-sourceable):
 #   DERIVA_TEST_S3_ENDPOINT  DERIVA_TEST_S3_BUCKET  DERIVA_TEST_AWS_ACCESS_KEY_ID
 #   DERIVA_TEST_AWS_SECRET_ACCESS_KEY  DERIVA_TEST_PG_URL
+#   DERIVA_TEST_S3_HTTPS_ENDPOINT  DERIVA_TEST_TLS_CA
 #
-# Layout of DIR: ports, env; weed/ (SeaweedFS data and its Unix sockets), weed.log, weed.pid,
+# Both services also speak TLS, for the tests of backends over TLS: SeaweedFS serves S3 over
+# https on a second port, and PostgreSQL takes TLS on its one port (plaintext too, as
+# before). Their certificate is signed by a test CA made with openssl at the first start
+# (DIR/tls/ca.pem, the one to trust), for the names localhost and 127.0.0.1. PostgreSQL's role
+# deriva_cert logs in only over TLS with a client certificate for that name signed by the same
+# CA (DIR/tls/ca.key signs one); the role deriva logs in without a password, with TLS or not.
+#
+# Layout of DIR: ports, env; tls/ (ca.pem, ca.key, server.pem, server.key); weed/ (SeaweedFS data and its Unix sockets), weed.log, weed.pid,
 # weed.probe (the readiness probe's body); pg/ (owned by the postgres user when run as root:
-# data/, log, sock/, initdb.log, ctl.log, initdb.done), pg.pid (the postmaster's pid).
+# data/, log, sock/, tls/, initdb.log, ctl.log, initdb.done), pg.pid (the postmaster's pid).
 #
 # Binaries: `weed` is $DERIVA_WEED, else `weed` on the PATH, else the one .ci/run installs in
 # /opt/deriva-backends/venv. PostgreSQL's are $DERIVA_PG_BIN, else Debian's newest
@@ -34,6 +42,7 @@ readonly ACCESS_KEY=deriva-test
 readonly SECRET_KEY=deriva-test-secret
 readonly PG_USER=deriva
 readonly PG_DATABASE=deriva
+readonly PG_CERT_USER=deriva_cert
 readonly WEED_VENV=/opt/deriva-backends/venv
 readonly READY_SECS=60   # the longest a service may take to answer after it was launched
 readonly STOP_SECS=15    # the longest a clean stop may take before SIGKILL
@@ -165,7 +174,7 @@ term_tree() {
 # ports (by default port+10000, which can exceed 65535 and then moves elsewhere) and an admin
 # server (default 23646, even with -admin.ui=false) with a gRPC port: all are pinned, so that
 # two instances never collide and a restarted one comes back on the same ports.
-readonly PORT_NAMES=(S3_PORT S3_GRPC_PORT MASTER_PORT MASTER_GRPC_PORT VOLUME_PORT VOLUME_GRPC_PORT
+readonly PORT_NAMES=(S3_PORT S3_HTTPS_PORT S3_GRPC_PORT MASTER_PORT MASTER_GRPC_PORT VOLUME_PORT VOLUME_GRPC_PORT
     FILER_PORT FILER_GRPC_PORT ADMIN_PORT ADMIN_GRPC_PORT PG_PORT)
 
 # Picks the ports the first time, records them in DIR/ports, and reads them into variables of
@@ -246,8 +255,39 @@ DERIVA_TEST_S3_BUCKET=$BUCKET
 DERIVA_TEST_AWS_ACCESS_KEY_ID=$ACCESS_KEY
 DERIVA_TEST_AWS_SECRET_ACCESS_KEY=$SECRET_KEY
 DERIVA_TEST_PG_URL=postgres://$PG_USER@127.0.0.1:$PG_PORT/$PG_DATABASE
+DERIVA_TEST_S3_HTTPS_ENDPOINT=https://127.0.0.1:$S3_HTTPS_PORT
+DERIVA_TEST_TLS_CA=$dir/tls/ca.pem
 EOF
     mv "$dir/env.tmp" "$dir/env"
+}
+
+# ---- TLS ----------------------------------------------------------------------------------------
+
+# A test CA and a server certificate it signs (P-256 keys, for localhost and 127.0.0.1), in
+# DIR/tls, made once: a service started again keeps the certificate clients already trust.
+make_tls() {
+    local tls=$dir/tls
+    if [ -s "$tls/ca.pem" ] && [ -s "$tls/server.pem" ] && [ -s "$tls/server.key" ]; then
+        return 0
+    fi
+    command -v openssl >/dev/null || die "no openssl, to make the test certificates; install it with:
+  apt-get install openssl"
+    rm -rf "$tls" "$tls.tmp"
+    mkdir -p "$tls.tmp"
+    (
+        cd "$tls.tmp"
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+            -subj "/CN=Deriva backends test CA" -keyout ca.key -out ca.pem \
+            -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+            -subj "/CN=localhost" -keyout server.key -out server.csr
+        printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=critical,CA:FALSE" \
+            "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" >server.ext
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+            -extfile server.ext -out server.pem
+        rm -f server.csr server.ext ca.srl
+    ) >"$dir/tls.log" 2>&1 || { cat "$dir/tls.log" >&2; die "openssl could not make the test certificates"; }
+    mv "$tls.tmp" "$tls"
 }
 
 # ---- SeaweedFS ----------------------------------------------------------------------------------
@@ -284,6 +324,7 @@ start_weed() {
     fi
     local weed
     weed=$(weed_bin)
+    make_tls
     mkdir -p "$dir/weed"
     rm -f "$dir/weed.pid"
     # Its Unix sockets in DIR rather than /tmp, when the path fits in a socket address (the
@@ -300,7 +341,8 @@ start_weed() {
     AWS_ACCESS_KEY_ID=$ACCESS_KEY AWS_SECRET_ACCESS_KEY=$SECRET_KEY \
         setsid sh -c 'echo $$ >"$0" && exec "$@"' "$dir/weed.pid" \
         "$weed" -logdir="$dir/weed" mini -dir="$dir/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-        -s3.port="$S3_PORT" -s3.port.grpc="$S3_GRPC_PORT" \
+        -s3.port="$S3_PORT" -s3.port.grpc="$S3_GRPC_PORT" -s3.port.https="$S3_HTTPS_PORT" \
+        -s3.cert.file="$dir/tls/server.pem" -s3.key.file="$dir/tls/server.key" \
         -master.port="$MASTER_PORT" -master.port.grpc="$MASTER_GRPC_PORT" \
         -volume.port="$VOLUME_PORT" -volume.port.grpc="$VOLUME_GRPC_PORT" \
         -filer.port="$FILER_PORT" -filer.port.grpc="$FILER_GRPC_PORT" \
@@ -315,10 +357,13 @@ start_weed() {
         [ -n "$pid" ] || sleep 0.05
     done
     # Ready when a signed PUT of a real object succeeds (the port opens before the filer and the
-    # volume server can take writes). The probe object is deleted again.
+    # volume server can take writes), and a signed HEAD of it over https, checked against the
+    # test CA, does too. The probe object is deleted again.
     printf 'ready\n' >"$dir/weed.probe"
     local url="http://127.0.0.1:$S3_PORT/$BUCKET/.deriva-backends-ready"
-    until s3_curl -o /dev/null -T "$dir/weed.probe" "$url"; do
+    local https_url="https://127.0.0.1:$S3_HTTPS_PORT/$BUCKET/.deriva-backends-ready"
+    until s3_curl -o /dev/null -T "$dir/weed.probe" "$url" &&
+        s3_curl -o /dev/null -I --cacert "$dir/tls/ca.pem" "$https_url"; do
         if ! weed_running; then
             echo "backends.sh: weed exited while starting; the end of $dir/weed.log:" >&2
             tail -n 30 "$dir/weed.log" >&2
@@ -334,7 +379,7 @@ start_weed() {
         sleep 0.1
     done
     s3_curl -o /dev/null -X DELETE "$url" || true
-    echo "weed: ready at http://127.0.0.1:$S3_PORT after $(ms_since "$t0") ms (pid $pid)"
+    echo "weed: ready at http://127.0.0.1:$S3_PORT and https://127.0.0.1:$S3_HTTPS_PORT after $(ms_since "$t0") ms (pid $pid)"
 }
 
 stop_weed() {
@@ -404,12 +449,18 @@ start_pg() {
     local bin
     bin=$(pg_bin)
     local pg=$dir/pg
-    mkdir -p "$pg/sock"
+    make_tls
+    mkdir -p "$pg/sock" "$pg/tls"
+    # The server's own copy of its certificate and key: PostgreSQL refuses a key file that its
+    # user does not own or that others may read.
+    cp "$dir/tls/server.pem" "$dir/tls/server.key" "$dir/tls/ca.pem" "$pg/tls/"
+    chmod 600 "$pg/tls/server.key"
     if [ "$(id -u)" = 0 ]; then
         id -u postgres >/dev/null 2>&1 || die "no 'postgres' user to run PostgreSQL as (install Debian's postgresql)"
         # The postgres user must reach DIR/pg (a TempDir is 0700) and own what is inside it.
         chmod o+x "$dir"
         chown postgres: "$pg" "$pg/sock"
+        chown -R postgres: "$pg/tls"
         runuser -u postgres -- test -w "$pg" ||
             die "the postgres user cannot write $pg: every directory above it must be searchable (o+x)"
     fi
@@ -420,6 +471,10 @@ start_pg() {
         rm -rf "$pg/data"
         as_pg "$bin/initdb" -D "$pg/data" -A trust -U "$PG_USER" -E UTF8 --locale=C --no-sync >"$pg/initdb.log" 2>&1 ||
             { cat "$pg/initdb.log" >&2; die "initdb failed"; }
+        # Before initdb's "trust" lines: the role deriva_cert logs in over TLS only, with a
+        # client certificate the test CA signed for its name (CN=deriva_cert).
+        as_pg sh -c 'f=$1/pg_hba.conf && { echo "hostssl all $2 127.0.0.1/32 cert"; cat "$f"; } >"$f.new" && mv "$f.new" "$f"' \
+            sh "$pg/data" "$PG_CERT_USER" || die "could not write $pg/data/pg_hba.conf"
         touch "$pg/initdb.done"
     fi
     # The lock files a killed server left (the data directory's and the socket's): the server
@@ -433,8 +488,11 @@ start_pg() {
         fi
     done
     # -w waits until the server accepts connections (after crash recovery, if it was killed).
-    # max_connections: several server nodes, each with a pool, share one test database.
+    # max_connections: several server nodes, each with a pool, share one test database. ssl=on
+    # offers TLS on the same port; plaintext connections stay allowed (pg_hba "host" lines).
     local opts="-c listen_addresses=127.0.0.1 -p $PG_PORT -k $pg/sock -c max_connections=200 -c fsync=on"
+    opts+=" -c ssl=on -c ssl_cert_file=$pg/tls/server.pem -c ssl_key_file=$pg/tls/server.key"
+    opts+=" -c ssl_ca_file=$pg/tls/ca.pem"
     if ! as_pg "$bin/pg_ctl" -D "$pg/data" -l "$pg/log" -w -t "$READY_SECS" -o "$opts" start >"$pg/ctl.log" 2>&1; then
         cat "$pg/ctl.log" >&2
         echo "backends.sh: pg_ctl start failed; the end of $pg/log:" >&2
@@ -448,6 +506,10 @@ start_pg() {
     pg_running || die "pg_ctl started PostgreSQL, but $pg/data/postmaster.pid names no postmaster of ours"
     if [ -z "$(psql_deriva -d postgres -c "SELECT 1 FROM pg_database WHERE datname = '$PG_DATABASE'")" ]; then
         psql_deriva -d postgres -c "CREATE DATABASE $PG_DATABASE" >/dev/null
+    fi
+    if [ -z "$(psql_deriva -d postgres -c "SELECT 1 FROM pg_roles WHERE rolname = '$PG_CERT_USER'")" ]; then
+        psql_deriva -d postgres -c "CREATE ROLE $PG_CERT_USER LOGIN" \
+            -c "GRANT CREATE ON DATABASE $PG_DATABASE TO $PG_CERT_USER" >/dev/null
     fi
     echo "pg: ready at 127.0.0.1:$PG_PORT after $(ms_since "$t0") ms (pid $(recorded_pid "$dir/pg.pid"))"
 }

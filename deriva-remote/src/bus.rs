@@ -15,7 +15,7 @@ use deriva_core::CAddr;
 use deriva_core::error::Result;
 use deriva_core::store::InvalidationBus;
 use futures::StreamExt as _;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use crate::pg::Pg;
 
@@ -82,7 +82,7 @@ impl PgBus {
         on: &(impl Fn(Invalidation) + Send + Sync),
         connected_before: &mut bool,
     ) -> std::result::Result<(), tokio_postgres::Error> {
-        let (client, mut connection) = self.pg.config().connect(NoTls).await?;
+        let (client, mut connection) = self.pg.config().connect(self.pg.tls()).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));

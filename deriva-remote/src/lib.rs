@@ -21,6 +21,7 @@ mod objects;
 mod observe;
 mod outputs;
 mod pg;
+mod pgtls;
 mod spool;
 
 use std::path::PathBuf;
@@ -81,6 +82,22 @@ pub struct Remote {
     pub bus: PgBus,
     /// The nodes serving this schema, by their heartbeats.
     pub nodes: PgNodes,
+}
+
+/// An error's message followed by those of its causes that it does not already include: the
+/// cause is often where the reason is ("error sending request": "invalid peer certificate").
+pub(crate) fn with_causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }
 
 /// The process environment's `AWS_*` variables, for [`RemoteConfig::aws`].

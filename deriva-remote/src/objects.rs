@@ -16,8 +16,8 @@ use deriva_core::{CAddr, DerivaError};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
-    RetryConfig, WriteMultipart,
+    BackoffConfig, Certificate, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
+    PutPayload, RetryConfig, WriteMultipart,
 };
 
 use crate::observe::{Backend, BackendMetrics, s3_span};
@@ -88,6 +88,17 @@ pub(crate) fn parse_url(url: &str) -> Result<(String, String)> {
     Ok((bucket.to_owned(), prefix))
 }
 
+/// The certificates of the PEM file `AWS_CA_BUNDLE` names, at least one.
+fn ca_bundle(path: &str) -> Result<Vec<Certificate>> {
+    let invalid = |why: String| DerivaError::InvalidInput(format!("AWS_CA_BUNDLE={path}: {why}"));
+    let pem = std::fs::read(path).map_err(|e| invalid(e.to_string()))?;
+    let certs = Certificate::from_pem_bundle(&pem).map_err(|e| invalid(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(invalid("no PEM certificate in it".to_owned()));
+    }
+    Ok(certs)
+}
+
 impl Objects {
     /// Connects (lazily: no request is made) to the bucket named by `url`, with the endpoint,
     /// region and credentials of `aws`: the standard `AWS_*` variables, as (name, value).
@@ -99,7 +110,18 @@ impl Objects {
         let (bucket, prefix) = parse_url(url)?;
         let mut builder = AmazonS3Builder::new();
         let mut endpoint = String::new();
+        let mut options = ClientOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT);
         for (name, value) in aws {
+            // The AWS tools' variable for the CAs of an endpoint that a private CA signed:
+            // trusted beside the machine's own.
+            if name == "AWS_CA_BUNDLE" && !value.is_empty() {
+                for cert in ca_bundle(value)? {
+                    options = options.with_root_certificate(cert);
+                }
+                continue;
+            }
             let Ok(key) = name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() else {
                 continue;
             };
@@ -114,11 +136,7 @@ impl Objects {
         let mut builder = builder
             .with_bucket_name(&bucket)
             .with_retry(RETRY)
-            .with_client_options(
-                ClientOptions::new()
-                    .with_connect_timeout(CONNECT_TIMEOUT)
-                    .with_timeout(REQUEST_TIMEOUT),
-            );
+            .with_client_options(options);
         // An endpoint written as http:// is a deliberate choice (a local SeaweedFS or MinIO):
         // allow it without also asking for AWS_ALLOW_HTTP.
         if endpoint.starts_with("http://") {
@@ -154,7 +172,7 @@ impl Objects {
     fn unavailable(&self, what: &str, key: &Path, err: object_store::Error) -> DerivaError {
         DerivaError::Unavailable {
             backend: self.name.clone(),
-            message: format!("{what} {key}: {err}"),
+            message: format!("{what} {key}: {}", crate::with_causes(&err)),
         }
     }
 

@@ -18,14 +18,13 @@
 //! cannot be reached is [`DerivaError::Unavailable`], naming it.
 
 use std::fmt::Write as _;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::pgtls::{PgTls, Target};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use deriva_core::DerivaError;
 use deriva_core::error::Result;
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 use crate::observe::{Backend, BackendMetrics, pg_span};
@@ -87,6 +86,8 @@ pub(crate) struct Pg {
     pool: Pool,
     /// The connection settings, for connections outside the pool (the LISTEN connection).
     config: tokio_postgres::Config,
+    /// Their TLS connector (`sslmode`; see [`crate::pgtls`]).
+    tls: PgTls,
     /// The quoted schema name, for queries.
     schema: String,
     /// `the index database postgres://host:port/db`, for errors.
@@ -181,17 +182,7 @@ pub(crate) fn describe_error(err: &tokio_postgres::Error) -> String {
     if let Some(db) = err.as_db_error() {
         return db.message().to_owned();
     }
-    let mut out = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
-    }
-    out
+    crate::with_causes(err)
 }
 
 impl Pg {
@@ -205,9 +196,8 @@ impl Pg {
         create: bool,
     ) -> Result<Self> {
         check_schema(schema)?;
-        let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
-            DerivaError::InvalidInput(format!("--index: not a PostgreSQL URL: {e}"))
-        })?;
+        let Target { mut config, tls } = crate::pgtls::parse(url)
+            .map_err(|e| DerivaError::InvalidInput(format!("--index: {e}")))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -219,7 +209,7 @@ impl Pg {
         let name = format!("the index database {}", describe(&config));
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -235,6 +225,7 @@ impl Pg {
         let pg = Self {
             pool,
             config,
+            tls,
             schema: format!("\"{schema}\""),
             name,
             metrics,
@@ -275,6 +266,11 @@ impl Pg {
     /// The connection settings.
     pub(crate) fn config(&self) -> &tokio_postgres::Config {
         &self.config
+    }
+
+    /// The TLS connector for connections outside the pool.
+    pub(crate) fn tls(&self) -> PgTls {
+        self.tls.clone()
     }
 
     /// The schema name, unquoted.
@@ -544,8 +540,10 @@ mod tests {
 
     #[test]
     fn descriptions_hide_credentials() {
-        let config =
-            tokio_postgres::Config::from_str("postgres://u:secret@db.example:6543/idx").unwrap();
+        let config = <tokio_postgres::Config as std::str::FromStr>::from_str(
+            "postgres://u:secret@db.example:6543/idx",
+        )
+        .unwrap();
         assert_eq!(describe(&config), "postgres://db.example:6543/idx");
     }
 }

@@ -1,6 +1,7 @@
 //! `scripts/backends.sh`, as the tests use it through `services/mod.rs`: both services
 //! answer real requests (a signed S3 PUT and GET with curl, a query with psql), come back after
-//! a crash at the same address with their data, and leave no process behind once stopped.
+//! a crash at the same address with their data, and leave no process behind once stopped; both
+//! also speak TLS with the test CA's certificate.
 
 mod services;
 
@@ -101,6 +102,8 @@ fn services_answer_survive_a_crash_and_stop_completely() {
         "DERIVA_TEST_AWS_ACCESS_KEY_ID",
         "DERIVA_TEST_AWS_SECRET_ACCESS_KEY",
         "DERIVA_TEST_PG_URL",
+        "DERIVA_TEST_S3_HTTPS_ENDPOINT",
+        "DERIVA_TEST_TLS_CA",
     ] {
         assert!(b.env().contains_key(key), "no {key} in {:?}", b.env());
     }
@@ -129,6 +132,35 @@ fn services_answer_survive_a_crash_and_stop_completely() {
         .expect("running curl");
     assert_eq!(String::from_utf8_lossy(&wrong.stdout), "403");
     assert_eq!(psql(&b, "select 1"), "1");
+
+    // Both speak TLS too, with a certificate the test CA signed: S3 on its https port, and
+    // PostgreSQL on its one port, where libpq's verify-full accepts it.
+    let ca = b.tls_ca();
+    let ca = ca.to_str().expect("a UTF-8 path");
+    let https_url = format!("{}/{}/script-test/a", b.s3_https_endpoint(), b.bucket());
+    assert_eq!(
+        s3_curl(&b, &["--cacert", ca, &https_url]).unwrap_or_else(|e| panic!("GET: {e}")),
+        b"hello from the test"
+    );
+    let untrusted =
+        s3_curl(&b, &["--cacert", "/dev/null", &https_url]).expect_err("https without the test CA");
+    assert!(untrusted.contains("certificate"), "{untrusted}");
+    let verified = format!(
+        "postgres://deriva@localhost:{}/deriva?hostaddr=127.0.0.1&sslmode=verify-full&sslrootcert={ca}",
+        b.pg_port()
+    );
+    let out = Command::new("psql")
+        .args(["-X", "-A", "-t", "-d", &verified, "-c"])
+        .arg("select ssl from pg_stat_ssl where pid = pg_backend_pid()")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .expect("running psql");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "t",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     psql(
         &b,
         "create table survives (x int); insert into survives values (42)",

@@ -2,9 +2,12 @@
 //! a plaintext client and a client that trusts another CA refused; mutual TLS refusing a client
 //! without a certificate or with an unknown one; SIGHUP swapping the certificate for new
 //! connections while open ones keep serving; the CLI over https with `--tls-ca` and a client
-//! certificate; bad TLS flags stopping the server with a clear message.
+//! certificate; bad TLS flags stopping the server with a clear message; a node reaching both
+//! remote backends over TLS (`AWS_CA_BUNDLE`, `sslmode=verify-full`), and refusing to start
+//! when it cannot trust them.
 
 mod common;
+mod remote;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -343,5 +346,76 @@ fn bad_tls_flags_stop_the_server_with_a_clear_message() {
         let exited = ServerProcess::options().args(args.clone()).run_to_exit();
         assert!(!exited.status.success(), "{args:?}");
         assert!(exited.stderr.contains(want), "{args:?}: {}", exited.stderr);
+    }
+}
+
+/// A node on the remote backends, both over TLS: S3 over https with the test CA in
+/// `AWS_CA_BUNDLE`, PostgreSQL with `sslmode=verify-full` (the services' certificates are
+/// signed by `scripts/backends.sh`'s test CA). A node that cannot trust them does not start,
+/// and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaches_both_backends_over_tls() {
+    let services = remote::services::shared();
+    let space = remote::Space::new("tls");
+    let ca = arg(&services.tls_ca());
+    let index = |host: &str, root: &str| {
+        format!(
+            "postgres://deriva@{host}:{}/deriva?hostaddr=127.0.0.1&sslmode=verify-full&sslrootcert={root}",
+            services.pg_port()
+        )
+    };
+    let node = |index: String, bundle: &str| {
+        let mut options = ServerProcess::options().args([
+            "--blob-store".to_owned(),
+            format!("s3://{}/{}", services.bucket(), space.prefix),
+            "--index".to_owned(),
+            index,
+            "--index-schema".to_owned(),
+            space.schema.clone(),
+        ]);
+        for (key, value) in services.aws_env() {
+            if key != "AWS_ENDPOINT_URL" {
+                options = options.env(key, value);
+            }
+        }
+        options
+            .env("AWS_ENDPOINT_URL", services.s3_https_endpoint())
+            .env("AWS_CA_BUNDLE", bundle)
+    };
+
+    let server = node(index("localhost", &ca), &ca).start();
+    let mut client = server.client().await;
+    let leaf = common::put_leaf(&mut client, b"stored over TLS").await;
+    let upper = common::put_recipe(&mut client, "uppercase", &[&leaf], &[]).await;
+    assert_eq!(
+        common::get_all(&mut client, &upper).await.unwrap(),
+        b"STORED OVER TLS"
+    );
+    assert!(services.object_exists(&format!("{}/leaves/{}", space.prefix, common::hex(&leaf))));
+    drop(server);
+
+    let other = Ca::new("another CA");
+    let files = Files::new();
+    let other = arg(&files.write("other-ca.pem", &other.pem));
+    for (index, bundle, want) in [
+        (
+            index("deriva-other-host", &ca),
+            ca.as_str(),
+            "certificate not valid for name \"deriva-other-host\"",
+        ),
+        (index("localhost", &other), ca.as_str(), "UnknownIssuer"),
+        (
+            index("localhost", &ca),
+            "/nonexistent/ca.pem",
+            "AWS_CA_BUNDLE=/nonexistent/ca.pem",
+        ),
+    ] {
+        let exited = node(index.clone(), bundle).run_to_exit();
+        assert!(!exited.status.success(), "{index} {bundle}");
+        assert!(
+            exited.stderr.contains(want),
+            "{index} {bundle}: {}",
+            exited.stderr
+        );
     }
 }

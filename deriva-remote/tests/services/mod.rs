@@ -101,6 +101,29 @@ impl Backends {
         self.get("DERIVA_TEST_S3_ENDPOINT")
     }
 
+    /// The same S3 service over https, `https://127.0.0.1:PORT`; its certificate is signed by
+    /// [`Backends::tls_ca`] for `localhost` and `127.0.0.1`.
+    pub fn s3_https_endpoint(&self) -> String {
+        self.get("DERIVA_TEST_S3_HTTPS_ENDPOINT")
+    }
+
+    /// The test CA (PEM file) that signed both services' certificates; its key is beside it
+    /// (`ca.key`), for tests that issue client certificates.
+    pub fn tls_ca(&self) -> PathBuf {
+        PathBuf::from(self.get("DERIVA_TEST_TLS_CA"))
+    }
+
+    /// PostgreSQL's port.
+    pub fn pg_port(&self) -> u16 {
+        let url = self.pg_url();
+        let port = url
+            .rsplit_once(':')
+            .and_then(|(_, rest)| rest.split('/').next())
+            .unwrap_or_else(|| panic!("no port in {url}"));
+        port.parse()
+            .unwrap_or_else(|e| panic!("the port of {url}: {e}"))
+    }
+
     /// The bucket, which exists.
     pub fn bucket(&self) -> String {
         self.get("DERIVA_TEST_S3_BUCKET")
