@@ -473,6 +473,7 @@ start_pg() {
             { cat "$pg/initdb.log" >&2; die "initdb failed"; }
         # Before initdb's "trust" lines: the role deriva_cert logs in over TLS only, with a
         # client certificate the test CA signed for its name (CN=deriva_cert).
+        # shellcheck disable=SC2016 # $1, $2 and $f are the inner shell's
         as_pg sh -c 'f=$1/pg_hba.conf && { echo "hostssl all $2 127.0.0.1/32 cert"; cat "$f"; } >"$f.new" && mv "$f.new" "$f"' \
             sh "$pg/data" "$PG_CERT_USER" || die "could not write $pg/data/pg_hba.conf"
         touch "$pg/initdb.done"
