@@ -6,7 +6,8 @@
 //! that does not exist or an empty panel fails.
 //!
 //! Also checks, without Prometheus, that the stack's files agree with each other (mounted files
-//! exist, host ports, datasource uids, units, quantiles by `le`).
+//! exist, host ports, datasource uids, units, quantiles by `le`, the collector's logs pipeline
+//! into Loki, and the links between the Loki and Jaeger datasources).
 //!
 //! Needs the `prometheus` binary on `PATH` (`bash .ci/run` installs it, or
 //! `apt-get install -y prometheus`); without it the test fails, it never skips. The server runs
@@ -653,6 +654,106 @@ async fn every_dashboard_alert_and_recording_query_returns_data() {
 // ---------------------------------------------------------------------------------------------
 // The files agree with each other.
 
+/// The lines of a YAML file that hold something: no blank lines, no comment lines.
+fn yaml_lines(yaml: &str) -> Vec<&str> {
+    yaml.lines()
+        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .collect()
+}
+
+/// Where a line's key starts: its indentation, plus the `- ` of a list item.
+fn key_indent(line: &str) -> usize {
+    let trimmed = line.trim_start();
+    indent(line) + if trimmed.starts_with("- ") { 2 } else { 0 }
+}
+
+/// A scalar as written after `key:` or `- `: comment dropped, quotes removed.
+fn yaml_scalar(text: &str) -> String {
+    let text = text.split(" #").next().unwrap().trim();
+    for quote in ['"', '\''] {
+        if let Some(inner) = text.strip_prefix(quote).and_then(|t| t.strip_suffix(quote)) {
+            return inner.to_owned();
+        }
+    }
+    text.to_owned()
+}
+
+/// `key` at the top level of a block of YAML lines (a mapping, or one list item): its inline
+/// value and the lines nested under it. The stack's files need no more of YAML than this (there
+/// is no YAML parser among the dependencies): mappings and lists by indentation, plain or quoted
+/// one-line scalars, flow lists of plain scalars.
+fn yaml_get<'a>(block: &[&'a str], key: &str) -> Option<(String, Vec<&'a str>)> {
+    let top = block.iter().map(|l| key_indent(l)).min()?;
+    let at = block.iter().position(|line| {
+        let text = line.trim_start();
+        let text = text.strip_prefix("- ").unwrap_or(text);
+        key_indent(line) == top && text.strip_prefix(key).is_some_and(|r| r.starts_with(':'))
+    })?;
+    let text = block[at].trim_start();
+    let text = text.strip_prefix("- ").unwrap_or(text);
+    let value = yaml_scalar(&text[key.len() + 1..]);
+    let nested = block[at + 1..]
+        .iter()
+        .take_while(|l| key_indent(l) > top)
+        .copied()
+        .collect();
+    Some((value, nested))
+}
+
+/// The value at a path of keys, from the top of a YAML file; panics, naming the file, if a key
+/// is missing.
+fn yaml_path<'a>(file: &str, block: &[&'a str], path: &[&str]) -> (String, Vec<&'a str>) {
+    let mut current = (String::new(), block.to_vec());
+    for (i, key) in path.iter().enumerate() {
+        current = yaml_get(&current.1, key)
+            .unwrap_or_else(|| panic!("{file}: no `{}`", path[..=i].join(".")));
+    }
+    current
+}
+
+/// The items of a block list (`- ...` lines at the block's top level), each with its lines.
+fn yaml_items<'a>(block: &[&'a str]) -> Vec<Vec<&'a str>> {
+    let Some(top) = block.iter().map(|l| indent(l)).min() else {
+        return Vec::new();
+    };
+    let mut items: Vec<Vec<&str>> = Vec::new();
+    for line in block {
+        if indent(line) == top && line.trim_start().starts_with("- ") {
+            items.push(vec![line]);
+        } else if let Some(item) = items.last_mut() {
+            item.push(line);
+        }
+    }
+    items
+}
+
+/// A list written either way, `[a, b]` or as `- a` lines: its plain scalar items.
+fn yaml_list(value: &str, nested: &[&str]) -> Vec<String> {
+    if let Some(flow) = value.strip_prefix('[').and_then(|v| v.strip_suffix(']')) {
+        return flow
+            .split(',')
+            .map(yaml_scalar)
+            .filter(|v| !v.is_empty())
+            .collect();
+    }
+    yaml_items(nested)
+        .iter()
+        .map(|item| yaml_scalar(item[0].trim_start().strip_prefix("- ").unwrap()))
+        .collect()
+}
+
+/// `http://HOST:PORT/PATH` split into host, port and path.
+fn split_url(url: &str) -> (&str, u16, &str) {
+    let rest = url
+        .strip_prefix("http://")
+        .unwrap_or_else(|| panic!("{url}: not http://"));
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (host, port) = authority
+        .split_once(':')
+        .unwrap_or_else(|| panic!("{url}: no port"));
+    (host, port.parse().unwrap(), path)
+}
+
 #[test]
 fn the_stack_files_agree() {
     let compose = read("docker-compose.monitoring.yml");
@@ -695,7 +796,7 @@ fn the_stack_files_agree() {
             );
         }
     }
-    for port in [4317, 4318, 16686, 9091, 3000] {
+    for port in [4317, 4318, 16686, 3100, 9091, 3000] {
         assert!(host_ports.contains_key(&port), "port {port} not published");
     }
 
@@ -718,9 +819,185 @@ fn the_stack_files_agree() {
     assert!(compose.contains("--config=/etc/otelcol-contrib/config.yaml"));
     assert!(read("monitoring/prometheus.yml").contains("\"otel-collector:8889\""));
 
+    // Logs: the collector's logs pipeline ends in an OTLP/HTTP exporter to the Loki service, on
+    // the port of the Loki config compose mounts, which accepts OTLP's structured metadata.
+    let compose_yaml = yaml_lines(&compose);
+    let collector_yaml = yaml_lines(&collector);
+    let (pipeline_exporters, nested) = yaml_path(
+        "otel-collector/config.yaml",
+        &collector_yaml,
+        &["service", "pipelines", "logs", "exporters"],
+    );
+    let pipeline_exporters = yaml_list(&pipeline_exporters, &nested);
+    let loki_exporters: Vec<&String> = pipeline_exporters
+        .iter()
+        .filter(|e| e.split('/').next() == Some("otlphttp"))
+        .collect();
+    let [exporter] = loki_exporters.as_slice() else {
+        panic!("the collector's logs pipeline needs one otlphttp exporter: {pipeline_exporters:?}");
+    };
+    let (endpoint, _) = yaml_path(
+        "otel-collector/config.yaml",
+        &collector_yaml,
+        &["exporters", exporter, "endpoint"],
+    );
+    let (loki_host, loki_port, loki_path) = split_url(&endpoint);
+    assert_eq!(
+        loki_path, "otlp",
+        "{exporter}: Loki's OTLP endpoint is /otlp (the exporter appends /v1/logs): {endpoint}"
+    );
+    let (_, loki_service) = yaml_path(
+        "docker-compose.monitoring.yml",
+        &compose_yaml,
+        &["services", loki_host],
+    );
+    let (image, _) = yaml_get(&loki_service, "image").expect("the loki service's image");
+    assert!(
+        image.starts_with("grafana/loki:3."),
+        "Loki 3 ingests OTLP: {image}"
+    );
+    let (mounts, nested) = yaml_get(&loki_service, "volumes").expect("the loki service's volumes");
+    let config_mount = yaml_list(&mounts, &nested)
+        .into_iter()
+        .find(|m| m.starts_with("./monitoring/loki/config.yaml:"))
+        .expect("the loki service mounts monitoring/loki/config.yaml");
+    let target = config_mount.split(':').nth(1).unwrap();
+    let (command, _) = yaml_get(&loki_service, "command").expect("the loki service's command");
+    assert!(
+        command.contains(&format!("-config.file={target}")),
+        "the loki service runs with the config it mounts ({target}): {command}"
+    );
+    let loki_config = read("monitoring/loki/config.yaml");
+    let loki_yaml = yaml_lines(&loki_config);
+    let file = "monitoring/loki/config.yaml";
+    let (listen, _) = yaml_path(file, &loki_yaml, &["server", "http_listen_port"]);
+    assert_eq!(
+        listen.parse::<u16>().unwrap(),
+        loki_port,
+        "{endpoint}: Loki's port"
+    );
+    let (allowed, _) = yaml_path(
+        file,
+        &loki_yaml,
+        &["limits_config", "allow_structured_metadata"],
+    );
+    assert_eq!(
+        allowed, "true",
+        "{file}: OTLP's trace ids are structured metadata"
+    );
+    let (_, schemas) = yaml_path(file, &loki_yaml, &["schema_config", "configs"]);
+    let schemas = yaml_items(&schemas);
+    let schema = schemas.last().expect("a schema");
+    for (key, expected) in [("schema", "v13"), ("store", "tsdb")] {
+        let (value, _) = yaml_get(schema, key).unwrap_or_else(|| panic!("{file}: schema {key}"));
+        assert_eq!(
+            value, expected,
+            "{file}: structured metadata needs tsdb and v13"
+        );
+    }
+    let (depends, nested) = yaml_path(
+        "docker-compose.monitoring.yml",
+        &compose_yaml,
+        &["services", "otel-collector", "depends_on"],
+    );
+    assert!(
+        yaml_list(&depends, &nested).iter().any(|d| d == loki_host),
+        "the collector depends on {loki_host}"
+    );
+
     // Grafana: the dashboard's datasource is the provisioned one; units; quantiles by (le).
-    let datasources = read("monitoring/grafana/provisioning/datasources/datasources.yml");
+    let file = "monitoring/grafana/provisioning/datasources/datasources.yml";
+    let datasources = read(file);
     assert!(datasources.contains("uid: prometheus") && datasources.contains("type: jaeger"));
+    // Logs and traces link to each other: Loki's derived field opens a line's trace_id in the
+    // Jaeger datasource, and Jaeger's trace to logs queries the Loki datasource by trace id.
+    let datasources_yaml = yaml_lines(&datasources);
+    let (_, list) = yaml_path(file, &datasources_yaml, &["datasources"]);
+    let by_type = |wanted: &str| {
+        let found: Vec<Vec<&str>> = yaml_items(&list)
+            .into_iter()
+            .filter(|item| yaml_get(item, "type").is_some_and(|(t, _)| t == wanted))
+            .collect();
+        let [one] = found.as_slice() else {
+            panic!("{file}: {} datasources of type {wanted}", found.len());
+        };
+        let (uid, _) = yaml_get(one, "uid").unwrap_or_else(|| panic!("{file}: {wanted}: no uid"));
+        (uid, one.clone())
+    };
+    let (jaeger_uid, jaeger) = by_type("jaeger");
+    let (loki_uid, loki) = by_type("loki");
+    let (url, _) = yaml_get(&loki, "url").expect("the Loki datasource's url");
+    let (host, port, _) = split_url(&url);
+    assert_eq!(
+        (host, port),
+        (loki_host, loki_port),
+        "the Loki datasource queries the Loki service"
+    );
+    let (_, fields) = yaml_path(file, &loki, &["jsonData", "derivedFields"]);
+    let trace_links: Vec<Vec<&str>> = yaml_items(&fields)
+        .into_iter()
+        .filter(|f| yaml_get(f, "datasourceUid").is_some_and(|(uid, _)| uid == jaeger_uid))
+        .collect();
+    let [trace_link] = trace_links.as_slice() else {
+        panic!("{file}: Loki needs one derived field into the Jaeger datasource ({jaeger_uid})");
+    };
+    for (key, expected) in [
+        ("matcherType", "label"),
+        ("matcherRegex", "trace_id"),
+        // `$$`: Grafana expands environment variables in provisioning files.
+        ("url", "$${__value.raw}"),
+    ] {
+        let (value, _) = yaml_get(trace_link, key).unwrap_or_else(|| panic!("{file}: {key}"));
+        assert_eq!(value, expected, "{file}: the Loki derived field's {key}");
+    }
+    let (logs_uid, _) = yaml_path(
+        file,
+        &jaeger,
+        &["jsonData", "tracesToLogsV2", "datasourceUid"],
+    );
+    assert_eq!(
+        logs_uid, loki_uid,
+        "{file}: Jaeger's trace to logs queries Loki"
+    );
+    // A custom query filters by trace id itself; the simple one needs filterByTraceID.
+    let trace_to_logs = |key: &str| {
+        yaml_get(&jaeger, "jsonData")
+            .and_then(|(_, block)| yaml_get(&block, "tracesToLogsV2"))
+            .and_then(|(_, block)| yaml_get(&block, key))
+            .map(|(value, _)| value)
+            .unwrap_or_default()
+    };
+    if trace_to_logs("customQuery") == "true" {
+        let query = trace_to_logs("query");
+        assert!(
+            query.contains("trace_id")
+                && ["$${__span.traceId}", "$${__trace.traceId}"]
+                    .iter()
+                    .any(|v| query.contains(v)),
+            "{file}: Jaeger's trace to logs query filters by trace id: {query}"
+        );
+    } else {
+        assert_eq!(
+            trace_to_logs("filterByTraceID"),
+            "true",
+            "{file}: Jaeger's trace to logs filters by trace id"
+        );
+    }
+    // Every `${` of Grafana's own variables is escaped, or Grafana would blank it out as an
+    // unset environment variable when it loads the file (comments are not expanded).
+    for (n, line) in datasources.lines().enumerate() {
+        if line.trim_start().starts_with('#') {
+            continue;
+        }
+        let unescaped = line
+            .match_indices("${")
+            .any(|(i, _)| i == 0 || line.as_bytes()[i - 1] != b'$');
+        assert!(
+            !unescaped,
+            "{file}:{}: `${{` not written `$${{`: {line}",
+            n + 1
+        );
+    }
     let dashboard: Value =
         serde_json::from_str(&read("monitoring/grafana/dashboards/deriva.json")).unwrap();
     let mut panels = dashboard["panels"].as_array().unwrap().clone();
@@ -778,6 +1055,34 @@ fn the_rule_extractor_reads_every_form() {
             ("alert", "Continued", "sum(x)\n< 0.5"),
         ]
     );
+}
+
+#[test]
+fn the_yaml_reader_finds_keys_items_and_lists() {
+    let yaml = "# a comment\nservice:\n  pipelines:\n    logs:\n      receivers: [otlp]\n\
+                \x20     exporters: [otlphttp/loki, debug] # two\n    logs2:\n      x: 1\n\
+                datasources:\n  - name: Jaeger\n    uid: jaeger\n    jsonData:\n\
+                \x20     url: '$${__value.raw}'\n  - name: Loki\n    uid: \"loki\"\n\
+                depends_on:\n  - jaeger\n  - loki\n";
+    let lines = yaml_lines(yaml);
+    let (value, nested) = yaml_path("t", &lines, &["service", "pipelines", "logs", "exporters"]);
+    assert_eq!(yaml_list(&value, &nested), ["otlphttp/loki", "debug"]);
+    assert!(
+        yaml_get(&lines, "pipelines").is_none(),
+        "not at the top level"
+    );
+    let (_, list) = yaml_path("t", &lines, &["datasources"]);
+    let items = yaml_items(&list);
+    assert_eq!(items.len(), 2);
+    assert_eq!(yaml_get(&items[1], "uid").unwrap().0, "loki");
+    assert_eq!(yaml_get(&items[1], "name").unwrap().0, "Loki");
+    assert_eq!(
+        yaml_path("t", &items[0], &["jsonData", "url"]).0,
+        "$${__value.raw}"
+    );
+    let (value, nested) = yaml_path("t", &lines, &["depends_on"]);
+    assert_eq!(yaml_list(&value, &nested), ["jaeger", "loki"]);
+    assert_eq!(split_url("http://loki:3100/otlp"), ("loki", 3100, "otlp"));
 }
 
 #[test]
