@@ -312,9 +312,45 @@ impl Config {
             ),
             (
                 "otlp-endpoint",
-                t.otlp_endpoint.clone().unwrap_or_else(|| "off".into()),
+                t.otlp_endpoint
+                    .clone()
+                    .or_else(|| t.otel_env.get("OTEL_EXPORTER_OTLP_ENDPOINT").cloned())
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or_else(|| "off".into()),
             ),
-            ("trace-sample-ratio", t.sample_ratio.to_string()),
+            (
+                "otlp-protocol",
+                t.otlp_protocol
+                    .map(|p| p.name().to_owned())
+                    .or_else(|| t.otel_env.get("OTEL_EXPORTER_OTLP_PROTOCOL").cloned())
+                    .unwrap_or_else(|| "grpc".into()),
+            ),
+            (
+                "otlp-header",
+                if t.otlp_headers.is_empty() {
+                    "none".into()
+                } else {
+                    // Names only: the values are secrets.
+                    t.otlp_headers
+                        .iter()
+                        .map(|(k, _)| format!("{k}=<set>"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
+            ),
+            (
+                "otlp-logs",
+                t.otlp_logs
+                    .map_or("with an endpoint".into(), |on| on.to_string()),
+            ),
+            ("trace-sample-ratio", {
+                let sampler = t.export_plan().map(|p| p.sampler).unwrap_or_default();
+                if sampler.follow_caller {
+                    sampler.ratio.to_string()
+                } else {
+                    format!("{} (callers ignored)", sampler.ratio)
+                }
+            }),
             (
                 "trace-max-per-second",
                 t.max_traces_per_second
@@ -431,13 +467,31 @@ pub struct ServerArgs {
     /// Shortcut for the port of --metrics-addr, keeping its host; 0 turns the HTTP listener off.
     #[arg(long, env = "DERIVA_METRICS_PORT")]
     pub metrics_port: Option<u16>,
-    /// OTLP/gRPC endpoint for spans and metrics, e.g. http://127.0.0.1:4317 [env:
-    /// OTEL_EXPORTER_OTLP_ENDPOINT is used when this is not set]. Without one nothing is exported.
+    /// OTLP endpoint for spans, metrics and log records, e.g. http://127.0.0.1:4317; wins over
+    /// OTEL_EXPORTER_OTLP_ENDPOINT and the per-signal ones. With no endpoint nothing is exported.
     #[arg(long, env = "DERIVA_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
-    /// Fraction of new traces sampled (0 to 1); a sampled caller is always honored.
-    #[arg(long, env = "DERIVA_TRACE_SAMPLE_RATIO", default_value_t = defaults::TRACE_SAMPLE_RATIO, value_parser = parse_ratio)]
-    pub trace_sample_ratio: f64,
+    /// OTLP transport [default: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc].
+    #[arg(long, env = "DERIVA_OTLP_PROTOCOL", value_enum)]
+    pub otlp_protocol: Option<crate::telemetry::Protocol>,
+    /// A header (gRPC metadata) sent with every OTLP export, KEY=VALUE; repeat for more. Wins over
+    /// OTEL_EXPORTER_OTLP_HEADERS for the same KEY. Values are never logged.
+    // Read as text and checked in `into_config`: clap's own errors would repeat the value.
+    #[arg(
+        long = "otlp-header",
+        env = "DERIVA_OTLP_HEADERS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub otlp_headers: Vec<String>,
+    /// Export log events as OTLP log records (with their trace and span ids) wherever an OTLP
+    /// endpoint is set [default: true, unless OTEL_LOGS_EXPORTER=none].
+    #[arg(long, env = "DERIVA_OTLP_LOGS")]
+    pub otlp_logs: Option<bool>,
+    /// Fraction of new traces sampled (0 to 1); a sampled caller is always honored [default:
+    /// OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG, else 1].
+    #[arg(long, env = "DERIVA_TRACE_SAMPLE_RATIO", value_parser = parse_ratio)]
+    pub trace_sample_ratio: Option<f64>,
     /// Most new traces sampled per second, so load cannot flood the collector [default: no cap].
     #[arg(long, env = "DERIVA_TRACE_MAX_PER_SECOND")]
     pub trace_max_per_second: Option<f64>,
@@ -546,15 +600,20 @@ pub struct ServerArgs {
 }
 
 impl ServerArgs {
-    /// The [`Config`] these flags describe. The OTLP endpoint falls back to
-    /// `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    /// The [`Config`] these flags describe, with the process's `OTEL_*` variables for what
+    /// the flags leave open (see [`crate::telemetry::otlp`]).
     pub fn into_config(self) -> Result<Config, String> {
-        let otel_endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok();
-        self.into_config_with(otel_endpoint)
+        let otel_env = std::env::vars()
+            .filter(|(name, _)| name.starts_with("OTEL_"))
+            .collect();
+        self.into_config_with(otel_env)
     }
 
-    /// [`ServerArgs::into_config`], with the `OTEL_EXPORTER_OTLP_ENDPOINT` fallback given.
-    fn into_config_with(self, otel_endpoint: Option<String>) -> Result<Config, String> {
+    /// [`ServerArgs::into_config`], with the `OTEL_*` variables given.
+    fn into_config_with(
+        self,
+        otel_env: std::collections::BTreeMap<String, String>,
+    ) -> Result<Config, String> {
         let given = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
         let tls = match (
             given(self.tls_cert),
@@ -580,7 +639,7 @@ impl ServerArgs {
             .ok()
             .filter(|c| *c > 0)
             .ok_or("--chunk-bytes must be at least 1")?;
-        Ok(Config {
+        let config = Config {
             data_dir: self.data_dir,
             listen: self.listen,
             cache_bytes: self.cache_bytes,
@@ -598,10 +657,16 @@ impl ServerArgs {
                 None => Some(self.metrics_addr),
             },
             telemetry: TelemetryConfig {
-                otlp_endpoint: self
-                    .otlp_endpoint
-                    .or(otel_endpoint)
-                    .filter(|e| !e.is_empty()),
+                otlp_endpoint: self.otlp_endpoint.filter(|e| !e.is_empty()),
+                otlp_protocol: self.otlp_protocol,
+                otlp_headers: self
+                    .otlp_headers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| parse_header(h, i))
+                    .collect::<Result<_, _>>()?,
+                otlp_logs: self.otlp_logs,
+                otel_env,
                 sample_ratio: self.trace_sample_ratio,
                 max_traces_per_second: self.trace_max_per_second,
                 log_format: self.log_format,
@@ -632,7 +697,24 @@ impl ServerArgs {
             request_timeout: Some(Duration::from_secs(self.request_timeout_secs))
                 .filter(|d| !d.is_zero()),
             keepalive: Duration::from_secs(self.keepalive_secs),
-        })
+        };
+        // What the environment says about OTLP is checked now, so that --print-config refuses
+        // what the server would.
+        config.telemetry.export_plan()?;
+        Ok(config)
+    }
+}
+
+/// The `i`th `--otlp-header`, `KEY=VALUE`; an error never repeats it (it may be a secret).
+fn parse_header(s: &str, i: usize) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        }
+        _ => Err(format!(
+            "--otlp-header number {}: expected KEY=VALUE (the value is not shown)",
+            i + 1
+        )),
     }
 }
 
@@ -665,7 +747,7 @@ mod tests {
     fn no_flags_and_no_environment_give_config_default() {
         let config = parse_without_env(&[])
             .unwrap()
-            .into_config_with(None)
+            .into_config_with(Default::default())
             .unwrap();
         let defaults = Config::default();
         assert_eq!(config.describe(), defaults.describe());
@@ -681,7 +763,7 @@ mod tests {
             Some("127.0.0.1:9090".parse().unwrap())
         );
         assert_eq!(defaults.telemetry.otlp_endpoint, None);
-        assert_eq!(defaults.telemetry.sample_ratio, 1.0);
+        assert_eq!(defaults.telemetry.sample_ratio, None);
         assert_eq!(defaults.telemetry.log_format, LogFormat::Text);
         assert_eq!(defaults.telemetry.trace_store_capacity, 256);
     }
@@ -691,7 +773,7 @@ mod tests {
         let parse = |args: &[&str]| {
             parse_without_env(args)
                 .unwrap()
-                .into_config_with(None)
+                .into_config_with(Default::default())
                 .unwrap()
                 .metrics_addr
         };
@@ -713,7 +795,7 @@ mod tests {
         let remote = |args: &[&str]| {
             parse_without_env(args)
                 .unwrap()
-                .into_config_with(None)
+                .into_config_with(Default::default())
                 .unwrap()
                 .remote()
         };

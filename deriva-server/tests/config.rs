@@ -113,8 +113,29 @@ const ROWS: &[Row] = &[
         other: "http://collector.invalid:4317",
     },
     Row {
+        flag: "otlp-protocol",
+        vars: &["DERIVA_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"],
+        value: "http/protobuf",
+        shows: ("otlp-protocol", "http/protobuf"),
+        other: "grpc",
+    },
+    Row {
+        flag: "otlp-header",
+        vars: &["DERIVA_OTLP_HEADERS"],
+        value: "x-api-key=secret-of-the-row",
+        shows: ("otlp-header", "x-api-key=<set>"),
+        other: "x-other=1",
+    },
+    Row {
+        flag: "otlp-logs",
+        vars: &["DERIVA_OTLP_LOGS"],
+        value: "false",
+        shows: ("otlp-logs", "false"),
+        other: "true",
+    },
+    Row {
         flag: "trace-sample-ratio",
-        vars: &["DERIVA_TRACE_SAMPLE_RATIO"],
+        vars: &["DERIVA_TRACE_SAMPLE_RATIO", "OTEL_TRACES_SAMPLER_ARG"],
         value: "0.25",
         shows: ("trace-sample-ratio", "0.25"),
         other: "0.5",
@@ -527,4 +548,20 @@ fn print_config_rejects_what_the_server_would_reject() {
     );
     rejected(&[], &[("DERIVA_CACHE_BYTES", "lots")], "not a size");
     rejected(&["--trace-store-size", "0"], &[], "--trace-store-size");
+    rejected(
+        &[],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")],
+        "must start with http:// or https://",
+    );
+    rejected(
+        &["--otlp-endpoint", "http://c:4317"],
+        &[("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/c.pem")],
+        "without OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+    );
+    // A header's value is never repeated, even when it is the mistake.
+    let err =
+        print_config(cwd.path(), &["--otlp-header", "no-equals-secret-9e1"], &[]).unwrap_err();
+    let (_, stderr) = err.split_once("stderr:").expect("the server's stderr");
+    assert!(stderr.contains("KEY=VALUE"), "{stderr}");
+    assert!(!stderr.contains("no-equals-secret-9e1"), "{stderr}");
 }

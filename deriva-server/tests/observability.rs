@@ -361,7 +361,7 @@ async fn spans_of_one_get_reach_a_real_otlp_receiver_as_one_tree() {
         otlp_endpoint: Some(collector.endpoint()),
         log_format: LogFormat::Json,
         // Only the forced request below is sampled, so the receiver sees exactly its spans.
-        sample_ratio: 0.0,
+        sample_ratio: Some(0.0),
         ..TelemetryConfig::default()
     })
     .await;
@@ -468,7 +468,7 @@ async fn a_malformed_traceparent_starts_a_new_root() {
     let mut collector = FakeCollectorServer::start().await.unwrap();
     let mut obs = observed(TelemetryConfig {
         otlp_endpoint: Some(collector.endpoint()),
-        sample_ratio: 0.0,
+        sample_ratio: Some(0.0),
         ..TelemetryConfig::default()
     })
     .await;
@@ -500,7 +500,7 @@ async fn ratio_zero_exports_nothing_unless_forced_and_a_sampled_caller_is_honore
     let mut collector = FakeCollectorServer::start().await.unwrap();
     let mut obs = observed(TelemetryConfig {
         otlp_endpoint: Some(collector.endpoint()),
-        sample_ratio: 0.0,
+        sample_ratio: Some(0.0),
         ..TelemetryConfig::default()
     })
     .await;
@@ -539,7 +539,7 @@ async fn ratio_zero_exports_nothing_unless_forced_and_a_sampled_caller_is_honore
 async fn serve_through_collector_trouble(endpoint: String, during: impl FnOnce()) {
     let mut obs = observed(TelemetryConfig {
         otlp_endpoint: Some(endpoint),
-        metric_export_interval: Duration::from_millis(200),
+        metric_export_interval: Some(Duration::from_millis(200)),
         ..TelemetryConfig::default()
     })
     .await;
@@ -667,7 +667,7 @@ async fn a_joined_materialization_links_to_the_computing_span() {
     let mut obs = InProcess::builder()
         .telemetry(TelemetryConfig {
             otlp_endpoint: Some(collector.endpoint()),
-            sample_ratio: 0.0,
+            sample_ratio: Some(0.0),
             ..TelemetryConfig::default()
         })
         .http()

@@ -62,6 +62,9 @@ fn main() -> ExitCode {
             Ok(dispatch) => {
                 // The only global install in Deriva: the binary's subscriber.
                 let _ = tracing::dispatcher::set_global_default(dispatch);
+                for warning in &telemetry.plan().warnings {
+                    tracing::warn!("{warning}");
+                }
             }
             Err(e) => {
                 eprintln!("deriva-server: {e}");
@@ -204,7 +207,7 @@ async fn run(config: Config, telemetry: &Telemetry, signals: ShutdownSignals) ->
         None => None,
     };
     let data_dir = config.data_dir.clone();
-    let otlp = config.telemetry.otlp_endpoint.clone();
+    let otlp = telemetry.exports();
     let meter = telemetry.meter();
     let server = match Server::connect(config, &meter, telemetry.instance_id()).await {
         Ok(s) => s
@@ -228,7 +231,7 @@ async fn run(config: Config, telemetry: &Telemetry, signals: ShutdownSignals) ->
     tracing::info!(
         addr = %local(&grpc),
         metrics = %http.as_ref().map(local).unwrap_or_else(|| "off".into()),
-        otlp = %otlp.as_deref().unwrap_or("off"),
+        otlp = %otlp,
         tls = %if tls.is_some() { "on" } else { "off" },
         data_dir = %data_dir.display(),
         store = %server.executor().store().description(),

@@ -1,25 +1,26 @@
 //! Telemetry installation: the OpenTelemetry Resource, the meter provider (a Prometheus reader
 //! on a private registry, plus OTLP when an endpoint is set), the tracer provider (sampled,
-//! exporting over OTLP when an endpoint is set), and the `tracing` subscriber whose every log
-//! line inside a request carries `trace_id` and `span_id`.
+//! exporting over OTLP when an endpoint is set), the logger provider (log events as OTLP log
+//! records, when an endpoint is set), and the `tracing` subscriber whose every log line inside
+//! a request carries `trace_id` and `span_id`.
 //!
 //! [`Telemetry::new`] builds everything without touching global state, so tests make their own;
 //! only the `deriva-server` binary installs the subscriber globally.
 //!
 //! - [`sampler`]: which new traces are recorded, and the per-second cap;
 //! - [`logs`]: the log-line formatter that adds `trace_id`, `span_id` and the request id;
-//! - [`metrics`]: [`ServerMetrics`], the server's own instruments.
+//! - [`metrics`]: [`ServerMetrics`], the server's own instruments;
+//! - [`otlp`]: the standard `OTEL_*` environment and the flags, resolved into exporters.
 
-use std::fmt;
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Meter, MeterProvider as _};
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
 use tracing::Dispatch;
 use tracing::Level;
 use tracing_subscriber::filter::{FilterExt as _, Targets, filter_fn};
@@ -27,10 +28,12 @@ use tracing_subscriber::layer::{Layer as _, SubscriberExt};
 
 pub mod logs;
 pub mod metrics;
+pub mod otlp;
 pub mod sampler;
 
 pub use logs::{LineIds, RequestId, WithTraceIds, current_ids};
 pub use metrics::ServerMetrics;
+pub use otlp::{ExportPlan, Protocol};
 pub use sampler::{DerivaSampler, FORCE_TRACE_ATTR, RateLimiter};
 
 use crate::trace_store::TraceStore;
@@ -39,8 +42,21 @@ use tracing_subscriber::{EnvFilter, fmt as tfmt};
 /// The filter used when `RUST_LOG` is not set: Deriva at info, the transport crates quiet.
 pub const DEFAULT_LOG_FILTER: &str = "info,deriva_server=info,deriva_compute=info,deriva_core=info,deriva_remote=info,h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,opentelemetry=warn,opentelemetry_sdk=warn";
 
-/// The default [`TelemetryConfig::sample_ratio`] (and `--trace-sample-ratio`): every new trace.
+/// The default sample ratio (`--trace-sample-ratio`, `OTEL_TRACES_SAMPLER_ARG`): every new
+/// trace.
 pub const DEFAULT_SAMPLE_RATIO: f64 = 1.0;
+
+/// The crates an export runs through, whose own log events never become log records.
+const EXPORT_TARGETS: [&str; 8] = [
+    "opentelemetry",
+    "opentelemetry_sdk",
+    "opentelemetry_otlp",
+    "opentelemetry_http",
+    "tonic",
+    "h2",
+    "hyper",
+    "reqwest",
+];
 
 /// The default [`TelemetryConfig::trace_store_capacity`] (and `--trace-store-size`).
 pub const DEFAULT_TRACE_STORE_CAPACITY: usize = 256;
@@ -55,35 +71,65 @@ pub enum LogFormat {
     Json,
 }
 
-/// Telemetry settings (filled from the server flags).
+/// Telemetry settings (filled from the server flags and the `OTEL_*` environment).
 #[derive(Debug, Clone)]
 pub struct TelemetryConfig {
-    /// OTLP/gRPC endpoint for spans and metrics, e.g. `http://127.0.0.1:4317`; none: no export.
+    /// `--otlp-endpoint`: the OTLP endpoint of every signal, e.g. `http://127.0.0.1:4317`;
+    /// wins over `OTEL_EXPORTER_OTLP_*ENDPOINT`. With neither, nothing is exported.
     pub otlp_endpoint: Option<String>,
-    /// Fraction of new traces to sample (a sampled caller is always honored).
-    pub sample_ratio: f64,
+    /// `--otlp-protocol`; `None`: `OTEL_EXPORTER_OTLP_*PROTOCOL`, else gRPC.
+    pub otlp_protocol: Option<Protocol>,
+    /// `--otlp-header`s: sent with every export, over the environment's of the same name.
+    pub otlp_headers: Vec<(String, String)>,
+    /// `--otlp-logs`: `Some(false)` keeps log events off OTLP; `None`: exported wherever an
+    /// endpoint is (unless `OTEL_LOGS_EXPORTER=none`).
+    pub otlp_logs: Option<bool>,
+    /// The process's `OTEL_*` variables (see [`otlp::resolve`]); empty in tests that want none.
+    pub otel_env: std::collections::BTreeMap<String, String>,
+    /// `--trace-sample-ratio`: fraction of new traces to sample (a sampled caller is always
+    /// honored); `None`: `OTEL_TRACES_SAMPLER`, else every trace.
+    pub sample_ratio: Option<f64>,
     /// Most new traces started per second; `None`: no cap.
     pub max_traces_per_second: Option<f64>,
     /// Log line format.
     pub log_format: LogFormat,
     /// `RUST_LOG`-style filter; `None`: `RUST_LOG` or [`DEFAULT_LOG_FILTER`].
     pub log_filter: Option<String>,
-    /// How often OTLP metrics are pushed.
-    pub metric_export_interval: Duration,
+    /// How often OTLP metrics are pushed; `None`: `OTEL_METRIC_EXPORT_INTERVAL`, else 15 s.
+    pub metric_export_interval: Option<Duration>,
     /// How many recent requests the in-process trace store keeps (see
     /// [`crate::trace_store`]).
     pub trace_store_capacity: usize,
+}
+
+impl TelemetryConfig {
+    /// The flags and `OTEL_*` variables, resolved (see [`otlp::resolve`]); an error names the
+    /// flag or variable that is wrong.
+    pub fn export_plan(&self) -> Result<ExportPlan, String> {
+        let flags = otlp::OtlpFlags {
+            endpoint: self.otlp_endpoint.clone().filter(|e| !e.is_empty()),
+            protocol: self.otlp_protocol,
+            headers: self.otlp_headers.clone(),
+            logs: self.otlp_logs,
+            sample_ratio: self.sample_ratio,
+        };
+        otlp::resolve(&|name| self.otel_env.get(name).cloned(), &flags)
+    }
 }
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
             otlp_endpoint: None,
-            sample_ratio: DEFAULT_SAMPLE_RATIO,
+            otlp_protocol: None,
+            otlp_headers: Vec::new(),
+            otlp_logs: None,
+            otel_env: std::collections::BTreeMap::new(),
+            sample_ratio: None,
             max_traces_per_second: None,
             log_format: LogFormat::default(),
             log_filter: None,
-            metric_export_interval: Duration::from_secs(15),
+            metric_export_interval: None,
             trace_store_capacity: DEFAULT_TRACE_STORE_CAPACITY,
         }
     }
@@ -95,14 +141,10 @@ pub enum TelemetryError {
     /// The Prometheus exporter could not be built.
     #[error("building the Prometheus exporter: {0}")]
     Prometheus(String),
-    /// An OTLP exporter could not be built (a malformed endpoint, usually).
-    #[error("building the OTLP exporter for {endpoint}: {detail}")]
-    Otlp {
-        /// The endpoint.
-        endpoint: String,
-        /// What went wrong.
-        detail: String,
-    },
+    /// OTLP export could not be set up: a malformed endpoint or header, a certificate file
+    /// that cannot be read. The message names the flag or variable, never a header's value.
+    #[error("OTLP export: {0}")]
+    Otlp(String),
     /// The log filter does not parse.
     #[error("bad log filter {filter:?}: {detail}")]
     Filter {
@@ -120,6 +162,9 @@ pub struct Telemetry {
     registry: prometheus::Registry,
     meter_provider: SdkMeterProvider,
     tracer_provider: SdkTracerProvider,
+    /// Log records over OTLP, when exported.
+    logger_provider: Option<SdkLoggerProvider>,
+    plan: ExportPlan,
     traces: TraceStore,
     config: TelemetryConfig,
     instance_id: String,
@@ -156,39 +201,57 @@ impl Telemetry {
             .scope_info_enabled(false)
             .build()
             .map_err(|e| TelemetryError::Prometheus(e.to_string()))?;
+        let plan = config.export_plan().map_err(TelemetryError::Otlp)?;
         let mut meters = SdkMeterProvider::builder()
             .with_resource(resource.clone())
             .with_reader(prom);
-        let sampler = DerivaSampler::new(config.sample_ratio, config.max_traces_per_second);
+        let sampler = DerivaSampler::new(plan.sampler.ratio, config.max_traces_per_second)
+            .following_callers(plan.sampler.follow_caller);
         let mut tracers = SdkTracerProvider::builder()
-            .with_resource(resource)
+            .with_resource(resource.clone())
             .with_sampler(sampler);
-
-        if let Some(endpoint) = &config.otlp_endpoint {
-            let otlp_err = |e: &dyn fmt::Display| TelemetryError::Otlp {
-                endpoint: endpoint.clone(),
-                detail: e.to_string(),
-            };
-            let spans = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build()
-                .map_err(|e| otlp_err(&e))?;
-            tracers = tracers.with_batch_exporter(spans);
-            let metrics = opentelemetry_otlp::MetricExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build()
-                .map_err(|e| otlp_err(&e))?;
-            let reader = PeriodicReader::builder(metrics)
-                .with_interval(config.metric_export_interval)
+        if let Some(export) = &plan.traces {
+            let exporter = otlp::span_exporter(export).map_err(TelemetryError::Otlp)?;
+            let batching = BatchConfigBuilder::default()
+                .with_max_queue_size(plan.batching.max_queue_size)
+                .with_scheduled_delay(plan.batching.scheduled_delay)
+                .with_max_export_batch_size(plan.batching.max_export_batch_size)
+                .build();
+            tracers = tracers.with_span_processor(
+                BatchSpanProcessor::builder(exporter)
+                    .with_batch_config(batching)
+                    .build(),
+            );
+        }
+        if let Some(export) = &plan.metrics {
+            let exporter = otlp::metric_exporter(export).map_err(TelemetryError::Otlp)?;
+            let reader = PeriodicReader::builder(exporter)
+                .with_interval(
+                    config
+                        .metric_export_interval
+                        .unwrap_or(plan.metric_interval),
+                )
                 .build();
             meters = meters.with_reader(reader);
         }
+        let logger_provider = match &plan.logs {
+            Some(export) => {
+                let exporter = otlp::log_exporter(export).map_err(TelemetryError::Otlp)?;
+                Some(
+                    SdkLoggerProvider::builder()
+                        .with_resource(resource)
+                        .with_batch_exporter(exporter)
+                        .build(),
+                )
+            }
+            None => None,
+        };
         Ok(Self {
             registry,
             meter_provider: meters.build(),
             tracer_provider: tracers.build(),
+            logger_provider,
+            plan,
             traces: TraceStore::new(config.trace_store_capacity),
             config,
             instance_id,
@@ -226,6 +289,31 @@ impl Telemetry {
         &self.meter_provider
     }
 
+    /// The logger provider, when log records are exported (for flushing in tests).
+    pub fn logger_provider(&self) -> Option<&SdkLoggerProvider> {
+        self.logger_provider.as_ref()
+    }
+
+    /// What is exported, and where: the resolved flags and `OTEL_*` environment.
+    pub fn plan(&self) -> &ExportPlan {
+        &self.plan
+    }
+
+    /// One line for the start-up log: each exported signal with where it goes, or `off`.
+    /// Header values never appear, only their names.
+    pub fn exports(&self) -> String {
+        let signals: Vec<String> = [&self.plan.traces, &self.plan.metrics, &self.plan.logs]
+            .into_iter()
+            .flatten()
+            .map(|e| format!("{} to {}", e.signal.name(), e.describe()))
+            .collect();
+        match (signals.is_empty(), self.plan.sdk_disabled) {
+            (true, true) => "off (OTEL_SDK_DISABLED=true)".to_owned(),
+            (true, false) => "off".to_owned(),
+            (false, _) => signals.join("; "),
+        }
+    }
+
     /// A subscriber with the env filter, the OpenTelemetry layer and a fmt layer writing to
     /// `writer`. The binary installs it globally; tests keep it as a [`Dispatch`].
     pub fn subscriber<W>(&self, writer: W) -> Result<Dispatch, TelemetryError>
@@ -239,10 +327,13 @@ impl Telemetry {
                 .filter(|f| !f.is_empty())
                 .unwrap_or_else(|| DEFAULT_LOG_FILTER.to_owned()),
         };
-        let filter = EnvFilter::try_new(&filter_text).map_err(|e| TelemetryError::Filter {
-            filter: filter_text.clone(),
-            detail: e.to_string(),
-        })?;
+        let parse = || {
+            EnvFilter::try_new(&filter_text).map_err(|e| TelemetryError::Filter {
+                filter: filter_text.clone(),
+                detail: e.to_string(),
+            })
+        };
+        let filter = parse()?;
         let otel = tracing_opentelemetry::layer()
             .with_tracer(self.tracer_provider.tracer("deriva"))
             .with_context_activation(true)
@@ -257,9 +348,29 @@ impl Telemetry {
             .with_target("deriva_compute", Level::INFO)
             .with_target("deriva_core", Level::INFO)
             .with_target("deriva_remote", Level::INFO);
+        // Log events as OTLP log records, under the console's filter. The exporters' own crates
+        // are left out: a record about a failed export must not feed the export.
+        let bridge = self.logger_provider.as_ref().map(|provider| {
+            let exporting = filter_fn(|meta| {
+                let target = meta.target();
+                !EXPORT_TARGETS.iter().any(|t| {
+                    target
+                        .strip_prefix(t)
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+                })
+            });
+            opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(provider)
+                .with_filter(
+                    parse()
+                        .expect("parsed once already")
+                        .and(filter_fn(|meta| meta.is_event()))
+                        .and(exporting),
+                )
+        });
         let registry = tracing_subscriber::registry()
             .with(otel.with_filter(spans.clone()))
-            .with(self.traces.layer().with_filter(spans));
+            .with(self.traces.layer().with_filter(spans))
+            .with(bridge);
         // The fmt layer sees events only. Given spans, it would format every span's fields when
         // the span is created, whether or not a line is ever written inside it: that cost 15%
         // of cached-Get throughput (BENCHMARKS.md). Lines name their request through the ids
@@ -288,16 +399,23 @@ impl Telemetry {
         Ok(dispatch)
     }
 
-    /// Flushes and stops both providers, giving up after `timeout` (a dead collector must not
+    /// Flushes and stops the providers, giving up after `timeout` (a dead collector must not
     /// hold shutdown hostage). Runs the blocking SDK calls off the async workers.
     pub async fn shutdown(&self, timeout: Duration) {
         let (tracers, meters) = (self.tracer_provider.clone(), self.meter_provider.clone());
+        let loggers = self.logger_provider.clone();
         let work = tokio::task::spawn_blocking(move || {
             if let Err(e) = tracers.shutdown_with_timeout(timeout) {
                 tracing::warn!(error = %e, "span export did not finish at shutdown");
             }
             if let Err(e) = meters.shutdown_with_timeout(timeout) {
                 tracing::warn!(error = %e, "metric export did not finish at shutdown");
+            }
+            // Last, so that the lines above are exported too.
+            if let Some(loggers) = loggers
+                && let Err(e) = loggers.shutdown_with_timeout(timeout)
+            {
+                eprintln!("deriva-server: log record export did not finish at shutdown: {e}");
             }
         });
         if tokio::time::timeout(timeout, work).await.is_err() {

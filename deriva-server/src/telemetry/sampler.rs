@@ -19,6 +19,7 @@ pub const FORCE_TRACE_ATTR: &str = "deriva.force_trace";
 pub struct DerivaSampler {
     ratio: Sampler,
     limiter: Option<Arc<RateLimiter>>,
+    follow_callers: bool,
 }
 
 impl DerivaSampler {
@@ -27,7 +28,17 @@ impl DerivaSampler {
         Self {
             ratio: Sampler::TraceIdRatioBased(ratio.clamp(0.0, 1.0)),
             limiter: max_per_second.map(|r| Arc::new(RateLimiter::new(r))),
+            follow_callers: true,
         }
+    }
+
+    /// Whether a caller's (remote parent's) decision is followed, as the `parentbased_*`
+    /// samplers do (the default); `false` decides a request by the ratio alone, as
+    /// `always_on`, `always_off` and `traceidratio` do. Spans under a span of this process
+    /// always follow it, so a trace is kept or dropped whole.
+    pub fn following_callers(mut self, follow: bool) -> Self {
+        self.follow_callers = follow;
+        self
     }
 }
 
@@ -65,7 +76,7 @@ impl ShouldSample for DerivaSampler {
         }
         if let Some(cx) = parent.filter(|c| c.has_active_span()) {
             let sc = cx.span().span_context().clone();
-            if sc.is_valid() {
+            if sc.is_valid() && (self.follow_callers || !sc.is_remote()) {
                 return decision(sc.is_sampled(), parent);
             }
         }
@@ -170,6 +181,28 @@ mod tests {
             None,
             &[KeyValue::new(FORCE_TRACE_ATTR, false)]
         ));
+    }
+
+    #[test]
+    fn samplers_that_ignore_callers_decide_alone_but_keep_local_children() {
+        let always_off = DerivaSampler::new(0.0, None).following_callers(false);
+        let always_on = DerivaSampler::new(1.0, None).following_callers(false);
+        assert!(!decide(&always_off, Some(&remote_parent(true)), &[]));
+        assert!(decide(&always_on, Some(&remote_parent(false)), &[]));
+        assert!(
+            decide(&always_off, None, &[KeyValue::new(FORCE_TRACE_ATTR, true)]),
+            "x-deriva-trace: force still wins"
+        );
+        // A span under a sampled span of this process follows it.
+        let local = SpanContext::new(
+            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+            SpanId::from_hex("b7ad6b7169203331").unwrap(),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        );
+        let cx = Context::new().with_remote_span_context(local);
+        assert!(decide(&always_off, Some(&cx), &[]));
     }
 
     #[test]
