@@ -4,7 +4,8 @@
 //! `OTEL_METRIC_EXPORT_INTERVAL` honoured, TLS with a CA and a client certificate from the
 //! environment (`rcgen`), an untrusted receiver getting nothing while the server keeps
 //! serving, and `OTEL_SDK_DISABLED=true` exporting nothing. Header values appear in no log
-//! line and no `/debug` page.
+//! line and no `/debug` page. Over gRPC: a TLS receiver (tonic) gets gzip spans with the
+//! headers, and the fake collector gets log records carrying their request's trace ids.
 
 mod common;
 
@@ -501,4 +502,134 @@ async fn otel_sdk_disabled_exports_nothing() {
         stderr.contains("otlp=off (OTEL_SDK_DISABLED=true)"),
         "{stderr}"
     );
+}
+
+/// An OTLP/gRPC trace receiver over TLS (tonic), keeping each export with its metadata.
+#[derive(Clone, Default)]
+struct GrpcTraces(Arc<Mutex<Vec<(tonic::metadata::MetadataMap, ExportTraceServiceRequest)>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for GrpcTraces
+{
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let metadata = request.metadata().clone();
+        self.0
+            .lock()
+            .unwrap()
+            .push((metadata, request.into_inner()));
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_grpc_over_tls_sends_gzip_spans_with_the_headers() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    // tonic's server TLS takes the process's provider; two are compiled in (ring, aws-lc-rs).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = Ca::new("OTLP gRPC test CA");
+    let files = tempfile::tempdir().unwrap();
+    let ca_file = write(&files, "ca.pem", &ca.pem);
+    let (cert, key) = ca.issue(&["localhost"]);
+    let received = GrpcTraces::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let service = TraceServiceServer::new(received.clone())
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert, key));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    // Only traces: the receiver has no metrics or logs service.
+    let mut server = ServerProcess::options()
+        .args(["--otlp-endpoint", &format!("https://localhost:{port}")])
+        .args(["--otlp-header", &format!("x-tenant={FLAG_SECRET}")])
+        .env("OTEL_EXPORTER_OTLP_CERTIFICATE", &ca_file)
+        .env("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")
+        .env(
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            format!("x-api-key={ENV_SECRET},x-tenant=from-the-environment"),
+        )
+        .env("OTEL_METRICS_EXPORTER", "none")
+        .env("OTEL_LOGS_EXPORTER", "none")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .start();
+    traffic(&server).await;
+    let start = Instant::now();
+    while received.0.lock().unwrap().is_empty() {
+        assert!(start.elapsed() < DEADLINE, "no spans over gRPC and TLS");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let exports = received.0.lock().unwrap().clone();
+    for (metadata, export) in &exports {
+        let get = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok());
+        assert_eq!(get("x-api-key"), Some(ENV_SECRET));
+        assert_eq!(get("x-tenant"), Some(FLAG_SECRET), "the flag wins");
+        assert_eq!(get("grpc-encoding"), Some("gzip"));
+        assert!(!export.resource_spans.is_empty());
+    }
+    assert!(server.stop().success());
+    let stderr = server.stderr();
+    assert!(
+        !stderr.contains(ENV_SECRET) && !stderr.contains(FLAG_SECRET),
+        "{stderr}"
+    );
+    assert!(stderr.contains("traces to https://localhost"), "{stderr}");
+    assert!(
+        !stderr.contains("metrics to") && !stderr.contains("logs to"),
+        "{stderr}"
+    );
+}
+
+/// Over gRPC (the fake collector), a failed call's log record carries its request's ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_grpc_log_records_carry_their_requests_trace_ids() {
+    let mut collector = fake_opentelemetry_collector::FakeCollectorServer::start()
+        .await
+        .unwrap();
+    let server = ServerProcess::options()
+        .args(["--otlp-endpoint", &collector.endpoint()])
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .start();
+    traffic(&server).await;
+    let logs = collector.exported_logs(1, DEADLINE).await;
+    let failed = logs
+        .iter()
+        .find(|l| l.body.as_deref().is_some_and(|b| b.contains("rpc failed")))
+        .unwrap_or_else(|| panic!("no \"rpc failed\" record in {logs:?}"));
+    assert_eq!(failed.severity_text, "INFO");
+    assert_eq!(failed.trace_id.len(), 32, "{failed:?}");
+    let spans = collector.exported_spans(1, DEADLINE).await;
+    let mut seen: Vec<_> = spans.clone();
+    let start = Instant::now();
+    while !seen
+        .iter()
+        .any(|s| s.trace_id == failed.trace_id && s.span_id == failed.span_id)
+    {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no exported span has the record's ids {}/{}",
+            failed.trace_id,
+            failed.span_id
+        );
+        seen.extend(
+            collector
+                .exported_spans(1, Duration::from_millis(200))
+                .await,
+        );
+    }
 }
