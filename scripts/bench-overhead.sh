@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Telemetry overhead, measured side by side: two release servers on free ports, one with
-# telemetry off (no metrics listener, no OTLP, RUST_LOG=off) and one with telemetry full
-# (metrics listener, 100% sampling, OTLP export to a local receiver, JSON logs at info), driven
-# alternately (A B A B ...) by `deriva bench`. Prints the median throughput of each and the
-# ratio full/off for cached-get and compute-get.
+# Telemetry overhead, measured side by side: three release servers on free ports, driven in
+# turn by `deriva bench`, in a shuffled order each round:
+#   off        no metrics listener, no OTLP, RUST_LOG=off;
+#   full       metrics listener, 100% sampling, OTLP export (spans, metrics and log records) to a
+#              local receiver, JSON logs at info (failed calls only: a served call logs at DEBUG);
+#   full-logs  full, with deriva_server at DEBUG: one log line and one OTLP log record per call
+#              (the "rpc finished" access line), to price a log record.
+# Prints, per workload, the median throughput and the median server CPU time per request
+# (utime + stime from /proc/PID/stat around each run, over the requests it served) of each,
+# and their ratios to `off`.
 #
 # Usage: scripts/bench-overhead.sh [ROUNDS] [SECONDS] [CONCURRENCY]   (defaults: 5 5 16)
 set -euo pipefail
@@ -23,53 +28,81 @@ bench_stop() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
 }
+clk_tck=$(getconf CLK_TCK)
 
 "$bin/examples/otlp-sink" > "$work/sink.out" 2> "$work/sink.err" &
 pids+=($!)
 for _ in $(seq 100); do [ -s "$work/sink.out" ] && break; sleep 0.1; done
 endpoint=$(head -n1 "$work/sink.out")
 
-off_port=$(free_port)
-full_port=$(free_port)
-metrics_port=$(free_port)
-RUST_LOG=off "$bin/deriva-server" --listen "127.0.0.1:$off_port" --metrics-port 0 \
-    --data-dir "$work/off" 2> "$work/off.log" &
-pids+=($!)
-RUST_LOG=info "$bin/deriva-server" --listen "127.0.0.1:$full_port" --metrics-port "$metrics_port" \
-    --trace-sample-ratio 1.0 --otlp-endpoint "$endpoint" --log-format json \
-    --data-dir "$work/full" 2> "$work/full.log" &
-pids+=($!)
-for port in "$off_port" "$full_port"; do
+configs=(off full full-logs)
+declare -A port pid
+start_server() { # NAME RUST_LOG ARGS...
+    local name=$1 log=$2
+    shift 2
+    port[$name]=$(free_port)
+    RUST_LOG=$log "$bin/deriva-server" --listen "127.0.0.1:${port[$name]}" \
+        --data-dir "$work/$name" "$@" 2> "$work/$name.log" &
+    pid[$name]=$!
+    pids+=($!)
+}
+start_server off off --metrics-port 0
+full_flags=(--trace-sample-ratio 1.0 --otlp-endpoint "$endpoint" --log-format json)
+start_server full info --metrics-port "$(free_port)" "${full_flags[@]}"
+start_server full-logs info,deriva_server=debug --metrics-port "$(free_port)" "${full_flags[@]}"
+for name in "${configs[@]}"; do
     for _ in $(seq 100); do
-        "$bin/deriva" --server "http://127.0.0.1:$port" status >/dev/null 2>&1 && break
+        "$bin/deriva" --server "http://127.0.0.1:${port[$name]}" status >/dev/null 2>&1 && break
         sleep 0.1
     done
 done
 
-throughput() { # SERVER_PORT WORKLOAD
-    "$bin/deriva" --server "http://127.0.0.1:$1" bench --workload "$2" --duration "${secs}s" \
-        --concurrency "$conc" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["throughput_rps"])'
+results=$work/results.tsv
+: > "$results"
+run_one() { # WORKLOAD NAME
+    local before after out
+    before=$(cpu_ticks "${pid[$2]}")
+    out=$("$bin/deriva" --server "http://127.0.0.1:${port[$2]}" bench --workload "$1" \
+        --duration "${secs}s" --concurrency "$conc" --json)
+    after=$(cpu_ticks "${pid[$2]}")
+    python3 - "$1" "$2" "$clk_tck" "$((after - before))" "$out" >> "$results" <<'PY'
+import json, sys
+workload, name, tck, ticks, out = sys.argv[1:6]
+r = json.loads(out)
+n = r["requests"]
+cpu = int(ticks) * 1e6 / int(tck) / n if n else float("nan")
+print(f"{workload}\t{name}\t{r['throughput_rps']:.1f}\t{cpu:.2f}")
+PY
 }
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 echo "rounds=$rounds duration=${secs}s concurrency=$conc cores=$(nproc)"
-printf '%-12s %12s %12s %8s\n' workload off_rps full_rps full/off
 for workload in cached-get compute-get; do
-    : > "$work/off.$workload"
-    : > "$work/full.$workload"
-    for round in $(seq "$rounds"); do
-        # Alternate which goes first, so drift in the machine's load hits both alike.
-        if [ $((round % 2)) -eq 1 ]; then order="off full"; else order="full off"; fi
-        for which in $order; do
-            port=$off_port; [ "$which" = full ] && port=$full_port
-            throughput "$port" "$workload" >> "$work/$which.$workload"
+    for _ in $(seq "$rounds"); do
+        # A fresh shuffled order each round, so drift in the machine's load hits all alike.
+        for name in $(printf '%s\n' "${configs[@]}" | shuf); do
+            run_one "$workload" "$name"
         done
     done
-    off=$(median < "$work/off.$workload")
-    full=$(median < "$work/full.$workload")
-    ratio=$(python3 -c "print(f'{$full/$off:.3f}')")
-    printf '%-12s %12.0f %12.0f %8s\n' "$workload" "$off" "$full" "$ratio"
-    echo "  off:  $(tr '\n' ' ' < "$work/off.$workload")" >&2
-    echo "  full: $(tr '\n' ' ' < "$work/full.$workload")" >&2
 done
-echo "full server log lines: $(wc -l < "$work/full.log"); sink: $(tail -n1 "$work/sink.err" 2>/dev/null)" >&2
+python3 - "$results" <<'PY'
+import statistics, sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+configs = ["off", "full", "full-logs"]
+print(f"{'workload':<12} {'config':<10} {'req/s':>9} {'cpu us/req':>10} {'rps/off':>8} {'cpu/off':>8}")
+for workload in dict.fromkeys(r[0] for r in rows):
+    med = {}
+    for c in configs:
+        mine = [r for r in rows if r[0] == workload and r[1] == c]
+        med[c] = (statistics.median(float(r[2]) for r in mine),
+                  statistics.median(float(r[3]) for r in mine))
+    for c in configs:
+        rps, cpu = med[c]
+        print(f"{workload:<12} {c:<10} {rps:>9.0f} {cpu:>10.1f} {rps / med['off'][0]:>8.3f} {cpu / med['off'][1]:>8.3f}")
+    for c in configs:
+        per_round = [f"{float(r[2]):.0f}/{float(r[3]):.1f}" for r in rows if r[0] == workload and r[1] == c]
+        print(f"  {c} (req/s/cpu us per round): {' '.join(per_round)}", file=sys.stderr)
+PY
+for name in full full-logs; do
+    echo "$name server log lines: $(wc -l < "$work/$name.log")" >&2
+done
+echo "sink: $(tail -n1 "$work/sink.err" 2>/dev/null)" >&2

@@ -1,6 +1,6 @@
-//! A local OTLP/gRPC receiver that accepts and discards spans, metrics and log records, for the telemetry
-//! overhead benchmark (`scripts/bench-overhead.sh`). It prints its endpoint on stdout, then
-//! counts what it received until killed.
+//! A local OTLP/gRPC receiver that accepts and discards spans, metrics and log records, for
+//! the telemetry overhead benchmark (`scripts/bench-overhead.sh`). It prints its endpoint on
+//! stdout, then counts what it received until killed.
 //!
 //! Run: `cargo run --release -p deriva-server --example otlp-sink`.
 
