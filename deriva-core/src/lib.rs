@@ -73,6 +73,7 @@
 
 pub mod addr;
 pub mod error;
+pub mod escape;
 pub mod recipe;
 pub mod size;
 pub mod spans;

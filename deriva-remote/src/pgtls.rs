@@ -213,7 +213,10 @@ fn split_tls_params(url: &str) -> (String, BTreeMap<String, String>) {
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            match (percent_decode(key), percent_decode(value)) {
+            match (
+                deriva_core::escape::percent_decode(key),
+                deriva_core::escape::percent_decode(value),
+            ) {
                 (Some(key), Some(value)) if TLS_PARAMS.contains(&key.as_str()) => {
                     params.insert(key, value);
                 }
@@ -239,24 +242,6 @@ fn split_tls_params(url: &str) -> (String, BTreeMap<String, String>) {
         }
     }
     (kept.join(" "), params)
-}
-
-/// `%XX` escapes decoded; `None` if one is malformed or the result is not UTF-8.
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// The pairs of a libpq `key=value` string, each as (key, unescaped value, its own text);

@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
+use common::ca::Ca;
 use common::http::http_get;
 use common::{DEADLINE, ServerProcess};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message as _;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio::net::TcpListener;
 use tonic::Code;
 
@@ -354,36 +354,6 @@ async fn otlp_http_sends_gzip_with_headers_metrics_on_time_and_logs_with_trace_i
     assert!(stderr.contains("header x-api-key set"), "{stderr}");
 }
 
-/// A CA and what it signs.
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Self {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// (certificate PEM, key PEM) for `names`.
-    fn issue(&self, names: &[&str]) -> (String, String) {
-        let params =
-            CertificateParams::new(names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
-                .unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
     let path = dir.path().join(name);
     std::fs::write(&path, text).unwrap();
@@ -394,7 +364,7 @@ fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
 fn receiver_tls(ca: &Ca) -> Arc<rustls::ServerConfig> {
     use rustls_pki_types::pem::PemObject as _;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let (cert, key) = ca.issue(&["localhost", "127.0.0.1"]);
+    let (cert, key, _) = ca.issue(&["localhost", "127.0.0.1"], false);
     let certs = vec![rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
     let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
     let mut roots = rustls::RootCertStore::empty();
@@ -422,7 +392,7 @@ async fn otlp_over_tls_trusts_the_configured_ca_and_an_untrusted_receiver_gets_n
     let ca = Ca::new("OTLP test CA");
     let files = tempfile::tempdir().unwrap();
     let ca_file = write(&files, "ca.pem", &ca.pem);
-    let (client_cert, client_key) = ca.issue(&["deriva-server"]);
+    let (client_cert, client_key, _) = ca.issue(&["deriva-server"], true);
     let client_cert = write(&files, "client.pem", &client_cert);
     let client_key = write(&files, "client.key", &client_key);
     let receiver = Receiver::start(Some(receiver_tls(&ca))).await;
@@ -538,7 +508,7 @@ async fn otlp_grpc_over_tls_sends_gzip_spans_with_the_headers() {
     let ca = Ca::new("OTLP gRPC test CA");
     let files = tempfile::tempdir().unwrap();
     let ca_file = write(&files, "ca.pem", &ca.pem);
-    let (cert, key) = ca.issue(&["localhost"]);
+    let (cert, key, _) = ca.issue(&["localhost"], false);
     let received = GrpcTraces::default();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();

@@ -590,7 +590,7 @@ fn parse_headers(list: &str, variable: &str, warnings: &mut Vec<String>) -> Vec<
             continue;
         };
         let key = key.trim().to_ascii_lowercase();
-        match percent_decode(value.trim()) {
+        match deriva_core::escape::percent_decode(value.trim()) {
             Some(value) if !key.is_empty() => out.push((key, value)),
             _ => warnings.push(format!(
                 "{variable}: the value of entry {} ({key:?}) does not decode: skipped",
@@ -614,24 +614,6 @@ fn check_header_name(name: &str) -> Result<(), String> {
             "OTLP header name {name:?} is not a valid header name"
         ))
     }
-}
-
-/// `%XX` escapes decoded; `None` if one is malformed or the result is not UTF-8.
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// Reads a PEM file named by the variable behind `what`.

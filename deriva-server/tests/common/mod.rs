@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod ca;
 pub mod http;
 pub mod in_process;
 pub mod process;
