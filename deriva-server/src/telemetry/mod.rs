@@ -350,23 +350,28 @@ impl Telemetry {
             .with_target("deriva_remote", Level::INFO);
         // Log events as OTLP log records, under the console's filter. The exporters' own crates
         // are left out: a record about a failed export must not feed the export.
-        let bridge = self.logger_provider.as_ref().map(|provider| {
-            let exporting = filter_fn(|meta| {
-                let target = meta.target();
-                !EXPORT_TARGETS.iter().any(|t| {
-                    target
-                        .strip_prefix(t)
-                        .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
-                })
-            });
-            opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(provider)
-                .with_filter(
-                    parse()
-                        .expect("parsed once already")
-                        .and(filter_fn(|meta| meta.is_event()))
-                        .and(exporting),
-                )
+        // Always behind a filter, even with no logger provider: an unfiltered `None` layer
+        // would tell tracing that every callsite is wanted (`Option<Layer>` answers
+        // `Interest::always()`), and every TRACE span of h2, hyper and tonic would be built,
+        // doubling the CPU of a cached Get with telemetry off (BENCHMARKS.md).
+        let exporting_logs = self.logger_provider.is_some();
+        let not_exporters = filter_fn(|meta| {
+            let target = meta.target();
+            !EXPORT_TARGETS.iter().any(|t| {
+                target
+                    .strip_prefix(t)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+            })
         });
+        let bridge = self
+            .logger_provider
+            .as_ref()
+            .map(opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new)
+            .with_filter(
+                parse()?
+                    .and(filter_fn(move |meta| exporting_logs && meta.is_event()))
+                    .and(not_exporters),
+            );
         let registry = tracing_subscriber::registry()
             .with(otel.with_filter(spans.clone()))
             .with(self.traces.layer().with_filter(spans))
@@ -423,6 +428,76 @@ impl Telemetry {
                 timeout_secs = timeout.as_secs_f64(),
                 "telemetry shutdown timed out; dropping what was left"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing_core::callsite::Callsite;
+    use tracing_core::metadata::Kind;
+    use tracing_core::subscriber::Interest;
+    use tracing_core::{Level, Metadata};
+
+    use super::*;
+
+    /// A callsite of this test's own: a TRACE span of `h2` (which no layer wants), or an INFO
+    /// span of Deriva's (which the OpenTelemetry layer and the trace store want).
+    struct Probe(&'static Metadata<'static>);
+
+    impl Callsite for Probe {
+        fn set_interest(&self, _: Interest) {}
+        fn metadata(&self) -> &Metadata<'_> {
+            self.0
+        }
+    }
+
+    static H2: Probe = Probe(&H2_META);
+    static H2_META: Metadata<'static> = tracing_core::metadata! {
+        name: "poll",
+        target: "h2::proto::connection",
+        level: Level::TRACE,
+        fields: &[],
+        callsite: &H2,
+        kind: Kind::SPAN,
+    };
+    static OURS: Probe = Probe(&OURS_META);
+    static OURS_META: Metadata<'static> = tracing_core::metadata! {
+        name: "materialize",
+        target: "deriva_compute::executor",
+        level: Level::INFO,
+        fields: &[],
+        callsite: &OURS,
+        kind: Kind::SPAN,
+    };
+
+    /// With or without OTLP export (and its log bridge), the subscriber builds no span that no
+    /// layer wants: an unfiltered layer anywhere in the stack would enable every callsite, and
+    /// h2's, hyper's and tonic's TRACE spans cost as much CPU as serving a cached Get.
+    #[test]
+    fn the_subscriber_builds_only_the_spans_its_layers_want() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _in_runtime = runtime.enter();
+        for endpoint in [None, Some("http://127.0.0.1:9".to_owned())] {
+            let telemetry = Telemetry::new(TelemetryConfig {
+                otlp_endpoint: endpoint.clone(),
+                log_filter: Some("off".into()),
+                ..TelemetryConfig::default()
+            })
+            .unwrap();
+            assert_eq!(telemetry.logger_provider().is_some(), endpoint.is_some());
+            let dispatch = telemetry.subscriber(std::io::sink).unwrap();
+            let h2 = dispatch.register_callsite(&H2_META);
+            let ours = dispatch.register_callsite(&OURS_META);
+            assert!(
+                h2.is_never(),
+                "an h2 TRACE span, export {endpoint:?}: {h2:?}"
+            );
+            assert!(!ours.is_never(), "Deriva's span, export {endpoint:?}");
         }
     }
 }
