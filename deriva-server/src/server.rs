@@ -349,6 +349,10 @@ impl Server {
                         traces: self.traces.clone(),
                         auth: self.auth.clone(),
                         metrics: self.metrics.clone(),
+                        about: Arc::new(crate::http::About {
+                            version: env!("CARGO_PKG_VERSION"),
+                            settings: self.config.describe(),
+                        }),
                     };
                     let listener = crate::listen::HttpListener::new(
                         listener,

@@ -250,7 +250,8 @@ async fn every_rpc_needs_a_token_with_its_scope() {
     let http = server.metrics_addr();
     let admin = format!("Bearer {}", TOKENS[2].0);
     let reader = format!("Bearer {}", TOKENS[0].0);
-    for path in ["/metrics", "/debug/traces"] {
+    let guarded = ["/metrics", "/debug", "/debug/traces"];
+    for path in guarded {
         let none = http_get_with(http, path, &[]).await.unwrap();
         assert_eq!(none.status, 401, "{path}: {}", none.body);
         assert!(
@@ -267,8 +268,8 @@ async fn every_rpc_needs_a_token_with_its_scope() {
             .unwrap();
         assert_eq!(ok.status, 200, "{path}: {}", ok.body);
     }
-    *refused.entry("missing").or_default() += 2;
-    *refused.entry("scope").or_default() += 2;
+    *refused.entry("missing").or_default() += guarded.len() as u64;
+    *refused.entry("scope").or_default() += guarded.len() as u64;
     for path in ["/healthz", "/readyz", "/health"] {
         let open = http_get_with(http, path, &[]).await.unwrap();
         assert_eq!(open.status, 200, "{path}: {}", open.body);

@@ -6,8 +6,12 @@
 //! | `GET /health` | JSON `{status, store, cache_entries, dag_recipes, uptime_seconds}`; 503 with `reason` and `failures` (each naming its backend: the index, the blob store) when a real read of either fails |
 //! | `GET /healthz` | liveness: 200 while the process serves HTTP |
 //! | `GET /readyz` | readiness: 200 once the store is open and both backends answer a real read; 503 while shutting down, or while a backend is unreachable (the body names it) |
-//! | `GET /debug/traces` | JSON: the recent, slowest and failed requests (see [`crate::trace_store`]) |
-//! | `GET /debug/traces/{trace_id}` | one request's span tree as JSON, or as HTML for a browser (`Accept: text/html`) |
+//! | `GET /debug` | an HTML index: version, uptime, store, effective settings, links to the other pages |
+//! | `GET /debug/traces` | JSON: the recent, slowest and failed requests (see [`crate::trace_store`]); for a browser (`Accept: text/html`) three filterable tables |
+//! | `GET /debug/traces/{trace_id}` | one request's span tree as JSON, or for a browser a waterfall of its spans |
+//!
+//! The HTML pages load nothing from elsewhere and send a `Content-Security-Policy` that lets only
+//! their own inline script run.
 //!
 //! With `--auth-tokens`, `/metrics` and `/debug/*` need a bearer token with the `admin` scope
 //! (401 without a known token, 403 without the scope); `/healthz` and `/readyz` stay open for
@@ -49,12 +53,24 @@ pub struct HttpState {
     pub auth: Option<Arc<Tokens>>,
     /// Counts refused requests (`deriva_auth_failures_total`).
     pub metrics: ServerMetrics,
+    /// What `/debug` shows about the server.
+    pub about: Arc<About>,
+}
+
+/// The version and the effective settings, for `/debug`.
+#[derive(Debug, Clone, Default)]
+pub struct About {
+    /// The server's version.
+    pub version: &'static str,
+    /// [`crate::config::Config::describe`]: `key = value` pairs, secrets hidden.
+    pub settings: Vec<(&'static str, String)>,
 }
 
 /// The router.
 pub fn router(state: HttpState) -> Router {
     let guarded = Router::new()
         .route("/metrics", get(metrics))
+        .route("/debug", get(debug::index))
         .route("/debug/traces", get(debug::trace_lists))
         .route("/debug/traces/{trace_id}", get(debug::trace_one))
         .route_layer(axum::middleware::from_fn_with_state(
