@@ -1,8 +1,8 @@
 //! The `/debug` pages in a real browser: the server binary serves real traffic (a recipe
 //! computed, a cached Get, a NOT_FOUND Get, a hostile `x-request-id`), then headless Chromium
 //! loads the index, the request lists and the waterfall of the computed Get. The DOM it builds
-//! is checked (rows, status names, one bar per span, hostile strings as text only) and a
-//! screenshot of each page goes to `target/debug-pages/`.
+//! is checked (rows, status names, one bar per span, hostile strings as text only, the page's
+//! own script run and filtering) and a screenshot of each page goes to `target/debug-pages/`.
 //!
 //! Chromium must be installed (`apt-get install chromium`; `.ci/run` does it): without it the
 //! test fails, it does not skip.
@@ -304,6 +304,26 @@ async fn the_debug_pages_render_in_chromium_with_hostile_values_as_text() {
     );
     assert!(listed.contains("id=\"f-method\"") && listed.contains("id=\"f-refresh\""));
     assert_no_script_but_ours(&listed, 1, "/debug/traces");
+    // The page's script ran: the policy lets its nonce through.
+    assert!(
+        listed.contains("data-script=\"ran\""),
+        "the script did not run"
+    );
+
+    // The filter, chosen by the fragment: only the failed Get's rows stay visible.
+    let filtered = run_chromium(&url("/debug/traces#status=NOT_FOUND"), &["--dump-dom"]).await;
+    let rows: Vec<&str> = filtered
+        .match_indices("<tr data-method=")
+        .map(|(at, _)| {
+            let row = &filtered[at..];
+            &row[..row.find('>').unwrap()]
+        })
+        .collect();
+    assert!(rows.len() >= 4, "{rows:?}");
+    for row in &rows {
+        let hidden = row.contains(" hidden");
+        assert_eq!(hidden, !row.contains("data-status=\"NOT_FOUND\""), "{row}");
+    }
 
     // The waterfall of the computed Get: one bar per span, colored, the compute labelled.
     let tree = http_get_with(&http, &format!("/debug/traces/{computed_trace}"), &[])

@@ -1,6 +1,7 @@
 //! `/debug/traces` for a browser: the recent, slowest and failed requests as three tables, each
-//! row linking to its waterfall, with a filter by method and status and an optional reload
-//! every few seconds (a small inline script; the rows are all there without it).
+//! row linking to its waterfall, with a filter by method and status (also given by the
+//! fragment: `#method=Get&status=NOT_FOUND`) and an optional reload every few seconds (a small
+//! inline script; the rows are all there without it).
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
@@ -29,11 +30,15 @@ const SCRIPT: &str = r#"(function () {
     save();
   }
   load();
+  // A link may choose: /debug/traces#method=Get&status=NOT_FOUND.
+  var asked = new URLSearchParams(location.hash.slice(1));
+  ["method", "status"].forEach(function (k) { if (asked.has(k)) { saved[k] = asked.get(k); } });
   if (saved.method) { method.value = saved.method; }
   if (saved.status) { status.value = saved.status; }
   refresh.checked = !!saved.refresh;
   [method, status, refresh].forEach(function (el) { el.addEventListener("change", apply); });
   apply();
+  document.documentElement.setAttribute("data-script", "ran");
 })();"#;
 
 /// The page of the three lists.
