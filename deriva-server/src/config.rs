@@ -222,20 +222,60 @@ impl Config {
     }
 }
 
-/// `url` with its password, if any, replaced by `***`, for printing.
+/// `url` with its passwords, if any, replaced by `***`, for printing: the one before `@` in a
+/// URL, and the value of any `password=` parameter (a libpq URL's query, or a `key=value`
+/// connection string).
 pub fn redact_url(url: &str) -> String {
+    let url = redact_password_params(url);
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+        return url;
     };
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
     match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
             Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
+            None => url.clone(),
         },
-        None => url.to_owned(),
+        None => url.clone(),
     }
+}
+
+/// The values of `password=` (and `sslpassword=`) parameters replaced by `***`, wherever they
+/// start: after `?`, `&`, whitespace, or at the start of the text. A quoted value is replaced
+/// up to its closing quote.
+fn redact_password_params(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("password") {
+        let before = &rest[..at];
+        let starts_param = before.is_empty()
+            || before.ends_with(['?', '&', ' ', '\t'])
+            || before.ends_with("ssl")
+                && (before.len() == 3
+                    || before[..before.len() - 3].ends_with(['?', '&', ' ', '\t']));
+        let after = &rest[at + "password".len()..];
+        let value = after.trim_start_matches(' ').strip_prefix('=');
+        match value.filter(|_| starts_param) {
+            Some(value) => {
+                let value = value.trim_start_matches(' ');
+                let end = if let Some(quoted) = value.strip_prefix('\'') {
+                    quoted.find('\'').map_or(value.len(), |q| q + 2)
+                } else {
+                    value.find(['&', ' ', '\t']).unwrap_or(value.len())
+                };
+                out.push_str(before);
+                out.push_str("password=***");
+                rest = &value[end..];
+            }
+            None => {
+                out.push_str(&rest[..at + "password".len()]);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 impl Default for Config {
@@ -316,7 +356,7 @@ impl Config {
                     .clone()
                     .or_else(|| t.otel_env.get("OTEL_EXPORTER_OTLP_ENDPOINT").cloned())
                     .filter(|e| !e.is_empty())
-                    .unwrap_or_else(|| "off".into()),
+                    .map_or_else(|| "off".into(), |e| redact_url(&e)),
             ),
             (
                 "otlp-protocol",
@@ -826,6 +866,19 @@ mod tests {
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("postgres://h/db?x=a@b"), "postgres://h/db?x=a@b");
         assert_eq!(redact_url("host=h user=u"), "host=h user=u");
+        assert_eq!(
+            redact_url("postgres://u@h/db?sslmode=require&password=s3cret&x=1"),
+            "postgres://u@h/db?sslmode=require&password=***&x=1"
+        );
+        assert_eq!(
+            redact_url("host=h password='a b' user=u sslpassword=k"),
+            "host=h password=*** user=u sslpassword=***"
+        );
+        assert_eq!(redact_url("password = top"), "password=***");
+        assert_eq!(
+            redact_url("postgres://h/mypassword_db"),
+            "postgres://h/mypassword_db"
+        );
     }
 
     #[test]

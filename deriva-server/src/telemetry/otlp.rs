@@ -164,7 +164,8 @@ impl fmt::Debug for SignalExport {
 impl SignalExport {
     /// One line for the start-up log: where, how, and the names of the headers set.
     pub fn describe(&self) -> String {
-        let mut out = format!("{} over {}", self.endpoint, self.protocol.name());
+        let endpoint = crate::config::redact_url(&self.endpoint);
+        let mut out = format!("{endpoint} over {}", self.protocol.name());
         if self.gzip {
             out.push_str(", gzip");
         }
