@@ -7,7 +7,8 @@
 //! - an OpenTelemetry server span named `deriva.Deriva/<Method>` with `rpc.system`,
 //!   `rpc.service`, `rpc.method`, `rpc.grpc.status_code` and `request_id`, continuing the
 //!   caller's W3C `traceparent` when there is a valid one;
-//! - the request id: `x-request-id` when it is a sane token, a new UUID otherwise;
+//! - the request id: `x-request-id` when it is a safe token (no whitespace, quote or backslash),
+//!   a new UUID otherwise;
 //! - `x-request-id` and `x-trace-id` on every response, unary or streaming.
 //!
 //! Requests to other services (the gRPC health service) pass through untouched.
@@ -245,8 +246,10 @@ fn rpc_span(method: RpcMethod, request_id: &str, headers: &HeaderMap) -> Span {
     span
 }
 
-/// The caller's request id if it is a sane token (1 to 128 characters of `A-Z a-z 0-9 - _ . : /
-/// + = @`), else a new UUID v4. Anything else would be a way to inject text into logs.
+/// The caller's request id if it is a token of 1 to 128 visible ASCII characters other than `"`
+/// and `\`, else a new UUID v4. Whitespace (a new log line, a new `key=value`), quotes and
+/// backslashes (a way out of a JSON string) would let a caller write into the logs; anything
+/// else is kept as given, and every page escapes it.
 pub fn request_id(headers: &HeaderMap) -> String {
     let given = headers
         .get("x-request-id")
@@ -256,7 +259,7 @@ pub fn request_id(headers: &HeaderMap) -> String {
                 && id.len() <= MAX_REQUEST_ID_LEN
                 && id
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b))
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
         });
     match given {
         Some(id) => id.to_owned(),
@@ -554,7 +557,20 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("x-request-id", HeaderValue::from_static("req-42.a:b/c"));
         assert_eq!(request_id(&headers), "req-42.a:b/c");
-        for hostile in ["a b", "quote\"d", "", &"x".repeat(MAX_REQUEST_ID_LEN + 1)] {
+        // Markup is kept (the pages escape it); nothing that could leave a log field is.
+        headers.insert(
+            "x-request-id",
+            HeaderValue::from_static("<script>alert(1)</script>"),
+        );
+        assert_eq!(request_id(&headers), "<script>alert(1)</script>");
+        for hostile in [
+            "a b",
+            "quote\"d",
+            "back\\slash",
+            "tab\there",
+            "",
+            &"x".repeat(MAX_REQUEST_ID_LEN + 1),
+        ] {
             headers.insert("x-request-id", HeaderValue::from_str(hostile).unwrap());
             let id = request_id(&headers);
             assert_ne!(id, hostile);
