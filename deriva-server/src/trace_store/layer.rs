@@ -6,14 +6,15 @@ use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
 use deriva_core::spans;
-use tracing::Subscriber;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
 use super::{
-    MAX_FIELD_LEN, MAX_SPANS_PER_TRACE, REQUEST_SPAN, SpanRecord, TraceRecord, TraceStore,
+    EventRecord, LinkRecord, MAX_EVENTS_PER_SPAN, MAX_FIELD_LEN, MAX_SPANS_PER_TRACE, REQUEST_SPAN,
+    SpanRecord, TraceRecord, TraceStore,
 };
 
 /// What the layer keeps in a span's extensions while it is open.
@@ -25,6 +26,8 @@ struct Open {
     root: (Id, Instant),
     start: Instant,
     fields: Vec<(String, String)>,
+    events: Vec<EventRecord>,
+    links: Vec<LinkRecord>,
 }
 
 /// Extra state of an open request span.
@@ -104,6 +107,8 @@ where
             root,
             start,
             fields,
+            events: Vec::new(),
+            links: Vec::new(),
         });
         if is_request {
             let started_unix_ms = SystemTime::now()
@@ -146,6 +151,53 @@ where
         }
     }
 
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.event_span(event) else {
+            return;
+        };
+        let mut ext = span.extensions_mut();
+        let Some(open) = ext.get_mut::<Open>() else {
+            return;
+        };
+        if open.events.len() >= MAX_EVENTS_PER_SPAN {
+            return;
+        }
+        let mut fields = Vec::new();
+        event.record(&mut Fields(&mut fields));
+        open.events.push(EventRecord {
+            at_us: open.root.1.elapsed().as_micros() as u64,
+            level: event.metadata().level().as_str(),
+            fields,
+        });
+    }
+
+    fn on_follows_from(&self, id: &Id, follows: &Id, ctx: Context<'_, S>) {
+        let (Some(span), Some(followed)) = (ctx.span(id), ctx.span(follows)) else {
+            return;
+        };
+        // The request the followed span belongs to, and its trace id.
+        let Some(root) = followed
+            .extensions()
+            .get::<Open>()
+            .and_then(|open| ctx.span(&open.root.0))
+        else {
+            return;
+        };
+        let trace_id = root.extensions().get::<Open>().and_then(|open| {
+            open.fields
+                .iter()
+                .find(|(k, _)| k == spans::field::TRACE_ID)
+                .map(|(_, v)| v.clone())
+        });
+        let Some(trace_id) = trace_id else { return };
+        if let Some(open) = span.extensions_mut().get_mut::<Open>() {
+            open.links.push(LinkRecord {
+                trace_id,
+                name: followed.name(),
+            });
+        }
+    }
+
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(&id) else { return };
         let Some(open) = span.extensions_mut().remove::<Open>() else {
@@ -161,6 +213,8 @@ where
             start_us: open.start.duration_since(root_start).as_micros() as u64,
             duration_us: end.duration_since(open.start).as_micros() as u64,
             fields: open.fields,
+            events: open.events,
+            links: open.links,
         };
         match request {
             None => {

@@ -33,6 +33,8 @@ pub const REQUEST_SPAN: &str = deriva_core::spans::RPC;
 pub const MAX_SPANS_PER_TRACE: usize = 2000;
 /// Longest field value kept, in bytes.
 pub const MAX_FIELD_LEN: usize = 256;
+/// Most events kept per span (the first ones).
+pub const MAX_EVENTS_PER_SPAN: usize = 16;
 /// How many of the slowest recent requests are kept.
 pub const SLOWEST_KEPT: usize = 16;
 /// How far back "recent" goes for the slowest requests.
@@ -40,8 +42,29 @@ pub const SLOWEST_WINDOW: Duration = Duration::from_secs(300);
 /// How many failed requests are kept.
 pub const FAILED_KEPT: usize = 64;
 
+/// An event written inside a span (a log line).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EventRecord {
+    /// When, in microseconds after the request span started.
+    pub at_us: u64,
+    /// Its level (`INFO`, `WARN`, ...).
+    pub level: &'static str,
+    /// Its fields, `message` among them.
+    pub fields: Vec<(String, String)>,
+}
+
+/// A link from a span to another (`follows_from`): a call that joined the in-flight
+/// materialization another request started.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LinkRecord {
+    /// The trace of the span linked to.
+    pub trace_id: String,
+    /// The name of the span linked to.
+    pub name: &'static str,
+}
+
 /// One finished span of a trace.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct SpanRecord {
     /// Unique within the trace.
     pub id: u64,
@@ -55,6 +78,12 @@ pub struct SpanRecord {
     pub start_us: u64,
     /// Duration in microseconds.
     pub duration_us: u64,
+    /// Events written inside it, at most [`MAX_EVENTS_PER_SPAN`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<EventRecord>,
+    /// Links to spans of other requests.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinkRecord>,
 }
 
 impl SpanRecord {
@@ -359,6 +388,58 @@ mod tests {
                 .is_none()
         );
         assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    /// A call that joins another request's materialization keeps its event and a link to the
+    /// leader's trace; events per span are bounded.
+    #[test]
+    fn events_and_joins_are_kept_with_their_span() {
+        let store = TraceStore::new(8);
+        with_store(&store, || {
+            let leader_rpc =
+                tracing::info_span!("rpc", rpc.method = "Get", trace_id = tracing::field::Empty);
+            leader_rpc.record("trace_id", format!("{:032x}", 1).as_str());
+            let leader = leader_rpc.in_scope(|| tracing::info_span!("materialize", addr = "ab"));
+            let joiner_rpc =
+                tracing::info_span!("rpc", rpc.method = "Get", trace_id = tracing::field::Empty);
+            joiner_rpc.record("trace_id", format!("{:032x}", 2).as_str());
+            joiner_rpc.in_scope(|| {
+                let joined = tracing::info_span!("materialize", addr = "ab");
+                joined.follows_from(&leader);
+                joined.in_scope(|| {
+                    for i in 0..MAX_EVENTS_PER_SPAN + 3 {
+                        tracing::info!(n = i, "joined an in-flight materialization");
+                    }
+                });
+            });
+            drop(joiner_rpc);
+            drop(leader);
+            drop(leader_rpc);
+        });
+        let trace = store.get(&format!("{:032x}", 2)).expect("kept");
+        let joined = trace
+            .spans
+            .iter()
+            .find(|s| s.name == "materialize")
+            .unwrap();
+        assert_eq!(joined.events.len(), MAX_EVENTS_PER_SPAN);
+        assert_eq!(joined.events[0].level, "INFO");
+        assert!(
+            joined.events[0]
+                .fields
+                .iter()
+                .any(|(k, v)| k == "message" && v == "joined an in-flight materialization")
+        );
+        assert_eq!(joined.links.len(), 1);
+        assert_eq!(joined.links[0].trace_id, format!("{:032x}", 1));
+        assert_eq!(joined.links[0].name, "materialize");
+        let leader = store.get(&format!("{:032x}", 1)).expect("kept");
+        assert!(
+            leader
+                .spans
+                .iter()
+                .all(|s| s.events.is_empty() && s.links.is_empty())
+        );
     }
 
     #[test]

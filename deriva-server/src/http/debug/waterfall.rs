@@ -179,7 +179,7 @@ pub(super) fn page(trace: &TraceRecord) -> Page {
             outcome.class()
         );
     }
-    body.push_str(" · click a row for its attributes</p>");
+    body.push_str(" · click a row for its attributes, events and joins</p>");
 
     // The axis: the request's duration, or further if a span outlived it.
     let total = trace
@@ -262,6 +262,42 @@ fn write_row(out: &mut String, span: &SpanRecord, depth: usize, total: f64, code
             Esc(value)
         );
     }
+    for event in &span.events {
+        let text: Vec<String> = event
+            .fields
+            .iter()
+            .map(|(k, v)| {
+                if k == "message" {
+                    v.clone()
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect();
+        let _ = write!(
+            out,
+            "<tr class=event><th>event +{}</th><td class=mono>{} {}</td></tr>",
+            page::duration(event.at_us),
+            Esc(event.level),
+            Esc(&text.join(" "))
+        );
+    }
+    for link in &span.links {
+        let target =
+            if link.trace_id.bytes().all(|b| b.is_ascii_hexdigit()) && !link.trace_id.is_empty() {
+                format!(
+                    "<a href=\"/debug/traces/{id}\">{id}</a>",
+                    id = Esc(&link.trace_id)
+                )
+            } else {
+                Esc(&link.trace_id).to_string()
+            };
+        let _ = write!(
+            out,
+            "<tr class=link><th>joined</th><td class=mono>{} of trace {target}</td></tr>",
+            Esc(link.name)
+        );
+    }
     out.push_str("</table></details>");
 }
 
@@ -279,6 +315,7 @@ mod tests {
             fields: Vec::new(),
             start_us: id,
             duration_us: 10,
+            ..SpanRecord::default()
         }
     }
 
@@ -294,6 +331,33 @@ mod tests {
             dropped_spans: 0,
             spans,
         }
+    }
+
+    #[test]
+    fn events_and_joins_show_in_the_details_escaped() {
+        use crate::trace_store::{EventRecord, LinkRecord};
+        let mut joined = span(2, Some(1), spans::MATERIALIZE);
+        joined.events = vec![EventRecord {
+            at_us: 5,
+            level: "INFO",
+            fields: vec![
+                ("message".into(), "joined <b>".into()),
+                ("addr".into(), "ab".into()),
+            ],
+        }];
+        joined.links = vec![LinkRecord {
+            trace_id: "cd".repeat(16),
+            name: "materialize",
+        }];
+        let (html, _) = rendered(&trace(vec![span(1, None, "rpc"), joined]));
+        assert!(html.contains("INFO joined &lt;b&gt; addr=ab"), "{html}");
+        assert!(
+            html.contains(&format!(
+                "<a href=\"/debug/traces/{id}\">{id}</a>",
+                id = "cd".repeat(16)
+            )),
+            "{html}"
+        );
     }
 
     fn rendered(trace: &TraceRecord) -> (String, Duration) {
