@@ -1,6 +1,7 @@
 //! [`Config`], the server's settings, and [`ServerArgs`], the command line that fills it. Every
 //! default is written once, in [`defaults`].
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -222,38 +223,57 @@ impl Config {
     }
 }
 
-/// `url` with its passwords, if any, replaced by `***`, for printing: the one before `@` in a
-/// URL, and the value of any `password=` parameter (a libpq URL's query, or a `key=value`
-/// connection string).
+/// `url` with its secrets replaced by `***`, for printing: the password before `@`, and the
+/// value of every query parameter whose name says it is a secret (`password`, `sslpassword`,
+/// `token`, `api_key`, ...). A libpq `key=value` string has its `password=` values hidden.
 pub fn redact_url(url: &str) -> String {
-    let url = redact_password_params(url);
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url;
+        return redact_password_params(url);
     };
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.clone(),
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_owned(),
         },
-        None => url.clone(),
-    }
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if is_secret_param(key) => format!("{key}=***"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
-/// The values of `password=` (and `sslpassword=`) parameters replaced by `***`, wherever they
-/// start: after `?`, `&`, whitespace, or at the start of the text. A quoted value is replaced
-/// up to its closing quote.
+/// Whether a URL parameter's name says its value is a secret.
+fn is_secret_param(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["password", "secret", "token", "apikey", "api_key"]
+        .iter()
+        .any(|s| name.contains(s))
+}
+
+/// A libpq `key=value` string with the values of its `password=` (and `sslpassword=`)
+/// parameters replaced by `***`. A quoted value is replaced up to its closing quote.
 fn redact_password_params(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find("password") {
         let before = &rest[..at];
         let starts_param = before.is_empty()
-            || before.ends_with(['?', '&', ' ', '\t'])
+            || before.ends_with([' ', '\t'])
             || before.ends_with("ssl")
-                && (before.len() == 3
-                    || before[..before.len() - 3].ends_with(['?', '&', ' ', '\t']));
+                && (before.len() == 3 || before[..before.len() - 3].ends_with([' ', '\t']));
         let after = &rest[at + "password".len()..];
         let value = after.trim_start_matches(' ').strip_prefix('=');
         match value.filter(|_| starts_param) {
@@ -262,7 +282,7 @@ fn redact_password_params(text: &str) -> String {
                 let end = if let Some(quoted) = value.strip_prefix('\'') {
                     quoted.find('\'').map_or(value.len(), |q| q + 2)
                 } else {
-                    value.find(['&', ' ', '\t']).unwrap_or(value.len())
+                    value.find([' ', '\t']).unwrap_or(value.len())
                 };
                 out.push_str(before);
                 out.push_str("password=***");
@@ -521,9 +541,10 @@ pub struct ServerArgs {
         long = "otlp-header",
         env = "DERIVA_OTLP_HEADERS",
         value_delimiter = ',',
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = |s: &str| Ok::<_, String>(HeaderArg(s.to_owned()))
     )]
-    pub otlp_headers: Vec<String>,
+    pub otlp_headers: Vec<HeaderArg>,
     /// Export log events as OTLP log records (with their trace and span ids) wherever an OTLP
     /// endpoint is set [default: true, unless OTEL_LOGS_EXPORTER=none].
     #[arg(long, env = "DERIVA_OTLP_LOGS")]
@@ -703,7 +724,7 @@ impl ServerArgs {
                     .otlp_headers
                     .iter()
                     .enumerate()
-                    .map(|(i, h)| parse_header(h, i))
+                    .map(|(i, h)| parse_header(&h.0, i))
                     .collect::<Result<_, _>>()?,
                 otlp_logs: self.otlp_logs,
                 otel_env,
@@ -742,6 +763,18 @@ impl ServerArgs {
         // what the server would.
         config.telemetry.export_plan()?;
         Ok(config)
+    }
+}
+
+/// One `--otlp-header` as given, `KEY=VALUE` or not (checked by [`parse_header`], whose error,
+/// unlike clap's, never repeats it). Its `Debug` hides it: the value may be a secret.
+#[derive(Clone)]
+pub struct HeaderArg(String);
+
+impl fmt::Debug for HeaderArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = self.0.split_once('=').map_or("?", |(k, _)| k);
+        write!(f, "{name}=<set>")
     }
 }
 

@@ -12,6 +12,7 @@
 //! - [`metrics`]: [`ServerMetrics`], the server's own instruments;
 //! - [`otlp`]: the standard `OTEL_*` environment and the flags, resolved into exporters.
 
+use std::fmt;
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
@@ -71,8 +72,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// Telemetry settings (filled from the server flags and the `OTEL_*` environment).
-#[derive(Debug, Clone)]
+/// Telemetry settings (filled from the server flags and the `OTEL_*` environment). Its `Debug`
+/// shows header names, never their values.
+#[derive(Clone)]
 pub struct TelemetryConfig {
     /// `--otlp-endpoint`: the OTLP endpoint of every signal, e.g. `http://127.0.0.1:4317`;
     /// wins over `OTEL_EXPORTER_OTLP_*ENDPOINT`. With neither, nothing is exported.
@@ -102,18 +104,42 @@ pub struct TelemetryConfig {
     pub trace_store_capacity: usize,
 }
 
+impl fmt::Debug for TelemetryConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let headers: Vec<String> = self
+            .otlp_headers
+            .iter()
+            .map(|(k, _)| format!("{k}=<set>"))
+            .collect();
+        let env: Vec<String> = self
+            .otel_env
+            .iter()
+            .map(|(k, v)| match k.contains("HEADERS") {
+                true => format!("{k}=<set>"),
+                false => format!("{k}={v}"),
+            })
+            .collect();
+        f.debug_struct("TelemetryConfig")
+            .field("otlp_endpoint", &self.otlp_endpoint)
+            .field("otlp_protocol", &self.otlp_protocol)
+            .field("otlp_headers", &headers)
+            .field("otlp_logs", &self.otlp_logs)
+            .field("otel_env", &env)
+            .field("sample_ratio", &self.sample_ratio)
+            .field("max_traces_per_second", &self.max_traces_per_second)
+            .field("log_format", &self.log_format)
+            .field("log_filter", &self.log_filter)
+            .field("metric_export_interval", &self.metric_export_interval)
+            .field("trace_store_capacity", &self.trace_store_capacity)
+            .finish()
+    }
+}
+
 impl TelemetryConfig {
     /// The flags and `OTEL_*` variables, resolved (see [`otlp::resolve`]); an error names the
     /// flag or variable that is wrong.
     pub fn export_plan(&self) -> Result<ExportPlan, String> {
-        let flags = otlp::OtlpFlags {
-            endpoint: self.otlp_endpoint.clone().filter(|e| !e.is_empty()),
-            protocol: self.otlp_protocol,
-            headers: self.otlp_headers.clone(),
-            logs: self.otlp_logs,
-            sample_ratio: self.sample_ratio,
-        };
-        otlp::resolve(&|name| self.otel_env.get(name).cloned(), &flags)
+        otlp::resolve(self)
     }
 }
 
@@ -470,6 +496,22 @@ mod tests {
         callsite: &OURS,
         kind: Kind::SPAN,
     };
+
+    #[test]
+    fn the_configs_debug_shows_header_names_only() {
+        let config = TelemetryConfig {
+            otlp_headers: vec![("x-api-key".into(), "flag-secret".into())],
+            otel_env: [(
+                "OTEL_EXPORTER_OTLP_HEADERS".to_owned(),
+                "x-tenant=env-secret".to_owned(),
+            )]
+            .into(),
+            ..TelemetryConfig::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("x-api-key=<set>"), "{shown}");
+    }
 
     /// With or without OTLP export (and its log bridge), the subscriber builds no span that no
     /// layer wants: an unfiltered layer anywhere in the stack would enable every callsite, and

@@ -17,6 +17,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::TelemetryConfig;
+
 /// The default OTLP timeout, per export (`OTEL_EXPORTER_OTLP_TIMEOUT`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default metric push interval (`OTEL_METRIC_EXPORT_INTERVAL`). The specification's is
@@ -84,33 +86,6 @@ impl Signal {
             Self::Metrics => "/v1/metrics",
             Self::Logs => "/v1/logs",
         }
-    }
-}
-
-/// Deriva's own settings for export, which win over the environment.
-#[derive(Clone, Default)]
-pub struct OtlpFlags {
-    /// `--otlp-endpoint`: the base endpoint of every signal.
-    pub endpoint: Option<String>,
-    /// `--otlp-protocol`.
-    pub protocol: Option<Protocol>,
-    /// `--otlp-header KEY=VALUE`, each.
-    pub headers: Vec<(String, String)>,
-    /// `--otlp-logs`: `Some(false)` keeps log records home.
-    pub logs: Option<bool>,
-    /// `--trace-sample-ratio`.
-    pub sample_ratio: Option<f64>,
-}
-
-impl fmt::Debug for OtlpFlags {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OtlpFlags")
-            .field("endpoint", &self.endpoint)
-            .field("protocol", &self.protocol)
-            .field("headers", &Names(&self.headers))
-            .field("logs", &self.logs)
-            .field("sample_ratio", &self.sample_ratio)
-            .finish()
     }
 }
 
@@ -258,58 +233,17 @@ impl Default for ExportPlan {
     }
 }
 
-/// Every `OTEL_*` variable [`resolve`] reads, for the README's table and `--print-config`.
-pub fn variables() -> Vec<String> {
-    let mut names = vec![
-        "OTEL_SDK_DISABLED".to_owned(),
-        "OTEL_TRACES_EXPORTER".to_owned(),
-        "OTEL_METRICS_EXPORTER".to_owned(),
-        "OTEL_LOGS_EXPORTER".to_owned(),
-    ];
-    for option in OPTIONS {
-        names.push(format!("OTEL_EXPORTER_OTLP_{option}"));
-        for signal in [Signal::Traces, Signal::Metrics, Signal::Logs] {
-            names.push(format!("OTEL_EXPORTER_OTLP_{}_{option}", signal.upper()));
-        }
-    }
-    names.extend(
-        [
-            "OTEL_METRIC_EXPORT_INTERVAL",
-            "OTEL_METRIC_EXPORT_TIMEOUT",
-            "OTEL_TRACES_SAMPLER",
-            "OTEL_TRACES_SAMPLER_ARG",
-            "OTEL_BSP_MAX_QUEUE_SIZE",
-            "OTEL_BSP_SCHEDULE_DELAY",
-            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
-        ]
-        .map(str::to_owned),
-    );
-    names
-}
-
-/// The per-signal options of the `OTEL_EXPORTER_OTLP_*` family.
-const OPTIONS: [&str; 8] = [
-    "ENDPOINT",
-    "PROTOCOL",
-    "HEADERS",
-    "TIMEOUT",
-    "COMPRESSION",
-    "CERTIFICATE",
-    "CLIENT_CERTIFICATE",
-    "CLIENT_KEY",
-];
-
-/// Reads the environment through `env` (a variable's value, `None` if unset; an empty value
-/// counts as unset, as the specification says) and the flags.
-pub fn resolve(
-    env: &dyn Fn(&str) -> Option<String>,
-    flags: &OtlpFlags,
-) -> Result<ExportPlan, String> {
+/// Reads the flags of `config` and its `OTEL_*` variables ([`TelemetryConfig::otel_env`]; an
+/// empty value counts as unset, as the specification says).
+pub fn resolve(config: &TelemetryConfig) -> Result<ExportPlan, String> {
     let get = |name: &str| {
-        env(name)
+        config
+            .otel_env
+            .get(name)
             .map(|v| v.trim().to_owned())
             .filter(|v| !v.is_empty())
     };
+    let flags = Flags::of(config);
     let mut plan = ExportPlan::default();
     let mut warnings = Vec::new();
 
@@ -326,7 +260,7 @@ pub fn resolve(
     };
 
     for signal in [Signal::Traces, Signal::Metrics, Signal::Logs] {
-        let export = resolve_signal(signal, &get, flags, &mut warnings)?;
+        let export = resolve_signal(signal, &get, &flags, &mut warnings)?;
         let export = export.filter(|_| !plan.sdk_disabled || flags.endpoint.is_some());
         match signal {
             Signal::Traces => plan.traces = export,
@@ -447,10 +381,31 @@ fn sampler(get: &dyn Fn(&str) -> Option<String>, warnings: &mut Vec<String>) -> 
     }
 }
 
+/// The flags of a [`TelemetryConfig`] that [`resolve`] reads, an empty endpoint as none.
+struct Flags<'a> {
+    endpoint: Option<&'a str>,
+    protocol: Option<Protocol>,
+    headers: &'a [(String, String)],
+    logs: Option<bool>,
+    sample_ratio: Option<f64>,
+}
+
+impl<'a> Flags<'a> {
+    fn of(config: &'a TelemetryConfig) -> Self {
+        Self {
+            endpoint: config.otlp_endpoint.as_deref().filter(|e| !e.is_empty()),
+            protocol: config.otlp_protocol,
+            headers: &config.otlp_headers,
+            logs: config.otlp_logs,
+            sample_ratio: config.sample_ratio,
+        }
+    }
+}
+
 fn resolve_signal(
     signal: Signal,
     get: &dyn Fn(&str) -> Option<String>,
-    flags: &OtlpFlags,
+    flags: &Flags<'_>,
     warnings: &mut Vec<String>,
 ) -> Result<Option<SignalExport>, String> {
     let upper = signal.upper();
@@ -495,8 +450,8 @@ fn resolve_signal(
         Protocol::Grpc => url.to_owned(),
         Protocol::HttpProtobuf => format!("{}{}", url.trim_end_matches('/'), signal.path()),
     };
-    let endpoint = match (&flags.endpoint, get(&specific("ENDPOINT"))) {
-        (Some(flag), _) if !flag.is_empty() => base(flag),
+    let endpoint = match (flags.endpoint, get(&specific("ENDPOINT"))) {
+        (Some(flag), _) => base(flag),
         (_, Some(own)) => own,
         _ => match get(&generic("ENDPOINT")) {
             Some(url) => base(&url),
@@ -520,7 +475,7 @@ fn resolve_signal(
             }
         }
     }
-    for (key, value) in &flags.headers {
+    for (key, value) in flags.headers {
         headers.insert(key.to_ascii_lowercase(), value.clone());
     }
     for key in headers.keys() {
@@ -786,17 +741,23 @@ impl opentelemetry_http::HttpClient for HeaderClient {
 mod tests {
     use super::*;
 
-    fn plan(vars: &[(&str, &str)], flags: &OtlpFlags) -> ExportPlan {
-        let map: BTreeMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        resolve(&|name| map.get(name).cloned(), flags).unwrap()
+    fn with_env(vars: &[(&str, &str)], flags: &TelemetryConfig) -> TelemetryConfig {
+        TelemetryConfig {
+            otel_env: vars
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..flags.clone()
+        }
+    }
+
+    fn plan(vars: &[(&str, &str)], flags: &TelemetryConfig) -> ExportPlan {
+        resolve(&with_env(vars, flags)).unwrap()
     }
 
     #[test]
     fn nothing_set_exports_nothing() {
-        let p = plan(&[], &OtlpFlags::default());
+        let p = plan(&[], &TelemetryConfig::default());
         assert!(p.traces.is_none() && p.metrics.is_none() && p.logs.is_none());
         assert_eq!(p.metric_interval, DEFAULT_METRIC_INTERVAL);
         assert_eq!(p.sampler, SamplerChoice::default());
@@ -815,7 +776,7 @@ mod tests {
                     "https://logs.example/custom",
                 ),
             ],
-            &OtlpFlags::default(),
+            &TelemetryConfig::default(),
         );
         assert_eq!(
             p.traces.unwrap().endpoint,
@@ -828,9 +789,9 @@ mod tests {
         assert_eq!(p.logs.unwrap().endpoint, "https://logs.example/custom");
 
         // gRPC takes the endpoint as it is; the flag wins over every variable.
-        let flags = OtlpFlags {
-            endpoint: Some("http://flag:4317".into()),
-            ..OtlpFlags::default()
+        let flags = TelemetryConfig {
+            otlp_endpoint: Some("http://flag:4317".into()),
+            ..TelemetryConfig::default()
         };
         let p = plan(
             &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://env:1")],
@@ -841,7 +802,7 @@ mod tests {
         // A signal's own endpoint alone exports that signal alone.
         let p = plan(
             &[("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://m:4317")],
-            &OtlpFlags::default(),
+            &TelemetryConfig::default(),
         );
         assert!(p.traces.is_none() && p.logs.is_none());
         assert_eq!(p.metrics.unwrap().protocol, Protocol::Grpc);
@@ -849,10 +810,10 @@ mod tests {
 
     #[test]
     fn headers_merge_and_flags_win() {
-        let flags = OtlpFlags {
-            endpoint: Some("http://c:4317".into()),
-            headers: vec![("X-Tenant".into(), "from-flag".into())],
-            ..OtlpFlags::default()
+        let flags = TelemetryConfig {
+            otlp_endpoint: Some("http://c:4317".into()),
+            otlp_headers: vec![("X-Tenant".into(), "from-flag".into())],
+            ..TelemetryConfig::default()
         };
         let p = plan(
             &[
@@ -902,7 +863,7 @@ mod tests {
                 ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "400"),
                 ("OTEL_LOGS_EXPORTER", "none"),
             ],
-            &OtlpFlags::default(),
+            &TelemetryConfig::default(),
         );
         let traces = p.traces.unwrap();
         assert_eq!(traces.timeout, Duration::from_millis(2500));
@@ -931,11 +892,7 @@ mod tests {
         assert!(!warnings.contains("zstd"), "logs are off: {warnings}");
 
         let bad = |vars: &[(&str, &str)]| {
-            let map: BTreeMap<String, String> = vars
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect();
-            resolve(&|name| map.get(name).cloned(), &OtlpFlags::default()).unwrap_err()
+            resolve(&with_env(vars, &TelemetryConfig::default())).unwrap_err()
         };
         assert!(bad(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")]).contains("http://"));
         assert!(
@@ -960,12 +917,12 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
             ("OTEL_SDK_DISABLED", "true"),
         ];
-        let p = plan(&env, &OtlpFlags::default());
+        let p = plan(&env, &TelemetryConfig::default());
         assert!(p.sdk_disabled && p.traces.is_none() && p.metrics.is_none() && p.logs.is_none());
         // The flag wins.
-        let flags = OtlpFlags {
-            endpoint: Some("http://c:4317".into()),
-            ..OtlpFlags::default()
+        let flags = TelemetryConfig {
+            otlp_endpoint: Some("http://c:4317".into()),
+            ..TelemetryConfig::default()
         };
         assert!(plan(&env, &flags).traces.is_some());
 
@@ -975,7 +932,7 @@ mod tests {
                     ("OTEL_TRACES_SAMPLER", name),
                     ("OTEL_TRACES_SAMPLER_ARG", arg),
                 ],
-                &OtlpFlags::default(),
+                &TelemetryConfig::default(),
             )
             .sampler
         };
@@ -990,9 +947,9 @@ mod tests {
         assert_eq!(sampler("parentbased_always_off", ""), s(0.0, true));
         assert_eq!(sampler("jaeger_remote", "0.5"), s(0.5, true));
         assert_eq!(sampler("traceidratio", "2"), s(1.0, false));
-        let flags = OtlpFlags {
+        let flags = TelemetryConfig {
             sample_ratio: Some(0.1),
-            ..OtlpFlags::default()
+            ..TelemetryConfig::default()
         };
         assert_eq!(
             plan(&[("OTEL_TRACES_SAMPLER", "always_off")], &flags).sampler,
