@@ -51,7 +51,7 @@ pub(super) fn page(lists: &TraceLists) -> Page {
             .chain(&lists.failed)
     };
     let methods: BTreeSet<&str> = all().map(|t| t.method.as_str()).collect();
-    let statuses: BTreeSet<&str> = all().map(|t| page::status_name(t.status_code)).collect();
+    let statuses: BTreeSet<String> = all().map(|t| page::status_name(t.status_code)).collect();
     let mut body = String::from(
         "<h1>Requests</h1><div class=controls><label>method <select id=f-method>\
          <option value=\"\">all</option>",

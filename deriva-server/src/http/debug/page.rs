@@ -130,31 +130,11 @@ impl IntoResponse for Page {
     }
 }
 
-/// The canonical name of a gRPC status code (`OK`, `NOT_FOUND`, ...).
-pub(super) fn status_name(code: i64) -> &'static str {
-    const NAMES: [&str; 17] = [
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    ];
-    usize::try_from(code)
-        .ok()
-        .and_then(|i| NAMES.get(i).copied())
-        .unwrap_or("UNKNOWN")
+/// The canonical name of a gRPC status code (`OK`, `NOT_FOUND`, ...); `UNKNOWN` for a number
+/// that is none.
+pub(super) fn status_name(code: i64) -> String {
+    let code = i32::try_from(code).map_or(tonic::Code::Unknown, tonic::Code::from_i32);
+    crate::error::code_name(code)
 }
 
 /// A duration given in microseconds: `850 µs`, `1.61 ms`, `2.30 s`.
