@@ -173,9 +173,12 @@ where
             caller,
         };
 
-        let call: Pin<Box<dyn Future<Output = Result<Resp, Infallible>> + Send>> = match refused {
-            Some(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
-            None => Box::pin(inner.call(req)),
+        // One box per call, below: the refusal and the call are the two arms of an `Either`.
+        let call = match refused {
+            Some(status) => futures::future::Either::Left(std::future::ready(Ok::<_, Infallible>(
+                status.into_http(),
+            ))),
+            None => futures::future::Either::Right(inner.call(req)),
         };
         let call = call.instrument(span);
         let call: Pin<Box<dyn Future<Output = Result<Resp, Infallible>> + Send>> = match dispatch {
