@@ -6,6 +6,7 @@
 //!
 //! | workload | setup | one request |
 //! |---|---|---|
+//! | `status` | – | `Status`: a unary call that does no work, the server's per-RPC cost |
 //! | `cached-get` | a leaf of `--size` bytes and a `reverse/v1` recipe over it, fetched once so it is cached | `Get` of the recipe: a cache hit |
 //! | `leaf-get` | a leaf of `--size` bytes | `Get` of the leaf: a read from the blob store, hash verified |
 //! | `compute-get` | a leaf of `--size` bytes, unique to this run | `PutRecipe` of a fresh `slice/v1` over it (untimed), then its `Get`, which computes |
@@ -22,13 +23,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use deriva_core::CAddr;
 
-use deriva_proto::{GetRequest, PutLeafRequest, PutRecipeRequest};
+use deriva_proto::{GetRequest, PutLeafRequest, PutRecipeRequest, StatusRequest};
 
 use crate::client::{CliError, Client, Target, code_words, connect};
 
 /// The workloads of `deriva bench`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Workload {
+    /// A Status call, which does no work: the per-RPC cost.
+    Status,
     /// Get of an address already cached.
     CachedGet,
     /// Get of a leaf.
@@ -44,6 +47,7 @@ pub enum Workload {
 impl Workload {
     fn name(self) -> &'static str {
         match self {
+            Self::Status => "status",
             Self::CachedGet => "cached-get",
             Self::LeafGet => "leaf-get",
             Self::ComputeGet => "compute-get",
@@ -227,7 +231,20 @@ fn payload(size: u64, nonce: u64, seq: u64) -> Vec<u8> {
     out
 }
 
-async fn prepare(client: &mut Client, args: &BenchArgs) -> Result<(Prepared, String), CliError> {
+/// Stores what the workload reads: nothing for `status`; otherwise a leaf, a leaf unique to
+/// this run and a `reverse/v1` recipe over the first, fetched once so that it is cached. Only
+/// the answers' addresses are used, so a server that answers fixed ones (the transport floor)
+/// can be prepared too.
+async fn prepare(client: &mut Client, args: &BenchArgs) -> Result<Prepared, CliError> {
+    if args.workload == Workload::Status {
+        return Ok(Prepared {
+            cached: Bytes::new(),
+            leaf: Bytes::new(),
+            fresh_leaf: Bytes::new(),
+            size: args.size,
+            nonce: 0,
+        });
+    }
     let rpc = |what: &'static str| {
         move |s: tonic::Status| CliError::Rpc {
             context: format!("bench setup: {what}"),
@@ -270,33 +287,35 @@ async fn prepare(client: &mut Client, args: &BenchArgs) -> Result<(Prepared, Str
     drain(client, &cached)
         .await
         .map_err(rpc("warm the cache"))?;
-    let setup = match args.workload {
+    Ok(Prepared {
+        cached,
+        leaf,
+        fresh_leaf,
+        size: args.size,
+        nonce,
+    })
+}
+
+/// The report's `setup`: what [`prepare`] stored for `workload`.
+fn describe(workload: Workload, p: &Prepared) -> String {
+    match workload {
+        Workload::Status => "none; each request is one Status call".to_owned(),
         Workload::CachedGet => format!(
             "put a {} B leaf and reverse/v1 over it ({}), fetched once to cache it",
-            args.size,
-            hex8(&cached)
+            p.size,
+            hex8(&p.cached)
         ),
-        Workload::LeafGet => format!("put a {} B leaf ({})", args.size, hex8(&leaf)),
+        Workload::LeafGet => format!("put a {} B leaf ({})", p.size, hex8(&p.leaf)),
         Workload::ComputeGet => format!(
             "put a {} B leaf unique to this run ({}); each request stores a new slice/v1 recipe over it (untimed) and gets it",
-            args.size,
-            hex8(&fresh_leaf)
+            p.size,
+            hex8(&p.fresh_leaf)
         ),
-        Workload::PutLeaf => format!("none; each request puts {} fresh bytes", args.size),
+        Workload::PutLeaf => format!("none; each request puts {} fresh bytes", p.size),
         Workload::Mixed => {
             "all of the above; 70% cached-get, 20% compute-get, 10% put-leaf".to_owned()
         }
-    };
-    Ok((
-        Prepared {
-            cached,
-            leaf,
-            fresh_leaf,
-            size: args.size,
-            nonce,
-        },
-        setup,
-    ))
+    }
 }
 
 fn hex8(addr: &[u8]) -> String {
@@ -355,6 +374,11 @@ async fn timed(
     seq: u64,
 ) -> Result<Duration, tonic::Status> {
     let start = match effective(workload, seq) {
+        Workload::Status => {
+            let start = Instant::now();
+            client.status(StatusRequest {}).await?;
+            start
+        }
         Workload::CachedGet => {
             let start = Instant::now();
             drain(client, &p.cached).await?;
@@ -390,7 +414,8 @@ async fn timed(
 /// Runs the benchmark against `target` and returns the report.
 pub async fn run(target: &Target, args: &BenchArgs) -> Result<Report, CliError> {
     let mut setup_client = connect(target).await?;
-    let (prepared, setup) = prepare(&mut setup_client, args).await?;
+    let prepared = prepare(&mut setup_client, args).await?;
+    let setup = describe(args.workload, &prepared);
     let prepared = Arc::new(prepared);
     let mut clients = Vec::with_capacity(args.concurrency as usize);
     for _ in 0..args.concurrency {

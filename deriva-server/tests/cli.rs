@@ -657,7 +657,14 @@ fn every_request_carries_the_commands_trace_context_and_trace_prints_its_id() {
 #[test]
 fn bench_runs_every_workload_and_reports_json() {
     let server = ServerProcess::start();
-    for workload in ["cached-get", "leaf-get", "compute-get", "put-leaf", "mixed"] {
+    for workload in [
+        "status",
+        "cached-get",
+        "leaf-get",
+        "compute-get",
+        "put-leaf",
+        "mixed",
+    ] {
         let out = server.ok(&[
             "bench",
             "--workload",
