@@ -54,6 +54,8 @@
 //! <data-dir>/
 //!   deriva.redb             redb: tables `recipes`, `dependents` (multimap), `meta`, `pins`,
 //!                           `recipe_times` (each recipe's last put, for garbage collection)
+//!   leaves.redb             redb: table `leaves`, small leaves (at most `inline_leaf_bytes`,
+//!                           64 KiB by default): address → last put (ms, u64 LE) ‖ bytes
 //!   blobs/
 //!     tmp/                  in-progress writes; emptied when the store opens
 //!     00/ … ff/             shards by the first address byte
@@ -65,9 +67,12 @@
 //! - `dependents`: input address → each recipe that uses it; cascade invalidation walks it.
 //! - `meta`: `recipe_count`, updated in the same transaction as the insert.
 //!
-//! A blob is written to `blobs/tmp/`, fsynced, renamed into its shard and the shard directory
-//! fsynced, all before `put` returns; a crash never leaves partial bytes under a real
-//! address. Every read re-hashes the blob: a mismatch is [`DerivaError::Corrupted`], never data.
+//! A small leaf goes to one committer thread, which writes every put waiting at that moment in
+//! one redb transaction and commits it durably (group commit: one fsync shared by the batch)
+//! before any of them is acknowledged. A larger blob is written to `blobs/tmp/`, fsynced,
+//! renamed into its shard and the shard directory fsynced, all before `put` returns; a crash
+//! never leaves partial bytes under a real address. Every read re-hashes the leaf, row or
+//! file: a mismatch is [`DerivaError::Corrupted`], never data.
 //! Blob count and bytes are counted once at open (which also cleans `tmp/`) and then kept as
 //! atomics ([`store::StoreCounters`]); the recipe count is persisted in `meta`.
 

@@ -1,12 +1,9 @@
 //! The storage conformance suite (`deriva_core::store::conformance`) run against the local
-//! backend: redb for recipes, files for leaf bytes, in a fresh temporary directory per case.
-
-use std::fs;
-use std::path::PathBuf;
+//! backend: redb for recipes and small leaves, files for larger leaves, in a fresh temporary directory per case.
 
 use async_trait::async_trait;
 use deriva_core::store::conformance::Harness;
-use deriva_core::store::local::{BLOB_DIR, damage_recipe_row};
+use deriva_core::store::local::{damage_leaf, damage_recipe_row};
 use deriva_core::{CAddr, Result, Store};
 use tempfile::TempDir;
 
@@ -22,12 +19,6 @@ impl LocalHarness {
             dir: TempDir::new().expect("temporary directory"),
         }
     }
-
-    /// Where the local backend keeps the bytes of `addr`: `blobs/<first 2 hex>/<64 hex>`.
-    fn blob_path(&self, addr: CAddr) -> PathBuf {
-        let hex = addr.to_hex();
-        self.dir.path().join(BLOB_DIR).join(&hex[..2]).join(hex)
-    }
 }
 
 #[async_trait]
@@ -37,9 +28,7 @@ impl Harness for LocalHarness {
     }
 
     async fn corrupt_blob(&self, addr: CAddr, bytes: &[u8]) {
-        let path = self.blob_path(addr);
-        assert!(path.is_file(), "no blob file at {}", path.display());
-        fs::write(&path, bytes).expect("overwriting the blob file");
+        damage_leaf(self.dir.path(), addr, bytes).expect("damaging the leaf");
     }
 
     async fn corrupt_recipe(&self, addr: CAddr) {

@@ -3,6 +3,9 @@
 //! runtime: the local backend does its I/O on tokio's blocking pool. A restart drops the store
 //! and waits for it to be [released](Store::released) (the redb file lock is free only then)
 //! before it opens the directory again.
+//!
+//! These tests look at the blob files themselves, so their stores keep every leaf a file
+//! (`inline_leaf_bytes: 0`); `tests/small_leaves.rs` covers small leaves kept as redb rows.
 
 use std::collections::HashSet;
 use std::fs;
@@ -10,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use deriva_core::store::local::BLOB_DIR;
+use deriva_core::store::local::{BLOB_DIR, LocalOptions};
 use deriva_core::{AddrKind, CAddr, DerivaError, FunctionId, Recipe, Store};
 use tempfile::TempDir;
 use tokio::sync::Barrier;
@@ -20,7 +23,13 @@ use tokio::sync::Barrier;
 // ---------------------------------------------------------------------------------------------
 
 fn open(dir: &Path) -> Store {
-    Store::open(dir).expect("store opens")
+    Store::open_with(
+        dir,
+        LocalOptions {
+            inline_leaf_bytes: 0,
+        },
+    )
+    .expect("store opens")
 }
 
 /// Drops `store` and waits until its backend has let go of the data directory.

@@ -46,6 +46,8 @@ pub mod defaults {
     pub const INDEX_POOL_SIZE: usize = 16;
     /// `--local-cache-bytes`.
     pub const LOCAL_CACHE_BYTES: &str = "1GiB";
+    /// `--inline-leaf-bytes`.
+    pub const INLINE_LEAF_BYTES: &str = "64KiB";
     /// `--heartbeat-secs`.
     pub const HEARTBEAT_SECS: u64 = 5;
     /// `--gc-grace`.
@@ -134,6 +136,9 @@ pub struct Config {
     /// Bound of the local read-through cache of remote leaves, in `<data-dir>/remote-cache`;
     /// 0 turns it off.
     pub local_cache_bytes: u64,
+    /// Local store: leaves of at most this many bytes are rows of `<data-dir>/leaves.redb`,
+    /// written with group commit; larger ones are files. 0: every leaf a file.
+    pub inline_leaf_bytes: u64,
     /// Where computed outputs are kept besides the memory cache.
     pub output_tier: OutputTier,
     /// Bound of the bytes that materializations hold in memory at once.
@@ -321,6 +326,7 @@ impl Default for Config {
             index_schema: defaults::INDEX_SCHEMA.to_owned(),
             index_pool_size: defaults::INDEX_POOL_SIZE,
             local_cache_bytes: defaults::size("local-cache-bytes", defaults::LOCAL_CACHE_BYTES),
+            inline_leaf_bytes: defaults::size("inline-leaf-bytes", defaults::INLINE_LEAF_BYTES),
             output_tier: OutputTier::default(),
             memory_budget: defaults::memory_budget(),
             memory_queue: defaults::MEMORY_QUEUE,
@@ -434,6 +440,7 @@ impl Config {
             ("index-schema", self.index_schema.clone()),
             ("index-pool-size", self.index_pool_size.to_string()),
             ("local-cache-bytes", self.local_cache_bytes.to_string()),
+            ("inline-leaf-bytes", self.inline_leaf_bytes.to_string()),
             (
                 "output-tier",
                 clap::ValueEnum::to_possible_value(&self.output_tier)
@@ -583,6 +590,11 @@ pub struct ServerArgs {
     /// many bytes (or with a unit); 0 turns it off.
     #[arg(long, env = "DERIVA_LOCAL_CACHE_BYTES", default_value = defaults::LOCAL_CACHE_BYTES, value_parser = parse_size)]
     pub local_cache_bytes: u64,
+    /// Local store: leaves of at most this many bytes (or with a unit, at most 16MiB) are kept
+    /// in <data-dir>/leaves.redb and written with group commit, so concurrent puts share their
+    /// fsyncs; larger ones are files under <data-dir>/blobs. 0: every leaf a file.
+    #[arg(long, env = "DERIVA_INLINE_LEAF_BYTES", default_value = defaults::INLINE_LEAF_BYTES, value_parser = parse_inline_size)]
+    pub inline_leaf_bytes: u64,
     /// Where computed outputs are kept besides the memory cache: none, or blob-store (the
     /// object store, so any node serves them without recomputing).
     #[arg(long, env = "DERIVA_OUTPUT_TIER", value_enum, default_value_t = OutputTier::default())]
@@ -739,6 +751,7 @@ impl ServerArgs {
             index_schema: self.index_schema,
             index_pool_size: self.index_pool_size,
             local_cache_bytes: self.local_cache_bytes,
+            inline_leaf_bytes: self.inline_leaf_bytes,
             output_tier: self.output_tier,
             memory_budget: self.memory_budget.unwrap_or_else(defaults::memory_budget),
             memory_queue: self.memory_queue,
@@ -801,6 +814,17 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
 fn parse_verification(s: &str) -> Result<VerificationMode, String> {
     s.parse()
         .map_err(|e: deriva_core::DerivaError| e.to_string())
+}
+
+/// `--inline-leaf-bytes`: a size of at most 16 MiB (a row is read whole into memory).
+fn parse_inline_size(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if n > 16 << 20 {
+        return Err(format!(
+            "{s:?} is more than 16MiB; larger leaves belong in files"
+        ));
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -74,7 +74,7 @@ impl Server {
         functions: FunctionRegistry,
         meter: &Meter,
     ) -> Result<Self, DerivaError> {
-        let store = Arc::new(Store::open(&config.data_dir)?);
+        let store = Arc::new(Store::open_with(&config.data_dir, local_options(&config))?);
         Self::with_store(config, store, functions, meter)
     }
 
@@ -101,7 +101,8 @@ impl Server {
             }
             None => {
                 let dir = config.data_dir.clone();
-                let store = tokio::task::spawn_blocking(move || Store::open(dir))
+                let options = local_options(&config);
+                let store = tokio::task::spawn_blocking(move || Store::open_with(dir, options))
                     .await
                     .map_err(|e| DerivaError::from_join("opening the store", e))??;
                 (store, None, None)
@@ -418,5 +419,12 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// How the local store writes, from the configuration.
+fn local_options(config: &Config) -> deriva_core::store::local::LocalOptions {
+    deriva_core::store::local::LocalOptions {
+        inline_leaf_bytes: config.inline_leaf_bytes,
     }
 }

@@ -434,7 +434,11 @@ async fn the_output_tier_moves_with_include_outputs() {
 async fn a_damaged_leaf_stops_the_migration_with_data_loss_naming_it() {
     let services = services::shared();
     let source = tempfile::tempdir().unwrap();
-    let store = Store::open(source.path()).unwrap();
+    // The test damages a blob file: every leaf a file.
+    let files = deriva_core::store::local::LocalOptions {
+        inline_leaf_bytes: 0,
+    };
+    let store = Store::open_with(source.path(), files).unwrap();
     let mut damaged = None;
     for i in 0..50 {
         let addr = store

@@ -145,7 +145,8 @@ fn assert_data_loss(r: Result<Vec<u8>, tonic::Status>, culprit: &str, what: &str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_blobs_answer_data_loss_and_are_never_served() {
-    let mut s = start(LogFormat::Json, |_| {}).await;
+    // The test damages blob files under the running server: every leaf a file.
+    let mut s = start(LogFormat::Json, |c| c.inline_leaf_bytes = 0).await;
     let a = s.put(&[b'a'; 4096]).await;
     let b = s.put(b"bravo").await;
     let c = s.put(&[b'c'; 10_000]).await;
@@ -253,7 +254,8 @@ async fn corrupted_blobs_answer_data_loss_and_are_never_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn detected_corruptions_are_counted() {
     const FAMILY: &str = "deriva_storage_corruption_total";
-    let mut s = start(LogFormat::Json, |_| {}).await;
+    // The test damages blob files under the running server: every leaf a file.
+    let mut s = start(LogFormat::Json, |c| c.inline_leaf_bytes = 0).await;
     let a = s.put(b"to be damaged").await;
     let over = s.recipe("reverse", &[&a], &[]).await;
     let counted = |m: &str| common::sample(m, FAMILY);

@@ -140,6 +140,26 @@ async fn writer(
     Ok(())
 }
 
+/// Small leaves, rows of `leaves.redb`: (count, bytes). Read with redb itself while no server
+/// has the store open. A row is `last put (8 bytes) ‖ the leaf's bytes`.
+fn scan_rows(dir: &Path) -> (u64, u64) {
+    let path = dir.join("leaves.redb");
+    if !path.exists() {
+        return (0, 0);
+    }
+    let db = redb::Database::open(&path).expect("opening leaves.redb");
+    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let table: redb::TableDefinition<&[u8; 32], &[u8]> = redb::TableDefinition::new("leaves");
+    let table = txn.open_table(table).unwrap();
+    let (mut count, mut bytes) = (0, 0);
+    for row in redb::ReadableTable::iter(&table).unwrap() {
+        let (_, value) = row.unwrap();
+        count += 1;
+        bytes += value.value().len() as u64 - 8;
+    }
+    (count, bytes)
+}
+
 /// Blob files under their real addresses: (count, bytes). And the names in `blobs/tmp/`.
 fn scan_blobs(dir: &Path) -> (u64, u64, Vec<String>) {
     let blobs = dir.join("blobs");
@@ -175,9 +195,12 @@ async fn acknowledged_puts_survive_sigkill_under_load() {
     let mut restarts = Vec::new();
     let mut tmp_seen = 0usize;
     let mut tmp_only: Vec<CAddr> = Vec::new();
+    let mut last_scan = (0, 0);
 
     for round in 0..=rounds {
         let ctx = format!("seed {seed}, round {round}");
+        // Rows are counted before the server opens the store (redb's lock is the server's then).
+        let (rows, row_bytes) = scan_rows(dir);
         let t0 = Instant::now();
         let mut server = ServerProcess::options().dir(dir).start();
         let mut client = server.client().await;
@@ -185,7 +208,8 @@ async fn acknowledged_puts_survive_sigkill_under_load() {
             restarts.push(t0.elapsed());
         }
         // The store opened cleanly: no temporary file is left, and none is served.
-        let (count, bytes, tmp) = scan_blobs(dir);
+        let (files, file_bytes, tmp) = scan_blobs(dir);
+        let (count, bytes) = (files + rows, file_bytes + row_bytes);
         assert!(
             tmp.is_empty(),
             "{ctx}: blobs/tmp/ holds {tmp:?} after the restart"
@@ -234,7 +258,7 @@ async fn acknowledged_puts_survive_sigkill_under_load() {
         let status = client.status(StatusRequest {}).await.unwrap().into_inner();
         assert_eq!(
             status.blob_count, count,
-            "{ctx}: Status blobs vs blob files"
+            "{ctx}: Status blobs vs blob files and small-leaf rows ({files} files, {rows} rows)"
         );
         assert!(
             (leaves.len() as u64..=attempted_leaves).contains(&count),
@@ -256,6 +280,7 @@ async fn acknowledged_puts_survive_sigkill_under_load() {
         );
         assert_eq!(gauge("deriva_storage_blobs"), count as f64, "{ctx}");
         assert_eq!(gauge("deriva_storage_blob_bytes"), bytes as f64, "{ctx}");
+        last_scan = (files, rows);
         if round == rounds {
             break;
         }
@@ -306,9 +331,11 @@ async fn acknowledged_puts_survive_sigkill_under_load() {
     let l = ledger.lock();
     let mean = restarts.iter().sum::<Duration>() / restarts.len() as u32;
     let max = restarts.iter().max().unwrap();
+    let (files, rows) = last_scan;
     eprintln!(
         "crash campaign: seed {seed}, {rounds} SIGKILLs, {} puts acknowledged ({} leaves, {} recipes distinct), \
-         {} distinct sent, 0 lost, {tmp_seen} temporary files left by kills, restart mean {mean:?} max {max:?}",
+         {} distinct sent, 0 lost, {tmp_seen} temporary files left by kills, restart mean {mean:?} max {max:?}; \
+         leaves at the end: {rows} small-leaf rows, {files} files",
         l.acks,
         l.leaves.len(),
         l.recipes.len(),

@@ -41,6 +41,7 @@ pub struct StoreCounters {
     recipes: AtomicU64,
     blobs: AtomicU64,
     blob_bytes: AtomicU64,
+    leaf_commits: AtomicU64,
 }
 
 impl StoreCounters {
@@ -88,6 +89,17 @@ impl StoreCounters {
     pub fn set_blobs(&self, count: u64, bytes: u64) {
         self.blobs.store(count, Ordering::Relaxed);
         self.blob_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Durable commits a backend made to store leaves, where it batches them (the local
+    /// store's small leaves: one fsync per commit, shared by the puts in it).
+    pub fn leaf_commits(&self) -> u64 {
+        self.leaf_commits.load(Ordering::Relaxed)
+    }
+
+    /// Counts one durable commit of leaves.
+    pub fn count_leaf_commit(&self) {
+        self.leaf_commits.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one new blob of `bytes` bytes, or with `added == false` one deleted blob.

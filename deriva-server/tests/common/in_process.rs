@@ -210,7 +210,9 @@ impl InProcess {
         &self.dir
     }
 
-    /// Where the blob of the leaf `addr` lives.
+    /// Where the blob file of the leaf `addr` lives, if it is a file: larger than
+    /// `inline_leaf_bytes` (start with `.config(|c| c.inline_leaf_bytes = 0)` to make every
+    /// leaf a file); smaller ones are rows of `leaves.redb`.
     pub fn blob_path(&self, addr: &Bytes) -> PathBuf {
         let hex = super::hex(addr);
         self.dir.join("blobs").join(&hex[..2]).join(hex)

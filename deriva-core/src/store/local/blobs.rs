@@ -4,6 +4,9 @@
 //! directory fsynced, so a crash never leaves a partial file under a real address. `open`
 //! deletes whatever is left in `tmp/`. Every read re-hashes the bytes and reports a mismatch as
 //! [`DerivaError::Corrupted`].
+//!
+//! Small leaves are rows of redb instead, written with group commit (`small.rs`); every method
+//! here looks at both, so a store written with another threshold reads the same.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -19,6 +22,8 @@ use crate::addr::CAddr;
 use crate::error::{DerivaError, Result};
 use crate::store::{AgedLeaf, StoreCounters};
 
+use super::small::{Deleted, LEAVES_FILE, SmallLeaves};
+
 const TMP_DIR: &str = "tmp";
 
 /// The on-disk blob store. Cheap to share behind an `Arc`; all methods take `&self`.
@@ -28,14 +33,23 @@ pub(super) struct BlobFiles {
     counters: Arc<StoreCounters>,
     /// Serializes "is it there yet? then rename and count" so concurrent puts of the same bytes
     /// count once. Data is written and fsynced before the lock is taken.
-    publish: Mutex<()>,
+    publish: Arc<Mutex<()>>,
     tmp_seq: AtomicU64,
+    /// Leaves of at most `inline_max` bytes are written here.
+    small: SmallLeaves,
+    inline_max: u64,
 }
 
 impl BlobFiles {
-    /// Opens (creating if needed) the blob directory, removes temporary leftovers, and counts the
-    /// blobs and their bytes once.
-    pub(super) fn open(root: &Path, counters: Arc<StoreCounters>) -> Result<Self> {
+    /// Opens (creating if needed) the blob directory and the small-leaf file in `data_dir`,
+    /// removes temporary leftovers, and counts the blobs and their bytes once. Leaves of at most
+    /// `inline_max` bytes will be written as small leaves.
+    pub(super) fn open(
+        data_dir: &Path,
+        root: &Path,
+        inline_max: u64,
+        counters: Arc<StoreCounters>,
+    ) -> Result<Self> {
         let ctx = |what: &str, p: &Path| format!("{what} {}", p.display());
         fs::create_dir_all(root.join(TMP_DIR))
             .map_err(|e| DerivaError::io(ctx("creating", root), &e))?;
@@ -74,24 +88,55 @@ impl BlobFiles {
             }
         }
         sync_dir(root)?;
-        counters.set_blobs(count, bytes);
+        let publish = Arc::new(Mutex::new(()));
+        let touch_file = {
+            let (root, publish, counters) = (root.to_owned(), publish.clone(), counters.clone());
+            Box::new(move |addr: &CAddr| touch_or_drop(&root, &publish, &counters, addr))
+        };
+        let on_commit = {
+            let counters = counters.clone();
+            Box::new(move |added: &[u64]| {
+                counters.count_leaf_commit();
+                for len in added {
+                    counters.count_blob(true, *len);
+                }
+            })
+        };
+        let (small, loaded) =
+            SmallLeaves::open(&data_dir.join(LEAVES_FILE), touch_file, on_commit)?;
+        counters.set_blobs(count + loaded.count, bytes + loaded.bytes);
         Ok(Self {
             root: root.to_owned(),
             counters,
-            publish: Mutex::new(()),
+            publish,
             tmp_seq: AtomicU64::new(0),
+            small,
+            inline_max,
         })
     }
 
+    /// Whether a leaf of `len` bytes is written as a small leaf.
+    pub(super) fn is_small(&self, len: u64) -> bool {
+        self.inline_max > 0 && len <= self.inline_max
+    }
+
+    /// The small-leaf table.
+    pub(super) fn small(&self) -> &SmallLeaves {
+        &self.small
+    }
+
     fn path_of(&self, addr: &CAddr) -> PathBuf {
-        let hex = addr.to_hex();
-        self.root.join(&hex[..2]).join(hex)
+        path_of(&self.root, addr)
     }
 
     /// Stores `data` under its BLAKE3 address and returns the address. Idempotent: a second put
     /// of the same bytes writes nothing (and repairs a corrupted copy if it finds one).
     pub(super) fn put(&self, data: &[u8]) -> Result<CAddr> {
         let addr = CAddr::for_leaf(data);
+        if self.is_small(data.len() as u64) {
+            self.put_small_blocking(addr, Bytes::copy_from_slice(data))?;
+            return Ok(addr);
+        }
         let path = self.path_of(&addr);
         match self.read_verified(&addr, &path) {
             // Stored again: its time is refreshed, unless garbage collection removed it in
@@ -114,26 +159,23 @@ impl BlobFiles {
         Ok(addr)
     }
 
-    /// Sets the modification time of the blob file of `addr`, its last put, to now; `false`
-    /// if there is no such file. Under the publish lock, so a conditional delete sees either
-    /// the old time and deletes first, or the new one.
+    /// Stores the small leaf `data` (whose address is `addr`) through the committer and waits
+    /// until it is durable. Blocks: for the blocking pool.
+    fn put_small_blocking(&self, addr: CAddr, data: Bytes) -> Result<()> {
+        self.small
+            .submit(addr, data)
+            .blocking_recv()
+            .unwrap_or_else(|_| Err(committer_gone()))
+    }
+
     fn touch(&self, addr: &CAddr) -> Result<bool> {
-        let path = self.path_of(addr);
-        let _guard = self.publish.lock();
-        let file = match File::options().write(true).open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(DerivaError::io(format!("touching blob {addr}"), &e)),
-        };
-        file.set_modified(SystemTime::now())
-            .map_err(|e| DerivaError::io(format!("touching blob {addr}"), &e))?;
-        Ok(true)
+        touch(&self.root, &self.publish, addr)
     }
 
     /// Every blob with its size and modification time (the time of its last put).
     pub(super) fn list_aged(&self) -> Result<Vec<AgedLeaf>> {
-        let mut out = Vec::new();
-        for addr in self.list()? {
+        let mut out = self.small.list_aged()?;
+        for addr in self.list_files()? {
             let path = self.path_of(&addr);
             let meta = match fs::metadata(&path) {
                 Ok(m) => m,
@@ -156,6 +198,14 @@ impl BlobFiles {
     /// Removes the blob file of `addr` and counts it if it was last put before `cutoff`: its
     /// size, or `None` if it is newer or gone.
     pub(super) fn delete_if_older(&self, addr: &CAddr, cutoff: SystemTime) -> Result<Option<u64>> {
+        match self.small.delete(addr, Some(cutoff))? {
+            Deleted::Removed(len) => {
+                self.counters.count_blob(false, len);
+                return Ok(Some(len));
+            }
+            Deleted::Kept => return Ok(None),
+            Deleted::Absent => {}
+        }
         let path = self.path_of(addr);
         let _guard = self.publish.lock();
         let ctx = || format!("deleting blob {addr}");
@@ -210,6 +260,19 @@ impl BlobFiles {
     /// Opens the blob file of `addr` for a streamed read; `None` if there is none. A blob of
     /// at most `whole_up_to` bytes is read and verified at once instead.
     pub(super) fn open_read(&self, addr: &CAddr, whole_up_to: u64) -> Result<Option<Opened>> {
+        if let Some(data) = self.small.get_unverified(addr)? {
+            if data.len() as u64 <= whole_up_to {
+                let actual = CAddr::for_leaf(&data);
+                if actual != *addr {
+                    return Err(DerivaError::Corrupted {
+                        addr: *addr,
+                        detail: format!("the {} bytes stored hash to {actual}", data.len()),
+                    });
+                }
+                return Ok(Some(Opened::Whole(data)));
+            }
+            return Ok(Some(Opened::Row(data)));
+        }
         let path = self.path_of(addr);
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -261,39 +324,40 @@ impl BlobFiles {
             });
         }
         let tmp = std::mem::take(&mut write.tmp);
+        if self.is_small(write.len) {
+            // Small: a row like any other small leaf (the committer deduplicates).
+            let data = fs::read(&tmp);
+            let _ = fs::remove_file(&tmp);
+            let data = data.map_err(|e| DerivaError::io(what_of(write.addr), &e))?;
+            self.put_small_blocking(found, Bytes::from(data))?;
+            return Ok((found, write.len));
+        }
         self.publish(&found, &tmp, write.len)?;
         Ok((found, write.len))
     }
 
     /// Reads and verifies a blob. `Ok(None)` when there is no such blob.
     pub(super) fn get(&self, addr: &CAddr) -> Result<Option<Bytes>> {
+        if let Some(data) = self.small.get(addr)? {
+            return Ok(Some(data));
+        }
         self.read_verified(addr, &self.path_of(addr))
     }
 
     fn read_verified(&self, addr: &CAddr, path: &Path) -> Result<Option<Bytes>> {
-        let data = match fs::read(path) {
-            Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(DerivaError::io(format!("reading blob {addr}"), &e)),
-        };
-        let actual = CAddr::for_leaf(&data);
-        if actual != *addr {
-            tracing::error!(%addr, %actual, len = data.len(), "blob content does not match its address");
-            return Err(DerivaError::Corrupted {
-                addr: *addr,
-                detail: format!("the {} bytes on disk hash to {actual}", data.len()),
-            });
-        }
-        Ok(Some(Bytes::from(data)))
+        read_verified(addr, path)
     }
 
-    /// Whether a blob file exists for `addr` (without reading or verifying it).
-    pub(super) fn contains(&self, addr: &CAddr) -> bool {
-        self.path_of(addr).is_file()
+    /// Whether a blob exists for `addr` (without reading or verifying it).
+    pub(super) fn contains(&self, addr: &CAddr) -> Result<bool> {
+        Ok(self.small.size(addr)?.is_some() || self.path_of(addr).is_file())
     }
 
-    /// The size of the blob file for `addr`, if there is one.
+    /// The size of the blob for `addr`, if there is one.
     pub(super) fn size(&self, addr: &CAddr) -> Result<Option<u64>> {
+        if let Some(len) = self.small.size(addr)? {
+            return Ok(Some(len));
+        }
         match fs::metadata(self.path_of(addr)) {
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -304,8 +368,12 @@ impl BlobFiles {
         }
     }
 
-    /// Removes the blob file for `addr` and counts it; `false` if there was none.
+    /// Removes the blob for `addr` and counts it; `false` if there was none.
     pub(super) fn delete(&self, addr: &CAddr) -> Result<bool> {
+        if let Deleted::Removed(len) = self.small.delete(addr, None)? {
+            self.counters.count_blob(false, len);
+            return Ok(true);
+        }
         let path = self.path_of(addr);
         let _guard = self.publish.lock();
         let len = match fs::metadata(&path) {
@@ -326,6 +394,7 @@ impl BlobFiles {
     /// A read of an absent blob and of the blob directory itself: fails if the directory is
     /// gone or unreadable.
     pub(super) fn check(&self) -> Result<()> {
+        self.small.get(&CAddr::from_bytes([0; 32]))?;
         self.get(&CAddr::from_bytes([0; 32]))?;
         fs::metadata(&self.root).map_err(|e| {
             DerivaError::io(
@@ -336,8 +405,20 @@ impl BlobFiles {
         Ok(())
     }
 
-    /// Every blob address, by listing the shard directories.
+    /// Every blob address: the small leaves' and the shard directories'.
     pub(super) fn list(&self) -> Result<Vec<CAddr>> {
+        let mut out: Vec<CAddr> = self
+            .small
+            .list_aged()?
+            .into_iter()
+            .map(|l| l.addr)
+            .collect();
+        out.extend(self.list_files()?);
+        Ok(out)
+    }
+
+    /// Every address with a blob file, by listing the shard directories.
+    fn list_files(&self) -> Result<Vec<CAddr>> {
         let mut out = Vec::new();
         for shard in 0..=255u8 {
             for entry in read_dir(&self.root.join(hex::encode([shard])))? {
@@ -359,6 +440,8 @@ impl BlobFiles {
 #[derive(Debug)]
 pub(super) enum Opened {
     Whole(Bytes),
+    /// A small leaf larger than one chunk, to verify as it streams.
+    Row(Bytes),
     File(File, PathBuf),
 }
 
@@ -413,6 +496,79 @@ fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>> {
     entries
         .collect::<io::Result<Vec<_>>>()
         .map_err(|e| DerivaError::io(format!("listing {}", dir.display()), &e))
+}
+
+fn path_of(root: &Path, addr: &CAddr) -> PathBuf {
+    let hex = addr.to_hex();
+    root.join(&hex[..2]).join(hex)
+}
+
+fn committer_gone() -> DerivaError {
+    DerivaError::io(
+        "storing a small leaf",
+        &io::Error::other("the leaf committer stopped"),
+    )
+}
+
+fn read_verified(addr: &CAddr, path: &Path) -> Result<Option<Bytes>> {
+    let data = match fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(DerivaError::io(format!("reading blob {addr}"), &e)),
+    };
+    let actual = CAddr::for_leaf(&data);
+    if actual != *addr {
+        tracing::error!(%addr, %actual, len = data.len(), "blob content does not match its address");
+        return Err(DerivaError::Corrupted {
+            addr: *addr,
+            detail: format!("the {} bytes on disk hash to {actual}", data.len()),
+        });
+    }
+    Ok(Some(Bytes::from(data)))
+}
+
+/// Sets the modification time of the blob file of `addr`, its last put, to now; `false` if
+/// there is no such file. Under the publish lock, so a conditional delete sees either the old
+/// time and deletes first, or the new one.
+fn touch(root: &Path, publish: &Mutex<()>, addr: &CAddr) -> Result<bool> {
+    let path = path_of(root, addr);
+    let _guard = publish.lock();
+    let file = match File::options().write(true).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(DerivaError::io(format!("touching blob {addr}"), &e)),
+    };
+    file.set_modified(SystemTime::now())
+        .map_err(|e| DerivaError::io(format!("touching blob {addr}"), &e))?;
+    Ok(true)
+}
+
+/// For a small leaf being put: if it is a file already (written before small leaves were
+/// rows, or with another threshold), refreshes the file's time and answers `true`; a damaged
+/// file is removed (and uncounted), so the put writes the row instead; `false` if no file.
+fn touch_or_drop(
+    root: &Path,
+    publish: &Mutex<()>,
+    counters: &StoreCounters,
+    addr: &CAddr,
+) -> Result<bool> {
+    let path = path_of(root, addr);
+    match read_verified(addr, &path) {
+        Ok(Some(_)) => touch(root, publish, addr),
+        Ok(None) => Ok(false),
+        Err(DerivaError::Corrupted { .. }) => {
+            tracing::warn!(%addr, "replacing a corrupted blob file with a small leaf row");
+            let _guard = publish.lock();
+            let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            match fs::remove_file(&path) {
+                Ok(()) => counters.count_blob(false, len),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DerivaError::io(format!("removing blob {addr}"), &e)),
+            }
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {

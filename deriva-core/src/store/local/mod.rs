@@ -8,6 +8,9 @@
 
 mod blobs;
 mod recipes;
+mod small;
+
+pub use small::LEAVES_FILE;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -31,11 +34,39 @@ pub const DB_FILE: &str = "deriva.redb";
 /// Name of the blob directory inside the data directory.
 pub const BLOB_DIR: &str = "blobs";
 
+/// How the local store writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalOptions {
+    /// Leaves of at most this many bytes are rows of `leaves.redb`, written with group commit
+    /// (concurrent puts share one fsync); larger ones are files. `0`: every leaf a file. Reads
+    /// look in both places whatever the setting.
+    pub inline_leaf_bytes: u64,
+}
+
+impl LocalOptions {
+    /// The default threshold of small leaves: 64 KiB.
+    pub const DEFAULT_INLINE_LEAF_BYTES: u64 = 64 << 10;
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        Self {
+            inline_leaf_bytes: Self::DEFAULT_INLINE_LEAF_BYTES,
+        }
+    }
+}
+
 impl Store {
+    /// Opens the local store in `dir` with the default [`LocalOptions`]; see
+    /// [`Store::open_with`].
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(dir, LocalOptions::default())
+    }
+
     /// Opens the local store in `dir`, creating it if needed: removes leftover temporary blob
     /// files and loads the counters. Blocks while it scans the blob directory, so call it at
     /// start-up (or on the blocking pool).
-    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+    pub fn open_with(dir: impl AsRef<Path>, options: LocalOptions) -> Result<Self> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir)
             .map_err(|e| DerivaError::io(format!("creating {}", dir.display()), &e))?;
@@ -49,7 +80,12 @@ impl Store {
         };
         let blobs = LocalBlobStore {
             inner: Arc::new((
-                blobs::BlobFiles::open(&dir.join(BLOB_DIR), counters.clone())?,
+                blobs::BlobFiles::open(
+                    dir,
+                    &dir.join(BLOB_DIR),
+                    options.inline_leaf_bytes,
+                    counters.clone(),
+                )?,
                 lease.clone(),
             )),
         };
@@ -73,6 +109,23 @@ impl Store {
 /// Replaces the stored row of recipe `addr` in the redb file of the local store in
 /// `data_dir` with bytes that do not decode, for the conformance suite's corruption case. The
 /// store must be closed.
+/// Replaces the stored bytes of the leaf `addr` in the local store in `data_dir` with
+/// `bytes`, wherever it is kept (a small-leaf row, else its file), for the conformance suite's
+/// corruption cases. The store must be closed.
+#[cfg(feature = "conformance")]
+pub fn damage_leaf(data_dir: &Path, addr: CAddr, bytes: &[u8]) -> Result<()> {
+    if small::damage_row(&data_dir.join(LEAVES_FILE), &addr, bytes)? {
+        return Ok(());
+    }
+    let hex = addr.to_hex();
+    let path = data_dir.join(BLOB_DIR).join(&hex[..2]).join(hex);
+    if !path.is_file() {
+        return Err(DerivaError::NotFound { addr });
+    }
+    std::fs::write(&path, bytes)
+        .map_err(|e| DerivaError::io(format!("damaging {}", path.display()), &e))
+}
+
 #[cfg(feature = "conformance")]
 pub fn damage_recipe_row(data_dir: &Path, addr: CAddr) -> Result<()> {
     recipes::RecipeDb::open(&data_dir.join(DB_FILE), Arc::default())?.damage_row(&addr)
@@ -140,6 +193,19 @@ impl LocalBlobStore {
 #[async_trait]
 impl BlobStore for LocalBlobStore {
     async fn put(&self, data: Bytes) -> Result<CAddr> {
+        if self.inner.0.is_small(data.len() as u64) {
+            // Group commit: the committer thread writes it with the puts waiting beside it, and
+            // answers once the commit is durable. No blocking-pool thread waits meanwhile.
+            let addr = CAddr::for_leaf(&data);
+            let answer = self.inner.0.small().submit(addr, data);
+            return match answer.await {
+                Ok(result) => result.map(|()| addr),
+                Err(_) => Err(DerivaError::io(
+                    "storing a small leaf",
+                    &std::io::Error::other("the leaf committer stopped"),
+                )),
+            };
+        }
         on_pool(&self.inner, "storing a blob", move |b| b.put(&data)).await
     }
 
@@ -157,6 +223,13 @@ impl BlobStore for LocalBlobStore {
             None => return Ok(None),
             // One chunk or less: read and verified in that same call.
             Some(blobs::Opened::Whole(data)) => return Ok(Some(stream::once(data))),
+            Some(blobs::Opened::Row(data)) => {
+                return Ok(Some(stream::verified(
+                    addr,
+                    format!("the small leaf row of {addr}"),
+                    stream::chunks(data, chunk),
+                )));
+            }
             Some(blobs::Opened::File(file, path)) => (file, path),
         };
         // Read on the blocking pool, a block at a time; the store's lease travels with the file.
@@ -182,10 +255,7 @@ impl BlobStore for LocalBlobStore {
     }
 
     async fn contains(&self, addr: CAddr) -> Result<bool> {
-        on_pool(&self.inner, "looking up a blob", move |b| {
-            Ok(b.contains(&addr))
-        })
-        .await
+        on_pool(&self.inner, "looking up a blob", move |b| b.contains(&addr)).await
     }
 
     async fn size(&self, addr: CAddr) -> Result<Option<u64>> {
@@ -317,9 +387,10 @@ mod tests {
     pub(super) static POOL_CALLS: parking_lot::Mutex<Vec<(ThreadId, ThreadId)>> =
         parking_lot::Mutex::new(Vec::new());
 
-    /// Every trait method does its I/O on the blocking pool. On a current-thread runtime the
-    /// one async worker is the test's own thread: each call must show up as pooled work asked
-    /// for by this thread and done on another.
+    /// Every trait method does its I/O on the blocking pool (a small leaf's put, on the
+    /// committer thread). On a current-thread runtime the one async worker is the test's own
+    /// thread: each call must show up as pooled work asked for by this thread and done on
+    /// another.
     #[test]
     fn store_calls_never_run_on_the_async_worker() {
         let dir = tempfile::tempdir().unwrap();
@@ -351,7 +422,8 @@ mod tests {
             assert_eq!(recipes.list().await.unwrap(), [(addr, 1)]);
             assert!(recipes.delete(addr).await.unwrap());
             assert!(blobs.delete(leaf).await.unwrap());
-            13
+            // 13 calls; the put went to the committer thread, not the pool.
+            12
         });
         let pooled: Vec<ThreadId> = POOL_CALLS
             .lock()
