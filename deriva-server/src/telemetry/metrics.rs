@@ -1,4 +1,5 @@
-//! [`ServerMetrics`]: the server's own instruments (RPC, DAG and storage families).
+//! [`ServerMetrics`]: the server's own instruments (RPC, DAG and storage families), and
+//! [`SpanExportMetrics`]: those of the span export queue.
 //!
 //! | family | type | labels | meaning |
 //! |---|---|---|---|
@@ -14,11 +15,24 @@
 //! `method` is the [`RpcMethod::label`] of one of [`RpcMethod::ALL`]. Counts and gauges are atomics read by observable
 //! instruments at collection time; the store gauges read the store's own counters, so they are
 //! right from the first scrape after a restart.
+//!
+//! [`SpanExportMetrics`], only when spans are exported over OTLP (README.md, "Span export
+//! metrics"):
+//!
+//! | family | type | meaning |
+//! |---|---|---|
+//! | `deriva_telemetry_spans_dropped_total` | counter | spans ended and sampled, dropped because the export queue was full |
+//! | `deriva_telemetry_spans_exported_total` | counter | spans the OTLP receiver accepted |
+//! | `deriva_telemetry_spans_export_failed_total` | counter | spans of exports that failed (refused, unreachable, timed out) |
+//! | `deriva_telemetry_span_queue_length` | gauge | spans waiting now in the export queue |
+//! | `deriva_telemetry_span_queue_capacity` | gauge | the most spans that can wait (`OTEL_BSP_MAX_QUEUE_SIZE`) |
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use deriva_core::StoreCounters;
+
+use super::span_queue::SpanQueueStats;
 
 use crate::rpc::RpcMethod;
 use opentelemetry::KeyValue;
@@ -234,5 +248,68 @@ impl RpcTimer {
 impl Drop for RpcTimer {
     fn drop(&mut self) {
         self.record(false);
+    }
+}
+
+/// The span export queue's instruments (the `deriva_telemetry_*` families), reading the counts
+/// of a [`SpanQueue`](super::span_queue::SpanQueue) at collection time.
+#[derive(Debug, Clone)]
+pub struct SpanExportMetrics {
+    _counters: Vec<ObservableCounter<u64>>,
+    _gauges: Vec<ObservableGauge<u64>>,
+}
+
+impl SpanExportMetrics {
+    /// Builds the instruments from `meter`, over `stats`.
+    pub fn new(meter: &Meter, stats: Arc<SpanQueueStats>) -> Self {
+        let counter = |name: &'static str, desc: &'static str, read: fn(&SpanQueueStats) -> u64| {
+            let stats = stats.clone();
+            meter
+                .u64_observable_counter(name)
+                .with_unit("{span}")
+                .with_description(desc)
+                .with_callback(move |o| o.observe(read(&stats), &[]))
+                .build()
+        };
+        let gauge = |name: &'static str, desc: &'static str, read: fn(&SpanQueueStats) -> usize| {
+            let stats = stats.clone();
+            meter
+                .u64_observable_gauge(name)
+                .with_unit("{span}")
+                .with_description(desc)
+                .with_callback(move |o| o.observe(read(&stats) as u64, &[]))
+                .build()
+        };
+        Self {
+            _counters: vec![
+                counter(
+                    "deriva.telemetry.spans.dropped",
+                    "Spans ended and sampled but dropped because the export queue was full; lower --trace-sample-ratio",
+                    SpanQueueStats::dropped,
+                ),
+                counter(
+                    "deriva.telemetry.spans.exported",
+                    "Spans the OTLP receiver accepted",
+                    SpanQueueStats::exported,
+                ),
+                counter(
+                    "deriva.telemetry.spans.export_failed",
+                    "Spans of OTLP exports that failed: refused, unreachable, or not answered within the timeout",
+                    SpanQueueStats::failed,
+                ),
+            ],
+            _gauges: vec![
+                gauge(
+                    "deriva.telemetry.span_queue.length",
+                    "Spans waiting now in the export queue",
+                    SpanQueueStats::queued,
+                ),
+                gauge(
+                    "deriva.telemetry.span_queue.capacity",
+                    "The most spans the export queue holds (OTEL_BSP_MAX_QUEUE_SIZE)",
+                    SpanQueueStats::capacity,
+                ),
+            ],
+        }
     }
 }

@@ -9,10 +9,14 @@
 //!
 //! - [`sampler`]: which new traces are recorded, and the per-second cap;
 //! - [`logs`]: the log-line formatter that adds `trace_id`, `span_id` and the request id;
-//! - [`metrics`]: [`ServerMetrics`], the server's own instruments;
-//! - [`otlp`]: the standard `OTEL_*` environment and the flags, resolved into exporters.
+//! - [`metrics`]: [`ServerMetrics`], the server's own instruments, and [`SpanExportMetrics`],
+//!   the span export queue's;
+//! - [`otlp`]: the standard `OTEL_*` environment and the flags, resolved into exporters;
+//! - [`span_queue`]: [`SpanQueue`], the batching span processor that counts the spans it drops
+//!   when its queue is full.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
@@ -21,7 +25,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
-use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Dispatch;
 use tracing::Level;
 use tracing_subscriber::filter::{FilterExt as _, Targets, filter_fn};
@@ -31,11 +35,13 @@ pub mod logs;
 pub mod metrics;
 pub mod otlp;
 pub mod sampler;
+pub mod span_queue;
 
 pub use logs::{LineIds, RequestId, WithTraceIds, current_ids};
-pub use metrics::ServerMetrics;
+pub use metrics::{ServerMetrics, SpanExportMetrics};
 pub use otlp::{ExportPlan, Protocol};
 pub use sampler::{DerivaSampler, FORCE_TRACE_ATTR, RateLimiter};
+pub use span_queue::{SpanQueue, SpanQueueStats};
 
 use crate::trace_store::TraceStore;
 use tracing_subscriber::{EnvFilter, fmt as tfmt};
@@ -190,6 +196,8 @@ pub struct Telemetry {
     tracer_provider: SdkTracerProvider,
     /// Log records over OTLP, when exported.
     logger_provider: Option<SdkLoggerProvider>,
+    /// The span export queue's counts and their instruments, when spans are exported.
+    span_export: Option<(Arc<SpanQueueStats>, SpanExportMetrics)>,
     plan: ExportPlan,
     traces: TraceStore,
     config: TelemetryConfig,
@@ -236,18 +244,14 @@ impl Telemetry {
         let mut tracers = SdkTracerProvider::builder()
             .with_resource(resource.clone())
             .with_sampler(sampler);
+        let mut span_stats = None;
         if let Some(export) = &plan.traces {
             let exporter = otlp::span_exporter(export).map_err(TelemetryError::Otlp)?;
-            let batching = BatchConfigBuilder::default()
-                .with_max_queue_size(plan.batching.max_queue_size)
-                .with_scheduled_delay(plan.batching.scheduled_delay)
-                .with_max_export_batch_size(plan.batching.max_export_batch_size)
-                .build();
-            tracers = tracers.with_span_processor(
-                BatchSpanProcessor::builder(exporter)
-                    .with_batch_config(batching)
-                    .build(),
-            );
+            let queue = SpanQueue::new(exporter, plan.batching).map_err(|e| {
+                TelemetryError::Otlp(format!("starting the span export thread: {e}"))
+            })?;
+            span_stats = Some(queue.stats());
+            tracers = tracers.with_span_processor(queue);
         }
         if let Some(export) = &plan.metrics {
             let exporter = otlp::metric_exporter(export).map_err(TelemetryError::Otlp)?;
@@ -272,11 +276,17 @@ impl Telemetry {
             }
             None => None,
         };
+        let meter_provider = meters.build();
+        let span_export = span_stats.map(|stats| {
+            let metrics = SpanExportMetrics::new(&meter_provider.meter("deriva"), stats.clone());
+            (stats, metrics)
+        });
         Ok(Self {
             registry,
-            meter_provider: meters.build(),
+            meter_provider,
             tracer_provider: tracers.build(),
             logger_provider,
+            span_export,
             plan,
             traces: TraceStore::new(config.trace_store_capacity),
             config,
@@ -313,6 +323,11 @@ impl Telemetry {
     /// The meter provider (for flushing in tests).
     pub fn meter_provider(&self) -> &SdkMeterProvider {
         &self.meter_provider
+    }
+
+    /// The span export queue's counts, when spans are exported over OTLP.
+    pub fn span_queue(&self) -> Option<&SpanQueueStats> {
+        self.span_export.as_ref().map(|(stats, _)| &**stats)
     }
 
     /// The logger provider, when log records are exported (for flushing in tests).
@@ -511,6 +526,58 @@ mod tests {
         let shown = format!("{config:?}");
         assert!(!shown.contains("secret"), "{shown}");
         assert!(shown.contains("x-api-key=<set>"), "{shown}");
+    }
+
+    /// The span export families are on `/metrics` exactly when spans are exported, under the
+    /// names README.md's "Span export metrics" table gives, and the capacity is the queue's.
+    #[test]
+    fn span_export_families_come_with_span_export() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _in_runtime = runtime.enter();
+        let scrape = |telemetry: &Telemetry| {
+            prometheus::TextEncoder::new()
+                .encode_to_string(&telemetry.registry().gather())
+                .unwrap()
+        };
+        let families = [
+            ("deriva_telemetry_spans_dropped_total", "counter"),
+            ("deriva_telemetry_spans_exported_total", "counter"),
+            ("deriva_telemetry_spans_export_failed_total", "counter"),
+            ("deriva_telemetry_span_queue_length", "gauge"),
+            ("deriva_telemetry_span_queue_capacity", "gauge"),
+        ];
+        let exporting = Telemetry::new(TelemetryConfig {
+            otlp_endpoint: Some("http://127.0.0.1:9".to_owned()),
+            otel_env: [
+                ("OTEL_BSP_MAX_QUEUE_SIZE", "7"),
+                ("OTEL_METRICS_EXPORTER", "none"),
+                ("OTEL_LOGS_EXPORTER", "none"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into(),
+            ..TelemetryConfig::default()
+        })
+        .unwrap();
+        let text = scrape(&exporting);
+        for (name, kind) in families {
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}\n")),
+                "{name} {kind}:\n{text}"
+            );
+        }
+        assert!(
+            text.contains("deriva_telemetry_span_queue_capacity 7\n"),
+            "{text}"
+        );
+        assert_eq!(exporting.span_queue().map(|q| q.capacity()), Some(7));
+
+        let quiet = Telemetry::new(TelemetryConfig::default()).unwrap();
+        assert!(quiet.span_queue().is_none());
+        assert!(!scrape(&quiet).contains("deriva_telemetry"));
     }
 
     /// With or without OTLP export (and its log bridge), the subscriber builds no span that no
