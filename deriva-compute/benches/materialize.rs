@@ -6,6 +6,10 @@
 //! - `metrics+spans`: the same plus a `tracing` subscriber with the OpenTelemetry layer,
 //!   sampling every span (the full production cost of one cache hit).
 //!
+//! And `get_stream_hot_1kib`: a Get (`get_stream`, drained) of a cached 1 KiB output against one
+//! of a cached 1 KiB leaf (read twice first, so the cache holds it): the two should cost the
+//! same, one cache lookup and a `Bytes` clone.
+//!
 //! Run: `cargo bench -p deriva-compute --bench materialize`.
 
 use std::sync::Arc;
@@ -14,6 +18,7 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use deriva_compute::{AsyncExecutor, Cache, ExecutorConfig, FunctionRegistry};
 use deriva_core::{CAddr, FunctionId, Recipe, Store};
+use futures::StreamExt as _;
 use opentelemetry::metrics::{Meter, MeterProvider as _};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
@@ -24,6 +29,7 @@ struct World {
     _dir: tempfile::TempDir,
     exec: AsyncExecutor,
     hot: CAddr,
+    leaf: CAddr,
 }
 
 fn world(rt: &tokio::runtime::Runtime, meter: &Meter) -> World {
@@ -47,11 +53,26 @@ fn world(rt: &tokio::runtime::Runtime, meter: &Meter) -> World {
     .unwrap();
     let hot = rt.block_on(exec.put_recipe(recipe)).unwrap();
     rt.block_on(exec.materialize(hot)).unwrap();
+    for _ in 0..2 {
+        rt.block_on(drain(&exec, leaf));
+    }
+    assert!(exec.cache().contains(&leaf));
     World {
         _dir: dir,
         exec,
         hot,
+        leaf,
     }
+}
+
+/// A Get of `addr`: its chunks, all received.
+async fn drain(exec: &AsyncExecutor, addr: CAddr) -> usize {
+    let mut chunks = exec.get_stream(addr, 64 << 10).await.unwrap();
+    let mut len = 0;
+    while let Some(chunk) = chunks.next().await {
+        len += chunk.unwrap().len();
+    }
+    len
 }
 
 fn prometheus_meter() -> (SdkMeterProvider, prometheus::Registry) {
@@ -100,6 +121,14 @@ fn bench(c: &mut Criterion) {
             b.to_async(&rt).iter(|| w.exec.materialize(w.hot))
         });
     });
+    group.finish();
+
+    let mut group = c.benchmark_group("get_stream_hot_1kib");
+    group
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1));
+    group.bench_function("recipe", |b| b.to_async(&rt).iter(|| drain(&w.exec, w.hot)));
+    group.bench_function("leaf", |b| b.to_async(&rt).iter(|| drain(&w.exec, w.leaf)));
     group.finish();
     drop(provider);
 }

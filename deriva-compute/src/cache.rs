@@ -1,4 +1,5 @@
-//! [`Cache`]: the in-memory, byte-budgeted, cost-aware cache of materialized outputs.
+//! [`Cache`]: the in-memory, byte-budgeted, cost-aware cache of materialized outputs and of
+//! hot small leaves.
 //!
 //! Eviction follows GreedyDual-Size: each entry has a priority `clock + cost/size`, where `cost`
 //! is the measured compute time. The entry with the lowest priority is evicted first and the
@@ -13,8 +14,16 @@
 //! stripe of addresses (4096 stripes), so memory stays fixed; an invalidation of another address
 //! of the same stripe only costs a compute its cache slot, never correctness.
 //!
-//! Hits, misses, evictions, bytes and entries are atomics in [`CacheStats`], read without locks
-//! by `Status` and by the metrics callbacks.
+//! An entry is of one [`Kind`]: a recipe's output or a leaf. Both kinds share the byte budget
+//! and the eviction order; a leaf's cost is the time its read from the store took, which is what
+//! a hit on it saves. A leaf never goes stale (its bytes are its address) but it can be deleted,
+//! so a read notes the leaf's generation before it starts and caches it with
+//! [`Cache::insert_leaf_if_current`]: a deletion, which invalidates the address, wins over a
+//! read that started before it. The cache admits a leaf only on its second read in recent
+//! memory ([`Cache::admit_leaf`]), so a scan that reads many leaves once evicts nothing.
+//!
+//! Hits, misses, evictions, bytes and entries (in all, and of leaves alone) are atomics in
+//! [`CacheStats`], read without locks by `Status` and by the metrics callbacks.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -25,6 +34,15 @@ use bytes::Bytes;
 use deriva_core::CAddr;
 use parking_lot::Mutex;
 
+/// What an entry holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The computed output of a recipe.
+    Output,
+    /// The bytes of a leaf, verified when they were read from the store.
+    Leaf,
+}
+
 /// Live cache counters.
 #[derive(Debug, Default)]
 pub struct CacheStats {
@@ -33,10 +51,13 @@ pub struct CacheStats {
     evictions: AtomicU64,
     size_bytes: AtomicU64,
     entries: AtomicU64,
+    leaf_hits: AtomicU64,
+    leaf_bytes: AtomicU64,
+    leaf_entries: AtomicU64,
 }
 
 impl CacheStats {
-    /// Lookups that found an entry.
+    /// Lookups that found an entry (of any kind).
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
     }
@@ -51,14 +72,29 @@ impl CacheStats {
         self.evictions.load(Ordering::Relaxed)
     }
 
-    /// Bytes held.
+    /// Bytes held, outputs and leaves.
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes.load(Ordering::Relaxed)
     }
 
-    /// Entries held.
+    /// Entries held, outputs and leaves.
     pub fn entries(&self) -> u64 {
         self.entries.load(Ordering::Relaxed)
+    }
+
+    /// Lookups that found a leaf (also counted in [`CacheStats::hits`]).
+    pub fn leaf_hits(&self) -> u64 {
+        self.leaf_hits.load(Ordering::Relaxed)
+    }
+
+    /// Bytes held by leaves (also counted in [`CacheStats::size_bytes`]).
+    pub fn leaf_size_bytes(&self) -> u64 {
+        self.leaf_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Leaves held (also counted in [`CacheStats::entries`]).
+    pub fn leaf_entries(&self) -> u64 {
+        self.leaf_entries.load(Ordering::Relaxed)
     }
 
     /// `hits / (hits + misses)` since the cache was created; 0 before the first lookup.
@@ -70,27 +106,51 @@ impl CacheStats {
             h as f64 / (h + m) as f64
         }
     }
+
+    /// Counts an entry of `kind` and `size` bytes in (`added`) or out.
+    fn count(&self, kind: Kind, size: u64, added: bool) {
+        let step = |counter: &AtomicU64, n: u64| {
+            if added {
+                counter.fetch_add(n, Ordering::Relaxed);
+            } else {
+                counter.fetch_sub(n, Ordering::Relaxed);
+            }
+        };
+        step(&self.size_bytes, size);
+        step(&self.entries, 1);
+        if kind == Kind::Leaf {
+            step(&self.leaf_bytes, size);
+            step(&self.leaf_entries, 1);
+        }
+    }
 }
 
-/// A cache hit: the bytes and the compute time that produced them.
+/// A cache hit: the bytes, what they are, and what producing them cost.
 #[derive(Debug, Clone)]
 pub struct CacheHit {
-    /// The cached output.
+    /// The cached bytes.
     pub data: Bytes,
-    /// How long the compute that produced it took.
+    /// How long the compute that produced an output took, or the read of a leaf.
     pub cost: Duration,
+    /// An output or a leaf.
+    pub kind: Kind,
 }
 
 #[derive(Debug)]
 struct Entry {
     data: Bytes,
     cost: Duration,
+    kind: Kind,
     /// Key in `Inner::order`.
     rank: (u64, u64),
 }
 
 /// Number of generation stripes.
 const STRIPES: usize = 4096;
+
+/// Slots of the admission filter of leaves: each remembers the last leaf read whose address
+/// falls in it.
+const READ_SLOTS: usize = 4096;
 
 #[derive(Debug)]
 struct Inner {
@@ -121,6 +181,16 @@ fn stripe(addr: &CAddr) -> usize {
     usize::from(u16::from_le_bytes([b[0], b[1]])) % STRIPES
 }
 
+/// The admission slot of a leaf, and the fingerprint it leaves there (never 0, which is an
+/// empty slot).
+fn read_slot(addr: &CAddr) -> (usize, u64) {
+    let b = addr.as_bytes();
+    let slot = usize::from(u16::from_le_bytes([b[2], b[3]])) % READ_SLOTS;
+    let mut fingerprint = [0; 8];
+    fingerprint.copy_from_slice(&b[8..16]);
+    (slot, u64::from_le_bytes(fingerprint) | 1)
+}
+
 impl Inner {
     fn rank(&mut self, cost: Duration, size: usize) -> (u64, u64) {
         // Nanoseconds of compute per KiB held; an empty output counts as one byte.
@@ -136,6 +206,8 @@ pub struct Cache {
     budget: u64,
     inner: Mutex<Inner>,
     stats: Arc<CacheStats>,
+    /// The admission filter of leaves (see [`Cache::admit_leaf`]).
+    reads: Box<[AtomicU64]>,
 }
 
 impl Cache {
@@ -145,6 +217,7 @@ impl Cache {
             budget: budget_bytes,
             inner: Mutex::default(),
             stats: Arc::default(),
+            reads: (0..READ_SLOTS).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -175,9 +248,13 @@ impl Cache {
         let hit = CacheHit {
             data: entry.data.clone(),
             cost: entry.cost,
+            kind: entry.kind,
         };
         drop(inner);
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        if hit.kind == Kind::Leaf {
+            self.stats.leaf_hits.fetch_add(1, Ordering::Relaxed);
+        }
         Some(hit)
     }
 
@@ -186,20 +263,27 @@ impl Cache {
         self.inner.lock().map.contains_key(addr)
     }
 
-    /// The size of the cached output of `addr`, if any, without counting a lookup or changing
+    /// What the entry of `addr` holds, if there is one, without counting a lookup or touching
+    /// its priority.
+    pub fn kind_of(&self, addr: &CAddr) -> Option<Kind> {
+        self.inner.lock().map.get(addr).map(|e| e.kind)
+    }
+
+    /// The size of the cached entry of `addr`, if any, without counting a lookup or changing
     /// its rank.
     pub fn size_of(&self, addr: &CAddr) -> Option<u64> {
         self.inner.lock().map.get(addr).map(|e| e.data.len() as u64)
     }
 
-    /// Caches `data` for `addr`, evicting lower-priority entries as needed. Returns the
-    /// addresses evicted. An output larger than the whole budget is not cached.
+    /// Caches `data` as the output of `addr`, evicting lower-priority entries as needed.
+    /// Returns the addresses evicted. An output larger than the whole budget is not cached.
     pub fn insert(&self, addr: CAddr, data: Bytes, cost: Duration) -> Vec<CAddr> {
         let inner = self.inner.lock();
-        self.insert_locked(inner, addr, data, cost)
+        self.insert_locked(inner, addr, data, cost, Kind::Output)
     }
 
-    /// The invalidation generation of `addr`, to pass to [`Cache::insert_if_current`].
+    /// The invalidation generation of `addr`, to pass to [`Cache::insert_if_current`] or
+    /// [`Cache::insert_leaf_if_current`].
     pub fn generation(&self, addr: &CAddr) -> u64 {
         self.inner.lock().generations[stripe(addr)]
     }
@@ -213,16 +297,50 @@ impl Cache {
         cost: Duration,
         generation: u64,
     ) -> Option<Vec<CAddr>> {
-        let inner = self.inner.lock();
-        if inner.generations[stripe(&addr)] != generation {
-            tracing::debug!(%addr, "invalidated while it was computed; not cached");
-            return None;
-        }
-        Some(self.insert_locked(inner, addr, data, cost))
+        self.insert_kind_if_current(addr, data, cost, generation, Kind::Output)
     }
 
-    /// Advances the generation of `addr`, so no compute that started earlier caches it, and
-    /// removes it; returns whether it was cached.
+    /// Caches `data`, the verified bytes of the leaf `addr` whose read took `cost`, like an
+    /// output (same budget, same eviction order), unless `addr` was invalidated (deleted) since
+    /// `generation` was read: then nothing is cached and this returns `None`. `data` is held
+    /// as it is: pass bytes that own no more memory than their length.
+    pub fn insert_leaf_if_current(
+        &self,
+        addr: CAddr,
+        data: Bytes,
+        cost: Duration,
+        generation: u64,
+    ) -> Option<Vec<CAddr>> {
+        self.insert_kind_if_current(addr, data, cost, generation, Kind::Leaf)
+    }
+
+    /// Notes a read of the leaf `addr` from the store, and tells whether to cache it: whether
+    /// the same leaf was the last one read of its slot (one of 4096, by address). So a leaf is
+    /// cached on its second read, unless other leaves of its slot were read in between, and
+    /// leaves read once never take the place of anything. Lock-free; costs one atomic swap.
+    pub fn admit_leaf(&self, addr: &CAddr) -> bool {
+        let (slot, fingerprint) = read_slot(addr);
+        self.reads[slot].swap(fingerprint, Ordering::Relaxed) == fingerprint
+    }
+
+    fn insert_kind_if_current(
+        &self,
+        addr: CAddr,
+        data: Bytes,
+        cost: Duration,
+        generation: u64,
+        kind: Kind,
+    ) -> Option<Vec<CAddr>> {
+        let inner = self.inner.lock();
+        if inner.generations[stripe(&addr)] != generation {
+            tracing::debug!(%addr, ?kind, "invalidated while it was read or computed; not cached");
+            return None;
+        }
+        Some(self.insert_locked(inner, addr, data, cost, kind))
+    }
+
+    /// Advances the generation of `addr`, so no compute or leaf read that started earlier
+    /// caches it, and removes it; returns whether it was cached.
     pub fn invalidate(&self, addr: &CAddr) -> bool {
         let mut inner = self.inner.lock();
         let g = &mut inner.generations[stripe(addr)];
@@ -238,11 +356,11 @@ impl Cache {
             *g = g.wrapping_add(1);
         }
         let gone = inner.map.len();
-        let bytes: u64 = inner.map.values().map(|e| e.data.len() as u64).sum();
+        for entry in inner.map.values() {
+            self.stats.count(entry.kind, entry.data.len() as u64, false);
+        }
         inner.map.clear();
         inner.order.clear();
-        self.stats.size_bytes.fetch_sub(bytes, Ordering::Relaxed);
-        self.stats.entries.fetch_sub(gone as u64, Ordering::Relaxed);
         gone
     }
 
@@ -252,40 +370,39 @@ impl Cache {
         addr: CAddr,
         data: Bytes,
         cost: Duration,
+        kind: Kind,
     ) -> Vec<CAddr> {
         let size = data.len() as u64;
         if size > self.budget {
             drop(inner);
-            tracing::debug!(%addr, size, budget = self.budget, "output larger than the cache budget; not cached");
+            tracing::debug!(%addr, size, budget = self.budget, ?kind, "larger than the cache budget; not cached");
             return Vec::new();
         }
         let mut evicted = Vec::new();
-        if let Some(old) = inner.map.remove(&addr) {
-            inner.order.remove(&(old.rank.0, old.rank.1, addr));
-            self.stats
-                .size_bytes
-                .fetch_sub(old.data.len() as u64, Ordering::Relaxed);
-            self.stats.entries.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.remove_locked(&mut inner, &addr);
         while self.stats.size_bytes() + size > self.budget {
             let Some((priority, _, victim)) = inner.order.pop_first() else {
                 break;
             };
             inner.clock = priority;
             if let Some(gone) = inner.map.remove(&victim) {
-                self.stats
-                    .size_bytes
-                    .fetch_sub(gone.data.len() as u64, Ordering::Relaxed);
-                self.stats.entries.fetch_sub(1, Ordering::Relaxed);
+                self.stats.count(gone.kind, gone.data.len() as u64, false);
                 self.stats.evictions.fetch_add(1, Ordering::Relaxed);
                 evicted.push(victim);
             }
         }
         let rank = inner.rank(cost, data.len());
         inner.order.insert((rank.0, rank.1, addr));
-        inner.map.insert(addr, Entry { data, cost, rank });
-        self.stats.size_bytes.fetch_add(size, Ordering::Relaxed);
-        self.stats.entries.fetch_add(1, Ordering::Relaxed);
+        inner.map.insert(
+            addr,
+            Entry {
+                data,
+                cost,
+                kind,
+                rank,
+            },
+        );
+        self.stats.count(kind, size, true);
         drop(inner);
         if !evicted.is_empty() {
             tracing::debug!(%addr, evicted = evicted.len(), "cache evicted entries to stay within budget");
@@ -304,14 +421,10 @@ impl Cache {
             return false;
         };
         inner.order.remove(&(old.rank.0, old.rank.1, *addr));
-        self.stats
-            .size_bytes
-            .fetch_sub(old.data.len() as u64, Ordering::Relaxed);
-        self.stats.entries.fetch_sub(1, Ordering::Relaxed);
+        self.stats.count(old.kind, old.data.len() as u64, false);
         true
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,5 +535,73 @@ mod tests {
             (cache.stats().entries(), cache.stats().size_bytes()),
             (0, 0)
         );
+    }
+
+    #[test]
+    fn leaves_share_the_budget_and_are_counted_apart() {
+        let cache = Cache::new(300);
+        let g = |n| cache.generation(&addr(n));
+        cache.insert(addr(1), Bytes::from(vec![0; 100]), ms(50));
+        let (g2, g3) = (g(2), g(3));
+        assert_eq!(
+            cache.insert_leaf_if_current(addr(2), Bytes::from(vec![0; 100]), ms(40), g2),
+            Some(vec![])
+        );
+        cache.insert_leaf_if_current(addr(3), Bytes::from(vec![0; 50]), ms(1), g3);
+        let s = cache.stats().clone();
+        assert_eq!((s.entries(), s.size_bytes()), (3, 250));
+        assert_eq!((s.leaf_entries(), s.leaf_size_bytes()), (2, 150));
+        assert_eq!(cache.kind_of(&addr(2)), Some(Kind::Leaf));
+        assert_eq!(cache.kind_of(&addr(1)), Some(Kind::Output));
+        // A hit says what it found; leaf hits are hits too.
+        assert_eq!(cache.get(&addr(2)).unwrap().kind, Kind::Leaf);
+        assert_eq!(cache.get(&addr(1)).unwrap().kind, Kind::Output);
+        assert_eq!((s.hits(), s.leaf_hits()), (2, 1));
+        // An output that needs room evicts by priority, whatever the kind: the cheap leaf first.
+        let evicted = cache.insert(addr(4), Bytes::from(vec![0; 100]), ms(30));
+        assert_eq!(evicted, vec![addr(3)]);
+        assert!(s.size_bytes() <= 300);
+        assert_eq!((s.leaf_entries(), s.leaf_size_bytes()), (1, 100));
+        // A leaf deleted (invalidated) while it was read is not cached.
+        let g5 = g(5);
+        assert!(!cache.invalidate(&addr(5)));
+        assert!(
+            cache
+                .insert_leaf_if_current(addr(5), Bytes::from_static(b"x"), ms(1), g5)
+                .is_none()
+        );
+        assert!(cache.invalidate(&addr(2)));
+        assert_eq!((s.leaf_entries(), s.leaf_size_bytes()), (0, 0));
+        assert_eq!((s.entries(), s.size_bytes()), (2, 200));
+        let g6 = g(6);
+        cache.insert_leaf_if_current(addr(6), Bytes::from_static(b"leaf"), ms(1), g6);
+        assert_eq!(cache.invalidate_all(), 3);
+        assert_eq!(
+            (
+                s.entries(),
+                s.size_bytes(),
+                s.leaf_entries(),
+                s.leaf_size_bytes()
+            ),
+            (0, 0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn a_leaf_is_admitted_on_its_second_read() {
+        let cache = Cache::new(1000);
+        assert!(!cache.admit_leaf(&addr(1)), "first read");
+        assert!(cache.admit_leaf(&addr(1)), "second read");
+        assert!(cache.admit_leaf(&addr(1)), "and on");
+        // Another leaf of the same slot read in between: the first one starts over.
+        let mut other = [1u8; 32];
+        other[8] = 2;
+        let other = CAddr::from_bytes(other);
+        assert_eq!(read_slot(&other).0, read_slot(&addr(1)).0);
+        assert!(!cache.admit_leaf(&other));
+        assert!(!cache.admit_leaf(&addr(1)));
+        assert!(cache.admit_leaf(&addr(1)));
+        // Admission is only a note: nothing is cached by it.
+        assert_eq!(cache.stats().entries(), 0);
     }
 }

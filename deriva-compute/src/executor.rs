@@ -6,6 +6,12 @@
 //! every concurrent caller of the same address (single-flight). Because each level runs in its
 //! own task, a recipe chain of any depth never deepens the stack. When every caller of a shared
 //! materialization has gone away, its task is aborted.
+//!
+//! A `Get` ([`AsyncExecutor::get_stream`]) also caches hot small leaves: a leaf of at most
+//! [`ExecutorConfig::leaf_cache_max_bytes`] read a second time (see
+//! [`Cache::admit_leaf`]) is read whole, verified, and cached beside the outputs, under the same
+//! budget; from then on a Get of it is a cache hit like a cached output's. Garbage collection
+//! drops the leaves it deletes from the cache before it reports them.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -33,7 +39,7 @@ use tracing::instrument::WithSubscriber;
 use tracing::{Instrument, Span, info_span};
 
 use crate::budget::{BudgetConfig, MemoryBudget, Reservation};
-use crate::cache::Cache;
+use crate::cache::{Cache, Kind as CacheKind};
 use crate::function::{ComputeFunction, FunctionError, FunctionRegistry};
 use crate::metrics::{ComputeMetrics, ExecStats, GcResult, Outcome};
 use crate::spans::{self, field};
@@ -109,7 +115,14 @@ pub struct ExecutorConfig {
     /// Where outputs too large for the memory cache go. Default: nowhere (every output may be
     /// cached in memory).
     pub spill: Option<Spill>,
+    /// A leaf that a Get reads a second time is cached if it holds at most this many bytes
+    /// (and at most a sixteenth of the cache budget); 0 caches no leaf. Default:
+    /// [`LEAF_CACHE_MAX_BYTES`].
+    pub leaf_cache_max_bytes: u64,
 }
+
+/// The default of [`ExecutorConfig::leaf_cache_max_bytes`]: 64 KiB.
+pub const LEAF_CACHE_MAX_BYTES: u64 = 64 << 10;
 
 /// Outputs larger than `threshold` bytes are kept in `store` (a local directory) instead of
 /// the memory cache, and a `Get` streams them from there.
@@ -129,6 +142,7 @@ impl Default for ExecutorConfig {
             slow_compute_threshold: Duration::from_secs(1),
             memory: BudgetConfig::default(),
             spill: None,
+            leaf_cache_max_bytes: LEAF_CACHE_MAX_BYTES,
         }
     }
 }
@@ -202,7 +216,8 @@ pub struct GcReport {
     /// What the store's collection found and removed.
     pub store: GcOutcome,
     /// Outputs of removed recipes this node held (in memory or spilled) and dropped (or, in a
-    /// dry run, would drop).
+    /// dry run, would drop). Removed leaves leave the cache too, but count as leaves only, in
+    /// `store`.
     pub cache_entries_removed: u64,
     /// Their bytes.
     pub bytes_reclaimed_cache: u64,
@@ -235,6 +250,14 @@ type Held = Option<Arc<Reservation>>;
 type FlownOutput = Result<((Bytes, Held), Outcome)>;
 type FlightFuture = BoxFuture<'static, FlownOutput>;
 
+/// A leaf opened for a Get.
+enum LeafRead {
+    /// Read whole and verified (a small leaf the cache admitted), with the time it took.
+    Whole(Bytes, Duration),
+    /// Its chunks as they are read (the first ones may have been read already).
+    Streaming(ByteStream),
+}
+
 struct Flight {
     id: u64,
     shared: WeakShared<FlightFuture>,
@@ -253,6 +276,8 @@ struct Inner {
     stats: Arc<ExecStats>,
     metrics: ComputeMetrics,
     budget: Arc<MemoryBudget>,
+    /// The largest leaf a Get caches: the configured bound, within a sixteenth of the budget.
+    leaf_limit: u64,
 }
 
 /// The materialization engine. Cheap to clone; clones share everything.
@@ -295,8 +320,10 @@ impl AsyncExecutor {
             config.spill.as_ref().map(|s| s.store.clone()),
         );
         let permits = config.max_concurrent_computes.max(1);
+        let leaf_limit = config.leaf_cache_max_bytes.min(cache.budget() / 16);
         Self {
             inner: Arc::new(Inner {
+                leaf_limit,
                 store,
                 registry,
                 cache,
@@ -434,10 +461,15 @@ impl AsyncExecutor {
     }
 
     /// The bytes of `addr` for a Get, in chunks of at most `chunk_bytes`, in a `materialize`
-    /// span as [`AsyncExecutor::materialize`] makes: a cached output from memory; a leaf
-    /// straight from the store as it is sent, holding about one chunk (hashed on the way: a
-    /// damaged leaf ends the stream with [`DerivaError::Corrupted`], counted as a corruption;
-    /// see [`deriva_core::store::stream`]); a recipe materialized, then cut into slices.
+    /// span as [`AsyncExecutor::materialize`] makes: a cached output or leaf from memory (a
+    /// cache hit); a leaf straight from the store as it is sent, holding about one chunk
+    /// (hashed on the way: a damaged leaf ends the stream with [`DerivaError::Corrupted`],
+    /// counted as a corruption; see [`deriva_core::store::stream`]); a recipe materialized,
+    /// then cut into slices.
+    ///
+    /// A small leaf read for the second time (see [`Cache::admit_leaf`]) is read whole before
+    /// this returns, and cached once its bytes proved to match its address; a damaged one is
+    /// never cached, and streams as above.
     pub async fn get_stream(&self, addr: CAddr, chunk_bytes: usize) -> Result<ByteStream> {
         let tracker = Arc::new(DepthTracker::default());
         let this = self.clone();
@@ -467,18 +499,25 @@ impl AsyncExecutor {
         if let Some(chunks) = self.spilled_stream(addr, chunk_bytes).await {
             return Ok((chunks, Outcome::Hit));
         }
+        // Noted before the read: a deletion (garbage collection) from now on keeps this leaf
+        // out of the cache.
+        let generation = self.inner.cache.generation(&addr);
         let read = info_span!(spans::LEAF_READ, { field::FOUND } = Empty);
         let leaf = self
-            .inner
-            .store
-            .blobs()
-            .get_stream(addr, chunk_bytes)
+            .read_leaf(addr, chunk_bytes)
             .instrument(read.clone())
             .await;
         read.record(field::FOUND, matches!(leaf, Ok(Some(_))));
         drop(read);
-        if let Some(chunks) = self.count_corruption(leaf)? {
-            return Ok((self.counting_corruption(chunks), Outcome::Leaf));
+        match self.count_corruption(leaf)? {
+            Some(LeafRead::Whole(bytes, cost)) => {
+                self.cache_leaf(addr, &bytes, cost, generation);
+                return Ok((stream::chunks(bytes, chunk_bytes), Outcome::Leaf));
+            }
+            Some(LeafRead::Streaming(chunks)) => {
+                return Ok((self.counting_corruption(chunks), Outcome::Leaf));
+            }
+            None => {}
         }
         let ((bytes, held), outcome) = self.join_or_start(addr, 0, tracker, true).await?;
         // A spilled output streams from its file, so this call does not hold it while a slow
@@ -494,6 +533,65 @@ impl AsyncExecutor {
             chunk
         });
         Ok((chunks.boxed(), outcome))
+    }
+
+    /// Opens the leaf `addr` in the store, if there is one. A leaf the cache admits (see
+    /// [`Cache::admit_leaf`]) is read on while it fits the leaf limit
+    /// ([`ExecutorConfig::leaf_cache_max_bytes`], within a sixteenth of the budget): whole if
+    /// its stream ends cleanly there (so its bytes match its address), else streaming on from
+    /// what was read, errors included.
+    async fn read_leaf(&self, addr: CAddr, chunk_bytes: usize) -> Result<Option<LeafRead>> {
+        let start = Instant::now();
+        let Some(mut chunks) = self
+            .inner
+            .store
+            .blobs()
+            .get_stream(addr, chunk_bytes)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let limit = self.inner.leaf_limit;
+        if limit == 0 || !self.inner.cache.admit_leaf(&addr) {
+            return Ok(Some(LeafRead::Streaming(chunks)));
+        }
+        let mut read: Vec<Result<Bytes>> = Vec::new();
+        let mut len = 0u64;
+        loop {
+            match chunks.next().await {
+                None => {
+                    // One exact copy: a chunk may be a slice of a much larger read buffer.
+                    let mut whole = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+                    for chunk in read.iter().flatten() {
+                        whole.extend_from_slice(chunk);
+                    }
+                    return Ok(Some(LeafRead::Whole(whole.into(), start.elapsed())));
+                }
+                Some(Ok(chunk)) => {
+                    len += chunk.len() as u64;
+                    read.push(Ok(chunk));
+                    if len > limit {
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    read.push(Err(e));
+                    break;
+                }
+            }
+        }
+        let rest = futures::stream::iter(read).chain(chunks);
+        Ok(Some(LeafRead::Streaming(rest.boxed())))
+    }
+
+    /// Caches the verified bytes of the leaf `addr`, read in `cost`, unless it was deleted or
+    /// invalidated since `generation`; in a `cache_put` span.
+    fn cache_leaf(&self, addr: CAddr, bytes: &Bytes, cost: Duration, generation: u64) {
+        info_span!(spans::CACHE_PUT, { field::BYTES } = as_i64(bytes.len())).in_scope(|| {
+            self.inner
+                .cache
+                .insert_leaf_if_current(addr, bytes.clone(), cost, generation)
+        });
     }
 
     /// Whether an output of `len` bytes goes to the spill directory rather than the cache.
@@ -554,14 +652,17 @@ impl AsyncExecutor {
         self.absent_if_failed(addr, read)
     }
 
-    /// The cached output of `addr`, if any, in a `cache_check` span.
+    /// The cached output or leaf of `addr`, if any, in a `cache_check` span.
     fn cache_check(&self, addr: &CAddr) -> Option<Bytes> {
         let hit = info_span!(spans::CACHE_CHECK, { field::HIT } = Empty).in_scope(|| {
             let hit = self.inner.cache.get(addr);
             Span::current().record(field::HIT, hit.is_some());
             hit
         })?;
-        self.inner.stats.record_saved(hit.cost);
+        // Compute time saved: a leaf's cost is a read, not a compute.
+        if hit.kind == CacheKind::Output {
+            self.inner.stats.record_saved(hit.cost);
+        }
         Some(hit.data)
     }
 
@@ -1100,8 +1201,10 @@ impl AsyncExecutor {
 
     /// Collects garbage in the store (see [`deriva_core::store::gc`]), then drops the outputs
     /// of the removed recipes from this node's cache and spill directory, from the shared
-    /// output tier and (through the bus) from the other nodes' caches. In a `gc` span whose
-    /// children are the store's `mark` and `sweep`; counted in `deriva_gc_*`.
+    /// output tier and (through the bus) from the other nodes' caches, and the removed leaves
+    /// from this node's cache and (through the bus) the other nodes'. So once this returns, no
+    /// Get on this node serves a leaf it reports removed. In a `gc` span whose children are the
+    /// store's `mark` and `sweep`; counted in `deriva_gc_*`.
     pub async fn garbage_collect(&self, options: GcOptions) -> Result<GcReport> {
         let span = info_span!(
             spans::GC,
@@ -1131,12 +1234,15 @@ impl AsyncExecutor {
                     return Err(e);
                 }
             };
-            let recipes: Vec<CAddr> = outcome
-                .removed
-                .iter()
-                .filter(|r| r.kind == AddrKind::Recipe)
-                .map(|r| r.addr)
-                .collect();
+            let of_kind = |kind: AddrKind| -> Vec<CAddr> {
+                outcome
+                    .removed
+                    .iter()
+                    .filter(|r| r.kind == kind)
+                    .map(|r| r.addr)
+                    .collect()
+            };
+            let (recipes, leaves) = (of_kind(AddrKind::Recipe), of_kind(AddrKind::Leaf));
             let mut report = GcReport {
                 dry_run: options.dry_run,
                 ..GcReport::default()
@@ -1153,20 +1259,31 @@ impl AsyncExecutor {
                     report.bytes_reclaimed_cache += size.unwrap_or(0);
                 }
             }
-            if !options.dry_run && !recipes.is_empty() {
+            if !options.dry_run {
+                // Deleted from the store already; a read that started before the delete
+                // finds the generation moved and caches nothing.
+                for leaf in &leaves {
+                    self.forget(leaf);
+                }
+            }
+            if !options.dry_run && !outcome.removed.is_empty() {
                 // The recipes are gone already: a tier object or another node's cached copy
                 // left behind is garbage, never served wrongly (an output is a function of
-                // its recipe), so a failure here is logged, not the collection's error.
-                if let Some(outputs) = self.inner.store.outputs() {
+                // its recipe), so a failure here is logged, not the collection's error. Another
+                // node may serve a removed leaf from its cache until the bus reaches it.
+                if let Some(outputs) = self.inner.store.outputs()
+                    && !recipes.is_empty()
+                {
                     let deletes = recipes.iter().map(|a| outputs.delete(*a));
                     if let Err(e) = futures::future::try_join_all(deletes).await {
                         tracing::warn!(error = %e, "could not delete the shared outputs of collected recipes");
                     }
                 }
+                let removed: Vec<CAddr> = recipes.iter().chain(&leaves).copied().collect();
                 if let Some(bus) = self.inner.store.bus()
-                    && let Err(e) = bus.publish(&recipes).await
+                    && let Err(e) = bus.publish(&removed).await
                 {
-                    tracing::warn!(error = %e, "could not tell the other nodes about collected recipes");
+                    tracing::warn!(error = %e, "could not tell the other nodes about collected recipes and leaves");
                 }
             }
             for _ in 0..outcome.corrupted {

@@ -5,7 +5,8 @@
 //!
 //! - [`function`]: the [`ComputeFunction`] trait and the [`FunctionRegistry`];
 //!   [`builtins`] holds the builtin functions (`concat/v1`, `gzip/v1`, …).
-//! - [`cache`]: [`Cache`], byte-budgeted and cost-aware, with lock-free stats.
+//! - [`cache`]: [`Cache`] of computed outputs and hot small leaves, byte-budgeted and
+//!   cost-aware, with lock-free stats.
 //! - [`spill`]: [`spill::SpillStore`], the local directory that holds outputs too large for
 //!   the cache, with its own byte budget; Gets stream them from there.
 //! - [`budget`]: [`MemoryBudget`], the bound on the bytes computes hold at once.
@@ -36,6 +37,10 @@
 //! | `invalidate` | `addr`, `cascade`, `policy`, `evicted` | the caller's span |
 //! | `verify_recipe` | `addr`, `deterministic` | the caller's span (an explicit verification) |
 //!
+//! A Get of a leaf held by the cache is traced and counted as a cache hit of an output is:
+//! `materialize` (`result` = `hit`) with one child, `cache_check` (`hit` = true), and no
+//! `leaf_read`. The Get that caches a leaf has `leaf_read` (`found` = true), then `cache_put`.
+//!
 //! A compute slower than 1 s (configurable) logs a WARN; a determinism violation logs an ERROR
 //! naming the function. A call that joins another call's in-flight materialization logs an INFO
 //! event and `follows_from` the computing span, which the OpenTelemetry layer exports as a span
@@ -47,18 +52,21 @@
 //!
 //! | family | type | labels | buckets / meaning |
 //! |---|---|---|---|
-//! | `deriva_materialize_total` | counter | `result` = `hit`, `leaf`, `computed`, `error` | materialize calls (every level of a tree counts); `computed` includes calls that joined a concurrent compute |
+//! | `deriva_materialize_total` | counter | `result` = `hit`, `leaf`, `computed`, `error` | materialize calls (every level of a tree counts); `hit` includes leaves served from the cache, `leaf` counts reads of the leaf store; `computed` includes calls that joined a concurrent compute |
 //! | `deriva_materialize_duration_seconds` | histogram | – | 0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30 |
 //! | `deriva_materialize_active` | gauge | – | materialize calls in progress |
 //! | `deriva_materialize_depth` | histogram | – | 0, 1, 2, 3, 5, 8, 13, 21, 50, 100, 1000; deepest level a top-level call descended to |
-//! | `deriva_cache_hit_total` | counter | – | cache lookups that hit |
+//! | `deriva_cache_hit_total` | counter | – | cache lookups that hit (an output or a leaf) |
 //! | `deriva_cache_miss_total` | counter | – | cache lookups that missed |
 //! | `deriva_cache_total` | counter | `result` = `hit`, `miss` | the same lookups, labelled, for ratio queries |
-//! | `deriva_cache_eviction_total` | counter | – | entries evicted to stay within budget |
-//! | `deriva_cache_size_bytes` | gauge | – | bytes cached |
-//! | `deriva_cache_entries` | gauge | – | entries cached |
+//! | `deriva_cache_eviction_total` | counter | – | entries (outputs or leaves) evicted to stay within budget |
+//! | `deriva_cache_size_bytes` | gauge | – | bytes cached, outputs and leaves |
+//! | `deriva_cache_entries` | gauge | – | entries cached, outputs and leaves |
 //! | `deriva_cache_hit_rate` | gauge | – | hits / lookups since start (0–1); use `deriva_cache_total` for windowed rates |
-//! | `deriva_cache_saved_seconds_total` | counter | – | compute time avoided: the recorded compute cost of every entry served from the cache |
+//! | `deriva_cache_saved_seconds_total` | counter | – | compute time avoided: the recorded compute cost of every output served from the cache (leaf hits save a read, not a compute) |
+//! | `deriva_cache_leaf_hit_total` | counter | – | the cache hits that found a leaf (part of `deriva_cache_hit_total`) |
+//! | `deriva_cache_leaf_size_bytes` | gauge | – | bytes of leaves cached (part of `deriva_cache_size_bytes`; outputs hold the rest) |
+//! | `deriva_cache_leaf_entries` | gauge | – | leaves cached (part of `deriva_cache_entries`) |
 //! | `deriva_compute_duration_seconds` | histogram | `function` | 0.0001, 0.001, 0.01, 0.05, 0.1, 0.5, 1, 5 |
 //! | `deriva_compute_input_bytes` | histogram | `function` | 64 B, 1 KiB, 16 KiB, 64 KiB, 256 KiB, 1 MiB, 4 MiB, 16 MiB, 64 MiB, 256 MiB, 1 GiB |
 //! | `deriva_compute_output_bytes` | histogram | `function` | as input bytes |
@@ -89,11 +97,11 @@ pub mod testing;
 pub use deriva_core::spans;
 
 pub use budget::{BudgetConfig, MemoryBudget};
-pub use cache::{Cache, CacheHit, CacheStats};
+pub use cache::{Cache, CacheHit, CacheStats, Kind as CacheKind};
 pub use deriva_core::store::gc::GcOptions;
 pub use executor::{
     AsyncExecutor, CascadePolicy, CascadeReport, ExecutorConfig, GcReport, InvalidateReport,
-    VerificationMode, VerifyReport,
+    LEAF_CACHE_MAX_BYTES, VerificationMode, VerifyReport,
 };
 pub use function::{ComputeFunction, FunctionError, FunctionRegistry};
 pub use metrics::{ComputeMetrics, ExecStats, GcResult, Outcome};

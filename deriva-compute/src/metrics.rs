@@ -361,7 +361,7 @@ impl ComputeMetrics {
         let counters = vec![
             counter(
                 "deriva.materialize",
-                "Materialize calls by result: hit (cache), leaf (leaf store), computed (from the recipe), error",
+                "Materialize calls by result: hit (cache: an output or a leaf), leaf (leaf store), computed (from the recipe), error",
                 Box::new(move |_, e, o| {
                     for (outcome, attrs) in Outcome::ALL.iter().zip(&outcomes) {
                         o.observe(e.outcome(*outcome), attrs);
@@ -385,6 +385,11 @@ impl ComputeMetrics {
                     o.observe(c.hits(), &hit);
                     o.observe(c.misses(), &miss);
                 }),
+            ),
+            counter(
+                "deriva.cache.leaf.hit",
+                "Cache lookups that found a leaf (counted in deriva.cache.hit too)",
+                Box::new(|c, _, o| o.observe(c.leaf_hits(), &[])),
             ),
             counter(
                 "deriva.cache.eviction",
@@ -419,14 +424,27 @@ impl ComputeMetrics {
         let size = meter
             .u64_observable_gauge("deriva.cache.size")
             .with_unit("By")
-            .with_description("Bytes held by the cache")
+            .with_description("Bytes held by the cache: outputs and leaves")
             .with_callback(move |o| o.observe(c.size_bytes(), &[]))
             .build();
         let c = cache.clone();
         let entries = meter
             .u64_observable_gauge("deriva.cache.entries")
-            .with_description("Entries held by the cache")
+            .with_description("Entries held by the cache: outputs and leaves")
             .with_callback(move |o| o.observe(c.entries(), &[]))
+            .build();
+        let c = cache.clone();
+        let leaf_size = meter
+            .u64_observable_gauge("deriva.cache.leaf.size")
+            .with_unit("By")
+            .with_description("Bytes held by the cache for leaves (part of deriva.cache.size)")
+            .with_callback(move |o| o.observe(c.leaf_size_bytes(), &[]))
+            .build();
+        let c = cache.clone();
+        let leaf_entries = meter
+            .u64_observable_gauge("deriva.cache.leaf.entries")
+            .with_description("Leaves held by the cache (part of deriva.cache.entries)")
+            .with_callback(move |o| o.observe(c.leaf_entries(), &[]))
             .build();
         let c = cache.clone();
         let hit_rate = meter
@@ -451,7 +469,7 @@ impl ComputeMetrics {
         let saved = meter
             .f64_observable_counter("deriva.cache.saved")
             .with_unit("s")
-            .with_description("Compute time avoided by cache hits: the recorded compute cost of each entry served from the cache")
+            .with_description("Compute time avoided by cache hits: the recorded compute cost of each output served from the cache")
             .with_callback(move |o| o.observe(e.saved().as_secs_f64(), &[]))
             .build();
 
@@ -487,7 +505,7 @@ impl ComputeMetrics {
                 .build(),
             function_attrs,
             _counters: counters,
-            _gauges_u64: vec![size, entries],
+            _gauges_u64: vec![size, entries, leaf_size, leaf_entries],
             _gauges_f64: vec![hit_rate, failure_rate],
             _gauge_active: active,
             _saved: saved,

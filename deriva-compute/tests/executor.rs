@@ -35,7 +35,7 @@ async fn leaf_recipe_and_cache_paths() {
     assert!(h.exec.cache().contains(&upper) && h.exec.cache().contains(&ab));
     assert!(
         !h.exec.cache().contains(&a),
-        "leaves are served from the store, not cached"
+        "a leaf read as an input is not cached (only Gets cache leaves)"
     );
     // Second time: a cache hit at the top.
     let hits = h.exec.cache().stats().hits();
@@ -408,7 +408,7 @@ async fn invalidate_one_or_cascade() {
     assert!(h.exec.cache().contains(&d));
 
     let report = h.exec.invalidate(a, true).await.unwrap();
-    assert!(!report.was_cached, "leaves are never cached");
+    assert!(!report.was_cached, "a leaf read as an input is not cached");
     let mut evicted = report.evicted.clone();
     evicted.sort();
     let mut expected = vec![b, d, other];

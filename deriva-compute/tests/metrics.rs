@@ -43,6 +43,57 @@ async fn cache_hit_and_miss_counters() {
     );
 }
 
+/// (d) What the cache holds, by kind: a leaf cached by its second Get shows in
+/// `deriva_cache_leaf_*` and in the totals; its hits are cache hits (`materialize` result
+/// `hit`) that save no compute time.
+#[tokio::test]
+async fn cached_leaves_are_counted_apart_and_in_the_totals() {
+    use futures::TryStreamExt as _;
+    let h = Harness::new();
+    let a = h.leaf(&[b'x'; 1024]).await;
+    let get = || async {
+        let chunks: Vec<bytes::Bytes> = h
+            .exec
+            .get_stream(a, 64 << 10)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(chunks.concat(), [b'x'; 1024]);
+    };
+    get().await;
+    assert_eq!(h.sample("deriva_cache_leaf_entries"), Some(0.0));
+    get().await; // the second read caches it
+    for (family, want) in [
+        ("deriva_cache_leaf_entries", 1.0),
+        ("deriva_cache_leaf_size_bytes", 1024.0),
+        ("deriva_cache_entries", 1.0),
+        ("deriva_cache_size_bytes", 1024.0),
+        ("deriva_cache_leaf_hit_total", 0.0),
+        (r#"deriva_materialize_total{result="leaf"}"#, 2.0),
+    ] {
+        assert_eq!(h.sample(family), Some(want), "{family}");
+    }
+    get().await;
+    let r = h.recipe("reverse/v1", &[a], &[]).await;
+    h.exec.materialize(r).await.unwrap(); // a miss on r, a leaf hit on its input
+    for (family, want) in [
+        ("deriva_cache_leaf_entries", 1.0),
+        ("deriva_cache_leaf_size_bytes", 1024.0),
+        ("deriva_cache_entries", 2.0),
+        ("deriva_cache_size_bytes", 2048.0),
+        ("deriva_cache_leaf_hit_total", 2.0),
+        ("deriva_cache_hit_total", 2.0),
+        ("deriva_cache_miss_total", 3.0),
+        (r#"deriva_materialize_total{result="hit"}"#, 2.0),
+        (r#"deriva_materialize_total{result="leaf"}"#, 2.0),
+        ("deriva_cache_saved_seconds_total", 0.0),
+    ] {
+        assert_eq!(h.sample(family), Some(want), "{family}");
+    }
+}
+
 #[tokio::test]
 async fn materialize_duration_histogram_is_observed_with_the_documented_buckets() {
     let h = Harness::new();
@@ -203,6 +254,9 @@ async fn every_family_has_its_documented_name_and_type() {
         ("deriva_cache_size_bytes", "gauge"),
         ("deriva_cache_entries", "gauge"),
         ("deriva_cache_hit_rate", "gauge"),
+        ("deriva_cache_leaf_hit_total", "counter"),
+        ("deriva_cache_leaf_size_bytes", "gauge"),
+        ("deriva_cache_leaf_entries", "gauge"),
         ("deriva_compute_duration_seconds", "histogram"),
         ("deriva_compute_input_bytes", "histogram"),
         ("deriva_compute_output_bytes", "histogram"),
@@ -266,7 +320,8 @@ async fn saved_seconds_grow_by_the_hit_entrys_compute_cost() {
 
 #[tokio::test]
 async fn corruption_is_counted_where_it_is_found() {
-    let h = Harness::new();
+    // The test damages a blob file: every leaf a file.
+    let h = Harness::leaves_as_files();
     let a = h.leaf(b"precious bytes").await;
     let up = h.recipe("uppercase/v1", &[a], &[]).await;
     let hex = a.to_hex();

@@ -1,5 +1,5 @@
-//! The span tree of one materialization, exported through tracing-opentelemetry into an
-//! in-memory exporter.
+//! The span tree of one materialization, and of Gets of a cached leaf, exported through
+//! tracing-opentelemetry into an in-memory exporter.
 
 mod common;
 
@@ -124,4 +124,91 @@ async fn materialize_span_tree_for_a_recipe_with_two_inputs() {
         .find(|s| s.name == "cache_check" && s.parent_span_id == root.span_context.span_id())
         .unwrap();
     assert_eq!(attr(check, "hit"), Some(Value::Bool(false)));
+}
+
+/// A Get of a leaf the cache holds is traced as a cache hit of an output is: `materialize`
+/// (`result` = `hit`) with one child, `cache_check` (`hit` = true), and no `leaf_read` (the
+/// store is not read). The Get that cached it read the store (`leaf_read`), then `cache_put`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_leaf_is_traced_as_a_cache_hit() {
+    use futures::TryStreamExt as _;
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let h = Harness::new();
+    let leaf = h.leaf(&[3; 1024]).await;
+    for _ in 0..4 {
+        let chunks: Vec<bytes::Bytes> = h
+            .exec
+            .get_stream(leaf, 64 << 10)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(chunks.concat(), [3; 1024]);
+    }
+    h.exec.materialize(leaf).await.unwrap();
+
+    provider.force_flush().unwrap();
+    let spans = exporter.get_finished_spans().unwrap();
+    let children = |parent: &SpanData| -> Vec<&SpanData> {
+        spans
+            .iter()
+            .filter(|s| s.parent_span_id == parent.span_context.span_id())
+            .collect()
+    };
+    let names = |parent: &SpanData| -> Vec<String> {
+        let mut names: Vec<String> = children(parent)
+            .iter()
+            .map(|s| s.name.to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    let of_leaf: Vec<&SpanData> = spans
+        .iter()
+        .filter(|s| {
+            s.name == "materialize"
+                && s.parent_span_id == SpanId::INVALID
+                && attr(s, "addr").map(|v| v.as_str().into_owned()) == Some(leaf.to_string())
+        })
+        .collect();
+    let by_result = |result: &str| -> Vec<&SpanData> {
+        of_leaf
+            .iter()
+            .copied()
+            .filter(|s| {
+                attr(s, "result")
+                    .map(|v| v.as_str().into_owned())
+                    .as_deref()
+                    == Some(result)
+            })
+            .collect()
+    };
+    let reads = by_result("leaf");
+    assert_eq!(reads.len(), 2, "two reads of the store");
+    assert_eq!(names(reads[0]), ["cache_check", "leaf_read"]);
+    assert_eq!(
+        names(reads[1]),
+        ["cache_check", "cache_put", "leaf_read"],
+        "the second read caches the leaf"
+    );
+    let put = children(reads[1])
+        .into_iter()
+        .find(|s| s.name == "cache_put")
+        .unwrap();
+    assert_eq!(attr(put, "bytes"), Some(Value::I64(1024)));
+    let hits = by_result("hit");
+    assert_eq!(hits.len(), 3, "two Gets and one materialize");
+    for hit in hits {
+        assert_eq!(names(hit), ["cache_check"]);
+        let check = children(hit)[0];
+        assert_eq!(attr(check, "hit"), Some(Value::Bool(true)));
+    }
 }

@@ -4,14 +4,15 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use deriva_compute::{
     AsyncExecutor, Cache, ComputeFunction, ExecutorConfig, FunctionError, FunctionRegistry,
 };
-use deriva_core::{CAddr, FunctionId, Params, Recipe, Store};
+use deriva_core::store::{AgedLeaf, BlobStore, ByteStream, stream};
+use deriva_core::{CAddr, DerivaError, FunctionId, Params, Recipe, Store};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 
@@ -38,6 +39,55 @@ impl Harness {
     pub fn with(functions: FunctionRegistry, config: ExecutorConfig, cache_bytes: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
+        Self::over(dir, store, functions, config, cache_bytes)
+    }
+
+    /// A harness whose store keeps every leaf in a file of its own (none in the small-leaf
+    /// table), for tests that damage blob files.
+    pub fn leaves_as_files() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let options = deriva_core::store::local::LocalOptions {
+            inline_leaf_bytes: 0,
+        };
+        let store = Arc::new(Store::open_with(dir.path(), options).unwrap());
+        Self::over(
+            dir,
+            store,
+            FunctionRegistry::with_builtins(),
+            ExecutorConfig::default(),
+            64 << 20,
+        )
+    }
+
+    /// A harness whose store reads its leaves through a [`CountingBlobs`], returned too.
+    pub fn counting(config: ExecutorConfig, cache_bytes: u64) -> (Self, Arc<CountingBlobs>) {
+        let dir = tempfile::tempdir().unwrap();
+        let local = Store::open(dir.path()).unwrap();
+        let blobs = Arc::new(CountingBlobs::new(local.blobs().clone()));
+        let store = Store::new(
+            blobs.clone(),
+            local.recipes().clone(),
+            local.counters().clone(),
+            deriva_core::store::lease(),
+            "counting",
+        );
+        let h = Self::over(
+            dir,
+            Arc::new(store),
+            FunctionRegistry::with_builtins(),
+            config,
+            cache_bytes,
+        );
+        (h, blobs)
+    }
+
+    fn over(
+        dir: tempfile::TempDir,
+        store: Arc<Store>,
+        functions: FunctionRegistry,
+        config: ExecutorConfig,
+        cache_bytes: u64,
+    ) -> Self {
         let registry = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
@@ -163,5 +213,133 @@ pub struct Panics;
 impl ComputeFunction for Panics {
     fn compute(&self, _: &[Bytes], _: &Params) -> Result<Bytes, FunctionError> {
         panic!("boom")
+    }
+}
+
+/// A blob store that counts the reads of its inner one by address, and can pretend its leaves
+/// are damaged on disk (their bytes no longer match their address), whatever the backend's
+/// layout.
+#[derive(Debug)]
+pub struct CountingBlobs {
+    inner: Arc<dyn BlobStore>,
+    reads: parking_lot::Mutex<std::collections::HashMap<CAddr, usize>>,
+    damaged: AtomicBool,
+}
+
+impl CountingBlobs {
+    pub fn new(inner: Arc<dyn BlobStore>) -> Self {
+        Self {
+            inner,
+            reads: Default::default(),
+            damaged: AtomicBool::new(false),
+        }
+    }
+
+    /// Reads of the bytes at `addr` (`get` and `get_stream`, found or not) so far.
+    pub fn reads(&self, addr: CAddr) -> usize {
+        self.reads.lock().get(&addr).copied().unwrap_or(0)
+    }
+
+    fn count(&self, addr: CAddr) {
+        *self.reads.lock().entry(addr).or_default() += 1;
+    }
+
+    /// From now on, every leaf reads with its first byte flipped (or never again).
+    pub fn damage(&self, damaged: bool) {
+        self.damaged.store(damaged, Ordering::SeqCst);
+    }
+
+    fn damaged(&self) -> bool {
+        self.damaged.load(Ordering::SeqCst)
+    }
+}
+
+fn flipped(data: &Bytes) -> Bytes {
+    let mut bytes = data.to_vec();
+    if let Some(first) = bytes.first_mut() {
+        *first ^= 0x5a;
+    }
+    bytes.into()
+}
+
+#[async_trait::async_trait]
+impl BlobStore for CountingBlobs {
+    async fn put(&self, data: Bytes) -> deriva_core::Result<CAddr> {
+        self.inner.put(data).await
+    }
+
+    async fn get(&self, addr: CAddr) -> deriva_core::Result<Option<Bytes>> {
+        self.count(addr);
+        match self.inner.get(addr).await? {
+            Some(_) if self.damaged() => Err(DerivaError::Corrupted {
+                addr,
+                detail: "damaged by the test".into(),
+            }),
+            found => Ok(found),
+        }
+    }
+
+    async fn get_stream(
+        &self,
+        addr: CAddr,
+        chunk_bytes: usize,
+    ) -> deriva_core::Result<Option<ByteStream>> {
+        self.count(addr);
+        if !self.damaged() {
+            return self.inner.get_stream(addr, chunk_bytes).await;
+        }
+        let Some(good) = self.inner.get(addr).await? else {
+            return Ok(None);
+        };
+        let bad = stream::chunks(flipped(&good), chunk_bytes);
+        Ok(Some(stream::verified(
+            addr,
+            "the damaged test store".into(),
+            bad,
+        )))
+    }
+
+    async fn put_stream(&self, addr: CAddr, data: ByteStream) -> deriva_core::Result<()> {
+        self.inner.put_stream(addr, data).await
+    }
+
+    async fn put_unaddressed(&self, data: ByteStream) -> deriva_core::Result<(CAddr, u64)> {
+        self.inner.put_unaddressed(data).await
+    }
+
+    async fn contains(&self, addr: CAddr) -> deriva_core::Result<bool> {
+        self.inner.contains(addr).await
+    }
+
+    async fn missing(&self, addrs: Vec<CAddr>) -> deriva_core::Result<Vec<CAddr>> {
+        self.inner.missing(addrs).await
+    }
+
+    async fn size(&self, addr: CAddr) -> deriva_core::Result<Option<u64>> {
+        self.inner.size(addr).await
+    }
+
+    async fn delete(&self, addr: CAddr) -> deriva_core::Result<bool> {
+        self.inner.delete(addr).await
+    }
+
+    async fn list(&self) -> deriva_core::Result<Vec<CAddr>> {
+        self.inner.list().await
+    }
+
+    async fn list_aged(&self) -> deriva_core::Result<Vec<AgedLeaf>> {
+        self.inner.list_aged().await
+    }
+
+    async fn delete_if_older(
+        &self,
+        addr: CAddr,
+        cutoff: SystemTime,
+    ) -> deriva_core::Result<Option<u64>> {
+        self.inner.delete_if_older(addr, cutoff).await
+    }
+
+    async fn check(&self) -> deriva_core::Result<()> {
+        self.inner.check().await
     }
 }
