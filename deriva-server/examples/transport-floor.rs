@@ -187,10 +187,6 @@ impl Deriva for Floor {
     }
 }
 
-/// The same allocator as `deriva-server`, so the floor differs from it only in its work.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let size = usize::try_from(args.size)?;

@@ -14,11 +14,6 @@ use deriva_server::telemetry::Telemetry;
 use deriva_server::{Config, Server, ServerArgs};
 use tokio::net::TcpListener;
 
-/// mimalloc instead of glibc's allocator: per-thread free lists make the many small
-/// allocations of a call (spans, headers, messages) cheaper (BENCHMARKS.md, the transport floor).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|a| a == "migrate") {
         return migrate();
