@@ -200,7 +200,7 @@ async fn full_flow_shows_every_documented_family_as_the_readme_says() {
     // The main table only: the remote backend's families have a table of their own, checked
     // by tests/cluster.rs.
     let documented = common::readme_metrics("### Metrics reference");
-    assert_eq!(documented.len(), 46, "README metrics table rows");
+    assert_eq!(documented.len(), 47, "README metrics table rows");
     for (name, kind, buckets) in &documented {
         let found = live
             .iter()
@@ -238,6 +238,9 @@ async fn full_flow_shows_every_documented_family_as_the_readme_says() {
     assert!(sample(&text, "deriva_cache_miss_total").unwrap() >= 1.0);
     assert_eq!(sample(&text, "deriva_dag_recipes"), Some(1.0));
     assert_eq!(sample(&text, "deriva_storage_blobs"), Some(2.0));
+    // The two small leaves went through the group commit: one or two commits.
+    let commits = sample(&text, "deriva_storage_leaf_commits_total").unwrap();
+    assert!((1.0..=2.0).contains(&commits), "{commits} leaf commits");
     assert_eq!(sample(&text, "deriva_storage_blob_bytes"), Some(11.0));
     assert_eq!(
         sample(&text, "deriva_dag_insert_duration_seconds_count"),

@@ -10,6 +10,7 @@
 //! | `deriva_dag_insert_duration_seconds` | histogram | – | time to validate and durably store one recipe; buckets 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1 |
 //! | `deriva_storage_blobs` | gauge | – | leaf blobs stored |
 //! | `deriva_storage_blob_bytes` | gauge | – | bytes of leaf blobs stored |
+//! | `deriva_storage_leaf_commits_total` | counter | – | durable commits of small leaves (local store): one fsync each, shared by the puts in it |
 //! | `deriva_pins` | gauge | – | pinned addresses |
 //!
 //! `method` is the [`RpcMethod::label`] of one of [`RpcMethod::ALL`]. Counts and gauges are atomics read by observable
@@ -68,6 +69,7 @@ struct Inner {
     auth_failures: opentelemetry::metrics::Counter<u64>,
     method_attrs: [[KeyValue; 1]; RpcMethod::COUNT],
     _counter: ObservableCounter<u64>,
+    _leaf_commits: ObservableCounter<u64>,
     _gauges: Vec<ObservableGauge<u64>>,
     _active: ObservableGauge<i64>,
 }
@@ -150,6 +152,17 @@ impl ServerMetrics {
                 StoreCounters::blob_bytes,
             ),
         ];
+        let leaf_commits = {
+            let store = store.clone();
+            meter
+                .u64_observable_counter("deriva.storage.leaf_commits")
+                .with_description(
+                    "Durable commits of small leaves by the local store: one fsync each, shared \
+                     by every PutLeaf in it (puts over commits is the batch size)",
+                )
+                .with_callback(move |o| o.observe(store.leaf_commits(), &[]))
+                .build()
+        };
         let auth_failures = meter
             .u64_counter("deriva.auth.failures")
             .with_description("Requests refused by --auth-tokens, by reason: missing, malformed, unknown (token), scope (the token lacks the scope)")
@@ -177,6 +190,7 @@ impl ServerMetrics {
                     .build(),
                 method_attrs,
                 _counter: counter,
+                _leaf_commits: leaf_commits,
                 _gauges: gauges,
                 _active: active,
             }),
