@@ -180,7 +180,7 @@ impl DerivaService {
                         .fields
                         .iter()
                         .map(|(k, v)| TraceField {
-                            key: k.clone(),
+                            key: (*k).to_owned(),
                             value: v.clone(),
                         })
                         .collect(),

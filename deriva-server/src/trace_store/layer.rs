@@ -25,7 +25,7 @@ struct Open {
     /// (walking the scope to the root made a 10,000-deep chain quadratic).
     root: (Id, Instant),
     start: Instant,
-    fields: Vec<(String, String)>,
+    fields: Vec<(&'static str, String)>,
     events: Vec<EventRecord>,
     links: Vec<LinkRecord>,
 }
@@ -41,7 +41,7 @@ struct Request {
     explain: bool,
 }
 
-struct Fields<'a>(&'a mut Vec<(String, String)>);
+struct Fields<'a>(&'a mut Vec<(&'static str, String)>);
 
 impl Fields<'_> {
     fn put(&mut self, field: &Field, mut value: String) {
@@ -53,9 +53,9 @@ impl Fields<'_> {
             value.truncate(cut);
             value.push('…');
         }
-        match self.0.iter_mut().find(|(k, _)| k == field.name()) {
+        match self.0.iter_mut().find(|(k, _)| *k == field.name()) {
             Some(slot) => slot.1 = value,
-            None => self.0.push((field.name().to_owned(), value)),
+            None => self.0.push((field.name(), value)),
         }
     }
 }
@@ -99,7 +99,7 @@ where
         let explain = is_request
             && fields
                 .iter()
-                .any(|(k, v)| k == spans::field::RPC_METHOD && v == "Explain");
+                .any(|(k, v)| *k == spans::field::RPC_METHOD && v == "Explain");
         let mut ext = span.extensions_mut();
         ext.insert(Open {
             id: self.store.next_id.fetch_add(1, Ordering::Relaxed),
@@ -142,7 +142,7 @@ where
         let trace_id = ext.get_mut::<Open>().and_then(|open| {
             open.fields
                 .iter()
-                .find(|(k, v)| k == spans::field::TRACE_ID && !v.is_empty())
+                .find(|(k, v)| *k == spans::field::TRACE_ID && !v.is_empty())
                 .map(|(_, v)| v.clone())
         });
         if let (Some(request), Some(id)) = (ext.get_mut::<Request>(), trace_id) {
@@ -186,7 +186,7 @@ where
         let trace_id = root.extensions().get::<Open>().and_then(|open| {
             open.fields
                 .iter()
-                .find(|(k, _)| k == spans::field::TRACE_ID)
+                .find(|(k, _)| *k == spans::field::TRACE_ID)
                 .map(|(_, v)| v.clone())
         });
         let Some(trace_id) = trace_id else { return };

@@ -49,8 +49,8 @@ pub struct EventRecord {
     pub at_us: u64,
     /// Its level (`INFO`, `WARN`, ...).
     pub level: &'static str,
-    /// Its fields, `message` among them.
-    pub fields: Vec<(String, String)>,
+    /// Its fields, `message` among them: names (`tracing`'s, static) and values.
+    pub fields: Vec<(&'static str, String)>,
 }
 
 /// A link from a span to another (`follows_from`): a call that joined the in-flight
@@ -72,8 +72,9 @@ pub struct SpanRecord {
     pub parent: Option<u64>,
     /// The span name (`rpc`, `materialize`, `compute`, ...).
     pub name: &'static str,
-    /// Recorded fields, in order.
-    pub fields: Vec<(String, String)>,
+    /// Recorded fields, in order: names (`tracing`'s, static, so not copied per span) and
+    /// values.
+    pub fields: Vec<(&'static str, String)>,
     /// Start, in microseconds after the request span started.
     pub start_us: u64,
     /// Duration in microseconds.
@@ -91,7 +92,7 @@ impl SpanRecord {
     pub fn field(&self, name: &str) -> Option<&str> {
         self.fields
             .iter()
-            .find(|(k, _)| k == name)
+            .find(|(k, _)| *k == name)
             .map(|(_, v)| v.as_str())
     }
 }
@@ -428,7 +429,7 @@ mod tests {
             joined.events[0]
                 .fields
                 .iter()
-                .any(|(k, v)| k == "message" && v == "joined an in-flight materialization")
+                .any(|(k, v)| *k == "message" && v == "joined an in-flight materialization")
         );
         assert_eq!(joined.links.len(), 1);
         assert_eq!(joined.links[0].trace_id, format!("{:032x}", 1));

@@ -267,7 +267,7 @@ fn write_row(out: &mut String, span: &SpanRecord, depth: usize, total: f64, code
             .fields
             .iter()
             .map(|(k, v)| {
-                if k == "message" {
+                if *k == "message" {
                     v.clone()
                 } else {
                     format!("{k}={v}")
