@@ -48,8 +48,11 @@ start_server() { # NAME RUST_LOG ARGS...
 }
 start_server off off --metrics-port 0
 full_flags=(--trace-sample-ratio 1.0 --otlp-endpoint "$endpoint" --log-format json)
-start_server full info --metrics-port "$(free_port)" "${full_flags[@]}"
-start_server full-logs info,deriva_server=debug --metrics-port "$(free_port)" "${full_flags[@]}"
+declare -A mport
+mport[full]=$(free_port)
+mport[full-logs]=$(free_port)
+start_server full info --metrics-port "${mport[full]}" "${full_flags[@]}"
+start_server full-logs info,deriva_server=debug --metrics-port "${mport[full-logs]}" "${full_flags[@]}"
 for name in "${configs[@]}"; do
     for _ in $(seq 100); do
         "$bin/deriva" --server "http://127.0.0.1:${port[$name]}" status >/dev/null 2>&1 && break
@@ -59,19 +62,31 @@ done
 
 results=$work/results.tsv
 : > "$results"
+# The span export counters of a server with a metrics listener: "exported dropped", or "0 0".
+span_counts() { # NAME
+    [ -n "${mport[$1]:-}" ] || { echo "0 0"; return; }
+    curl -s "http://127.0.0.1:${mport[$1]}/metrics" | awk '
+        /^deriva_telemetry_spans_exported_total / { e = $2 }
+        /^deriva_telemetry_spans_dropped_total / { d = $2 }
+        END { printf "%d %d\n", e, d }'
+}
 run_one() { # WORKLOAD NAME
-    local before after out
+    local before after out spans_before spans_after
+    spans_before=$(span_counts "$2")
     before=$(cpu_ticks "${pid[$2]}")
     out=$("$bin/deriva" --server "http://127.0.0.1:${port[$2]}" bench --workload "$1" \
         --duration "${secs}s" --concurrency "$conc" --json)
     after=$(cpu_ticks "${pid[$2]}")
-    python3 - "$1" "$2" "$clk_tck" "$((after - before))" "$out" >> "$results" <<'PY'
+    spans_after=$(span_counts "$2")
+    python3 - "$1" "$2" "$clk_tck" "$((after - before))" "$out" "$spans_before" "$spans_after" >> "$results" <<'PY'
 import json, sys
-workload, name, tck, ticks, out = sys.argv[1:6]
+workload, name, tck, ticks, out, s0, s1 = sys.argv[1:8]
 r = json.loads(out)
 n = r["requests"]
 cpu = int(ticks) * 1e6 / int(tck) / n if n else float("nan")
-print(f"{workload}\t{name}\t{r['throughput_rps']:.1f}\t{cpu:.2f}")
+(e0, d0), (e1, d1) = (map(int, s0.split()), map(int, s1.split()))
+secs = r["elapsed_secs"]
+print(f"{workload}\t{name}\t{r['throughput_rps']:.1f}\t{cpu:.2f}\t{(e1 - e0) / secs:.0f}\t{(d1 - d0) / secs:.0f}")
 PY
 }
 
@@ -98,6 +113,11 @@ for workload in dict.fromkeys(r[0] for r in rows):
     for c in configs:
         rps, cpu = med[c]
         print(f"{workload:<12} {c:<10} {rps:>9.0f} {cpu:>10.1f} {rps / med['off'][0]:>8.3f} {cpu / med['off'][1]:>8.3f}")
+    for c in configs[1:]:
+        mine = [r for r in rows if r[0] == workload and r[1] == c]
+        exported = statistics.median(float(r[4]) for r in mine)
+        dropped = statistics.median(float(r[5]) for r in mine)
+        print(f"{workload:<12} {c:<10} spans exported {exported:>8.0f}/s, dropped at the full queue {dropped:>8.0f}/s")
     for c in configs:
         per_round = [f"{float(r[2]):.0f}/{float(r[3]):.1f}" for r in rows if r[0] == workload and r[1] == c]
         print(f"  {c} (req/s/cpu us per round): {' '.join(per_round)}", file=sys.stderr)
