@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Telemetry overhead, measured side by side: three release servers on free ports, driven in
+# Telemetry overhead, measured side by side: four release servers on free ports, driven in
 # turn by `deriva bench`, in a shuffled order each round:
 #   off        no metrics listener, no OTLP, RUST_LOG=off;
 #   full       metrics listener, 100% sampling, OTLP export (spans, metrics and log records) to a
 #              local receiver, JSON logs at info (failed calls only: a served call logs at DEBUG);
 #   full-logs  full, with deriva_server at DEBUG: one log line and one OTLP log record per call
-#              (the "rpc finished" access line), to price a log record.
+#              (the "rpc finished" access line), to price a log record;
+#   sampled    full at --trace-sample-ratio 0.1, the setting BENCHMARKS.md recommends.
 # Prints, per workload, the median throughput and the median server CPU time per request
 # (utime + stime from /proc/PID/stat around each run, over the requests it served) of each,
 # and their ratios to `off`.
@@ -35,7 +36,7 @@ pids+=($!)
 for _ in $(seq 100); do [ -s "$work/sink.out" ] && break; sleep 0.1; done
 endpoint=$(head -n1 "$work/sink.out")
 
-configs=(off full full-logs)
+configs=(off full full-logs sampled)
 declare -A port pid
 start_server() { # NAME RUST_LOG ARGS...
     local name=$1 log=$2
@@ -51,8 +52,11 @@ full_flags=(--trace-sample-ratio 1.0 --otlp-endpoint "$endpoint" --log-format js
 declare -A mport
 mport[full]=$(free_port)
 mport[full-logs]=$(free_port)
+mport[sampled]=$(free_port)
 start_server full info --metrics-port "${mport[full]}" "${full_flags[@]}"
 start_server full-logs info,deriva_server=debug --metrics-port "${mport[full-logs]}" "${full_flags[@]}"
+start_server sampled info --metrics-port "${mport[sampled]}" \
+    --trace-sample-ratio 0.1 --otlp-endpoint "$endpoint" --log-format json
 for name in "${configs[@]}"; do
     for _ in $(seq 100); do
         "$bin/deriva" --server "http://127.0.0.1:${port[$name]}" status >/dev/null 2>&1 && break
@@ -102,7 +106,7 @@ done
 python3 - "$results" <<'PY'
 import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-configs = ["off", "full", "full-logs"]
+configs = ["off", "full", "full-logs", "sampled"]
 print(f"{'workload':<12} {'config':<10} {'req/s':>9} {'cpu us/req':>10} {'rps/off':>8} {'cpu/off':>8}")
 for workload in dict.fromkeys(r[0] for r in rows):
     med = {}
@@ -122,7 +126,7 @@ for workload in dict.fromkeys(r[0] for r in rows):
         per_round = [f"{float(r[2]):.0f}/{float(r[3]):.1f}" for r in rows if r[0] == workload and r[1] == c]
         print(f"  {c} (req/s/cpu us per round): {' '.join(per_round)}", file=sys.stderr)
 PY
-for name in full full-logs; do
+for name in full full-logs sampled; do
     echo "$name server log lines: $(wc -l < "$work/$name.log")" >&2
 done
 echo "sink: $(tail -n1 "$work/sink.err" 2>/dev/null)" >&2
