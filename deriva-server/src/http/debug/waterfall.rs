@@ -340,10 +340,7 @@ mod tests {
         joined.events = vec![EventRecord {
             at_us: 5,
             level: "INFO",
-            fields: vec![
-                ("message".into(), "joined <b>".into()),
-                ("addr".into(), "ab".into()),
-            ],
+            fields: vec![("message", "joined <b>".into()), ("addr", "ab".into())],
         }];
         joined.links = vec![LinkRecord {
             trace_id: "cd".repeat(16),
@@ -372,8 +369,8 @@ mod tests {
             .map(|id| {
                 let mut s = span(id, (id > 1).then(|| id - 1), spans::MATERIALIZE);
                 s.fields = vec![
-                    (field::ADDR.into(), "ef".repeat(32)),
-                    (field::RESULT.into(), "computed".into()),
+                    (field::ADDR, "ef".repeat(32)),
+                    (field::RESULT, "computed".into()),
                 ];
                 s
             })
@@ -395,9 +392,9 @@ mod tests {
         spans.extend((2..=1_001).map(|id| {
             let mut s = span(id, Some(1), spans::COMPUTE);
             s.fields = vec![
-                (field::FUNCTION.into(), "concat/v1".into()),
-                (field::INPUT_BYTES.into(), "2048".into()),
-                (field::OUTPUT_BYTES.into(), "11".into()),
+                (field::FUNCTION, "concat/v1".into()),
+                (field::INPUT_BYTES, "2048".into()),
+                (field::OUTPUT_BYTES, "11".into()),
             ];
             s
         }));
@@ -414,7 +411,7 @@ mod tests {
         let mut compute = span(3, Some(2), spans::COMPUTE);
         (compute.start_us, compute.duration_us) = (25_000, 12_500);
         let mut materialize = span(2, Some(1), spans::MATERIALIZE);
-        materialize.fields = vec![(field::RESULT.into(), "hit".into())];
+        materialize.fields = vec![(field::RESULT, "hit".into())];
         let spans = vec![span(1, None, spans::RPC), compute, materialize];
         assert_eq!(tree_order(&spans), [(0, 0), (2, 1), (1, 2)]);
         let html = page(&trace(spans)).html("n");
@@ -427,10 +424,7 @@ mod tests {
     fn hostile_values_are_escaped_everywhere() {
         let hostile = "<script>alert(1)</script>\"'&";
         let mut s = span(2, Some(1), spans::COMPUTE);
-        s.fields = vec![
-            (field::FUNCTION.into(), hostile.into()),
-            (hostile.into(), hostile.into()),
-        ];
+        s.fields = vec![(field::FUNCTION, hostile.into()), (hostile, hostile.into())];
         let mut t = trace(vec![span(1, None, spans::RPC), s]);
         t.request_id = hostile.into();
         t.method = hostile.into();
