@@ -540,43 +540,22 @@ async fn verify_computes_twice_whatever_the_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_stream_streams_leaves_and_slices_outputs() {
     use deriva_compute::Outcome;
-    use futures::{StreamExt as _, TryStreamExt as _};
+    use futures::StreamExt as _;
     let h = Harness::new();
     let big: Vec<u8> = (0..300_001u32).map(|i| (i % 251) as u8).collect();
     let leaf = h.leaf(&big).await;
     let small = h.leaf(b"tiny").await;
     let upper = h.recipe("uppercase/v1", &[small], &[]).await;
 
-    let chunks: Vec<Bytes> = h
-        .exec
-        .get_stream(leaf, 64 << 10)
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let chunks: Vec<Bytes> = h.get_chunks(leaf, 64 << 10).await.unwrap();
     assert_eq!(chunks.len(), 5, "300,001 bytes in 64 KiB chunks");
     assert!(chunks.iter().all(|c| c.len() <= 64 << 10));
     assert!(chunks.concat() == big);
-    let one: Vec<Bytes> = h
-        .exec
-        .get_stream(small, 64 << 10)
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let one: Vec<Bytes> = h.get_chunks(small, 64 << 10).await.unwrap();
     assert_eq!(one, [Bytes::from_static(b"tiny")]);
     for outcome in [Outcome::Computed, Outcome::Hit] {
         let before = h.exec.stats().outcome(outcome);
-        let out: Vec<Bytes> = h
-            .exec
-            .get_stream(upper, 2)
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
+        let out: Vec<Bytes> = h.get_chunks(upper, 2).await.unwrap();
         assert_eq!(out, [&b"TI"[..], &b"NY"[..]]);
         assert_eq!(h.exec.stats().outcome(outcome), before + 1, "{outcome:?}");
     }

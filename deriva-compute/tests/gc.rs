@@ -9,9 +9,8 @@ use common::Harness;
 use deriva_compute::GcOptions;
 use deriva_core::DerivaError;
 use opentelemetry::Value;
-use opentelemetry::trace::{SpanId, TracerProvider as _};
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use tracing_subscriber::layer::SubscriberExt;
+use opentelemetry::trace::SpanId;
+use opentelemetry_sdk::trace::SpanData;
 
 fn attr(span: &SpanData, key: &str) -> Option<Value> {
     span.attributes
@@ -22,13 +21,7 @@ fn attr(span: &SpanData, key: &str) -> Option<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collection_drops_the_outputs_of_what_it_removes_and_reports_it_in_spans_and_metrics() {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (exporter, provider, _guard) = common::spans_in_memory();
 
     let h = Harness::new();
     let kept = h.leaf(b"kept").await;

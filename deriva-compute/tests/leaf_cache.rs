@@ -10,18 +10,12 @@ use bytes::Bytes;
 use common::{CountingBlobs, Harness};
 use deriva_compute::{CacheKind, ExecutorConfig, GcOptions, Outcome};
 use deriva_core::{CAddr, DerivaError};
-use futures::StreamExt as _;
 
 const CHUNK: usize = 64 << 10;
 
 /// A Get: the chunks of `addr`, or the first error, as a client would see them.
 async fn get(h: &Harness, addr: CAddr, chunk_bytes: usize) -> deriva_core::Result<Vec<Bytes>> {
-    let mut chunks = h.exec.get_stream(addr, chunk_bytes).await?;
-    let mut got = Vec::new();
-    while let Some(chunk) = chunks.next().await {
-        got.push(chunk?);
-    }
-    Ok(got)
+    h.get_chunks(addr, chunk_bytes).await
 }
 
 async fn get_all(h: &Harness, addr: CAddr) -> deriva_core::Result<Vec<u8>> {

@@ -48,18 +48,10 @@ async fn cache_hit_and_miss_counters() {
 /// `hit`) that save no compute time.
 #[tokio::test]
 async fn cached_leaves_are_counted_apart_and_in_the_totals() {
-    use futures::TryStreamExt as _;
     let h = Harness::new();
     let a = h.leaf(&[b'x'; 1024]).await;
     let get = || async {
-        let chunks: Vec<bytes::Bytes> = h
-            .exec
-            .get_stream(a, 64 << 10)
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
+        let chunks: Vec<bytes::Bytes> = h.get_chunks(a, 64 << 10).await.unwrap();
         assert_eq!(chunks.concat(), [b'x'; 1024]);
     };
     get().await;

@@ -7,9 +7,8 @@ use std::collections::HashMap;
 
 use common::Harness;
 use opentelemetry::Value;
-use opentelemetry::trace::{SpanId, TracerProvider as _};
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use tracing_subscriber::layer::SubscriberExt;
+use opentelemetry::trace::SpanId;
+use opentelemetry_sdk::trace::SpanData;
 
 fn attr(span: &SpanData, key: &str) -> Option<Value> {
     span.attributes
@@ -26,13 +25,7 @@ fn attr_str(span: &SpanData, key: &str) -> Option<String> {
 // carries the (thread-local, test-only) subscriber into its tasks and the blocking pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn materialize_span_tree_for_a_recipe_with_two_inputs() {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (exporter, provider, _guard) = common::spans_in_memory();
 
     let h = Harness::new();
     let a = h.leaf(b"hello ").await;
@@ -131,26 +124,12 @@ async fn materialize_span_tree_for_a_recipe_with_two_inputs() {
 /// store is not read). The Get that cached it read the store (`leaf_read`), then `cache_put`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_leaf_is_traced_as_a_cache_hit() {
-    use futures::TryStreamExt as _;
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (exporter, provider, _guard) = common::spans_in_memory();
 
     let h = Harness::new();
     let leaf = h.leaf(&[3; 1024]).await;
     for _ in 0..4 {
-        let chunks: Vec<bytes::Bytes> = h
-            .exec
-            .get_stream(leaf, 64 << 10)
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
+        let chunks: Vec<bytes::Bytes> = h.get_chunks(leaf, 64 << 10).await.unwrap();
         assert_eq!(chunks.concat(), [3; 1024]);
     }
     h.exec.materialize(leaf).await.unwrap();

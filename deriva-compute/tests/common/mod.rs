@@ -16,6 +16,25 @@ use deriva_core::{CAddr, DerivaError, FunctionId, Params, Recipe, Store};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 
+/// Spans of this thread's code (and of the tasks it spawns, which carry the subscriber) go to
+/// the returned in-memory exporter, through tracing-opentelemetry, until the guard is dropped.
+pub fn spans_in_memory() -> (
+    opentelemetry_sdk::trace::InMemorySpanExporter,
+    opentelemetry_sdk::trace::SdkTracerProvider,
+    tracing::subscriber::DefaultGuard,
+) {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    let guard = tracing::subscriber::set_default(subscriber);
+    (exporter, provider, guard)
+}
+
 pub struct Harness {
     pub dir: tempfile::TempDir,
     pub exec: AsyncExecutor,
@@ -121,6 +140,22 @@ impl Harness {
             ..ExecutorConfig::default()
         };
         Self::with(functions, config, 1 << 20)
+    }
+
+    /// A Get: the chunks of `addr` of at most `chunk_bytes`, or the first error, as a client
+    /// would see them.
+    pub async fn get_chunks(
+        &self,
+        addr: CAddr,
+        chunk_bytes: usize,
+    ) -> deriva_core::Result<Vec<Bytes>> {
+        use futures::StreamExt as _;
+        let mut chunks = self.exec.get_stream(addr, chunk_bytes).await?;
+        let mut got = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            got.push(chunk?);
+        }
+        Ok(got)
     }
 
     pub async fn leaf(&self, data: &[u8]) -> CAddr {
