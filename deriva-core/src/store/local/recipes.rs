@@ -52,7 +52,21 @@ impl<T, E: Into<redb::Error>> OrStorage<T> for std::result::Result<T, E> {
     }
 }
 
-fn db_error(context: &str, err: redb::Error) -> DerivaError {
+/// Opens (creating) the redb file `path` of a local store; another process holding it open
+/// (redb's file lock: a running deriva-server) is [`DerivaError::Unavailable`], saying so.
+pub(super) fn open_database(path: &Path) -> Result<Database> {
+    Database::create(path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => DerivaError::Unavailable {
+            backend: format!("the local store {}", path.display()),
+            message: "it is open in another process (a running deriva-server?); \
+                      one process at a time may open a local store"
+                .into(),
+        },
+        e => db_error(&format!("opening {}", path.display()), e.into()),
+    })
+}
+
+pub(super) fn db_error(context: &str, err: redb::Error) -> DerivaError {
     match err {
         redb::Error::Io(io) => DerivaError::io(context, &io),
         other => DerivaError::database(context, other),
@@ -68,16 +82,7 @@ pub(super) struct RecipeDb {
 impl RecipeDb {
     pub(super) fn open(path: &Path, counters: Arc<StoreCounters>) -> Result<Self> {
         const CTX: &str = "opening the recipe database";
-        let db = Database::create(path).map_err(|e| match e {
-            // redb's file lock: another process (a running deriva-server) has the store open.
-            redb::DatabaseError::DatabaseAlreadyOpen => DerivaError::Unavailable {
-                backend: format!("the local store {}", path.display()),
-                message: "it is open in another process (a running deriva-server?); \
-                          one process at a time may open a local store"
-                    .into(),
-            },
-            e => db_error(&format!("opening {}", path.display()), e.into()),
-        })?;
+        let db = open_database(path)?;
         let txn = db.begin_write().or_storage(CTX)?;
         let count = {
             txn.open_table(RECIPES).or_storage(CTX)?;

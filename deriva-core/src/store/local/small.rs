@@ -48,10 +48,7 @@ fn from_millis(ms: u64) -> SystemTime {
 }
 
 fn db_error(context: &str, err: impl Into<redb::Error>) -> DerivaError {
-    match err.into() {
-        redb::Error::Io(io) => DerivaError::io(context, &io),
-        other => DerivaError::database(context, other),
-    }
+    super::recipes::db_error(context, err.into())
 }
 
 /// A row: its time and its bytes.
@@ -146,15 +143,7 @@ impl SmallLeaves {
         on_commit: OnCommit,
     ) -> Result<(Self, Loaded)> {
         let ctx = format!("opening {}", path.display());
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => DerivaError::Unavailable {
-                backend: format!("the local store's {}", path.display()),
-                message: "it is open in another process (a running deriva-server?); \
-                          one process at a time may open a local store"
-                    .into(),
-            },
-            e => db_error(&ctx, e),
-        })?;
+        let db = super::recipes::open_database(path)?;
         let txn = db.begin_write().map_err(|e| db_error(&ctx, e))?;
         let mut loaded = Loaded { count: 0, bytes: 0 };
         {
