@@ -197,6 +197,13 @@ const ROWS: &[Row] = &[
         other: "2GiB",
     },
     Row {
+        flag: "inline-leaf-bytes",
+        vars: &["DERIVA_INLINE_LEAF_BYTES"],
+        value: "0",
+        shows: ("inline-leaf-bytes", "0"),
+        other: "1MiB",
+    },
+    Row {
         flag: "output-tier",
         vars: &["DERIVA_OUTPUT_TIER"],
         value: "blob-store",
@@ -548,6 +555,11 @@ fn print_config_rejects_what_the_server_would_reject() {
     );
     rejected(&[], &[("DERIVA_CACHE_BYTES", "lots")], "not a size");
     rejected(&["--trace-store-size", "0"], &[], "--trace-store-size");
+    rejected(
+        &["--inline-leaf-bytes", "17MiB"],
+        &[],
+        "more than 16MiB; larger leaves belong in files",
+    );
     rejected(
         &[],
         &[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")],
