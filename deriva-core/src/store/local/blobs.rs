@@ -145,11 +145,12 @@ impl BlobFiles {
     pub(super) fn put(&self, data: &[u8]) -> Result<CAddr> {
         let addr = CAddr::for_leaf(data);
         if self.is_small(data.len() as u64) {
-            self.put_small_blocking(addr, Bytes::copy_from_slice(data))?;
+            self.small
+                .put_blocking(addr, Bytes::copy_from_slice(data))?;
             return Ok(addr);
         }
         let path = self.path_of(&addr);
-        match self.read_verified(&addr, &path) {
+        match read_verified(&addr, &path) {
             // Stored again: its time is refreshed, unless garbage collection removed it in
             // between (then it is written afresh).
             Ok(Some(_)) if self.touch(&addr)? => return Ok(addr),
@@ -168,15 +169,6 @@ impl BlobFiles {
         }
         self.publish(&addr, &tmp, data.len() as u64)?;
         Ok(addr)
-    }
-
-    /// Stores the small leaf `data` (whose address is `addr`) through the committer and waits
-    /// until it is durable. Blocks: for the blocking pool.
-    fn put_small_blocking(&self, addr: CAddr, data: Bytes) -> Result<()> {
-        self.small
-            .submit(addr, data)
-            .blocking_recv()
-            .unwrap_or_else(|_| Err(committer_gone()))
     }
 
     fn touch(&self, addr: &CAddr) -> Result<bool> {
@@ -273,14 +265,7 @@ impl BlobFiles {
     pub(super) fn open_read(&self, addr: &CAddr, whole_up_to: u64) -> Result<Option<Opened>> {
         if let Some(data) = self.small.get_unverified(addr)? {
             if data.len() as u64 <= whole_up_to {
-                let actual = CAddr::for_leaf(&data);
-                if actual != *addr {
-                    return Err(DerivaError::Corrupted {
-                        addr: *addr,
-                        detail: format!("the {} bytes stored hash to {actual}", data.len()),
-                    });
-                }
-                return Ok(Some(Opened::Whole(data)));
+                return Ok(Some(Opened::Whole(super::small::verified(addr, data)?)));
             }
             return Ok(Some(Opened::Row(data)));
         }
@@ -296,7 +281,7 @@ impl BlobFiles {
             .len();
         if len <= whole_up_to {
             drop(file);
-            return Ok(self.read_verified(addr, &path)?.map(Opened::Whole));
+            return Ok(read_verified(addr, &path)?.map(Opened::Whole));
         }
         Ok(Some(Opened::File(file, path)))
     }
@@ -340,7 +325,7 @@ impl BlobFiles {
             let data = fs::read(&tmp);
             let _ = fs::remove_file(&tmp);
             let data = data.map_err(|e| DerivaError::io(what_of(write.addr), &e))?;
-            self.put_small_blocking(found, Bytes::from(data))?;
+            self.small.put_blocking(found, Bytes::from(data))?;
             return Ok((found, write.len));
         }
         self.publish(&found, &tmp, write.len)?;
@@ -352,11 +337,7 @@ impl BlobFiles {
         if let Some(data) = self.small.get(addr)? {
             return Ok(Some(data));
         }
-        self.read_verified(addr, &self.path_of(addr))
-    }
-
-    fn read_verified(&self, addr: &CAddr, path: &Path) -> Result<Option<Bytes>> {
-        read_verified(addr, path)
+        read_verified(addr, &self.path_of(addr))
     }
 
     /// Whether a blob exists for `addr` (without reading or verifying it).
@@ -512,13 +493,6 @@ fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>> {
 fn path_of(root: &Path, addr: &CAddr) -> PathBuf {
     let hex = addr.to_hex();
     root.join(&hex[..2]).join(hex)
-}
-
-fn committer_gone() -> DerivaError {
-    DerivaError::io(
-        "storing a small leaf",
-        &io::Error::other("the leaf committer stopped"),
-    )
 }
 
 fn read_verified(addr: &CAddr, path: &Path) -> Result<Option<Bytes>> {

@@ -197,14 +197,7 @@ impl BlobStore for LocalBlobStore {
             // Group commit: the committer thread writes it with the puts waiting beside it, and
             // answers once the commit is durable. No blocking-pool thread waits meanwhile.
             let addr = CAddr::for_leaf(&data);
-            let answer = self.inner.0.small().submit(addr, data);
-            return match answer.await {
-                Ok(result) => result.map(|()| addr),
-                Err(_) => Err(DerivaError::io(
-                    "storing a small leaf",
-                    &std::io::Error::other("the leaf committer stopped"),
-                )),
-            };
+            return self.inner.0.small().put(addr, data).await.map(|()| addr);
         }
         on_pool(&self.inner, "storing a blob", move |b| b.put(&data)).await
     }

@@ -71,10 +71,8 @@ fn make_row(ms: u64, data: &[u8]) -> Vec<u8> {
 }
 
 /// Checks a row's bytes against its address.
-fn verified(addr: &CAddr, row: &[u8]) -> Result<Bytes> {
-    split_row(addr, row)?;
-    let data = &row[8..];
-    let actual = CAddr::for_leaf(data);
+pub(super) fn verified(addr: &CAddr, data: Bytes) -> Result<Bytes> {
+    let actual = CAddr::for_leaf(&data);
     if actual != *addr {
         tracing::error!(%addr, %actual, len = data.len(), "small leaf does not match its address");
         return Err(DerivaError::Corrupted {
@@ -82,7 +80,15 @@ fn verified(addr: &CAddr, row: &[u8]) -> Result<Bytes> {
             detail: format!("the {} bytes stored hash to {actual}", data.len()),
         });
     }
-    Ok(Bytes::copy_from_slice(data))
+    Ok(data)
+}
+
+/// The answer to a put whose committer went away before answering.
+fn committer_gone() -> DerivaError {
+    DerivaError::io(
+        "storing a small leaf",
+        &std::io::Error::other("the leaf committer stopped"),
+    )
 }
 
 /// What a put asks the committer, and where it wants the answer.
@@ -175,13 +181,24 @@ impl SmallLeaves {
         ))
     }
 
+    /// Stores `data` (whose address is `addr`) through the committer: done once it is
+    /// durable. No thread waits meanwhile.
+    pub(super) async fn put(&self, addr: CAddr, data: Bytes) -> Result<()> {
+        self.submit(addr, data)
+            .await
+            .unwrap_or_else(|_| Err(committer_gone()))
+    }
+
+    /// [`SmallLeaves::put`] for a caller on the blocking pool: blocks until it is durable.
+    pub(super) fn put_blocking(&self, addr: CAddr, data: Bytes) -> Result<()> {
+        self.submit(addr, data)
+            .blocking_recv()
+            .unwrap_or_else(|_| Err(committer_gone()))
+    }
+
     /// Hands `data` (whose address is `addr`) to the committer; the receiver answers once it is
     /// durable, or with the error that kept it from being.
-    pub(super) fn submit(
-        &self,
-        addr: CAddr,
-        data: Bytes,
-    ) -> tokio::sync::oneshot::Receiver<Result<()>> {
+    fn submit(&self, addr: CAddr, data: Bytes) -> tokio::sync::oneshot::Receiver<Result<()>> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let pending = Pending { addr, data, reply };
         let refused = match self.queue.lock().as_ref() {
@@ -199,11 +216,9 @@ impl SmallLeaves {
 
     /// The verified bytes of `addr`; `None` if it has no row.
     pub(super) fn get(&self, addr: &CAddr) -> Result<Option<Bytes>> {
-        const CTX: &str = "reading a small leaf";
-        let txn = self.db.begin_read().map_err(|e| db_error(CTX, e))?;
-        let table = txn.open_table(LEAVES).map_err(|e| db_error(CTX, e))?;
-        let row = table.get(addr.as_bytes()).map_err(|e| db_error(CTX, e))?;
-        row.map(|row| verified(addr, row.value())).transpose()
+        self.get_unverified(addr)?
+            .map(|data| verified(addr, data))
+            .transpose()
     }
 
     /// The bytes of `addr`'s row, not verified yet (a streamed read verifies them as it
@@ -357,7 +372,10 @@ fn commit_batch(
                 continue;
             }
             let existing = match table.get(p.addr.as_bytes()) {
-                Ok(row) => row.map(|row| verified(&p.addr, row.value()).is_ok()),
+                Ok(row) => row.map(|row| {
+                    let row = row.value();
+                    split_row(&p.addr, row).is_ok() && CAddr::for_leaf(&row[8..]) == p.addr
+                }),
                 Err(e) => return failed(db_error(CTX, e)),
             };
             match existing {
