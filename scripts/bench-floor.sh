@@ -27,24 +27,18 @@ bin=target/release
 # shellcheck source=scripts/bench-lib.sh
 . scripts/bench-lib.sh
 bench_begin bench-floor
-pids=()
-bench_stop() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-clk_tck=$(getconf CLK_TCK)
 
 declare -A url pid
 # The floor picks its own port and prints its endpoint first.
 "$bin/examples/transport-floor" --size "$size" > "$work/floor.out" 2> "$work/floor.log" &
 pid[floor]=$!
-pids+=($!)
+bench_pids+=($!)
 port=$(free_port)
 url[deriva]="http://127.0.0.1:$port"
 env -u RUST_LOG "$bin/deriva-server" --listen "127.0.0.1:$port" --data-dir "$work/deriva" \
     --metrics-port 0 2> "$work/deriva.log" &
 pid[deriva]=$!
-pids+=($!)
+bench_pids+=($!)
 
 # Ready once it answers a Status call (both do); gives up after 30 s or when it has exited.
 wait_ready() { # NAME
@@ -69,21 +63,10 @@ wait_ready deriva
 results=$work/results.tsv
 : > "$results"
 run_one() { # ROUND SERVER WORKLOAD
-    local before after out
-    before=$(cpu_ticks "${pid[$2]}")
-    out=$("$bin/deriva" --server "${url[$2]}" bench --workload "$3" --size "$size" \
-        --duration "${secs}s" --concurrency "$conc" --json)
-    after=$(cpu_ticks "${pid[$2]}")
-    python3 - "$1" "$2" "$3" "$clk_tck" "$((after - before))" "$out" >> "$results" <<'PY'
-import json, sys
-rnd, server, workload, tck, ticks, out = sys.argv[1:7]
-r = json.loads(out)
-n = r["requests"]
-cpu = int(ticks) * 1e6 / int(tck) / n if n else float("nan")
-if r["errors"]:
-    print(f"{server}/{workload}: {r['errors']} errors; the first: {r['first_error']}", file=sys.stderr)
-print(f"{rnd}\t{server}\t{workload}\t{r['throughput_rps']:.1f}\t{cpu:.2f}\t{r['errors']}")
-PY
+    local measured
+    measured=$(bench_cpu_run "${pid[$2]}" "${url[$2]}" "$3" --size "$size" \
+        --duration "${secs}s" --concurrency "$conc")
+    printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$measured" >> "$results"
 }
 
 pairs=(floor/status floor/cached-get deriva/status deriva/cached-get deriva/leaf-get deriva/put-leaf)

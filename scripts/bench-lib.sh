@@ -7,6 +7,15 @@
 #                    when BENCH_KEEP is set or the run failed.
 # free_port          prints a free TCP port on 127.0.0.1.
 # cpu_ticks PID      prints utime + stime of PID, in clock ticks.
+# bench_cpu_run PID URL WORKLOAD [FLAG...]
+#                    runs one `$bin/deriva bench --json` of WORKLOAD against URL (with the
+#                    FLAGs), reading the server PID's CPU time around it; prints
+#                    "req/s<TAB>server CPU µs per request<TAB>errors<TAB>elapsed seconds".
+#
+# A script that appends the pids it starts to the array `bench_pids` has them stopped (TERM,
+# then waited for) on exit, after its own `bench_stop` if it defines one.
+
+bench_pids=()
 
 bench_begin() {
     bench_name=$1
@@ -21,6 +30,10 @@ bench_cleanup() {
     trap - EXIT
     if declare -F bench_stop >/dev/null; then
         bench_stop || echo "$bench_name: stopping what it started failed" >&2
+    fi
+    if [ "${#bench_pids[@]}" -gt 0 ]; then
+        kill "${bench_pids[@]}" 2>/dev/null || true
+        wait "${bench_pids[@]}" 2>/dev/null || true
     fi
     if [ -n "${BENCH_KEEP:-}" ] || [ "$status" -ne 0 ]; then
         echo "$bench_name: logs and raw results kept in $work" >&2
@@ -42,4 +55,23 @@ cpu_ticks() {
     local -a f
     read -r -a f <<<"$stat"
     echo $((f[11] + f[12]))
+}
+
+bench_cpu_run() {
+    local pid=$1 url=$2 workload=$3 before after out
+    shift 3
+    before=$(cpu_ticks "$pid")
+    out=$("${bin:?the script sets bin, the folder of the release binaries}/deriva" --server "$url" \
+        bench --workload "$workload" --json "$@")
+    after=$(cpu_ticks "$pid")
+    python3 - "$(getconf CLK_TCK)" "$((after - before))" "$out" "$workload" <<'PY'
+import json, sys
+tck, ticks, out, workload = sys.argv[1:5]
+r = json.loads(out)
+n = r["requests"]
+cpu = int(ticks) * 1e6 / int(tck) / n if n else float("nan")
+if r["errors"]:
+    print(f"{workload}: {r['errors']} errors; the first: {r['first_error']}", file=sys.stderr)
+print(f"{r['throughput_rps']:.1f}\t{cpu:.2f}\t{r['errors']}\t{r['elapsed_secs']:.3f}")
+PY
 }

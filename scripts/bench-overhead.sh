@@ -24,15 +24,9 @@ bin=target/release
 # shellcheck source=scripts/bench-lib.sh
 . scripts/bench-lib.sh
 bench_begin bench-overhead
-pids=()
-bench_stop() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-clk_tck=$(getconf CLK_TCK)
 
 "$bin/examples/otlp-sink" > "$work/sink.out" 2> "$work/sink.err" &
-pids+=($!)
+bench_pids+=($!)
 for _ in $(seq 100); do [ -s "$work/sink.out" ] && break; sleep 0.1; done
 endpoint=$(head -n1 "$work/sink.out")
 
@@ -45,7 +39,7 @@ start_server() { # NAME RUST_LOG ARGS...
     RUST_LOG=$log "$bin/deriva-server" --listen "127.0.0.1:${port[$name]}" \
         --data-dir "$work/$name" "$@" 2> "$work/$name.log" &
     pid[$name]=$!
-    pids+=($!)
+    bench_pids+=($!)
 }
 start_server off off --metrics-port 0
 full_flags=(--trace-sample-ratio 1.0 --otlp-endpoint "$endpoint" --log-format json)
@@ -75,23 +69,16 @@ span_counts() { # NAME
         END { printf "%d %d\n", e, d }'
 }
 run_one() { # WORKLOAD NAME
-    local before after out spans_before spans_after
+    local spans_before spans_after rps cpu elapsed
     spans_before=$(span_counts "$2")
-    before=$(cpu_ticks "${pid[$2]}")
-    out=$("$bin/deriva" --server "http://127.0.0.1:${port[$2]}" bench --workload "$1" \
-        --duration "${secs}s" --concurrency "$conc" --json)
-    after=$(cpu_ticks "${pid[$2]}")
+    IFS=$'\t' read -r rps cpu _ elapsed < <(bench_cpu_run "${pid[$2]}" \
+        "http://127.0.0.1:${port[$2]}" "$1" --duration "${secs}s" --concurrency "$conc")
     spans_after=$(span_counts "$2")
-    python3 - "$1" "$2" "$clk_tck" "$((after - before))" "$out" "$spans_before" "$spans_after" >> "$results" <<'PY'
-import json, sys
-workload, name, tck, ticks, out, s0, s1 = sys.argv[1:8]
-r = json.loads(out)
-n = r["requests"]
-cpu = int(ticks) * 1e6 / int(tck) / n if n else float("nan")
-(e0, d0), (e1, d1) = (map(int, s0.split()), map(int, s1.split()))
-secs = r["elapsed_secs"]
-print(f"{workload}\t{name}\t{r['throughput_rps']:.1f}\t{cpu:.2f}\t{(e1 - e0) / secs:.0f}\t{(d1 - d0) / secs:.0f}")
-PY
+    awk -v w="$1" -v n="$2" -v rps="$rps" -v cpu="$cpu" -v secs="$elapsed" \
+        -v s0="$spans_before" -v s1="$spans_after" 'BEGIN {
+            split(s0, a, " "); split(s1, b, " ")
+            printf "%s\t%s\t%s\t%s\t%.0f\t%.0f\n", w, n, rps, cpu, (b[1] - a[1]) / secs, (b[2] - a[2]) / secs
+        }' >> "$results"
 }
 
 echo "rounds=$rounds duration=${secs}s concurrency=$conc cores=$(nproc)"
