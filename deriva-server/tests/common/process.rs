@@ -36,6 +36,7 @@ enum DataDir {
 
 /// How to start the server; see [`ServerProcess::options`].
 pub struct ServerOptions {
+    binary: PathBuf,
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     listener_flags: bool,
@@ -44,6 +45,12 @@ pub struct ServerOptions {
 }
 
 impl ServerOptions {
+    /// Runs this binary instead of [`SERVER`] (the campaign runs the release build).
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.binary = path.into();
+        self
+    }
+
     /// Adds flags (after the listener flags, before `--data-dir`).
     pub fn args<I, S>(mut self, args: I) -> Self
     where
@@ -117,7 +124,7 @@ impl ServerOptions {
     }
 
     fn spawn(self) -> ServerProcess {
-        let mut command = Command::new(SERVER);
+        let mut command = Command::new(&self.binary);
         // Only the flags and variables the test gives: nothing from the environment (a log
         // format, an OTLP endpoint, a listener).
         for (key, _) in std::env::vars_os() {
@@ -154,7 +161,7 @@ impl ServerOptions {
         let started = Instant::now();
         let mut child = command
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {SERVER}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
         let pid = Pid::from_child(&child);
         let stderr = child.stderr.take().unwrap();
         let shared = Arc::new(Shared::default());
@@ -288,6 +295,7 @@ impl ServerProcess {
     /// [`ServerProcess::start`]'s defaults, to change.
     pub fn options() -> ServerOptions {
         ServerOptions {
+            binary: PathBuf::from(SERVER),
             args: Vec::new(),
             env: Vec::new(),
             listener_flags: true,
