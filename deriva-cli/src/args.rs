@@ -35,6 +35,7 @@ pub struct CliArgs {
         long,
         global = true,
         env = "DERIVA_SERVER",
+        hide_env_values = true,
         default_value = DEFAULT_SERVER,
         value_name = "URL"
     )]

@@ -276,11 +276,12 @@ pub type Client = DerivaClient<InterceptedService<Channel, TraceContext>>;
 
 /// Connects to `target` with the client's message limits and its trace context.
 pub async fn connect(target: &Target) -> Result<Client, CliError> {
-    let server = target.url.as_str();
-    let url = if server.contains("://") {
-        server.to_owned()
+    // As messages show it: a URL may carry credentials.
+    let server = &deriva_core::redact::redact_url(&target.url);
+    let url = if target.url.contains("://") {
+        target.url.clone()
     } else {
-        format!("http://{server}")
+        format!("http://{}", target.url)
     };
     let scheme = |s: &str| {
         url.get(..s.len())

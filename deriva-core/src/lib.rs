@@ -6,6 +6,8 @@
 //! - [`recipe`]: [`FunctionId`], [`Recipe`], params and the canonical recipe encoding.
 //! - [`error`]: [`DerivaError`], the error every Deriva crate returns.
 //! - [`size`]: [`parse_size`](size::parse_size), byte sizes with units (`64KiB`, `256MiB`).
+//! - [`redact`]: [`redact_url`](redact::redact_url), the one way a connection string (a URL, a
+//!   libpq `key=value` string) is printed: its passwords and secret parameters hidden.
 //! - [`store`]: what the engine needs from storage, as two async traits ([`BlobStore`],
 //!   [`RecipeIndex`]), the [`Store`] built from one of each, the local backend
 //!   ([`store::local`], feature `local`, on by default: recipes in redb, leaf bytes in files) and
@@ -80,6 +82,7 @@ pub mod addr;
 pub mod error;
 pub mod escape;
 pub mod recipe;
+pub mod redact;
 pub mod size;
 pub mod spans;
 pub mod store;

@@ -42,8 +42,9 @@ pub use outputs::ObjectOutputs;
 pub use pg::{CONNECT_TIMEOUT as PG_CONNECT_TIMEOUT, POOL_WAIT as PG_POOL_WAIT};
 pub use pg::{SCHEMA_VERSION, STATEMENT_TIMEOUT_MS};
 
-/// Where the remote backends are.
-#[derive(Debug, Clone)]
+/// Where the remote backends are. Its `Debug` hides the secrets: the password of `index`, and
+/// the values of the `AWS_*` variables whose names say they are secrets.
+#[derive(Clone)]
 pub struct RemoteConfig {
     /// `s3://BUCKET[/PREFIX]`.
     pub blob_store: String,
@@ -70,6 +71,36 @@ pub struct RemoteConfig {
     pub create_schema: bool,
     /// This node's id (its `service.instance.id`), so that it ignores its own invalidations.
     pub node_id: String,
+}
+
+impl std::fmt::Debug for RemoteConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use deriva_core::redact::{HIDDEN, is_secret_name, redact_url};
+        let aws: Vec<String> = self
+            .aws
+            .iter()
+            .map(|(name, value)| {
+                let value = if is_secret_name(name) {
+                    HIDDEN.to_owned()
+                } else {
+                    redact_url(value)
+                };
+                format!("{name}={value}")
+            })
+            .collect();
+        f.debug_struct("RemoteConfig")
+            .field("blob_store", &redact_url(&self.blob_store))
+            .field("aws", &aws)
+            .field("index", &redact_url(&self.index))
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("local_cache", &self.local_cache)
+            .field("spool_dir", &self.spool_dir)
+            .field("output_tier", &self.output_tier)
+            .field("create_schema", &self.create_schema)
+            .field("node_id", &self.node_id)
+            .finish()
+    }
 }
 
 /// The remote store, and the invalidation channel its nodes share.
@@ -229,4 +260,37 @@ async fn load_counters(pg: &pg::Pg, counters: &StoreCounters) -> Result<()> {
         Ok(())
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_configs_debug_hides_its_secrets() {
+        let config = RemoteConfig {
+            blob_store: "s3://b/p".into(),
+            aws: vec![
+                ("AWS_ENDPOINT_URL".into(), "http://127.0.0.1:8333".into()),
+                ("AWS_ACCESS_KEY_ID".into(), "AKID".into()),
+                ("AWS_SECRET_ACCESS_KEY".into(), "aws-s3cret".into()),
+                ("AWS_SESSION_TOKEN".into(), "aws-t0ken".into()),
+            ],
+            index: "postgres://u:pg/s3cret@db/idx".into(),
+            schema: "deriva".into(),
+            pool_size: 1,
+            local_cache: None,
+            spool_dir: None,
+            output_tier: false,
+            create_schema: true,
+            node_id: String::new(),
+        };
+        let shown = format!("{config:?}");
+        for secret in ["aws-s3cret", "aws-t0ken", "pg/s3cret"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        for kept in ["http://127.0.0.1:8333", "AKID", "postgres://u:***@db/idx"] {
+            assert!(shown.contains(kept), "{shown}");
+        }
+    }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use deriva_core::error::Result;
+use deriva_core::redact::redact_url;
 use deriva_core::store::ByteStream;
 use deriva_core::{CAddr, DerivaError};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
@@ -66,7 +67,8 @@ pub(crate) struct Objects {
 pub(crate) fn parse_url(url: &str) -> Result<(String, String)> {
     let bad = |why: &str| {
         DerivaError::InvalidInput(format!(
-            "--blob-store {url:?}: {why} (expected s3://BUCKET or s3://BUCKET/PREFIX)"
+            "--blob-store {:?}: {why} (expected s3://BUCKET or s3://BUCKET/PREFIX)",
+            redact_url(url)
         ))
     };
     let rest = url
@@ -75,6 +77,11 @@ pub(crate) fn parse_url(url: &str) -> Result<(String, String)> {
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
         return Err(bad("the bucket name is empty"));
+    }
+    if bucket.contains(['@', ':']) {
+        return Err(bad(
+            "credentials do not belong in the URL: give them as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+        ));
     }
     let prefix = prefix.trim_matches('/');
     if prefix.split('/').any(|part| part == "." || part == "..") {
@@ -142,12 +149,15 @@ impl Objects {
         if endpoint.starts_with("http://") {
             builder = builder.with_allow_http(true);
         }
-        let store = builder
-            .build()
-            .map_err(|e| DerivaError::InvalidInput(format!("--blob-store {url}: {e}")))?;
+        let store = builder.build().map_err(|e| {
+            DerivaError::InvalidInput(format!("--blob-store {}: {e}", redact_url(url)))
+        })?;
         Ok(Self {
             store: Arc::new(store),
-            name: format!("the object store s3://{bucket}/{prefix}"),
+            name: format!(
+                "the object store {}",
+                redact_url(&format!("s3://{bucket}/{prefix}"))
+            ),
             bucket,
             prefix,
             metrics,
@@ -430,5 +440,8 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+        let err = parse_url("s3://key:s3/cret@b/p").unwrap_err().to_string();
+        assert!(err.contains("credentials do not belong"), "{err}");
+        assert!(!err.contains("s3/cret"), "{err}");
     }
 }

@@ -17,7 +17,6 @@
 //! connection, and [`STATEMENT_TIMEOUT_MS`] per statement on the server side. A database that
 //! cannot be reached is [`DerivaError::Unavailable`], naming it.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -157,25 +156,6 @@ fn check_schema(schema: &str) -> Result<()> {
     }
 }
 
-/// `postgres://host:port/db` from a parsed config: the URL without user or password.
-fn describe(config: &tokio_postgres::Config) -> String {
-    let mut out = String::from("postgres://");
-    for (i, host) in config.get_hosts().iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        match host {
-            tokio_postgres::config::Host::Tcp(h) => out.push_str(h),
-            tokio_postgres::config::Host::Unix(p) => out.push_str(&p.display().to_string()),
-        }
-        if let Some(port) = config.get_ports().get(i).or(config.get_ports().first()) {
-            let _ = write!(out, ":{port}");
-        }
-    }
-    let _ = write!(out, "/{}", config.get_dbname().unwrap_or(""));
-    out
-}
-
 /// A PostgreSQL error in one line: the server's message, or the client's with its cause
 /// (`error connecting to server: Connection refused (os error 111)`).
 pub(crate) fn describe_error(err: &tokio_postgres::Error) -> String {
@@ -206,7 +186,10 @@ impl Pg {
         }
         config.options(format!("-c statement_timeout={STATEMENT_TIMEOUT_MS}"));
         config.keepalives(true);
-        let name = format!("the index database {}", describe(&config));
+        let name = format!(
+            "the index database {}",
+            deriva_core::redact::redact_url_without_query(url)
+        );
         let manager = Manager::from_config(
             config.clone(),
             tls.clone(),
@@ -539,11 +522,28 @@ mod tests {
     }
 
     #[test]
-    fn descriptions_hide_credentials() {
-        let config = <tokio_postgres::Config as std::str::FromStr>::from_str(
-            "postgres://u:secret@db.example:6543/idx",
-        )
-        .unwrap();
-        assert_eq!(describe(&config), "postgres://db.example:6543/idx");
+    fn the_name_hides_the_password_where_tokio_postgres_finds_it() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Nothing listens on port 1; the name is in the error, the password is not.
+        let url = "postgres://u:S3c/re?t#@127.0.0.1:1/idx?connect_timeout=1";
+        let opened = runtime.block_on(Pg::open(
+            url,
+            "deriva",
+            1,
+            Arc::new(BackendMetrics::noop()),
+            true,
+        ));
+        let Err(err) = opened else {
+            panic!("nothing listens on port 1, yet the index opened");
+        };
+        let shown = err.to_string();
+        assert!(
+            shown.contains("the index database postgres://u:***@127.0.0.1:1/idx"),
+            "{shown}"
+        );
+        assert!(!shown.contains("S3c"), "{shown}");
     }
 }

@@ -27,6 +27,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use deriva_core::redact;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -202,14 +203,16 @@ fn read_certs(path: &str, param: &str) -> Result<Vec<CertificateDer<'static>>, S
 }
 
 /// Splits libpq's TLS parameters ([`TLS_PARAMS`]) off a connection string: the rest, for
-/// tokio-postgres, and their values. A string this cannot read goes on whole, for
+/// tokio-postgres, and their values. A URL's query is where tokio-postgres finds it (after the
+/// credentials, whose password may hold a `?`). A string this cannot read goes on whole, for
 /// tokio-postgres to explain what is wrong with it.
 fn split_tls_params(url: &str) -> (String, BTreeMap<String, String>) {
     let mut params = BTreeMap::new();
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let Some((base, query)) = url.split_once('?') else {
+    if redact::is_postgres_url(url) {
+        let Some(start) = redact::postgres_query_start(url) else {
             return (url.to_owned(), params);
         };
+        let (base, query) = (&url[..start], &url[start + 1..]);
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -230,54 +233,18 @@ fn split_tls_params(url: &str) -> (String, BTreeMap<String, String>) {
         };
         return (rest, params);
     }
-    let Some(pairs) = key_values(url) else {
+    let Some(pairs) = redact::key_values(url) else {
         return (url.to_owned(), params);
     };
     let mut kept = Vec::new();
-    for (key, value, text) in pairs {
-        if TLS_PARAMS.contains(&key.as_str()) {
-            params.insert(key, value);
+    for pair in pairs {
+        if TLS_PARAMS.contains(&pair.key.as_str()) {
+            params.insert(pair.key, pair.value);
         } else {
-            kept.push(text);
+            kept.push(pair.text);
         }
     }
     (kept.join(" "), params)
-}
-
-/// The pairs of a libpq `key=value` string, each as (key, unescaped value, its own text);
-/// values may be quoted ('…') and escape with a backslash. `None` if it does not read.
-fn key_values(text: &str) -> Option<Vec<(String, String, &str)>> {
-    let mut pairs = Vec::new();
-    let mut chars = text.char_indices().peekable();
-    loop {
-        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
-        let Some(&(start, _)) = chars.peek() else {
-            return Some(pairs);
-        };
-        let mut key = String::new();
-        while let Some((_, c)) = chars.next_if(|(_, c)| *c != '=' && !c.is_whitespace()) {
-            key.push(c);
-        }
-        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
-        chars.next_if(|(_, c)| *c == '=')?;
-        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
-        let mut value = String::new();
-        let quoted = chars.next_if(|(_, c)| *c == '\'').is_some();
-        let end = loop {
-            match chars.next() {
-                None if quoted => return None,
-                None => break text.len(),
-                Some((_, '\\')) => value.push(chars.next()?.1),
-                Some((at, '\'')) if quoted => break at + 1,
-                Some((at, c)) if c.is_whitespace() && !quoted => break at,
-                Some((_, c)) => value.push(c),
-            }
-        };
-        if key.is_empty() {
-            return None;
-        }
-        pairs.push((key, value, &text[start..end]));
-    }
 }
 
 /// `verify-ca`: the chain is checked as for `verify-full`; a certificate for another name is
@@ -516,6 +483,21 @@ mod tests {
         assert_eq!(
             split("postgres://u@h/db"),
             ("postgres://u@h/db".to_owned(), vec![])
+        );
+        // tokio-postgres reads the password up to the first '@': a '?' or '&' in it, even
+        // one followed by "sslmode=", is no query.
+        let url = "postgres://u:a?&sslmode=x&b@h/db";
+        assert_eq!(split(url), (url.to_owned(), vec![]));
+        assert_eq!(
+            parse(url).unwrap().config.get_password(),
+            Some(&b"a?&sslmode=x&b"[..])
+        );
+        assert_eq!(
+            split("postgres://u:a?b@h/db?sslmode=require"),
+            (
+                "postgres://u:a?b@h/db".to_owned(),
+                vec![pair("sslmode", "require")]
+            )
         );
     }
 

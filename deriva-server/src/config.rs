@@ -228,80 +228,8 @@ impl Config {
     }
 }
 
-/// `url` with its secrets replaced by `***`, for printing: the password before `@`, and the
-/// value of every query parameter whose name says it is a secret (`password`, `sslpassword`,
-/// `token`, `api_key`, ...). A libpq `key=value` string has its `password=` values hidden.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return redact_password_params(url);
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => authority.to_owned(),
-        },
-        None => authority.to_owned(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((key, _)) if is_secret_param(key) => format!("{key}=***"),
-                    _ => pair.to_owned(),
-                })
-                .collect();
-            format!("{path}?{}", query.join("&"))
-        }
-        None => tail.to_owned(),
-    };
-    format!("{scheme}://{authority}{tail}")
-}
-
-/// Whether a URL parameter's name says its value is a secret.
-fn is_secret_param(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    ["password", "secret", "token", "apikey", "api_key"]
-        .iter()
-        .any(|s| name.contains(s))
-}
-
-/// A libpq `key=value` string with the values of its `password=` (and `sslpassword=`)
-/// parameters replaced by `***`. A quoted value is replaced up to its closing quote.
-fn redact_password_params(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find("password") {
-        let before = &rest[..at];
-        let starts_param = before.is_empty()
-            || before.ends_with([' ', '\t'])
-            || before.ends_with("ssl")
-                && (before.len() == 3 || before[..before.len() - 3].ends_with([' ', '\t']));
-        let after = &rest[at + "password".len()..];
-        let value = after.trim_start_matches(' ').strip_prefix('=');
-        match value.filter(|_| starts_param) {
-            Some(value) => {
-                let value = value.trim_start_matches(' ');
-                let end = if let Some(quoted) = value.strip_prefix('\'') {
-                    quoted.find('\'').map_or(value.len(), |q| q + 2)
-                } else {
-                    value.find([' ', '\t']).unwrap_or(value.len())
-                };
-                out.push_str(before);
-                out.push_str("password=***");
-                rest = &value[end..];
-            }
-            None => {
-                out.push_str(&rest[..at + "password".len()]);
-                rest = after;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
+/// The one redaction of printed URLs, shared with `deriva-remote` (see [`deriva_core::redact`]).
+pub use deriva_core::redact::redact_url;
 
 impl Default for Config {
     /// The settings of [`defaults`]; never reads the environment.
@@ -431,7 +359,7 @@ impl Config {
             ),
             (
                 "blob-store",
-                self.blob_store.clone().unwrap_or_else(|| "off".into()),
+                self.blob_store.as_deref().map_or("off".into(), redact_url),
             ),
             (
                 "index",
@@ -536,7 +464,7 @@ pub struct ServerArgs {
     pub metrics_port: Option<u16>,
     /// OTLP endpoint for spans, metrics and log records, e.g. http://127.0.0.1:4317; wins over
     /// OTEL_EXPORTER_OTLP_ENDPOINT and the per-signal ones. With no endpoint nothing is exported.
-    #[arg(long, env = "DERIVA_OTLP_ENDPOINT")]
+    #[arg(long, env = "DERIVA_OTLP_ENDPOINT", hide_env_values = true)]
     pub otlp_endpoint: Option<String>,
     /// OTLP transport [default: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc].
     #[arg(long, env = "DERIVA_OTLP_PROTOCOL", value_enum)]
@@ -574,11 +502,11 @@ pub struct ServerArgs {
     /// from the standard AWS_* variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
     /// AWS_SECRET_ACCESS_KEY; AWS_CA_BUNDLE for an https endpoint signed by a private CA).
     /// Needs --index; together they replace the local store.
-    #[arg(long, env = "DERIVA_BLOB_STORE")]
+    #[arg(long, env = "DERIVA_BLOB_STORE", hide_env_values = true)]
     pub blob_store: Option<String>,
     /// PostgreSQL index: postgres://USER:PASSWORD@HOST:PORT/DATABASE, over TLS with
     /// ?sslmode=verify-full&sslrootcert=CA.pem (libpq's parameters). Needs --blob-store.
-    #[arg(long, env = "DERIVA_INDEX_URL")]
+    #[arg(long, env = "DERIVA_INDEX_URL", hide_env_values = true)]
     pub index: Option<String>,
     /// PostgreSQL schema for Deriva's tables (created and migrated at start).
     #[arg(long, env = "DERIVA_INDEX_SCHEMA", default_value = defaults::INDEX_SCHEMA)]
@@ -936,6 +864,44 @@ mod tests {
             redact_url("postgres://h/mypassword_db"),
             "postgres://h/mypassword_db"
         );
+        // tokio-postgres reads the password up to the first '@', '/' and '?' included.
+        assert_eq!(
+            redact_url("postgres://deriva:S3c/retPW@db:5432/deriva"),
+            "postgres://deriva:***@db:5432/deriva"
+        );
+    }
+
+    #[test]
+    fn print_config_hides_the_secrets_of_every_url() {
+        let config = parse_without_env(&[
+            "--index",
+            "postgres://u:pg/s3cret?@db/idx",
+            "--blob-store",
+            "s3://k:s3/cret@bucket/p",
+            "--otlp-endpoint",
+            "http://u:otlp%2Fs3cret@collector:4317",
+        ])
+        .unwrap()
+        .into_config_with(Default::default())
+        .unwrap();
+        let shown: std::collections::BTreeMap<_, _> = config.describe().into_iter().collect();
+        assert_eq!(shown["index"], "postgres://u:***@db/idx");
+        assert_eq!(shown["blob-store"], "s3://k:***@bucket/p");
+        assert_eq!(shown["otlp-endpoint"], "http://u:***@collector:4317");
+    }
+
+    /// Every flag whose value can hold a secret (a URL with credentials, a header) keeps its
+    /// variable's value out of `--help`.
+    #[test]
+    fn help_never_shows_the_value_of_a_secret_variable() {
+        let command = ServerArgs::command();
+        for id in ["index", "blob_store", "otlp_endpoint", "otlp_headers"] {
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_id() == id)
+                .unwrap_or_else(|| panic!("no argument {id}"));
+            assert!(arg.is_hide_env_values_set(), "--{id} shows its env value");
+        }
     }
 
     #[test]

@@ -79,10 +79,20 @@ pub struct MigrateArgs {
     pub data_dir: PathBuf,
     /// Source: object store for leaves, s3://BUCKET[/PREFIX] (with --index). Endpoint and
     /// credentials come from the AWS_* variables, for both sides.
-    #[arg(long, env = "DERIVA_BLOB_STORE", help_heading = "Source")]
+    #[arg(
+        long,
+        env = "DERIVA_BLOB_STORE",
+        hide_env_values = true,
+        help_heading = "Source"
+    )]
     pub blob_store: Option<String>,
     /// Source: PostgreSQL index, postgres://USER:PASSWORD@HOST:PORT/DATABASE (with --blob-store).
-    #[arg(long, env = "DERIVA_INDEX_URL", help_heading = "Source")]
+    #[arg(
+        long,
+        env = "DERIVA_INDEX_URL",
+        hide_env_values = true,
+        help_heading = "Source"
+    )]
     pub index: Option<String>,
     /// Source: PostgreSQL schema of the index.
     #[arg(long, env = "DERIVA_INDEX_SCHEMA", default_value = defaults::INDEX_SCHEMA, help_heading = "Source")]
@@ -324,7 +334,8 @@ impl Side {
                 index,
                 schema,
             } => format!(
-                "remote {blob_store} + {} (schema {schema})",
+                "remote {} + {} (schema {schema})",
+                redact_url(blob_store),
                 redact_url(index)
             ),
         }

@@ -122,11 +122,14 @@ impl fmt::Debug for TelemetryConfig {
             .iter()
             .map(|(k, v)| match k.contains("HEADERS") {
                 true => format!("{k}=<set>"),
-                false => format!("{k}={v}"),
+                false => format!("{k}={}", crate::config::redact_url(v)),
             })
             .collect();
         f.debug_struct("TelemetryConfig")
-            .field("otlp_endpoint", &self.otlp_endpoint)
+            .field(
+                "otlp_endpoint",
+                &self.otlp_endpoint.as_deref().map(crate::config::redact_url),
+            )
             .field("otlp_protocol", &self.otlp_protocol)
             .field("otlp_headers", &headers)
             .field("otlp_logs", &self.otlp_logs)
@@ -515,11 +518,18 @@ mod tests {
     #[test]
     fn the_configs_debug_shows_header_names_only() {
         let config = TelemetryConfig {
+            otlp_endpoint: Some("http://u:flag/secret@c:4317".into()),
             otlp_headers: vec![("x-api-key".into(), "flag-secret".into())],
-            otel_env: [(
-                "OTEL_EXPORTER_OTLP_HEADERS".to_owned(),
-                "x-tenant=env-secret".to_owned(),
-            )]
+            otel_env: [
+                (
+                    "OTEL_EXPORTER_OTLP_HEADERS".to_owned(),
+                    "x-tenant=env-secret".to_owned(),
+                ),
+                (
+                    "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+                    "https://u:env-secret@c:4318".to_owned(),
+                ),
+            ]
             .into(),
             ..TelemetryConfig::default()
         };

@@ -126,7 +126,7 @@ impl fmt::Debug for SignalExport {
         f.debug_struct("SignalExport")
             .field("signal", &self.signal)
             .field("protocol", &self.protocol)
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &crate::config::redact_url(&self.endpoint))
             .field("headers", &Names(&self.headers))
             .field("timeout", &self.timeout)
             .field("gzip", &self.gzip)
@@ -460,8 +460,9 @@ fn resolve_signal(
     };
     if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
         return Err(format!(
-            "the OTLP {} endpoint {endpoint:?} must start with http:// or https://",
-            signal.name()
+            "the OTLP {} endpoint {:?} must start with http:// or https://",
+            signal.name(),
+            crate::config::redact_url(&endpoint)
         ));
     }
 
@@ -577,6 +578,14 @@ fn read_pem(path: &PathBuf, what: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
 }
 
+/// Why the `kind` exporter of `export` could not be built, its endpoint redacted (also where
+/// the exporter's own message quotes it).
+fn build_error(kind: &str, export: &SignalExport, e: impl fmt::Display) -> String {
+    let endpoint = crate::config::redact_url(&export.endpoint);
+    let message = e.to_string().replace(&export.endpoint, &endpoint);
+    format!("the OTLP {kind} exporter for {endpoint}: {message}")
+}
+
 /// The span exporter for `export`.
 pub fn span_exporter(export: &SignalExport) -> Result<opentelemetry_otlp::SpanExporter, String> {
     let builder = opentelemetry_otlp::SpanExporter::builder();
@@ -584,7 +593,7 @@ pub fn span_exporter(export: &SignalExport) -> Result<opentelemetry_otlp::SpanEx
         Protocol::Grpc => grpc(builder.with_tonic(), export)?.build(),
         Protocol::HttpProtobuf => http(builder.with_http(), export)?.build(),
     };
-    built.map_err(|e| format!("the OTLP traces exporter for {}: {e}", export.endpoint))
+    built.map_err(|e| build_error("traces", export, e))
 }
 
 /// The metric exporter for `export`.
@@ -596,7 +605,7 @@ pub fn metric_exporter(
         Protocol::Grpc => grpc(builder.with_tonic(), export)?.build(),
         Protocol::HttpProtobuf => http(builder.with_http(), export)?.build(),
     };
-    built.map_err(|e| format!("the OTLP metrics exporter for {}: {e}", export.endpoint))
+    built.map_err(|e| build_error("metrics", export, e))
 }
 
 /// The log exporter for `export`.
@@ -606,7 +615,7 @@ pub fn log_exporter(export: &SignalExport) -> Result<opentelemetry_otlp::LogExpo
         Protocol::Grpc => grpc(builder.with_tonic(), export)?.build(),
         Protocol::HttpProtobuf => http(builder.with_http(), export)?.build(),
     };
-    built.map_err(|e| format!("the OTLP logs exporter for {}: {e}", export.endpoint))
+    built.map_err(|e| build_error("logs", export, e))
 }
 
 /// gRPC: TLS for https (the machine's CAs, plus `…_CERTIFICATE`), gzip, and the headers set by
