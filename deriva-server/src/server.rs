@@ -361,7 +361,7 @@ impl Server {
                         limits,
                     )
                     .map_err(ServeError::Http)?;
-                    crate::http::serve(listener, state, http_shutdown)
+                    crate::http::serve(listener, state, limits.handshake_timeout, http_shutdown)
                         .await
                         .map_err(ServeError::Http)
                 }

@@ -16,11 +16,18 @@
 //! With `--auth-tokens`, `/metrics` and `/debug/*` need a bearer token with the `admin` scope
 //! (401 without a known token, 403 without the scope); `/healthz` and `/readyz` stay open for
 //! probes, and `/health` then shows counts only (no paths, no backend addresses).
+//!
+//! **Timeouts** ([`serve`]): hyper's HTTP/1 server with a timer. Its header-read timeout, the
+//! handshake timeout (`--handshake-timeout-secs`), starts whenever the connection waits for a
+//! request head: so it bounds both the headers of each request and the idle time of a
+//! keep-alive connection between two requests (hyper restarts it as the connection goes idle).
+//! The first request's headers are already in when hyper gets the connection
+//! ([`crate::listen`]).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -117,19 +124,65 @@ async fn require_admin(
     }
 }
 
-/// Serves `router(state)` on `listener` until `shutdown` completes.
-pub async fn serve<L>(
-    listener: L,
+/// Serves `router(state)` on the connections of `listener` until `shutdown` completes: then it
+/// stops accepting, lets each connection finish the request it is answering (an idle one
+/// closes at once), and returns once all are closed. `header_timeout` bounds each request's
+/// headers and the idle time between two requests (see the module documentation).
+pub async fn serve(
+    mut listener: crate::listen::HttpListener,
     state: HttpState,
+    header_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()>
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+) -> std::io::Result<()> {
+    let router = router(state);
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
+    // Every connection's task waits on this to begin its graceful shutdown.
+    let (closing, closing_rx) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let Some((conn, peer)) = accepted else { break };
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
+            // A Router is always ready: no poll_ready needed before the call.
+            tower::Service::call(&mut router.clone(), request)
+        });
+        let connection = http1.serve_connection(hyper_util::rt::TokioIo::new(conn), service);
+        let mut closing = closing_rx.clone();
+        connections.spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let closing = async move {
+                // The guard `wait_for` returns must not live across an await.
+                let _ = closing.wait_for(|closing| *closing).await.map(drop);
+            };
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                () = closing => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = served {
+                // Header timeouts, clients that left, malformed requests.
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+        });
+        // Forget the connections that have ended.
+        while connections.try_join_next().is_some() {}
+    }
+    // No new connections: the accept loop ends with its receiver.
+    drop(listener);
+    let _ = closing.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {
