@@ -36,8 +36,9 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, Re
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+
+use crate::tls::Acceptors;
 
 /// The limits of one listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -356,7 +357,7 @@ impl Drop for Registration {
 /// what it accepts is dropped.
 fn accept_loop(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Acceptors>,
     limits: Limits,
     protocol: Protocol,
     what: &'static str,
@@ -492,11 +493,11 @@ async fn take_slot(
 /// The TLS handshake (if any) and the first request: the stream, and what was read of it.
 async fn open(
     tcp: TcpStream,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Acceptors>,
     protocol: Protocol,
 ) -> Result<(Io, Vec<u8>), Refused> {
     let mut io = match tls {
-        Some(acceptor) => Io::Tls(Box::new(acceptor.accept(tcp).await?)),
+        Some(acceptors) => Io::Tls(Box::new(acceptors.acceptor().accept(tcp).await?)),
         None => Io::Plain(tcp),
     };
     let mut buf = Vec::new();
@@ -598,7 +599,7 @@ impl HeadScan {
 /// The gRPC listener's connections, for tonic's `serve_with_incoming`.
 pub fn incoming(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Acceptors>,
     limits: Limits,
 ) -> impl futures::Stream<Item = io::Result<Conn>> + Send + 'static {
     let rx = accept_loop(listener, tls, limits, Protocol::Http2, "gRPC");
@@ -616,11 +617,7 @@ pub struct HttpListener {
 
 impl HttpListener {
     /// Accepts on `listener` under `limits`, with TLS if `tls` is given.
-    pub fn new(
-        listener: TcpListener,
-        tls: Option<TlsAcceptor>,
-        limits: Limits,
-    ) -> io::Result<Self> {
+    pub fn new(listener: TcpListener, tls: Option<Acceptors>, limits: Limits) -> io::Result<Self> {
         let local = listener.local_addr()?;
         let rx = accept_loop(listener, tls, limits, Protocol::Http1, "HTTP");
         Ok(Self { rx, local })
