@@ -352,12 +352,14 @@ impl Server {
                         ready: ready.clone(),
                         traces: self.traces.clone(),
                         auth: self.auth.clone(),
+                        client_certificates: self.tls.as_ref().is_some_and(Tls::client_ca),
                         metrics: self.metrics.clone(),
                         about: Arc::new(crate::http::About {
                             version: env!("CARGO_PKG_VERSION"),
                             settings: self.config.describe(),
                         }),
                     };
+                    warn_if_open(&listener, &state);
                     let listener = crate::listen::HttpListener::new(
                         listener,
                         self.tls.as_ref().map(Tls::http),
@@ -413,6 +415,21 @@ impl Server {
         }
         tracing::debug!("store closed");
         served
+    }
+}
+
+/// Warns when the HTTP listener is reachable beyond loopback and its pages are open to anyone.
+fn warn_if_open(listener: &TcpListener, state: &HttpState) {
+    let Ok(addr) = listener.local_addr() else {
+        return;
+    };
+    if !addr.ip().is_loopback() && !state.pages_protected() {
+        tracing::warn!(
+            addr = %addr,
+            "the HTTP listener is bound beyond loopback with neither --auth-tokens nor --tls-client-ca: \
+             /metrics, /debug, /debug/traces and /health (with the store's paths and backend addresses) \
+             answer anyone who can reach it"
+        );
     }
 }
 

@@ -1,6 +1,7 @@
-//! TLS on both listeners (`--tls-cert`, `--tls-key`) and client certificates on gRPC
-//! (`--tls-client-ca`). [`Tls::reload`] (SIGHUP) reads the three files again without dropping
-//! open connections.
+//! TLS on both listeners (`--tls-cert`, `--tls-key`) and client certificates
+//! (`--tls-client-ca`): required on gRPC, asked for but optional on HTTP (where a verified one
+//! opens `/metrics` and `/debug`, see [`crate::http`]). [`Tls::reload`] (SIGHUP) reads the three
+//! files again without dropping open connections.
 //!
 //! rustls's `ServerConfig`s cannot change once built: a reload builds new ones from the files
 //! and swaps them in, and the accept loop ([`crate::listen`]) takes the current one for each
@@ -28,7 +29,8 @@ pub struct TlsFiles {
     /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1). Refused if users other than its owner
     /// may write it; a warning if they may read it.
     pub key: PathBuf,
-    /// With it, the gRPC listener requires client certificates issued by these CAs (PEM).
+    /// With it, the gRPC listener requires client certificates issued by these CAs (PEM), and
+    /// the HTTP listener asks for one.
     pub client_ca: Option<PathBuf>,
 }
 
@@ -145,16 +147,26 @@ impl Configs {
                         .map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))?;
                 }
                 let roots = Arc::new(roots);
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-                        .build()
-                        .map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))?;
+                let verifier = |optional: bool| {
+                    let b = WebPkiClientVerifier::builder_with_provider(
+                        roots.clone(),
+                        provider.clone(),
+                    );
+                    let b = if optional {
+                        b.allow_unauthenticated()
+                    } else {
+                        b
+                    };
+                    b.build()
+                        .map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))
+                };
                 (
                     builder()?
-                        .with_client_cert_verifier(verifier)
+                        .with_client_cert_verifier(verifier(false)?)
                         .with_cert_resolver(single(&cert)),
+                    // Asked for, not required: probes (`/healthz`, `/readyz`) need none.
                     builder()?
-                        .with_no_client_auth()
+                        .with_client_cert_verifier(verifier(true)?)
                         .with_cert_resolver(single(&cert)),
                 )
             }

@@ -1,6 +1,7 @@
 //! TLS against the real binary, with certificates made here (`rcgen`): both listeners over TLS;
 //! a plaintext client and a client that trusts another CA refused; mutual TLS refusing a client
-//! without a certificate or with an unknown one; SIGHUP swapping the certificate for new
+//! without a certificate or with an unknown one (the HTTP listener's pages under mutual TLS are
+//! in `tests/campaign/tls_reload.rs`); SIGHUP swapping the certificate for new
 //! connections while open ones keep serving; the CLI over https with `--tls-ca` and a client
 //! certificate; bad TLS flags stopping the server with a clear message; a node reaching both
 //! remote backends over TLS (`AWS_CA_BUNDLE`, `sslmode=verify-full`), and refusing to start
@@ -269,7 +270,7 @@ async fn mutual_tls_refuses_clients_without_a_known_certificate() {
     );
     assert_eq!(refused.status.code(), Some(1), "{refused:?}");
 
-    // The HTTP listener asks for no client certificate: probes need none.
+    // The HTTP listener asks for a client certificate but requires none: probes need none.
     let (_, body) = handshake(server.metrics_addr(), &ca.pem).await.unwrap();
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
 }

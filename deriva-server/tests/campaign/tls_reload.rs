@@ -1,7 +1,9 @@
-//! SIGHUP as a reload (a server without TLS survives it; tokens and the client CA are read
-//! again; a broken file keeps what was in use, and says so; `deriva_config_reloads_total`
-//! counts), and file modes (a token or key file other users may write is refused, one they may
-//! read warns).
+//! Mutual TLS on the HTTP listener (`/metrics` and `/debug` refused without a client
+//! certificate, opened by one or by an admin token; the probes open), SIGHUP as a reload (a
+//! server without TLS survives it; tokens and the client CA are read again; a broken file keeps
+//! what was in use, and says so; `deriva_config_reloads_total` counts), file modes (a token or
+//! key file other users may write is refused, one they may read warns), and the warning of a
+//! server whose pages are open beyond loopback.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -190,6 +192,113 @@ fn sample(exposition: &str, series: &str) -> Option<f64> {
 
 fn reloads(part: &str, result: &str) -> String {
     format!(r#"deriva_config_reloads_total{{part="{part}",result="{result}"}}"#)
+}
+
+/// Mutual TLS and no tokens: `/metrics` and `/debug/*` answer 403 to a client without a
+/// certificate, and serve one with a certificate from the client CA; `/healthz` and `/readyz`
+/// stay open, and `/health` shows counts only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_protects_metrics_and_debug() {
+    let files = Files::new();
+    let tls = ServerTls::new(&files);
+    let clients = Ca::new("client CA");
+    let strangers = Ca::new("stranger CA");
+    let server = crate::server()
+        .args(tls.args())
+        .args([
+            "--tls-client-ca".into(),
+            arg(&files.write("clients.pem", &clients.pem, 0o644)),
+        ])
+        .start();
+    let addr = server.metrics_addr();
+    let ca = &tls.ca.pem;
+    let (cert, key, _) = clients.issue(&["ci"], true);
+    let good = (cert, key);
+    let (cert, key, _) = strangers.issue(&["intruder"], true);
+    let stranger = (cert, key);
+
+    for path in ["/metrics", "/debug", "/debug/traces"] {
+        let (status, body) = https_get(addr, ca, None, None, path).await.unwrap();
+        assert_eq!(status, 403, "{path} without a client certificate: {body}");
+        assert!(
+            body.contains("client certificate") && body.contains("--tls-client-ca"),
+            "{body}"
+        );
+        // Refused in the handshake (a certificate presented must verify).
+        let strange = https_get(addr, ca, Some(&stranger), None, path).await;
+        assert!(
+            strange.is_err(),
+            "{path} with a certificate from another CA: {strange:?}"
+        );
+        let (status, body) = https_get(addr, ca, Some(&good), None, path).await.unwrap();
+        assert_eq!(status, 200, "{path} with a client certificate: {body}");
+    }
+    let (_, body) = https_get(addr, ca, Some(&good), None, "/metrics")
+        .await
+        .unwrap();
+    assert!(body.contains("# TYPE deriva_rpc_total"), "{body}");
+    for path in ["/healthz", "/readyz"] {
+        let (status, body) = https_get(addr, ca, None, None, path).await.unwrap();
+        assert_eq!(status, 200, "{path} stays open: {body}");
+    }
+    let (status, body) = https_get(addr, ca, None, None, "/health").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        health.get("store").is_none(),
+        "/health shows counts only: {body}"
+    );
+    // gRPC still requires the certificate.
+    assert!(!served(&server, ca, None).await);
+    assert!(served(&server, ca, Some(&good)).await);
+}
+
+/// Mutual TLS and tokens: an admin token alone opens the pages, as does a client certificate
+/// alone; neither gets 401 (a token would do), a token without the scope 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tokens_too_an_admin_token_or_a_certificate_opens_the_pages() {
+    let files = Files::new();
+    let tls = ServerTls::new(&files);
+    let clients = Ca::new("client CA");
+    let tokens = files.write(
+        "tokens",
+        &token_lines(&[
+            ("deriva_admin_t1", "admin", "operator"),
+            ("deriva_read_t2", "read", "reader"),
+        ]),
+        0o600,
+    );
+    let server = crate::server()
+        .args(tls.args())
+        .args([
+            "--tls-client-ca".into(),
+            arg(&files.write("clients.pem", &clients.pem, 0o644)),
+        ])
+        .args(["--auth-tokens".into(), arg(&tokens)])
+        .start();
+    let (addr, ca) = (server.metrics_addr(), &tls.ca.pem);
+    let (cert, key, _) = clients.issue(&["ci"], true);
+    let good = (cert, key);
+    for path in ["/metrics", "/debug/traces"] {
+        let (status, body) = https_get(addr, ca, None, None, path).await.unwrap();
+        assert_eq!(status, 401, "{path}, neither: {body}");
+        assert!(
+            body.contains("admin") && body.contains("client certificate"),
+            "{body}"
+        );
+        let (status, body) = https_get(addr, ca, None, Some("deriva_read_t2"), path)
+            .await
+            .unwrap();
+        assert_eq!(status, 403, "{path}, a read token: {body}");
+        let (status, body) = https_get(addr, ca, None, Some("deriva_admin_t1"), path)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{path}, an admin token alone: {body}");
+        let (status, body) = https_get(addr, ca, Some(&good), None, path).await.unwrap();
+        assert_eq!(status, 200, "{path}, a client certificate alone: {body}");
+    }
+    let (status, _) = https_get(addr, ca, None, None, "/healthz").await.unwrap();
+    assert_eq!(status, 200);
 }
 
 /// SIGHUP on a server without TLS or tokens: it says there is nothing to reload, keeps
@@ -466,4 +575,47 @@ fn files_others_may_write_are_refused_and_those_they_may_read_warn() {
         });
         assert!(line.contains("0644"), "{line}");
     }
+}
+
+/// Bound beyond loopback with neither tokens nor a client CA, the server warns at start that
+/// its pages are open, naming them; with tokens, it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_pages_beyond_loopback_are_announced() {
+    let open = crate::server()
+        .without_listener_flags()
+        .args(["--listen", "127.0.0.1:0", "--metrics-addr", "0.0.0.0:0"])
+        .start();
+    let line = open.wait_for_stderr("the open-pages warning", |l| {
+        l.contains("WARN") && l.contains("beyond loopback")
+    });
+    assert!(
+        line.contains("/metrics") && line.contains("/debug"),
+        "{line}"
+    );
+
+    let files = Files::new();
+    let tokens = files.write("tokens", &token_lines(&[("deriva_t", "admin", "t")]), 0o600);
+    let guarded = crate::server()
+        .without_listener_flags()
+        .args(["--listen", "127.0.0.1:0", "--metrics-addr", "0.0.0.0:0"])
+        .args(["--auth-tokens".into(), arg(&tokens)])
+        .start();
+    let port = guarded
+        .metrics_addr()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let r = crate::common::http_get(&format!("127.0.0.1:{port}"), "/healthz")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    // A line logged after serving began: everything logged before it has been read.
+    guarded.signal(Signal::HUP);
+    guarded.wait_for_stderr("the reload line", |l| l.contains("token file reloaded"));
+    assert!(
+        !guarded.stderr().contains("beyond loopback"),
+        "{}",
+        guarded.stderr()
+    );
 }
