@@ -349,6 +349,9 @@ async fn a_preface_without_settings_is_closed_at_the_deadline() {
         huge_closed < Duration::from_secs(3),
         "a SETTINGS frame the server will not buffer is refused as it is announced, not at the deadline ({huge_closed:?})"
     );
+    eprintln!(
+        "preface without SETTINGS closed after {preface_closed:?}; a 60,000-byte SETTINGS frame refused after {huge_closed:?}; slow: {slow:?}"
+    );
     let took = slow.expect("a client whose preface comes slowly within the deadline is served");
     assert!(took >= Duration::from_millis(1500), "{took:?}");
 }
@@ -481,6 +484,10 @@ async fn slow_headers_and_idle_connections_are_closed_on_the_http_listener() {
     let (slowloris, idle, second, honest, too_large) =
         tokio::join!(slowloris, idle, second, honest, too_large);
 
+    eprintln!(
+        "closed after: slowloris {slowloris:?}, idle keep-alive {idle:?}, slow second request {second:?}; headers above 16 KiB: {:?}",
+        too_large.as_ref().map(|r| r.0)
+    );
     let slowloris = slowloris.expect("trickling headers kept the connection open");
     assert!(
         slowloris >= Duration::from_secs(1) && slowloris < Duration::from_secs(10),
