@@ -4,6 +4,12 @@
 //! list of `read`, `write` and `admin`, NAME what logs and spans call the caller (`auth.name`).
 //! Blank lines and lines starting with `#` are skipped. The file holds hashes, never tokens.
 //!
+//! The file is read again by [`Tokens::reload`] (SIGHUP): a token removed from it is refused
+//! from the next request on, on connections already open too; a file that does not read or
+//! parse leaves the tokens in use as they were. A file that other users may write is refused
+//! (at start and on reload), naming it and its mode; one they may read is loaded with a warning
+//! ([`read_secret_file`], also used for the TLS key).
+//!
 //! A request carries `authorization: Bearer <token>`. The server hashes the token and compares
 //! the hash with every entry in constant time (no early exit, and the same work whichever
 //! entry matches, if any). A missing, malformed or unknown token is `UNAUTHENTICATED`; a token
@@ -11,8 +17,11 @@
 //! never the tokens or names that exist.
 
 use std::fmt;
-use std::path::Path;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use parking_lot::RwLock;
 use subtle::ConstantTimeEq as _;
 
 pub use deriva_core::token::Scope;
@@ -25,19 +34,59 @@ struct Entry {
     name: String,
 }
 
-/// The tokens the server accepts.
-#[derive(Clone)]
+/// The tokens the server accepts: the entries of the file, swapped whole by
+/// [`Tokens::reload`].
 pub struct Tokens {
-    entries: Vec<Entry>,
+    /// The file they were read from (`None`: parsed from text, nothing to reload).
+    path: Option<PathBuf>,
+    entries: RwLock<Arc<[Entry]>>,
 }
 
 impl fmt::Debug for Tokens {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Names only: never the hashes.
         f.debug_struct("Tokens")
+            .field("path", &self.path)
             .field("names", &self.names())
             .finish()
     }
+}
+
+/// Reads a file that holds secrets (`flag` names it in errors and warnings): refused if users
+/// other than its owner may write it (group or others `w`), so that no one else can grant
+/// themselves a token or swap the key; a warning if they may read it. The mode is that of the
+/// file opened (a symbolic link's target), read from the open handle, so the check and the read
+/// see the same file.
+pub(crate) fn read_secret_file(path: &Path, flag: &str) -> Result<Vec<u8>, String> {
+    let mut file =
+        std::fs::File::open(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = file
+            .metadata()
+            .map_err(|e| format!("{flag} {}: {e}", path.display()))?
+            .permissions()
+            .mode()
+            & 0o7777;
+        if mode & 0o022 != 0 {
+            return Err(format!(
+                "{flag} {}: mode {mode:04o} lets other users write it; refused (chmod go-w, \
+                 0600 is best)",
+                path.display()
+            ));
+        }
+        if mode & 0o044 != 0 {
+            tracing::warn!(
+                "{flag} {}: mode {mode:04o} lets other users read it (chmod go-r, 0600 is best)",
+                path.display()
+            );
+        }
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    Ok(bytes)
 }
 
 /// Why a request was refused.
@@ -99,15 +148,49 @@ impl AuthError {
 }
 
 impl Tokens {
-    /// Reads and parses the token file at `path`.
+    /// Reads and parses the token file at `path` (see [`read_secret_file`] for its mode).
     pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("--auth-tokens {}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("--auth-tokens {}: {e}", path.display()))
+        let entries = Self::read(path)?;
+        Ok(Self {
+            path: Some(path.to_owned()),
+            entries: RwLock::new(entries.into()),
+        })
+    }
+
+    /// Reads the file [`Tokens::load`] read again, and uses its entries from the next request
+    /// on: the number of tokens. On an error (naming the file) the tokens in use stay.
+    pub fn reload(&self) -> Result<usize, String> {
+        let path = self
+            .path
+            .as_deref()
+            .ok_or("the tokens were not read from a file")?;
+        let entries = Self::read(path)?;
+        let count = entries.len();
+        *self.entries.write() = entries.into();
+        Ok(count)
+    }
+
+    /// The file the tokens were read from.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    fn read(path: &Path) -> Result<Vec<Entry>, String> {
+        let bytes = read_secret_file(path, "--auth-tokens")?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| format!("--auth-tokens {}: not UTF-8 text", path.display()))?;
+        Self::parse_entries(&text).map_err(|e| format!("--auth-tokens {}: {e}", path.display()))
     }
 
     /// Parses the text of a token file; the error names the line and what is wrong with it.
     pub fn parse(text: &str) -> Result<Self, String> {
+        Ok(Self {
+            path: None,
+            entries: RwLock::new(Self::parse_entries(text)?.into()),
+        })
+    }
+
+    fn parse_entries(text: &str) -> Result<Vec<Entry>, String> {
         let mut entries: Vec<Entry> = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -143,17 +226,17 @@ impl Tokens {
         if entries.is_empty() {
             return Err("no token: every request would be refused".into());
         }
-        Ok(Self { entries })
+        Ok(entries)
     }
 
     /// The names of the entries, in file order.
-    pub fn names(&self) -> Vec<&str> {
-        self.entries.iter().map(|e| e.name.as_str()).collect()
+    pub fn names(&self) -> Vec<String> {
+        self.entries.read().iter().map(|e| e.name.clone()).collect()
     }
 
-    /// Checks the `authorization` value of a request for `needed`; the caller's name if it
-    /// may.
-    pub fn check(&self, authorization: Option<&[u8]>, needed: Scope) -> Result<&str, AuthError> {
+    /// Checks the `authorization` value of a request for `needed` against the tokens in use
+    /// now; the caller's name if it may.
+    pub fn check(&self, authorization: Option<&[u8]>, needed: Scope) -> Result<String, AuthError> {
         let value = authorization.ok_or(AuthError::Missing)?;
         let token = std::str::from_utf8(value)
             .ok()
@@ -164,10 +247,12 @@ impl Tokens {
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Malformed)?;
         let digest = deriva_core::token::digest(token);
+        // The entries in use now (a reload swaps the whole list, never part of it).
+        let entries = self.entries.read().clone();
         // Every entry is compared, in constant time; the match, if any, is picked without a
         // branch on the secret.
         let mut found: Option<&Entry> = None;
-        for entry in &self.entries {
+        for entry in entries.iter() {
             let equal = bool::from(entry.digest.ct_eq(&digest));
             found = if equal { Some(entry) } else { found };
         }
@@ -178,7 +263,7 @@ impl Tokens {
                 name: entry.name.clone(),
             });
         }
-        Ok(&entry.name)
+        Ok(entry.name.clone())
     }
 }
 
@@ -205,9 +290,12 @@ mod tests {
         assert_eq!(tokens.names(), ["reader", "ci"]);
         assert_eq!(
             tokens.check(Some(b"Bearer t-read"), Scope::Read),
-            Ok("reader")
+            Ok("reader".to_owned())
         );
-        assert_eq!(tokens.check(Some(b"bearer  t-rw "), Scope::Write), Ok("ci"));
+        assert_eq!(
+            tokens.check(Some(b"bearer  t-rw "), Scope::Write),
+            Ok("ci".to_owned())
+        );
         assert_eq!(
             tokens.check(Some(b"Bearer t-read"), Scope::Write),
             Err(AuthError::Scope {
@@ -248,6 +336,78 @@ mod tests {
         ] {
             let err = Tokens::parse(text).unwrap_err();
             assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn reload_swaps_the_tokens_and_a_bad_file_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        let write = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
+        };
+        write(&file(&[("old", "read", "old")]));
+        let tokens = Tokens::load(&path).unwrap();
+        assert_eq!(
+            tokens.check(Some(b"Bearer old"), Scope::Read),
+            Ok("old".into())
+        );
+
+        write(&file(&[("new", "read", "new")]));
+        assert_eq!(tokens.reload(), Ok(1));
+        assert_eq!(
+            tokens.check(Some(b"Bearer old"), Scope::Read),
+            Err(AuthError::Unknown)
+        );
+        assert_eq!(
+            tokens.check(Some(b"Bearer new"), Scope::Read),
+            Ok("new".into())
+        );
+
+        write("sha256:nothex read broken\n");
+        let err = tokens.reload().unwrap_err();
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("line 1"),
+            "{err}"
+        );
+        assert_eq!(
+            tokens.check(Some(b"Bearer new"), Scope::Read),
+            Ok("new".into())
+        );
+
+        let parsed = Tokens::parse(&file(&[("p", "read", "p")])).unwrap();
+        assert!(parsed.reload().is_err(), "nothing to reload");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_secret_file_others_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, file(&[("t", "read", "t")])).unwrap();
+        for (mode, refused) in [
+            (0o600, false),
+            (0o644, false),
+            (0o640, false),
+            (0o666, true),
+            (0o620, true),
+            (0o602, true),
+        ] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let loaded = Tokens::load(&path);
+            assert_eq!(loaded.is_err(), refused, "mode {mode:o}: {loaded:?}");
+            if let Err(e) = loaded {
+                assert!(
+                    e.contains(&format!("{mode:04o}")) && e.contains(&path.display().to_string()),
+                    "{e}"
+                );
+            }
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::proto::deriva_server::DerivaServer;
 use crate::rpc::{OversizeLayer, RpcLayer};
 use crate::service::{Cutoff, DerivaService};
 use crate::telemetry::ServerMetrics;
-use crate::tls::{ReloadableCert, Tls};
+use crate::tls::Tls;
 use crate::trace_store::TraceStore;
 
 /// Largest header block (all metadata of one request) accepted, in bytes.
@@ -222,10 +222,14 @@ impl Server {
         self
     }
 
-    /// The server's certificate when it serves TLS: [`ReloadableCert::reload`] reads its files
-    /// again (the binary does on SIGHUP).
-    pub fn tls_cert(&self) -> Option<Arc<ReloadableCert>> {
-        self.tls.as_ref().map(|t| t.cert().clone())
+    /// What SIGHUP reloads: the token file and the TLS files (the binary calls
+    /// [`Reloader::reload`] on every SIGHUP).
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            auth: self.auth.clone(),
+            tls: self.tls.clone(),
+            metrics: self.metrics.clone(),
+        }
     }
 
     /// The engine.
@@ -335,8 +339,7 @@ impl Server {
         let limits = self.config.limits;
         // The accept loop sets no Nagle delay: small replies would otherwise wait for the
         // peer's delayed ACK.
-        let incoming =
-            crate::listen::incoming(grpc, self.tls.as_ref().map(Tls::grpc_acceptor), limits);
+        let incoming = crate::listen::incoming(grpc, self.tls.as_ref().map(Tls::grpc), limits);
         let grpc_serving = grpc_serving.serve_with_incoming_shutdown(incoming, stop_accepting);
         let http_shutdown = shutdown.clone();
         let http_serving = async {
@@ -349,19 +352,21 @@ impl Server {
                         ready: ready.clone(),
                         traces: self.traces.clone(),
                         auth: self.auth.clone(),
+                        client_certificates: self.tls.as_ref().is_some_and(Tls::client_ca),
                         metrics: self.metrics.clone(),
                         about: Arc::new(crate::http::About {
                             version: env!("CARGO_PKG_VERSION"),
                             settings: self.config.describe(),
                         }),
                     };
+                    warn_if_open(&listener, &state);
                     let listener = crate::listen::HttpListener::new(
                         listener,
-                        self.tls.as_ref().map(Tls::http_acceptor),
+                        self.tls.as_ref().map(Tls::http),
                         limits,
                     )
                     .map_err(ServeError::Http)?;
-                    crate::http::serve(listener, state, http_shutdown)
+                    crate::http::serve(listener, state, limits.handshake_timeout, http_shutdown)
                         .await
                         .map_err(ServeError::Http)
                 }
@@ -410,6 +415,92 @@ impl Server {
         }
         tracing::debug!("store closed");
         served
+    }
+}
+
+/// Warns when the HTTP listener is reachable beyond loopback and its pages are open to anyone.
+fn warn_if_open(listener: &TcpListener, state: &HttpState) {
+    let Ok(addr) = listener.local_addr() else {
+        return;
+    };
+    if !addr.ip().is_loopback() && !state.pages_protected() {
+        tracing::warn!(
+            addr = %addr,
+            "the HTTP listener is bound beyond loopback with neither --auth-tokens nor --tls-client-ca: \
+             /metrics, /debug, /debug/traces and /health (with the store's paths and backend addresses) \
+             answer anyone who can reach it"
+        );
+    }
+}
+
+/// Reads the configuration files again (SIGHUP): the token file of `--auth-tokens`, and the
+/// certificate, key and client CA of `--tls-*`. Each part that reads and parses replaces the
+/// one in use (new requests check the new tokens, on open connections too; new connections get
+/// the new certificate and client CA, open ones keep theirs); one that does not keeps the one
+/// in use, and the log says why, naming the file. Counted in `deriva_config_reloads_total`.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    auth: Option<Arc<Tokens>>,
+    tls: Option<Tls>,
+    metrics: ServerMetrics,
+}
+
+impl Reloader {
+    /// Reloads every part there is; whether all of them reloaded. Reads files: call it on the
+    /// blocking pool.
+    pub fn reload(&self) -> bool {
+        if self.auth.is_none() && self.tls.is_none() {
+            tracing::info!(
+                "configuration reload: nothing to reload (no --auth-tokens, no --tls-cert)"
+            );
+            return true;
+        }
+        let mut all = true;
+        if let Some(tokens) = &self.auth {
+            let file = tokens.path().map(|p| p.display().to_string());
+            let file = file.as_deref().unwrap_or("-");
+            let reloaded = tokens.reload();
+            self.metrics
+                .record_config_reload("tokens", reloaded.is_ok());
+            match reloaded {
+                Ok(count) => {
+                    tracing::info!(
+                        file,
+                        tokens = count,
+                        "configuration reload: token file reloaded"
+                    );
+                }
+                Err(e) => {
+                    all = false;
+                    tracing::warn!(file, error = %e, "configuration reload: token file not reloaded; the tokens in use stay");
+                }
+            }
+        }
+        if let Some(tls) = &self.tls {
+            let files = tls.files();
+            let cert = files.cert.display().to_string();
+            let key = files.key.display().to_string();
+            let client_ca = files.client_ca.as_ref().map(|p| p.display().to_string());
+            let client_ca = client_ca.as_deref().unwrap_or("-");
+            let reloaded = tls.reload();
+            self.metrics.record_config_reload("tls", reloaded.is_ok());
+            match reloaded {
+                Ok(()) => tracing::info!(
+                    cert,
+                    key,
+                    client_ca,
+                    "configuration reload: TLS certificate, key and client CA reloaded; new connections use them"
+                ),
+                Err(e) => {
+                    all = false;
+                    tracing::warn!(
+                        cert, key, client_ca, error = %e,
+                        "configuration reload: TLS files not reloaded; the certificate, key and client CA in use stay"
+                    );
+                }
+            }
+        }
+        all
     }
 }
 

@@ -1,8 +1,13 @@
-//! TLS on both listeners (`--tls-cert`, `--tls-key`), client certificates on gRPC
-//! (`--tls-client-ca`), and the certificate swapped on SIGHUP without dropping open
-//! connections.
+//! TLS on both listeners (`--tls-cert`, `--tls-key`) and client certificates
+//! (`--tls-client-ca`): required on gRPC, asked for but optional on HTTP (where a verified one
+//! opens `/metrics` and `/debug`, see [`crate::http`]). [`Tls::reload`] (SIGHUP) reads the three
+//! files again without dropping open connections.
 //!
-//! The handshakes run in [`crate::listen`]'s accept loop, each on a task of its own.
+//! rustls's `ServerConfig`s cannot change once built: a reload builds new ones from the files
+//! and swaps them in, and the accept loop ([`crate::listen`]) takes the current one for each
+//! new connection ([`Acceptors::acceptor`]). A connection keeps the configuration of its
+//! handshake. The three files are read together: if any of them fails, all three stay as they
+//! were, so a certificate is never paired with a client CA of another generation.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -21,59 +26,189 @@ use tokio_rustls::TlsAcceptor;
 pub struct TlsFiles {
     /// The certificate chain (PEM), the server's certificate first.
     pub cert: PathBuf,
-    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1). Refused if users other than its owner
+    /// may write it; a warning if they may read it.
     pub key: PathBuf,
-    /// With it, the gRPC listener requires client certificates issued by these CAs (PEM).
+    /// With it, the gRPC listener requires client certificates issued by these CAs (PEM), and
+    /// the HTTP listener asks for one.
     pub client_ca: Option<PathBuf>,
 }
 
-/// The server's certificate and key, read again by [`ReloadableCert::reload`].
-pub struct ReloadableCert {
-    cert: PathBuf,
-    key: PathBuf,
-    provider: Arc<CryptoProvider>,
-    current: RwLock<Arc<CertifiedKey>>,
+/// The TLS settings of both listeners, shared by their accept loops and swapped by
+/// [`Tls::reload`].
+#[derive(Clone)]
+pub struct Tls {
+    inner: Arc<Inner>,
 }
 
-impl fmt::Debug for ReloadableCert {
+struct Inner {
+    files: TlsFiles,
+    provider: Arc<CryptoProvider>,
+    configs: RwLock<Configs>,
+}
+
+/// One generation of configurations, built from the files at once.
+struct Configs {
+    grpc: Arc<rustls::ServerConfig>,
+    http: Arc<rustls::ServerConfig>,
+}
+
+impl fmt::Debug for Tls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReloadableCert")
-            .field("cert", &self.cert)
-            .field("key", &self.key)
+        f.debug_struct("Tls")
+            .field("files", &self.inner.files)
             .finish_non_exhaustive()
     }
 }
 
-impl ResolvesServerCert for ReloadableCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().clone())
-    }
-}
-
-impl ReloadableCert {
-    fn load(cert: &Path, key: &Path, provider: Arc<CryptoProvider>) -> Result<Self, String> {
-        let current = certified(cert, key, &provider)?;
+impl Tls {
+    /// Reads the files; an error names the flag, the file and what is wrong.
+    pub fn new(files: &TlsFiles) -> Result<Self, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let configs = Configs::read(files, &provider)?;
         Ok(Self {
-            cert: cert.to_owned(),
-            key: key.to_owned(),
-            provider,
-            current: RwLock::new(Arc::new(current)),
+            inner: Arc::new(Inner {
+                files: files.clone(),
+                provider,
+                configs: RwLock::new(configs),
+            }),
         })
     }
 
-    /// Reads the certificate and key files again; new handshakes use them, open connections
-    /// keep theirs. On an error the previous certificate stays.
+    /// Reads the certificate, the key and the client CA again: new handshakes use them, open
+    /// connections keep theirs. On an error (naming the file) all three stay as they were.
     pub fn reload(&self) -> Result<(), String> {
-        let fresh = certified(&self.cert, &self.key, &self.provider)?;
-        *self.current.write() = Arc::new(fresh);
+        let fresh = Configs::read(&self.inner.files, &self.inner.provider)?;
+        *self.inner.configs.write() = fresh;
         Ok(())
+    }
+
+    /// Whether client certificates are asked for (`--tls-client-ca`).
+    pub fn client_ca(&self) -> bool {
+        self.inner.files.client_ca.is_some()
+    }
+
+    /// The files, as given.
+    pub fn files(&self) -> &TlsFiles {
+        &self.inner.files
+    }
+
+    /// What the gRPC listener's accept loop takes its acceptors from.
+    pub fn grpc(&self) -> Acceptors {
+        Acceptors {
+            tls: self.clone(),
+            http: false,
+        }
+    }
+
+    /// What the HTTP listener's accept loop takes its acceptors from.
+    pub fn http(&self) -> Acceptors {
+        Acceptors {
+            tls: self.clone(),
+            http: true,
+        }
+    }
+}
+
+/// The acceptors of one listener: each new connection gets the configuration in use when it
+/// arrives.
+#[derive(Debug, Clone)]
+pub struct Acceptors {
+    tls: Tls,
+    http: bool,
+}
+
+impl Acceptors {
+    /// An acceptor with the configuration in use now.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        let configs = self.tls.inner.configs.read();
+        TlsAcceptor::from(if self.http {
+            configs.http.clone()
+        } else {
+            configs.grpc.clone()
+        })
+    }
+}
+
+impl Configs {
+    fn read(files: &TlsFiles, provider: &Arc<CryptoProvider>) -> Result<Self, String> {
+        let cert = Arc::new(certified(&files.cert, &files.key, provider)?);
+        let builder = || {
+            rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS: {e}"))
+        };
+        let (grpc, http) = match &files.client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in read_certs(ca, "--tls-client-ca")? {
+                    roots
+                        .add(c)
+                        .map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))?;
+                }
+                let roots = Arc::new(roots);
+                let verifier = |optional: bool| {
+                    let b = WebPkiClientVerifier::builder_with_provider(
+                        roots.clone(),
+                        provider.clone(),
+                    );
+                    let b = if optional {
+                        b.allow_unauthenticated()
+                    } else {
+                        b
+                    };
+                    b.build()
+                        .map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))
+                };
+                (
+                    builder()?
+                        .with_client_cert_verifier(verifier(false)?)
+                        .with_cert_resolver(single(&cert)),
+                    // Asked for, not required: probes (`/healthz`, `/readyz`) need none.
+                    builder()?
+                        .with_client_cert_verifier(verifier(true)?)
+                        .with_cert_resolver(single(&cert)),
+                )
+            }
+            None => (
+                builder()?
+                    .with_no_client_auth()
+                    .with_cert_resolver(single(&cert)),
+                builder()?
+                    .with_no_client_auth()
+                    .with_cert_resolver(single(&cert)),
+            ),
+        };
+        let (mut grpc, mut http) = (grpc, http);
+        grpc.alpn_protocols = vec![b"h2".to_vec()];
+        http.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self {
+            grpc: Arc::new(grpc),
+            http: Arc::new(http),
+        })
+    }
+}
+
+/// Presents `cert` to every client.
+fn single(cert: &Arc<CertifiedKey>) -> Arc<Fixed> {
+    Arc::new(Fixed(cert.clone()))
+}
+
+/// One certificate for every handshake (a reload builds a new configuration around a new one).
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
     }
 }
 
 /// The certificate chain of `cert` with the key of `key`, checked to belong together.
 fn certified(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, String> {
     let chain = read_certs(cert, "--tls-cert")?;
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+    let key_pem = crate::auth::read_secret_file(key, "--tls-key")?;
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         format!(
             "--tls-key {}: no private key in PEM form: {e}",
             key.display()
@@ -106,74 +241,4 @@ fn read_certs(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, S
         ));
     }
     Ok(certs)
-}
-
-/// The TLS settings of both listeners.
-#[derive(Debug, Clone)]
-pub struct Tls {
-    grpc: Arc<rustls::ServerConfig>,
-    http: Arc<rustls::ServerConfig>,
-    cert: Arc<ReloadableCert>,
-}
-
-impl Tls {
-    /// Reads the files; an error names the flag and what is wrong.
-    pub fn new(files: &TlsFiles) -> Result<Self, String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cert = Arc::new(ReloadableCert::load(
-            &files.cert,
-            &files.key,
-            provider.clone(),
-        )?);
-        let builder = || {
-            rustls::ServerConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| format!("TLS: {e}"))
-        };
-        let mut grpc = match &files.client_ca {
-            Some(ca) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for c in read_certs(ca, "--tls-client-ca")? {
-                    roots
-                        .add(c)
-                        .map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))?;
-                }
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                        .build()
-                        .map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))?;
-                builder()?
-                    .with_client_cert_verifier(verifier)
-                    .with_cert_resolver(cert.clone())
-            }
-            None => builder()?
-                .with_no_client_auth()
-                .with_cert_resolver(cert.clone()),
-        };
-        grpc.alpn_protocols = vec![b"h2".to_vec()];
-        let mut http = builder()?
-            .with_no_client_auth()
-            .with_cert_resolver(cert.clone());
-        http.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Self {
-            grpc: Arc::new(grpc),
-            http: Arc::new(http),
-            cert,
-        })
-    }
-
-    /// The certificate, for SIGHUP.
-    pub fn cert(&self) -> &Arc<ReloadableCert> {
-        &self.cert
-    }
-
-    /// The acceptor of the gRPC listener.
-    pub fn grpc_acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.grpc.clone())
-    }
-
-    /// The acceptor of the HTTP listener.
-    pub fn http_acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.http.clone())
-    }
 }

@@ -1,6 +1,7 @@
 //! TLS against the real binary, with certificates made here (`rcgen`): both listeners over TLS;
 //! a plaintext client and a client that trusts another CA refused; mutual TLS refusing a client
-//! without a certificate or with an unknown one; SIGHUP swapping the certificate for new
+//! without a certificate or with an unknown one (the HTTP listener's pages under mutual TLS are
+//! in `tests/campaign/tls_reload.rs`); SIGHUP swapping the certificate for new
 //! connections while open ones keep serving; the CLI over https with `--tls-ca` and a client
 //! certificate; bad TLS flags stopping the server with a clear message; a node reaching both
 //! remote backends over TLS (`AWS_CA_BUNDLE`, `sslmode=verify-full`), and refusing to start
@@ -157,7 +158,7 @@ async fn both_listeners_serve_tls_and_sighup_swaps_the_certificate() {
     std::fs::write(&key_path, &key2).unwrap();
     server.signal(rustix::process::Signal::HUP);
     server.wait_for_stderr("the reload line", |l| {
-        l.contains("TLS certificate and key reloaded")
+        l.contains("TLS certificate, key and client CA reloaded")
     });
     let (presented, _) = handshake(server.metrics_addr(), &ca.pem).await.unwrap();
     assert_eq!(
@@ -182,7 +183,7 @@ async fn both_listeners_serve_tls_and_sighup_swaps_the_certificate() {
     std::fs::write(&key_path, "not a key").unwrap();
     server.signal(rustix::process::Signal::HUP);
     server.wait_for_stderr("the failed reload line", |l| {
-        l.contains("TLS certificate not reloaded")
+        l.contains("TLS files not reloaded") && l.contains("server.key")
     });
     let (presented, _) = handshake(server.grpc_addr(), &ca.pem).await.unwrap();
     assert_eq!(presented.as_ref(), second_der.as_slice());
@@ -269,7 +270,7 @@ async fn mutual_tls_refuses_clients_without_a_known_certificate() {
     );
     assert_eq!(refused.status.code(), Some(1), "{refused:?}");
 
-    // The HTTP listener asks for no client certificate: probes need none.
+    // The HTTP listener asks for a client certificate but requires none: probes need none.
     let (_, body) = handshake(server.metrics_addr(), &ca.pem).await.unwrap();
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
 }

@@ -1,4 +1,5 @@
-//! `deriva-server`: parses its flags, binds, serves until SIGINT or SIGTERM, shuts down. With
+//! `deriva-server`: parses its flags, binds, serves until SIGINT or SIGTERM, shuts down; SIGHUP
+//! reloads the token file and the TLS files, and never ends the process. With
 //! `--print-config` it prints the configuration and exits instead; `deriva-server migrate …`
 //! copies a store between backends ([`deriva_server::migrate`]).
 
@@ -6,10 +7,12 @@ use std::process::ExitCode;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use clap::Parser;
 use deriva_server::migrate::{self, MigrateArgs};
+use deriva_server::server::Reloader;
 use deriva_server::telemetry::Telemetry;
 use deriva_server::{Config, Server, ServerArgs};
 use tokio::net::TcpListener;
@@ -51,6 +54,15 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // Next to them, before the store opens: SIGHUP is a reload, never the default action
+        // (which would end the process).
+        let reloads = match Reloads::install() {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("deriva-server: cannot install the SIGHUP handler: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let telemetry = match Telemetry::new(config.telemetry.clone()) {
             Ok(t) => t,
             Err(e) => {
@@ -71,7 +83,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         }
-        let code = run(config, &telemetry, signals).await;
+        let code = run(config, &telemetry, signals, &reloads).await;
         telemetry.shutdown(TELEMETRY_FLUSH_TIMEOUT).await;
         code
     })
@@ -155,33 +167,45 @@ fn print_config(config: &Config) -> ExitCode {
     }
 }
 
-/// Reads the TLS certificate and key again on every SIGHUP; a failed read keeps the previous
-/// ones (and says why). Connections already open keep theirs.
-fn reload_on_sighup(cert: std::sync::Arc<deriva_server::tls::ReloadableCert>) {
+/// SIGHUP, caught from [`Reloads::install`] on. Until the server is built a SIGHUP has nothing
+/// to reload (the files are being read for the first time) and says so; then each one runs
+/// [`Reloader::reload`] on the blocking pool, one after the other.
+#[derive(Clone, Default)]
+struct Reloads(Arc<OnceLock<Reloader>>);
+
+impl Reloads {
     #[cfg(unix)]
-    {
+    fn install() -> std::io::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::hangup()) {
-            Ok(mut hangup) => {
-                tokio::spawn(async move {
-                    while hangup.recv().await.is_some() {
-                        match cert.reload() {
-                            Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
-                            Err(e) => tracing::warn!(
-                                error = %e,
-                                "SIGHUP: TLS certificate not reloaded; the previous one stays"
-                            ),
-                        }
-                    }
-                });
+        let mut hangup = signal(SignalKind::hangup())?;
+        let reloads = Self::default();
+        let target = reloads.0.clone();
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                let Some(reloader) = target.get().cloned() else {
+                    tracing::info!(
+                        "SIGHUP received while starting: nothing to reload yet (the files are being read now)"
+                    );
+                    continue;
+                };
+                tracing::info!("SIGHUP received: reloading the configuration files");
+                if let Err(e) = tokio::task::spawn_blocking(move || reloader.reload()).await {
+                    tracing::error!(error = %e, "SIGHUP: the reload failed");
+                }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot catch SIGHUP: the TLS certificate will not be reloaded")
-            }
-        }
+        });
+        Ok(reloads)
     }
+
     #[cfg(not(unix))]
-    let _ = cert;
+    fn install() -> std::io::Result<Self> {
+        Ok(Self::default())
+    }
+
+    /// From now on SIGHUP reloads what `reloader` holds.
+    fn serve(&self, reloader: Reloader) {
+        let _ = self.0.set(reloader);
+    }
 }
 
 /// How long shutdown may spend flushing spans and metrics (a dead collector costs no more).
@@ -194,7 +218,12 @@ async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, ExitCode> {
     })
 }
 
-async fn run(config: Config, telemetry: &Telemetry, signals: ShutdownSignals) -> ExitCode {
+async fn run(
+    config: Config,
+    telemetry: &Telemetry,
+    signals: ShutdownSignals,
+    reloads: &Reloads,
+) -> ExitCode {
     let grpc = match bind("gRPC", config.listen).await {
         Ok(l) => l,
         Err(code) => return code,
@@ -207,6 +236,7 @@ async fn run(config: Config, telemetry: &Telemetry, signals: ShutdownSignals) ->
         None => None,
     };
     let data_dir = config.data_dir.clone();
+    let tls = config.tls.is_some();
     let otlp = telemetry.exports();
     let meter = telemetry.meter();
     let server = match Server::connect(config, &meter, telemetry.instance_id()).await {
@@ -223,16 +253,13 @@ async fn run(config: Config, telemetry: &Telemetry, signals: ShutdownSignals) ->
             return ExitCode::FAILURE;
         }
     };
-    let tls = server.tls_cert();
-    if let Some(cert) = tls.clone() {
-        reload_on_sighup(cert);
-    }
+    reloads.serve(server.reloader());
     let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(
         addr = %local(&grpc),
         metrics = %http.as_ref().map(local).unwrap_or_else(|| "off".into()),
         otlp = %otlp,
-        tls = %if tls.is_some() { "on" } else { "off" },
+        tls = %if tls { "on" } else { "off" },
         data_dir = %data_dir.display(),
         store = %server.executor().store().description(),
         "deriva-server listening"

@@ -13,14 +13,25 @@
 //! The HTML pages load nothing from elsewhere and send a `Content-Security-Policy` that lets only
 //! their own inline script run.
 //!
-//! With `--auth-tokens`, `/metrics` and `/debug/*` need a bearer token with the `admin` scope
-//! (401 without a known token, 403 without the scope); `/healthz` and `/readyz` stay open for
-//! probes, and `/health` then shows counts only (no paths, no backend addresses).
+//! **Who may read `/metrics` and `/debug/*`** ([`require_admin`]): anyone, unless the pages are
+//! protected. With `--auth-tokens`, a bearer token with the `admin` scope opens them (401 without
+//! a known token, 403 without the scope). With `--tls-client-ca`, the listener asks every client
+//! for a certificate without requiring one, and a certificate issued by that CA opens them too;
+//! a client with neither gets 403 (401 when tokens are on, since a token would do). `/healthz`
+//! and `/readyz` stay open for probes, and `/health` shows counts only (no paths, no backend
+//! addresses) whenever the pages are protected.
+//!
+//! **Timeouts** ([`serve`]): hyper's HTTP/1 server with a timer. Its header-read timeout, the
+//! handshake timeout (`--handshake-timeout-secs`), starts whenever the connection waits for a
+//! request head: so it bounds both the headers of each request and the idle time of a
+//! keep-alive connection between two requests (hyper restarts it as the connection goes idle).
+//! The first request's headers are already in when hyper gets the connection
+//! ([`crate::listen`]).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -49,8 +60,12 @@ pub struct HttpState {
     pub ready: Arc<AtomicBool>,
     /// Recent request traces; `None` answers 404 on `/debug/traces`.
     pub traces: Option<TraceStore>,
-    /// The bearer tokens of `--auth-tokens`: with them, `/metrics` and `/debug/*` need `admin`.
+    /// The bearer tokens of `--auth-tokens`: with them, `/metrics` and `/debug/*` need `admin`
+    /// (or a client certificate, with `client_certificates`).
     pub auth: Option<Arc<Tokens>>,
+    /// `--tls-client-ca`: clients are asked for a certificate, and `/metrics` and `/debug/*`
+    /// need one issued by that CA (or an `admin` token, with `auth`).
+    pub client_certificates: bool,
     /// Counts refused requests (`deriva_auth_failures_total`).
     pub metrics: ServerMetrics,
     /// What `/debug` shows about the server.
@@ -65,6 +80,18 @@ pub struct About {
     /// [`crate::config::Config::describe`]: `key = value` pairs, secrets hidden.
     pub settings: Vec<(&'static str, String)>,
 }
+
+impl HttpState {
+    /// Whether `/metrics` and `/debug/*` need a credential: a token or a client certificate.
+    pub fn pages_protected(&self) -> bool {
+        self.auth.is_some() || self.client_certificates
+    }
+}
+
+/// Set on every request of a connection whose client presented a certificate issued by the CA
+/// of `--tls-client-ca` (verified in the handshake).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientCertificate;
 
 /// The router.
 pub fn router(state: HttpState) -> Router {
@@ -85,14 +112,31 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// With `--auth-tokens`, lets through only requests with an `admin` bearer token.
+/// Lets through, on protected pages, only a client with a certificate from the CA of
+/// `--tls-client-ca` or with an `admin` bearer token of `--auth-tokens`.
 async fn require_admin(
     State(state): State<HttpState>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let Some(tokens) = &state.auth else {
+    if !state.pages_protected() {
         return next.run(request).await;
+    }
+    if state.client_certificates && request.extensions().get::<ClientCertificate>().is_some() {
+        return next.run(request).await;
+    }
+    let or_certificate = if state.client_certificates {
+        ", or a client certificate issued by the CA of --tls-client-ca"
+    } else {
+        ""
+    };
+    let Some(tokens) = &state.auth else {
+        // Mutual TLS alone: there is nothing to send in a header that would do.
+        return (
+            StatusCode::FORBIDDEN,
+            "this page needs a client certificate issued by the CA of --tls-client-ca\n",
+        )
+            .into_response();
     };
     let authorization = request
         .headers()
@@ -106,7 +150,7 @@ async fn require_admin(
                 AuthError::Scope { .. } => StatusCode::FORBIDDEN,
                 _ => StatusCode::UNAUTHORIZED,
             };
-            let message = format!("{}\n", e.message(Scope::Admin));
+            let message = format!("{}{or_certificate}\n", e.message(Scope::Admin));
             (
                 status,
                 [(header::WWW_AUTHENTICATE, "Bearer realm=\"deriva\"")],
@@ -117,19 +161,69 @@ async fn require_admin(
     }
 }
 
-/// Serves `router(state)` on `listener` until `shutdown` completes.
-pub async fn serve<L>(
-    listener: L,
+/// Serves `router(state)` on the connections of `listener` until `shutdown` completes: then it
+/// stops accepting, lets each connection finish the request it is answering (an idle one
+/// closes at once), and returns once all are closed. `header_timeout` bounds each request's
+/// headers and the idle time between two requests (see the module documentation).
+pub async fn serve(
+    mut listener: crate::listen::HttpListener,
     state: HttpState,
+    header_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()>
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+) -> std::io::Result<()> {
+    let router = router(state);
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
+    // Every connection's task waits on this to begin its graceful shutdown.
+    let (closing, closing_rx) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let Some((conn, peer)) = accepted else { break };
+        let certified = conn.client_certificate();
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
+            if certified {
+                request.extensions_mut().insert(ClientCertificate);
+            }
+            // A Router is always ready: no poll_ready needed before the call.
+            tower::Service::call(&mut router.clone(), request)
+        });
+        let connection = http1.serve_connection(hyper_util::rt::TokioIo::new(conn), service);
+        let mut closing = closing_rx.clone();
+        connections.spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let closing = async move {
+                // The guard `wait_for` returns must not live across an await.
+                let _ = closing.wait_for(|closing| *closing).await.map(drop);
+            };
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                () = closing => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = served {
+                // Header timeouts, clients that left, malformed requests.
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+        });
+        // Forget the connections that have ended.
+        while connections.try_join_next().is_some() {}
+    }
+    // No new connections: the accept loop ends with its receiver.
+    drop(listener);
+    let _ = closing.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {
@@ -187,8 +281,8 @@ async fn backend_failures(exec: &AsyncExecutor) -> Vec<String> {
 
 async fn health(State(state): State<HttpState>) -> Response {
     let failures = backend_failures(&state.exec).await;
-    // Open to anyone: with --auth-tokens, counts only (no data directory, no backend address).
-    let open = state.auth.is_some();
+    // Open to anyone: with protected pages, counts only (no data directory, no backend address).
+    let open = state.pages_protected();
     let body = |status: &str| {
         let mut value = json!({
             "status": status,

@@ -12,6 +12,7 @@
 //! | `deriva_storage_blob_bytes` | gauge | – | bytes of leaf blobs stored |
 //! | `deriva_storage_leaf_commits_total` | counter | – | durable commits of small leaves (local store): one fsync each, shared by the puts in it |
 //! | `deriva_pins` | gauge | – | pinned addresses |
+//! | `deriva_config_reloads_total` | counter | `part` = `tokens`/`tls`, `result` = `ok`/`error` | reloads of a configuration file (SIGHUP): the token file of `--auth-tokens`; the certificate, key and client CA of `--tls-*` (read together) |
 //!
 //! `method` is the [`RpcMethod::label`] of one of [`RpcMethod::ALL`]. Counts and gauges are atomics read by observable
 //! instruments at collection time; the store gauges read the store's own counters, so they are
@@ -55,6 +56,9 @@ struct RpcCounts {
 /// The `reason` values of `deriva_auth_failures_total`.
 pub const AUTH_FAILURE_REASONS: [&str; 4] = ["missing", "malformed", "unknown", "scope"];
 
+/// The `part` values of `deriva_config_reloads_total`.
+pub const RELOAD_PARTS: [&str; 2] = ["tokens", "tls"];
+
 /// The server's instruments.
 #[derive(Debug, Clone)]
 pub struct ServerMetrics {
@@ -67,6 +71,7 @@ struct Inner {
     rpc_duration: Histogram<f64>,
     dag_insert: Histogram<f64>,
     auth_failures: opentelemetry::metrics::Counter<u64>,
+    config_reloads: opentelemetry::metrics::Counter<u64>,
     method_attrs: [[KeyValue; 1]; RpcMethod::COUNT],
     _counter: ObservableCounter<u64>,
     _leaf_commits: ObservableCounter<u64>,
@@ -170,10 +175,23 @@ impl ServerMetrics {
         for reason in AUTH_FAILURE_REASONS {
             auth_failures.add(0, &[KeyValue::new("reason", reason)]);
         }
+        let config_reloads = meter
+            .u64_counter("deriva.config.reloads")
+            .with_description("Reloads of a configuration file on SIGHUP, by part (tokens: --auth-tokens; tls: the certificate, key and client CA) and result (ok; error: the part in use stays)")
+            .build();
+        for part in RELOAD_PARTS {
+            for result in ["ok", "error"] {
+                config_reloads.add(
+                    0,
+                    &[KeyValue::new("part", part), KeyValue::new("result", result)],
+                );
+            }
+        }
         Self {
             inner: Arc::new(Inner {
                 counts,
                 auth_failures,
+                config_reloads,
                 rpc_duration: meter
                     .f64_histogram("deriva.rpc.duration")
                     .with_unit("s")
@@ -215,6 +233,17 @@ impl ServerMetrics {
         self.inner
             .auth_failures
             .add(1, &[KeyValue::new("reason", reason)]);
+    }
+
+    /// Counts one reload of `part` (one of [`RELOAD_PARTS`]).
+    pub fn record_config_reload(&self, part: &'static str, ok: bool) {
+        self.inner.config_reloads.add(
+            1,
+            &[
+                KeyValue::new("part", part),
+                KeyValue::new("result", if ok { "ok" } else { "error" }),
+            ],
+        );
     }
 
     /// Records one recipe insert.
