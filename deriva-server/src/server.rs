@@ -345,6 +345,7 @@ impl Server {
                     let state = HttpState {
                         registry: self.registry.clone(),
                         exec: self.exec.clone(),
+                        probe: Default::default(),
                         started: Instant::now(),
                         ready: ready.clone(),
                         traces: self.traces.clone(),
