@@ -14,8 +14,9 @@ use tonic::{Request, Response, Status, Streaming};
 use deriva_proto::addr_bytes;
 
 use crate::error::{ApiError, ApiResult, parse_addr};
+use crate::rpc::layer::Caller;
 use crate::telemetry::ServerMetrics;
-use crate::trace_store::TraceStore;
+use crate::trace_store::{TraceRecord, TraceStore};
 
 /// How long `Explain` waits for a trace that is still finishing.
 const EXPLAIN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -146,7 +147,14 @@ impl DerivaService {
         self
     }
 
-    async fn explain_inner(&self, req: ExplainRequest) -> ApiResult<ExplainResponse> {
+    /// The trace of `req`. With tokens (`caller` known), only a trace of that caller's own
+    /// request, or any trace for an admin; any other is answered exactly as an unknown id, so
+    /// that a caller learns neither its tree nor that it exists.
+    async fn explain_inner(
+        &self,
+        req: ExplainRequest,
+        caller: Option<Caller>,
+    ) -> ApiResult<ExplainResponse> {
         let Some(traces) = &self.traces else {
             return Err(ApiError::TraceStoreOff);
         };
@@ -156,8 +164,13 @@ impl DerivaService {
                 got: id.chars().take(40).collect(),
             });
         }
+        let visible = |trace: &TraceRecord| {
+            caller
+                .as_ref()
+                .is_none_or(|c| c.admin || trace.caller() == Some(c.name.as_str()))
+        };
         // The request being explained may still be closing its span.
-        let Some(trace) = traces.wait_for(id, EXPLAIN_PATIENCE).await else {
+        let Some(trace) = traces.wait_for_visible(id, EXPLAIN_PATIENCE, visible).await else {
             return Err(ApiError::TraceNotFound {
                 trace_id: id.to_owned(),
             });
@@ -508,7 +521,8 @@ impl Deriva for DerivaService {
         &self,
         request: Request<ExplainRequest>,
     ) -> Result<Response<ExplainResponse>, Status> {
-        let call = self.explain_inner(request.into_inner());
+        let caller = request.extensions().get::<Caller>().cloned();
+        let call = self.explain_inner(request.into_inner(), caller);
         self.cutoff.run(async { reply(call.await) }).await
     }
 

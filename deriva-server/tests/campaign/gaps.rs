@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use deriva_server::proto::deriva_client::DerivaClient;
-use deriva_server::proto::{GetRequest, PutLeafRequest};
+use deriva_server::proto::{ExplainRequest, GetRequest, PutLeafRequest};
+use fake_opentelemetry_collector::{ExportedSpan, FakeCollectorServer};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
@@ -297,4 +298,215 @@ async fn data_loss_names_the_address_and_never_the_file() {
     // The damaged entry is gone: computed again.
     let (_, again) = get_with(&mut client, &upper, Some("t-reader"), &[]).await;
     assert_eq!(again.unwrap(), vec![b'A'; 8192]);
+}
+
+// ---- forced traces ------------------------------------------------------------------------------
+
+/// Every span the collector received until an `rpc` span of `trace_id` came, draining as it
+/// goes (its channel holds 64 spans).
+async fn spans_until(
+    collector: &mut FakeCollectorServer,
+    trace_id: &str,
+    seen: &mut Vec<ExportedSpan>,
+) {
+    let start = Instant::now();
+    while !seen
+        .iter()
+        .any(|s| s.trace_id == trace_id && s.name.starts_with("deriva.Deriva/"))
+    {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no span of trace {trace_id} exported; got {:?}",
+            seen.iter()
+                .map(|s| (&s.trace_id, &s.name))
+                .collect::<Vec<_>>()
+        );
+        seen.extend(
+            collector
+                .exported_spans(1, Duration::from_millis(200))
+                .await,
+        );
+    }
+}
+
+/// How many exported spans carry the request id `id`.
+fn exported_with_request_id(spans: &[ExportedSpan], id: &str) -> usize {
+    let quoted = format!("\"{id}\"");
+    spans
+        .iter()
+        .filter(|s| {
+            s.attributes
+                .get("request_id")
+                .is_some_and(|v| v.contains(&quoted))
+        })
+        .count()
+}
+
+/// A `traceparent` that asks for sampling, with a trace id of `n`.
+fn sampled_parent(n: u8) -> (String, String) {
+    let trace_id = format!("{:032x}", 0xdead_0000_u128 + u128::from(n));
+    (format!("00-{trace_id}-00f067aa0ba902b7-01"), trace_id)
+}
+
+/// `x-deriva-trace: force` samples a request whatever the ratio. A refused (unauthenticated)
+/// request and a read-only caller used to force traces too, and forced traces ignored
+/// `--trace-max-per-second`: with tokens, forcing now needs `write` or `admin`, and a forced
+/// trace takes its place under the cap. (`--trace-sample-ratio 0`: nothing else is sampled
+/// but a caller's sampled `traceparent`, which the test uses as a barrier: spans are exported
+/// in the order they end.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_writers_and_admins_force_traces_and_only_under_the_cap() {
+    let mut collector = FakeCollectorServer::start().await.unwrap();
+    let tokens = tempfile::tempdir().unwrap();
+    let file = token_file(
+        tokens.path(),
+        &[
+            ("t-reader", "read", "reader"),
+            ("t-writer", "read,write", "writer"),
+        ],
+    );
+    let node = crate::server()
+        .args(["--auth-tokens".to_owned(), file.display().to_string()])
+        .args([
+            "--otlp-endpoint",
+            &collector.endpoint(),
+            "--trace-sample-ratio",
+            "0",
+            // One trace now, the next in about 1,000 s.
+            "--trace-max-per-second",
+            "0.001",
+        ])
+        .env("OTEL_BSP_SCHEDULE_DELAY", "50")
+        .start();
+    let mut client = node.client().await;
+    let leaf = put_leaf_as(&mut client, "t-writer", b"traced or not").await;
+    let force = ("x-deriva-trace", "force");
+
+    let (_, anonymous) = get_with(
+        &mut client,
+        &leaf,
+        None,
+        &[force, ("x-request-id", "anonymous")],
+    )
+    .await;
+    assert_eq!(anonymous.unwrap_err().code(), Code::Unauthenticated);
+    let (_, reader) = get_with(
+        &mut client,
+        &leaf,
+        Some("t-reader"),
+        &[force, ("x-request-id", "reader-forced")],
+    )
+    .await;
+    assert_eq!(reader.unwrap(), b"traced or not");
+    for i in 0..5 {
+        let id = format!("writer-forced-{i}");
+        let (_, writer) = get_with(
+            &mut client,
+            &leaf,
+            Some("t-writer"),
+            &[force, ("x-request-id", &id)],
+        )
+        .await;
+        assert_eq!(writer.unwrap(), b"traced or not");
+    }
+    // Two barriers, one after the other was exported: by then every earlier span had ended.
+    let mut seen = Vec::new();
+    for n in 0..2 {
+        let (parent, trace_id) = sampled_parent(n);
+        let (_, barrier) = get_with(
+            &mut client,
+            &leaf,
+            Some("t-reader"),
+            &[("traceparent", &parent)],
+        )
+        .await;
+        barrier.unwrap();
+        spans_until(&mut collector, &trace_id, &mut seen).await;
+    }
+    let count = |id: &str| exported_with_request_id(&seen, id);
+    assert_eq!(count("anonymous"), 0, "a refused request forced a trace");
+    assert_eq!(
+        count("reader-forced"),
+        0,
+        "a read-only caller forced a trace"
+    );
+    let forced: Vec<usize> = (0..5)
+        .map(|i| count(&format!("writer-forced-{i}")))
+        .collect();
+    assert_eq!(
+        forced,
+        [1, 0, 0, 0, 0],
+        "five forced traces under a cap of one: the first sampled, no other"
+    );
+}
+
+// ---- Explain ------------------------------------------------------------------------------------
+
+/// `Explain` of `trace_id` with `token`.
+async fn explain(
+    client: &mut DerivaClient<Channel>,
+    token: &str,
+    trace_id: &str,
+) -> Result<deriva_server::proto::ExplainResponse, tonic::Status> {
+    let req = ExplainRequest {
+        trace_id: trace_id.to_owned(),
+    };
+    client
+        .explain(request(req, Some(token), &[]))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// `Explain` by trace id: the caller that made the request and an `admin` get its tree; any
+/// other reader gets NOT_FOUND, worded exactly as for a trace id the server never saw, so it
+/// learns neither the tree nor the other caller's `auth.name`, nor that the trace exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_serves_a_trace_only_to_its_caller_and_to_admin() {
+    let tokens = tempfile::tempdir().unwrap();
+    let file = token_file(
+        tokens.path(),
+        &[
+            ("t-alice", "read,write", "alice"),
+            ("t-bob", "read", "bob"),
+            ("t-root", "read,admin", "root"),
+        ],
+    );
+    let node = crate::server()
+        .args(["--auth-tokens".to_owned(), file.display().to_string()])
+        .start();
+    let mut client = node.client().await;
+    let leaf = put_leaf_as(&mut client, "t-alice", b"alice's data").await;
+    let (trace_id, got) = get_with(&mut client, &leaf, Some("t-alice"), &[]).await;
+    assert_eq!(got.unwrap(), b"alice's data");
+    let trace_id = trace_id.expect("an x-trace-id");
+
+    let own = explain(&mut client, "t-alice", &trace_id)
+        .await
+        .expect("alice's own trace");
+    assert_eq!(own.method, "Get");
+    assert!(
+        own.spans
+            .iter()
+            .flat_map(|s| &s.fields)
+            .any(|f| f.key == "auth.name" && f.value == "alice"),
+        "{own:?}"
+    );
+    let admin = explain(&mut client, "t-root", &trace_id)
+        .await
+        .expect("admin sees any trace");
+    assert_eq!((admin.trace_id, admin.method), (own.trace_id, own.method));
+
+    let foreign = explain(&mut client, "t-bob", &trace_id)
+        .await
+        .expect_err("bob does not see alice's trace");
+    let unknown_id = "0123456789abcdef0123456789abcdef";
+    let unknown = explain(&mut client, "t-bob", unknown_id).await.unwrap_err();
+    assert_eq!(foreign.code(), Code::NotFound, "{foreign:?}");
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    assert_eq!(
+        foreign.message(),
+        unknown.message().replace(unknown_id, &trace_id),
+        "a foreign trace answers as an unknown one"
+    );
+    assert!(!foreign.message().contains("alice"), "{foreign:?}");
 }
