@@ -34,6 +34,8 @@ pub struct DerivaService {
     node: NodeInfo,
     /// The remote backend's nodes and their heartbeat interval.
     cluster: Option<(deriva_remote::PgNodes, std::time::Duration)>,
+    /// The shortest grace period a `GarbageCollect` may ask for (`--gc-min-grace`).
+    gc_min_grace: Duration,
 }
 
 /// What `ClusterStatus` says of this node.
@@ -117,7 +119,14 @@ impl DerivaService {
             cutoff: Cutoff::default(),
             node: NodeInfo::new("deriva-server".into(), String::new()),
             cluster: None,
+            gc_min_grace: crate::config::defaults::GC_MIN_GRACE_DURATION,
         }
+    }
+
+    /// Refuses a `GarbageCollect` whose grace period is below `min` (`--gc-min-grace`).
+    pub fn with_gc_min_grace(mut self, min: Duration) -> Self {
+        self.gc_min_grace = min;
+        self
     }
 
     /// Answers `ClusterStatus` from the heartbeats in `nodes`, written every `interval`.
@@ -282,8 +291,18 @@ impl DerivaService {
     }
 
     async fn gc_inner(&self, req: GcRequest) -> ApiResult<GcResponse> {
+        // `GcRequest{}` asks for a grace period of 0: everything unpinned, at once. Below the
+        // operator's floor a collection is refused, a dry run too (it reports a collection that
+        // may not run).
+        let grace = Duration::from_secs(req.grace_period_secs);
+        if grace < self.gc_min_grace {
+            return Err(ApiError::GraceBelowMinimum {
+                asked_secs: req.grace_period_secs,
+                min_secs: self.gc_min_grace.as_secs(),
+            });
+        }
         let options = GcOptions {
-            grace: Duration::from_secs(req.grace_period_secs),
+            grace,
             dry_run: req.dry_run,
             max_removals: req.max_removals,
         };

@@ -8,12 +8,13 @@
 mod services;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use deriva_server::proto::deriva_client::DerivaClient;
-use deriva_server::proto::{ExplainRequest, GetRequest, PutLeafRequest};
+use deriva_server::proto::{ExplainRequest, GcRequest, GetRequest, PutLeafRequest};
 use fake_opentelemetry_collector::{ExportedSpan, FakeCollectorServer};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
@@ -21,7 +22,7 @@ use tonic::transport::Channel;
 
 use crate::common::http::http_get;
 use crate::common::process::ServerProcess;
-use crate::common::{DEADLINE, hex};
+use crate::common::{DEADLINE, get_all, hex, put_leaf};
 
 // ---- shared helpers ---------------------------------------------------------------------------
 
@@ -509,4 +510,87 @@ async fn explain_serves_a_trace_only_to_its_caller_and_to_admin() {
         "a foreign trace answers as an unknown one"
     );
     assert!(!foreign.message().contains("alice"), "{foreign:?}");
+}
+
+// ---- garbage collection -------------------------------------------------------------------------
+
+/// `deriva` against `node` with `args`.
+fn deriva(node: &ServerProcess, args: &[&str]) -> std::process::Output {
+    Command::new(crate::cli_bin())
+        .args(["--server", &node.url()])
+        .args(args)
+        .env_remove("DERIVA_SERVER")
+        .env_remove("DERIVA_TOKEN")
+        .output()
+        .unwrap()
+}
+
+/// `GcRequest{}` means a grace period of 0: a careless client used to remove everything
+/// unpinned at once. Below `--gc-min-grace` (5 minutes by default) a collection is refused
+/// with FAILED_PRECONDITION naming the flag, and nothing is removed; `--gc-min-grace 0s`
+/// restores the contract's literal meaning. A periodic collection whose `--gc-grace` is below
+/// the minimum is refused at start, naming both flags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collections_below_the_minimum_grace_are_refused_unless_the_operator_allows_them() {
+    let guarded = crate::server().start();
+    let mut client = guarded.client().await;
+    let leaf = put_leaf(&mut client, b"unpinned and young").await;
+
+    let out = deriva(&guarded, &["gc", "--grace", "0s"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("failed precondition") && stderr.contains("--gc-min-grace"),
+        "{stderr}"
+    );
+    for req in [
+        GcRequest::default(),
+        GcRequest {
+            dry_run: true,
+            ..Default::default()
+        },
+    ] {
+        let status = client.garbage_collect(req).await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains("--gc-min-grace"), "{status:?}");
+    }
+    assert_eq!(
+        get_all(&mut client, &leaf).await.unwrap(),
+        b"unpinned and young"
+    );
+    // At or above the minimum, as `deriva gc` asks by default (1 hour): collected, nothing old.
+    let out = deriva(&guarded, &["gc"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        get_all(&mut client, &leaf).await.unwrap(),
+        b"unpinned and young"
+    );
+
+    let literal = crate::server().args(["--gc-min-grace", "0s"]).start();
+    let mut client = literal.client().await;
+    let leaf = put_leaf(&mut client, b"collected at once").await;
+    let pinned = put_leaf(&mut client, b"pinned").await;
+    client
+        .pin(deriva_server::proto::PinRequest {
+            addr: pinned.clone(),
+        })
+        .await
+        .unwrap();
+    // Strictly older than a cutoff with no grace period: times are kept to the millisecond.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let out = deriva(&literal, &["gc", "--grace", "0s"]);
+    assert!(out.status.success(), "{out:?}");
+    let status = get_all(&mut client, &leaf).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(get_all(&mut client, &pinned).await.unwrap(), b"pinned");
+
+    let refused = crate::server()
+        .args(["--gc-interval", "1h", "--gc-grace", "1m"])
+        .run_to_exit();
+    assert!(!refused.status.success(), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("--gc-grace") && refused.stderr.contains("--gc-min-grace"),
+        "{}",
+        refused.stderr
+    );
 }
