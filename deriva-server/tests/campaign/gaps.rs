@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 
 use crate::common::http::http_get;
 use crate::common::process::ServerProcess;
-use crate::common::{DEADLINE, get_all, hex, put_leaf};
+use crate::common::{DEADLINE, get_all, hex, put_leaf, put_recipe, sample};
 
 // ---- shared helpers ---------------------------------------------------------------------------
 
@@ -593,4 +593,79 @@ async fn collections_below_the_minimum_grace_are_refused_unless_the_operator_all
         "{}",
         refused.stderr
     );
+}
+
+// ---- the output tier ----------------------------------------------------------------------------
+
+/// `curl` with the bucket's credentials (SigV4), on `key` of the bucket, with `args`.
+fn s3_curl(backends: &services::Backends, key: &str, args: &[&str]) -> std::process::Output {
+    let url = format!("{}/{}/{key}", backends.s3_endpoint(), backends.bucket());
+    let out = Command::new("curl")
+        .args(["-s", "-f", "--max-time", "30"])
+        .args(["--aws-sigv4", "aws:amz:us-east-1:s3", "--user"])
+        .arg(format!(
+            "{}:{}",
+            backends.access_key(),
+            backends.secret_key()
+        ))
+        .args(args)
+        .arg(&url)
+        .output()
+        .expect("running curl");
+    assert!(
+        out.status.success(),
+        "curl {args:?} {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Someone with write access to the bucket copies the stored output of recipe A over that of
+/// recipe B. A node that has neither in memory reads B from the tier: it used to serve A's
+/// output as B's; now the object names its recipe, so it is refused as damaged, B is computed
+/// again and the tier repaired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_moved_under_another_recipe_is_never_served() {
+    let backends = services::shared();
+    let space = Space::new("moved_output");
+    let tier = ["--output-tier", "blob-store"];
+    let first = remote_node(&backends, &space, &tier);
+    let mut client = first.client().await;
+    let alpha = put_leaf(&mut client, b"alpha").await;
+    let beta = put_leaf(&mut client, b"beta").await;
+    let a = put_recipe(&mut client, "uppercase", &[&alpha], &[]).await;
+    let b = put_recipe(&mut client, "uppercase", &[&beta], &[]).await;
+    assert_eq!(get_all(&mut client, &a).await.unwrap(), b"ALPHA");
+    assert_eq!(get_all(&mut client, &b).await.unwrap(), b"BETA");
+
+    let key = |r: &Bytes| format!("{}/outputs/{}", space.prefix, hex(r));
+    let moved = tempfile::NamedTempFile::new().unwrap();
+    let path = moved.path().to_str().unwrap();
+    s3_curl(&backends, &key(&a), &["-o", path]);
+    s3_curl(&backends, &key(&b), &["-T", path]);
+
+    let second = remote_node(&backends, &space, &tier);
+    let mut client = second.client().await;
+    assert_eq!(
+        get_all(&mut client, &b).await.unwrap(),
+        b"BETA",
+        "B's output, never A's"
+    );
+    let text = second.scrape().await;
+    assert_eq!(
+        sample(&text, "deriva_storage_corruption_total"),
+        Some(1.0),
+        "the moved object counts as damage"
+    );
+    // The tier holds B's own output again: a third node reads it from there.
+    let repaired = s3_curl(&backends, &key(&b), &[]).stdout;
+    assert_ne!(
+        repaired,
+        std::fs::read(path).unwrap(),
+        "the moved object was replaced"
+    );
+    let third = remote_node(&backends, &space, &tier);
+    let mut client = third.client().await;
+    assert_eq!(get_all(&mut client, &b).await.unwrap(), b"BETA");
+    assert_eq!(get_all(&mut client, &a).await.unwrap(), b"ALPHA");
 }
