@@ -337,7 +337,9 @@ impl SpillStore {
 
     /// The error for a corrupted entry, after removing it.
     fn corrupted(&self, addr: CAddr, id: u64, detail: String) -> DerivaError {
-        tracing::warn!(%addr, %detail, "a spilled output is corrupted; removed it");
+        // The file's path goes to the log only; the error names the address.
+        let path = self.path_of(&addr);
+        tracing::warn!(%addr, path = %path.display(), %detail, "a spilled output is corrupted; removed it");
         self.remove_corrupt(&addr, id);
         DerivaError::Corrupted { addr, detail }
     }
@@ -366,8 +368,7 @@ impl SpillStore {
         })?;
         if buf.len() < HEADER_LEN {
             let detail = format!(
-                "the spill file {} is {} bytes, shorter than its {HEADER_LEN}-byte header",
-                path.display(),
+                "the spill file is {} bytes, shorter than its {HEADER_LEN}-byte header",
                 buf.len()
             );
             return Err(self.corrupted(*addr, id, detail));
@@ -379,8 +380,7 @@ impl SpillStore {
         let found = CAddr::for_leaf(&data);
         if found != expected {
             let detail = format!(
-                "the spill file {}, whose header records {expected}, holds {} bytes that hash to {found}",
-                path.display(),
+                "the spill file, whose header records {expected}, holds {} bytes that hash to {found}",
                 data.len()
             );
             return Err(self.corrupted(*addr, id, detail));
@@ -409,12 +409,10 @@ impl SpillStore {
             };
             let mut header = [0u8; HEADER_LEN];
             match file.read_exact(&mut header) {
-                Ok(()) => Ok(Some((file, path, id, CAddr::from(header)))),
+                Ok(()) => Ok(Some((file, id, CAddr::from(header)))),
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    let detail = format!(
-                        "the spill file {} is shorter than its {HEADER_LEN}-byte header",
-                        path.display()
-                    );
+                    let detail =
+                        format!("the spill file is shorter than its {HEADER_LEN}-byte header");
                     Err(store.corrupted(addr, id, detail))
                 }
                 Err(e) => Err(DerivaError::io(
@@ -424,17 +422,14 @@ impl SpillStore {
             }
         })
         .await?;
-        let Some((file, path, id, expected)) = opened else {
+        let Some((file, id, expected)) = opened else {
             return Ok(None);
         };
 
         // Read on the blocking pool, a block at a time, and cut into chunks.
         let chunks = stream::file_chunks(file, chunk, format!("reading spilled output {addr}"), ());
 
-        let source = format!(
-            "the spill file {}, whose header records {expected},",
-            path.display()
-        );
+        let source = format!("the spill file, whose header records {expected},");
         let store = Arc::clone(self);
         let verified = stream::verified(expected, source, chunks)
             .then(move |item| {
@@ -618,9 +613,10 @@ mod tests {
         match store.get(&addr(1)) {
             Err(DerivaError::Corrupted { addr: a, detail }) => {
                 assert_eq!(a, addr(1), "the recipe address, not the content hash");
+                let dir = tmp.path().display().to_string();
                 assert!(
-                    detail.contains(&addr(1).to_hex()),
-                    "names the file: {detail}"
+                    detail.contains("the spill file") && !detail.contains(&dir),
+                    "names the spill file, not its path: {detail}"
                 );
                 assert!(detail.contains("500 bytes"), "{detail}");
             }
@@ -654,9 +650,10 @@ mod tests {
         match &items[4] {
             Err(DerivaError::Corrupted { addr: a, detail }) => {
                 assert_eq!(*a, addr(1));
+                let dir = tmp.path().display().to_string();
                 assert!(
-                    detail.contains(&addr(1).to_hex()),
-                    "names the file: {detail}"
+                    detail.contains("the spill file") && !detail.contains(&dir),
+                    "names the spill file, not its path: {detail}"
                 );
             }
             other => panic!("{other:?}"),

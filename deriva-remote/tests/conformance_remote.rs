@@ -212,3 +212,80 @@ async fn a_collection_never_waits_for_a_pool_its_writers_hold() {
     }
     assert!(removed >= 120, "the garbage was collected: {removed}");
 }
+
+/// The output tier in a real SeaweedFS: an object copied, with the bucket's own client, from
+/// `outputs/<A>` to `outputs/<B>` is the output of A, so reading B is `Corrupted` naming A,
+/// never A's bytes; an object in the format before the header named its recipe (the output's
+/// hash, then the output) is a miss, and a put replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_moved_under_another_recipe_is_refused() {
+    let harness = RemoteHarness::new();
+    let config = RemoteConfig {
+        output_tier: true,
+        ..harness.config()
+    };
+    let store = deriva_remote::open(&config, Arc::new(BackendMetrics::noop()))
+        .await
+        .unwrap()
+        .store;
+    let outputs = store.outputs().expect("the output tier").clone();
+    let (a, b, c) = (
+        CAddr::from([0xa; 32]),
+        CAddr::from([0xb; 32]),
+        CAddr::from([0xc; 32]),
+    );
+    outputs
+        .put(a, Bytes::from_static(b"A's output"))
+        .await
+        .unwrap();
+    outputs
+        .put(b, Bytes::from_static(b"B's output"))
+        .await
+        .unwrap();
+    assert_eq!(
+        outputs.get(b).await.unwrap().as_deref(),
+        Some(&b"B's output"[..])
+    );
+
+    let s3 = harness.s3();
+    let key = |r: &CAddr| Path::from(format!("{}/outputs/{}", harness.prefix, r.to_hex()));
+    let object = s3.get(&key(&a)).await.unwrap().bytes().await.unwrap();
+    s3.put(&key(&b), object.into()).await.unwrap();
+    match outputs.get(b).await {
+        Err(deriva_core::DerivaError::Corrupted { addr, detail }) => {
+            assert_eq!(addr, b);
+            assert!(
+                detail.contains(&a.to_hex()),
+                "names the recipe it is of: {detail}"
+            );
+        }
+        other => panic!("a moved object must not be served: {other:?}"),
+    }
+    // Put again (as the executor does after computing it): B's own output is back.
+    outputs
+        .put(b, Bytes::from_static(b"B's output"))
+        .await
+        .unwrap();
+    assert_eq!(
+        outputs.get(b).await.unwrap().as_deref(),
+        Some(&b"B's output"[..])
+    );
+
+    let mut legacy = blake3::hash(b"C's old output").as_bytes().to_vec();
+    legacy.extend_from_slice(b"C's old output");
+    s3.put(&key(&c), Bytes::from(legacy).into()).await.unwrap();
+    assert!(outputs.contains(c).await.unwrap(), "an object is there");
+    assert_eq!(
+        outputs.get(c).await.unwrap(),
+        None,
+        "in the old format: a miss"
+    );
+    outputs
+        .put(c, Bytes::from_static(b"C's output"))
+        .await
+        .unwrap();
+    assert_eq!(
+        outputs.get(c).await.unwrap().as_deref(),
+        Some(&b"C's output"[..])
+    );
+}

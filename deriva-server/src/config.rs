@@ -52,6 +52,8 @@ pub mod defaults {
     pub const HEARTBEAT_SECS: u64 = 5;
     /// `--gc-grace`.
     pub const GC_GRACE: &str = "1h";
+    /// `--gc-min-grace`.
+    pub const GC_MIN_GRACE: &str = "5m";
     /// `--max-connections`, per listener.
     pub const MAX_CONNECTIONS: usize = 4096;
     /// `--max-streams-per-connection`.
@@ -66,6 +68,8 @@ pub mod defaults {
     pub const HANDSHAKE_TIMEOUT_SECS: u64 = 10;
     /// `--gc-grace`, as a duration.
     pub const GC_GRACE_DURATION: std::time::Duration = std::time::Duration::from_secs(3600);
+    /// `--gc-min-grace`, as a duration.
+    pub const GC_MIN_GRACE_DURATION: std::time::Duration = std::time::Duration::from_secs(300);
     /// `--memory-queue`.
     pub const MEMORY_QUEUE: usize = 64;
     /// `--memory-wait-secs`.
@@ -157,6 +161,9 @@ pub struct Config {
     pub gc_interval: Option<Duration>,
     /// The grace period of the periodic garbage collection.
     pub gc_grace: Duration,
+    /// The shortest grace period a `GarbageCollect` request may ask for; less is refused with
+    /// `FAILED_PRECONDITION`. Zero allows any, as the contract reads (`GcRequest{}`: grace 0).
+    pub gc_min_grace: Duration,
     /// The token file of `--auth-tokens`: with it, every RPC, `/metrics` and `/debug/*` need a
     /// bearer token with the right scope.
     pub auth_tokens: Option<PathBuf>,
@@ -264,6 +271,7 @@ impl Default for Config {
             heartbeat: Duration::from_secs(defaults::HEARTBEAT_SECS),
             gc_interval: None,
             gc_grace: defaults::GC_GRACE_DURATION,
+            gc_min_grace: defaults::GC_MIN_GRACE_DURATION,
             auth_tokens: None,
             tls: None,
             limits: crate::listen::Limits {
@@ -387,6 +395,7 @@ impl Config {
                     .map_or_else(|| "off".to_owned(), |d| format!("{}s", d.as_secs())),
             ),
             ("gc-grace", format!("{}s", self.gc_grace.as_secs())),
+            ("gc-min-grace", format!("{}s", self.gc_min_grace.as_secs())),
             ("max-connections", self.limits.max_connections.to_string()),
             (
                 "max-streams-per-connection",
@@ -559,6 +568,11 @@ pub struct ServerArgs {
     /// reachable from a pin or not.
     #[arg(long, env = "DERIVA_GC_GRACE", default_value = defaults::GC_GRACE, value_parser = parse_duration)]
     pub gc_grace: Duration,
+    /// The shortest grace period a GarbageCollect request (deriva gc --grace) may ask for; a
+    /// request for less, dry run or not, is refused (FAILED_PRECONDITION). 0s allows any:
+    /// GcRequest{} then removes everything unpinned at once, as the contract reads.
+    #[arg(long, env = "DERIVA_GC_MIN_GRACE", default_value = defaults::GC_MIN_GRACE, value_parser = parse_duration)]
+    pub gc_min_grace: Duration,
     /// Require a bearer token on every RPC, /metrics and /debug/*: a file of lines
     /// `sha256:<hex of the token's SHA-256> SCOPES NAME` (SCOPES: read, write, admin,
     /// comma-separated); `deriva token new` makes a token and its line.
@@ -689,6 +703,7 @@ impl ServerArgs {
             heartbeat: Duration::from_secs(self.heartbeat_secs),
             gc_interval: Some(self.gc_interval).filter(|d| !d.is_zero()),
             gc_grace: self.gc_grace,
+            gc_min_grace: self.gc_min_grace,
             auth_tokens: self.auth_tokens.filter(|p| !p.as_os_str().is_empty()),
             tls,
             limits: crate::listen::Limits {
@@ -700,6 +715,15 @@ impl ServerArgs {
                 .filter(|d| !d.is_zero()),
             keepalive: Duration::from_secs(self.keepalive_secs),
         };
+        // The periodic collection keeps to the floor a client is held to.
+        if config.gc_interval.is_some() && config.gc_grace < config.gc_min_grace {
+            return Err(format!(
+                "--gc-grace {}s is below --gc-min-grace {}s: the periodic collection (--gc-interval) \
+                 would remove what no client may; raise --gc-grace or lower --gc-min-grace",
+                config.gc_grace.as_secs(),
+                config.gc_min_grace.as_secs()
+            ));
+        }
         // What the environment says about OTLP is checked now, so that --print-config refuses
         // what the server would.
         config.telemetry.export_plan()?;

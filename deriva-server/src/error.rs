@@ -30,6 +30,18 @@ pub enum ApiError {
         /// The trace id.
         trace_id: String,
     },
+    /// A `GarbageCollect` whose grace period is below `--gc-min-grace`.
+    #[error(
+        "grace_period_secs: a collection with a grace period of {asked_secs} s is refused: this \
+         server's --gc-min-grace is {min_secs} s (ask for at least that, e.g. deriva gc --grace \
+         {min_secs}s, or start the server with --gc-min-grace 0s to allow less)"
+    )]
+    GraceBelowMinimum {
+        /// The grace period asked for, in seconds.
+        asked_secs: u64,
+        /// `--gc-min-grace`, in seconds.
+        min_secs: u64,
+    },
 }
 
 /// The result type of every RPC body.
@@ -42,7 +54,7 @@ impl From<ApiError> for Status {
     /// |---|---|
     /// | bad address, bad function id or param, malformed trace id | `INVALID_ARGUMENT` |
     /// | unknown address, trace not kept | `NOT_FOUND` |
-    /// | missing input, unregistered function, trace store off | `FAILED_PRECONDITION` |
+    /// | missing input, unregistered function, trace store off, a collection's grace below `--gc-min-grace` | `FAILED_PRECONDITION` |
     /// | compute failure | `INTERNAL`, with the function's message |
     /// | determinism violation, corrupted data | `DATA_LOSS` |
     /// | storage failure (I/O, database, undecodable row), panicked task | `INTERNAL`, detail in the server log only |
@@ -56,7 +68,9 @@ impl From<ApiError> for Status {
                 return Status::invalid_argument(err.to_string());
             }
             ApiError::TraceNotFound { .. } => return Status::not_found(err.to_string()),
-            ApiError::TraceStoreOff => return Status::failed_precondition(err.to_string()),
+            ApiError::TraceStoreOff | ApiError::GraceBelowMinimum { .. } => {
+                return Status::failed_precondition(err.to_string());
+            }
             ApiError::Engine(e) => e,
         };
         let code = code_of(&err);

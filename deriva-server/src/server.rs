@@ -299,6 +299,7 @@ impl Server {
                 self.metrics.clone(),
             )
             .with_trace_store(self.traces.clone())
+            .with_gc_min_grace(self.config.gc_min_grace)
             .with_cutoff(cutoff)
             .with_node(node.clone())
             .with_cluster(self.nodes.clone().map(|n| (n, self.config.heartbeat))),
@@ -348,6 +349,7 @@ impl Server {
                     let state = HttpState {
                         registry: self.registry.clone(),
                         exec: self.exec.clone(),
+                        probe: Default::default(),
                         started: Instant::now(),
                         ready: ready.clone(),
                         traces: self.traces.clone(),

@@ -14,8 +14,9 @@ use tonic::{Request, Response, Status, Streaming};
 use deriva_proto::addr_bytes;
 
 use crate::error::{ApiError, ApiResult, parse_addr};
+use crate::rpc::layer::Caller;
 use crate::telemetry::ServerMetrics;
-use crate::trace_store::TraceStore;
+use crate::trace_store::{TraceRecord, TraceStore};
 
 /// How long `Explain` waits for a trace that is still finishing.
 const EXPLAIN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -33,6 +34,8 @@ pub struct DerivaService {
     node: NodeInfo,
     /// The remote backend's nodes and their heartbeat interval.
     cluster: Option<(deriva_remote::PgNodes, std::time::Duration)>,
+    /// The shortest grace period a `GarbageCollect` may ask for (`--gc-min-grace`).
+    gc_min_grace: Duration,
 }
 
 /// What `ClusterStatus` says of this node.
@@ -116,7 +119,14 @@ impl DerivaService {
             cutoff: Cutoff::default(),
             node: NodeInfo::new("deriva-server".into(), String::new()),
             cluster: None,
+            gc_min_grace: crate::config::defaults::GC_MIN_GRACE_DURATION,
         }
+    }
+
+    /// Refuses a `GarbageCollect` whose grace period is below `min` (`--gc-min-grace`).
+    pub fn with_gc_min_grace(mut self, min: Duration) -> Self {
+        self.gc_min_grace = min;
+        self
     }
 
     /// Answers `ClusterStatus` from the heartbeats in `nodes`, written every `interval`.
@@ -146,7 +156,14 @@ impl DerivaService {
         self
     }
 
-    async fn explain_inner(&self, req: ExplainRequest) -> ApiResult<ExplainResponse> {
+    /// The trace of `req`. With tokens (`caller` known), only a trace of that caller's own
+    /// request, or any trace for an admin; any other is answered exactly as an unknown id, so
+    /// that a caller learns neither its tree nor that it exists.
+    async fn explain_inner(
+        &self,
+        req: ExplainRequest,
+        caller: Option<Caller>,
+    ) -> ApiResult<ExplainResponse> {
         let Some(traces) = &self.traces else {
             return Err(ApiError::TraceStoreOff);
         };
@@ -156,8 +173,13 @@ impl DerivaService {
                 got: id.chars().take(40).collect(),
             });
         }
+        let visible = |trace: &TraceRecord| {
+            caller
+                .as_ref()
+                .is_none_or(|c| c.admin || trace.caller() == Some(c.name.as_str()))
+        };
         // The request being explained may still be closing its span.
-        let Some(trace) = traces.wait_for(id, EXPLAIN_PATIENCE).await else {
+        let Some(trace) = traces.wait_for_visible(id, EXPLAIN_PATIENCE, visible).await else {
             return Err(ApiError::TraceNotFound {
                 trace_id: id.to_owned(),
             });
@@ -269,8 +291,18 @@ impl DerivaService {
     }
 
     async fn gc_inner(&self, req: GcRequest) -> ApiResult<GcResponse> {
+        // `GcRequest{}` asks for a grace period of 0: everything unpinned, at once. Below the
+        // operator's floor a collection is refused, a dry run too (it reports a collection that
+        // may not run).
+        let grace = Duration::from_secs(req.grace_period_secs);
+        if grace < self.gc_min_grace {
+            return Err(ApiError::GraceBelowMinimum {
+                asked_secs: req.grace_period_secs,
+                min_secs: self.gc_min_grace.as_secs(),
+            });
+        }
         let options = GcOptions {
-            grace: Duration::from_secs(req.grace_period_secs),
+            grace,
             dry_run: req.dry_run,
             max_removals: req.max_removals,
         };
@@ -508,7 +540,8 @@ impl Deriva for DerivaService {
         &self,
         request: Request<ExplainRequest>,
     ) -> Result<Response<ExplainResponse>, Status> {
-        let call = self.explain_inner(request.into_inner());
+        let caller = request.extensions().get::<Caller>().cloned();
+        let call = self.explain_inner(request.into_inner(), caller);
         self.cutoff.run(async { reply(call.await) }).await
     }
 

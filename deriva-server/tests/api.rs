@@ -959,6 +959,8 @@ async fn pins_cascade_policies_and_cluster_status() {
 async fn garbage_collect_by_request_and_by_itself() {
     use deriva_server::proto::{GcRequest, PinRequest};
     let mut s = InProcess::builder()
+        // Collections with no grace period, as the contract reads.
+        .config(|c| c.gc_min_grace = Duration::ZERO)
         .telemetry(deriva_server::telemetry::TelemetryConfig::default())
         .http()
         .start()

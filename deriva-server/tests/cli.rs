@@ -449,7 +449,10 @@ fn assert_gc_counts(report: &HashMap<String, String>, expected: [u64; 8]) {
 /// the leaf it shares with the garbage) stays retrievable.
 #[test]
 fn gc_removes_what_no_pin_reaches() {
-    let server = ServerProcess::start();
+    // Collections with no grace period, which --gc-min-grace 0s allows.
+    let server = ServerProcess::options()
+        .args(["--gc-min-grace", "0s"])
+        .start();
     // Kept: the pinned recipe tree rk2 = repeat(concat(k1, shared)) and the pinned leaf k2.
     let k1 = server.addr_of_stdin(b"keep one");
     let k2 = server.addr_of_stdin(b"keep two, pinned itself");

@@ -587,7 +587,8 @@ async fn a_collection_on_one_node_reaches_the_output_tier_and_the_other_nodes() 
     use deriva_server::proto::GcRequest;
     let services = services::shared();
     let space = Space::new("gc_two_nodes");
-    let flags = ["--output-tier", "blob-store"];
+    // GcRequest{}: no grace period, which --gc-min-grace 0s allows.
+    let flags = ["--output-tier", "blob-store", "--gc-min-grace", "0s"];
     let (a, b) = (
         node(&services, &space, &flags),
         node(&services, &space, &flags),

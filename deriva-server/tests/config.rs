@@ -267,6 +267,13 @@ const ROWS: &[Row] = &[
         other: "90",
     },
     Row {
+        flag: "gc-min-grace",
+        vars: &["DERIVA_GC_MIN_GRACE"],
+        value: "10m",
+        shows: ("gc-min-grace", "600s"),
+        other: "0",
+    },
+    Row {
         flag: "max-connections",
         vars: &["DERIVA_MAX_CONNECTIONS"],
         value: "100",
@@ -555,6 +562,11 @@ fn print_config_rejects_what_the_server_would_reject() {
     );
     rejected(&[], &[("DERIVA_CACHE_BYTES", "lots")], "not a size");
     rejected(&["--trace-store-size", "0"], &[], "--trace-store-size");
+    rejected(
+        &["--gc-interval", "1h", "--gc-grace", "1m"],
+        &[],
+        "--gc-grace 60s is below --gc-min-grace 300s",
+    );
     rejected(
         &["--inline-leaf-bytes", "17MiB"],
         &[],

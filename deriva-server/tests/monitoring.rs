@@ -510,6 +510,9 @@ async fn every_dashboard_alert_and_recording_query_returns_data() {
     let mut options = ServerProcess::options().args([
         "--verification".to_owned(),
         "dual".to_owned(),
+        // The rounds collect with no grace period.
+        "--gc-min-grace".to_owned(),
+        "0s".to_owned(),
         "--blob-store".to_owned(),
         format!("s3://{}/monitoring", services.bucket()),
         "--index".to_owned(),

@@ -45,10 +45,16 @@ enum Backend {
 impl Backend {
     fn start(&self) -> ServerProcess {
         match self {
-            Backend::Local(dir) => ServerProcess::options().dir(dir.path()).start(),
-            Backend::Remote(services, space, _) => {
-                remote::node(services, space, &["--output-tier", "blob-store"])
-            }
+            // Collections with no grace period: the contract's literal GcRequest{}.
+            Backend::Local(dir) => ServerProcess::options()
+                .dir(dir.path())
+                .args(["--gc-min-grace", "0s"])
+                .start(),
+            Backend::Remote(services, space, _) => remote::node(
+                services,
+                space,
+                &["--output-tier", "blob-store", "--gc-min-grace", "0s"],
+            ),
         }
     }
 

@@ -3,9 +3,9 @@
 //! | path | answer |
 //! |---|---|
 //! | `GET /metrics` | the Prometheus text format (`text/plain; version=0.0.4`) |
-//! | `GET /health` | JSON `{status, store, cache_entries, dag_recipes, uptime_seconds}`; 503 with `reason` and `failures` (each naming its backend: the index, the blob store) when a real read of either fails |
+//! | `GET /health` | JSON `{status, store, cache_entries, dag_recipes, uptime_seconds}`; 503 with `reason` and `failures` (each naming its backend: the index, the blob store) when a real read of either fails (a probe's outcome answers for a second: [`ProbeCache`]) |
 //! | `GET /healthz` | liveness: 200 while the process serves HTTP |
-//! | `GET /readyz` | readiness: 200 once the store is open and both backends answer a real read; 503 while shutting down, or while a backend is unreachable (the body names it) |
+//! | `GET /readyz` | readiness: 200 once the store is open and both backends answer a real read (the same shared probe as `/health`); 503 while shutting down, or while a backend is unreachable (the body names it) |
 //! | `GET /debug` | an HTML index: version, uptime, store, effective settings, links to the other pages |
 //! | `GET /debug/traces` | JSON: the recent, slowest and failed requests (see [`crate::trace_store`]); for a browser (`Accept: text/html`) three filterable tables |
 //! | `GET /debug/traces/{trace_id}` | one request's span tree as JSON, or for a browser a waterfall of its spans |
@@ -46,6 +46,9 @@ use crate::telemetry::ServerMetrics;
 use crate::trace_store::TraceStore;
 
 mod debug;
+mod probe;
+
+pub use probe::ProbeCache;
 
 /// What the HTTP handlers read.
 #[derive(Debug, Clone)]
@@ -54,6 +57,8 @@ pub struct HttpState {
     pub registry: Option<prometheus::Registry>,
     /// The engine, for `/health`.
     pub exec: AsyncExecutor,
+    /// The outcome of the last backend probe of `/health` and `/readyz`, shared by both.
+    pub probe: ProbeCache,
     /// When the server started.
     pub started: Instant,
     /// False until serving starts and again from the shutdown signal on.
@@ -280,7 +285,7 @@ async fn backend_failures(exec: &AsyncExecutor) -> Vec<String> {
 }
 
 async fn health(State(state): State<HttpState>) -> Response {
-    let failures = backend_failures(&state.exec).await;
+    let failures = state.probe.outcome(|| backend_failures(&state.exec)).await;
     // Open to anyone: with protected pages, counts only (no data directory, no backend address).
     let open = state.pages_protected();
     let body = |status: &str| {
@@ -305,7 +310,7 @@ async fn health(State(state): State<HttpState>) -> Response {
             value["failures"] = json!(failures.len());
         } else {
             value["reason"] = json!(reason);
-            value["failures"] = json!(failures);
+            value["failures"] = json!(&*failures);
         }
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(value)).into_response()
     }
@@ -315,10 +320,10 @@ async fn readyz(State(state): State<HttpState>) -> Response {
     if !state.ready.load(Ordering::Acquire) {
         return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response();
     }
-    let failures = backend_failures(&state.exec).await;
+    let failures = state.probe.outcome(|| backend_failures(&state.exec)).await;
     if failures.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
-    } else if state.auth.is_some() {
+    } else if state.pages_protected() {
         // Open to anyone: no backend addresses.
         (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -9,7 +9,12 @@
 //!   caller's W3C `traceparent` when there is a valid one;
 //! - the request id: `x-request-id` when it is a safe token (no whitespace, quote or backslash),
 //!   a new UUID otherwise;
-//! - `x-request-id` and `x-trace-id` on every response, unary or streaming.
+//! - `x-request-id` and `x-trace-id` on every response, unary or streaming;
+//! - with `--auth-tokens`, the bearer token checked for the method's scope before the span
+//!   starts: a refused call answers without reaching the service, and is never a forced trace.
+//!   `x-deriva-trace: force` is honoured only for a token with `write` or `admin` (without
+//!   tokens every caller is trusted, so for anyone), and the sampler still counts it against
+//!   `--trace-max-per-second`. An `Explain` carries its [`Caller`] to the service.
 //!
 //! Requests to other services (the gRPC health service) pass through untouched.
 
@@ -34,7 +39,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use deriva_core::spans;
 
-use crate::auth::{AuthError, Tokens};
+use crate::auth::{AuthError, Scope, Tokens};
 use crate::rpc::method::{RpcMethod, SERVICE};
 use crate::telemetry::RequestId;
 use crate::telemetry::metrics::{RpcTimer, ServerMetrics};
@@ -42,6 +47,17 @@ use crate::telemetry::metrics::{RpcTimer, ServerMetrics};
 /// The span field (and so the log field) naming the caller under `--auth-tokens`: the name of
 /// its token's entry, never the token.
 pub const AUTH_NAME: &str = "auth.name";
+
+/// The caller of an `Explain` under `--auth-tokens`, in the request's extensions: `Explain`
+/// serves a trace only to the caller that made it or to an admin. Absent without tokens, where
+/// every caller is trusted alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The name of its token's entry (`auth.name`).
+    pub name: String,
+    /// Whether its token also has the `admin` scope.
+    pub admin: bool,
+}
 
 /// Longest `x-request-id` honored; longer ones are replaced.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
@@ -114,7 +130,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let method = RpcMethod::from_path(req.uri().path());
         // The usual tower dance: the ready service handles this call, a clone takes its place.
         let clone = self.inner.clone();
@@ -124,9 +140,47 @@ where
         };
 
         let request_id = request_id(req.headers());
+        // With --auth-tokens: the caller's name (for the span and the completion line), or the
+        // status that refuses the call before it reaches the service. Decided before the span,
+        // so that only a caller who may force a trace does.
+        let mut caller: Option<String> = None;
+        let mut refused = None;
+        let mut force = asks_to_force(req.headers());
+        let mut known = None;
+        if let Some(tokens) = self.auth.as_deref() {
+            let needed = method.scope();
+            let authorization = req
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .map(HeaderValue::as_bytes);
+            let has = |scope| tokens.check(authorization, scope).is_ok();
+            match tokens.check(authorization, needed) {
+                Ok(name) => caller = Some(name.to_owned()),
+                Err(e) => {
+                    if let AuthError::Scope { name, .. } = &e {
+                        caller = Some(name.clone());
+                    }
+                    self.metrics.record_auth_failure(e.reason());
+                    refused = Some(e.status(needed));
+                }
+            }
+            // A forced trace costs the exporter and the collector whatever the sample ratio:
+            // only a caller allowed to change the store (write) or to run it (admin) may ask.
+            force = force && refused.is_none() && (has(Scope::Write) || has(Scope::Admin));
+            // Who asks, for `Explain`, which answers per caller.
+            if let (RpcMethod::Explain, None, Some(name)) = (method, &refused, &caller) {
+                known = Some(Caller {
+                    name: name.clone(),
+                    admin: has(Scope::Admin),
+                });
+            }
+        }
+        if let Some(known) = known {
+            req.extensions_mut().insert(known);
+        }
         let dispatch = self.dispatch.clone();
         let span = with_dispatch(dispatch.as_ref(), || {
-            rpc_span(method, &request_id, req.headers())
+            rpc_span(method, &request_id, req.headers(), force)
         });
         // Starting the OTel span here (with the remote parent already set) makes the sampling
         // decision; without an OpenTelemetry layer there is no trace id to report.
@@ -138,29 +192,6 @@ where
         if let Some(id) = &trace_id {
             span.record(spans::field::TRACE_ID, id.as_str());
         }
-        // With --auth-tokens: the caller's name (for the span and the completion line), or the
-        // status that refuses the call before it reaches the service.
-        let mut caller: Option<String> = None;
-        let refused = self.auth.as_deref().and_then(|tokens| {
-            let needed = method.scope();
-            let authorization = req
-                .headers()
-                .get(http::header::AUTHORIZATION)
-                .map(HeaderValue::as_bytes);
-            match tokens.check(authorization, needed) {
-                Ok(name) => {
-                    caller = Some(name.to_owned());
-                    None
-                }
-                Err(e) => {
-                    if let AuthError::Scope { name, .. } = &e {
-                        caller = Some(name.clone());
-                    }
-                    self.metrics.record_auth_failure(e.reason());
-                    Some(e.status(needed))
-                }
-            }
-        });
         if let Some(name) = &caller {
             span.record(AUTH_NAME, name.as_str());
         }
@@ -222,11 +253,16 @@ fn with_dispatch<T>(dispatch: Option<&Dispatch>, f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// The server span, under the caller's context when `traceparent` is valid.
-fn rpc_span(method: RpcMethod, request_id: &str, headers: &HeaderMap) -> Span {
-    let force = headers
+/// Whether the request carries `x-deriva-trace: force`.
+fn asks_to_force(headers: &HeaderMap) -> bool {
+    headers
         .get("x-deriva-trace")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"force"));
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"force"))
+}
+
+/// The server span, under the caller's context when `traceparent` is valid; `force` asks the
+/// sampler to sample it whatever the ratio (still under the per-second cap).
+fn rpc_span(method: RpcMethod, request_id: &str, headers: &HeaderMap, force: bool) -> Span {
     let span = tracing::info_span!(
         spans::RPC,
         otel.name = method.span_name(),

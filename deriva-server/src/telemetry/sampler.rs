@@ -12,8 +12,10 @@ use parking_lot::Mutex;
 /// The span attribute that forces sampling (set when a request carries `x-deriva-trace: force`).
 pub const FORCE_TRACE_ATTR: &str = "deriva.force_trace";
 
-/// Sampling: a request marked `x-deriva-trace: force` is always sampled; a span with a parent
-/// follows the parent's decision (so a sampled caller is always honored); a new trace is
+/// Sampling: a request marked `x-deriva-trace: force` is sampled whatever the ratio and the
+/// caller's decision, but counts against the cap like any new trace (a flood of forced requests
+/// must not flood the collector; the RPC layer marks only callers who may force); a span with a
+/// parent follows the parent's decision (so a sampled caller is always honored); a new trace is
 /// sampled with probability `ratio`, and at most `max_per_second` new traces a second.
 #[derive(Debug, Clone)]
 pub struct DerivaSampler {
@@ -72,7 +74,7 @@ impl ShouldSample for DerivaSampler {
             .iter()
             .any(|kv| kv.key.as_str() == FORCE_TRACE_ATTR && kv.value == Value::Bool(true))
         {
-            return decision(true, parent);
+            return decision(self.under_cap(), parent);
         }
         if let Some(cx) = parent.filter(|c| c.has_active_span()) {
             let sc = cx.span().span_context().clone();
@@ -83,9 +85,15 @@ impl ShouldSample for DerivaSampler {
         let by_ratio = self
             .ratio
             .should_sample(parent, trace_id, name, kind, attributes, links);
-        let sample = by_ratio.decision == SamplingDecision::RecordAndSample
-            && self.limiter.as_ref().is_none_or(|l| l.try_acquire());
+        let sample = by_ratio.decision == SamplingDecision::RecordAndSample && self.under_cap();
         decision(sample, parent)
+    }
+}
+
+impl DerivaSampler {
+    /// Takes a new trace's place under the per-second cap, if there is one left.
+    fn under_cap(&self) -> bool {
+        self.limiter.as_ref().is_none_or(|l| l.try_acquire())
     }
 }
 
@@ -206,9 +214,10 @@ mod tests {
     }
 
     #[test]
-    fn the_rate_cap_limits_new_traces_but_not_children_or_forced_ones() {
+    fn the_rate_cap_limits_new_traces_and_forced_ones_but_not_children() {
         // One new trace per 1,000 s: the bucket holds one token, and no test run is slow
         // enough to see it refilled.
+        let force = [KeyValue::new(FORCE_TRACE_ATTR, true)];
         let capped = DerivaSampler::new(1.0, Some(1e-3));
         assert!(decide(&capped, None, &[]));
         assert!(
@@ -216,11 +225,17 @@ mod tests {
             "a second new trace within the period is dropped"
         );
         assert!(decide(&capped, Some(&remote_parent(true)), &[]));
-        assert!(decide(
-            &capped,
-            None,
-            &[KeyValue::new(FORCE_TRACE_ATTR, true)]
-        ));
+        assert!(
+            !decide(&capped, None, &force),
+            "a forced trace takes its place under the cap too"
+        );
+        // A forced trace takes the token a new trace would have had, and the other way round.
+        let never = DerivaSampler::new(0.0, Some(1e-3));
+        assert!(decide(&never, Some(&remote_parent(false)), &force));
+        assert!(!decide(&never, None, &force));
+        let capped = DerivaSampler::new(1.0, Some(1e-3));
+        assert!(decide(&capped, None, &force));
+        assert!(!decide(&capped, None, &[]));
     }
 
     #[test]

@@ -126,6 +126,14 @@ impl TraceRecord {
         self.status_code != 0
     }
 
+    /// The caller that made the request (its `auth.name` under `--auth-tokens`), if known.
+    pub fn caller(&self) -> Option<&str> {
+        self.spans
+            .first()
+            .filter(|s| s.parent.is_none())
+            .and_then(|s| s.field(crate::rpc::layer::AUTH_NAME))
+    }
+
     /// The summary line of `/debug/traces`.
     pub fn summary(&self) -> TraceSummary {
         TraceSummary {
@@ -254,13 +262,25 @@ impl TraceStore {
 
     /// The trace with this id, if it is still kept.
     pub fn get(&self, trace_id: &str) -> Option<Arc<TraceRecord>> {
+        self.find(trace_id, &|_| true)
+    }
+
+    /// A kept trace with this id for which `visible` holds. (Several requests may share a trace
+    /// id: a caller's `traceparent` chooses it.)
+    fn find(
+        &self,
+        trace_id: &str,
+        visible: &dyn Fn(&TraceRecord) -> bool,
+    ) -> Option<Arc<TraceRecord>> {
         let kept = self.kept.lock();
         let found = kept
             .recent
             .iter()
             .chain(kept.failed.iter())
             .chain(kept.slowest.iter().map(|(_, t)| t))
-            .find(|t| !trace_id.is_empty() && t.trace_id.eq_ignore_ascii_case(trace_id));
+            .find(|t| {
+                !trace_id.is_empty() && t.trace_id.eq_ignore_ascii_case(trace_id) && visible(t)
+            });
         found.cloned()
     }
 
@@ -268,6 +288,17 @@ impl TraceStore {
     /// (its request span closes just after the client saw the last byte), for at most
     /// `patience`. `None` at once when no such request is open: the trace cannot arrive.
     pub async fn wait_for(&self, trace_id: &str, patience: Duration) -> Option<Arc<TraceRecord>> {
+        self.wait_for_visible(trace_id, patience, |_| true).await
+    }
+
+    /// [`TraceStore::wait_for`] a trace with this id for which `visible` holds (`Explain`: one
+    /// the caller may see).
+    pub async fn wait_for_visible(
+        &self,
+        trace_id: &str,
+        patience: Duration,
+        visible: impl Fn(&TraceRecord) -> bool,
+    ) -> Option<Arc<TraceRecord>> {
         let deadline = tokio::time::Instant::now() + patience;
         let key = trace_id.to_ascii_lowercase();
         loop {
@@ -275,14 +306,14 @@ impl TraceStore {
             let closed = self.closed.notified();
             let mut closed = std::pin::pin!(closed);
             closed.as_mut().enable();
-            if let Some(t) = self.get(trace_id) {
+            if let Some(t) = self.find(trace_id, &visible) {
                 return Some(t);
             }
             if !self.open.lock().contains_key(&key) {
                 return None;
             }
             if tokio::time::timeout_at(deadline, closed).await.is_err() {
-                return self.get(trace_id);
+                return self.find(trace_id, &visible);
             }
         }
     }

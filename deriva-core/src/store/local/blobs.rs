@@ -503,7 +503,7 @@ fn read_verified(addr: &CAddr, path: &Path) -> Result<Option<Bytes>> {
     };
     let actual = CAddr::for_leaf(&data);
     if actual != *addr {
-        tracing::error!(%addr, %actual, len = data.len(), "blob content does not match its address");
+        tracing::error!(%addr, %actual, len = data.len(), path = %path.display(), "blob content does not match its address");
         return Err(DerivaError::Corrupted {
             addr: *addr,
             detail: format!("the {} bytes on disk hash to {actual}", data.len()),

@@ -232,11 +232,17 @@ impl BlobStore for LocalBlobStore {
             format!("reading blob {addr}"),
             self.inner.clone(),
         );
-        Ok(Some(stream::verified(
-            addr,
-            format!("the blob file {}", path.display()),
-            chunks,
-        )))
+        // A client sees the address and what was wrong; the file's path goes to the log only.
+        let verified = stream::verified(addr, "the blob file".to_owned(), chunks);
+        Ok(Some(
+            verified
+                .inspect(move |item| {
+                    if let Err(e @ DerivaError::Corrupted { .. }) = item {
+                        tracing::error!(%addr, path = %path.display(), error = %e, "a blob file does not match its address");
+                    }
+                })
+                .boxed(),
+        ))
     }
 
     async fn put_stream(&self, addr: CAddr, data: ByteStream) -> Result<()> {

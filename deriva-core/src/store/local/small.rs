@@ -206,8 +206,10 @@ impl SmallLeaves {
             None => Some(pending),
         };
         if let Some(p) = refused {
+            // The file's path is for the log (the store logged it when it opened), not for a
+            // client.
             let _ = p.reply.send(Err(DerivaError::Unavailable {
-                backend: format!("the local store's {}", self.path.display()),
+                backend: "the local store's small-leaf table".into(),
                 message: "the store is closing".into(),
             }));
         }
