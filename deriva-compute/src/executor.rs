@@ -7,6 +7,14 @@
 //! own task, a recipe chain of any depth never deepens the stack. When every caller of a shared
 //! materialization has gone away, its task is aborted.
 //!
+//! A compute runs on the blocking pool under a compute permit, with a [`ComputeContext`] whose
+//! token is cancelled when it runs past [`ExecutorConfig::compute_timeout`] (its callers then
+//! get [`DerivaError::DeadlineExceeded`]), when every caller has gone (its task was aborted),
+//! and for every compute at once by [`AsyncExecutor::cancel_computes`] (shutdown). The permit
+//! and the memory reservation belong to the blocking closure: they are given back when the
+//! function returns, which for a builtin is within one chunk of work after the cancellation,
+//! and for a function that ignores its context, whenever it returns.
+//!
 //! A `Get` ([`AsyncExecutor::get_stream`]) also caches hot small leaves: a leaf of at most
 //! [`ExecutorConfig::leaf_cache_max_bytes`] read a second time (see
 //! [`Cache::admit_leaf`]) is read whole, verified, and cached beside the outputs, under the same
@@ -40,7 +48,9 @@ use tracing::{Instrument, Span, info_span};
 
 use crate::budget::{BudgetConfig, MemoryBudget, Reservation};
 use crate::cache::{Cache, Kind as CacheKind};
-use crate::function::{ComputeFunction, FunctionError, FunctionRegistry};
+use crate::function::{
+    CancelToken, ComputeContext, ComputeFunction, FunctionError, FunctionRegistry,
+};
 use crate::metrics::{ComputeMetrics, ExecStats, GcResult, Outcome};
 use crate::spans::{self, field};
 use crate::spill::SpillStore;
@@ -119,7 +129,14 @@ pub struct ExecutorConfig {
     /// (and at most a sixteenth of the cache budget); 0 caches no leaf. Default:
     /// [`LEAF_CACHE_MAX_BYTES`].
     pub leaf_cache_max_bytes: u64,
+    /// Longest one run of a function may take (a verification runs it twice, each under this
+    /// bound); then its context is cancelled and its callers get
+    /// [`DerivaError::DeadlineExceeded`]. `None`: no bound. Default: [`COMPUTE_TIMEOUT`].
+    pub compute_timeout: Option<Duration>,
 }
+
+/// The default of [`ExecutorConfig::compute_timeout`]: 300 s.
+pub const COMPUTE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The default of [`ExecutorConfig::leaf_cache_max_bytes`]: 64 KiB.
 pub const LEAF_CACHE_MAX_BYTES: u64 = 64 << 10;
@@ -143,6 +160,7 @@ impl Default for ExecutorConfig {
             memory: BudgetConfig::default(),
             spill: None,
             leaf_cache_max_bytes: LEAF_CACHE_MAX_BYTES,
+            compute_timeout: Some(COMPUTE_TIMEOUT),
         }
     }
 }
@@ -278,6 +296,8 @@ struct Inner {
     budget: Arc<MemoryBudget>,
     /// The largest leaf a Get caches: the configured bound, within a sixteenth of the budget.
     leaf_limit: u64,
+    /// Cancelled by [`AsyncExecutor::cancel_computes`]: every compute's context sees it.
+    shutdown: CancelToken,
 }
 
 /// The materialization engine. Cheap to clone; clones share everything.
@@ -334,6 +354,7 @@ impl AsyncExecutor {
                 stats,
                 metrics,
                 budget,
+                shutdown: CancelToken::new(),
             }),
         }
     }
@@ -378,14 +399,29 @@ impl AsyncExecutor {
         self.inner.computes.available_permits()
     }
 
+    /// Cancels every compute running now and every one that starts from now on: each sees its
+    /// [`ComputeContext`] cancelled (a builtin returns within one chunk of work) and its
+    /// callers get [`DerivaError::TaskCancelled`]. For shutdown, once the grace period is over;
+    /// it cannot be undone.
+    pub fn cancel_computes(&self) {
+        self.inner.shutdown.cancel();
+    }
+
     /// Checks a recipe against the registry (function registered, params and input count
     /// accepted) and stores it. Every input must exist.
     pub async fn put_recipe(&self, recipe: Recipe) -> Result<CAddr> {
+        self.runnable(None, &recipe)?;
+        self.inner.store.put_recipe(recipe).await
+    }
+
+    /// The function of `recipe` (stored at `addr`, if it is), once it is registered and
+    /// accepts the recipe's params and inputs ([`ComputeFunction::validate`]).
+    fn runnable(&self, addr: Option<CAddr>, recipe: &Recipe) -> Result<Arc<dyn ComputeFunction>> {
         let function = self.function(recipe.function())?;
         function
             .validate(recipe.inputs().len(), recipe.params())
-            .map_err(|e| invalid_recipe(recipe.function(), None, &e))?;
-        self.inner.store.put_recipe(recipe).await
+            .map_err(|e| invalid_recipe(recipe.function(), addr, &e))?;
+        Ok(function)
     }
 
     fn function(&self, id: &FunctionId) -> Result<Arc<dyn ComputeFunction>> {
@@ -774,7 +810,9 @@ impl AsyncExecutor {
             .count_corruption(self.inner.store.get_recipe(addr).await)?
             .ok_or(DerivaError::NotFound { addr })?;
         let recipe = stored.recipe;
-        // Before anything is read: refuse what could never fit the memory budget.
+        // Before anything is read: refuse a recipe its function does not accept (stored before
+        // a bound existed, or planted in the store), and what could never fit the memory budget.
+        self.runnable(Some(addr), &recipe)?;
         self.check_budget(addr, &recipe).await?;
         let outputs = self.inner.store.outputs();
         if let Some(outputs) = outputs
@@ -807,7 +845,7 @@ impl AsyncExecutor {
         }
         // A cached output counts against the cache's budget from now on; any other stays
         // covered while its callers hold it.
-        let held = (!cached).then(|| Arc::new(reserved));
+        let held = (!cached).then_some(reserved);
         Ok(((output, held), Outcome::Computed))
     }
 
@@ -903,14 +941,15 @@ impl AsyncExecutor {
     }
 
     /// Runs the recipe's function on the blocking pool (and again to verify, when
-    /// `force_verify` or the mode says so). Returns the output and the compute time.
+    /// `force_verify` or the mode says so). Returns the output, the compute time, and the
+    /// memory reservation that covers the output.
     async fn compute(
         &self,
         addr: CAddr,
         recipe: &Recipe,
         inputs: Vec<Bytes>,
         force_verify: bool,
-    ) -> Result<(Bytes, Duration, Reservation)> {
+    ) -> Result<(Bytes, Duration, Arc<Reservation>)> {
         let id = recipe.function();
         let function = self.function(id)?;
         let inputs: Arc<[Bytes]> = inputs.into();
@@ -926,11 +965,22 @@ impl AsyncExecutor {
             .unwrap_or(input_bytes);
         let needed =
             input_bytes.saturating_add(output_guess.saturating_mul(if verifying { 2 } else { 1 }));
-        let reserved = self
-            .inner
-            .budget
-            .reserve(|| format!("computing {addr} ({id})"), needed)
-            .await?;
+        // Shared with every run's blocking closure: a run that outlives its caller (cancelled,
+        // but not returned yet) keeps the bytes it still uses reserved.
+        let reserved = Arc::new(
+            self.inner
+                .budget
+                .reserve(|| format!("computing {addr} ({id})"), needed)
+                .await?,
+        );
+        let job = Job {
+            addr,
+            id,
+            function: &function,
+            inputs: &inputs,
+            params: &params,
+            reserved: &reserved,
+        };
         let span = info_span!(
             spans::COMPUTE,
             { field::FUNCTION } = %id,
@@ -938,9 +988,7 @@ impl AsyncExecutor {
             { field::OUTPUT_BYTES } = Empty
         );
 
-        let (output, elapsed) = self
-            .run_function(addr, id, &function, &inputs, &params, span.clone())
-            .await?;
+        let (output, elapsed) = self.run_function(&job, span.clone()).await?;
         span.record(field::OUTPUT_BYTES, as_i64(output.len()));
         self.inner.budget.record(addr, output.len() as u64);
         let attrs = self.inner.metrics.function_attrs(id);
@@ -962,9 +1010,7 @@ impl AsyncExecutor {
         if verifying {
             let span =
                 info_span!(spans::VERIFY, { field::FUNCTION } = %id, { field::PASSED } = Empty);
-            let (second, _) = self
-                .run_function(addr, id, &function, &inputs, &params, span.clone())
-                .await?;
+            let (second, _) = self.run_function(&job, span.clone()).await?;
             let passed = second == output;
             span.record(field::PASSED, passed);
             self.inner.stats.record_verification(passed);
@@ -990,17 +1036,17 @@ impl AsyncExecutor {
         Ok((output, elapsed, reserved))
     }
 
-    async fn run_function(
-        &self,
-        addr: CAddr,
-        id: &FunctionId,
-        function: &Arc<dyn ComputeFunction>,
-        inputs: &Arc<[Bytes]>,
-        params: &Arc<deriva_core::Params>,
-        span: Span,
-    ) -> Result<(Bytes, Duration)> {
-        // The permit moves into the blocking closure: a compute holds it until it returns,
-        // even when every caller has gone and this task was aborted.
+    /// One run of `job`'s function on the blocking pool, under a compute permit, within the
+    /// compute timeout. The permit and the reservation move into the blocking closure, so a
+    /// run holds them until its function returns, even when its callers have gone or it was
+    /// cancelled: abandoned work never pushes the engine past `max_concurrent_computes` or
+    /// the memory budget.
+    ///
+    /// The run's token is cancelled when the timeout passes (the answer is then
+    /// [`DerivaError::DeadlineExceeded`], at once, whether or not the function has noticed)
+    /// and when this future is dropped (every caller has gone).
+    async fn run_function(&self, job: &Job<'_>, span: Span) -> Result<(Bytes, Duration)> {
+        let (addr, id) = (job.addr, job.id);
         let permit = match self.inner.computes.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
@@ -1015,17 +1061,50 @@ impl AsyncExecutor {
                     })?
             }
         };
-        let (function, inputs, params) = (function.clone(), inputs.clone(), params.clone());
-        let ran = spawn_blocking_in(span, move || {
-            let _permit = permit;
+        let run = Arc::new(Run::new(self.inner.stats.clone()));
+        // Dropped with this future: on an early return, and when the task is aborted.
+        let _cancel_on_drop = CancelOnDrop(run.clone());
+        let ctx = ComputeContext::with_shutdown(run.token.clone(), self.inner.shutdown.clone());
+        let (function, inputs, params) =
+            (job.function.clone(), job.inputs.clone(), job.params.clone());
+        // Made out here so that it also ends the run if the closure is dropped unrun (the
+        // runtime shutting down).
+        let (reserved, finished) = (job.reserved.clone(), Finished(run.clone()));
+        let handle = spawn_blocking_in(span, move || {
+            let _held = (finished, permit, reserved);
             let start = Instant::now();
-            let out = function.compute(&inputs, &params);
+            let out = function.compute(&ctx, &inputs, &params);
             (out, start.elapsed())
-        })
-        .await;
+        });
+        let ran = match self.inner.config.compute_timeout {
+            Some(limit) => match tokio::time::timeout(limit, handle).await {
+                Ok(ran) => ran,
+                Err(_) => {
+                    run.cancel();
+                    self.inner.metrics.record_timeout(id);
+                    tracing::warn!(
+                        function = %id,
+                        %addr,
+                        timeout_secs = limit.as_secs_f64(),
+                        "compute timed out; cancelled"
+                    );
+                    return Err(DerivaError::DeadlineExceeded {
+                        function: id.clone(),
+                        addr,
+                        limit,
+                    });
+                }
+            },
+            None => handle.await,
+        };
         match ran {
             Ok((Ok(bytes), elapsed)) => Ok((bytes, elapsed)),
             Ok((Err(e), _)) if e.is_invalid_recipe() => Err(invalid_recipe(id, Some(addr), &e)),
+            Ok((Err(FunctionError::Cancelled), _)) if self.inner.shutdown.is_cancelled() => {
+                Err(DerivaError::TaskCancelled {
+                    task: format!("{addr}: the compute of {id}"),
+                })
+            }
             Ok((Err(e), _)) => Err(DerivaError::ComputeFailed {
                 function: id.clone(),
                 addr,
@@ -1064,6 +1143,7 @@ impl AsyncExecutor {
                 });
             };
             let recipe = stored.recipe;
+            self.runnable(Some(addr), &recipe)?;
             let tracker = Arc::new(DepthTracker::default());
             let inputs = futures::future::try_join_all(
                 recipe
@@ -1374,6 +1454,84 @@ fn invalid_recipe(function: &FunctionId, addr: Option<CAddr>, e: &FunctionError)
     match addr {
         Some(addr) => DerivaError::InvalidInput(format!("{addr}: {function}: {e}")),
         None => DerivaError::InvalidInput(format!("{function}: {e}")),
+    }
+}
+
+/// What one compute runs: the function, on these inputs and params, for the recipe `addr`,
+/// under `reserved`.
+struct Job<'a> {
+    addr: CAddr,
+    id: &'a FunctionId,
+    function: &'a Arc<dyn ComputeFunction>,
+    inputs: &'a Arc<[Bytes]>,
+    params: &'a Arc<deriva_core::Params>,
+    reserved: &'a Arc<Reservation>,
+}
+
+/// One run of a function on the blocking pool, as the task awaiting it and the blocking closure
+/// both see it: its token, and whether it was cancelled while running (counted in
+/// `deriva_compute_cancelled_running` until the function returns).
+struct Run {
+    token: CancelToken,
+    state: std::sync::atomic::AtomicU8,
+    stats: Arc<ExecStats>,
+}
+
+impl Run {
+    const RUNNING: u8 = 0;
+    const CANCELLED: u8 = 1;
+    const RETURNED: u8 = 2;
+
+    fn new(stats: Arc<ExecStats>) -> Self {
+        Self {
+            token: CancelToken::new(),
+            state: Self::RUNNING.into(),
+            stats,
+        }
+    }
+
+    /// Asks the function to stop; until it returns, it counts as cancelled and running.
+    fn cancel(&self) {
+        self.token.cancel();
+        if self
+            .state
+            .compare_exchange(
+                Self::RUNNING,
+                Self::CANCELLED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        {
+            self.stats.cancelled_running_add(1);
+        }
+    }
+
+    /// The function has returned (or panicked).
+    fn returned(&self) {
+        if self.state.swap(Self::RETURNED, Ordering::AcqRel) == Self::CANCELLED {
+            self.stats.cancelled_running_add(-1);
+        }
+    }
+}
+
+/// Cancels its run when dropped: the task awaiting the run ended, so nobody wants its output
+/// (after the function returned, a no-op).
+struct CancelOnDrop(Arc<Run>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// Marks its run returned when dropped: at the end of the blocking closure (a panic included),
+/// or with the closure if it never ran.
+struct Finished(Arc<Run>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.returned();
     }
 }
 

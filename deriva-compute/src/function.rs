@@ -1,8 +1,10 @@
-//! The [`ComputeFunction`] trait and the [`FunctionRegistry`].
+//! The [`ComputeFunction`] trait, the [`ComputeContext`] a compute runs in, and the
+//! [`FunctionRegistry`].
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use deriva_core::{FunctionId, Params};
@@ -10,6 +12,10 @@ use deriva_core::{FunctionId, Params};
 /// Largest output a builtin may produce, in bytes. Builtins check it before allocating so a
 /// hostile param (`repeat count=10^12`, a gzip bomb) fails cleanly instead of exhausting memory.
 pub const MAX_OUTPUT_BYTES: u64 = 1 << 30;
+
+/// How many bytes a builtin processes between two looks at [`ComputeContext::check`]: a
+/// cancelled builtin stops within about this much work.
+pub const CANCEL_CHECK_BYTES: usize = 64 << 10;
 
 /// Why a function did not produce an output.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,13 +46,99 @@ pub enum FunctionError {
     /// gzip).
     #[error("{0}")]
     Failed(String),
+    /// The function saw its [`ComputeContext`] cancelled and stopped without an output
+    /// (what [`ComputeContext::check`] returns).
+    #[error("the compute was cancelled")]
+    Cancelled,
 }
 
 impl FunctionError {
     /// Whether the error is the recipe's fault (bad params or input count), known before
     /// looking at any input bytes, as opposed to a failure while computing.
     pub fn is_invalid_recipe(&self) -> bool {
-        !matches!(self, Self::Failed(_))
+        matches!(
+            self,
+            Self::MissingParam { .. } | Self::BadParam { .. } | Self::InputCount { .. }
+        )
+    }
+}
+
+/// A request to stop, shared by whoever may cancel a compute and the compute itself. Cheap to
+/// clone; every clone sees the same state. Once cancelled, it stays cancelled.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token not cancelled (yet).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cancels it, for every clone.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether it was cancelled: one atomic load, cheap enough for any loop.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// What a compute gets besides its inputs and params: today, whether it should stop (the
+/// executor cancels it when it runs past `--compute-timeout-secs`, when every caller has gone,
+/// and at shutdown). More may come (such as provenance); a function only calls its methods.
+///
+/// A function that loops over its input calls [`ComputeContext::check`] every
+/// [`CANCEL_CHECK_BYTES`] or so of work, and returns its error:
+///
+/// ```
+/// # use deriva_compute::{ComputeContext, FunctionError, function::CANCEL_CHECK_BYTES};
+/// fn count_zeros(ctx: &ComputeContext, input: &[u8]) -> Result<usize, FunctionError> {
+///     let mut zeros = 0;
+///     for chunk in input.chunks(CANCEL_CHECK_BYTES) {
+///         ctx.check()?;
+///         zeros += chunk.iter().filter(|b| **b == 0).count();
+///     }
+///     Ok(zeros)
+/// }
+/// assert_eq!(count_zeros(&ComputeContext::default(), &[0, 1, 0]), Ok(2));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ComputeContext {
+    /// This compute's own token.
+    cancel: CancelToken,
+    /// The executor's, cancelled at shutdown for every compute at once.
+    shutdown: CancelToken,
+}
+
+impl ComputeContext {
+    /// A context cancelled when `cancel` is: for running a function outside the executor (a
+    /// test, a tool). [`ComputeContext::default`] is never cancelled.
+    pub fn new(cancel: CancelToken) -> Self {
+        Self {
+            cancel,
+            shutdown: CancelToken::new(),
+        }
+    }
+
+    /// The executor's: cancelled by either token.
+    pub(crate) fn with_shutdown(cancel: CancelToken, shutdown: CancelToken) -> Self {
+        Self { cancel, shutdown }
+    }
+
+    /// Whether the compute should stop now.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled() || self.shutdown.is_cancelled()
+    }
+
+    /// `Err(FunctionError::Cancelled)` once the compute should stop, for `?` in a loop.
+    pub fn check(&self) -> Result<(), FunctionError> {
+        if self.is_cancelled() {
+            Err(FunctionError::Cancelled)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -56,17 +148,35 @@ impl FunctionError {
 /// machine, forever. A function whose output must change gets a new version instead. Deriva
 /// can check this at run time (see `VerificationMode`).
 ///
-/// `compute` runs on tokio's blocking pool, so it may take time and block.
+/// `compute` runs on tokio's blocking pool, so it may take time and block. It should bound
+/// its work by its params up front ([`ComputeFunction::validate`]) and, while it works, watch
+/// its [`ComputeContext`]: the executor cancels a compute that runs longer than the compute
+/// timeout (`--compute-timeout-secs`; the caller gets `DeadlineExceeded`), one whose callers
+/// have all gone, and every compute at shutdown once the grace period is over. A thread cannot
+/// be killed, so cancellation is cooperative: a function that never looks at its context runs
+/// on until it returns, and until then keeps its compute slot (`--max-concurrent-computes`),
+/// its memory reservation and its thread, although its caller had its answer long before
+/// (`deriva_compute_cancelled_running` counts such computes). The builtins look at least every
+/// [`CANCEL_CHECK_BYTES`] of work.
 pub trait ComputeFunction: Send + Sync + 'static {
     /// Checks params and the number of inputs without computing anything. Called when a recipe
-    /// is stored, so a bad recipe is rejected early. The default accepts everything.
+    /// is stored, so a bad recipe is rejected early, and again before every compute (a recipe
+    /// stored by an older version, or planted in the store, is refused rather than run). It
+    /// should bound what the params can make the compute do: a count, a size, a number of
+    /// rounds. The default accepts everything.
     fn validate(&self, n_inputs: usize, params: &Params) -> Result<(), FunctionError> {
         let _ = (n_inputs, params);
         Ok(())
     }
 
-    /// Computes the output.
-    fn compute(&self, inputs: &[Bytes], params: &Params) -> Result<Bytes, FunctionError>;
+    /// Computes the output. Returns [`FunctionError::Cancelled`] (from
+    /// [`ComputeContext::check`]) once `ctx` is cancelled.
+    fn compute(
+        &self,
+        ctx: &ComputeContext,
+        inputs: &[Bytes],
+        params: &Params,
+    ) -> Result<Bytes, FunctionError>;
 
     /// The size of the output for inputs of `input_sizes` bytes, when the function can tell
     /// without computing (`concat`: their sum). The executor checks it against the memory

@@ -3,8 +3,9 @@
 //! Deriva's compute side: the functions, the cache of their outputs, and the engine that
 //! materializes any address.
 //!
-//! - [`function`]: the [`ComputeFunction`] trait and the [`FunctionRegistry`];
-//!   [`builtins`] holds the builtin functions (`concat/v1`, `gzip/v1`, …).
+//! - [`function`]: the [`ComputeFunction`] trait, the [`ComputeContext`] a compute runs in
+//!   (with its [`CancelToken`]), and the [`FunctionRegistry`]; [`builtins`] holds the builtin
+//!   functions (`concat/v1`, `gzip/v1`, …) and their bounds.
 //! - [`cache`]: [`Cache`] of computed outputs and hot small leaves, byte-budgeted and
 //!   cost-aware, with lock-free stats.
 //! - [`spill`]: [`spill::SpillStore`], the local directory that holds outputs too large for
@@ -15,6 +16,21 @@
 //! - [`metrics`]: [`ComputeMetrics`], this crate's OpenTelemetry instruments.
 //! - `testing` (feature `test-util`, for tests only): `Gate`, a compute function that holds its
 //!   calls until the test opens it, so tests wait for events rather than sleep.
+//!
+//! ## Computes that cannot run away
+//!
+//! A function's [`ComputeFunction::validate`] bounds what its params can make it do, when the
+//! recipe is stored and again before every compute (so a recipe planted in the store with
+//! params over a bound is refused with [`deriva_core::DerivaError::InvalidInput`], not run).
+//! While it runs, a compute can be cancelled: its [`ComputeContext`] is cancelled when it runs
+//! longer than [`ExecutorConfig::compute_timeout`] (its callers get
+//! [`deriva_core::DerivaError::DeadlineExceeded`] at once), when every caller of it has gone,
+//! and for every compute by [`AsyncExecutor::cancel_computes`] (the server's shutdown, once the
+//! grace period is over). Cancellation is cooperative, since a thread cannot be killed: the
+//! builtins look at their context every 64 KiB of work and return; a registered function gets
+//! the same context and should do the same. One that ignores it runs on, keeping its compute
+//! slot and its memory reservation until it returns (`deriva_compute_cancelled_running`
+//! counts it), so abandoned work never pushes the engine past its limits.
 //!
 //! This crate only *emits* telemetry: `tracing` spans and events, and OpenTelemetry
 //! instruments built from a `Meter` it is given. Installing subscribers, providers and
@@ -70,6 +86,8 @@
 //! | `deriva_compute_duration_seconds` | histogram | `function` | 0.0001, 0.001, 0.01, 0.05, 0.1, 0.5, 1, 5 |
 //! | `deriva_compute_input_bytes` | histogram | `function` | 64 B, 1 KiB, 16 KiB, 64 KiB, 256 KiB, 1 MiB, 4 MiB, 16 MiB, 64 MiB, 256 MiB, 1 GiB |
 //! | `deriva_compute_output_bytes` | histogram | `function` | as input bytes |
+//! | `deriva_compute_timeouts_total` | counter | `function` | computes stopped by [`ExecutorConfig::compute_timeout`] |
+//! | `deriva_compute_cancelled_running` | gauge | – | computes cancelled (timed out, or every caller gone) whose function has not returned yet; each still holds its compute slot and memory |
 //! | `deriva_storage_corruption_total` | counter | – | stored leaves or recipes found corrupted when read (answered `DATA_LOSS`, never served or cached); each detection counts |
 //! | `deriva_verification_total` | counter | `result` = `pass`, `fail` | verifications |
 //! | `deriva_verification_failure_rate` | gauge | – | failed / all verifications since start (0–1) |
@@ -100,8 +118,8 @@ pub use budget::{BudgetConfig, MemoryBudget};
 pub use cache::{Cache, CacheHit, CacheStats, Kind as CacheKind};
 pub use deriva_core::store::gc::GcOptions;
 pub use executor::{
-    AsyncExecutor, CascadePolicy, CascadeReport, ExecutorConfig, GcReport, InvalidateReport,
-    LEAF_CACHE_MAX_BYTES, VerificationMode, VerifyReport,
+    AsyncExecutor, COMPUTE_TIMEOUT, CascadePolicy, CascadeReport, ExecutorConfig, GcReport,
+    InvalidateReport, LEAF_CACHE_MAX_BYTES, VerificationMode, VerifyReport,
 };
-pub use function::{ComputeFunction, FunctionError, FunctionRegistry};
+pub use function::{CancelToken, ComputeContext, ComputeFunction, FunctionError, FunctionRegistry};
 pub use metrics::{ComputeMetrics, ExecStats, GcResult, Outcome};

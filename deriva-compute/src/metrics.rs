@@ -94,6 +94,8 @@ pub struct ExecStats {
     verify_pass: AtomicU64,
     verify_fail: AtomicU64,
     cascades: [AtomicU64; CascadePolicy::ALL.len()],
+    timeouts: AtomicU64,
+    cancelled_running: AtomicI64,
 }
 
 impl ExecStats {
@@ -134,6 +136,21 @@ impl ExecStats {
     /// Computes waiting for a compute permit now (all permits were taken when they asked).
     pub fn computes_waiting(&self) -> i64 {
         self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Computes stopped by the compute timeout, since start.
+    pub fn compute_timeouts(&self) -> u64 {
+        self.timeouts.load(Ordering::Relaxed)
+    }
+
+    /// Computes cancelled (timed out, or every caller gone) whose function has not returned
+    /// yet: each still holds its compute slot, its memory reservation and its thread.
+    pub fn computes_cancelled_running(&self) -> i64 {
+        self.cancelled_running.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn cancelled_running_add(&self, n: i64) {
+        self.cancelled_running.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Counts one compute as waiting for a permit until the guard drops.
@@ -209,6 +226,8 @@ pub struct ComputeMetrics {
     pub(crate) compute_duration: Histogram<f64>,
     pub(crate) compute_input_bytes: Histogram<u64>,
     pub(crate) compute_output_bytes: Histogram<u64>,
+    compute_timeouts: Counter<u64>,
+    exec: Arc<ExecStats>,
     /// `function=<id>` per registered function, built once.
     function_attrs: HashMap<FunctionId, [KeyValue; 1]>,
     // Observable instruments live as long as the provider; the handles are kept for clarity.
@@ -216,6 +235,7 @@ pub struct ComputeMetrics {
     _gauges_u64: Vec<ObservableGauge<u64>>,
     _gauges_f64: Vec<ObservableGauge<f64>>,
     _gauge_active: ObservableGauge<i64>,
+    _gauge_cancelled_running: ObservableGauge<i64>,
     _saved: ObservableCounter<f64>,
     _memory: Vec<ObservableGauge<u64>>,
     _memory_counters: Vec<ObservableCounter<u64>>,
@@ -338,7 +358,7 @@ impl ComputeMetrics {
         exec: Arc<ExecStats>,
         functions: impl IntoIterator<Item = FunctionId>,
     ) -> Self {
-        let function_attrs = functions
+        let function_attrs: HashMap<FunctionId, [KeyValue; 1]> = functions
             .into_iter()
             .map(|f| {
                 let kv = [KeyValue::new("function", f.to_string())];
@@ -466,6 +486,22 @@ impl ComputeMetrics {
             .build();
 
         let e = exec.clone();
+        let cancelled_running = meter
+            .i64_observable_gauge("deriva.compute.cancelled_running")
+            .with_description("Computes cancelled (past --compute-timeout-secs, or every caller gone) whose function has not returned yet; each holds its compute slot and its memory until it does")
+            .with_callback(move |o| o.observe(e.computes_cancelled_running(), &[]))
+            .build();
+
+        let compute_timeouts = meter
+            .u64_counter("deriva.compute.timeouts")
+            .with_description("Computes that ran longer than --compute-timeout-secs and were cancelled (their callers got DEADLINE_EXCEEDED), by function")
+            .build();
+        // Every series exists from the start, at zero, so rates and alerts see the first one.
+        for attrs in function_attrs.values() {
+            compute_timeouts.add(0, attrs);
+        }
+
+        let e = exec.clone();
         let saved = meter
             .f64_observable_counter("deriva.cache.saved")
             .with_unit("s")
@@ -503,11 +539,14 @@ impl ComputeMetrics {
                 .with_description("Output bytes of one compute, by function")
                 .with_boundaries(BYTES_BUCKETS.to_vec())
                 .build(),
+            compute_timeouts,
+            exec,
             function_attrs,
             _counters: counters,
             _gauges_u64: vec![size, entries, leaf_size, leaf_entries],
             _gauges_f64: vec![hit_rate, failure_rate],
             _gauge_active: active,
+            _gauge_cancelled_running: cancelled_running,
             _saved: saved,
             _memory: Vec::new(),
             _memory_counters: Vec::new(),
@@ -651,6 +690,12 @@ impl ComputeMetrics {
                 ),
             ]);
         }
+    }
+
+    /// Counts a compute stopped by the compute timeout.
+    pub(crate) fn record_timeout(&self, id: &FunctionId) {
+        self.exec.timeouts.fetch_add(1, Ordering::Relaxed);
+        self.compute_timeouts.add(1, self.function_attrs(id));
     }
 
     /// The `function` attribute set for a registered function; empty for any other id, so

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use deriva_core::Params;
 use tokio::sync::Notify;
 
-use crate::function::{ComputeFunction, FunctionError};
+use crate::function::{ComputeContext, ComputeFunction, FunctionError};
 
 /// How long a test waits on a [`Gate`] for calls to start or finish before it fails: far longer
 /// than any test needs, so reaching it means a bug. Tests use it for their other waits too.
@@ -180,7 +180,12 @@ pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 impl ComputeFunction for GateFunction {
-    fn compute(&self, inputs: &[Bytes], params: &Params) -> Result<Bytes, FunctionError> {
+    fn compute(
+        &self,
+        _: &ComputeContext,
+        inputs: &[Bytes],
+        params: &Params,
+    ) -> Result<Bytes, FunctionError> {
         let deadline = Instant::now() + HOLD_DEADLINE;
         let mut state = self.inner.state();
         state.counts.started += 1;

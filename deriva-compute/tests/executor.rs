@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::task::JoinHandle;
 
-use common::{Harness, Panics, Slow, fid};
+use common::{Harness, Panics, Picky, Slow, Spin, fid};
 use deriva_compute::testing::{Gate, wait_until};
 use deriva_compute::{ExecutorConfig, FunctionRegistry, VerificationMode};
 use deriva_core::{CAddr, DerivaError, Recipe};
@@ -263,8 +263,8 @@ async fn abandoned_materialization_is_cancelled() {
         h.exec.stats().active() == 0
     })
     .await;
-    // The compute already running on the blocking pool cannot be stopped; let it return.
-    // (Whether its output is cached depends on whether its task was being polled when it was
+    // The gate ignores its context, so the compute on the blocking pool runs on although it
+    // was cancelled; let it return. (Whether its output is cached depends on whether its task was being polled when it was
     // aborted: tokio cannot interrupt a poll in progress. Either way the value is correct.)
     inner.open();
     inner.wait_finished(1).await;
@@ -349,6 +349,168 @@ async fn a_storm_of_cancelled_requests_never_runs_more_computes_than_the_limit()
         h.exec.compute_permits_available() == LIMIT
     })
     .await;
+}
+
+/// A harness with `spin/v1` ([`Spin`]) and `gate/v1` (`gate`'s, which ignores its context),
+/// one compute slot, and `timeout`.
+fn one_slot(spin: &Spin, gate: &Gate, timeout: Option<Duration>) -> Harness {
+    let mut functions = FunctionRegistry::with_builtins();
+    functions.register(fid("spin/v1"), spin.clone());
+    functions.register(fid("gate/v1"), gate.function());
+    let config = ExecutorConfig {
+        max_concurrent_computes: 1,
+        compute_timeout: timeout,
+        ..ExecutorConfig::default()
+    };
+    Harness::with(functions, config, 1 << 20)
+}
+
+/// Waits until no compute holds the slot or memory of a harness made by [`one_slot`].
+async fn everything_given_back(h: &Harness) {
+    wait_until("the compute slot and the memory are given back", || {
+        h.exec.compute_permits_available() == 1
+            && h.exec.budget().stats().inflight_bytes() == 0
+            && h.exec.stats().computes_cancelled_running() == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compute_past_its_timeout_is_cancelled_and_gives_back_its_slot() {
+    let (spin, gate) = (Spin::default(), Gate::new());
+    let h = one_slot(&spin, &gate, Some(Duration::from_millis(200)));
+    let a = h.leaf(b"a").await;
+    let r = h.recipe("spin/v1", &[a], &[]).await;
+    for attempt in 1..=2 {
+        let err = h.exec.materialize(r).await.unwrap_err();
+        assert_eq!(
+            err,
+            DerivaError::DeadlineExceeded {
+                function: fid("spin/v1"),
+                addr: r,
+                limit: Duration::from_millis(200),
+            }
+        );
+        assert!(err.to_string().contains(&r.to_string()), "{err}");
+        wait_until("the cancelled compute returns", || {
+            spin.returned() == attempt
+        })
+        .await;
+        everything_given_back(&h).await;
+        assert_eq!(h.exec.stats().compute_timeouts(), attempt as u64);
+    }
+    assert!(!h.exec.cache().contains(&r));
+    // A verification runs under the same bound.
+    assert!(matches!(
+        h.exec.verify(r).await,
+        Err(DerivaError::DeadlineExceeded { .. })
+    ));
+    // The one slot is free: a builtin computes.
+    let up = h.recipe("uppercase/v1", &[a], &[]).await;
+    assert_eq!(h.exec.materialize(up).await.unwrap(), &b"A"[..]);
+    let scrape = h.scrape();
+    assert!(
+        scrape.contains(r#"deriva_compute_timeouts_total{function="spin/v1"} 3"#),
+        "{scrape}"
+    );
+}
+
+/// A thread cannot be killed: a function that never looks at its context answers
+/// DEADLINE_EXCEEDED at the timeout all the same, but keeps its slot and its memory until it
+/// returns, and counts as cancelled and running meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_that_ignores_its_context_keeps_its_slot_until_it_returns() {
+    let (spin, gate) = (Spin::default(), Gate::new());
+    let h = one_slot(&spin, &gate, Some(Duration::from_millis(200)));
+    let a = h.leaf(b"a").await;
+    let r = h.recipe("gate/v1", &[a], &[]).await;
+    let err = h.exec.materialize(r).await.unwrap_err();
+    assert!(
+        matches!(err, DerivaError::DeadlineExceeded { addr, .. } if addr == r),
+        "{err}"
+    );
+    assert_eq!(gate.counts().finished, 0);
+    assert_eq!(h.exec.compute_permits_available(), 0);
+    assert!(h.exec.budget().stats().inflight_bytes() > 0);
+    assert_eq!(h.exec.stats().computes_cancelled_running(), 1);
+    assert!(
+        h.scrape().contains("deriva_compute_cancelled_running 1"),
+        "{}",
+        h.scrape()
+    );
+    gate.open();
+    gate.wait_finished(1).await;
+    everything_given_back(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_compute_is_cancelled() {
+    let (spin, gate) = (Spin::default(), Gate::new());
+    let h = one_slot(&spin, &gate, None);
+    let a = h.leaf(b"a").await;
+    let r = h.recipe("spin/v1", &[a], &[]).await;
+    let exec = h.exec.clone();
+    let request = tokio::spawn(async move { exec.materialize(r).await });
+    wait_until("the compute starts", || spin.started() == 1).await;
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+    wait_until("the abandoned compute returns", || spin.returned() == 1).await;
+    everything_given_back(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_computes_stops_running_and_later_computes() {
+    let (spin, gate) = (Spin::default(), Gate::new());
+    let h = one_slot(&spin, &gate, None);
+    let a = h.leaf(&[b'a'; 1 << 20]).await;
+    let r = h.recipe("spin/v1", &[a], &[]).await;
+    let exec = h.exec.clone();
+    let request = tokio::spawn(async move { exec.materialize(r).await });
+    wait_until("the compute starts", || spin.started() == 1).await;
+    h.exec.cancel_computes();
+    let err = request.await.unwrap().unwrap_err();
+    assert!(matches!(err, DerivaError::TaskCancelled { .. }), "{err:?}");
+    everything_given_back(&h).await;
+    // A builtin started afterwards sees its context cancelled at its first chunk.
+    let up = h.recipe("uppercase/v1", &[a], &[]).await;
+    assert!(matches!(
+        h.exec.materialize(up).await,
+        Err(DerivaError::TaskCancelled { .. })
+    ));
+    assert_eq!(h.exec.stats().compute_timeouts(), 0);
+}
+
+/// A recipe stored without its function's check (planted, or stored before a bound existed)
+/// is refused before anything is read or run, as itself and as an input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_recipe_its_function_refuses_is_not_run() {
+    let picky = Picky::default();
+    let mut functions = FunctionRegistry::with_builtins();
+    functions.register(fid("picky/v1"), picky.clone());
+    let h = Harness::with(functions, ExecutorConfig::default(), 1 << 20);
+    let a = h.leaf(b"a").await;
+    let bad = Recipe::new(fid("picky/v1"), vec![a], [("x", "bad")]).unwrap();
+    assert!(matches!(
+        h.exec.put_recipe(bad.clone()).await,
+        Err(DerivaError::InvalidInput(_))
+    ));
+    let planted = h.exec.store().put_recipe(bad).await.unwrap();
+    let above = h.recipe("identity/v1", &[planted], &[]).await;
+    for addr in [planted, above] {
+        let err = h.exec.materialize(addr).await.unwrap_err();
+        assert!(
+            matches!(&err, DerivaError::InvalidInput(m)
+                if m.contains(&planted.to_string()) && m.contains("picky/v1") && m.contains("`x`")),
+            "{err}"
+        );
+    }
+    assert!(matches!(
+        h.exec.verify(planted).await,
+        Err(DerivaError::InvalidInput(_))
+    ));
+    assert_eq!(picky.calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let fine = h.recipe("picky/v1", &[a], &[("x", "good")]).await;
+    assert_eq!(h.exec.materialize(fine).await.unwrap(), &b"a"[..]);
 }
 
 /// Race 4 of RELIABILITY.md: an invalidation that arrives while a recipe computes wins: the

@@ -145,8 +145,14 @@ async fn compute_duration_and_sizes_are_labelled_by_function() {
         assert!(text.contains(&line), "missing {line}");
     }
     assert!(
-        !text.contains(r#"function="reverse/v1""#),
-        "only computed functions have series"
+        !text.contains(r#"_bytes_count{function="reverse/v1""#)
+            && !text.contains(r#"_seconds_count{function="reverse/v1""#),
+        "only computed functions have histogram series"
+    );
+    // Timeouts are counted from zero for every registered function, so alerts see the first.
+    assert!(
+        text.contains(r#"deriva_compute_timeouts_total{function="reverse/v1"} 0"#),
+        "{text}"
     );
 }
 
@@ -252,6 +258,8 @@ async fn every_family_has_its_documented_name_and_type() {
         ("deriva_compute_duration_seconds", "histogram"),
         ("deriva_compute_input_bytes", "histogram"),
         ("deriva_compute_output_bytes", "histogram"),
+        ("deriva_compute_timeouts_total", "counter"),
+        ("deriva_compute_cancelled_running", "gauge"),
         ("deriva_verification_total", "counter"),
         ("deriva_cache_saved_seconds_total", "counter"),
         ("deriva_storage_corruption_total", "counter"),

@@ -43,6 +43,20 @@ pub enum DerivaError {
         /// The function's own message.
         message: String,
     },
+    /// The function ran longer than the compute timeout and was cancelled. Nothing was kept;
+    /// a later request computes it again, under the same bound.
+    #[error(
+        "{addr}: {function} ran longer than the compute timeout of {} s and was cancelled",
+        limit.as_secs_f64()
+    )]
+    DeadlineExceeded {
+        /// The function that ran too long.
+        function: FunctionId,
+        /// The recipe being computed.
+        addr: CAddr,
+        /// The compute timeout.
+        limit: std::time::Duration,
+    },
     /// Two runs of the same function on the same inputs produced different bytes.
     #[error("{addr}: {function} is not deterministic: two runs gave outputs {first} and {second}")]
     DeterminismViolation {
@@ -179,6 +193,7 @@ impl DerivaError {
             Self::UnknownFunction { .. } => "unknown_function",
             Self::MissingInput { .. } => "missing_input",
             Self::ComputeFailed { .. } => "compute_failed",
+            Self::DeadlineExceeded { .. } => "deadline_exceeded",
             Self::DeterminismViolation { .. } => "determinism_violation",
             Self::Corrupted { .. } => "corrupted",
             Self::Io { .. } => "io",

@@ -17,7 +17,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use deriva_compute::{
-    AsyncExecutor, Cache, ComputeFunction, ExecutorConfig, FunctionError, FunctionRegistry,
+    AsyncExecutor, Cache, ComputeContext, ComputeFunction, ExecutorConfig, FunctionError,
+    FunctionRegistry,
 };
 use deriva_core::{CAddr, FunctionId, Params, Recipe, Store};
 use deriva_server::telemetry::ServerMetrics;
@@ -108,7 +109,12 @@ fn instruments(c: &mut Criterion) {
 struct Copy;
 
 impl ComputeFunction for Copy {
-    fn compute(&self, inputs: &[Bytes], _: &Params) -> Result<Bytes, FunctionError> {
+    fn compute(
+        &self,
+        _: &ComputeContext,
+        inputs: &[Bytes],
+        _: &Params,
+    ) -> Result<Bytes, FunctionError> {
         Ok(inputs.concat().into())
     }
 }

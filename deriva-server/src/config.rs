@@ -97,6 +97,9 @@ pub mod defaults {
         ExecutorConfig::default().max_concurrent_computes
     }
 
+    /// `--compute-timeout-secs`: the executor's default, 300 s.
+    pub const COMPUTE_TIMEOUT_SECS: u64 = deriva_compute::executor::COMPUTE_TIMEOUT.as_secs();
+
     /// A size default, in bytes.
     pub(super) fn size(flag: &str, value: &str) -> u64 {
         super::parse_size(value)
@@ -118,6 +121,9 @@ pub struct Config {
     pub verification: VerificationMode,
     /// Most computes running at once.
     pub max_concurrent_computes: usize,
+    /// Longest one run of a function may take before it is cancelled (`DEADLINE_EXCEEDED`);
+    /// `None`: no bound.
+    pub compute_timeout: Option<Duration>,
     /// Largest gRPC message accepted, in bytes; a larger request is `RESOURCE_EXHAUSTED`.
     pub max_message_bytes: usize,
     /// Size of each `Get` response chunk, in bytes.
@@ -251,6 +257,7 @@ impl Default for Config {
             cache_bytes: defaults::size("cache-bytes", defaults::CACHE_BYTES),
             verification: defaults::verification(),
             max_concurrent_computes: defaults::max_concurrent_computes(),
+            compute_timeout: Some(Duration::from_secs(defaults::COMPUTE_TIMEOUT_SECS)),
             max_message_bytes: usize_size("max-message-bytes", defaults::MAX_MESSAGE_BYTES),
             chunk_bytes: usize_size("chunk-bytes", defaults::CHUNK_BYTES),
             shutdown_grace: Duration::from_secs(defaults::SHUTDOWN_GRACE_SECS),
@@ -301,6 +308,11 @@ impl Config {
             (
                 "max-concurrent-computes",
                 self.max_concurrent_computes.to_string(),
+            ),
+            (
+                "compute-timeout-secs",
+                self.compute_timeout
+                    .map_or_else(|| "none".into(), |d| d.as_secs().to_string()),
             ),
             ("max-message-bytes", self.max_message_bytes.to_string()),
             ("chunk-bytes", self.chunk_bytes.to_string()),
@@ -456,6 +468,10 @@ pub struct ServerArgs {
     /// Most computes at once [default: the number of CPUs].
     #[arg(long, env = "DERIVA_MAX_CONCURRENT_COMPUTES", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_computes: Option<u32>,
+    /// Seconds one compute may run before it is cancelled and answers DEADLINE_EXCEEDED; 0: no
+    /// limit.
+    #[arg(long, env = "DERIVA_COMPUTE_TIMEOUT_SECS", default_value_t = defaults::COMPUTE_TIMEOUT_SECS)]
+    pub compute_timeout_secs: u64,
     /// Largest gRPC message accepted, in bytes or with a unit.
     #[arg(long, env = "DERIVA_MAX_MESSAGE_BYTES", default_value = defaults::MAX_MESSAGE_BYTES, value_parser = parse_size)]
     pub max_message_bytes: u64,
@@ -662,6 +678,8 @@ impl ServerArgs {
             max_concurrent_computes: self
                 .max_concurrent_computes
                 .map_or_else(defaults::max_concurrent_computes, |n| n as usize),
+            compute_timeout: Some(Duration::from_secs(self.compute_timeout_secs))
+                .filter(|d| !d.is_zero()),
             max_message_bytes: usize::try_from(self.max_message_bytes)
                 .map_err(|_| "--max-message-bytes is too large")?,
             chunk_bytes,

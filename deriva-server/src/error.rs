@@ -56,6 +56,7 @@ impl From<ApiError> for Status {
     /// | unknown address, trace not kept | `NOT_FOUND` |
     /// | missing input, unregistered function, trace store off, a collection's grace below `--gc-min-grace` | `FAILED_PRECONDITION` |
     /// | compute failure | `INTERNAL`, with the function's message |
+    /// | compute that ran longer than `--compute-timeout-secs` (the message names the recipe and the function) | `DEADLINE_EXCEEDED` |
     /// | determinism violation, corrupted data | `DATA_LOSS` |
     /// | storage failure (I/O, database, undecodable row), panicked task | `INTERNAL`, detail in the server log only |
     /// | task cancelled because the server is shutting down; a remote backend that cannot be reached (the message names it) | `UNAVAILABLE` |
@@ -99,6 +100,7 @@ pub fn code_of(err: &DerivaError) -> Code {
         DerivaError::DeterminismViolation { .. } | DerivaError::Corrupted { .. } => Code::DataLoss,
         DerivaError::TaskCancelled { .. } | DerivaError::Unavailable { .. } => Code::Unavailable,
         DerivaError::OverBudget { .. } => Code::ResourceExhausted,
+        DerivaError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
         DerivaError::ComputeFailed { .. }
         | DerivaError::Io { .. }
         | DerivaError::Database { .. }
@@ -134,6 +136,24 @@ mod tests {
         assert_eq!(code_name(Code::Unavailable), "UNAVAILABLE");
         assert_eq!(code_name(Code::InvalidArgument), "INVALID_ARGUMENT");
         assert_eq!(code_name(Code::Ok), "OK");
+    }
+
+    #[test]
+    fn a_compute_timeout_is_deadline_exceeded_naming_recipe_and_function() {
+        let addr = CAddr::for_leaf(b"a recipe");
+        let err = DerivaError::DeadlineExceeded {
+            function: deriva_core::FunctionId::new("gzip", "v1").unwrap(),
+            addr,
+            limit: std::time::Duration::from_secs(300),
+        };
+        let status = Status::from(ApiError::from(err));
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        assert_eq!(
+            status.message(),
+            format!(
+                "{addr}: gzip/v1 ran longer than the compute timeout of 300 s and was cancelled"
+            )
+        );
     }
 
     #[test]

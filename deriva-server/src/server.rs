@@ -29,6 +29,10 @@ use crate::trace_store::TraceStore;
 /// Largest header block (all metadata of one request) accepted, in bytes.
 pub const MAX_HEADER_LIST_BYTES: u32 = 256 * 1024;
 
+/// How long [`Server::serve`] waits for the store to be released, beyond one shutdown grace
+/// period after serving stopped, before it returns without it.
+pub const STORE_RELEASE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Why serving stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -158,6 +162,7 @@ impl Server {
                 wait: config.memory_wait,
             },
             spill,
+            compute_timeout: config.compute_timeout,
             ..ExecutorConfig::default()
         };
         let auth = match &config.auth_tokens {
@@ -240,10 +245,16 @@ impl Server {
     /// Serves the Deriva service and the standard gRPC health service on `grpc`, and the
     /// HTTP endpoints (see [`crate::http`]) on `http` if given, until `shutdown` completes.
     /// Then both stop accepting, `/readyz` turns 503, and in-flight calls get at most
-    /// `config.shutdown_grace` to finish; calls still running then answer `UNAVAILABLE`.
-    /// This returns only once every handle on the store is gone (computes already running on
-    /// the blocking pool finish first), so the data directory can be opened again at once. An
-    /// executor clone the caller took from [`Server::executor`] counts too: drop it first.
+    /// `config.shutdown_grace` to finish; calls still running then answer `UNAVAILABLE`, and
+    /// every compute still running is cancelled ([`AsyncExecutor::cancel_computes`]: a
+    /// builtin stops within one chunk of work; a function that ignores its context runs on,
+    /// but holds no handle on the store).
+    ///
+    /// This returns once every handle on the store is gone, so the data directory can be
+    /// opened again at once; an executor clone the caller took from [`Server::executor`]
+    /// counts too: drop it first. It waits for that at most one more grace period and
+    /// [`STORE_RELEASE_LIMIT`] after it, then returns anyway, with an error in the log (a store
+    /// call that never ends, such as one on a hung disk).
     pub async fn serve(
         self,
         grpc: TcpListener,
@@ -377,6 +388,7 @@ impl Server {
         };
         ready.store(true, Ordering::Release);
         let grace = self.config.shutdown_grace;
+        let exec = self.exec.clone();
         let deadline = async move {
             shutdown.await;
             tokio::time::sleep(grace).await;
@@ -390,7 +402,8 @@ impl Server {
         let served = tokio::select! {
             served = &mut serving => served.map(drop),
             () = deadline => {
-                tracing::warn!(grace_secs = grace.as_secs_f64(), "in-flight calls outlived the shutdown grace; cutting them off");
+                tracing::warn!(grace_secs = grace.as_secs_f64(), "in-flight calls outlived the shutdown grace; cutting them off and cancelling their computes");
+                exec.cancel_computes();
                 let _ = cut_off.send(true);
                 // The cut-off calls answer at once; a reply still streaming to a slow client
                 // gets one more grace period.
@@ -405,6 +418,9 @@ impl Server {
         };
         drop(serving);
         drop(cut_off);
+        // No call is left to want an output: nothing computes from now on.
+        exec.cancel_computes();
+        drop(exec);
         // The background tasks hold the executor, hence the store: end them first.
         drop((heartbeat, collector));
         drop(self);
@@ -413,7 +429,14 @@ impl Server {
         let waited = tokio::time::timeout(grace, released.clone().wait()).await;
         if waited.is_err() {
             tracing::warn!("waiting for store calls still running before closing the store");
-            released.wait().await;
+            let waited = tokio::time::timeout(STORE_RELEASE_LIMIT, released.wait()).await;
+            if waited.is_err() {
+                tracing::error!(
+                    limit_secs = STORE_RELEASE_LIMIT.as_secs(),
+                    "the store is still in use; stopping without closing it"
+                );
+                return served;
+            }
         }
         tracing::debug!("store closed");
         served

@@ -8,7 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{InProcess, hex};
 use deriva_compute::testing::{Gate, wait_until};
-use deriva_compute::{ComputeFunction, FunctionError, FunctionRegistry, VerificationMode};
+use deriva_compute::{
+    ComputeContext, ComputeFunction, FunctionError, FunctionRegistry, VerificationMode,
+};
 use deriva_core::Store;
 use deriva_core::{CAddr, FunctionId, Params};
 use deriva_server::proto::{
@@ -365,7 +367,7 @@ async fn compute_failure_is_internal_with_the_function_message() {
 struct Flaky(std::sync::atomic::AtomicU64);
 
 impl ComputeFunction for Flaky {
-    fn compute(&self, _: &[Bytes], _: &Params) -> Result<Bytes, FunctionError> {
+    fn compute(&self, _: &ComputeContext, _: &[Bytes], _: &Params) -> Result<Bytes, FunctionError> {
         Ok(self
             .0
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)

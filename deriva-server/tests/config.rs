@@ -71,6 +71,13 @@ const ROWS: &[Row] = &[
         other: "4321",
     },
     Row {
+        flag: "compute-timeout-secs",
+        vars: &["DERIVA_COMPUTE_TIMEOUT_SECS"],
+        value: "0",
+        shows: ("compute-timeout-secs", "none"),
+        other: "60",
+    },
+    Row {
         flag: "max-message-bytes",
         vars: &["DERIVA_MAX_MESSAGE_BYTES"],
         value: "1MiB",

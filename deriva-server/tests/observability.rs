@@ -200,7 +200,7 @@ async fn full_flow_shows_every_documented_family_as_the_readme_says() {
     // The main table only: the remote backend's families have a table of their own, checked
     // by tests/cluster.rs.
     let documented = common::readme_metrics("### Metrics reference");
-    assert_eq!(documented.len(), 48, "README metrics table rows");
+    assert_eq!(documented.len(), 50, "README metrics table rows");
     for (name, kind, buckets) in &documented {
         let found = live
             .iter()

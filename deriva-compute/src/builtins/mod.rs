@@ -14,8 +14,22 @@
 //! | `gunzip/v1` | 1 | – | the decompressed input |
 //!
 //! Case mapping is ASCII-only on purpose: Unicode case tables change between Unicode versions,
-//! which would make the output depend on the machine. No builtin produces more than
-//! [`MAX_OUTPUT_BYTES`](crate::function::MAX_OUTPUT_BYTES).
+//! which would make the output depend on the machine.
+//!
+//! ## Bounds
+//!
+//! No param makes a builtin produce more than
+//! [`MAX_OUTPUT_BYTES`](crate::function::MAX_OUTPUT_BYTES) (1 GiB) or work without producing:
+//! `repeat` refuses a `count` above `MAX_OUTPUT_BYTES` when the recipe is stored, whatever its
+//! input (an empty input would otherwise loop `count` times for nothing), and any count whose
+//! output would pass the limit; `gunzip` stops at the limit (a gzip bomb fails); `gzip` fails
+//! past it; `concat` refuses inputs that add up to more. Every other builtin does work linear in
+//! its input bytes, which the memory budget bounds, and `identity` and `slice` do none (they
+//! return the input, or a view of it). Every builtin that loops looks at its
+//! [`ComputeContext`](crate::ComputeContext) every
+//! [`CANCEL_CHECK_BYTES`](crate::function::CANCEL_CHECK_BYTES) (64 KiB) of work (per copy
+//! step in `repeat`, per block in `gzip` and `gunzip`), so a cancelled builtin returns within
+//! about that much work.
 
 mod bytes_ops;
 mod compress;
@@ -49,10 +63,11 @@ pub(crate) mod test_util {
     use bytes::Bytes;
     use deriva_core::Params;
 
-    use crate::function::{ComputeFunction, FunctionError};
+    use crate::function::{CancelToken, ComputeContext, ComputeFunction, FunctionError};
 
-    pub(crate) fn run(
+    fn call(
         f: &dyn ComputeFunction,
+        ctx: &ComputeContext,
         inputs: &[&[u8]],
         params: &[(&str, &str)],
     ) -> Result<Bytes, FunctionError> {
@@ -62,7 +77,27 @@ pub(crate) mod test_util {
             .collect();
         let inputs: Vec<Bytes> = inputs.iter().map(|i| Bytes::copy_from_slice(i)).collect();
         f.validate(inputs.len(), &params)?;
-        f.compute(&inputs, &params)
+        f.compute(ctx, &inputs, &params)
+    }
+
+    /// Validates, then computes with a context that is never cancelled.
+    pub(crate) fn run(
+        f: &dyn ComputeFunction,
+        inputs: &[&[u8]],
+        params: &[(&str, &str)],
+    ) -> Result<Bytes, FunctionError> {
+        call(f, &ComputeContext::default(), inputs, params)
+    }
+
+    /// Like [`run`], with a context cancelled before the compute starts.
+    pub(crate) fn run_cancelled(
+        f: &dyn ComputeFunction,
+        inputs: &[&[u8]],
+        params: &[(&str, &str)],
+    ) -> Result<Bytes, FunctionError> {
+        let cancel = CancelToken::new();
+        cancel.cancel();
+        call(f, &ComputeContext::new(cancel), inputs, params)
     }
 }
 

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use deriva_compute::{
-    AsyncExecutor, Cache, ComputeFunction, ExecutorConfig, FunctionError, FunctionRegistry,
+    AsyncExecutor, Cache, ComputeContext, ComputeFunction, ExecutorConfig, FunctionError,
+    FunctionRegistry,
 };
 use deriva_core::store::{AgedLeaf, BlobStore, ByteStream, stream};
 use deriva_core::{CAddr, DerivaError, FunctionId, Params, Recipe, Store};
@@ -213,7 +214,12 @@ impl Slow {
 }
 
 impl ComputeFunction for Slow {
-    fn compute(&self, inputs: &[Bytes], params: &Params) -> Result<Bytes, FunctionError> {
+    fn compute(
+        &self,
+        _: &ComputeContext,
+        inputs: &[Bytes],
+        params: &Params,
+    ) -> Result<Bytes, FunctionError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(self.delay);
         let mut out = inputs.concat();
@@ -222,12 +228,76 @@ impl ComputeFunction for Slow {
     }
 }
 
+/// Works until its context is cancelled, looking at it every millisecond, then returns
+/// [`FunctionError::Cancelled`]: a compute that never ends on its own, but stops when asked.
+/// Counts the calls that started and those that returned.
+#[derive(Clone, Default)]
+pub struct Spin {
+    pub started: Arc<AtomicUsize>,
+    pub returned: Arc<AtomicUsize>,
+}
+
+impl Spin {
+    pub fn started(&self) -> usize {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    pub fn returned(&self) -> usize {
+        self.returned.load(Ordering::SeqCst)
+    }
+}
+
+impl ComputeFunction for Spin {
+    fn compute(
+        &self,
+        ctx: &ComputeContext,
+        _: &[Bytes],
+        _: &Params,
+    ) -> Result<Bytes, FunctionError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        while !ctx.is_cancelled() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.returned.fetch_add(1, Ordering::SeqCst);
+        ctx.check().map(|()| Bytes::new())
+    }
+}
+
+/// Refuses the param `x=bad` in `validate`, and counts the computes it is asked for: a recipe
+/// with `x=bad` can only be in the store if it was planted there.
+#[derive(Clone, Default)]
+pub struct Picky {
+    pub calls: Arc<AtomicUsize>,
+}
+
+impl ComputeFunction for Picky {
+    fn validate(&self, _: usize, params: &Params) -> Result<(), FunctionError> {
+        match params.get("x").map(String::as_str) {
+            Some("bad") => Err(FunctionError::BadParam {
+                param: "x".into(),
+                reason: "must not be bad".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn compute(
+        &self,
+        _: &ComputeContext,
+        inputs: &[Bytes],
+        _: &Params,
+    ) -> Result<Bytes, FunctionError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(inputs.concat().into())
+    }
+}
+
 /// Returns a different output on every call: deliberately non-deterministic.
 #[derive(Default)]
 pub struct Counter(pub AtomicUsize);
 
 impl ComputeFunction for Counter {
-    fn compute(&self, _: &[Bytes], _: &Params) -> Result<Bytes, FunctionError> {
+    fn compute(&self, _: &ComputeContext, _: &[Bytes], _: &Params) -> Result<Bytes, FunctionError> {
         Ok(self.0.fetch_add(1, Ordering::SeqCst).to_string().into())
     }
 }
@@ -236,7 +306,7 @@ impl ComputeFunction for Counter {
 pub struct SlowFail(pub Duration);
 
 impl ComputeFunction for SlowFail {
-    fn compute(&self, _: &[Bytes], _: &Params) -> Result<Bytes, FunctionError> {
+    fn compute(&self, _: &ComputeContext, _: &[Bytes], _: &Params) -> Result<Bytes, FunctionError> {
         std::thread::sleep(self.0);
         Err(FunctionError::Failed("it was always going to fail".into()))
     }
@@ -246,7 +316,7 @@ impl ComputeFunction for SlowFail {
 pub struct Panics;
 
 impl ComputeFunction for Panics {
-    fn compute(&self, _: &[Bytes], _: &Params) -> Result<Bytes, FunctionError> {
+    fn compute(&self, _: &ComputeContext, _: &[Bytes], _: &Params) -> Result<Bytes, FunctionError> {
         panic!("boom")
     }
 }

@@ -43,7 +43,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         // First of all, before anything is bound or announced: from here on SIGINT and SIGTERM
         // are caught and lead to the graceful path, never to the default action (which would
         // end the process without draining calls or flushing telemetry).
@@ -86,8 +86,16 @@ fn main() -> ExitCode {
         let code = run(config, &telemetry, signals, &reloads).await;
         telemetry.shutdown(TELEMETRY_FLUSH_TIMEOUT).await;
         code
-    })
+    });
+    // Dropping the runtime would wait for every blocking-pool thread: a compute cancelled at
+    // the end of the grace period that ignores its cancellation would keep the process alive.
+    // The store is closed by now; such a thread is abandoned when the process exits.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
+    code
 }
+
+/// How long the exit waits for blocking-pool threads still running once serving has stopped.
+const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `deriva-server migrate …`: the migration, its report on stdout (JSON with `--json`), and
 /// the exit status of [`MigrateError::exit_code`].
