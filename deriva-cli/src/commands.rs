@@ -785,7 +785,8 @@ impl UploadProgress {
 }
 
 /// A temporary file next to the `-o` destination; removed when dropped unless
-/// [`TempOutput::persist`] renamed it into place.
+/// [`TempOutput::persist`] renamed it into place. A destination that exists and is not a regular
+/// file (a device, a pipe) is written directly instead, and `persisted` from the start.
 struct TempOutput {
     file: tokio::fs::File,
     path: PathBuf,
@@ -795,15 +796,34 @@ struct TempOutput {
 
 impl TempOutput {
     async fn create(context: &str, dest: &Path) -> Result<Self, CliError> {
-        let name = dest
-            .file_name()
-            .ok_or_else(|| CliError::Usage(format!("-o {}: not a file name", dest.display())))?;
-        if tokio::fs::metadata(dest).await.is_ok_and(|m| m.is_dir()) {
+        let existing = tokio::fs::metadata(dest).await.ok();
+        if existing.as_ref().is_some_and(|m| m.is_dir()) {
             return Err(CliError::Usage(format!(
                 "-o {}: is a directory",
                 dest.display()
             )));
         }
+        // A device, a pipe or a socket (`-o /dev/null`, `-o /dev/stdout`, a FIFO) takes the
+        // bytes as they come: renaming a file over it would replace it (as root, /dev/null
+        // itself) instead of writing to it.
+        if existing.is_some_and(|m| !m.is_file()) {
+            let file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .open(dest)
+                .await
+                .map_err(|e| {
+                    CliError::io(format!("{context}: cannot open {}", dest.display()), e)
+                })?;
+            return Ok(Self {
+                file,
+                path: dest.to_owned(),
+                dest: dest.to_owned(),
+                persisted: true,
+            });
+        }
+        let name = dest
+            .file_name()
+            .ok_or_else(|| CliError::Usage(format!("-o {}: not a file name", dest.display())))?;
         let dir = match dest.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
@@ -849,8 +869,12 @@ impl TempOutput {
         }
     }
 
-    /// Flushes the file to disk and renames it to the destination.
+    /// Flushes the file to disk and renames it to the destination (a destination that is not a
+    /// regular file was written in place: nothing to do).
     async fn persist(&mut self) -> std::io::Result<()> {
+        if self.persisted {
+            return Ok(());
+        }
         self.file.sync_all().await?;
         tokio::fs::rename(&self.path, &self.dest)
             .await

@@ -357,6 +357,36 @@ fn a_leaf_damaged_mid_way_leaves_no_file_behind() {
     );
 }
 
+/// `deriva get -o` into something that is not a regular file (a FIFO here; `/dev/null` and
+/// `/dev/stdout` are the same case) writes the bytes into it. Renaming a temporary file over it
+/// instead, as for a regular file, replaced the pipe, and, run as root with `-o /dev/null`,
+/// `/dev/null` itself.
+#[test]
+fn get_into_a_pipe_writes_to_it_and_leaves_it_a_pipe() {
+    use std::os::unix::fs::FileTypeExt as _;
+    let server = ServerProcess::start();
+    let data = pseudo_random(300_000, 0xf1f0);
+    let addr = server.addr_of_stdin(&data);
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("out.fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(fifo).unwrap())
+    };
+    let out = server.ok(&["get", &addr, "-o", path_str(&fifo)]);
+    assert_eq!(out, "");
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo(),
+        "the FIFO was replaced by a file"
+    );
+    assert!(reader.join().unwrap() == data, "the bytes read from the FIFO");
+    assert_eq!(dir_entries(dir.path()), ["out.fifo"], "no temporary file left");
+}
+
 /// Pins through the CLI: only what exists, once each, listed, unpinned; and `cluster` lists
 /// the one node.
 #[test]

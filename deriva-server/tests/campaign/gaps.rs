@@ -4,8 +4,7 @@
 //! `--trace-max-per-second`, `Explain` of another caller's trace, `deriva gc --grace 0s`, and an
 //! output-tier object moved under another recipe in a real SeaweedFS.
 
-#[path = "../../../deriva-remote/tests/services/mod.rs"]
-mod services;
+use crate::services;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -17,6 +17,9 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+/// Real SeaweedFS and PostgreSQL (`scripts/backends.sh`), as deriva-remote's tests start them.
+#[path = "../../../deriva-remote/tests/services/mod.rs"]
+mod services;
 
 mod compute;
 mod connections;

@@ -13,8 +13,7 @@ use crate::common::http::http_get_with;
 use crate::common::{DEADLINE, Rng, get_all, put_leaf, put_recipe};
 use crate::{cli_bin, server, server_bin};
 
-#[path = "../../../deriva-remote/tests/services/mod.rs"]
-mod services;
+use crate::services;
 
 /// A secret, as chosen and as written where it is given (a URL escapes some characters).
 #[derive(Debug, Clone)]
