@@ -369,7 +369,13 @@ fn get_into_a_pipe_writes_to_it_and_leaves_it_a_pipe() {
     let addr = server.addr_of_stdin(&data);
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("out.fifo");
-    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
     let reader = {
         let fifo = fifo.clone();
         std::thread::spawn(move || std::fs::read(fifo).unwrap())
@@ -383,8 +389,15 @@ fn get_into_a_pipe_writes_to_it_and_leaves_it_a_pipe() {
             .is_fifo(),
         "the FIFO was replaced by a file"
     );
-    assert!(reader.join().unwrap() == data, "the bytes read from the FIFO");
-    assert_eq!(dir_entries(dir.path()), ["out.fifo"], "no temporary file left");
+    assert!(
+        reader.join().unwrap() == data,
+        "the bytes read from the FIFO"
+    );
+    assert_eq!(
+        dir_entries(dir.path()),
+        ["out.fifo"],
+        "no temporary file left"
+    );
 }
 
 /// Pins through the CLI: only what exists, once each, listed, unpinned; and `cluster` lists
