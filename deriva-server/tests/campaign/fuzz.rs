@@ -836,8 +836,16 @@ fn open_fds(pid: rustix::process::Pid) -> usize {
 async fn random_bytes_and_frames_at_both_listeners_leave_the_node_serving_and_whole() {
     let seed = Rng::from_env("fuzz").0;
     let duration = Duration::from_secs(20 * common::long_factor());
+    // A compute the attackers start and abandon is cancelled when they hang up; one that
+    // outlives its callers anyway (a Get of the same address came meanwhile) ends at 5 s, so
+    // none holds a compute slot the checks below need.
     let mut server = crate::server()
-        .args(["--handshake-timeout-secs", "2"])
+        .args([
+            "--handshake-timeout-secs",
+            "2",
+            "--compute-timeout-secs",
+            "5",
+        ])
         .start();
     let grpc = server.grpc_addr().to_owned();
     let http = server.metrics_addr().to_owned();

@@ -1,6 +1,7 @@
 //! The hostile-client campaign (issue 30): the release `deriva-server` attacked as a hostile or
-//! careless user would, one module per front. Every test here failed on the main branch before
-//! that issue, and RELIABILITY.md lists each attack with its result and its test.
+//! careless user would, one module per front. Each finding of that issue is a test here that
+//! failed on the binary before it; the fan-out, the deep chain and the random attacks of `fuzz`
+//! bound what passed then too. RELIABILITY.md lists each attack with its result and its test.
 //!
 //! `.ci/run` builds the release binaries and points `DERIVA_CAMPAIGN_SERVER` at
 //! `target/release/deriva-server`; without it (a plain `cargo test`), the campaign attacks the
