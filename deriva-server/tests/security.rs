@@ -29,15 +29,11 @@ const TOKENS: [(&str, &str, &str); 4] = [
     ("deriva_ci_secret_7980", "read,write", "ci"),
 ];
 
+/// The token file of [`TOKENS`], with a comment line (skipped) first.
 fn token_file(dir: &std::path::Path) -> std::path::PathBuf {
-    let text: String = TOKENS
-        .iter()
-        .map(|(token, scopes, name)| {
-            format!("{} {scopes} {name}\n", deriva_core::token::hashed(token))
-        })
-        .collect();
     let path = dir.join("tokens");
-    std::fs::write(&path, format!("# test tokens\n{text}")).unwrap();
+    let text = format!("# test tokens\n{}", common::token_lines(&TOKENS));
+    std::fs::write(&path, text).unwrap();
     path
 }
 

@@ -10,34 +10,15 @@
 mod common;
 mod remote;
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
 use common::ca::Ca;
-use common::{ServerProcess, deriva_bin};
+use common::{Files, ServerProcess, deriva_bin};
 use deriva_server::proto::StatusRequest;
 use deriva_server::proto::deriva_client::DerivaClient;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-struct Files {
-    dir: tempfile::TempDir,
-}
-
-impl Files {
-    fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-}
 
 fn arg(p: &Path) -> String {
     p.display().to_string()
@@ -77,18 +58,7 @@ async fn status(channel: Channel) -> Result<(), tonic::Status> {
 /// Whether a TLS client trusting `ca` gets through the handshake with `addr`, and the
 /// certificate the server presented.
 async fn handshake(addr: &str, ca: &str) -> std::io::Result<(CertificateDer<'static>, String)> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(ca.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = common::ca::tls_connector(ca);
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let mut tls = connector
         .connect(ServerName::try_from("localhost").unwrap(), tcp)

@@ -61,22 +61,6 @@ fn fds(server: &ServerProcess) -> usize {
         .unwrap_or(0)
 }
 
-/// A TLS client config trusting `ca`.
-fn connector(ca: &str) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(ca.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
-
 /// How a squatter opens its socket.
 #[derive(Clone)]
 enum Squat {
@@ -274,7 +258,7 @@ async fn silent_tls_sockets_do_not_lock_out_the_cli() {
     let handshakes = Squatters::start(
         server.grpc_addr(),
         4,
-        Squat::TlsHandshake(connector(&ca.pem)),
+        Squat::TlsHandshake(crate::common::ca::tls_connector(&ca.pem)),
     );
     let bytes = Squatters::start(server.grpc_addr(), 1, Squat::Bytes(b"\x16"));
     handshakes

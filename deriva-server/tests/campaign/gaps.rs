@@ -6,7 +6,7 @@
 
 use crate::services;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,22 +21,9 @@ use tonic::transport::Channel;
 
 use crate::common::http::http_get;
 use crate::common::process::ServerProcess;
-use crate::common::{DEADLINE, get_all, hex, put_leaf, put_recipe, sample};
+use crate::common::{DEADLINE, get_all, hex, put_leaf, put_recipe, sample, token_file};
 
 // ---- shared helpers ---------------------------------------------------------------------------
-
-/// A token file in `dir` with `(token, scopes, name)` entries; its path.
-fn token_file(dir: &Path, entries: &[(&str, &str, &str)]) -> PathBuf {
-    let text: String = entries
-        .iter()
-        .map(|(token, scopes, name)| {
-            format!("{} {scopes} {name}\n", deriva_core::token::hashed(token))
-        })
-        .collect();
-    let path = dir.join("tokens");
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 /// `msg` as a request carrying `token` (if any) and the given metadata.
 fn request<T>(msg: T, token: Option<&str>, metadata: &[(&'static str, &str)]) -> tonic::Request<T> {

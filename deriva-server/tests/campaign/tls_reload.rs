@@ -16,41 +16,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::common::ca::Ca;
 use crate::common::process::ServerProcess;
-
-/// Files in a temporary directory, written with a mode.
-struct Files {
-    dir: tempfile::TempDir,
-}
-
-impl Files {
-    fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    /// Writes `text` to `name` with `mode` (also when it exists with another one).
-    fn write(&self, name: &str, text: &str, mode: u32) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt as _;
-        let path = self.dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-        path
-    }
-}
+use crate::common::{Files, token_lines};
 
 fn arg(p: &Path) -> String {
     p.display().to_string()
-}
-
-/// A token file line per (token, scopes, name).
-fn token_lines(tokens: &[(&str, &str, &str)]) -> String {
-    tokens
-        .iter()
-        .map(|(token, scopes, name)| {
-            format!("{} {scopes} {name}\n", deriva_core::token::hashed(token))
-        })
-        .collect()
 }
 
 /// A server certificate, its key (mode 0600) and the CA's PEM.
@@ -65,8 +34,8 @@ impl ServerTls {
         let ca = Ca::new("deriva server CA");
         let (cert, key, _) = ca.issue(&["localhost", "127.0.0.1"], false);
         Self {
-            cert: files.write("server.pem", &cert, 0o644),
-            key: files.write("server.key", &key, 0o600),
+            cert: files.write_mode("server.pem", &cert, 0o644),
+            key: files.write_mode("server.key", &key, 0o600),
             ca,
         }
     }
@@ -207,7 +176,7 @@ async fn mutual_tls_protects_metrics_and_debug() {
         .args(tls.args())
         .args([
             "--tls-client-ca".into(),
-            arg(&files.write("clients.pem", &clients.pem, 0o644)),
+            arg(&files.write_mode("clients.pem", &clients.pem, 0o644)),
         ])
         .start();
     let addr = server.metrics_addr();
@@ -260,7 +229,7 @@ async fn with_tokens_too_an_admin_token_or_a_certificate_opens_the_pages() {
     let files = Files::new();
     let tls = ServerTls::new(&files);
     let clients = Ca::new("client CA");
-    let tokens = files.write(
+    let tokens = files.write_mode(
         "tokens",
         &token_lines(&[
             ("deriva_admin_t1", "admin", "operator"),
@@ -272,7 +241,7 @@ async fn with_tokens_too_an_admin_token_or_a_certificate_opens_the_pages() {
         .args(tls.args())
         .args([
             "--tls-client-ca".into(),
-            arg(&files.write("clients.pem", &clients.pem, 0o644)),
+            arg(&files.write_mode("clients.pem", &clients.pem, 0o644)),
         ])
         .args(["--auth-tokens".into(), arg(&tokens)])
         .start();
@@ -339,7 +308,7 @@ async fn sighup_does_not_kill_a_server_without_tls() {
 async fn sighup_reloads_the_tokens() {
     let files = Files::new();
     let admin = ("deriva_admin_a1", "admin", "operator");
-    let tokens = files.write(
+    let tokens = files.write_mode(
         "tokens",
         &token_lines(&[("deriva_old_o1", "read", "old"), admin]),
         0o600,
@@ -379,7 +348,7 @@ async fn sighup_reloads_the_tokens() {
     );
 
     // Revoke `old`, add `new`.
-    files.write(
+    files.write_mode(
         "tokens",
         &token_lines(&[("deriva_new_n1", "read", "new"), admin]),
         0o600,
@@ -407,7 +376,7 @@ async fn sighup_reloads_the_tokens() {
     );
 
     // A file that does not parse: the tokens in use stay.
-    files.write("tokens", "sha256:not-a-hash read broken\n", 0o600);
+    files.write_mode("tokens", "sha256:not-a-hash read broken\n", 0o600);
     server.signal(Signal::HUP);
     let line = server.wait_for_stderr("the failed token reload line", |l| {
         l.contains("token file not reloaded")
@@ -421,7 +390,7 @@ async fn sighup_reloads_the_tokens() {
         .expect("the tokens in use stay");
 
     // A file others may write: refused on reload too.
-    files.write(
+    files.write_mode(
         "tokens",
         &token_lines(&[("deriva_old_o1", "read", "old"), admin]),
         0o666,
@@ -460,7 +429,7 @@ async fn sighup_reloads_the_client_ca() {
     let tls = ServerTls::new(&files);
     let first = Ca::new("first client CA");
     let second = Ca::new("second client CA");
-    let client_ca = files.write("clients.pem", &first.pem, 0o644);
+    let client_ca = files.write_mode("clients.pem", &first.pem, 0o644);
     let server = crate::server()
         .args(tls.args())
         .args(["--tls-client-ca".into(), arg(&client_ca)])
@@ -477,7 +446,7 @@ async fn sighup_reloads_the_client_ca() {
         "the second CA before the reload"
     );
 
-    files.write("clients.pem", &second.pem, 0o644);
+    files.write_mode("clients.pem", &second.pem, 0o644);
     server.signal(Signal::HUP);
     server.wait_for_stderr("the TLS reload line", |l| {
         l.contains("TLS certificate, key and client CA reloaded")
@@ -523,7 +492,7 @@ fn files_others_may_write_are_refused_and_those_they_may_read_warn() {
     let tls = ServerTls::new(&files);
     let lines = token_lines(&[("deriva_t", "read", "t")]);
 
-    let tokens = files.write("tokens", &lines, 0o666);
+    let tokens = files.write_mode("tokens", &lines, 0o666);
     let exited = crate::server()
         .args(["--auth-tokens".into(), arg(&tokens)])
         .run_to_exit();
@@ -534,7 +503,7 @@ fn files_others_may_write_are_refused_and_those_they_may_read_warn() {
         exited.stderr
     );
 
-    let key = files.write(
+    let key = files.write_mode(
         "open.key",
         &std::fs::read_to_string(&tls.key).unwrap(),
         0o666,
@@ -554,8 +523,8 @@ fn files_others_may_write_are_refused_and_those_they_may_read_warn() {
         exited.stderr
     );
 
-    let tokens = files.write("tokens", &lines, 0o644);
-    let key = files.write(
+    let tokens = files.write_mode("tokens", &lines, 0o644);
+    let key = files.write_mode(
         "open.key",
         &std::fs::read_to_string(&tls.key).unwrap(),
         0o644,
@@ -594,7 +563,7 @@ async fn open_pages_beyond_loopback_are_announced() {
     );
 
     let files = Files::new();
-    let tokens = files.write("tokens", &token_lines(&[("deriva_t", "admin", "t")]), 0o600);
+    let tokens = files.write_mode("tokens", &token_lines(&[("deriva_t", "admin", "t")]), 0o600);
     let guarded = crate::server()
         .without_listener_flags()
         .args(["--listen", "127.0.0.1:0", "--metrics-addr", "0.0.0.0:0"])

@@ -41,3 +41,20 @@ impl Ca {
         (cert.pem(), key.serialize_pem(), cert.der().to_vec())
     }
 }
+
+/// A TLS client (rustls, the ring provider) that trusts the CA certificates in `ca` (PEM) and
+/// presents no certificate of its own.
+pub fn tls_connector(ca: &str) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}

@@ -47,6 +47,53 @@ pub fn deriva_bin() -> PathBuf {
     path
 }
 
+/// Files in a temporary directory of their own (removed with it): certificates, keys, token
+/// files.
+#[derive(Debug)]
+pub struct Files {
+    dir: tempfile::TempDir,
+}
+
+impl Files {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Writes `text` to `name` in the directory; its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Writes `text` to `name` with `mode` (also when it exists with another one); its path.
+    pub fn write_mode(&self, name: &str, text: &str, mode: u32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = self.write(name, text);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+}
+
+/// The lines of a token file (`--auth-tokens`), one per `(token, scopes, name)`.
+pub fn token_lines(entries: &[(&str, &str, &str)]) -> String {
+    entries
+        .iter()
+        .map(|(token, scopes, name)| {
+            format!("{} {scopes} {name}\n", deriva_core::token::hashed(token))
+        })
+        .collect()
+}
+
+/// A token file `tokens` in `dir` with those entries; its path.
+pub fn token_file(dir: &Path, entries: &[(&str, &str, &str)]) -> PathBuf {
+    let path = dir.join("tokens");
+    std::fs::write(&path, token_lines(entries)).unwrap();
+    path
+}
+
 /// Every wait of the tests that run the binaries ends by this long after it starts.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
