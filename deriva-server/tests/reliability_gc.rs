@@ -28,7 +28,8 @@ use common::{Rng, ServerProcess, long_factor, sample};
 use deriva_core::{CAddr, Store};
 use deriva_server::proto::deriva_client::DerivaClient;
 use deriva_server::proto::{
-    GcRequest, GetRequest, PinRequest, PutLeafRequest, PutRecipeRequest, StatusRequest,
+    GcRequest, GetRequest, ListPinsRequest, PinRequest, PutLeafRequest, PutRecipeRequest,
+    StatusRequest,
 };
 use futures::StreamExt as _;
 use parking_lot::Mutex;
@@ -89,6 +90,33 @@ impl Backend {
 struct Live {
     leaves: BTreeMap<CAddr, Bytes>,
     recipes: BTreeMap<CAddr, Bytes>,
+    /// Trees whose pin was sent but not acknowledged (the kill may come in between): live if
+    /// the restarted server lists the pin, garbage if not. See [`Live::settle`].
+    pending: Vec<Tree>,
+}
+
+/// A tree of [`pinned_tree`]: its leaf, inner and outer recipe, each with its bytes.
+#[derive(Clone)]
+struct Tree([(CAddr, Bytes); 3]);
+
+impl Live {
+    fn keep(&mut self, tree: &Tree, shared: &(CAddr, Bytes)) {
+        let [leaf, inner, outer] = tree.0.clone();
+        self.leaves.insert(leaf.0, leaf.1);
+        self.leaves.insert(shared.0, shared.1.clone());
+        self.recipes.insert(inner.0, inner.1);
+        self.recipes.insert(outer.0, outer.1);
+    }
+
+    /// After a restart: a tree whose pin the server took before the kill, though its answer
+    /// never arrived, is live; the others are garbage.
+    fn settle(&mut self, pins: &[Bytes], shared: &(CAddr, Bytes)) {
+        for tree in std::mem::take(&mut self.pending) {
+            if pins.contains(&bytes(&tree.0[2].0)) {
+                self.keep(&tree, shared);
+            }
+        }
+    }
 }
 
 fn bytes(addr: &CAddr) -> Bytes {
@@ -152,22 +180,25 @@ async fn pinned_tree(
         Err(e) if e.code() == tonic::Code::FailedPrecondition => return Ok(false),
         other => other?,
     };
+    let inner_bytes: Bytes = [data.as_ref(), shared.1.as_ref()].concat().into();
+    let outer_bytes: Bytes = [inner_bytes.as_ref(), data.as_ref()].concat().into();
+    let tree = Tree([(leaf, data), (inner, inner_bytes), (outer, outer_bytes)]);
+    live.lock().pending.push(tree.clone());
     match client
         .pin(PinRequest {
             addr: bytes(&outer),
         })
         .await
     {
-        Err(e) if e.code() == tonic::Code::NotFound => return Ok(false),
+        Err(e) if e.code() == tonic::Code::NotFound => {
+            live.lock().pending.retain(|t| t.0[2].0 != outer);
+            return Ok(false);
+        }
         other => other?,
     };
-    let inner_bytes: Bytes = [data.as_ref(), shared.1.as_ref()].concat().into();
-    let outer_bytes: Bytes = [inner_bytes.as_ref(), data.as_ref()].concat().into();
     let mut l = live.lock();
-    l.leaves.insert(leaf, data);
-    l.leaves.insert(shared.0, shared.1.clone());
-    l.recipes.insert(inner, inner_bytes);
-    l.recipes.insert(outer, outer_bytes);
+    l.pending.retain(|t| t.0[2].0 != outer);
+    l.keep(&tree, shared);
     Ok(true)
 }
 
@@ -295,6 +326,13 @@ async fn campaign(backend: Backend, name: &str) {
         let mut client = server.client().await;
         let status = client.status(StatusRequest {}).await.unwrap().into_inner();
         if round > 0 {
+            let pins = client
+                .list_pins(ListPinsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .addrs;
+            live.lock().settle(&pins, &shared);
             // The server loaded the same counts, and serves every live tree whole.
             assert_eq!(
                 (status.blob_count, status.recipe_count),
@@ -400,6 +438,7 @@ async fn campaign(backend: Backend, name: &str) {
             Live {
                 leaves: l.leaves.clone(),
                 recipes: l.recipes.clone(),
+                pending: Vec::new(),
             }
         };
         after_kill = check_store(&backend, &snapshot, &ctx).await;
