@@ -108,8 +108,8 @@ pub mod defaults {
 }
 
 /// Everything the server needs to run. [`Config::default`] is what `deriva-server` runs with
-/// when given no flags.
-#[derive(Debug, Clone)]
+/// when given no flags. Its `Debug` is [`Config::describe`]: secrets hidden.
+#[derive(Clone)]
 pub struct Config {
     /// Where the store lives (`deriva.redb` and `blobs/`). Created if missing.
     pub data_dir: PathBuf,
@@ -290,6 +290,14 @@ impl Default for Config {
                 .filter(|d| !d.is_zero()),
             keepalive: Duration::from_secs(defaults::KEEPALIVE_SECS),
         }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // What --print-config shows: the index URL's password and the OTLP header values stay
+        // hidden wherever a Config is printed.
+        f.debug_map().entries(self.describe()).finish()
     }
 }
 
@@ -513,7 +521,8 @@ pub struct ServerArgs {
     /// OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG, else 1].
     #[arg(long, env = "DERIVA_TRACE_SAMPLE_RATIO", value_parser = parse_ratio)]
     pub trace_sample_ratio: Option<f64>,
-    /// Most new traces sampled per second, so load cannot flood the collector [default: no cap].
+    /// Most new traces sampled per second, forced ones (x-deriva-trace: force) included, so
+    /// load cannot flood the collector [default: no cap].
     #[arg(long, env = "DERIVA_TRACE_MAX_PER_SECOND")]
     pub trace_max_per_second: Option<f64>,
     /// How many recent requests the in-process trace store keeps for `deriva get --explain` and
@@ -620,8 +629,10 @@ pub struct ServerArgs {
     /// within 20 s is dropped.
     #[arg(long, env = "DERIVA_KEEPALIVE_SECS", default_value_t = defaults::KEEPALIVE_SECS, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub keepalive_secs: u64,
-    /// A new connection that sends nothing (or does not finish its TLS handshake) within this
-    /// many seconds is closed.
+    /// A new connection that has not finished its TLS handshake (if any) and sent its first
+    /// request (the HTTP/2 preface and SETTINGS; HTTP/1 request headers) within this many
+    /// seconds is closed; on the HTTP listener it also bounds each later request's headers and
+    /// the idle time between requests.
     #[arg(long, env = "DERIVA_HANDSHAKE_TIMEOUT_SECS", default_value_t = defaults::HANDSHAKE_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub handshake_timeout_secs: u64,
     /// Print the effective configuration (flags, then DERIVA_* variables, then defaults), one
@@ -882,6 +893,22 @@ mod tests {
             config.local_cache,
             Some((PathBuf::from("./deriva-data/remote-cache"), 1 << 30))
         );
+    }
+
+    #[test]
+    fn the_configs_debug_hides_the_index_password() {
+        let config = parse_without_env(&[
+            "--blob-store",
+            "s3://b",
+            "--index",
+            "postgres://deriva:S3c/ret@db/deriva",
+        ])
+        .unwrap()
+        .into_config_with(Default::default())
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(shown.contains("postgres://deriva:***@db/deriva"), "{shown}");
+        assert!(!shown.contains("S3c/ret"), "{shown}");
     }
 
     #[test]
