@@ -812,8 +812,8 @@ impl AsyncExecutor {
         let recipe = stored.recipe;
         // Before anything is read: refuse a recipe its function does not accept (stored before
         // a bound existed, or planted in the store), and what could never fit the memory budget.
-        self.runnable(Some(addr), &recipe)?;
-        self.check_budget(addr, &recipe).await?;
+        let function = self.runnable(Some(addr), &recipe)?;
+        self.check_budget(addr, &recipe, &function).await?;
         let outputs = self.inner.store.outputs();
         if let Some(outputs) = outputs
             && let Some(output) = self.read_output_tier(outputs, addr).await
@@ -831,7 +831,9 @@ impl AsyncExecutor {
         .await?;
         let inputs: Vec<Bytes> = inputs.into_iter().map(|(bytes, _)| bytes).collect();
         // Held until the output is kept (cache or spill) and handed to the callers.
-        let (output, cost, reserved) = self.compute(addr, &recipe, inputs, false).await?;
+        let (output, cost, reserved) = self
+            .compute(addr, &recipe, &function, inputs, false)
+            .await?;
         let cached = self.keep(addr, &output, cost, generation).await;
         // Not after an invalidation that came in meanwhile: that output is what it evicted.
         if let Some(outputs) = outputs
@@ -887,7 +889,12 @@ impl AsyncExecutor {
     /// read: its inputs' sizes where known (recorded outputs, leaf sizes from the store) and
     /// its output's (from the function, or recorded). Refused with
     /// [`DerivaError::OverBudget`] if that alone exceeds the memory budget.
-    async fn check_budget(&self, addr: CAddr, recipe: &Recipe) -> Result<()> {
+    async fn check_budget(
+        &self,
+        addr: CAddr,
+        recipe: &Recipe,
+        function: &Arc<dyn ComputeFunction>,
+    ) -> Result<()> {
         let budget = &self.inner.budget;
         let sizes = futures::future::join_all(recipe.inputs().iter().map(|input| async move {
             match budget.recorded(input) {
@@ -898,10 +905,9 @@ impl AsyncExecutor {
         .await;
         let known: u64 = sizes.iter().flatten().sum();
         let all: Option<Vec<u64>> = sizes.into_iter().collect();
-        let output = budget.recorded(&addr).or_else(|| {
-            let function = self.inner.registry.get(recipe.function())?;
-            function.output_size(all.as_deref()?, recipe.params())
-        });
+        let output = budget
+            .recorded(&addr)
+            .or_else(|| function.output_size(all.as_deref()?, recipe.params()));
         budget.check(
             || format!("materializing {addr} ({})", recipe.function()),
             known.saturating_add(output.unwrap_or(0)),
@@ -940,18 +946,18 @@ impl AsyncExecutor {
         read
     }
 
-    /// Runs the recipe's function on the blocking pool (and again to verify, when
-    /// `force_verify` or the mode says so). Returns the output, the compute time, and the
-    /// memory reservation that covers the output.
+    /// Runs `function`, the recipe's (from [`AsyncExecutor::runnable`]), on the blocking pool
+    /// (and again to verify, when `force_verify` or the mode says so). Returns the output, the
+    /// compute time, and the memory reservation that covers the output.
     async fn compute(
         &self,
         addr: CAddr,
         recipe: &Recipe,
+        function: &Arc<dyn ComputeFunction>,
         inputs: Vec<Bytes>,
         force_verify: bool,
     ) -> Result<(Bytes, Duration, Arc<Reservation>)> {
         let id = recipe.function();
-        let function = self.function(id)?;
         let inputs: Arc<[Bytes]> = inputs.into();
         let input_bytes: u64 = inputs.iter().map(|i| i.len() as u64).sum();
         let params = Arc::new(recipe.params().clone());
@@ -976,7 +982,7 @@ impl AsyncExecutor {
         let job = Job {
             addr,
             id,
-            function: &function,
+            function,
             inputs: &inputs,
             params: &params,
             reserved: &reserved,
@@ -1143,7 +1149,7 @@ impl AsyncExecutor {
                 });
             };
             let recipe = stored.recipe;
-            self.runnable(Some(addr), &recipe)?;
+            let function = self.runnable(Some(addr), &recipe)?;
             let tracker = Arc::new(DepthTracker::default());
             let inputs = futures::future::try_join_all(
                 recipe
@@ -1153,7 +1159,7 @@ impl AsyncExecutor {
             )
             .await?;
             let inputs = inputs.into_iter().map(|(bytes, _)| bytes).collect();
-            let report = match self.compute(addr, &recipe, inputs, true).await {
+            let report = match self.compute(addr, &recipe, &function, inputs, true).await {
                 Ok((output, cost, _reserved)) => {
                     let hash = CAddr::for_leaf(&output);
                     let size = output.len() as u64;
