@@ -237,6 +237,13 @@ impl Tokens {
     /// Checks the `authorization` value of a request for `needed` against the tokens in use
     /// now; the caller's name if it may.
     pub fn check(&self, authorization: Option<&[u8]>, needed: Scope) -> Result<String, AuthError> {
+        self.identify(authorization)?.require(needed)
+    }
+
+    /// The caller the `authorization` value of a request names, among the tokens in use now,
+    /// with every scope of its entry: one hash and one pass over the entries answer every
+    /// question about it.
+    pub fn identify(&self, authorization: Option<&[u8]>) -> Result<Caller, AuthError> {
         let value = authorization.ok_or(AuthError::Missing)?;
         let token = std::str::from_utf8(value)
             .ok()
@@ -257,13 +264,37 @@ impl Tokens {
             found = if equal { Some(entry) } else { found };
         }
         let entry = found.ok_or(AuthError::Unknown)?;
-        if entry.scopes & needed.bit() == 0 {
-            return Err(AuthError::Scope {
+        Ok(Caller {
+            name: entry.name.clone(),
+            scopes: entry.scopes,
+        })
+    }
+}
+
+/// A caller whose token is in the file: its entry's name and scopes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The entry's name (`auth.name`).
+    pub name: String,
+    scopes: u8,
+}
+
+impl Caller {
+    /// Whether its token has `scope`.
+    pub fn has(&self, scope: Scope) -> bool {
+        self.scopes & scope.bit() != 0
+    }
+
+    /// Its name if its token has `needed`, else [`AuthError::Scope`].
+    pub fn require(self, needed: Scope) -> Result<String, AuthError> {
+        if self.has(needed) {
+            Ok(self.name)
+        } else {
+            Err(AuthError::Scope {
                 needed,
-                name: entry.name.clone(),
-            });
+                name: self.name,
+            })
         }
-        Ok(entry.name.clone())
     }
 }
 

@@ -13,8 +13,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use deriva_proto::addr_bytes;
 
+use crate::auth::{Caller, Scope};
 use crate::error::{ApiError, ApiResult, parse_addr};
-use crate::rpc::layer::Caller;
 use crate::telemetry::ServerMetrics;
 use crate::trace_store::{TraceRecord, TraceStore};
 
@@ -176,7 +176,7 @@ impl DerivaService {
         let visible = |trace: &TraceRecord| {
             caller
                 .as_ref()
-                .is_none_or(|c| c.admin || trace.caller() == Some(c.name.as_str()))
+                .is_none_or(|c| c.has(Scope::Admin) || trace.caller() == Some(c.name.as_str()))
         };
         // The request being explained may still be closing its span.
         let Some(trace) = traces.wait_for_visible(id, EXPLAIN_PATIENCE, visible).await else {

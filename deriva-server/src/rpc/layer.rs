@@ -14,7 +14,8 @@
 //!   starts: a refused call answers without reaching the service, and is never a forced trace.
 //!   `x-deriva-trace: force` is honoured only for a token with `write` or `admin` (without
 //!   tokens every caller is trusted, so for anyone), and the sampler still counts it against
-//!   `--trace-max-per-second`. An `Explain` carries its [`Caller`] to the service.
+//!   `--trace-max-per-second`. An `Explain` carries its [`Caller`](crate::auth::Caller) (name
+//!   and scopes) to the service.
 //!
 //! Requests to other services (the gRPC health service) pass through untouched.
 
@@ -47,17 +48,6 @@ use crate::telemetry::metrics::{RpcTimer, ServerMetrics};
 /// The span field (and so the log field) naming the caller under `--auth-tokens`: the name of
 /// its token's entry, never the token.
 pub const AUTH_NAME: &str = "auth.name";
-
-/// The caller of an `Explain` under `--auth-tokens`, in the request's extensions: `Explain`
-/// serves a trace only to the caller that made it or to an admin. Absent without tokens, where
-/// every caller is trusted alike.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    /// The name of its token's entry (`auth.name`).
-    pub name: String,
-    /// Whether its token also has the `admin` scope.
-    pub admin: bool,
-}
 
 /// Longest `x-request-id` honored; longer ones are replaced.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
@@ -153,26 +143,33 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .map(HeaderValue::as_bytes);
-            let has = |scope| tokens.check(authorization, scope).is_ok();
-            match tokens.check(authorization, needed) {
-                Ok(name) => caller = Some(name.to_owned()),
-                Err(e) => {
-                    if let AuthError::Scope { name, .. } = &e {
-                        caller = Some(name.clone());
+            // One look at the tokens: the caller, with every scope of its token.
+            let refusal = match tokens.identify(authorization) {
+                Ok(who) if who.has(needed) => {
+                    // A forced trace costs the exporter and the collector whatever the sample
+                    // ratio: only a caller allowed to change the store (write) or to run it
+                    // (admin) may ask.
+                    force = force && (who.has(Scope::Write) || who.has(Scope::Admin));
+                    caller = Some(who.name.clone());
+                    // Who asks, for `Explain`, which answers per caller.
+                    if method == RpcMethod::Explain {
+                        known = Some(who);
                     }
-                    self.metrics.record_auth_failure(e.reason());
-                    refused = Some(e.status(needed));
+                    None
                 }
-            }
-            // A forced trace costs the exporter and the collector whatever the sample ratio:
-            // only a caller allowed to change the store (write) or to run it (admin) may ask.
-            force = force && refused.is_none() && (has(Scope::Write) || has(Scope::Admin));
-            // Who asks, for `Explain`, which answers per caller.
-            if let (RpcMethod::Explain, None, Some(name)) = (method, &refused, &caller) {
-                known = Some(Caller {
-                    name: name.clone(),
-                    admin: has(Scope::Admin),
-                });
+                Ok(who) => {
+                    caller = Some(who.name.clone());
+                    Some(AuthError::Scope {
+                        needed,
+                        name: who.name,
+                    })
+                }
+                Err(e) => Some(e),
+            };
+            if let Some(e) = refusal {
+                self.metrics.record_auth_failure(e.reason());
+                refused = Some(e.status(needed));
+                force = false;
             }
         }
         if let Some(known) = known {
