@@ -15,8 +15,9 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
-use rustls::sign::CertifiedKey;
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
@@ -133,12 +134,9 @@ impl Acceptors {
 impl Configs {
     fn read(files: &TlsFiles, provider: &Arc<CryptoProvider>) -> Result<Self, String> {
         let cert = Arc::new(certified(&files.cert, &files.key, provider)?);
-        let builder = || {
-            rustls::ServerConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| format!("TLS: {e}"))
-        };
-        let (grpc, http) = match &files.client_ca {
+        // With --tls-client-ca: required on gRPC; asked for but optional on HTTP, where probes
+        // (`/healthz`, `/readyz`) need none.
+        let (grpc_clients, http_clients) = match &files.client_ca {
             Some(ca) => {
                 let mut roots = rustls::RootCertStore::empty();
                 for c in read_certs(ca, "--tls-client-ca")? {
@@ -160,47 +158,28 @@ impl Configs {
                     b.build()
                         .map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))
                 };
-                (
-                    builder()?
-                        .with_client_cert_verifier(verifier(false)?)
-                        .with_cert_resolver(single(&cert)),
-                    // Asked for, not required: probes (`/healthz`, `/readyz`) need none.
-                    builder()?
-                        .with_client_cert_verifier(verifier(true)?)
-                        .with_cert_resolver(single(&cert)),
-                )
+                (Some(verifier(false)?), Some(verifier(true)?))
             }
-            None => (
-                builder()?
-                    .with_no_client_auth()
-                    .with_cert_resolver(single(&cert)),
-                builder()?
-                    .with_no_client_auth()
-                    .with_cert_resolver(single(&cert)),
-            ),
+            None => (None, None),
         };
-        let (mut grpc, mut http) = (grpc, http);
-        grpc.alpn_protocols = vec![b"h2".to_vec()];
-        http.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // One configuration around the same certificate; a reload builds new ones.
+        let config = |clients: Option<Arc<dyn ClientCertVerifier>>, alpn: &[u8]| {
+            let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS: {e}"))?;
+            let builder = match clients {
+                Some(verifier) => builder.with_client_cert_verifier(verifier),
+                None => builder.with_no_client_auth(),
+            };
+            let mut config =
+                builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(cert.clone())));
+            config.alpn_protocols = vec![alpn.to_vec()];
+            Ok::<_, String>(Arc::new(config))
+        };
         Ok(Self {
-            grpc: Arc::new(grpc),
-            http: Arc::new(http),
+            grpc: config(grpc_clients, b"h2")?,
+            http: config(http_clients, b"http/1.1")?,
         })
-    }
-}
-
-/// Presents `cert` to every client.
-fn single(cert: &Arc<CertifiedKey>) -> Arc<Fixed> {
-    Arc::new(Fixed(cert.clone()))
-}
-
-/// One certificate for every handshake (a reload builds a new configuration around a new one).
-#[derive(Debug)]
-struct Fixed(Arc<CertifiedKey>);
-
-impl ResolvesServerCert for Fixed {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
     }
 }
 
