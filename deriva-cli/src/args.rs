@@ -87,11 +87,11 @@ pub enum TokenCommand {
 }
 
 fn scopes_arg(s: &str) -> Result<String, String> {
-    deriva_core::token::parse_scopes(s).map(|_| s.to_owned())
+    deriva_util::token::parse_scopes(s).map(|_| s.to_owned())
 }
 
 fn name_arg(s: &str) -> Result<String, String> {
-    deriva_core::token::check_name(s).map(|()| s.to_owned())
+    deriva_util::token::check_name(s).map(|()| s.to_owned())
 }
 
 /// The `deriva` subcommands.
@@ -179,7 +179,7 @@ pub enum Command {
             long,
             default_value = "1h",
             value_name = "DURATION",
-            value_parser = deriva_core::size::parse_duration
+            value_parser = deriva_util::size::parse_duration
         )]
         grace: Duration,
         /// Remove at most N leaves and recipes (recipes deepest first, then leaves); 0 for no

@@ -73,7 +73,7 @@ pub struct BenchArgs {
     #[arg(short = 'w', long, value_enum, default_value = "cached-get")]
     pub workload: Workload,
     /// Size of the leaf values, in bytes or with a unit (KiB, MiB).
-    #[arg(short = 's', long, default_value = "1KiB", value_parser = deriva_core::size::parse_size)]
+    #[arg(short = 's', long, default_value = "1KiB", value_parser = deriva_util::size::parse_size)]
     pub size: u64,
     /// Print the report as one JSON object.
     #[arg(long)]

@@ -277,7 +277,7 @@ pub type Client = DerivaClient<InterceptedService<Channel, TraceContext>>;
 /// Connects to `target` with the client's message limits and its trace context.
 pub async fn connect(target: &Target) -> Result<Client, CliError> {
     // As messages show it: a URL may carry credentials.
-    let server = &deriva_core::redact::redact_url(&target.url);
+    let server = &deriva_util::redact::redact_url(&target.url);
     let url = if target.url.contains("://") {
         target.url.clone()
     } else {

@@ -258,7 +258,7 @@ pub async fn run_until_interrupted(args: CliArgs) -> Result<(), CliError> {
 
 /// `deriva token new`: a fresh token on the first line, the token file's line on the second.
 fn new_token(scopes: &str, name: &str) -> Result<(), CliError> {
-    let token = deriva_core::token::new_token().map_err(|message| CliError::Failed {
+    let token = deriva_util::token::new_token().map_err(|message| CliError::Failed {
         context: "token new".into(),
         message,
     })?;
@@ -268,7 +268,7 @@ fn new_token(scopes: &str, name: &str) -> Result<(), CliError> {
     );
     emit(&format!(
         "{token}\n{} {scopes} {name}\n",
-        deriva_core::token::hashed(&token)
+        deriva_util::token::hashed(&token)
     ))
 }
 

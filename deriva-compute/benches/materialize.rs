@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use deriva_compute::{AsyncExecutor, Cache, ExecutorConfig, FunctionRegistry};
-use deriva_core::{CAddr, FunctionId, Recipe, Store};
+use deriva_core::{CAddr, FunctionId, Recipe};
 use futures::StreamExt as _;
 use opentelemetry::metrics::{Meter, MeterProvider as _};
 use opentelemetry::trace::TracerProvider as _;
@@ -34,7 +34,7 @@ struct World {
 
 fn world(rt: &tokio::runtime::Runtime, meter: &Meter) -> World {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let store = Arc::new(deriva_store_local::open(dir.path()).unwrap());
     let exec = AsyncExecutor::new(
         store,
         Arc::new(FunctionRegistry::with_builtins()),

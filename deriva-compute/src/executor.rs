@@ -32,10 +32,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use deriva_core::store::gc::{GcOptions, GcOutcome};
-use deriva_core::store::{AddrKind, ByteStream, stream};
-use deriva_core::task::spawn_blocking_in;
-use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result, Store};
+use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result};
+use deriva_store::Store;
+use deriva_store::gc::{GcOptions, GcOutcome};
+use deriva_store::task::spawn_blocking_in;
+use deriva_store::{AddrKind, ByteStream, stream};
 use futures::future::{BoxFuture, Shared, WeakShared};
 use futures::{FutureExt, StreamExt as _};
 use opentelemetry::metrics::Meter;
@@ -500,7 +501,7 @@ impl AsyncExecutor {
     /// span as [`AsyncExecutor::materialize`] makes: a cached output or leaf from memory (a
     /// cache hit); a leaf straight from the store as it is sent, holding about one chunk
     /// (hashed on the way: a damaged leaf ends the stream with [`DerivaError::Corrupted`],
-    /// counted as a corruption; see [`deriva_core::store::stream`]); a recipe materialized,
+    /// counted as a corruption; see [`deriva_store::stream`]); a recipe materialized,
     /// then cut into slices.
     ///
     /// A small leaf read for the second time (see [`Cache::admit_leaf`]) is read whole before
@@ -918,7 +919,7 @@ impl AsyncExecutor {
     /// is logged and skipped: the recipe is computed instead.
     async fn read_output_tier(
         &self,
-        outputs: &Arc<dyn deriva_core::OutputStore>,
+        outputs: &Arc<dyn deriva_store::OutputStore>,
         addr: CAddr,
     ) -> Option<Bytes> {
         let read = info_span!(spans::OUTPUT_READ, { field::FOUND } = Empty);
@@ -1205,7 +1206,7 @@ impl AsyncExecutor {
     /// Invalidates `addr` (if `include_root`) and, with `cascade`, every recipe that depends
     /// on it directly or transitively: each is evicted from the memory cache and the spill
     /// directory of this node, from the shared output tier, and (through the store's
-    /// [`deriva_core::InvalidationBus`]) from the other nodes. [`CascadePolicy::DryRun`]
+    /// [`deriva_store::InvalidationBus`]) from the other nodes. [`CascadePolicy::DryRun`]
     /// reports what would be evicted and changes nothing; [`CascadePolicy::None`] does
     /// nothing. [`DerivaError::NotFound`] if the store does not know `addr`.
     ///
@@ -1285,7 +1286,7 @@ impl AsyncExecutor {
         .await
     }
 
-    /// Collects garbage in the store (see [`deriva_core::store::gc`]), then drops the outputs
+    /// Collects garbage in the store (see [`deriva_store::gc`]), then drops the outputs
     /// of the removed recipes from this node's cache and spill directory, from the shared
     /// output tier and (through the bus) from the other nodes' caches, and the removed leaves
     /// from this node's cache and (through the bus) the other nodes'. So once this returns, no
@@ -1423,7 +1424,7 @@ impl AsyncExecutor {
     }
 
     /// Evicts `addrs` from this node's cache only, as an `Invalidate` on another node asked
-    /// (through the store's [`deriva_core::InvalidationBus`]); computes running now will not
+    /// (through the store's [`deriva_store::InvalidationBus`]); computes running now will not
     /// cache their outputs. Returns how many were cached.
     pub fn evict_local(&self, addrs: &[CAddr]) -> usize {
         addrs.iter().filter(|a| self.forget(a)).count()

@@ -116,7 +116,7 @@ pub use deriva_core::spans;
 
 pub use budget::{BudgetConfig, MemoryBudget};
 pub use cache::{Cache, CacheHit, CacheStats, Kind as CacheKind};
-pub use deriva_core::store::gc::GcOptions;
+pub use deriva_store::gc::GcOptions;
 pub use executor::{
     AsyncExecutor, COMPUTE_TIMEOUT, CascadePolicy, CascadeReport, ExecutorConfig, GcReport,
     InvalidateReport, LEAF_CACHE_MAX_BYTES, VerificationMode, VerifyReport,

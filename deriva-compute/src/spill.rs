@@ -26,9 +26,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use deriva_core::store::ByteStream;
-use deriva_core::store::stream;
 use deriva_core::{CAddr, DerivaError, Result};
+use deriva_store::ByteStream;
+use deriva_store::stream;
 use futures::StreamExt as _;
 use parking_lot::Mutex;
 
@@ -391,7 +391,7 @@ impl SpillStore {
     /// The output of `addr` as a stream of chunks of at most `chunk_bytes` (an empty output is
     /// one empty chunk); `Ok(None)` if it has no entry. Counts a hit or a miss and marks the
     /// entry used. Each chunk is read on tokio's blocking pool, so about one chunk is in memory
-    /// at a time. Follows the contract of [`deriva_core::store::stream`]: content that does not
+    /// at a time. Follows the contract of [`deriva_store::stream`]: content that does not
     /// match its header passes every chunk and then ends the stream with
     /// [`DerivaError::Corrupted`] of `addr` (and the entry is removed); a file too short to hold
     /// its header is that error from this call itself. The stream keeps its file
@@ -482,7 +482,7 @@ async fn on_pool<T: Send + 'static>(
     what: &'static str,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    deriva_core::task::spawn_blocking_in(tracing::Span::current(), f)
+    deriva_store::task::spawn_blocking_in(tracing::Span::current(), f)
         .await
         .map_err(|e| DerivaError::from_join(what, e))?
 }

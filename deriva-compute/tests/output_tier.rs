@@ -12,7 +12,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use common::{Slow, fid};
 use deriva_compute::{AsyncExecutor, Cache, ExecutorConfig, FunctionRegistry};
-use deriva_core::{CAddr, DerivaError, InvalidationBus, OutputStore, Recipe, Result, Store};
+use deriva_core::{CAddr, DerivaError, Recipe, Result};
+use deriva_store::{InvalidationBus, OutputStore};
 use opentelemetry::metrics::MeterProvider as _;
 use parking_lot::Mutex;
 
@@ -88,7 +89,7 @@ fn nodes(
     let dir = tempfile::tempdir().unwrap();
     let (tier, bus) = (Arc::new(Tier::default()), Arc::new(Bus::default()));
     let store = Arc::new(
-        Store::open(dir.path())
+        deriva_store_local::open(dir.path())
             .unwrap()
             .with_outputs(tier.clone())
             .with_bus(bus.clone()),

@@ -20,7 +20,7 @@ use deriva_compute::{
     AsyncExecutor, Cache, ComputeContext, ComputeFunction, ExecutorConfig, FunctionError,
     FunctionRegistry,
 };
-use deriva_core::{CAddr, FunctionId, Params, Recipe, Store};
+use deriva_core::{CAddr, FunctionId, Params, Recipe};
 use deriva_server::telemetry::ServerMetrics;
 use deriva_server::telemetry::{Telemetry, TelemetryConfig};
 use opentelemetry::KeyValue;
@@ -127,7 +127,7 @@ fn scrape_world(
     let telemetry = Telemetry::new(TelemetryConfig::default()).unwrap();
     let meter = telemetry.meter();
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let store = Arc::new(deriva_store_local::open(dir.path()).unwrap());
     let metrics = ServerMetrics::new(&meter, store.counters().clone());
     let mut registry = FunctionRegistry::with_builtins();
     let ids: Vec<FunctionId> = (0..functions)

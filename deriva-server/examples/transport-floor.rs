@@ -46,7 +46,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
     /// Bytes in the one chunk every `Get` answers, such as 1KiB or 1MiB.
-    #[arg(long, default_value = "1KiB", value_parser = deriva_core::size::parse_size)]
+    #[arg(long, default_value = "1KiB", value_parser = deriva_util::size::parse_size)]
     size: u64,
 }
 

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use subtle::ConstantTimeEq as _;
 
-pub use deriva_core::token::Scope;
+pub use deriva_util::token::Scope;
 
 /// One line of the token file.
 #[derive(Clone)]
@@ -212,8 +212,8 @@ impl Tokens {
                 .ok_or_else(|| {
                     at("the first field must be `sha256:` and the 64 hex characters of the token's SHA-256 (not the token)".into())
                 })?;
-            let bits = deriva_core::token::parse_scopes(scopes).map_err(at)?;
-            deriva_core::token::check_name(name).map_err(at)?;
+            let bits = deriva_util::token::parse_scopes(scopes).map_err(at)?;
+            deriva_util::token::check_name(name).map_err(at)?;
             if entries.iter().any(|e| e.digest == digest) {
                 return Err(at("the same token hash appears twice".into()));
             }
@@ -253,7 +253,7 @@ impl Tokens {
             })
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Malformed)?;
-        let digest = deriva_core::token::digest(token);
+        let digest = deriva_util::token::digest(token);
         // The entries in use now (a reload swaps the whole list, never part of it).
         let entries = self.entries.read().clone();
         // Every entry is compared, in constant time; the match, if any, is picked without a
@@ -306,7 +306,7 @@ mod tests {
         lines
             .iter()
             .map(|(token, scopes, name)| {
-                format!("{} {scopes} {name}\n", deriva_core::token::hashed(token))
+                format!("{} {scopes} {name}\n", deriva_util::token::hashed(token))
             })
             .collect()
     }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use deriva_compute::VerificationMode;
-use deriva_core::size::{parse_duration, parse_size};
+use deriva_util::size::{parse_duration, parse_size};
 
 use crate::telemetry::{LogFormat, TelemetryConfig};
 
@@ -210,7 +210,7 @@ fn pair_error(given: &str, missing: &str) -> String {
 impl Config {
     /// The remote backend's settings, if the flags ask for it; an error naming the missing
     /// flag if only half of it is given.
-    pub fn remote(&self) -> Result<Option<deriva_remote::RemoteConfig>, String> {
+    pub fn remote(&self) -> Result<Option<deriva_store_remote::RemoteConfig>, String> {
         let (blob_store, index) = match (&self.blob_store, &self.index) {
             (None, None) => {
                 return if self.output_tier == OutputTier::BlobStore {
@@ -225,9 +225,9 @@ impl Config {
             (None, Some(_)) => return Err(pair_error("--index", "--blob-store")),
             (Some(b), Some(i)) => (b.clone(), i.clone()),
         };
-        Ok(Some(deriva_remote::RemoteConfig {
+        Ok(Some(deriva_store_remote::RemoteConfig {
             blob_store,
-            aws: deriva_remote::aws_env(),
+            aws: deriva_store_remote::aws_env(),
             index,
             schema: self.index_schema.clone(),
             pool_size: self.index_pool_size,
@@ -242,7 +242,7 @@ impl Config {
 }
 
 /// The one redaction of printed URLs, shared with `deriva-remote` (see [`deriva_core::redact`]).
-pub use deriva_core::redact::redact_url;
+pub use deriva_util::redact::redact_url;
 
 impl Default for Config {
     /// The settings of [`defaults`]; never reads the environment.

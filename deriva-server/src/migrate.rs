@@ -26,8 +26,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use deriva_core::size::parse_size;
-use deriva_core::{CAddr, DerivaError, Recipe, Store};
+use deriva_core::{CAddr, DerivaError, Recipe};
+use deriva_store::Store;
+use deriva_util::size::parse_size;
 use futures::{StreamExt as _, TryStreamExt as _};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use parking_lot::Mutex;
@@ -356,7 +357,7 @@ impl Side {
                     });
                 }
                 let dir = dir.clone();
-                tokio::task::spawn_blocking(move || Store::open(dir))
+                tokio::task::spawn_blocking(move || deriva_store_local::open(dir))
                     .await
                     .map_err(|e| {
                         MigrateError::store(&what, &DerivaError::from_join("opening the store", e))
@@ -368,9 +369,9 @@ impl Side {
                 index,
                 schema,
             } => {
-                let config = deriva_remote::RemoteConfig {
+                let config = deriva_store_remote::RemoteConfig {
                     blob_store: blob_store.clone(),
-                    aws: deriva_remote::aws_env(),
+                    aws: deriva_store_remote::aws_env(),
                     index: index.clone(),
                     schema: schema.clone(),
                     pool_size: 16,
@@ -382,8 +383,8 @@ impl Side {
                     create_schema: role != "source",
                     node_id: format!("migrate-{}", std::process::id()),
                 };
-                let metrics = Arc::new(deriva_remote::BackendMetrics::noop());
-                let remote = deriva_remote::open(&config, metrics)
+                let metrics = Arc::new(deriva_store_remote::BackendMetrics::noop());
+                let remote = deriva_store_remote::open(&config, metrics)
                     .await
                     .map_err(|e| MigrateError::store(&what, &e))?;
                 remote

@@ -9,7 +9,8 @@ use std::time::Instant;
 use deriva_compute::executor::Spill;
 use deriva_compute::spill::SpillStore;
 use deriva_compute::{AsyncExecutor, BudgetConfig, Cache, ExecutorConfig, FunctionRegistry};
-use deriva_core::{DerivaError, Store};
+use deriva_core::DerivaError;
+use deriva_store::Store;
 use futures::FutureExt;
 use opentelemetry::metrics::Meter;
 use tokio::net::TcpListener;
@@ -54,11 +55,11 @@ pub struct Server {
     dispatch: Option<Dispatch>,
     traces: Option<TraceStore>,
     /// Listens for the other nodes' invalidations (remote backend only); stops when dropped.
-    listener: Option<deriva_remote::Listener>,
+    listener: Option<deriva_store_remote::Listener>,
     /// This node's name in `ClusterStatus` (its `service.instance.id` when known).
     node_name: String,
     /// The nodes of the remote backend, by their heartbeats (remote backend only).
-    nodes: Option<deriva_remote::PgNodes>,
+    nodes: Option<deriva_store_remote::PgNodes>,
     /// The bearer tokens of `--auth-tokens`, if it is given.
     auth: Option<Arc<Tokens>>,
     /// TLS on both listeners, if `--tls-cert` is given.
@@ -78,7 +79,10 @@ impl Server {
         functions: FunctionRegistry,
         meter: &Meter,
     ) -> Result<Self, DerivaError> {
-        let store = Arc::new(Store::open_with(&config.data_dir, local_options(&config))?);
+        let store = Arc::new(deriva_store_local::open_with(
+            &config.data_dir,
+            local_options(&config),
+        )?);
         Self::with_store(config, store, functions, meter)
     }
 
@@ -99,16 +103,18 @@ impl Server {
         let (store, bus, nodes) = match remote {
             Some(mut remote) => {
                 node_id.clone_into(&mut remote.node_id);
-                let metrics = Arc::new(deriva_remote::BackendMetrics::new(meter));
-                let opened = deriva_remote::open(&remote, metrics).await?;
+                let metrics = Arc::new(deriva_store_remote::BackendMetrics::new(meter));
+                let opened = deriva_store_remote::open(&remote, metrics).await?;
                 (opened.store, Some(opened.bus), Some(opened.nodes))
             }
             None => {
                 let dir = config.data_dir.clone();
                 let options = local_options(&config);
-                let store = tokio::task::spawn_blocking(move || Store::open_with(dir, options))
-                    .await
-                    .map_err(|e| DerivaError::from_join("opening the store", e))??;
+                let store = tokio::task::spawn_blocking(move || {
+                    deriva_store_local::open_with(dir, options)
+                })
+                .await
+                .map_err(|e| DerivaError::from_join("opening the store", e))??;
                 (store, None, None)
             }
         };
@@ -123,11 +129,11 @@ impl Server {
         if let Some(bus) = bus {
             let exec = server.exec.clone();
             server.listener = Some(bus.listen(move |invalidation| match invalidation {
-                deriva_remote::Invalidation::Addrs(addrs) => {
+                deriva_store_remote::Invalidation::Addrs(addrs) => {
                     let evicted = exec.evict_local(&addrs);
                     tracing::debug!(addrs = addrs.len(), evicted, "invalidated by another node");
                 }
-                deriva_remote::Invalidation::All => {
+                deriva_store_remote::Invalidation::All => {
                     let evicted = exec.evict_all_local();
                     tracing::info!(evicted, "cache cleared: invalidations may have been missed");
                 }
@@ -539,8 +545,8 @@ impl Drop for AbortOnDrop {
 }
 
 /// How the local store writes, from the configuration.
-fn local_options(config: &Config) -> deriva_core::store::local::LocalOptions {
-    deriva_core::store::local::LocalOptions {
+fn local_options(config: &Config) -> deriva_store_local::LocalOptions {
+    deriva_store_local::LocalOptions {
         inline_leaf_bytes: config.inline_leaf_bytes,
     }
 }

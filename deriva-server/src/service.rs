@@ -33,7 +33,7 @@ pub struct DerivaService {
     cutoff: Cutoff,
     node: NodeInfo,
     /// The remote backend's nodes and their heartbeat interval.
-    cluster: Option<(deriva_remote::PgNodes, std::time::Duration)>,
+    cluster: Option<(deriva_store_remote::PgNodes, std::time::Duration)>,
     /// The shortest grace period a `GarbageCollect` may ask for (`--gc-min-grace`).
     gc_min_grace: Duration,
 }
@@ -63,9 +63,9 @@ impl NodeInfo {
     }
 
     /// What this node says of itself now, over `exec`.
-    pub fn beat(&self, exec: &AsyncExecutor) -> deriva_remote::NodeBeat {
+    pub fn beat(&self, exec: &AsyncExecutor) -> deriva_store_remote::NodeBeat {
         let cache = exec.cache().stats();
-        deriva_remote::NodeBeat {
+        deriva_store_remote::NodeBeat {
             name: self.name.clone(),
             grpc_addr: self.grpc_addr.clone(),
             role: "server".into(),
@@ -132,7 +132,7 @@ impl DerivaService {
     /// Answers `ClusterStatus` from the heartbeats in `nodes`, written every `interval`.
     pub fn with_cluster(
         mut self,
-        cluster: Option<(deriva_remote::PgNodes, std::time::Duration)>,
+        cluster: Option<(deriva_store_remote::PgNodes, std::time::Duration)>,
     ) -> Self {
         self.cluster = cluster;
         self
@@ -338,19 +338,20 @@ impl DerivaService {
 
     /// Every node with a heartbeat row on the remote backend; else this node alone.
     async fn cluster_inner(&self) -> ApiResult<ClusterStatusResponse> {
-        let info = |beat: deriva_remote::NodeBeat, state: &str, uptime_secs: u64| ClusterNodeInfo {
-            name: beat.name,
-            addr: beat.grpc_addr.clone(),
-            state: state.to_owned(),
-            incarnation: beat.incarnation,
-            grpc_addr: beat.grpc_addr,
-            role: beat.role,
-            cache_entries: beat.cache_entries,
-            cache_bytes: beat.cache_bytes,
-            blob_count: beat.blob_count,
-            cpu_load: beat.cpu_load,
-            uptime_secs,
-        };
+        let info =
+            |beat: deriva_store_remote::NodeBeat, state: &str, uptime_secs: u64| ClusterNodeInfo {
+                name: beat.name,
+                addr: beat.grpc_addr.clone(),
+                state: state.to_owned(),
+                incarnation: beat.incarnation,
+                grpc_addr: beat.grpc_addr,
+                role: beat.role,
+                cache_entries: beat.cache_entries,
+                cache_bytes: beat.cache_bytes,
+                blob_count: beat.blob_count,
+                cpu_load: beat.cpu_load,
+                uptime_secs,
+            };
         let nodes = match &self.cluster {
             Some((nodes, interval)) => nodes
                 .list(*interval)

@@ -11,7 +11,6 @@ use deriva_compute::testing::{Gate, wait_until};
 use deriva_compute::{
     ComputeContext, ComputeFunction, FunctionError, FunctionRegistry, VerificationMode,
 };
-use deriva_core::Store;
 use deriva_core::{CAddr, FunctionId, Params};
 use deriva_server::proto::{
     GetRequest, InvalidateRequest, PutLeafRequest, ResolveRequest, VerifyRequest,
@@ -635,7 +634,7 @@ async fn serve_returns_only_when_the_store_can_be_reopened() {
 
     s.stop().await;
     // At once: no retry, no wait. redb refuses a second open while any handle is alive.
-    let reopened = Store::open(dir.path());
+    let reopened = deriva_store_local::open(dir.path());
     let answer = call.await.unwrap();
     gate.open();
     let store = reopened.expect("the store reopens as soon as serve returns");

@@ -20,7 +20,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use common::process::SERVER;
 use common::{DEADLINE, Rng, ServerProcess, get_all, sample};
-use deriva_core::{CAddr, FunctionId, Recipe, Store};
+use deriva_core::{CAddr, FunctionId, Recipe};
 use deriva_server::migrate::Report;
 use deriva_server::proto::StatusRequest;
 use futures::StreamExt as _;
@@ -104,7 +104,7 @@ struct Contents {
 /// and about `n` recipes: a chain 300 deep, a fan-out of one leaf into `n / 2` recipes, and
 /// a `reverse` of the other leaves with a second level over some of them.
 async fn build_local_store(dir: &Path, n: usize) -> Contents {
-    let store = Store::open(dir).unwrap();
+    let store = deriva_store_local::open(dir).unwrap();
     let mut rng = Rng::from_env("migrate");
     let mut leaves = Vec::with_capacity(n);
     for i in 0..n {
@@ -215,7 +215,7 @@ async fn counts(node: &ServerProcess) -> (u64, u64) {
 
 /// Sorted leaves, and recipes with depths, of the local store in `dir`.
 async fn listing(dir: &Path) -> (Vec<CAddr>, Vec<(CAddr, u32)>) {
-    let store = Store::open(dir).unwrap();
+    let store = deriva_store_local::open(dir).unwrap();
     let mut leaves = store.blobs().list().await.unwrap();
     let mut recipes = store.recipes().list().await.unwrap();
     leaves.sort();
@@ -371,7 +371,7 @@ async fn a_local_store_moves_to_the_remote_backend_resumably_and_back() {
     );
     assert_eq!(listing(back.path()).await, listing(source.path()).await);
     assert_eq!(down.pins.copied, 3);
-    let store = Store::open(back.path()).unwrap();
+    let store = deriva_store_local::open(back.path()).unwrap();
     let mut pins = store.pins().await.unwrap();
     pins.sort();
     let mut expected = vec![
@@ -435,10 +435,10 @@ async fn a_damaged_leaf_stops_the_migration_with_data_loss_naming_it() {
     let services = services::shared();
     let source = tempfile::tempdir().unwrap();
     // The test damages a blob file: every leaf a file.
-    let files = deriva_core::store::local::LocalOptions {
+    let files = deriva_store_local::LocalOptions {
         inline_leaf_bytes: 0,
     };
-    let store = Store::open_with(source.path(), files).unwrap();
+    let store = deriva_store_local::open_with(source.path(), files).unwrap();
     let mut damaged = None;
     for i in 0..50 {
         let addr = store
@@ -483,7 +483,7 @@ async fn a_large_leaf_damaged_in_the_middle_is_caught_while_it_streams() {
     let services = services::shared();
     let space = Space::new("migrate_damaged_stream");
     let source = tempfile::tempdir().unwrap();
-    let store = Store::open(source.path()).unwrap();
+    let store = deriva_store_local::open(source.path()).unwrap();
     let data: Vec<u8> = (0..(24usize << 20)).map(|i| (i % 253) as u8).collect();
     let addr = store.put_leaf(Bytes::from(data)).await.unwrap();
     let released = store.released();
@@ -519,7 +519,7 @@ async fn a_large_leaf_damaged_in_the_middle_is_caught_while_it_streams() {
 
 /// A local store of `n` small leaves in `dir`.
 async fn small_store(dir: &Path, n: usize) {
-    let store = Store::open(dir).unwrap();
+    let store = deriva_store_local::open(dir).unwrap();
     for i in 0..n {
         store
             .put_leaf(Bytes::from(format!("leaf {i}")))

@@ -15,7 +15,7 @@
 //! scale-out panels have data as well.
 
 mod common;
-#[path = "../../deriva-remote/tests/services/mod.rs"]
+#[path = "../../deriva-store-remote/tests/it/services/mod.rs"]
 mod services;
 
 use std::collections::HashMap;

@@ -25,12 +25,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{Rng, ServerProcess, long_factor, sample};
-use deriva_core::{CAddr, Store};
+use deriva_core::CAddr;
 use deriva_server::proto::deriva_client::DerivaClient;
 use deriva_server::proto::{
     GcRequest, GetRequest, ListPinsRequest, PinRequest, PutLeafRequest, PutRecipeRequest,
     StatusRequest,
 };
+use deriva_store::Store;
 use futures::StreamExt as _;
 use parking_lot::Mutex;
 use remote::Space;
@@ -62,9 +63,11 @@ impl Backend {
     /// The store, opened directly (the server is down): its counters are what it loads.
     async fn open(&self) -> Store {
         match self {
-            Backend::Local(dir) => Store::open(dir.path()).expect("the local store opens"),
+            Backend::Local(dir) => {
+                deriva_store_local::open(dir.path()).expect("the local store opens")
+            }
             Backend::Remote(services, space, dir) => {
-                let config = deriva_remote::RemoteConfig {
+                let config = deriva_store_remote::RemoteConfig {
                     blob_store: format!("s3://{}/{}", services.bucket(), space.prefix),
                     aws: services.aws_env(),
                     index: services.pg_url(),
@@ -76,10 +79,13 @@ impl Backend {
                     create_schema: false,
                     node_id: "gc-crash-check".into(),
                 };
-                deriva_remote::open(&config, Arc::new(deriva_remote::BackendMetrics::noop()))
-                    .await
-                    .expect("the remote store opens")
-                    .store
+                deriva_store_remote::open(
+                    &config,
+                    Arc::new(deriva_store_remote::BackendMetrics::noop()),
+                )
+                .await
+                .expect("the remote store opens")
+                .store
             }
         }
     }

@@ -305,7 +305,7 @@ async fn every_rpc_needs_a_token_with_its_scope() {
         "no log line names the caller:\n{logs}"
     );
     for (token, _, _) in TOKENS {
-        let hash = deriva_core::token::hashed(token);
+        let hash = deriva_util::token::hashed(token);
         for (what, text) in [
             ("logs", &logs),
             ("/debug/traces", &traces),
@@ -361,7 +361,7 @@ async fn the_cli_makes_tokens_and_sends_them() {
     assert!(token.starts_with("deriva_") && token.len() == 71, "{token}");
     assert_eq!(
         lines[1],
-        format!("{} read,write cli-test", deriva_core::token::hashed(token))
+        format!("{} read,write cli-test", deriva_util::token::hashed(token))
     );
     let file = dir.path().join("tokens");
     std::fs::write(&file, format!("{}\n", lines[1])).unwrap();
@@ -421,7 +421,7 @@ fn a_bad_token_file_stops_the_server_naming_the_line() {
         &file,
         format!(
             "{} read ok\nderiva_plain_token read oops\n",
-            deriva_core::token::hashed("t")
+            deriva_util::token::hashed("t")
         ),
     )
     .unwrap();

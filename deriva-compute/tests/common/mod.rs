@@ -12,8 +12,9 @@ use deriva_compute::{
     AsyncExecutor, Cache, ComputeContext, ComputeFunction, ExecutorConfig, FunctionError,
     FunctionRegistry,
 };
-use deriva_core::store::{AgedLeaf, BlobStore, ByteStream, stream};
-use deriva_core::{CAddr, DerivaError, FunctionId, Params, Recipe, Store};
+use deriva_core::{CAddr, DerivaError, FunctionId, Params, Recipe};
+use deriva_store::Store;
+use deriva_store::{AgedLeaf, BlobStore, ByteStream, stream};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 
@@ -58,7 +59,7 @@ impl Harness {
 
     pub fn with(functions: FunctionRegistry, config: ExecutorConfig, cache_bytes: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(deriva_store_local::open(dir.path()).unwrap());
         Self::over(dir, store, functions, config, cache_bytes)
     }
 
@@ -66,10 +67,10 @@ impl Harness {
     /// table), for tests that damage blob files.
     pub fn leaves_as_files() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let options = deriva_core::store::local::LocalOptions {
+        let options = deriva_store_local::LocalOptions {
             inline_leaf_bytes: 0,
         };
-        let store = Arc::new(Store::open_with(dir.path(), options).unwrap());
+        let store = Arc::new(deriva_store_local::open_with(dir.path(), options).unwrap());
         Self::over(
             dir,
             store,
@@ -82,13 +83,13 @@ impl Harness {
     /// A harness whose store reads its leaves through a [`CountingBlobs`], returned too.
     pub fn counting(config: ExecutorConfig, cache_bytes: u64) -> (Self, Arc<CountingBlobs>) {
         let dir = tempfile::tempdir().unwrap();
-        let local = Store::open(dir.path()).unwrap();
+        let local = deriva_store_local::open(dir.path()).unwrap();
         let blobs = Arc::new(CountingBlobs::new(local.blobs().clone()));
         let store = Store::new(
             blobs.clone(),
             local.recipes().clone(),
             local.counters().clone(),
-            deriva_core::store::lease(),
+            deriva_store::lease(),
             "counting",
         );
         let h = Self::over(

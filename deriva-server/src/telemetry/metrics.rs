@@ -32,7 +32,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use deriva_core::StoreCounters;
+use deriva_store::StoreCounters;
 
 use super::span_queue::SpanQueueStats;
 

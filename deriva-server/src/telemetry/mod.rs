@@ -47,7 +47,7 @@ use crate::trace_store::TraceStore;
 use tracing_subscriber::{EnvFilter, fmt as tfmt};
 
 /// The filter used when `RUST_LOG` is not set: Deriva at info, the transport crates quiet.
-pub const DEFAULT_LOG_FILTER: &str = "info,deriva_server=info,deriva_compute=info,deriva_core=info,deriva_remote=info,h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,opentelemetry=warn,opentelemetry_sdk=warn";
+pub const DEFAULT_LOG_FILTER: &str = "info,deriva_server=info,deriva_compute=info,deriva_core=info,deriva_store=info,h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,opentelemetry=warn,opentelemetry_sdk=warn";
 
 /// The default sample ratio (`--trace-sample-ratio`, `OTEL_TRACES_SAMPLER_ARG`): every new
 /// trace.
@@ -391,7 +391,7 @@ impl Telemetry {
             .with_target("deriva_server", Level::INFO)
             .with_target("deriva_compute", Level::INFO)
             .with_target("deriva_core", Level::INFO)
-            .with_target("deriva_remote", Level::INFO);
+            .with_target("deriva_store", Level::INFO);
         // Log events as OTLP log records, under the console's filter. The exporters' own crates
         // are left out: a record about a failed export must not feed the export.
         // Always behind a filter, even with no logger provider: an unfiltered `None` layer

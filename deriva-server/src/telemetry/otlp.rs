@@ -547,7 +547,7 @@ fn parse_headers(list: &str, variable: &str, warnings: &mut Vec<String>) -> Vec<
             continue;
         };
         let key = key.trim().to_ascii_lowercase();
-        match deriva_core::escape::percent_decode(value.trim()) {
+        match deriva_util::escape::percent_decode(value.trim()) {
             Some(value) if !key.is_empty() => out.push((key, value)),
             _ => warnings.push(format!(
                 "{variable}: the value of entry {} ({key:?}) does not decode: skipped",

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use deriva_compute::function::MAX_OUTPUT_BYTES;
-use deriva_core::{CAddr, FunctionId, Recipe, Store};
+use deriva_core::{CAddr, FunctionId, Recipe};
 use deriva_server::proto::deriva_client::DerivaClient;
 use deriva_server::proto::{PutRecipeRequest, VerifyRequest};
 use rustix::process::Signal;
@@ -238,7 +238,7 @@ async fn a_planted_over_limit_recipe_is_refused_not_run() {
 
     // Planted through the store API, with the server down.
     let (planted, above) = {
-        let store = Store::open(dir.path()).unwrap();
+        let store = deriva_store_local::open(dir.path()).unwrap();
         let repeat = FunctionId::new("repeat", "v1").unwrap();
         let runaway = Recipe::new(
             repeat,
@@ -368,7 +368,7 @@ async fn a_chain_ten_thousand_deep_answers_in_bounded_time_and_memory() {
     const THROUGH_THE_API: usize = 100;
     let dir = tempfile::tempdir().unwrap();
     let planted = {
-        let store = Store::open(dir.path()).unwrap();
+        let store = deriva_store_local::open(dir.path()).unwrap();
         let bottom = store
             .put_leaf(Bytes::from_static(b"the bottom of a 10,000-level chain"))
             .await

@@ -18,8 +18,8 @@
 
 #[path = "../common/mod.rs"]
 mod common;
-/// Real SeaweedFS and PostgreSQL (`scripts/backends.sh`), as deriva-remote's tests start them.
-#[path = "../../../deriva-remote/tests/services/mod.rs"]
+/// Real SeaweedFS and PostgreSQL (`scripts/backends.sh`), as deriva-store-remote's tests start them.
+#[path = "../../../deriva-store-remote/tests/it/services/mod.rs"]
 mod services;
 
 mod compute;

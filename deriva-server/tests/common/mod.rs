@@ -82,7 +82,7 @@ pub fn token_lines(entries: &[(&str, &str, &str)]) -> String {
     entries
         .iter()
         .map(|(token, scopes, name)| {
-            format!("{} {scopes} {name}\n", deriva_core::token::hashed(token))
+            format!("{} {scopes} {name}\n", deriva_util::token::hashed(token))
         })
         .collect()
 }

@@ -1,10 +1,10 @@
 //! What the tests on the remote backend share: the real services ([`services`], from
-//! `deriva-remote`'s tests), a place of each test's own in them ([`Space`]), a node on them
+//! `deriva-store-remote`'s tests), a place of each test's own in them ([`Space`]), a node on them
 //! ([`node`]), and waiting for a condition ([`wait_for`]).
 
 #![allow(dead_code)]
 
-#[path = "../../../deriva-remote/tests/services/mod.rs"]
+#[path = "../../../deriva-store-remote/tests/it/services/mod.rs"]
 pub mod services;
 
 use std::sync::atomic::{AtomicU64, Ordering};

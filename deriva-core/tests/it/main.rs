@@ -1,0 +1,3 @@
+//! The integration tests of deriva-core, one module per concern.
+
+mod golden;

@@ -1,0 +1,5 @@
+//! The integration tests of deriva-store-local, one module per concern.
+
+mod conformance;
+mod small_leaves;
+mod store;

@@ -1,0 +1,413 @@
+//! [`RemoteBlobStore`]: leaf bytes in the object store, the record of which leaves exist (and
+//! their sizes) in PostgreSQL's `leaves` table.
+//!
+//! - A put writes the bytes first (a conditional create), then the row: an object without a row
+//!   is garbage for the collector, never a row without its bytes.
+//! - Existence, size and listing are index questions, answered by PostgreSQL, never by object
+//!   listings.
+//! - A read goes to the local read-through cache, then, if the index records the leaf, to the
+//!   object store, and is verified against the address either way. Asking the index first
+//!   spares the object store a GET that would miss (the executor asks for a leaf at every
+//!   recipe's address) and never serves an object the index does not know.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deriva_core::error::Result;
+use deriva_core::{CAddr, DerivaError};
+use deriva_store::{AgedLeaf, BlobStore, ByteStream, StoreCounters, stream};
+use futures::StreamExt as _;
+
+use crate::cache::{self, DiskCache};
+use crate::index::{self, addr_of};
+use crate::objects::{MULTIPART_THRESHOLD, Objects, Written};
+use crate::observe::BackendMetrics;
+use crate::pg::{Call, Pg};
+use crate::spool::Spool;
+
+/// The listing of the `leaves` table (`list`, `list_aged`).
+const LIST_LEAVES: Call = Call {
+    op: "list_leaves",
+    operation: "SELECT",
+    table: "leaves",
+    context: "listing leaves",
+};
+
+/// Leaves in an S3-compatible bucket, recorded in PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct RemoteBlobStore {
+    objects: Arc<Objects>,
+    pg: Arc<Pg>,
+    counters: Arc<StoreCounters>,
+    cache: Option<Arc<DiskCache>>,
+    spool: Option<Arc<Spool>>,
+    metrics: Arc<BackendMetrics>,
+}
+
+impl RemoteBlobStore {
+    pub(crate) fn new(
+        objects: Arc<Objects>,
+        pg: Arc<Pg>,
+        counters: Arc<StoreCounters>,
+        (cache, spool): (Option<Arc<DiskCache>>, Option<Arc<Spool>>),
+        metrics: Arc<BackendMetrics>,
+    ) -> Self {
+        Self {
+            objects,
+            pg,
+            counters,
+            cache,
+            spool,
+            metrics,
+        }
+    }
+
+    /// Records the leaf `addr` of `size` bytes, or refreshes the time of its row (its last
+    /// put); returns whether the row is new. Holds the sweep lock shared, so a garbage
+    /// collection's delete of the row and its object comes wholly before or after.
+    async fn record(&self, addr: CAddr, size: u64) -> Result<bool> {
+        const CALL: Call = Call {
+            op: "put_leaf",
+            operation: "INSERT",
+            table: "leaves",
+            context: "recording a leaf",
+        };
+        let (key, size) = (
+            addr.as_bytes().as_slice(),
+            i64::try_from(size).unwrap_or(i64::MAX),
+        );
+        let lock = self.pg.sweep_key();
+        let row = self
+            .pg
+            .query_opt(
+                CALL,
+                "WITH held AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared($3::bigint))
+                 INSERT INTO {s}.leaves (addr, size) SELECT $1::bytea, $2::bigint FROM held
+                 ON CONFLICT (addr) DO UPDATE SET created_at = clock_timestamp()
+                 RETURNING (xmax = 0)",
+                &[&key, &size, &lock],
+            )
+            .await?;
+        Ok(row.is_some_and(|r| r.get(0)))
+    }
+
+    /// After a new row for a leaf whose object this put did not create: garbage collection may
+    /// have deleted the object between the write and the row (it deletes a row, then its
+    /// object). Whether the object is there now; the row is young, so it stays.
+    async fn object_survived(&self, addr: CAddr) -> Result<bool> {
+        Ok(self
+            .objects
+            .size(&self.objects.leaf_key(&addr))
+            .await?
+            .is_some())
+    }
+
+    /// The leaf `addr` from the local read-through cache, verified, if it holds it.
+    async fn cached(&self, addr: CAddr) -> Option<Bytes> {
+        let cache = self.cache.as_ref()?;
+        let hit = cache::on_pool(cache, move |c| c.get(&addr)).await.flatten();
+        if hit.is_some() {
+            self.metrics.cache_read(true);
+        }
+        hit
+    }
+
+    /// Reads the leaf `addr` from the object store, verified, and keeps it in the local cache.
+    async fn fetch_and_keep(&self, addr: CAddr) -> Result<Option<Bytes>> {
+        let bytes = self.fetch(addr).await?;
+        // A miss is a leaf the cache did not hold; an address that is no leaf at all (the
+        // executor asks here first for recipes too) is neither a hit nor a miss.
+        if let (Some(cache), Some(bytes)) = (&self.cache, &bytes) {
+            self.metrics.cache_read(false);
+            let bytes = bytes.clone();
+            cache::on_pool(cache, move |c| c.put(&addr, &bytes)).await;
+        }
+        Ok(bytes)
+    }
+
+    /// Reads the object at `addr` and verifies it. `Ok(None)` if there is none.
+    async fn fetch(&self, addr: CAddr) -> Result<Option<Bytes>> {
+        let Some(bytes) = self.objects.get(&self.objects.leaf_key(&addr)).await? else {
+            return Ok(None);
+        };
+        let found = CAddr::for_leaf(&bytes);
+        if found != addr {
+            return Err(DerivaError::Corrupted {
+                addr,
+                detail: format!(
+                    "{} holds {} bytes that hash to {found}",
+                    self.objects.name(),
+                    bytes.len()
+                ),
+            });
+        }
+        Ok(Some(bytes))
+    }
+}
+
+#[async_trait]
+impl BlobStore for RemoteBlobStore {
+    async fn put(&self, data: Bytes) -> Result<CAddr> {
+        let addr = CAddr::for_leaf(&data);
+        let key = self.objects.leaf_key(&addr);
+        let size = data.len() as u64;
+        let existed = self.objects.create(&key, data.clone()).await? == Written::Existed;
+        if existed {
+            // Same address, same bytes, unless the stored copy was damaged: check, and repair.
+            match self.fetch(addr).await {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(DerivaError::Corrupted { .. }) => {
+                    tracing::warn!(%addr, "rewriting a damaged or vanished object");
+                    self.objects.overwrite(&key, data.clone()).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if self.record(addr, size).await? {
+            self.counters.count_blob(true, size);
+            if existed && !self.object_survived(addr).await? {
+                tracing::info!(%addr, "rewriting an object garbage collection removed during the put");
+                self.objects.overwrite(&key, data).await?;
+            }
+        }
+        Ok(addr)
+    }
+
+    async fn get(&self, addr: CAddr) -> Result<Option<Bytes>> {
+        if let Some(hit) = self.cached(addr).await {
+            return Ok(Some(hit));
+        }
+        if self.size(addr).await?.is_none() {
+            return Ok(None);
+        }
+        self.fetch_and_keep(addr).await
+    }
+
+    async fn get_stream(&self, addr: CAddr, chunk_bytes: usize) -> Result<Option<ByteStream>> {
+        if let Some(hit) = self.cached(addr).await {
+            return Ok(Some(stream::once(hit)));
+        }
+        // Only what the index records; a leaf of one chunk or less is read whole (and kept in
+        // the local cache), a larger one streams from the object store.
+        let Some(size) = self.size(addr).await? else {
+            return Ok(None);
+        };
+        if size <= chunk_bytes as u64 {
+            return Ok(self.fetch_and_keep(addr).await?.map(stream::once));
+        }
+        let key = self.objects.leaf_key(&addr);
+        let Some(chunks) = self.objects.get_stream(&key, chunk_bytes).await? else {
+            return Ok(None);
+        };
+        Ok(Some(stream::verified(
+            addr,
+            self.objects.name().to_owned(),
+            chunks,
+        )))
+    }
+
+    async fn put_stream(&self, addr: CAddr, mut data: ByteStream) -> Result<()> {
+        // Up to the multipart threshold, a leaf is held and put whole (a conditional create).
+        let mut head = Vec::new();
+        let mut len = 0usize;
+        while len <= MULTIPART_THRESHOLD {
+            let Some(chunk) = data.next().await else {
+                let whole = Bytes::from(head.concat());
+                let found = CAddr::for_leaf(&whole);
+                if found != addr {
+                    return Err(DerivaError::Corrupted {
+                        addr,
+                        detail: format!("the {len} bytes given hash to {found}"),
+                    });
+                }
+                self.put(whole).await?;
+                return Ok(());
+            };
+            let chunk: Bytes = chunk?;
+            len += chunk.len();
+            head.push(chunk);
+        }
+        // Larger: uploaded in parts as it comes, completed only if the hash matches.
+        let key = self.objects.leaf_key(&addr);
+        let rest = futures::stream::iter(head.into_iter().map(Ok))
+            .chain(data)
+            .boxed();
+        let size = self.objects.upload_stream(&key, Some(addr), rest).await?;
+        if self.record(addr, size).await? {
+            if !self.object_survived(addr).await? {
+                // Garbage collection removed the object of an old row just after the upload
+                // replaced it; the bytes are gone from here too, so the row goes and the
+                // client is told to put again.
+                self.forget_row(addr).await?;
+                return Err(DerivaError::Unavailable {
+                    backend: self.objects.name().to_owned(),
+                    message: format!(
+                        "garbage collection removed leaf {addr} while it was being uploaded; \
+                         put it again"
+                    ),
+                });
+            }
+            self.counters.count_blob(true, size);
+        }
+        Ok(())
+    }
+
+    async fn put_unaddressed(&self, data: ByteStream) -> Result<(CAddr, u64)> {
+        // The object's key is the address: the bytes wait in a local file until it is known.
+        let Some(spool) = &self.spool else {
+            return Err(DerivaError::InvalidInput(
+                "this store was opened without a spool directory, so it takes no streamed uploads"
+                    .into(),
+            ));
+        };
+        let spooled = spool.take(data).await?;
+        let (addr, len) = (spooled.addr, spooled.len);
+        self.put_stream(addr, spooled.stream()?).await?;
+        Ok((addr, len))
+    }
+
+    async fn contains(&self, addr: CAddr) -> Result<bool> {
+        Ok(self.size(addr).await?.is_some())
+    }
+
+    async fn missing(&self, addrs: Vec<CAddr>) -> Result<Vec<CAddr>> {
+        const CALL: Call = Call {
+            op: "find_leaves",
+            operation: "SELECT",
+            table: "leaves",
+            context: "looking up leaves",
+        };
+        let sql = "SELECT addr FROM {s}.leaves WHERE addr = ANY($1)";
+        index::absent(&self.pg, CALL, sql, addrs).await
+    }
+
+    async fn size(&self, addr: CAddr) -> Result<Option<u64>> {
+        const CALL: Call = Call {
+            op: "find_leaf",
+            operation: "SELECT",
+            table: "leaves",
+            context: "looking up a leaf",
+        };
+        let key = addr.as_bytes().as_slice();
+        let row = self
+            .pg
+            .query_opt(CALL, "SELECT size FROM {s}.leaves WHERE addr = $1", &[&key])
+            .await?;
+        Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64))
+    }
+
+    async fn delete(&self, addr: CAddr) -> Result<bool> {
+        const CALL: Call = Call {
+            op: "delete_leaf",
+            operation: "DELETE",
+            table: "leaves",
+            context: "deleting a leaf",
+        };
+        // The row first: a crash between the two leaves an object without a row, which is
+        // garbage, never a row whose bytes are gone.
+        let key = addr.as_bytes().as_slice();
+        let size = self
+            .pg
+            .query_opt(
+                CALL,
+                "DELETE FROM {s}.leaves WHERE addr = $1 RETURNING size",
+                &[&key],
+            )
+            .await?
+            .map(|r| r.get::<_, i64>(0).max(0) as u64);
+        self.objects.delete(&self.objects.leaf_key(&addr)).await?;
+        if let Some(cache) = &self.cache {
+            cache::on_pool(cache, move |c| c.remove(&addr)).await;
+        }
+        match size {
+            Some(size) => {
+                self.counters.count_blob(false, size);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<CAddr>> {
+        const CALL: Call = LIST_LEAVES;
+        let rows = self
+            .pg
+            .query(CALL, "SELECT addr FROM {s}.leaves", &[])
+            .await?;
+        rows.iter()
+            .map(|row| addr_of(row.get(0), CALL.context))
+            .collect()
+    }
+
+    async fn list_aged(&self) -> Result<Vec<AgedLeaf>> {
+        const CALL: Call = LIST_LEAVES;
+        let rows = self
+            .pg
+            .query(CALL, "SELECT addr, size, created_at FROM {s}.leaves", &[])
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AgedLeaf {
+                    addr: addr_of(row.get(0), CALL.context)?,
+                    size: row.get::<_, i64>(1).max(0) as u64,
+                    at: row.get(2),
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_if_older(&self, addr: CAddr, cutoff: SystemTime) -> Result<Option<u64>> {
+        const CALL: Call = Call {
+            op: "collect_leaf",
+            operation: "DELETE",
+            table: "leaves",
+            context: "collecting a leaf",
+        };
+        // The row first, as in `delete`: a crash between the two leaves an object without a
+        // row (garbage), never a row without its object. The caller holds the sweep lock, so
+        // no put records the leaf again before its object is gone.
+        let key = addr.as_bytes().as_slice();
+        let Some(size) = self
+            .pg
+            .query_in_sweep(
+                CALL,
+                "DELETE FROM {s}.leaves WHERE addr = $1 AND created_at < $2 RETURNING size",
+                &[&key, &cutoff],
+            )
+            .await?
+            .first()
+            .map(|r| r.get::<_, i64>(0).max(0) as u64)
+        else {
+            return Ok(None);
+        };
+        self.counters.count_blob(false, size);
+        self.objects.delete(&self.objects.leaf_key(&addr)).await?;
+        if let Some(cache) = &self.cache {
+            cache::on_pool(cache, move |c| c.remove(&addr)).await;
+        }
+        Ok(Some(size))
+    }
+
+    async fn check(&self) -> Result<()> {
+        self.objects.check().await
+    }
+}
+
+impl RemoteBlobStore {
+    /// Deletes the row of `addr` (not its object).
+    async fn forget_row(&self, addr: CAddr) -> Result<()> {
+        const CALL: Call = Call {
+            op: "delete_leaf",
+            operation: "DELETE",
+            table: "leaves",
+            context: "deleting a leaf",
+        };
+        let key = addr.as_bytes().as_slice();
+        self.pg
+            .query(CALL, "DELETE FROM {s}.leaves WHERE addr = $1", &[&key])
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,196 @@
+//! [`ObjectOutputs`]: the shared output tier in the object store, at `outputs/<recipe hex>`.
+//!
+//! An output has no address of its own to check against, and its key is only where it was put:
+//! anyone who may write to the bucket could copy one recipe's output under another's key. So
+//! each object opens with a header that names the recipe it is the output of, and the hash of
+//! the output:
+//!
+//! | bytes | what |
+//! |---|---|
+//! | 0..4 | [`MAGIC`], `DRVO` |
+//! | 4 | [`VERSION`], 1 |
+//! | 5..37 | the recipe address |
+//! | 37..69 | the BLAKE3 hash of the output |
+//! | 69.. | the output |
+//!
+//! A read checks both: an object that names another recipe (moved or copied) or whose bytes do
+//! not match their hash is [`DerivaError::Corrupted`], never data, and the executor computes
+//! the output again and overwrites it. An object in another format (the header before this one
+//! was the hash alone, with no magic; or a version this build does not know) is a miss: the
+//! tier is a cache, so the output is computed and the object replaced. This does not stop a
+//! writer who forges a whole object (the header is not a signature); it keeps an object from
+//! answering for a recipe it was not computed for.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::{BufMut, Bytes, BytesMut};
+use deriva_core::error::Result;
+use deriva_core::{CAddr, DerivaError};
+use deriva_store::OutputStore;
+
+use crate::objects::Objects;
+
+/// The first bytes of every output-tier object.
+const MAGIC: [u8; 4] = *b"DRVO";
+/// The version of the header laid out in the module docs.
+const VERSION: u8 = 1;
+const HASH_LEN: usize = 32;
+/// Magic, version, recipe address, output hash.
+const HEADER_LEN: usize = MAGIC.len() + 1 + HASH_LEN + HASH_LEN;
+
+/// Computed outputs in the object store.
+#[derive(Debug, Clone)]
+pub struct ObjectOutputs {
+    objects: Arc<Objects>,
+}
+
+impl ObjectOutputs {
+    pub(crate) fn new(objects: Arc<Objects>) -> Self {
+        Self { objects }
+    }
+}
+
+/// The object that stores `output` as the output of `recipe`.
+fn encode(recipe: &CAddr, output: &[u8]) -> Bytes {
+    let mut object = BytesMut::with_capacity(HEADER_LEN + output.len());
+    object.put_slice(&MAGIC);
+    object.put_u8(VERSION);
+    object.put_slice(recipe.as_bytes());
+    object.put_slice(blake3::hash(output).as_bytes());
+    object.put_slice(output);
+    object.freeze()
+}
+
+/// What an object read at the key of `recipe` holds: its output, checked; `Ok(None)` if it is
+/// in another format (a miss); [`DerivaError::Corrupted`] (whose detail says what is wrong, to
+/// follow `where_` in the message) if it is the output of another recipe, or damaged.
+fn decode(recipe: &CAddr, object: Bytes, where_: &str) -> Result<Option<Bytes>> {
+    let damaged = |detail: String| DerivaError::Corrupted {
+        addr: *recipe,
+        detail: format!("the stored output in {where_}: {detail}"),
+    };
+    if !object.starts_with(&MAGIC) {
+        tracing::debug!(%recipe, "an output-tier object in the format before its header had a version: a miss");
+        return Ok(None);
+    }
+    if object.len() < HEADER_LEN {
+        return Err(damaged(format!(
+            "{} bytes, shorter than its {HEADER_LEN}-byte header",
+            object.len()
+        )));
+    }
+    let version = object[MAGIC.len()];
+    if version != VERSION {
+        tracing::debug!(%recipe, version, "an output-tier object of an unknown version: a miss");
+        return Ok(None);
+    }
+    let fields = &object[MAGIC.len() + 1..HEADER_LEN];
+    let (named, hash) = fields.split_at(HASH_LEN);
+    let named = CAddr::from_slice(named).map_err(|e| damaged(format!("its header: {e}")))?;
+    if named != *recipe {
+        return Err(damaged(format!(
+            "it is the output of recipe {named}, not of this one"
+        )));
+    }
+    let output = object.slice(HEADER_LEN..);
+    if blake3::hash(&output).as_bytes()[..] != hash[..] {
+        return Err(damaged(format!(
+            "its {} bytes do not match their hash",
+            output.len()
+        )));
+    }
+    Ok(Some(output))
+}
+
+#[async_trait]
+impl OutputStore for ObjectOutputs {
+    async fn get(&self, recipe: CAddr) -> Result<Option<Bytes>> {
+        let Some(object) = self.objects.get(&self.objects.output_key(&recipe)).await? else {
+            return Ok(None);
+        };
+        decode(&recipe, object, self.objects.name())
+    }
+
+    async fn put(&self, recipe: CAddr, output: Bytes) -> Result<()> {
+        self.objects
+            .overwrite(&self.objects.output_key(&recipe), encode(&recipe, &output))
+            .await
+    }
+
+    async fn delete(&self, recipe: CAddr) -> Result<()> {
+        self.objects.delete(&self.objects.output_key(&recipe)).await
+    }
+
+    /// Whether an object is stored at the key of `recipe`, in any format (a read decides).
+    async fn contains(&self, recipe: CAddr) -> Result<bool> {
+        let key = self.objects.output_key(&recipe);
+        Ok(self.objects.size(&key).await?.is_some())
+    }
+
+    async fn list(&self) -> Result<Vec<CAddr>> {
+        self.objects.list_addrs("outputs").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recipe(n: u8) -> CAddr {
+        CAddr::from([n; 32])
+    }
+
+    fn corrupted(result: Result<Option<Bytes>>) -> String {
+        match result {
+            Err(DerivaError::Corrupted { addr, detail }) => {
+                assert_eq!(addr, recipe(1), "the recipe asked for");
+                detail
+            }
+            other => panic!("expected Corrupted, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_object_answers_for_its_own_recipe_only() {
+        let object = encode(&recipe(1), b"the output");
+        assert_eq!(object.len(), HEADER_LEN + 10);
+        assert_eq!(
+            decode(&recipe(1), object.clone(), "s3://b/").unwrap(),
+            Some(Bytes::from_static(b"the output"))
+        );
+        let moved = corrupted(decode(
+            &recipe(1),
+            encode(&recipe(2), b"the output"),
+            "s3://b/",
+        ));
+        assert!(moved.contains(&recipe(2).to_hex()), "{moved}");
+        assert!(moved.contains("s3://b/"), "{moved}");
+        // An empty output has a header all the same.
+        assert_eq!(
+            decode(&recipe(1), encode(&recipe(1), b""), "s3://b/").unwrap(),
+            Some(Bytes::new())
+        );
+    }
+
+    #[test]
+    fn damage_is_corrupted_and_other_formats_are_misses() {
+        let mut flipped = encode(&recipe(1), b"the output").to_vec();
+        *flipped.last_mut().unwrap() ^= 1;
+        let detail = corrupted(decode(&recipe(1), flipped.into(), "s3://b/"));
+        assert!(detail.contains("do not match their hash"), "{detail}");
+        let short = encode(&recipe(1), b"x").slice(..HEADER_LEN - 1);
+        let detail = corrupted(decode(&recipe(1), short, "s3://b/"));
+        assert!(
+            detail.contains("shorter than its 69-byte header"),
+            "{detail}"
+        );
+        // Before the version: the output's hash, then the output.
+        let mut legacy = blake3::hash(b"old").as_bytes().to_vec();
+        legacy.extend_from_slice(b"old");
+        assert_eq!(decode(&recipe(1), legacy.into(), "s3://b/").unwrap(), None);
+        let mut newer = encode(&recipe(1), b"the output").to_vec();
+        newer[MAGIC.len()] = VERSION + 1;
+        assert_eq!(decode(&recipe(1), newer.into(), "s3://b/").unwrap(), None);
+    }
+}

@@ -1,0 +1,293 @@
+//! The storage conformance suite (`deriva_store::conformance`) run against the remote
+//! backend: leaves in a real SeaweedFS (S3), the index in a real PostgreSQL, both started by
+//! `scripts/backends.sh` for this test binary. Each case gets its own key prefix and schema.
+
+use crate::services;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deriva_core::{CAddr, Result};
+use deriva_store::Store;
+use deriva_store::conformance::Harness;
+use deriva_store_remote::{BackendMetrics, RemoteConfig};
+use object_store::ObjectStoreExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path;
+
+use services::Backends;
+
+static CASE: AtomicU32 = AtomicU32::new(0);
+
+/// One case's place in the shared services: a key prefix and a PostgreSQL schema.
+struct RemoteHarness {
+    services: Arc<Backends>,
+    prefix: String,
+    schema: String,
+    spool: tempfile::TempDir,
+}
+
+impl RemoteHarness {
+    fn new() -> Self {
+        let n = CASE.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}_{n}", std::process::id());
+        Self {
+            services: services::shared(),
+            prefix: format!("conformance-{tag}"),
+            schema: format!("conformance_{tag}"),
+            spool: tempfile::tempdir().expect("a spool directory"),
+        }
+    }
+
+    /// A client of the bucket, to write behind the store's back.
+    fn s3(&self) -> object_store::aws::AmazonS3 {
+        AmazonS3Builder::new()
+            .with_endpoint(self.services.s3_endpoint())
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id(self.services.access_key())
+            .with_secret_access_key(self.services.secret_key())
+            .with_bucket_name(self.services.bucket())
+            .build()
+            .expect("an S3 client")
+    }
+
+    fn config(&self) -> RemoteConfig {
+        RemoteConfig {
+            blob_store: format!("s3://{}/{}", self.services.bucket(), self.prefix),
+            aws: self.services.aws_env(),
+            index: self.services.pg_url(),
+            schema: self.schema.clone(),
+            pool_size: 8,
+            local_cache: None,
+            spool_dir: Some(self.spool.path().to_owned()),
+            output_tier: false,
+            create_schema: true,
+            node_id: "conformance".into(),
+        }
+    }
+}
+
+#[async_trait]
+impl Harness for RemoteHarness {
+    async fn open(&self) -> Result<Store> {
+        let remote =
+            deriva_store_remote::open(&self.config(), Arc::new(BackendMetrics::noop())).await?;
+        Ok(remote.store)
+    }
+
+    async fn corrupt_blob(&self, addr: CAddr, bytes: &[u8]) {
+        let s3 = self.s3();
+        let key = Path::from(format!("{}/leaves/{}", self.prefix, addr.to_hex()));
+        s3.head(&key).await.expect("the leaf's object exists");
+        s3.put(&key, Bytes::copy_from_slice(bytes).into())
+            .await
+            .expect("overwriting the object");
+    }
+
+    async fn corrupt_recipe(&self, addr: CAddr) {
+        let (client, conn) =
+            tokio_postgres::connect(&self.services.pg_url(), tokio_postgres::NoTls)
+                .await
+                .expect("connecting to PostgreSQL");
+        tokio::spawn(conn);
+        let n = client
+            .execute(
+                &format!(
+                    "UPDATE \"{}\".recipes SET encoding = 'not a recipe' WHERE addr = $1",
+                    self.schema
+                ),
+                &[&addr.as_bytes().as_slice()],
+            )
+            .await
+            .expect("damaging the row");
+        assert_eq!(n, 1, "one recipe row damaged");
+    }
+}
+
+deriva_store::conformance_tests!(RemoteHarness::new());
+
+/// Only the index says what exists: an object under `leaves/` that PostgreSQL does not record
+/// (a put that stopped between its two writes) is not served, and no read of an absent leaf
+/// (the executor asks for a leaf at every recipe's address) goes to the object store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_the_index_does_not_record_is_not_served() {
+    let harness = RemoteHarness::new();
+    let store = harness.open().await.unwrap();
+    let recorded = store
+        .put_leaf(Bytes::from_static(b"recorded"))
+        .await
+        .unwrap();
+    let orphan_bytes = b"written to the bucket, never recorded";
+    let orphan = CAddr::for_leaf(orphan_bytes);
+    let s3 = harness.s3();
+    let key = Path::from(format!("{}/leaves/{}", harness.prefix, orphan.to_hex()));
+    s3.put(&key, Bytes::from_static(orphan_bytes).into())
+        .await
+        .unwrap();
+    let blobs = store.blobs();
+    assert_eq!(blobs.get(orphan).await.unwrap(), None);
+    assert!(blobs.get_stream(orphan, 1024).await.unwrap().is_none());
+    assert!(!blobs.contains(orphan).await.unwrap());
+    assert_eq!(
+        blobs.get(recorded).await.unwrap().as_deref(),
+        Some(&b"recorded"[..])
+    );
+    // Putting the same bytes records the object (found, verified, kept) and serves it.
+    assert_eq!(
+        store
+            .put_leaf(Bytes::from_static(orphan_bytes))
+            .await
+            .unwrap(),
+        orphan
+    );
+    assert_eq!(
+        blobs.get(orphan).await.unwrap().as_deref(),
+        Some(&orphan_bytes[..])
+    );
+}
+
+/// Writers that wait for the sweep lock hold pooled connections while they wait; the sweep's
+/// own statements run on the connection that holds the lock, so a pool of two, with eight
+/// writers waiting, never starves a collection (it would fail after the pool's wait,
+/// `UNAVAILABLE`, with the writers stalled that long).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_never_waits_for_a_pool_its_writers_hold() {
+    let harness = RemoteHarness::new();
+    let config = deriva_store_remote::RemoteConfig {
+        pool_size: 2,
+        ..harness.config()
+    };
+    let store = Arc::new(
+        deriva_store_remote::open(&config, Arc::new(BackendMetrics::noop()))
+            .await
+            .unwrap()
+            .store,
+    );
+    // Garbage for the sweeps: 60 leaves, each under a recipe.
+    let recipe = |inputs: Vec<CAddr>| {
+        let concat = deriva_core::FunctionId::new("concat", "v1").unwrap();
+        deriva_core::Recipe::new(concat, inputs, deriva_core::Params::new()).unwrap()
+    };
+    for i in 0..60 {
+        let leaf = store
+            .put_leaf(Bytes::from(format!("garbage {i}")))
+            .await
+            .unwrap();
+        store.put_recipe(recipe(vec![leaf])).await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (store, done) = (store.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut i = 0;
+                while !done.load(Ordering::Relaxed) {
+                    i += 1;
+                    let leaf = store
+                        .put_leaf(Bytes::from(format!("writer {w} {i}")))
+                        .await
+                        .unwrap();
+                    match store.put_recipe(recipe(vec![leaf])).await {
+                        Ok(_) | Err(deriva_core::DerivaError::MissingInput { .. }) => {}
+                        Err(e) => panic!("writer {w}: {e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut removed = 0;
+    for _ in 0..3 {
+        // Waiting for a pooled connection would end in UNAVAILABLE after PG_POOL_WAIT.
+        let outcome = store
+            .collect_garbage(&deriva_store::gc::GcOptions::default())
+            .await
+            .unwrap();
+        removed += outcome.removed.len();
+    }
+    done.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert!(removed >= 120, "the garbage was collected: {removed}");
+}
+
+/// The output tier in a real SeaweedFS: an object copied, with the bucket's own client, from
+/// `outputs/<A>` to `outputs/<B>` is the output of A, so reading B is `Corrupted` naming A,
+/// never A's bytes; an object in the format before the header named its recipe (the output's
+/// hash, then the output) is a miss, and a put replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_moved_under_another_recipe_is_refused() {
+    let harness = RemoteHarness::new();
+    let config = RemoteConfig {
+        output_tier: true,
+        ..harness.config()
+    };
+    let store = deriva_store_remote::open(&config, Arc::new(BackendMetrics::noop()))
+        .await
+        .unwrap()
+        .store;
+    let outputs = store.outputs().expect("the output tier").clone();
+    let (a, b, c) = (
+        CAddr::from([0xa; 32]),
+        CAddr::from([0xb; 32]),
+        CAddr::from([0xc; 32]),
+    );
+    outputs
+        .put(a, Bytes::from_static(b"A's output"))
+        .await
+        .unwrap();
+    outputs
+        .put(b, Bytes::from_static(b"B's output"))
+        .await
+        .unwrap();
+    assert_eq!(
+        outputs.get(b).await.unwrap().as_deref(),
+        Some(&b"B's output"[..])
+    );
+
+    let s3 = harness.s3();
+    let key = |r: &CAddr| Path::from(format!("{}/outputs/{}", harness.prefix, r.to_hex()));
+    let object = s3.get(&key(&a)).await.unwrap().bytes().await.unwrap();
+    s3.put(&key(&b), object.into()).await.unwrap();
+    match outputs.get(b).await {
+        Err(deriva_core::DerivaError::Corrupted { addr, detail }) => {
+            assert_eq!(addr, b);
+            assert!(
+                detail.contains(&a.to_hex()),
+                "names the recipe it is of: {detail}"
+            );
+        }
+        other => panic!("a moved object must not be served: {other:?}"),
+    }
+    // Put again (as the executor does after computing it): B's own output is back.
+    outputs
+        .put(b, Bytes::from_static(b"B's output"))
+        .await
+        .unwrap();
+    assert_eq!(
+        outputs.get(b).await.unwrap().as_deref(),
+        Some(&b"B's output"[..])
+    );
+
+    let mut legacy = blake3::hash(b"C's old output").as_bytes().to_vec();
+    legacy.extend_from_slice(b"C's old output");
+    s3.put(&key(&c), Bytes::from(legacy).into()).await.unwrap();
+    assert!(outputs.contains(c).await.unwrap(), "an object is there");
+    assert_eq!(
+        outputs.get(c).await.unwrap(),
+        None,
+        "in the old format: a miss"
+    );
+    outputs
+        .put(c, Bytes::from_static(b"C's output"))
+        .await
+        .unwrap();
+    assert_eq!(
+        outputs.get(c).await.unwrap().as_deref(),
+        Some(&b"C's output"[..])
+    );
+}

@@ -1,0 +1,3 @@
+//! The integration tests of deriva-util, one module per concern.
+
+mod redact;
