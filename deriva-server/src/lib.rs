@@ -23,6 +23,8 @@
 //! - [`trace_store`]: the in-process store of recent request span trees (`Explain`,
 //!   `/debug/traces`) and the `tracing` layer that fills it.
 //! - [`http`]: `/metrics`, `/health`, `/healthz`, `/readyz` and the `/debug` pages.
+//! - [`store_spec`]: [`StoreSpec`](store_spec::StoreSpec), the store the flags name, and the
+//!   one way to open it (the server and `migrate` both use it).
 //! - [`migrate`]: `deriva-server migrate`, which copies a store between backends.
 //! - [`proto`]: the wire contract, [`deriva_proto`] re-exported.
 
@@ -35,6 +37,7 @@ pub mod migrate;
 pub mod rpc;
 pub mod server;
 pub mod service;
+pub mod store_spec;
 pub mod telemetry;
 pub mod tls;
 pub mod trace_store;

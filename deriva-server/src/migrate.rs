@@ -28,9 +28,11 @@ use std::time::Instant;
 
 use deriva_core::{CAddr, DerivaError, Recipe};
 use deriva_store::Store;
+use deriva_store_local::LocalOptions;
 use deriva_util::size::parse_size;
 use futures::{StreamExt as _, TryStreamExt as _};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+use opentelemetry::metrics::{MeterProvider as _, NoopMeterProvider};
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::Semaphore;
@@ -38,6 +40,7 @@ use tonic::Code;
 
 use crate::config::{defaults, redact_url};
 use crate::error::{code_name, code_of};
+use crate::store_spec::StoreSpec;
 
 /// `--concurrency`.
 pub const DEFAULT_CONCURRENCY: usize = 8;
@@ -342,59 +345,65 @@ impl Side {
         }
     }
 
-    /// Opens this side. A local source must exist already (opening creates a store).
-    async fn open(&self, role: &str, outputs: bool) -> Result<Store, MigrateError> {
-        let what = format!("opening the {role}, {}", self.describe());
+    /// The store this side is, as the `role` (`source`, `destination`) of a migration: a
+    /// remote one with no local cache nor upload spool (a migration puts leaves by their
+    /// addresses), with the output tier if `outputs`; a remote source's schema is never
+    /// created (a mistyped one must not be created, empty).
+    fn spec(&self, role: &str, outputs: bool) -> StoreSpec {
         match self {
-            Self::Local(dir) => {
-                if role == "source" && !dir.join("deriva.redb").is_file() {
-                    return Err(MigrateError {
-                        code: Code::NotFound,
-                        message: format!(
-                            "the source {} holds no Deriva store (no deriva.redb)",
-                            dir.display()
-                        ),
-                    });
-                }
-                let dir = dir.clone();
-                tokio::task::spawn_blocking(move || deriva_store_local::open(dir))
-                    .await
-                    .map_err(|e| {
-                        MigrateError::store(&what, &DerivaError::from_join("opening the store", e))
-                    })?
-                    .map_err(|e| MigrateError::store(&what, &e))
-            }
+            Self::Local(dir) => StoreSpec::Local {
+                dir: dir.clone(),
+                options: LocalOptions::default(),
+            },
             Self::Remote {
                 blob_store,
                 index,
                 schema,
-            } => {
-                let config = deriva_store_remote::RemoteConfig {
-                    blob_store: blob_store.clone(),
-                    aws: deriva_store_remote::aws_env(),
-                    index: index.clone(),
-                    schema: schema.clone(),
-                    pool_size: 16,
-                    local_cache: None,
-                    // Migration puts leaves by their addresses: nothing waits in a spool.
-                    spool_dir: None,
-                    output_tier: outputs,
-                    // A source is only read: a mistyped schema must not be created, empty.
-                    create_schema: role != "source",
-                    node_id: format!("migrate-{}", std::process::id()),
-                };
-                let metrics = Arc::new(deriva_store_remote::BackendMetrics::noop());
-                let remote = deriva_store_remote::open(&config, metrics)
-                    .await
-                    .map_err(|e| MigrateError::store(&what, &e))?;
-                remote
-                    .store
-                    .check()
-                    .await
-                    .map_err(|e| MigrateError::store(&what, &e))?;
-                Ok(remote.store)
-            }
+            } => StoreSpec::Remote(deriva_store_remote::RemoteConfig {
+                blob_store: blob_store.clone(),
+                aws: deriva_store_remote::aws_env(),
+                index: index.clone(),
+                schema: schema.clone(),
+                pool_size: 16,
+                local_cache: None,
+                spool_dir: None,
+                output_tier: outputs,
+                create_schema: role != "source",
+                node_id: format!("migrate-{}", std::process::id()),
+            }),
         }
+    }
+
+    /// Opens this side. A local source must exist already (opening creates a store); a remote
+    /// side must answer (its object store too).
+    async fn open(&self, role: &str, outputs: bool) -> Result<Store, MigrateError> {
+        let what = format!("opening the {role}, {}", self.describe());
+        if let Self::Local(dir) = self
+            && role == "source"
+            && !dir.join("deriva.redb").is_file()
+        {
+            return Err(MigrateError {
+                code: Code::NotFound,
+                message: format!(
+                    "the source {} holds no Deriva store (no deriva.redb)",
+                    dir.display()
+                ),
+            });
+        }
+        let meter = NoopMeterProvider::new().meter("deriva-server-migrate");
+        let opened = self
+            .spec(role, outputs)
+            .open(&meter)
+            .await
+            .map_err(|e| MigrateError::store(&what, &e))?;
+        if opened.cluster.is_some() {
+            opened
+                .store
+                .check()
+                .await
+                .map_err(|e| MigrateError::store(&what, &e))?;
+        }
+        Ok(opened.store)
     }
 }
 

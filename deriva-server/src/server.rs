@@ -23,6 +23,7 @@ use crate::http::HttpState;
 use crate::proto::deriva_server::DerivaServer;
 use crate::rpc::{OversizeLayer, RpcLayer};
 use crate::service::{Cutoff, DerivaService};
+use crate::store_spec::{OpenedStore, StoreSpec};
 use crate::telemetry::ServerMetrics;
 use crate::tls::Tls;
 use crate::trace_store::TraceStore;
@@ -81,7 +82,9 @@ impl Server {
     ) -> Result<Self, DerivaError> {
         let store = Arc::new(deriva_store_local::open_with(
             &config.data_dir,
-            local_options(&config),
+            deriva_store_local::LocalOptions {
+                inline_leaf_bytes: config.inline_leaf_bytes,
+            },
         )?);
         Self::with_store(config, store, functions, meter)
     }
@@ -99,25 +102,9 @@ impl Server {
         meter: &Meter,
         node_id: &str,
     ) -> Result<Self, DerivaError> {
-        let remote = config.remote().map_err(DerivaError::InvalidInput)?;
-        let (store, bus, nodes) = match remote {
-            Some(mut remote) => {
-                node_id.clone_into(&mut remote.node_id);
-                let metrics = Arc::new(deriva_store_remote::BackendMetrics::new(meter));
-                let opened = deriva_store_remote::open(&remote, metrics).await?;
-                (opened.store, Some(opened.bus), Some(opened.nodes))
-            }
-            None => {
-                let dir = config.data_dir.clone();
-                let options = local_options(&config);
-                let store = tokio::task::spawn_blocking(move || {
-                    deriva_store_local::open_with(dir, options)
-                })
-                .await
-                .map_err(|e| DerivaError::from_join("opening the store", e))??;
-                (store, None, None)
-            }
-        };
+        let spec = StoreSpec::from_config(&config, node_id).map_err(DerivaError::InvalidInput)?;
+        let OpenedStore { store, cluster } = spec.open(meter).await?;
+        let (bus, nodes) = cluster.unzip();
         let mut server = Self::with_store(
             config,
             Arc::new(store),
@@ -541,12 +528,5 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// How the local store writes, from the configuration.
-fn local_options(config: &Config) -> deriva_store_local::LocalOptions {
-    deriva_store_local::LocalOptions {
-        inline_leaf_bytes: config.inline_leaf_bytes,
     }
 }
