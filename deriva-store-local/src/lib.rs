@@ -37,7 +37,7 @@
 //! Blob count and bytes are counted once at open (which also cleans `tmp/`) and then kept as
 //! atomics ([`StoreCounters`]); the recipe count is persisted in `meta`.
 
-mod blobs;
+mod leaf_files;
 mod recipes;
 mod small;
 
@@ -109,7 +109,7 @@ pub fn open_with(dir: impl AsRef<Path>, options: LocalOptions) -> Result<Store> 
     };
     let blobs = LocalBlobStore {
         inner: Arc::new((
-            blobs::BlobFiles::open(
+            leaf_files::BlobFiles::open(
                 dir,
                 &dir.join(BLOB_DIR),
                 options.inline_leaf_bytes,
@@ -187,7 +187,7 @@ where
 /// Leaf bytes in files under `<data-dir>/blobs`.
 #[derive(Debug, Clone)]
 pub struct LocalBlobStore {
-    inner: Arc<(blobs::BlobFiles, Lease)>,
+    inner: Arc<(leaf_files::BlobFiles, Lease)>,
 }
 
 impl LocalBlobStore {
@@ -243,15 +243,15 @@ impl BlobStore for LocalBlobStore {
         let (file, path) = match opened {
             None => return Ok(None),
             // One chunk or less: read and verified in that same call.
-            Some(blobs::Opened::Whole(data)) => return Ok(Some(stream::once(data))),
-            Some(blobs::Opened::Row(data)) => {
+            Some(leaf_files::Opened::Whole(data)) => return Ok(Some(stream::once(data))),
+            Some(leaf_files::Opened::Row(data)) => {
                 return Ok(Some(stream::verified(
                     addr,
                     format!("the small leaf row of {addr}"),
                     stream::chunks(data, chunk),
                 )));
             }
-            Some(blobs::Opened::File(file, path)) => (file, path),
+            Some(leaf_files::Opened::File(file, path)) => (file, path),
         };
         // Read on the blocking pool, a block at a time; the store's lease travels with the file.
         let chunks = stream::file_chunks(

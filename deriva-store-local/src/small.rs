@@ -13,7 +13,7 @@
 //! [`DerivaError::Corrupted`].
 //!
 //! Larger leaves, streamed ones written before this module existed, and every leaf of a store
-//! opened with `inline_leaf_bytes = 0` stay files (see `blobs.rs`). Reads look in both places.
+//! opened with `inline_leaf_bytes = 0` stay files (see `leaf_files.rs`). Reads look in both places.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

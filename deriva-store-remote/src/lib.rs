@@ -12,10 +12,10 @@
 //! is an OpenTelemetry client span with its metrics ([`BackendMetrics`]). A backend that cannot
 //! be reached is [`deriva_core::DerivaError::Unavailable`], naming it.
 
-mod blobs;
 mod bus;
-mod cache;
+mod disk_cache;
 mod index;
+mod leaf_objects;
 mod nodes;
 mod objects;
 mod observe;
@@ -30,10 +30,10 @@ use std::sync::Arc;
 use deriva_core::error::Result;
 use deriva_store::{Store, StoreCounters, lease};
 
-pub use blobs::RemoteBlobStore;
 pub use bus::{Invalidation, Listener, PgBus};
-pub use cache::DiskCache;
+pub use disk_cache::DiskCache;
 pub use index::PgIndex;
+pub use leaf_objects::RemoteBlobStore;
 pub use nodes::{DEAD_AFTER, NodeBeat, NodeRow, PgNodes};
 pub use objects::{CONNECT_TIMEOUT as S3_CONNECT_TIMEOUT, MULTIPART_THRESHOLD, PART_BYTES};
 pub use objects::{REQUEST_TIMEOUT as S3_REQUEST_TIMEOUT, RETRY as S3_RETRY};

@@ -20,7 +20,7 @@ use deriva_core::{CAddr, DerivaError};
 use deriva_store::{AgedLeaf, BlobStore, ByteStream, StoreCounters, stream};
 use futures::StreamExt as _;
 
-use crate::cache::{self, DiskCache};
+use crate::disk_cache::{self, DiskCache};
 use crate::index::{self, addr_of};
 use crate::objects::{MULTIPART_THRESHOLD, Objects, Written};
 use crate::observe::BackendMetrics;
@@ -107,7 +107,9 @@ impl RemoteBlobStore {
     /// The leaf `addr` from the local read-through cache, verified, if it holds it.
     async fn cached(&self, addr: CAddr) -> Option<Bytes> {
         let cache = self.cache.as_ref()?;
-        let hit = cache::on_pool(cache, move |c| c.get(&addr)).await.flatten();
+        let hit = disk_cache::on_pool(cache, move |c| c.get(&addr))
+            .await
+            .flatten();
         if hit.is_some() {
             self.metrics.cache_read(true);
         }
@@ -122,7 +124,7 @@ impl RemoteBlobStore {
         if let (Some(cache), Some(bytes)) = (&self.cache, &bytes) {
             self.metrics.cache_read(false);
             let bytes = bytes.clone();
-            cache::on_pool(cache, move |c| c.put(&addr, &bytes)).await;
+            disk_cache::on_pool(cache, move |c| c.put(&addr, &bytes)).await;
         }
         Ok(bytes)
     }
@@ -319,7 +321,7 @@ impl BlobStore for RemoteBlobStore {
             .map(|r| r.get::<_, i64>(0).max(0) as u64);
         self.objects.delete(&self.objects.leaf_key(&addr)).await?;
         if let Some(cache) = &self.cache {
-            cache::on_pool(cache, move |c| c.remove(&addr)).await;
+            disk_cache::on_pool(cache, move |c| c.remove(&addr)).await;
         }
         match size {
             Some(size) => {
@@ -385,7 +387,7 @@ impl BlobStore for RemoteBlobStore {
         self.counters.count_blob(false, size);
         self.objects.delete(&self.objects.leaf_key(&addr)).await?;
         if let Some(cache) = &self.cache {
-            cache::on_pool(cache, move |c| c.remove(&addr)).await;
+            disk_cache::on_pool(cache, move |c| c.remove(&addr)).await;
         }
         Ok(Some(size))
     }
