@@ -8,7 +8,7 @@
 #
 # - migrate: `deriva-server migrate` from the local store to a fresh prefix and schema of the
 #   SeaweedFS + PostgreSQL from scripts/backends.sh (default flags: 8 at once);
-# - plain:   `plain_copy` (deriva-remote/examples/plain_copy.rs), which PUTs every blob file
+# - plain:   `plain_copy` (deriva-store-remote/examples/plain_copy.rs), which PUTs every blob file
 #   of the store to a fresh prefix of the same bucket, 8 at once, with no hashing, no index
 #   and no checks.
 #
@@ -28,7 +28,7 @@ large=${3:-8}
 readonly ready_secs=60
 
 cargo build --release -q -p deriva-server -p deriva-cli --bins
-cargo build --release -q -p deriva-remote --example plain_copy
+cargo build --release -q -p deriva-store-remote --example plain_copy
 bin=$PWD/target/release
 # shellcheck source=scripts/bench-lib.sh
 . scripts/bench-lib.sh

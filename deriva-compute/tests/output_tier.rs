@@ -1,6 +1,6 @@
 //! The shared output tier and the invalidation bus, as the executor uses them: in-memory
 //! stand-ins here (the real ones, in the object store and PostgreSQL, are tested in
-//! deriva-remote and deriva-server/tests/cluster.rs).
+//! deriva-store-remote and deriva-server/tests/cluster.rs).
 
 mod common;
 

@@ -241,7 +241,7 @@ impl Config {
     }
 }
 
-/// The one redaction of printed URLs, shared with `deriva-remote` (see [`deriva_core::redact`]).
+/// The one redaction of printed URLs, shared with `deriva-store-remote` (see [`deriva_util::redact`]).
 pub use deriva_util::redact::redact_url;
 
 impl Default for Config {

@@ -22,7 +22,7 @@
 //! journal. After the group, the bench prints the puts per durable commit of the rows cases
 //! (`StoreCounters::leaf_commits`, over warm-up and measurement): how many puts shared an fsync.
 //!
-//! Run: `cargo bench -p deriva-core --bench put_leaf`.
+//! Run: `cargo bench -p deriva-store-local --bench put_leaf`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

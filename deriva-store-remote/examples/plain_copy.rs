@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! AWS_ENDPOINT_URL=http://127.0.0.1:8333 AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=… \
-//! AWS_SECRET_ACCESS_KEY=… cargo run --release -p deriva-remote --example plain_copy -- \
+//! AWS_SECRET_ACCESS_KEY=… cargo run --release -p deriva-store-remote --example plain_copy -- \
 //!   DIR BUCKET PREFIX CONCURRENCY
 //! ```
 //!

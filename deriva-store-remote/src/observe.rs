@@ -79,7 +79,7 @@ impl BackendMetrics {
     /// Instruments that record nothing, for tools and tests that have no meter.
     pub fn noop() -> Self {
         use opentelemetry::metrics::MeterProvider;
-        Self::new(&opentelemetry::metrics::NoopMeterProvider::new().meter("deriva-remote"))
+        Self::new(&opentelemetry::metrics::NoopMeterProvider::new().meter("deriva-store-remote"))
     }
 
     /// Counts one read of the local cache.
