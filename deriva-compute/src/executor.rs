@@ -33,10 +33,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result};
-use deriva_store::Store;
 use deriva_store::gc::{GcOptions, GcOutcome};
 use deriva_store::task::spawn_blocking_in;
-use deriva_store::{AddrKind, ByteStream, stream};
+use deriva_store::{AddrKind, ByteStream, Store, stream};
 use futures::future::{BoxFuture, Shared, WeakShared};
 use futures::{FutureExt, StreamExt as _};
 use opentelemetry::metrics::Meter;

@@ -13,8 +13,7 @@ use deriva_compute::{
     FunctionRegistry,
 };
 use deriva_core::{CAddr, DerivaError, FunctionId, Params, Recipe};
-use deriva_store::Store;
-use deriva_store::{AgedLeaf, BlobStore, ByteStream, stream};
+use deriva_store::{AgedLeaf, BlobStore, ByteStream, Store, stream};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 
