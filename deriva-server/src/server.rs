@@ -20,8 +20,8 @@ use crate::auth::Tokens;
 use crate::config::Config;
 use crate::http::HttpState;
 use crate::proto::deriva_server::DerivaServer;
-use crate::rpc::{OversizeLayer, RpcLayer};
-use crate::service::{Cutoff, DerivaService};
+use crate::rpc::{Cutoff, OversizeLayer, RpcLayer};
+use crate::service::DerivaService;
 use crate::telemetry::ServerMetrics;
 use crate::tls::Tls;
 use crate::trace_store::TraceStore;
@@ -311,7 +311,6 @@ impl Server {
             )
             .with_trace_store(self.traces.clone())
             .with_gc_min_grace(self.config.gc_min_grace)
-            .with_cutoff(cutoff)
             .with_node(node.clone())
             .with_cluster(self.nodes.clone().map(|n| (n, self.config.heartbeat))),
         )
@@ -343,7 +342,8 @@ impl Server {
         let grpc_serving = builder
             .layer(
                 RpcLayer::new(self.metrics.clone(), self.dispatch.clone())
-                    .with_auth(self.auth.clone()),
+                    .with_auth(self.auth.clone())
+                    .with_cutoff(cutoff),
             )
             .layer(OversizeLayer { limit })
             .add_service(health_service)

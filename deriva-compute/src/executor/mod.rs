@@ -36,6 +36,7 @@ mod config;
 mod maintenance;
 mod read_path;
 mod single_flight;
+mod stored;
 
 use std::collections::HashMap;
 use std::fmt;
