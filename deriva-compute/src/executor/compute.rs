@@ -9,12 +9,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use deriva_core::store::Located;
 use deriva_core::task::spawn_blocking_in;
 use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result};
 use tracing::field::Empty;
 use tracing::{Instrument, Span, info_span};
 
-use super::single_flight::{FlightResult, ReservedOutput};
+use super::single_flight::{FlightResult, Known, ReservedOutput};
 use super::{AsyncExecutor, DepthTracker, as_i64, invalid_recipe};
 use crate::budget::Reservation;
 use crate::function::{CancelToken, ComputeContext, ComputeFunction, FunctionError};
@@ -36,73 +37,82 @@ pub struct VerifyReport {
     pub compute_time: Duration,
 }
 
+/// What a flight found at its address.
+enum LeafOrRecipe {
+    Leaf(Bytes),
+    Recipe(Recipe),
+}
+
+/// Where [`AsyncExecutor::cache_or_spill`] kept an output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeptIn {
+    /// The memory cache, whose budget covers it from then on.
+    Cache,
+    /// The spill directory.
+    Spill,
+    /// Nowhere: an invalidation came first, or the write failed.
+    Nowhere,
+}
+
 impl AsyncExecutor {
-    /// Leaf (unless `leaf_read`: the caller found none), then recipe. Runs inside the flight's
-    /// task.
+    /// The work of a flight: the leaf `addr` read whole, or its recipe computed (from what
+    /// the caller already `known`). Runs inside the flight's task.
     pub(super) async fn resolve(
         &self,
         addr: CAddr,
         depth: u32,
         tracker: Arc<DepthTracker>,
-        leaf_read: bool,
+        known: Known,
     ) -> FlightResult {
         // Noted before anything is read: an invalidation from now on keeps this output out of
         // the cache.
         let generation = self.state.cache.generation(&addr);
-        if !leaf_read {
-            let read = info_span!(spans::LEAF_READ, { field::FOUND } = Empty);
-            let leaf = self
-                .state
-                .store
-                .get_leaf(addr)
-                .instrument(read.clone())
-                .await;
-            read.record(field::FOUND, matches!(leaf, Ok(Some(_))));
-            drop(read);
-            if let Some(bytes) = self.count_corruption(leaf)? {
-                // Known from now on, for the budget checks of the recipes that use it.
-                self.state.budget.record(addr, bytes.len() as u64);
-                let leaf = ReservedOutput {
-                    bytes,
-                    reservation: None,
-                };
-                return Ok((leaf, Outcome::Leaf));
-            }
-        }
-        let stored = self
-            .count_corruption(self.state.store.get_recipe(addr).await)?
-            .ok_or(DerivaError::NotFound { addr })?;
-        let recipe = stored.recipe;
+        let recipe = match known {
+            Known::Recipe(recipe) => recipe,
+            known => match self.leaf_or_recipe(addr, known).await? {
+                LeafOrRecipe::Leaf(bytes) => {
+                    // Known from now on, for the budget checks of the recipes that use it.
+                    self.state.budget.record_leaf(addr, bytes.len() as u64);
+                    let leaf = ReservedOutput {
+                        bytes,
+                        reservation: None,
+                        spilled: false,
+                    };
+                    return Ok((leaf, Outcome::Leaf));
+                }
+                LeafOrRecipe::Recipe(recipe) => recipe,
+            },
+        };
         // Before anything is read: refuse a recipe its function does not accept (stored before
         // a bound existed, or planted in the store), and what could never fit the memory budget.
         let function = self.runnable(Some(addr), &recipe)?;
-        self.check_budget(addr, &recipe, &function).await?;
+        let inputs_known = self.check_budget(addr, &recipe, &function).await?;
         let outputs = self.state.store.outputs();
         if let Some(outputs) = outputs
             && let Some(output) = self.read_output_tier(outputs, addr).await
         {
             self.state.budget.record(addr, output.len() as u64);
-            self.cache_or_spill(addr, &output, Duration::ZERO, generation)
+            let kept = self
+                .cache_or_spill(addr, &output, Duration::ZERO, generation)
                 .await;
             let stored = ReservedOutput {
                 bytes: output,
                 reservation: None,
+                spilled: kept == KeptIn::Spill,
             };
             return Ok((stored, Outcome::Stored));
         }
-        let inputs = futures::future::try_join_all(
-            recipe
-                .inputs()
-                .iter()
-                .map(|input| self.materialize_at(*input, depth + 1, tracker.clone())),
-        )
-        .await?;
+        let inputs =
+            futures::future::try_join_all(recipe.inputs().iter().zip(inputs_known).map(
+                |(input, known)| self.materialize_at(*input, depth + 1, tracker.clone(), known),
+            ))
+            .await?;
         let inputs: Vec<Bytes> = inputs.into_iter().map(|(bytes, _)| bytes).collect();
         // Held until the output is kept (cache or spill) and handed to the callers.
         let (output, cost, reserved) = self
             .compute(addr, &recipe, &function, inputs, false)
             .await?;
-        let cached = self.cache_or_spill(addr, &output, cost, generation).await;
+        let kept = self.cache_or_spill(addr, &output, cost, generation).await;
         // Not after an invalidation that came in meanwhile: that output is what it evicted.
         if let Some(outputs) = outputs
             && self.state.cache.generation(&addr) == generation
@@ -117,38 +127,81 @@ impl AsyncExecutor {
         // covered while its callers hold it.
         let computed = ReservedOutput {
             bytes: output,
-            reservation: (!cached).then_some(reserved),
+            reservation: (kept != KeptIn::Cache).then_some(reserved),
+            spilled: kept == KeptIn::Spill,
         };
         Ok((computed, Outcome::Computed))
     }
 
     /// What materializing the recipe `addr` is known to need in memory before anything is
-    /// read: its inputs' sizes where known (recorded outputs, leaf sizes from the store) and
-    /// its output's (from the function, or recorded). Refused with
-    /// [`DerivaError::OverBudget`] if that alone exceeds the memory budget.
+    /// read: its inputs' sizes where known (recorded sizes, else leaf sizes from one question
+    /// to the store per input, [`deriva_core::Store::locate`]) and its output's (from the
+    /// function, or recorded). Refused with [`DerivaError::OverBudget`] if that alone exceeds
+    /// the memory budget. Returns what it learnt of each input, for its materialization: a
+    /// leaf found here is read without asking the store again. (A recipe input asks again,
+    /// in its own `leaf_read` span.)
     async fn check_budget(
         &self,
         addr: CAddr,
         recipe: &Recipe,
         function: &Arc<dyn ComputeFunction>,
-    ) -> Result<()> {
+    ) -> Result<Vec<Known>> {
         let budget = &self.state.budget;
-        let sizes = futures::future::join_all(recipe.inputs().iter().map(|input| async move {
-            match budget.recorded(input) {
-                Some(size) => Some(size),
-                None => self.state.store.blobs().size(*input).await.ok().flatten(),
+        let answers = futures::future::join_all(recipe.inputs().iter().map(|input| async move {
+            if let Some(size) = budget.recorded_leaf(input) {
+                return (Some(size), Known::Leaf);
+            }
+            if let Some(size) = budget.recorded(input) {
+                return (Some(size), Known::Nothing);
+            }
+            match self.state.store.locate(*input).await {
+                Ok(Some(Located::Leaf { size })) => {
+                    budget.record_leaf(*input, size);
+                    (Some(size), Known::Leaf)
+                }
+                // A recipe's output size is known only once computed; an error is the input's
+                // own materialization's to report.
+                _ => (None, Known::Nothing),
             }
         }))
         .await;
-        let known: u64 = sizes.iter().flatten().sum();
-        let all: Option<Vec<u64>> = sizes.into_iter().collect();
+        let known: u64 = answers.iter().filter_map(|(size, _)| *size).sum();
+        let all: Option<Vec<u64>> = answers.iter().map(|(size, _)| *size).collect();
         let output = budget
             .recorded(&addr)
             .or_else(|| function.output_size(all.as_deref()?, recipe.params()));
         budget.check(
             || format!("materializing {addr} ({})", recipe.function()),
             known.saturating_add(output.unwrap_or(0)),
-        )
+        )?;
+        Ok(answers.into_iter().map(|(_, known)| known).collect())
+    }
+
+    /// In a `leaf_read` span: the leaf `addr` read whole and verified, or the recipe stored
+    /// there, [`DerivaError::NotFound`] if neither. The store is asked once what `addr` is
+    /// ([`deriva_core::Store::locate`]) unless `known` says it is a leaf.
+    async fn leaf_or_recipe(&self, addr: CAddr, known: Known) -> Result<LeafOrRecipe> {
+        let read = info_span!(spans::LEAF_READ, { field::FOUND } = Empty);
+        let found = async {
+            if !matches!(known, Known::Leaf) {
+                match self.state.store.locate(addr).await? {
+                    Some(Located::Recipe(stored)) => {
+                        return Ok(LeafOrRecipe::Recipe(stored.recipe));
+                    }
+                    Some(Located::Leaf { .. }) => {}
+                    None => return Err(DerivaError::NotFound { addr }),
+                }
+            }
+            // Gone since it was found (garbage collection): as if it never was.
+            let bytes = self.state.store.get_leaf(addr).await?;
+            bytes
+                .map(LeafOrRecipe::Leaf)
+                .ok_or(DerivaError::NotFound { addr })
+        }
+        .instrument(read.clone())
+        .await;
+        read.record(field::FOUND, matches!(found, Ok(LeafOrRecipe::Leaf(_))));
+        self.count_corruption(found)
     }
 
     /// The output of `addr` from the shared output tier, if it holds one. A tier that fails
@@ -362,42 +415,50 @@ impl AsyncExecutor {
 
     /// Keeps the output of `addr` for later calls: in the memory cache, or, above the spill
     /// threshold, in the spill directory (not after an invalidation since `generation`).
-    /// Returns whether it went into the memory cache.
+    /// Returns where it went.
     async fn cache_or_spill(
         &self,
         addr: CAddr,
         output: &Bytes,
         cost: Duration,
         generation: u64,
-    ) -> bool {
+    ) -> KeptIn {
         let spill = self.state.config.spill.as_ref();
         if let Some(spill) = spill.filter(|_| self.spills(output.len())) {
             if self.state.cache.generation(&addr) != generation {
-                return false;
+                return KeptIn::Nowhere;
             }
             let (store, data) = (spill.store.clone(), output.clone());
             let write = info_span!(spans::SPILL_WRITE, { field::BYTES } = as_i64(output.len()));
             let written = spawn_blocking_in(write, move || store.put(addr, &data))
                 .await
                 .unwrap_or_else(|e| Err(DerivaError::from_join("spilling an output", e)));
-            match written {
+            return match written {
                 // An invalidation that came in while it was written wins.
                 Ok(_) if self.state.cache.generation(&addr) != generation => {
                     spill.store.remove(&addr);
+                    KeptIn::Nowhere
                 }
-                Ok(_) => {}
+                Ok(true) => KeptIn::Spill,
+                Ok(false) => KeptIn::Nowhere,
                 Err(e) => {
                     tracing::warn!(%addr, error = %e, "could not spill an output; it will be recomputed");
+                    KeptIn::Nowhere
                 }
-            }
-            return false;
+            };
         }
-        info_span!(spans::CACHE_PUT, { field::BYTES } = as_i64(output.len())).in_scope(|| {
-            self.state
-                .cache
-                .insert_if_current(addr, output.clone(), cost, generation)
-                .is_some()
-        })
+        let cached = info_span!(spans::CACHE_PUT, { field::BYTES } = as_i64(output.len()))
+            .in_scope(|| {
+                self.state
+                    .cache
+                    .insert_if_current(addr, output.clone(), cost, generation)
+                    .is_some()
+            });
+        if cached {
+            KeptIn::Cache
+        } else {
+            KeptIn::Nowhere
+        }
     }
 
     /// The function of `recipe` (stored at `addr`, if it is), once it is registered and
@@ -447,7 +508,7 @@ impl AsyncExecutor {
                 recipe
                     .inputs()
                     .iter()
-                    .map(|input| self.materialize_at(*input, 1, tracker.clone())),
+                    .map(|input| self.materialize_at(*input, 1, tracker.clone(), Known::Nothing)),
             )
             .await?;
             let inputs = inputs.into_iter().map(|(bytes, _)| bytes).collect();

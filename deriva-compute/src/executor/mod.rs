@@ -198,7 +198,9 @@ impl AsyncExecutor {
     /// (and, recursively, its inputs).
     pub async fn materialize(&self, addr: CAddr) -> Result<Bytes> {
         let depth = Arc::new(DepthTracker::default());
-        let result = self.materialize_at(addr, 0, depth.clone()).await;
+        let result = self
+            .materialize_at(addr, 0, depth.clone(), single_flight::Known::Nothing)
+            .await;
         self.state
             .metrics
             .materialize_depth

@@ -8,18 +8,27 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use deriva_core::store::Located;
 use deriva_core::store::{ByteStream, stream};
 use deriva_core::task::spawn_blocking_in;
-use deriva_core::{CAddr, DerivaError, Result};
+use deriva_core::{CAddr, DerivaError, Recipe, Result};
 use futures::StreamExt as _;
 use tracing::field::Empty;
 use tracing::{Instrument, Span, info_span};
 
-use super::single_flight::{Materialized, ReservedOutput};
+use super::single_flight::{Known, Materialized, ReservedOutput};
 use super::{AsyncExecutor, DepthTracker, as_i64};
 use crate::memory_cache::EntryKind;
 use crate::metrics::Outcome;
 use crate::spans::{self, field};
+
+/// What a Get found at its address.
+enum Opened {
+    /// A leaf, opened.
+    Leaf(LeafRead),
+    /// A recipe, to materialize.
+    Recipe(Recipe),
+}
 
 /// A leaf opened for a Get.
 enum LeafRead {
@@ -30,17 +39,20 @@ enum LeafRead {
 }
 
 impl AsyncExecutor {
-    /// One level of materialization, in its own `materialize` span.
+    /// One level of materialization, in its own `materialize` span, starting from what the
+    /// caller already `known` of `addr`.
     pub(super) fn materialize_at(
         &self,
         addr: CAddr,
         depth: u32,
         tracker: Arc<DepthTracker>,
+        known: Known,
     ) -> impl Future<Output = Materialized> + Send + 'static {
         let this = self.clone();
         let inner_tracker = tracker.clone();
         self.in_materialize_span(addr, depth, tracker, async move {
-            this.lookup_or_resolve(addr, depth, inner_tracker).await
+            this.lookup_or_resolve(addr, depth, inner_tracker, known)
+                .await
         })
     }
 
@@ -96,32 +108,36 @@ impl AsyncExecutor {
         // out of the cache.
         let generation = self.state.cache.generation(&addr);
         let read = info_span!(spans::LEAF_READ, { field::FOUND } = Empty);
-        let leaf = self
-            .read_leaf(addr, chunk_bytes)
+        let opened = self
+            .open_leaf_or_find_recipe(addr, chunk_bytes)
             .instrument(read.clone())
             .await;
-        read.record(field::FOUND, matches!(leaf, Ok(Some(_))));
+        read.record(field::FOUND, matches!(opened, Ok(Opened::Leaf(_))));
         drop(read);
-        match self.count_corruption(leaf)? {
-            Some(LeafRead::Whole(bytes, cost)) => {
+        let recipe = match self.count_corruption(opened)? {
+            Opened::Leaf(LeafRead::Whole(bytes, cost)) => {
                 self.cache_leaf(addr, &bytes, cost, generation);
                 return Ok((stream::chunks(bytes, chunk_bytes), Outcome::Leaf));
             }
-            Some(LeafRead::Streaming(chunks)) => {
+            Opened::Leaf(LeafRead::Streaming(chunks)) => {
                 return Ok((self.counting_corruption(chunks), Outcome::Leaf));
             }
-            None => {}
-        }
-        let (output, outcome) = self.join_or_start(addr, 0, tracker, true).await?;
+            Opened::Recipe(recipe) => recipe,
+        };
+        let (output, outcome) = self
+            .join_or_start(addr, 0, tracker, Known::Recipe(recipe))
+            .await?;
         // A spilled output streams from its file, so this call does not hold it while a slow
         // client reads; its reservation goes once every caller has let it go.
-        if self.spills(output.bytes.len())
-            && let Some(chunks) = self.spilled_stream(addr, chunk_bytes).await
+        if output.spilled
+            && let Some(chunks) = self.open_spilled(addr, chunk_bytes).await
         {
             drop(output);
             return Ok((chunks, outcome));
         }
-        let ReservedOutput { bytes, reservation } = output;
+        let ReservedOutput {
+            bytes, reservation, ..
+        } = output;
         let chunks = stream::chunks(bytes, chunk_bytes).map(move |chunk| {
             let _covered = &reservation;
             chunk
@@ -129,11 +145,13 @@ impl AsyncExecutor {
         Ok((chunks.boxed(), outcome))
     }
 
+    /// An input's level: the cache, the spill directory, then its flight.
     async fn lookup_or_resolve(
         &self,
         addr: CAddr,
         depth: u32,
         tracker: Arc<DepthTracker>,
+        known: Known,
     ) -> Materialized {
         if let Some(hit) = self.cache_check(&addr) {
             return Ok((hit, Outcome::Hit));
@@ -142,7 +160,7 @@ impl AsyncExecutor {
             return Ok((spilled, Outcome::Hit));
         }
         // An input is covered by the reservation of the compute that uses it.
-        let (output, outcome) = self.join_or_start(addr, depth, tracker, false).await?;
+        let (output, outcome) = self.join_or_start(addr, depth, tracker, known).await?;
         Ok((output.bytes, outcome))
     }
 
@@ -168,6 +186,13 @@ impl AsyncExecutor {
         if !spill.store.contains(&addr) {
             return None;
         }
+        self.open_spilled(addr, chunk_bytes).await
+    }
+
+    /// The spilled output of `addr` as a stream, as [`AsyncExecutor::spilled_stream`] opens
+    /// it, for an output known to have been spilled (the directory is not asked first).
+    async fn open_spilled(&self, addr: CAddr, chunk_bytes: usize) -> Option<ByteStream> {
+        let spill = self.state.config.spill.as_ref()?;
         let opened = self.count_corruption(spill.store.stream(addr, chunk_bytes).await);
         self.absent_if_failed(addr, opened)
             .map(|chunks| self.counting_corruption(chunks))
@@ -186,6 +211,25 @@ impl AsyncExecutor {
             .unwrap_or_else(|e| Err(DerivaError::from_join("reading a spilled output", e)));
         let read = self.count_corruption(read);
         self.absent_if_failed(addr, read)
+    }
+
+    /// For a Get: the leaf `addr` opened, or the recipe stored there, or
+    /// [`DerivaError::NotFound`]. The store is asked once what `addr` is
+    /// ([`deriva_core::Store::locate`]), unless it was read as a leaf before (its size is
+    /// recorded): then the read is the only question.
+    async fn open_leaf_or_find_recipe(&self, addr: CAddr, chunk_bytes: usize) -> Result<Opened> {
+        if self.state.budget.recorded_leaf(&addr).is_none() {
+            match self.state.store.locate(addr).await? {
+                Some(Located::Recipe(stored)) => return Ok(Opened::Recipe(stored.recipe)),
+                Some(Located::Leaf { size }) => self.state.budget.record_leaf(addr, size),
+                None => return Err(DerivaError::NotFound { addr }),
+            }
+        }
+        // Gone since it was found (garbage collection): as if it never was.
+        self.read_leaf(addr, chunk_bytes)
+            .await?
+            .map(Opened::Leaf)
+            .ok_or(DerivaError::NotFound { addr })
     }
 
     /// Opens the leaf `addr` in the store, if there is one. A leaf the cache admits (see

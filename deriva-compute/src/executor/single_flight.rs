@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use deriva_core::{CAddr, DerivaError, Result};
+use deriva_core::{CAddr, DerivaError, Recipe, Result};
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared, WeakShared};
 use tokio::task::JoinHandle;
@@ -29,6 +29,19 @@ pub(super) type Materialized = Result<(Bytes, Outcome)>;
 pub(super) struct ReservedOutput {
     pub(super) bytes: Bytes,
     pub(super) reservation: Option<Arc<Reservation>>,
+    /// Whether the flight wrote it to the spill directory, where a Get streams it from.
+    pub(super) spilled: bool,
+}
+
+/// What the caller of a flight already knows of its address from the store, so that the
+/// flight does not ask again.
+pub(super) enum Known {
+    /// Nothing: the flight asks the store what the address is.
+    Nothing,
+    /// A leaf (found by the budget check of a recipe that uses it, or read before).
+    Leaf,
+    /// A recipe, read by the caller (a Get's `leaf_read`).
+    Recipe(Recipe),
 }
 
 /// What a shared flight gives each of its callers.
@@ -45,14 +58,14 @@ pub(super) struct Flight {
 }
 
 impl AsyncExecutor {
-    /// Joins the in-flight materialization of `addr`, or starts one in a new task (which skips
-    /// the leaf read if `leaf_read` says the caller found no leaf already).
+    /// Joins the in-flight materialization of `addr`, or starts one in a new task, which
+    /// starts from what the caller already `known` of the address.
     pub(super) fn join_or_start(
         &self,
         addr: CAddr,
         depth: u32,
         tracker: Arc<DepthTracker>,
-        leaf_read: bool,
+        known: Known,
     ) -> Shared<FlightFuture> {
         let mut inflight = self.state.inflight.lock();
         if let Some(flight) = inflight.get(&addr)
@@ -77,7 +90,7 @@ impl AsyncExecutor {
         // parent open whenever the subscriber is not global (as in tests).
         let task = tokio::spawn(
             async move {
-                this.resolve(addr, depth, tracker, leaf_read)
+                this.resolve(addr, depth, tracker, known)
                     .instrument(span)
                     .await
             }
