@@ -611,6 +611,40 @@ mod tests {
         );
     }
 
+    /// Once the cutoff triggers, a call still waiting answers `UNAVAILABLE` (counted so), except
+    /// `Status`, which is never cut off.
+    #[tokio::test]
+    async fn the_cutoff_ends_every_call_but_status() {
+        let f = fixture();
+        let (cut_off, cutoff) = Cutoff::new();
+        let never = tower::service_fn(|_req: http::Request<()>| {
+            std::future::pending::<Result<Resp, Infallible>>()
+        });
+        let layer = RpcLayer::new(f.metrics.clone(), None).with_cutoff(cutoff);
+        let call = |path: &str| {
+            let req = http::Request::builder()
+                .uri(format!("http://x/deriva.Deriva/{path}"))
+                .body(())
+                .unwrap();
+            layer.clone().layer(never).call(req)
+        };
+        let (get, status) = (call("Get"), call("Status"));
+        cut_off.send(true).unwrap();
+        let Ok(resp) = get.await;
+        let answer = Status::from_header_map(resp.headers()).expect("a trailers-only answer");
+        assert_eq!(answer.code(), Code::Unavailable);
+        assert!(answer.message().contains("shutting down"), "{answer:?}");
+        assert_eq!(
+            sample(
+                f.telemetry.registry(),
+                r#"deriva_rpc_total{method="get",status="error"}"#
+            ),
+            Some(1.0)
+        );
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), status).await;
+        assert!(waited.is_err(), "Status is not cut off");
+    }
+
     #[test]
     fn request_ids_are_sane_tokens_or_new_uuids() {
         let mut headers = HeaderMap::new();
