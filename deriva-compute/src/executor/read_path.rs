@@ -1,6 +1,7 @@
 //! The read path: one level of materialization, in its `materialize` span, looks in the memory
-//! cache, then the spill directory, then (for a Get) the leaf store, and only then joins or
-//! starts a flight (`super::single_flight`).
+//! cache, then the spill directory, then (for a Get) asks the store once what the address is
+//! and opens a leaf; a recipe, or an input found in neither, joins or starts a flight
+//! (`super::single_flight`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -8,8 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use deriva_core::store::Located;
-use deriva_core::store::{ByteStream, stream};
+use deriva_core::store::{ByteStream, Located, stream};
 use deriva_core::task::spawn_blocking_in;
 use deriva_core::{CAddr, DerivaError, Recipe, Result};
 use futures::StreamExt as _;
@@ -92,6 +92,8 @@ impl AsyncExecutor {
         .instrument(span)
     }
 
+    /// A Get's level: the cache, the spill directory, the leaf (see
+    /// [`AsyncExecutor::get_stream`]), else the flight of the recipe found.
     pub(super) async fn cached_leaf_or_resolve(
         &self,
         addr: CAddr,
