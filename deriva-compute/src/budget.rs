@@ -101,7 +101,8 @@ pub struct MemoryBudget {
     units: Arc<Semaphore>,
     stats: Arc<BudgetStats>,
     /// The size of every recipe output computed, and every leaf read whole, since start.
-    sizes: Mutex<HashMap<CAddr, u64>>,
+    /// Recorded sizes, each with whether its address is a leaf (else a recipe's output).
+    sizes: Mutex<HashMap<CAddr, (u64, bool)>>,
 }
 
 /// Bytes held under a [`MemoryBudget`]; given back when dropped.
@@ -142,11 +143,29 @@ impl MemoryBudget {
 
     /// The size recorded for `addr`: a recipe's output computed since start, or a leaf read.
     pub fn recorded(&self, addr: &CAddr) -> Option<u64> {
-        self.sizes.lock().get(addr).copied()
+        self.sizes.lock().get(addr).map(|&(size, _)| size)
     }
 
-    /// Records the size of the output (or leaf) `addr`.
+    /// The size recorded for `addr` if it was recorded as a leaf's: then `addr` is known to be
+    /// a leaf, and a read needs not ask the store what it is.
+    pub fn recorded_leaf(&self, addr: &CAddr) -> Option<u64> {
+        self.sizes
+            .lock()
+            .get(addr)
+            .and_then(|&(size, leaf)| leaf.then_some(size))
+    }
+
+    /// Records the size of the output `addr`.
     pub fn record(&self, addr: CAddr, size: u64) {
+        self.remember(addr, (size, false));
+    }
+
+    /// Records the size of the leaf `addr`.
+    pub fn record_leaf(&self, addr: CAddr, size: u64) {
+        self.remember(addr, (size, true));
+    }
+
+    fn remember(&self, addr: CAddr, size: (u64, bool)) {
         let mut sizes = self.sizes.lock();
         if sizes.len() >= MAX_RECORDED && !sizes.contains_key(&addr) {
             sizes.clear();

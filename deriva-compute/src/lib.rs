@@ -6,13 +6,15 @@
 //! - [`function`]: the [`ComputeFunction`] trait, the [`ComputeContext`] a compute runs in
 //!   (with its [`CancelToken`]), and the [`FunctionRegistry`]; [`builtins`] holds the builtin
 //!   functions (`concat/v1`, `gzip/v1`, …) and their bounds.
-//! - [`cache`]: [`Cache`] of computed outputs and hot small leaves, byte-budgeted and
-//!   cost-aware, with lock-free stats.
+//! - [`memory_cache`]: [`Cache`], the memory cache of computed outputs and hot small leaves,
+//!   byte-budgeted and cost-aware, with lock-free stats.
 //! - [`spill`]: [`spill::SpillStore`], the local directory that holds outputs too large for
 //!   the cache, with its own byte budget; Gets stream them from there.
 //! - [`budget`]: [`MemoryBudget`], the bound on the bytes computes hold at once.
-//! - [`executor`]: [`AsyncExecutor`], which materializes addresses (single-flight, concurrent
-//!   inputs, bounded computes), invalidates, and verifies determinism.
+//! - [`executor`]: [`AsyncExecutor`], which materializes addresses, invalidates, and verifies
+//!   determinism. Its modules, in the order a Get goes through them: the read path (cache,
+//!   spill, leaf), single-flight, compute (budget, permit, verify); beside them its config and
+//!   maintenance (invalidation, GC).
 //! - [`metrics`]: [`ComputeMetrics`], this crate's OpenTelemetry instruments.
 //! - `testing` (feature `test-util`, for tests only): `Gate`, a compute function that holds its
 //!   calls until the test opens it, so tests wait for events rather than sleep.
@@ -103,9 +105,9 @@
 
 pub mod budget;
 pub mod builtins;
-pub mod cache;
 pub mod executor;
 pub mod function;
+pub mod memory_cache;
 pub mod metrics;
 pub mod spill;
 #[cfg(feature = "test-util")]
@@ -115,11 +117,11 @@ pub mod testing;
 pub use deriva_core::spans;
 
 pub use budget::{BudgetConfig, MemoryBudget};
-pub use cache::{Cache, CacheHit, CacheStats, Kind as CacheKind};
 pub use deriva_store::gc::GcOptions;
 pub use executor::{
     AsyncExecutor, COMPUTE_TIMEOUT, CascadePolicy, CascadeReport, ExecutorConfig, GcReport,
     InvalidateReport, LEAF_CACHE_MAX_BYTES, VerificationMode, VerifyReport,
 };
 pub use function::{CancelToken, ComputeContext, ComputeFunction, FunctionError, FunctionRegistry};
+pub use memory_cache::{Cache, CacheHit, CacheStats, EntryKind as CacheKind};
 pub use metrics::{ComputeMetrics, ExecStats, GcResult, Outcome};

@@ -18,8 +18,8 @@ use opentelemetry::metrics::{
 };
 
 use crate::budget::MemoryBudget;
-use crate::cache::CacheStats;
 use crate::executor::CascadePolicy;
+use crate::memory_cache::CacheStats;
 use crate::spill::SpillStore;
 
 /// Buckets of `deriva_materialize_duration_seconds` (listed in README.md, "Metrics reference").

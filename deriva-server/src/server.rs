@@ -21,8 +21,8 @@ use crate::auth::Tokens;
 use crate::config::Config;
 use crate::http::HttpState;
 use crate::proto::deriva_server::DerivaServer;
-use crate::rpc::{OversizeLayer, RpcLayer};
-use crate::service::{Cutoff, DerivaService};
+use crate::rpc::{Cutoff, OversizeLayer, RpcLayer};
+use crate::service::DerivaService;
 use crate::store_spec::{OpenedStore, StoreSpec};
 use crate::telemetry::ServerMetrics;
 use crate::tls::Tls;
@@ -304,7 +304,6 @@ impl Server {
             )
             .with_trace_store(self.traces.clone())
             .with_gc_min_grace(self.config.gc_min_grace)
-            .with_cutoff(cutoff)
             .with_node(node.clone())
             .with_cluster(self.nodes.clone().map(|n| (n, self.config.heartbeat))),
         )
@@ -336,7 +335,8 @@ impl Server {
         let grpc_serving = builder
             .layer(
                 RpcLayer::new(self.metrics.clone(), self.dispatch.clone())
-                    .with_auth(self.auth.clone()),
+                    .with_auth(self.auth.clone())
+                    .with_cutoff(cutoff),
             )
             .layer(OversizeLayer { limit })
             .add_service(health_service)

@@ -1,8 +1,8 @@
 //! [`DerivaService`], the tonic implementation of `service Deriva`. It decodes requests, calls
-//! the executor or the store, and encodes answers; errors become statuses in
-//! [`crate::error`].
+//! the executor (its one road to the store), and encodes answers; errors become statuses in
+//! [`crate::error`]. The shutdown cutoff, the telemetry and the tokens are applied around it, by
+//! [`crate::rpc::RpcLayer`].
 
-use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -30,7 +30,6 @@ pub struct DerivaService {
     chunk_bytes: usize,
     metrics: ServerMetrics,
     traces: Option<TraceStore>,
-    cutoff: Cutoff,
     node: NodeInfo,
     /// The remote backend's nodes and their heartbeat interval.
     cluster: Option<(deriva_store_remote::PgNodes, std::time::Duration)>,
@@ -72,35 +71,8 @@ impl NodeInfo {
             incarnation: self.incarnation,
             cache_entries: cache.entries(),
             cache_bytes: cache.size_bytes(),
-            blob_count: exec.store().counters().blobs(),
+            blob_count: exec.store_counters().blobs(),
             cpu_load: load_per_cpu(),
-        }
-    }
-}
-
-/// Ends the calls still running when the server's shutdown grace is over: they answer
-/// `UNAVAILABLE`, and drop what they hold (their materializations, and with them the store).
-#[derive(Debug, Clone, Default)]
-pub struct Cutoff(Option<tokio::sync::watch::Receiver<bool>>);
-
-impl Cutoff {
-    /// A cutoff, and the sender that triggers it with `true` (or by being dropped).
-    pub fn new() -> (tokio::sync::watch::Sender<bool>, Self) {
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        (tx, Self(Some(rx)))
-    }
-
-    async fn run<T>(&self, call: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
-        let Some(rx) = &self.0 else {
-            return call.await;
-        };
-        let mut rx = rx.clone();
-        tokio::select! {
-            biased;
-            done = call => done,
-            _ = rx.wait_for(|cut| *cut) => Err(Status::unavailable(
-                "the server is shutting down, and this call outlived the shutdown grace",
-            )),
         }
     }
 }
@@ -116,7 +88,6 @@ impl DerivaService {
             chunk_bytes: chunk_bytes.max(1),
             metrics,
             traces: None,
-            cutoff: Cutoff::default(),
             node: NodeInfo::new("deriva-server".into(), String::new()),
             cluster: None,
             gc_min_grace: crate::config::defaults::GC_MIN_GRACE_DURATION,
@@ -144,272 +115,10 @@ impl DerivaService {
         self
     }
 
-    /// Ends calls with `UNAVAILABLE` once `cutoff` triggers.
-    pub fn with_cutoff(mut self, cutoff: Cutoff) -> Self {
-        self.cutoff = cutoff;
-        self
-    }
-
     /// Answers `Explain` from `traces`.
     pub fn with_trace_store(mut self, traces: Option<TraceStore>) -> Self {
         self.traces = traces;
         self
-    }
-
-    /// The trace of `req`. With tokens (`caller` known), only a trace of that caller's own
-    /// request, or any trace for an admin; any other is answered exactly as an unknown id, so
-    /// that a caller learns neither its tree nor that it exists.
-    async fn explain_inner(
-        &self,
-        req: ExplainRequest,
-        caller: Option<Caller>,
-    ) -> ApiResult<ExplainResponse> {
-        let Some(traces) = &self.traces else {
-            return Err(ApiError::TraceStoreOff);
-        };
-        let id = req.trace_id.trim();
-        if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(ApiError::BadTraceId {
-                got: id.chars().take(40).collect(),
-            });
-        }
-        let visible = |trace: &TraceRecord| {
-            caller
-                .as_ref()
-                .is_none_or(|c| c.has(Scope::Admin) || trace.caller() == Some(c.name.as_str()))
-        };
-        // The request being explained may still be closing its span.
-        let Some(trace) = traces.wait_for_visible(id, EXPLAIN_PATIENCE, visible).await else {
-            return Err(ApiError::TraceNotFound {
-                trace_id: id.to_owned(),
-            });
-        };
-        Ok(ExplainResponse {
-            trace_id: trace.trace_id.clone(),
-            request_id: trace.request_id.clone(),
-            method: trace.method.clone(),
-            status_code: trace.status_code,
-            duration_us: trace.duration_us,
-            dropped_spans: trace.dropped_spans,
-            spans: trace
-                .spans
-                .iter()
-                .map(|s| TraceSpan {
-                    id: s.id,
-                    parent: s.parent.unwrap_or(0),
-                    name: s.name.to_owned(),
-                    fields: s
-                        .fields
-                        .iter()
-                        .map(|(k, v)| TraceField {
-                            key: (*k).to_owned(),
-                            value: v.clone(),
-                        })
-                        .collect(),
-                    start_us: s.start_us,
-                    duration_us: s.duration_us,
-                })
-                .collect(),
-        })
-    }
-
-    async fn put_recipe_inner(&self, req: PutRecipeRequest) -> ApiResult<PutRecipeResponse> {
-        let function = FunctionId::new(req.function_name, req.function_version)?;
-        let inputs = req
-            .inputs
-            .iter()
-            .enumerate()
-            .map(|(i, raw)| parse_addr(&format!("inputs[{i}]"), raw))
-            .collect::<ApiResult<Vec<_>>>()?;
-        let recipe = Recipe::new(function, inputs, req.params)?;
-        // The store does its blocking work (redb, fsync) on the blocking pool.
-        let start = std::time::Instant::now();
-        let addr = self.exec.put_recipe(recipe).await;
-        self.metrics.record_dag_insert(start.elapsed());
-        let addr = addr?;
-        Ok(PutRecipeResponse {
-            addr: addr_bytes(&addr),
-        })
-    }
-
-    async fn get_inner(&self, req: GetRequest) -> ApiResult<GetStream> {
-        let addr = parse_addr("addr", &req.addr)?;
-        // A leaf streams from the store as it is sent; an output is cut into slices of one
-        // `Bytes`. A leaf whose bytes turn out not to match its address ends the stream with
-        // DATA_LOSS instead of OK (a client keeps what it got only after an OK end).
-        let chunks = self.exec.get_stream(addr, self.chunk_bytes).await?;
-        // The error of a stream's end is logged in the request's span, with its trace id.
-        let span = tracing::Span::current();
-        Ok(Box::pin(chunks.map(move |item| {
-            let _in_request = span.enter();
-            item.map(|chunk| GetResponse { chunk })
-                .map_err(|e| Status::from(ApiError::from(e)))
-        })))
-    }
-
-    async fn resolve_inner(&self, req: ResolveRequest) -> ApiResult<ResolveResponse> {
-        let addr = parse_addr("addr", &req.addr)?;
-        let Some(stored) = self.exec.store().get_recipe(addr).await? else {
-            return Ok(ResolveResponse::default());
-        };
-        let recipe = stored.recipe;
-        Ok(ResolveResponse {
-            found: true,
-            function_name: recipe.function().name().to_owned(),
-            function_version: recipe.function().version().to_owned(),
-            inputs: recipe.inputs().iter().map(addr_bytes).collect(),
-            params: recipe
-                .params()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        })
-    }
-
-    async fn cascade_inner(
-        &self,
-        req: CascadeInvalidateRequest,
-    ) -> ApiResult<CascadeInvalidateResponse> {
-        let addr = parse_addr("addr", &req.addr)?;
-        let policy = CascadePolicy::parse(&req.policy);
-        let report = self
-            .exec
-            .cascade_invalidate(addr, true, policy, req.include_root)
-            .await?;
-        Ok(CascadeInvalidateResponse {
-            evicted_count: report.evicted.len() as u64,
-            traversed_count: report.traversed,
-            max_depth: report.max_depth,
-            bytes_reclaimed: report.bytes_reclaimed,
-            evicted_addrs: if req.detail_addrs {
-                report.evicted.iter().map(addr_bytes).collect()
-            } else {
-                Vec::new()
-            },
-            duration_micros: u64::try_from(report.duration.as_micros()).unwrap_or(u64::MAX),
-        })
-    }
-
-    async fn gc_inner(&self, req: GcRequest) -> ApiResult<GcResponse> {
-        // `GcRequest{}` asks for a grace period of 0: everything unpinned, at once. Below the
-        // operator's floor a collection is refused, a dry run too (it reports a collection that
-        // may not run).
-        let grace = Duration::from_secs(req.grace_period_secs);
-        if grace < self.gc_min_grace {
-            return Err(ApiError::GraceBelowMinimum {
-                asked_secs: req.grace_period_secs,
-                min_secs: self.gc_min_grace.as_secs(),
-            });
-        }
-        let options = GcOptions {
-            grace,
-            dry_run: req.dry_run,
-            max_removals: req.max_removals,
-        };
-        let report = self.exec.garbage_collect(options).await?;
-        let store = &report.store;
-        Ok(GcResponse {
-            blobs_removed: store.blobs_removed,
-            recipes_removed: store.recipes_removed,
-            cache_entries_removed: report.cache_entries_removed,
-            bytes_reclaimed_blobs: store.bytes_reclaimed,
-            bytes_reclaimed_cache: report.bytes_reclaimed_cache,
-            total_bytes_reclaimed: store.bytes_reclaimed + report.bytes_reclaimed_cache,
-            live_blobs: store.live_blobs,
-            live_recipes: store.live_recipes,
-            pinned_count: store.pinned,
-            duration_micros: u64::try_from(report.duration.as_micros()).unwrap_or(u64::MAX),
-            removed_addrs: if req.detail_addrs {
-                store.removed.iter().map(|r| addr_bytes(&r.addr)).collect()
-            } else {
-                Vec::new()
-            },
-            dry_run: report.dry_run,
-        })
-    }
-
-    async fn list_pins_inner(&self) -> ApiResult<ListPinsResponse> {
-        let pins = self.exec.store().pins().await?;
-        Ok(ListPinsResponse {
-            count: pins.len() as u64,
-            addrs: pins.iter().map(addr_bytes).collect(),
-        })
-    }
-
-    /// Every node with a heartbeat row on the remote backend; else this node alone.
-    async fn cluster_inner(&self) -> ApiResult<ClusterStatusResponse> {
-        let info =
-            |beat: deriva_store_remote::NodeBeat, state: &str, uptime_secs: u64| ClusterNodeInfo {
-                name: beat.name,
-                addr: beat.grpc_addr.clone(),
-                state: state.to_owned(),
-                incarnation: beat.incarnation,
-                grpc_addr: beat.grpc_addr,
-                role: beat.role,
-                cache_entries: beat.cache_entries,
-                cache_bytes: beat.cache_bytes,
-                blob_count: beat.blob_count,
-                cpu_load: beat.cpu_load,
-                uptime_secs,
-            };
-        let nodes = match &self.cluster {
-            Some((nodes, interval)) => nodes
-                .list(*interval)
-                .await?
-                .into_iter()
-                .map(|row| info(row.beat, row.state, row.uptime_secs))
-                .collect(),
-            None => vec![info(
-                self.node.beat(&self.exec),
-                "alive",
-                self.node.started.elapsed().as_secs(),
-            )],
-        };
-        let count = |state: &str| nodes.iter().filter(|n| n.state == state).count() as u64;
-        Ok(ClusterStatusResponse {
-            alive_count: count("alive"),
-            suspect_count: count("suspect"),
-            dead_count: count("dead"),
-            nodes,
-        })
-    }
-
-    fn status_inner(&self) -> StatusResponse {
-        let store = self.exec.store().counters();
-        let cache = self.exec.cache().stats();
-        let exec = self.exec.stats();
-        let (passed, failed) = (exec.verifications_passed(), exec.verifications_failed());
-        StatusResponse {
-            recipe_count: store.recipes(),
-            blob_count: store.blobs(),
-            cache_entries: cache.entries(),
-            cache_size_bytes: cache.size_bytes(),
-            cache_hit_rate: cache.hit_rate(),
-            verification_mode: self.exec.verification_mode().to_string(),
-            verification_total: passed + failed,
-            verification_passed: passed,
-            verification_failed: failed,
-            verification_failure_rate: exec.verification_failure_rate(),
-        }
-    }
-
-    async fn verify_inner(&self, req: VerifyRequest) -> ApiResult<VerifyResponse> {
-        let addr = parse_addr("addr", &req.addr)?;
-        let report = self.exec.verify(addr).await?;
-        Ok(VerifyResponse {
-            deterministic: report.deterministic,
-            output_hash: report.output_hash.to_hex(),
-            output_size: report.output_size,
-            compute_time_us: u64::try_from(report.compute_time.as_micros()).unwrap_or(u64::MAX),
-            error: if report.deterministic {
-                String::new()
-            } else {
-                format!(
-                    "{addr}: two runs gave different outputs ({} and {})",
-                    report.output_hash, report.second_hash
-                )
-            },
-        })
     }
 }
 
@@ -427,8 +136,8 @@ fn reply<T>(result: ApiResult<T>) -> Result<Response<T>, Status> {
     result.map(Response::new).map_err(Status::from)
 }
 
-// Every call runs under the cutoff: when the shutdown grace is over, what is still running
-// answers UNAVAILABLE.
+// Every call but `Status` runs under the shutdown cutoff of `crate::rpc::RpcLayer`: when the
+// shutdown grace is over, what is still running answers UNAVAILABLE.
 #[tonic::async_trait]
 impl Deriva for DerivaService {
     async fn put_leaf(
@@ -436,14 +145,10 @@ impl Deriva for DerivaService {
         request: Request<PutLeafRequest>,
     ) -> Result<Response<PutLeafResponse>, Status> {
         let data = request.into_inner().data;
-        self.cutoff
-            .run(async {
-                let addr = self.exec.store().put_leaf(data).await;
-                reply(addr.map_err(ApiError::from).map(|a| PutLeafResponse {
-                    addr: addr_bytes(&a),
-                }))
-            })
-            .await
+        let addr = self.exec.put_leaf(data).await.map_err(ApiError::from);
+        reply(addr.map(|a| PutLeafResponse {
+            addr: addr_bytes(&a),
+        }))
     }
 
     async fn put_leaf_stream(
@@ -468,45 +173,91 @@ impl Deriva for DerivaService {
                 })
             })
             .boxed();
-        self.cutoff
-            .run(async {
-                let put = self.exec.store().blobs().put_unaddressed(chunks).await;
-                if put.is_err()
-                    && let Some(status) = broke_off.lock().take()
-                {
-                    return Err(status);
-                }
-                reply(
-                    put.map_err(ApiError::from)
-                        .map(|(addr, _)| PutLeafResponse {
-                            addr: addr_bytes(&addr),
-                        }),
-                )
-            })
-            .await
+        let put = self.exec.put_leaf_stream(chunks).await;
+        if put.is_err()
+            && let Some(status) = broke_off.lock().take()
+        {
+            return Err(status);
+        }
+        reply(put.map_err(ApiError::from).map(|addr| PutLeafResponse {
+            addr: addr_bytes(&addr),
+        }))
     }
 
     async fn put_recipe(
         &self,
         request: Request<PutRecipeRequest>,
     ) -> Result<Response<PutRecipeResponse>, Status> {
-        let call = self.put_recipe_inner(request.into_inner());
-        self.cutoff.run(async { reply(call.await) }).await
+        let req = request.into_inner();
+        let answer: ApiResult<_> = async {
+            let function = FunctionId::new(req.function_name, req.function_version)?;
+            let inputs = req
+                .inputs
+                .iter()
+                .enumerate()
+                .map(|(i, raw)| parse_addr(&format!("inputs[{i}]"), raw))
+                .collect::<ApiResult<Vec<_>>>()?;
+            let recipe = Recipe::new(function, inputs, req.params)?;
+            // The store does its blocking work (redb, fsync) on the blocking pool.
+            let start = std::time::Instant::now();
+            let addr = self.exec.put_recipe(recipe).await;
+            self.metrics.record_dag_insert(start.elapsed());
+            let addr = addr?;
+            Ok(PutRecipeResponse {
+                addr: addr_bytes(&addr),
+            })
+        }
+        .await;
+        reply(answer)
     }
 
     type GetStream = GetStream;
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<Self::GetStream>, Status> {
-        let call = self.get_inner(request.into_inner());
-        self.cutoff.run(async { reply(call.await) }).await
+        let req = request.into_inner();
+        let answer: ApiResult<_> = async {
+            let addr = parse_addr("addr", &req.addr)?;
+            // A leaf streams from the store as it is sent; an output is cut into slices of one
+            // `Bytes`. A leaf whose bytes turn out not to match its address ends the stream with
+            // DATA_LOSS instead of OK (a client keeps what it got only after an OK end).
+            let chunks = self.exec.get_stream(addr, self.chunk_bytes).await?;
+            // The error of a stream's end is logged in the request's span, with its trace id.
+            let span = tracing::Span::current();
+            let answers: GetStream = Box::pin(chunks.map(move |item| {
+                let _in_request = span.enter();
+                item.map(|chunk| GetResponse { chunk })
+                    .map_err(|e| Status::from(ApiError::from(e)))
+            }));
+            Ok(answers)
+        }
+        .await;
+        reply(answer)
     }
 
     async fn resolve(
         &self,
         request: Request<ResolveRequest>,
     ) -> Result<Response<ResolveResponse>, Status> {
-        let call = self.resolve_inner(request.into_inner());
-        self.cutoff.run(async { reply(call.await) }).await
+        let req = request.into_inner();
+        let answer: ApiResult<_> = async {
+            let addr = parse_addr("addr", &req.addr)?;
+            let Some(recipe) = self.exec.recipe(addr).await? else {
+                return Ok(ResolveResponse::default());
+            };
+            Ok(ResolveResponse {
+                found: true,
+                function_name: recipe.function().name().to_owned(),
+                function_version: recipe.function().version().to_owned(),
+                inputs: recipe.inputs().iter().map(addr_bytes).collect(),
+                params: recipe
+                    .params()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            })
+        }
+        .await;
+        reply(answer)
     }
 
     async fn invalidate(
@@ -514,73 +265,209 @@ impl Deriva for DerivaService {
         request: Request<InvalidateRequest>,
     ) -> Result<Response<InvalidateResponse>, Status> {
         let req = request.into_inner();
-        self.cutoff
-            .run(async {
-                let addr = parse_addr("addr", &req.addr);
-                let report = match addr {
-                    Ok(addr) => self
-                        .exec
-                        .invalidate(addr, req.cascade)
-                        .await
-                        .map_err(ApiError::from),
-                    Err(e) => Err(e),
-                };
-                reply(report.map(|report| InvalidateResponse {
-                    was_cached: report.was_cached,
-                    evicted_count: report.evicted.len() as u64,
-                }))
+        let answer: ApiResult<_> = async {
+            let addr = parse_addr("addr", &req.addr)?;
+            let report = self.exec.invalidate(addr, req.cascade).await?;
+            Ok(InvalidateResponse {
+                was_cached: report.was_cached,
+                evicted_count: report.evicted.len() as u64,
             })
-            .await
+        }
+        .await;
+        reply(answer)
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        reply(Ok(self.status_inner()))
+        let store = self.exec.store_counters();
+        let cache = self.exec.cache().stats();
+        let exec = self.exec.stats();
+        let (passed, failed) = (exec.verifications_passed(), exec.verifications_failed());
+        Ok(Response::new(StatusResponse {
+            recipe_count: store.recipes(),
+            blob_count: store.blobs(),
+            cache_entries: cache.entries(),
+            cache_size_bytes: cache.size_bytes(),
+            cache_hit_rate: cache.hit_rate(),
+            verification_mode: self.exec.verification_mode().to_string(),
+            verification_total: passed + failed,
+            verification_passed: passed,
+            verification_failed: failed,
+            verification_failure_rate: exec.verification_failure_rate(),
+        }))
     }
 
+    /// The trace of the request. With tokens (the caller known), only a trace of that caller's
+    /// own request, or any trace for an admin; any other is answered exactly as an unknown id,
+    /// so that a caller learns neither its tree nor that it exists.
     async fn explain(
         &self,
         request: Request<ExplainRequest>,
     ) -> Result<Response<ExplainResponse>, Status> {
         let caller = request.extensions().get::<Caller>().cloned();
-        let call = self.explain_inner(request.into_inner(), caller);
-        self.cutoff.run(async { reply(call.await) }).await
+        let req = request.into_inner();
+        let answer: ApiResult<_> = async {
+            let Some(traces) = &self.traces else {
+                return Err(ApiError::TraceStoreOff);
+            };
+            let id = req.trace_id.trim();
+            if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ApiError::BadTraceId {
+                    got: id.chars().take(40).collect(),
+                });
+            }
+            let visible = |trace: &TraceRecord| {
+                caller
+                    .as_ref()
+                    .is_none_or(|c| c.has(Scope::Admin) || trace.caller() == Some(c.name.as_str()))
+            };
+            // The request being explained may still be closing its span.
+            let Some(trace) = traces.wait_for_visible(id, EXPLAIN_PATIENCE, visible).await else {
+                return Err(ApiError::TraceNotFound {
+                    trace_id: id.to_owned(),
+                });
+            };
+            Ok(ExplainResponse {
+                trace_id: trace.trace_id.clone(),
+                request_id: trace.request_id.clone(),
+                method: trace.method.clone(),
+                status_code: trace.status_code,
+                duration_us: trace.duration_us,
+                dropped_spans: trace.dropped_spans,
+                spans: trace
+                    .spans
+                    .iter()
+                    .map(|s| TraceSpan {
+                        id: s.id,
+                        parent: s.parent.unwrap_or(0),
+                        name: s.name.to_owned(),
+                        fields: s
+                            .fields
+                            .iter()
+                            .map(|(k, v)| TraceField {
+                                key: (*k).to_owned(),
+                                value: v.clone(),
+                            })
+                            .collect(),
+                        start_us: s.start_us,
+                        duration_us: s.duration_us,
+                    })
+                    .collect(),
+            })
+        }
+        .await;
+        reply(answer)
     }
 
     async fn verify(
         &self,
         request: Request<VerifyRequest>,
     ) -> Result<Response<VerifyResponse>, Status> {
-        let call = self.verify_inner(request.into_inner());
-        self.cutoff.run(async { reply(call.await) }).await
+        let req = request.into_inner();
+        let answer: ApiResult<_> = async {
+            let addr = parse_addr("addr", &req.addr)?;
+            let report = self.exec.verify(addr).await?;
+            Ok(VerifyResponse {
+                deterministic: report.deterministic,
+                output_hash: report.output_hash.to_hex(),
+                output_size: report.output_size,
+                compute_time_us: u64::try_from(report.compute_time.as_micros()).unwrap_or(u64::MAX),
+                error: if report.deterministic {
+                    String::new()
+                } else {
+                    format!(
+                        "{addr}: two runs gave different outputs ({} and {})",
+                        report.output_hash, report.second_hash
+                    )
+                },
+            })
+        }
+        .await;
+        reply(answer)
     }
 
     async fn cascade_invalidate(
         &self,
         request: Request<CascadeInvalidateRequest>,
     ) -> Result<Response<CascadeInvalidateResponse>, Status> {
-        let call = self.cascade_inner(request.into_inner());
-        self.cutoff.run(async { reply(call.await) }).await
+        let req = request.into_inner();
+        let answer: ApiResult<_> = async {
+            let addr = parse_addr("addr", &req.addr)?;
+            let policy = CascadePolicy::parse(&req.policy);
+            let report = self
+                .exec
+                .cascade_invalidate(addr, true, policy, req.include_root)
+                .await?;
+            Ok(CascadeInvalidateResponse {
+                evicted_count: report.evicted.len() as u64,
+                traversed_count: report.traversed,
+                max_depth: report.max_depth,
+                bytes_reclaimed: report.bytes_reclaimed,
+                evicted_addrs: if req.detail_addrs {
+                    report.evicted.iter().map(addr_bytes).collect()
+                } else {
+                    Vec::new()
+                },
+                duration_micros: u64::try_from(report.duration.as_micros()).unwrap_or(u64::MAX),
+            })
+        }
+        .await;
+        reply(answer)
     }
 
     async fn garbage_collect(
         &self,
         request: Request<GcRequest>,
     ) -> Result<Response<GcResponse>, Status> {
-        let call = self.gc_inner(request.into_inner());
-        self.cutoff.run(async { reply(call.await) }).await
+        let req = request.into_inner();
+        let answer: ApiResult<_> = async {
+            // `GcRequest{}` asks for a grace period of 0: everything unpinned, at once. Below the
+            // operator's floor a collection is refused, a dry run too (it reports a collection that
+            // may not run).
+            let grace = Duration::from_secs(req.grace_period_secs);
+            if grace < self.gc_min_grace {
+                return Err(ApiError::GraceBelowMinimum {
+                    asked_secs: req.grace_period_secs,
+                    min_secs: self.gc_min_grace.as_secs(),
+                });
+            }
+            let options = GcOptions {
+                grace,
+                dry_run: req.dry_run,
+                max_removals: req.max_removals,
+            };
+            let report = self.exec.garbage_collect(options).await?;
+            let store = &report.store;
+            Ok(GcResponse {
+                blobs_removed: store.blobs_removed,
+                recipes_removed: store.recipes_removed,
+                cache_entries_removed: report.cache_entries_removed,
+                bytes_reclaimed_blobs: store.bytes_reclaimed,
+                bytes_reclaimed_cache: report.bytes_reclaimed_cache,
+                total_bytes_reclaimed: store.bytes_reclaimed + report.bytes_reclaimed_cache,
+                live_blobs: store.live_blobs,
+                live_recipes: store.live_recipes,
+                pinned_count: store.pinned,
+                duration_micros: u64::try_from(report.duration.as_micros()).unwrap_or(u64::MAX),
+                removed_addrs: if req.detail_addrs {
+                    store.removed.iter().map(|r| addr_bytes(&r.addr)).collect()
+                } else {
+                    Vec::new()
+                },
+                dry_run: report.dry_run,
+            })
+        }
+        .await;
+        reply(answer)
     }
 
     async fn pin(&self, request: Request<PinRequest>) -> Result<Response<PinResponse>, Status> {
         let req = request.into_inner();
-        self.cutoff
-            .run(async {
-                let pinned = match parse_addr("addr", &req.addr) {
-                    Ok(addr) => self.exec.store().pin(addr).await.map_err(ApiError::from),
-                    Err(e) => Err(e),
-                };
-                reply(pinned.map(|was_new| PinResponse { was_new }))
-            })
-            .await
+        let answer: ApiResult<_> = async {
+            let was_new = self.exec.pin(parse_addr("addr", &req.addr)?).await?;
+            Ok(PinResponse { was_new })
+        }
+        .await;
+        reply(answer)
     }
 
     async fn unpin(
@@ -588,32 +475,72 @@ impl Deriva for DerivaService {
         request: Request<UnpinRequest>,
     ) -> Result<Response<UnpinResponse>, Status> {
         let req = request.into_inner();
-        self.cutoff
-            .run(async {
-                let unpinned = match parse_addr("addr", &req.addr) {
-                    Ok(addr) => self.exec.store().unpin(addr).await.map_err(ApiError::from),
-                    Err(e) => Err(e),
-                };
-                reply(unpinned.map(|was_pinned| UnpinResponse { was_pinned }))
-            })
-            .await
+        let answer: ApiResult<_> = async {
+            let was_pinned = self.exec.unpin(parse_addr("addr", &req.addr)?).await?;
+            Ok(UnpinResponse { was_pinned })
+        }
+        .await;
+        reply(answer)
     }
 
     async fn list_pins(
         &self,
         _: Request<ListPinsRequest>,
     ) -> Result<Response<ListPinsResponse>, Status> {
-        self.cutoff
-            .run(async { reply(self.list_pins_inner().await) })
-            .await
+        let answer: ApiResult<_> = async {
+            let pins = self.exec.pins().await?;
+            Ok(ListPinsResponse {
+                count: pins.len() as u64,
+                addrs: pins.iter().map(addr_bytes).collect(),
+            })
+        }
+        .await;
+        reply(answer)
     }
 
+    /// Every node with a heartbeat row on the remote backend; else this node alone.
     async fn cluster_status(
         &self,
         _: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        let call = self.cluster_inner();
-        self.cutoff.run(async { reply(call.await) }).await
+        let answer: ApiResult<_> = async {
+            let info =
+                |beat: deriva_store_remote::NodeBeat, state: &str, uptime_secs: u64| ClusterNodeInfo {
+                    name: beat.name,
+                    addr: beat.grpc_addr.clone(),
+                    state: state.to_owned(),
+                    incarnation: beat.incarnation,
+                    grpc_addr: beat.grpc_addr,
+                    role: beat.role,
+                    cache_entries: beat.cache_entries,
+                    cache_bytes: beat.cache_bytes,
+                    blob_count: beat.blob_count,
+                    cpu_load: beat.cpu_load,
+                    uptime_secs,
+                };
+            let nodes = match &self.cluster {
+                Some((nodes, interval)) => nodes
+                    .list(*interval)
+                    .await?
+                    .into_iter()
+                    .map(|row| info(row.beat, row.state, row.uptime_secs))
+                    .collect(),
+                None => vec![info(
+                    self.node.beat(&self.exec),
+                    "alive",
+                    self.node.started.elapsed().as_secs(),
+                )],
+            };
+            let count = |state: &str| nodes.iter().filter(|n| n.state == state).count() as u64;
+            Ok(ClusterStatusResponse {
+                alive_count: count("alive"),
+                suspect_count: count("suspect"),
+                dead_count: count("dead"),
+                nodes,
+            })
+        }
+        .await;
+        reply(answer)
     }
 }
 

@@ -140,6 +140,18 @@ pub enum AddrKind {
     Recipe,
 }
 
+/// What [`Store::locate`] found at an address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Located {
+    /// A leaf of `size` bytes (not read).
+    Leaf {
+        /// Its stored size in bytes.
+        size: u64,
+    },
+    /// A recipe, read whole.
+    Recipe(StoredRecipe),
+}
+
 /// A stored recipe with its DAG depth (1 + the deepest input; leaves have depth 0).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredRecipe {
@@ -596,6 +608,21 @@ impl Store {
     /// Reads a recipe and its DAG depth. `Ok(None)` if there is no recipe at `addr`.
     pub async fn get_recipe(&self, addr: CAddr) -> Result<Option<StoredRecipe>> {
         self.recipes.get(addr).await
+    }
+
+    /// What `addr` names, in one question: a leaf and its size (its bytes not read), a recipe
+    /// (read whole, as [`Store::get_recipe`] reads it), or nothing. The recipe index and the
+    /// leaf store are asked at once, so the answer takes one round trip of the slower of the
+    /// two; a materialization asks this once per address, and takes the sizes of its inputs
+    /// from the same answers.
+    pub async fn locate(&self, addr: CAddr) -> Result<Option<Located>> {
+        let (recipe, size) =
+            futures::future::try_join(self.recipes.get(addr), self.blobs.size(addr)).await?;
+        Ok(match (recipe, size) {
+            (Some(recipe), _) => Some(Located::Recipe(recipe)),
+            (None, Some(size)) => Some(Located::Leaf { size }),
+            (None, None) => None,
+        })
     }
 
     /// What `addr` names, if anything.

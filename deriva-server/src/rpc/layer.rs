@@ -15,7 +15,9 @@
 //!   `x-deriva-trace: force` is honoured only for a token with `write` or `admin` (without
 //!   tokens every caller is trusted, so for anyone), and the sampler still counts it against
 //!   `--trace-max-per-second`. An `Explain` carries its [`Caller`](crate::auth::Caller) (name
-//!   and scopes) to the service.
+//!   and scopes) to the service;
+//! - with a [`Cutoff`], every call but `Status` cut off with `UNAVAILABLE` when the shutdown
+//!   grace is over (see [`crate::rpc::cutoff`]).
 //!
 //! Requests to other services (the gRPC health service) pass through untouched.
 
@@ -41,6 +43,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use deriva_core::spans;
 
 use crate::auth::{AuthError, Scope, Tokens};
+use crate::rpc::cutoff::Cutoff;
 use crate::rpc::method::{RpcMethod, SERVICE};
 use crate::telemetry::RequestId;
 use crate::telemetry::metrics::{RpcTimer, ServerMetrics};
@@ -60,6 +63,7 @@ pub struct RpcLayer {
     metrics: ServerMetrics,
     dispatch: Option<Dispatch>,
     auth: Option<Arc<Tokens>>,
+    cutoff: Cutoff,
 }
 
 impl RpcLayer {
@@ -70,6 +74,7 @@ impl RpcLayer {
             metrics,
             dispatch,
             auth: None,
+            cutoff: Cutoff::default(),
         }
     }
 
@@ -78,6 +83,13 @@ impl RpcLayer {
     /// without reaching the service.
     pub fn with_auth(mut self, tokens: Option<Arc<Tokens>>) -> Self {
         self.auth = tokens;
+        self
+    }
+
+    /// Ends every call but `Status` with `UNAVAILABLE` once `cutoff` triggers (the shutdown
+    /// grace is over), if it is still running then.
+    pub fn with_cutoff(mut self, cutoff: Cutoff) -> Self {
+        self.cutoff = cutoff;
         self
     }
 }
@@ -91,6 +103,7 @@ impl<S> Layer<S> for RpcLayer {
             metrics: self.metrics.clone(),
             dispatch: self.dispatch.clone(),
             auth: self.auth.clone(),
+            cutoff: self.cutoff.clone(),
         }
     }
 }
@@ -102,6 +115,7 @@ pub struct RpcService<S> {
     metrics: ServerMetrics,
     dispatch: Option<Dispatch>,
     auth: Option<Arc<Tokens>>,
+    cutoff: Cutoff,
 }
 
 type Resp = http::Response<tonic::body::Body>;
@@ -206,7 +220,11 @@ where
             Some(status) => futures::future::Either::Left(std::future::ready(Ok::<_, Infallible>(
                 status.into_http(),
             ))),
-            None => futures::future::Either::Right(inner.call(req)),
+            // `Status` answers at once from counters, and is never cut off.
+            None if method == RpcMethod::Status => {
+                futures::future::Either::Right(Cutoff::default().run(inner.call(req)))
+            }
+            None => futures::future::Either::Right(self.cutoff.clone().run(inner.call(req))),
         };
         let call = call.instrument(span);
         let call: Pin<Box<dyn Future<Output = Result<Resp, Infallible>> + Send>> = match dispatch {
@@ -591,6 +609,40 @@ mod tests {
             ),
             Some(1.0)
         );
+    }
+
+    /// Once the cutoff triggers, a call still waiting answers `UNAVAILABLE` (counted so), except
+    /// `Status`, which is never cut off.
+    #[tokio::test]
+    async fn the_cutoff_ends_every_call_but_status() {
+        let f = fixture();
+        let (cut_off, cutoff) = Cutoff::new();
+        let never = tower::service_fn(|_req: http::Request<()>| {
+            std::future::pending::<Result<Resp, Infallible>>()
+        });
+        let layer = RpcLayer::new(f.metrics.clone(), None).with_cutoff(cutoff);
+        let call = |path: &str| {
+            let req = http::Request::builder()
+                .uri(format!("http://x/deriva.Deriva/{path}"))
+                .body(())
+                .unwrap();
+            layer.clone().layer(never).call(req)
+        };
+        let (get, status) = (call("Get"), call("Status"));
+        cut_off.send(true).unwrap();
+        let Ok(resp) = get.await;
+        let answer = Status::from_header_map(resp.headers()).expect("a trailers-only answer");
+        assert_eq!(answer.code(), Code::Unavailable);
+        assert!(answer.message().contains("shutting down"), "{answer:?}");
+        assert_eq!(
+            sample(
+                f.telemetry.registry(),
+                r#"deriva_rpc_total{method="get",status="error"}"#
+            ),
+            Some(1.0)
+        );
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), status).await;
+        assert!(waited.is_err(), "Status is not cut off");
     }
 
     #[test]

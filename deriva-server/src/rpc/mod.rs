@@ -2,14 +2,17 @@
 //!
 //! - [`method`]: [`RpcMethod`], one variant per RPC with its path, metric label and span name;
 //! - [`layer`]: [`RpcLayer`], the tower layer that gives every RPC its metrics, server span,
-//!   request id and trace propagation;
+//!   request id and trace propagation, and applies the shutdown [`Cutoff`];
+//! - [`cutoff`]: [`Cutoff`], which ends the calls still running when the shutdown grace is over;
 //! - [`status_rewrite`]: [`OversizeLayer`], which rewrites tonic's over-limit rejection into
 //!   `RESOURCE_EXHAUSTED`.
 
+pub mod cutoff;
 pub mod layer;
 pub mod method;
 pub mod status_rewrite;
 
+pub use cutoff::Cutoff;
 pub use layer::RpcLayer;
 pub use method::RpcMethod;
 pub use status_rewrite::OversizeLayer;

@@ -216,6 +216,22 @@ pub async fn dependents(h: &impl Harness) {
     let mut expected = vec![(left, 1), (right, 1), (join, 2)];
     expected.sort();
     assert_eq!(listed, expected, "every recipe listed once, with its depth");
+    // One question tells a leaf (and its size) from a recipe (read whole) from nothing.
+    assert_eq!(
+        store.locate(a).await.unwrap(),
+        Some(super::Located::Leaf { size: 1 })
+    );
+    let Some(super::Located::Recipe(stored)) = store.locate(join).await.unwrap() else {
+        panic!("{join} is a recipe");
+    };
+    assert_eq!(
+        (stored.recipe.inputs(), stored.depth),
+        (&[left, right][..], 2)
+    );
+    assert_eq!(
+        store.locate(CAddr::from_bytes([7; 32])).await.unwrap(),
+        None
+    );
 
     assert!(store.recipes().delete(join).await.unwrap());
     assert!(!store.recipes().delete(join).await.unwrap());

@@ -14,7 +14,7 @@
 //! stripe of addresses (4096 stripes), so memory stays fixed; an invalidation of another address
 //! of the same stripe only costs a compute its cache slot, never correctness.
 //!
-//! An entry is of one [`Kind`]: a recipe's output or a leaf. Both kinds share the byte budget
+//! An entry is of one [`EntryKind`]: a recipe's output or a leaf. Both kinds share the byte budget
 //! and the eviction order; a leaf's cost is the time its read from the store took, which is what
 //! a hit on it saves. A leaf never goes stale (its bytes are its address) but it can be deleted,
 //! so a read notes the leaf's generation before it starts and caches it with
@@ -36,7 +36,7 @@ use parking_lot::Mutex;
 
 /// What an entry holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub enum EntryKind {
     /// The computed output of a recipe.
     Output,
     /// The bytes of a leaf, verified when they were read from the store.
@@ -108,7 +108,7 @@ impl CacheStats {
     }
 
     /// Counts an entry of `kind` and `size` bytes in (`added`) or out.
-    fn count(&self, kind: Kind, size: u64, added: bool) {
+    fn count(&self, kind: EntryKind, size: u64, added: bool) {
         let step = |counter: &AtomicU64, n: u64| {
             if added {
                 counter.fetch_add(n, Ordering::Relaxed);
@@ -118,7 +118,7 @@ impl CacheStats {
         };
         step(&self.size_bytes, size);
         step(&self.entries, 1);
-        if kind == Kind::Leaf {
+        if kind == EntryKind::Leaf {
             step(&self.leaf_bytes, size);
             step(&self.leaf_entries, 1);
         }
@@ -133,15 +133,15 @@ pub struct CacheHit {
     /// How long the compute that produced an output took, or the read of a leaf.
     pub cost: Duration,
     /// An output or a leaf.
-    pub kind: Kind,
+    pub kind: EntryKind,
 }
 
 #[derive(Debug)]
 struct Entry {
     data: Bytes,
     cost: Duration,
-    kind: Kind,
-    /// Key in `Inner::order`.
+    kind: EntryKind,
+    /// Key in `CacheEntries::order`.
     rank: (u64, u64),
 }
 
@@ -152,8 +152,9 @@ const STRIPES: usize = 4096;
 /// falls in it.
 const READ_SLOTS: usize = 4096;
 
+/// The entries, their eviction order and the invalidation generations, under one lock.
 #[derive(Debug)]
-struct Inner {
+struct CacheEntries {
     map: HashMap<CAddr, Entry>,
     /// (priority, sequence) → address, lowest first.
     order: BTreeSet<(u64, u64, CAddr)>,
@@ -163,7 +164,7 @@ struct Inner {
     generations: Box<[u64]>,
 }
 
-impl Default for Inner {
+impl Default for CacheEntries {
     fn default() -> Self {
         Self {
             map: HashMap::new(),
@@ -191,7 +192,7 @@ fn read_slot(addr: &CAddr) -> (usize, u64) {
     (slot, u64::from_le_bytes(fingerprint) | 1)
 }
 
-impl Inner {
+impl CacheEntries {
     fn rank(&mut self, cost: Duration, size: usize) -> (u64, u64) {
         // Nanoseconds of compute per KiB held; an empty output counts as one byte.
         let per_kib = (cost.as_nanos().saturating_mul(1024) / size.max(1) as u128) as u64;
@@ -204,7 +205,7 @@ impl Inner {
 #[derive(Debug)]
 pub struct Cache {
     budget: u64,
-    inner: Mutex<Inner>,
+    inner: Mutex<CacheEntries>,
     stats: Arc<CacheStats>,
     /// The admission filter of leaves (see [`Cache::admit_leaf`]).
     reads: Box<[AtomicU64]>,
@@ -252,7 +253,7 @@ impl Cache {
         };
         drop(inner);
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
-        if hit.kind == Kind::Leaf {
+        if hit.kind == EntryKind::Leaf {
             self.stats.leaf_hits.fetch_add(1, Ordering::Relaxed);
         }
         Some(hit)
@@ -265,7 +266,7 @@ impl Cache {
 
     /// What the entry of `addr` holds, if there is one, without counting a lookup or touching
     /// its priority.
-    pub fn kind_of(&self, addr: &CAddr) -> Option<Kind> {
+    pub fn kind_of(&self, addr: &CAddr) -> Option<EntryKind> {
         self.inner.lock().map.get(addr).map(|e| e.kind)
     }
 
@@ -279,7 +280,7 @@ impl Cache {
     /// Returns the addresses evicted. An output larger than the whole budget is not cached.
     pub fn insert(&self, addr: CAddr, data: Bytes, cost: Duration) -> Vec<CAddr> {
         let inner = self.inner.lock();
-        self.insert_locked(inner, addr, data, cost, Kind::Output)
+        self.insert_locked(inner, addr, data, cost, EntryKind::Output)
     }
 
     /// The invalidation generation of `addr`, to pass to [`Cache::insert_if_current`] or
@@ -297,7 +298,7 @@ impl Cache {
         cost: Duration,
         generation: u64,
     ) -> Option<Vec<CAddr>> {
-        self.insert_kind_if_current(addr, data, cost, generation, Kind::Output)
+        self.insert_kind_if_current(addr, data, cost, generation, EntryKind::Output)
     }
 
     /// Caches `data`, the verified bytes of the leaf `addr` whose read took `cost`, like an
@@ -311,7 +312,7 @@ impl Cache {
         cost: Duration,
         generation: u64,
     ) -> Option<Vec<CAddr>> {
-        self.insert_kind_if_current(addr, data, cost, generation, Kind::Leaf)
+        self.insert_kind_if_current(addr, data, cost, generation, EntryKind::Leaf)
     }
 
     /// Notes a read of the leaf `addr` from the store, and tells whether to cache it: whether
@@ -329,7 +330,7 @@ impl Cache {
         data: Bytes,
         cost: Duration,
         generation: u64,
-        kind: Kind,
+        kind: EntryKind,
     ) -> Option<Vec<CAddr>> {
         let inner = self.inner.lock();
         if inner.generations[stripe(&addr)] != generation {
@@ -366,11 +367,11 @@ impl Cache {
 
     fn insert_locked(
         &self,
-        mut inner: parking_lot::MutexGuard<'_, Inner>,
+        mut inner: parking_lot::MutexGuard<'_, CacheEntries>,
         addr: CAddr,
         data: Bytes,
         cost: Duration,
-        kind: Kind,
+        kind: EntryKind,
     ) -> Vec<CAddr> {
         let size = data.len() as u64;
         if size > self.budget {
@@ -416,7 +417,7 @@ impl Cache {
         self.remove_locked(&mut inner, addr)
     }
 
-    fn remove_locked(&self, inner: &mut Inner, addr: &CAddr) -> bool {
+    fn remove_locked(&self, inner: &mut CacheEntries, addr: &CAddr) -> bool {
         let Some(old) = inner.map.remove(addr) else {
             return false;
         };
@@ -551,11 +552,11 @@ mod tests {
         let s = cache.stats().clone();
         assert_eq!((s.entries(), s.size_bytes()), (3, 250));
         assert_eq!((s.leaf_entries(), s.leaf_size_bytes()), (2, 150));
-        assert_eq!(cache.kind_of(&addr(2)), Some(Kind::Leaf));
-        assert_eq!(cache.kind_of(&addr(1)), Some(Kind::Output));
+        assert_eq!(cache.kind_of(&addr(2)), Some(EntryKind::Leaf));
+        assert_eq!(cache.kind_of(&addr(1)), Some(EntryKind::Output));
         // A hit says what it found; leaf hits are hits too.
-        assert_eq!(cache.get(&addr(2)).unwrap().kind, Kind::Leaf);
-        assert_eq!(cache.get(&addr(1)).unwrap().kind, Kind::Output);
+        assert_eq!(cache.get(&addr(2)).unwrap().kind, EntryKind::Leaf);
+        assert_eq!(cache.get(&addr(1)).unwrap().kind, EntryKind::Output);
         assert_eq!((s.hits(), s.leaf_hits()), (2, 1));
         // An output that needs room evicts by priority, whatever the kind: the cheap leaf first.
         let evicted = cache.insert(addr(4), Bytes::from(vec![0; 100]), ms(30));
