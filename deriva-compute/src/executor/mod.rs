@@ -181,7 +181,7 @@ impl AsyncExecutor {
     }
 
     /// Cancels every compute running now and every one that starts from now on: each sees its
-    /// [`ComputeContext`] cancelled (a builtin returns within one chunk of work) and its
+    /// [`ComputeContext`](crate::ComputeContext) cancelled (a builtin returns within one chunk of work) and its
     /// callers get [`DerivaError::TaskCancelled`]. For shutdown, once the grace period is over;
     /// it cannot be undone.
     pub fn cancel_computes(&self) {
