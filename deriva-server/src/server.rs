@@ -21,7 +21,7 @@ use crate::auth::Tokens;
 use crate::config::Config;
 use crate::http::HttpState;
 use crate::proto::deriva_server::DerivaServer;
-use crate::rpc::{Cutoff, OversizeLayer, RpcLayer};
+use crate::rpc::{Cutoff, GrpcServices, OversizeLayer, RpcLayer};
 use crate::service::DerivaService;
 use crate::store_spec::{OpenedStore, StoreSpec};
 use crate::telemetry::ServerMetrics;
@@ -338,14 +338,14 @@ impl Server {
                     .with_auth(self.auth.clone())
                     .with_cutoff(cutoff),
             )
-            .layer(OversizeLayer { limit })
-            .add_service(health_service)
-            .add_service(service);
+            .layer(OversizeLayer { limit });
+        let services = GrpcServices::new(service, health_service);
         let limits = self.config.limits;
         // The accept loop sets no Nagle delay: small replies would otherwise wait for the
         // peer's delayed ACK.
         let incoming = crate::listen::incoming(grpc, self.tls.as_ref().map(Tls::grpc), limits);
-        let grpc_serving = grpc_serving.serve_with_incoming_shutdown(incoming, stop_accepting);
+        let grpc_serving =
+            grpc_serving.serve_with_incoming_shutdown(services, incoming, stop_accepting);
         let http_shutdown = shutdown.clone();
         let http_serving = async {
             match http {

@@ -504,8 +504,8 @@ impl Deriva for DerivaService {
         _: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         let answer: ApiResult<_> = async {
-            let info =
-                |beat: deriva_store_remote::NodeBeat, state: &str, uptime_secs: u64| ClusterNodeInfo {
+            let info = |beat: deriva_store_remote::NodeBeat, state: &str, uptime_secs: u64| {
+                ClusterNodeInfo {
                     name: beat.name,
                     addr: beat.grpc_addr.clone(),
                     state: state.to_owned(),
@@ -517,7 +517,8 @@ impl Deriva for DerivaService {
                     blob_count: beat.blob_count,
                     cpu_load: beat.cpu_load,
                     uptime_secs,
-                };
+                }
+            };
             let nodes = match &self.cluster {
                 Some((nodes, interval)) => nodes
                     .list(*interval)

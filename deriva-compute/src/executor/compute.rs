@@ -9,9 +9,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result};
 use deriva_store::Located;
 use deriva_store::task::spawn_blocking_in;
-use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result};
 use tracing::field::Empty;
 use tracing::{Instrument, Span, info_span};
 

@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use deriva_core::{CAddr, DerivaError, Result};
 use deriva_store::AddrKind;
 use deriva_store::gc::{GcOptions, GcOutcome};
-use deriva_core::{CAddr, DerivaError, Result};
 use tracing::field::Empty;
 use tracing::{Instrument, Span, info_span};
 

@@ -44,8 +44,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use bytes::Bytes;
-use deriva_store::ByteStream;
 use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result};
+use deriva_store::ByteStream;
 use deriva_store::Store;
 use opentelemetry::metrics::Meter;
 use parking_lot::Mutex;

@@ -9,9 +9,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use deriva_store::{ByteStream, Located, stream};
-use deriva_store::task::spawn_blocking_in;
 use deriva_core::{CAddr, DerivaError, Recipe, Result};
+use deriva_store::task::spawn_blocking_in;
+use deriva_store::{ByteStream, Located, stream};
 use futures::StreamExt as _;
 use tracing::field::Empty;
 use tracing::{Instrument, Span, info_span};

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use deriva_store::{ByteStream, StoreCounters};
 use deriva_core::{CAddr, Recipe, Result};
+use deriva_store::{ByteStream, StoreCounters};
 
 use super::AsyncExecutor;
 
