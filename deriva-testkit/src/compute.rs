@@ -46,6 +46,12 @@ pub fn fid(s: &str) -> FunctionId {
     s.parse().unwrap()
 }
 
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Harness {
     pub fn new() -> Self {
         Self::with(

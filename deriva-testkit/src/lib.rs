@@ -85,6 +85,12 @@ pub struct Files {
     dir: tempfile::TempDir,
 }
 
+impl Default for Files {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Files {
     pub fn new() -> Self {
         Self {
