@@ -7,7 +7,7 @@
 # each store and each round, in a shuffled order:
 #
 # - migrate: `deriva-server migrate` from the local store to a fresh prefix and schema of the
-#   SeaweedFS + PostgreSQL from scripts/backends.sh (default flags: 8 at once);
+#   SeaweedFS + PostgreSQL from deriva-testkit/backends.sh (default flags: 8 at once);
 # - plain:   `plain_copy` (deriva-store-remote/examples/plain_copy.rs), which PUTs every blob file
 #   of the store to a fresh prefix of the same bucket, 8 at once, with no hashing, no index
 #   and no checks.
@@ -41,10 +41,10 @@ bench_stop() {
         kill "$server_pid" 2>/dev/null || true
         wait "$server_pid" 2>/dev/null || true
     fi
-    scripts/backends.sh stop "$backends" >/dev/null
+    deriva-testkit/backends.sh stop "$backends" >/dev/null
 }
 
-scripts/backends.sh start "$backends" >"$work/backends.out" 2>&1 ||
+deriva-testkit/backends.sh start "$backends" >"$work/backends.out" 2>&1 ||
     { cat "$work/backends.out" >&2; exit 1; }
 # shellcheck disable=SC1091 # written by backends.sh
 . "$backends/env"

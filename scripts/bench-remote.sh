@@ -8,7 +8,7 @@
 #                (default size);
 # - remote-tier: the same with its own prefix and schema, and --output-tier blob-store.
 #
-# SeaweedFS and PostgreSQL come from scripts/backends.sh in a temporary directory. For each
+# SeaweedFS and PostgreSQL come from deriva-testkit/backends.sh in a temporary directory. For each
 # workload (put-leaf, cached-get, compute-get, leaf-get; 1 KiB values) and each round, the
 # three servers run in a shuffled order. Around each run the server's CPU time (utime + stime
 # from /proc/PID/stat) gives server CPU microseconds per request. Prints per workload the
@@ -53,7 +53,7 @@ bench_stop() {
         kill "${server_pids[@]}" 2>/dev/null || true
         wait "${server_pids[@]}" 2>/dev/null || true
     fi
-    scripts/backends.sh stop "$backends" >/dev/null
+    deriva-testkit/backends.sh stop "$backends" >/dev/null
 }
 clk_tck=$(getconf CLK_TCK)
 
@@ -100,7 +100,7 @@ metric_sum() {
         awk -v name="$2" '$1 == name || index($1, name "{") == 1 { s += $NF } END { printf "%.0f\n", s }'
 }
 
-scripts/backends.sh start "$backends" >"$work/backends.out" 2>&1 ||
+deriva-testkit/backends.sh start "$backends" >"$work/backends.out" 2>&1 ||
     { cat "$work/backends.out" >&2; exit 1; }
 # shellcheck disable=SC1091 # written by backends.sh
 . "$backends/env"

@@ -1,4 +1,4 @@
-//! The remote backends over TLS, against the real services of `scripts/backends.sh`, whose
+//! The remote backends over TLS, against the real services of `deriva-testkit/backends.sh`, whose
 //! certificates a test CA signed for `localhost` and `127.0.0.1`:
 //! - PostgreSQL with libpq's `sslmode`: `verify-full` checks the CA and the host name,
 //!   `verify-ca` the CA only, `require` encrypts without checking; a client certificate logs in
@@ -6,7 +6,7 @@
 //! - S3 over https with the CA in `AWS_CA_BUNDLE`; without it, the store refuses the
 //!   certificate and says so.
 
-use crate::services;
+use deriva_testkit::backends as services;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -234,7 +234,7 @@ async fn the_index_over_tls_checks_the_servers_certificate() {
 }
 
 /// The role `deriva_cert` logs in only with a client certificate for its name, signed by the
-/// test CA (`scripts/backends.sh` sets PostgreSQL up so): `sslcert` and `sslkey` give it.
+/// test CA (`deriva-testkit/backends.sh` sets PostgreSQL up so): `sslcert` and `sslkey` give it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_certificate_logs_in_where_nothing_else_does() {
     let case = Case::new("client_cert");

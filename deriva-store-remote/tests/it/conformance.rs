@@ -1,8 +1,8 @@
 //! The storage conformance suite (`deriva_store::conformance`) run against the remote
 //! backend: leaves in a real SeaweedFS (S3), the index in a real PostgreSQL, both started by
-//! `scripts/backends.sh` for this test binary. Each case gets its own key prefix and schema.
+//! `deriva-testkit/backends.sh` for this test binary. Each case gets its own key prefix and schema.
 
-use crate::services;
+use deriva_testkit::backends as services;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
