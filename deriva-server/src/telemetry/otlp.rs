@@ -126,7 +126,7 @@ impl fmt::Debug for SignalExport {
         f.debug_struct("SignalExport")
             .field("signal", &self.signal)
             .field("protocol", &self.protocol)
-            .field("endpoint", &crate::config::redact_url(&self.endpoint))
+            .field("endpoint", &deriva_util::redact::redact_url(&self.endpoint))
             .field("headers", &Names(&self.headers))
             .field("timeout", &self.timeout)
             .field("gzip", &self.gzip)
@@ -139,7 +139,7 @@ impl fmt::Debug for SignalExport {
 impl SignalExport {
     /// One line for the start-up log: where, how, and the names of the headers set.
     pub fn describe(&self) -> String {
-        let endpoint = crate::config::redact_url(&self.endpoint);
+        let endpoint = deriva_util::redact::redact_url(&self.endpoint);
         let mut out = format!("{endpoint} over {}", self.protocol.name());
         if self.gzip {
             out.push_str(", gzip");
@@ -462,7 +462,7 @@ fn resolve_signal(
         return Err(format!(
             "the OTLP {} endpoint {:?} must start with http:// or https://",
             signal.name(),
-            crate::config::redact_url(&endpoint)
+            deriva_util::redact::redact_url(&endpoint)
         ));
     }
 
@@ -581,7 +581,7 @@ fn read_pem(path: &PathBuf, what: &str) -> Result<Vec<u8>, String> {
 /// Why the `kind` exporter of `export` could not be built, its endpoint redacted (also where
 /// the exporter's own message quotes it).
 fn build_error(kind: &str, export: &SignalExport, e: impl fmt::Display) -> String {
-    let endpoint = crate::config::redact_url(&export.endpoint);
+    let endpoint = deriva_util::redact::redact_url(&export.endpoint);
     let message = e.to_string().replace(&export.endpoint, &endpoint);
     format!("the OTLP {kind} exporter for {endpoint}: {message}")
 }
