@@ -188,7 +188,7 @@ impl MigrateError {
 /// verified, `failed` are damaged (or a recipe's input is missing), `missing` are in the
 /// source but not in the destination. `bytes` were copied (or would be, or were read back).
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Tally {
+pub struct ObjectCounts {
     /// Written now (or, in a dry run, to be written).
     pub copied: u64,
     /// Already in the destination.
@@ -213,14 +213,14 @@ pub struct Report {
     /// The destination, likewise.
     pub destination: String,
     /// Leaves.
-    pub leaves: Tally,
+    pub leaves: ObjectCounts,
     /// Recipes (with their edges and depths).
-    pub recipes: Tally,
+    pub recipes: ObjectCounts,
     /// The output tier (`--include-outputs` only).
-    pub outputs: Option<Tally>,
+    pub outputs: Option<ObjectCounts>,
     /// Pins (the roots garbage collection keeps), copied after what they name.
     #[serde(default)]
-    pub pins: Tally,
+    pub pins: ObjectCounts,
     /// Leaf and output bytes copied (or to be, or read back).
     pub bytes: u64,
     /// Seconds from start to end.
@@ -288,9 +288,10 @@ impl Report {
     }
 }
 
-/// One side of a migration.
+/// Where one side of a migration (the source or the destination) keeps its store: a local
+/// directory, or a remote object store and index.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Side {
+enum StoreLocation {
     Local(PathBuf),
     Remote {
         blob_store: String,
@@ -299,7 +300,7 @@ enum Side {
     },
 }
 
-impl Side {
+impl StoreLocation {
     fn from_flags(
         flags: (&str, &str, &str),
         dir: Option<PathBuf>,
@@ -414,9 +415,10 @@ enum Mode {
     Verify,
 }
 
-/// Live counts of one kind, shared by the tasks that copy it.
+/// Live counts of one kind, shared by the tasks that copy it; [`LiveCounters::snapshot`] turns
+/// them into the report's [`ObjectCounts`].
 #[derive(Debug, Default)]
-struct Counts {
+struct LiveCounters {
     copied: AtomicU64,
     skipped: AtomicU64,
     failed: AtomicU64,
@@ -425,14 +427,14 @@ struct Counts {
     bytes: AtomicU64,
 }
 
-impl Counts {
+impl LiveCounters {
     fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    fn tally(&self) -> Tally {
+    fn snapshot(&self) -> ObjectCounts {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        Tally {
+        ObjectCounts {
             copied: get(&self.copied),
             skipped: get(&self.skipped),
             failed: get(&self.failed),
@@ -443,8 +445,9 @@ impl Counts {
     }
 }
 
-/// Everything the copying tasks share.
-struct Run {
+/// One migration in progress: both stores, the mode, the byte budget, the counters and the
+/// progress bar, everything the copying tasks share.
+struct Migration {
     src: Store,
     dst: Store,
     mode: Mode,
@@ -452,10 +455,10 @@ struct Run {
     /// Leaf bytes in flight, in KiB permits.
     budget: Semaphore,
     budget_kib: u32,
-    leaves: Counts,
-    recipes: Counts,
-    outputs: Counts,
-    pins: Counts,
+    leaves: LiveCounters,
+    recipes: LiveCounters,
+    outputs: LiveCounters,
+    pins: LiveCounters,
     errors: Mutex<Vec<String>>,
     bar: ProgressBar,
     started: Instant,
@@ -463,10 +466,10 @@ struct Run {
     chatty: bool,
 }
 
-impl Run {
+impl Migration {
     /// Counts a failure of one object and keeps its message for the report.
-    fn failed(&self, counts: &Counts, message: String) {
-        Counts::add(&counts.failed, 1);
+    fn failed(&self, counts: &LiveCounters, message: String) {
+        LiveCounters::add(&counts.failed, 1);
         let mut errors = self.errors.lock();
         if errors.len() < ERRORS_KEPT {
             errors.push(message);
@@ -506,14 +509,14 @@ impl Run {
     }
 }
 
-/// What is looked up in the destination in batches.
+/// The kind of object looked up in the destination in batches: a leaf or a recipe.
 #[derive(Debug, Clone, Copy)]
-enum Kind {
+enum ObjectKind {
     Leaf,
     Recipe,
 }
 
-impl Kind {
+impl ObjectKind {
     fn name(self) -> &'static str {
         match self {
             Self::Leaf => "leaf",
@@ -523,10 +526,14 @@ impl Kind {
 }
 
 /// Of `addrs`, those the destination lacks, in one query.
-async fn absent(run: &Run, kind: Kind, addrs: &[CAddr]) -> Result<Vec<CAddr>, MigrateError> {
+async fn absent(
+    run: &Migration,
+    kind: ObjectKind,
+    addrs: &[CAddr],
+) -> Result<Vec<CAddr>, MigrateError> {
     let lacking = match kind {
-        Kind::Leaf => run.dst.blobs().missing(addrs.to_vec()).await,
-        Kind::Recipe => run.dst.recipes().missing(addrs.to_vec()).await,
+        ObjectKind::Leaf => run.dst.blobs().missing(addrs.to_vec()).await,
+        ObjectKind::Recipe => run.dst.recipes().missing(addrs.to_vec()).await,
     };
     lacking.map_err(|e| {
         MigrateError::store(
@@ -537,7 +544,7 @@ async fn absent(run: &Run, kind: Kind, addrs: &[CAddr]) -> Result<Vec<CAddr>, Mi
 }
 
 /// Whether the destination's output tier holds the output of `recipe` (false without a tier).
-async fn output_in_destination(run: &Run, recipe: CAddr) -> Result<bool, MigrateError> {
+async fn output_in_destination(run: &Migration, recipe: CAddr) -> Result<bool, MigrateError> {
     let Some(tier) = run.dst.outputs() else {
         return Ok(false);
     };
@@ -561,14 +568,14 @@ fn data_loss(message: String) -> MigrateError {
 /// [`Report::problems`] is a partial success; an `Err` stopped it.
 pub async fn run(args: MigrateArgs) -> Result<Report, MigrateError> {
     let started = Instant::now();
-    let src = Side::from_flags(
+    let src = StoreLocation::from_flags(
         ("--data-dir", "--blob-store", "--index"),
         Some(args.data_dir),
         args.blob_store,
         args.index,
         args.index_schema,
     )?;
-    let dst = Side::from_flags(
+    let dst = StoreLocation::from_flags(
         ("--to-data-dir", "--to-blob-store", "--to-index"),
         args.to_data_dir,
         args.to_blob_store,
@@ -584,7 +591,7 @@ pub async fn run(args: MigrateArgs) -> Result<Report, MigrateError> {
     if args.include_outputs
         && let Some(side) = [&src, &dst]
             .into_iter()
-            .find(|s| matches!(s, Side::Local(_)))
+            .find(|s| matches!(s, StoreLocation::Local(_)))
     {
         return Err(MigrateError::usage(format!(
             "--include-outputs needs the remote backend on both sides: {} has no output tier",
@@ -615,17 +622,17 @@ pub async fn run(args: MigrateArgs) -> Result<Report, MigrateError> {
     };
     let source_store = src.open("source", args.include_outputs).await?;
     let destination_store = dst.open("destination", args.include_outputs).await?;
-    let run = Arc::new(Run {
+    let run = Arc::new(Migration {
         src: source_store,
         dst: destination_store,
         mode,
         concurrency: args.concurrency,
         budget: Semaphore::new(budget_kib as usize),
         budget_kib,
-        leaves: Counts::default(),
-        recipes: Counts::default(),
-        outputs: Counts::default(),
-        pins: Counts::default(),
+        leaves: LiveCounters::default(),
+        recipes: LiveCounters::default(),
+        outputs: LiveCounters::default(),
+        pins: LiveCounters::default(),
         errors: Mutex::new(Vec::new()),
         bar,
         started,
@@ -679,8 +686,8 @@ pub async fn run(args: MigrateArgs) -> Result<Report, MigrateError> {
     };
     run.bar.finish_and_clear();
     result?;
-    let outputs_tally = args.include_outputs.then(|| run.outputs.tally());
-    let leaves_tally = run.leaves.tally();
+    let outputs_tally = args.include_outputs.then(|| run.outputs.snapshot());
+    let leaves_tally = run.leaves.snapshot();
     let bytes = leaves_tally.bytes + outputs_tally.as_ref().map_or(0, |t| t.bytes);
     Ok(Report {
         mode: match mode {
@@ -692,9 +699,9 @@ pub async fn run(args: MigrateArgs) -> Result<Report, MigrateError> {
         source: src.describe(),
         destination: dst.describe(),
         leaves: leaves_tally,
-        recipes: run.recipes.tally(),
+        recipes: run.recipes.snapshot(),
         outputs: outputs_tally,
-        pins: run.pins.tally(),
+        pins: run.pins.snapshot(),
         bytes,
         duration_seconds: started.elapsed().as_secs_f64(),
         errors: std::mem::take(&mut *run.errors.lock()),
@@ -702,7 +709,7 @@ pub async fn run(args: MigrateArgs) -> Result<Report, MigrateError> {
 }
 
 async fn copy(
-    run: &Arc<Run>,
+    run: &Arc<Migration>,
     leaves: Vec<CAddr>,
     recipes: Vec<(CAddr, u32)>,
     outputs: Vec<CAddr>,
@@ -710,9 +717,9 @@ async fn copy(
     run.bar.set_prefix("leaves");
     for chunk in leaves.chunks(BATCH) {
         // One lookup per batch of what the destination lacks; the rest is skipped.
-        let absent = absent(run, Kind::Leaf, chunk).await?;
+        let absent = absent(run, ObjectKind::Leaf, chunk).await?;
         let present = (chunk.len() - absent.len()) as u64;
-        Counts::add(&run.leaves.skipped, present);
+        LiveCounters::add(&run.leaves.skipped, present);
         run.bar.inc(present);
         for_each(run, absent, copy_leaf).await?;
     }
@@ -730,16 +737,16 @@ async fn copy(
 
 /// Pins the destination's copies of what the source pins (last: a pin names something that
 /// must be there).
-async fn copy_pins(run: &Run) -> Result<(), MigrateError> {
+async fn copy_pins(run: &Migration) -> Result<(), MigrateError> {
     let (src, dst) = pin_sets(run).await?;
     for addr in src {
         if dst.contains(&addr) {
-            Counts::add(&run.pins.skipped, 1);
+            LiveCounters::add(&run.pins.skipped, 1);
         } else if run.mode == Mode::DryRun {
-            Counts::add(&run.pins.copied, 1);
+            LiveCounters::add(&run.pins.copied, 1);
         } else {
             match run.dst.pin(addr).await {
-                Ok(_) => Counts::add(&run.pins.copied, 1),
+                Ok(_) => LiveCounters::add(&run.pins.copied, 1),
                 Err(e) if code_of(&e) == Code::Unavailable => {
                     return Err(MigrateError::store(format!("pinning {addr}"), &e));
                 }
@@ -751,7 +758,7 @@ async fn copy_pins(run: &Run) -> Result<(), MigrateError> {
 }
 
 /// The pins of the source, in order, and the set of the destination's.
-async fn pin_sets(run: &Run) -> Result<(Vec<CAddr>, HashSet<CAddr>), MigrateError> {
+async fn pin_sets(run: &Migration) -> Result<(Vec<CAddr>, HashSet<CAddr>), MigrateError> {
     let src = run
         .src
         .pins()
@@ -766,9 +773,13 @@ async fn pin_sets(run: &Run) -> Result<(Vec<CAddr>, HashSet<CAddr>), MigrateErro
 }
 
 /// Runs `task` on every address, at most `run.concurrency` at once; stops at the first error.
-async fn for_each<F, Fut>(run: &Arc<Run>, addrs: Vec<CAddr>, task: F) -> Result<(), MigrateError>
+async fn for_each<F, Fut>(
+    run: &Arc<Migration>,
+    addrs: Vec<CAddr>,
+    task: F,
+) -> Result<(), MigrateError>
 where
-    F: Fn(Arc<Run>, CAddr) -> Fut,
+    F: Fn(Arc<Migration>, CAddr) -> Fut,
     Fut: Future<Output = Result<(), MigrateError>>,
 {
     futures::stream::iter(addrs)
@@ -779,7 +790,7 @@ where
 }
 
 /// Copies one leaf that the destination lacks.
-async fn copy_leaf(run: Arc<Run>, addr: CAddr) -> Result<(), MigrateError> {
+async fn copy_leaf(run: Arc<Migration>, addr: CAddr) -> Result<(), MigrateError> {
     let counts = &run.leaves;
     let dst = run.dst.blobs();
     let size = run
@@ -794,8 +805,8 @@ async fn copy_leaf(run: Arc<Run>, addr: CAddr) -> Result<(), MigrateError> {
         return Ok(());
     };
     if run.mode == Mode::DryRun {
-        Counts::add(&counts.copied, 1);
-        Counts::add(&counts.bytes, size);
+        LiveCounters::add(&counts.copied, 1);
+        LiveCounters::add(&counts.bytes, size);
         run.step(size);
         return Ok(());
     }
@@ -823,8 +834,8 @@ async fn copy_leaf(run: Arc<Run>, addr: CAddr) -> Result<(), MigrateError> {
             "leaf {addr}: the bytes written to the destination hash to {written}"
         )));
     }
-    Counts::add(&counts.copied, 1);
-    Counts::add(&counts.bytes, len);
+    LiveCounters::add(&counts.copied, 1);
+    LiveCounters::add(&counts.bytes, len);
     run.step(len);
     Ok(())
 }
@@ -832,7 +843,7 @@ async fn copy_leaf(run: Arc<Run>, addr: CAddr) -> Result<(), MigrateError> {
 /// Copies a large leaf as a stream: the source's read hashes it as it goes (a damaged source
 /// ends the stream with an error, which stops the write), and the destination's write hashes
 /// it again and commits only if it matches the address.
-async fn stream_leaf(run: Arc<Run>, addr: CAddr, size: u64) -> Result<(), MigrateError> {
+async fn stream_leaf(run: Arc<Migration>, addr: CAddr, size: u64) -> Result<(), MigrateError> {
     let counts = &run.leaves;
     let _permit = run
         .budget
@@ -855,15 +866,18 @@ async fn stream_leaf(run: Arc<Run>, addr: CAddr, size: u64) -> Result<(), Migrat
             ));
         }
     }
-    Counts::add(&counts.copied, 1);
-    Counts::add(&counts.bytes, size);
+    LiveCounters::add(&counts.copied, 1);
+    LiveCounters::add(&counts.bytes, size);
     run.step(size);
     Ok(())
 }
 
 /// Copies recipes level by level, shallowest first, so that each one's inputs are in the
 /// destination before it is.
-async fn copy_recipes(run: &Arc<Run>, recipes: Vec<(CAddr, u32)>) -> Result<(), MigrateError> {
+async fn copy_recipes(
+    run: &Arc<Migration>,
+    recipes: Vec<(CAddr, u32)>,
+) -> Result<(), MigrateError> {
     let mut levels: BTreeMap<u32, Vec<CAddr>> = BTreeMap::new();
     for (addr, depth) in recipes {
         levels.entry(depth).or_default().push(addr);
@@ -871,12 +885,12 @@ async fn copy_recipes(run: &Arc<Run>, recipes: Vec<(CAddr, u32)>) -> Result<(), 
     let counts = &run.recipes;
     for addrs in levels.into_values() {
         for chunk in addrs.chunks(BATCH) {
-            let missing = absent(run, Kind::Recipe, chunk).await?;
+            let missing = absent(run, ObjectKind::Recipe, chunk).await?;
             let present = (chunk.len() - missing.len()) as u64;
-            Counts::add(&counts.skipped, present);
+            LiveCounters::add(&counts.skipped, present);
             run.bar.inc(present);
             if run.mode == Mode::DryRun {
-                Counts::add(&counts.copied, missing.len() as u64);
+                LiveCounters::add(&counts.copied, missing.len() as u64);
                 run.bar.inc(missing.len() as u64);
                 continue;
             }
@@ -915,7 +929,7 @@ async fn copy_recipes(run: &Arc<Run>, recipes: Vec<(CAddr, u32)>) -> Result<(), 
             let n = batch.len() as u64;
             match run.dst.put_recipes(batch.clone()).await {
                 Ok(_) => {
-                    Counts::add(&counts.copied, n);
+                    LiveCounters::add(&counts.copied, n);
                     run.bar.inc(n);
                 }
                 // An input failed to copy: write the others one by one.
@@ -936,10 +950,10 @@ async fn copy_recipes(run: &Arc<Run>, recipes: Vec<(CAddr, u32)>) -> Result<(), 
     Ok(())
 }
 
-async fn put_one_recipe(run: &Run, recipe: Recipe) -> Result<(), MigrateError> {
+async fn put_one_recipe(run: &Migration, recipe: Recipe) -> Result<(), MigrateError> {
     let addr = recipe.addr();
     match run.dst.put_recipe(recipe).await {
-        Ok(_) => Counts::add(&run.recipes.copied, 1),
+        Ok(_) => LiveCounters::add(&run.recipes.copied, 1),
         Err(DerivaError::MissingInput { input }) => run.failed(
             &run.recipes,
             format!("recipe {addr}: its input {input} is not in the destination"),
@@ -955,13 +969,13 @@ async fn put_one_recipe(run: &Run, recipe: Recipe) -> Result<(), MigrateError> {
     Ok(())
 }
 
-async fn copy_output(run: Arc<Run>, recipe: CAddr) -> Result<(), MigrateError> {
+async fn copy_output(run: Arc<Migration>, recipe: CAddr) -> Result<(), MigrateError> {
     let counts = &run.outputs;
     let (Some(src), Some(dst)) = (run.src.outputs(), run.dst.outputs()) else {
         return Ok(());
     };
     if output_in_destination(&run, recipe).await? {
-        Counts::add(&counts.skipped, 1);
+        LiveCounters::add(&counts.skipped, 1);
         run.step(0);
         return Ok(());
     }
@@ -978,8 +992,8 @@ async fn copy_output(run: Arc<Run>, recipe: CAddr) -> Result<(), MigrateError> {
             )
         })?;
     }
-    Counts::add(&counts.copied, 1);
-    Counts::add(&counts.bytes, len);
+    LiveCounters::add(&counts.copied, 1);
+    LiveCounters::add(&counts.bytes, len);
     run.step(len);
     Ok(())
 }
@@ -987,7 +1001,7 @@ async fn copy_output(run: Arc<Run>, recipe: CAddr) -> Result<(), MigrateError> {
 /// `--verify`: every destination object read back and verified; every source object looked
 /// up in the destination. Damage is counted and reported, not a stop.
 async fn verify(
-    run: &Arc<Run>,
+    run: &Arc<Migration>,
     src_leaves: Vec<CAddr>,
     src_recipes: Vec<(CAddr, u32)>,
     src_outputs: Vec<CAddr>,
@@ -1032,14 +1046,17 @@ async fn verify(
     // Everything of the source is in the destination.
     run.bar.set_prefix("source");
     let src_recipes: Vec<CAddr> = src_recipes.into_iter().map(|(a, _)| a).collect();
-    for (kind, addrs) in [(Kind::Leaf, &src_leaves), (Kind::Recipe, &src_recipes)] {
+    for (kind, addrs) in [
+        (ObjectKind::Leaf, &src_leaves),
+        (ObjectKind::Recipe, &src_recipes),
+    ] {
         for chunk in addrs.chunks(BATCH) {
             let absent = absent(run, kind, chunk).await?;
             run.bar.inc((chunk.len() - absent.len()) as u64);
             for addr in absent {
                 let counts = match kind {
-                    Kind::Leaf => &run.leaves,
-                    Kind::Recipe => &run.recipes,
+                    ObjectKind::Leaf => &run.leaves,
+                    ObjectKind::Recipe => &run.recipes,
                 };
                 run.missing_unless(counts, false, || format!("{} {addr}", kind.name()));
             }
@@ -1055,19 +1072,19 @@ async fn verify(
     for addr in src_pins {
         let present = dst_pins.contains(&addr);
         if present {
-            Counts::add(&run.pins.checked, 1);
+            LiveCounters::add(&run.pins.checked, 1);
         }
         run.missing_unless(&run.pins, present, || format!("pin {addr}"));
     }
     Ok(())
 }
 
-impl Run {
+impl Migration {
     /// What a read of `what` from the source gave: its value; or `None` if it is gone since the
     /// listing (counted as a failure); `DATA_LOSS` if it is damaged; any other error stops.
     fn source_read<T>(
         &self,
-        counts: &Counts,
+        counts: &LiveCounters,
         what: &str,
         read: deriva_core::Result<Option<T>>,
     ) -> Result<Option<T>, MigrateError> {
@@ -1089,9 +1106,9 @@ impl Run {
     }
 
     /// Counts an object of the source that the destination lacks, unless `present`.
-    fn missing_unless(&self, counts: &Counts, present: bool, what: impl FnOnce() -> String) {
+    fn missing_unless(&self, counts: &LiveCounters, present: bool, what: impl FnOnce() -> String) {
         if !present {
-            Counts::add(&counts.missing, 1);
+            LiveCounters::add(&counts.missing, 1);
             let mut errors = self.errors.lock();
             if errors.len() < ERRORS_KEPT {
                 errors.push(format!("{}: not in the destination", what()));
@@ -1103,7 +1120,7 @@ impl Run {
     /// Counts the outcome of reading one destination object back: verified, or damaged.
     fn checked<T>(
         &self,
-        counts: &Counts,
+        counts: &LiveCounters,
         what: String,
         read: deriva_core::Result<Option<T>>,
         len: impl FnOnce(&T) -> u64,
@@ -1111,8 +1128,8 @@ impl Run {
         match read {
             Ok(Some(value)) => {
                 let n = len(&value);
-                Counts::add(&counts.checked, 1);
-                Counts::add(&counts.bytes, n);
+                LiveCounters::add(&counts.checked, 1);
+                LiveCounters::add(&counts.bytes, n);
                 self.step(n);
             }
             Ok(None) => {
@@ -1129,7 +1146,7 @@ impl Run {
     }
 }
 
-async fn verify_leaf(run: Arc<Run>, addr: CAddr) -> Result<(), MigrateError> {
+async fn verify_leaf(run: Arc<Migration>, addr: CAddr) -> Result<(), MigrateError> {
     let size = run
         .dst
         .blobs()
@@ -1160,7 +1177,7 @@ async fn verify_leaf(run: Arc<Run>, addr: CAddr) -> Result<(), MigrateError> {
     })
 }
 
-async fn verify_recipe(run: Arc<Run>, addr: CAddr) -> Result<(), MigrateError> {
+async fn verify_recipe(run: Arc<Migration>, addr: CAddr) -> Result<(), MigrateError> {
     let read = run.dst.get_recipe(addr).await;
     if let Ok(Some(stored)) = &read {
         let inputs = stored.recipe.inputs().to_vec();
@@ -1184,7 +1201,7 @@ async fn verify_recipe(run: Arc<Run>, addr: CAddr) -> Result<(), MigrateError> {
     run.checked(&run.recipes, format!("recipe {addr}"), read, |_| 0)
 }
 
-async fn verify_output(run: Arc<Run>, recipe: CAddr) -> Result<(), MigrateError> {
+async fn verify_output(run: Arc<Migration>, recipe: CAddr) -> Result<(), MigrateError> {
     let Some(tier) = run.dst.outputs() else {
         return Ok(());
     };
