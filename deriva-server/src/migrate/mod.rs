@@ -18,9 +18,9 @@
 //!   `--max-buffer-bytes` of leaf bytes: leaves above [`STREAM_ABOVE`] are streamed, each
 //!   holding a bounded part of itself whatever its size.
 //!
-//! Here: the flags, [`run`] and the state the tasks share ([`Migration`] and its counters). The
-//! parts: [`location`] (where each side's store is, and opening it), [`copy`] (the copy and the
-//! dry run), [`verify`] (`--verify`), [`report`] (what the command prints).
+//! Here: the flags, [`run`] and the state the tasks share (`Migration` and its counters). The
+//! parts: `location.rs` (where each side's store is, and opening it), `copy.rs` (the copy and the
+//! dry run), `verify.rs` (`--verify`), `report.rs` (what the command prints).
 
 use std::collections::HashSet;
 use std::fmt;
