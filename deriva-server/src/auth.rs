@@ -26,6 +26,10 @@ use subtle::ConstantTimeEq as _;
 
 pub use deriva_util::token::Scope;
 
+/// The span field (and so the log field) naming the caller under `--auth-tokens`: the name of
+/// its token's entry, never the token.
+pub const AUTH_NAME: &str = "auth.name";
+
 /// One line of the token file.
 #[derive(Clone)]
 struct Entry {

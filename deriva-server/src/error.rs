@@ -62,7 +62,7 @@ impl From<ApiError> for Status {
     /// | task cancelled because the server is shutting down; a remote backend that cannot be reached (the message names it) | `UNAVAILABLE` |
     /// | more memory than `--memory-budget` allows (the message gives the size and the budget) | `RESOURCE_EXHAUSTED` |
     ///
-    /// Oversized messages are rejected before any handler runs; see [`crate::rpc::status_rewrite`].
+    /// Oversized messages are rejected before any handler runs; see `rpc::status_rewrite`.
     fn from(err: ApiError) -> Status {
         let err = match err {
             ApiError::BadAddr(_) | ApiError::BadTraceId { .. } => {

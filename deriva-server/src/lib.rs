@@ -11,8 +11,9 @@
 //!   encode.
 //! - [`error`]: [`ApiError`](error::ApiError) and the one mapping from errors to gRPC status
 //!   codes.
-//! - [`rpc`]: [`RpcMethod`](rpc::RpcMethod) (one variant per RPC: path, metric label, span
-//!   name), the tower layer that gives every RPC its metrics, server span, request id and
+//! - [`method`]: [`RpcMethod`](method::RpcMethod), one variant per RPC: path, metric label,
+//!   span name, token scope. The table every folder reads, so it sits below them all.
+//! - [`rpc`]: the tower layer that gives every RPC its metrics, server span, request id and
 //!   trace propagation, and the over-limit status rewrite (`RESOURCE_EXHAUSTED`).
 //! - [`telemetry`]: the OpenTelemetry providers, the Prometheus registry, OTLP export,
 //!   [`sampler`](telemetry::sampler), log lines with trace ids ([`logs`](telemetry::logs)) and
@@ -33,6 +34,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod listen;
+pub mod method;
 pub mod migrate;
 pub mod rpc;
 pub mod server;

@@ -1,10 +1,10 @@
 //! TLS on both listeners (`--tls-cert`, `--tls-key`) and client certificates
 //! (`--tls-client-ca`): required on gRPC, asked for but optional on HTTP (where a verified one
-//! opens `/metrics` and `/debug`, see [`crate::http`]). [`Tls::reload`] (SIGHUP) reads the three
+//! opens `/metrics` and `/debug`, see `http/`). [`Tls::reload`] (SIGHUP) reads the three
 //! files again without dropping open connections.
 //!
 //! rustls's `ServerConfig`s cannot change once built: a reload builds new ones from the files
-//! and swaps them in, and the accept loop ([`crate::listen`]) takes the current one for each
+//! and swaps them in, and the accept loop (`listen.rs`) takes the current one for each
 //! new connection ([`Acceptors::acceptor`]). A connection keeps the configuration of its
 //! handshake. The three files are read together: if any of them fails, all three stay as they
 //! were, so a certificate is never paired with a client CA of another generation.

@@ -82,7 +82,7 @@ pub struct HttpState {
 pub struct About {
     /// The server's version.
     pub version: &'static str,
-    /// [`crate::config::Config::describe`]: `key = value` pairs, secrets hidden.
+    /// `Config::describe` (in `config.rs`): `key = value` pairs, secrets hidden.
     pub settings: Vec<(&'static str, String)>,
 }
 

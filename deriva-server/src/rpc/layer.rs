@@ -42,15 +42,11 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use deriva_core::spans;
 
-use crate::auth::{AuthError, Scope, Tokens};
+use crate::auth::{AUTH_NAME, AuthError, Scope, Tokens};
+use crate::method::{RpcMethod, SERVICE};
 use crate::rpc::cutoff::Cutoff;
-use crate::rpc::method::{RpcMethod, SERVICE};
 use crate::telemetry::RequestId;
 use crate::telemetry::metrics::{RpcTimer, ServerMetrics};
-
-/// The span field (and so the log field) naming the caller under `--auth-tokens`: the name of
-/// its token's entry, never the token.
-pub const AUTH_NAME: &str = "auth.name";
 
 /// Longest `x-request-id` honored; longer ones are replaced.
 pub const MAX_REQUEST_ID_LEN: usize = 128;

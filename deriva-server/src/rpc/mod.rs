@@ -1,6 +1,5 @@
-//! The gRPC side around the handlers of [`crate::service`]:
+//! The gRPC side around the handlers of `service.rs`:
 //!
-//! - [`method`]: [`RpcMethod`], one variant per RPC with its path, metric label and span name;
 //! - [`layer`]: [`RpcLayer`], the tower layer that gives every RPC its metrics, server span,
 //!   request id and trace propagation, and applies the shutdown [`Cutoff`];
 //! - [`cutoff`]: [`Cutoff`], which ends the calls still running when the shutdown grace is over;
@@ -10,12 +9,13 @@
 
 pub mod cutoff;
 pub mod layer;
-pub mod method;
 pub mod routes;
 pub mod status_rewrite;
 
+/// The method table lives in [`crate::method`], below every folder; it is named here too
+/// because the gRPC side is where a reader looks for it.
+pub use crate::method::RpcMethod;
 pub use cutoff::Cutoff;
 pub use layer::RpcLayer;
-pub use method::RpcMethod;
 pub use routes::GrpcServices;
 pub use status_rewrite::OversizeLayer;

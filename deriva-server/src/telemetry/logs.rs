@@ -12,7 +12,7 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
 /// The request id of the current request, carried in the OpenTelemetry context of its spans
-/// (set by [`crate::rpc::layer`]), so log lines can name it without formatting span fields.
+/// (set by `rpc::layer`), so log lines can name it without formatting span fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestId(pub Arc<str>);
 

@@ -36,7 +36,7 @@ use deriva_store::StoreCounters;
 
 use super::span_queue::SpanQueueStats;
 
-use crate::rpc::RpcMethod;
+use crate::method::RpcMethod;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Histogram, Meter, ObservableCounter, ObservableGauge};
 

@@ -122,13 +122,16 @@ impl fmt::Debug for TelemetryConfig {
             .iter()
             .map(|(k, v)| match k.contains("HEADERS") {
                 true => format!("{k}=<set>"),
-                false => format!("{k}={}", crate::config::redact_url(v)),
+                false => format!("{k}={}", deriva_util::redact::redact_url(v)),
             })
             .collect();
         f.debug_struct("TelemetryConfig")
             .field(
                 "otlp_endpoint",
-                &self.otlp_endpoint.as_deref().map(crate::config::redact_url),
+                &self
+                    .otlp_endpoint
+                    .as_deref()
+                    .map(deriva_util::redact::redact_url),
             )
             .field("otlp_protocol", &self.otlp_protocol)
             .field("otlp_headers", &headers)

@@ -2,8 +2,8 @@
 //! materialization can be explained without any tracing backend (`deriva get --explain`,
 //! `GET /debug/traces`).
 //!
-//! [`TraceStoreLayer`] is a `tracing` layer. For every request span (the `rpc` span of
-//! [`crate::rpc::layer`]) it collects the spans below it — name, parent, fields, start offset
+//! [`TraceStoreLayer`] is a `tracing` layer. For every request span (the `rpc` span that
+//! `rpc::layer` opens) it collects the spans below it — name, parent, fields, start offset
 //! and duration — and when the request span closes, files the finished tree:
 //!
 //! - in a ring of the last `capacity` requests (default 256);
@@ -131,7 +131,7 @@ impl TraceRecord {
         self.spans
             .first()
             .filter(|s| s.parent.is_none())
-            .and_then(|s| s.field(crate::rpc::layer::AUTH_NAME))
+            .and_then(|s| s.field(crate::auth::AUTH_NAME))
     }
 
     /// The summary line of `/debug/traces`.

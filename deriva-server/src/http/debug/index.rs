@@ -69,12 +69,12 @@ fn human(d: Duration) -> String {
         .join(" ")
 }
 
-/// A setting as the page shows it: [`crate::config::Config::describe`] already hides header
+/// A setting as the page shows it: `Config::describe` (in `config.rs`) already hides header
 /// values and the index URL's secrets; any other URL (an OTLP endpoint) goes through the same
-/// [`crate::config::redact_url`].
+/// [`deriva_util::redact::redact_url`].
 fn shown(value: &str) -> String {
     if value.contains("://") {
-        crate::config::redact_url(value)
+        deriva_util::redact::redact_url(value)
     } else {
         value.to_owned()
     }

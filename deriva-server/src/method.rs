@@ -1,6 +1,8 @@
 //! [`RpcMethod`]: the RPCs of `service Deriva`, each with its gRPC path, its `method` metric
 //! label and its OpenTelemetry span name. Adding an RPC to the service means one variant here
-//! (and one row in [`RpcMethod::ALL`]) plus its handler in [`crate::service`].
+//! (and one row in [`RpcMethod::ALL`]) plus its handler in `service.rs`.
+
+use deriva_util::token::Scope;
 
 /// The gRPC service name of `service Deriva`.
 pub const SERVICE: &str = "deriva.Deriva";
@@ -61,8 +63,7 @@ impl RpcMethod {
     ];
 
     /// The token scope the method needs under `--auth-tokens`.
-    pub const fn scope(self) -> crate::auth::Scope {
-        use crate::auth::Scope;
+    pub const fn scope(self) -> Scope {
         match self {
             Self::Get | Self::Resolve | Self::Status | Self::Explain | Self::ClusterStatus => {
                 Scope::Read
@@ -191,7 +192,7 @@ mod tests {
     /// Every `rpc` of `deriva.proto` has a variant.
     #[test]
     fn every_rpc_of_the_proto_has_a_variant() {
-        let proto = include_str!("../../../deriva-proto/proto/deriva.proto");
+        let proto = include_str!("../../deriva-proto/proto/deriva.proto");
         let rpcs: Vec<&str> = proto
             .lines()
             .filter_map(|l| l.trim().strip_prefix("rpc "))
