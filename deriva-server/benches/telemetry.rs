@@ -157,7 +157,10 @@ fn scrape_world(
         }
     });
     // Every server family has data too.
-    for (i, method) in deriva_server::rpc::RpcMethod::ALL.into_iter().enumerate() {
+    for (i, method) in deriva_server::method::RpcMethod::ALL
+        .into_iter()
+        .enumerate()
+    {
         metrics.start(method).finish(i % 2 == 0);
     }
     metrics.record_dag_insert(Duration::from_micros(300));

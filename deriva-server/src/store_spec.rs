@@ -16,7 +16,8 @@ use deriva_store_local::LocalOptions;
 use deriva_store_remote::{BackendMetrics, PgBus, PgNodes, RemoteConfig};
 use opentelemetry::metrics::Meter;
 
-use crate::config::{Config, redact_url};
+use crate::config::Config;
+use deriva_util::redact::redact_url;
 
 /// Which store to open, and how.
 #[derive(Debug, Clone)]

@@ -154,8 +154,7 @@ impl Config {
     }
 }
 
-/// The one redaction of printed URLs, shared with `deriva-store-remote` (see [`deriva_util::redact`]).
-pub use deriva_util::redact::redact_url;
+use deriva_util::redact::redact_url;
 
 impl Default for Config {
     /// The settings of [`defaults`]; never reads the environment.

@@ -12,9 +12,6 @@ pub mod layer;
 pub mod routes;
 pub mod status_rewrite;
 
-/// The method table lives in [`crate::method`], below every folder; it is named here too
-/// because the gRPC side is where a reader looks for it.
-pub use crate::method::RpcMethod;
 pub use cutoff::Cutoff;
 pub use layer::RpcLayer;
 pub use routes::GrpcServices;

@@ -6,13 +6,13 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
+use deriva_server::method::RpcMethod;
 use deriva_server::proto::deriva_client::DerivaClient;
 use deriva_server::proto::{
     CascadeInvalidateRequest, ClusterStatusRequest, ExplainRequest, GcRequest, GetRequest,
     InvalidateRequest, ListPinsRequest, PinRequest, PutLeafRequest, PutLeafStreamRequest,
     PutRecipeRequest, ResolveRequest, StatusRequest, UnpinRequest, VerifyRequest,
 };
-use deriva_server::rpc::RpcMethod;
 use deriva_testkit::http::http_get_with;
 use deriva_testkit::{ServerProcess, deriva_bin, sample};
 use tonic::Code;
