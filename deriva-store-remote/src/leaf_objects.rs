@@ -23,7 +23,7 @@ use futures::StreamExt as _;
 use crate::disk_cache::{self, DiskCache};
 use crate::index::{self, addr_of};
 use crate::objects::{MULTIPART_THRESHOLD, Objects, Written};
-use crate::observe::BackendMetrics;
+use deriva_store::observe::BackendMetrics;
 use crate::pg::{Call, Pg};
 use crate::spool::Spool;
 
