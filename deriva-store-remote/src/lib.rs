@@ -31,13 +31,13 @@ use deriva_core::error::Result;
 use deriva_store::{Store, StoreCounters, lease};
 
 pub use bus::{Invalidation, Listener, PgBus};
+pub use deriva_store::observe::{BACKEND_DURATION_BUCKETS, Backend, BackendMetrics};
 pub use disk_cache::DiskCache;
 pub use index::PgIndex;
 pub use leaf_objects::RemoteBlobStore;
 pub use nodes::{DEAD_AFTER, NodeBeat, NodeRow, PgNodes};
 pub use objects::{CONNECT_TIMEOUT as S3_CONNECT_TIMEOUT, MULTIPART_THRESHOLD, PART_BYTES};
 pub use objects::{REQUEST_TIMEOUT as S3_REQUEST_TIMEOUT, RETRY as S3_RETRY};
-pub use deriva_store::observe::{BACKEND_DURATION_BUCKETS, Backend, BackendMetrics};
 pub use outputs::ObjectOutputs;
 pub use pg::{CONNECT_TIMEOUT as PG_CONNECT_TIMEOUT, POOL_WAIT as PG_POOL_WAIT};
 pub use pg::{SCHEMA_VERSION, STATEMENT_TIMEOUT_MS};

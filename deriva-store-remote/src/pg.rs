@@ -329,7 +329,9 @@ impl Pg {
             operation,
             table,
         };
-        self.metrics.call(observed, observe::Target::None, call).await
+        self.metrics
+            .call(observed, observe::Target::None, call)
+            .await
     }
 
     /// Runs one statement (prepared once per connection) on a pooled connection, inside a

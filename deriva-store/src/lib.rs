@@ -40,7 +40,7 @@ use bytes::Bytes;
 use deriva_core::CAddr;
 use deriva_core::Recipe;
 use deriva_core::{DerivaError, Result};
-pub use observe::{BackendMetrics, Backend};
+pub use observe::{Backend, BackendMetrics};
 pub use stream::ByteStream;
 
 /// Live totals of a [`Store`], kept as atomics so metrics callbacks and `Status` read them
