@@ -79,14 +79,15 @@ impl StoreSpec {
 
     /// Opens the store: the local one on the blocking pool (it scans its blob directory), the
     /// remote one by connecting to PostgreSQL and migrating its schema (the object store is not
-    /// contacted: see [`Store::check`]). The remote backend's instruments are built on
-    /// `meter`. A remote backend that cannot be reached is [`DerivaError::Unavailable`].
+    /// contacted: see [`Store::check`]). The backend's instruments (`deriva_store::observe`)
+    /// are built on `meter`. A remote backend that cannot be reached is [`DerivaError::Unavailable`].
     pub async fn open(&self, meter: &Meter) -> Result<OpenedStore, DerivaError> {
         match self {
             Self::Local { dir, options } => {
                 let (dir, options) = (dir.clone(), *options);
+                let metrics = Arc::new(BackendMetrics::new(meter));
                 let store = tokio::task::spawn_blocking(move || {
-                    deriva_store_local::open_with(dir, options)
+                    deriva_store_local::open_observed(dir, options, metrics)
                 })
                 .await
                 .map_err(|e| DerivaError::from_join("opening the store", e))??;
