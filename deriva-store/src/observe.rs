@@ -156,7 +156,7 @@ impl Call {
             Call::File { op } => tracing::info_span!(
                 deriva_core::spans::LEAF_FILE,
                 otel.kind = "client",
-                otel.name = op,
+                otel.name = tracing::field::display(format_args!("{op} blobs")),
                 otel.status_code = tracing::field::Empty,
                 otel.status_message = tracing::field::Empty,
                 deriva.store.backend = "files",
