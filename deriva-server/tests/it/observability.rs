@@ -195,8 +195,17 @@ async fn full_flow_shows_every_documented_family_as_the_readme_says() {
     let text = obs.scrape().await;
     let live = families(&text);
 
-    // The main table only: the remote backend's families have a table of their own, checked
-    // by tests/it/cluster.rs.
+    // The main table, and the storage backends' families, which have a table of their own
+    // (checked against a remote node by tests/it/cluster.rs): a local node has them too.
+    let storage = deriva_testkit::readme_metrics("### Storage backend metrics");
+    for backend in ["redb", "files"] {
+        let series =
+            format!("deriva_backend_request_duration_seconds_count{{backend=\"{backend}\"");
+        assert!(
+            text.lines().any(|l| l.starts_with(&series)),
+            "no {backend} calls measured:\n{text}"
+        );
+    }
     let documented = deriva_testkit::readme_metrics("### Metrics reference");
     assert_eq!(documented.len(), 50, "README metrics table rows");
     for (name, kind, buckets) in &documented {
@@ -227,7 +236,7 @@ async fn full_flow_shows_every_documented_family_as_the_readme_says() {
     }
     for (name, _) in &live {
         assert!(
-            documented.iter().any(|(n, _, _)| n == name),
+            documented.iter().chain(&storage).any(|(n, _, _)| n == name),
             "{name} is on /metrics but not in the README"
         );
     }
