@@ -431,10 +431,18 @@ async fn spans_of_one_get_reach_a_real_otlp_receiver_as_one_tree() {
         attr(root, "addr"),
         Some(CAddr::from_slice(&top).unwrap().to_string())
     );
-    let mut names: Vec<&str> = children_of(&root.span_id)
+    // The engine's spans; the store's calls to its backend (client spans of
+    // deriva_store::observe, here the local redb and files) are counted apart.
+    let (store_calls, engine): (Vec<_>, Vec<_>) = children_of(&root.span_id)
         .into_iter()
-        .map(|s| s.name.as_str())
-        .collect();
+        .partition(|s| attr(s, "db.system.name").is_some() || attr(s, "deriva.store.op").is_some());
+    assert!(
+        store_calls
+            .iter()
+            .any(|s| attr(s, "db.system.name").as_deref() == Some("redb")),
+        "no redb transaction under the recipe's materialize: {store_calls:#?}"
+    );
+    let mut names: Vec<&str> = engine.into_iter().map(|s| s.name.as_str()).collect();
     names.sort();
     assert_eq!(
         names,
