@@ -154,3 +154,73 @@ async fn the_local_backend_observes_its_redb_transactions_and_file_operations() 
     );
     let _ = small_addr;
 }
+
+/// Counts the `index_db` and `leaf_file` spans built, sampled or not.
+#[derive(Clone, Default)]
+struct CountClientSpans(Arc<std::sync::atomic::AtomicUsize>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountClientSpans {
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _: &tracing::span::Id,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if matches!(attrs.metadata().name(), "index_db" | "leaf_file") {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// In a request that is not sampled, a call is measured but builds no span at all.
+#[tokio::test(flavor = "current_thread")]
+async fn a_call_in_a_trace_that_is_not_sampled_builds_no_span() {
+    let registry = prometheus::Registry::new();
+    let reader = opentelemetry_prometheus::exporter()
+        .with_registry(registry.clone())
+        .without_target_info()
+        .scope_info_enabled(false)
+        .build()
+        .unwrap();
+    let meters = SdkMeterProvider::builder().with_reader(reader).build();
+    let metrics = Arc::new(BackendMetrics::new(&meters.meter("test")));
+    let tracers = SdkTracerProvider::builder()
+        .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOff)
+        .build();
+    let built = CountClientSpans::default();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(tracers.tracer("test")))
+        .with(built.clone());
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        deriva_store_local::open_observed(dir.path(), LocalOptions::default(), metrics).unwrap();
+    async {
+        let addr = store
+            .put_leaf(Bytes::from_static(b"unsampled"))
+            .await
+            .unwrap();
+        let large = store
+            .put_leaf(Bytes::from(vec![1u8; 100 * 1024]))
+            .await
+            .unwrap();
+        assert!(store.get_leaf(addr).await.unwrap().is_some());
+        assert!(store.get_leaf(large).await.unwrap().is_some());
+    }
+    .instrument(tracing::info_span!("request"))
+    .await;
+
+    assert_eq!(built.0.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    assert_eq!(
+        deriva_testkit::sample(
+            &text,
+            r#"deriva_backend_request_duration_seconds_count{backend="files",op="put"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
