@@ -85,7 +85,7 @@ impl Server {
             deriva_store_local::LocalOptions {
                 inline_leaf_bytes: config.inline_leaf_bytes,
             },
-            Arc::new(deriva_store::BackendMetrics::new(meter)),
+            Arc::new(deriva_store::observe::BackendMetrics::new(meter)),
         )?);
         Self::with_store(config, store, functions, meter)
     }

@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use deriva_core::DerivaError;
 use deriva_store::Store;
+use deriva_store::observe::BackendMetrics;
 use deriva_store_local::LocalOptions;
-use deriva_store_remote::{BackendMetrics, PgBus, PgNodes, RemoteConfig};
+use deriva_store_remote::{PgBus, PgNodes, RemoteConfig};
 use opentelemetry::metrics::Meter;
 
 use crate::config::Config;

@@ -10,7 +10,7 @@
 //!
 //! [`open`] connects both and returns a [`deriva_store::Store`] over them. Every request to
 //! either engine is declared as a [`deriva_store::observe::Call`] and run through
-//! [`BackendMetrics`] (in `deriva-store`), which makes it a client span and measures it. A
+//! [`deriva_store::observe::BackendMetrics`], which makes it a client span and measures it. A
 //! backend that cannot be reached is [`deriva_core::DerivaError::Unavailable`], naming it.
 
 mod bus;
@@ -31,7 +31,7 @@ use deriva_core::error::Result;
 use deriva_store::{Store, StoreCounters, lease};
 
 pub use bus::{Invalidation, Listener, PgBus};
-pub use deriva_store::observe::{BACKEND_DURATION_BUCKETS, Backend, BackendMetrics};
+use deriva_store::observe::BackendMetrics;
 pub use disk_cache::DiskCache;
 pub use index::PgIndex;
 pub use leaf_objects::RemoteBlobStore;

@@ -11,7 +11,7 @@
 //!   before a recipe uses it; transitive dependents; the live [`StoreCounters`]).
 //! - [`gc`]: garbage collection over any [`Store`]; [`stream`]: leaf bytes as hashed streams of
 //!   chunks; [`task`]: blocking work on the blocking pool that stays in its caller's trace.
-//! - [`observe`]: the one instrumentation of every backend's calls ([`BackendMetrics`]):
+//! - [`observe`]: the one instrumentation of every backend's calls ([`observe::BackendMetrics`]):
 //!   client spans and the `deriva_backend_*` metrics. Backends declare their calls and run
 //!   them through it; none builds a span or an instrument of its own.
 //!
@@ -40,7 +40,6 @@ use bytes::Bytes;
 use deriva_core::CAddr;
 use deriva_core::Recipe;
 use deriva_core::{DerivaError, Result};
-pub use observe::{Backend, BackendMetrics};
 pub use stream::ByteStream;
 
 /// Live totals of a [`Store`], kept as atomics so metrics callbacks and `Status` read them

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use deriva_core::{DerivaError, FunctionId, Recipe};
-use deriva_store::BackendMetrics;
+use deriva_store::observe::BackendMetrics;
 use deriva_store_local::{BLOB_DIR, LocalOptions};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::trace::{SpanKind, TracerProvider as _};
