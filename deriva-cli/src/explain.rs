@@ -100,6 +100,24 @@ pub fn format_explain(resp: &ExplainResponse) -> String {
                 format!("cache put {}", bytes_text(&value(span, field::BYTES))),
                 None,
             )),
+            // A call of the store to its backend: what it asked of which engine.
+            spans::INDEX_DB => Some((
+                format!(
+                    "{} {} {}",
+                    value(span, "db.system.name"),
+                    value(span, "db.operation.name"),
+                    value(span, "db.collection.name")
+                ),
+                Some(span.duration_us),
+            )),
+            spans::OBJECT_STORE => Some((
+                format!("s3 {}", value(span, "rpc.method")),
+                Some(span.duration_us),
+            )),
+            spans::LEAF_FILE => Some((
+                format!("file {}", value(span, "deriva.store.op")),
+                Some(span.duration_us),
+            )),
             other => Some((other.to_owned(), Some(span.duration_us))),
         };
         if let Some((text, duration)) = line {

@@ -55,6 +55,11 @@
 //! | `invalidate` | `addr`, `cascade`, `policy`, `evicted` | the caller's span |
 //! | `verify_recipe` | `addr`, `deterministic` | the caller's span (an explicit verification) |
 //!
+//! Below these, in a sampled trace, each call the store makes to its backend is a client span
+//! of `deriva_store::observe`: `object_store` and `index_db` (PostgreSQL) on the remote
+//! backend, `index_db` (redb) and `leaf_file` on the local one; a `leaf_read` of a leaf that
+//! is a file, for one, has a redb read of the small-leaf table and a `leaf_file` read.
+//!
 //! A Get of a leaf held by the cache is traced and counted as a cache hit of an output is:
 //! `materialize` (`result` = `hit`) with one child, `cache_check` (`hit` = true), and no
 //! `leaf_read`. The Get that caches a leaf has `leaf_read` (`found` = true), then `cache_put`.

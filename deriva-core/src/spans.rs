@@ -46,9 +46,12 @@ pub const GC_SWEEP: &str = "sweep";
 /// A client call to the object store (S3 API), with the OpenTelemetry semantic-convention
 /// attributes `rpc.system=aws-api`, `rpc.method`, `aws.s3.bucket` and `aws.s3.key`.
 pub const OBJECT_STORE: &str = "object_store";
-/// A client call to the PostgreSQL index, with `db.system.name=postgresql`,
-/// `db.operation.name` and `db.collection.name`.
+/// A client call to a database: the PostgreSQL index (`db.system.name=postgresql`) or the local
+/// backend's redb (`db.system.name=redb`), with `db.operation.name` and `db.collection.name`.
 pub const INDEX_DB: &str = "index_db";
+/// An operation on the local backend's leaf files, with `deriva.store.op` (`get`, `put`, …).
+/// The local backend's redb transactions are [`INDEX_DB`] spans with `db.system.name=redb`.
+pub const LEAF_FILE: &str = "leaf_file";
 
 /// Field names.
 pub mod field {

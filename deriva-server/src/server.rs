@@ -80,11 +80,12 @@ impl Server {
         functions: FunctionRegistry,
         meter: &Meter,
     ) -> Result<Self, DerivaError> {
-        let store = Arc::new(deriva_store_local::open_with(
+        let store = Arc::new(deriva_store_local::open_observed(
             &config.data_dir,
             deriva_store_local::LocalOptions {
                 inline_leaf_bytes: config.inline_leaf_bytes,
             },
+            Arc::new(deriva_store::observe::BackendMetrics::new(meter)),
         )?);
         Self::with_store(config, store, functions, meter)
     }

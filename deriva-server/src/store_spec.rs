@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use deriva_core::DerivaError;
 use deriva_store::Store;
+use deriva_store::observe::BackendMetrics;
 use deriva_store_local::LocalOptions;
-use deriva_store_remote::{BackendMetrics, PgBus, PgNodes, RemoteConfig};
+use deriva_store_remote::{PgBus, PgNodes, RemoteConfig};
 use opentelemetry::metrics::Meter;
 
 use crate::config::Config;
@@ -79,14 +80,15 @@ impl StoreSpec {
 
     /// Opens the store: the local one on the blocking pool (it scans its blob directory), the
     /// remote one by connecting to PostgreSQL and migrating its schema (the object store is not
-    /// contacted: see [`Store::check`]). The remote backend's instruments are built on
-    /// `meter`. A remote backend that cannot be reached is [`DerivaError::Unavailable`].
+    /// contacted: see [`Store::check`]). The backend's instruments (`deriva_store::observe`)
+    /// are built on `meter`. A remote backend that cannot be reached is [`DerivaError::Unavailable`].
     pub async fn open(&self, meter: &Meter) -> Result<OpenedStore, DerivaError> {
         match self {
             Self::Local { dir, options } => {
                 let (dir, options) = (dir.clone(), *options);
+                let metrics = Arc::new(BackendMetrics::new(meter));
                 let store = tokio::task::spawn_blocking(move || {
-                    deriva_store_local::open_with(dir, options)
+                    deriva_store_local::open_observed(dir, options, metrics)
                 })
                 .await
                 .map_err(|e| DerivaError::from_join("opening the store", e))??;

@@ -20,7 +20,10 @@ use parking_lot::Mutex;
 
 use deriva_core::CAddr;
 use deriva_core::{DerivaError, Result};
+use deriva_store::observe::BackendMetrics;
 use deriva_store::{AgedLeaf, StoreCounters};
+
+use crate::calls;
 
 use super::small::{Deleted, LEAVES_FILE, SmallLeaves};
 
@@ -38,6 +41,9 @@ pub(super) struct BlobFiles {
     /// Leaves of at most `inline_max` bytes are written here.
     small: SmallLeaves,
     inline_max: u64,
+    /// The file operations are observed here (`backend="files"`), the small leaves' redb
+    /// transactions in [`SmallLeaves`].
+    metrics: Arc<BackendMetrics>,
 }
 
 impl BlobFiles {
@@ -49,6 +55,7 @@ impl BlobFiles {
         root: &Path,
         inline_max: u64,
         counters: Arc<StoreCounters>,
+        metrics: Arc<BackendMetrics>,
     ) -> Result<Self> {
         let ctx = |what: &str, p: &Path| format!("{what} {}", p.display());
         fs::create_dir_all(root.join(TMP_DIR))
@@ -113,8 +120,12 @@ impl BlobFiles {
                 }
             })
         };
-        let (small, loaded) =
-            SmallLeaves::open(&data_dir.join(LEAVES_FILE), touch_file, on_commit)?;
+        let (small, loaded) = SmallLeaves::open(
+            &data_dir.join(LEAVES_FILE),
+            touch_file,
+            on_commit,
+            metrics.clone(),
+        )?;
         counters.set_blobs(count + loaded.count, bytes + loaded.bytes);
         Ok(Self {
             root: root.to_owned(),
@@ -123,6 +134,7 @@ impl BlobFiles {
             tmp_seq: AtomicU64::new(0),
             small,
             inline_max,
+            metrics,
         })
     }
 
@@ -149,11 +161,18 @@ impl BlobFiles {
                 .put_blocking(addr, Bytes::copy_from_slice(data))?;
             return Ok(addr);
         }
+        self.metrics
+            .call_blocking(calls::FILE_PUT, || self.put_file(addr, data))?;
+        Ok(addr)
+    }
+
+    /// [`BlobFiles::put`] of a leaf that is not small: its file.
+    fn put_file(&self, addr: CAddr, data: &[u8]) -> Result<()> {
         let path = self.path_of(&addr);
         match read_verified(&addr, &path) {
             // Stored again: its time is refreshed, unless garbage collection removed it in
             // between (then it is written afresh).
-            Ok(Some(_)) if self.touch(&addr)? => return Ok(addr),
+            Ok(Some(_)) if self.touch(&addr)? => return Ok(()),
             Ok(_) => {}
             Err(DerivaError::Corrupted { .. }) => {
                 tracing::warn!(%addr, "rewriting a corrupted blob with the correct bytes");
@@ -167,8 +186,7 @@ impl BlobFiles {
             let _ = fs::remove_file(&tmp);
             return Err(DerivaError::io(format!("writing blob {addr}"), &e));
         }
-        self.publish(&addr, &tmp, data.len() as u64)?;
-        Ok(addr)
+        self.publish(&addr, &tmp, data.len() as u64)
     }
 
     fn touch(&self, addr: &CAddr) -> Result<bool> {
@@ -178,6 +196,13 @@ impl BlobFiles {
     /// Every blob with its size and modification time (the time of its last put).
     pub(super) fn list_aged(&self) -> Result<Vec<AgedLeaf>> {
         let mut out = self.small.list_aged()?;
+        self.metrics
+            .call_blocking(calls::FILE_LIST, || self.list_aged_files(&mut out))?;
+        Ok(out)
+    }
+
+    /// Appends every blob file, with its size and time, to `out`.
+    fn list_aged_files(&self, out: &mut Vec<AgedLeaf>) -> Result<()> {
         for addr in self.list_files()? {
             let path = self.path_of(&addr);
             let meta = match fs::metadata(&path) {
@@ -195,7 +220,7 @@ impl BlobFiles {
                 at,
             });
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Removes the blob file of `addr` and counts it if it was last put before `cutoff`: its
@@ -209,6 +234,13 @@ impl BlobFiles {
             Deleted::Kept => return Ok(None),
             Deleted::Absent => {}
         }
+        self.metrics.call_blocking(calls::FILE_DELETE, || {
+            self.delete_file_if_older(addr, cutoff)
+        })
+    }
+
+    /// [`BlobFiles::delete_if_older`] of a blob file.
+    fn delete_file_if_older(&self, addr: &CAddr, cutoff: SystemTime) -> Result<Option<u64>> {
         let path = self.path_of(addr);
         let _guard = self.publish.lock();
         let ctx = || format!("deleting blob {addr}");
@@ -269,6 +301,12 @@ impl BlobFiles {
             }
             return Ok(Some(Opened::Row(data)));
         }
+        self.metrics
+            .call_blocking(calls::FILE_OPEN, || self.open_file(addr, whole_up_to))
+    }
+
+    /// [`BlobFiles::open_read`] of a blob file.
+    fn open_file(&self, addr: &CAddr, whole_up_to: u64) -> Result<Option<Opened>> {
         let path = self.path_of(addr);
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -290,7 +328,9 @@ impl BlobFiles {
     /// when `None`): a new file in `tmp/`.
     pub(super) fn start_write(&self, addr: Option<CAddr>) -> Result<StreamedWrite> {
         let tmp = self.tmp_path(addr.as_ref());
-        let file = File::create_new(&tmp).map_err(|e| DerivaError::io(what_of(addr), &e))?;
+        let file = self.metrics.call_blocking(calls::FILE_WRITE, || {
+            File::create_new(&tmp).map_err(|e| DerivaError::io(what_of(addr), &e))
+        })?;
         Ok(StreamedWrite {
             addr,
             tmp,
@@ -300,15 +340,22 @@ impl BlobFiles {
         })
     }
 
+    /// Appends `chunk` to the streamed write `write`.
+    pub(super) fn write_chunk(&self, write: &mut StreamedWrite, chunk: &[u8]) -> Result<()> {
+        self.metrics
+            .call_blocking(calls::FILE_WRITE, || write.write(chunk))
+    }
+
     /// Ends a streamed write: fsyncs it and, if its bytes hash to the address it was started
     /// with (any address when none), publishes it (see [`BlobFiles::publish`]) and returns
     /// that address and the length; else removes it and reports [`DerivaError::Corrupted`].
     pub(super) fn finish_write(&self, mut write: StreamedWrite) -> Result<(CAddr, u64)> {
         let file = write.file.take();
-        if let Some(f) = file
-            && let Err(e) = f.sync_all()
-        {
-            return Err(DerivaError::io(what_of(write.addr), &e));
+        if let Some(f) = file {
+            self.metrics.call_blocking(calls::FILE_WRITE, || {
+                f.sync_all()
+                    .map_err(|e| DerivaError::io(what_of(write.addr), &e))
+            })?;
         }
         let found = CAddr::from(*write.hasher.finalize().as_bytes());
         if let Some(addr) = write.addr
@@ -328,7 +375,8 @@ impl BlobFiles {
             self.small.put_blocking(found, Bytes::from(data))?;
             return Ok((found, write.len));
         }
-        self.publish(&found, &tmp, write.len)?;
+        self.metrics
+            .call_blocking(calls::FILE_PUT, || self.publish(&found, &tmp, write.len))?;
         Ok((found, write.len))
     }
 
@@ -337,12 +385,17 @@ impl BlobFiles {
         if let Some(data) = self.small.get(addr)? {
             return Ok(Some(data));
         }
-        read_verified(addr, &self.path_of(addr))
+        self.metrics
+            .call_blocking(calls::FILE_GET, || read_verified(addr, &self.path_of(addr)))
     }
 
     /// Whether a blob exists for `addr` (without reading or verifying it).
     pub(super) fn contains(&self, addr: &CAddr) -> Result<bool> {
-        Ok(self.small.size(addr)?.is_some() || self.path_of(addr).is_file())
+        if self.small.size(addr)?.is_some() {
+            return Ok(true);
+        }
+        self.metrics
+            .call_blocking(calls::FILE_HEAD, || Ok(self.path_of(addr).is_file()))
     }
 
     /// The size of the blob for `addr`, if there is one.
@@ -350,14 +403,16 @@ impl BlobFiles {
         if let Some(len) = self.small.size(addr)? {
             return Ok(Some(len));
         }
-        match fs::metadata(self.path_of(addr)) {
-            Ok(m) => Ok(Some(m.len())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(DerivaError::io(
-                format!("reading the size of blob {addr}"),
-                &e,
-            )),
-        }
+        self.metrics.call_blocking(calls::FILE_HEAD, || {
+            match fs::metadata(self.path_of(addr)) {
+                Ok(m) => Ok(Some(m.len())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(DerivaError::io(
+                    format!("reading the size of blob {addr}"),
+                    &e,
+                )),
+            }
+        })
     }
 
     /// Removes the blob for `addr` and counts it; `false` if there was none.
@@ -366,6 +421,12 @@ impl BlobFiles {
             self.counters.count_blob(false, len);
             return Ok(true);
         }
+        self.metrics
+            .call_blocking(calls::FILE_DELETE, || self.delete_file(addr))
+    }
+
+    /// [`BlobFiles::delete`] of a blob file.
+    fn delete_file(&self, addr: &CAddr) -> Result<bool> {
         let path = self.path_of(addr);
         let _guard = self.publish.lock();
         let len = match fs::metadata(&path) {
@@ -388,13 +449,14 @@ impl BlobFiles {
     pub(super) fn check(&self) -> Result<()> {
         self.small.get(&CAddr::from_bytes([0; 32]))?;
         self.get(&CAddr::from_bytes([0; 32]))?;
-        fs::metadata(&self.root).map_err(|e| {
-            DerivaError::io(
-                format!("reading the blob directory {}", self.root.display()),
-                &e,
-            )
-        })?;
-        Ok(())
+        self.metrics.call_blocking(calls::FILE_CHECK, || {
+            fs::metadata(&self.root).map(drop).map_err(|e| {
+                DerivaError::io(
+                    format!("reading the blob directory {}", self.root.display()),
+                    &e,
+                )
+            })
+        })
     }
 
     /// Every blob address: the small leaves' and the shard directories'.
@@ -405,7 +467,10 @@ impl BlobFiles {
             .into_iter()
             .map(|l| l.addr)
             .collect();
-        out.extend(self.list_files()?);
+        out.extend(
+            self.metrics
+                .call_blocking(calls::FILE_LIST, || self.list_files())?,
+        );
         Ok(out)
     }
 

@@ -37,6 +37,7 @@
 //! Blob count and bytes are counted once at open (which also cleans `tmp/`) and then kept as
 //! atomics ([`StoreCounters`]); the recipe count is persisted in `meta`.
 
+mod calls;
 mod leaf_files;
 mod recipes;
 mod small;
@@ -55,6 +56,7 @@ use futures::StreamExt as _;
 use deriva_core::CAddr;
 use deriva_core::Recipe;
 use deriva_core::{DerivaError, Result};
+use deriva_store::observe::{BackendMetrics, Call, Target};
 use deriva_store::stream::{self, ByteStream};
 use deriva_store::{
     AgedLeaf, AgedRecipe, BlobStore, Lease, RecipeIndex, Store, StoreCounters, StoredRecipe, lease,
@@ -96,6 +98,16 @@ pub fn open(dir: impl AsRef<Path>) -> Result<Store> {
 /// files and loads the counters. Blocks while it scans the blob directory, so call it at
 /// start-up (or on the blocking pool).
 pub fn open_with(dir: impl AsRef<Path>, options: LocalOptions) -> Result<Store> {
+    open_observed(dir, options, Arc::new(BackendMetrics::noop()))
+}
+
+/// [`open_with`], with the store's redb transactions and file operations observed on
+/// `metrics` (`backend` = `redb`, `files`; see [`deriva_store::observe`]).
+pub fn open_observed(
+    dir: impl AsRef<Path>,
+    options: LocalOptions,
+    metrics: Arc<BackendMetrics>,
+) -> Result<Store> {
     let dir = dir.as_ref();
     std::fs::create_dir_all(dir)
         .map_err(|e| DerivaError::io(format!("creating {}", dir.display()), &e))?;
@@ -106,6 +118,7 @@ pub fn open_with(dir: impl AsRef<Path>, options: LocalOptions) -> Result<Store> 
             recipes::RecipeDb::open(&dir.join(DB_FILE), counters.clone())?,
             lease.clone(),
         )),
+        metrics: metrics.clone(),
     };
     let blobs = LocalBlobStore {
         inner: Arc::new((
@@ -114,6 +127,7 @@ pub fn open_with(dir: impl AsRef<Path>, options: LocalOptions) -> Result<Store> 
                 &dir.join(BLOB_DIR),
                 options.inline_leaf_bytes,
                 counters.clone(),
+                metrics,
             )?,
             lease.clone(),
         )),
@@ -205,8 +219,8 @@ impl LocalBlobStore {
         // An error item, or a failed write, drops `write`, which removes its file.
         while let Some(chunk) = data.next().await {
             let chunk = chunk?;
-            write = on_pool(&self.inner, "storing a blob", move |_| {
-                write.write(&chunk)?;
+            write = on_pool(&self.inner, "storing a blob", move |b| {
+                b.write_chunk(&mut write, &chunk)?;
                 Ok(write)
             })
             .await?;
@@ -317,87 +331,118 @@ impl BlobStore for LocalBlobStore {
 #[derive(Debug, Clone)]
 pub struct LocalRecipeIndex {
     inner: Arc<(recipes::RecipeDb, Lease)>,
+    /// Each call is one redb transaction, observed here (`backend="redb"`).
+    metrics: Arc<BackendMetrics>,
+}
+
+impl LocalRecipeIndex {
+    /// [`on_pool`], observed as `call`.
+    async fn transaction<T: Send + 'static>(
+        &self,
+        call: Call,
+        what: &'static str,
+        f: impl FnOnce(&recipes::RecipeDb) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.metrics
+            .call(call, Target::None, on_pool(&self.inner, what, f))
+            .await
+    }
 }
 
 #[async_trait]
 impl RecipeIndex for LocalRecipeIndex {
     async fn put_batch(&self, batch: Vec<(CAddr, Recipe)>) -> Result<u64> {
-        on_pool(&self.inner, "storing recipes", move |r| r.put_batch(&batch)).await
+        self.transaction(calls::PUT_RECIPES, "storing recipes", move |r| {
+            r.put_batch(&batch)
+        })
+        .await
     }
 
     async fn get(&self, addr: CAddr) -> Result<Option<StoredRecipe>> {
-        on_pool(&self.inner, "reading a recipe", move |r| r.get(&addr)).await
+        self.transaction(calls::GET_RECIPE, "reading a recipe", move |r| r.get(&addr))
+            .await
     }
 
     async fn missing(&self, addrs: Vec<CAddr>) -> Result<Vec<CAddr>> {
-        on_pool(&self.inner, "looking up recipes", move |r| {
+        self.transaction(calls::FIND_RECIPES, "looking up recipes", move |r| {
             r.missing(&addrs)
         })
         .await
     }
 
     async fn dependents(&self, addr: CAddr) -> Result<Vec<CAddr>> {
-        on_pool(&self.inner, "reading dependents", move |r| {
+        self.transaction(calls::DEPENDENTS, "reading dependents", move |r| {
             r.dependents(&addr)
         })
         .await
     }
 
     async fn delete(&self, addr: CAddr) -> Result<bool> {
-        on_pool(&self.inner, "deleting a recipe", move |r| r.delete(&addr)).await
+        self.transaction(calls::DELETE_RECIPE, "deleting a recipe", move |r| {
+            r.delete(&addr)
+        })
+        .await
     }
 
     async fn list(&self) -> Result<Vec<(CAddr, u32)>> {
-        on_pool(&self.inner, "listing recipes", |r| r.list()).await
+        self.transaction(calls::LIST_RECIPES, "listing recipes", |r| r.list())
+            .await
     }
 
     async fn pin(&self, addr: CAddr, blobs: &dyn BlobStore) -> Result<bool> {
         // The caller ([`Store::pin`]) holds off garbage collection across the check and the pin.
-        let recipe = on_pool(&self.inner, "looking up a recipe", move |db| {
-            db.contains(&addr)
-        })
-        .await?;
+        let recipe = self
+            .transaction(calls::FIND_RECIPES, "looking up a recipe", move |db| {
+                db.contains(&addr)
+            })
+            .await?;
         if !recipe && !blobs.contains(addr).await? {
             return Err(DerivaError::NotFound { addr });
         }
-        on_pool(&self.inner, "pinning an address", move |db| db.pin(&addr)).await
+        self.transaction(calls::PIN, "pinning an address", move |db| db.pin(&addr))
+            .await
     }
 
     async fn list_aged(&self) -> Result<Vec<AgedRecipe>> {
-        on_pool(&self.inner, "listing recipes", |db| db.list_aged()).await
+        self.transaction(calls::LIST_RECIPES, "listing recipes", |db| db.list_aged())
+            .await
     }
 
     async fn delete_if_unused(&self, addr: CAddr, cutoff: SystemTime) -> Result<bool> {
-        on_pool(&self.inner, "collecting a recipe", move |db| {
+        self.transaction(calls::COLLECT_RECIPE, "collecting a recipe", move |db| {
             db.delete_if_unused(&addr, cutoff)
         })
         .await
     }
 
     async fn is_referenced(&self, addr: CAddr) -> Result<bool> {
-        on_pool(&self.inner, "looking up references", move |db| {
+        self.transaction(calls::FIND_REFERENCES, "looking up references", move |db| {
             db.is_referenced(&addr)
         })
         .await
     }
 
     async fn unpin(&self, addr: CAddr) -> Result<bool> {
-        on_pool(&self.inner, "unpinning an address", move |db| {
+        self.transaction(calls::UNPIN, "unpinning an address", move |db| {
             db.unpin(&addr)
         })
         .await
     }
 
     async fn pins(&self) -> Result<Vec<CAddr>> {
-        on_pool(&self.inner, "listing pins", |db| db.pins()).await
+        self.transaction(calls::LIST_PINS, "listing pins", |db| db.pins())
+            .await
     }
 
     async fn count_by_scan(&self) -> Result<u64> {
-        on_pool(&self.inner, "counting recipes", |r| r.count_by_scan()).await
+        self.transaction(calls::COUNT_RECIPES, "counting recipes", |r| {
+            r.count_by_scan()
+        })
+        .await
     }
 
     async fn check(&self) -> Result<()> {
-        on_pool(&self.inner, "checking the recipe database", |r| {
+        self.transaction(calls::CHECK_RECIPES, "checking the recipe database", |r| {
             r.get(&CAddr::from_bytes([0; 32])).map(drop)
         })
         .await

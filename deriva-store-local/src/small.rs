@@ -27,6 +27,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use deriva_core::CAddr;
 use deriva_core::{DerivaError, Result};
 use deriva_store::AgedLeaf;
+use deriva_store::observe::{BackendMetrics, Target};
+
+use crate::calls;
 
 /// Name of the redb file of small leaves inside the data directory.
 pub const LEAVES_FILE: &str = "leaves.redb";
@@ -112,6 +115,9 @@ pub(super) struct SmallLeaves {
     path: PathBuf,
     queue: Mutex<Option<mpsc::Sender<Pending>>>,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Every transaction is observed here (`backend="redb"`); the committer's puts are timed
+    /// from the caller's side, hand-over and durable commit included.
+    metrics: Arc<BackendMetrics>,
 }
 
 impl std::fmt::Debug for SmallLeaves {
@@ -147,6 +153,7 @@ impl SmallLeaves {
         path: &Path,
         touch_file: TouchFile,
         on_commit: OnCommit,
+        metrics: Arc<BackendMetrics>,
     ) -> Result<(Self, Loaded)> {
         let ctx = format!("opening {}", path.display());
         let db = super::recipes::open_database(path)?;
@@ -176,6 +183,7 @@ impl SmallLeaves {
                 path: path.to_owned(),
                 queue: Mutex::new(Some(tx)),
                 committer: Mutex::new(Some(committer)),
+                metrics,
             },
             loaded,
         ))
@@ -184,16 +192,23 @@ impl SmallLeaves {
     /// Stores `data` (whose address is `addr`) through the committer: done once it is
     /// durable. No thread waits meanwhile.
     pub(super) async fn put(&self, addr: CAddr, data: Bytes) -> Result<()> {
-        self.submit(addr, data)
+        let committed = async {
+            self.submit(addr, data)
+                .await
+                .unwrap_or_else(|_| Err(committer_gone()))
+        };
+        self.metrics
+            .call(calls::PUT_LEAF, Target::None, committed)
             .await
-            .unwrap_or_else(|_| Err(committer_gone()))
     }
 
     /// [`SmallLeaves::put`] for a caller on the blocking pool: blocks until it is durable.
     pub(super) fn put_blocking(&self, addr: CAddr, data: Bytes) -> Result<()> {
-        self.submit(addr, data)
-            .blocking_recv()
-            .unwrap_or_else(|_| Err(committer_gone()))
+        self.metrics.call_blocking(calls::PUT_LEAF, || {
+            self.submit(addr, data)
+                .blocking_recv()
+                .unwrap_or_else(|_| Err(committer_gone()))
+        })
     }
 
     /// Hands `data` (whose address is `addr`) to the committer; the receiver answers once it is
@@ -226,77 +241,85 @@ impl SmallLeaves {
     /// The bytes of `addr`'s row, not verified yet (a streamed read verifies them as it
     /// goes); `None` if it has no row.
     pub(super) fn get_unverified(&self, addr: &CAddr) -> Result<Option<Bytes>> {
-        const CTX: &str = "reading a small leaf";
-        let txn = self.db.begin_read().map_err(|e| db_error(CTX, e))?;
-        let table = txn.open_table(LEAVES).map_err(|e| db_error(CTX, e))?;
-        let row = table.get(addr.as_bytes()).map_err(|e| db_error(CTX, e))?;
-        let Some(row) = row else { return Ok(None) };
-        split_row(addr, row.value())?;
-        Ok(Some(Bytes::copy_from_slice(&row.value()[8..])))
+        self.metrics.call_blocking(calls::GET_LEAF, || {
+            const CTX: &str = "reading a small leaf";
+            let txn = self.db.begin_read().map_err(|e| db_error(CTX, e))?;
+            let table = txn.open_table(LEAVES).map_err(|e| db_error(CTX, e))?;
+            let row = table.get(addr.as_bytes()).map_err(|e| db_error(CTX, e))?;
+            let Some(row) = row else { return Ok(None) };
+            split_row(addr, row.value())?;
+            Ok(Some(Bytes::copy_from_slice(&row.value()[8..])))
+        })
     }
 
     /// The size of the leaf `addr` if it has a row.
     pub(super) fn size(&self, addr: &CAddr) -> Result<Option<u64>> {
-        const CTX: &str = "sizing a small leaf";
-        let txn = self.db.begin_read().map_err(|e| db_error(CTX, e))?;
-        let table = txn.open_table(LEAVES).map_err(|e| db_error(CTX, e))?;
-        let row = table.get(addr.as_bytes()).map_err(|e| db_error(CTX, e))?;
-        Ok(row.map(|row| row.value().len().saturating_sub(8) as u64))
+        self.metrics.call_blocking(calls::FIND_LEAF, || {
+            const CTX: &str = "sizing a small leaf";
+            let txn = self.db.begin_read().map_err(|e| db_error(CTX, e))?;
+            let table = txn.open_table(LEAVES).map_err(|e| db_error(CTX, e))?;
+            let row = table.get(addr.as_bytes()).map_err(|e| db_error(CTX, e))?;
+            Ok(row.map(|row| row.value().len().saturating_sub(8) as u64))
+        })
     }
 
     /// Every row's address, size and last put.
     pub(super) fn list_aged(&self) -> Result<Vec<AgedLeaf>> {
-        const CTX: &str = "listing small leaves";
-        let txn = self.db.begin_read().map_err(|e| db_error(CTX, e))?;
-        let table = txn.open_table(LEAVES).map_err(|e| db_error(CTX, e))?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| db_error(CTX, e))? {
-            let (key, row) = entry.map_err(|e| db_error(CTX, e))?;
-            let addr = CAddr::from_bytes(*key.value());
-            let (ms, size) = split_row(&addr, row.value())?;
-            out.push(AgedLeaf {
-                addr,
-                size: size as u64,
-                at: from_millis(ms),
-            });
-        }
-        Ok(out)
+        self.metrics.call_blocking(calls::LIST_LEAVES, || {
+            const CTX: &str = "listing small leaves";
+            let txn = self.db.begin_read().map_err(|e| db_error(CTX, e))?;
+            let table = txn.open_table(LEAVES).map_err(|e| db_error(CTX, e))?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(|e| db_error(CTX, e))? {
+                let (key, row) = entry.map_err(|e| db_error(CTX, e))?;
+                let addr = CAddr::from_bytes(*key.value());
+                let (ms, size) = split_row(&addr, row.value())?;
+                out.push(AgedLeaf {
+                    addr,
+                    size: size as u64,
+                    at: from_millis(ms),
+                });
+            }
+            Ok(out)
+        })
     }
 
     /// Removes the row of `addr` if there is one and (with a cutoff) it was last put before
     /// `cutoff`. A write transaction, so it is ordered with the committer's: a put either
     /// refreshed the time first, or writes the row afresh after.
     pub(super) fn delete(&self, addr: &CAddr, cutoff: Option<SystemTime>) -> Result<Deleted> {
-        const CTX: &str = "deleting a small leaf";
-        let txn = self.db.begin_write().map_err(|e| db_error(CTX, e))?;
-        let removed = {
-            let mut table = txn.open_table(LEAVES).map_err(|e| db_error(CTX, e))?;
-            let found = match table.get(addr.as_bytes()).map_err(|e| db_error(CTX, e))? {
-                None => None,
-                Some(row) => {
-                    let row = row.value();
-                    // A row too short to hold its time is damaged: old enough to go.
-                    let (ms, size) = split_row(addr, row).unwrap_or((0, row.len()));
-                    Some((from_millis(ms), size as u64))
+        self.metrics.call_blocking(calls::DELETE_LEAF, || {
+            const CTX: &str = "deleting a small leaf";
+            let txn = self.db.begin_write().map_err(|e| db_error(CTX, e))?;
+            let removed = {
+                let mut table = txn.open_table(LEAVES).map_err(|e| db_error(CTX, e))?;
+                let found = match table.get(addr.as_bytes()).map_err(|e| db_error(CTX, e))? {
+                    None => None,
+                    Some(row) => {
+                        let row = row.value();
+                        // A row too short to hold its time is damaged: old enough to go.
+                        let (ms, size) = split_row(addr, row).unwrap_or((0, row.len()));
+                        Some((from_millis(ms), size as u64))
+                    }
+                };
+                match found {
+                    Some((at, size)) if cutoff.is_none_or(|c| at < c) => {
+                        table
+                            .remove(addr.as_bytes())
+                            .map_err(|e| db_error(CTX, e))?;
+                        Deleted::Removed(size)
+                    }
+                    Some(_) => Deleted::Kept,
+                    None => Deleted::Absent,
                 }
             };
-            match found {
-                Some((at, size)) if cutoff.is_none_or(|c| at < c) => {
-                    table
-                        .remove(addr.as_bytes())
-                        .map_err(|e| db_error(CTX, e))?;
-                    Deleted::Removed(size)
-                }
-                Some(_) => Deleted::Kept,
-                None => Deleted::Absent,
+            if matches!(removed, Deleted::Removed(_)) {
+                txn.commit().map_err(|e| db_error(CTX, e))?;
+            } else {
+                txn.abort().map_err(|e| db_error(CTX, e))?;
             }
-        };
-        if matches!(removed, Deleted::Removed(_)) {
-            txn.commit().map_err(|e| db_error(CTX, e))?;
-        } else {
-            txn.abort().map_err(|e| db_error(CTX, e))?;
-        }
-        Ok(removed)
+            Ok(removed)
+        })
     }
 }
 

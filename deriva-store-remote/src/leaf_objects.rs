@@ -23,9 +23,9 @@ use futures::StreamExt as _;
 use crate::disk_cache::{self, DiskCache};
 use crate::index::{self, addr_of};
 use crate::objects::{MULTIPART_THRESHOLD, Objects, Written};
-use crate::observe::BackendMetrics;
 use crate::pg::{Call, Pg};
 use crate::spool::Spool;
+use deriva_store::observe::BackendMetrics;
 
 /// The listing of the `leaves` table (`list`, `list_aged`).
 const LIST_LEAVES: Call = Call {

@@ -8,9 +8,10 @@
 //!   migrates itself (see `pg.rs` for the tables). PostgreSQL also records which leaves exist:
 //!   every index question is answered there, never from object listings.
 //!
-//! [`open`] connects both and returns a [`deriva_store::Store`] over them. Every backend call
-//! is an OpenTelemetry client span with its metrics ([`BackendMetrics`]). A backend that cannot
-//! be reached is [`deriva_core::DerivaError::Unavailable`], naming it.
+//! [`open`] connects both and returns a [`deriva_store::Store`] over them. Every request to
+//! either engine is declared as a [`deriva_store::observe::Call`] and run through
+//! [`deriva_store::observe::BackendMetrics`], which makes it a client span and measures it. A
+//! backend that cannot be reached is [`deriva_core::DerivaError::Unavailable`], naming it.
 
 mod bus;
 mod disk_cache;
@@ -18,7 +19,6 @@ mod index;
 mod leaf_objects;
 mod nodes;
 mod objects;
-mod observe;
 mod outputs;
 mod pg;
 mod pgtls;
@@ -31,13 +31,13 @@ use deriva_core::error::Result;
 use deriva_store::{Store, StoreCounters, lease};
 
 pub use bus::{Invalidation, Listener, PgBus};
+use deriva_store::observe::BackendMetrics;
 pub use disk_cache::DiskCache;
 pub use index::PgIndex;
 pub use leaf_objects::RemoteBlobStore;
 pub use nodes::{DEAD_AFTER, NodeBeat, NodeRow, PgNodes};
 pub use objects::{CONNECT_TIMEOUT as S3_CONNECT_TIMEOUT, MULTIPART_THRESHOLD, PART_BYTES};
 pub use objects::{REQUEST_TIMEOUT as S3_REQUEST_TIMEOUT, RETRY as S3_RETRY};
-pub use observe::{BACKEND_DURATION_BUCKETS, Backend, BackendMetrics};
 pub use outputs::ObjectOutputs;
 pub use pg::{CONNECT_TIMEOUT as PG_CONNECT_TIMEOUT, POOL_WAIT as PG_POOL_WAIT};
 pub use pg::{SCHEMA_VERSION, STATEMENT_TIMEOUT_MS};

@@ -21,7 +21,7 @@ use object_store::{
     PutPayload, RetryConfig, WriteMultipart,
 };
 
-use crate::observe::{Backend, BackendMetrics, s3_span};
+use deriva_store::observe::{BackendMetrics, Call, Target};
 
 /// Retries of one object-store request: at most 2 more tries, 50 ms then 100 ms apart (with
 /// jitter), and never past 5 s from the first try. The crate's default (10 tries over up to
@@ -44,6 +44,31 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MULTIPART_THRESHOLD: usize = 16 * 1024 * 1024;
 /// Size of one part of a multipart upload.
 pub const PART_BYTES: usize = 8 * 1024 * 1024;
+
+const PUT: Call = Call::Object {
+    op: "put",
+    method: "PutObject",
+};
+const PUT_MULTIPART: Call = Call::Object {
+    op: "put_multipart",
+    method: "CompleteMultipartUpload",
+};
+const GET: Call = Call::Object {
+    op: "get",
+    method: "GetObject",
+};
+const HEAD: Call = Call::Object {
+    op: "head",
+    method: "HeadObject",
+};
+const DELETE: Call = Call::Object {
+    op: "delete",
+    method: "DeleteObject",
+};
+const LIST: Call = Call::Object {
+    op: "list",
+    method: "ListObjectsV2",
+};
 
 /// Whether a write created the object or found it there already.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +192,14 @@ impl Objects {
         })
     }
 
+    /// What a call on `key` works on, for its span.
+    fn target<'a>(&'a self, key: &'a Path) -> Target<'a> {
+        Target::Object {
+            bucket: &self.bucket,
+            key: key.as_ref(),
+        }
+    }
+
     /// Names the store in messages: `the object store s3://bucket/prefix/`.
     pub(crate) fn name(&self) -> &str {
         &self.name
@@ -194,9 +227,8 @@ impl Objects {
         if data.len() > MULTIPART_THRESHOLD {
             return self.create_multipart(key, data).await;
         }
-        let span = s3_span("PutObject", &self.bucket, key.as_ref());
         self.metrics
-            .call(Backend::S3, "put", span, async {
+            .call(PUT, self.target(key), async {
                 let opts = PutOptions {
                     mode: PutMode::Create,
                     ..PutOptions::default()
@@ -212,9 +244,8 @@ impl Objects {
 
     /// Replaces whatever is at `key` with `data` (to repair a damaged object).
     pub(crate) async fn overwrite(&self, key: &Path, data: Bytes) -> Result<()> {
-        let span = s3_span("PutObject", &self.bucket, key.as_ref());
         self.metrics
-            .call(Backend::S3, "put", span, async {
+            .call(PUT, self.target(key), async {
                 self.store
                     .put(key, PutPayload::from(data))
                     .await
@@ -243,9 +274,8 @@ impl Objects {
 
     /// The bytes at `key`, unverified; `None` if there is no object.
     pub(crate) async fn get(&self, key: &Path) -> Result<Option<Bytes>> {
-        let span = s3_span("GetObject", &self.bucket, key.as_ref());
         self.metrics
-            .call(Backend::S3, "get", span, async {
+            .call(GET, self.target(key), async {
                 let result = match self.store.get(key).await {
                     Ok(result) => result,
                     Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -268,10 +298,9 @@ impl Objects {
         chunk_bytes: usize,
     ) -> Result<Option<ByteStream>> {
         use futures::StreamExt as _;
-        let span = s3_span("GetObject", &self.bucket, key.as_ref());
         let result = self
             .metrics
-            .call(Backend::S3, "get", span, async {
+            .call(GET, self.target(key), async {
                 match self.store.get(key).await {
                     Ok(result) => Ok(Some(result)),
                     Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -318,9 +347,8 @@ impl Objects {
         mut data: ByteStream,
     ) -> Result<u64> {
         use futures::StreamExt as _;
-        let span = s3_span("CompleteMultipartUpload", &self.bucket, key.as_ref());
         self.metrics
-            .call(Backend::S3, "put_multipart", span, async {
+            .call(PUT_MULTIPART, self.target(key), async {
                 let upload = self
                     .store
                     .put_multipart(key)
@@ -369,9 +397,8 @@ impl Objects {
 
     /// The size of the object at `key`; `None` if there is none.
     pub(crate) async fn size(&self, key: &Path) -> Result<Option<u64>> {
-        let span = s3_span("HeadObject", &self.bucket, key.as_ref());
         self.metrics
-            .call(Backend::S3, "head", span, async {
+            .call(HEAD, self.target(key), async {
                 match self.store.head(key).await {
                     Ok(meta) => Ok(Some(meta.size)),
                     Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -383,9 +410,8 @@ impl Objects {
 
     /// Deletes the object at `key`; deleting nothing is no error.
     pub(crate) async fn delete(&self, key: &Path) -> Result<()> {
-        let span = s3_span("DeleteObject", &self.bucket, key.as_ref());
         self.metrics
-            .call(Backend::S3, "delete", span, async {
+            .call(DELETE, self.target(key), async {
                 match self.store.delete(key).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                     Err(e) => Err(self.unavailable("deleting", key, e)),
@@ -400,9 +426,8 @@ impl Objects {
     pub(crate) async fn list_addrs(&self, dir: &str) -> Result<Vec<CAddr>> {
         use futures::TryStreamExt as _;
         let prefix = Path::from(format!("{}{dir}", self.prefix));
-        let span = s3_span("ListObjectsV2", &self.bucket, prefix.as_ref());
         self.metrics
-            .call(Backend::S3, "list", span, async {
+            .call(LIST, self.target(&prefix), async {
                 let metas: Vec<object_store::ObjectMeta> = self
                     .store
                     .list(Some(&prefix))

@@ -26,7 +26,7 @@ use deriva_core::DerivaError;
 use deriva_core::error::Result;
 use tokio_postgres::error::SqlState;
 
-use crate::observe::{Backend, BackendMetrics, pg_span};
+use deriva_store::observe::{self, Backend, BackendMetrics, Call as Observed};
 
 /// Time allowed to open one connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -314,7 +314,8 @@ impl Pg {
         })
     }
 
-    /// Runs one index call inside a client span with its metrics.
+    /// Runs one index call through the store's instrumentation (`deriva_store::observe`): a
+    /// client span with its metrics.
     pub(crate) async fn call<T>(
         &self,
         op: &'static str,
@@ -322,8 +323,14 @@ impl Pg {
         table: &'static str,
         call: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
+        let observed = Observed::Database {
+            backend: Backend::Postgres,
+            op,
+            operation,
+            table,
+        };
         self.metrics
-            .call(Backend::Postgres, op, pg_span(operation, table), call)
+            .call(observed, observe::Target::None, call)
             .await
     }
 

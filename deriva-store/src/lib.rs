@@ -11,6 +11,9 @@
 //!   before a recipe uses it; transitive dependents; the live [`StoreCounters`]).
 //! - [`gc`]: garbage collection over any [`Store`]; [`stream`]: leaf bytes as hashed streams of
 //!   chunks; [`task`]: blocking work on the blocking pool that stays in its caller's trace.
+//! - [`observe`]: the one instrumentation of every backend's calls ([`observe::BackendMetrics`]):
+//!   client spans and the `deriva_backend_*` metrics. Backends declare their calls and run
+//!   them through it; none builds a span or an instrument of its own.
 //!
 //! The traits are async: a backend may be remote. A backend whose calls block (the local one
 //! does file and redb I/O) runs them on the blocking pool, never on the caller's async worker.
@@ -21,6 +24,7 @@
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod gc;
+pub mod observe;
 pub mod stream;
 pub mod task;
 

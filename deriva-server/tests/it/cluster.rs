@@ -398,11 +398,11 @@ async fn index_outage_is_unavailable_and_recovers() {
     readme_remote_families_are_live(&n.scrape().await);
 }
 
-/// The README's "Remote backend metrics" table against a live exposition: each documented
+/// The README's "Storage backend metrics" table against a live exposition: each documented
 /// family is there with its type and buckets, and each live `deriva_backend_*` or
 /// `deriva_local_cache_*` family is documented.
 fn readme_remote_families_are_live(text: &str) {
-    let documented = deriva_testkit::readme_metrics("### Remote backend metrics");
+    let documented = deriva_testkit::readme_metrics("### Storage backend metrics");
     assert_eq!(documented.len(), 4, "README remote metrics rows");
     let live = deriva_testkit::families(text);
     for (name, kind, buckets) in &documented {

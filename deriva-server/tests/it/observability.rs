@@ -195,8 +195,17 @@ async fn full_flow_shows_every_documented_family_as_the_readme_says() {
     let text = obs.scrape().await;
     let live = families(&text);
 
-    // The main table only: the remote backend's families have a table of their own, checked
-    // by tests/it/cluster.rs.
+    // The main table, and the storage backends' families, which have a table of their own
+    // (checked against a remote node by tests/it/cluster.rs): a local node has them too.
+    let storage = deriva_testkit::readme_metrics("### Storage backend metrics");
+    for backend in ["redb", "files"] {
+        let series =
+            format!("deriva_backend_request_duration_seconds_count{{backend=\"{backend}\"");
+        assert!(
+            text.lines().any(|l| l.starts_with(&series)),
+            "no {backend} calls measured:\n{text}"
+        );
+    }
     let documented = deriva_testkit::readme_metrics("### Metrics reference");
     assert_eq!(documented.len(), 50, "README metrics table rows");
     for (name, kind, buckets) in &documented {
@@ -227,7 +236,7 @@ async fn full_flow_shows_every_documented_family_as_the_readme_says() {
     }
     for (name, _) in &live {
         assert!(
-            documented.iter().any(|(n, _, _)| n == name),
+            documented.iter().chain(&storage).any(|(n, _, _)| n == name),
             "{name} is on /metrics but not in the README"
         );
     }
@@ -422,10 +431,18 @@ async fn spans_of_one_get_reach_a_real_otlp_receiver_as_one_tree() {
         attr(root, "addr"),
         Some(CAddr::from_slice(&top).unwrap().to_string())
     );
-    let mut names: Vec<&str> = children_of(&root.span_id)
+    // The engine's spans; the store's calls to its backend (client spans of
+    // deriva_store::observe, here the local redb and files) are counted apart.
+    let (store_calls, engine): (Vec<_>, Vec<_>) = children_of(&root.span_id)
         .into_iter()
-        .map(|s| s.name.as_str())
-        .collect();
+        .partition(|s| attr(s, "db.system.name").is_some() || attr(s, "deriva.store.op").is_some());
+    assert!(
+        store_calls
+            .iter()
+            .any(|s| attr(s, "db.system.name").as_deref() == Some("redb")),
+        "no redb transaction under the recipe's materialize: {store_calls:#?}"
+    );
+    let mut names: Vec<&str> = engine.into_iter().map(|s| s.name.as_str()).collect();
     names.sort();
     assert_eq!(
         names,

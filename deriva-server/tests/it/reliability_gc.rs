@@ -78,7 +78,7 @@ impl Backend {
                 };
                 deriva_store_remote::open(
                     &config,
-                    Arc::new(deriva_store_remote::BackendMetrics::noop()),
+                    Arc::new(deriva_store::observe::BackendMetrics::noop()),
                 )
                 .await
                 .expect("the remote store opens")

@@ -1,5 +1,6 @@
 //! The integration tests of deriva-store-local, one module per concern.
 
 mod conformance;
+mod observe;
 mod small_leaves;
 mod store;

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use deriva_core::{DerivaError, Params, Recipe};
 use deriva_store::Store;
-use deriva_store_remote::{BackendMetrics, RemoteConfig};
+use deriva_store::observe::BackendMetrics;
+use deriva_store_remote::RemoteConfig;
 use rcgen::{CertificateParams, DnType, Issuer, KeyPair};
 use services::Backends;
 
