@@ -16,6 +16,20 @@ use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData
 use tracing::Instrument as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 
+/// The backend's instruments on a private Prometheus registry (the provider must outlive them).
+fn metrics_on_a_registry() -> (prometheus::Registry, SdkMeterProvider, Arc<BackendMetrics>) {
+    let registry = prometheus::Registry::new();
+    let reader = opentelemetry_prometheus::exporter()
+        .with_registry(registry.clone())
+        .without_target_info()
+        .scope_info_enabled(false)
+        .build()
+        .unwrap();
+    let meters = SdkMeterProvider::builder().with_reader(reader).build();
+    let metrics = Arc::new(BackendMetrics::new(&meters.meter("test")));
+    (registry, meters, metrics)
+}
+
 fn attr(span: &SpanData, key: &str) -> Option<String> {
     span.attributes
         .iter()
@@ -26,15 +40,7 @@ fn attr(span: &SpanData, key: &str) -> Option<String> {
 #[tokio::test(flavor = "current_thread")]
 async fn the_local_backend_observes_its_redb_transactions_and_file_operations() {
     // Metrics on a private Prometheus registry; spans through tracing-opentelemetry to memory.
-    let registry = prometheus::Registry::new();
-    let reader = opentelemetry_prometheus::exporter()
-        .with_registry(registry.clone())
-        .without_target_info()
-        .scope_info_enabled(false)
-        .build()
-        .unwrap();
-    let meters = SdkMeterProvider::builder().with_reader(reader).build();
-    let metrics = Arc::new(BackendMetrics::new(&meters.meter("test")));
+    let (registry, _meters, metrics) = metrics_on_a_registry();
     let exporter = InMemorySpanExporter::default();
     let tracers = SdkTracerProvider::builder()
         .with_simple_exporter(exporter.clone())
@@ -175,15 +181,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountClientSpans {
 /// In a request that is not sampled, a call is measured but builds no span at all.
 #[tokio::test(flavor = "current_thread")]
 async fn a_call_in_a_trace_that_is_not_sampled_builds_no_span() {
-    let registry = prometheus::Registry::new();
-    let reader = opentelemetry_prometheus::exporter()
-        .with_registry(registry.clone())
-        .without_target_info()
-        .scope_info_enabled(false)
-        .build()
-        .unwrap();
-    let meters = SdkMeterProvider::builder().with_reader(reader).build();
-    let metrics = Arc::new(BackendMetrics::new(&meters.meter("test")));
+    let (registry, _meters, metrics) = metrics_on_a_registry();
     let tracers = SdkTracerProvider::builder()
         .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOff)
         .build();
