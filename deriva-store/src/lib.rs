@@ -156,6 +156,32 @@ pub enum Located {
     Recipe(StoredRecipe),
 }
 
+/// What [`Store::open`] found at an address, for a Get.
+pub enum Opened {
+    /// A leaf, its chunks as they are read and verified.
+    Leaf(ByteStream),
+    /// A recipe, read whole.
+    Recipe(StoredRecipe),
+}
+
+impl fmt::Debug for Opened {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Leaf(_) => f.write_str("Opened::Leaf(..)"),
+            Self::Recipe(stored) => f.debug_tuple("Opened::Recipe").field(stored).finish(),
+        }
+    }
+}
+
+/// What [`Store::find`] found at an address, read whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// A leaf's bytes, verified against its address.
+    Leaf(Bytes),
+    /// A recipe.
+    Recipe(StoredRecipe),
+}
+
 /// A stored recipe with its DAG depth (1 + the deepest input; leaves have depth 0).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredRecipe {
@@ -625,6 +651,35 @@ impl Store {
         Ok(match (recipe, size) {
             (Some(recipe), _) => Some(Located::Recipe(recipe)),
             (None, Some(size)) => Some(Located::Leaf { size }),
+            (None, None) => None,
+        })
+    }
+
+    /// For a Get of an address nothing is known of: the leaf at `addr` opened, or the recipe
+    /// stored there, or nothing. The leaf store and the recipe index are asked at once, so a
+    /// leaf costs one round trip (not a [`Store::locate`] and then a read) and a recipe no more
+    /// than [`Store::locate`] costs.
+    pub async fn open(&self, addr: CAddr, chunk_bytes: usize) -> Result<Option<Opened>> {
+        let (recipe, leaf) = futures::future::try_join(
+            self.recipes.get(addr),
+            self.blobs.get_stream(addr, chunk_bytes),
+        )
+        .await?;
+        Ok(match (recipe, leaf) {
+            (Some(recipe), _) => Some(Opened::Recipe(recipe)),
+            (None, Some(chunks)) => Some(Opened::Leaf(chunks)),
+            (None, None) => None,
+        })
+    }
+
+    /// [`Store::open`], with a leaf read whole and verified ([`DerivaError::Corrupted`] if its
+    /// bytes do not match `addr`): for an input of a compute.
+    pub async fn find(&self, addr: CAddr) -> Result<Option<Found>> {
+        let (recipe, leaf) =
+            futures::future::try_join(self.recipes.get(addr), self.blobs.get(addr)).await?;
+        Ok(match (recipe, leaf) {
+            (Some(recipe), _) => Some(Found::Recipe(recipe)),
+            (None, Some(bytes)) => Some(Found::Leaf(bytes)),
             (None, None) => None,
         })
     }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result};
-use deriva_store::Located;
 use deriva_store::task::spawn_blocking_in;
+use deriva_store::{Found, Located};
 use tracing::field::Empty;
 use tracing::{Instrument, Span, info_span};
 
@@ -138,8 +138,8 @@ impl AsyncExecutor {
     /// to the store per input, [`deriva_core::Store::locate`]) and its output's (from the
     /// function, or recorded). Refused with [`DerivaError::OverBudget`] if that alone exceeds
     /// the memory budget. Returns what it learnt of each input, for its materialization: a
-    /// leaf found here is read without asking the store again. (A recipe input asks again,
-    /// in its own `leaf_read` span.)
+    /// leaf found here is read without asking the store what it is, and a recipe found here is
+    /// not read again.
     async fn check_budget(
         &self,
         addr: CAddr,
@@ -159,9 +159,11 @@ impl AsyncExecutor {
                     budget.record_leaf(*input, size);
                     (Some(size), Known::Leaf)
                 }
-                // A recipe's output size is known only once computed; an error is the input's
-                // own materialization's to report.
-                _ => (None, Known::Nothing),
+                // A recipe's output size is known only once computed.
+                Ok(Some(Located::Recipe(stored))) => (None, Known::Recipe(stored.recipe)),
+                // Nothing, or an error: the input's own materialization asks again and reports
+                // it.
+                Ok(None) | Err(_) => (None, Known::Nothing),
             }
         }))
         .await;
@@ -178,25 +180,25 @@ impl AsyncExecutor {
     }
 
     /// In a `leaf_read` span: the leaf `addr` read whole and verified, or the recipe stored
-    /// there, [`DerivaError::NotFound`] if neither. The store is asked once what `addr` is
-    /// ([`deriva_core::Store::locate`]) unless `known` says it is a leaf.
+    /// there, [`DerivaError::NotFound`] if neither. The leaf store and the recipe index are
+    /// asked at once ([`deriva_store::Store::find`]) unless `known` says it is a leaf.
     async fn leaf_or_recipe(&self, addr: CAddr, known: Known) -> Result<LeafOrRecipe> {
         let read = info_span!(spans::LEAF_READ, { field::FOUND } = Empty);
         let found = async {
-            if !matches!(known, Known::Leaf) {
-                match self.state.store.locate(addr).await? {
-                    Some(Located::Recipe(stored)) => {
-                        return Ok(LeafOrRecipe::Recipe(stored.recipe));
-                    }
-                    Some(Located::Leaf { .. }) => {}
-                    None => return Err(DerivaError::NotFound { addr }),
-                }
-            }
-            // Gone since it was found (garbage collection): as if it never was.
-            let bytes = self.state.store.get_leaf(addr).await?;
-            bytes
-                .map(LeafOrRecipe::Leaf)
-                .ok_or(DerivaError::NotFound { addr })
+            let found = if matches!(known, Known::Leaf) {
+                self.state
+                    .store
+                    .get_leaf(addr)
+                    .await?
+                    .map(LeafOrRecipe::Leaf)
+            } else {
+                self.state.store.find(addr).await?.map(|found| match found {
+                    Found::Leaf(bytes) => LeafOrRecipe::Leaf(bytes),
+                    Found::Recipe(stored) => LeafOrRecipe::Recipe(stored.recipe),
+                })
+            };
+            // A leaf gone since it was found (garbage collection): as if it never was.
+            found.ok_or(DerivaError::NotFound { addr })
         }
         .instrument(read.clone())
         .await;

@@ -1,6 +1,6 @@
 //! The read path: one level of materialization, in its `materialize` span, looks in the memory
-//! cache, then the spill directory, then (for a Get) asks the store once what the address is
-//! and opens a leaf; a recipe, or an input found in neither, joins or starts a flight
+//! cache, then the spill directory, then (for a Get) asks the leaf store and the recipe index
+//! at once, which opens a leaf or finds a recipe; a recipe, or an input found in neither, joins or starts a flight
 //! (`super::single_flight`).
 
 use std::future::Future;
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use deriva_core::{CAddr, DerivaError, Recipe, Result};
 use deriva_store::task::spawn_blocking_in;
-use deriva_store::{ByteStream, Located, stream};
+use deriva_store::{ByteStream, Opened as StoreOpened, stream};
 use futures::StreamExt as _;
 use tracing::field::Empty;
 use tracing::{Instrument, Span, info_span};
@@ -216,43 +216,42 @@ impl AsyncExecutor {
     }
 
     /// For a Get: the leaf `addr` opened, or the recipe stored there, or
-    /// [`DerivaError::NotFound`]. The store is asked once what `addr` is
-    /// ([`deriva_core::Store::locate`]), unless it was read as a leaf before (its size is
-    /// recorded): then the read is the only question.
+    /// [`DerivaError::NotFound`]. The leaf store and the recipe index are asked at once
+    /// ([`deriva_store::Store::open`]), unless `addr` was read as a leaf before (its size is
+    /// recorded): then the leaf store is the only one asked.
     async fn open_leaf_or_find_recipe(&self, addr: CAddr, chunk_bytes: usize) -> Result<Opened> {
-        if self.state.budget.recorded_leaf(&addr).is_none() {
-            match self.state.store.locate(addr).await? {
-                Some(Located::Recipe(stored)) => return Ok(Opened::Recipe(stored.recipe)),
-                Some(Located::Leaf { size }) => self.state.budget.record_leaf(addr, size),
+        let start = Instant::now();
+        let chunks = if self.state.budget.recorded_leaf(&addr).is_some() {
+            // Gone since it was read (garbage collection): as if it never was.
+            self.state
+                .store
+                .blobs()
+                .get_stream(addr, chunk_bytes)
+                .await?
+                .ok_or(DerivaError::NotFound { addr })?
+        } else {
+            match self.state.store.open(addr, chunk_bytes).await? {
+                Some(StoreOpened::Recipe(stored)) => return Ok(Opened::Recipe(stored.recipe)),
+                Some(StoreOpened::Leaf(chunks)) => chunks,
                 None => return Err(DerivaError::NotFound { addr }),
             }
+        };
+        let read = self.read_admitted(addr, chunks, start).await;
+        if let LeafRead::Whole(bytes, _) = &read {
+            self.state.budget.record_leaf(addr, bytes.len() as u64);
         }
-        // Gone since it was found (garbage collection): as if it never was.
-        self.read_leaf(addr, chunk_bytes)
-            .await?
-            .map(Opened::Leaf)
-            .ok_or(DerivaError::NotFound { addr })
+        Ok(Opened::Leaf(read))
     }
 
-    /// Opens the leaf `addr` in the store, if there is one. A leaf the cache admits (see
+    /// The leaf `addr`, opened as `chunks` at `start`. A leaf the cache admits (see
     /// [`Cache::admit_leaf`]) is read on while it fits the leaf limit
     /// ([`ExecutorConfig::leaf_cache_max_bytes`], within a sixteenth of the budget): whole if
     /// its stream ends cleanly there (so its bytes match its address), else streaming on from
     /// what was read, errors included.
-    async fn read_leaf(&self, addr: CAddr, chunk_bytes: usize) -> Result<Option<LeafRead>> {
-        let start = Instant::now();
-        let Some(mut chunks) = self
-            .state
-            .store
-            .blobs()
-            .get_stream(addr, chunk_bytes)
-            .await?
-        else {
-            return Ok(None);
-        };
+    async fn read_admitted(&self, addr: CAddr, mut chunks: ByteStream, start: Instant) -> LeafRead {
         let limit = self.state.leaf_limit;
         if limit == 0 || !self.state.cache.admit_leaf(&addr) {
-            return Ok(Some(LeafRead::Streaming(chunks)));
+            return LeafRead::Streaming(chunks);
         }
         let mut read: Vec<Result<Bytes>> = Vec::new();
         let mut len = 0u64;
@@ -264,7 +263,7 @@ impl AsyncExecutor {
                     for chunk in read.iter().flatten() {
                         whole.extend_from_slice(chunk);
                     }
-                    return Ok(Some(LeafRead::Whole(whole.into(), start.elapsed())));
+                    return LeafRead::Whole(whole.into(), start.elapsed());
                 }
                 Some(Ok(chunk)) => {
                     len += chunk.len() as u64;
@@ -280,7 +279,7 @@ impl AsyncExecutor {
             }
         }
         let rest = futures::stream::iter(read).chain(chunks);
-        Ok(Some(LeafRead::Streaming(rest.boxed())))
+        LeafRead::Streaming(rest.boxed())
     }
 
     /// Caches the verified bytes of the leaf `addr`, read in `cost`, unless it was deleted or

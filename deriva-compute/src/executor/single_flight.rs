@@ -40,7 +40,8 @@ pub(super) enum Known {
     Nothing,
     /// A leaf (found by the budget check of a recipe that uses it, or read before).
     Leaf,
-    /// A recipe, read by the caller (a Get's `leaf_read`).
+    /// A recipe, read by the caller (a Get's `leaf_read`, or the budget check of a recipe
+    /// that uses it).
     Recipe(Recipe),
 }
 

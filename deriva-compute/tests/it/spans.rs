@@ -96,15 +96,10 @@ async fn materialize_span_tree_for_a_recipe_with_two_inputs() {
 
     let recipe_input = materialize(b);
     assert_eq!(recipe_input.parent_span_id, root.span_context.span_id());
+    // No `leaf_read`: the root's budget check found b's recipe in the store, and handed it down.
     assert_eq!(
         children(recipe_input),
-        [
-            "cache_check",
-            "cache_put",
-            "compute",
-            "leaf_read",
-            "materialize"
-        ]
+        ["cache_check", "cache_put", "compute", "materialize"]
     );
     let grandchild = materialize(c);
     assert_eq!(
@@ -198,4 +193,39 @@ async fn a_cached_leaf_is_traced_as_a_cache_hit() {
         let check = children(hit)[0];
         assert_eq!(attr(check, "hit"), Some(Value::Bool(true)));
     }
+}
+
+/// A Get of a leaf nothing is known of asks its questions of the store in one round, under its
+/// `leaf_read`: the recipe index (is it a recipe?) and the leaf store (the leaf itself), at
+/// once. Not "what is it, and how big" first and then the read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_leaf_get_asks_the_leaf_store_and_the_recipe_index_once_each() {
+    let (exporter, provider, _guard) = deriva_testkit::compute::spans_in_memory();
+
+    let h = Harness::new();
+    let leaf = h.leaf(&[5; 1024]).await;
+    let chunks: Vec<bytes::Bytes> = h.get_chunks(leaf, 64 << 10).await.unwrap();
+    assert_eq!(chunks.concat(), [5; 1024]);
+
+    provider.force_flush().unwrap();
+    let spans = exporter.get_finished_spans().unwrap();
+    let read = spans
+        .iter()
+        .find(|s| s.name == "leaf_read")
+        .expect("the Get read the store");
+    assert_eq!(attr(read, "found"), Some(Value::Bool(true)));
+    // Client spans of deriva_store::observe, named "<operation> <table>": one redb read of the
+    // small leaves (the leaf's bytes), one of the recipes. Asking for the leaf's size first
+    // would be a second "read leaves".
+    let mut calls: Vec<&str> = spans
+        .iter()
+        .filter(|s| s.parent_span_id == read.span_context.span_id())
+        .map(|s| s.name.as_ref())
+        .collect();
+    calls.sort();
+    assert_eq!(
+        calls,
+        ["read leaves", "read recipes"],
+        "the store calls of the read"
+    );
 }

@@ -232,6 +232,35 @@ pub async fn dependents(h: &impl Harness) {
         store.locate(CAddr::from_bytes([7; 32])).await.unwrap(),
         None
     );
+    // A Get's one question: a leaf opened (or read whole), a recipe, or nothing.
+    match store.open(a, 4096).await.unwrap() {
+        Some(super::Opened::Leaf(chunks)) => {
+            let read: Vec<Result<Bytes>> = futures::StreamExt::collect(chunks).await;
+            let read: Vec<Bytes> = read.into_iter().map(|c| c.unwrap()).collect();
+            assert_eq!(read.concat(), b"a");
+        }
+        other => panic!("{a} is a leaf, opened as {other:?}"),
+    }
+    assert!(matches!(
+        store.open(join, 4096).await.unwrap(),
+        Some(super::Opened::Recipe(found)) if found == stored
+    ));
+    assert!(
+        store
+            .open(CAddr::from_bytes([7; 32]), 4096)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        store.find(a).await.unwrap(),
+        Some(super::Found::Leaf(Bytes::from_static(b"a")))
+    );
+    assert_eq!(
+        store.find(join).await.unwrap(),
+        Some(super::Found::Recipe(stored.clone()))
+    );
+    assert_eq!(store.find(CAddr::from_bytes([7; 32])).await.unwrap(), None);
 
     assert!(store.recipes().delete(join).await.unwrap());
     assert!(!store.recipes().delete(join).await.unwrap());
