@@ -140,9 +140,8 @@ impl Objects {
         metrics: Arc<BackendMetrics>,
     ) -> Result<Self> {
         let (bucket, prefix) = parse_url(url)?;
-        // object_store's reqwest has no crypto provider of its own (no aws-lc build): it takes
-        // the process's, ring. Installing it again is a no-op (the Err says one is set).
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        // object_store's reqwest has no crypto provider of its own: it takes the process's.
+        deriva_util::crypto::use_ring();
         let mut builder = AmazonS3Builder::new();
         let mut endpoint = String::new();
         let mut options = ClientOptions::new()

@@ -9,7 +9,9 @@
 //! - [`redact`]: [`redact_url`](redact::redact_url), the one way a connection string (a URL, a
 //!   libpq `key=value` string) is printed: its passwords and secret parameters hidden.
 //! - [`escape`]: percent-decoding, for the redaction and for the URLs' own parsers.
+//! - [`crypto`]: [`use_ring`](crypto::use_ring), the process's one TLS crypto provider.
 
+pub mod crypto;
 pub mod escape;
 pub mod redact;
 pub mod size;

@@ -503,8 +503,8 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn otlp_grpc_over_tls_sends_gzip_spans_with_the_headers() {
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
-    // tonic's server TLS takes the process's provider; two are compiled in (ring, aws-lc-rs).
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // The receiver's TLS (tonic's server) takes the process's provider.
+    deriva_util::crypto::use_ring();
     let ca = Ca::new("OTLP gRPC test CA");
     let files = tempfile::tempdir().unwrap();
     let ca_file = write(&files, "ca.pem", &ca.pem);

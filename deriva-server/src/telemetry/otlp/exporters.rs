@@ -112,9 +112,8 @@ where
     if export.gzip {
         builder = builder.with_compression(opentelemetry_otlp::Compression::Gzip);
     }
-    // reqwest is built without a crypto provider of its own (no aws-lc): it takes the
-    // process's, which is ring. Installing it again is a no-op (the Err says one is set).
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // reqwest is built without a crypto provider of its own: it takes the process's.
+    deriva_util::crypto::use_ring();
     let mut client = reqwest::blocking::Client::builder().timeout(export.timeout);
     if let Some(ca) = &export.certificate {
         let pem = read_pem(ca, "OTEL_EXPORTER_OTLP_CERTIFICATE")?;
