@@ -20,6 +20,12 @@
 //! request (a background refresh, a committer thread) or in a request that is not sampled is
 //! measured but not traced. The metrics are always recorded, with label sets of `'static`
 //! strings: no allocation per call.
+//!
+//! The local backend's calls (a redb transaction, a leaf file) take a few microseconds, and in
+//! a server a span through every layer costs as much again: their spans have a target of their
+//! own, [`LOCAL_CALLS_TARGET`], which the server turns on only when asked
+//! (`--trace-local-store`; BENCHMARKS.md §13 has the cost). The remote backend's calls, network
+//! round trips, are always traced.
 
 use std::future::Future;
 use std::time::Instant;
@@ -29,6 +35,10 @@ use deriva_core::error::Result;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter};
 use tracing::{Instrument, Span};
+
+/// The target of the local backend's client spans (redb and the leaf files), which a
+/// subscriber enables on its own; the remote backend's spans have this module's target.
+pub const LOCAL_CALLS_TARGET: &str = "deriva_store::local_calls";
 
 /// Buckets of `deriva_backend_request_duration_seconds`: from a fast loopback round trip to a
 /// call that ran into its timeout.
@@ -132,28 +142,37 @@ impl Call {
                 )
             }
             Call::Database {
-                backend,
+                backend: Backend::Postgres,
                 operation,
                 table,
                 ..
-            } => {
-                let system = match backend {
-                    Backend::Postgres => "postgresql",
-                    _ => "redb",
-                };
-                tracing::info_span!(
-                    deriva_core::spans::INDEX_DB,
-                    otel.kind = "client",
-                    otel.name = tracing::field::display(format_args!("{operation} {table}")),
-                    otel.status_code = tracing::field::Empty,
-                    otel.status_message = tracing::field::Empty,
-                    db.system.name = system,
-                    db.operation.name = operation,
-                    db.collection.name = table,
-                    error.type = tracing::field::Empty,
-                )
-            }
+            } => tracing::info_span!(
+                deriva_core::spans::INDEX_DB,
+                otel.kind = "client",
+                otel.name = tracing::field::display(format_args!("{operation} {table}")),
+                otel.status_code = tracing::field::Empty,
+                otel.status_message = tracing::field::Empty,
+                db.system.name = "postgresql",
+                db.operation.name = operation,
+                db.collection.name = table,
+                error.type = tracing::field::Empty,
+            ),
+            Call::Database {
+                operation, table, ..
+            } => tracing::info_span!(
+                target: LOCAL_CALLS_TARGET,
+                deriva_core::spans::INDEX_DB,
+                otel.kind = "client",
+                otel.name = tracing::field::display(format_args!("{operation} {table}")),
+                otel.status_code = tracing::field::Empty,
+                otel.status_message = tracing::field::Empty,
+                db.system.name = "redb",
+                db.operation.name = operation,
+                db.collection.name = table,
+                error.type = tracing::field::Empty,
+            ),
             Call::File { op } => tracing::info_span!(
+                target: LOCAL_CALLS_TARGET,
                 deriva_core::spans::LEAF_FILE,
                 otel.kind = "client",
                 otel.name = tracing::field::display(format_args!("{op} blobs")),

@@ -89,6 +89,13 @@ pub struct ServerArgs {
     /// /debug/traces (plus the slowest and the failed ones).
     #[arg(long, env = "DERIVA_TRACE_STORE_SIZE", default_value_t = defaults::TRACE_STORE_SIZE, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub trace_store_size: usize,
+    /// Trace each call to the local store (a redb transaction, a leaf file) as a client span of
+    /// its request. Off by default: such a span costs about as much CPU as the call it
+    /// describes; the calls are always measured (deriva_backend_request_duration_seconds).
+    /// The remote backend's calls are always traced.
+    #[arg(long, env = "DERIVA_TRACE_LOCAL_STORE", value_name = "BOOL", num_args = 0..=1,
+          default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub trace_local_store: bool,
     /// Log format: text (with the time since start) or json.
     #[arg(long, env = "DERIVA_LOG_FORMAT", value_enum, default_value_t = LogFormat::default())]
     pub log_format: LogFormat,
@@ -275,6 +282,7 @@ impl ServerArgs {
                 max_traces_per_second: self.trace_max_per_second,
                 log_format: self.log_format,
                 trace_store_capacity: self.trace_store_size,
+                trace_local_store: self.trace_local_store,
                 ..TelemetryConfig::default()
             },
             blob_store: self.blob_store.filter(|s| !s.is_empty()),

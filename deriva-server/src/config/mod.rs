@@ -291,6 +291,7 @@ impl Config {
                     .map_or("none".into(), |n| n.to_string()),
             ),
             ("trace-store-size", t.trace_store_capacity.to_string()),
+            ("trace-local-store", t.trace_local_store.to_string()),
             (
                 "log-format",
                 clap::ValueEnum::to_possible_value(&t.log_format)

@@ -173,3 +173,21 @@ fn bad_flags_are_rejected_with_the_reason() {
     let err = ServerArgs::try_parse_from(["deriva-server", "--listen", "nowhere"]).unwrap_err();
     assert!(err.to_string().contains("--listen"), "{err}");
 }
+
+#[test]
+fn trace_local_store_is_off_by_default_and_takes_an_optional_value() {
+    let on = |args: &[&str]| {
+        parse_without_env(args)
+            .unwrap()
+            .into_config_with(Default::default())
+            .unwrap()
+            .telemetry
+            .trace_local_store
+    };
+    assert!(!on(&[]));
+    assert!(on(&["--trace-local-store"]));
+    assert!(on(&["--trace-local-store", "true"]));
+    assert!(!on(&["--trace-local-store", "false"]));
+    let err = parse_without_env(&["--trace-local-store", "sometimes"]).unwrap_err();
+    assert!(err.to_string().contains("--trace-local-store"), "{err}");
+}

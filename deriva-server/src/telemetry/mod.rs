@@ -28,7 +28,7 @@ use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Dispatch;
 use tracing::Level;
-use tracing_subscriber::filter::{FilterExt as _, Targets, filter_fn};
+use tracing_subscriber::filter::{FilterExt as _, LevelFilter, Targets, filter_fn};
 use tracing_subscriber::layer::{Layer as _, SubscriberExt};
 
 pub mod logs;
@@ -108,6 +108,10 @@ pub struct TelemetryConfig {
     /// How many recent requests the in-process trace store keeps (see
     /// [`crate::trace_store`]).
     pub trace_store_capacity: usize,
+    /// `--trace-local-store`: a client span for each call to the local store (a redb
+    /// transaction, a leaf file) in a sampled request; off, they are only measured
+    /// (`deriva_backend_*`).
+    pub trace_local_store: bool,
 }
 
 impl fmt::Debug for TelemetryConfig {
@@ -143,6 +147,7 @@ impl fmt::Debug for TelemetryConfig {
             .field("log_filter", &self.log_filter)
             .field("metric_export_interval", &self.metric_export_interval)
             .field("trace_store_capacity", &self.trace_store_capacity)
+            .field("trace_local_store", &self.trace_local_store)
             .finish()
     }
 }
@@ -169,6 +174,7 @@ impl Default for TelemetryConfig {
             log_filter: None,
             metric_export_interval: None,
             trace_store_capacity: DEFAULT_TRACE_STORE_CAPACITY,
+            trace_local_store: false,
         }
     }
 }
@@ -394,7 +400,16 @@ impl Telemetry {
             .with_target("deriva_server", Level::INFO)
             .with_target("deriva_compute", Level::INFO)
             .with_target("deriva_core", Level::INFO)
-            .with_target("deriva_store", Level::INFO);
+            .with_target("deriva_store", Level::INFO)
+            // The local store's calls cost about as much as their spans: traced when asked.
+            .with_target(
+                deriva_store::observe::LOCAL_CALLS_TARGET,
+                if self.config.trace_local_store {
+                    LevelFilter::INFO
+                } else {
+                    LevelFilter::OFF
+                },
+            );
         // Log events as OTLP log records, under the console's filter. The exporters' own crates
         // are left out: a record about a failed export must not feed the export.
         // Always behind a filter, even with no logger provider: an unfiltered `None` layer

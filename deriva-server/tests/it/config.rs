@@ -162,6 +162,13 @@ const ROWS: &[Row] = &[
         other: "2000",
     },
     Row {
+        flag: "trace-local-store",
+        vars: &["DERIVA_TRACE_LOCAL_STORE"],
+        value: "true",
+        shows: ("trace-local-store", "true"),
+        other: "false",
+    },
+    Row {
         flag: "log-format",
         vars: &["DERIVA_LOG_FORMAT"],
         value: "json",

@@ -380,6 +380,8 @@ async fn spans_of_one_get_reach_a_real_otlp_receiver_as_one_tree() {
         log_format: LogFormat::Json,
         // Only the forced request below is sampled, so the receiver sees exactly its spans.
         sample_ratio: Some(0.0),
+        // With the local store's calls as client spans, which the checks below look for.
+        trace_local_store: true,
         ..TelemetryConfig::default()
     })
     .await;
