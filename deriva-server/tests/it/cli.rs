@@ -754,7 +754,31 @@ fn bench_runs_every_workload_and_reports_json() {
 
 #[test]
 fn get_explain_prints_the_materialization_tree() {
-    let server = ServerProcess::start();
+    // The local store's calls are lines of the tree only with --trace-local-store; without it,
+    // the engine's steps alone.
+    let plain = ServerProcess::start();
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = dir.path().join("leaf");
+    std::fs::write(&leaf, b"plain").unwrap();
+    let leaf = plain.addr(&["put", leaf.to_str().unwrap()]);
+    let recipe = plain.addr(&["recipe", "reverse", "v1", "-i", &leaf]);
+    let out = run(plain.deriva(&["get", &recipe, "--explain"]), None);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout, b"nialp");
+    assert!(out.stderr.contains("leaf read"), "{}", out.stderr);
+    assert!(
+        !out.stderr.lines().any(|l| {
+            let l = l.trim_start();
+            l.starts_with("redb ") || l.starts_with("file ")
+        }),
+        "a local store call traced without --trace-local-store:\n{}",
+        out.stderr
+    );
+    drop(plain);
+
+    let server = ServerProcess::options()
+        .args(["--trace-local-store"])
+        .start();
     let dir = tempfile::tempdir().unwrap();
     let (a, c) = (dir.path().join("a"), dir.path().join("c"));
     std::fs::write(&a, b"hello ").unwrap();

@@ -57,6 +57,37 @@ impl Backend {
         }
     }
 
+    /// Waits until the killed server's database sessions have ended. A statement it sent
+    /// before the kill (a leaf's row, the commit of a batch) still runs to its end in
+    /// PostgreSQL: its session ends only when it next reads from the dead socket. Until then
+    /// the index may still change, and the counts read now could miss a row that is there
+    /// when the next server starts. Its sessions are the `deriva-server` ones whose last
+    /// statement named this test's schema (the other tests use schemas of their own).
+    async fn settle(&self) {
+        let Backend::Remote(services, space, _) = self else {
+            return;
+        };
+        let (pg, connection) = tokio_postgres::connect(&services.pg_url(), tokio_postgres::NoTls)
+            .await
+            .expect("connecting to PostgreSQL");
+        let connection = tokio::spawn(connection);
+        let pattern = format!("%{}%", space.schema);
+        deriva_testkit::backends::wait_for("the killed server's sessions to end", async || {
+            let row = pg
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE application_name = 'deriva-server' AND query LIKE $1",
+                    &[&pattern],
+                )
+                .await
+                .expect("reading pg_stat_activity");
+            row.get::<_, i64>(0) == 0
+        })
+        .await;
+        drop(pg);
+        connection.await.unwrap().unwrap();
+    }
+
     /// The store, opened directly (the server is down): its counters are what it loads.
     async fn open(&self) -> Store {
         match self {
@@ -424,6 +455,7 @@ async fn campaign(backend: Backend, name: &str) {
             Err(_) => interrupted += 1,
         }
         writer.await.unwrap();
+        backend.settle().await;
         let snapshot = {
             let l = live.lock();
             Live {
