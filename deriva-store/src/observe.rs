@@ -141,36 +141,35 @@ impl Call {
                     error.type = tracing::field::Empty,
                 )
             }
+            // One span shape for both databases; each its own callsite, since only the local
+            // one's target is switched off by default.
             Call::Database {
-                backend: Backend::Postgres,
+                backend,
                 operation,
                 table,
                 ..
-            } => tracing::info_span!(
-                deriva_core::spans::INDEX_DB,
-                otel.kind = "client",
-                otel.name = tracing::field::display(format_args!("{operation} {table}")),
-                otel.status_code = tracing::field::Empty,
-                otel.status_message = tracing::field::Empty,
-                db.system.name = "postgresql",
-                db.operation.name = operation,
-                db.collection.name = table,
-                error.type = tracing::field::Empty,
-            ),
-            Call::Database {
-                operation, table, ..
-            } => tracing::info_span!(
-                target: LOCAL_CALLS_TARGET,
-                deriva_core::spans::INDEX_DB,
-                otel.kind = "client",
-                otel.name = tracing::field::display(format_args!("{operation} {table}")),
-                otel.status_code = tracing::field::Empty,
-                otel.status_message = tracing::field::Empty,
-                db.system.name = "redb",
-                db.operation.name = operation,
-                db.collection.name = table,
-                error.type = tracing::field::Empty,
-            ),
+            } => {
+                macro_rules! index_db_span {
+                    ($target:expr, $system:literal) => {
+                        tracing::info_span!(
+                            target: $target,
+                            deriva_core::spans::INDEX_DB,
+                            otel.kind = "client",
+                            otel.name = tracing::field::display(format_args!("{operation} {table}")),
+                            otel.status_code = tracing::field::Empty,
+                            otel.status_message = tracing::field::Empty,
+                            db.system.name = $system,
+                            db.operation.name = operation,
+                            db.collection.name = table,
+                            error.type = tracing::field::Empty,
+                        )
+                    };
+                }
+                match backend {
+                    Backend::Postgres => index_db_span!(module_path!(), "postgresql"),
+                    _ => index_db_span!(LOCAL_CALLS_TARGET, "redb"),
+                }
+            }
             Call::File { op } => tracing::info_span!(
                 target: LOCAL_CALLS_TARGET,
                 deriva_core::spans::LEAF_FILE,
