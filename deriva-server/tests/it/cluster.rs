@@ -105,6 +105,21 @@ async fn two_nodes_share_leaves_recipes_outputs_and_invalidations() {
         .find(|s| s.id == read.parent)
         .expect("the read has a parent");
     assert_eq!(parent.name, "leaf_read");
+    // The same question went to the index at once: an index_db client span of PostgreSQL
+    // (the remote backend's calls are traced without --trace-local-store).
+    let index = explained
+        .spans
+        .iter()
+        .find(|s| s.name == "index_db" && s.parent == read.parent)
+        .unwrap_or_else(|| panic!("no index query beside the read in {:#?}", explained.spans));
+    assert_eq!(
+        field(index, "db.system.name").as_deref(),
+        Some("postgresql")
+    );
+    assert_eq!(
+        field(index, "db.collection.name").as_deref(),
+        Some("recipes")
+    );
 
     // The same read reaches the OTLP receiver as a client span of that trace, with the
     // semantic-convention attributes (what Jaeger shows).
