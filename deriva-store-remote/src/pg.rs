@@ -8,7 +8,8 @@
 //! - `edges(input, recipe)`: one row per input of a recipe, keyed by input (for dependents);
 //! - `pins(addr, pinned_at)`: the pinned addresses (migration 2);
 //! - `nodes(name, grpc_addr, role, incarnation, started_at, heartbeat_at, …)`: one row per
-//!   node, refreshed by its heartbeat (migration 2);
+//!   node, refreshed by its heartbeat, deleted by the live nodes' heartbeats once it is older
+//!   than `--node-forget-after` (migration 2);
 //! - `counts(shard, recipes, leaves, leaf_bytes, pins)`: 16 rows whose sums are
 //!   the rows of `recipes`, `leaves` (and the sum of their sizes) and `pins` (migration 3).
 //!   Statement-level triggers on those tables keep them, in the transaction of each insert,
