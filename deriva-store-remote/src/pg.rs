@@ -89,10 +89,12 @@ CREATE TABLE {s}.nodes (
 "#,
     // The counts, kept by triggers (see the module docs). The tables are locked against
     // writers (SHARE) while the existing rows are counted, so no write falls between the
-    // count and the triggers. A transition table of `INSERT … ON CONFLICT DO UPDATE` holds the
+    // count and the triggers; that count may outlast the pool's statement timeout on a large
+    // index, so this transaction has none. A transition table of `INSERT … ON CONFLICT DO UPDATE` holds the
     // rows inserted only; one of a statement that changed nothing is empty, and then no shard
     // row is touched.
     r#"
+SET LOCAL statement_timeout = 0;
 LOCK TABLE {s}.leaves, {s}.recipes, {s}.pins IN SHARE MODE;
 CREATE TABLE {s}.counts (
     shard integer PRIMARY KEY CHECK (shard >= 0 AND shard < 16),
