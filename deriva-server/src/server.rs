@@ -263,9 +263,11 @@ impl Server {
             self.node_name.clone(),
             grpc.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         );
-        // On the remote backend, a heartbeat row in the index until serving ends.
+        // On the remote backend, a heartbeat row in the index until serving ends; each beat
+        // also deletes the rows of nodes silent for longer than --node-forget-after.
         let heartbeat = self.nodes.clone().map(|nodes| {
             let (exec, node, every) = (self.exec.clone(), node.clone(), self.config.heartbeat);
+            let forget_after = self.config.node_forget_after;
             AbortOnDrop(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -273,6 +275,10 @@ impl Server {
                     tick.tick().await;
                     if let Err(e) = nodes.beat(&node.beat(&exec)).await {
                         tracing::warn!(error = %e, "could not write this node's heartbeat");
+                        continue;
+                    }
+                    if let Err(e) = nodes.forget_silent(forget_after).await {
+                        tracing::warn!(error = %e, "could not forget the nodes gone silent");
                     }
                 }
             }))

@@ -213,6 +213,8 @@ pub async fn open(config: &RemoteConfig, metrics: Arc<BackendMetrics>) -> Result
 }
 
 /// How often a node reloads its counters from the index, to count the other nodes' writes.
+/// A reload reads the 16 rows of the `counts` table (kept by triggers in the transaction of
+/// every write, see `pg.rs`), whatever the size of the store.
 pub const COUNTS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Reloads `counters` every [`COUNTS_REFRESH`] while the store is open: this node updates
@@ -236,30 +238,29 @@ fn refresh_counters(pg: &Arc<pg::Pg>, counters: &Arc<StoreCounters>) {
     });
 }
 
-/// Sets `counters` from the index: the totals of every node's writes.
+/// Sets `counters` from the index: the totals of every node's writes, as the `counts` table's
+/// shard rows add up (never a scan of the counted tables).
 async fn load_counters(pg: &pg::Pg, counters: &StoreCounters) -> Result<()> {
-    const CTX: &str = "counting the index";
-    pg.call("count", "SELECT", "leaves", async {
-        let conn = pg.conn().await?;
-        let row = conn
-            .query_one(
-                &pg.sql(
-                    "SELECT (SELECT count(*) FROM {s}.recipes),
-                            (SELECT count(*) FROM {s}.leaves),
-                            (SELECT coalesce(sum(size), 0)::bigint FROM {s}.leaves),
-                            (SELECT count(*) FROM {s}.pins)",
-                ),
-                &[],
-            )
-            .await
-            .map_err(|e| pg.error(CTX, e))?;
-        let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
-        counters.set_recipes(n(0));
-        counters.set_blobs(n(1), n(2));
-        counters.set_pins(n(3));
-        Ok(())
-    })
-    .await
+    const CALL: pg::Call = pg::Call {
+        op: "count",
+        operation: "SELECT",
+        table: "counts",
+        context: "reading the index's counts",
+    };
+    let row = pg
+        .query_opt(
+            CALL,
+            "SELECT coalesce(sum(recipes), 0)::bigint, coalesce(sum(leaves), 0)::bigint,
+                    coalesce(sum(leaf_bytes), 0)::bigint, coalesce(sum(pins), 0)::bigint
+             FROM {s}.counts",
+            &[],
+        )
+        .await?;
+    let n = |i: usize| row.as_ref().map_or(0, |r| r.get::<_, i64>(i).max(0) as u64);
+    counters.set_recipes(n(0));
+    counters.set_blobs(n(1), n(2));
+    counters.set_pins(n(3));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! [`PgNodes`]: the nodes that serve one schema, each known by the row its heartbeat refreshes
 //! in the `nodes` table. A node whose row has not been refreshed for one missed interval is
-//! `suspect`, for [`DEAD_AFTER`] intervals `dead`.
+//! `suspect`, for [`DEAD_AFTER`] intervals `dead`. The live nodes delete the rows whose last
+//! heartbeat is older than `--node-forget-after` ([`PgNodes::forget_silent`]), so the table
+//! holds the nodes of the recent past, not every node that ever started.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,6 +98,39 @@ impl PgNodes {
             )
             .await
             .map(drop)
+    }
+
+    /// Deletes the rows of the nodes whose last heartbeat is more than `after` old (by the
+    /// database's clock); how many it deleted. The table is small (the nodes of the recent
+    /// past), so reading it whole is cheap.
+    pub async fn forget_silent(&self, after: Duration) -> Result<u64> {
+        const CALL: Call = Call {
+            op: "forget_nodes",
+            operation: "DELETE",
+            table: "nodes",
+            context: "forgetting silent nodes",
+        };
+        // PostgreSQL's intervals end near 178 million years; a century is forever here.
+        let secs = after
+            .min(Duration::from_secs(100 * 365 * 86_400))
+            .as_secs_f64();
+        let rows = self
+            .pg
+            .query(
+                CALL,
+                "DELETE FROM {s}.nodes WHERE heartbeat_at < now() - make_interval(secs => $1)
+                 RETURNING name",
+                &[&secs],
+            )
+            .await?;
+        for row in &rows {
+            tracing::info!(
+                node = row.get::<_, &str>(0),
+                after_secs = secs,
+                "forgot a node that sent no heartbeat for --node-forget-after"
+            );
+        }
+        Ok(rows.len() as u64)
     }
 
     /// Every node with a row, by name, with its state for heartbeats every `interval`.

@@ -8,7 +8,17 @@
 //! - `edges(input, recipe)`: one row per input of a recipe, keyed by input (for dependents);
 //! - `pins(addr, pinned_at)`: the pinned addresses (migration 2);
 //! - `nodes(name, grpc_addr, role, incarnation, started_at, heartbeat_at, …)`: one row per
-//!   node, refreshed by its heartbeat (migration 2).
+//!   node, refreshed by its heartbeat, deleted by the live nodes' heartbeats once it is older
+//!   than `--node-forget-after` (migration 2);
+//! - `counts(shard, recipes, leaves, leaf_bytes, pins)`: 16 rows whose sums are
+//!   the rows of `recipes`, `leaves` (and the sum of their sizes) and `pins` (migration 3).
+//!   Statement-level triggers on those tables keep them, in the transaction of each insert,
+//!   delete or truncate, whoever writes (a node, `deriva-server migrate`, a script): each
+//!   transaction adds to the shard its transaction id picks, so concurrent writers seldom
+//!   wait for the same row, and one transaction never holds two of them. An insert of a row
+//!   already there (`ON CONFLICT DO UPDATE`, a put's refresh) is not in the trigger's
+//!   transition table, so it counts nothing. An `UPDATE` of a leaf's `size` is not counted:
+//!   Deriva never changes one. Nodes read the counts from these rows, never by scanning.
 //!
 //! Deleting a recipe deletes its edges. `created_at` of a leaf or recipe is the time of its
 //! last put (a put of what is stored refreshes it): garbage collection's clock.
@@ -39,7 +49,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// The migrations, in order; migration `i` brings the schema to version `i + 1`. `{s}` is the
 /// quoted schema name.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     r#"
 CREATE TABLE {s}.leaves (
     addr bytea PRIMARY KEY CHECK (length(addr) = 32),
@@ -76,6 +86,108 @@ CREATE TABLE {s}.nodes (
     blob_count bigint NOT NULL,
     cpu_load real NOT NULL
 );
+"#,
+    // The counts, kept by triggers (see the module docs). The tables are locked against
+    // writers (SHARE) while the existing rows are counted, so no write falls between the
+    // count and the triggers; that count may outlast the pool's statement timeout on a large
+    // index, so this transaction has none. A transition table of `INSERT … ON CONFLICT DO UPDATE` holds the
+    // rows inserted only; one of a statement that changed nothing is empty, and then no shard
+    // row is touched.
+    r#"
+SET LOCAL statement_timeout = 0;
+LOCK TABLE {s}.leaves, {s}.recipes, {s}.pins IN SHARE MODE;
+CREATE TABLE {s}.counts (
+    shard integer PRIMARY KEY CHECK (shard >= 0 AND shard < 16),
+    recipes bigint NOT NULL DEFAULT 0,
+    leaves bigint NOT NULL DEFAULT 0,
+    leaf_bytes bigint NOT NULL DEFAULT 0,
+    pins bigint NOT NULL DEFAULT 0
+);
+INSERT INTO {s}.counts (shard) SELECT generate_series(0, 15);
+UPDATE {s}.counts SET
+    recipes = (SELECT count(*) FROM {s}.recipes),
+    leaves = (SELECT count(*) FROM {s}.leaves),
+    leaf_bytes = (SELECT coalesce(sum(size), 0) FROM {s}.leaves),
+    pins = (SELECT count(*) FROM {s}.pins)
+WHERE shard = 0;
+
+CREATE FUNCTION {s}.count_leaves() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+    bytes bigint;
+BEGIN
+    SELECT count(*), coalesce(sum(size), 0) INTO n, bytes FROM changed;
+    IF n > 0 THEN
+        IF TG_OP = 'DELETE' THEN
+            n := -n;
+            bytes := -bytes;
+        END IF;
+        UPDATE {s}.counts SET leaves = leaves + n, leaf_bytes = leaf_bytes + bytes
+        WHERE shard = (pg_current_xact_id()::text::bigint % 16)::integer;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE FUNCTION {s}.count_recipes() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    SELECT count(*) INTO n FROM changed;
+    IF n > 0 THEN
+        IF TG_OP = 'DELETE' THEN
+            n := -n;
+        END IF;
+        UPDATE {s}.counts SET recipes = recipes + n
+        WHERE shard = (pg_current_xact_id()::text::bigint % 16)::integer;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE FUNCTION {s}.count_pins() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    SELECT count(*) INTO n FROM changed;
+    IF n > 0 THEN
+        IF TG_OP = 'DELETE' THEN
+            n := -n;
+        END IF;
+        UPDATE {s}.counts SET pins = pins + n
+        WHERE shard = (pg_current_xact_id()::text::bigint % 16)::integer;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE FUNCTION {s}.count_truncated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_TABLE_NAME = 'leaves' THEN
+        UPDATE {s}.counts SET leaves = 0, leaf_bytes = 0;
+    ELSIF TG_TABLE_NAME = 'recipes' THEN
+        UPDATE {s}.counts SET recipes = 0;
+    ELSIF TG_TABLE_NAME = 'pins' THEN
+        UPDATE {s}.counts SET pins = 0;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER count_inserts AFTER INSERT ON {s}.leaves
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_leaves();
+CREATE TRIGGER count_deletes AFTER DELETE ON {s}.leaves
+    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_leaves();
+CREATE TRIGGER count_truncates AFTER TRUNCATE ON {s}.leaves
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_truncated();
+CREATE TRIGGER count_inserts AFTER INSERT ON {s}.recipes
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_recipes();
+CREATE TRIGGER count_deletes AFTER DELETE ON {s}.recipes
+    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_recipes();
+CREATE TRIGGER count_truncates AFTER TRUNCATE ON {s}.recipes
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_truncated();
+CREATE TRIGGER count_inserts AFTER INSERT ON {s}.pins
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_pins();
+CREATE TRIGGER count_deletes AFTER DELETE ON {s}.pins
+    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_pins();
+CREATE TRIGGER count_truncates AFTER TRUNCATE ON {s}.pins
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_truncated();
 "#,
 ];
 

@@ -152,6 +152,11 @@ pub struct ServerArgs {
     /// (ClusterStatus: suspect after one missed, dead after three).
     #[arg(long, env = "DERIVA_HEARTBEAT_SECS", default_value_t = defaults::HEARTBEAT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub heartbeat_secs: u64,
+    /// Delete the row of a node (ClusterStatus lists it no more) once its last heartbeat is
+    /// this old (90s, 15m, 24h, 7d); the live nodes do it as they beat. Must be longer than
+    /// three heartbeats, so that a node shows as dead before it goes.
+    #[arg(long, env = "DERIVA_NODE_FORGET_AFTER", default_value = defaults::NODE_FORGET_AFTER, value_parser = parse_duration)]
+    pub node_forget_after: Duration,
     /// Run garbage collection by itself this often (300, 90s, 15m, 24h, 7d), with
     /// --gc-grace; 0 (the default) runs it only when a client asks (GarbageCollect, deriva gc).
     #[arg(long, env = "DERIVA_GC_INTERVAL", default_value = "0", value_parser = parse_duration)]
@@ -298,6 +303,7 @@ impl ServerArgs {
             spill_bytes: self.spill_bytes,
             spill_budget: self.spill_budget,
             heartbeat: Duration::from_secs(self.heartbeat_secs),
+            node_forget_after: self.node_forget_after,
             gc_interval: Some(self.gc_interval).filter(|d| !d.is_zero()),
             gc_grace: self.gc_grace,
             gc_min_grace: self.gc_min_grace,
@@ -319,6 +325,18 @@ impl ServerArgs {
                  would remove what no client may; raise --gc-grace or lower --gc-min-grace",
                 config.gc_grace.as_secs(),
                 config.gc_min_grace.as_secs()
+            ));
+        }
+        // A node is dead after three missed heartbeats; its row must outlive that.
+        let dead_after = config.heartbeat * deriva_store_remote::DEAD_AFTER;
+        if config.node_forget_after <= dead_after {
+            return Err(format!(
+                "--node-forget-after {}s is not longer than {} heartbeats ({}s with \
+                 --heartbeat-secs {}): a silent node would be forgotten before it shows as dead",
+                config.node_forget_after.as_secs(),
+                deriva_store_remote::DEAD_AFTER,
+                dead_after.as_secs(),
+                config.heartbeat.as_secs()
             ));
         }
         // What the environment says about OTLP is checked now, so that --print-config refuses

@@ -36,6 +36,10 @@ pub const LOCAL_CACHE_BYTES: &str = "1GiB";
 pub const INLINE_LEAF_BYTES: &str = "64KiB";
 /// `--heartbeat-secs`.
 pub const HEARTBEAT_SECS: u64 = 5;
+/// `--node-forget-after`.
+pub const NODE_FORGET_AFTER: &str = "24h";
+/// `--node-forget-after`, as a duration.
+pub const NODE_FORGET_AFTER_DURATION: std::time::Duration = std::time::Duration::from_secs(86_400);
 /// `--gc-grace`.
 pub const GC_GRACE: &str = "1h";
 /// `--gc-min-grace`.

@@ -76,6 +76,8 @@ pub struct Config {
     pub spill_budget: u64,
     /// How often a node on the remote backend writes its heartbeat row.
     pub heartbeat: Duration,
+    /// How old a node's last heartbeat may be before the live nodes delete its row.
+    pub node_forget_after: Duration,
     /// How often garbage collection runs by itself; `None`: only when asked (GarbageCollect).
     pub gc_interval: Option<Duration>,
     /// The grace period of the periodic garbage collection.
@@ -188,6 +190,7 @@ impl Default for Config {
             spill_bytes: defaults::size("spill-bytes", defaults::SPILL_BYTES),
             spill_budget: defaults::size("spill-budget", defaults::SPILL_BUDGET),
             heartbeat: Duration::from_secs(defaults::HEARTBEAT_SECS),
+            node_forget_after: defaults::NODE_FORGET_AFTER_DURATION,
             gc_interval: None,
             gc_grace: defaults::GC_GRACE_DURATION,
             gc_min_grace: defaults::GC_MIN_GRACE_DURATION,
@@ -322,6 +325,10 @@ impl Config {
             ("spill-bytes", self.spill_bytes.to_string()),
             ("spill-budget", self.spill_budget.to_string()),
             ("heartbeat-secs", self.heartbeat.as_secs().to_string()),
+            (
+                "node-forget-after",
+                format!("{}s", self.node_forget_after.as_secs()),
+            ),
             (
                 "gc-interval",
                 self.gc_interval

@@ -191,3 +191,33 @@ fn trace_local_store_is_off_by_default_and_takes_an_optional_value() {
     let err = parse_without_env(&["--trace-local-store", "sometimes"]).unwrap_err();
     assert!(err.to_string().contains("--trace-local-store"), "{err}");
 }
+
+#[test]
+fn a_node_is_forgotten_only_after_it_shows_as_dead() {
+    let config = |args: &[&str]| {
+        parse_without_env(args)
+            .unwrap()
+            .into_config_with(Default::default())
+    };
+    assert_eq!(
+        config(&[]).unwrap().node_forget_after,
+        Duration::from_secs(24 * 3600)
+    );
+    assert_eq!(
+        config(&["--node-forget-after", "16s", "--heartbeat-secs", "5"])
+            .unwrap()
+            .node_forget_after,
+        Duration::from_secs(16)
+    );
+    for args in [
+        &["--node-forget-after", "15s", "--heartbeat-secs", "5"][..],
+        &["--node-forget-after", "0"][..],
+        &["--node-forget-after", "1m", "--heartbeat-secs", "60"][..],
+    ] {
+        let err = config(args).unwrap_err();
+        assert!(
+            err.contains("--node-forget-after") && err.contains("dead"),
+            "{args:?}: {err}"
+        );
+    }
+}

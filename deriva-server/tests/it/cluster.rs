@@ -612,6 +612,70 @@ async fn cluster_status_follows_the_heartbeats() {
     );
 }
 
+/// `--node-forget-after`: a row whose last heartbeat is older is deleted at the next heartbeat
+/// of a live node, so ClusterStatus lists it no more; a dead node younger than that stays,
+/// `dead`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rows_of_long_silent_nodes_are_forgotten() {
+    use deriva_server::proto::ClusterStatusRequest;
+    let services = backends::shared();
+    let space = Space::new("forget_nodes");
+    let a = node(
+        &services,
+        &space,
+        &["--heartbeat-secs", "1", "--node-forget-after", "10m"],
+    );
+    let (pg, connection) = tokio_postgres::connect(&services.pg_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connecting to PostgreSQL");
+    let connection = tokio::spawn(connection);
+    // Two nodes that stopped beating: 11 minutes ago, and 1 minute ago.
+    let nodes = format!("\"{}\".nodes", space.schema);
+    for (name, silent) in [("gone-long-ago", "11 minutes"), ("gone-lately", "1 minute")] {
+        pg.execute(
+            &format!(
+                "INSERT INTO {nodes} (name, grpc_addr, role, incarnation, started_at,
+                     heartbeat_at, cache_entries, cache_bytes, blob_count, cpu_load)
+                 VALUES ($1, '127.0.0.1:1', 'server', 1, now() - interval '1 day',
+                     now() - $2::text::interval, 0, 0, 0, 0)"
+            ),
+            &[&name, &silent],
+        )
+        .await
+        .expect("planting a node row");
+    }
+    wait_for("the long-silent node's row deleted", async || {
+        let names: Vec<String> = pg
+            .query(&format!("SELECT name FROM {nodes}"), &[])
+            .await
+            .expect("reading the nodes")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        !names.iter().any(|n| n == "gone-long-ago")
+    })
+    .await;
+    let status = a
+        .client()
+        .await
+        .cluster_status(ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut listed: Vec<(&str, &str)> = status
+        .nodes
+        .iter()
+        .map(|n| (n.grpc_addr.as_str(), n.state.as_str()))
+        .collect();
+    listed.sort();
+    let mut expected = vec![(a.grpc_addr(), "alive"), ("127.0.0.1:1", "dead")];
+    expected.sort();
+    assert_eq!(listed, expected, "{status:?}");
+    assert_eq!((status.alive_count, status.dead_count), (1, 1));
+    drop(pg);
+    connection.await.unwrap().unwrap();
+}
+
 /// A collection through node A on the shared store removes the recipe and its leaf, drops
 /// the output from the output tier, and (through the bus) from B's cache, so B, which had it
 /// cached, answers NOT_FOUND; put again, it is computed afresh, not read from the tier.

@@ -267,6 +267,13 @@ const ROWS: &[Row] = &[
         other: "7",
     },
     Row {
+        flag: "node-forget-after",
+        vars: &["DERIVA_NODE_FORGET_AFTER"],
+        value: "2h",
+        shows: ("node-forget-after", "7200s"),
+        other: "7d",
+    },
+    Row {
         flag: "gc-interval",
         vars: &["DERIVA_GC_INTERVAL"],
         value: "15m",

@@ -16,6 +16,7 @@ mod cli;
 mod cluster;
 mod config;
 mod debug_pages;
+mod idle_counts;
 mod memory;
 mod migrate;
 mod monitoring;

@@ -23,15 +23,15 @@ use services::Backends;
 static CASE: AtomicU32 = AtomicU32::new(0);
 
 /// One case's place in the shared services: a key prefix and a PostgreSQL schema.
-struct RemoteHarness {
-    services: Arc<Backends>,
+pub(crate) struct RemoteHarness {
+    pub(crate) services: Arc<Backends>,
     prefix: String,
-    schema: String,
+    pub(crate) schema: String,
     spool: tempfile::TempDir,
 }
 
 impl RemoteHarness {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let n = CASE.fetch_add(1, Ordering::Relaxed);
         let tag = format!("{}_{n}", std::process::id());
         Self {
@@ -55,7 +55,7 @@ impl RemoteHarness {
             .expect("an S3 client")
     }
 
-    fn config(&self) -> RemoteConfig {
+    pub(crate) fn config(&self) -> RemoteConfig {
         RemoteConfig {
             blob_store: format!("s3://{}/{}", self.services.bucket(), self.prefix),
             aws: self.services.aws_env(),

@@ -4,3 +4,4 @@
 
 mod backends_tls;
 mod conformance;
+mod counts;
