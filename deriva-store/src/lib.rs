@@ -30,6 +30,7 @@ pub mod task;
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
@@ -156,30 +157,25 @@ pub enum Located {
     Recipe(StoredRecipe),
 }
 
-/// What [`Store::open`] found at an address, for a Get.
-pub enum Opened {
-    /// A leaf, its chunks as they are read and verified.
-    Leaf(ByteStream),
+/// What [`Store::open`] (`L` = [`ByteStream`]) or [`Store::find`] (`L` = [`Bytes`]) found at
+/// an address.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Found<L> {
+    /// A leaf: its chunks as they are read and verified, or its bytes read whole and verified.
+    Leaf(L),
     /// A recipe, read whole.
     Recipe(StoredRecipe),
 }
 
-impl fmt::Debug for Opened {
+/// Shows a recipe whole and a leaf as `Leaf(..)`: a stream has nothing to show, and bytes
+/// could be gigabytes.
+impl<L> fmt::Debug for Found<L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Leaf(_) => f.write_str("Opened::Leaf(..)"),
-            Self::Recipe(stored) => f.debug_tuple("Opened::Recipe").field(stored).finish(),
+            Self::Leaf(_) => f.write_str("Leaf(..)"),
+            Self::Recipe(stored) => f.debug_tuple("Recipe").field(stored).finish(),
         }
     }
-}
-
-/// What [`Store::find`] found at an address, read whole.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Found {
-    /// A leaf's bytes, verified against its address.
-    Leaf(Bytes),
-    /// A recipe.
-    Recipe(StoredRecipe),
 }
 
 /// A stored recipe with its DAG depth (1 + the deepest input; leaves have depth 0).
@@ -659,28 +655,28 @@ impl Store {
     /// stored there, or nothing. The leaf store and the recipe index are asked at once, so a
     /// leaf costs one round trip (not a [`Store::locate`] and then a read) and a recipe no more
     /// than [`Store::locate`] costs.
-    pub async fn open(&self, addr: CAddr, chunk_bytes: usize) -> Result<Option<Opened>> {
-        let (recipe, leaf) = futures::future::try_join(
-            self.recipes.get(addr),
-            self.blobs.get_stream(addr, chunk_bytes),
-        )
-        .await?;
-        Ok(match (recipe, leaf) {
-            (Some(recipe), _) => Some(Opened::Recipe(recipe)),
-            (None, Some(chunks)) => Some(Opened::Leaf(chunks)),
-            (None, None) => None,
-        })
+    pub async fn open(&self, addr: CAddr, chunk_bytes: usize) -> Result<Option<Found<ByteStream>>> {
+        self.recipe_or_leaf(addr, self.blobs.get_stream(addr, chunk_bytes))
+            .await
     }
 
     /// [`Store::open`], with a leaf read whole and verified ([`DerivaError::Corrupted`] if its
     /// bytes do not match `addr`): for an input of a compute.
-    pub async fn find(&self, addr: CAddr) -> Result<Option<Found>> {
-        let (recipe, leaf) =
-            futures::future::try_join(self.recipes.get(addr), self.blobs.get(addr)).await?;
+    pub async fn find(&self, addr: CAddr) -> Result<Option<Found<Bytes>>> {
+        self.recipe_or_leaf(addr, self.blobs.get(addr)).await
+    }
+
+    /// The recipe at `addr` if there is one, else what `leaf` (a read of the leaf store at
+    /// `addr`, run at the same time) found.
+    async fn recipe_or_leaf<L>(
+        &self,
+        addr: CAddr,
+        leaf: impl Future<Output = Result<Option<L>>>,
+    ) -> Result<Option<Found<L>>> {
+        let (recipe, leaf) = futures::future::try_join(self.recipes.get(addr), leaf).await?;
         Ok(match (recipe, leaf) {
             (Some(recipe), _) => Some(Found::Recipe(recipe)),
-            (None, Some(bytes)) => Some(Found::Leaf(bytes)),
-            (None, None) => None,
+            (None, leaf) => leaf.map(Found::Leaf),
         })
     }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use deriva_core::{CAddr, DerivaError, Recipe, Result};
 use deriva_store::task::spawn_blocking_in;
-use deriva_store::{ByteStream, Opened as StoreOpened, stream};
+use deriva_store::{ByteStream, Found, stream};
 use futures::StreamExt as _;
 use tracing::field::Empty;
 use tracing::{Instrument, Span, info_span};
@@ -231,8 +231,8 @@ impl AsyncExecutor {
                 .ok_or(DerivaError::NotFound { addr })?
         } else {
             match self.state.store.open(addr, chunk_bytes).await? {
-                Some(StoreOpened::Recipe(stored)) => return Ok(Opened::Recipe(stored.recipe)),
-                Some(StoreOpened::Leaf(chunks)) => chunks,
+                Some(Found::Recipe(stored)) => return Ok(Opened::Recipe(stored.recipe)),
+                Some(Found::Leaf(chunks)) => chunks,
                 None => return Err(DerivaError::NotFound { addr }),
             }
         };

@@ -234,7 +234,7 @@ pub async fn dependents(h: &impl Harness) {
     );
     // A Get's one question: a leaf opened (or read whole), a recipe, or nothing.
     match store.open(a, 4096).await.unwrap() {
-        Some(super::Opened::Leaf(chunks)) => {
+        Some(super::Found::Leaf(chunks)) => {
             let read: Vec<Result<Bytes>> = futures::StreamExt::collect(chunks).await;
             let read: Vec<Bytes> = read.into_iter().map(|c| c.unwrap()).collect();
             assert_eq!(read.concat(), b"a");
@@ -243,7 +243,7 @@ pub async fn dependents(h: &impl Harness) {
     }
     assert!(matches!(
         store.open(join, 4096).await.unwrap(),
-        Some(super::Opened::Recipe(found)) if found == stored
+        Some(super::Found::Recipe(found)) if found == stored
     ));
     assert!(
         store
