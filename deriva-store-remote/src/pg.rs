@@ -111,49 +111,29 @@ UPDATE {s}.counts SET
     pins = (SELECT count(*) FROM {s}.pins)
 WHERE shard = 0;
 
-CREATE FUNCTION {s}.count_leaves() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION {s}.count_changes() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     n bigint;
-    bytes bigint;
+    bytes bigint := 0;
+    sign bigint := CASE TG_OP WHEN 'DELETE' THEN -1 ELSE 1 END;
+    pick integer := (pg_current_xact_id()::text::bigint % 16)::integer;
 BEGIN
-    SELECT count(*), coalesce(sum(size), 0) INTO n, bytes FROM changed;
-    IF n > 0 THEN
-        IF TG_OP = 'DELETE' THEN
-            n := -n;
-            bytes := -bytes;
-        END IF;
-        UPDATE {s}.counts SET leaves = leaves + n, leaf_bytes = leaf_bytes + bytes
-        WHERE shard = (pg_current_xact_id()::text::bigint % 16)::integer;
+    IF TG_TABLE_NAME = 'leaves' THEN
+        SELECT count(*), coalesce(sum(size), 0) INTO n, bytes FROM changed;
+    ELSE
+        SELECT count(*) INTO n FROM changed;
     END IF;
-    RETURN NULL;
-END
-$$;
-CREATE FUNCTION {s}.count_recipes() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    n bigint;
-BEGIN
-    SELECT count(*) INTO n FROM changed;
-    IF n > 0 THEN
-        IF TG_OP = 'DELETE' THEN
-            n := -n;
-        END IF;
-        UPDATE {s}.counts SET recipes = recipes + n
-        WHERE shard = (pg_current_xact_id()::text::bigint % 16)::integer;
+    IF n = 0 THEN
+        RETURN NULL;
     END IF;
-    RETURN NULL;
-END
-$$;
-CREATE FUNCTION {s}.count_pins() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    n bigint;
-BEGIN
-    SELECT count(*) INTO n FROM changed;
-    IF n > 0 THEN
-        IF TG_OP = 'DELETE' THEN
-            n := -n;
-        END IF;
-        UPDATE {s}.counts SET pins = pins + n
-        WHERE shard = (pg_current_xact_id()::text::bigint % 16)::integer;
+    IF TG_TABLE_NAME = 'leaves' THEN
+        UPDATE {s}.counts
+        SET leaves = leaves + sign * n, leaf_bytes = leaf_bytes + sign * bytes
+        WHERE shard = pick;
+    ELSIF TG_TABLE_NAME = 'recipes' THEN
+        UPDATE {s}.counts SET recipes = recipes + sign * n WHERE shard = pick;
+    ELSE
+        UPDATE {s}.counts SET pins = pins + sign * n WHERE shard = pick;
     END IF;
     RETURN NULL;
 END
@@ -171,21 +151,21 @@ BEGIN
 END
 $$;
 CREATE TRIGGER count_inserts AFTER INSERT ON {s}.leaves
-    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_leaves();
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_changes();
 CREATE TRIGGER count_deletes AFTER DELETE ON {s}.leaves
-    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_leaves();
+    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_changes();
 CREATE TRIGGER count_truncates AFTER TRUNCATE ON {s}.leaves
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_truncated();
 CREATE TRIGGER count_inserts AFTER INSERT ON {s}.recipes
-    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_recipes();
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_changes();
 CREATE TRIGGER count_deletes AFTER DELETE ON {s}.recipes
-    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_recipes();
+    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_changes();
 CREATE TRIGGER count_truncates AFTER TRUNCATE ON {s}.recipes
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_truncated();
 CREATE TRIGGER count_inserts AFTER INSERT ON {s}.pins
-    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_pins();
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_changes();
 CREATE TRIGGER count_deletes AFTER DELETE ON {s}.pins
-    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_pins();
+    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_changes();
 CREATE TRIGGER count_truncates AFTER TRUNCATE ON {s}.pins
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_truncated();
 "#,

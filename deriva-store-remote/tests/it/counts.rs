@@ -237,8 +237,7 @@ async fn the_migration_counts_the_rows_already_there() {
     db.batch_execute(&sql(
         &harness,
         "DROP TABLE {s}.counts;
-         DROP FUNCTION {s}.count_leaves, {s}.count_recipes, {s}.count_pins,
-             {s}.count_truncated CASCADE;
+         DROP FUNCTION {s}.count_changes, {s}.count_truncated CASCADE;
          DELETE FROM {s}.schema_version WHERE version >= 3;
          INSERT INTO {s}.leaves (addr, size)
              SELECT sha256(int4send(i)), 100 FROM generate_series(1, 5) i;",
