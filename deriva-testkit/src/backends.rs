@@ -292,6 +292,26 @@ pub fn on_backends(
     options
 }
 
+/// Waits until PostgreSQL has no session left named `application_name` whose last statement
+/// is LIKE `query_like` (`"%"` for any). A session's statement runs to its end after its client
+/// has died, and its backend flushes its table statistics only as it exits: after this, what
+/// those sessions wrote and read is in the tables and in `pg_stat_user_tables`.
+#[cfg(feature = "server")]
+pub async fn sessions_ended(pg: &tokio_postgres::Client, application_name: &str, query_like: &str) {
+    wait_for("PostgreSQL sessions to end", async || {
+        pg.query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE application_name = $1 AND query LIKE $2",
+            &[&application_name, &query_like],
+        )
+        .await
+        .expect("reading pg_stat_activity")
+        .get::<_, i64>(0)
+            == 0
+    })
+    .await;
+}
+
 /// Waits until `done` holds, asking again every 20 ms, for at most [`DEADLINE`].
 #[cfg(feature = "server")]
 pub async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {

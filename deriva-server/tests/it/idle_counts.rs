@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use deriva_server::proto::{ClusterStatusRequest, StatusRequest};
-use deriva_testkit::backends::{Backends, Space, wait_for};
+use deriva_testkit::backends::{Backends, Space, sessions_ended};
 use deriva_testkit::{ServerProcess, sample};
 
 const LEAVES: i64 = 2_000_000;
@@ -31,22 +31,6 @@ async fn rows_read(pg: &tokio_postgres::Client, schema: &str) -> i64 {
     .await
     .expect("reading pg_stat_user_tables")
     .get(0)
-}
-
-/// Waits until no session named `application_name` is left: a backend flushes its table
-/// statistics as it exits, before it leaves `pg_stat_activity`.
-async fn sessions_ended(pg: &tokio_postgres::Client, application_name: &str) {
-    wait_for("the sessions to end", async || {
-        pg.query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-            &[&application_name],
-        )
-        .await
-        .expect("reading pg_stat_activity")
-        .get::<_, i64>(0)
-            == 0
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,8 +86,8 @@ async fn two_idle_nodes_over_two_million_leaves_read_almost_nothing() {
     );
     drop(fill);
     fill_connection.await.unwrap().unwrap();
-    sessions_ended(&pg, &filler).await;
-    sessions_ended(&pg, &tag).await;
+    sessions_ended(&pg, &filler, "%").await;
+    sessions_ended(&pg, &tag, "%").await;
     let before = rows_read(&pg, &space.schema).await;
 
     // Two nodes, idle but for one Status, one ClusterStatus and one scrape each.
@@ -132,7 +116,7 @@ async fn two_idle_nodes_over_two_million_leaves_read_almost_nothing() {
     tokio::time::sleep(IDLE.saturating_sub(idle.elapsed())).await;
     a.stop();
     b.stop();
-    sessions_ended(&pg, &tag).await;
+    sessions_ended(&pg, &tag, "%").await;
     let read = rows_read(&pg, &space.schema).await - before;
     eprintln!("two idle nodes over {LEAVES} leaf rows read {read} rows in {IDLE:?}");
     assert!(

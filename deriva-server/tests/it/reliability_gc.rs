@@ -72,18 +72,7 @@ impl Backend {
             .expect("connecting to PostgreSQL");
         let connection = tokio::spawn(connection);
         let pattern = format!("%{}%", space.schema);
-        deriva_testkit::backends::wait_for("the killed server's sessions to end", async || {
-            let row = pg
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE application_name = 'deriva-server' AND query LIKE $1",
-                    &[&pattern],
-                )
-                .await
-                .expect("reading pg_stat_activity");
-            row.get::<_, i64>(0) == 0
-        })
-        .await;
+        deriva_testkit::backends::sessions_ended(&pg, "deriva-server", &pattern).await;
         drop(pg);
         connection.await.unwrap().unwrap();
     }
