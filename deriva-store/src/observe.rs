@@ -307,9 +307,11 @@ fn sampled() -> bool {
     opentelemetry::Context::map_current(|cx| cx.span().span_context().is_sampled())
 }
 
+/// The call's span, if its trace is sampled and the subscriber wants it (the local calls'
+/// target is off by default): a disabled span is not worth entering around every call.
 fn span_if_sampled(call: &Call, target: Target<'_>) -> Option<Span> {
     if sampled() {
-        Some(call.span(target))
+        Some(call.span(target)).filter(|span| !span.is_disabled())
     } else {
         None
     }
