@@ -37,7 +37,7 @@ pub const OUTPUT_WRITE: &str = "output_write";
 pub const SPILL_WRITE: &str = "spill_write";
 /// A garbage collection (`GarbageCollect`, or the periodic one of `--gc-interval`).
 pub const GC: &str = "gc";
-/// The mark of a garbage collection: listing what is stored and what must stay; `live` and
+/// The mark of a garbage collection: finding, where the data is, what must stay; `live` and
 /// `candidates` count them.
 pub const GC_MARK: &str = "mark";
 /// The sweep of a garbage collection: the conditional deletes; `removed` and `kept` count

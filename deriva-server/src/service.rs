@@ -282,6 +282,7 @@ impl Deriva for DerivaService {
         let cache = self.exec.cache().stats();
         let exec = self.exec.stats();
         let (passed, failed) = (exec.verifications_passed(), exec.verifications_failed());
+        let (gc_phase, gc_done, gc_total) = store.gc_progress().get();
         Ok(Response::new(StatusResponse {
             recipe_count: store.recipes(),
             blob_count: store.blobs(),
@@ -293,6 +294,9 @@ impl Deriva for DerivaService {
             verification_passed: passed,
             verification_failed: failed,
             verification_failure_rate: exec.verification_failure_rate(),
+            gc_phase: gc_phase.as_str().to_owned(),
+            gc_done,
+            gc_total,
         }))
     }
 
@@ -454,6 +458,7 @@ impl Deriva for DerivaService {
                     Vec::new()
                 },
                 dry_run: report.dry_run,
+                removed_addrs_truncated: req.detail_addrs && store.removed_truncated,
             })
         }
         .await;

@@ -193,34 +193,32 @@ impl BlobFiles {
         touch(&self.root, &self.publish, addr)
     }
 
-    /// Every blob with its size and modification time (the time of its last put).
-    pub(super) fn list_aged(&self) -> Result<Vec<AgedLeaf>> {
-        let mut out = self.small.list_aged()?;
-        self.metrics
-            .call_blocking(calls::FILE_LIST, || self.list_aged_files(&mut out))?;
-        Ok(out)
-    }
-
-    /// Appends every blob file, with its size and time, to `out`.
-    fn list_aged_files(&self, out: &mut Vec<AgedLeaf>) -> Result<()> {
-        for addr in self.list_files()? {
-            let path = self.path_of(&addr);
-            let meta = match fs::metadata(&path) {
-                Ok(m) => m,
-                // Deleted since the listing.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(DerivaError::io(format!("reading blob {addr}"), &e)),
-            };
-            let at = meta
-                .modified()
-                .map_err(|e| DerivaError::io(format!("reading the time of blob {addr}"), &e))?;
-            out.push(AgedLeaf {
-                addr,
-                size: meta.len(),
-                at,
-            });
-        }
-        Ok(())
+    /// Calls `f` with every blob, its size and its time of last put (a small leaf's row time,
+    /// a file's modification time), holding one shard directory's names at a time.
+    pub(super) fn for_each_aged(&self, mut f: impl FnMut(AgedLeaf) -> Result<()>) -> Result<()> {
+        self.small.for_each_aged(&mut f)?;
+        self.metrics.call_blocking(calls::FILE_LIST, || {
+            for shard in 0..=255u8 {
+                for addr in self.shard_files(shard)? {
+                    let path = self.path_of(&addr);
+                    let meta = match fs::metadata(&path) {
+                        Ok(m) => m,
+                        // Deleted since the listing.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(DerivaError::io(format!("reading blob {addr}"), &e)),
+                    };
+                    let at = meta.modified().map_err(|e| {
+                        DerivaError::io(format!("reading the time of blob {addr}"), &e)
+                    })?;
+                    f(AgedLeaf {
+                        addr,
+                        size: meta.len(),
+                        at,
+                    })?;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Removes the blob file of `addr` and counts it if it was last put before `cutoff`: its
@@ -478,15 +476,22 @@ impl BlobFiles {
     fn list_files(&self) -> Result<Vec<CAddr>> {
         let mut out = Vec::new();
         for shard in 0..=255u8 {
-            for entry in read_dir(&self.root.join(hex::encode([shard])))? {
-                let name = entry.file_name();
-                if let Some(addr) = name
-                    .to_str()
-                    .and_then(|n| n.parse::<CAddr>().ok().filter(|a| a.to_hex() == n))
-                    .filter(|a| a.as_bytes()[0] == shard)
-                {
-                    out.push(addr);
-                }
+            out.extend(self.shard_files(shard)?);
+        }
+        Ok(out)
+    }
+
+    /// The addresses with a blob file in the directory of shard `shard`.
+    fn shard_files(&self, shard: u8) -> Result<Vec<CAddr>> {
+        let mut out = Vec::new();
+        for entry in read_dir(&self.root.join(hex::encode([shard])))? {
+            let name = entry.file_name();
+            if let Some(addr) = name
+                .to_str()
+                .and_then(|n| n.parse::<CAddr>().ok().filter(|a| a.to_hex() == n))
+                .filter(|a| a.as_bytes()[0] == shard)
+            {
+                out.push(addr);
             }
         }
         Ok(out)

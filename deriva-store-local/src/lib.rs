@@ -38,10 +38,12 @@
 //! atomics ([`StoreCounters`]); the recipe count is persisted in `meta`.
 
 mod calls;
+mod gc;
 mod leaf_files;
 mod recipes;
 mod small;
 
+pub use gc::SCRATCH_FILE;
 pub use small::LEAVES_FILE;
 
 use std::path::Path;
@@ -58,9 +60,7 @@ use deriva_core::Recipe;
 use deriva_core::{DerivaError, Result};
 use deriva_store::observe::{BackendMetrics, Call, Target};
 use deriva_store::stream::{self, ByteStream};
-use deriva_store::{
-    AgedLeaf, AgedRecipe, BlobStore, Lease, RecipeIndex, Store, StoreCounters, StoredRecipe, lease,
-};
+use deriva_store::{BlobStore, Lease, RecipeIndex, Store, StoreCounters, StoredRecipe, lease};
 
 /// Name of the redb file inside the data directory.
 pub const DB_FILE: &str = "deriva.redb";
@@ -113,13 +113,9 @@ pub fn open_observed(
         .map_err(|e| DerivaError::io(format!("creating {}", dir.display()), &e))?;
     let counters = Arc::new(StoreCounters::default());
     let (lease, released) = lease();
-    let recipes = LocalRecipeIndex {
-        inner: Arc::new((
-            recipes::RecipeDb::open(&dir.join(DB_FILE), counters.clone())?,
-            lease.clone(),
-        )),
-        metrics: metrics.clone(),
-    };
+    let recipe_db = recipes::RecipeDb::open(&dir.join(DB_FILE), counters.clone())?;
+    // A scratch file left by a collection that did not end.
+    gc::remove(&dir.join(SCRATCH_FILE));
     let blobs = LocalBlobStore {
         inner: Arc::new((
             leaf_files::BlobFiles::open(
@@ -127,10 +123,16 @@ pub fn open_observed(
                 &dir.join(BLOB_DIR),
                 options.inline_leaf_bytes,
                 counters.clone(),
-                metrics,
+                metrics.clone(),
             )?,
             lease.clone(),
         )),
+    };
+    let recipes = LocalRecipeIndex {
+        inner: Arc::new((recipe_db, lease.clone())),
+        leaves: blobs.inner.clone(),
+        dir: dir.to_owned(),
+        metrics,
     };
     tracing::info!(
         dir = %dir.display(),
@@ -311,10 +313,6 @@ impl BlobStore for LocalBlobStore {
         on_pool(&self.inner, "listing blobs", |b| b.list()).await
     }
 
-    async fn list_aged(&self) -> Result<Vec<AgedLeaf>> {
-        on_pool(&self.inner, "listing blobs", |b| b.list_aged()).await
-    }
-
     async fn delete_if_older(&self, addr: CAddr, cutoff: SystemTime) -> Result<Option<u64>> {
         on_pool(&self.inner, "collecting a blob", move |b| {
             b.delete_if_older(&addr, cutoff)
@@ -331,6 +329,10 @@ impl BlobStore for LocalBlobStore {
 #[derive(Debug, Clone)]
 pub struct LocalRecipeIndex {
     inner: Arc<(recipes::RecipeDb, Lease)>,
+    /// The leaf store beside it, whose leaves garbage collection's mark visits.
+    leaves: Arc<(leaf_files::BlobFiles, Lease)>,
+    /// The data directory, where the mark keeps its scratch file.
+    dir: std::path::PathBuf,
     /// Each call is one redb transaction, observed here (`backend="redb"`).
     metrics: Arc<BackendMetrics>,
 }
@@ -403,9 +405,51 @@ impl RecipeIndex for LocalRecipeIndex {
             .await
     }
 
-    async fn list_aged(&self) -> Result<Vec<AgedRecipe>> {
-        self.transaction(calls::LIST_RECIPES, "listing recipes", |db| db.list_aged())
-            .await
+    async fn mark(
+        &self,
+        cutoff: SystemTime,
+    ) -> Result<(
+        deriva_store::gc::MarkTally,
+        Box<dyn deriva_store::gc::Candidates>,
+    )> {
+        let (leaves, dir) = (self.leaves.clone(), self.dir.clone());
+        let lease = self.inner.1.clone();
+        self.transaction(
+            calls::LIST_RECIPES,
+            "marking for garbage collection",
+            move |db| {
+                let scratch = gc::Scratch::create(&dir)?;
+                let recipes = db.mark(&scratch, cutoff)?;
+                // The leaves, a batch at a time: the dead ones to the scratch file.
+                let progress = db.progress();
+                let mut batch = Vec::new();
+                let (mut count, mut dead) = (0u64, 0u64);
+                leaves.0.for_each_aged(|leaf| {
+                    batch.push(leaf);
+                    if batch.len() >= gc::SCRATCH_BATCH {
+                        dead += scratch.add_dead_leaves(&batch, cutoff)?;
+                        count += batch.len() as u64;
+                        progress.advance(batch.len() as u64);
+                        batch.clear();
+                    }
+                    Ok(())
+                })?;
+                dead += scratch.add_dead_leaves(&batch, cutoff)?;
+                count += batch.len() as u64;
+                let tally = deriva_store::gc::MarkTally {
+                    leaves: count,
+                    recipes: recipes.recipes,
+                    live: recipes.live,
+                    pinned: recipes.pinned,
+                    corrupted: recipes.corrupted,
+                    candidates: recipes.dead + dead,
+                };
+                let candidates: Box<dyn deriva_store::gc::Candidates> =
+                    Box::new(gc::LocalCandidates::new(scratch, lease));
+                Ok((tally, candidates))
+            },
+        )
+        .await
     }
 
     async fn delete_if_unused(&self, addr: CAddr, cutoff: SystemTime) -> Result<bool> {

@@ -21,7 +21,9 @@ use redb::{
 use deriva_core::CAddr;
 use deriva_core::Recipe;
 use deriva_core::{DerivaError, Result};
-use deriva_store::{AgedRecipe, StoreCounters, StoredRecipe};
+use deriva_store::{StoreCounters, StoredRecipe};
+
+use crate::gc::{self, SCRATCH_BATCH, Scratch};
 
 const RECIPES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("recipes");
 const DEPENDENTS: MultimapTableDefinition<&[u8; 32], &[u8; 32]> =
@@ -282,35 +284,113 @@ impl RecipeDb {
         )
     }
 
-    /// Every recipe with its depth, time and inputs (`None` for a row that does not decode),
-    /// from one read transaction.
-    pub(super) fn list_aged(&self) -> Result<Vec<AgedRecipe>> {
-        const CTX: &str = "listing recipes";
+    /// The progress of this store's garbage collection.
+    pub(super) fn progress(&self) -> &deriva_store::gc::GcProgress {
+        self.counters.gc_progress()
+    }
+
+    /// Garbage collection's mark of the recipes at `cutoff`, into `scratch` (see
+    /// [`crate::gc`]), from one read transaction: the roots (pins, recipes put at or after
+    /// `cutoff`, recipes whose rows do not decode), everything they reach, then the dead
+    /// recipes. Holds at most [`SCRATCH_BATCH`] addresses at a time.
+    pub(super) fn mark(&self, scratch: &Scratch, cutoff: SystemTime) -> Result<RecipeMark> {
+        const CTX: &str = "marking recipes";
+        let progress = self.counters.gc_progress();
         let txn = self.db.begin_read().or_storage(CTX)?;
         let table = txn.open_table(RECIPES).or_storage(CTX)?;
         let times = txn.open_table(RECIPE_TIMES).or_storage(CTX)?;
-        let mut out = Vec::new();
+        let pins = txn.open_table(PINS).or_storage(CTX)?;
+        let mut mark = RecipeMark::default();
+        let mut roots: Vec<CAddr> = Vec::new();
+        for entry in pins.iter().or_storage(CTX)? {
+            roots.push(CAddr::from_bytes(*entry.or_storage(CTX)?.0.value()));
+            mark.pinned += 1;
+            if roots.len() >= SCRATCH_BATCH {
+                mark.live += add_roots(scratch, &roots)?;
+                roots.clear();
+            }
+        }
         for entry in table.iter().or_storage(CTX)? {
             let (key, row) = entry.or_storage(CTX)?;
+            mark.recipes += 1;
+            progress.advance(1);
             let addr = CAddr::from_bytes(*key.value());
-            let row = row.value();
-            let inputs = row
-                .get(4..)
-                .and_then(|enc| Recipe::from_canonical_bytes(enc).ok())
-                .filter(|r| r.addr() == addr)
-                .map(|r| r.inputs().to_vec());
             let at = times
                 .get(key.value())
                 .or_storage(CTX)?
                 .map_or(0, |v| v.value());
-            out.push(AgedRecipe {
-                addr,
-                depth: decode_depth(&addr, row).unwrap_or(0),
-                at: UNIX_EPOCH + Duration::from_millis(at),
-                inputs,
-            });
+            let decodes = decode_inputs(&addr, row.value()).is_some();
+            if !decodes {
+                mark.corrupted += 1;
+                tracing::error!(%addr, "a stored recipe does not decode; garbage collection keeps it and its inputs are not marked");
+            }
+            if !decodes || UNIX_EPOCH + Duration::from_millis(at) >= cutoff {
+                roots.push(addr);
+                if roots.len() >= SCRATCH_BATCH {
+                    mark.live += add_roots(scratch, &roots)?;
+                    roots.clear();
+                }
+            }
         }
-        Ok(out)
+        mark.live += add_roots(scratch, &roots)?;
+        drop(roots);
+
+        // The walk: the inputs of each recipe of the front, until the front is empty.
+        loop {
+            let write = scratch.write()?;
+            let visited = {
+                let mut front = write.open_table(gc::FRONT).or_storage(CTX)?;
+                let mut live = write.open_table(gc::LIVE).or_storage(CTX)?;
+                let mut batch = Vec::new();
+                while batch.len() < SCRATCH_BATCH {
+                    let Some((key, ())) = front
+                        .pop_first()
+                        .or_storage(CTX)?
+                        .map(|(k, v)| (*k.value(), v.value()))
+                    else {
+                        break;
+                    };
+                    batch.push(key);
+                }
+                for key in &batch {
+                    let Some(row) = table.get(key).or_storage(CTX)? else {
+                        continue;
+                    };
+                    let addr = CAddr::from_bytes(*key);
+                    for input in decode_inputs(&addr, row.value()).unwrap_or_default() {
+                        if live.insert(input.as_bytes(), ()).or_storage(CTX)?.is_none() {
+                            front.insert(input.as_bytes(), ()).or_storage(CTX)?;
+                            mark.live += 1;
+                        }
+                    }
+                }
+                batch.len()
+            };
+            write.commit().or_storage(CTX)?;
+            if visited == 0 {
+                break;
+            }
+        }
+
+        // The dead recipes, deepest first in the scratch file's order.
+        let mut dead: Vec<(u32, CAddr)> = Vec::new();
+        let live = scratch.live()?;
+        for entry in table.iter().or_storage(CTX)? {
+            let (key, row) = entry.or_storage(CTX)?;
+            let addr = CAddr::from_bytes(*key.value());
+            if let Some(live) = &live
+                && live.get(key.value()).or_storage(CTX)?.is_some()
+            {
+                continue;
+            }
+            dead.push((decode_depth(&addr, row.value()).unwrap_or(0), addr));
+            if dead.len() >= SCRATCH_BATCH {
+                mark.dead += scratch.add_dead_recipes(&dead)?;
+                dead.clear();
+            }
+        }
+        mark.dead += scratch.add_dead_recipes(&dead)?;
+        Ok(mark)
     }
 
     /// Whether `addr` is a stored recipe.
@@ -433,6 +513,44 @@ fn referenced(
     const CTX: &str = "looking up references";
     let used = !dependents.get(addr.as_bytes()).or_storage(CTX)?.is_empty();
     Ok(used || pins.get(addr.as_bytes()).or_storage(CTX)?.is_some())
+}
+
+/// What [`RecipeDb::mark`] counted.
+#[derive(Debug, Default)]
+pub(super) struct RecipeMark {
+    pub(super) recipes: u64,
+    pub(super) live: u64,
+    pub(super) pinned: u64,
+    pub(super) corrupted: u64,
+    pub(super) dead: u64,
+}
+
+/// Marks `roots` live and puts the new ones on the walk's front: how many were new.
+fn add_roots(scratch: &Scratch, roots: &[CAddr]) -> Result<u64> {
+    const CTX: &str = "marking recipes";
+    let write = scratch.write()?;
+    let mut new = 0;
+    {
+        let mut live = write.open_table(gc::LIVE).or_storage(CTX)?;
+        let mut front = write.open_table(gc::FRONT).or_storage(CTX)?;
+        for root in roots {
+            if live.insert(root.as_bytes(), ()).or_storage(CTX)?.is_none() {
+                front.insert(root.as_bytes(), ()).or_storage(CTX)?;
+                new += 1;
+            }
+        }
+    }
+    write.commit().or_storage(CTX)?;
+    Ok(new)
+}
+
+/// The inputs of the recipe stored in `row` at `addr`; `None` if the row does not decode to
+/// a recipe with that address.
+fn decode_inputs(addr: &CAddr, row: &[u8]) -> Option<Vec<CAddr>> {
+    row.get(4..)
+        .and_then(|enc| Recipe::from_canonical_bytes(enc).ok())
+        .filter(|r| r.addr() == *addr)
+        .map(|r| r.inputs().to_vec())
 }
 
 fn decode_depth(addr: &CAddr, row: &[u8]) -> Result<u32> {

@@ -265,22 +265,32 @@ impl SmallLeaves {
 
     /// Every row's address, size and last put.
     pub(super) fn list_aged(&self) -> Result<Vec<AgedLeaf>> {
+        let mut out = Vec::new();
+        self.for_each_aged(|leaf| {
+            out.push(leaf);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with every row's address, size and last put, from one read transaction,
+    /// holding one row at a time.
+    pub(super) fn for_each_aged(&self, mut f: impl FnMut(AgedLeaf) -> Result<()>) -> Result<()> {
         self.metrics.call_blocking(calls::LIST_LEAVES, || {
             const CTX: &str = "listing small leaves";
             let txn = self.db.begin_read().map_err(|e| db_error(CTX, e))?;
             let table = txn.open_table(LEAVES).map_err(|e| db_error(CTX, e))?;
-            let mut out = Vec::new();
             for entry in table.iter().map_err(|e| db_error(CTX, e))? {
                 let (key, row) = entry.map_err(|e| db_error(CTX, e))?;
                 let addr = CAddr::from_bytes(*key.value());
                 let (ms, size) = split_row(&addr, row.value())?;
-                out.push(AgedLeaf {
+                f(AgedLeaf {
                     addr,
                     size: size as u64,
                     at: from_millis(ms),
-                });
+                })?;
             }
-            Ok(out)
+            Ok(())
         })
     }
 

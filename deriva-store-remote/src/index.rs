@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use deriva_core::error::Result;
 use deriva_core::{CAddr, DerivaError, Recipe};
-use deriva_store::{AgedRecipe, BlobStore, RecipeIndex, StoreCounters, StoredRecipe, SweepLock};
+use deriva_store::{BlobStore, RecipeIndex, StoreCounters, StoredRecipe, SweepLock};
 
 use crate::pg::{Call, Pg};
 
@@ -220,36 +220,14 @@ impl RecipeIndex for PgIndex {
         Ok(row.map_or_else(SystemTime::now, |r| r.get(0)))
     }
 
-    async fn list_aged(&self) -> Result<Vec<AgedRecipe>> {
-        const CALL: Call = Call {
-            op: "list_recipes",
-            operation: "SELECT",
-            table: "recipes",
-            context: "listing recipes",
-        };
-        let rows = self
-            .pg
-            .query(
-                CALL,
-                "SELECT addr, depth, created_at, encoding FROM {s}.recipes",
-                &[],
-            )
-            .await?;
-        rows.iter()
-            .map(|row| {
-                let addr = addr_of(row.get(0), CALL.context)?;
-                let inputs = Recipe::from_canonical_bytes(row.get(3))
-                    .ok()
-                    .filter(|r| r.addr() == addr)
-                    .map(|r| r.inputs().to_vec());
-                Ok(AgedRecipe {
-                    addr,
-                    depth: u32::try_from(row.get::<_, i32>(1)).unwrap_or(0),
-                    at: row.get(2),
-                    inputs,
-                })
-            })
-            .collect()
+    async fn mark(
+        &self,
+        cutoff: SystemTime,
+    ) -> Result<(
+        deriva_store::gc::MarkTally,
+        Box<dyn deriva_store::gc::Candidates>,
+    )> {
+        crate::gc::mark(&self.pg, cutoff, self.counters.gc_progress()).await
     }
 
     async fn delete_if_unused(&self, addr: CAddr, cutoff: SystemTime) -> Result<bool> {

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use deriva_core::error::Result;
 use deriva_core::{CAddr, DerivaError};
-use deriva_store::{AgedLeaf, BlobStore, ByteStream, StoreCounters, stream};
+use deriva_store::{BlobStore, ByteStream, StoreCounters, stream};
 use futures::StreamExt as _;
 
 use crate::disk_cache::{self, DiskCache};
@@ -340,23 +340,6 @@ impl BlobStore for RemoteBlobStore {
             .await?;
         rows.iter()
             .map(|row| addr_of(row.get(0), CALL.context))
-            .collect()
-    }
-
-    async fn list_aged(&self) -> Result<Vec<AgedLeaf>> {
-        const CALL: Call = LIST_LEAVES;
-        let rows = self
-            .pg
-            .query(CALL, "SELECT addr, size, created_at FROM {s}.leaves", &[])
-            .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(AgedLeaf {
-                    addr: addr_of(row.get(0), CALL.context)?,
-                    size: row.get::<_, i64>(1).max(0) as u64,
-                    at: row.get(2),
-                })
-            })
             .collect()
     }
 

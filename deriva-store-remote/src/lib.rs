@@ -15,6 +15,7 @@
 
 mod bus;
 mod disk_cache;
+mod gc;
 mod index;
 mod leaf_objects;
 mod nodes;

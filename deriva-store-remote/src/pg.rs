@@ -20,6 +20,9 @@
 //!   transition table, so it counts nothing. An `UPDATE` of a leaf's `size` is not counted:
 //!   Deriva never changes one. Nodes read the counts from these rows, never by scanning.
 //!
+//! Garbage collection's mark adds temporary tables (`gc_live`, `gc_front`, `gc_dead_recipes`,
+//! `gc_dead_leaves`) on a connection of its own, gone with it (see `gc.rs`).
+//!
 //! Deleting a recipe deletes its edges. `created_at` of a leaf or recipe is the time of its
 //! last put (a put of what is stored refreshes it): garbage collection's clock.
 //!

@@ -53,9 +53,15 @@ pub struct StoreCounters {
     blobs: AtomicU64,
     blob_bytes: AtomicU64,
     leaf_commits: AtomicU64,
+    gc: gc::GcProgress,
 }
 
 impl StoreCounters {
+    /// How far the running garbage collection got.
+    pub fn gc_progress(&self) -> &gc::GcProgress {
+        &self.gc
+    }
+
     /// Number of pinned addresses.
     pub fn pins(&self) -> u64 {
         self.pins.load(Ordering::Relaxed)
@@ -199,20 +205,6 @@ pub struct AgedLeaf {
     pub at: SystemTime,
 }
 
-/// A stored recipe as garbage collection sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgedRecipe {
-    /// The recipe's address.
-    pub addr: CAddr,
-    /// Its DAG depth.
-    pub depth: u32,
-    /// When it was last put (stored, or stored again).
-    pub at: SystemTime,
-    /// Its inputs; `None` if its stored row does not decode (a corrupted recipe, which
-    /// garbage collection keeps and reports).
-    pub inputs: Option<Vec<CAddr>>,
-}
-
 /// Held while garbage collection deletes: no put, pin or other change of what refers to what
 /// runs on any node that shares the backend until it is dropped. A backend without other
 /// nodes has nothing to hold ([`Store`] excludes the puts of its own process).
@@ -286,10 +278,6 @@ pub trait BlobStore: Send + Sync + fmt::Debug + 'static {
 
     /// Every stored blob address, in no particular order.
     async fn list(&self) -> Result<Vec<CAddr>>;
-
-    /// Every stored blob with its size and the time it was last put, in no particular order.
-    /// A put of a leaf already stored refreshes its time.
-    async fn list_aged(&self) -> Result<Vec<AgedLeaf>>;
 
     /// Deletes the blob at `addr` if it was last put before `cutoff`: its size if it was
     /// deleted, `Ok(None)` if it was put since (or is gone). For garbage collection, which
@@ -390,9 +378,14 @@ pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
         Ok(SystemTime::now())
     }
 
-    /// Every stored recipe with its depth, inputs and the time it was last put, in no
-    /// particular order.
-    async fn list_aged(&self) -> Result<Vec<AgedRecipe>>;
+    /// Garbage collection's mark (see [`gc`]), done where the data is: finds what is live at
+    /// `cutoff` (pinned, put at or after it, or reachable from those; and every recipe whose
+    /// row does not decode, with what it reaches) and keeps the candidates (the recipes that
+    /// are not live, and the leaves of the same store that are neither live nor put at or
+    /// after `cutoff`) for the sweep to page through. Holds a bounded part of the store in
+    /// this process, whatever its size; counts what it visited on the store's
+    /// [`StoreCounters::gc_progress`].
+    async fn mark(&self, cutoff: SystemTime) -> Result<(gc::MarkTally, Box<dyn gc::Candidates>)>;
 
     /// Deletes the recipe at `addr`, as [`RecipeIndex::delete`] does, only if it was last put
     /// before `cutoff`, no recipe uses it and it is not pinned; whether it was deleted.

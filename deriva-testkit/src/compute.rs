@@ -12,7 +12,7 @@ use deriva_compute::{
     FunctionRegistry,
 };
 use deriva_core::{CAddr, DerivaError, FunctionId, Params, Recipe};
-use deriva_store::{AgedLeaf, BlobStore, ByteStream, Store, stream};
+use deriva_store::{BlobStore, ByteStream, Store, stream};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 
@@ -428,10 +428,6 @@ impl BlobStore for CountingBlobs {
 
     async fn list(&self) -> deriva_core::Result<Vec<CAddr>> {
         self.inner.list().await
-    }
-
-    async fn list_aged(&self) -> deriva_core::Result<Vec<AgedLeaf>> {
-        self.inner.list_aged().await
     }
 
     async fn delete_if_older(

@@ -80,7 +80,7 @@ pub fn format_cascade(r: &CascadeInvalidateResponse, dry_run: bool) -> String {
 /// `GcResponse` as `key: value` lines in the proto's order, `dry_run:` first (for a dry run
 /// with a note that nothing was removed and the counts are what would be); with `detail`, the
 /// removed addresses after `removed:` (`would_remove:` in a dry run), one per line, or
-/// `(none)`.
+/// `(none)`; a line says so when the server listed only the first ones.
 pub fn format_gc(r: &GcResponse, detail: bool) -> String {
     let mut out = if r.dry_run {
         "dry_run: true (nothing was removed: the counts are what would be removed)\n".to_owned()
@@ -111,6 +111,13 @@ pub fn format_gc(r: &GcResponse, detail: bool) -> String {
             let _ = writeln!(out, "{header}:");
             for raw in &r.removed_addrs {
                 let _ = writeln!(out, "  {}", hex(raw));
+            }
+            if r.removed_addrs_truncated {
+                let _ = writeln!(
+                    out,
+                    "  (the first {} only: the counts above cover them all)",
+                    r.removed_addrs.len()
+                );
             }
         }
     }

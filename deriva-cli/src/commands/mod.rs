@@ -4,7 +4,7 @@
 //! `transfer.rs`.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 
 use deriva_core::CAddr;
 use deriva_proto::{
@@ -246,17 +246,25 @@ pub async fn run(args: CliArgs) -> Result<(), CliError> {
             detail,
         } => {
             let context = if dry_run { "gc --dry-run" } else { "gc" };
-            let answer = connect(&server)
-                .await?
+            let mut client = connect(&server).await?;
+            // On a terminal, a bar that follows the collection through `Status`.
+            let bar = std::io::stderr()
+                .is_terminal()
+                .then(|| tokio::spawn(gc_progress(client.clone())));
+            let answer = client
                 .garbage_collect(GcRequest {
                     grace_period_secs: grace.as_secs(),
                     dry_run,
                     detail_addrs: detail,
                     max_removals: max,
                 })
-                .await
-                .map_err(|s| CliError::rpc(context, s))?
-                .into_inner();
+                .await;
+            if let Some(bar) = bar {
+                bar.abort();
+                // The bar is cleared when its task drops it.
+                let _ = bar.await;
+            }
+            let answer = answer.map_err(|s| CliError::rpc(context, s))?.into_inner();
             emit(&format_gc(&answer, detail))
         }
         Command::Token { .. } => unreachable!("handled before connecting"),
@@ -349,4 +357,44 @@ async fn recipe(
         .into_inner();
     let addr = answered_addr(&context, &answer.addr)?;
     emit(&format!("{addr}\n"))
+}
+
+/// Shows the progress of the server's garbage collection on stderr until aborted: its phase
+/// and how far it got, polled from `Status` every 200 ms. A server too old to tell (no
+/// `gc_phase`) or an error shows nothing.
+async fn gc_progress(mut client: crate::client::Client) {
+    /// Clears the bar however the task ends (aborted, mostly).
+    struct Clear(indicatif::ProgressBar);
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            self.0.finish_and_clear();
+        }
+    }
+    let bar = Clear(indicatif::ProgressBar::hidden());
+    bar.0.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix:>5} [{bar:30}] {human_pos}/{human_len} ({elapsed})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let mut shown = false;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let Ok(status) = client.status(StatusRequest {}).await else {
+            continue;
+        };
+        let status = status.into_inner();
+        if status.gc_phase.is_empty() || status.gc_phase == "idle" {
+            continue;
+        }
+        if !shown {
+            bar.0
+                .set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            shown = true;
+        }
+        bar.0.set_prefix(status.gc_phase);
+        bar.0.set_length(status.gc_total.max(status.gc_done));
+        bar.0.set_position(status.gc_done);
+    }
 }

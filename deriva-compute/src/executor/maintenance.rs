@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use deriva_core::{CAddr, DerivaError, Result};
 use deriva_store::AddrKind;
-use deriva_store::gc::{GcOptions, GcOutcome};
+use deriva_store::gc::{GcOptions, GcOutcome, Removed};
 use tracing::field::Empty;
 use tracing::{Instrument, Span, info_span};
 
@@ -192,10 +192,11 @@ impl AsyncExecutor {
         .await
     }
 
-    /// Collects garbage in the store (see [`deriva_store::gc`]), then drops the outputs
-    /// of the removed recipes from this node's cache and spill directory, from the shared
-    /// output tier and (through the bus) from the other nodes' caches, and the removed leaves
-    /// from this node's cache and (through the bus) the other nodes'. So once this returns, no
+    /// Collects garbage in the store (see [`deriva_store::gc`]), and after each swept batch
+    /// drops the outputs of its removed recipes from this node's cache and spill directory,
+    /// from the shared output tier and (through the bus) from the other nodes' caches, and its
+    /// removed leaves from this node's cache and (through the bus) the other nodes'. This
+    /// process holds one batch at a time, whatever the store's size. So once this returns, no
     /// Get on this node serves a leaf it reports removed. In a `gc` span whose children are the
     /// store's `mark` and `sweep`; counted in `deriva_gc_*`.
     pub async fn garbage_collect(&self, options: GcOptions) -> Result<GcReport> {
@@ -210,7 +211,19 @@ impl AsyncExecutor {
         async move {
             let start = Instant::now();
             let gc = &self.state.metrics.gc;
-            let outcome = match self.state.store.collect_garbage(&options).await {
+            let mut report = GcReport {
+                dry_run: options.dry_run,
+                ..GcReport::default()
+            };
+            let collected = async {
+                let mut collection = self.state.store.start_gc(&options).await?;
+                while let Some(batch) = collection.next_batch().await? {
+                    self.after_gc_batch(&batch, options.dry_run, &mut report)
+                        .await;
+                }
+                Ok::<_, DerivaError>(collection.finish())
+            };
+            let outcome = match collected.await {
                 Ok(outcome) => outcome,
                 Err(e) => {
                     gc.record(
@@ -227,58 +240,6 @@ impl AsyncExecutor {
                     return Err(e);
                 }
             };
-            let of_kind = |kind: AddrKind| -> Vec<CAddr> {
-                outcome
-                    .removed
-                    .iter()
-                    .filter(|r| r.kind == kind)
-                    .map(|r| r.addr)
-                    .collect()
-            };
-            let (recipes, leaves) = (of_kind(AddrKind::Recipe), of_kind(AddrKind::Leaf));
-            let mut report = GcReport {
-                dry_run: options.dry_run,
-                ..GcReport::default()
-            };
-            for recipe in &recipes {
-                let size = self.held_size(recipe);
-                let dropped = if options.dry_run {
-                    size.is_some()
-                } else {
-                    self.forget(recipe)
-                };
-                if dropped {
-                    report.cache_entries_removed += 1;
-                    report.bytes_reclaimed_cache += size.unwrap_or(0);
-                }
-            }
-            if !options.dry_run {
-                // Deleted from the store already; a read that started before the delete
-                // finds the generation moved and caches nothing.
-                for leaf in &leaves {
-                    self.forget(leaf);
-                }
-            }
-            if !options.dry_run && !outcome.removed.is_empty() {
-                // The recipes are gone already: a tier object or another node's cached copy
-                // left behind is garbage, never served wrongly (an output is a function of
-                // its recipe), so a failure here is logged, not the collection's error. Another
-                // node may serve a removed leaf from its cache until the bus reaches it.
-                if let Some(outputs) = self.state.store.outputs()
-                    && !recipes.is_empty()
-                {
-                    let deletes = recipes.iter().map(|a| outputs.delete(*a));
-                    if let Err(e) = futures::future::try_join_all(deletes).await {
-                        tracing::warn!(error = %e, "could not delete the shared outputs of collected recipes");
-                    }
-                }
-                let removed: Vec<CAddr> = recipes.iter().chain(&leaves).copied().collect();
-                if let Some(bus) = self.state.store.bus()
-                    && let Err(e) = bus.publish(&removed).await
-                {
-                    tracing::warn!(error = %e, "could not tell the other nodes about collected recipes and leaves");
-                }
-            }
             for _ in 0..outcome.corrupted {
                 self.state.stats.record_corruption();
             }
@@ -299,7 +260,10 @@ impl AsyncExecutor {
                 ],
                 outcome.bytes_reclaimed + report.bytes_reclaimed_cache,
             );
-            Span::current().record(field::REMOVED, as_i64(outcome.removed.len()));
+            Span::current().record(
+                field::REMOVED,
+                as_i64(outcome.blobs_removed + outcome.recipes_removed),
+            );
             tracing::info!(
                 dry_run = options.dry_run,
                 blobs_removed = outcome.blobs_removed,
@@ -316,6 +280,60 @@ impl AsyncExecutor {
         }
         .instrument(span)
         .await
+    }
+
+    /// What one swept batch of a garbage collection leaves to do here: the outputs of the
+    /// removed recipes dropped from this node's cache and spill directory, from the shared
+    /// output tier and (through the bus) from the other nodes' caches; the removed leaves
+    /// from this node's cache and (through the bus) the other nodes'. In a dry run, only
+    /// counted.
+    async fn after_gc_batch(&self, batch: &[Removed], dry_run: bool, report: &mut GcReport) {
+        let of_kind = |kind: AddrKind| -> Vec<CAddr> {
+            batch
+                .iter()
+                .filter(|r| r.kind == kind)
+                .map(|r| r.addr)
+                .collect()
+        };
+        let (recipes, leaves) = (of_kind(AddrKind::Recipe), of_kind(AddrKind::Leaf));
+        for recipe in &recipes {
+            let size = self.held_size(recipe);
+            let dropped = if dry_run {
+                size.is_some()
+            } else {
+                self.forget(recipe)
+            };
+            if dropped {
+                report.cache_entries_removed += 1;
+                report.bytes_reclaimed_cache += size.unwrap_or(0);
+            }
+        }
+        if dry_run || batch.is_empty() {
+            return;
+        }
+        // Deleted from the store already; a read that started before the delete finds the
+        // generation moved and caches nothing.
+        for leaf in &leaves {
+            self.forget(leaf);
+        }
+        // The recipes are gone already: a tier object or another node's cached copy left
+        // behind is garbage, never served wrongly (an output is a function of its recipe), so
+        // a failure here is logged, not the collection's error. Another node may serve a
+        // removed leaf from its cache until the bus reaches it.
+        if let Some(outputs) = self.state.store.outputs()
+            && !recipes.is_empty()
+        {
+            let deletes = recipes.iter().map(|a| outputs.delete(*a));
+            if let Err(e) = futures::future::try_join_all(deletes).await {
+                tracing::warn!(error = %e, "could not delete the shared outputs of collected recipes");
+            }
+        }
+        let removed: Vec<CAddr> = recipes.iter().chain(&leaves).copied().collect();
+        if let Some(bus) = self.state.store.bus()
+            && let Err(e) = bus.publish(&removed).await
+        {
+            tracing::warn!(error = %e, "could not tell the other nodes about collected recipes and leaves");
+        }
     }
 
     /// The bytes this node holds for the output of `addr`: in the memory cache or the spill

@@ -12,6 +12,7 @@
 //! | `deriva_storage_blob_bytes` | gauge | – | bytes of leaf blobs stored |
 //! | `deriva_storage_leaf_commits_total` | counter | – | durable commits of small leaves (local store): one fsync each, shared by the puts in it |
 //! | `deriva_pins` | gauge | – | pinned addresses |
+//! | `deriva_gc_phase` | gauge | `phase` = `idle`/`mark`/`sweep` | 1 for the phase this node's garbage collection is in, 0 for the others |
 //! | `deriva_config_reloads_total` | counter | `part` = `tokens`/`tls`, `result` = `ok`/`error` | reloads of a configuration file (SIGHUP): the token file of `--auth-tokens`; the certificate, key and client CA of `--tls-*` (read together) |
 //!
 //! `method` is the [`RpcMethod::label`] of one of [`RpcMethod::ALL`]. Counts and gauges are atomics read by observable
@@ -33,6 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use deriva_store::StoreCounters;
+use deriva_store::gc::GcPhase;
 
 use super::span_queue::SpanQueueStats;
 
@@ -76,6 +78,7 @@ struct Inner {
     _counter: ObservableCounter<u64>,
     _leaf_commits: ObservableCounter<u64>,
     _gauges: Vec<ObservableGauge<u64>>,
+    _gc_phase: ObservableGauge<u64>,
     _active: ObservableGauge<i64>,
 }
 
@@ -157,6 +160,23 @@ impl ServerMetrics {
                 StoreCounters::blob_bytes,
             ),
         ];
+        let gc_phase = {
+            let store = store.clone();
+            let phases = GcPhase::ALL.map(|p| (p, [KeyValue::new("phase", p.as_str())]));
+            meter
+                .u64_observable_gauge("deriva.gc.phase")
+                .with_description(
+                    "The phase of this node's garbage collection: 1 for the phase it is in \
+                     (idle, mark: finding what stays, sweep: removing the rest), 0 for the others",
+                )
+                .with_callback(move |o| {
+                    let (now, _, _) = store.gc_progress().get();
+                    for (phase, attrs) in &phases {
+                        o.observe(u64::from(*phase == now), attrs);
+                    }
+                })
+                .build()
+        };
         let leaf_commits = {
             let store = store.clone();
             meter
@@ -210,6 +230,7 @@ impl ServerMetrics {
                 _counter: counter,
                 _leaf_commits: leaf_commits,
                 _gauges: gauges,
+                _gc_phase: gc_phase,
                 _active: active,
             }),
         }

@@ -580,3 +580,64 @@ async fn stray_directory_is_not_counted() {
     assert_eq!(counters(&store), (0, 0, 0));
     assert_eq!(store.kind_of(addr).await.unwrap(), None);
 }
+
+/// Garbage collection marks into a scratch redb file beside the store, never into memory: the
+/// file exists while a collection is being swept, is gone when it ends, and one left by a
+/// crash is removed when the store opens. Its candidates come out deepest first, then leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_marks_into_a_scratch_file_that_does_not_outlive_it() {
+    use deriva_store::gc::GcOptions;
+    let tmp = TempDir::new().unwrap();
+    let scratch = tmp.path().join(deriva_store_local::SCRATCH_FILE);
+    let store = open(tmp.path());
+    let leaf = store.put_leaf(bytes(b"garbage leaf")).await.unwrap();
+    let inner = store
+        .put_recipe(recipe("concat/v1", &[leaf], &[]))
+        .await
+        .unwrap();
+    let outer = store
+        .put_recipe(recipe("concat/v1", &[inner, leaf], &[]))
+        .await
+        .unwrap();
+    let kept = store.put_leaf(bytes(b"pinned leaf")).await.unwrap();
+    store.pin(kept).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+
+    let mut collection = store.start_gc(&GcOptions::default()).await.unwrap();
+    assert!(scratch.is_file(), "the mark wrote {}", scratch.display());
+    let tally = collection.tally();
+    assert_eq!((tally.candidates, tally.pinned), (3, 1), "{tally:?}");
+    let mut order = Vec::new();
+    while let Some(batch) = collection.next_batch().await.unwrap() {
+        order.extend(batch.into_iter().map(|r| (r.kind, r.addr)));
+    }
+    assert_eq!(
+        order,
+        [
+            (AddrKind::Recipe, outer),
+            (AddrKind::Recipe, inner),
+            (AddrKind::Leaf, leaf)
+        ],
+        "deepest first, then leaves"
+    );
+    let outcome = collection.finish();
+    assert_eq!((outcome.recipes_removed, outcome.blobs_removed), (2, 1));
+    assert_eq!((outcome.live_blobs, outcome.live_recipes), (1, 0));
+    // Removed off the async worker, once the collection is dropped.
+    let gone = std::time::Instant::now();
+    while scratch.exists() {
+        assert!(
+            gone.elapsed() < std::time::Duration::from_secs(10),
+            "still there"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(store.get_leaf(kept).await.unwrap().is_some());
+
+    // A scratch file left by a crash goes when the store opens.
+    close(store).await;
+    fs::write(&scratch, b"left by a collection that did not end").unwrap();
+    let store = open(tmp.path());
+    assert!(!scratch.exists());
+    close(store).await;
+}
