@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use deriva_server::proto::{ClusterStatusRequest, GcRequest, StatusRequest};
+use deriva_server::proto::{ClusterStatusRequest, StatusRequest};
 use deriva_testkit::backends::{Backends, Space, sessions_ended};
 use deriva_testkit::{ServerProcess, sample};
 
@@ -168,34 +168,59 @@ async fn two_idle_nodes_over_two_million_leaves_read_almost_nothing() {
     // The peak from here on: writing 5 to clear_refs resets VmHWM to the current RSS.
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("resetting the peak RSS");
     let before = proc_status_bytes(pid, "VmRSS");
+    // As an operator runs it, on a terminal (`script` gives it one), where it shows a bar.
     let collecting = Instant::now();
-    let answer = client
-        .garbage_collect(GcRequest {
-            grace_period_secs: 0,
-            dry_run: true,
-            detail_addrs: true,
-            max_removals: 0,
-        })
-        .await
-        .expect("a dry run over 2,000,000 leaves")
-        .into_inner();
+    let mut cli = std::process::Command::new("script");
+    cli.args(["-qec"])
+        .arg(format!(
+            "{} gc --dry-run --grace 0s --detail",
+            deriva_testkit::deriva_bin().display()
+        ))
+        .arg("/dev/null")
+        .env("DERIVA_SERVER", node.url())
+        .env("TERM", "xterm");
+    let out = deriva_testkit::cli::run(cli, None, Duration::from_secs(300));
     let took = collecting.elapsed();
     let peak = proc_status_bytes(pid, "VmHWM");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "deriva gc --dry-run: {text}{}",
+        out.stderr
+    );
     eprintln!(
         "gc dry run over {LEAVES} leaves: {took:?}, RSS {} MiB before, peak {} MiB",
         before >> 20,
         peak >> 20
     );
-    assert_eq!(
-        (answer.blobs_removed, answer.recipes_removed),
-        (LEAVES as u64, 0),
-        "every leaf is garbage; the recipe rows (written as 'not read') do not decode, so they \
-         are kept and reported"
+    let line = |key: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix(&format!("{key}: "))
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+    };
+    assert!(
+        text.contains("sweep ["),
+        "the bar showed the sweep on the terminal: {}",
+        &text[..text.len().min(2000)]
     );
-    assert_eq!(answer.bytes_reclaimed_blobs, (LEAVES * LEAF_BYTES) as u64);
     assert_eq!(
-        (answer.removed_addrs.len(), answer.removed_addrs_truncated),
-        (10_000, true),
+        line("blobs_removed"),
+        LEAVES.to_string(),
+        "every leaf is garbage"
+    );
+    // The recipe rows, written as 'not read', do not decode: kept and reported.
+    assert_eq!(line("recipes_removed"), "0");
+    assert_eq!(
+        line("bytes_reclaimed_blobs"),
+        (LEAVES * LEAF_BYTES).to_string()
+    );
+    assert!(
+        text.contains("(the first 10000 only: the counts above cover them all)"),
         "the first 10,000 addresses are listed, and the answer says there were more"
     );
     assert!(
