@@ -276,6 +276,67 @@ impl RecipeIndex for PgIndex {
         Ok(rows.first().is_some_and(|r| r.get(0)))
     }
 
+    async fn delete_unused_many(
+        &self,
+        addrs: Vec<CAddr>,
+        cutoff: SystemTime,
+    ) -> Result<Vec<CAddr>> {
+        const CALL: Call = Call {
+            op: "collect_recipes",
+            operation: "DELETE",
+            table: "recipes",
+            context: "collecting recipes",
+        };
+        let mut left: Vec<Vec<u8>> = addrs.iter().map(|a| a.as_bytes().to_vec()).collect();
+        let mut deleted = Vec::new();
+        // One statement sees the edges of the recipes it deletes: a recipe used only by
+        // another of the batch goes in the next round.
+        while !left.is_empty() {
+            let rows = self
+                .pg
+                .query_in_sweep(
+                    CALL,
+                    "DELETE FROM {s}.recipes r WHERE r.addr = ANY($1) AND r.created_at < $2
+                       AND NOT EXISTS (SELECT 1 FROM {s}.edges WHERE input = r.addr)
+                       AND NOT EXISTS (SELECT 1 FROM {s}.pins p WHERE p.addr = r.addr)
+                     RETURNING r.addr",
+                    &[&left, &cutoff],
+                )
+                .await?;
+            if rows.is_empty() {
+                break;
+            }
+            self.counters.add_recipes(-(rows.len() as i64));
+            let gone = rows_to_addrs(&rows, CALL.context)?;
+            left.retain(|a| !gone.iter().any(|g| g.as_bytes()[..] == a[..]));
+            deleted.extend(gone);
+        }
+        // In the order asked.
+        Ok(addrs.into_iter().filter(|a| deleted.contains(a)).collect())
+    }
+
+    async fn unreferenced(&self, addrs: Vec<CAddr>) -> Result<Vec<CAddr>> {
+        const CALL: Call = Call {
+            op: "find_references",
+            operation: "SELECT",
+            table: "edges",
+            context: "looking up references",
+        };
+        let keys: Vec<&[u8]> = addrs.iter().map(|a| a.as_bytes().as_slice()).collect();
+        let rows = self
+            .pg
+            .query_in_sweep(
+                CALL,
+                "SELECT a FROM unnest($1::bytea[]) AS t (a)
+                 WHERE NOT EXISTS (SELECT 1 FROM {s}.edges WHERE input = a)
+                   AND NOT EXISTS (SELECT 1 FROM {s}.pins WHERE addr = a)",
+                &[&keys],
+            )
+            .await?;
+        let free = rows_to_addrs(&rows, CALL.context)?;
+        Ok(addrs.into_iter().filter(|a| free.contains(a)).collect())
+    }
+
     async fn lock_for_sweep(&self) -> Result<SweepLock> {
         self.pg.hold_sweep().await?;
         Ok(SweepLock::new(SweepGuard(self.pg.clone())))

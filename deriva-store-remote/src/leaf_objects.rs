@@ -368,11 +368,59 @@ impl BlobStore for RemoteBlobStore {
             return Ok(None);
         };
         self.counters.count_blob(false, size);
-        self.objects.delete(&self.objects.leaf_key(&addr)).await?;
-        if let Some(cache) = &self.cache {
-            disk_cache::on_pool(cache, move |c| c.remove(&addr)).await;
-        }
+        self.forget_object(addr).await?;
         Ok(Some(size))
+    }
+
+    async fn delete_older_many(
+        &self,
+        addrs: Vec<CAddr>,
+        cutoff: SystemTime,
+    ) -> Result<Vec<(CAddr, u64)>> {
+        const CALL: Call = Call {
+            op: "collect_leaves",
+            operation: "DELETE",
+            table: "leaves",
+            context: "collecting leaves",
+        };
+        use futures::StreamExt as _;
+        if addrs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The rows first, in one statement, as in `delete_if_older`: a crash before the
+        // objects are gone leaves objects without rows (garbage), never a row without its
+        // object.
+        let keys: Vec<&[u8]> = addrs.iter().map(|a| a.as_bytes().as_slice()).collect();
+        let rows = self
+            .pg
+            .query_in_sweep(
+                CALL,
+                "DELETE FROM {s}.leaves WHERE addr = ANY($1) AND created_at < $2
+                 RETURNING addr, size",
+                &[&keys, &cutoff],
+            )
+            .await?;
+        let mut gone = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let size = row.get::<_, i64>(1).max(0) as u64;
+            gone.push((addr_of(row.get(0), CALL.context)?, size));
+            self.counters.count_blob(false, size);
+        }
+        let addrs_gone: Vec<CAddr> = gone.iter().map(|(addr, _)| *addr).collect();
+        let deletes: Vec<_> = addrs_gone
+            .into_iter()
+            .map(|addr| self.forget_object(addr))
+            .collect();
+        let results: Vec<Result<()>> = futures::stream::iter(deletes)
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        // In the order asked.
+        Ok(addrs
+            .into_iter()
+            .filter_map(|a| gone.iter().find(|(g, _)| *g == a).copied())
+            .collect())
     }
 
     async fn check(&self) -> Result<()> {
@@ -381,6 +429,20 @@ impl BlobStore for RemoteBlobStore {
 }
 
 impl RemoteBlobStore {
+    /// Deletes the object of `addr` and its copy in the local cache (not its row).
+    fn forget_object(
+        &self,
+        addr: CAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + '_>> {
+        Box::pin(async move {
+            self.objects.delete(&self.objects.leaf_key(&addr)).await?;
+            if let Some(cache) = &self.cache {
+                disk_cache::on_pool(cache, move |c| c.remove(&addr)).await;
+            }
+            Ok(())
+        })
+    }
+
     /// Deletes the row of `addr` (not its object).
     async fn forget_row(&self, addr: CAddr) -> Result<()> {
         const CALL: Call = Call {

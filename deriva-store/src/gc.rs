@@ -336,7 +336,8 @@ impl Collection<'_> {
     }
 
     /// Deletes pending candidates, each only if it is still eligible, under the writers'
-    /// lock for at most [`SWEEP_BATCH`] deletes or [`SWEEP_HOLD`].
+    /// lock: at most [`SWEEP_BATCH`], in runs of one kind (one statement each on a backend
+    /// that batches), until [`SWEEP_HOLD`] has passed.
     async fn delete_some(&mut self) -> Result<Vec<Removed>> {
         let store = self.store;
         let _writers = store.writers.write().await;
@@ -344,33 +345,46 @@ impl Collection<'_> {
         let held = Instant::now();
         let mut removed = Vec::new();
         let mut tried = 0u64;
-        while (removed.len() as u64) < self.left
-            && removed.len() < SWEEP_BATCH
-            && held.elapsed() <= SWEEP_HOLD
-        {
-            let Some(candidate) = self.pending.pop_front() else {
+        let budget = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(SWEEP_BATCH);
+        while removed.len() < budget && held.elapsed() <= SWEEP_HOLD {
+            let Some(kind) = self.pending.front().map(|c| c.kind) else {
                 break;
             };
-            tried += 1;
-            let gone = match candidate.kind {
-                AddrKind::Recipe => store
-                    .recipes
-                    .delete_if_unused(candidate.addr, self.cutoff)
-                    .await?
-                    .then_some(0),
-                AddrKind::Leaf if store.recipes.is_referenced(candidate.addr).await? => None,
+            let mut run = Vec::new();
+            while run.len() < budget - removed.len()
+                && let Some(next) = self.pending.front()
+                && next.kind == kind
+            {
+                run.push(self.pending.pop_front().expect("peeked"));
+            }
+            tried += run.len() as u64;
+            let addrs: Vec<CAddr> = run.iter().map(|c| c.addr).collect();
+            let gone: Vec<Removed> = match kind {
+                AddrKind::Recipe => {
+                    let deleted = store.recipes.delete_unused_many(addrs, self.cutoff).await?;
+                    run.iter()
+                        .filter(|c| deleted.contains(&c.addr))
+                        .copied()
+                        .collect()
+                }
                 AddrKind::Leaf => {
-                    store
-                        .blobs
-                        .delete_if_older(candidate.addr, self.cutoff)
-                        .await?
+                    let free = store.recipes.unreferenced(addrs).await?;
+                    let deleted = store.blobs.delete_older_many(free, self.cutoff).await?;
+                    run.iter()
+                        .filter_map(|c| {
+                            let (_, bytes) = deleted.iter().find(|(a, _)| *a == c.addr)?;
+                            Some(Removed {
+                                bytes: *bytes,
+                                ..*c
+                            })
+                        })
+                        .collect()
                 }
             };
-            if let Some(bytes) = gone {
-                removed.push(Removed { bytes, ..candidate });
-            } else {
-                self.outcome.kept += 1;
-            }
+            self.outcome.kept += (run.len() - gone.len()) as u64;
+            removed.extend(gone);
         }
         store.counters.gc_progress().advance(tried);
         Ok(removed)

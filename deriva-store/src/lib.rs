@@ -284,6 +284,23 @@ pub trait BlobStore: Send + Sync + fmt::Debug + 'static {
     /// holds off writers and has checked that nothing refers to it.
     async fn delete_if_older(&self, addr: CAddr, cutoff: SystemTime) -> Result<Option<u64>>;
 
+    /// [`BlobStore::delete_if_older`] for each of `addrs`: the ones deleted, with their sizes.
+    /// The default asks one at a time; the remote store deletes the batch's rows in one
+    /// statement.
+    async fn delete_older_many(
+        &self,
+        addrs: Vec<CAddr>,
+        cutoff: SystemTime,
+    ) -> Result<Vec<(CAddr, u64)>> {
+        let mut out = Vec::new();
+        for addr in addrs {
+            if let Some(size) = self.delete_if_older(addr, cutoff).await? {
+                out.push((addr, size));
+            }
+        }
+        Ok(out)
+    }
+
     /// A cheap real round trip to the backend, for health checks: `Ok` if it can serve.
     async fn check(&self) -> Result<()>;
 }
@@ -393,6 +410,35 @@ pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
 
     /// Whether a stored recipe uses `addr` as an input, or `addr` is pinned.
     async fn is_referenced(&self, addr: CAddr) -> Result<bool>;
+
+    /// [`RecipeIndex::delete_if_unused`] for each of `addrs`, in order: the ones deleted.
+    /// The default asks one at a time; PostgreSQL deletes the batch in one statement (again
+    /// for what an earlier recipe of the batch still used).
+    async fn delete_unused_many(
+        &self,
+        addrs: Vec<CAddr>,
+        cutoff: SystemTime,
+    ) -> Result<Vec<CAddr>> {
+        let mut out = Vec::new();
+        for addr in addrs {
+            if self.delete_if_unused(addr, cutoff).await? {
+                out.push(addr);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Of `addrs`, the ones [`RecipeIndex::is_referenced`] is false for, in order. The default
+    /// asks one at a time; PostgreSQL answers the batch in one statement.
+    async fn unreferenced(&self, addrs: Vec<CAddr>) -> Result<Vec<CAddr>> {
+        let mut out = Vec::new();
+        for addr in addrs {
+            if !self.is_referenced(addr).await? {
+                out.push(addr);
+            }
+        }
+        Ok(out)
+    }
 
     /// Holds off the puts and pins of every other node that shares this index, for garbage
     /// collection's deletes. The default (an index of one process) holds nothing.
