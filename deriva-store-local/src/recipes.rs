@@ -520,3 +520,50 @@ fn decode_depth(addr: &CAddr, row: &[u8]) -> Result<u32> {
         })?;
     Ok(u32::from_le_bytes(raw))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deriva_core::{FunctionId, Params};
+
+    fn recipe(inputs: Vec<CAddr>, n: u32) -> Recipe {
+        let mut params = Params::new();
+        params.insert("n".to_owned(), n.to_string());
+        Recipe::new(FunctionId::new("concat", "1").unwrap(), inputs, params).unwrap()
+    }
+
+    /// A database written before `recipes_by_depth` existed (here: the table dropped) gets it
+    /// when it opens, and its listing pages by depth; a delete takes the recipe's key away.
+    #[test]
+    fn the_depth_index_is_built_at_open_for_an_older_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deriva.redb");
+        let leaf = CAddr::for_leaf(b"leaf");
+        let mut expected = Vec::new();
+        {
+            let db = RecipeDb::open(&path, Arc::default()).unwrap();
+            let mut below = leaf;
+            for depth in 1..=3u32 {
+                let batch: Vec<(CAddr, Recipe)> = (0..4)
+                    .map(|i| {
+                        let r = recipe(vec![below, leaf], depth * 10 + i);
+                        (r.addr(), r)
+                    })
+                    .collect();
+                db.put_batch(&batch).unwrap();
+                expected.extend(batch.iter().map(|(a, _)| (*a, depth)));
+                below = batch[0].0;
+            }
+            let txn = db.db.begin_write().unwrap();
+            assert!(txn.delete_table(BY_DEPTH).unwrap());
+            txn.commit().unwrap();
+        }
+        expected.sort_by_key(|(a, d)| (*d, *a));
+        let db = RecipeDb::open(&path, Arc::default()).unwrap();
+        assert_eq!(db.list_page(None, 100).unwrap(), expected);
+        let (a, d) = expected[4];
+        assert_eq!(db.list_page(Some((d, a)), 3).unwrap(), expected[5..8]);
+        assert!(db.delete(&expected[0].0).unwrap());
+        assert_eq!(db.list_page(None, 100).unwrap(), expected[1..]);
+    }
+}

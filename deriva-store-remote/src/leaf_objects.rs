@@ -80,23 +80,7 @@ impl RemoteBlobStore {
             table: "leaves",
             context: "recording a leaf",
         };
-        let (key, size) = (
-            addr.as_bytes().as_slice(),
-            i64::try_from(size).unwrap_or(i64::MAX),
-        );
-        let lock = self.pg.sweep_key();
-        let row = self
-            .pg
-            .query_opt(
-                CALL,
-                "WITH held AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared($3::bigint))
-                 INSERT INTO {s}.leaves (addr, size) SELECT $1::bytea, $2::bigint FROM held
-                 ON CONFLICT (addr) DO UPDATE SET created_at = clock_timestamp()
-                 RETURNING (xmax = 0)",
-                &[&key, &size, &lock],
-            )
-            .await?;
-        Ok(row.is_some_and(|r| r.get(0)))
+        Ok(!self.record_rows(CALL, &[(addr, size)]).await?.is_empty())
     }
 
     /// Writes the object of the leaf `data` (a conditional create), repairing a stored copy
@@ -141,6 +125,14 @@ impl RemoteBlobStore {
             table: "leaves",
             context: "recording leaves",
         };
+        self.record_rows(CALL, rows).await
+    }
+
+    /// Records `rows` (distinct addresses with their sizes) in one `INSERT`, or refreshes the
+    /// time of those already there (their last put), holding the sweep lock shared so that a
+    /// garbage collection's delete of a row and its object comes wholly before or after: the
+    /// addresses whose rows are new.
+    async fn record_rows(&self, call: Call, rows: &[(CAddr, u64)]) -> Result<HashSet<CAddr>> {
         if rows.is_empty() {
             return Ok(HashSet::new());
         }
@@ -153,7 +145,7 @@ impl RemoteBlobStore {
         let found = self
             .pg
             .query(
-                CALL,
+                call,
                 "WITH held AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared($3::bigint))
                  INSERT INTO {s}.leaves (addr, size)
                  SELECT t.addr, t.size FROM held, unnest($1::bytea[], $2::bigint[]) AS t (addr, size)
@@ -165,7 +157,7 @@ impl RemoteBlobStore {
         let mut new = HashSet::new();
         for row in &found {
             if row.get::<_, bool>(1) {
-                new.insert(addr_of(row.get(0), CALL.context)?);
+                new.insert(addr_of(row.get(0), call.context)?);
             }
         }
         Ok(new)

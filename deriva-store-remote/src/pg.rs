@@ -175,7 +175,7 @@ CREATE TRIGGER count_truncates AFTER TRUNCATE ON {s}.pins
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_truncated();
 "#,
     r#"
-CREATE INDEX recipes_by_depth ON {s}.recipes (depth, addr);
+CREATE INDEX IF NOT EXISTS recipes_by_depth ON {s}.recipes (depth, addr);
 "#,
 ];
 

@@ -67,23 +67,26 @@ pub(super) async fn verify(run: &Arc<Migration>, outputs: bool) -> Result<(), Mi
 
     // Everything of the source is in the destination.
     run.bar.set_prefix("source");
-    let mut pages = run.src.blobs().list_pages(BATCH);
-    while let Some(page) = pages
-        .try_next()
-        .await
-        .map_err(listing("source", "leaves"))?
-    {
+    let leaves = run.src.blobs().list_pages(BATCH).map_ok(|page| {
         let addrs: Vec<CAddr> = page.into_iter().map(|(addr, _)| addr).collect();
-        look_up(run, ObjectKind::Leaf, &addrs).await?;
-    }
-    let mut pages = run.src.recipes().list_pages(BATCH);
-    while let Some(page) = pages
-        .try_next()
-        .await
-        .map_err(listing("source", "recipes"))?
-    {
-        let addrs: Vec<CAddr> = page.into_iter().map(|(addr, _)| addr).collect();
-        look_up(run, ObjectKind::Recipe, &addrs).await?;
+        addrs
+    });
+    let recipes = run
+        .src
+        .recipes()
+        .list_pages(BATCH)
+        .map_ok(|page| page.into_iter().map(|(addr, _)| addr).collect());
+    for (kind, mut pages) in [
+        (ObjectKind::Leaf, leaves.boxed()),
+        (ObjectKind::Recipe, recipes.boxed()),
+    ] {
+        let what = match kind {
+            ObjectKind::Leaf => "leaves",
+            ObjectKind::Recipe => "recipes",
+        };
+        while let Some(addrs) = pages.try_next().await.map_err(listing("source", what))? {
+            look_up(run, kind, &addrs).await?;
+        }
     }
     if let Some((src, _)) = tiers {
         let mut pages = src.list_pages(BATCH);
