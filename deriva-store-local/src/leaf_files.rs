@@ -396,6 +396,18 @@ impl BlobFiles {
             .call_blocking(calls::FILE_HEAD, || Ok(self.path_of(addr).is_file()))
     }
 
+    /// Of `addrs`, those with neither a row nor a file, in order: the rows looked up in one
+    /// read transaction.
+    pub(super) fn missing(&self, addrs: &[CAddr]) -> Result<Vec<CAddr>> {
+        let no_row = self.small.missing(addrs)?;
+        self.metrics.call_blocking(calls::FILE_HEAD, || {
+            Ok(no_row
+                .into_iter()
+                .filter(|addr| !self.path_of(addr).is_file())
+                .collect())
+        })
+    }
+
     /// The size of the blob for `addr`, if there is one.
     pub(super) fn size(&self, addr: &CAddr) -> Result<Option<u64>> {
         if let Some(len) = self.small.size(addr)? {
@@ -457,31 +469,65 @@ impl BlobFiles {
         })
     }
 
-    /// Every blob address: the small leaves' and the shard directories'.
-    pub(super) fn list(&self) -> Result<Vec<CAddr>> {
-        let mut out: Vec<CAddr> = self
-            .small
-            .list_aged()?
+    /// At most `limit` blobs whose address sorts after `after` (from the first when `None`),
+    /// in address order, with their sizes: the small leaves' rows and the files of the shard
+    /// directories merged. Holds one page of rows and the names of one shard directory at a
+    /// time (a shard is 1/256 of the files); reads only the shards the page can reach.
+    pub(super) fn list_page(
+        &self,
+        after: Option<CAddr>,
+        limit: usize,
+    ) -> Result<Vec<(CAddr, u64)>> {
+        let rows = self.small.list_page(after, limit)?;
+        // With a full page of rows, no file beyond the last row's shard can be in the page.
+        let last_shard = match rows.last() {
+            Some((last, _)) if rows.len() == limit => last.as_bytes()[0],
+            _ => u8::MAX,
+        };
+        let files = self.metrics.call_blocking(calls::FILE_LIST, || {
+            self.list_files(after, limit, last_shard)
+        })?;
+        let mut page: Vec<(CAddr, Option<u64>)> = rows
             .into_iter()
-            .map(|l| l.addr)
+            .map(|(addr, size)| (addr, Some(size)))
+            .chain(files.into_iter().map(|addr| (addr, None)))
             .collect();
-        out.extend(
-            self.metrics
-                .call_blocking(calls::FILE_LIST, || self.list_files())?,
-        );
-        Ok(out)
+        page.sort_by_key(|a| a.0);
+        // A leaf that is both a row and a file (written under another threshold) once.
+        page.dedup_by(|a, b| a.0 == b.0);
+        page.truncate(limit);
+        page.into_iter()
+            .map(|(addr, size)| match size {
+                Some(size) => Ok((addr, size)),
+                // A file deleted since its shard was read: listed with size 0 (a reader finds
+                // it gone, as it would had it gone just after the listing).
+                None => match fs::metadata(path_of(&self.root, &addr)) {
+                    Ok(meta) => Ok((addr, meta.len())),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((addr, 0)),
+                    Err(e) => Err(DerivaError::io(format!("sizing blob {addr}"), &e)),
+                },
+            })
+            .collect()
     }
 
-    /// Every address with a blob file, by listing the shard directories.
-    fn list_files(&self) -> Result<Vec<CAddr>> {
+    /// The addresses of blob files after `after`, in order, from the shards from `after`'s
+    /// to `last_shard`: whole shards, until at least `limit` are found.
+    fn list_files(&self, after: Option<CAddr>, limit: usize, last_shard: u8) -> Result<Vec<CAddr>> {
         let mut out = Vec::new();
-        for shard in 0..=255u8 {
-            out.extend(self.shard_files(shard)?);
+        let first_shard = after.map_or(0, |a| a.as_bytes()[0]);
+        for shard in first_shard..=last_shard {
+            let mut names = self.shard_files(shard)?;
+            names.retain(|a| after.is_none_or(|after| *a > after));
+            names.sort();
+            out.extend(names);
+            if out.len() >= limit {
+                break;
+            }
         }
         Ok(out)
     }
 
-    /// The addresses with a blob file in the directory of shard `shard`.
+    /// The addresses with a blob file in the directory of shard `shard`, in no order.
     fn shard_files(&self, shard: u8) -> Result<Vec<CAddr>> {
         let mut out = Vec::new();
         for entry in read_dir(&self.root.join(hex::encode([shard])))? {

@@ -64,6 +64,9 @@ use deriva_store::{BlobStore, Lease, RecipeIndex, Store, StoreCounters, StoredRe
 
 /// Name of the redb file inside the data directory.
 pub const DB_FILE: &str = "deriva.redb";
+/// The most a listing page reserves up front, whatever limit it is asked for.
+const PAGE_CAPACITY: usize = 4096;
+
 /// Name of the blob directory inside the data directory.
 pub const BLOB_DIR: &str = "blobs";
 
@@ -246,6 +249,22 @@ impl BlobStore for LocalBlobStore {
         on_pool(&self.inner, "storing a blob", move |b| b.put(&data)).await
     }
 
+    async fn put_many(&self, data: Vec<Bytes>) -> Result<Vec<CAddr>> {
+        // The small leaves go to the committer together and share its commits; larger ones are
+        // files, written one by one.
+        let addrs: Vec<CAddr> = data.iter().map(|d| CAddr::for_leaf(d)).collect();
+        let (small, large): (Vec<_>, Vec<_>) = addrs
+            .iter()
+            .copied()
+            .zip(data)
+            .partition(|(_, d)| self.inner.0.is_small(d.len() as u64));
+        self.inner.0.small().put_many(small).await?;
+        for (_, data) in large {
+            on_pool(&self.inner, "storing a blob", move |b| b.put(&data)).await?;
+        }
+        Ok(addrs)
+    }
+
     async fn get(&self, addr: CAddr) -> Result<Option<Bytes>> {
         on_pool(&self.inner, "reading a blob", move |b| b.get(&addr)).await
     }
@@ -301,6 +320,10 @@ impl BlobStore for LocalBlobStore {
         on_pool(&self.inner, "looking up a blob", move |b| b.contains(&addr)).await
     }
 
+    async fn missing(&self, addrs: Vec<CAddr>) -> Result<Vec<CAddr>> {
+        on_pool(&self.inner, "looking up blobs", move |b| b.missing(&addrs)).await
+    }
+
     async fn size(&self, addr: CAddr) -> Result<Option<u64>> {
         on_pool(&self.inner, "sizing a blob", move |b| b.size(&addr)).await
     }
@@ -309,8 +332,11 @@ impl BlobStore for LocalBlobStore {
         on_pool(&self.inner, "deleting a blob", move |b| b.delete(&addr)).await
     }
 
-    async fn list(&self) -> Result<Vec<CAddr>> {
-        on_pool(&self.inner, "listing blobs", |b| b.list()).await
+    async fn list_page(&self, after: Option<CAddr>, limit: usize) -> Result<Vec<(CAddr, u64)>> {
+        on_pool(&self.inner, "listing blobs", move |b| {
+            b.list_page(after, limit)
+        })
+        .await
     }
 
     async fn delete_if_older(&self, addr: CAddr, cutoff: SystemTime) -> Result<Option<u64>> {
@@ -386,9 +412,15 @@ impl RecipeIndex for LocalRecipeIndex {
         .await
     }
 
-    async fn list(&self) -> Result<Vec<(CAddr, u32)>> {
-        self.transaction(calls::LIST_RECIPES, "listing recipes", |r| r.list())
-            .await
+    async fn list_page(
+        &self,
+        after: Option<(u32, CAddr)>,
+        limit: usize,
+    ) -> Result<Vec<(CAddr, u32)>> {
+        self.transaction(calls::LIST_RECIPES, "listing recipes", move |r| {
+            r.list_page(after, limit)
+        })
+        .await
     }
 
     async fn pin(&self, addr: CAddr, blobs: &dyn BlobStore) -> Result<bool> {

@@ -7,7 +7,11 @@
 //! - `pins`: pinned address → when it was pinned (seconds since the Unix epoch);
 //! - `recipe_times`: recipe address → when it was last put (milliseconds since the Unix
 //!   epoch), for garbage collection; a recipe without a row (stored by an older version)
-//!   counts as put long ago.
+//!   counts as put long ago;
+//! - `recipes_by_depth`: `depth (u32 big-endian) ‖ address` → nothing, one key per row of
+//!   `recipes`, written in the same transaction: the listing's pages walk it, in the order that
+//!   puts every recipe after its inputs. A database written before it existed gets it when it
+//!   opens (one pass over `recipes`, whenever the two tables' lengths differ).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -32,6 +36,16 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const RECIPE_COUNT: &str = "recipe_count";
 const PINS: TableDefinition<&[u8; 32], u64> = TableDefinition::new("pins");
 const RECIPE_TIMES: TableDefinition<&[u8; 32], u64> = TableDefinition::new("recipe_times");
+const BY_DEPTH: TableDefinition<&[u8; 36], ()> = TableDefinition::new("recipes_by_depth");
+
+/// The key of `addr` at `depth` in `recipes_by_depth`: big-endian depth first, so that keys
+/// sort by depth, then by address.
+fn depth_key(depth: u32, addr: &CAddr) -> [u8; 36] {
+    let mut key = [0u8; 36];
+    key[..4].copy_from_slice(&depth.to_be_bytes());
+    key[4..].copy_from_slice(addr.as_bytes());
+    key
+}
 /// A recipe stored again refreshes its time only if the stored one is at least this old: a
 /// burst of identical puts commits (and fsyncs) once.
 const TOUCH_EVERY_MS: u64 = 1000;
@@ -90,6 +104,7 @@ impl RecipeDb {
             txn.open_table(RECIPES).or_storage(CTX)?;
             txn.open_multimap_table(DEPENDENTS).or_storage(CTX)?;
             txn.open_table(RECIPE_TIMES).or_storage(CTX)?;
+            index_depths(&txn)?;
             let pins = txn.open_table(PINS).or_storage(CTX)?;
             counters.set_pins(pins.len().or_storage(CTX)?);
             let meta = txn.open_table(META).or_storage(CTX)?;
@@ -114,6 +129,7 @@ impl RecipeDb {
             let mut recipes = txn.open_table(RECIPES).or_storage(CTX)?;
             let mut dependents = txn.open_multimap_table(DEPENDENTS).or_storage(CTX)?;
             let mut times = txn.open_table(RECIPE_TIMES).or_storage(CTX)?;
+            let mut by_depth = txn.open_table(BY_DEPTH).or_storage(CTX)?;
             for (addr, recipe) in batch {
                 if recipes.get(addr.as_bytes()).or_storage(CTX)?.is_some() {
                     // Stored again: refresh its time.
@@ -140,6 +156,9 @@ impl RecipeDb {
                 row.extend_from_slice(&recipe.canonical_bytes());
                 recipes
                     .insert(addr.as_bytes(), row.as_slice())
+                    .or_storage(CTX)?;
+                by_depth
+                    .insert(&depth_key(depth.saturating_add(1), addr), ())
                     .or_storage(CTX)?;
                 for input in recipe.inputs() {
                     dependents
@@ -249,8 +268,15 @@ impl RecipeDb {
                 txn.abort().or_storage(CTX)?;
                 return Ok(false);
             };
-            let recipe = Recipe::from_canonical_bytes(&row.value()[4..]);
+            let recipe = Recipe::from_canonical_bytes(row.value().get(4..).unwrap_or_default());
+            let depth = decode_depth(addr, row.value());
             drop(row);
+            if let Ok(depth) = depth {
+                txn.open_table(BY_DEPTH)
+                    .or_storage(CTX)?
+                    .remove(&depth_key(depth, addr))
+                    .or_storage(CTX)?;
+            }
             let mut dependents = txn.open_multimap_table(DEPENDENTS).or_storage(CTX)?;
             if let Ok(recipe) = recipe {
                 for input in recipe.inputs() {
@@ -416,24 +442,48 @@ impl RecipeDb {
     pub(super) fn damage_row(&self, addr: &CAddr) -> Result<()> {
         const CTX: &str = "damaging a recipe";
         let txn = self.db.begin_write().or_storage(CTX)?;
-        txn.open_table(RECIPES)
-            .or_storage(CTX)?
-            .insert(addr.as_bytes(), &[1, 0, 0, 0, 0xff, 0xff][..])
-            .or_storage(CTX)?;
+        {
+            let mut recipes = txn.open_table(RECIPES).or_storage(CTX)?;
+            // The depth stays what it was: the listing's index still names the row.
+            let depth = match recipes.get(addr.as_bytes()).or_storage(CTX)? {
+                Some(row) => decode_depth(addr, row.value())?,
+                None => 1,
+            };
+            let mut row = depth.to_le_bytes().to_vec();
+            row.extend_from_slice(&[0xff, 0xff]);
+            recipes
+                .insert(addr.as_bytes(), row.as_slice())
+                .or_storage(CTX)?;
+        }
         txn.commit().or_storage(CTX)
     }
 
-    /// Every recipe's address and depth, from one read transaction.
-    pub(super) fn list(&self) -> Result<Vec<(CAddr, u32)>> {
+    /// At most `limit` recipes whose `(depth, address)` sorts after `after` (from the first
+    /// when `None`), in that order, from one read transaction over `recipes_by_depth`.
+    pub(super) fn list_page(
+        &self,
+        after: Option<(u32, CAddr)>,
+        limit: usize,
+    ) -> Result<Vec<(CAddr, u32)>> {
         const CTX: &str = "listing recipes";
         let txn = self.db.begin_read().or_storage(CTX)?;
-        let table = txn.open_table(RECIPES).or_storage(CTX)?;
-        let mut out =
-            Vec::with_capacity(usize::try_from(table.len().or_storage(CTX)?).unwrap_or(0));
-        for entry in table.iter().or_storage(CTX)? {
-            let (key, row) = entry.or_storage(CTX)?;
-            let addr = CAddr::from_bytes(*key.value());
-            out.push((addr, decode_depth(&addr, row.value())?));
+        let table = txn.open_table(BY_DEPTH).or_storage(CTX)?;
+        let after = after.map(|(depth, addr)| depth_key(depth, &addr));
+        let start = match &after {
+            Some(key) => std::ops::Bound::Excluded(key),
+            None => std::ops::Bound::Unbounded,
+        };
+        let range = table
+            .range::<&[u8; 36]>((start, std::ops::Bound::Unbounded))
+            .or_storage(CTX)?;
+        let mut out = Vec::with_capacity(limit.min(super::PAGE_CAPACITY));
+        for entry in range.take(limit) {
+            let (key, _) = entry.or_storage(CTX)?;
+            let key = key.value();
+            let depth = u32::from_be_bytes([key[0], key[1], key[2], key[3]]);
+            let mut addr = [0u8; 32];
+            addr.copy_from_slice(&key[4..]);
+            out.push((CAddr::from_bytes(addr), depth));
         }
         Ok(out)
     }
@@ -503,6 +553,28 @@ impl RecipeDb {
     }
 }
 
+/// Builds `recipes_by_depth` from `recipes` in `txn` if it does not hold one key per recipe
+/// (a database from before it existed): one pass over `recipes`, at open.
+fn index_depths(txn: &redb::WriteTransaction) -> Result<()> {
+    const CTX: &str = "indexing recipes by depth";
+    let recipes = txn.open_table(RECIPES).or_storage(CTX)?;
+    let mut by_depth = txn.open_table(BY_DEPTH).or_storage(CTX)?;
+    let want = recipes.len().or_storage(CTX)?;
+    if by_depth.len().or_storage(CTX)? == want {
+        return Ok(());
+    }
+    by_depth.retain(|_, ()| false).or_storage(CTX)?;
+    for entry in recipes.iter().or_storage(CTX)? {
+        let (key, row) = entry.or_storage(CTX)?;
+        let addr = CAddr::from_bytes(*key.value());
+        by_depth
+            .insert(&depth_key(decode_depth(&addr, row.value())?, &addr), ())
+            .or_storage(CTX)?;
+    }
+    tracing::info!(recipes = want, "indexed the recipes by depth");
+    Ok(())
+}
+
 /// Whether a recipe uses `addr` (an edge in `dependents`) or `addr` is pinned, in the
 /// transaction the tables were opened in.
 fn referenced(
@@ -565,4 +637,51 @@ fn decode_depth(addr: &CAddr, row: &[u8]) -> Result<u32> {
             ),
         })?;
     Ok(u32::from_le_bytes(raw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deriva_core::{FunctionId, Params};
+
+    fn recipe(inputs: Vec<CAddr>, n: u32) -> Recipe {
+        let mut params = Params::new();
+        params.insert("n".to_owned(), n.to_string());
+        Recipe::new(FunctionId::new("concat", "1").unwrap(), inputs, params).unwrap()
+    }
+
+    /// A database written before `recipes_by_depth` existed (here: the table dropped) gets it
+    /// when it opens, and its listing pages by depth; a delete takes the recipe's key away.
+    #[test]
+    fn the_depth_index_is_built_at_open_for_an_older_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deriva.redb");
+        let leaf = CAddr::for_leaf(b"leaf");
+        let mut expected = Vec::new();
+        {
+            let db = RecipeDb::open(&path, Arc::default()).unwrap();
+            let mut below = leaf;
+            for depth in 1..=3u32 {
+                let batch: Vec<(CAddr, Recipe)> = (0..4)
+                    .map(|i| {
+                        let r = recipe(vec![below, leaf], depth * 10 + i);
+                        (r.addr(), r)
+                    })
+                    .collect();
+                db.put_batch(&batch).unwrap();
+                expected.extend(batch.iter().map(|(a, _)| (*a, depth)));
+                below = batch[0].0;
+            }
+            let txn = db.db.begin_write().unwrap();
+            assert!(txn.delete_table(BY_DEPTH).unwrap());
+            txn.commit().unwrap();
+        }
+        expected.sort_by_key(|(a, d)| (*d, *a));
+        let db = RecipeDb::open(&path, Arc::default()).unwrap();
+        assert_eq!(db.list_page(None, 100).unwrap(), expected);
+        let (a, d) = expected[4];
+        assert_eq!(db.list_page(Some((d, a)), 3).unwrap(), expected[5..8]);
+        assert!(db.delete(&expected[0].0).unwrap());
+        assert_eq!(db.list_page(None, 100).unwrap(), expected[1..]);
+    }
 }

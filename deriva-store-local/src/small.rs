@@ -202,6 +202,25 @@ impl SmallLeaves {
             .await
     }
 
+    /// Stores several leaves (with their addresses) through the committer, handed over all
+    /// at once so that they share its transactions (a commit takes up to 1024 puts or 16 MiB);
+    /// done once all are durable, or the first error.
+    pub(super) async fn put_many(&self, leaves: Vec<(CAddr, Bytes)>) -> Result<()> {
+        let answers: Vec<_> = leaves
+            .into_iter()
+            .map(|(addr, data)| self.submit(addr, data))
+            .collect();
+        let committed = async {
+            for answer in answers {
+                answer.await.unwrap_or_else(|_| Err(committer_gone()))?;
+            }
+            Ok(())
+        };
+        self.metrics
+            .call(calls::PUT_LEAF, Target::None, committed)
+            .await
+    }
+
     /// [`SmallLeaves::put`] for a caller on the blocking pool: blocks until it is durable.
     pub(super) fn put_blocking(&self, addr: CAddr, data: Bytes) -> Result<()> {
         self.metrics.call_blocking(calls::PUT_LEAF, || {
@@ -263,14 +282,53 @@ impl SmallLeaves {
         })
     }
 
-    /// Every row's address, size and last put.
-    pub(super) fn list_aged(&self) -> Result<Vec<AgedLeaf>> {
-        let mut out = Vec::new();
-        self.for_each_aged(|leaf| {
-            out.push(leaf);
-            Ok(())
-        })?;
-        Ok(out)
+    /// Of `addrs`, those with no row, in order, from one read transaction.
+    pub(super) fn missing(&self, addrs: &[CAddr]) -> Result<Vec<CAddr>> {
+        self.metrics.call_blocking(calls::FIND_LEAF, || {
+            const CTX: &str = "looking up small leaves";
+            let txn = self.db.begin_read().map_err(|e| db_error(CTX, e))?;
+            let table = txn.open_table(LEAVES).map_err(|e| db_error(CTX, e))?;
+            let mut out = Vec::new();
+            for addr in addrs {
+                if table
+                    .get(addr.as_bytes())
+                    .map_err(|e| db_error(CTX, e))?
+                    .is_none()
+                {
+                    out.push(*addr);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// At most `limit` rows whose address sorts after `after` (all when `None`), in address
+    /// order, with their sizes, from one read transaction.
+    pub(super) fn list_page(
+        &self,
+        after: Option<CAddr>,
+        limit: usize,
+    ) -> Result<Vec<(CAddr, u64)>> {
+        self.metrics.call_blocking(calls::LIST_LEAVES, || {
+            const CTX: &str = "listing small leaves";
+            let txn = self.db.begin_read().map_err(|e| db_error(CTX, e))?;
+            let table = txn.open_table(LEAVES).map_err(|e| db_error(CTX, e))?;
+            let after = after.map(|a| *a.as_bytes());
+            let start = match &after {
+                Some(key) => std::ops::Bound::Excluded(key),
+                None => std::ops::Bound::Unbounded,
+            };
+            let range = table
+                .range::<&[u8; 32]>((start, std::ops::Bound::Unbounded))
+                .map_err(|e| db_error(CTX, e))?;
+            let mut out = Vec::with_capacity(limit.min(super::PAGE_CAPACITY));
+            for entry in range.take(limit) {
+                let (key, row) = entry.map_err(|e| db_error(CTX, e))?;
+                let size = row.value().len().saturating_sub(8) as u64;
+                out.push((CAddr::from_bytes(*key.value()), size));
+            }
+            Ok(out)
+        })
     }
 
     /// Calls `f` with every row's address, size and last put, from one read transaction,

@@ -486,16 +486,31 @@ impl RecipeIndex for PgIndex {
         Ok(deleted)
     }
 
-    async fn list(&self) -> Result<Vec<(CAddr, u32)>> {
+    async fn list_page(
+        &self,
+        after: Option<(u32, CAddr)>,
+        limit: usize,
+    ) -> Result<Vec<(CAddr, u32)>> {
         const CALL: Call = Call {
             op: "list_recipes",
             operation: "SELECT",
             table: "recipes",
             context: "listing recipes",
         };
+        // Walks the index `recipes_by_depth` (migration 4). Depths start at 1, so (0, '') sorts
+        // before every row.
+        let (depth, addr) = after.map_or((0, Vec::new()), |(d, a)| {
+            (i32::try_from(d).unwrap_or(i32::MAX), a.as_bytes().to_vec())
+        });
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
             .pg
-            .query(CALL, "SELECT addr, depth FROM {s}.recipes", &[])
+            .query(
+                CALL,
+                "SELECT addr, depth FROM {s}.recipes WHERE (depth, addr) > ($1, $2)
+                 ORDER BY depth, addr LIMIT $3",
+                &[&depth, &addr, &limit],
+            )
             .await?;
         rows.iter()
             .map(|row| {

@@ -2,7 +2,9 @@
 //! their sizes) in PostgreSQL's `leaves` table.
 //!
 //! - A put writes the bytes first (a conditional create), then the row: an object without a row
-//!   is garbage for the collector, never a row without its bytes.
+//!   is garbage for the collector, never a row without its bytes. A batch (`put_many`, for
+//!   `deriva-server migrate`) uploads its objects concurrently, then records them all in one
+//!   multi-row `INSERT`, with the same guarantees.
 //! - Existence, size and listing are index questions, answered by PostgreSQL, never by object
 //!   listings.
 //! - A read goes to the local read-through cache, then, if the index records the leaf, to the
@@ -10,6 +12,7 @@
 //!   spares the object store a GET that would miss (the executor asks for a leaf at every
 //!   recipe's address) and never serves an object the index does not know.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -18,7 +21,7 @@ use bytes::Bytes;
 use deriva_core::error::Result;
 use deriva_core::{CAddr, DerivaError};
 use deriva_store::{BlobStore, ByteStream, StoreCounters, stream};
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::disk_cache::{self, DiskCache};
 use crate::index::{self, addr_of};
@@ -27,7 +30,10 @@ use crate::pg::{Call, Pg};
 use crate::spool::Spool;
 use deriva_store::observe::BackendMetrics;
 
-/// The listing of the `leaves` table (`list`, `list_aged`).
+/// Concurrent object uploads of one [`BlobStore::put_many`].
+const PUT_MANY_AT_ONCE: usize = 16;
+
+/// The listing of the `leaves` table (`list_page`, `list_aged`).
 const LIST_LEAVES: Call = Call {
     op: "list_leaves",
     operation: "SELECT",
@@ -74,23 +80,87 @@ impl RemoteBlobStore {
             table: "leaves",
             context: "recording a leaf",
         };
-        let (key, size) = (
-            addr.as_bytes().as_slice(),
-            i64::try_from(size).unwrap_or(i64::MAX),
-        );
+        Ok(!self.record_rows(CALL, &[(addr, size)]).await?.is_empty())
+    }
+
+    /// Writes the object of the leaf `data` (a conditional create), repairing a stored copy
+    /// that is damaged or gone: its address, and whether the object existed already.
+    async fn write_object(&self, data: Bytes) -> Result<(CAddr, bool)> {
+        let addr = CAddr::for_leaf(&data);
+        let key = self.objects.leaf_key(&addr);
+        let existed = self.objects.create(&key, data.clone()).await? == Written::Existed;
+        if existed {
+            // Same address, same bytes, unless the stored copy was damaged: check, and repair.
+            match self.fetch(addr).await {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(DerivaError::Corrupted { .. }) => {
+                    tracing::warn!(%addr, "rewriting a damaged or vanished object");
+                    self.objects.overwrite(&key, data).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((addr, existed))
+    }
+
+    /// After the row of `addr` was recorded anew: counts the leaf and, if this put did not
+    /// create its object, makes sure garbage collection did not remove it meanwhile.
+    async fn recorded_new(&self, addr: CAddr, data: Bytes, existed: bool) -> Result<()> {
+        self.counters.count_blob(true, data.len() as u64);
+        if existed && !self.object_survived(addr).await? {
+            tracing::info!(%addr, "rewriting an object garbage collection removed during the put");
+            self.objects
+                .overwrite(&self.objects.leaf_key(&addr), data)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// [`RemoteBlobStore::record`] for several leaves (distinct addresses) in one statement:
+    /// the addresses whose rows are new.
+    async fn record_many(&self, rows: &[(CAddr, u64)]) -> Result<HashSet<CAddr>> {
+        const CALL: Call = Call {
+            op: "put_leaves",
+            operation: "INSERT",
+            table: "leaves",
+            context: "recording leaves",
+        };
+        self.record_rows(CALL, rows).await
+    }
+
+    /// Records `rows` (distinct addresses with their sizes) in one `INSERT`, or refreshes the
+    /// time of those already there (their last put), holding the sweep lock shared so that a
+    /// garbage collection's delete of a row and its object comes wholly before or after: the
+    /// addresses whose rows are new.
+    async fn record_rows(&self, call: Call, rows: &[(CAddr, u64)]) -> Result<HashSet<CAddr>> {
+        if rows.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let keys: Vec<&[u8]> = rows.iter().map(|(a, _)| a.as_bytes().as_slice()).collect();
+        let sizes: Vec<i64> = rows
+            .iter()
+            .map(|(_, size)| i64::try_from(*size).unwrap_or(i64::MAX))
+            .collect();
         let lock = self.pg.sweep_key();
-        let row = self
+        let found = self
             .pg
-            .query_opt(
-                CALL,
+            .query(
+                call,
                 "WITH held AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared($3::bigint))
-                 INSERT INTO {s}.leaves (addr, size) SELECT $1::bytea, $2::bigint FROM held
+                 INSERT INTO {s}.leaves (addr, size)
+                 SELECT t.addr, t.size FROM held, unnest($1::bytea[], $2::bigint[]) AS t (addr, size)
                  ON CONFLICT (addr) DO UPDATE SET created_at = clock_timestamp()
-                 RETURNING (xmax = 0)",
-                &[&key, &size, &lock],
+                 RETURNING addr, (xmax = 0)",
+                &[&keys, &sizes, &lock],
             )
             .await?;
-        Ok(row.is_some_and(|r| r.get(0)))
+        let mut new = HashSet::new();
+        for row in &found {
+            if row.get::<_, bool>(1) {
+                new.insert(addr_of(row.get(0), call.context)?);
+            }
+        }
+        Ok(new)
     }
 
     /// After a new row for a leaf whose object this put did not create: garbage collection may
@@ -152,29 +222,35 @@ impl RemoteBlobStore {
 #[async_trait]
 impl BlobStore for RemoteBlobStore {
     async fn put(&self, data: Bytes) -> Result<CAddr> {
-        let addr = CAddr::for_leaf(&data);
-        let key = self.objects.leaf_key(&addr);
-        let size = data.len() as u64;
-        let existed = self.objects.create(&key, data.clone()).await? == Written::Existed;
-        if existed {
-            // Same address, same bytes, unless the stored copy was damaged: check, and repair.
-            match self.fetch(addr).await {
-                Ok(Some(_)) => {}
-                Ok(None) | Err(DerivaError::Corrupted { .. }) => {
-                    tracing::warn!(%addr, "rewriting a damaged or vanished object");
-                    self.objects.overwrite(&key, data.clone()).await?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        if self.record(addr, size).await? {
-            self.counters.count_blob(true, size);
-            if existed && !self.object_survived(addr).await? {
-                tracing::info!(%addr, "rewriting an object garbage collection removed during the put");
-                self.objects.overwrite(&key, data).await?;
-            }
+        let (addr, existed) = self.write_object(data.clone()).await?;
+        if self.record(addr, data.len() as u64).await? {
+            self.recorded_new(addr, data, existed).await?;
         }
         Ok(addr)
+    }
+
+    async fn put_many(&self, data: Vec<Bytes>) -> Result<Vec<CAddr>> {
+        // Every object durable first (uploaded concurrently), then one row per leaf in one
+        // statement: a row never exists before its object.
+        let written: Vec<(CAddr, bool)> = futures::stream::iter(data.iter().cloned())
+            .map(|leaf| self.write_object(leaf))
+            .buffered(PUT_MANY_AT_ONCE)
+            .try_collect()
+            .await?;
+        let mut rows: Vec<(CAddr, u64)> = Vec::with_capacity(data.len());
+        for ((addr, _), leaf) in written.iter().zip(&data) {
+            if !rows.iter().any(|(a, _)| a == addr) {
+                rows.push((*addr, leaf.len() as u64));
+            }
+        }
+        let mut new = self.record_many(&rows).await?;
+        for ((addr, existed), leaf) in written.iter().zip(data) {
+            // A leaf given twice counts once.
+            if new.remove(addr) {
+                self.recorded_new(*addr, leaf, *existed).await?;
+            }
+        }
+        Ok(written.into_iter().map(|(addr, _)| addr).collect())
     }
 
     async fn get(&self, addr: CAddr) -> Result<Option<Bytes>> {
@@ -332,14 +408,26 @@ impl BlobStore for RemoteBlobStore {
         }
     }
 
-    async fn list(&self) -> Result<Vec<CAddr>> {
+    async fn list_page(&self, after: Option<CAddr>, limit: usize) -> Result<Vec<(CAddr, u64)>> {
         const CALL: Call = LIST_LEAVES;
+        // The primary key's order: bytea compares byte by byte.
+        let after = after.map(|a| a.as_bytes().to_vec()).unwrap_or_default();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
             .pg
-            .query(CALL, "SELECT addr FROM {s}.leaves", &[])
+            .query(
+                CALL,
+                "SELECT addr, size FROM {s}.leaves WHERE addr > $1 ORDER BY addr LIMIT $2",
+                &[&after, &limit],
+            )
             .await?;
         rows.iter()
-            .map(|row| addr_of(row.get(0), CALL.context))
+            .map(|row| {
+                Ok((
+                    addr_of(row.get(0), CALL.context)?,
+                    row.get::<_, i64>(1).max(0) as u64,
+                ))
+            })
             .collect()
     }
 

@@ -419,24 +419,38 @@ impl Objects {
             .await
     }
 
-    /// The addresses of every object under `{prefix}{dir}/` whose name is an address (a
-    /// bulk listing, for `deriva-server migrate`: never for index questions). Names that are
-    /// no address are skipped.
-    pub(crate) async fn list_addrs(&self, dir: &str) -> Result<Vec<CAddr>> {
-        use futures::TryStreamExt as _;
+    /// One page of the addresses of the objects under `{prefix}{dir}/` whose name is an
+    /// address: at most `limit`, those after `after`, in key order (which is the addresses'
+    /// byte order: the names are lowercase hex). A bulk listing, for `deriva-server migrate`:
+    /// never for index questions. Names that are no address are skipped. S3 lists in pages of
+    /// its own, asked for as the page fills, starting after `after`'s key.
+    pub(crate) async fn list_addrs_page(
+        &self,
+        dir: &str,
+        after: Option<CAddr>,
+        limit: usize,
+    ) -> Result<Vec<CAddr>> {
+        use futures::{StreamExt as _, TryStreamExt as _};
         let prefix = Path::from(format!("{}{dir}", self.prefix));
         self.metrics
             .call(LIST, self.target(&prefix), async {
-                let metas: Vec<object_store::ObjectMeta> = self
-                    .store
-                    .list(Some(&prefix))
+                let listed = match after {
+                    Some(after) => {
+                        let offset = Path::from(format!("{}{dir}/{}", self.prefix, after.to_hex()));
+                        self.store.list_with_offset(Some(&prefix), &offset)
+                    }
+                    None => self.store.list(Some(&prefix)),
+                };
+                listed
+                    .try_filter_map(|m| async move {
+                        Ok(m.location
+                            .filename()
+                            .and_then(|n| n.parse::<CAddr>().ok().filter(|a| a.to_hex() == n)))
+                    })
+                    .take(limit)
                     .try_collect()
                     .await
-                    .map_err(|e| self.unavailable("listing", &prefix, e))?;
-                Ok(metas
-                    .iter()
-                    .filter_map(|m| m.location.filename()?.parse::<CAddr>().ok())
-                    .collect())
+                    .map_err(|e| self.unavailable("listing", &prefix, e))
             })
             .await
     }

@@ -128,8 +128,8 @@ impl OutputStore for ObjectOutputs {
         Ok(self.objects.size(&key).await?.is_some())
     }
 
-    async fn list(&self) -> Result<Vec<CAddr>> {
-        self.objects.list_addrs("outputs").await
+    async fn list_page(&self, after: Option<CAddr>, limit: usize) -> Result<Vec<CAddr>> {
+        self.objects.list_addrs_page("outputs", after, limit).await
     }
 }
 

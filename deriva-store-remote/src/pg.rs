@@ -20,6 +20,11 @@
 //!   transition table, so it counts nothing. An `UPDATE` of a leaf's `size` is not counted:
 //!   Deriva never changes one. Nodes read the counts from these rows, never by scanning.
 //!
+//! Indexes beyond the primary keys: `edges_by_recipe` (a recipe's inputs, for deletes) and
+//! `recipes_by_depth(depth, addr)` (migration 4): the keyset pages of the recipe listing, in
+//! the order that puts every recipe after its inputs (`deriva-server migrate` copies page by
+//! page). The leaf listing pages through the primary key of `leaves`.
+//!
 //! Garbage collection's mark adds temporary tables (`gc_live`, `gc_front`, `gc_dead_recipes`,
 //! `gc_dead_leaves`) on a connection of its own, gone with it (see `gc.rs`).
 //!
@@ -52,7 +57,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// The migrations, in order; migration `i` brings the schema to version `i + 1`. `{s}` is the
 /// quoted schema name.
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     r#"
 CREATE TABLE {s}.leaves (
     addr bytea PRIMARY KEY CHECK (length(addr) = 32),
@@ -171,6 +176,9 @@ CREATE TRIGGER count_deletes AFTER DELETE ON {s}.pins
     REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_changes();
 CREATE TRIGGER count_truncates AFTER TRUNCATE ON {s}.pins
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_truncated();
+"#,
+    r#"
+CREATE INDEX IF NOT EXISTS recipes_by_depth ON {s}.recipes (depth, addr);
 "#,
 ];
 

@@ -10,7 +10,8 @@
 //! - [`Store`]: a blob store and a recipe index, plus what spans the two (an input must exist
 //!   before a recipe uses it; transitive dependents; the live [`StoreCounters`]).
 //! - [`gc`]: garbage collection over any [`Store`]; [`stream`]: leaf bytes as hashed streams of
-//!   chunks; [`task`]: blocking work on the blocking pool that stays in its caller's trace.
+//!   chunks; [`pages`]: keyset-paginated listings (`list_page`) as streams of pages;
+//!   [`task`]: blocking work on the blocking pool that stays in its caller's trace.
 //! - [`observe`]: the one instrumentation of every backend's calls ([`observe::BackendMetrics`]):
 //!   client spans and the `deriva_backend_*` metrics. Backends declare their calls and run
 //!   them through it; none builds a span or an instrument of its own.
@@ -25,6 +26,7 @@
 pub mod conformance;
 pub mod gc;
 pub mod observe;
+pub mod pages;
 pub mod stream;
 pub mod task;
 
@@ -37,10 +39,12 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::stream::BoxStream;
 
 use deriva_core::CAddr;
 use deriva_core::Recipe;
 use deriva_core::{DerivaError, Result};
+pub use pages::{PAGE, pages};
 pub use stream::ByteStream;
 
 /// Live totals of a [`Store`], kept as atomics so metrics callbacks and `Status` read them
@@ -276,8 +280,45 @@ pub trait BlobStore: Send + Sync + fmt::Debug + 'static {
     /// Deletes the blob at `addr`; `Ok(false)` if there was none.
     async fn delete(&self, addr: CAddr) -> Result<bool>;
 
-    /// Every stored blob address, in no particular order.
-    async fn list(&self) -> Result<Vec<CAddr>>;
+    /// Stores several leaves durably, like [`BlobStore::put`] each, and returns their
+    /// addresses in order; on an error some may be stored. The default puts them one by one; a
+    /// backend that can share the work of a batch (one transaction, one multi-row insert)
+    /// overrides it. For bulk copies (`deriva-server migrate`'s small leaves).
+    async fn put_many(&self, data: Vec<Bytes>) -> Result<Vec<CAddr>> {
+        let mut out = Vec::with_capacity(data.len());
+        for leaf in data {
+            out.push(self.put(leaf).await?);
+        }
+        Ok(out)
+    }
+
+    /// One page of the listing of every stored blob with its size: at most `limit` of them,
+    /// those whose address sorts after `after` (from the first when `None`), in ascending byte
+    /// order of address; fewer than `limit` only at the end. Walk it with [`pages`]
+    /// ([`BlobStore::list_pages`]).
+    async fn list_page(&self, after: Option<CAddr>, limit: usize) -> Result<Vec<(CAddr, u64)>>;
+
+    /// Every stored blob with its size, a page of `limit` at a time, in address order:
+    /// [`pages`] over [`BlobStore::list_page`].
+    fn list_pages(&self, limit: usize) -> BoxStream<'_, Result<Vec<(CAddr, u64)>>> {
+        pages(
+            limit,
+            |(addr, _): &(CAddr, u64)| *addr,
+            move |after, limit| self.list_page(after, limit),
+        )
+    }
+
+    /// Every stored blob address, gathered from [`BlobStore::list_page`]: holds the whole
+    /// listing, so for tests and small stores only (bulk work walks
+    /// [`BlobStore::list_pages`]).
+    async fn list(&self) -> Result<Vec<CAddr>> {
+        let mut out = Vec::new();
+        let mut pages = self.list_pages(PAGE);
+        while let Some(page) = futures::TryStreamExt::try_next(&mut pages).await? {
+            out.extend(page.into_iter().map(|(addr, _)| addr));
+        }
+        Ok(out)
+    }
 
     /// Deletes the blob at `addr` if it was last put before `cutoff`: its size if it was
     /// deleted, `Ok(None)` if it was put since (or is gone). For garbage collection, which
@@ -446,10 +487,39 @@ pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
         Ok(SweepLock::new(()))
     }
 
-    /// Every stored recipe's address and DAG depth, in no particular order, read at one point
-    /// in time (one read transaction). For bulk work such as `deriva-server migrate`, not for
+    /// One page of the listing of every stored recipe's address and DAG depth: at most `limit`
+    /// of them, those whose `(depth, address)` sorts after `after` (from the first when
+    /// `None`), in ascending order of depth, then of the address's bytes; fewer than `limit`
+    /// only at the end. In that order every recipe's inputs come before it, so a copy that
+    /// writes page after page never writes a recipe before its inputs. Walk it with [`pages`]
+    /// ([`RecipeIndex::list_pages`]); for bulk work such as `deriva-server migrate`, not for
     /// hot paths.
-    async fn list(&self) -> Result<Vec<(CAddr, u32)>>;
+    async fn list_page(
+        &self,
+        after: Option<(u32, CAddr)>,
+        limit: usize,
+    ) -> Result<Vec<(CAddr, u32)>>;
+
+    /// Every stored recipe with its depth, a page of `limit` at a time, in `(depth, address)`
+    /// order: [`pages`] over [`RecipeIndex::list_page`].
+    fn list_pages(&self, limit: usize) -> BoxStream<'_, Result<Vec<(CAddr, u32)>>> {
+        pages(
+            limit,
+            |(addr, depth): &(CAddr, u32)| (*depth, *addr),
+            move |after, limit| self.list_page(after, limit),
+        )
+    }
+
+    /// Every stored recipe's address and depth, gathered from [`RecipeIndex::list_page`]:
+    /// holds the whole listing, so for tests and small stores only.
+    async fn list(&self) -> Result<Vec<(CAddr, u32)>> {
+        let mut out = Vec::new();
+        let mut pages = self.list_pages(PAGE);
+        while let Some(page) = futures::TryStreamExt::try_next(&mut pages).await? {
+            out.extend(page);
+        }
+        Ok(out)
+    }
 
     /// The number of stored recipes, counted by a scan: for checks, not hot paths (use
     /// [`StoreCounters`]).
@@ -488,9 +558,32 @@ pub trait OutputStore: Send + Sync + fmt::Debug + 'static {
     /// Whether an output of `recipe` is stored (without reading or verifying it).
     async fn contains(&self, recipe: CAddr) -> Result<bool>;
 
-    /// The recipe address of every stored output, in no particular order; for bulk work such
-    /// as `deriva-server migrate`.
-    async fn list(&self) -> Result<Vec<CAddr>>;
+    /// One page of the listing of the recipe address of every stored output: at most `limit`,
+    /// those that sort after `after` (from the first when `None`), in ascending byte order;
+    /// fewer than `limit` only at the end. Walk it with [`pages`] ([`OutputStore::list_pages`]);
+    /// for bulk work such as `deriva-server migrate`.
+    async fn list_page(&self, after: Option<CAddr>, limit: usize) -> Result<Vec<CAddr>>;
+
+    /// Every stored output's recipe address, a page of `limit` at a time, in address order:
+    /// [`pages`] over [`OutputStore::list_page`].
+    fn list_pages(&self, limit: usize) -> BoxStream<'_, Result<Vec<CAddr>>> {
+        pages(
+            limit,
+            |addr: &CAddr| *addr,
+            move |after, limit| self.list_page(after, limit),
+        )
+    }
+
+    /// Every stored output's recipe address, gathered from [`OutputStore::list_page`]: holds
+    /// the whole listing, so for tests and small stores only.
+    async fn list(&self) -> Result<Vec<CAddr>> {
+        let mut out = Vec::new();
+        let mut pages = self.list_pages(PAGE);
+        while let Some(page) = futures::TryStreamExt::try_next(&mut pages).await? {
+            out.extend(page);
+        }
+        Ok(out)
+    }
 }
 
 /// Tells the other nodes that share a store which addresses were invalidated, so that each

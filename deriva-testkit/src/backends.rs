@@ -312,6 +312,58 @@ pub async fn sessions_ended(pg: &tokio_postgres::Client, application_name: &str,
     .await;
 }
 
+/// What [`fill_index`] writes: `leaves` leaf rows of `leaf_bytes` bytes each (addresses 1, 2,
+/// … as 32-byte big-endian numbers, with no object behind them) and `recipes` recipe rows of
+/// depth 1 whose encoding is no recipe (never read by the tests that fill).
+#[cfg(feature = "server")]
+#[derive(Debug, Clone, Copy)]
+pub struct Fill {
+    /// Leaf rows.
+    pub leaves: i64,
+    /// The size each leaf row records.
+    pub leaf_bytes: i64,
+    /// Recipe rows.
+    pub recipes: i64,
+}
+
+/// Writes the rows of `fill` straight into the index schema `schema` (created by a node
+/// already) over a connection of its own to `url`, as an operator's import would: the
+/// schema's triggers count them. Returns once that connection is closed; the caller waits for
+/// its session to end ([`sessions_ended`]) if it reads the statistics.
+#[cfg(feature = "server")]
+pub async fn fill_index(url: &str, schema: &str, fill: Fill) {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connecting to PostgreSQL");
+    let connection = tokio::spawn(connection);
+    let started = Instant::now();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {s}.leaves (addr, size)
+                 SELECT decode(lpad(to_hex(i), 64, '0'), 'hex'), {bytes}
+                 FROM generate_series(1, {leaves}) i;
+             INSERT INTO {s}.recipes (addr, encoding, depth)
+                 SELECT sha256(int4send(i)), 'not read', 1 FROM generate_series(1, {recipes}) i;",
+            s = format_args!("\"{schema}\""),
+            bytes = fill.leaf_bytes,
+            leaves = fill.leaves,
+            recipes = fill.recipes,
+        ))
+        .await
+        .expect("filling the index");
+    eprintln!(
+        "{} leaf rows and {} recipe rows written in {:?}",
+        fill.leaves,
+        fill.recipes,
+        started.elapsed()
+    );
+    drop(client);
+    connection
+        .await
+        .expect("the connection task")
+        .expect("the connection");
+}
+
 /// Waits until `done` holds, asking again every 20 ms, for at most [`DEADLINE`].
 #[cfg(feature = "server")]
 pub async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {

@@ -426,8 +426,12 @@ impl BlobStore for CountingBlobs {
         self.inner.delete(addr).await
     }
 
-    async fn list(&self) -> deriva_core::Result<Vec<CAddr>> {
-        self.inner.list().await
+    async fn list_page(
+        &self,
+        after: Option<CAddr>,
+        limit: usize,
+    ) -> deriva_core::Result<Vec<(CAddr, u64)>> {
+        self.inner.list_page(after, limit).await
     }
 
     async fn delete_if_older(

@@ -58,8 +58,12 @@ impl OutputStore for Tier {
         Ok(self.outputs.lock().contains_key(&recipe))
     }
 
-    async fn list(&self) -> Result<Vec<CAddr>> {
-        Ok(self.outputs.lock().keys().copied().collect())
+    async fn list_page(&self, after: Option<CAddr>, limit: usize) -> Result<Vec<CAddr>> {
+        let mut all: Vec<CAddr> = self.outputs.lock().keys().copied().collect();
+        all.sort();
+        all.retain(|a| after.is_none_or(|after| *a > after));
+        all.truncate(limit);
+        Ok(all)
     }
 }
 

@@ -1,10 +1,11 @@
 //! The copy (and the dry run): leaves, then recipes by depth, then outputs and pins.
 
 use crate::error::code_of;
+use bytes::Bytes;
 use deriva_core::CAddr;
 use deriva_core::DerivaError;
 use deriva_core::Recipe;
-use std::collections::BTreeMap;
+use std::collections::HashSet;
 
 use super::BATCH;
 use super::LiveCounters;
@@ -12,6 +13,7 @@ use super::MigrateError;
 use super::Migration;
 use super::Mode;
 use super::ObjectKind;
+use super::SMALL_BATCH_BYTES;
 use super::STREAM_ABOVE;
 use super::STREAM_CHUNK;
 use super::STREAM_MEMORY;
@@ -24,31 +26,136 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use std::sync::Arc;
 use tonic::Code;
 
-pub(super) async fn copy(
-    run: &Arc<Migration>,
-    leaves: Vec<CAddr>,
-    recipes: Vec<(CAddr, u32)>,
-    outputs: Vec<CAddr>,
-) -> Result<(), MigrateError> {
+pub(super) async fn copy(run: &Arc<Migration>, outputs: bool) -> Result<(), MigrateError> {
     run.bar.set_prefix("leaves");
-    for chunk in leaves.chunks(BATCH) {
-        // One lookup per batch of what the destination lacks; the rest is skipped.
-        let absent = absent(run, ObjectKind::Leaf, chunk).await?;
-        let present = (chunk.len() - absent.len()) as u64;
-        LiveCounters::add(&run.leaves.skipped, present);
-        run.bar.inc(present);
-        for_each(run, absent, copy_leaf).await?;
+    let mut leaves = run.src.blobs().list_pages(BATCH);
+    while let Some(page) = leaves.try_next().await.map_err(listing("leaves"))? {
+        copy_leaf_page(run, page).await?;
     }
     run.say("leaves done");
     run.bar.set_prefix("recipes");
-    copy_recipes(run, recipes).await?;
+    let mut recipes = run.src.recipes().list_pages(BATCH);
+    while let Some(page) = recipes.try_next().await.map_err(listing("recipes"))? {
+        copy_recipe_page(run, page.into_iter().map(|(addr, _)| addr).collect()).await?;
+    }
     run.say("recipes done");
-    if !outputs.is_empty() {
+    if let Some(tier) = run.src.outputs().filter(|_| outputs) {
         run.bar.set_prefix("outputs");
-        for_each(run, outputs, copy_output).await?;
+        let mut pages = tier.list_pages(BATCH);
+        while let Some(page) = pages.try_next().await.map_err(listing("output tier"))? {
+            run.bar.inc_length(page.len() as u64);
+            for_each(run, page, copy_output).await?;
+        }
         run.say("outputs done");
     }
     copy_pins(run).await
+}
+
+/// One page of the source's leaves (with their sizes): what the destination lacks (one
+/// lookup), then the small ones in batches, the large ones streamed one by one.
+async fn copy_leaf_page(run: &Arc<Migration>, page: Vec<(CAddr, u64)>) -> Result<(), MigrateError> {
+    let addrs: Vec<CAddr> = page.iter().map(|(addr, _)| *addr).collect();
+    let lacking: HashSet<CAddr> = absent(run, ObjectKind::Leaf, &addrs)
+        .await?
+        .into_iter()
+        .collect();
+    let present = (page.len() - lacking.len()) as u64;
+    LiveCounters::add(&run.leaves.skipped, present);
+    run.bar.inc(present);
+    let (large, small): (Vec<_>, Vec<_>) = page
+        .into_iter()
+        .filter(|(addr, _)| lacking.contains(addr))
+        .partition(|(_, size)| *size > STREAM_ABOVE);
+    if run.mode == Mode::DryRun {
+        let (n, bytes) = (
+            lacking.len() as u64,
+            large.iter().chain(&small).map(|(_, size)| size).sum(),
+        );
+        LiveCounters::add(&run.leaves.copied, n);
+        LiveCounters::add(&run.leaves.bytes, bytes);
+        run.steps(n, bytes);
+        return Ok(());
+    }
+    // Small leaves in batches of at most SMALL_BATCH_BYTES, two batches at a time: one is read
+    // while the other is written.
+    let mut batches: Vec<Vec<(CAddr, u64)>> = Vec::new();
+    let mut bytes = 0u64;
+    for leaf in small {
+        if batches.is_empty() || bytes + leaf.1 > SMALL_BATCH_BYTES {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += leaf.1;
+        batches.last_mut().expect("a batch was pushed").push(leaf);
+    }
+    futures::stream::iter(batches)
+        .map(|batch| copy_small_leaves(run, batch))
+        .buffer_unordered(2)
+        .try_for_each(|()| async { Ok(()) })
+        .await?;
+    futures::stream::iter(large)
+        .map(|(addr, size)| stream_leaf(run.clone(), addr, size))
+        .buffer_unordered(run.concurrency)
+        .try_for_each(|()| async { Ok(()) })
+        .await
+}
+
+/// Copies a batch of small leaves the destination lacks: read from the source at most
+/// `--concurrency` at a time (each read verifies), then written with one
+/// [`BlobStore::put_many`](deriva_store::BlobStore::put_many) (one multi-row `INSERT` on the
+/// remote backend, one group of commits on the local one). Its bytes are held against the
+/// budget until they are written.
+async fn copy_small_leaves(
+    run: &Arc<Migration>,
+    batch: Vec<(CAddr, u64)>,
+) -> Result<(), MigrateError> {
+    let counts = &run.leaves;
+    let total: u64 = batch.iter().map(|(_, size)| size).sum();
+    let _permit = run
+        .budget
+        .acquire_many(run.permits(total))
+        .await
+        .expect("the budget semaphore is never closed");
+    let read: Vec<(CAddr, deriva_core::Result<Option<Bytes>>)> = futures::stream::iter(batch)
+        .map(|(addr, _)| async move { (addr, run.src.blobs().get(addr).await) })
+        .buffered(run.concurrency)
+        .collect()
+        .await;
+    let mut addrs = Vec::with_capacity(read.len());
+    let mut data = Vec::with_capacity(read.len());
+    for (addr, read) in read {
+        // The source's read verifies the bytes against the address (a damaged leaf is
+        // Corrupted); one gone since the listing is counted as failed.
+        if let Some(bytes) = run.source_read(counts, &format!("leaf {addr}"), read)? {
+            addrs.push(addr);
+            data.push(bytes);
+        }
+    }
+    if data.is_empty() {
+        return Ok(());
+    }
+    let len: u64 = data.iter().map(|d| d.len() as u64).sum();
+    // The destination hashes what it writes: the addresses it returns are those hashes.
+    let written = run
+        .dst
+        .blobs()
+        .put_many(data)
+        .await
+        .map_err(|e| MigrateError::store("writing leaves to the destination", &e))?;
+    if let Some((addr, written)) = addrs.iter().zip(&written).find(|(a, w)| a != w) {
+        return Err(data_loss(format!(
+            "leaf {addr}: the bytes written to the destination hash to {written}"
+        )));
+    }
+    LiveCounters::add(&counts.copied, addrs.len() as u64);
+    LiveCounters::add(&counts.bytes, len);
+    run.steps(addrs.len() as u64, len);
+    Ok(())
+}
+
+/// An error of a listing of the source.
+fn listing(what: &'static str) -> impl Fn(DerivaError) -> MigrateError {
+    move |e| MigrateError::store(format!("listing the source's {what}"), &e)
 }
 
 /// Pins the destination's copies of what the source pins (last: a pin names something that
@@ -70,57 +177,6 @@ async fn copy_pins(run: &Migration) -> Result<(), MigrateError> {
             }
         }
     }
-    Ok(())
-}
-
-/// Copies one leaf that the destination lacks.
-async fn copy_leaf(run: Arc<Migration>, addr: CAddr) -> Result<(), MigrateError> {
-    let counts = &run.leaves;
-    let dst = run.dst.blobs();
-    let size = run
-        .src
-        .blobs()
-        .size(addr)
-        .await
-        .map_err(|e| MigrateError::store(format!("sizing leaf {addr} in the source"), &e))?;
-    let Some(size) = size else {
-        run.failed(counts, format!("leaf {addr}: no longer in the source"));
-        run.step(0);
-        return Ok(());
-    };
-    if run.mode == Mode::DryRun {
-        LiveCounters::add(&counts.copied, 1);
-        LiveCounters::add(&counts.bytes, size);
-        run.step(size);
-        return Ok(());
-    }
-    if size > STREAM_ABOVE {
-        return stream_leaf(run, addr, size).await;
-    }
-    let _permit = run
-        .budget
-        .acquire_many(run.permits(size))
-        .await
-        .expect("the budget semaphore is never closed");
-    // The source's read verifies the bytes against the address (a damaged leaf is Corrupted).
-    let read = run.src.blobs().get(addr).await;
-    let Some(data) = run.source_read(counts, &format!("leaf {addr}"), read)? else {
-        return Ok(());
-    };
-    let len = data.len() as u64;
-    // The destination hashes what it writes: the address it returns is that hash.
-    let written = dst
-        .put(data)
-        .await
-        .map_err(|e| MigrateError::store(format!("writing leaf {addr} to the destination"), &e))?;
-    if written != addr {
-        return Err(data_loss(format!(
-            "leaf {addr}: the bytes written to the destination hash to {written}"
-        )));
-    }
-    LiveCounters::add(&counts.copied, 1);
-    LiveCounters::add(&counts.bytes, len);
-    run.step(len);
     Ok(())
 }
 
@@ -156,79 +212,70 @@ async fn stream_leaf(run: Arc<Migration>, addr: CAddr, size: u64) -> Result<(), 
     Ok(())
 }
 
-/// Copies recipes level by level, shallowest first, so that each one's inputs are in the
-/// destination before it is.
-async fn copy_recipes(
-    run: &Arc<Migration>,
-    recipes: Vec<(CAddr, u32)>,
-) -> Result<(), MigrateError> {
-    let mut levels: BTreeMap<u32, Vec<CAddr>> = BTreeMap::new();
-    for (addr, depth) in recipes {
-        levels.entry(depth).or_default().push(addr);
-    }
+/// Copies one page of the source's recipes, in the listing's order of depth: every recipe's
+/// inputs are in the destination before it is (leaves were copied first; recipes of lower
+/// depth came on earlier pages or earlier in this one). One lookup of what the destination
+/// lacks, the reads at most `--concurrency` at a time, one batch of puts.
+async fn copy_recipe_page(run: &Arc<Migration>, addrs: Vec<CAddr>) -> Result<(), MigrateError> {
     let counts = &run.recipes;
-    for addrs in levels.into_values() {
-        for chunk in addrs.chunks(BATCH) {
-            let missing = absent(run, ObjectKind::Recipe, chunk).await?;
-            let present = (chunk.len() - missing.len()) as u64;
-            LiveCounters::add(&counts.skipped, present);
-            run.bar.inc(present);
-            if run.mode == Mode::DryRun {
-                LiveCounters::add(&counts.copied, missing.len() as u64);
-                run.bar.inc(missing.len() as u64);
-                continue;
-            }
-            let read: Vec<(CAddr, Option<Recipe>)> = futures::stream::iter(missing)
-                .map(|addr| {
-                    let run = run.clone();
-                    async move {
-                        match run.src.get_recipe(addr).await {
-                            Ok(found) => Ok((addr, found.map(|s| s.recipe))),
-                            Err(e @ DerivaError::Corrupted { .. }) => {
-                                Err(data_loss(format!("recipe {addr} in the source: {e}")))
-                            }
-                            Err(e) => Err(MigrateError::store(
-                                format!("reading recipe {addr} from the source"),
-                                &e,
-                            )),
-                        }
+    let missing = absent(run, ObjectKind::Recipe, &addrs).await?;
+    let present = (addrs.len() - missing.len()) as u64;
+    LiveCounters::add(&counts.skipped, present);
+    run.bar.inc(present);
+    if run.mode == Mode::DryRun {
+        LiveCounters::add(&counts.copied, missing.len() as u64);
+        run.bar.inc(missing.len() as u64);
+        return Ok(());
+    }
+    let read: Vec<(CAddr, Option<Recipe>)> = futures::stream::iter(missing)
+        .map(|addr| {
+            let run = run.clone();
+            async move {
+                match run.src.get_recipe(addr).await {
+                    Ok(found) => Ok((addr, found.map(|s| s.recipe))),
+                    Err(e @ DerivaError::Corrupted { .. }) => {
+                        Err(data_loss(format!("recipe {addr} in the source: {e}")))
                     }
-                })
-                .buffered(run.concurrency)
-                .try_collect()
-                .await?;
-            let mut batch = Vec::with_capacity(read.len());
-            for (addr, recipe) in read {
-                match recipe {
-                    Some(recipe) => batch.push(recipe),
-                    None => {
-                        run.failed(counts, format!("recipe {addr}: no longer in the source"));
-                        run.bar.inc(1);
-                    }
-                }
-            }
-            if batch.is_empty() {
-                continue;
-            }
-            let n = batch.len() as u64;
-            match run.dst.put_recipes(batch.clone()).await {
-                Ok(_) => {
-                    LiveCounters::add(&counts.copied, n);
-                    run.bar.inc(n);
-                }
-                // An input failed to copy: write the others one by one.
-                Err(DerivaError::MissingInput { .. }) => {
-                    for recipe in batch {
-                        put_one_recipe(run, recipe).await?;
-                    }
-                }
-                Err(e) => {
-                    return Err(MigrateError::store(
-                        "writing recipes to the destination",
+                    Err(e) => Err(MigrateError::store(
+                        format!("reading recipe {addr} from the source"),
                         &e,
-                    ));
+                    )),
                 }
             }
+        })
+        .buffered(run.concurrency)
+        .try_collect()
+        .await?;
+    let mut batch = Vec::with_capacity(read.len());
+    for (addr, recipe) in read {
+        match recipe {
+            Some(recipe) => batch.push(recipe),
+            None => {
+                run.failed(counts, format!("recipe {addr}: no longer in the source"));
+                run.bar.inc(1);
+            }
+        }
+    }
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let n = batch.len() as u64;
+    match run.dst.put_recipes(batch.clone()).await {
+        Ok(_) => {
+            LiveCounters::add(&counts.copied, n);
+            run.bar.inc(n);
+        }
+        // An input failed to copy: write the others one by one.
+        Err(DerivaError::MissingInput { .. }) => {
+            for recipe in batch {
+                put_one_recipe(run, recipe).await?;
+            }
+        }
+        Err(e) => {
+            return Err(MigrateError::store(
+                "writing recipes to the destination",
+                &e,
+            ));
         }
     }
     Ok(())

@@ -2,12 +2,18 @@
 //! the remote one when a team moves to several nodes, or back, or between two buckets and
 //! schemas for a backup), verified, resumable and bounded.
 //!
-//! - **Order.** The source's recipes are listed first, then its leaves: recipes and leaves are
-//!   only ever added while a server runs, so every listed recipe's inputs are among the listed
-//!   leaves and recipes, even on a live remote source. Leaves are copied first, then recipes
-//!   level by level (by DAG depth) through [`Store::put_recipes`], which refuses a recipe whose
-//!   inputs are not in the destination: the destination never holds a recipe whose input is
-//!   missing, whenever the migration stops.
+//! - **Paged.** The source is read a page at a time (keyset pages of [`BATCH`] objects, see
+//!   [`deriva_store::pages`]): the command holds one page and its copies in flight, whatever
+//!   the store's size. Per page, one lookup of what the destination lacks, and one batch of
+//!   writes: small leaves through [`BlobStore::put_many`](deriva_store::BlobStore::put_many)
+//!   (one multi-row `INSERT` on the remote backend), recipes through [`Store::put_recipes`].
+//!   The progress bar's total comes from the stores' counters, not from a listing.
+//! - **Order.** Leaves are copied first, then recipes in pages ordered by DAG depth, then
+//!   address, through [`Store::put_recipes`], which refuses a recipe whose inputs are not in
+//!   the destination: every recipe's inputs come before it, and the destination never holds a
+//!   recipe whose input is missing, whenever the migration stops. On a live remote source, a
+//!   recipe stored after the leaf pages went past one of its new inputs is refused (counted as
+//!   failed, naming the input); a second run copies it.
 //! - **Verified.** A leaf is hashed when it is read from the source (every backend's read
 //!   verifies) and again by the destination's write, whose address must be the same; a
 //!   mismatch or a damaged source object stops the migration with `DATA_LOSS` naming the
@@ -66,8 +72,12 @@ const STREAM_CHUNK: usize = 1 << 20;
 const STREAM_MEMORY: u64 = 48 << 20;
 /// The least `--max-buffer-bytes`: one streamed leaf fits.
 pub const MIN_BUFFER_BYTES: u64 = 64 << 20;
-/// Leaves or recipes looked up in the destination per query; recipes written per transaction.
+/// Objects per page of a listing: leaves or recipes looked up in the destination per query;
+/// recipes written per transaction.
 const BATCH: usize = 500;
+/// The most bytes of small leaves read and written as one batch (a page's small leaves, unless
+/// they are larger than this).
+const SMALL_BATCH_BYTES: u64 = 16 << 20;
 /// Failures quoted in the report (all are counted).
 const ERRORS_KEPT: usize = 20;
 
@@ -279,6 +289,15 @@ impl Migration {
         }
     }
 
+    /// `n` objects done with `bytes` of data between them, as [`Migration::step`] for each.
+    fn steps(&self, n: u64, bytes: u64) {
+        if n == 0 {
+            return;
+        }
+        self.bar.inc(n - 1);
+        self.step(bytes);
+    }
+
     fn say(&self, line: impl fmt::Display) {
         if self.chatty {
             eprintln!("migrate: {line}");
@@ -397,6 +416,12 @@ async fn pin_sets(run: &Migration) -> Result<(Vec<CAddr>, HashSet<CAddr>), Migra
     Ok((src, dst.into_iter().collect()))
 }
 
+/// The leaves and recipes `store` holds, from its counters.
+fn totals(store: &Store) -> (u64, u64) {
+    let counters = store.counters();
+    (counters.blobs(), counters.recipes())
+}
+
 /// A DATA_LOSS error naming the object.
 fn data_loss(message: String) -> MigrateError {
     MigrateError {
@@ -480,37 +505,19 @@ pub async fn run(args: MigrateArgs) -> Result<Report, MigrateError> {
         chatty: !show_bar && !args.json,
     });
 
-    // Recipes first, then leaves: see the module's doc.
-    run.bar.set_message("listing the source");
-    let recipes = run
-        .src
-        .recipes()
-        .list()
-        .await
-        .map_err(|e| MigrateError::store("listing the source's recipes", &e))?;
-    let leaves = run
-        .src
-        .blobs()
-        .list()
-        .await
-        .map_err(|e| MigrateError::store("listing the source's leaves", &e))?;
-    let outputs = match run.src.outputs() {
-        Some(tier) if args.include_outputs => tier
-            .list()
-            .await
-            .map_err(|e| MigrateError::store("listing the source's output tier", &e))?,
-        _ => Vec::new(),
-    };
+    // The totals come from the counters: a listing would hold the whole store.
+    let (leaves, recipes) = totals(&run.src);
     run.say(format_args!(
-        "{} leaves, {} recipes, {} outputs in {}",
-        leaves.len(),
-        recipes.len(),
-        outputs.len(),
+        "{leaves} leaves, {recipes} recipes in {}",
         src.describe()
     ));
     if show_bar {
-        run.bar
-            .set_length((leaves.len() + recipes.len() + outputs.len()) as u64);
+        let mut total = leaves + recipes;
+        if mode == Mode::Verify {
+            let (leaves, recipes) = totals(&run.dst);
+            total += leaves + recipes;
+        }
+        run.bar.set_length(total);
         run.bar.set_style(
             ProgressStyle::with_template(
                 "{prefix:>7} [{bar:20}] {human_pos}/{human_len} objects, {msg}, ETA {eta}",
@@ -522,8 +529,8 @@ pub async fn run(args: MigrateArgs) -> Result<Report, MigrateError> {
     }
 
     let result = match mode {
-        Mode::Verify => verify(&run, leaves, recipes, outputs).await,
-        Mode::Copy | Mode::DryRun => copy(&run, leaves, recipes, outputs).await,
+        Mode::Verify => verify(&run, args.include_outputs).await,
+        Mode::Copy | Mode::DryRun => copy(&run, args.include_outputs).await,
     };
     run.bar.finish_and_clear();
     result?;

@@ -16,78 +16,94 @@ use super::absent;
 use super::for_each;
 use super::output_in_destination;
 use super::pin_sets;
-use futures::TryStreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 
 /// `--verify`: every destination object read back and verified; every source object looked
-/// up in the destination. Damage is counted and reported, not a stop.
-pub(super) async fn verify(
-    run: &Arc<Migration>,
-    src_leaves: Vec<CAddr>,
-    src_recipes: Vec<(CAddr, u32)>,
-    src_outputs: Vec<CAddr>,
-) -> Result<(), MigrateError> {
-    let list = |what: &'static str, e: DerivaError| {
-        MigrateError::store(format!("listing the destination's {what}"), &e)
+/// up in the destination. Damage is counted and reported, not a stop. Both sides are read a
+/// page at a time.
+pub(super) async fn verify(run: &Arc<Migration>, outputs: bool) -> Result<(), MigrateError> {
+    let listing = |side: &'static str, what: &'static str| {
+        move |e: DerivaError| MigrateError::store(format!("listing the {side}'s {what}"), &e)
     };
-    let dst_leaves = run
-        .dst
-        .blobs()
-        .list()
-        .await
-        .map_err(|e| list("leaves", e))?;
-    let dst_recipes = run
-        .dst
-        .recipes()
-        .list()
-        .await
-        .map_err(|e| list("recipes", e))?;
-    let dst_outputs = match (run.src.outputs(), run.dst.outputs()) {
-        (Some(_), Some(tier)) => tier.list().await.map_err(|e| list("outputs", e))?,
-        _ => Vec::new(),
+    let tiers = match (run.src.outputs(), run.dst.outputs()) {
+        (Some(src), Some(dst)) if outputs => Some((src, dst)),
+        _ => None,
     };
-    run.say(format_args!(
-        "the destination holds {} leaves, {} recipes, {} outputs",
-        dst_leaves.len(),
-        dst_recipes.len(),
-        dst_outputs.len()
-    ));
-    run.bar.set_length(
-        (dst_leaves.len() + dst_recipes.len() + dst_outputs.len()) as u64
-            + (src_leaves.len() + src_recipes.len() + src_outputs.len()) as u64,
-    );
     run.bar.set_prefix("leaves");
-    for_each(run, dst_leaves, verify_leaf).await?;
+    let mut pages = run.dst.blobs().list_pages(BATCH);
+    while let Some(page) = pages
+        .try_next()
+        .await
+        .map_err(listing("destination", "leaves"))?
+    {
+        futures::stream::iter(page)
+            .map(|(addr, size)| verify_leaf(run.clone(), addr, size))
+            .buffer_unordered(run.concurrency)
+            .try_for_each(|()| async { Ok(()) })
+            .await?;
+    }
     run.bar.set_prefix("recipes");
-    let dst_recipes = dst_recipes.into_iter().map(|(a, _)| a).collect();
-    for_each(run, dst_recipes, verify_recipe).await?;
-    run.bar.set_prefix("outputs");
-    for_each(run, dst_outputs, verify_output).await?;
+    let mut pages = run.dst.recipes().list_pages(BATCH);
+    while let Some(page) = pages
+        .try_next()
+        .await
+        .map_err(listing("destination", "recipes"))?
+    {
+        let addrs = page.into_iter().map(|(addr, _)| addr).collect();
+        for_each(run, addrs, verify_recipe).await?;
+    }
+    if let Some((_, dst)) = tiers {
+        run.bar.set_prefix("outputs");
+        let mut pages = dst.list_pages(BATCH);
+        while let Some(page) = pages
+            .try_next()
+            .await
+            .map_err(listing("destination", "outputs"))?
+        {
+            run.bar.inc_length(page.len() as u64);
+            for_each(run, page, verify_output).await?;
+        }
+    }
 
     // Everything of the source is in the destination.
     run.bar.set_prefix("source");
-    let src_recipes: Vec<CAddr> = src_recipes.into_iter().map(|(a, _)| a).collect();
-    for (kind, addrs) in [
-        (ObjectKind::Leaf, &src_leaves),
-        (ObjectKind::Recipe, &src_recipes),
+    let leaves = run.src.blobs().list_pages(BATCH).map_ok(|page| {
+        let addrs: Vec<CAddr> = page.into_iter().map(|(addr, _)| addr).collect();
+        addrs
+    });
+    let recipes = run
+        .src
+        .recipes()
+        .list_pages(BATCH)
+        .map_ok(|page| page.into_iter().map(|(addr, _)| addr).collect());
+    for (kind, mut pages) in [
+        (ObjectKind::Leaf, leaves.boxed()),
+        (ObjectKind::Recipe, recipes.boxed()),
     ] {
-        for chunk in addrs.chunks(BATCH) {
-            let absent = absent(run, kind, chunk).await?;
-            run.bar.inc((chunk.len() - absent.len()) as u64);
-            for addr in absent {
-                let counts = match kind {
-                    ObjectKind::Leaf => &run.leaves,
-                    ObjectKind::Recipe => &run.recipes,
-                };
-                run.missing_unless(counts, false, || format!("{} {addr}", kind.name()));
-            }
+        let what = match kind {
+            ObjectKind::Leaf => "leaves",
+            ObjectKind::Recipe => "recipes",
+        };
+        while let Some(addrs) = pages.try_next().await.map_err(listing("source", what))? {
+            look_up(run, kind, &addrs).await?;
         }
     }
-    for_each(run, src_outputs, |run, recipe| async move {
-        let present = output_in_destination(&run, recipe).await?;
-        run.missing_unless(&run.outputs, present, || format!("output of {recipe}"));
-        Ok(())
-    })
-    .await?;
+    if let Some((src, _)) = tiers {
+        let mut pages = src.list_pages(BATCH);
+        while let Some(page) = pages
+            .try_next()
+            .await
+            .map_err(listing("source", "outputs"))?
+        {
+            run.bar.inc_length(page.len() as u64);
+            for_each(run, page, |run, recipe| async move {
+                let present = output_in_destination(&run, recipe).await?;
+                run.missing_unless(&run.outputs, present, || format!("output of {recipe}"));
+                Ok(())
+            })
+            .await?;
+        }
+    }
     let (src_pins, dst_pins) = pin_sets(run).await?;
     for addr in src_pins {
         let present = dst_pins.contains(&addr);
@@ -95,6 +111,21 @@ pub(super) async fn verify(
             LiveCounters::add(&run.pins.checked, 1);
         }
         run.missing_unless(&run.pins, present, || format!("pin {addr}"));
+    }
+    Ok(())
+}
+
+/// Counts the objects of `addrs` (a page of the source's) that the destination lacks, in one
+/// lookup.
+async fn look_up(run: &Migration, kind: ObjectKind, addrs: &[CAddr]) -> Result<(), MigrateError> {
+    let absent = absent(run, kind, addrs).await?;
+    run.bar.inc((addrs.len() - absent.len()) as u64);
+    let counts = match kind {
+        ObjectKind::Leaf => &run.leaves,
+        ObjectKind::Recipe => &run.recipes,
+    };
+    for addr in absent {
+        run.missing_unless(counts, false, || format!("{} {addr}", kind.name()));
     }
     Ok(())
 }
@@ -141,14 +172,7 @@ impl Migration {
     }
 }
 
-async fn verify_leaf(run: Arc<Migration>, addr: CAddr) -> Result<(), MigrateError> {
-    let size = run
-        .dst
-        .blobs()
-        .size(addr)
-        .await
-        .map_err(|e| MigrateError::store(format!("sizing leaf {addr} in the destination"), &e))?
-        .unwrap_or(0);
+async fn verify_leaf(run: Arc<Migration>, addr: CAddr, size: u64) -> Result<(), MigrateError> {
     if size > STREAM_ABOVE {
         // Read through, a chunk at a time; the stream's end says whether the bytes match.
         let read = match run.dst.blobs().get_stream(addr, STREAM_CHUNK).await {

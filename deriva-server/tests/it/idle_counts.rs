@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use deriva_server::proto::{ClusterStatusRequest, StatusRequest};
-use deriva_testkit::backends::{Backends, Space, sessions_ended};
+use deriva_testkit::backends::{Backends, Fill, Space, fill_index, sessions_ended};
 use deriva_testkit::{ServerProcess, sample};
 
 const LEAVES: i64 = 2_000_000;
@@ -86,27 +86,12 @@ async fn two_idle_nodes_over_two_million_leaves_read_almost_nothing() {
     let mut first = node();
     first.stop();
     let filler = format!("{tag}-filler");
-    let (fill, fill_connection) = tokio_postgres::connect(&url(&filler), tokio_postgres::NoTls)
-        .await
-        .expect("connecting to PostgreSQL");
-    let fill_connection = tokio::spawn(fill_connection);
-    let filling = Instant::now();
-    fill.batch_execute(&format!(
-        "INSERT INTO {s}.leaves (addr, size)
-                 SELECT decode(lpad(to_hex(i), 64, '0'), 'hex'), {LEAF_BYTES}
-                 FROM generate_series(1, {LEAVES}) i;
-             INSERT INTO {s}.recipes (addr, encoding, depth)
-                 SELECT sha256(int4send(i)), 'not read', 1 FROM generate_series(1, {RECIPES}) i;",
-        s = format_args!("\"{}\"", space.schema)
-    ))
-    .await
-    .expect("filling the index");
-    eprintln!(
-        "{LEAVES} leaf rows and {RECIPES} recipe rows written in {:?}",
-        filling.elapsed()
-    );
-    drop(fill);
-    fill_connection.await.unwrap().unwrap();
+    let fill = Fill {
+        leaves: LEAVES,
+        leaf_bytes: LEAF_BYTES,
+        recipes: RECIPES,
+    };
+    fill_index(&url(&filler), &space.schema, fill).await;
     sessions_ended(&pg, &filler, "%").await;
     sessions_ended(&pg, &tag, "%").await;
     let before = rows_read(&pg, &space.schema).await;

@@ -19,6 +19,7 @@ mod debug_pages;
 mod idle_counts;
 mod memory;
 mod migrate;
+mod migrate_scale;
 mod monitoring;
 mod observability;
 mod otlp;

@@ -10,8 +10,9 @@
 //! which generates one `#[tokio::test]` per case, each with a fresh harness. The cases:
 //! durability across reopen, idempotent puts, missing inputs, dependents, corruption
 //! detection, concurrent writers, the blob operations (size, list, delete), streamed
-//! leaves, streamed uploads whose address comes at the end, pins, and garbage collection (its
-//! rules, the refresh of a put again, and writers racing collections).
+//! leaves, streamed uploads whose address comes at the end, pins, garbage collection (its
+//! rules, the refresh of a put again, and writers racing collections), and the paged listings
+//! (pages of 1, 2 and many, keys at the edges, a listing while puts happen) with batched puts.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,10 +21,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 mod gc;
+mod listing;
 
 pub use gc::{
     garbage_collection, gc_keeps_corrupted_recipes, gc_races_with_writers, gc_refreshed_by_puts,
 };
+pub use listing::{listing_pages, listing_while_putting};
 
 use crate::Store;
 use deriva_core::CAddr;
@@ -54,7 +57,8 @@ macro_rules! conformance_tests {
             durability_across_reopen, idempotent_puts, missing_inputs, dependents,
             corruption_detection, concurrent_writers, blob_operations, streams,
             unaddressed_uploads, pins, garbage_collection, gc_refreshed_by_puts,
-            gc_races_with_writers, gc_keeps_corrupted_recipes);
+            gc_races_with_writers, gc_keeps_corrupted_recipes, listing_pages,
+            listing_while_putting);
     };
     (@cases $harness:expr; $($case:ident),*) => {
         $(
