@@ -19,6 +19,10 @@
 //!   already there (`ON CONFLICT DO UPDATE`, a put's refresh) is not in the trigger's
 //!   transition table, so it counts nothing. An `UPDATE` of a leaf's `size` is not counted:
 //!   Deriva never changes one. Nodes read the counts from these rows, never by scanning.
+//! - `compute_leases(recipe, node, token, traceparent, started_at, expires_at)`: one row per
+//!   recipe being computed by a node with the output tier, so that the others wait for its
+//!   output instead of computing it too; deleted when the compute ends, taken over once
+//!   `expires_at` (renewed by the holder) has passed (migration 4, see `leases.rs`).
 //!
 //! Deleting a recipe deletes its edges. `created_at` of a leaf or recipe is the time of its
 //! last put (a put of what is stored refreshes it): garbage collection's clock.
@@ -49,7 +53,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// The migrations, in order; migration `i` brings the schema to version `i + 1`. `{s}` is the
 /// quoted schema name.
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     r#"
 CREATE TABLE {s}.leaves (
     addr bytea PRIMARY KEY CHECK (length(addr) = 32),
@@ -168,6 +172,16 @@ CREATE TRIGGER count_deletes AFTER DELETE ON {s}.pins
     REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_changes();
 CREATE TRIGGER count_truncates AFTER TRUNCATE ON {s}.pins
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_truncated();
+"#,
+    r#"
+CREATE TABLE {s}.compute_leases (
+    recipe bytea PRIMARY KEY CHECK (length(recipe) = 32),
+    node text NOT NULL,
+    token bigint NOT NULL,
+    traceparent text,
+    started_at timestamptz NOT NULL,
+    expires_at timestamptz NOT NULL
+);
 "#,
 ];
 

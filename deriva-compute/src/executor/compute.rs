@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result};
 use deriva_store::task::spawn_blocking_in;
-use deriva_store::{Found, Located};
+use deriva_store::{Found, LeaseEnd, Located};
 use tracing::field::Empty;
 use tracing::{Instrument, Span, info_span};
 
+use super::lease::Leased;
 use super::single_flight::{FlightResult, Known, ReservedOutput};
 use super::{AsyncExecutor, DepthTracker, as_i64, invalid_recipe};
 use crate::budget::Reservation;
@@ -88,19 +89,26 @@ impl AsyncExecutor {
         let function = self.runnable(Some(addr), &recipe)?;
         let inputs_known = self.check_budget(addr, &recipe, &function).await?;
         let outputs = self.state.store.outputs();
-        if let Some(outputs) = outputs
-            && let Some(output) = self.read_output_tier(outputs, addr).await
-        {
-            self.state.budget.record(addr, output.len() as u64);
-            let kept = self
-                .cache_or_spill(addr, &output, Duration::ZERO, generation)
-                .await;
-            let stored = ReservedOutput {
-                bytes: output,
-                reservation: None,
-                spilled: kept == KeptIn::Spill,
+        let mut lease = None;
+        if let Some(outputs) = outputs {
+            let stored = match self.read_output_tier(outputs, addr).await {
+                Some(output) => Some(output),
+                // With leases, another node may be computing it: wait for its output, or take
+                // the lease and compute.
+                None => match self.state.store.leases() {
+                    Some(leases) => match self.lease_or_output(leases, outputs, addr).await {
+                        Leased::Output(output) => Some(output),
+                        Leased::Lease(held) => {
+                            lease = held;
+                            None
+                        }
+                    },
+                    None => None,
+                },
             };
-            return Ok((stored, Outcome::Stored));
+            if let Some(output) = stored {
+                return self.stored_output(addr, output, generation).await;
+            }
         }
         let inputs =
             futures::future::try_join_all(recipe.inputs().iter().zip(inputs_known).map(
@@ -118,10 +126,22 @@ impl AsyncExecutor {
             && self.state.cache.generation(&addr) == generation
         {
             let write = info_span!(spans::OUTPUT_WRITE, { field::BYTES } = as_i64(output.len()));
-            if let Err(e) = outputs.put(addr, output.clone()).instrument(write).await {
-                // The output tier saves recomputes; losing a write costs one later.
-                tracing::warn!(%addr, error = %e, "could not keep the output in the output tier");
+            match outputs.put(addr, output.clone()).instrument(write).await {
+                // The nodes waiting on this lease read it from the tier now.
+                Ok(()) => {
+                    if let Some(lease) = lease.take() {
+                        lease.release(LeaseEnd::Done).await;
+                    }
+                }
+                // The output tier saves recomputes; losing a write costs one later (the lease,
+                // dropped below, ends failed: its waiters compute).
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "could not keep the output in the output tier");
+                }
             }
+        }
+        if let Some(lease) = lease {
+            lease.release(LeaseEnd::Failed).await;
         }
         // A cached output counts against the cache's budget from now on; any other stays
         // covered while its callers hold it.
@@ -131,6 +151,20 @@ impl AsyncExecutor {
             spilled: kept == KeptIn::Spill,
         };
         Ok((computed, Outcome::Computed))
+    }
+
+    /// The output of `addr` read from the output tier, recorded and kept like a computed one.
+    async fn stored_output(&self, addr: CAddr, output: Bytes, generation: u64) -> FlightResult {
+        self.state.budget.record(addr, output.len() as u64);
+        let kept = self
+            .cache_or_spill(addr, &output, Duration::ZERO, generation)
+            .await;
+        let stored = ReservedOutput {
+            bytes: output,
+            reservation: None,
+            spilled: kept == KeptIn::Spill,
+        };
+        Ok((stored, Outcome::Stored))
     }
 
     /// What materializing the recipe `addr` is known to need in memory before anything is
@@ -208,7 +242,7 @@ impl AsyncExecutor {
 
     /// The output of `addr` from the shared output tier, if it holds one. A tier that fails
     /// is logged and skipped: the recipe is computed instead.
-    async fn read_output_tier(
+    pub(super) async fn read_output_tier(
         &self,
         outputs: &Arc<dyn deriva_store::OutputStore>,
         addr: CAddr,

@@ -14,6 +14,7 @@ mod binary;
 mod campaign;
 mod cli;
 mod cluster;
+mod cluster_leases;
 mod config;
 mod debug_pages;
 mod idle_counts;

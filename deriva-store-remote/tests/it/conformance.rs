@@ -67,6 +67,7 @@ impl RemoteHarness {
             output_tier: false,
             create_schema: true,
             node_id: "conformance".into(),
+            compute_lease_ttl: deriva_store_remote::LEASE_TTL,
         }
     }
 }
