@@ -216,7 +216,7 @@ pub async fn open(config: &RemoteConfig, metrics: Arc<BackendMetrics>) -> Result
     // Leases hand an output over through the output tier: without one, each node computes.
     if config.output_tier {
         store = store
-            .with_outputs(Arc::new(ObjectOutputs::new(objects)))
+            .with_outputs(Arc::new(ObjectOutputs::new(objects, pg.clone())))
             .with_leases(Arc::new(PgLeases::new(
                 pg,
                 config.node_id.clone(),

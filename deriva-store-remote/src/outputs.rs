@@ -20,6 +20,15 @@
 //! tier is a cache, so the output is computed and the object replaced. This does not stop a
 //! writer who forges a whole object (the header is not a signature); it keeps an object from
 //! answering for a recipe it was not computed for.
+//!
+//! The index knows which outputs the tier holds: a row of `outputs(recipe, size, hash,
+//! written_at)` (migration 5) per object. Whether an output is there is asked of PostgreSQL,
+//! never of the object store, so a fresh recipe costs no object-store request that misses. A
+//! put writes the object and then its row (a row always names an object that is there); a
+//! delete removes the row and then the object. An object without a row (written before the
+//! table existed, or whose row was lost with a crash between the two) is a miss: the output is
+//! computed again and written with its row. `list` still lists the objects (for
+//! `deriva-server migrate`).
 
 use std::sync::Arc;
 
@@ -30,6 +39,7 @@ use deriva_core::{CAddr, DerivaError};
 use deriva_store::OutputStore;
 
 use crate::objects::Objects;
+use crate::pg::{Call, Pg};
 
 /// The first bytes of every output-tier object.
 const MAGIC: [u8; 4] = *b"DRVO";
@@ -39,15 +49,47 @@ const HASH_LEN: usize = 32;
 /// Magic, version, recipe address, output hash.
 const HEADER_LEN: usize = MAGIC.len() + 1 + HASH_LEN + HASH_LEN;
 
-/// Computed outputs in the object store.
+/// Computed outputs in the object store, indexed in PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct ObjectOutputs {
     objects: Arc<Objects>,
+    pg: Arc<Pg>,
 }
 
 impl ObjectOutputs {
-    pub(crate) fn new(objects: Arc<Objects>) -> Self {
-        Self { objects }
+    pub(crate) fn new(objects: Arc<Objects>, pg: Arc<Pg>) -> Self {
+        Self { objects, pg }
+    }
+
+    /// Whether the index has a row for the output of `recipe`.
+    async fn indexed(&self, recipe: &CAddr) -> Result<bool> {
+        const FIND: Call = Call {
+            op: "find_output",
+            operation: "SELECT",
+            table: "outputs",
+            context: "looking up a stored output",
+        };
+        let key = recipe.as_bytes().to_vec();
+        let row = self
+            .pg
+            .query_opt(FIND, "SELECT 1 FROM {s}.outputs WHERE recipe = $1", &[&key])
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Deletes the row of the output of `recipe`.
+    async fn unindex(&self, recipe: &CAddr) -> Result<()> {
+        const DELETE: Call = Call {
+            op: "delete_output",
+            operation: "DELETE",
+            table: "outputs",
+            context: "deleting a stored output's row",
+        };
+        let key = recipe.as_bytes().to_vec();
+        self.pg
+            .query(DELETE, "DELETE FROM {s}.outputs WHERE recipe = $1", &[&key])
+            .await?;
+        Ok(())
     }
 }
 
@@ -105,27 +147,54 @@ fn decode(recipe: &CAddr, object: Bytes, where_: &str) -> Result<Option<Bytes>> 
 
 #[async_trait]
 impl OutputStore for ObjectOutputs {
+    /// The index first: without a row, a miss that asks the object store nothing.
     async fn get(&self, recipe: CAddr) -> Result<Option<Bytes>> {
+        if !self.indexed(&recipe).await? {
+            return Ok(None);
+        }
         let Some(object) = self.objects.get(&self.objects.output_key(&recipe)).await? else {
             return Ok(None);
         };
         decode(&recipe, object, self.objects.name())
     }
 
+    /// The object, then its row.
     async fn put(&self, recipe: CAddr, output: Bytes) -> Result<()> {
+        const INDEX: Call = Call {
+            op: "put_output",
+            operation: "INSERT",
+            table: "outputs",
+            context: "recording a stored output",
+        };
         self.objects
             .overwrite(&self.objects.output_key(&recipe), encode(&recipe, &output))
-            .await
+            .await?;
+        let key = recipe.as_bytes().to_vec();
+        let (size, hash) = (
+            output.len() as i64,
+            blake3::hash(&output).as_bytes().to_vec(),
+        );
+        self.pg
+            .query(
+                INDEX,
+                "INSERT INTO {s}.outputs (recipe, size, hash) VALUES ($1, $2, $3)
+                 ON CONFLICT (recipe) DO UPDATE
+                 SET size = excluded.size, hash = excluded.hash, written_at = now()",
+                &[&key, &size, &hash],
+            )
+            .await?;
+        Ok(())
     }
 
+    /// The row, then the object.
     async fn delete(&self, recipe: CAddr) -> Result<()> {
+        self.unindex(&recipe).await?;
         self.objects.delete(&self.objects.output_key(&recipe)).await
     }
 
-    /// Whether an object is stored at the key of `recipe`, in any format (a read decides).
+    /// Whether the index records an output of `recipe` (whose object a read checks).
     async fn contains(&self, recipe: CAddr) -> Result<bool> {
-        let key = self.objects.output_key(&recipe);
-        Ok(self.objects.size(&key).await?.is_some())
+        self.indexed(&recipe).await
     }
 
     async fn list(&self) -> Result<Vec<CAddr>> {

@@ -23,6 +23,9 @@
 //!   recipe being computed by a node with the output tier, so that the others wait for its
 //!   output instead of computing it too; deleted when the compute ends, taken over once
 //!   `expires_at` (renewed by the holder) has passed (migration 4, see `leases.rs`).
+//! - `outputs(recipe, size, hash, written_at)`: one row per object of the output tier
+//!   (`outputs/<hex>`), written after the object and deleted before it, so that whether an
+//!   output is stored is asked here, never of the object store (migration 5, see `outputs.rs`).
 //!
 //! Deleting a recipe deletes its edges. `created_at` of a leaf or recipe is the time of its
 //! last put (a put of what is stored refreshes it): garbage collection's clock.
@@ -53,7 +56,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// The migrations, in order; migration `i` brings the schema to version `i + 1`. `{s}` is the
 /// quoted schema name.
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     r#"
 CREATE TABLE {s}.leaves (
     addr bytea PRIMARY KEY CHECK (length(addr) = 32),
@@ -181,6 +184,14 @@ CREATE TABLE {s}.compute_leases (
     traceparent text,
     started_at timestamptz NOT NULL,
     expires_at timestamptz NOT NULL
+);
+"#,
+    r#"
+CREATE TABLE {s}.outputs (
+    recipe bytea PRIMARY KEY CHECK (length(recipe) = 32),
+    size bigint NOT NULL CHECK (size >= 0),
+    hash bytea NOT NULL CHECK (length(hash) = 32),
+    written_at timestamptz NOT NULL DEFAULT now()
 );
 "#,
 ];

@@ -14,7 +14,7 @@ mod binary;
 mod campaign;
 mod cli;
 mod cluster;
-mod cluster_leases;
+mod cluster_tier;
 mod config;
 mod debug_pages;
 mod idle_counts;

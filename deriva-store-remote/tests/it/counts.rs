@@ -237,7 +237,7 @@ async fn the_migration_counts_the_rows_already_there() {
     // older node's writes.
     db.batch_execute(&sql(
         &harness,
-        "DROP TABLE {s}.counts, {s}.compute_leases;
+        "DROP TABLE {s}.counts, {s}.compute_leases, {s}.outputs;
          DROP FUNCTION {s}.count_changes, {s}.count_truncated CASCADE;
          DELETE FROM {s}.schema_version WHERE version >= 3;
          INSERT INTO {s}.leaves (addr, size)

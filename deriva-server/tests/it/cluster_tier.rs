@@ -1,7 +1,9 @@
-//! One compute per recipe across the nodes that share a remote store with the output tier
-//! (compute leases in PostgreSQL, `deriva-store-remote/src/leases.rs`), with real processes, a
-//! real SeaweedFS and a real PostgreSQL:
+//! The output tier across nodes, with real processes, a real SeaweedFS and a real PostgreSQL:
+//! one compute per recipe across the nodes that share it (compute leases in PostgreSQL,
+//! `deriva-store-remote/src/leases.rs`), and its index (`outputs.rs`):
 //!
+//! - a fresh recipe's Get asks the object store nothing that misses (the index says there is
+//!   no output yet);
 //! - 16 concurrent Gets of one uncomputed 40 MB gzip recipe, 8 through each of two nodes: one
 //!   compute in all, the same bytes from both;
 //! - a node that waits on the other's lease links its span to the computing one;
@@ -215,5 +217,54 @@ async fn a_lease_whose_node_died_is_taken_over_once_it_expires() {
         ),
         Some(1.0),
         "B computed it"
+    );
+}
+
+/// S3 reads (`get`, `head`) on `node`: each would miss for a fresh recipe.
+async fn s3_reads(node: &ServerProcess) -> f64 {
+    let text = node.scrape().await;
+    ["get", "head"]
+        .iter()
+        .map(|op| {
+            let series = format!(
+                r#"deriva_backend_request_duration_seconds_count{{backend="s3",op="{op}"}}"#
+            );
+            sample(&text, &series).unwrap_or(0.0)
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_recipe_asks_the_object_store_nothing_that_misses() {
+    let services = backends::shared();
+    let space = Space::new("outputs_index");
+    let a = node(&services, &space, &FLAGS);
+    let mut ca = a.client().await;
+    let leaf = put_leaf(&mut ca, b"read from the local cache").await;
+    // Read once, so that the recipe's input comes from the local read-through cache.
+    get_all(&mut ca, &leaf).await.unwrap();
+    let upper = put_recipe(&mut ca, "uppercase", &[&leaf], &[]).await;
+    let before = s3_reads(&a).await;
+    assert_eq!(
+        get_all(&mut ca, &upper).await.unwrap(),
+        b"READ FROM THE LOCAL CACHE"
+    );
+    assert_eq!(s3_reads(&a).await, before, "no S3 read for a fresh recipe");
+    let text = a.scrape().await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"deriva_backend_request_duration_seconds_count{backend="s3",op="put"}"#
+        ),
+        Some(2.0),
+        "the leaf and the output"
+    );
+    assert!(
+        sample(
+            &text,
+            r#"deriva_backend_request_duration_seconds_count{backend="postgres",op="find_output"}"#
+        )
+        .is_some(),
+        "the index was asked"
     );
 }
