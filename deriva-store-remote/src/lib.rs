@@ -215,8 +215,10 @@ pub async fn open(config: &RemoteConfig, metrics: Arc<BackendMetrics>) -> Result
     .with_bus(Arc::new(bus.clone()));
     // Leases hand an output over through the output tier: without one, each node computes.
     if config.output_tier {
+        let outputs = Arc::new(ObjectOutputs::new(objects, pg.clone()));
         store = store
-            .with_outputs(Arc::new(ObjectOutputs::new(objects, pg.clone())))
+            .with_outputs(outputs.clone())
+            .with_sizes(outputs)
             .with_leases(Arc::new(PgLeases::new(
                 pg,
                 config.node_id.clone(),

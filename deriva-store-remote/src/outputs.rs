@@ -29,6 +29,12 @@
 //! table existed, or whose row was lost with a crash between the two) is a miss: the output is
 //! computed again and written with its row. `list` still lists the objects (for
 //! `deriva-server migrate`).
+//!
+//! The row's `size` is also the output's recorded size ([`OutputSizes`]) for the memory
+//! budget's up-front check, written with the output at no extra cost. The engine asks for it
+//! just before it asks for the output; so that this costs no second round trip, the answer
+//! (the row, or none) is kept for the next `get` or `contains` of that recipe, once, within
+//! [`ANSWER_KEPT`].
 
 use std::sync::Arc;
 
@@ -36,7 +42,7 @@ use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
 use deriva_core::error::Result;
 use deriva_core::{CAddr, DerivaError};
-use deriva_store::OutputStore;
+use deriva_store::{OutputSizes, OutputStore};
 
 use crate::objects::Objects;
 use crate::pg::{Call, Pg};
@@ -49,20 +55,37 @@ const HASH_LEN: usize = 32;
 /// Magic, version, recipe address, output hash.
 const HEADER_LEN: usize = MAGIC.len() + 1 + HASH_LEN + HASH_LEN;
 
+/// How long the index's answer about a recipe's output ([`OutputSizes::recorded`]) stands in
+/// for the next `get` or `contains` of it.
+pub const ANSWER_KEPT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The most answers kept at once (beyond it, the oldest are dropped).
+const ANSWERS: usize = 256;
+
+/// An answer of the index about a recipe's output: the recipe, the output's size if it has a
+/// row, and when it was asked.
+type Answer = (CAddr, Option<u64>, std::time::Instant);
+
 /// Computed outputs in the object store, indexed in PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct ObjectOutputs {
     objects: Arc<Objects>,
     pg: Arc<Pg>,
+    /// The index's latest answers (the output's size, or none), for one next question each.
+    answers: Arc<parking_lot::Mutex<Vec<Answer>>>,
 }
 
 impl ObjectOutputs {
     pub(crate) fn new(objects: Arc<Objects>, pg: Arc<Pg>) -> Self {
-        Self { objects, pg }
+        Self {
+            objects,
+            pg,
+            answers: Arc::default(),
+        }
     }
 
-    /// Whether the index has a row for the output of `recipe`.
-    async fn indexed(&self, recipe: &CAddr) -> Result<bool> {
+    /// The size the index records for the output of `recipe`, if it has a row.
+    async fn indexed_size(&self, recipe: &CAddr) -> Result<Option<u64>> {
         const FIND: Call = Call {
             op: "find_output",
             operation: "SELECT",
@@ -72,9 +95,27 @@ impl ObjectOutputs {
         let key = recipe.as_bytes().to_vec();
         let row = self
             .pg
-            .query_opt(FIND, "SELECT 1 FROM {s}.outputs WHERE recipe = $1", &[&key])
+            .query_opt(
+                FIND,
+                "SELECT size FROM {s}.outputs WHERE recipe = $1",
+                &[&key],
+            )
             .await?;
-        Ok(row.is_some())
+        Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64))
+    }
+
+    /// Whether the index has a row for the output of `recipe`: the answer kept from
+    /// [`OutputSizes::recorded`] if it is recent, else a query.
+    async fn indexed(&self, recipe: &CAddr) -> Result<bool> {
+        let kept = {
+            let mut answers = self.answers.lock();
+            let at = answers.iter().position(|(r, _, _)| r == recipe);
+            at.map(|i| answers.swap_remove(i))
+        };
+        match kept {
+            Some((_, size, at)) if at.elapsed() < ANSWER_KEPT => Ok(size.is_some()),
+            _ => Ok(self.indexed_size(recipe).await?.is_some()),
+        }
     }
 
     /// Deletes the row of the output of `recipe`.
@@ -199,6 +240,25 @@ impl OutputStore for ObjectOutputs {
 
     async fn list(&self) -> Result<Vec<CAddr>> {
         self.objects.list_addrs("outputs").await
+    }
+}
+
+/// The size in the output's row (written with the output); recording is that write.
+#[async_trait]
+impl OutputSizes for ObjectOutputs {
+    async fn recorded(&self, recipe: CAddr) -> Result<Option<u64>> {
+        let size = self.indexed_size(&recipe).await?;
+        let mut answers = self.answers.lock();
+        answers.retain(|(r, _, at)| *r != recipe && at.elapsed() < ANSWER_KEPT);
+        if answers.len() >= ANSWERS {
+            answers.remove(0);
+        }
+        answers.push((recipe, size, std::time::Instant::now()));
+        Ok(size)
+    }
+
+    async fn record(&self, _recipe: CAddr, _size: u64) -> Result<()> {
+        Ok(())
     }
 }
 

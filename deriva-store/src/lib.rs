@@ -8,6 +8,7 @@
 //! - [`OutputStore`]: computed outputs kept beyond one node's memory (the shared output tier).
 //! - [`InvalidationBus`]: invalidations told to the other nodes of a cluster.
 //! - [`ComputeLeases`]: one compute per recipe across the nodes that share an output tier.
+//! - [`OutputSizes`]: the recorded sizes of computed outputs, kept across restarts.
 //! - [`Store`]: a blob store and a recipe index, plus what spans the two (an input must exist
 //!   before a recipe uses it; transitive dependents; the live [`StoreCounters`]).
 //! - [`gc`]: garbage collection over any [`Store`]; [`stream`]: leaf bytes as hashed streams of
@@ -463,6 +464,20 @@ pub trait InvalidationBus: Send + Sync + fmt::Debug + 'static {
     async fn publish(&self, addrs: &[CAddr]) -> Result<()>;
 }
 
+/// The sizes of computed outputs, kept beyond one process's memory so that the memory budget's
+/// up-front check knows them after a restart. A size is a hint: a backend may lose the latest
+/// ones in a crash (it must not pay a durable write per compute for them), and a recipe's
+/// output, being determined by its address, keeps its size.
+#[async_trait]
+pub trait OutputSizes: Send + Sync + fmt::Debug + 'static {
+    /// The recorded size of the output of `recipe`, if any.
+    async fn recorded(&self, recipe: CAddr) -> Result<Option<u64>>;
+
+    /// Records `size` as the output size of `recipe` (a no-op for a backend that records it
+    /// with the output).
+    async fn record(&self, recipe: CAddr, size: u64) -> Result<()>;
+}
+
 /// Leases on computes, shared by the nodes of a cluster, so that a recipe is computed once
 /// across the fleet: the node that takes a recipe's lease computes it and puts its output in
 /// the output tier ([`OutputStore`]); the others wait for the lease to end and read the output
@@ -616,6 +631,7 @@ pub struct Store {
     outputs: Option<Arc<dyn OutputStore>>,
     bus: Option<Arc<dyn InvalidationBus>>,
     leases: Option<Arc<dyn ComputeLeases>>,
+    sizes: Option<Arc<dyn OutputSizes>>,
     counters: Arc<StoreCounters>,
     /// Held shared by whatever adds a reference (a recipe put, a pin) across its check and its
     /// write, and exclusively by garbage collection's deletes.
@@ -654,6 +670,7 @@ impl Store {
             outputs: None,
             bus: None,
             leases: None,
+            sizes: None,
             counters,
             writers: tokio::sync::RwLock::new(()),
             collecting: tokio::sync::Mutex::new(()),
@@ -680,6 +697,17 @@ impl Store {
     pub fn with_leases(mut self, leases: Arc<dyn ComputeLeases>) -> Self {
         self.leases = Some(leases);
         self
+    }
+
+    /// Keeps the recorded sizes of computed outputs in `sizes`, across restarts.
+    pub fn with_sizes(mut self, sizes: Arc<dyn OutputSizes>) -> Self {
+        self.sizes = Some(sizes);
+        self
+    }
+
+    /// Where the recorded sizes of computed outputs are kept, if anywhere.
+    pub fn sizes(&self) -> Option<&Arc<dyn OutputSizes>> {
+        self.sizes.as_ref()
     }
 
     /// The compute leases shared with the other nodes, if there are any.

@@ -181,7 +181,7 @@ impl AsyncExecutor {
         function: &Arc<dyn ComputeFunction>,
     ) -> Result<Vec<Known>> {
         let budget = &self.state.budget;
-        let answers = futures::future::join_all(recipe.inputs().iter().map(|input| async move {
+        let inputs = futures::future::join_all(recipe.inputs().iter().map(|input| async move {
             if let Some(size) = budget.recorded_leaf(input) {
                 return (Some(size), Known::Leaf);
             }
@@ -199,18 +199,52 @@ impl AsyncExecutor {
                 // it.
                 Ok(None) | Err(_) => (None, Known::Nothing),
             }
-        }))
-        .await;
+        }));
+        // Asked of the store (at once with the inputs) when this process has no record.
+        let (answers, recorded) = futures::join!(inputs, self.recorded_output_size(addr));
         let known: u64 = answers.iter().filter_map(|(size, _)| *size).sum();
         let all: Option<Vec<u64>> = answers.iter().map(|(size, _)| *size).collect();
-        let output = budget
-            .recorded(&addr)
-            .or_else(|| function.output_size(all.as_deref()?, recipe.params()));
+        let output = recorded.or_else(|| function.output_size(all.as_deref()?, recipe.params()));
         budget.check(
             || format!("materializing {addr} ({})", recipe.function()),
             known.saturating_add(output.unwrap_or(0)),
         )?;
         Ok(answers.into_iter().map(|(_, known)| known).collect())
+    }
+
+    /// The output size of `addr` recorded in memory, else by the store ([`Store::sizes`], kept
+    /// across restarts), which is then remembered in memory. A store that fails is no answer.
+    ///
+    /// [`Store::sizes`]: deriva_store::Store::sizes
+    async fn recorded_output_size(&self, addr: CAddr) -> Option<u64> {
+        if let Some(size) = self.state.budget.recorded(&addr) {
+            return Some(size);
+        }
+        let sizes = self.state.store.sizes()?;
+        match sizes.recorded(addr).await {
+            Ok(Some(size)) => {
+                self.state.budget.record(addr, size);
+                Some(size)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "could not read a recorded output size");
+                None
+            }
+        }
+    }
+
+    /// Records the output size of `addr` in memory and, on a task of its own (a hint, off the
+    /// compute's path), in the store.
+    fn record_output_size(&self, addr: CAddr, size: u64) {
+        self.state.budget.record(addr, size);
+        if let Some(sizes) = self.state.store.sizes().cloned() {
+            tokio::spawn(async move {
+                if let Err(e) = sizes.record(addr, size).await {
+                    tracing::debug!(%addr, error = %e, "could not record an output size");
+                }
+            });
+        }
     }
 
     /// In a `leaf_read` span: the leaf `addr` read whole and verified, or the recipe stored
@@ -313,7 +347,7 @@ impl AsyncExecutor {
 
         let (output, elapsed) = self.run_function(&job, span.clone()).await?;
         span.record(field::OUTPUT_BYTES, as_i64(output.len()));
-        self.state.budget.record(addr, output.len() as u64);
+        self.record_output_size(addr, output.len() as u64);
         let attrs = self.state.metrics.function_attrs(id);
         let m = &self.state.metrics;
         m.compute_duration.record(elapsed.as_secs_f64(), attrs);

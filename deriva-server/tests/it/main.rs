@@ -29,5 +29,6 @@ mod reliability_crash;
 mod reliability_gc;
 mod reliability_load;
 mod security;
+mod sizes;
 mod telemetry_saturation;
 mod tls;
