@@ -38,19 +38,6 @@ async fn gzip_computes(nodes: &[&ServerProcess]) -> f64 {
     sum
 }
 
-/// `len` random letters `a` and `b`: slow to gzip (every match is short; 1 MiB at level 6 takes
-/// about 2 s in a debug build).
-fn letters(len: usize, seed: &str) -> Vec<u8> {
-    let mut rng = Rng::from_env(seed);
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        let bits = rng.next_u64();
-        let n = (len - out.len()).min(64);
-        out.extend((0..n).map(|i| b'a' + ((bits >> i) & 1) as u8));
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_gets_through_two_nodes_compute_once() {
     let services = backends::shared();
@@ -107,7 +94,7 @@ async fn a_node_waiting_on_a_lease_links_to_the_computing_span() {
     );
     let (mut ca, cb) = (a.client().await, b.client().await);
     // About 2 s of gzip in a debug build: B asks while A computes.
-    let leaf = put_leaf(&mut ca, &letters(1 << 20, "lease link")).await;
+    let leaf = put_leaf(&mut ca, &Rng::from_env("lease link").ab_letters(1 << 20)).await;
     let recipe = put_recipe(&mut ca, "gzip", &[&leaf], &[("level", "6")]).await;
     let forced_get = |mut client: deriva_server::proto::deriva_client::DerivaClient<_>,
                       addr: Bytes| {
@@ -184,7 +171,11 @@ async fn a_lease_whose_node_died_is_taken_over_once_it_expires() {
     );
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     // About 2 s of gzip in a debug build: A is killed while it computes.
-    let leaf = put_leaf(&mut ca, &letters(1 << 20, "lease takeover")).await;
+    let leaf = put_leaf(
+        &mut ca,
+        &Rng::from_env("lease takeover").ab_letters(1 << 20),
+    )
+    .await;
     let recipe = put_recipe(&mut ca, "gzip", &[&leaf], &[("level", "6")]).await;
     let leader = {
         let (mut ca, recipe) = (ca.clone(), recipe.clone());
@@ -202,22 +193,13 @@ async fn a_lease_whose_node_died_is_taken_over_once_it_expires() {
     eprintln!("B answered in {:?}", start.elapsed());
     assert!(output.starts_with(&[0x1f, 0x8b]), "a gzip stream");
     let text = b.scrape().await;
-    assert_eq!(
-        sample(&text, "deriva_compute_lease_expired_total"),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(&text, "deriva_compute_lease_acquired_total"),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(
-            &text,
-            r#"deriva_compute_duration_seconds_count{function="gzip/v1"}"#
-        ),
-        Some(1.0),
-        "B computed it"
-    );
+    for series in [
+        "deriva_compute_lease_expired_total",
+        "deriva_compute_lease_acquired_total",
+        r#"deriva_compute_duration_seconds_count{function="gzip/v1"}"#,
+    ] {
+        assert_eq!(sample(&text, series), Some(1.0), "{series} on B");
+    }
 }
 
 /// S3 reads (`get`, `head`) on `node`: each would miss for a fresh recipe.
