@@ -95,6 +95,7 @@
 //! | `deriva_compute_output_bytes` | histogram | `function` | as input bytes |
 //! | `deriva_compute_timeouts_total` | counter | `function` | computes stopped by [`ExecutorConfig::compute_timeout`] |
 //! | `deriva_compute_cancelled_running` | gauge | – | computes cancelled (timed out, or every caller gone) whose function has not returned yet; each still holds its compute slot and memory |
+//! | `deriva_compute_lease_acquired_total`, `deriva_compute_lease_joined_total`, `deriva_compute_lease_expired_total` | counter | – | compute leases ([`deriva_store::ComputeLeases`], with an output tier) taken; materializations that waited on another node's lease instead of computing; leases taken over from a holder that let them expire |
 //! | `deriva_storage_corruption_total` | counter | – | stored leaves or recipes found corrupted when read (answered `DATA_LOSS`, never served or cached); each detection counts |
 //! | `deriva_verification_total` | counter | `result` = `pass`, `fail` | verifications |
 //! | `deriva_verification_failure_rate` | gauge | – | failed / all verifications since start (0–1) |
@@ -125,7 +126,7 @@ pub use budget::{BudgetConfig, MemoryBudget};
 pub use deriva_store::gc::GcOptions;
 pub use executor::{
     AsyncExecutor, COMPUTE_TIMEOUT, CascadePolicy, CascadeReport, ExecutorConfig, GcReport,
-    InvalidateReport, LEAF_CACHE_MAX_BYTES, VerificationMode, VerifyReport,
+    InvalidateReport, LEAF_CACHE_MAX_BYTES, TraceLinks, VerificationMode, VerifyReport,
 };
 pub use function::{CancelToken, ComputeContext, ComputeFunction, FunctionError, FunctionRegistry};
 pub use memory_cache::{Cache, CacheHit, CacheStats, EntryKind as CacheKind};

@@ -227,6 +227,13 @@ pub struct ComputeMetrics {
     pub(crate) compute_input_bytes: Histogram<u64>,
     pub(crate) compute_output_bytes: Histogram<u64>,
     compute_timeouts: Counter<u64>,
+    /// Compute leases taken (shared output tier): `deriva_compute_lease_acquired_total`.
+    pub(crate) lease_acquired: Counter<u64>,
+    /// Flights that waited on another node's lease: `deriva_compute_lease_joined_total`.
+    pub(crate) lease_joined: Counter<u64>,
+    /// Leases taken over from a holder that let them expire:
+    /// `deriva_compute_lease_expired_total`.
+    pub(crate) lease_expired: Counter<u64>,
     exec: Arc<ExecStats>,
     /// `function=<id>` per registered function, built once.
     function_attrs: HashMap<FunctionId, [KeyValue; 1]>,
@@ -501,6 +508,24 @@ impl ComputeMetrics {
             compute_timeouts.add(0, attrs);
         }
 
+        let lease_counter = |name: &'static str, desc: &'static str| {
+            let counter = meter.u64_counter(name).with_description(desc).build();
+            counter.add(0, &[]);
+            counter
+        };
+        let lease_acquired = lease_counter(
+            "deriva.compute.lease.acquired",
+            "Compute leases this node took (with the output tier): it computed the recipe for the nodes that share the tier",
+        );
+        let lease_joined = lease_counter(
+            "deriva.compute.lease.joined",
+            "Materializations that waited for another node's compute lease instead of computing, then read the output from the output tier",
+        );
+        let lease_expired = lease_counter(
+            "deriva.compute.lease.expired",
+            "Compute leases this node took over because their holder let them expire (it died or stalled)",
+        );
+
         let e = exec.clone();
         let saved = meter
             .f64_observable_counter("deriva.cache.saved")
@@ -540,6 +565,9 @@ impl ComputeMetrics {
                 .with_boundaries(BYTES_BUCKETS.to_vec())
                 .build(),
             compute_timeouts,
+            lease_acquired,
+            lease_joined,
+            lease_expired,
             exec,
             function_attrs,
             _counters: counters,

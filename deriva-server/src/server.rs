@@ -157,6 +157,7 @@ impl Server {
             },
             spill,
             compute_timeout: config.compute_timeout,
+            trace_links: Some(Arc::new(crate::telemetry::OtelTraceLinks)),
             ..ExecutorConfig::default()
         };
         let auth = match &config.auth_tokens {

@@ -36,6 +36,8 @@ pub(crate) const PIN: Call = redb("pin", "write", "pins");
 pub(crate) const UNPIN: Call = redb("unpin", "write", "pins");
 pub(crate) const LIST_PINS: Call = redb("list_pins", "read", "pins");
 pub(crate) const CHECK_RECIPES: Call = redb("check", "read", "recipes");
+pub(crate) const GET_OUTPUT_SIZE: Call = redb("get_output_size", "read", "output_sizes");
+pub(crate) const PUT_OUTPUT_SIZE: Call = redb("put_output_size", "write", "output_sizes");
 
 // `blobs/`: the leaf files.
 pub(crate) const FILE_GET: Call = Call::File { op: "get" };

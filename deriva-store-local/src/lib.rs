@@ -60,7 +60,9 @@ use deriva_core::Recipe;
 use deriva_core::{DerivaError, Result};
 use deriva_store::observe::{BackendMetrics, Call, Target};
 use deriva_store::stream::{self, ByteStream};
-use deriva_store::{BlobStore, Lease, RecipeIndex, Store, StoreCounters, StoredRecipe, lease};
+use deriva_store::{
+    BlobStore, Lease, OutputSizes, RecipeIndex, Store, StoreCounters, StoredRecipe, lease,
+};
 
 /// Name of the redb file inside the data directory.
 pub const DB_FILE: &str = "deriva.redb";
@@ -144,13 +146,15 @@ pub fn open_observed(
         blob_bytes = counters.blob_bytes(),
         "store opened"
     );
+    let recipes = Arc::new(recipes);
     Ok(Store::new(
         Arc::new(blobs),
-        Arc::new(recipes),
+        recipes.clone(),
         counters,
         (lease, released),
         format!("local {}", dir.display()),
-    ))
+    )
+    .with_sizes(recipes))
 }
 
 /// Replaces the stored row of recipe `addr` in the redb file of the local store in
@@ -374,6 +378,29 @@ impl LocalRecipeIndex {
         self.metrics
             .call(call, Target::None, on_pool(&self.inner, what, f))
             .await
+    }
+}
+
+/// Recorded output sizes in `deriva.redb`'s `output_sizes`, written without an fsync of their
+/// own.
+#[async_trait]
+impl OutputSizes for LocalRecipeIndex {
+    async fn recorded(&self, recipe: CAddr) -> Result<Option<u64>> {
+        self.transaction(
+            calls::GET_OUTPUT_SIZE,
+            "reading a recorded output size",
+            move |r| r.output_size(&recipe),
+        )
+        .await
+    }
+
+    async fn record(&self, recipe: CAddr, size: u64) -> Result<()> {
+        self.transaction(
+            calls::PUT_OUTPUT_SIZE,
+            "recording an output size",
+            move |r| r.record_output_size(&recipe, size),
+        )
+        .await
     }
 }
 

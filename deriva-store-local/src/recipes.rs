@@ -46,6 +46,9 @@ fn depth_key(depth: u32, addr: &CAddr) -> [u8; 36] {
     key[4..].copy_from_slice(addr.as_bytes());
     key
 }
+/// The recorded size of each computed output, by recipe: a hint for the memory budget,
+/// written without an fsync of its own.
+const OUTPUT_SIZES: TableDefinition<&[u8; 32], u64> = TableDefinition::new("output_sizes");
 /// A recipe stored again refreshes its time only if the stored one is at least this old: a
 /// burst of identical puts commits (and fsyncs) once.
 const TOUCH_EVERY_MS: u64 = 1000;
@@ -105,6 +108,7 @@ impl RecipeDb {
             txn.open_multimap_table(DEPENDENTS).or_storage(CTX)?;
             txn.open_table(RECIPE_TIMES).or_storage(CTX)?;
             index_depths(&txn)?;
+            txn.open_table(OUTPUT_SIZES).or_storage(CTX)?;
             let pins = txn.open_table(PINS).or_storage(CTX)?;
             counters.set_pins(pins.len().or_storage(CTX)?);
             let meta = txn.open_table(META).or_storage(CTX)?;
@@ -417,6 +421,31 @@ impl RecipeDb {
         }
         mark.dead += scratch.add_dead_recipes(&dead)?;
         Ok(mark)
+    }
+
+    /// The recorded output size of the recipe `addr`.
+    pub(super) fn output_size(&self, addr: &CAddr) -> Result<Option<u64>> {
+        const CTX: &str = "reading a recorded output size";
+        let txn = self.db.begin_read().or_storage(CTX)?;
+        let table = txn.open_table(OUTPUT_SIZES).or_storage(CTX)?;
+        Ok(table
+            .get(addr.as_bytes())
+            .or_storage(CTX)?
+            .map(|v| v.value()))
+    }
+
+    /// Records the output size of the recipe `addr` in a commit that is not durable by itself
+    /// (`Durability::None`): it reaches the disk with the next durable commit of this database
+    /// (a recipe put, a pin), and a crash before that loses it, as a hint may be lost.
+    pub(super) fn record_output_size(&self, addr: &CAddr, size: u64) -> Result<()> {
+        const CTX: &str = "recording an output size";
+        let mut txn = self.db.begin_write().or_storage(CTX)?;
+        txn.set_durability(redb::Durability::None).or_storage(CTX)?;
+        txn.open_table(OUTPUT_SIZES)
+            .or_storage(CTX)?
+            .insert(addr.as_bytes(), size)
+            .or_storage(CTX)?;
+        txn.commit().or_storage(CTX)
     }
 
     /// Whether `addr` is a stored recipe.

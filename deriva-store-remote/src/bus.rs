@@ -6,6 +6,10 @@
 //! notification only to connections listening when it is committed, so after the listening
 //! connection was lost (a database restart) the callback gets [`Invalidation::All`]: this
 //! node may have missed some, and must forget everything it cached.
+//!
+//! The same connection listens for the ends of compute leases (`leases.rs`,
+//! `deriva_leases_<schema>`) and wakes this node's waiters on them; after a reconnection it
+//! wakes them all.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +21,7 @@ use deriva_store::InvalidationBus;
 use futures::StreamExt as _;
 use tokio_postgres::AsyncMessage;
 
+use crate::leases::{self, LeaseWaiters};
 use crate::pg::Pg;
 
 /// The largest payload sent in one notification (PostgreSQL's limit is 8000 bytes).
@@ -37,6 +42,9 @@ pub struct PgBus {
     pg: Arc<Pg>,
     node: String,
     channel: String,
+    /// The channel of compute lease ends, and this node's waiters on them.
+    lease_channel: String,
+    waiters: Arc<LeaseWaiters>,
 }
 
 /// Stops the listening task when dropped.
@@ -50,9 +58,16 @@ impl Drop for Listener {
 }
 
 impl PgBus {
-    pub(crate) fn new(pg: Arc<Pg>, node: String) -> Self {
+    pub(crate) fn new(pg: Arc<Pg>, node: String, waiters: Arc<LeaseWaiters>) -> Self {
         let channel = format!("deriva_invalidate_{}", pg.schema_name());
-        Self { pg, node, channel }
+        let lease_channel = leases::channel(pg.schema_name());
+        Self {
+            pg,
+            node,
+            channel,
+            lease_channel,
+            waiters,
+        }
     }
 
     /// Listens for the other nodes' invalidations until the returned [`Listener`] is dropped,
@@ -89,7 +104,10 @@ impl PgBus {
             while let Some(message) = messages.next().await {
                 match message {
                     Ok(AsyncMessage::Notification(n)) => {
-                        if tx.send(n.payload().to_owned()).is_err() {
+                        if tx
+                            .send((n.channel().to_owned(), n.payload().to_owned()))
+                            .is_err()
+                        {
                             break;
                         }
                     }
@@ -102,7 +120,10 @@ impl PgBus {
             }
         });
         let listening = client
-            .batch_execute(&format!("LISTEN {}", self.channel))
+            .batch_execute(&format!(
+                "LISTEN {}; LISTEN {}",
+                self.channel, self.lease_channel
+            ))
             .await;
         if let Err(e) = listening {
             driver.abort();
@@ -111,10 +132,17 @@ impl PgBus {
         if *connected_before {
             tracing::warn!("listening for invalidations again; forgetting this node's cache");
             on(Invalidation::All);
+            self.waiters.wake_all();
         }
         *connected_before = true;
         tracing::debug!(channel = %self.channel, "listening for invalidations");
-        while let Some(payload) = rx.recv().await {
+        while let Some((channel, payload)) = rx.recv().await {
+            if channel == self.lease_channel {
+                if let Some(recipe) = leases::ended_recipe(&payload) {
+                    self.waiters.wake(&recipe);
+                }
+                continue;
+            }
             let mut words = payload.split(' ');
             if words.next() == Some(self.node.as_str()) {
                 continue;

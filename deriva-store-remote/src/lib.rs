@@ -18,6 +18,7 @@ mod disk_cache;
 mod gc;
 mod index;
 mod leaf_objects;
+mod leases;
 mod nodes;
 mod objects;
 mod outputs;
@@ -36,6 +37,7 @@ use deriva_store::observe::BackendMetrics;
 pub use disk_cache::DiskCache;
 pub use index::PgIndex;
 pub use leaf_objects::RemoteBlobStore;
+pub use leases::{LEASE_TTL, PgLeases};
 pub use nodes::{DEAD_AFTER, NodeBeat, NodeRow, PgNodes};
 pub use objects::{CONNECT_TIMEOUT as S3_CONNECT_TIMEOUT, MULTIPART_THRESHOLD, PART_BYTES};
 pub use objects::{REQUEST_TIMEOUT as S3_REQUEST_TIMEOUT, RETRY as S3_RETRY};
@@ -72,6 +74,9 @@ pub struct RemoteConfig {
     pub create_schema: bool,
     /// This node's id (its `service.instance.id`), so that it ignores its own invalidations.
     pub node_id: String,
+    /// How long a compute lease lasts unless its holder renews it (with the output tier): the
+    /// longest the other nodes wait for a node that died while computing.
+    pub compute_lease_ttl: std::time::Duration,
 }
 
 impl std::fmt::Debug for RemoteConfig {
@@ -100,6 +105,7 @@ impl std::fmt::Debug for RemoteConfig {
             .field("output_tier", &self.output_tier)
             .field("create_schema", &self.create_schema)
             .field("node_id", &self.node_id)
+            .field("compute_lease_ttl", &self.compute_lease_ttl)
             .finish()
     }
 }
@@ -191,7 +197,8 @@ pub async fn open(config: &RemoteConfig, metrics: Arc<BackendMetrics>) -> Result
     let recipes = PgIndex::new(pg.clone(), counters.clone());
     refresh_counters(&pg, &counters);
     let nodes = PgNodes::new(pg.clone());
-    let bus = PgBus::new(pg, config.node_id.clone());
+    let waiters = Arc::new(leases::LeaseWaiters::default());
+    let bus = PgBus::new(pg.clone(), config.node_id.clone(), waiters.clone());
     tracing::info!(
         backend = %description,
         recipes = counters.recipes(),
@@ -207,8 +214,18 @@ pub async fn open(config: &RemoteConfig, metrics: Arc<BackendMetrics>) -> Result
         description,
     )
     .with_bus(Arc::new(bus.clone()));
+    // Leases hand an output over through the output tier: without one, each node computes.
     if config.output_tier {
-        store = store.with_outputs(Arc::new(ObjectOutputs::new(objects)));
+        let outputs = Arc::new(ObjectOutputs::new(objects, pg.clone()));
+        store = store
+            .with_outputs(outputs.clone())
+            .with_sizes(outputs)
+            .with_leases(Arc::new(PgLeases::new(
+                pg,
+                config.node_id.clone(),
+                config.compute_lease_ttl,
+                waiters,
+            )));
     }
     Ok(Remote { store, bus, nodes })
 }
@@ -286,6 +303,7 @@ mod tests {
             output_tier: false,
             create_schema: true,
             node_id: String::new(),
+            compute_lease_ttl: LEASE_TTL,
         };
         let shown = format!("{config:?}");
         for secret in ["aws-s3cret", "aws-t0ken", "pg/s3cret"] {

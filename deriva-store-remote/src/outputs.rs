@@ -20,6 +20,21 @@
 //! tier is a cache, so the output is computed and the object replaced. This does not stop a
 //! writer who forges a whole object (the header is not a signature); it keeps an object from
 //! answering for a recipe it was not computed for.
+//!
+//! The index knows which outputs the tier holds: a row of `outputs(recipe, size, hash,
+//! written_at)` (migration 6) per object. Whether an output is there is asked of PostgreSQL,
+//! never of the object store, so a fresh recipe costs no object-store request that misses. A
+//! put writes the object and then its row (a row always names an object that is there); a
+//! delete removes the row and then the object. An object without a row (written before the
+//! table existed, or whose row was lost with a crash between the two) is a miss: the output is
+//! computed again and written with its row. `list` still lists the objects (for
+//! `deriva-server migrate`).
+//!
+//! The row's `size` is also the output's recorded size ([`OutputSizes`]) for the memory
+//! budget's up-front check, written with the output at no extra cost. The engine asks for it
+//! just before it asks for the output; so that this costs no second round trip, the answer
+//! (the row, or none) is kept for the next `get` or `contains` of that recipe, once, within
+//! [`ANSWER_KEPT`].
 
 use std::sync::Arc;
 
@@ -27,9 +42,10 @@ use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
 use deriva_core::error::Result;
 use deriva_core::{CAddr, DerivaError};
-use deriva_store::OutputStore;
+use deriva_store::{OutputSizes, OutputStore};
 
 use crate::objects::Objects;
+use crate::pg::{Call, Pg};
 
 /// The first bytes of every output-tier object.
 const MAGIC: [u8; 4] = *b"DRVO";
@@ -39,15 +55,82 @@ const HASH_LEN: usize = 32;
 /// Magic, version, recipe address, output hash.
 const HEADER_LEN: usize = MAGIC.len() + 1 + HASH_LEN + HASH_LEN;
 
-/// Computed outputs in the object store.
+/// How long the index's answer about a recipe's output ([`OutputSizes::recorded`]) stands in
+/// for the next `get` or `contains` of it.
+pub const ANSWER_KEPT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The most answers kept at once (beyond it, the oldest are dropped).
+const ANSWERS: usize = 256;
+
+/// An answer of the index about a recipe's output: the recipe, the output's size if it has a
+/// row, and when it was asked.
+type Answer = (CAddr, Option<u64>, std::time::Instant);
+
+/// Computed outputs in the object store, indexed in PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct ObjectOutputs {
     objects: Arc<Objects>,
+    pg: Arc<Pg>,
+    /// The index's latest answers (the output's size, or none), for one next question each.
+    answers: Arc<parking_lot::Mutex<Vec<Answer>>>,
 }
 
 impl ObjectOutputs {
-    pub(crate) fn new(objects: Arc<Objects>) -> Self {
-        Self { objects }
+    pub(crate) fn new(objects: Arc<Objects>, pg: Arc<Pg>) -> Self {
+        Self {
+            objects,
+            pg,
+            answers: Arc::default(),
+        }
+    }
+
+    /// The size the index records for the output of `recipe`, if it has a row.
+    async fn indexed_size(&self, recipe: &CAddr) -> Result<Option<u64>> {
+        const FIND: Call = Call {
+            op: "find_output",
+            operation: "SELECT",
+            table: "outputs",
+            context: "looking up a stored output",
+        };
+        let key = recipe.as_bytes().to_vec();
+        let row = self
+            .pg
+            .query_opt(
+                FIND,
+                "SELECT size FROM {s}.outputs WHERE recipe = $1",
+                &[&key],
+            )
+            .await?;
+        Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64))
+    }
+
+    /// Whether the index has a row for the output of `recipe`: the answer kept from
+    /// [`OutputSizes::recorded`] if it is recent, else a query.
+    async fn indexed(&self, recipe: &CAddr) -> Result<bool> {
+        let kept = {
+            let mut answers = self.answers.lock();
+            let at = answers.iter().position(|(r, _, _)| r == recipe);
+            at.map(|i| answers.swap_remove(i))
+        };
+        match kept {
+            Some((_, size, at)) if at.elapsed() < ANSWER_KEPT => Ok(size.is_some()),
+            _ => Ok(self.indexed_size(recipe).await?.is_some()),
+        }
+    }
+
+    /// Deletes the row of the output of `recipe`.
+    async fn unindex(&self, recipe: &CAddr) -> Result<()> {
+        const DELETE: Call = Call {
+            op: "delete_output",
+            operation: "DELETE",
+            table: "outputs",
+            context: "deleting a stored output's row",
+        };
+        let key = recipe.as_bytes().to_vec();
+        self.pg
+            .query(DELETE, "DELETE FROM {s}.outputs WHERE recipe = $1", &[&key])
+            .await?;
+        Ok(())
     }
 }
 
@@ -105,31 +188,77 @@ fn decode(recipe: &CAddr, object: Bytes, where_: &str) -> Result<Option<Bytes>> 
 
 #[async_trait]
 impl OutputStore for ObjectOutputs {
+    /// The index first: without a row, a miss that asks the object store nothing.
     async fn get(&self, recipe: CAddr) -> Result<Option<Bytes>> {
+        if !self.indexed(&recipe).await? {
+            return Ok(None);
+        }
         let Some(object) = self.objects.get(&self.objects.output_key(&recipe)).await? else {
             return Ok(None);
         };
         decode(&recipe, object, self.objects.name())
     }
 
+    /// The object, then its row.
     async fn put(&self, recipe: CAddr, output: Bytes) -> Result<()> {
+        const INDEX: Call = Call {
+            op: "put_output",
+            operation: "INSERT",
+            table: "outputs",
+            context: "recording a stored output",
+        };
         self.objects
             .overwrite(&self.objects.output_key(&recipe), encode(&recipe, &output))
-            .await
+            .await?;
+        let key = recipe.as_bytes().to_vec();
+        let (size, hash) = (
+            output.len() as i64,
+            blake3::hash(&output).as_bytes().to_vec(),
+        );
+        self.pg
+            .query(
+                INDEX,
+                "INSERT INTO {s}.outputs (recipe, size, hash) VALUES ($1, $2, $3)
+                 ON CONFLICT (recipe) DO UPDATE
+                 SET size = excluded.size, hash = excluded.hash, written_at = now()",
+                &[&key, &size, &hash],
+            )
+            .await?;
+        Ok(())
     }
 
+    /// The row, then the object.
     async fn delete(&self, recipe: CAddr) -> Result<()> {
+        self.unindex(&recipe).await?;
         self.objects.delete(&self.objects.output_key(&recipe)).await
     }
 
-    /// Whether an object is stored at the key of `recipe`, in any format (a read decides).
+    /// Whether the index records an output of `recipe` (whose object a read checks).
     async fn contains(&self, recipe: CAddr) -> Result<bool> {
-        let key = self.objects.output_key(&recipe);
-        Ok(self.objects.size(&key).await?.is_some())
+        self.indexed(&recipe).await
     }
 
     async fn list_page(&self, after: Option<CAddr>, limit: usize) -> Result<Vec<CAddr>> {
         self.objects.list_addrs_page("outputs", after, limit).await
+    }
+}
+
+/// The size in the output's row (written with the output); recording is that write.
+#[async_trait]
+impl OutputSizes for ObjectOutputs {
+    async fn recorded(&self, recipe: CAddr) -> Result<Option<u64>> {
+        let size = self.indexed_size(&recipe).await?;
+        let mut answers = self.answers.lock();
+        answers.retain(|(r, _, at)| *r != recipe && at.elapsed() < ANSWER_KEPT);
+        if answers.len() >= ANSWERS {
+            answers.remove(0);
+        }
+        answers.push((recipe, size, std::time::Instant::now()));
+        Ok(size)
+    }
+
+    async fn record(&self, _recipe: CAddr, _size: u64) -> Result<()> {
+        Ok(())
     }
 }
 

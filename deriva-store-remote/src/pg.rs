@@ -19,6 +19,13 @@
 //!   already there (`ON CONFLICT DO UPDATE`, a put's refresh) is not in the trigger's
 //!   transition table, so it counts nothing. An `UPDATE` of a leaf's `size` is not counted:
 //!   Deriva never changes one. Nodes read the counts from these rows, never by scanning.
+//! - `compute_leases(recipe, node, token, traceparent, started_at, expires_at)`: one row per
+//!   recipe being computed by a node with the output tier, so that the others wait for its
+//!   output instead of computing it too; deleted when the compute ends, taken over once
+//!   `expires_at` (renewed by the holder) has passed (migration 5, see `leases.rs`).
+//! - `outputs(recipe, size, hash, written_at)`: one row per object of the output tier
+//!   (`outputs/<hex>`), written after the object and deleted before it, so that whether an
+//!   output is stored is asked here, never of the object store (migration 6, see `outputs.rs`).
 //!
 //! Indexes beyond the primary keys: `edges_by_recipe` (a recipe's inputs, for deletes) and
 //! `recipes_by_depth(depth, addr)` (migration 4): the keyset pages of the recipe listing, in
@@ -57,7 +64,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// The migrations, in order; migration `i` brings the schema to version `i + 1`. `{s}` is the
 /// quoted schema name.
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 6] = [
     r#"
 CREATE TABLE {s}.leaves (
     addr bytea PRIMARY KEY CHECK (length(addr) = 32),
@@ -179,6 +186,24 @@ CREATE TRIGGER count_truncates AFTER TRUNCATE ON {s}.pins
 "#,
     r#"
 CREATE INDEX IF NOT EXISTS recipes_by_depth ON {s}.recipes (depth, addr);
+"#,
+    r#"
+CREATE TABLE {s}.compute_leases (
+    recipe bytea PRIMARY KEY CHECK (length(recipe) = 32),
+    node text NOT NULL,
+    token bigint NOT NULL,
+    traceparent text,
+    started_at timestamptz NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+"#,
+    r#"
+CREATE TABLE {s}.outputs (
+    recipe bytea PRIMARY KEY CHECK (length(recipe) = 32),
+    size bigint NOT NULL CHECK (size >= 0),
+    hash bytea NOT NULL CHECK (length(hash) = 32),
+    written_at timestamptz NOT NULL DEFAULT now()
+);
 "#,
 ];
 

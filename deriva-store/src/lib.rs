@@ -7,6 +7,8 @@
 //! - [`RecipeIndex`]: recipes by address, with their DAG depth and the dependency graph.
 //! - [`OutputStore`]: computed outputs kept beyond one node's memory (the shared output tier).
 //! - [`InvalidationBus`]: invalidations told to the other nodes of a cluster.
+//! - [`ComputeLeases`]: one compute per recipe across the nodes that share an output tier.
+//! - [`OutputSizes`]: the recorded sizes of computed outputs, kept across restarts.
 //! - [`Store`]: a blob store and a recipe index, plus what spans the two (an input must exist
 //!   before a recipe uses it; transitive dependents; the live [`StoreCounters`]).
 //! - [`gc`]: garbage collection over any [`Store`]; [`stream`]: leaf bytes as hashed streams of
@@ -594,6 +596,141 @@ pub trait InvalidationBus: Send + Sync + fmt::Debug + 'static {
     async fn publish(&self, addrs: &[CAddr]) -> Result<()>;
 }
 
+/// The sizes of computed outputs, kept beyond one process's memory so that the memory budget's
+/// up-front check knows them after a restart. A size is a hint: a backend may lose the latest
+/// ones in a crash (it must not pay a durable write per compute for them), and a recipe's
+/// output, being determined by its address, keeps its size.
+#[async_trait]
+pub trait OutputSizes: Send + Sync + fmt::Debug + 'static {
+    /// The recorded size of the output of `recipe`, if any.
+    async fn recorded(&self, recipe: CAddr) -> Result<Option<u64>>;
+
+    /// Records `size` as the output size of `recipe` (a no-op for a backend that records it
+    /// with the output).
+    async fn record(&self, recipe: CAddr, size: u64) -> Result<()>;
+}
+
+/// Leases on computes, shared by the nodes of a cluster, so that a recipe is computed once
+/// across the fleet: the node that takes a recipe's lease computes it and puts its output in
+/// the output tier ([`OutputStore`]); the others wait for the lease to end and read the output
+/// from there. A lease lasts a bounded time, renewed by its holder while it computes, so that
+/// the lease of a node that died ends by itself and another node takes it over.
+#[async_trait]
+pub trait ComputeLeases: Send + Sync + fmt::Debug + 'static {
+    /// Takes the lease of `recipe` if nobody holds it (or its holder let it expire), in one
+    /// round trip. `traceparent` (W3C) names the span that will compute, for the nodes that
+    /// wait on it to link to.
+    async fn acquire(&self, recipe: CAddr, traceparent: Option<String>) -> Result<LeaseAttempt>;
+}
+
+/// What [`ComputeLeases::acquire`] found.
+pub enum LeaseAttempt {
+    /// The lease is this node's: it computes. Dropping the lease (or
+    /// [`ComputeLease::release`]) ends it and wakes the waiters.
+    Acquired(ComputeLease),
+    /// Another node (or an earlier flight of this one) holds it.
+    Held(HeldBy),
+}
+
+impl fmt::Debug for LeaseAttempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Acquired(lease) => f.debug_tuple("Acquired").field(lease).finish(),
+            Self::Held(held) => f.debug_tuple("Held").field(held).finish(),
+        }
+    }
+}
+
+/// The lease of another holder, as [`ComputeLeases::acquire`] found it.
+pub struct HeldBy {
+    /// The holder's node id; empty if the row was not visible to the statement that found it
+    /// taken (it was taken at that very moment).
+    pub node: String,
+    /// The holder's span, W3C `traceparent`, if it gave one.
+    pub traceparent: Option<String>,
+    /// Time left until the lease expires unless it is renewed, by the database's clock.
+    pub expires_in: std::time::Duration,
+    /// Completes when a holder of this lease announces its end (done or failed); registered
+    /// before the lease was asked for, so an end announced since is not missed. An
+    /// announcement can still be lost (a dropped connection): wait on it with a timeout.
+    pub ended: futures::future::BoxFuture<'static, ()>,
+}
+
+impl fmt::Debug for HeldBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeldBy")
+            .field("node", &self.node)
+            .field("traceparent", &self.traceparent)
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a lease ended, for its waiters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseEnd {
+    /// The output is in the output tier.
+    Done,
+    /// No output was kept (the compute failed, was abandoned, or its output could not be
+    /// written): a waiter takes the lease and computes.
+    Failed,
+}
+
+/// Ends a held lease in its backend (deletes it and wakes the waiters).
+#[async_trait]
+pub trait LeaseRelease: Send + Sync + 'static {
+    /// Ends the lease, telling the waiters how.
+    async fn release(self: Box<Self>, end: LeaseEnd);
+}
+
+/// A lease this node holds ([`LeaseAttempt::Acquired`]). The backend renews it while it is
+/// held. Dropped without [`ComputeLease::release`], it ends as [`LeaseEnd::Failed`] on a task
+/// of its own.
+pub struct ComputeLease {
+    release: Option<Box<dyn LeaseRelease>>,
+    took_over: bool,
+}
+
+impl fmt::Debug for ComputeLease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ComputeLease")
+            .field("took_over", &self.took_over)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ComputeLease {
+    /// A held lease that `release` ends; `took_over`: it was another holder's, expired.
+    pub fn new(release: Box<dyn LeaseRelease>, took_over: bool) -> Self {
+        Self {
+            release: Some(release),
+            took_over,
+        }
+    }
+
+    /// Whether this lease was taken over from a holder that let it expire (a dead node).
+    pub fn took_over(&self) -> bool {
+        self.took_over
+    }
+
+    /// Ends the lease now, telling the waiters how.
+    pub async fn release(mut self, end: LeaseEnd) {
+        if let Some(release) = self.release.take() {
+            release.release(end).await;
+        }
+    }
+}
+
+impl Drop for ComputeLease {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(release.release(LeaseEnd::Failed));
+        }
+    }
+}
+
 /// Held by everything that keeps a backend's resources (a database file, connections) in use.
 /// When the last `Lease` of a store is dropped, its [`Released`] completes.
 #[derive(Debug, Clone)]
@@ -625,6 +762,8 @@ pub struct Store {
     recipes: Arc<dyn RecipeIndex>,
     outputs: Option<Arc<dyn OutputStore>>,
     bus: Option<Arc<dyn InvalidationBus>>,
+    leases: Option<Arc<dyn ComputeLeases>>,
+    sizes: Option<Arc<dyn OutputSizes>>,
     counters: Arc<StoreCounters>,
     /// Held shared by whatever adds a reference (a recipe put, a pin) across its check and its
     /// write, and exclusively by garbage collection's deletes.
@@ -662,6 +801,8 @@ impl Store {
             recipes,
             outputs: None,
             bus: None,
+            leases: None,
+            sizes: None,
             counters,
             writers: tokio::sync::RwLock::new(()),
             collecting: tokio::sync::Mutex::new(()),
@@ -681,6 +822,29 @@ impl Store {
     pub fn with_bus(mut self, bus: Arc<dyn InvalidationBus>) -> Self {
         self.bus = Some(bus);
         self
+    }
+
+    /// Takes a lease on each compute in `leases`, so that the nodes sharing the output tier
+    /// compute each recipe once (only used with [`Store::with_outputs`]).
+    pub fn with_leases(mut self, leases: Arc<dyn ComputeLeases>) -> Self {
+        self.leases = Some(leases);
+        self
+    }
+
+    /// Keeps the recorded sizes of computed outputs in `sizes`, across restarts.
+    pub fn with_sizes(mut self, sizes: Arc<dyn OutputSizes>) -> Self {
+        self.sizes = Some(sizes);
+        self
+    }
+
+    /// Where the recorded sizes of computed outputs are kept, if anywhere.
+    pub fn sizes(&self) -> Option<&Arc<dyn OutputSizes>> {
+        self.sizes.as_ref()
+    }
+
+    /// The compute leases shared with the other nodes, if there are any.
+    pub fn leases(&self) -> Option<&Arc<dyn ComputeLeases>> {
+        self.leases.as_ref()
     }
 
     /// The shared output tier, if there is one.

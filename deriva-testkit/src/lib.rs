@@ -171,6 +171,18 @@ impl Rng {
         self.below(100) < percent
     }
 
+    /// `len` random letters `a` and `b`: slow to gzip, since every match is short (1 MiB at
+    /// level 6 takes about 2 s in a debug build; 16 MiB at level 9 about 16 s in release).
+    pub fn ab_letters(&mut self, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            let bits = self.next_u64();
+            let n = (len - out.len()).min(64);
+            out.extend((0..n).map(|i| b'a' + ((bits >> i) & 1) as u8));
+        }
+        out
+    }
+
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next_u64() as u8).collect()
     }

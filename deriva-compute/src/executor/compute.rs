@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result};
 use deriva_store::task::spawn_blocking_in;
-use deriva_store::{Found, Located};
+use deriva_store::{Found, LeaseEnd, Located};
 use tracing::field::Empty;
 use tracing::{Instrument, Span, info_span};
 
+use super::lease::Leased;
 use super::single_flight::{FlightResult, Known, ReservedOutput};
 use super::{AsyncExecutor, DepthTracker, as_i64, invalid_recipe};
 use crate::budget::Reservation;
@@ -88,19 +89,26 @@ impl AsyncExecutor {
         let function = self.runnable(Some(addr), &recipe)?;
         let inputs_known = self.check_budget(addr, &recipe, &function).await?;
         let outputs = self.state.store.outputs();
-        if let Some(outputs) = outputs
-            && let Some(output) = self.read_output_tier(outputs, addr).await
-        {
-            self.state.budget.record(addr, output.len() as u64);
-            let kept = self
-                .cache_or_spill(addr, &output, Duration::ZERO, generation)
-                .await;
-            let stored = ReservedOutput {
-                bytes: output,
-                reservation: None,
-                spilled: kept == KeptIn::Spill,
+        let mut lease = None;
+        if let Some(outputs) = outputs {
+            let stored = match self.read_output_tier(outputs, addr).await {
+                Some(output) => Some(output),
+                // With leases, another node may be computing it: wait for its output, or take
+                // the lease and compute.
+                None => match self.state.store.leases() {
+                    Some(leases) => match self.lease_or_output(leases, outputs, addr).await {
+                        Leased::Output(output) => Some(output),
+                        Leased::Lease(held) => {
+                            lease = held;
+                            None
+                        }
+                    },
+                    None => None,
+                },
             };
-            return Ok((stored, Outcome::Stored));
+            if let Some(output) = stored {
+                return self.stored_output(addr, output, generation).await;
+            }
         }
         let inputs =
             futures::future::try_join_all(recipe.inputs().iter().zip(inputs_known).map(
@@ -118,10 +126,22 @@ impl AsyncExecutor {
             && self.state.cache.generation(&addr) == generation
         {
             let write = info_span!(spans::OUTPUT_WRITE, { field::BYTES } = as_i64(output.len()));
-            if let Err(e) = outputs.put(addr, output.clone()).instrument(write).await {
-                // The output tier saves recomputes; losing a write costs one later.
-                tracing::warn!(%addr, error = %e, "could not keep the output in the output tier");
+            match outputs.put(addr, output.clone()).instrument(write).await {
+                // The nodes waiting on this lease read it from the tier now.
+                Ok(()) => {
+                    if let Some(lease) = lease.take() {
+                        lease.release(LeaseEnd::Done).await;
+                    }
+                }
+                // The output tier saves recomputes; losing a write costs one later (the lease,
+                // dropped below, ends failed: its waiters compute).
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "could not keep the output in the output tier");
+                }
             }
+        }
+        if let Some(lease) = lease {
+            lease.release(LeaseEnd::Failed).await;
         }
         // A cached output counts against the cache's budget from now on; any other stays
         // covered while its callers hold it.
@@ -131,6 +151,20 @@ impl AsyncExecutor {
             spilled: kept == KeptIn::Spill,
         };
         Ok((computed, Outcome::Computed))
+    }
+
+    /// The output of `addr` read from the output tier, recorded and kept like a computed one.
+    async fn stored_output(&self, addr: CAddr, output: Bytes, generation: u64) -> FlightResult {
+        self.state.budget.record(addr, output.len() as u64);
+        let kept = self
+            .cache_or_spill(addr, &output, Duration::ZERO, generation)
+            .await;
+        let stored = ReservedOutput {
+            bytes: output,
+            reservation: None,
+            spilled: kept == KeptIn::Spill,
+        };
+        Ok((stored, Outcome::Stored))
     }
 
     /// What materializing the recipe `addr` is known to need in memory before anything is
@@ -147,7 +181,7 @@ impl AsyncExecutor {
         function: &Arc<dyn ComputeFunction>,
     ) -> Result<Vec<Known>> {
         let budget = &self.state.budget;
-        let answers = futures::future::join_all(recipe.inputs().iter().map(|input| async move {
+        let inputs = futures::future::join_all(recipe.inputs().iter().map(|input| async move {
             if let Some(size) = budget.recorded_leaf(input) {
                 return (Some(size), Known::Leaf);
             }
@@ -165,18 +199,52 @@ impl AsyncExecutor {
                 // it.
                 Ok(None) | Err(_) => (None, Known::Nothing),
             }
-        }))
-        .await;
+        }));
+        // Asked of the store (at once with the inputs) when this process has no record.
+        let (answers, recorded) = futures::join!(inputs, self.recorded_output_size(addr));
         let known: u64 = answers.iter().filter_map(|(size, _)| *size).sum();
         let all: Option<Vec<u64>> = answers.iter().map(|(size, _)| *size).collect();
-        let output = budget
-            .recorded(&addr)
-            .or_else(|| function.output_size(all.as_deref()?, recipe.params()));
+        let output = recorded.or_else(|| function.output_size(all.as_deref()?, recipe.params()));
         budget.check(
             || format!("materializing {addr} ({})", recipe.function()),
             known.saturating_add(output.unwrap_or(0)),
         )?;
         Ok(answers.into_iter().map(|(_, known)| known).collect())
+    }
+
+    /// The output size of `addr` recorded in memory, else by the store ([`Store::sizes`], kept
+    /// across restarts), which is then remembered in memory. A store that fails is no answer.
+    ///
+    /// [`Store::sizes`]: deriva_store::Store::sizes
+    async fn recorded_output_size(&self, addr: CAddr) -> Option<u64> {
+        if let Some(size) = self.state.budget.recorded(&addr) {
+            return Some(size);
+        }
+        let sizes = self.state.store.sizes()?;
+        match sizes.recorded(addr).await {
+            Ok(Some(size)) => {
+                self.state.budget.record(addr, size);
+                Some(size)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "could not read a recorded output size");
+                None
+            }
+        }
+    }
+
+    /// Records the output size of `addr` in memory and, on a task of its own (a hint, off the
+    /// compute's path), in the store.
+    fn record_output_size(&self, addr: CAddr, size: u64) {
+        self.state.budget.record(addr, size);
+        if let Some(sizes) = self.state.store.sizes().cloned() {
+            tokio::spawn(async move {
+                if let Err(e) = sizes.record(addr, size).await {
+                    tracing::debug!(%addr, error = %e, "could not record an output size");
+                }
+            });
+        }
     }
 
     /// In a `leaf_read` span: the leaf `addr` read whole and verified, or the recipe stored
@@ -208,7 +276,7 @@ impl AsyncExecutor {
 
     /// The output of `addr` from the shared output tier, if it holds one. A tier that fails
     /// is logged and skipped: the recipe is computed instead.
-    async fn read_output_tier(
+    pub(super) async fn read_output_tier(
         &self,
         outputs: &Arc<dyn deriva_store::OutputStore>,
         addr: CAddr,
@@ -279,7 +347,7 @@ impl AsyncExecutor {
 
         let (output, elapsed) = self.run_function(&job, span.clone()).await?;
         span.record(field::OUTPUT_BYTES, as_i64(output.len()));
-        self.state.budget.record(addr, output.len() as u64);
+        self.record_output_size(addr, output.len() as u64);
         let attrs = self.state.metrics.function_attrs(id);
         let m = &self.state.metrics;
         m.compute_duration.record(elapsed.as_secs_f64(), attrs);

@@ -89,6 +89,19 @@ pub struct ExecutorConfig {
     /// bound); then its context is cancelled and its callers get
     /// [`DerivaError::DeadlineExceeded`]. `None`: no bound. Default: [`COMPUTE_TIMEOUT`].
     pub compute_timeout: Option<Duration>,
+    /// How the engine reads and links spans across nodes (a compute lease carries the span of
+    /// its holder, and a node that waits on it links to it). `None`: no links across nodes.
+    /// Default: `None`; the server gives one over its OpenTelemetry layer.
+    pub trace_links: Option<Arc<dyn TraceLinks>>,
+}
+
+/// Spans across nodes, for an engine that does not link the OpenTelemetry SDK: the server
+/// implements it over its telemetry.
+pub trait TraceLinks: Send + Sync + fmt::Debug + 'static {
+    /// The W3C `traceparent` of `span`, if it has a valid context.
+    fn traceparent(&self, span: &tracing::Span) -> Option<String>;
+    /// Adds to `span` a link to the span that `traceparent` names (ignored if invalid).
+    fn link(&self, span: &tracing::Span, traceparent: &str);
 }
 
 /// The default of [`ExecutorConfig::compute_timeout`]: 300 s.
@@ -117,6 +130,7 @@ impl Default for ExecutorConfig {
             spill: None,
             leaf_cache_max_bytes: LEAF_CACHE_MAX_BYTES,
             compute_timeout: Some(COMPUTE_TIMEOUT),
+            trace_links: None,
         }
     }
 }

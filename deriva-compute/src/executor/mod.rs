@@ -33,6 +33,7 @@
 
 mod compute;
 mod config;
+mod lease;
 mod maintenance;
 mod read_path;
 mod single_flight;
@@ -58,7 +59,9 @@ use crate::metrics::{ComputeMetrics, ExecStats};
 use crate::spill::SpillStore;
 
 pub use compute::VerifyReport;
-pub use config::{COMPUTE_TIMEOUT, ExecutorConfig, LEAF_CACHE_MAX_BYTES, Spill, VerificationMode};
+pub use config::{
+    COMPUTE_TIMEOUT, ExecutorConfig, LEAF_CACHE_MAX_BYTES, Spill, TraceLinks, VerificationMode,
+};
 pub use maintenance::{CascadePolicy, CascadeReport, GcReport, InvalidateReport};
 use single_flight::Flight;
 

@@ -1,5 +1,5 @@
-//! The shared output tier and the invalidation bus, as the executor uses them: in-memory
-//! stand-ins here (the real ones, in the object store and PostgreSQL, are tested in
+//! The shared output tier, the invalidation bus and compute leases, as the executor uses them:
+//! in-memory stand-ins here (the real ones, in the object store and PostgreSQL, are tested in
 //! deriva-store-remote and deriva-server/tests/it/cluster.rs).
 
 use std::collections::HashMap;
@@ -8,10 +8,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use deriva_compute::testing::{GATE_DEADLINE, Gate, wait_until};
 use deriva_compute::{AsyncExecutor, Cache, ExecutorConfig, FunctionRegistry};
 use deriva_core::{CAddr, DerivaError, Recipe, Result};
-use deriva_store::{InvalidationBus, OutputStore};
+use deriva_store::{
+    ComputeLease, ComputeLeases, HeldBy, InvalidationBus, LeaseAttempt, LeaseEnd, LeaseRelease,
+    OutputStore,
+};
 use deriva_testkit::compute::{Slow, fid};
+use futures::FutureExt as _;
 use opentelemetry::metrics::MeterProvider as _;
 use parking_lot::Mutex;
 
@@ -175,4 +180,143 @@ async fn a_failing_or_damaged_tier_means_computing_instead() {
     assert_eq!(&b.materialize(recipe).await.unwrap()[..], b"input!");
     assert_eq!(slow.calls(), 2, "a damaged stored output is never served");
     assert_eq!(b.stats().corruptions(), 1, "and it is counted");
+}
+
+/// Compute leases in a map (the real ones, in PostgreSQL, are tested by
+/// deriva-server/tests/it/cluster_tier.rs): a lease is held until released, and an end wakes
+/// every waiter.
+#[derive(Debug, Default)]
+struct Leases(Arc<LeasesInner>);
+
+#[derive(Debug, Default)]
+struct LeasesInner {
+    held: Mutex<HashMap<CAddr, u64>>,
+    next: std::sync::atomic::AtomicU64,
+    /// How many times a lease was found held.
+    found_held: std::sync::atomic::AtomicU64,
+    ended: Arc<tokio::sync::Notify>,
+}
+
+struct Release(Arc<LeasesInner>, CAddr, u64);
+
+#[async_trait]
+impl LeaseRelease for Release {
+    async fn release(self: Box<Self>, _end: LeaseEnd) {
+        let Self(leases, recipe, token) = *self;
+        let mut held = leases.held.lock();
+        if held.get(&recipe) == Some(&token) {
+            held.remove(&recipe);
+        }
+        leases.ended.notify_waiters();
+    }
+}
+
+#[async_trait]
+impl ComputeLeases for Leases {
+    async fn acquire(&self, recipe: CAddr, _traceparent: Option<String>) -> Result<LeaseAttempt> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let inner = &self.0;
+        let mut held = inner.held.lock();
+        if held.contains_key(&recipe) {
+            inner.found_held.fetch_add(1, Relaxed);
+            return Ok(LeaseAttempt::Held(HeldBy {
+                node: "the other node".into(),
+                traceparent: None,
+                // Longer than the test: a waiter that is not woken by the end would hang.
+                expires_in: Duration::from_secs(3600),
+                ended: inner.ended.clone().notified_owned().boxed(),
+            }));
+        }
+        let token = inner.next.fetch_add(1, Relaxed);
+        held.insert(recipe, token);
+        let release = Release(inner.clone(), recipe, token);
+        Ok(LeaseAttempt::Acquired(ComputeLease::new(
+            Box::new(release),
+            false,
+        )))
+    }
+}
+
+/// Two nodes as [`nodes`] makes them, sharing compute leases too, running `gate` as `gate/v1`,
+/// and a recipe of it.
+async fn leased_nodes(
+    gate: &Gate,
+) -> (
+    tempfile::TempDir,
+    Arc<Tier>,
+    Leases,
+    AsyncExecutor,
+    AsyncExecutor,
+    CAddr,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (tier, leases) = (Arc::new(Tier::default()), Leases::default());
+    let store = Arc::new(
+        deriva_store_local::open(dir.path())
+            .unwrap()
+            .with_outputs(tier.clone())
+            .with_leases(Arc::new(Leases(leases.0.clone()))),
+    );
+    let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder().build();
+    let meter = provider.meter("test");
+    let node = || {
+        let mut functions = FunctionRegistry::with_builtins();
+        functions.register(fid("gate/v1"), gate.function());
+        AsyncExecutor::new(
+            store.clone(),
+            Arc::new(functions),
+            Arc::new(Cache::new(1 << 20)),
+            ExecutorConfig::default(),
+            &meter,
+        )
+    };
+    let (a, b) = (node(), node());
+    let leaf = a.store().put_leaf(Bytes::from_static(b"in")).await.unwrap();
+    let recipe = Recipe::new(fid("gate/v1"), vec![leaf], Vec::<(String, String)>::new()).unwrap();
+    let recipe = a.put_recipe(recipe).await.unwrap();
+    (dir, tier, leases, a, b, recipe)
+}
+
+/// B asks while A computes under the lease: `outcome` of A's compute (a gate that `fails` or
+/// not) decides what B gets. Returns both answers and how many computes ran.
+async fn b_waits_on_a(fails: bool) -> (Result<Bytes>, Result<Bytes>, usize, Arc<Tier>, CAddr) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let gate = if fails { Gate::failing() } else { Gate::new() };
+    let (_dir, tier, leases, a, b, recipe) = leased_nodes(&gate).await;
+    let first = tokio::spawn(async move { a.materialize(recipe).await });
+    gate.wait_started(1).await;
+    let second = tokio::spawn(async move { b.materialize(recipe).await });
+    wait_until("B to find the lease held", || {
+        leases.0.found_held.load(Relaxed) >= 1
+    })
+    .await;
+    gate.open();
+    let first = first.await.unwrap();
+    let second = tokio::time::timeout(GATE_DEADLINE, second)
+        .await
+        .expect("B does not hang on a lease that ended")
+        .unwrap();
+    (first, second, gate.counts().started, tier, recipe)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_finds_the_lease_held_waits_and_reads_the_output_from_the_tier() {
+    let (first, second, computes, tier, recipe) = b_waits_on_a(false).await;
+    assert_eq!(&first.unwrap()[..], b"in");
+    assert_eq!(&second.unwrap()[..], b"in");
+    assert_eq!(computes, 1, "B read A's output");
+    assert!(tier.outputs.lock().contains_key(&recipe));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_lease_holder_fails_the_waiter_computes_itself() {
+    let (first, second, computes, tier, recipe) = b_waits_on_a(true).await;
+    for answer in [first, second] {
+        assert!(
+            matches!(answer, Err(DerivaError::ComputeFailed { .. })),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(computes, 2, "B took the lease and computed");
+    assert!(!tier.outputs.lock().contains_key(&recipe));
 }

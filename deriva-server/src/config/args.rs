@@ -128,6 +128,12 @@ pub struct ServerArgs {
     /// object store, so any node serves them without recomputing).
     #[arg(long, env = "DERIVA_OUTPUT_TIER", value_enum, default_value_t = OutputTier::default())]
     pub output_tier: OutputTier,
+    /// With --output-tier blob-store, a node that computes a recipe holds a lease on it in the
+    /// index, so the other nodes wait for its output instead of computing it too; the lease is
+    /// renewed while it computes and lasts this long (1s to 1h) unless renewed: the longest
+    /// the others wait for a node that died computing before one of them takes over.
+    #[arg(long, env = "DERIVA_COMPUTE_LEASE_TTL", default_value = defaults::COMPUTE_LEASE_TTL, value_parser = parse_lease_ttl)]
+    pub compute_lease_ttl: Duration,
     /// Bound of the bytes that materializations hold in memory at once (inputs, outputs), in
     /// bytes or with a unit; a request that would exceed it waits, or is RESOURCE_EXHAUSTED
     /// [default: a quarter of the machine's memory, at least 256MiB].
@@ -297,6 +303,7 @@ impl ServerArgs {
             local_cache_bytes: self.local_cache_bytes,
             inline_leaf_bytes: self.inline_leaf_bytes,
             output_tier: self.output_tier,
+            compute_lease_ttl: self.compute_lease_ttl,
             memory_budget: self.memory_budget.unwrap_or_else(defaults::memory_budget),
             memory_queue: self.memory_queue,
             memory_wait: Duration::from_secs(self.memory_wait_secs),
@@ -392,4 +399,23 @@ fn parse_inline_size(s: &str) -> Result<u64, String> {
         ));
     }
     Ok(n)
+}
+
+/// `--compute-lease-ttl`: a duration from 1s to 1h. Shorter, a busy database's renewal could
+/// come late and a live holder lose its lease; longer, the others wait that long for a node
+/// that died computing.
+fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(s)?;
+    let range = defaults::COMPUTE_LEASE_TTL_RANGE;
+    if !range.contains(&ttl) {
+        return Err(format!(
+            "{s:?} is {}s; a compute lease lasts from {}s (shorter, a live holder could lose it \
+             between renewals) to {}s (longer, the other nodes would wait that long for one \
+             that died)",
+            ttl.as_secs(),
+            range.start().as_secs(),
+            range.end().as_secs()
+        ));
+    }
+    Ok(ttl)
 }

@@ -40,6 +40,13 @@ pub const HEARTBEAT_SECS: u64 = 5;
 pub const NODE_FORGET_AFTER: &str = "24h";
 /// `--node-forget-after`, as a duration.
 pub const NODE_FORGET_AFTER_DURATION: std::time::Duration = std::time::Duration::from_secs(86_400);
+/// `--compute-lease-ttl`.
+pub const COMPUTE_LEASE_TTL: &str = "30s";
+/// `--compute-lease-ttl`, as a duration.
+pub const COMPUTE_LEASE_TTL_DURATION: std::time::Duration = deriva_store_remote::LEASE_TTL;
+/// The shortest and longest `--compute-lease-ttl` accepted.
+pub const COMPUTE_LEASE_TTL_RANGE: std::ops::RangeInclusive<std::time::Duration> =
+    std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(3600);
 /// `--gc-grace`.
 pub const GC_GRACE: &str = "1h";
 /// `--gc-min-grace`.

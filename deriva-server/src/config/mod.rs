@@ -64,6 +64,8 @@ pub struct Config {
     pub inline_leaf_bytes: u64,
     /// Where computed outputs are kept besides the memory cache.
     pub output_tier: OutputTier,
+    /// How long a compute lease lasts unless renewed (with the output tier).
+    pub compute_lease_ttl: Duration,
     /// Bound of the bytes that materializations hold in memory at once.
     pub memory_budget: u64,
     /// Most requests waiting for room in the memory budget.
@@ -152,6 +154,7 @@ impl Config {
             output_tier: self.output_tier == OutputTier::BlobStore,
             create_schema: true,
             node_id: String::new(),
+            compute_lease_ttl: self.compute_lease_ttl,
         }))
     }
 }
@@ -184,6 +187,7 @@ impl Default for Config {
             local_cache_bytes: defaults::size("local-cache-bytes", defaults::LOCAL_CACHE_BYTES),
             inline_leaf_bytes: defaults::size("inline-leaf-bytes", defaults::INLINE_LEAF_BYTES),
             output_tier: OutputTier::default(),
+            compute_lease_ttl: defaults::COMPUTE_LEASE_TTL_DURATION,
             memory_budget: defaults::memory_budget(),
             memory_queue: defaults::MEMORY_QUEUE,
             memory_wait: Duration::from_secs(defaults::MEMORY_WAIT_SECS),
@@ -318,6 +322,10 @@ impl Config {
                 clap::ValueEnum::to_possible_value(&self.output_tier)
                     .map(|v| v.get_name().to_owned())
                     .unwrap_or_default(),
+            ),
+            (
+                "compute-lease-ttl",
+                format!("{}s", self.compute_lease_ttl.as_secs()),
             ),
             ("memory-budget", self.memory_budget.to_string()),
             ("memory-queue", self.memory_queue.to_string()),

@@ -221,3 +221,36 @@ fn a_node_is_forgotten_only_after_it_shows_as_dead() {
         );
     }
 }
+
+#[test]
+fn a_compute_lease_lasts_from_a_second_to_an_hour() {
+    let ttl = |args: &[&str]| {
+        parse_without_env(args)
+            .map(|a| {
+                a.into_config_with(Default::default())
+                    .unwrap()
+                    .compute_lease_ttl
+            })
+            .map_err(|e| e.to_string())
+    };
+    assert_eq!(ttl(&[]), Ok(Duration::from_secs(30)));
+    assert_eq!(
+        ttl(&["--compute-lease-ttl", "2s"]),
+        Ok(Duration::from_secs(2))
+    );
+    assert_eq!(
+        ttl(&["--compute-lease-ttl", "1h"]),
+        Ok(Duration::from_secs(3600))
+    );
+    for (bad, says) in [
+        ("0", "\"0\" is 0s; a compute lease lasts from 1s"),
+        ("2h", "\"2h\" is 7200s; a compute lease lasts from 1s"),
+        ("5x", "unknown duration unit"),
+    ] {
+        let err = ttl(&["--compute-lease-ttl", bad]).unwrap_err();
+        assert!(
+            err.contains("--compute-lease-ttl") && err.contains(says),
+            "{bad}: {err}"
+        );
+    }
+}

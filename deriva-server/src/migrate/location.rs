@@ -93,6 +93,7 @@ impl StoreLocation {
                 output_tier: outputs,
                 create_schema: role != "source",
                 node_id: format!("migrate-{}", std::process::id()),
+                compute_lease_ttl: deriva_store_remote::LEASE_TTL,
             }),
         }
     }

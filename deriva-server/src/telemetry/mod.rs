@@ -8,6 +8,7 @@
 //! only the `deriva-server` binary installs the subscriber globally.
 //!
 //! - [`sampler`]: which new traces are recorded, and the per-second cap;
+//! - [`links`]: [`OtelTraceLinks`], the engine's links to spans of other nodes;
 //! - [`logs`]: the log-line formatter that adds `trace_id`, `span_id` and the request id;
 //! - [`metrics`]: [`ServerMetrics`], the server's own instruments, and [`SpanExportMetrics`],
 //!   the span export queue's;
@@ -31,12 +32,14 @@ use tracing::Level;
 use tracing_subscriber::filter::{FilterExt as _, LevelFilter, Targets, filter_fn};
 use tracing_subscriber::layer::{Layer as _, SubscriberExt};
 
+pub mod links;
 pub mod logs;
 pub mod metrics;
 pub mod otlp;
 pub mod sampler;
 pub mod span_queue;
 
+pub use links::OtelTraceLinks;
 pub use logs::{LineIds, RequestId, WithTraceIds, current_ids};
 pub use metrics::{ServerMetrics, SpanExportMetrics};
 pub use otlp::{ExportPlan, Protocol};

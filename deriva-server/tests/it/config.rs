@@ -260,6 +260,13 @@ const ROWS: &[Row] = &[
         other: "1GiB",
     },
     Row {
+        flag: "compute-lease-ttl",
+        vars: &["DERIVA_COMPUTE_LEASE_TTL"],
+        value: "2m",
+        shows: ("compute-lease-ttl", "120s"),
+        other: "45s",
+    },
+    Row {
         flag: "heartbeat-secs",
         vars: &["DERIVA_HEARTBEAT_SECS"],
         value: "2",

@@ -95,6 +95,7 @@ impl Backend {
                     output_tier: false,
                     create_schema: false,
                     node_id: "gc-crash-check".into(),
+                    compute_lease_ttl: deriva_store_remote::LEASE_TTL,
                 };
                 deriva_store_remote::open(
                     &config,

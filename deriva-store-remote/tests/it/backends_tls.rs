@@ -67,6 +67,7 @@ impl Case {
             output_tier: false,
             create_schema: true,
             node_id: "tls".into(),
+            compute_lease_ttl: deriva_store_remote::LEASE_TTL,
         }
     }
 

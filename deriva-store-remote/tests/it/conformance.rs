@@ -67,6 +67,7 @@ impl RemoteHarness {
             output_tier: false,
             create_schema: true,
             node_id: "conformance".into(),
+            compute_lease_ttl: deriva_store_remote::LEASE_TTL,
         }
     }
 }
@@ -219,7 +220,8 @@ async fn a_collection_never_waits_for_a_pool_its_writers_hold() {
 /// The output tier in a real SeaweedFS: an object copied, with the bucket's own client, from
 /// `outputs/<A>` to `outputs/<B>` is the output of A, so reading B is `Corrupted` naming A,
 /// never A's bytes; an object in the format before the header named its recipe (the output's
-/// hash, then the output) is a miss, and a put replaces it.
+/// hash, then the output) is a miss, and a put replaces it. The index says what is stored: an
+/// object without a row in `outputs` is a miss, and a delete removes both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_output_moved_under_another_recipe_is_refused() {
     let harness = RemoteHarness::new();
@@ -276,8 +278,21 @@ async fn an_output_moved_under_another_recipe_is_refused() {
 
     let mut legacy = blake3::hash(b"C's old output").as_bytes().to_vec();
     legacy.extend_from_slice(b"C's old output");
+    s3.put(&key(&c), Bytes::from(legacy.clone()).into())
+        .await
+        .unwrap();
+    assert!(
+        !outputs.contains(c).await.unwrap(),
+        "no row, nothing stored"
+    );
+    assert_eq!(outputs.get(c).await.unwrap(), None, "no row: a miss");
+    // With its row (as when the object was replaced since), the old format is a miss too.
+    outputs
+        .put(c, Bytes::from_static(b"C's output"))
+        .await
+        .unwrap();
     s3.put(&key(&c), Bytes::from(legacy).into()).await.unwrap();
-    assert!(outputs.contains(c).await.unwrap(), "an object is there");
+    assert!(outputs.contains(c).await.unwrap(), "a row is there");
     assert_eq!(
         outputs.get(c).await.unwrap(),
         None,
@@ -291,4 +306,8 @@ async fn an_output_moved_under_another_recipe_is_refused() {
         outputs.get(c).await.unwrap().as_deref(),
         Some(&b"C's output"[..])
     );
+    // A delete removes the row and the object.
+    outputs.delete(c).await.unwrap();
+    assert!(!outputs.contains(c).await.unwrap());
+    assert!(s3.head(&key(&c)).await.is_err(), "the object is gone too");
 }

@@ -233,10 +233,11 @@ async fn the_migration_counts_the_rows_already_there() {
     store.put_recipe(concat(vec![la, lb])).await.unwrap();
     store.pin(la).await.unwrap();
     drop(store);
-    // Back to version 2: no counts, no triggers; then an older node's writes.
+    // Back to version 2: no counts, no triggers, nor what later migrations made; then an
+    // older node's writes.
     db.batch_execute(&sql(
         &harness,
-        "DROP TABLE {s}.counts;
+        "DROP TABLE {s}.counts, {s}.compute_leases, {s}.outputs;
          DROP FUNCTION {s}.count_changes, {s}.count_truncated CASCADE;
          DELETE FROM {s}.schema_version WHERE version >= 3;
          INSERT INTO {s}.leaves (addr, size)

@@ -27,17 +27,6 @@ use super::{cli_bin, server};
 use deriva_testkit::process::ServerProcess;
 use deriva_testkit::{DEADLINE, Rng, get_all, hex, put_leaf, put_recipe, sample, try_put_recipe};
 
-/// `len` random letters `a` and `b`: slow to gzip at level 9 (see the module docs).
-fn slow_to_gzip(len: usize, rng: &mut Rng) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        let bits = rng.next_u64();
-        let n = (len - out.len()).min(64);
-        out.extend((0..n).map(|i| b'a' + ((bits >> i) & 1) as u8));
-    }
-    out
-}
-
 /// A Get that must answer within [`DEADLINE`]; `what` says what a missing answer means.
 async fn get_within(
     client: &mut DerivaClient<Channel>,
@@ -154,7 +143,7 @@ async fn a_compute_past_the_timeout_answers_deadline_exceeded_and_frees_its_slot
         .env("DERIVA_COMPUTE_TIMEOUT_SECS", "1")
         .start();
     let mut client = server.client().await;
-    let data = slow_to_gzip(16 << 20, &mut Rng::from_env("compute timeout"));
+    let data = Rng::from_env("compute timeout").ab_letters(16 << 20);
     let leaf = put_leaf(&mut client, &data).await;
     let gzip = put_recipe(&mut client, "gzip", &[&leaf], &[("level", "9")]).await;
     for attempt in 1..=2 {
@@ -195,7 +184,7 @@ async fn sigterm_during_a_long_compute_exits_within_the_grace() {
         .env("DERIVA_COMPUTE_TIMEOUT_SECS", "3600")
         .start();
     let mut client = server.client().await;
-    let data = slow_to_gzip(INPUT, &mut Rng::from_env("sigterm during a compute"));
+    let data = Rng::from_env("sigterm during a compute").ab_letters(INPUT);
     let leaf = put_leaf(&mut client, &data).await;
     let gzip = put_recipe(&mut client, "gzip", &[&leaf], &[("level", "9")]).await;
     let get = tokio::spawn(async move { get_all(&mut client, &gzip).await });
