@@ -52,12 +52,14 @@ export AWS_ENDPOINT_URL="$DERIVA_TEST_S3_ENDPOINT" AWS_REGION=us-east-1 \
     AWS_ACCESS_KEY_ID="$DERIVA_TEST_AWS_ACCESS_KEY_ID" \
     AWS_SECRET_ACCESS_KEY="$DERIVA_TEST_AWS_SECRET_ACCESS_KEY"
 
-# fill NAME COUNT SIZE: a local store in $work/NAME with COUNT fresh leaves of SIZE.
+# fill NAME COUNT SIZE: a local store in $work/NAME with COUNT fresh leaves of SIZE, every one a
+# file under blobs/ (--inline-leaf-bytes 0), the files plain_copy copies: by default small
+# leaves are rows of leaves.redb, which plain_copy would not see.
 fill() {
     local name=$1 count=$2 size=$3 port deadline
     port=$(free_port)
     RUST_LOG=warn "$bin/deriva-server" --listen "127.0.0.1:$port" --metrics-port 0 \
-        --data-dir "$work/$name" 2>"$work/$name.log" &
+        --data-dir "$work/$name" --inline-leaf-bytes 0 2>"$work/$name.log" &
     server_pid=$!
     deadline=$((SECONDS + ready_secs))
     until "$bin/deriva" --server "http://127.0.0.1:$port" status >/dev/null 2>&1; do

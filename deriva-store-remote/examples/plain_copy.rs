@@ -41,6 +41,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: plain_copy DIR BUCKET PREFIX CONCURRENCY".into());
     };
     let concurrency: usize = concurrency.parse()?;
+    // object_store's reqwest has no crypto provider of its own: it takes the process's.
+    deriva_util::crypto::use_ring();
     let store: Arc<dyn ObjectStore> = Arc::new(
         AmazonS3Builder::from_env()
             .with_bucket_name(bucket)

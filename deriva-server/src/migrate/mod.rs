@@ -93,7 +93,8 @@ const ERRORS_KEPT: usize = 20;
 --blob-store and --index; the destination by --to-data-dir, or --to-blob-store and --to-index. \
 What the destination holds already is skipped, so running it again after an interruption copies \
 only the rest. A local source must not be in use by a server (it is refused if it is); a remote \
-source may be live: what it gains after the listing is not copied, and a second run picks it up.\n\n\
+source may be live: the source is read a page at a time, and what it gains meanwhile is copied only if \
+its page is still to come; a second run picks up the rest.\n\n\
 Exit status: 0 done; 1 something failed (the report says what); 2 bad flags; 3 DATA_LOSS (a \
 damaged object, named on stderr)."
 )]
