@@ -8,6 +8,10 @@
 # free_port          prints a free TCP port on 127.0.0.1.
 # cpu_ticks PID      prints utime + stime of PID, in clock ticks.
 # alive PID          whether PID runs (a server that exited stays a zombie until waited for).
+# backends_start     starts a SeaweedFS and a PostgreSQL (deriva-testkit/backends.sh) in
+#                    $backends (set it first, under $work), reads their settings
+#                    (DERIVA_TEST_*) and exports the AWS_* variables a server reads. The
+#                    script's bench_stop stops them: deriva-testkit/backends.sh stop "$backends".
 # backend_ticks DIR  prints the CPU ticks of the SeaweedFS and of the PostgreSQL that
 #                    deriva-testkit/backends.sh started in DIR, on one line.
 # bench_cpu_run PID URL WORKLOAD [FLAG...]
@@ -58,6 +62,19 @@ cpu_ticks() {
     local -a f
     read -r -a f <<<"$stat"
     echo $((f[11] + f[12]))
+}
+
+backends_start() {
+    # The postgres user (backends.sh runs PostgreSQL as it when we are root) must reach
+    # $backends/pg through $work.
+    chmod o+x "$work"
+    deriva-testkit/backends.sh start "$backends" >"$work/backends.out" 2>&1 ||
+        { cat "$work/backends.out" >&2; exit 1; }
+    # shellcheck disable=SC1091 # written by backends.sh
+    . "$backends/env"
+    export AWS_ENDPOINT_URL="$DERIVA_TEST_S3_ENDPOINT" AWS_REGION=us-east-1 \
+        AWS_ACCESS_KEY_ID="$DERIVA_TEST_AWS_ACCESS_KEY_ID" \
+        AWS_SECRET_ACCESS_KEY="$DERIVA_TEST_AWS_SECRET_ACCESS_KEY"
 }
 
 alive() {

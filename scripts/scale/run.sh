@@ -44,9 +44,6 @@ bin=$PWD/target/release
 . scripts/bench-lib.sh
 BENCH_KEEP=${SCALE_KEEP:-}
 bench_begin scale
-# The postgres user (backends.sh runs PostgreSQL as it when we are root) must reach
-# $work/backends/pg through this directory.
-chmod o+x "$work"
 backends=$work/backends
 node_pids=()
 bench_stop() {
@@ -58,13 +55,7 @@ bench_stop() {
 }
 clk_tck=$(getconf CLK_TCK)
 
-deriva-testkit/backends.sh start "$backends" >"$work/backends.out" 2>&1 ||
-    { cat "$work/backends.out" >&2; exit 1; }
-# shellcheck disable=SC1091 # written by backends.sh
-. "$backends/env"
-export AWS_ENDPOINT_URL="$DERIVA_TEST_S3_ENDPOINT" AWS_REGION=us-east-1 \
-    AWS_ACCESS_KEY_ID="$DERIVA_TEST_AWS_ACCESS_KEY_ID" \
-    AWS_SECRET_ACCESS_KEY="$DERIVA_TEST_AWS_SECRET_ACCESS_KEY"
+backends_start
 pg_url=$DERIVA_TEST_PG_URL
 blob_store=s3://$DERIVA_TEST_S3_BUCKET/scale
 index_url="$pg_url?application_name=$app"
