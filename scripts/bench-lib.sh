@@ -7,6 +7,13 @@
 #                    when BENCH_KEEP is set or the run failed.
 # free_port          prints a free TCP port on 127.0.0.1.
 # cpu_ticks PID      prints utime + stime of PID, in clock ticks.
+# alive PID          whether PID runs (a server that exited stays a zombie until waited for).
+# backends_start     starts a SeaweedFS and a PostgreSQL (deriva-testkit/backends.sh) in
+#                    $backends (set it first, under $work), reads their settings
+#                    (DERIVA_TEST_*) and exports the AWS_* variables a server reads. The
+#                    script's bench_stop stops them: deriva-testkit/backends.sh stop "$backends".
+# backend_ticks DIR  prints the CPU ticks of the SeaweedFS and of the PostgreSQL that
+#                    deriva-testkit/backends.sh started in DIR, on one line.
 # bench_cpu_run PID URL WORKLOAD [FLAG...]
 #                    runs one `$bin/deriva bench --json` of WORKLOAD against URL (with the
 #                    FLAGs), reading the server PID's CPU time around it; prints
@@ -55,6 +62,55 @@ cpu_ticks() {
     local -a f
     read -r -a f <<<"$stat"
     echo $((f[11] + f[12]))
+}
+
+backends_start() {
+    # The postgres user (backends.sh runs PostgreSQL as it when we are root) must reach
+    # $backends/pg through $work.
+    chmod o+x "$work"
+    deriva-testkit/backends.sh start "$backends" >"$work/backends.out" 2>&1 ||
+        { cat "$work/backends.out" >&2; exit 1; }
+    # shellcheck disable=SC1091 # written by backends.sh
+    . "$backends/env"
+    export AWS_ENDPOINT_URL="$DERIVA_TEST_S3_ENDPOINT" AWS_REGION=us-east-1 \
+        AWS_ACCESS_KEY_ID="$DERIVA_TEST_AWS_ACCESS_KEY_ID" \
+        AWS_SECRET_ACCESS_KEY="$DERIVA_TEST_AWS_SECRET_ACCESS_KEY"
+}
+
+alive() {
+    local stat
+    { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1
+    stat=${stat##*) }
+    [ "${stat%% *}" != Z ]
+}
+
+# utime + stime + cutime + cstime (fields 14 to 17) of the processes recorded in DIR/weed.pid
+# and DIR/pg.pid and of every live process below them (the reaped children of PostgreSQL's
+# postmaster show up in its cutime and cstime).
+backend_ticks() {
+    python3 - "$(cat "$1/weed.pid")" "$(cat "$1/pg.pid")" <<'PY'
+import os, sys
+stats = {}
+for entry in os.listdir("/proc"):
+    if entry.isdigit():
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stats[int(entry)] = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            pass
+children = {}
+for pid, f in stats.items():
+    children.setdefault(int(f[1]), []).append(pid)
+def ticks(root):
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += sum(int(x) for x in stats[pid][11:15])
+            todo.extend(children.get(pid, []))
+    return total
+print(*(ticks(int(p)) for p in sys.argv[1:]))
+PY
 }
 
 bench_cpu_run() {

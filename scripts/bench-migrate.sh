@@ -33,7 +33,6 @@ bin=$PWD/target/release
 # shellcheck source=scripts/bench-lib.sh
 . scripts/bench-lib.sh
 bench_begin bench-migrate
-chmod o+x "$work"   # the postgres user reaches $work/backends/pg through it
 backends=$work/backends
 server_pid=
 bench_stop() {
@@ -44,13 +43,7 @@ bench_stop() {
     deriva-testkit/backends.sh stop "$backends" >/dev/null
 }
 
-deriva-testkit/backends.sh start "$backends" >"$work/backends.out" 2>&1 ||
-    { cat "$work/backends.out" >&2; exit 1; }
-# shellcheck disable=SC1091 # written by backends.sh
-. "$backends/env"
-export AWS_ENDPOINT_URL="$DERIVA_TEST_S3_ENDPOINT" AWS_REGION=us-east-1 \
-    AWS_ACCESS_KEY_ID="$DERIVA_TEST_AWS_ACCESS_KEY_ID" \
-    AWS_SECRET_ACCESS_KEY="$DERIVA_TEST_AWS_SECRET_ACCESS_KEY"
+backends_start
 
 # fill NAME COUNT SIZE: a local store in $work/NAME with COUNT fresh leaves of SIZE, every one a
 # file under blobs/ (--inline-leaf-bytes 0), the files plain_copy copies: by default small

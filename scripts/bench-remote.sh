@@ -57,43 +57,6 @@ bench_stop() {
 }
 clk_tck=$(getconf CLK_TCK)
 
-# Whether PID runs (a server that exited stays a zombie until we wait for it).
-alive() {
-    local stat
-    { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1
-    stat=${stat##*) }
-    [ "${stat%% *}" != Z ]
-}
-
-# CPU ticks of SeaweedFS and of PostgreSQL, on one line: utime + stime + cutime + cstime (fields 14 to 17) of
-# the processes recorded in $backends/{weed,pg}.pid and of every live process below them (the
-# reaped children of PostgreSQL's postmaster show up in its cutime and cstime).
-backend_ticks() {
-    python3 - "$(cat "$backends/weed.pid")" "$(cat "$backends/pg.pid")" <<'PY'
-import os, sys
-stats = {}
-for entry in os.listdir("/proc"):
-    if entry.isdigit():
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stats[int(entry)] = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            pass
-children = {}
-for pid, f in stats.items():
-    children.setdefault(int(f[1]), []).append(pid)
-def ticks(root):
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in stats:
-            total += sum(int(x) for x in stats[pid][11:15])
-            todo.extend(children.get(pid, []))
-    return total
-print(*(ticks(int(p)) for p in sys.argv[1:]))
-PY
-}
-
 # The sum of every series of metric NAME (any labels) on the /metrics of server WHICH.
 metric_sum() {
     curl -sf --max-time 10 "http://127.0.0.1:${metrics[$1]}/metrics" |
@@ -147,13 +110,13 @@ printf 'workload\tserver\tround\trps\tp50_us\tp99_us\trequests\terrors\tcpu_us_p
 # $results.
 run_one() {
     local workload=$1 name=$2 round=$3 before after weed0 pg0 weed1 pg1 out
-    read -r weed0 pg0 < <(backend_ticks)
+    read -r weed0 pg0 < <(backend_ticks "$backends")
     before=$(cpu_ticks "${pid[$name]}")
     out=$("$bin/deriva" --server "http://127.0.0.1:${port[$name]}" bench --workload "$workload" \
         --duration "${secs}s" --concurrency "$conc" --size "$size" --json) ||
         { echo "bench-remote: deriva bench $workload against $name failed" >&2; tail -n 20 "$work/$name.log" >&2; exit 1; }
     after=$(cpu_ticks "${pid[$name]}")
-    read -r weed1 pg1 < <(backend_ticks)
+    read -r weed1 pg1 < <(backend_ticks "$backends")
     python3 - "$workload" "$name" "$round" "$clk_tck" "$out" "$((after - before))" \
         "$((weed1 - weed0))" "$((pg1 - pg0))" >>"$results" <<'PY'
 import json, sys
