@@ -464,13 +464,7 @@ impl RecipeIndex for LocalRecipeIndex {
             .await
     }
 
-    async fn mark(
-        &self,
-        cutoff: SystemTime,
-    ) -> Result<(
-        deriva_store::gc::MarkTally,
-        Box<dyn deriva_store::gc::Candidates>,
-    )> {
+    async fn mark(&self, cutoff: SystemTime) -> Result<deriva_store::gc::Mark> {
         let (leaves, dir) = (self.leaves.clone(), self.dir.clone());
         let lease = self.inner.1.clone();
         self.transaction(

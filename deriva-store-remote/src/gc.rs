@@ -109,7 +109,7 @@ pub(crate) async fn mark(
     pg: &Arc<Pg>,
     cutoff: SystemTime,
     progress: &GcProgress,
-) -> Result<(MarkTally, Box<dyn Candidates>)> {
+) -> Result<deriva_store::gc::Mark> {
     let client = deadpool_postgres::Object::take(pg.conn().await?);
     run(
         pg,
@@ -180,41 +180,25 @@ pub(crate) async fn mark(
     )
     .await?;
     let mut corrupted = 0u64;
-    let mut after: Option<(i32, Vec<u8>)> = None;
+    // Deepest first, from above every row.
+    let mut after: (i32, Vec<u8>) = (i32::MAX, Vec::new());
     loop {
-        let page = match &after {
-            None => {
-                rows(
-                    pg,
-                    &client,
-                    "gc_check",
-                    "recipes",
-                    "SELECT d.depth, d.addr, r.encoding FROM pg_temp.gc_dead_recipes d
-                     JOIN {s}.recipes r ON r.addr = d.addr
-                     ORDER BY d.depth DESC, d.addr DESC LIMIT $1",
-                    &[&CHECK_PAGE],
-                )
-                .await?
-            }
-            Some((depth, addr)) => {
-                rows(
-                    pg,
-                    &client,
-                    "gc_check",
-                    "recipes",
-                    "SELECT d.depth, d.addr, r.encoding FROM pg_temp.gc_dead_recipes d
-                     JOIN {s}.recipes r ON r.addr = d.addr
-                     WHERE (d.depth, d.addr) < ($1, $2)
-                     ORDER BY d.depth DESC, d.addr DESC LIMIT $3",
-                    &[depth, addr, &CHECK_PAGE],
-                )
-                .await?
-            }
-        };
+        let page = rows(
+            pg,
+            &client,
+            "gc_check",
+            "recipes",
+            "SELECT d.depth, d.addr, r.encoding FROM pg_temp.gc_dead_recipes d
+             JOIN {s}.recipes r ON r.addr = d.addr
+             WHERE (d.depth, d.addr) < ($1, $2)
+             ORDER BY d.depth DESC, d.addr DESC LIMIT $3",
+            &[&after.0, &after.1, &CHECK_PAGE],
+        )
+        .await?;
         let Some(last) = page.last() else {
             break;
         };
-        after = Some((last.get(0), last.get::<_, &[u8]>(1).to_vec()));
+        after = (last.get(0), last.get::<_, &[u8]>(1).to_vec());
         let mut damaged: Vec<&[u8]> = Vec::new();
         for row in &page {
             let key: &[u8] = row.get(1);
@@ -303,8 +287,8 @@ pub(crate) async fn mark(
     let candidates = PgCandidates {
         pg: pg.clone(),
         client,
-        recipe_after: None,
-        leaf_after: None,
+        recipe_after: (i32::MAX, Vec::new()),
+        leaf_after: (std::time::UNIX_EPOCH, Vec::new()),
         recipes_done: false,
     };
     Ok((tally, Box::new(candidates)))
@@ -314,8 +298,10 @@ pub(crate) async fn mark(
 struct PgCandidates {
     pg: Arc<Pg>,
     client: Client,
-    recipe_after: Option<(i32, Vec<u8>)>,
-    leaf_after: Option<(SystemTime, Vec<u8>)>,
+    /// The last recipe given, (depth, addr); before the first, above every row.
+    recipe_after: (i32, Vec<u8>),
+    /// The last leaf given, (at, addr); before the first, below every row.
+    leaf_after: (SystemTime, Vec<u8>),
     recipes_done: bool,
 }
 
@@ -326,35 +312,20 @@ impl Candidates for PgCandidates {
         let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
         let (pg, client) = (&*self.pg, &self.client);
         if !self.recipes_done {
-            let page = match &self.recipe_after {
-                None => {
-                    rows(
-                        pg,
-                        client,
-                        "gc_candidates",
-                        "gc_dead_recipes",
-                        "SELECT depth, addr FROM pg_temp.gc_dead_recipes
-                         ORDER BY depth DESC, addr DESC LIMIT $1",
-                        &[&limit],
-                    )
-                    .await?
-                }
-                Some((depth, addr)) => {
-                    rows(
-                        pg,
-                        client,
-                        "gc_candidates",
-                        "gc_dead_recipes",
-                        "SELECT depth, addr FROM pg_temp.gc_dead_recipes
-                         WHERE (depth, addr) < ($1, $2)
-                         ORDER BY depth DESC, addr DESC LIMIT $3",
-                        &[depth, addr, &limit],
-                    )
-                    .await?
-                }
-            };
+            let (depth, addr) = &self.recipe_after;
+            let page = rows(
+                pg,
+                client,
+                "gc_candidates",
+                "gc_dead_recipes",
+                "SELECT depth, addr FROM pg_temp.gc_dead_recipes
+                 WHERE (depth, addr) < ($1, $2)
+                 ORDER BY depth DESC, addr DESC LIMIT $3",
+                &[depth, addr, &limit],
+            )
+            .await?;
             if let Some(last) = page.last() {
-                self.recipe_after = Some((last.get(0), last.get::<_, &[u8]>(1).to_vec()));
+                self.recipe_after = (last.get(0), last.get::<_, &[u8]>(1).to_vec());
                 return page
                     .iter()
                     .map(|row| {
@@ -368,35 +339,20 @@ impl Candidates for PgCandidates {
             }
             self.recipes_done = true;
         }
-        let page = match &self.leaf_after {
-            None => {
-                rows(
-                    pg,
-                    client,
-                    "gc_candidates",
-                    "gc_dead_leaves",
-                    "SELECT at, addr, size FROM pg_temp.gc_dead_leaves
-                     ORDER BY at, addr LIMIT $1",
-                    &[&limit],
-                )
-                .await?
-            }
-            Some((at, addr)) => {
-                rows(
-                    pg,
-                    client,
-                    "gc_candidates",
-                    "gc_dead_leaves",
-                    "SELECT at, addr, size FROM pg_temp.gc_dead_leaves
-                     WHERE (at, addr) > ($1, $2)
-                     ORDER BY at, addr LIMIT $3",
-                    &[at, addr, &limit],
-                )
-                .await?
-            }
-        };
+        let (at, addr) = &self.leaf_after;
+        let page = rows(
+            pg,
+            client,
+            "gc_candidates",
+            "gc_dead_leaves",
+            "SELECT at, addr, size FROM pg_temp.gc_dead_leaves
+             WHERE (at, addr) > ($1, $2)
+             ORDER BY at, addr LIMIT $3",
+            &[at, addr, &limit],
+        )
+        .await?;
         if let Some(last) = page.last() {
-            self.leaf_after = Some((last.get(0), last.get::<_, &[u8]>(1).to_vec()));
+            self.leaf_after = (last.get(0), last.get::<_, &[u8]>(1).to_vec());
         }
         page.iter()
             .map(|row| {

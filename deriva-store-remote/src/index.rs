@@ -220,13 +220,7 @@ impl RecipeIndex for PgIndex {
         Ok(row.map_or_else(SystemTime::now, |r| r.get(0)))
     }
 
-    async fn mark(
-        &self,
-        cutoff: SystemTime,
-    ) -> Result<(
-        deriva_store::gc::MarkTally,
-        Box<dyn deriva_store::gc::Candidates>,
-    )> {
+    async fn mark(&self, cutoff: SystemTime) -> Result<deriva_store::gc::Mark> {
         crate::gc::mark(&self.pg, cutoff, self.counters.gc_progress()).await
     }
 

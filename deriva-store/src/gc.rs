@@ -121,6 +121,10 @@ pub struct MarkTally {
     pub candidates: u64,
 }
 
+/// What [`RecipeIndex::mark`](crate::RecipeIndex::mark) returns: its tally, and the candidates
+/// it keeps.
+pub type Mark = (MarkTally, Box<dyn Candidates>);
+
 /// The candidates of one collection, kept by the backend that marked them (a temporary
 /// table, a scratch file) until this is dropped.
 #[async_trait]

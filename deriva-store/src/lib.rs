@@ -445,7 +445,7 @@ pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
     /// after `cutoff`) for the sweep to page through. Holds a bounded part of the store in
     /// this process, whatever its size; counts what it visited on the store's
     /// [`StoreCounters::gc_progress`].
-    async fn mark(&self, cutoff: SystemTime) -> Result<(gc::MarkTally, Box<dyn gc::Candidates>)>;
+    async fn mark(&self, cutoff: SystemTime) -> Result<gc::Mark>;
 
     /// Deletes the recipe at `addr`, as [`RecipeIndex::delete`] does, only if it was last put
     /// before `cutoff`, no recipe uses it and it is not pinned; whether it was deleted.

@@ -25,6 +25,7 @@
 #
 # Usage: scripts/scale/run.sh [N] [COUNT] [SECONDS]   (defaults: 20000 2000 5)
 # SCALE_KEEP=1 keeps the work directory (logs, raw results) and prints its path.
+# SCALE_STORE_ONLY=1 stops after steps 1 to 3 (fill, GC, migrate).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 n=${1:-20000}
@@ -183,6 +184,8 @@ for kind in ("leaves", "recipes", "pins"):
     c = r.get(kind, {})
     print(f"  {kind}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
 ' "$work/migrate.json" 2>/dev/null || tail -n 5 "$work/migrate.log" | sed 's/^/  /'
+
+[ "${SCALE_STORE_ONLY:-}" = 1 ] && exit 0
 
 # 4. Per RPC kind, a fresh node each.
 echo

@@ -63,15 +63,17 @@ async fn two_idle_nodes_over_two_million_leaves_read_almost_nothing() {
     let url = |application_name: &str| {
         format!("{}?application_name={application_name}", services.pg_url())
     };
-    let node = || {
-        let mut options = ServerProcess::options().args([
-            "--blob-store".to_owned(),
-            format!("s3://{}/{}", services.bucket(), space.prefix),
-            "--index".to_owned(),
-            url(&tag),
-            "--index-schema".to_owned(),
-            space.schema.clone(),
-        ]);
+    let node = |extra: &[&str]| {
+        let mut options = ServerProcess::options()
+            .args([
+                "--blob-store".to_owned(),
+                format!("s3://{}/{}", services.bucket(), space.prefix),
+                "--index".to_owned(),
+                url(&tag),
+                "--index-schema".to_owned(),
+                space.schema.clone(),
+            ])
+            .args(extra);
         for (key, value) in services.aws_env() {
             options = options.env(key, value);
         }
@@ -83,7 +85,7 @@ async fn two_idle_nodes_over_two_million_leaves_read_almost_nothing() {
     let connection = tokio::spawn(connection);
 
     // A first node creates the schema; then a script fills it, as an operator's import would.
-    let mut first = node();
+    let mut first = node(&[]);
     first.stop();
     let filler = format!("{tag}-filler");
     let fill = Fill {
@@ -97,7 +99,7 @@ async fn two_idle_nodes_over_two_million_leaves_read_almost_nothing() {
     let before = rows_read(&pg, &space.schema).await;
 
     // Two nodes, idle but for one Status, one ClusterStatus and one scrape each.
-    let (mut a, mut b) = (node(), node());
+    let (mut a, mut b) = (node(&[]), node(&[]));
     let idle = Instant::now();
     for n in [&a, &b] {
         let mut client = n.client().await;
@@ -131,22 +133,7 @@ async fn two_idle_nodes_over_two_million_leaves_read_almost_nothing() {
     );
 
     // Garbage collection: every leaf is unreferenced and older than a grace period of 0.
-    let mut node = {
-        let mut options = ServerProcess::options().args([
-            "--blob-store".to_owned(),
-            format!("s3://{}/{}", services.bucket(), space.prefix),
-            "--index".to_owned(),
-            url(&tag),
-            "--index-schema".to_owned(),
-            space.schema.clone(),
-            "--gc-min-grace".to_owned(),
-            "0s".to_owned(),
-        ]);
-        for (key, value) in services.aws_env() {
-            options = options.env(key, value);
-        }
-        options.start()
-    };
+    let mut node = node(&["--gc-min-grace", "0s"]);
     let pid = node.pid().as_raw_nonzero().get() as u32;
     let mut client = node.client().await;
     client.status(StatusRequest {}).await.unwrap();
