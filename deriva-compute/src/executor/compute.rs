@@ -181,7 +181,7 @@ impl AsyncExecutor {
         function: &Arc<dyn ComputeFunction>,
     ) -> Result<Vec<Known>> {
         let budget = &self.state.budget;
-        let inputs = futures::future::join_all(recipe.inputs().iter().map(|input| async move {
+        let answers = futures::future::join_all(recipe.inputs().iter().map(|input| async move {
             if let Some(size) = budget.recorded_leaf(input) {
                 return (Some(size), Known::Leaf);
             }
@@ -199,12 +199,18 @@ impl AsyncExecutor {
                 // it.
                 Ok(None) | Err(_) => (None, Known::Nothing),
             }
-        }));
-        // Asked of the store (at once with the inputs) when this process has no record.
-        let (answers, recorded) = futures::join!(inputs, self.recorded_output_size(addr));
+        }))
+        .await;
         let known: u64 = answers.iter().filter_map(|(size, _)| *size).sum();
         let all: Option<Vec<u64>> = answers.iter().map(|(size, _)| *size).collect();
-        let output = recorded.or_else(|| function.output_size(all.as_deref()?, recipe.params()));
+        // The store is asked only for what neither this process nor the function can tell.
+        let output = match budget.recorded(&addr) {
+            Some(size) => Some(size),
+            None => match all.and_then(|all| function.output_size(&all, recipe.params())) {
+                Some(size) => Some(size),
+                None => self.stored_output_size(addr).await,
+            },
+        };
         budget.check(
             || format!("materializing {addr} ({})", recipe.function()),
             known.saturating_add(output.unwrap_or(0)),
@@ -212,14 +218,11 @@ impl AsyncExecutor {
         Ok(answers.into_iter().map(|(_, known)| known).collect())
     }
 
-    /// The output size of `addr` recorded in memory, else by the store ([`Store::sizes`], kept
-    /// across restarts), which is then remembered in memory. A store that fails is no answer.
+    /// The output size of `addr` recorded by the store ([`Store::sizes`], kept across
+    /// restarts), which is then remembered in memory. A store that fails is no answer.
     ///
     /// [`Store::sizes`]: deriva_store::Store::sizes
-    async fn recorded_output_size(&self, addr: CAddr) -> Option<u64> {
-        if let Some(size) = self.state.budget.recorded(&addr) {
-            return Some(size);
-        }
+    async fn stored_output_size(&self, addr: CAddr) -> Option<u64> {
         let sizes = self.state.store.sizes()?;
         match sizes.recorded(addr).await {
             Ok(Some(size)) => {
@@ -234,11 +237,15 @@ impl AsyncExecutor {
         }
     }
 
-    /// Records the output size of `addr` in memory and, on a task of its own (a hint, off the
-    /// compute's path), in the store.
-    fn record_output_size(&self, addr: CAddr, size: u64) {
+    /// Records the output size of `addr` in memory and, if the function could not tell it
+    /// (`estimated` is `None`), on a task of its own (a hint, off the compute's path) in the
+    /// store: a size the function computes from its inputs needs no record that outlives the
+    /// process.
+    fn record_output_size(&self, addr: CAddr, size: u64, estimated: Option<u64>) {
         self.state.budget.record(addr, size);
-        if let Some(sizes) = self.state.store.sizes().cloned() {
+        if estimated.is_none()
+            && let Some(sizes) = self.state.store.sizes().cloned()
+        {
             tokio::spawn(async move {
                 if let Err(e) = sizes.record(addr, size).await {
                     tracing::debug!(%addr, error = %e, "could not record an output size");
@@ -316,8 +323,8 @@ impl AsyncExecutor {
         // runs; the output's size from the function, else the last compute's, else the inputs'.
         let verifying = force_verify || self.state.config.verification.should_verify();
         let sizes: Vec<u64> = inputs.iter().map(|i| i.len() as u64).collect();
-        let output_guess = function
-            .output_size(&sizes, &params)
+        let estimated = function.output_size(&sizes, &params);
+        let output_guess = estimated
             .or_else(|| self.state.budget.recorded(&addr))
             .unwrap_or(input_bytes);
         let needed =
@@ -347,7 +354,7 @@ impl AsyncExecutor {
 
         let (output, elapsed) = self.run_function(&job, span.clone()).await?;
         span.record(field::OUTPUT_BYTES, as_i64(output.len()));
-        self.record_output_size(addr, output.len() as u64);
+        self.record_output_size(addr, output.len() as u64, estimated);
         let attrs = self.state.metrics.function_attrs(id);
         let m = &self.state.metrics;
         m.compute_duration.record(elapsed.as_secs_f64(), attrs);
