@@ -24,6 +24,9 @@ pub const VERIFY: &str = "verify";
 pub const CACHE_PUT: &str = "cache_put";
 /// A `Verify` call: materialize the inputs, then compute twice.
 pub const VERIFY_RECIPE: &str = "verify_recipe";
+/// A sampled recomputation of a hit, compared with the output's record: a trace of its own,
+/// linked to the compute it checks.
+pub const AUDIT: &str = "audit";
 /// An `Invalidate` call.
 pub const INVALIDATE: &str = "invalidate";
 
