@@ -189,18 +189,18 @@ fn decode(recipe: &CAddr, object: Bytes, where_: &str) -> Result<Option<Bytes>> 
 #[async_trait]
 impl OutputStore for ObjectOutputs {
     /// The index first: without a row, a miss that asks the object store nothing.
-    async fn get(&self, recipe: CAddr) -> Result<Option<Bytes>> {
+    async fn get(&self, recipe: CAddr) -> Result<Option<deriva_store::StoredOutput>> {
         if !self.indexed(&recipe).await? {
             return Ok(None);
         }
         let Some(object) = self.objects.get(&self.objects.output_key(&recipe)).await? else {
             return Ok(None);
         };
-        decode(&recipe, object, self.objects.name())
+        Ok(decode(&recipe, object, self.objects.name())?.map(|bytes| deriva_store::StoredOutput { bytes, record: None }))
     }
 
     /// The object, then its row.
-    async fn put(&self, recipe: CAddr, output: Bytes) -> Result<()> {
+    async fn put(&self, recipe: CAddr, output: Bytes, _record: Option<&deriva_core::SignedRecord>) -> Result<()> {
         const INDEX: Call = Call {
             op: "put_output",
             operation: "INSERT",

@@ -314,9 +314,9 @@ async fn copy_output(run: Arc<Migration>, recipe: CAddr) -> Result<(), MigrateEr
     let Some(output) = run.source_read(counts, &format!("the output of {recipe}"), read)? else {
         return Ok(());
     };
-    let len = output.len() as u64;
+    let len = output.bytes.len() as u64;
     if run.mode == Mode::Copy {
-        dst.put(recipe, output).await.map_err(|e| {
+        dst.put(recipe, output.bytes, output.record.as_ref()).await.map_err(|e| {
             MigrateError::store(
                 format!("writing the output of {recipe} to the destination"),
                 &e,

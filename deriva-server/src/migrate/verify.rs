@@ -192,7 +192,7 @@ async fn verify_leaf(run: Arc<Migration>, addr: CAddr, size: u64) -> Result<(), 
         .expect("the budget semaphore is never closed");
     let read = run.dst.blobs().get(addr).await;
     run.checked(&run.leaves, format!("leaf {addr}"), read, |b| {
-        b.len() as u64
+        b.bytes.len() as u64
     })
 }
 
@@ -226,6 +226,6 @@ async fn verify_output(run: Arc<Migration>, recipe: CAddr) -> Result<(), Migrate
     };
     let read = tier.get(recipe).await;
     run.checked(&run.outputs, format!("the output of {recipe}"), read, |b| {
-        b.len() as u64
+        b.bytes.len() as u64
     })
 }
