@@ -196,11 +196,21 @@ impl OutputStore for ObjectOutputs {
         let Some(object) = self.objects.get(&self.objects.output_key(&recipe)).await? else {
             return Ok(None);
         };
-        Ok(decode(&recipe, object, self.objects.name())?.map(|bytes| deriva_store::StoredOutput { bytes, record: None }))
+        Ok(
+            decode(&recipe, object, self.objects.name())?.map(|bytes| deriva_store::StoredOutput {
+                bytes,
+                record: None,
+            }),
+        )
     }
 
     /// The object, then its row.
-    async fn put(&self, recipe: CAddr, output: Bytes, _record: Option<&deriva_core::SignedRecord>) -> Result<()> {
+    async fn put(
+        &self,
+        recipe: CAddr,
+        output: Bytes,
+        _record: Option<&deriva_core::SignedRecord>,
+    ) -> Result<()> {
         const INDEX: Call = Call {
             op: "put_output",
             operation: "INSERT",

@@ -128,6 +128,16 @@ impl AsyncExecutor {
             budget.clone(),
             config.spill.as_ref().map(|s| s.store.clone()),
         );
+        let mut config = config;
+        // A record holds at most MAX_NODE_LEN bytes of node name.
+        let max = deriva_core::provenance::MAX_NODE_LEN;
+        if config.node_name.len() > max {
+            let mut end = max;
+            while !config.node_name.is_char_boundary(end) {
+                end -= 1;
+            }
+            config.node_name.truncate(end);
+        }
         let permits = config.max_concurrent_computes.max(1);
         let audits = Arc::new(Semaphore::new(config.audit.max_concurrent));
         let leaf_limit = config.leaf_cache_max_bytes.min(cache.budget() / 16);

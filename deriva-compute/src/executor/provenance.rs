@@ -26,6 +26,7 @@ use deriva_store::LeafStat;
 use deriva_store::task::spawn_blocking_in;
 use futures::{StreamExt as _, TryStreamExt as _};
 use tracing::field::Empty;
+use tracing::instrument::WithSubscriber as _;
 use tracing::{Instrument, Span, info_span};
 
 use super::single_flight::Known;
@@ -218,7 +219,9 @@ impl AsyncExecutor {
                 this.count_audit(addr, &record.record.function, record.record.output_hash, result)
                     .await;
             }
-            .instrument(span),
+            .instrument(span)
+            // The server's subscriber, also where it is not the global one (tests).
+            .with_current_subscriber(),
         );
     }
 
@@ -324,8 +327,8 @@ impl AsyncExecutor {
         let mut seen = HashSet::from([addr]);
         let mut level = vec![addr];
         for d in 0.. {
-            let described: Vec<Described> = futures::stream::iter(level.iter())
-                .map(|a| self.describe(*a))
+            let described: Vec<Described> = futures::stream::iter(level.clone())
+                .map(|a| self.describe(a))
                 .buffered(LOOKUPS)
                 .try_collect()
                 .await?;

@@ -316,12 +316,14 @@ async fn copy_output(run: Arc<Migration>, recipe: CAddr) -> Result<(), MigrateEr
     };
     let len = output.bytes.len() as u64;
     if run.mode == Mode::Copy {
-        dst.put(recipe, output.bytes, output.record.as_ref()).await.map_err(|e| {
-            MigrateError::store(
-                format!("writing the output of {recipe} to the destination"),
-                &e,
-            )
-        })?;
+        dst.put(recipe, output.bytes, output.record.as_ref())
+            .await
+            .map_err(|e| {
+                MigrateError::store(
+                    format!("writing the output of {recipe} to the destination"),
+                    &e,
+                )
+            })?;
     }
     LiveCounters::add(&counts.copied, 1);
     LiveCounters::add(&counts.bytes, len);

@@ -192,7 +192,7 @@ async fn verify_leaf(run: Arc<Migration>, addr: CAddr, size: u64) -> Result<(), 
         .expect("the budget semaphore is never closed");
     let read = run.dst.blobs().get(addr).await;
     run.checked(&run.leaves, format!("leaf {addr}"), read, |b| {
-        b.bytes.len() as u64
+        b.len() as u64
     })
 }
 
