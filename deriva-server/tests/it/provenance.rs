@@ -12,7 +12,8 @@ use deriva_compute::{ComputeContext, ComputeFunction, FunctionError, FunctionReg
 use deriva_core::{CAddr, FunctionId, Params, Recipe, SignedRecord};
 use deriva_server::proto::{ExplainRequest, GetRequest, ProvenanceRequest, VerifyRequest};
 use deriva_server::telemetry::TelemetryConfig;
-use deriva_testkit::{InProcess, http_get, http_get_with, sample};
+use deriva_testkit::http::http_get_with;
+use deriva_testkit::{InProcess, http_get, sample};
 use deriva_util::signing::VerifyingKey;
 use tonic::Code;
 
