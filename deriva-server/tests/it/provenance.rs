@@ -121,11 +121,6 @@ async fn a_hit_names_and_links_the_compute_that_made_it() {
     assert_eq!(span.trace_hex(), computed_in);
     let age = record.record.age(std::time::SystemTime::now());
     assert!(age < Duration::from_secs(600), "computed just now: {age:?}");
-    for leaf in &tree.entries[1..] {
-        assert_eq!((leaf.kind.as_str(), leaf.depth), ("leaf", 1));
-        assert!(leaf.leaf_size == 6 || leaf.leaf_size == 5, "{leaf:?}");
-        assert!(leaf.stored_at_unix_micros > 0, "a put time: {leaf:?}");
-    }
 
     // A hit of it, in another trace, names its origin and links to it.
     let (again, hit_in) = traced_get(&mut s, &r).await;
@@ -133,7 +128,9 @@ async fn a_hit_names_and_links_the_compute_that_made_it() {
     assert_ne!(hit_in, computed_in);
     let explained = s
         .client
-        .explain(ExplainRequest { trace_id: hit_in })
+        .explain(ExplainRequest {
+            trace_id: hit_in.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -200,6 +197,11 @@ async fn a_hit_names_and_links_the_compute_that_made_it() {
     ] {
         let got = http_get(s.http_addr(), &path).await.unwrap();
         assert_eq!(got.status, code, "{path}: {}", got.body);
+    }
+    for leaf in &tree.entries[1..] {
+        assert_eq!((leaf.kind.as_str(), leaf.depth), ("leaf", 1));
+        assert!(leaf.leaf_size == 6 || leaf.leaf_size == 5, "{leaf:?}");
+        assert!(leaf.stored_at_unix_micros > 0, "a put time: {leaf:?}");
     }
     s.stop().await;
 }
