@@ -97,45 +97,27 @@ mod tests {
 
     #[test]
     fn rfc3339_from_the_epoch_through_leap_years() {
-        assert_eq!(rfc3339(0).unwrap(), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(rfc3339(1).unwrap(), "1970-01-01T00:00:00.000001Z");
-        // `date -u -d @951782400` and its neighbours: 2000 is a leap year (divisible by 400).
-        assert_eq!(
-            rfc3339(951_782_400 * 1_000_000).unwrap(),
-            "2000-02-29T00:00:00.000000Z"
-        );
-        assert_eq!(
-            rfc3339(951_782_400 * 1_000_000 + DAY_US).unwrap(),
-            "2000-03-01T00:00:00.000000Z"
-        );
-        // 1900 is not (divisible by 100, not 400): 2100 neither.
-        assert_eq!(
-            rfc3339(4_107_456_000 * 1_000_000).unwrap(),
-            "2100-02-28T00:00:00.000000Z"
-        );
-        assert_eq!(
-            rfc3339(4_107_456_000 * 1_000_000 + DAY_US).unwrap(),
-            "2100-03-01T00:00:00.000000Z"
-        );
-        // 2024 is (divisible by 4): Feb 29, then the last microsecond of the year.
-        assert_eq!(
-            rfc3339(1_709_164_800 * 1_000_000 + 123_456).unwrap(),
-            "2024-02-29T00:00:00.123456Z"
-        );
-        assert_eq!(
-            rfc3339(1_735_689_600 * 1_000_000 - 1).unwrap(),
-            "2024-12-31T23:59:59.999999Z"
-        );
-        assert_eq!(
-            rfc3339(1_765_000_000_000_000).unwrap(),
-            "2025-12-06T05:46:40.000000Z"
-        );
-        // The last second RFC 3339 can write, and what follows it.
-        assert_eq!(
-            rfc3339(253_402_300_799 * 1_000_000).unwrap(),
-            "9999-12-31T23:59:59.000000Z"
-        );
-        assert_eq!(rfc3339(253_402_300_800 * 1_000_000), None);
+        const S: u64 = 1_000_000;
+        // Checked with `date -u -d @SECONDS`.
+        for (micros, expected) in [
+            (0, "1970-01-01T00:00:00.000000Z"),
+            (1, "1970-01-01T00:00:00.000001Z"),
+            // 2000 is a leap year (divisible by 400).
+            (951_782_400 * S, "2000-02-29T00:00:00.000000Z"),
+            (951_782_400 * S + DAY_US, "2000-03-01T00:00:00.000000Z"),
+            // 2100 is not (divisible by 100, not by 400).
+            (4_107_456_000 * S, "2100-02-28T00:00:00.000000Z"),
+            (4_107_456_000 * S + DAY_US, "2100-03-01T00:00:00.000000Z"),
+            // 2024 is (divisible by 4); then the last microsecond of that year.
+            (1_709_164_800 * S + 123_456, "2024-02-29T00:00:00.123456Z"),
+            (1_735_689_600 * S - 1, "2024-12-31T23:59:59.999999Z"),
+            (1_765_000_000 * S, "2025-12-06T05:46:40.000000Z"),
+            // The last second RFC 3339 can write.
+            (253_402_300_799 * S, "9999-12-31T23:59:59.000000Z"),
+        ] {
+            assert_eq!(rfc3339(micros).as_deref(), Some(expected), "{micros}");
+        }
+        assert_eq!(rfc3339(253_402_300_800 * S), None);
         assert_eq!(rfc3339(u64::MAX), None);
     }
 
