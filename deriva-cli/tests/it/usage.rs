@@ -117,15 +117,18 @@ fn provenance_checks_its_address_depth_and_key_before_any_rpc() {
         "{}",
         out.stderr
     );
-    let line = deriva(&[
-        "--server",
-        NOWHERE,
-        "provenance",
-        &addr,
-        "--verify-key",
-        "/no/such/key.pem",
-    ])
-    .failure(2);
+    let with_key = |path: &str| {
+        deriva(&[
+            "--server",
+            NOWHERE,
+            "provenance",
+            &addr,
+            "--verify-key",
+            path,
+        ])
+        .failure(2)
+    };
+    let line = with_key("/no/such/key.pem");
     assert!(
         line.starts_with("deriva: --verify-key: cannot read the public key /no/such/key.pem"),
         "{line}"
@@ -138,15 +141,7 @@ fn provenance_checks_its_address_depth_and_key_before_any_rpc() {
     )
     .unwrap();
     let path = private.to_str().expect("UTF-8 temp dir");
-    let line = deriva(&[
-        "--server",
-        NOWHERE,
-        "provenance",
-        &addr,
-        "--verify-key",
-        path,
-    ])
-    .failure(2);
+    let line = with_key(path);
     let _ = std::fs::remove_file(&private);
     assert!(line.contains("BEGIN PUBLIC KEY"), "{line}");
     // Then the server is asked (here: cannot be reached).
