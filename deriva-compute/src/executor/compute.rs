@@ -97,7 +97,7 @@ impl AsyncExecutor {
                 // the lease and compute.
                 None => match self.state.store.leases() {
                     Some(leases) => match self.lease_or_output(leases, outputs, addr).await {
-                        Leased::Output(output) => Some(output),
+                        Leased::Output(output) => Some(*output),
                         Leased::Lease(held) => {
                             lease = held;
                             None

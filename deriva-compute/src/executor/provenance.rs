@@ -44,6 +44,8 @@ const HASH_INLINE_BYTES: usize = 64 << 10;
 const LOOKUPS: usize = 16;
 
 /// What the store holds at an address of a provenance tree.
+// Mostly recipes: boxing the large variant would cost an allocation for nearly every entry.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Described {
     /// A leaf.

@@ -151,7 +151,9 @@ async fn a_computed_output_is_served_by_the_other_node_until_invalidated() {
         "A kept its output in the tier"
     );
     let record = tier.outputs.lock()[&recipe].record.clone();
-    let record = record.expect("the tier keeps the record with the output").record;
+    let record = record
+        .expect("the tier keeps the record with the output")
+        .record;
     assert_eq!(record.recipe, recipe);
     assert_eq!(record.output_hash, CAddr::for_leaf(b"input!"));
     assert_eq!(record.output_bytes, 6);

@@ -156,6 +156,17 @@ async fn a_hit_names_and_links_the_compute_that_made_it() {
     let age: f64 = field("deriva.origin.age_seconds").parse().unwrap();
     assert!((0.0..600.0).contains(&age), "{age}");
 
+    // `deriva get --explain` names the origin on the hit row.
+    let explain = cli(&s, &["get", &deriva_testkit::hex(&r), "--explain"]);
+    assert!(explain.status.success());
+    let explained = String::from_utf8_lossy(&explain.stderr);
+    assert!(
+        explained
+            .lines()
+            .any(|l| l.contains("hit · computed on deriva-server") && l.contains(" ago in ")),
+        "{explained}"
+    );
+
     // The pages: the hit's waterfall links to the compute's, and to the provenance page.
     let html = [("Accept", "text/html")];
     let page = http_get_with(s.http_addr(), &format!("/debug/traces/{hit_in}"), &html)
@@ -412,7 +423,62 @@ async fn a_signed_record_verifies_and_one_altered_byte_fails() {
         altered[at] ^= 1;
         assert!(!public.verify(&altered, &signature), "byte {at} altered");
     }
+
+    // The client checks every signature of the tree: the key that signed passes, another
+    // fails, naming the record.
+    let addr = deriva_testkit::hex(&r);
+    let pub_path = keys.path().join("node.pem.pub");
+    let ok = cli(
+        &s,
+        &[
+            "provenance",
+            &addr,
+            "--verify-key",
+            pub_path.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let other = keys.path().join("other.pem");
+    deriva_server::provenance::keygen(&other).unwrap();
+    let other_pub = keys.path().join("other.pem.pub");
+    let fails = cli(
+        &s,
+        &[
+            "provenance",
+            &addr,
+            "--verify-key",
+            other_pub.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(fails.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&fails.stderr);
+    assert!(said.contains(&addr), "names the record that fails: {said}");
+    let json = cli(&s, &["provenance", &addr, "--json"]);
+    assert!(json.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(json["kind"], "recipe");
+    assert_eq!(json["function"], "blake3/v1");
+    assert_eq!(json["node"], "deriva-server");
+    assert_eq!(json["signed"], true);
+    assert_eq!(json["inputs"][0]["kind"], "leaf");
+    assert_eq!(
+        json["trace_id"],
+        signed.record.span.unwrap().trace_hex().as_str()
+    );
     s.stop().await;
+}
+
+/// The `deriva` binary against `s` with `args`.
+fn cli(s: &InProcess, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(deriva_testkit::deriva_bin())
+        .args(["--server", &format!("http://{}", s.grpc_addr())])
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
