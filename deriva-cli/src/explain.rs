@@ -145,10 +145,17 @@ pub fn format_explain(resp: &ExplainResponse) -> String {
     };
     let _ = writeln!(out, "{} trace {} ({status})", resp.method, resp.trace_id);
     for (depth, text, duration) in lines.iter().take(EXPLAIN_MAX_LINES) {
-        let left = format!("{}{text}", indent(*depth, EXPLAIN_MAX_INDENT));
+        let mut left = format!("{}{text}", indent(*depth, EXPLAIN_MAX_INDENT));
         match duration {
             Some(us) => {
                 let right = duration_text(*us);
+                // A long line (a hit's origin deep in the tree) is cut to keep the duration in
+                // its column.
+                let room = EXPLAIN_WIDTH.saturating_sub(right.chars().count() + 2);
+                if left.chars().count() > room {
+                    left = left.chars().take(room.saturating_sub(1)).collect();
+                    left.push('…');
+                }
                 let pad = EXPLAIN_WIDTH
                     .saturating_sub(left.chars().count() + right.chars().count() + 1)
                     .max(1);
@@ -185,6 +192,15 @@ fn origin_text(node: &str, age_seconds: &str, duration_seconds: &str) -> String 
         raw.parse::<f64>()
             .ok()
             .and_then(|s| Duration::try_from_secs_f64(s).ok())
+    };
+    // A tree line stays within 80 columns: a long name (a UUID, the default
+    // `service.instance.id`) is cut to its first characters.
+    const NODE_CHARS: usize = 12;
+    let node = if node.chars().count() > NODE_CHARS {
+        let cut: String = node.chars().take(NODE_CHARS - 1).collect();
+        format!("{cut}…")
+    } else {
+        node.to_owned()
     };
     let mut out = format!(" · computed on {node}");
     if let Some(age) = seconds(age_seconds) {
@@ -364,7 +380,8 @@ mod tests {
                     &[
                         (field::ADDR, &odd),
                         (field::RESULT, "hit"),
-                        (field::ORIGIN_NODE, "node-b"),
+                        // The default name, a UUID, is cut to stay within the width.
+                        (field::ORIGIN_NODE, "a421be75-5bf6-4acd-a88d-1ad445b0a77c"),
                         (field::ORIGIN_AGE_SECONDS, "-1"),
                         (field::ORIGIN_DURATION_SECONDS, "0.000042"),
                     ],
@@ -384,7 +401,7 @@ mod tests {
             [
                 "  materialize abababab hit · computed on node-a 3 d ago in 3.10 s",
                 "  materialize cdcdcdcd hit",
-                "  materialize efefefef hit · computed on node-b in 42 µs",
+                "  materialize efefefef hit · computed on a421be75-5b… in 42 µs",
             ],
             "{text}"
         );
