@@ -12,9 +12,13 @@ use deriva_util::signing::{SIGNATURE_LEN, SigningKey};
 pub struct KeySigner(SigningKey);
 
 impl KeySigner {
-    /// The key in the PKCS#8 PEM file at `path`.
+    /// The key in the PKCS#8 PEM file at `path`: refused if other users may write the file,
+    /// a warning if they may read it (as for every file of secrets).
     pub fn load(path: &Path) -> Result<Self, String> {
-        SigningKey::load(path).map(Self).map_err(|e| e.to_string())
+        let pem = crate::auth::read_secret_file(path, "--signing-key")?;
+        SigningKey::from_pem(&pem)
+            .map(Self)
+            .map_err(|e| format!("--signing-key {}: {e}", path.display()))
     }
 }
 
@@ -82,5 +86,12 @@ mod tests {
         assert!(public.verify(b"x", &signer.sign(b"x")));
         let err = keygen(&out).unwrap_err();
         assert!(err.contains("exists"), "{err}");
+        // A key others may write is refused.
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let err = KeySigner::load(&out).unwrap_err();
+        assert!(
+            err.contains("--signing-key") && err.contains("refused"),
+            "{err}"
+        );
     }
 }
