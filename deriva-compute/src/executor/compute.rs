@@ -610,15 +610,7 @@ impl AsyncExecutor {
             };
             let recipe = stored.recipe;
             let function = self.runnable(Some(addr), &recipe)?;
-            let tracker = Arc::new(DepthTracker::default());
-            let inputs = futures::future::try_join_all(
-                recipe
-                    .inputs()
-                    .iter()
-                    .map(|input| self.materialize_at(*input, 1, tracker.clone(), Known::Nothing)),
-            )
-            .await?;
-            let inputs = inputs.into_iter().map(|(bytes, _)| bytes).collect();
+            let inputs = self.inputs_of(&recipe).await?;
             let (report, fresh) = match self.compute(addr, &recipe, &function, inputs, true).await {
                 Ok((output, cost, _reserved, record)) => {
                     let hash = CAddr::for_leaf(&output);
@@ -655,6 +647,22 @@ impl AsyncExecutor {
         }
         .instrument(span)
         .await
+    }
+}
+
+impl AsyncExecutor {
+    /// The inputs of `recipe`, each materialized through the read path (for a compute outside
+    /// a flight: `Verify`, an audit).
+    pub(super) async fn inputs_of(&self, recipe: &Recipe) -> Result<Vec<Bytes>> {
+        let tracker = Arc::new(DepthTracker::default());
+        let inputs = futures::future::try_join_all(
+            recipe
+                .inputs()
+                .iter()
+                .map(|input| self.materialize_at(*input, 1, tracker.clone(), Known::Nothing)),
+        )
+        .await?;
+        Ok(inputs.into_iter().map(|(bytes, _)| bytes).collect())
     }
 }
 

@@ -29,8 +29,7 @@ use tracing::field::Empty;
 use tracing::instrument::WithSubscriber as _;
 use tracing::{Instrument, Span, info_span};
 
-use super::single_flight::Known;
-use super::{AsyncExecutor, DepthTracker, OnMismatch};
+use super::{AsyncExecutor, OnMismatch};
 use crate::metrics::audit_attrs;
 use crate::spans::{self, field};
 
@@ -238,15 +237,7 @@ impl AsyncExecutor {
             .ok_or(DerivaError::NotFound { addr })?;
         let recipe = stored.recipe;
         let function = self.runnable(Some(addr), &recipe)?;
-        let tracker = Arc::new(DepthTracker::default());
-        let inputs = futures::future::try_join_all(
-            recipe
-                .inputs()
-                .iter()
-                .map(|input| self.materialize_at(*input, 1, tracker.clone(), Known::Nothing)),
-        )
-        .await?;
-        let inputs = inputs.into_iter().map(|(bytes, _)| bytes).collect();
+        let inputs = self.inputs_of(&recipe).await?;
         let (_, _, _, record) = self
             .compute(addr, &recipe, &function, inputs, false)
             .await?;

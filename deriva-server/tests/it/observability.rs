@@ -37,7 +37,7 @@ fn get_req(addr: &Bytes) -> tonic::Request<GetRequest> {
 }
 
 /// Polls `/metrics` until `series` has `want`.
-async fn wait_sample(obs: &InProcess, series: &str, want: f64) {
+pub(crate) async fn wait_sample(obs: &InProcess, series: &str, want: f64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let got = sample(&obs.scrape().await, series);

@@ -13,7 +13,9 @@ use deriva_core::{CAddr, FunctionId, Params, Recipe, SignedRecord};
 use deriva_server::proto::{ExplainRequest, GetRequest, ProvenanceRequest, VerifyRequest};
 use deriva_server::telemetry::TelemetryConfig;
 use deriva_testkit::http::http_get_with;
-use deriva_testkit::{InProcess, http_get, sample};
+use deriva_testkit::{InProcess, http_get};
+
+use crate::observability::wait_sample;
 use deriva_util::signing::VerifyingKey;
 use tonic::Code;
 
@@ -76,22 +78,6 @@ async fn provenance(
 fn record_of(entry: &deriva_server::proto::ProvenanceEntry) -> SignedRecord {
     assert!(!entry.record.is_empty(), "no record in {entry:?}");
     SignedRecord::from_bytes(&entry.record).unwrap()
-}
-
-/// Polls `/metrics` until `series` reaches `want`.
-async fn wait_sample(s: &InProcess, series: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let got = sample(&s.scrape().await, series);
-        if got.is_some_and(|g| g >= want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} is {got:?}, want {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
