@@ -454,3 +454,55 @@ async fn the_output_tier_keeps_the_record_with_the_output() {
         Some(&output[..])
     );
 }
+
+/// Migration 7 on a schema of version 6 (written before records): every `outputs` row there
+/// names an object of the tier, so it stays a stored output, with no record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_7_keeps_the_outputs_of_an_older_schema_stored() {
+    let harness = RemoteHarness::new();
+    let store = harness.open_with_tier().await;
+    let a = CAddr::from([0xa; 32]);
+    let output = Bytes::from_static(b"A's output, from before records");
+    store
+        .outputs()
+        .unwrap()
+        .put(a, output.clone(), None)
+        .await
+        .unwrap();
+    let released = store.released();
+    drop(store);
+    released.wait().await;
+
+    // Back to version 6.
+    let (client, conn) = tokio_postgres::connect(&harness.services.pg_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connecting to PostgreSQL");
+    tokio::spawn(conn);
+    let s = &harness.schema;
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE \"{s}\".outputs DROP COLUMN record, DROP COLUMN audit_match,
+                 DROP COLUMN audit_mismatch, DROP COLUMN audit_error, DROP COLUMN stored;
+             DELETE FROM \"{s}\".schema_version WHERE version = 7;"
+        ))
+        .await
+        .expect("the schema as version 6 left it");
+
+    let store = harness.open_with_tier().await;
+    let version: i32 = client
+        .query_one(
+            &format!("SELECT max(version) FROM \"{s}\".schema_version"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 7);
+    let outputs = store.outputs().unwrap();
+    assert!(outputs.contains(a).await.unwrap(), "still a stored output");
+    assert_eq!(
+        bytes_of(outputs.get(a).await.unwrap()).as_deref(),
+        Some(&output[..])
+    );
+    assert_eq!(store.records().unwrap().get(a).await.unwrap(), None);
+}
