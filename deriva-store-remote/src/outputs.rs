@@ -13,14 +13,14 @@
 //! | 37..69 | the BLAKE3 hash of the output |
 //! | 69..73 | `n`, the length of the record, `u32` little-endian; 0 for none |
 //! | 73..73+n | the record: its `SignedRecord` envelope (`deriva_core::provenance`) |
-//! | 73+n.. | the output |
+//! | 73+n..105+n | the BLAKE3 hash of the record (only if `n` > 0) |
+//! | then | the output |
 //!
 //! A read checks both: an object that names another recipe (moved or copied) or whose bytes do
 //! not match their hash is [`DerivaError::Corrupted`], never data, and the executor computes
-//! the output again and overwrites it. So is a record that does not decode, names another
-//! recipe, or tells another output hash or size than the header's (a damaged record; a byte
-//! changed inside a field that still decodes is caught only by the record's signature, if it
-//! has one). A version-1 object is read as the output with no record. An object in another
+//! the output again and overwrites it. So is a damaged record: one whose bytes do not match
+//! their hash, that does not decode, names another recipe, or tells another output hash or
+//! size than the header's. A version-1 object is read as the output with no record. An object in another
 //! format (the header before this one was the hash alone, with no magic; or a version this
 //! build does not know) is a miss: the tier is a cache, so the output is computed and the
 //! object replaced. This does not stop a writer who forges a whole object (the header is not a
@@ -183,16 +183,57 @@ fn encode(recipe: &CAddr, output: &[u8], record: Option<&SignedRecord>) -> Resul
             record.len()
         ))
     })?;
-    let mut object =
-        BytesMut::with_capacity(HEADER_LEN + RECORD_LEN_LEN + record.len() + output.len());
+    let checksum = if record.is_empty() { 0 } else { HASH_LEN };
+    let mut object = BytesMut::with_capacity(
+        HEADER_LEN + RECORD_LEN_LEN + record.len() + checksum + output.len(),
+    );
     object.put_slice(&MAGIC);
     object.put_u8(VERSION);
     object.put_slice(recipe.as_bytes());
     object.put_slice(hash.as_bytes());
     object.put_u32_le(record_len);
-    object.put_slice(&record);
+    if !record.is_empty() {
+        object.put_slice(&record);
+        object.put_slice(blake3::hash(&record).as_bytes());
+    }
     object.put_slice(output);
     Ok(object.freeze())
+}
+
+/// The record of a version-2 `object` of `recipe` (see the module docs) and where its output
+/// starts; damage to the record's length, bytes or checksum is `Corrupted` (by `damaged`).
+fn record_section(
+    recipe: &CAddr,
+    object: &[u8],
+    where_: &str,
+    damaged: impl Fn(String) -> DerivaError,
+) -> Result<(Option<SignedRecord>, usize)> {
+    let len_end = HEADER_LEN + RECORD_LEN_LEN;
+    let len = object
+        .get(HEADER_LEN..len_end)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| damaged("its header ends before the length of its record".into()))?;
+    if len == 0 {
+        return Ok((None, len_end));
+    }
+    let end = len_end
+        .checked_add(len)
+        .and_then(|end| end.checked_add(HASH_LEN))
+        .filter(|end| *end <= object.len())
+        .ok_or_else(|| {
+            damaged(format!(
+                "a record of {len} bytes and its checksum in {} bytes after the header",
+                object.len() - len_end
+            ))
+        })?;
+    let (envelope, checksum) = object[len_end..end].split_at(len);
+    if blake3::hash(envelope).as_bytes()[..] != checksum[..] {
+        return Err(damaged(format!(
+            "its record's {len} bytes do not match their checksum"
+        )));
+    }
+    let record = crate::records::decode_record(recipe, envelope, where_)?;
+    Ok((Some(record), end))
 }
 
 /// What an object read at the key of `recipe` holds: its output and record, checked;
@@ -230,24 +271,7 @@ fn decode(recipe: &CAddr, object: Bytes, where_: &str) -> Result<Option<StoredOu
     let (record, start) = if version == VERSION_1 {
         (None, HEADER_LEN)
     } else {
-        let len_end = HEADER_LEN + RECORD_LEN_LEN;
-        let len = object
-            .get(HEADER_LEN..len_end)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-            .ok_or_else(|| damaged("its header ends before the length of its record".into()))?;
-        let end = len_end
-            .checked_add(len)
-            .filter(|end| *end <= object.len())
-            .ok_or_else(|| {
-                damaged(format!(
-                    "a record of {len} bytes in {} bytes after the header",
-                    object.len() - len_end
-                ))
-            })?;
-        let record = (len > 0)
-            .then(|| crate::records::decode_record(recipe, &object[len_end..end], where_))
-            .transpose()?;
-        (record, end)
+        record_section(recipe, &object, where_, damaged)?
     };
     let output = object.slice(start..);
     if blake3::hash(&output).as_bytes()[..] != hash[..] {
@@ -447,7 +471,7 @@ mod tests {
             assert_eq!(object[MAGIC.len()], 2);
             assert_eq!(
                 object.len(),
-                HEADER_LEN + RECORD_LEN_LEN + record.to_bytes().len() + 10
+                HEADER_LEN + RECORD_LEN_LEN + record.to_bytes().len() + HASH_LEN + 10
             );
             assert_eq!(
                 decode(&recipe(1), object, "s3://b/").unwrap(),
@@ -481,20 +505,38 @@ mod tests {
         }
     }
 
-    /// A damaged record is Corrupted like damaged bytes: one that does not decode, one cut
-    /// short, one that names another recipe, one that tells another output.
+    /// A version-2 object of `recipe` whose record section holds `envelope`, with a checksum
+    /// that matches it, then `output`.
+    fn with_envelope(recipe: &CAddr, envelope: &[u8], output: &[u8]) -> Bytes {
+        let mut object = object(recipe, output, None)[..HEADER_LEN].to_vec();
+        object.extend_from_slice(&(envelope.len() as u32).to_le_bytes());
+        object.extend_from_slice(envelope);
+        object.extend_from_slice(blake3::hash(envelope).as_bytes());
+        object.extend_from_slice(output);
+        object.into()
+    }
+
+    /// A damaged record is Corrupted like damaged bytes: a byte changed anywhere in it (its
+    /// checksum), a length past the end, a header cut before the length; and, checksum
+    /// intact, one that does not decode, names another recipe, or tells another output.
     #[test]
     fn a_damaged_record_is_corrupted() {
         let record = record_of(recipe(1), b"the output", true);
-        let envelope_len = record.to_bytes().len();
+        let envelope = record.to_bytes();
         let good = object(&recipe(1), b"the output", Some(&record)).to_vec();
+        assert_eq!(
+            good,
+            with_envelope(&recipe(1), &envelope, b"the output").to_vec()
+        );
         let at = HEADER_LEN + RECORD_LEN_LEN;
-
-        // The record's encoding version byte, changed: it no longer decodes.
-        let mut undecodable = good.clone();
-        undecodable[at] = 0x7f;
-        let detail = corrupted(decode(&recipe(1), undecodable.into(), "s3://b/"));
-        assert!(detail.contains("materialization record"), "{detail}");
+        // The start time, the node name (inside fields that still decode), the signature.
+        let node_at = at + envelope.len() - 1 - 64 - 24 - 16 - "node-a".len();
+        for byte in [node_at, node_at + 6, at + envelope.len() - 1] {
+            let mut changed = good.clone();
+            changed[byte] ^= 1;
+            let detail = corrupted(decode(&recipe(1), changed.into(), "s3://b/"));
+            assert!(detail.contains("do not match their checksum"), "{detail}");
+        }
 
         // Its length runs past the object's end.
         let mut too_long = good.clone();
@@ -513,20 +555,32 @@ mod tests {
             "{detail}"
         );
 
+        // The record's encoding version byte, changed: it no longer decodes.
+        let mut undecodable = envelope.clone();
+        undecodable[0] = 0x7f;
+        let detail = corrupted(decode(
+            &recipe(1),
+            with_envelope(&recipe(1), &undecodable, b"the output"),
+            "s3://b/",
+        ));
+        assert!(detail.contains("materialization record"), "{detail}");
+
         // Another recipe's record, in this recipe's object.
         let other = record_of(recipe(2), b"the output", false).to_bytes();
-        let mut swapped = good[..HEADER_LEN].to_vec();
-        swapped.extend_from_slice(&(other.len() as u32).to_le_bytes());
-        swapped.extend_from_slice(&other);
-        swapped.extend_from_slice(b"the output");
-        let detail = corrupted(decode(&recipe(1), swapped.into(), "s3://b/"));
+        let detail = corrupted(decode(
+            &recipe(1),
+            with_envelope(&recipe(1), &other, b"the output"),
+            "s3://b/",
+        ));
         assert!(detail.contains(&recipe(2).to_hex()), "{detail}");
 
-        // A record that tells another output (its size field changed).
-        let mut resized = good.clone();
-        let size_at = at + envelope_len - 1 - 64 - 24 - 16 - "node-a".len() - 4 - 8;
-        resized[size_at] ^= 1;
-        let detail = corrupted(decode(&recipe(1), resized.into(), "s3://b/"));
+        // A record that tells another output.
+        let another = record_of(recipe(1), b"another output", false).to_bytes();
+        let detail = corrupted(decode(
+            &recipe(1),
+            with_envelope(&recipe(1), &another, b"the output"),
+            "s3://b/",
+        ));
         assert!(detail.contains("its record tells an output"), "{detail}");
     }
 
