@@ -11,8 +11,19 @@
 //! - `recipes_by_depth`: `depth (u32 big-endian) ‖ address` → nothing, one key per row of
 //!   `recipes`, written in the same transaction: the listing's pages walk it, in the order that
 //!   puts every recipe after its inputs. A database written before it existed gets it when it
-//!   opens (one pass over `recipes`, whenever the two tables' lengths differ).
+//!   opens (one pass over `recipes`, whenever the two tables' lengths differ);
+//! - `output_sizes`: recipe address → the recorded size of its output (a hint for the memory
+//!   budget), written without an fsync of its own;
+//! - `provenance`: recipe address → the materialization record of its output with its audits
+//!   (`Provenance::to_bytes`, see `deriva_core::provenance`). A put and an audit commit without
+//!   an fsync of their own (`Durability::None`): they reach the disk with the next durable
+//!   commit of this database (a recipe put, a pin, a delete) or when the store closes (redb
+//!   makes pending commits durable on a clean close), and a crash before either loses them;
+//!   a lost record is a record the output no longer shows, never a wrong one. A record goes in
+//!   the transaction that deletes its recipe (garbage collection's sweep, a delete), and its
+//!   deletes ([`RecipeDb::delete_records`]) are durable.
 
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,6 +35,7 @@ use redb::{
 
 use deriva_core::CAddr;
 use deriva_core::Recipe;
+use deriva_core::provenance::{AuditResult, Audits, Provenance, SignedRecord};
 use deriva_core::{DerivaError, Result};
 use deriva_store::{StoreCounters, StoredRecipe};
 
@@ -49,9 +61,20 @@ fn depth_key(depth: u32, addr: &CAddr) -> [u8; 36] {
 /// The recorded size of each computed output, by recipe: a hint for the memory budget,
 /// written without an fsync of its own.
 const OUTPUT_SIZES: TableDefinition<&[u8; 32], u64> = TableDefinition::new("output_sizes");
+/// The materialization record of each computed output, with its audits, by recipe.
+const PROVENANCE: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("provenance");
 /// A recipe stored again refreshes its time only if the stored one is at least this old: a
 /// burst of identical puts commits (and fsyncs) once.
 const TOUCH_EVERY_MS: u64 = 1000;
+
+/// The keys after `after` (all of them when `None`), for a listing page's `range`.
+pub(super) fn keys_after<K>(after: Option<&K>) -> (Bound<&K>, Bound<&K>) {
+    let start = match after {
+        Some(key) => Bound::Excluded(key),
+        None => Bound::Unbounded,
+    };
+    (start, Bound::Unbounded)
+}
 
 /// Milliseconds since the Unix epoch.
 fn millis(t: SystemTime) -> u64 {
@@ -109,6 +132,7 @@ impl RecipeDb {
             txn.open_table(RECIPE_TIMES).or_storage(CTX)?;
             index_depths(&txn)?;
             txn.open_table(OUTPUT_SIZES).or_storage(CTX)?;
+            txn.open_table(PROVENANCE).or_storage(CTX)?;
             let pins = txn.open_table(PINS).or_storage(CTX)?;
             counters.set_pins(pins.len().or_storage(CTX)?);
             let meta = txn.open_table(META).or_storage(CTX)?;
@@ -293,6 +317,11 @@ impl RecipeDb {
                 .or_storage(CTX)?
                 .remove(addr.as_bytes())
                 .or_storage(CTX)?;
+            // The record of its output goes with it.
+            txn.open_table(PROVENANCE)
+                .or_storage(CTX)?
+                .remove(addr.as_bytes())
+                .or_storage(CTX)?;
             let mut meta = txn.open_table(META).or_storage(CTX)?;
             let count = meta.get(RECIPE_COUNT).or_storage(CTX)?.map(|v| v.value());
             meta.insert(RECIPE_COUNT, count.unwrap_or(1).saturating_sub(1))
@@ -448,6 +477,111 @@ impl RecipeDb {
         txn.commit().or_storage(CTX)
     }
 
+    /// The record of the output of the recipe `addr`, with its audits.
+    pub(super) fn record(&self, addr: &CAddr) -> Result<Option<Provenance>> {
+        const CTX: &str = "reading a materialization record";
+        let txn = self.db.begin_read().or_storage(CTX)?;
+        let table = txn.open_table(PROVENANCE).or_storage(CTX)?;
+        let row = table.get(addr.as_bytes()).or_storage(CTX)?;
+        row.map(|row| decode_provenance(addr, row.value()))
+            .transpose()
+    }
+
+    /// Keeps `signed` as the record of its recipe's output, with no audits, in a commit that is
+    /// not durable by itself (see the module docs).
+    pub(super) fn put_record(&self, signed: &SignedRecord) -> Result<()> {
+        const CTX: &str = "storing a materialization record";
+        let row = Provenance::new(signed.clone()).to_bytes();
+        let mut txn = self.db.begin_write().or_storage(CTX)?;
+        txn.set_durability(redb::Durability::None).or_storage(CTX)?;
+        txn.open_table(PROVENANCE)
+            .or_storage(CTX)?
+            .insert(signed.record.recipe.as_bytes(), row.as_slice())
+            .or_storage(CTX)?;
+        txn.commit().or_storage(CTX)
+    }
+
+    /// Counts `result` on the record of the output of `addr` if that record's output hash is
+    /// `output_hash`, read and written in one write transaction (not durable by itself); the
+    /// tallies after it, or `None` (nothing counted) if there is no such record.
+    pub(super) fn audit_record(
+        &self,
+        addr: &CAddr,
+        output_hash: &CAddr,
+        result: AuditResult,
+    ) -> Result<Option<Audits>> {
+        const CTX: &str = "counting an audit";
+        let mut txn = self.db.begin_write().or_storage(CTX)?;
+        txn.set_durability(redb::Durability::None).or_storage(CTX)?;
+        let audits = {
+            let mut table = txn.open_table(PROVENANCE).or_storage(CTX)?;
+            let stored = table
+                .get(addr.as_bytes())
+                .or_storage(CTX)?
+                .map(|row| decode_provenance(addr, row.value()))
+                .transpose()?;
+            match stored {
+                Some(mut provenance) if provenance.record().output_hash == *output_hash => {
+                    provenance.audits.add(result);
+                    table
+                        .insert(addr.as_bytes(), provenance.to_bytes().as_slice())
+                        .or_storage(CTX)?;
+                    Some(provenance.audits)
+                }
+                _ => None,
+            }
+        };
+        match audits {
+            Some(_) => txn.commit().or_storage(CTX)?,
+            None => txn.abort().or_storage(CTX)?,
+        }
+        Ok(audits)
+    }
+
+    /// Deletes the records of `addrs` in one durable transaction (none if there was nothing to
+    /// delete).
+    pub(super) fn delete_records(&self, addrs: &[CAddr]) -> Result<()> {
+        const CTX: &str = "deleting materialization records";
+        let txn = self.db.begin_write().or_storage(CTX)?;
+        let mut removed = false;
+        {
+            let mut table = txn.open_table(PROVENANCE).or_storage(CTX)?;
+            for addr in addrs {
+                removed |= table.remove(addr.as_bytes()).or_storage(CTX)?.is_some();
+            }
+        }
+        if removed {
+            txn.commit().or_storage(CTX)
+        } else {
+            txn.abort().or_storage(CTX)
+        }
+    }
+
+    /// At most `limit` records whose recipe sorts after `after` (from the first when `None`),
+    /// in that order, from one read transaction.
+    pub(super) fn list_records(
+        &self,
+        after: Option<CAddr>,
+        limit: usize,
+    ) -> Result<Vec<Provenance>> {
+        const CTX: &str = "listing materialization records";
+        let txn = self.db.begin_read().or_storage(CTX)?;
+        let table = txn.open_table(PROVENANCE).or_storage(CTX)?;
+        let after = after.map(|a| *a.as_bytes());
+        let range = table
+            .range::<&[u8; 32]>(keys_after(after.as_ref()))
+            .or_storage(CTX)?;
+        let mut out = Vec::with_capacity(limit.min(super::PAGE_CAPACITY));
+        for entry in range.take(limit) {
+            let (key, row) = entry.or_storage(CTX)?;
+            out.push(decode_provenance(
+                &CAddr::from_bytes(*key.value()),
+                row.value(),
+            )?);
+        }
+        Ok(out)
+    }
+
     /// Whether `addr` is a stored recipe.
     pub(super) fn contains(&self, addr: &CAddr) -> Result<bool> {
         Ok(self.missing(std::slice::from_ref(addr))?.is_empty())
@@ -498,12 +632,8 @@ impl RecipeDb {
         let txn = self.db.begin_read().or_storage(CTX)?;
         let table = txn.open_table(BY_DEPTH).or_storage(CTX)?;
         let after = after.map(|(depth, addr)| depth_key(depth, &addr));
-        let start = match &after {
-            Some(key) => std::ops::Bound::Excluded(key),
-            None => std::ops::Bound::Unbounded,
-        };
         let range = table
-            .range::<&[u8; 36]>((start, std::ops::Bound::Unbounded))
+            .range::<&[u8; 36]>(keys_after(after.as_ref()))
             .or_storage(CTX)?;
         let mut out = Vec::with_capacity(limit.min(super::PAGE_CAPACITY));
         for entry in range.take(limit) {
@@ -654,6 +784,25 @@ fn decode_inputs(addr: &CAddr, row: &[u8]) -> Option<Vec<CAddr>> {
         .map(|r| r.inputs().to_vec())
 }
 
+/// The record stored in `row` for the output of `addr`; a row that does not decode, or names
+/// another recipe, is [`DerivaError::Corrupted`].
+fn decode_provenance(addr: &CAddr, row: &[u8]) -> Result<Provenance> {
+    let provenance = Provenance::from_bytes(row).map_err(|e| DerivaError::Corrupted {
+        addr: *addr,
+        detail: format!("the stored materialization record does not decode: {e}"),
+    })?;
+    if provenance.record().recipe != *addr {
+        return Err(DerivaError::Corrupted {
+            addr: *addr,
+            detail: format!(
+                "the stored materialization record is of recipe {}",
+                provenance.record().recipe
+            ),
+        });
+    }
+    Ok(provenance)
+}
+
 fn decode_depth(addr: &CAddr, row: &[u8]) -> Result<u32> {
     let raw: [u8; 4] = row
         .get(..4)
@@ -712,5 +861,52 @@ mod tests {
         assert_eq!(db.list_page(Some((d, a)), 3).unwrap(), expected[5..8]);
         assert!(db.delete(&expected[0].0).unwrap());
         assert_eq!(db.list_page(None, 100).unwrap(), expected[1..]);
+    }
+
+    /// A record row that does not decode, or that names another recipe, is Corrupted when it
+    /// is read and when it is audited; an audit then counts nothing.
+    #[test]
+    fn a_damaged_record_is_corrupted() {
+        use deriva_core::provenance::Record;
+        let dir = tempfile::tempdir().unwrap();
+        let db = RecipeDb::open(&dir.path().join("deriva.redb"), Arc::default()).unwrap();
+        let (a, b) = (CAddr::from_bytes([1; 32]), CAddr::from_bytes([2; 32]));
+        let signed = SignedRecord {
+            record: Record {
+                recipe: b,
+                function: FunctionId::new("concat", "1").unwrap(),
+                inputs: vec![],
+                output_hash: CAddr::for_leaf(b"out"),
+                output_bytes: 3,
+                node: "n".into(),
+                started_at_micros: 1,
+                duration_micros: 2,
+                span: None,
+            },
+            signature: None,
+        };
+        let write = |key: &CAddr, row: &[u8]| {
+            let txn = db.db.begin_write().unwrap();
+            txn.open_table(PROVENANCE)
+                .unwrap()
+                .insert(key.as_bytes(), row)
+                .unwrap();
+            txn.commit().unwrap();
+        };
+        for row in [vec![0xff, 0xff], Provenance::new(signed.clone()).to_bytes()] {
+            write(&a, &row);
+            for result in [
+                db.record(&a).map(drop),
+                db.audit_record(&a, &signed.record.output_hash, AuditResult::Match)
+                    .map(drop),
+            ] {
+                assert!(
+                    matches!(&result, Err(DerivaError::Corrupted { addr, .. }) if *addr == a),
+                    "{result:?}"
+                );
+            }
+        }
+        db.put_record(&signed).unwrap();
+        assert_eq!(db.record(&b).unwrap(), Some(Provenance::new(signed)));
     }
 }

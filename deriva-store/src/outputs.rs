@@ -34,12 +34,12 @@ pub trait OutputStore: Send + Sync + fmt::Debug + 'static {
 
     /// One page of the listing of the recipe address of every stored output: at most `limit`,
     /// those that sort after `after` (from the first when `None`), in ascending byte order;
-    /// fewer than `limit` only at the end. Walk it with [`pages`] ([`OutputStore::list_pages`]);
+    /// fewer than `limit` only at the end. Walk it with [`pages()`] ([`OutputStore::list_pages`]);
     /// for bulk work such as `deriva-server migrate`.
     async fn list_page(&self, after: Option<CAddr>, limit: usize) -> Result<Vec<CAddr>>;
 
     /// Every stored output's recipe address, a page of `limit` at a time, in address order:
-    /// [`pages`] over [`OutputStore::list_page`].
+    /// [`pages()`] over [`OutputStore::list_page`].
     fn list_pages(&self, limit: usize) -> BoxStream<'_, Result<Vec<CAddr>>> {
         pages(
             limit,
@@ -94,6 +94,26 @@ pub trait Records: Send + Sync + fmt::Debug + 'static {
     /// Deletes the records of `recipes` (their outputs were invalidated or collected);
     /// deleting nothing is no error.
     async fn delete(&self, recipes: &[CAddr]) -> Result<()>;
+
+    /// One page of the listing of every record with its audits: at most `limit`, those whose
+    /// recipe address sorts after `after` (from the first when `None`), in ascending byte
+    /// order; fewer than `limit` only at the end. Walk it with [`pages()`]
+    /// ([`Records::list_pages`]); for bulk work such as `deriva-server migrate`. The default,
+    /// for a backend that cannot list its records, lists none.
+    async fn list_page(&self, after: Option<CAddr>, limit: usize) -> Result<Vec<Provenance>> {
+        let _ = (after, limit);
+        Ok(Vec::new())
+    }
+
+    /// Every record, a page of `limit` at a time, in recipe address order: [`pages()`] over
+    /// [`Records::list_page`].
+    fn list_pages(&self, limit: usize) -> BoxStream<'_, Result<Vec<Provenance>>> {
+        pages(
+            limit,
+            |provenance: &Provenance| provenance.record().recipe,
+            move |after, limit| self.list_page(after, limit),
+        )
+    }
 }
 
 /// Tells the other nodes that share a store which addresses were invalidated, so that each
