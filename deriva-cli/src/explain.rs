@@ -195,7 +195,7 @@ fn origin_text(node: &str, age_seconds: &str, duration_seconds: &str) -> String 
     };
     // A tree line stays within 80 columns: a long name (a UUID, the default
     // `service.instance.id`) is cut to its first characters.
-    const NODE_CHARS: usize = 12;
+    const NODE_CHARS: usize = 16;
     let node = if node.chars().count() > NODE_CHARS {
         let cut: String = node.chars().take(NODE_CHARS - 1).collect();
         format!("{cut}…")
@@ -401,7 +401,7 @@ mod tests {
             [
                 "  materialize abababab hit · computed on node-a 3 d ago in 3.10 s",
                 "  materialize cdcdcdcd hit",
-                "  materialize efefefef hit · computed on a421be75-5b… in 42 µs",
+                "  materialize efefefef hit · computed on a421be75-5bf6-4… in 42 µs",
             ],
             "{text}"
         );
