@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::gc;
 
-/// Live totals of a [`Store`], kept as atomics so metrics callbacks and `Status` read them
+/// Live totals of a [`Store`](crate::Store), kept as atomics so metrics callbacks and `Status` read them
 /// without a scan or a lock. A backend is given them when it opens, loads them then, and keeps
 /// them current on every put and delete.
 #[derive(Debug, Default)]

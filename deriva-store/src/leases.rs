@@ -7,7 +7,7 @@ use deriva_core::{CAddr, Result};
 
 /// Leases on computes, shared by the nodes of a cluster, so that a recipe is computed once
 /// across the fleet: the node that takes a recipe's lease computes it and puts its output in
-/// the output tier ([`OutputStore`]); the others wait for the lease to end and read the output
+/// the output tier ([`OutputStore`](crate::OutputStore)); the others wait for the lease to end and read the output
 /// from there. A lease lasts a bounded time, renewed by its holder while it computes, so that
 /// the lease of a node that died ends by itself and another node takes it over.
 #[async_trait]

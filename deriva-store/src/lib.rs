@@ -14,7 +14,7 @@
 //! - [`Store`]: a blob store and a recipe index, plus what spans the two (an input must exist
 //!   before a recipe uses it; transitive dependents; the live [`StoreCounters`]).
 //! - [`gc`]: garbage collection over any [`Store`]; [`stream`]: leaf bytes as hashed streams of
-//!   chunks; [`pages`]: keyset-paginated listings (`list_page`) as streams of pages;
+//!   chunks; [`pages`](mod@pages): keyset-paginated listings (`list_page`) as streams of pages;
 //!   [`task`]: blocking work on the blocking pool that stays in its caller's trace.
 //! - [`observe`]: the one instrumentation of every backend's calls ([`observe::BackendMetrics`]):
 //!   client spans and the `deriva_backend_*` metrics. Backends declare their calls and run
@@ -222,12 +222,12 @@ pub trait BlobStore: Send + Sync + fmt::Debug + 'static {
 
     /// One page of the listing of every stored blob with its size: at most `limit` of them,
     /// those whose address sorts after `after` (from the first when `None`), in ascending byte
-    /// order of address; fewer than `limit` only at the end. Walk it with [`pages`]
+    /// order of address; fewer than `limit` only at the end. Walk it with [`pages`](fn@pages)
     /// ([`BlobStore::list_pages`]).
     async fn list_page(&self, after: Option<CAddr>, limit: usize) -> Result<Vec<(CAddr, u64)>>;
 
     /// Every stored blob with its size, a page of `limit` at a time, in address order:
-    /// [`pages`] over [`BlobStore::list_page`].
+    /// [`pages`](fn@pages) over [`BlobStore::list_page`].
     fn list_pages(&self, limit: usize) -> BoxStream<'_, Result<Vec<(CAddr, u64)>>> {
         pages(
             limit,
@@ -419,7 +419,7 @@ pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
     /// of them, those whose `(depth, address)` sorts after `after` (from the first when
     /// `None`), in ascending order of depth, then of the address's bytes; fewer than `limit`
     /// only at the end. In that order every recipe's inputs come before it, so a copy that
-    /// writes page after page never writes a recipe before its inputs. Walk it with [`pages`]
+    /// writes page after page never writes a recipe before its inputs. Walk it with [`pages`](fn@pages)
     /// ([`RecipeIndex::list_pages`]); for bulk work such as `deriva-server migrate`, not for
     /// hot paths.
     async fn list_page(
@@ -429,7 +429,7 @@ pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Vec<(CAddr, u32)>>;
 
     /// Every stored recipe with its depth, a page of `limit` at a time, in `(depth, address)`
-    /// order: [`pages`] over [`RecipeIndex::list_page`].
+    /// order: [`pages`](fn@pages) over [`RecipeIndex::list_page`].
     fn list_pages(&self, limit: usize) -> BoxStream<'_, Result<Vec<(CAddr, u32)>>> {
         pages(
             limit,

@@ -313,7 +313,7 @@ impl AsyncExecutor {
 
     /// The provenance of `addr`: what is stored at it and, `depth` levels down, at its inputs,
     /// breadth-first, each address once, at most [`PROVENANCE_MAX_ENTRIES`]. A level's
-    /// addresses are looked up [`LOOKUPS`] at a time. [`DerivaError::NotFound`] if nothing is
+    /// addresses are looked up 16 at a time. [`DerivaError::NotFound`] if nothing is
     /// stored at `addr`.
     pub async fn provenance(&self, addr: CAddr, depth: u32) -> Result<ProvenanceTree> {
         let mut tree = ProvenanceTree::default();
