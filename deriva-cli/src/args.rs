@@ -200,6 +200,35 @@ pub enum Command {
     },
     /// Print the server's store, cache and verification counters.
     Status,
+    /// Show where an address came from: for each recipe the function, the node that computed
+    /// its output, when, how long it took, the trace of the compute and its audits; for each
+    /// leaf its size and when it was put; down through the inputs to --depth.
+    ///
+    /// On a terminal a tree, an input shared by several recipes shown once and referred to
+    /// after; with --json one JSON object. Exits with 1 if the address is unknown (not found),
+    /// or if --verify-key is given and a record fails verification.
+    Provenance {
+        /// The address (64 hex characters).
+        addr: String,
+        /// Levels of inputs to describe below ADDR (0: ADDR alone); the server answers at most
+        /// 4,096 addresses.
+        #[arg(
+            long,
+            default_value_t = crate::provenance::DEFAULT_DEPTH,
+            value_name = "N",
+            value_parser = clap::value_parser!(u32).range(0..=i64::from(crate::provenance::MAX_DEPTH))
+        )]
+        depth: u32,
+        /// Print one JSON object (pretty-printed) for ADDR, its inputs nested in it.
+        #[arg(long)]
+        json: bool,
+        /// Check the signature of every record with this ed25519 public key (PEM, as
+        /// `openssl pkey -pubout` writes it) and exit with 1 naming every recipe whose record
+        /// fails (a bad signature, or a record that does not decode or is another recipe's).
+        /// Unsigned records are reported as unsigned, not as failures.
+        #[arg(long, value_name = "PUB.pem")]
+        verify_key: Option<PathBuf>,
+    },
     /// Compute a recipe twice and compare; exits with 1 if the two outputs differ.
     Verify {
         /// The address of a recipe (64 hex characters).
@@ -327,5 +356,31 @@ mod tests {
         );
         let err = CliArgs::try_parse_from(["deriva", "gc", "--max", "lots"]).unwrap_err();
         assert!(err.to_string().contains("--max"), "{err}");
+    }
+
+    #[test]
+    fn provenance_asks_eight_levels_by_default_and_bounds_depth() {
+        let addr = CAddr::for_leaf(b"x").to_string();
+        let args = CliArgs::try_parse_from(["deriva", "provenance", &addr]).unwrap();
+        let Command::Provenance {
+            depth,
+            json,
+            verify_key,
+            ..
+        } = args.command
+        else {
+            panic!("not provenance: {:?}", args.command)
+        };
+        assert_eq!((depth, json, verify_key), (8, false, None));
+        let max = crate::provenance::MAX_DEPTH.to_string();
+        assert!(CliArgs::try_parse_from(["deriva", "provenance", &addr, "--depth", &max]).is_ok());
+        let over = (crate::provenance::MAX_DEPTH + 1).to_string();
+        let err = CliArgs::try_parse_from(["deriva", "provenance", &addr, "--depth", &over])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--depth") && err.contains(&over) && err.contains(&max),
+            "{err}"
+        );
     }
 }

@@ -6,10 +6,13 @@
 //!   that names the URL.
 //! - [`CliError`]: why a command failed, with its exit code; [`error_line`] renders it as the one
 //!   `deriva: ...` line the binary prints.
+//! - [`provenance`]: the `Provenance` call, its statuses worded for `deriva provenance`.
 
 use std::time::Duration;
 
+use deriva_core::CAddr;
 use deriva_proto::deriva_client::DerivaClient;
+use deriva_proto::{ProvenanceRequest, ProvenanceResponse, addr_bytes};
 use tonic::Code;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -328,6 +331,43 @@ pub async fn connect(target: &Target) -> Result<Client, CliError> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
+/// Asks `target` for the provenance of `addr`, `depth` levels of inputs down. `NOT_FOUND`
+/// (nothing is stored at `addr`) and `UNIMPLEMENTED` (a server older than the RPC) are worded
+/// for the command; both exit with 1, like any server error.
+pub async fn provenance(
+    target: &Target,
+    addr: CAddr,
+    depth: u32,
+) -> Result<ProvenanceResponse, CliError> {
+    let answer = connect(target)
+        .await?
+        .provenance(ProvenanceRequest {
+            addr: addr_bytes(&addr),
+            depth,
+        })
+        .await;
+    answer
+        .map(tonic::Response::into_inner)
+        .map_err(|status| provenance_error(&addr, status))
+}
+
+/// The error of a failed `Provenance` of `addr`.
+fn provenance_error(addr: &CAddr, status: tonic::Status) -> CliError {
+    let context = format!("provenance {}…", addr.short());
+    match status.code() {
+        Code::NotFound => CliError::Failed {
+            context: format!("provenance {addr}"),
+            message: "not found: the server stores neither a leaf nor a recipe at this address"
+                .into(),
+        },
+        Code::Unimplemented => CliError::Failed {
+            context,
+            message: "the server does not answer Provenance (it is older than this client)".into(),
+        },
+        _ => CliError::rpc(&context, status),
+    }
+}
+
 /// An error and its sources as `a: b: c`, leaving out the generic `transport error` wrapper and
 /// any message that only repeats the next one.
 fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
@@ -350,5 +390,35 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         parts.join(": ")
     } else {
         keep.join(": ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provenance_errors_name_the_address_and_keep_the_usual_exit_code() {
+        let addr = CAddr::for_leaf(b"x");
+        let err = provenance_error(&addr, tonic::Status::not_found("unknown address"));
+        assert_eq!(err.exit_code(), 1);
+        assert_eq!(
+            error_line(&err),
+            format!(
+                "deriva: provenance {addr}: not found: the server stores neither a leaf nor a \
+                 recipe at this address"
+            )
+        );
+        let err = provenance_error(&addr, tonic::Status::unimplemented(""));
+        assert!(error_line(&err).contains("older than this client"), "{err}");
+        let err = provenance_error(&addr, tonic::Status::unavailable("index down"));
+        assert_eq!(err.exit_code(), 1);
+        assert_eq!(
+            error_line(&err),
+            format!(
+                "deriva: provenance {}…: unavailable: index down",
+                addr.short()
+            )
+        );
     }
 }

@@ -2,12 +2,17 @@
 //!
 //! Span and field names come from [`deriva_core::spans`], the constants the server's executor
 //! opens its spans with, so a renamed span cannot silently fall through to the generic line.
+//! A `materialize` row that hit an output computed earlier names where it came from, from the
+//! span's `deriva.origin.*` attributes: `hit · computed on node-a 3 d ago in 3.10 s`.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use deriva_core::spans::{self, field};
 use deriva_proto::{ExplainResponse, TraceSpan};
+
+use crate::human::{age_text, bytes_text as size_text, duration_text, indent};
 
 /// Width of the `--explain` output.
 const EXPLAIN_WIDTH: usize = 80;
@@ -53,10 +58,15 @@ pub fn format_explain(resp: &ExplainResponse) -> String {
         let line = match span.name.as_str() {
             spans::MATERIALIZE => Some((
                 format!(
-                    "{} {} {}",
+                    "{} {} {}{}",
                     spans::MATERIALIZE,
                     short_addr(value(span, field::ADDR)),
-                    value(span, field::RESULT)
+                    value(span, field::RESULT),
+                    origin_text(
+                        &value(span, field::ORIGIN_NODE),
+                        &value(span, field::ORIGIN_AGE_SECONDS),
+                        &value(span, field::ORIGIN_DURATION_SECONDS)
+                    )
                 ),
                 Some(span.duration_us),
             )),
@@ -135,15 +145,17 @@ pub fn format_explain(resp: &ExplainResponse) -> String {
     };
     let _ = writeln!(out, "{} trace {} ({status})", resp.method, resp.trace_id);
     for (depth, text, duration) in lines.iter().take(EXPLAIN_MAX_LINES) {
-        let indent = if *depth <= EXPLAIN_MAX_INDENT {
-            "  ".repeat(*depth + 1)
-        } else {
-            format!("{}[{depth}] ", "  ".repeat(EXPLAIN_MAX_INDENT + 1))
-        };
-        let left = format!("{indent}{text}");
+        let mut left = format!("{}{text}", indent(*depth, EXPLAIN_MAX_INDENT));
         match duration {
             Some(us) => {
                 let right = duration_text(*us);
+                // A long line (a hit's origin deep in the tree) is cut to keep the duration in
+                // its column.
+                let room = EXPLAIN_WIDTH.saturating_sub(right.chars().count() + 2);
+                if left.chars().count() > room {
+                    left = left.chars().take(room.saturating_sub(1)).collect();
+                    left.push('…');
+                }
                 let pad = EXPLAIN_WIDTH
                     .saturating_sub(left.chars().count() + right.chars().count() + 1)
                     .max(1);
@@ -169,26 +181,42 @@ pub fn format_explain(resp: &ExplainResponse) -> String {
     out
 }
 
-fn duration_text(us: u64) -> String {
-    if us >= 1_000_000 {
-        format!("{:.2} s", us as f64 / 1e6)
-    } else if us >= 1000 {
-        format!("{:.2} ms", us as f64 / 1000.0)
-    } else {
-        format!("{us} µs")
+/// ` · computed on NODE AGE ago in DURATION` for a hit whose output has a record (the span's
+/// `deriva.origin.*` attributes, seconds as decimals), or "" when `node` is empty. A value that
+/// does not read as seconds is left out.
+fn origin_text(node: &str, age_seconds: &str, duration_seconds: &str) -> String {
+    if node.is_empty() {
+        return String::new();
     }
+    let seconds = |raw: &str| {
+        raw.parse::<f64>()
+            .ok()
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+    };
+    // A tree line stays within 80 columns: a long name (a UUID, the default
+    // `service.instance.id`) is cut to its first characters.
+    const NODE_CHARS: usize = 16;
+    let node = if node.chars().count() > NODE_CHARS {
+        let cut: String = node.chars().take(NODE_CHARS - 1).collect();
+        format!("{cut}…")
+    } else {
+        node.to_owned()
+    };
+    let mut out = format!(" · computed on {node}");
+    if let Some(age) = seconds(age_seconds) {
+        let _ = write!(out, " {} ago", age_text(age));
+    }
+    if let Some(took) = seconds(duration_seconds) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let _ = write!(out, " in {}", duration_text(micros));
+    }
+    out
 }
 
+/// A size field's value as text, or the raw value with `B` if it is not a number.
 fn bytes_text(raw: &str) -> String {
-    let Ok(n) = raw.parse::<u64>() else {
-        return format!("{raw} B");
-    };
-    match n {
-        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
-        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
-        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
-        n => format!("{n} B"),
-    }
+    raw.parse::<u64>()
+        .map_or_else(|_| format!("{raw} B"), size_text)
 }
 
 #[cfg(test)]
@@ -313,5 +341,73 @@ mod tests {
         // Past the deepest indent, a line shows its depth instead of indenting further.
         assert!(text.contains("[17] materialize"), "{text}");
         assert!(text.lines().all(|l| l.chars().count() <= EXPLAIN_WIDTH));
+    }
+
+    #[test]
+    fn a_hit_of_a_computed_output_names_its_origin() {
+        let (hit, plain, odd) = ("ab".repeat(32), "cd".repeat(32), "ef".repeat(32));
+        let resp = ExplainResponse {
+            spans: vec![
+                span(1, 0, spans::RPC, &[], 0),
+                span(
+                    2,
+                    1,
+                    spans::MATERIALIZE,
+                    &[
+                        (field::ADDR, &hit),
+                        (field::RESULT, "hit"),
+                        (field::ORIGIN_NODE, "node-a"),
+                        // 3 days and an hour, as the f64 the server records.
+                        (field::ORIGIN_AGE_SECONDS, "262800.25"),
+                        (field::ORIGIN_DURATION_SECONDS, "3.1"),
+                        (field::ORIGIN_TRACE_ID, "4bf92f3577b34da6a3ce929d0e0e4736"),
+                    ],
+                    1,
+                ),
+                // A hit without a record (a leaf, or an output from before records).
+                span(
+                    3,
+                    1,
+                    spans::MATERIALIZE,
+                    &[(field::ADDR, &plain), (field::RESULT, "hit")],
+                    2,
+                ),
+                // Values that are not seconds are left out, never misread.
+                span(
+                    4,
+                    1,
+                    spans::MATERIALIZE,
+                    &[
+                        (field::ADDR, &odd),
+                        (field::RESULT, "hit"),
+                        // The default name, a UUID, is cut to stay within the width.
+                        (field::ORIGIN_NODE, "a421be75-5bf6-4acd-a88d-1ad445b0a77c"),
+                        (field::ORIGIN_AGE_SECONDS, "-1"),
+                        (field::ORIGIN_DURATION_SECONDS, "0.000042"),
+                    ],
+                    3,
+                ),
+            ],
+            ..Default::default()
+        };
+        let text = format_explain(&resp);
+        let rows: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("materialize"))
+            .map(|l| l.trim_end_matches(" 1.50 ms").trim_end())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                "  materialize abababab hit · computed on node-a 3 d ago in 3.10 s",
+                "  materialize cdcdcdcd hit",
+                "  materialize efefefef hit · computed on a421be75-5bf6-4… in 42 µs",
+            ],
+            "{text}"
+        );
+        assert!(
+            text.lines().all(|l| l.chars().count() <= EXPLAIN_WIDTH),
+            "{text}"
+        );
     }
 }

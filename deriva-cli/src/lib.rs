@@ -11,6 +11,7 @@
 //!   [`CliError`] with its exit codes and its one-line rendering, [`error_line`].
 //! - [`commands`]: [`run`], which executes one command, and the formatting of each answer.
 //! - [`explain`]: [`format_explain`], the `get --explain` tree.
+//! - [`provenance`]: the `provenance` tree and JSON, and the check of record signatures.
 //! - [`bench`](mod@bench): `deriva bench`, the load generator.
 //!
 //! Everything local is checked before any RPC (addresses must be 64 hex characters, params
@@ -22,6 +23,8 @@ pub mod bench;
 pub mod client;
 pub mod commands;
 pub mod explain;
+mod human;
+pub mod provenance;
 
 pub use args::{CliArgs, Command, DEFAULT_SERVER};
 pub use client::{CliError, Target, connect, error_line};

@@ -125,8 +125,10 @@ pub use deriva_core::spans;
 pub use budget::{BudgetConfig, MemoryBudget};
 pub use deriva_store::gc::GcOptions;
 pub use executor::{
-    AsyncExecutor, COMPUTE_TIMEOUT, CascadePolicy, CascadeReport, ExecutorConfig, GcReport,
-    InvalidateReport, LEAF_CACHE_MAX_BYTES, TraceLinks, VerificationMode, VerifyReport,
+    AsyncExecutor, AuditConfig, COMPUTE_TIMEOUT, CascadePolicy, CascadeReport, Described,
+    ExecutorConfig, GcReport, InvalidateReport, LEAF_CACHE_MAX_BYTES, OnMismatch,
+    PROVENANCE_MAX_ENTRIES, ProvenanceEntry, ProvenanceTree, RecordSigner, TraceLinks,
+    VerificationMode, VerifyReport,
 };
 pub use function::{CancelToken, ComputeContext, ComputeFunction, FunctionError, FunctionRegistry};
 pub use memory_cache::{Cache, CacheHit, CacheStats, EntryKind as CacheKind};

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use deriva_core::CAddr;
+use deriva_core::{CAddr, SignedRecord};
 use parking_lot::Mutex;
 
 /// What an entry holds.
@@ -134,6 +134,8 @@ pub struct CacheHit {
     pub cost: Duration,
     /// An output or a leaf.
     pub kind: EntryKind,
+    /// An output's materialization record, if it came with one.
+    pub record: Option<Arc<SignedRecord>>,
 }
 
 #[derive(Debug)]
@@ -141,6 +143,7 @@ struct Entry {
     data: Bytes,
     cost: Duration,
     kind: EntryKind,
+    record: Option<Arc<SignedRecord>>,
     /// Key in `CacheEntries::order`.
     rank: (u64, u64),
 }
@@ -250,6 +253,7 @@ impl Cache {
             data: entry.data.clone(),
             cost: entry.cost,
             kind: entry.kind,
+            record: entry.record.clone(),
         };
         drop(inner);
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -270,6 +274,12 @@ impl Cache {
         self.inner.lock().map.get(addr).map(|e| e.kind)
     }
 
+    /// The record of the cached output of `addr`, if it has one, without counting a lookup or
+    /// touching its priority.
+    pub fn record_of(&self, addr: &CAddr) -> Option<Arc<SignedRecord>> {
+        self.inner.lock().map.get(addr)?.record.clone()
+    }
+
     /// The size of the cached entry of `addr`, if any, without counting a lookup or changing
     /// its rank.
     pub fn size_of(&self, addr: &CAddr) -> Option<u64> {
@@ -280,7 +290,7 @@ impl Cache {
     /// Returns the addresses evicted. An output larger than the whole budget is not cached.
     pub fn insert(&self, addr: CAddr, data: Bytes, cost: Duration) -> Vec<CAddr> {
         let inner = self.inner.lock();
-        self.insert_locked(inner, addr, data, cost, EntryKind::Output)
+        self.insert_locked(inner, addr, (data, None), cost, EntryKind::Output)
     }
 
     /// The invalidation generation of `addr`, to pass to [`Cache::insert_if_current`] or
@@ -289,16 +299,16 @@ impl Cache {
         self.inner.lock().generations[stripe(addr)]
     }
 
-    /// Like [`Cache::insert`], unless `addr` was invalidated since `generation` was read: then
-    /// nothing is cached and this returns `None`.
+    /// Like [`Cache::insert`], with the output's materialization `record`, unless `addr` was
+    /// invalidated since `generation` was read: then nothing is cached and this returns `None`.
     pub fn insert_if_current(
         &self,
         addr: CAddr,
-        data: Bytes,
+        (data, record): (Bytes, Option<Arc<SignedRecord>>),
         cost: Duration,
         generation: u64,
     ) -> Option<Vec<CAddr>> {
-        self.insert_kind_if_current(addr, data, cost, generation, EntryKind::Output)
+        self.insert_kind_if_current(addr, (data, record), cost, generation, EntryKind::Output)
     }
 
     /// Caches `data`, the verified bytes of the leaf `addr` whose read took `cost`, like an
@@ -312,7 +322,7 @@ impl Cache {
         cost: Duration,
         generation: u64,
     ) -> Option<Vec<CAddr>> {
-        self.insert_kind_if_current(addr, data, cost, generation, EntryKind::Leaf)
+        self.insert_kind_if_current(addr, (data, None), cost, generation, EntryKind::Leaf)
     }
 
     /// Notes a read of the leaf `addr` from the store, and tells whether to cache it: whether
@@ -327,7 +337,7 @@ impl Cache {
     fn insert_kind_if_current(
         &self,
         addr: CAddr,
-        data: Bytes,
+        data: (Bytes, Option<Arc<SignedRecord>>),
         cost: Duration,
         generation: u64,
         kind: EntryKind,
@@ -369,7 +379,7 @@ impl Cache {
         &self,
         mut inner: parking_lot::MutexGuard<'_, CacheEntries>,
         addr: CAddr,
-        data: Bytes,
+        (data, record): (Bytes, Option<Arc<SignedRecord>>),
         cost: Duration,
         kind: EntryKind,
     ) -> Vec<CAddr> {
@@ -400,6 +410,7 @@ impl Cache {
                 data,
                 cost,
                 kind,
+                record,
                 rank,
             },
         );
@@ -490,14 +501,14 @@ mod tests {
         for (i, g) in (1..=3).zip(generations) {
             assert!(
                 cache
-                    .insert_if_current(addr(i), Bytes::from_static(b"x"), ms(1), g)
+                    .insert_if_current(addr(i), (Bytes::from_static(b"x"), None), ms(1), g)
                     .is_none()
             );
         }
         let fresh = cache.generation(&addr(3));
         assert!(
             cache
-                .insert_if_current(addr(3), Bytes::from_static(b"x"), ms(1), fresh)
+                .insert_if_current(addr(3), (Bytes::from_static(b"x"), None), ms(1), fresh)
                 .is_some()
         );
     }

@@ -234,6 +234,8 @@ pub struct ComputeMetrics {
     /// Leases taken over from a holder that let them expire:
     /// `deriva_compute_lease_expired_total`.
     pub(crate) lease_expired: Counter<u64>,
+    /// Audits (sampled recomputations of hits, and `Verify`): `deriva_audit_total`.
+    pub(crate) audits: Counter<u64>,
     exec: Arc<ExecStats>,
     /// `function=<id>` per registered function, built once.
     function_attrs: HashMap<FunctionId, [KeyValue; 1]>,
@@ -526,6 +528,16 @@ impl ComputeMetrics {
             "Compute leases this node took over because their holder let them expire (it died or stalled)",
         );
 
+        let audits = meter
+            .u64_counter("deriva.audit")
+            .with_description("Recomputations of stored outputs compared with their records (sampled hits with --audit-sample-ratio, and Verify), by function and result (match, mismatch, error)")
+            .build();
+        for id in function_attrs.keys() {
+            for result in ["match", "mismatch", "error"] {
+                audits.add(0, &audit_attrs(id, result));
+            }
+        }
+
         let e = exec.clone();
         let saved = meter
             .f64_observable_counter("deriva.cache.saved")
@@ -568,6 +580,7 @@ impl ComputeMetrics {
             lease_acquired,
             lease_joined,
             lease_expired,
+            audits,
             exec,
             function_attrs,
             _counters: counters,
@@ -734,6 +747,14 @@ impl ComputeMetrics {
             .map(|a| a.as_slice())
             .unwrap_or(&[])
     }
+}
+
+/// The attributes of `deriva_audit_total`.
+pub(crate) fn audit_attrs(id: &FunctionId, result: &'static str) -> [KeyValue; 2] {
+    [
+        KeyValue::new("function", id.to_string()),
+        KeyValue::new("result", result),
+    ]
 }
 
 /// See [`ExecStats::waiting_guard`].

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use deriva_core::{CAddr, DerivaError, Result};
+use deriva_core::{CAddr, DerivaError, Result, SignedRecord};
 use deriva_store::ByteStream;
 use deriva_store::stream;
 use futures::StreamExt as _;
@@ -88,6 +88,9 @@ struct Entry {
     /// The sequence number of the put that wrote the file, so that a reader that found the
     /// file corrupted removes that file and not a newer one a concurrent put renamed over it.
     id: u64,
+    /// The output's materialization record, if it came with one (kept in memory only: the
+    /// directory is emptied when it is opened).
+    record: Option<Arc<SignedRecord>>,
 }
 
 /// What the directory holds, in memory: its entries, their recency and their total size.
@@ -223,6 +226,17 @@ impl SpillStore {
     /// least-recently-used entries until the total fits the budget. Returns `Ok(false)`, writing
     /// nothing (an existing entry stays), if `data` alone is larger than the budget.
     pub fn put(&self, addr: CAddr, data: &[u8]) -> Result<bool> {
+        self.put_recorded(addr, data, None)
+    }
+
+    /// BLOCKING. [`SpillStore::put`], with the output's materialization `record`, which
+    /// [`SpillStore::record`] answers for as long as the entry stays.
+    pub fn put_recorded(
+        &self,
+        addr: CAddr,
+        data: &[u8],
+        record: Option<Arc<SignedRecord>>,
+    ) -> Result<bool> {
         let len = data.len() as u64;
         if len > self.budget {
             tracing::debug!(%addr, len, budget = self.budget, "output larger than the spill budget; not spilled");
@@ -256,7 +270,15 @@ impl SpillStore {
         // The rename replaced the old file, if any; only its accounting is left to drop.
         inner.forget(&addr);
         let tick = inner.next_tick();
-        inner.map.insert(addr, Entry { len, tick, id });
+        inner.map.insert(
+            addr,
+            Entry {
+                len,
+                tick,
+                id,
+                record,
+            },
+        );
         inner.order.insert(tick, addr);
         inner.total += len;
         let mut evicted = 0u64;
@@ -287,6 +309,12 @@ impl SpillStore {
     /// BLOCKING. Whether `addr` has an entry (no LRU touch, no hit or miss counted).
     pub fn contains(&self, addr: &CAddr) -> bool {
         self.inner.lock().map.contains_key(addr)
+    }
+
+    /// The materialization record of the spilled output of `addr`, if it has an entry with one
+    /// (no LRU touch, no hit or miss).
+    pub fn record(&self, addr: &CAddr) -> Option<Arc<SignedRecord>> {
+        self.inner.lock().map.get(addr)?.record.clone()
     }
 
     /// The size of the spilled output of `addr`, if any (no LRU touch, no hit or miss).

@@ -5,6 +5,8 @@
 //! - [`addr`]: [`CAddr`], the 32-byte BLAKE3 address of leaves and recipes.
 //! - [`recipe`]: [`FunctionId`], [`Recipe`], params and the canonical recipe encoding.
 //! - [`error`]: [`DerivaError`], the error every Deriva crate returns.
+//! - [`provenance`]: [`Record`], what a node records of each compute, and its canonical
+//!   encoding (signed, with its audits).
 //! - [`spans`]: the names of Deriva's spans and their fields, shared by the engine, the server's
 //!   trace store and the client's `--explain`.
 //!
@@ -46,9 +48,11 @@
 
 pub mod addr;
 pub mod error;
+pub mod provenance;
 pub mod recipe;
 pub mod spans;
 
 pub use addr::{AddrParseError, CAddr};
 pub use error::{DerivaError, Result};
+pub use provenance::{AuditResult, Audits, Provenance, Record, SignedRecord, SpanRef};
 pub use recipe::{FunctionId, Params, Recipe};

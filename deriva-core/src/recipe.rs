@@ -205,7 +205,11 @@ impl Recipe {
 
     /// Decodes [`Recipe::canonical_bytes`], validating everything [`Recipe::new`] validates.
     pub fn from_canonical_bytes(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader { bytes, pos: 0 };
+        let mut r = Reader {
+            bytes,
+            pos: 0,
+            what: "a recipe encoding",
+        };
         let version = r.take(1)?[0];
         if version != RECIPE_ENCODING_VERSION {
             return Err(r.err(format!("unknown encoding version {version}")));
@@ -271,28 +275,30 @@ fn check_param(k: &str, v: &str) -> Result<()> {
     Ok(())
 }
 
-fn put_len(out: &mut Vec<u8>, len: usize) {
+pub(crate) fn put_len(out: &mut Vec<u8>, len: usize) {
     // Every length is bounded by the limits above, far below u32::MAX.
     let len = u32::try_from(len).unwrap_or(u32::MAX);
     out.extend_from_slice(&len.to_le_bytes());
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
     put_len(out, s.len());
     out.extend_from_slice(s.as_bytes());
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
+/// Reads an encoding of `what` (for its errors) from its start.
+pub(crate) struct Reader<'a> {
+    pub(crate) bytes: &'a [u8],
+    pub(crate) pos: usize,
+    pub(crate) what: &'static str,
 }
 
 impl Reader<'_> {
-    fn err(&self, why: impl fmt::Display) -> DerivaError {
-        DerivaError::decode("a recipe encoding", format!("at byte {}: {why}", self.pos))
+    pub(crate) fn err(&self, why: impl fmt::Display) -> DerivaError {
+        DerivaError::decode(self.what, format!("at byte {}: {why}", self.pos))
     }
 
-    fn take(&mut self, n: usize) -> Result<&[u8]> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&[u8]> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
         let Some(end) = end else {
             return Err(self.err("truncated"));
@@ -302,7 +308,7 @@ impl Reader<'_> {
         Ok(out)
     }
 
-    fn len(&mut self) -> Result<usize> {
+    pub(crate) fn len(&mut self) -> Result<usize> {
         let raw: [u8; 4] = self
             .take(4)?
             .try_into()
@@ -310,7 +316,7 @@ impl Reader<'_> {
         Ok(u32::from_le_bytes(raw) as usize)
     }
 
-    fn string(&mut self) -> Result<String> {
+    pub(crate) fn string(&mut self) -> Result<String> {
         let n = self.len()?;
         let raw = self.take(n)?.to_vec();
         String::from_utf8(raw).map_err(|_| self.err("string is not UTF-8"))

@@ -24,6 +24,9 @@ pub const VERIFY: &str = "verify";
 pub const CACHE_PUT: &str = "cache_put";
 /// A `Verify` call: materialize the inputs, then compute twice.
 pub const VERIFY_RECIPE: &str = "verify_recipe";
+/// A sampled recomputation of a hit, compared with the output's record: a trace of its own,
+/// linked to the compute it checks.
+pub const AUDIT: &str = "audit";
 /// An `Invalidate` call.
 pub const INVALIDATE: &str = "invalidate";
 
@@ -101,4 +104,15 @@ pub mod field {
     pub const TRACE_ID: &str = "trace_id";
     /// The gRPC method of an RPC, as in `rpc.method`.
     pub const RPC_METHOD: &str = "rpc.method";
+    /// On a `materialize` span that hit (memory cache, spill, output tier): the node that
+    /// computed the output, from its record. The span also links to the compute span.
+    pub const ORIGIN_NODE: &str = "deriva.origin.node";
+    /// Seconds since the output was computed.
+    pub const ORIGIN_AGE_SECONDS: &str = "deriva.origin.age_seconds";
+    /// How long the compute took, in seconds.
+    pub const ORIGIN_DURATION_SECONDS: &str = "deriva.origin.duration_seconds";
+    /// The trace id of the compute span, 32 hex characters (the link, for the trace store).
+    pub const ORIGIN_TRACE_ID: &str = "deriva.origin.trace_id";
+    /// The span id of the compute span, 16 hex characters.
+    pub const ORIGIN_SPAN_ID: &str = "deriva.origin.span_id";
 }

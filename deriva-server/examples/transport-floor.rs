@@ -185,6 +185,13 @@ impl Deriva for Floor {
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         unimplemented()
     }
+
+    async fn provenance(
+        &self,
+        _: Request<deriva_server::proto::ProvenanceRequest>,
+    ) -> Result<Response<deriva_server::proto::ProvenanceResponse>, Status> {
+        unimplemented()
+    }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

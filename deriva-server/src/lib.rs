@@ -36,6 +36,7 @@ pub mod http;
 pub mod listen;
 pub mod method;
 pub mod migrate;
+pub mod provenance;
 pub mod rpc;
 pub mod server;
 pub mod service;

@@ -40,11 +40,13 @@ pub enum RpcMethod {
     ListPins,
     /// `ClusterStatus`: the nodes serving the store.
     ClusterStatus,
+    /// `Provenance`: where the bytes of an address came from.
+    Provenance,
 }
 
 impl RpcMethod {
     /// Every method, in the order of [`RpcMethod::index`].
-    pub const ALL: [RpcMethod; 15] = [
+    pub const ALL: [RpcMethod; 16] = [
         Self::PutLeaf,
         Self::PutRecipe,
         Self::Get,
@@ -60,14 +62,18 @@ impl RpcMethod {
         Self::Unpin,
         Self::ListPins,
         Self::ClusterStatus,
+        Self::Provenance,
     ];
 
     /// The token scope the method needs under `--auth-tokens`.
     pub const fn scope(self) -> Scope {
         match self {
-            Self::Get | Self::Resolve | Self::Status | Self::Explain | Self::ClusterStatus => {
-                Scope::Read
-            }
+            Self::Get
+            | Self::Resolve
+            | Self::Status
+            | Self::Explain
+            | Self::ClusterStatus
+            | Self::Provenance => Scope::Read,
             Self::PutLeaf
             | Self::PutLeafStream
             | Self::PutRecipe
@@ -99,6 +105,7 @@ impl RpcMethod {
             Self::Unpin => "Unpin",
             Self::ListPins => "ListPins",
             Self::ClusterStatus => "ClusterStatus",
+            Self::Provenance => "Provenance",
         }
     }
 
@@ -120,6 +127,7 @@ impl RpcMethod {
             Self::Unpin => "unpin",
             Self::ListPins => "list_pins",
             Self::ClusterStatus => "cluster_status",
+            Self::Provenance => "provenance",
         }
     }
 
@@ -141,6 +149,7 @@ impl RpcMethod {
             Self::Unpin => "deriva.Deriva/Unpin",
             Self::ListPins => "deriva.Deriva/ListPins",
             Self::ClusterStatus => "deriva.Deriva/ClusterStatus",
+            Self::Provenance => "deriva.Deriva/Provenance",
         }
     }
 

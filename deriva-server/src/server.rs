@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use deriva_compute::executor::Spill;
 use deriva_compute::spill::SpillStore;
-use deriva_compute::{AsyncExecutor, BudgetConfig, Cache, ExecutorConfig, FunctionRegistry};
+use deriva_compute::{
+    AsyncExecutor, AuditConfig, BudgetConfig, Cache, ExecutorConfig, FunctionRegistry,
+};
 use deriva_core::DerivaError;
 use deriva_store::Store;
 use futures::FutureExt;
@@ -103,6 +105,8 @@ impl Server {
         meter: &Meter,
         node_id: &str,
     ) -> Result<Self, DerivaError> {
+        let mut config = config;
+        node_id.clone_into(&mut config.node_name);
         let spec = StoreSpec::from_config(&config, node_id).map_err(DerivaError::InvalidInput)?;
         let OpenedStore { store, cluster } = spec.open(meter).await?;
         let (bus, nodes) = cluster.unzip();
@@ -158,6 +162,19 @@ impl Server {
             spill,
             compute_timeout: config.compute_timeout,
             trace_links: Some(Arc::new(crate::telemetry::OtelTraceLinks)),
+            node_name: config.node_name.clone(),
+            signer: match &config.provenance.signing_key {
+                Some(path) => Some(Arc::new(
+                    crate::provenance::KeySigner::load(path).map_err(DerivaError::InvalidInput)?,
+                )),
+                None => None,
+            },
+            audit: AuditConfig {
+                sample_ratio: config.provenance.audit_sample_ratio,
+                max_concurrent: config.provenance.audit_max_concurrent,
+                on_mismatch: config.provenance.on_mismatch,
+                shared_store: store.bus().is_some(),
+            },
             ..ExecutorConfig::default()
         };
         let auth = match &config.auth_tokens {
@@ -186,6 +203,7 @@ impl Server {
             exec_config,
             meter,
         );
+        let node_name = config.node_name.clone();
         Ok(Self {
             config,
             exec,
@@ -194,7 +212,7 @@ impl Server {
             dispatch: None,
             traces: None,
             listener: None,
-            node_name: String::from("deriva-server"),
+            node_name,
             nodes: None,
             auth,
             tls,
@@ -372,6 +390,7 @@ impl Server {
                             version: env!("CARGO_PKG_VERSION"),
                             settings: self.config.describe(),
                         }),
+                        trace_url_template: self.config.provenance.trace_url_template.clone(),
                     };
                     warn_if_open(&listener, &state);
                     let listener = crate::listen::HttpListener::new(

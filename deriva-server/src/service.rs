@@ -6,7 +6,8 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use deriva_compute::{AsyncExecutor, CascadePolicy, GcOptions};
+use deriva_compute::{AsyncExecutor, CascadePolicy, Described, GcOptions, ProvenanceTree};
+use deriva_core::provenance::unix_micros;
 use deriva_core::{DerivaError, FunctionId, Recipe};
 use futures::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
@@ -547,6 +548,62 @@ impl Deriva for DerivaService {
         }
         .await;
         reply(answer)
+    }
+
+    /// The records of `addr`'s closure, to the depth asked (see
+    /// [`AsyncExecutor::provenance`]).
+    async fn provenance(
+        &self,
+        request: Request<ProvenanceRequest>,
+    ) -> Result<Response<ProvenanceResponse>, Status> {
+        let req = request.into_inner();
+        let answer: ApiResult<_> = async {
+            let addr = parse_addr("addr", &req.addr)?;
+            let tree = self.exec.provenance(addr, req.depth).await?;
+            Ok(provenance_response(tree))
+        }
+        .await;
+        reply(answer)
+    }
+}
+
+/// The wire form of a provenance tree.
+pub fn provenance_response(tree: ProvenanceTree) -> ProvenanceResponse {
+    let entries = tree
+        .entries
+        .into_iter()
+        .map(|entry| {
+            let mut out = ProvenanceEntry {
+                addr: addr_bytes(&entry.addr),
+                depth: entry.depth,
+                ..ProvenanceEntry::default()
+            };
+            match entry.described {
+                Described::Leaf(stat) => {
+                    out.kind = "leaf".into();
+                    out.leaf_size = stat.size;
+                    out.stored_at_unix_micros = stat.stored_at.map_or(0, unix_micros);
+                }
+                Described::Recipe { recipe, record } => {
+                    out.kind = "recipe".into();
+                    out.function_name = recipe.function().name().to_owned();
+                    out.function_version = recipe.function().version().to_owned();
+                    out.inputs = recipe.inputs().iter().map(addr_bytes).collect();
+                    if let Some(record) = record {
+                        out.record = record.signed.to_bytes().into();
+                        out.audit_match = record.audits.matches;
+                        out.audit_mismatch = record.audits.mismatches;
+                        out.audit_error = record.audits.errors;
+                    }
+                }
+                Described::Missing => out.kind = "missing".into(),
+            }
+            out
+        })
+        .collect();
+    ProvenanceResponse {
+        entries,
+        truncated: tree.truncated,
     }
 }
 

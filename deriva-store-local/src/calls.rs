@@ -22,7 +22,7 @@ pub(crate) const FIND_LEAF: Call = redb("find_leaf", "read", "leaves");
 pub(crate) const LIST_LEAVES: Call = redb("list_leaves", "read", "leaves");
 pub(crate) const DELETE_LEAF: Call = redb("delete_leaf", "write", "leaves");
 
-// `deriva.redb`: recipes, dependents, pins.
+// `deriva.redb`: recipes, dependents, pins, output sizes, materialization records.
 pub(crate) const PUT_RECIPES: Call = redb("put_recipes", "write", "recipes");
 pub(crate) const GET_RECIPE: Call = redb("get_recipe", "read", "recipes");
 pub(crate) const FIND_RECIPES: Call = redb("find_recipes", "read", "recipes");
@@ -38,6 +38,11 @@ pub(crate) const LIST_PINS: Call = redb("list_pins", "read", "pins");
 pub(crate) const CHECK_RECIPES: Call = redb("check", "read", "recipes");
 pub(crate) const GET_OUTPUT_SIZE: Call = redb("get_output_size", "read", "output_sizes");
 pub(crate) const PUT_OUTPUT_SIZE: Call = redb("put_output_size", "write", "output_sizes");
+pub(crate) const GET_RECORD: Call = redb("get_record", "read", "provenance");
+pub(crate) const PUT_RECORD: Call = redb("put_record", "write", "provenance");
+pub(crate) const AUDIT_RECORD: Call = redb("audit_record", "write", "provenance");
+pub(crate) const DELETE_RECORDS: Call = redb("delete_records", "write", "provenance");
+pub(crate) const LIST_RECORDS: Call = redb("list_records", "read", "provenance");
 
 // `blobs/`: the leaf files.
 pub(crate) const FILE_GET: Call = Call::File { op: "get" };

@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use deriva_core::CAddr;
 use deriva_core::{DerivaError, Result};
 use deriva_store::observe::BackendMetrics;
-use deriva_store::{AgedLeaf, StoreCounters};
+use deriva_store::{AgedLeaf, LeafStat, StoreCounters};
 
 use crate::calls;
 
@@ -389,7 +389,7 @@ impl BlobFiles {
 
     /// Whether a blob exists for `addr` (without reading or verifying it).
     pub(super) fn contains(&self, addr: &CAddr) -> Result<bool> {
-        if self.small.size(addr)?.is_some() {
+        if self.small.stat(addr)?.is_some() {
             return Ok(true);
         }
         self.metrics
@@ -410,17 +410,24 @@ impl BlobFiles {
 
     /// The size of the blob for `addr`, if there is one.
     pub(super) fn size(&self, addr: &CAddr) -> Result<Option<u64>> {
-        if let Some(len) = self.small.size(addr)? {
-            return Ok(Some(len));
+        Ok(self.stat(addr)?.map(|stat| stat.size))
+    }
+
+    /// The size of the blob for `addr` and the time of its last put (its row's, or its file's
+    /// mtime), if there is one.
+    pub(super) fn stat(&self, addr: &CAddr) -> Result<Option<LeafStat>> {
+        if let Some(stat) = self.small.stat(addr)? {
+            return Ok(Some(stat));
         }
         self.metrics.call_blocking(calls::FILE_HEAD, || {
+            let ctx = || format!("reading the size of blob {addr}");
             match fs::metadata(self.path_of(addr)) {
-                Ok(m) => Ok(Some(m.len())),
+                Ok(m) => Ok(Some(LeafStat {
+                    size: m.len(),
+                    stored_at: Some(m.modified().map_err(|e| DerivaError::io(ctx(), &e))?),
+                })),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(DerivaError::io(
-                    format!("reading the size of blob {addr}"),
-                    &e,
-                )),
+                Err(e) => Err(DerivaError::io(ctx(), &e)),
             }
         })
     }

@@ -14,7 +14,8 @@
 //! ```text
 //! <data-dir>/
 //!   deriva.redb             redb: tables `recipes`, `dependents` (multimap), `meta`, `pins`,
-//!                           `recipe_times` (each recipe's last put, for garbage collection)
+//!                           `recipe_times` (each recipe's last put, for garbage collection),
+//!                           `recipes_by_depth`, `output_sizes`, `provenance` (see `recipes.rs`)
 //!   leaves.redb             redb: table `leaves`, small leaves (at most `inline_leaf_bytes`,
 //!                           64 KiB by default): address → last put (ms, u64 LE) ‖ bytes
 //!   blobs/
@@ -27,6 +28,11 @@
 //!   Every read re-hashes the encoding and checks it against the key.
 //! - `dependents`: input address → each recipe that uses it; cascade invalidation walks it.
 //! - `meta`: `recipe_count`, updated in the same transaction as the insert.
+//! - `provenance`: recipe address → the materialization record of its output and its audits
+//!   ([`Records`], on [`LocalRecipeIndex`]). Puts and audits commit without an fsync of their
+//!   own: a clean close or the next durable commit persists them, a crash before may lose
+//!   them. A recipe's record is deleted in the transaction that deletes the recipe (garbage
+//!   collection's sweep included).
 //!
 //! A small leaf goes to one committer thread, which writes every put waiting at that moment in
 //! one redb transaction and commits it durably (group commit: one fsync shared by the batch)
@@ -57,11 +63,13 @@ use futures::StreamExt as _;
 
 use deriva_core::CAddr;
 use deriva_core::Recipe;
+use deriva_core::provenance::{AuditResult, Audits, Provenance, SignedRecord};
 use deriva_core::{DerivaError, Result};
 use deriva_store::observe::{BackendMetrics, Call, Target};
 use deriva_store::stream::{self, ByteStream};
 use deriva_store::{
-    BlobStore, Lease, OutputSizes, RecipeIndex, Store, StoreCounters, StoredRecipe, lease,
+    BlobStore, LeafStat, Lease, OutputSizes, RecipeIndex, Records, Store, StoreCounters,
+    StoredRecipe, lease,
 };
 
 /// Name of the redb file inside the data directory.
@@ -154,7 +162,8 @@ pub fn open_observed(
         (lease, released),
         format!("local {}", dir.display()),
     )
-    .with_sizes(recipes))
+    .with_sizes(recipes.clone())
+    .with_records(recipes))
 }
 
 /// Replaces the stored row of recipe `addr` in the redb file of the local store in
@@ -332,6 +341,12 @@ impl BlobStore for LocalBlobStore {
         on_pool(&self.inner, "sizing a blob", move |b| b.size(&addr)).await
     }
 
+    /// The size, and the time of the last put: the small leaf row's, or the file's mtime
+    /// (what garbage collection's grace period measures).
+    async fn stat(&self, addr: CAddr) -> Result<Option<LeafStat>> {
+        on_pool(&self.inner, "sizing a blob", move |b| b.stat(&addr)).await
+    }
+
     async fn delete(&self, addr: CAddr) -> Result<bool> {
         on_pool(&self.inner, "deleting a blob", move |b| b.delete(&addr)).await
     }
@@ -399,6 +414,64 @@ impl OutputSizes for LocalRecipeIndex {
             calls::PUT_OUTPUT_SIZE,
             "recording an output size",
             move |r| r.record_output_size(&recipe, size),
+        )
+        .await
+    }
+}
+
+/// Materialization records in `deriva.redb`'s `provenance` (see the module docs for their
+/// durability).
+#[async_trait]
+impl Records for LocalRecipeIndex {
+    async fn get(&self, recipe: CAddr) -> Result<Option<Provenance>> {
+        self.transaction(
+            calls::GET_RECORD,
+            "reading a materialization record",
+            move |r| r.record(&recipe),
+        )
+        .await
+    }
+
+    async fn put(&self, record: &SignedRecord) -> Result<()> {
+        let record = record.clone();
+        self.transaction(
+            calls::PUT_RECORD,
+            "storing a materialization record",
+            move |r| r.put_record(&record),
+        )
+        .await
+    }
+
+    async fn audit(
+        &self,
+        recipe: CAddr,
+        output_hash: CAddr,
+        result: AuditResult,
+    ) -> Result<Option<Audits>> {
+        self.transaction(calls::AUDIT_RECORD, "counting an audit", move |r| {
+            r.audit_record(&recipe, &output_hash, result)
+        })
+        .await
+    }
+
+    async fn delete(&self, recipes: &[CAddr]) -> Result<()> {
+        if recipes.is_empty() {
+            return Ok(());
+        }
+        let recipes = recipes.to_vec();
+        self.transaction(
+            calls::DELETE_RECORDS,
+            "deleting materialization records",
+            move |r| r.delete_records(&recipes),
+        )
+        .await
+    }
+
+    async fn list_page(&self, after: Option<CAddr>, limit: usize) -> Result<Vec<Provenance>> {
+        self.transaction(
+            calls::LIST_RECORDS,
+            "listing materialization records",
+            move |r| r.list_records(after, limit),
         )
         .await
     }

@@ -11,8 +11,19 @@
 //! - `recipes_by_depth`: `depth (u32 big-endian) ‖ address` → nothing, one key per row of
 //!   `recipes`, written in the same transaction: the listing's pages walk it, in the order that
 //!   puts every recipe after its inputs. A database written before it existed gets it when it
-//!   opens (one pass over `recipes`, whenever the two tables' lengths differ).
+//!   opens (one pass over `recipes`, whenever the two tables' lengths differ);
+//! - `output_sizes`: recipe address → the recorded size of its output (a hint for the memory
+//!   budget), written without an fsync of its own;
+//! - `provenance`: recipe address → the materialization record of its output with its audits
+//!   (`Provenance::to_bytes`, see `deriva_core::provenance`). A put and an audit commit without
+//!   an fsync of their own (`Durability::None`): they reach the disk with the next durable
+//!   commit of this database (a recipe put, a pin, a delete) or when the store closes (redb
+//!   makes pending commits durable on a clean close), and a crash before either loses them;
+//!   a lost record is a record the output no longer shows, never a wrong one. A record goes in
+//!   the transaction that deletes its recipe (garbage collection's sweep, a delete), and its
+//!   deletes ([`RecipeDb::delete_records`]) are durable.
 
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -28,6 +39,8 @@ use deriva_core::{DerivaError, Result};
 use deriva_store::{StoreCounters, StoredRecipe};
 
 use crate::gc::{self, SCRATCH_BATCH, Scratch};
+
+mod records;
 
 const RECIPES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("recipes");
 const DEPENDENTS: MultimapTableDefinition<&[u8; 32], &[u8; 32]> =
@@ -49,9 +62,20 @@ fn depth_key(depth: u32, addr: &CAddr) -> [u8; 36] {
 /// The recorded size of each computed output, by recipe: a hint for the memory budget,
 /// written without an fsync of its own.
 const OUTPUT_SIZES: TableDefinition<&[u8; 32], u64> = TableDefinition::new("output_sizes");
+/// The materialization record of each computed output, with its audits, by recipe.
+const PROVENANCE: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("provenance");
 /// A recipe stored again refreshes its time only if the stored one is at least this old: a
 /// burst of identical puts commits (and fsyncs) once.
 const TOUCH_EVERY_MS: u64 = 1000;
+
+/// The keys after `after` (all of them when `None`), for a listing page's `range`.
+pub(super) fn keys_after<K>(after: Option<&K>) -> (Bound<&K>, Bound<&K>) {
+    let start = match after {
+        Some(key) => Bound::Excluded(key),
+        None => Bound::Unbounded,
+    };
+    (start, Bound::Unbounded)
+}
 
 /// Milliseconds since the Unix epoch.
 fn millis(t: SystemTime) -> u64 {
@@ -109,6 +133,7 @@ impl RecipeDb {
             txn.open_table(RECIPE_TIMES).or_storage(CTX)?;
             index_depths(&txn)?;
             txn.open_table(OUTPUT_SIZES).or_storage(CTX)?;
+            txn.open_table(PROVENANCE).or_storage(CTX)?;
             let pins = txn.open_table(PINS).or_storage(CTX)?;
             counters.set_pins(pins.len().or_storage(CTX)?);
             let meta = txn.open_table(META).or_storage(CTX)?;
@@ -290,6 +315,11 @@ impl RecipeDb {
                 }
             }
             txn.open_table(RECIPE_TIMES)
+                .or_storage(CTX)?
+                .remove(addr.as_bytes())
+                .or_storage(CTX)?;
+            // The record of its output goes with it.
+            txn.open_table(PROVENANCE)
                 .or_storage(CTX)?
                 .remove(addr.as_bytes())
                 .or_storage(CTX)?;
@@ -498,12 +528,8 @@ impl RecipeDb {
         let txn = self.db.begin_read().or_storage(CTX)?;
         let table = txn.open_table(BY_DEPTH).or_storage(CTX)?;
         let after = after.map(|(depth, addr)| depth_key(depth, &addr));
-        let start = match &after {
-            Some(key) => std::ops::Bound::Excluded(key),
-            None => std::ops::Bound::Unbounded,
-        };
         let range = table
-            .range::<&[u8; 36]>((start, std::ops::Bound::Unbounded))
+            .range::<&[u8; 36]>(keys_after(after.as_ref()))
             .or_storage(CTX)?;
         let mut out = Vec::with_capacity(limit.min(super::PAGE_CAPACITY));
         for entry in range.take(limit) {

@@ -26,8 +26,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use deriva_core::CAddr;
 use deriva_core::{DerivaError, Result};
-use deriva_store::AgedLeaf;
 use deriva_store::observe::{BackendMetrics, Target};
+use deriva_store::{AgedLeaf, LeafStat};
 
 use crate::calls;
 
@@ -271,14 +271,21 @@ impl SmallLeaves {
         })
     }
 
-    /// The size of the leaf `addr` if it has a row.
-    pub(super) fn size(&self, addr: &CAddr) -> Result<Option<u64>> {
+    /// The size of the leaf `addr` and the time of its last put, if it has a row.
+    pub(super) fn stat(&self, addr: &CAddr) -> Result<Option<LeafStat>> {
         self.metrics.call_blocking(calls::FIND_LEAF, || {
             const CTX: &str = "sizing a small leaf";
             let txn = self.db.begin_read().map_err(|e| db_error(CTX, e))?;
             let table = txn.open_table(LEAVES).map_err(|e| db_error(CTX, e))?;
-            let row = table.get(addr.as_bytes()).map_err(|e| db_error(CTX, e))?;
-            Ok(row.map(|row| row.value().len().saturating_sub(8) as u64))
+            let Some(row) = table.get(addr.as_bytes()).map_err(|e| db_error(CTX, e))? else {
+                return Ok(None);
+            };
+            // A row too short to hold its time still exists (a read says it is damaged).
+            let row = row.value();
+            Ok(Some(LeafStat {
+                size: row.len().saturating_sub(8) as u64,
+                stored_at: split_row(addr, row).ok().map(|(ms, _)| from_millis(ms)),
+            }))
         })
     }
 
@@ -314,12 +321,8 @@ impl SmallLeaves {
             let txn = self.db.begin_read().map_err(|e| db_error(CTX, e))?;
             let table = txn.open_table(LEAVES).map_err(|e| db_error(CTX, e))?;
             let after = after.map(|a| *a.as_bytes());
-            let start = match &after {
-                Some(key) => std::ops::Bound::Excluded(key),
-                None => std::ops::Bound::Unbounded,
-            };
             let range = table
-                .range::<&[u8; 32]>((start, std::ops::Bound::Unbounded))
+                .range::<&[u8; 32]>(super::recipes::keys_after(after.as_ref()))
                 .map_err(|e| db_error(CTX, e))?;
             let mut out = Vec::with_capacity(limit.min(super::PAGE_CAPACITY));
             for entry in range.take(limit) {

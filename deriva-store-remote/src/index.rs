@@ -236,10 +236,16 @@ impl RecipeIndex for PgIndex {
             .pg
             .query_in_sweep(
                 CALL,
-                "DELETE FROM {s}.recipes WHERE addr = $1 AND created_at < $2
-                   AND NOT EXISTS (SELECT 1 FROM {s}.edges WHERE input = $1)
-                   AND NOT EXISTS (SELECT 1 FROM {s}.pins WHERE addr = $1)
-                 RETURNING addr",
+                "WITH gone AS (
+                     DELETE FROM {s}.recipes WHERE addr = $1 AND created_at < $2
+                       AND NOT EXISTS (SELECT 1 FROM {s}.edges WHERE input = $1)
+                       AND NOT EXISTS (SELECT 1 FROM {s}.pins WHERE addr = $1)
+                     RETURNING addr
+                 ), records AS (
+                     DELETE FROM {s}.outputs o USING gone
+                     WHERE o.recipe = gone.addr AND NOT o.stored
+                 )
+                 SELECT addr FROM gone",
                 &[&key, &cutoff],
             )
             .await?
@@ -290,10 +296,16 @@ impl RecipeIndex for PgIndex {
                 .pg
                 .query_in_sweep(
                     CALL,
-                    "DELETE FROM {s}.recipes r WHERE r.addr = ANY($1) AND r.created_at < $2
-                       AND NOT EXISTS (SELECT 1 FROM {s}.edges WHERE input = r.addr)
-                       AND NOT EXISTS (SELECT 1 FROM {s}.pins p WHERE p.addr = r.addr)
-                     RETURNING r.addr",
+                    "WITH gone AS (
+                         DELETE FROM {s}.recipes r WHERE r.addr = ANY($1) AND r.created_at < $2
+                           AND NOT EXISTS (SELECT 1 FROM {s}.edges WHERE input = r.addr)
+                           AND NOT EXISTS (SELECT 1 FROM {s}.pins p WHERE p.addr = r.addr)
+                         RETURNING r.addr
+                     ), records AS (
+                         DELETE FROM {s}.outputs o USING gone
+                         WHERE o.recipe = gone.addr AND NOT o.stored
+                     )
+                     SELECT addr FROM gone",
                     &[&left, &cutoff],
                 )
                 .await?;
@@ -469,7 +481,12 @@ impl RecipeIndex for PgIndex {
             .pg
             .query_opt(
                 CALL,
-                "DELETE FROM {s}.recipes WHERE addr = $1 RETURNING addr",
+                "WITH gone AS (DELETE FROM {s}.recipes WHERE addr = $1 RETURNING addr),
+                 records AS (
+                     DELETE FROM {s}.outputs o USING gone
+                     WHERE o.recipe = gone.addr AND NOT o.stored
+                 )
+                 SELECT addr FROM gone",
                 &[&key],
             )
             .await?

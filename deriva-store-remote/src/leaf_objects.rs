@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use deriva_core::error::Result;
 use deriva_core::{CAddr, DerivaError};
-use deriva_store::{BlobStore, ByteStream, StoreCounters, stream};
+use deriva_store::{BlobStore, ByteStream, LeafStat, StoreCounters, stream};
 use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::disk_cache::{self, DiskCache};
@@ -362,6 +362,11 @@ impl BlobStore for RemoteBlobStore {
     }
 
     async fn size(&self, addr: CAddr) -> Result<Option<u64>> {
+        Ok(self.stat(addr).await?.map(|stat| stat.size))
+    }
+
+    /// The row's size and time (its last put: garbage collection's clock).
+    async fn stat(&self, addr: CAddr) -> Result<Option<LeafStat>> {
         const CALL: Call = Call {
             op: "find_leaf",
             operation: "SELECT",
@@ -371,9 +376,16 @@ impl BlobStore for RemoteBlobStore {
         let key = addr.as_bytes().as_slice();
         let row = self
             .pg
-            .query_opt(CALL, "SELECT size FROM {s}.leaves WHERE addr = $1", &[&key])
+            .query_opt(
+                CALL,
+                "SELECT size, created_at FROM {s}.leaves WHERE addr = $1",
+                &[&key],
+            )
             .await?;
-        Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64))
+        Ok(row.map(|r| LeafStat {
+            size: r.get::<_, i64>(0).max(0) as u64,
+            stored_at: Some(r.get(1)),
+        }))
     }
 
     async fn delete(&self, addr: CAddr) -> Result<bool> {

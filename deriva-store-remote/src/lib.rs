@@ -6,7 +6,11 @@
 //!   with a bounded local read-through cache ([`DiskCache`]);
 //! - [`PgIndex`]: recipes, depths and dependency edges in PostgreSQL, in a schema the server
 //!   migrates itself (see `pg.rs` for the tables). PostgreSQL also records which leaves exist:
-//!   every index question is answered there, never from object listings.
+//!   every index question is answered there, never from object listings;
+//! - [`ObjectOutputs`]: with the output tier, computed outputs in the object store at
+//!   `outputs/<hex>`, each with its materialization record, indexed by `outputs` rows;
+//! - [`PgRecords`]: the materialization records of computed outputs and their audits, in the
+//!   `outputs` rows, for every remote store.
 //!
 //! [`open`] connects both and returns a [`deriva_store::Store`] over them. Every request to
 //! either engine is declared as a [`deriva_store::observe::Call`] and run through
@@ -24,6 +28,7 @@ mod objects;
 mod outputs;
 mod pg;
 mod pgtls;
+mod records;
 mod spool;
 
 use std::path::PathBuf;
@@ -44,6 +49,7 @@ pub use objects::{REQUEST_TIMEOUT as S3_REQUEST_TIMEOUT, RETRY as S3_RETRY};
 pub use outputs::ObjectOutputs;
 pub use pg::{CONNECT_TIMEOUT as PG_CONNECT_TIMEOUT, POOL_WAIT as PG_POOL_WAIT};
 pub use pg::{SCHEMA_VERSION, STATEMENT_TIMEOUT_MS};
+pub use records::PgRecords;
 
 /// Where the remote backends are. Its `Debug` hides the secrets: the password of `index`, and
 /// the values of the `AWS_*` variables whose names say they are secrets.
@@ -213,7 +219,9 @@ pub async fn open(config: &RemoteConfig, metrics: Arc<BackendMetrics>) -> Result
         lease(),
         description,
     )
-    .with_bus(Arc::new(bus.clone()));
+    .with_bus(Arc::new(bus.clone()))
+    // The records live in the `outputs` rows, with the output tier or without it.
+    .with_records(Arc::new(PgRecords::new(pg.clone())));
     // Leases hand an output over through the output tier: without one, each node computes.
     if config.output_tier {
         let outputs = Arc::new(ObjectOutputs::new(objects, pg.clone()));

@@ -23,9 +23,14 @@
 //!   recipe being computed by a node with the output tier, so that the others wait for its
 //!   output instead of computing it too; deleted when the compute ends, taken over once
 //!   `expires_at` (renewed by the holder) has passed (migration 5, see `leases.rs`).
-//! - `outputs(recipe, size, hash, written_at)`: one row per object of the output tier
-//!   (`outputs/<hex>`), written after the object and deleted before it, so that whether an
-//!   output is stored is asked here, never of the object store (migration 6, see `outputs.rs`).
+//! - `outputs(recipe, size, hash, written_at, record, audit_match, audit_mismatch,
+//!   audit_error, stored)`: one row per computed output the store knows of (migration 6, see
+//!   `outputs.rs`). A row with `stored` names an object of the output tier (`outputs/<hex>`),
+//!   written after the object and deleted before it, so that whether an output is stored is
+//!   asked here, never of the object store. `record` is the output's materialization record
+//!   (`SignedRecord` envelope) and the three `audit_*` its tallies (migration 7, see
+//!   `records.rs`); a node without the output tier keeps its records in rows with `stored =
+//!   false`, which garbage collection deletes with their recipe.
 //!
 //! Indexes beyond the primary keys: `edges_by_recipe` (a recipe's inputs, for deletes) and
 //! `recipes_by_depth(depth, addr)` (migration 4): the keyset pages of the recipe listing, in
@@ -64,7 +69,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// The migrations, in order; migration `i` brings the schema to version `i + 1`. `{s}` is the
 /// quoted schema name.
-const MIGRATIONS: [&str; 6] = [
+const MIGRATIONS: [&str; 7] = [
     r#"
 CREATE TABLE {s}.leaves (
     addr bytea PRIMARY KEY CHECK (length(addr) = 32),
@@ -204,6 +209,16 @@ CREATE TABLE {s}.outputs (
     hash bytea NOT NULL CHECK (length(hash) = 32),
     written_at timestamptz NOT NULL DEFAULT now()
 );
+"#,
+    // Columns with constant defaults: no rewrite of the table. Every row there so far names an
+    // object of the output tier.
+    r#"
+ALTER TABLE {s}.outputs
+    ADD COLUMN record bytea,
+    ADD COLUMN audit_match bigint NOT NULL DEFAULT 0,
+    ADD COLUMN audit_mismatch bigint NOT NULL DEFAULT 0,
+    ADD COLUMN audit_error bigint NOT NULL DEFAULT 0,
+    ADD COLUMN stored boolean NOT NULL DEFAULT true;
 "#,
 ];
 

@@ -9,10 +9,12 @@
 //! - [`InvalidationBus`]: invalidations told to the other nodes of a cluster.
 //! - [`ComputeLeases`]: one compute per recipe across the nodes that share an output tier.
 //! - [`OutputSizes`]: the recorded sizes of computed outputs, kept across restarts.
+//! - [`Records`]: the materialization records of computed outputs (who computed them, where,
+//!   when, in which trace) and their audits.
 //! - [`Store`]: a blob store and a recipe index, plus what spans the two (an input must exist
 //!   before a recipe uses it; transitive dependents; the live [`StoreCounters`]).
 //! - [`gc`]: garbage collection over any [`Store`]; [`stream`]: leaf bytes as hashed streams of
-//!   chunks; [`pages`]: keyset-paginated listings (`list_page`) as streams of pages;
+//!   chunks; [`pages`](mod@pages): keyset-paginated listings (`list_page`) as streams of pages;
 //!   [`task`]: blocking work on the blocking pool that stays in its caller's trace.
 //! - [`observe`]: the one instrumentation of every backend's calls ([`observe::BackendMetrics`]):
 //!   client spans and the `deriva_backend_*` metrics. Backends declare their calls and run
@@ -26,8 +28,11 @@
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+mod counters;
 pub mod gc;
+mod leases;
 pub mod observe;
+mod outputs;
 pub mod pages;
 pub mod stream;
 pub mod task;
@@ -36,116 +41,28 @@ use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
+pub use counters::StoreCounters;
 use deriva_core::CAddr;
 use deriva_core::Recipe;
 use deriva_core::{DerivaError, Result};
+pub use leases::{ComputeLease, ComputeLeases, HeldBy, LeaseAttempt, LeaseEnd, LeaseRelease};
+pub use outputs::{InvalidationBus, OutputSizes, OutputStore, Records, StoredOutput};
 pub use pages::{PAGE, pages};
 pub use stream::ByteStream;
 
-/// Live totals of a [`Store`], kept as atomics so metrics callbacks and `Status` read them
-/// without a scan or a lock. A backend is given them when it opens, loads them then, and keeps
-/// them current on every put and delete.
-#[derive(Debug, Default)]
-pub struct StoreCounters {
-    pins: AtomicU64,
-    recipes: AtomicU64,
-    blobs: AtomicU64,
-    blob_bytes: AtomicU64,
-    leaf_commits: AtomicU64,
-    gc: gc::GcProgress,
-}
-
-impl StoreCounters {
-    /// How far the running garbage collection got.
-    pub fn gc_progress(&self) -> &gc::GcProgress {
-        &self.gc
-    }
-
-    /// Number of pinned addresses.
-    pub fn pins(&self) -> u64 {
-        self.pins.load(Ordering::Relaxed)
-    }
-
-    /// Sets the pin count (when a backend opens).
-    pub fn set_pins(&self, n: u64) {
-        self.pins.store(n, Ordering::Relaxed);
-    }
-
-    /// Adds `n` pins; a negative `n` removes.
-    pub fn add_pins(&self, n: i64) {
-        add_signed(&self.pins, n);
-    }
-
-    /// Number of stored recipes.
-    pub fn recipes(&self) -> u64 {
-        self.recipes.load(Ordering::Relaxed)
-    }
-
-    /// Number of stored leaf blobs.
-    pub fn blobs(&self) -> u64 {
-        self.blobs.load(Ordering::Relaxed)
-    }
-
-    /// Total size of the stored leaf blobs, in bytes.
-    pub fn blob_bytes(&self) -> u64 {
-        self.blob_bytes.load(Ordering::Relaxed)
-    }
-
-    /// Sets the recipe count (when a backend opens).
-    pub fn set_recipes(&self, n: u64) {
-        self.recipes.store(n, Ordering::Relaxed);
-    }
-
-    /// Adds `n` new recipes; a negative `n` removes.
-    pub fn add_recipes(&self, n: i64) {
-        add_signed(&self.recipes, n);
-    }
-
-    /// Sets the blob count and bytes (when a backend opens).
-    pub fn set_blobs(&self, count: u64, bytes: u64) {
-        self.blobs.store(count, Ordering::Relaxed);
-        self.blob_bytes.store(bytes, Ordering::Relaxed);
-    }
-
-    /// Durable commits a backend made to store leaves, where it batches them (the local
-    /// store's small leaves: one fsync per commit, shared by the puts in it).
-    pub fn leaf_commits(&self) -> u64 {
-        self.leaf_commits.load(Ordering::Relaxed)
-    }
-
-    /// Counts one durable commit of leaves.
-    pub fn count_leaf_commit(&self) {
-        self.leaf_commits.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts one new blob of `bytes` bytes, or with `added == false` one deleted blob.
-    pub fn count_blob(&self, added: bool, bytes: u64) {
-        if added {
-            self.blobs.fetch_add(1, Ordering::Relaxed);
-            self.blob_bytes.fetch_add(bytes, Ordering::Relaxed);
-        } else {
-            add_signed(&self.blobs, -1);
-            add_signed(&self.blob_bytes, -(bytes.min(i64::MAX as u64) as i64));
-        }
-    }
-}
-
-/// Adds a signed amount to a counter, never below zero.
-fn add_signed(counter: &AtomicU64, n: i64) {
-    if n >= 0 {
-        counter.fetch_add(n.unsigned_abs(), Ordering::Relaxed);
-    } else {
-        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-            Some(v.saturating_sub(n.unsigned_abs()))
-        });
-    }
+/// What [`BlobStore::stat`] tells of a stored leaf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeafStat {
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was stored (last written), if the backend keeps it.
+    pub stored_at: Option<SystemTime>,
 }
 
 /// What an address names in the store.
@@ -279,6 +196,15 @@ pub trait BlobStore: Send + Sync + fmt::Debug + 'static {
     /// The stored size of the blob at `addr`, if there is one.
     async fn size(&self, addr: CAddr) -> Result<Option<u64>>;
 
+    /// The stored size of the blob at `addr` and when it was stored, if there is one. The
+    /// default knows no time; backends that keep one (for garbage collection's grace) say it.
+    async fn stat(&self, addr: CAddr) -> Result<Option<LeafStat>> {
+        Ok(self.size(addr).await?.map(|size| LeafStat {
+            size,
+            stored_at: None,
+        }))
+    }
+
     /// Deletes the blob at `addr`; `Ok(false)` if there was none.
     async fn delete(&self, addr: CAddr) -> Result<bool>;
 
@@ -296,12 +222,12 @@ pub trait BlobStore: Send + Sync + fmt::Debug + 'static {
 
     /// One page of the listing of every stored blob with its size: at most `limit` of them,
     /// those whose address sorts after `after` (from the first when `None`), in ascending byte
-    /// order of address; fewer than `limit` only at the end. Walk it with [`pages`]
+    /// order of address; fewer than `limit` only at the end. Walk it with [`pages`](fn@pages)
     /// ([`BlobStore::list_pages`]).
     async fn list_page(&self, after: Option<CAddr>, limit: usize) -> Result<Vec<(CAddr, u64)>>;
 
     /// Every stored blob with its size, a page of `limit` at a time, in address order:
-    /// [`pages`] over [`BlobStore::list_page`].
+    /// [`pages`](fn@pages) over [`BlobStore::list_page`].
     fn list_pages(&self, limit: usize) -> BoxStream<'_, Result<Vec<(CAddr, u64)>>> {
         pages(
             limit,
@@ -493,7 +419,7 @@ pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
     /// of them, those whose `(depth, address)` sorts after `after` (from the first when
     /// `None`), in ascending order of depth, then of the address's bytes; fewer than `limit`
     /// only at the end. In that order every recipe's inputs come before it, so a copy that
-    /// writes page after page never writes a recipe before its inputs. Walk it with [`pages`]
+    /// writes page after page never writes a recipe before its inputs. Walk it with [`pages`](fn@pages)
     /// ([`RecipeIndex::list_pages`]); for bulk work such as `deriva-server migrate`, not for
     /// hot paths.
     async fn list_page(
@@ -503,7 +429,7 @@ pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Vec<(CAddr, u32)>>;
 
     /// Every stored recipe with its depth, a page of `limit` at a time, in `(depth, address)`
-    /// order: [`pages`] over [`RecipeIndex::list_page`].
+    /// order: [`pages`](fn@pages) over [`RecipeIndex::list_page`].
     fn list_pages(&self, limit: usize) -> BoxStream<'_, Result<Vec<(CAddr, u32)>>> {
         pages(
             limit,
@@ -543,194 +469,6 @@ pub trait RecipeIndex: Send + Sync + fmt::Debug + 'static {
     async fn check(&self) -> Result<()>;
 }
 
-/// Computed outputs kept beyond one node's memory (the shared output tier): any node, or the
-/// same node after a restart, serves them without recomputing. Keyed by recipe address; the
-/// backend must detect damaged bytes (an output has no address of its own to check against).
-#[async_trait]
-pub trait OutputStore: Send + Sync + fmt::Debug + 'static {
-    /// The stored output of the recipe at `recipe`, verified; `Ok(None)` if there is none.
-    async fn get(&self, recipe: CAddr) -> Result<Option<Bytes>>;
-
-    /// Stores `output` as the output of `recipe`, replacing any earlier one.
-    async fn put(&self, recipe: CAddr, output: Bytes) -> Result<()>;
-
-    /// Deletes the stored output of `recipe`; deleting nothing is no error.
-    async fn delete(&self, recipe: CAddr) -> Result<()>;
-
-    /// Whether an output of `recipe` is stored (without reading or verifying it).
-    async fn contains(&self, recipe: CAddr) -> Result<bool>;
-
-    /// One page of the listing of the recipe address of every stored output: at most `limit`,
-    /// those that sort after `after` (from the first when `None`), in ascending byte order;
-    /// fewer than `limit` only at the end. Walk it with [`pages`] ([`OutputStore::list_pages`]);
-    /// for bulk work such as `deriva-server migrate`.
-    async fn list_page(&self, after: Option<CAddr>, limit: usize) -> Result<Vec<CAddr>>;
-
-    /// Every stored output's recipe address, a page of `limit` at a time, in address order:
-    /// [`pages`] over [`OutputStore::list_page`].
-    fn list_pages(&self, limit: usize) -> BoxStream<'_, Result<Vec<CAddr>>> {
-        pages(
-            limit,
-            |addr: &CAddr| *addr,
-            move |after, limit| self.list_page(after, limit),
-        )
-    }
-
-    /// Every stored output's recipe address, gathered from [`OutputStore::list_page`]: holds
-    /// the whole listing, so for tests and small stores only.
-    async fn list(&self) -> Result<Vec<CAddr>> {
-        let mut out = Vec::new();
-        let mut pages = self.list_pages(PAGE);
-        while let Some(page) = futures::TryStreamExt::try_next(&mut pages).await? {
-            out.extend(page);
-        }
-        Ok(out)
-    }
-}
-
-/// Tells the other nodes that share a store which addresses were invalidated, so that each
-/// evicts them from its own memory cache.
-#[async_trait]
-pub trait InvalidationBus: Send + Sync + fmt::Debug + 'static {
-    /// Publishes `addrs` (never empty) to every other node.
-    async fn publish(&self, addrs: &[CAddr]) -> Result<()>;
-}
-
-/// The sizes of computed outputs, kept beyond one process's memory so that the memory budget's
-/// up-front check knows them after a restart. A size is a hint: a backend may lose the latest
-/// ones in a crash (it must not pay a durable write per compute for them), and a recipe's
-/// output, being determined by its address, keeps its size.
-#[async_trait]
-pub trait OutputSizes: Send + Sync + fmt::Debug + 'static {
-    /// The recorded size of the output of `recipe`, if any.
-    async fn recorded(&self, recipe: CAddr) -> Result<Option<u64>>;
-
-    /// Records `size` as the output size of `recipe` (a no-op for a backend that records it
-    /// with the output).
-    async fn record(&self, recipe: CAddr, size: u64) -> Result<()>;
-}
-
-/// Leases on computes, shared by the nodes of a cluster, so that a recipe is computed once
-/// across the fleet: the node that takes a recipe's lease computes it and puts its output in
-/// the output tier ([`OutputStore`]); the others wait for the lease to end and read the output
-/// from there. A lease lasts a bounded time, renewed by its holder while it computes, so that
-/// the lease of a node that died ends by itself and another node takes it over.
-#[async_trait]
-pub trait ComputeLeases: Send + Sync + fmt::Debug + 'static {
-    /// Takes the lease of `recipe` if nobody holds it (or its holder let it expire), in one
-    /// round trip. `traceparent` (W3C) names the span that will compute, for the nodes that
-    /// wait on it to link to.
-    async fn acquire(&self, recipe: CAddr, traceparent: Option<String>) -> Result<LeaseAttempt>;
-}
-
-/// What [`ComputeLeases::acquire`] found.
-pub enum LeaseAttempt {
-    /// The lease is this node's: it computes. Dropping the lease (or
-    /// [`ComputeLease::release`]) ends it and wakes the waiters.
-    Acquired(ComputeLease),
-    /// Another node (or an earlier flight of this one) holds it.
-    Held(HeldBy),
-}
-
-impl fmt::Debug for LeaseAttempt {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Acquired(lease) => f.debug_tuple("Acquired").field(lease).finish(),
-            Self::Held(held) => f.debug_tuple("Held").field(held).finish(),
-        }
-    }
-}
-
-/// The lease of another holder, as [`ComputeLeases::acquire`] found it.
-pub struct HeldBy {
-    /// The holder's node id; empty if the row was not visible to the statement that found it
-    /// taken (it was taken at that very moment).
-    pub node: String,
-    /// The holder's span, W3C `traceparent`, if it gave one.
-    pub traceparent: Option<String>,
-    /// Time left until the lease expires unless it is renewed, by the database's clock.
-    pub expires_in: std::time::Duration,
-    /// Completes when a holder of this lease announces its end (done or failed); registered
-    /// before the lease was asked for, so an end announced since is not missed. An
-    /// announcement can still be lost (a dropped connection): wait on it with a timeout.
-    pub ended: futures::future::BoxFuture<'static, ()>,
-}
-
-impl fmt::Debug for HeldBy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HeldBy")
-            .field("node", &self.node)
-            .field("traceparent", &self.traceparent)
-            .field("expires_in", &self.expires_in)
-            .finish_non_exhaustive()
-    }
-}
-
-/// How a lease ended, for its waiters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaseEnd {
-    /// The output is in the output tier.
-    Done,
-    /// No output was kept (the compute failed, was abandoned, or its output could not be
-    /// written): a waiter takes the lease and computes.
-    Failed,
-}
-
-/// Ends a held lease in its backend (deletes it and wakes the waiters).
-#[async_trait]
-pub trait LeaseRelease: Send + Sync + 'static {
-    /// Ends the lease, telling the waiters how.
-    async fn release(self: Box<Self>, end: LeaseEnd);
-}
-
-/// A lease this node holds ([`LeaseAttempt::Acquired`]). The backend renews it while it is
-/// held. Dropped without [`ComputeLease::release`], it ends as [`LeaseEnd::Failed`] on a task
-/// of its own.
-pub struct ComputeLease {
-    release: Option<Box<dyn LeaseRelease>>,
-    took_over: bool,
-}
-
-impl fmt::Debug for ComputeLease {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ComputeLease")
-            .field("took_over", &self.took_over)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ComputeLease {
-    /// A held lease that `release` ends; `took_over`: it was another holder's, expired.
-    pub fn new(release: Box<dyn LeaseRelease>, took_over: bool) -> Self {
-        Self {
-            release: Some(release),
-            took_over,
-        }
-    }
-
-    /// Whether this lease was taken over from a holder that let it expire (a dead node).
-    pub fn took_over(&self) -> bool {
-        self.took_over
-    }
-
-    /// Ends the lease now, telling the waiters how.
-    pub async fn release(mut self, end: LeaseEnd) {
-        if let Some(release) = self.release.take() {
-            release.release(end).await;
-        }
-    }
-}
-
-impl Drop for ComputeLease {
-    fn drop(&mut self) {
-        if let Some(release) = self.release.take()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(release.release(LeaseEnd::Failed));
-        }
-    }
-}
-
 /// Held by everything that keeps a backend's resources (a database file, connections) in use.
 /// When the last `Lease` of a store is dropped, its [`Released`] completes.
 #[derive(Debug, Clone)]
@@ -764,6 +502,7 @@ pub struct Store {
     bus: Option<Arc<dyn InvalidationBus>>,
     leases: Option<Arc<dyn ComputeLeases>>,
     sizes: Option<Arc<dyn OutputSizes>>,
+    records: Option<Arc<dyn Records>>,
     counters: Arc<StoreCounters>,
     /// Held shared by whatever adds a reference (a recipe put, a pin) across its check and its
     /// write, and exclusively by garbage collection's deletes.
@@ -803,6 +542,7 @@ impl Store {
             bus: None,
             leases: None,
             sizes: None,
+            records: None,
             counters,
             writers: tokio::sync::RwLock::new(()),
             collecting: tokio::sync::Mutex::new(()),
@@ -835,6 +575,17 @@ impl Store {
     pub fn with_sizes(mut self, sizes: Arc<dyn OutputSizes>) -> Self {
         self.sizes = Some(sizes);
         self
+    }
+
+    /// Keeps the materialization records of computed outputs in `records`.
+    pub fn with_records(mut self, records: Arc<dyn Records>) -> Self {
+        self.records = Some(records);
+        self
+    }
+
+    /// Where the materialization records of computed outputs are kept, if anywhere.
+    pub fn records(&self) -> Option<&Arc<dyn Records>> {
+        self.records.as_ref()
     }
 
     /// Where the recorded sizes of computed outputs are kept, if anywhere.

@@ -9,10 +9,12 @@
 //! - [`redact`]: [`redact_url`](redact::redact_url), the one way a connection string (a URL, a
 //!   libpq `key=value` string) is printed: its passwords and secret parameters hidden.
 //! - [`escape`]: percent-decoding, for the redaction and for the URLs' own parsers.
+//! - [`signing`]: ed25519 keys in PEM, which sign and check materialization records.
 //! - [`crypto`]: [`use_ring`](crypto::use_ring), the process's one TLS crypto provider.
 
 pub mod crypto;
 pub mod escape;
 pub mod redact;
+pub mod signing;
 pub mod size;
 pub mod token;

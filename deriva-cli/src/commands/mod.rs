@@ -1,7 +1,7 @@
 //! The commands: [`run`] executes one [`CliArgs`] against a server and prints its answer on
 //! stdout; [`run_until_interrupted`] adds Ctrl-C. The `format_*` functions turn each answer
 //! into the text `deriva` prints (`format.rs`); `put` and `get`, which move files, are in
-//! `transfer.rs`.
+//! `transfer.rs`; `provenance` is in `provenance.rs`.
 
 use std::fmt::Write as _;
 use std::io::{IsTerminal as _, Write as _};
@@ -18,6 +18,7 @@ use crate::client::{CliError, Target, connect, error_line};
 use crate::explain::format_explain;
 
 mod format;
+mod provenance;
 mod transfer;
 
 pub use format::{
@@ -302,6 +303,12 @@ pub async fn run(args: CliArgs) -> Result<(), CliError> {
                 emit(&report.text())
             }
         }
+        Command::Provenance {
+            addr,
+            depth,
+            json,
+            verify_key,
+        } => provenance::provenance(&server, &addr, depth, json, verify_key.as_deref()).await,
         Command::Verify { addr } => {
             let addr = parse_addr("verify", &addr)?;
             let context = format!("verify {}", short(&addr));

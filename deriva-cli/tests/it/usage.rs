@@ -104,3 +104,47 @@ fn help_names_the_flags_and_bad_flags_exit_2() {
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("unknown size unit"), "{}", out.stderr);
 }
+
+#[test]
+fn provenance_checks_its_address_depth_and_key_before_any_rpc() {
+    let addr = "ab".repeat(32);
+    let line = deriva(&["--server", NOWHERE, "provenance", "0x12"]).failure(2);
+    assert!(line.starts_with("deriva: provenance: \"0x12\""), "{line}");
+    let out = deriva(&["--server", NOWHERE, "provenance", &addr, "--depth", "1025"]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--depth") && out.stderr.contains("0..=1024"),
+        "{}",
+        out.stderr
+    );
+    let with_key = |path: &str| {
+        deriva(&[
+            "--server",
+            NOWHERE,
+            "provenance",
+            &addr,
+            "--verify-key",
+            path,
+        ])
+        .failure(2)
+    };
+    let line = with_key("/no/such/key.pem");
+    assert!(
+        line.starts_with("deriva: --verify-key: cannot read the public key /no/such/key.pem"),
+        "{line}"
+    );
+    // A private key where the public one is expected is named as such.
+    let private = std::env::temp_dir().join(format!("deriva-key-{}.pem", std::process::id()));
+    std::fs::write(
+        &private,
+        deriva_util::signing::SigningKey::generate_pem().unwrap(),
+    )
+    .unwrap();
+    let path = private.to_str().expect("UTF-8 temp dir");
+    let line = with_key(path);
+    let _ = std::fs::remove_file(&private);
+    assert!(line.contains("BEGIN PUBLIC KEY"), "{line}");
+    // Then the server is asked (here: cannot be reached).
+    let line = deriva(&["--server", NOWHERE, "provenance", &addr, "--json"]).failure(1);
+    assert!(line.contains(NOWHERE), "{line}");
+}

@@ -9,9 +9,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result};
+use deriva_core::{CAddr, DerivaError, FunctionId, Recipe, Result, SignedRecord};
 use deriva_store::task::spawn_blocking_in;
-use deriva_store::{Found, LeaseEnd, Located};
+use deriva_store::{Found, LeaseEnd, Located, StoredOutput};
 use tracing::field::Empty;
 use tracing::{Instrument, Span, info_span};
 
@@ -97,7 +97,7 @@ impl AsyncExecutor {
                 // the lease and compute.
                 None => match self.state.store.leases() {
                     Some(leases) => match self.lease_or_output(leases, outputs, addr).await {
-                        Leased::Output(output) => Some(output),
+                        Leased::Output(output) => Some(*output),
                         Leased::Lease(held) => {
                             lease = held;
                             None
@@ -117,27 +117,40 @@ impl AsyncExecutor {
             .await?;
         let inputs: Vec<Bytes> = inputs.into_iter().map(|(bytes, _)| bytes).collect();
         // Held until the output is kept (cache or spill) and handed to the callers.
-        let (output, cost, reserved) = self
+        let (output, cost, reserved, record) = self
             .compute(addr, &recipe, &function, inputs, false)
             .await?;
-        let kept = self.cache_or_spill(addr, &output, cost, generation).await;
+        let kept = self
+            .cache_or_spill(addr, &output, cost, generation, Some(record.clone()))
+            .await;
         // Not after an invalidation that came in meanwhile: that output is what it evicted.
-        if let Some(outputs) = outputs
-            && self.state.cache.generation(&addr) == generation
-        {
-            let write = info_span!(spans::OUTPUT_WRITE, { field::BYTES } = as_i64(output.len()));
-            match outputs.put(addr, output.clone()).instrument(write).await {
-                // The nodes waiting on this lease read it from the tier now.
-                Ok(()) => {
-                    if let Some(lease) = lease.take() {
-                        lease.release(LeaseEnd::Done).await;
+        if self.state.cache.generation(&addr) == generation {
+            let mut recorded = false;
+            if let Some(outputs) = outputs {
+                let write =
+                    info_span!(spans::OUTPUT_WRITE, { field::BYTES } = as_i64(output.len()));
+                match outputs
+                    .put(addr, output.clone(), Some(&record))
+                    .instrument(write)
+                    .await
+                {
+                    // The nodes waiting on this lease read it from the tier now.
+                    Ok(()) => {
+                        recorded = true;
+                        if let Some(lease) = lease.take() {
+                            lease.release(LeaseEnd::Done).await;
+                        }
+                    }
+                    // The output tier saves recomputes; losing a write costs one later (the
+                    // lease, dropped below, ends failed: its waiters compute).
+                    Err(e) => {
+                        tracing::warn!(%addr, error = %e, "could not keep the output in the output tier");
                     }
                 }
-                // The output tier saves recomputes; losing a write costs one later (the lease,
-                // dropped below, ends failed: its waiters compute).
-                Err(e) => {
-                    tracing::warn!(%addr, error = %e, "could not keep the output in the output tier");
-                }
+            }
+            // The tier keeps the record with the output; else the store's records do.
+            if !recorded {
+                self.keep_record(&record).await;
             }
         }
         if let Some(lease) = lease {
@@ -153,11 +166,26 @@ impl AsyncExecutor {
         Ok((computed, Outcome::Computed))
     }
 
-    /// The output of `addr` read from the output tier, recorded and kept like a computed one.
-    async fn stored_output(&self, addr: CAddr, output: Bytes, generation: u64) -> FlightResult {
+    /// The output of `addr` read from the output tier, recorded and kept like a computed one;
+    /// a hit of its origin.
+    async fn stored_output(
+        &self,
+        addr: CAddr,
+        stored: StoredOutput,
+        generation: u64,
+    ) -> FlightResult {
+        let StoredOutput {
+            bytes: output,
+            record,
+        } = stored;
+        let record = record.map(Arc::new);
         self.state.budget.record(addr, output.len() as u64);
+        self.hit_origin(addr, record.clone());
+        let cost = record
+            .as_ref()
+            .map_or(Duration::ZERO, |r| r.record.duration());
         let kept = self
-            .cache_or_spill(addr, &output, Duration::ZERO, generation)
+            .cache_or_spill(addr, &output, cost, generation, record)
             .await;
         let stored = ReservedOutput {
             bytes: output,
@@ -287,7 +315,7 @@ impl AsyncExecutor {
         &self,
         outputs: &Arc<dyn deriva_store::OutputStore>,
         addr: CAddr,
-    ) -> Option<Bytes> {
+    ) -> Option<StoredOutput> {
         let read = info_span!(spans::OUTPUT_READ, { field::FOUND } = Empty);
         let found = outputs.get(addr).instrument(read.clone()).await;
         read.record(field::FOUND, matches!(found, Ok(Some(_))));
@@ -306,7 +334,7 @@ impl AsyncExecutor {
 
     /// Runs `function`, the recipe's (from [`AsyncExecutor::runnable`]), on the blocking pool
     /// (and again to verify, when `force_verify` or the mode says so). Returns the output, the
-    /// compute time, and the memory reservation that covers the output.
+    /// compute time, the memory reservation that covers the output, and its record.
     pub(super) async fn compute(
         &self,
         addr: CAddr,
@@ -314,7 +342,7 @@ impl AsyncExecutor {
         function: &Arc<dyn ComputeFunction>,
         inputs: Vec<Bytes>,
         force_verify: bool,
-    ) -> Result<(Bytes, Duration, Arc<Reservation>)> {
+    ) -> Result<(Bytes, Duration, Arc<Reservation>, Arc<SignedRecord>)> {
         let id = recipe.function();
         let inputs: Arc<[Bytes]> = inputs.into();
         let input_bytes: u64 = inputs.iter().map(|i| i.len() as u64).sum();
@@ -354,6 +382,7 @@ impl AsyncExecutor {
 
         let (output, elapsed) = self.run_function(&job, span.clone()).await?;
         span.record(field::OUTPUT_BYTES, as_i64(output.len()));
+        let record = self.record_of(addr, recipe, &output, elapsed, &span).await;
         self.record_output_size(addr, output.len() as u64, estimated);
         let attrs = self.state.metrics.function_attrs(id);
         let m = &self.state.metrics;
@@ -397,7 +426,7 @@ impl AsyncExecutor {
                 });
             }
         }
-        Ok((output, elapsed, reserved))
+        Ok((output, elapsed, reserved, record))
     }
 
     /// One run of `job`'s function on the blocking pool, under a compute permit, within the
@@ -499,6 +528,7 @@ impl AsyncExecutor {
         output: &Bytes,
         cost: Duration,
         generation: u64,
+        record: Option<Arc<SignedRecord>>,
     ) -> KeptIn {
         let spill = self.state.config.spill.as_ref();
         if let Some(spill) = spill.filter(|_| self.spills(output.len())) {
@@ -507,7 +537,7 @@ impl AsyncExecutor {
             }
             let (store, data) = (spill.store.clone(), output.clone());
             let write = info_span!(spans::SPILL_WRITE, { field::BYTES } = as_i64(output.len()));
-            let written = spawn_blocking_in(write, move || store.put(addr, &data))
+            let written = spawn_blocking_in(write, move || store.put_recorded(addr, &data, record))
                 .await
                 .unwrap_or_else(|e| Err(DerivaError::from_join("spilling an output", e)));
             return match written {
@@ -528,7 +558,7 @@ impl AsyncExecutor {
             .in_scope(|| {
                 self.state
                     .cache
-                    .insert_if_current(addr, output.clone(), cost, generation)
+                    .insert_if_current(addr, (output.clone(), record), cost, generation)
                     .is_some()
             });
         if cached {
@@ -580,42 +610,59 @@ impl AsyncExecutor {
             };
             let recipe = stored.recipe;
             let function = self.runnable(Some(addr), &recipe)?;
-            let tracker = Arc::new(DepthTracker::default());
-            let inputs = futures::future::try_join_all(
-                recipe
-                    .inputs()
-                    .iter()
-                    .map(|input| self.materialize_at(*input, 1, tracker.clone(), Known::Nothing)),
-            )
-            .await?;
-            let inputs = inputs.into_iter().map(|(bytes, _)| bytes).collect();
-            let report = match self.compute(addr, &recipe, &function, inputs, true).await {
-                Ok((output, cost, _reserved)) => {
+            let inputs = self.inputs_of(&recipe).await?;
+            let (report, fresh) = match self.compute(addr, &recipe, &function, inputs, true).await {
+                Ok((output, cost, _reserved, record)) => {
                     let hash = CAddr::for_leaf(&output);
                     let size = output.len() as u64;
-                    self.cache_or_spill(addr, &output, cost, generation).await;
-                    VerifyReport {
-                        deterministic: true,
-                        output_hash: hash,
-                        second_hash: hash,
-                        output_size: size,
-                        compute_time: cost,
-                    }
+                    self.cache_or_spill(addr, &output, cost, generation, Some(record.clone()))
+                        .await;
+                    (
+                        VerifyReport {
+                            deterministic: true,
+                            output_hash: hash,
+                            second_hash: hash,
+                            output_size: size,
+                            compute_time: cost,
+                        },
+                        Some(record),
+                    )
                 }
-                Err(DerivaError::DeterminismViolation { first, second, .. }) => VerifyReport {
-                    deterministic: false,
-                    output_hash: first,
-                    second_hash: second,
-                    output_size: 0,
-                    compute_time: Duration::ZERO,
-                },
+                Err(DerivaError::DeterminismViolation { first, second, .. }) => (
+                    VerifyReport {
+                        deterministic: false,
+                        output_hash: first,
+                        second_hash: second,
+                        output_size: 0,
+                        compute_time: Duration::ZERO,
+                    },
+                    None,
+                ),
                 Err(e) => return Err(e),
             };
+            self.verify_audit(addr, &recipe, report.deterministic, fresh)
+                .await;
             Span::current().record(field::DETERMINISTIC, report.deterministic);
             Ok(report)
         }
         .instrument(span)
         .await
+    }
+}
+
+impl AsyncExecutor {
+    /// The inputs of `recipe`, each materialized through the read path (for a compute outside
+    /// a flight: `Verify`, an audit).
+    pub(super) async fn inputs_of(&self, recipe: &Recipe) -> Result<Vec<Bytes>> {
+        let tracker = Arc::new(DepthTracker::default());
+        let inputs = futures::future::try_join_all(
+            recipe
+                .inputs()
+                .iter()
+                .map(|input| self.materialize_at(*input, 1, tracker.clone(), Known::Nothing)),
+        )
+        .await?;
+        Ok(inputs.into_iter().map(|(bytes, _)| bytes).collect())
     }
 }
 

@@ -93,6 +93,57 @@ pub struct ExecutorConfig {
     /// its holder, and a node that waits on it links to it). `None`: no links across nodes.
     /// Default: `None`; the server gives one over its OpenTelemetry layer.
     pub trace_links: Option<Arc<dyn TraceLinks>>,
+    /// This node's name, written in the materialization record of every output it computes.
+    /// Default: `deriva`; the server gives its `service.instance.id`.
+    pub node_name: String,
+    /// Signs materialization records. `None`: records are unsigned. Default: `None`.
+    pub signer: Option<Arc<dyn RecordSigner>>,
+    /// Sampled recomputation of hits (audits). Default: off.
+    pub audit: AuditConfig,
+}
+
+/// Signs materialization records over their canonical encoding, for an engine that links no
+/// cryptography: the server implements it over its `--signing-key`.
+pub trait RecordSigner: Send + Sync + fmt::Debug + 'static {
+    /// The ed25519 signature of `canonical` ([`deriva_core::Record::canonical_bytes`]).
+    fn sign(&self, canonical: &[u8]) -> [u8; deriva_core::provenance::SIGNATURE_LEN];
+}
+
+/// What an audit that finds other bytes does with the output it disputes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnMismatch {
+    /// Keep serving it, marked disputed (its record's audits say so).
+    #[default]
+    Keep,
+    /// Drop it (as an invalidation without cascade would): the next Get computes it again.
+    Evict,
+}
+
+/// Sampled recomputation of hits: a fraction of the hits of computed outputs are computed
+/// again in the background, at most `max_concurrent` at once and only while a compute slot is
+/// free, and the output compared with its record.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AuditConfig {
+    /// The fraction of hits audited, 0 to 1. Default: 0 (off).
+    pub sample_ratio: f64,
+    /// Most audits running at once. Default: 1.
+    pub max_concurrent: usize,
+    /// What a mismatch does. Default: [`OnMismatch::Keep`].
+    pub on_mismatch: OnMismatch,
+    /// Whether the store is shared with other nodes: then a node audits only the outputs that
+    /// another node computed, so that every comparison crosses machines. Default: `false`.
+    pub shared_store: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            sample_ratio: 0.0,
+            max_concurrent: 1,
+            on_mismatch: OnMismatch::Keep,
+            shared_store: false,
+        }
+    }
 }
 
 /// Spans across nodes, for an engine that does not link the OpenTelemetry SDK: the server
@@ -102,6 +153,10 @@ pub trait TraceLinks: Send + Sync + fmt::Debug + 'static {
     fn traceparent(&self, span: &tracing::Span) -> Option<String>;
     /// Adds to `span` a link to the span that `traceparent` names (ignored if invalid).
     fn link(&self, span: &tracing::Span, traceparent: &str);
+    /// Adds to `span` a link to the span `to` (a compute span, from a record).
+    fn link_span(&self, span: &tracing::Span, to: deriva_core::SpanRef) {
+        self.link(span, &to.traceparent());
+    }
 }
 
 /// The default of [`ExecutorConfig::compute_timeout`]: 300 s.
@@ -131,6 +186,9 @@ impl Default for ExecutorConfig {
             leaf_cache_max_bytes: LEAF_CACHE_MAX_BYTES,
             compute_timeout: Some(COMPUTE_TIMEOUT),
             trace_links: None,
+            node_name: String::from("deriva"),
+            signer: None,
+            audit: AuditConfig::default(),
         }
     }
 }

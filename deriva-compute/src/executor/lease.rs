@@ -8,9 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use deriva_core::CAddr;
-use deriva_store::{ComputeLease, ComputeLeases, LeaseAttempt, OutputStore};
+use deriva_store::{ComputeLease, ComputeLeases, LeaseAttempt, OutputStore, StoredOutput};
 use tracing::Span;
 
 use super::AsyncExecutor;
@@ -26,7 +25,7 @@ pub(super) const EXPIRY_SLACK: Duration = Duration::from_millis(100);
 /// What [`AsyncExecutor::lease_or_output`] came back with.
 pub(super) enum Leased {
     /// Another node computed it: its output, from the tier.
-    Output(Bytes),
+    Output(Box<StoredOutput>),
     /// Compute it: under this lease (ended when the output is in the tier), or with none if
     /// the leases could not be asked.
     Lease(Option<ComputeLease>),
@@ -78,7 +77,7 @@ impl AsyncExecutor {
             // Either way, the tier tells: an ended or lost notification, or a poll.
             let _ended = tokio::time::timeout(wait, held.ended).await;
             if let Some(output) = self.read_output_tier(outputs, addr).await {
-                return Leased::Output(output);
+                return Leased::Output(Box::new(output));
             }
         }
     }

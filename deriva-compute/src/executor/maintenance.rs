@@ -180,6 +180,10 @@ impl AsyncExecutor {
                     futures::future::try_join_all(targets.iter().map(|a| outputs.delete(*a)))
                         .await?;
                 }
+                // Their records go with them: the next compute makes new ones.
+                if let Some(records) = self.state.store.records() {
+                    records.delete(&targets).await?;
+                }
                 if let Some(bus) = self.state.store.bus() {
                     bus.publish(&targets).await?;
                 }

@@ -35,6 +35,7 @@ mod compute;
 mod config;
 mod lease;
 mod maintenance;
+mod provenance;
 mod read_path;
 mod single_flight;
 mod stored;
@@ -60,9 +61,11 @@ use crate::spill::SpillStore;
 
 pub use compute::VerifyReport;
 pub use config::{
-    COMPUTE_TIMEOUT, ExecutorConfig, LEAF_CACHE_MAX_BYTES, Spill, TraceLinks, VerificationMode,
+    AuditConfig, COMPUTE_TIMEOUT, ExecutorConfig, LEAF_CACHE_MAX_BYTES, OnMismatch, RecordSigner,
+    Spill, TraceLinks, VerificationMode,
 };
 pub use maintenance::{CascadePolicy, CascadeReport, GcReport, InvalidateReport};
+pub use provenance::{Described, PROVENANCE_MAX_ENTRIES, ProvenanceEntry, ProvenanceTree};
 use single_flight::Flight;
 
 /// What every clone of an [`AsyncExecutor`] shares: the store, the functions, the memory cache
@@ -82,6 +85,8 @@ struct ExecutorState {
     leaf_limit: u64,
     /// Cancelled by [`AsyncExecutor::cancel_computes`]: every compute's context sees it.
     shutdown: CancelToken,
+    /// The audits running ([`AuditConfig::max_concurrent`] permits).
+    audits: Arc<Semaphore>,
 }
 
 /// The materialization engine. Cheap to clone; clones share everything.
@@ -123,7 +128,18 @@ impl AsyncExecutor {
             budget.clone(),
             config.spill.as_ref().map(|s| s.store.clone()),
         );
+        let mut config = config;
+        // A record holds at most MAX_NODE_LEN bytes of node name.
+        let max = deriva_core::provenance::MAX_NODE_LEN;
+        if config.node_name.len() > max {
+            let mut end = max;
+            while !config.node_name.is_char_boundary(end) {
+                end -= 1;
+            }
+            config.node_name.truncate(end);
+        }
         let permits = config.max_concurrent_computes.max(1);
+        let audits = Arc::new(Semaphore::new(config.audit.max_concurrent));
         let leaf_limit = config.leaf_cache_max_bytes.min(cache.budget() / 16);
         Self {
             state: Arc::new(ExecutorState {
@@ -139,6 +155,7 @@ impl AsyncExecutor {
                 metrics,
                 budget,
                 shutdown: CancelToken::new(),
+                audits,
             }),
         }
     }

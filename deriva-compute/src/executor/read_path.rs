@@ -70,7 +70,12 @@ impl AsyncExecutor {
             spans::MATERIALIZE,
             { field::ADDR } = %addr,
             { field::DEPTH } = i64::from(depth),
-            { field::RESULT } = Empty
+            { field::RESULT } = Empty,
+            { field::ORIGIN_NODE } = Empty,
+            { field::ORIGIN_AGE_SECONDS } = Empty,
+            { field::ORIGIN_DURATION_SECONDS } = Empty,
+            { field::ORIGIN_TRACE_ID } = Empty,
+            { field::ORIGIN_SPAN_ID } = Empty
         );
         let this = self.clone();
         async move {
@@ -104,6 +109,7 @@ impl AsyncExecutor {
             return Ok((stream::chunks(hit, chunk_bytes), Outcome::Hit));
         }
         if let Some(chunks) = self.spilled_stream(addr, chunk_bytes).await {
+            self.spilled_origin(addr);
             return Ok((chunks, Outcome::Hit));
         }
         // Noted before the read: a deletion (garbage collection) from now on keeps this leaf
@@ -159,6 +165,7 @@ impl AsyncExecutor {
             return Ok((hit, Outcome::Hit));
         }
         if let Some(spilled) = self.spilled_bytes(addr).await {
+            self.spilled_origin(addr);
             return Ok((spilled, Outcome::Hit));
         }
         // An input is covered by the reservation of the compute that uses it.
@@ -176,8 +183,15 @@ impl AsyncExecutor {
         // Compute time saved: a leaf's cost is a read, not a compute.
         if hit.kind == EntryKind::Output {
             self.state.stats.record_saved(hit.cost);
+            self.hit_origin(*addr, hit.record);
         }
         Some(hit.data)
+    }
+
+    /// A hit of the spilled output of `addr`: its origin, from the spill index.
+    fn spilled_origin(&self, addr: CAddr) {
+        let record = self.spill().and_then(|s| s.record(&addr));
+        self.hit_origin(addr, record);
     }
 
     /// The spilled output of `addr` as a stream, if the spill directory holds it. A damaged

@@ -262,6 +262,7 @@ async fn every_family_has_its_documented_name_and_type() {
         ("deriva_compute_lease_joined_total", "counter"),
         ("deriva_compute_lease_expired_total", "counter"),
         ("deriva_verification_total", "counter"),
+        ("deriva_audit_total", "counter"),
         ("deriva_cache_saved_seconds_total", "counter"),
         ("deriva_storage_corruption_total", "counter"),
         ("deriva_verification_failure_rate", "gauge"),

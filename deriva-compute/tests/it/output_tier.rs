@@ -10,10 +10,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use deriva_compute::testing::{GATE_DEADLINE, Gate, wait_until};
 use deriva_compute::{AsyncExecutor, Cache, ExecutorConfig, FunctionRegistry};
-use deriva_core::{CAddr, DerivaError, Recipe, Result};
+use deriva_core::{CAddr, DerivaError, Recipe, Result, SignedRecord};
 use deriva_store::{
     ComputeLease, ComputeLeases, HeldBy, InvalidationBus, LeaseAttempt, LeaseEnd, LeaseRelease,
-    OutputStore,
+    OutputStore, StoredOutput,
 };
 use deriva_testkit::compute::{Slow, fid};
 use futures::FutureExt as _;
@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 /// Outputs in a map; `fail` makes every read fail, `damaged` every read report corruption.
 #[derive(Debug, Default)]
 struct Tier {
-    outputs: Mutex<HashMap<CAddr, Bytes>>,
+    outputs: Mutex<HashMap<CAddr, StoredOutput>>,
     deleted: Mutex<Vec<CAddr>>,
     fail: std::sync::atomic::AtomicBool,
     damaged: std::sync::atomic::AtomicBool,
@@ -31,7 +31,7 @@ struct Tier {
 
 #[async_trait]
 impl OutputStore for Tier {
-    async fn get(&self, recipe: CAddr) -> Result<Option<Bytes>> {
+    async fn get(&self, recipe: CAddr) -> Result<Option<StoredOutput>> {
         use std::sync::atomic::Ordering::Relaxed;
         if self.fail.load(Relaxed) {
             return Err(DerivaError::Unavailable {
@@ -48,8 +48,12 @@ impl OutputStore for Tier {
         Ok(self.outputs.lock().get(&recipe).cloned())
     }
 
-    async fn put(&self, recipe: CAddr, output: Bytes) -> Result<()> {
-        self.outputs.lock().insert(recipe, output);
+    async fn put(&self, recipe: CAddr, output: Bytes, record: Option<&SignedRecord>) -> Result<()> {
+        let stored = StoredOutput {
+            bytes: output,
+            record: record.cloned(),
+        };
+        self.outputs.lock().insert(recipe, stored);
         Ok(())
     }
 
@@ -142,10 +146,18 @@ async fn a_computed_output_is_served_by_the_other_node_until_invalidated() {
     assert_eq!(&a.materialize(recipe).await.unwrap()[..], b"input!");
     assert_eq!(slow.calls(), 1);
     assert_eq!(
-        tier.outputs.lock().get(&recipe).map(|b| b.to_vec()),
+        tier.outputs.lock().get(&recipe).map(|b| b.bytes.to_vec()),
         Some(b"input!".to_vec()),
         "A kept its output in the tier"
     );
+    let record = tier.outputs.lock()[&recipe].record.clone();
+    let record = record
+        .expect("the tier keeps the record with the output")
+        .record;
+    assert_eq!(record.recipe, recipe);
+    assert_eq!(record.output_hash, CAddr::for_leaf(b"input!"));
+    assert_eq!(record.output_bytes, 6);
+    assert_eq!(record.inputs, vec![leaf]);
 
     // B's cache is empty: it reads the tier and computes nothing.
     assert_eq!(&b.materialize(recipe).await.unwrap()[..], b"input!");

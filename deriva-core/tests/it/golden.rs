@@ -411,3 +411,81 @@ proptest! {
         prop_assert_ne!(before.addr(), after.addr());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Materialization records (deriva_core::provenance)
+// ---------------------------------------------------------------------------------------------
+
+/// The record the vectors below encode, computed by the same Python script from the layout in
+/// `deriva_core::provenance`'s docs (`struct.pack('<I'…)`, `'<Q'`).
+fn golden_record() -> deriva_core::Record {
+    deriva_core::Record {
+        recipe: CAddr::from([7; 32]),
+        function: fid("concat", "v1"),
+        inputs: vec![CAddr::from([1; 32]), CAddr::from([2; 32])],
+        output_hash: CAddr::from([3; 32]),
+        output_bytes: 11,
+        node: "node-a".into(),
+        started_at_micros: 1_765_000_000_000_000,
+        duration_micros: 3_100_000,
+        span: deriva_core::SpanRef::from_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+    }
+}
+
+const GOLDEN_RECORD: &str = concat!(
+    "0107070707070707070707070707070707070707070707070707070707070707",
+    "0706000000636f6e636174020000007631020000000101010101010101010101",
+    "0101010101010101010101010101010101010101010202020202020202020202",
+    "0202020202020202020202020202020202020202020303030303030303030303",
+    "0303030303030303030303030303030303030303030b00000000000000060000",
+    "006e6f64652d610050071642450600604d2f00000000004bf92f3577b34da6a3",
+    "ce929d0e0e473600f067aa0ba902b7",
+);
+
+#[test]
+fn golden_record_encoding() {
+    let record = golden_record();
+    assert_eq!(hex::encode(record.canonical_bytes()), GOLDEN_RECORD);
+    assert_eq!(
+        deriva_core::Record::from_canonical_bytes(&hex::decode(GOLDEN_RECORD).unwrap()).unwrap(),
+        record
+    );
+}
+
+#[test]
+fn golden_signed_and_stored_record() {
+    let signed = deriva_core::SignedRecord {
+        record: golden_record(),
+        signature: Some([9; 64]),
+    };
+    let expected_signed = format!("{GOLDEN_RECORD}01{}", "09".repeat(64));
+    assert_eq!(hex::encode(signed.to_bytes()), expected_signed);
+    let stored = deriva_core::Provenance {
+        signed: signed.clone(),
+        audits: deriva_core::Audits {
+            matches: 5,
+            mismatches: 1,
+            errors: 0,
+        },
+    };
+    let expected_stored = format!(
+        "{expected_signed}{}{}{}",
+        "0500000000000000", "0100000000000000", "0000000000000000"
+    );
+    assert_eq!(hex::encode(stored.to_bytes()), expected_stored);
+    assert_eq!(
+        deriva_core::Provenance::from_bytes(&hex::decode(expected_stored).unwrap()).unwrap(),
+        stored
+    );
+    // Unsigned, with no span: zero ids and a zero flag.
+    let mut unsigned = golden_record();
+    unsigned.span = None;
+    let bytes = deriva_core::SignedRecord {
+        record: unsigned,
+        signature: None,
+    }
+    .to_bytes();
+    assert!(hex::encode(&bytes).ends_with(&format!("{}00", "00".repeat(24))));
+}

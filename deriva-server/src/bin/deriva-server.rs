@@ -21,6 +21,9 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|a| a == "migrate") {
         return migrate();
     }
+    if std::env::args_os().nth(1).is_some_and(|a| a == "keygen") {
+        return keygen();
+    }
     let args = ServerArgs::parse();
     let print_only = args.print_config;
     let config = match args.into_config() {
@@ -329,6 +332,37 @@ impl ShutdownSignals {
                 tracing::error!(error = %e, "cannot listen for Ctrl-C");
                 std::future::pending::<()>().await;
             }
+        }
+    }
+}
+
+/// `deriva-server keygen OUT`: a new ed25519 signing key in `OUT` and its public key in
+/// `OUT.pub` (see [`deriva_server::provenance::keygen`]).
+fn keygen() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(2).collect();
+    let out = match args.as_slice() {
+        [flag] if flag == "--help" || flag == "-h" => {
+            println!(
+                "Usage: deriva-server keygen OUT\n\nWrites a new ed25519 private key to OUT (PKCS#8 PEM, mode 0600; for --signing-key)\nand its public key to OUT.pub (for deriva provenance --verify-key). Never overwrites a file."
+            );
+            return ExitCode::SUCCESS;
+        }
+        [out] if !out.is_empty() => std::path::PathBuf::from(out),
+        _ => {
+            eprintln!(
+                "deriva-server keygen: usage: deriva-server keygen OUT (one path: the private key; OUT.pub gets the public key)"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match deriva_server::provenance::keygen(&out) {
+        Ok(said) => {
+            println!("{said}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("deriva-server keygen: {e}");
+            ExitCode::FAILURE
         }
     }
 }

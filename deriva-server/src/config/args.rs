@@ -18,7 +18,7 @@ use crate::telemetry::{LogFormat, TelemetryConfig};
     name = "deriva-server",
     version,
     about = "Deriva: a computation-addressed store, served over gRPC",
-    after_help = "Other commands:\n  deriva-server migrate --help   copy a store to another backend (local, or S3 + PostgreSQL)"
+    after_help = "Other commands:\n  deriva-server migrate --help   copy a store to another backend (local, or S3 + PostgreSQL)\n  deriva-server keygen OUT       make an ed25519 key for --signing-key (OUT) and its public half (OUT.pub)"
 )]
 pub struct ServerArgs {
     /// Data directory (created if missing).
@@ -213,6 +213,8 @@ pub struct ServerArgs {
     /// the idle time between requests.
     #[arg(long, env = "DERIVA_HANDSHAKE_TIMEOUT_SECS", default_value_t = defaults::HANDSHAKE_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub handshake_timeout_secs: u64,
+    #[command(flatten)]
+    pub provenance: super::provenance::ProvenanceArgs,
     /// Print the effective configuration (flags, then DERIVA_* variables, then defaults), one
     /// `key = value` per line, and exit without opening the store or binding anything.
     #[arg(long)]
@@ -324,6 +326,8 @@ impl ServerArgs {
             request_timeout: Some(Duration::from_secs(self.request_timeout_secs))
                 .filter(|d| !d.is_zero()),
             keepalive: Duration::from_secs(self.keepalive_secs),
+            provenance: self.provenance.into_config(),
+            node_name: String::from(super::DEFAULT_NODE_NAME),
         };
         // The periodic collection keeps to the floor a client is held to.
         if config.gc_interval.is_some() && config.gc_grace < config.gc_min_grace {

@@ -15,10 +15,12 @@ use crate::telemetry::TelemetryConfig;
 
 mod args;
 pub mod defaults;
+pub mod provenance;
 #[cfg(test)]
 mod tests;
 
 pub use args::{HeaderArg, ServerArgs};
+pub use provenance::{MismatchAction, ProvenanceArgs, ProvenanceConfig};
 
 /// Everything the server needs to run. [`Config::default`] is what `deriva-server` runs with
 /// when given no flags. Its `Debug` is [`Config::describe`]: secrets hidden.
@@ -101,7 +103,15 @@ pub struct Config {
     /// Interval of HTTP/2 keepalive pings; a peer that does not answer one within
     /// [`KEEPALIVE_TIMEOUT`] is dropped.
     pub keepalive: Duration,
+    /// Audits, signatures, trace links (see [`provenance`]).
+    pub provenance: ProvenanceConfig,
+    /// This node's name in its materialization records and `ClusterStatus`: its
+    /// `service.instance.id`, set when the server connects ([`DEFAULT_NODE_NAME`] until then).
+    pub node_name: String,
 }
+
+/// The node name of a server that was not told its `service.instance.id`.
+pub const DEFAULT_NODE_NAME: &str = "deriva-server";
 
 /// How long a peer has to answer a keepalive ping.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -208,6 +218,8 @@ impl Default for Config {
             request_timeout: Some(Duration::from_secs(defaults::REQUEST_TIMEOUT_SECS))
                 .filter(|d| !d.is_zero()),
             keepalive: Duration::from_secs(defaults::KEEPALIVE_SECS),
+            provenance: ProvenanceConfig::new(),
+            node_name: String::from(DEFAULT_NODE_NAME),
         }
     }
 }
@@ -369,6 +381,32 @@ impl Config {
                 self.auth_tokens
                     .as_ref()
                     .map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
+            ),
+            (
+                "audit-sample-ratio",
+                self.provenance.audit_sample_ratio.to_string(),
+            ),
+            (
+                "audit-max-concurrent",
+                self.provenance.audit_max_concurrent.to_string(),
+            ),
+            (
+                "on-mismatch",
+                match self.provenance.on_mismatch {
+                    deriva_compute::OnMismatch::Keep => "keep".into(),
+                    deriva_compute::OnMismatch::Evict => "evict".into(),
+                },
+            ),
+            (
+                "signing-key",
+                shown_path(self.provenance.signing_key.as_ref()),
+            ),
+            (
+                "trace-url-template",
+                self.provenance
+                    .trace_url_template
+                    .clone()
+                    .unwrap_or_else(|| "none".into()),
             ),
         ]
     }

@@ -75,6 +75,8 @@ pub struct HttpState {
     pub metrics: ServerMetrics,
     /// What `/debug` shows about the server.
     pub about: Arc<About>,
+    /// `--trace-url-template`: where a link to a trace this node does not hold goes.
+    pub trace_url_template: Option<String>,
 }
 
 /// The version and the effective settings, for `/debug`.
@@ -105,6 +107,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/debug", get(debug::index))
         .route("/debug/traces", get(debug::trace_lists))
         .route("/debug/traces/{trace_id}", get(debug::trace_one))
+        .route("/debug/provenance/{addr}", get(debug::provenance))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_admin,

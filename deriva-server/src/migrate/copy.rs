@@ -1,10 +1,12 @@
-//! The copy (and the dry run): leaves, then recipes by depth, then outputs and pins.
+//! The copy (and the dry run): leaves, then recipes by depth, then outputs, materialization
+//! records and pins.
 
 use crate::error::code_of;
 use bytes::Bytes;
 use deriva_core::CAddr;
 use deriva_core::DerivaError;
 use deriva_core::Recipe;
+use deriva_core::provenance::Provenance;
 use std::collections::HashSet;
 
 use super::BATCH;
@@ -48,7 +50,48 @@ pub(super) async fn copy(run: &Arc<Migration>, outputs: bool) -> Result<(), Migr
         }
         run.say("outputs done");
     }
+    if let Some(records) = run.src.records().filter(|_| run.dst.records().is_some()) {
+        run.bar.set_prefix("records");
+        let mut pages = records.list_pages(BATCH);
+        while let Some(page) = pages.try_next().await.map_err(listing("records"))? {
+            run.bar.inc_length(page.len() as u64);
+            for_each(run, page, copy_record).await?;
+        }
+        run.say("records done");
+    }
     copy_pins(run).await
+}
+
+/// Copies one materialization record, unless the destination has the same (an output copied
+/// with its record, or an earlier run). Its audits start again in the destination.
+async fn copy_record(run: Arc<Migration>, provenance: Provenance) -> Result<(), MigrateError> {
+    let counts = &run.records;
+    let recipe = provenance.record().recipe;
+    let Some(dst) = run.dst.records() else {
+        return Ok(());
+    };
+    let there = dst.get(recipe).await.map_err(|e| {
+        MigrateError::store(
+            format!("looking up the record of {recipe} in the destination"),
+            &e,
+        )
+    })?;
+    if there.is_some_and(|there| there.signed == provenance.signed) {
+        LiveCounters::add(&counts.skipped, 1);
+        run.step(0);
+        return Ok(());
+    }
+    if run.mode == Mode::Copy {
+        dst.put(&provenance.signed).await.map_err(|e| {
+            MigrateError::store(
+                format!("writing the record of {recipe} to the destination"),
+                &e,
+            )
+        })?;
+    }
+    LiveCounters::add(&counts.copied, 1);
+    run.step(0);
+    Ok(())
 }
 
 /// One page of the source's leaves (with their sizes): what the destination lacks (one
@@ -314,9 +357,11 @@ async fn copy_output(run: Arc<Migration>, recipe: CAddr) -> Result<(), MigrateEr
     let Some(output) = run.source_read(counts, &format!("the output of {recipe}"), read)? else {
         return Ok(());
     };
-    let len = output.len() as u64;
+    let len = output.bytes.len() as u64;
     if run.mode == Mode::Copy {
-        dst.put(recipe, output).await.map_err(|e| {
+        // With the record it was stored with (its audits start again in the destination).
+        let put = dst.put(recipe, output.bytes, output.record.as_ref());
+        put.await.map_err(|e| {
             MigrateError::store(
                 format!("writing the output of {recipe} to the destination"),
                 &e,

@@ -13,7 +13,10 @@
 //!   the destination: every recipe's inputs come before it, and the destination never holds a
 //!   recipe whose input is missing, whenever the migration stops. On a live remote source, a
 //!   recipe stored after the leaf pages went past one of its new inputs is refused (counted as
-//!   failed, naming the input); a second run copies it.
+//!   failed, naming the input); a second run copies it. Then the output tier
+//!   (`--include-outputs`), each output put with the record stored on it, and the
+//!   materialization records ([`deriva_store::Records::list_pages`]), each put unless the
+//!   destination has the same one (their audits start again there: a put resets them).
 //! - **Verified.** A leaf is hashed when it is read from the source (every backend's read
 //!   verifies) and again by the destination's write, whose address must be the same; a
 //!   mismatch or a damaged source object stops the migration with `DATA_LOSS` naming the
@@ -88,8 +91,9 @@ const ERRORS_KEPT: usize = 20;
     name = "deriva-server migrate",
     version,
     about = "Copy a Deriva store to another backend: verified, resumable, bounded",
-    long_about = "Copy a Deriva store (leaves, recipes with their edges and depths, and with \
---include-outputs the output tier) to another backend. The source is named by --data-dir, or \
+    long_about = "Copy a Deriva store (leaves, recipes with their edges and depths, the \
+materialization records of computed outputs, pins, and with --include-outputs the output tier) \
+to another backend. The source is named by --data-dir, or \
 --blob-store and --index; the destination by --to-data-dir, or --to-blob-store and --to-index. \
 What the destination holds already is skipped, so running it again after an interruption copies \
 only the rest. A local source must not be in use by a server (it is refused if it is); a remote \
@@ -253,6 +257,7 @@ struct Migration {
     leaves: LiveCounters,
     recipes: LiveCounters,
     outputs: LiveCounters,
+    records: LiveCounters,
     pins: LiveCounters,
     errors: Mutex<Vec<String>>,
     bar: ProgressBar,
@@ -385,18 +390,19 @@ async fn output_in_destination(run: &Migration, recipe: CAddr) -> Result<bool, M
     })
 }
 
-/// Runs `task` on every address, at most `run.concurrency` at once; stops at the first error.
-async fn for_each<F, Fut>(
+/// Runs `task` on every item (an address, a record), at most `run.concurrency` at once; stops
+/// at the first error.
+async fn for_each<T, F, Fut>(
     run: &Arc<Migration>,
-    addrs: Vec<CAddr>,
+    items: Vec<T>,
     task: F,
 ) -> Result<(), MigrateError>
 where
-    F: Fn(Arc<Migration>, CAddr) -> Fut,
+    F: Fn(Arc<Migration>, T) -> Fut,
     Fut: Future<Output = Result<(), MigrateError>>,
 {
-    futures::stream::iter(addrs)
-        .map(|addr| task(run.clone(), addr))
+    futures::stream::iter(items)
+        .map(|item| task(run.clone(), item))
         .buffer_unordered(run.concurrency)
         .try_for_each(|()| async { Ok(()) })
         .await
@@ -499,6 +505,7 @@ pub async fn run(args: MigrateArgs) -> Result<Report, MigrateError> {
         leaves: LiveCounters::default(),
         recipes: LiveCounters::default(),
         outputs: LiveCounters::default(),
+        records: LiveCounters::default(),
         pins: LiveCounters::default(),
         errors: Mutex::new(Vec::new()),
         bar,
@@ -550,6 +557,7 @@ pub async fn run(args: MigrateArgs) -> Result<Report, MigrateError> {
         leaves: leaves_tally,
         recipes: run.recipes.snapshot(),
         outputs: outputs_tally,
+        records: run.records.snapshot(),
         pins: run.pins.snapshot(),
         bytes,
         duration_seconds: started.elapsed().as_secs_f64(),

@@ -39,6 +39,9 @@ pub struct Report {
     pub recipes: ObjectCounts,
     /// The output tier (`--include-outputs` only).
     pub outputs: Option<ObjectCounts>,
+    /// Materialization records (their audits start again in the destination).
+    #[serde(default)]
+    pub records: ObjectCounts,
     /// Pins (the roots garbage collection keeps), copied after what they name.
     #[serde(default)]
     pub pins: ObjectCounts,
@@ -57,6 +60,7 @@ impl Report {
             Some(&self.leaves),
             Some(&self.recipes),
             self.outputs.as_ref(),
+            Some(&self.records),
             Some(&self.pins),
         ]
         .into_iter()
@@ -81,6 +85,7 @@ impl Report {
         ];
         for (name, tally) in kinds.into_iter().chain([
             ("outputs", self.outputs.as_ref()),
+            ("records", Some(&self.records)),
             ("pins", Some(&self.pins)),
         ]) {
             let Some(t) = tally else { continue };

@@ -2,6 +2,7 @@
 
 use deriva_core::CAddr;
 use deriva_core::DerivaError;
+use deriva_core::provenance::Provenance;
 use std::sync::Arc;
 
 use super::BATCH;
@@ -102,6 +103,18 @@ pub(super) async fn verify(run: &Arc<Migration>, outputs: bool) -> Result<(), Mi
                 Ok(())
             })
             .await?;
+        }
+    }
+    if let (Some(src), Some(_)) = (run.src.records(), run.dst.records()) {
+        run.bar.set_prefix("records");
+        let mut pages = src.list_pages(BATCH);
+        while let Some(page) = pages
+            .try_next()
+            .await
+            .map_err(listing("source", "records"))?
+        {
+            run.bar.inc_length(page.len() as u64);
+            for_each(run, page, verify_record).await?;
         }
     }
     let (src_pins, dst_pins) = pin_sets(run).await?;
@@ -225,7 +238,34 @@ async fn verify_output(run: Arc<Migration>, recipe: CAddr) -> Result<(), Migrate
         return Ok(());
     };
     let read = tier.get(recipe).await;
-    run.checked(&run.outputs, format!("the output of {recipe}"), read, |b| {
-        b.len() as u64
+    run.checked(&run.outputs, format!("the output of {recipe}"), read, |o| {
+        o.bytes.len() as u64
     })
+}
+
+/// The source's record of an output, looked up in the destination: the same record there is
+/// checked, another one (or a damaged one) failed, none missing.
+async fn verify_record(run: Arc<Migration>, provenance: Provenance) -> Result<(), MigrateError> {
+    let Some(dst) = run.dst.records() else {
+        return Ok(());
+    };
+    let recipe = provenance.record().recipe;
+    let what = || format!("the record of {recipe}");
+    match dst.get(recipe).await {
+        Ok(Some(there)) if there.signed == provenance.signed => {
+            LiveCounters::add(&run.records.checked, 1);
+            run.step(0);
+        }
+        Ok(Some(_)) => {
+            run.failed(&run.records, format!("{}: another record", what()));
+            run.step(0);
+        }
+        Ok(None) => run.missing_unless(&run.records, false, what),
+        Err(e @ DerivaError::Corrupted { .. }) => {
+            run.failed(&run.records, format!("{}: {e}", what()));
+            run.step(0);
+        }
+        Err(e) => return Err(MigrateError::store(format!("reading {}", what()), &e)),
+    }
+    Ok(())
 }

@@ -30,6 +30,17 @@ impl TraceLinks for OtelTraceLinks {
         // An invalid context is ignored by add_link.
         span.add_link(cx.span().span_context().clone());
     }
+
+    fn link_span(&self, span: &Span, to: deriva_core::SpanRef) {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+        span.add_link(SpanContext::new(
+            TraceId::from_bytes(to.trace_id),
+            SpanId::from_bytes(to.span_id),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        ));
+    }
 }
 
 #[cfg(test)]

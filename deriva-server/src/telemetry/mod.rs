@@ -220,18 +220,23 @@ pub struct Telemetry {
 }
 
 /// The service resource: `service.name` (`OTEL_SERVICE_NAME`, default `deriva-server`),
-/// `service.version`, a fresh `service.instance.id`, and `OTEL_RESOURCE_ATTRIBUTES`.
+/// `service.version`, `OTEL_RESOURCE_ATTRIBUTES`, and `service.instance.id`: the one
+/// `OTEL_RESOURCE_ATTRIBUTES` gives (a node's stable name, which its materialization records
+/// and `ClusterStatus` show), else a fresh UUID.
 pub fn resource() -> Resource {
     let name = std::env::var("OTEL_SERVICE_NAME")
         .ok()
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "deriva-server".to_owned());
+    let instance = opentelemetry::Key::from_static_str("service.instance.id");
+    let given = Resource::builder().build().get(&instance).is_some();
+    let mut attributes = vec![KeyValue::new("service.version", env!("CARGO_PKG_VERSION"))];
+    if !given {
+        attributes.push(KeyValue::new(instance, uuid::Uuid::new_v4().to_string()));
+    }
     Resource::builder()
         .with_service_name(name)
-        .with_attributes([
-            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
-            KeyValue::new("service.instance.id", uuid::Uuid::new_v4().to_string()),
-        ])
+        .with_attributes(attributes)
         .build()
 }
 

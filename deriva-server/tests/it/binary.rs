@@ -106,3 +106,48 @@ fn a_bad_flag_is_a_usage_error() {
     let stderr = out.stderr;
     assert!(stderr.contains("verification mode"), "{stderr}");
 }
+
+/// `deriva-server keygen OUT`: a key pair a server signs with; no overwriting, clear usage.
+#[test]
+fn keygen_makes_a_key_the_server_starts_with_and_refuses_misuse() {
+    let server = deriva_testkit::process::server_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("node.pem");
+    let run = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(&server)
+            .arg("keygen")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let made = run(&[key.as_os_str()]);
+    assert!(made.status.success(), "{made:?}");
+    assert!(String::from_utf8_lossy(&made.stdout).contains("node.pem.pub"));
+    let public = std::fs::read_to_string(dir.path().join("node.pem.pub")).unwrap();
+    assert!(public.starts_with("-----BEGIN PUBLIC KEY-----"), "{public}");
+    let again = run(&[key.as_os_str()]);
+    assert_eq!(again.status.code(), Some(1), "never overwrites");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists"));
+    for args in [&[][..], &["a".as_ref(), "b".as_ref()][..]] {
+        let usage = run(args);
+        assert_eq!(usage.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&usage.stderr).contains("usage"));
+    }
+    // A server signs with it; one given a file that is not a key does not start.
+    let mut signing = ServerProcess::options()
+        .args(["--signing-key".as_ref(), key.as_os_str()])
+        .start();
+    assert!(signing.stop().success());
+    let exited = ServerProcess::options()
+        .args([
+            "--signing-key".as_ref(),
+            dir.path().join("node.pem.pub").as_os_str(),
+        ])
+        .run_to_exit();
+    assert!(!exited.status.success());
+    assert!(
+        exited.stderr.contains("BEGIN PRIVATE KEY"),
+        "{}",
+        exited.stderr
+    );
+}

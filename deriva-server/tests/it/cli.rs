@@ -815,7 +815,9 @@ fn get_explain_prints_the_materialization_tree() {
         .iter()
         .filter(|l| !is_store_call(l))
         .map(|l| {
-            // The step without its right-aligned duration.
+            // The step without its right-aligned duration, and a hit without its origin
+            // (checked below).
+            let l = l.split(" · ").next().unwrap_or(l);
             let words: Vec<&str> = l.split_whitespace().collect();
             let keep = if matches!(words.last(), Some(&("ms" | "µs" | "s"))) {
                 words.len() - 2
@@ -842,4 +844,10 @@ fn get_explain_prints_the_materialization_tree() {
         "    cache put 11 B".to_owned(),
     ];
     assert_eq!(steps, expected, "\n{}", out.stderr);
+    let hit = format!("    materialize {} hit · computed on ", &cached[..8]);
+    assert!(
+        tree.iter()
+            .any(|l| l.starts_with(&hit) && l.contains(" ago in ")),
+        "the hit names its origin: {tree:#?}"
+    );
 }

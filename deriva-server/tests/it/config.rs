@@ -35,6 +35,44 @@ struct Row {
 /// (`every_flag_has_a_row` fails until it has one).
 const ROWS: &[Row] = &[
     Row {
+        flag: "audit-sample-ratio",
+        vars: &["DERIVA_AUDIT_SAMPLE_RATIO"],
+        value: "0.25",
+        shows: ("audit-sample-ratio", "0.25"),
+        other: "1",
+    },
+    Row {
+        flag: "audit-max-concurrent",
+        vars: &["DERIVA_AUDIT_MAX_CONCURRENT"],
+        value: "3",
+        shows: ("audit-max-concurrent", "3"),
+        other: "2",
+    },
+    Row {
+        flag: "on-mismatch",
+        vars: &["DERIVA_ON_MISMATCH"],
+        value: "evict",
+        shows: ("on-mismatch", "evict"),
+        other: "keep",
+    },
+    Row {
+        flag: "signing-key",
+        vars: &["DERIVA_SIGNING_KEY"],
+        value: "keys/node.pem",
+        shows: ("signing-key", "keys/node.pem"),
+        other: "keys/other.pem",
+    },
+    Row {
+        flag: "trace-url-template",
+        vars: &["DERIVA_TRACE_URL_TEMPLATE"],
+        value: "https://jaeger.example/trace/{trace_id}",
+        shows: (
+            "trace-url-template",
+            "https://jaeger.example/trace/{trace_id}",
+        ),
+        other: "http://jaeger:16686/trace/{trace_id}",
+    },
+    Row {
         flag: "data-dir",
         vars: &["DERIVA_DATA_DIR"],
         value: "elsewhere/data",

@@ -7,6 +7,7 @@
 //!   serves every address byte for byte as a node on the source does, with the same counts;
 //!   migrating back to a fresh local directory gives the same addresses and depths;
 //! - `--include-outputs` carries the output tier, which the destination then serves;
+//! - materialization records move, with their outputs or alone;
 //! - a damaged leaf stops the migration with `DATA_LOSS` naming it; a store in use, bad flags
 //!   and a source that does not exist are refused with a message that says so.
 
@@ -426,6 +427,160 @@ async fn the_output_tier_moves_with_include_outputs() {
     );
     assert_eq!(stored, Some(20.0), "{exposition}");
     assert_eq!(computed.unwrap_or(0.0), 0.0);
+}
+
+/// A record of `output` as the output of `recipe`.
+fn record_of(
+    recipe: CAddr,
+    output: &[u8],
+    signature: Option<[u8; 64]>,
+) -> deriva_core::provenance::SignedRecord {
+    deriva_core::provenance::SignedRecord {
+        record: deriva_core::provenance::Record {
+            recipe,
+            function: concat(),
+            inputs: vec![CAddr::for_leaf(b"records' input")],
+            output_hash: CAddr::for_leaf(output),
+            output_bytes: output.len() as u64,
+            node: "node-a".into(),
+            started_at_micros: 1_765_000_000_000_000,
+            duration_micros: 3_100_000,
+            span: None,
+        },
+        signature,
+    }
+}
+
+/// The remote store of `space`, opened directly, with the output tier if `tier`.
+async fn open_remote(services: &Backends, space: &Space, tier: bool) -> deriva_store::Store {
+    let spool = std::env::temp_dir().join(format!("records-spool-{}", space.schema));
+    let config = deriva_store_remote::RemoteConfig {
+        blob_store: format!("s3://{}/{}", services.bucket(), space.prefix),
+        aws: services.aws_env(),
+        index: services.pg_url(),
+        schema: space.schema.clone(),
+        pool_size: 4,
+        local_cache: None,
+        spool_dir: Some(spool),
+        output_tier: tier,
+        create_schema: true,
+        node_id: "migrate-records".into(),
+        compute_lease_ttl: deriva_store_remote::LEASE_TTL,
+    };
+    deriva_store_remote::open(
+        &config,
+        std::sync::Arc::new(deriva_store::observe::BackendMetrics::noop()),
+    )
+    .await
+    .expect("the remote store opens")
+    .store
+}
+
+async fn close(store: deriva_store::Store) {
+    let released = store.released();
+    drop(store);
+    released.wait().await;
+}
+
+/// Materialization records move with the store: from a local store to the remote backend
+/// without its output tier (rows of their own), their audits starting again; a second run
+/// skips them and `--verify` checks them. Then remote to remote with `--include-outputs`: the
+/// record of an output in the tier travels on its object (and is not copied twice), the
+/// other as a record alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn materialization_records_move_with_the_store() {
+    use deriva_core::provenance::{AuditResult, Provenance};
+    let services = backends::shared();
+    let source = tempfile::tempdir().unwrap();
+    let store = deriva_store_local::open(source.path()).unwrap();
+    let leaf = store
+        .put_leaf(Bytes::from_static(b"records' input"))
+        .await
+        .unwrap();
+    let a = store
+        .put_recipe(recipe("identity", vec![leaf]))
+        .await
+        .unwrap();
+    let b = store
+        .put_recipe(recipe("reverse", vec![leaf]))
+        .await
+        .unwrap();
+    let (ra, rb) = (
+        record_of(a, b"output of a", None),
+        record_of(b, b"output of b", Some([4; 64])),
+    );
+    let records = store.records().expect("local records").clone();
+    records.put(&ra).await.unwrap();
+    records.put(&rb).await.unwrap();
+    let audited = records
+        .audit(a, ra.record.output_hash, AuditResult::Match)
+        .await
+        .unwrap();
+    assert_eq!(audited.map(|a| a.matches), Some(1));
+    drop(records);
+    close(store).await;
+
+    let to = Space::new("records_to");
+    let mut args = vec![
+        "--data-dir".to_owned(),
+        source.path().to_str().unwrap().to_owned(),
+    ];
+    args.extend(remote_flags(&services, &to, true));
+    let report = migrate_ok(&services, &strs(&args));
+    assert_eq!(
+        (report.records.copied, report.records.failed),
+        (2, 0),
+        "{report:?}"
+    );
+    let again = migrate_ok(&services, &strs(&args));
+    assert_eq!((again.records.copied, again.records.skipped), (0, 2));
+    args.push("--verify".to_owned());
+    let verified = migrate_ok(&services, &strs(&args));
+    assert_eq!(verified.records.checked, 2, "{verified:?}");
+    assert_eq!(verified.problems(), 0, "{verified:?}");
+
+    let moved = open_remote(&services, &to, true).await;
+    let records = moved.records().expect("remote records").clone();
+    assert_eq!(
+        records.get(a).await.unwrap(),
+        Some(Provenance::new(ra.clone())),
+        "the record, its audits started again"
+    );
+    assert_eq!(
+        records.get(b).await.unwrap(),
+        Some(Provenance::new(rb.clone()))
+    );
+    let outputs = moved.outputs().expect("the output tier").clone();
+    assert!(!outputs.contains(a).await.unwrap(), "a record is no output");
+    let output = Bytes::from_static(b"output of a");
+    outputs.put(a, output.clone(), Some(&ra)).await.unwrap();
+    drop((records, outputs));
+    close(moved).await;
+
+    let further = Space::new("records_further");
+    let mut args = remote_flags(&services, &to, false);
+    args.extend(remote_flags(&services, &further, true));
+    args.push("--include-outputs".to_owned());
+    let report = migrate_ok(&services, &strs(&args));
+    assert_eq!(report.outputs.as_ref().map(|o| o.copied), Some(1));
+    assert_eq!(
+        (report.records.copied, report.records.skipped),
+        (1, 1),
+        "a's record came with its output: {report:?}"
+    );
+    let last = open_remote(&services, &further, true).await;
+    assert_eq!(
+        last.outputs().unwrap().get(a).await.unwrap(),
+        Some(deriva_store::StoredOutput {
+            bytes: output,
+            record: Some(ra.clone()),
+        })
+    );
+    assert_eq!(
+        last.records().unwrap().get(b).await.unwrap(),
+        Some(Provenance::new(rb))
+    );
+    close(last).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,7 +37,7 @@ fn get_req(addr: &Bytes) -> tonic::Request<GetRequest> {
 }
 
 /// Polls `/metrics` until `series` has `want`.
-async fn wait_sample(obs: &InProcess, series: &str, want: f64) {
+pub(crate) async fn wait_sample(obs: &InProcess, series: &str, want: f64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let got = sample(&obs.scrape().await, series);
@@ -207,7 +207,7 @@ async fn full_flow_shows_every_documented_family_as_the_readme_says() {
         );
     }
     let documented = deriva_testkit::readme_metrics("### Metrics reference");
-    assert_eq!(documented.len(), 54, "README metrics table rows");
+    assert_eq!(documented.len(), 55, "README metrics table rows");
     for (name, kind, buckets) in &documented {
         let found = live
             .iter()

@@ -108,6 +108,13 @@ async fn call(
             .await
             .map(drop),
         RpcMethod::Status => client.status(req(StatusRequest {}, a)).await.map(drop),
+        RpcMethod::Provenance => client
+            .provenance(req(
+                deriva_server::proto::ProvenanceRequest { addr, depth: 1 },
+                a,
+            ))
+            .await
+            .map(drop),
         RpcMethod::Verify => client
             .verify(req(VerifyRequest { addr }, a))
             .await

@@ -72,6 +72,20 @@ impl RemoteHarness {
     }
 }
 
+impl RemoteHarness {
+    /// The store of this case with the output tier.
+    async fn open_with_tier(&self) -> Store {
+        let config = RemoteConfig {
+            output_tier: true,
+            ..self.config()
+        };
+        deriva_store_remote::open(&config, Arc::new(BackendMetrics::noop()))
+            .await
+            .expect("the store opens")
+            .store
+    }
+}
+
 #[async_trait]
 impl Harness for RemoteHarness {
     async fn open(&self) -> Result<Store> {
@@ -110,6 +124,11 @@ impl Harness for RemoteHarness {
 }
 
 deriva_store::conformance_tests!(RemoteHarness::new());
+
+/// The bytes of a stored output, if any.
+fn bytes_of(stored: Option<deriva_store::StoredOutput>) -> Option<Bytes> {
+    stored.map(|s| s.bytes)
+}
 
 /// Only the index says what exists: an object under `leaves/` that PostgreSQL does not record
 /// (a put that stopped between its two writes) is not served, and no read of an absent leaf
@@ -225,14 +244,7 @@ async fn a_collection_never_waits_for_a_pool_its_writers_hold() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_output_moved_under_another_recipe_is_refused() {
     let harness = RemoteHarness::new();
-    let config = RemoteConfig {
-        output_tier: true,
-        ..harness.config()
-    };
-    let store = deriva_store_remote::open(&config, Arc::new(BackendMetrics::noop()))
-        .await
-        .unwrap()
-        .store;
+    let store = harness.open_with_tier().await;
     let outputs = store.outputs().expect("the output tier").clone();
     let (a, b, c) = (
         CAddr::from([0xa; 32]),
@@ -240,15 +252,15 @@ async fn an_output_moved_under_another_recipe_is_refused() {
         CAddr::from([0xc; 32]),
     );
     outputs
-        .put(a, Bytes::from_static(b"A's output"))
+        .put(a, Bytes::from_static(b"A's output"), None)
         .await
         .unwrap();
     outputs
-        .put(b, Bytes::from_static(b"B's output"))
+        .put(b, Bytes::from_static(b"B's output"), None)
         .await
         .unwrap();
     assert_eq!(
-        outputs.get(b).await.unwrap().as_deref(),
+        bytes_of(outputs.get(b).await.unwrap()).as_deref(),
         Some(&b"B's output"[..])
     );
 
@@ -268,11 +280,11 @@ async fn an_output_moved_under_another_recipe_is_refused() {
     }
     // Put again (as the executor does after computing it): B's own output is back.
     outputs
-        .put(b, Bytes::from_static(b"B's output"))
+        .put(b, Bytes::from_static(b"B's output"), None)
         .await
         .unwrap();
     assert_eq!(
-        outputs.get(b).await.unwrap().as_deref(),
+        bytes_of(outputs.get(b).await.unwrap()).as_deref(),
         Some(&b"B's output"[..])
     );
 
@@ -288,7 +300,7 @@ async fn an_output_moved_under_another_recipe_is_refused() {
     assert_eq!(outputs.get(c).await.unwrap(), None, "no row: a miss");
     // With its row (as when the object was replaced since), the old format is a miss too.
     outputs
-        .put(c, Bytes::from_static(b"C's output"))
+        .put(c, Bytes::from_static(b"C's output"), None)
         .await
         .unwrap();
     s3.put(&key(&c), Bytes::from(legacy).into()).await.unwrap();
@@ -299,15 +311,198 @@ async fn an_output_moved_under_another_recipe_is_refused() {
         "in the old format: a miss"
     );
     outputs
-        .put(c, Bytes::from_static(b"C's output"))
+        .put(c, Bytes::from_static(b"C's output"), None)
         .await
         .unwrap();
     assert_eq!(
-        outputs.get(c).await.unwrap().as_deref(),
+        bytes_of(outputs.get(c).await.unwrap()).as_deref(),
         Some(&b"C's output"[..])
     );
     // A delete removes the row and the object.
     outputs.delete(c).await.unwrap();
     assert!(!outputs.contains(c).await.unwrap());
     assert!(s3.head(&key(&c)).await.is_err(), "the object is gone too");
+}
+
+/// A record of `output` as the output of `recipe`.
+fn record_of(recipe: CAddr, output: &[u8]) -> deriva_core::provenance::SignedRecord {
+    deriva_core::provenance::SignedRecord {
+        record: deriva_core::provenance::Record {
+            recipe,
+            function: deriva_core::FunctionId::new("concat", "1").unwrap(),
+            inputs: vec![CAddr::for_leaf(b"in")],
+            output_hash: CAddr::for_leaf(output),
+            output_bytes: output.len() as u64,
+            node: "node-a".into(),
+            started_at_micros: 1_765_000_000_000_000,
+            duration_micros: 42,
+            span: None,
+        },
+        signature: Some([1; 64]),
+    }
+}
+
+/// With the output tier, the record travels on the object and in its row: a put stores both
+/// (audits reset), a get gives the record back with the bytes, an object of version 1 is the
+/// bytes with no record. A record put without an object (`stored = false`) is not an output
+/// of the tier, though its size is recorded; deleting records removes such a row and clears
+/// the record of a stored one, whose output stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_output_tier_keeps_the_record_with_the_output() {
+    use deriva_core::provenance::{AuditResult, Audits, Provenance};
+    let harness = RemoteHarness::new();
+    let store = harness.open_with_tier().await;
+    let outputs = store.outputs().expect("the output tier").clone();
+    let records = store.records().expect("records").clone();
+    let sizes = store.sizes().expect("sizes").clone();
+    let (a, b, c) = (
+        CAddr::from([0xa; 32]),
+        CAddr::from([0xb; 32]),
+        CAddr::from([0xc; 32]),
+    );
+    let output = Bytes::from_static(b"A's output");
+    let record = record_of(a, &output);
+    outputs.put(a, output.clone(), Some(&record)).await.unwrap();
+    assert_eq!(
+        outputs.get(a).await.unwrap(),
+        Some(deriva_store::StoredOutput {
+            bytes: output.clone(),
+            record: Some(record.clone()),
+        })
+    );
+    assert_eq!(
+        records.get(a).await.unwrap(),
+        Some(Provenance::new(record.clone()))
+    );
+    let hash = CAddr::for_leaf(&output);
+    assert_eq!(
+        records.audit(a, hash, AuditResult::Match).await.unwrap(),
+        Some(Audits {
+            matches: 1,
+            ..Audits::default()
+        })
+    );
+    // Put again: the audits start again.
+    outputs.put(a, output.clone(), Some(&record)).await.unwrap();
+    assert_eq!(
+        records.get(a).await.unwrap(),
+        Some(Provenance::new(record.clone()))
+    );
+    // A record that does not describe the output is refused, and nothing changes.
+    let err = outputs
+        .put(a, Bytes::from_static(b"other bytes"), Some(&record))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, deriva_core::DerivaError::InvalidInput(_)),
+        "{err}"
+    );
+    assert_eq!(
+        bytes_of(outputs.get(a).await.unwrap()).as_deref(),
+        Some(&output[..])
+    );
+
+    // A record without an object.
+    let b_record = record_of(b, b"B's output, never in the tier");
+    records.put(&b_record).await.unwrap();
+    assert!(!outputs.contains(b).await.unwrap(), "a record is no output");
+    assert_eq!(outputs.get(b).await.unwrap(), None);
+    assert_eq!(
+        sizes.recorded(b).await.unwrap(),
+        Some(b_record.record.output_bytes)
+    );
+    assert!(
+        !outputs.contains(b).await.unwrap(),
+        "after the kept answer too"
+    );
+    assert_eq!(
+        records.get(b).await.unwrap(),
+        Some(Provenance::new(b_record))
+    );
+
+    // An object of version 1, under its row: the bytes, no record.
+    outputs
+        .put(c, Bytes::from_static(b"C's output"), None)
+        .await
+        .unwrap();
+    let mut v1 = b"DRVO\x01".to_vec();
+    v1.extend_from_slice(c.as_bytes());
+    v1.extend_from_slice(blake3::hash(b"C's output").as_bytes());
+    v1.extend_from_slice(b"C's output");
+    let key = Path::from(format!("{}/outputs/{}", harness.prefix, c.to_hex()));
+    harness
+        .s3()
+        .put(&key, Bytes::from(v1).into())
+        .await
+        .unwrap();
+    assert_eq!(
+        outputs.get(c).await.unwrap(),
+        Some(deriva_store::StoredOutput {
+            bytes: Bytes::from_static(b"C's output"),
+            record: None,
+        })
+    );
+    assert_eq!(records.get(c).await.unwrap(), None);
+
+    records.delete(&[a, b, c]).await.unwrap();
+    assert_eq!(records.get(a).await.unwrap(), None);
+    assert_eq!(records.get(b).await.unwrap(), None);
+    assert_eq!(sizes.recorded(b).await.unwrap(), None, "b's row is gone");
+    assert!(outputs.contains(a).await.unwrap(), "a's output stays");
+    assert_eq!(
+        bytes_of(outputs.get(a).await.unwrap()).as_deref(),
+        Some(&output[..])
+    );
+}
+
+/// Migration 7 on a schema of version 6 (written before records): every `outputs` row there
+/// names an object of the tier, so it stays a stored output, with no record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_7_keeps_the_outputs_of_an_older_schema_stored() {
+    let harness = RemoteHarness::new();
+    let store = harness.open_with_tier().await;
+    let a = CAddr::from([0xa; 32]);
+    let output = Bytes::from_static(b"A's output, from before records");
+    store
+        .outputs()
+        .unwrap()
+        .put(a, output.clone(), None)
+        .await
+        .unwrap();
+    let released = store.released();
+    drop(store);
+    released.wait().await;
+
+    // Back to version 6.
+    let (client, conn) = tokio_postgres::connect(&harness.services.pg_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connecting to PostgreSQL");
+    tokio::spawn(conn);
+    let s = &harness.schema;
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE \"{s}\".outputs DROP COLUMN record, DROP COLUMN audit_match,
+                 DROP COLUMN audit_mismatch, DROP COLUMN audit_error, DROP COLUMN stored;
+             DELETE FROM \"{s}\".schema_version WHERE version = 7;"
+        ))
+        .await
+        .expect("the schema as version 6 left it");
+
+    let store = harness.open_with_tier().await;
+    let version: i32 = client
+        .query_one(
+            &format!("SELECT max(version) FROM \"{s}\".schema_version"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 7);
+    let outputs = store.outputs().unwrap();
+    assert!(outputs.contains(a).await.unwrap(), "still a stored output");
+    assert_eq!(
+        bytes_of(outputs.get(a).await.unwrap()).as_deref(),
+        Some(&output[..])
+    );
+    assert_eq!(store.records().unwrap().get(a).await.unwrap(), None);
 }

@@ -12,7 +12,9 @@
 //! detection, concurrent writers, the blob operations (size, list, delete), streamed
 //! leaves, streamed uploads whose address comes at the end, pins, garbage collection (its
 //! rules, the refresh of a put again, and writers racing collections), and the paged listings
-//! (pages of 1, 2 and many, keys at the edges, a listing while puts happen) with batched puts.
+//! (pages of 1, 2 and many, keys at the edges, a listing while puts happen) with batched puts,
+//! the materialization records (round trip, replacement, audits, deletes, gone with their
+//! recipe on a sweep) and the stored time of a leaf (`stat`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,11 +24,13 @@ use bytes::Bytes;
 
 mod gc;
 mod listing;
+mod records;
 
 pub use gc::{
     garbage_collection, gc_keeps_corrupted_recipes, gc_races_with_writers, gc_refreshed_by_puts,
 };
 pub use listing::{listing_pages, listing_while_putting};
+pub use records::{leaf_stat, records};
 
 use crate::Store;
 use deriva_core::CAddr;
@@ -58,7 +62,7 @@ macro_rules! conformance_tests {
             corruption_detection, concurrent_writers, blob_operations, streams,
             unaddressed_uploads, pins, garbage_collection, gc_refreshed_by_puts,
             gc_races_with_writers, gc_keeps_corrupted_recipes, listing_pages,
-            listing_while_putting);
+            listing_while_putting, records, leaf_stat);
     };
     (@cases $harness:expr; $($case:ident),*) => {
         $(

@@ -123,7 +123,15 @@ fn table(out: &mut String, id: &str, title: &str, rows: &[TraceSummary]) {
              <td class=mono>{request}</td><td class=num>{spans}</td></tr>",
             method = Esc(&t.method),
             addr = Esc(addr),
-            short = Esc(page::short(addr)),
+            // An address links to where its bytes came from.
+            short = if addr.len() == 64 && page::linkable(addr) {
+                format!(
+                    "<a href=\"/debug/provenance/{addr}\">{}</a>",
+                    page::short(addr)
+                )
+            } else {
+                Esc(page::short(addr)).to_string()
+            },
             duration = page::duration(t.duration_us),
             class = if t.status_code == 0 {
                 "st-ok"

@@ -138,7 +138,8 @@ fn tree_order(spans: &[SpanRecord]) -> Vec<(usize, usize)> {
 }
 
 /// The page of one trace.
-pub(super) fn page(trace: &TraceRecord) -> Page {
+/// The waterfall of `trace`; `trace_href` links a trace id (a hit's origin) where it can.
+pub(super) fn page(trace: &TraceRecord, trace_href: &dyn Fn(&str) -> Option<String>) -> Page {
     let mut body = String::new();
     let code = trace.status_code;
     let status_class = if code == 0 { "st-ok" } else { "st-err" };
@@ -209,7 +210,7 @@ pub(super) fn page(trace: &TraceRecord) -> Page {
                 order.len().min(MAX_ROWS) - OPEN_ROWS
             );
         }
-        write_row(&mut body, &trace.spans[i], depth, total, code);
+        write_row(&mut body, &trace.spans[i], depth, total, code, trace_href);
     }
     if order.len() > OPEN_ROWS {
         body.push_str("</details>");
@@ -230,7 +231,14 @@ pub(super) fn page(trace: &TraceRecord) -> Page {
     }
 }
 
-fn write_row(out: &mut String, span: &SpanRecord, depth: usize, total: f64, code: i64) {
+fn write_row(
+    out: &mut String,
+    span: &SpanRecord,
+    depth: usize,
+    total: f64,
+    code: i64,
+    trace_href: &dyn Fn(&str) -> Option<String>,
+) {
     let outcome = Outcome::of(span, code);
     let left = span.start_us as f64 / total * 100.0;
     let width = span.duration_us as f64 / total * 100.0;
@@ -280,6 +288,27 @@ fn write_row(out: &mut String, span: &SpanRecord, depth: usize, total: f64, code
             page::duration(event.at_us),
             Esc(event.level),
             Esc(&text.join(" "))
+        );
+    }
+    // A hit's origin: the compute that made it, on whichever node, in whichever trace.
+    if let Some(origin) = span.field(field::ORIGIN_TRACE_ID) {
+        let target = match trace_href(origin) {
+            Some(href) => format!("<a href=\"{}\">{}</a>", Esc(&href), Esc(origin)),
+            None => Esc(origin).to_string(),
+        };
+        let _ = write!(
+            out,
+            "<tr class=link><th>computed in</th><td class=mono>trace {target} on {node}</td></tr>",
+            node = Esc(span.field(field::ORIGIN_NODE).unwrap_or("?")),
+        );
+    }
+    if span.name == spans::MATERIALIZE
+        && let Some(addr) = span.field(field::ADDR).filter(|a| page::linkable(a))
+    {
+        let _ = write!(
+            out,
+            "<tr class=link><th>provenance</th><td class=mono><a href=\"/debug/provenance/{a}\">{a}</a></td></tr>",
+            a = Esc(addr)
         );
     }
     for link in &span.links {
@@ -359,7 +388,7 @@ mod tests {
 
     fn rendered(trace: &TraceRecord) -> (String, Duration) {
         let start = Instant::now();
-        let html = page(trace).html("n0nce");
+        let html = page(trace, &|_| None).html("n0nce");
         (html, start.elapsed())
     }
 
@@ -414,7 +443,7 @@ mod tests {
         materialize.fields = vec![(field::RESULT, "hit".into())];
         let spans = vec![span(1, None, spans::RPC), compute, materialize];
         assert_eq!(tree_order(&spans), [(0, 0), (2, 1), (1, 2)]);
-        let html = page(&trace(spans)).html("n");
+        let html = page(&trace(spans), &|_| None).html("n");
         assert!(html.contains("left:50.000%;width:25.000%"), "{html}");
         assert!(html.contains("class=\"span o-hit\""));
         assert!(html.contains("class=\"span o-computed\""));
@@ -430,7 +459,7 @@ mod tests {
         t.method = hostile.into();
         t.trace_id = hostile.into();
         t.addr = Some(hostile.into());
-        let html = page(&t).html("n");
+        let html = page(&t, &|_| None).html("n");
         assert!(!html.contains("<script>alert"), "{html}");
         assert!(!html.contains("\"'&"));
         assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;&quot;&#39;&amp;"));
