@@ -75,9 +75,23 @@ pub struct BenchArgs {
     /// Size of the leaf values, in bytes or with a unit (KiB, MiB).
     #[arg(short = 's', long, default_value = "1KiB", value_parser = deriva_util::size::parse_size)]
     pub size: u64,
+    /// The function of the cached-get recipe (one input, no params), NAME/VERSION: another
+    /// one for a server with other builtins, such as the original Deriva's uppercase/1.0.0.
+    #[arg(long, default_value = "reverse/v1", value_parser = parse_function)]
+    pub function: (String, String),
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `NAME/VERSION`, both parts non-empty.
+fn parse_function(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((name, version)) if !name.is_empty() && !version.is_empty() => {
+            Ok((name.to_owned(), version.to_owned()))
+        }
+        _ => Err(format!("{s:?} is not NAME/VERSION, such as reverse/v1")),
+    }
 }
 
 /// Parses `10s`, `500ms`, `2m` or a plain number of seconds.
@@ -232,7 +246,7 @@ fn payload(size: u64, nonce: u64, seq: u64) -> Vec<u8> {
 }
 
 /// Stores what the workload reads: nothing for `status`; otherwise a leaf, a leaf unique to
-/// this run and a `reverse/v1` recipe over the first, fetched once so that it is cached. Only
+/// this run and a recipe of `--function` (`reverse/v1`) over the first, fetched once so that it is cached. Only
 /// the answers' addresses are used, so a server that answers fixed ones (the transport floor)
 /// can be prepared too.
 async fn prepare(client: &mut Client, args: &BenchArgs) -> Result<Prepared, CliError> {
@@ -273,8 +287,8 @@ async fn prepare(client: &mut Client, args: &BenchArgs) -> Result<Prepared, CliE
         .into_inner()
         .addr;
     let recipe = PutRecipeRequest {
-        function_name: "reverse".into(),
-        function_version: "v1".into(),
+        function_name: args.function.0.clone(),
+        function_version: args.function.1.clone(),
         inputs: vec![leaf.clone()],
         params: Default::default(),
     };
@@ -297,11 +311,11 @@ async fn prepare(client: &mut Client, args: &BenchArgs) -> Result<Prepared, CliE
 }
 
 /// The report's `setup`: what [`prepare`] stored for `workload`.
-fn describe(workload: Workload, p: &Prepared) -> String {
+fn describe(workload: Workload, p: &Prepared, (name, version): &(String, String)) -> String {
     match workload {
         Workload::Status => "none; each request is one Status call".to_owned(),
         Workload::CachedGet => format!(
-            "put a {} B leaf and reverse/v1 over it ({}), fetched once to cache it",
+            "put a {} B leaf and {name}/{version} over it ({}), fetched once to cache it",
             p.size,
             hex8(&p.cached)
         ),
@@ -415,7 +429,7 @@ async fn timed(
 pub async fn run(target: &Target, args: &BenchArgs) -> Result<Report, CliError> {
     let mut setup_client = connect(target).await?;
     let prepared = prepare(&mut setup_client, args).await?;
-    let setup = describe(args.workload, &prepared);
+    let setup = describe(args.workload, &prepared, &args.function);
     let prepared = Arc::new(prepared);
     let mut clients = Vec::with_capacity(args.concurrency as usize);
     for _ in 0..args.concurrency {
