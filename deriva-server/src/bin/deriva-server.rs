@@ -17,6 +17,11 @@ use deriva_server::telemetry::Telemetry;
 use deriva_server::{Config, Server, ServerArgs};
 use tokio::net::TcpListener;
 
+/// jemalloc rather than glibc's malloc, configured at build time to return freed memory
+/// promptly (`.cargo/config.toml`): chosen by measurement (BENCHMARKS.md §14).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|a| a == "migrate") {
         return migrate();
