@@ -80,19 +80,13 @@ for round in $(seq "$rounds"); do
         printf '%s\t%s\t%s\t%s\n' "$round" "$label" "$w" "$measured" >> "$results"
     done
 done
+median_table "$results" binary/workload "${labels[*]}" "${workloads[*]}"
 python3 - "$results" "${labels[*]}" "${workloads[*]}" <<'PY'
 import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 labels, workloads = sys.argv[2].split(), sys.argv[3].split()
 at = {(r[0], r[1], r[2]): (float(r[3]), float(r[4]), int(r[5])) for r in rows}
 rounds = sorted({r[0] for r in rows}, key=int)
-print(f"{'binary/workload':<28} {'req/s':>9} {'cpu us/req':>10} {'errors':>7}")
-for label in labels:
-    for w in workloads:
-        rps = statistics.median(at[(k, label, w)][0] for k in rounds)
-        cpu = statistics.median(at[(k, label, w)][1] for k in rounds)
-        errors = sum(at[(k, label, w)][2] for k in rounds)
-        print(f"{label + '/' + w:<28} {rps:>9.0f} {cpu:>10.1f} {errors:>7}")
 base = labels[0]
 for label in labels[1:]:
     print()

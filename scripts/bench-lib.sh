@@ -19,6 +19,12 @@
 #                    FLAGs), reading the server PID's CPU time around it; prints
 #                    "req/s<TAB>server CPU µs per request<TAB>errors<TAB>elapsed seconds".
 #
+# median_table RESULTS TITLE NAMES WORKLOADS
+#                    prints, from RESULTS (lines "round<TAB>name<TAB>workload<TAB>" then
+#                    bench_cpu_run's fields), the median throughput and CPU µs per request and
+#                    the errors of each (name, workload); TITLE heads the first column, NAMES and
+#                    WORKLOADS are space-separated lists.
+#
 # A script that appends the pids it starts to the array `bench_pids` has them stopped (TERM,
 # then waited for) on exit, after its own `bench_stop` if it defines one.
 
@@ -129,5 +135,22 @@ cpu = int(ticks) * 1e6 / int(tck) / n if n else float("nan")
 if r["errors"]:
     print(f"{workload}: {r['errors']} errors; the first: {r['first_error']}", file=sys.stderr)
 print(f"{r['throughput_rps']:.1f}\t{cpu:.2f}\t{r['errors']}\t{r['elapsed_secs']:.3f}")
+PY
+}
+
+median_table() {
+    python3 - "$@" <<'PY'
+import statistics, sys
+path, title, names, workloads = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4].split()
+rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
+at = {(r[0], r[1], r[2]): (float(r[3]), float(r[4]), int(r[5])) for r in rows}
+rounds = sorted({r[0] for r in rows}, key=int)
+print(f"{title:<28} {'req/s':>9} {'cpu us/req':>10} {'errors':>7}")
+for name in names:
+    for w in workloads:
+        rps = statistics.median(at[(k, name, w)][0] for k in rounds)
+        cpu = statistics.median(at[(k, name, w)][1] for k in rounds)
+        errors = sum(at[(k, name, w)][2] for k in rounds)
+        print(f"{name + '/' + w:<28} {rps:>9.0f} {cpu:>10.1f} {errors:>7}")
 PY
 }

@@ -111,19 +111,13 @@ for round in $(seq "$rounds"); do
         printf '%s\t%s\t%s\t%s\n' "$round" "$s" "$w" "$measured" >> "$results"
     done
 done
+median_table "$results" server/workload "${servers[*]}" "${workloads[*]}"
 python3 - "$results" "${servers[*]}" "${workloads[*]}" <<'PY'
 import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 servers, workloads = sys.argv[2].split(), sys.argv[3].split()
 at = {(r[0], r[1], r[2]): (float(r[3]), float(r[4]), int(r[5])) for r in rows}
 rounds = sorted({r[0] for r in rows}, key=int)
-print(f"{'server/workload':<28} {'req/s':>9} {'cpu us/req':>10} {'errors':>7}")
-for s in servers:
-    for w in workloads:
-        rps = statistics.median(at[(k, s, w)][0] for k in rounds)
-        cpu = statistics.median(at[(k, s, w)][1] for k in rounds)
-        errors = sum(at[(k, s, w)][2] for k in rounds)
-        print(f"{s + '/' + w:<28} {rps:>9.0f} {cpu:>10.1f} {errors:>7}")
 for s in servers[1:]:
     print()
     print(f"{s} / original (medians of per-round ratios): throughput, CPU per request")
