@@ -157,10 +157,16 @@ impl ObjectOutputs {
     }
 }
 
-/// The object that stores `output` as the output of `recipe`, with its `record`.
-fn encode(recipe: &CAddr, output: &[u8], record: Option<&SignedRecord>) -> Result<Bytes> {
-    let hash = blake3::hash(output);
-    if let Some(signed) = record {
+/// The object that stores `output`, whose BLAKE3 hash is `hash`, as the output of `recipe`,
+/// with its `record` and that record's envelope (`SignedRecord::to_bytes`): the caller has
+/// both already, for the row.
+fn encode(
+    recipe: &CAddr,
+    output: &[u8],
+    hash: &blake3::Hash,
+    record: Option<(&SignedRecord, &[u8])>,
+) -> Result<Bytes> {
+    if let Some((signed, _)) = record {
         let r = &signed.record;
         if r.recipe != *recipe
             || r.output_hash.as_bytes() != hash.as_bytes()
@@ -176,7 +182,7 @@ fn encode(recipe: &CAddr, output: &[u8], record: Option<&SignedRecord>) -> Resul
             )));
         }
     }
-    let record = record.map(SignedRecord::to_bytes).unwrap_or_default();
+    let record = record.map_or(&[][..], |(_, envelope)| envelope);
     let record_len = u32::try_from(record.len()).map_err(|_| {
         DerivaError::InvalidInput(format!(
             "a materialization record of {} bytes for recipe {recipe}",
@@ -193,8 +199,8 @@ fn encode(recipe: &CAddr, output: &[u8], record: Option<&SignedRecord>) -> Resul
     object.put_slice(hash.as_bytes());
     object.put_u32_le(record_len);
     if !record.is_empty() {
-        object.put_slice(&record);
-        object.put_slice(blake3::hash(&record).as_bytes());
+        object.put_slice(record);
+        object.put_slice(blake3::hash(record).as_bytes());
     }
     object.put_slice(output);
     Ok(object.freeze())
@@ -316,16 +322,15 @@ impl OutputStore for ObjectOutputs {
             table: "outputs",
             context: "recording a stored output",
         };
-        let object = encode(&recipe, &output, record)?;
+        // The output is hashed, and the record encoded, once: for the object and the row.
+        let digest = blake3::hash(&output);
+        let envelope = record.map(SignedRecord::to_bytes);
+        let object = encode(&recipe, &output, &digest, record.zip(envelope.as_deref()))?;
         self.objects
             .overwrite(&self.objects.output_key(&recipe), object)
             .await?;
         let key = recipe.as_bytes().to_vec();
-        let (size, hash) = (
-            output.len() as i64,
-            blake3::hash(&output).as_bytes().to_vec(),
-        );
-        let envelope = record.map(SignedRecord::to_bytes);
+        let (size, hash) = (output.len() as i64, digest.as_bytes().to_vec());
         self.pg
             .query(
                 INDEX,
@@ -409,7 +414,17 @@ mod tests {
     }
 
     fn object(recipe: &CAddr, output: &[u8], record: Option<&SignedRecord>) -> Bytes {
-        encode(recipe, output, record).unwrap()
+        try_object(recipe, output, record).unwrap()
+    }
+
+    fn try_object(recipe: &CAddr, output: &[u8], record: Option<&SignedRecord>) -> Result<Bytes> {
+        let envelope = record.map(SignedRecord::to_bytes);
+        encode(
+            recipe,
+            output,
+            &blake3::hash(output),
+            record.zip(envelope.as_deref()),
+        )
     }
 
     fn stored(output: &'static [u8], record: Option<SignedRecord>) -> Option<StoredOutput> {
@@ -497,7 +512,7 @@ mod tests {
             record_of(recipe(2), b"the output", false),
             record_of(recipe(1), b"another output", false),
         ] {
-            let err = encode(&recipe(1), b"the output", Some(&record)).unwrap_err();
+            let err = try_object(&recipe(1), b"the output", Some(&record)).unwrap_err();
             assert!(
                 matches!(&err, DerivaError::InvalidInput(m) if m.contains("does not describe")),
                 "{err}"

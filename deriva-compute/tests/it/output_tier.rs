@@ -105,11 +105,22 @@ fn nodes(
             .with_outputs(tier.clone())
             .with_bus(bus.clone()),
     );
+    let (a, b) = two_engines(&store, "slow/v1", slow);
+    (dir, tier, bus, a, b)
+}
+
+/// Two executors over `store`, each with a cache of its own and the builtins plus `function`
+/// registered as `id`.
+fn two_engines(
+    store: &Arc<deriva_store::Store>,
+    id: &str,
+    function: &(impl deriva_compute::ComputeFunction + Clone),
+) -> (AsyncExecutor, AsyncExecutor) {
     let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder().build();
     let meter = provider.meter("test");
     let node = || {
         let mut functions = FunctionRegistry::with_builtins();
-        functions.register(fid("slow/v1"), slow.clone());
+        functions.register(fid(id), function.clone());
         AsyncExecutor::new(
             store.clone(),
             Arc::new(functions),
@@ -118,8 +129,7 @@ fn nodes(
             &meter,
         )
     };
-    let (a, b) = (node(), node());
-    (dir, tier, bus, a, b)
+    (node(), node())
 }
 
 async fn setup(exec: &AsyncExecutor) -> (CAddr, CAddr) {
@@ -269,20 +279,7 @@ async fn leased_nodes(
             .with_outputs(tier.clone())
             .with_leases(Arc::new(Leases(leases.0.clone()))),
     );
-    let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder().build();
-    let meter = provider.meter("test");
-    let node = || {
-        let mut functions = FunctionRegistry::with_builtins();
-        functions.register(fid("gate/v1"), gate.function());
-        AsyncExecutor::new(
-            store.clone(),
-            Arc::new(functions),
-            Arc::new(Cache::new(1 << 20)),
-            ExecutorConfig::default(),
-            &meter,
-        )
-    };
-    let (a, b) = (node(), node());
+    let (a, b) = two_engines(&store, "gate/v1", &gate.function());
     let leaf = a.store().put_leaf(Bytes::from_static(b"in")).await.unwrap();
     let recipe = Recipe::new(fid("gate/v1"), vec![leaf], Vec::<(String, String)>::new()).unwrap();
     let recipe = a.put_recipe(recipe).await.unwrap();
