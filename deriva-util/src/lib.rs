@@ -10,6 +10,7 @@
 //!   libpq `key=value` string) is printed: its passwords and secret parameters hidden.
 //! - [`escape`]: percent-decoding, for the redaction and for the URLs' own parsers.
 //! - [`signing`]: ed25519 keys in PEM, which sign and check materialization records.
+//! - [`time`]: [`civil_date`](time::civil_date), the calendar date of a day since the Unix epoch.
 //! - [`crypto`]: [`use_ring`](crypto::use_ring), the process's one TLS crypto provider.
 
 pub mod crypto;
@@ -17,4 +18,5 @@ pub mod escape;
 pub mod redact;
 pub mod signing;
 pub mod size;
+pub mod time;
 pub mod token;
