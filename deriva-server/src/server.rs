@@ -116,7 +116,6 @@ impl Server {
             FunctionRegistry::with_builtins(),
             meter,
         )?;
-        node_id.clone_into(&mut server.node_name);
         server.nodes = nodes;
         if let Some(bus) = bus {
             let exec = server.exec.clone();

@@ -44,18 +44,6 @@ impl fmt::Debug for SigningKey {
 }
 
 impl SigningKey {
-    /// Reads a PKCS#8 PEM private key from `path`.
-    pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let pem = std::fs::read(path).map_err(|e| {
-            KeyError(format!(
-                "cannot read the signing key {}: {e}",
-                path.display()
-            ))
-        })?;
-        Self::from_pem(&pem)
-            .map_err(|e| KeyError(format!("the signing key {}: {e}", path.display())))
-    }
-
     /// Parses a PKCS#8 PEM private key (v1, as OpenSSL writes it, or v2).
     pub fn from_pem(pem: &[u8]) -> Result<Self, KeyError> {
         let der = PrivatePkcs8KeyDer::from_pem_slice(pem).map_err(|e| {
@@ -225,7 +213,7 @@ MCowBQYDK2VwAyEAGLYFRp34YAm8iTivQjhWpzZjDHjsCbbMBPm0q8UiUK0=
             .unwrap_err()
             .to_string();
         assert!(err.contains("BEGIN PUBLIC KEY"), "{err}");
-        let err = SigningKey::load(Path::new("/nonexistent/key.pem"))
+        let err = VerifyingKey::load(Path::new("/nonexistent/key.pem"))
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/key.pem"), "{err}");

@@ -157,6 +157,10 @@ pub trait TraceLinks: Send + Sync + fmt::Debug + 'static {
     fn link_span(&self, span: &tracing::Span, to: deriva_core::SpanRef) {
         self.link(span, &to.traceparent());
     }
+    /// The trace and span id of `span`, if it has a valid context (for its record).
+    fn span_ref(&self, span: &tracing::Span) -> Option<deriva_core::SpanRef> {
+        deriva_core::SpanRef::from_traceparent(&self.traceparent(span)?)
+    }
 }
 
 /// The default of [`ExecutorConfig::compute_timeout`]: 300 s.

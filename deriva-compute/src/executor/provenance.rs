@@ -20,7 +20,6 @@ use bytes::Bytes;
 use deriva_core::provenance::unix_micros;
 use deriva_core::{
     AuditResult, CAddr, DerivaError, FunctionId, Provenance, Recipe, Record, Result, SignedRecord,
-    SpanRef,
 };
 use deriva_store::LeafStat;
 use deriva_store::task::spawn_blocking_in;
@@ -107,8 +106,7 @@ impl AsyncExecutor {
             .config
             .trace_links
             .as_ref()
-            .and_then(|links| links.traceparent(span))
-            .and_then(|tp| SpanRef::from_traceparent(&tp));
+            .and_then(|links| links.span_ref(span));
         let record = Record {
             recipe: addr,
             function: recipe.function().clone(),
@@ -217,8 +215,13 @@ impl AsyncExecutor {
                     }
                 };
                 Span::current().record(field::RESULT, result.as_str());
-                this.count_audit(addr, &record.record.function, record.record.output_hash, result)
-                    .await;
+                this.count_audit(
+                    addr,
+                    &record.record.function,
+                    Some(record.record.output_hash),
+                    result,
+                )
+                .await;
             }
             .instrument(span)
             // The server's subscriber, also where it is not the global one (tests).
@@ -244,21 +247,21 @@ impl AsyncExecutor {
         Ok(record)
     }
 
-    /// Counts an audit of the output of `addr` whose record names `audited` as its hash: in
-    /// `deriva_audit_total` and the record's tallies. A mismatch evicts the output if
-    /// `--on-mismatch evict` says so.
+    /// Counts an audit of the output of `addr`: in `deriva_audit_total`, and in the tallies of
+    /// its record if one was audited (`audited`: the hash that record names). A mismatch
+    /// evicts the output if `--on-mismatch evict` says so.
     pub(super) async fn count_audit(
         &self,
         addr: CAddr,
         function: &FunctionId,
-        audited: CAddr,
+        audited: Option<CAddr>,
         result: AuditResult,
     ) {
         self.state
             .metrics
             .audits
             .add(1, &audit_attrs(function, result.as_str()));
-        if let Some(records) = self.state.store.records() {
+        if let (Some(records), Some(audited)) = (self.state.store.records(), audited) {
             match records.audit(addr, audited, result).await {
                 Ok(Some(tallies)) if tallies.disputed() => {
                     tracing::info!(%addr, matches = tallies.matches, mismatches = tallies.mismatches, "the output is disputed");
@@ -299,13 +302,14 @@ impl AsyncExecutor {
                 } else {
                     AuditResult::Mismatch
                 };
-                (kept.record().output_hash, result)
+                (Some(kept.record().output_hash), result)
             }
             (None, Some(fresh)) if deterministic => {
                 self.keep_record(&fresh).await;
-                (fresh.record.output_hash, AuditResult::Match)
+                (Some(fresh.record.output_hash), AuditResult::Match)
             }
-            (None, _) => (CAddr::for_leaf(&[]), AuditResult::Mismatch),
+            // No record to count against: the metric alone.
+            (None, _) => (None, AuditResult::Mismatch),
         };
         self.count_audit(addr, recipe.function(), audited, result)
             .await;

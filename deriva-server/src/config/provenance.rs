@@ -87,13 +87,6 @@ impl ProvenanceConfig {
             ..Self::default()
         }
     }
-
-    /// The link to the trace `trace_id` that `--trace-url-template` makes, if it is set.
-    pub fn trace_url(&self, trace_id: &str) -> Option<String> {
-        self.trace_url_template
-            .as_ref()
-            .map(|t| t.replace("{trace_id}", trace_id))
-    }
 }
 
 fn parse_sample_ratio(s: &str) -> Result<f64, String> {
@@ -142,15 +135,9 @@ mod tests {
         assert!(err.contains("http"), "{err}");
         let err = parse_trace_url_template("https://j/\"{trace_id}").unwrap_err();
         assert!(err.contains("characters"), "{err}");
-        let config = ProvenanceConfig {
-            trace_url_template: Some(
-                parse_trace_url_template("https://jaeger.example/trace/{trace_id}").unwrap(),
-            ),
-            ..ProvenanceConfig::new()
-        };
         assert_eq!(
-            config.trace_url("4bf9").as_deref(),
-            Some("https://jaeger.example/trace/4bf9")
+            parse_trace_url_template("https://jaeger.example/trace/{trace_id}").unwrap(),
+            "https://jaeger.example/trace/{trace_id}"
         );
     }
 }

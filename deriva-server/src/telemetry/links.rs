@@ -31,6 +31,15 @@ impl TraceLinks for OtelTraceLinks {
         span.add_link(cx.span().span_context().clone());
     }
 
+    fn span_ref(&self, span: &Span) -> Option<deriva_core::SpanRef> {
+        let cx = span.context();
+        let ids = cx.span().span_context().clone();
+        ids.is_valid().then(|| deriva_core::SpanRef {
+            trace_id: ids.trace_id().to_bytes(),
+            span_id: ids.span_id().to_bytes(),
+        })
+    }
+
     fn link_span(&self, span: &Span, to: deriva_core::SpanRef) {
         use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
         span.add_link(SpanContext::new(
@@ -52,6 +61,7 @@ mod tests {
         let links = OtelTraceLinks;
         let span = Span::none();
         assert_eq!(links.traceparent(&span), None);
+        assert_eq!(links.span_ref(&span), None);
         links.link(&span, "not a traceparent");
     }
 }

@@ -120,3 +120,19 @@ pub(super) async fn provenance(
             .into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trace_not_held_here_links_through_the_template() {
+        let template = Some("https://jaeger.example/trace/{trace_id}");
+        assert_eq!(
+            trace_href(&None, template, "4bf9").as_deref(),
+            Some("https://jaeger.example/trace/4bf9")
+        );
+        assert_eq!(trace_href(&None, None, "4bf9"), None);
+        assert_eq!(trace_href(&None, template, "not hex"), None);
+    }
+}
