@@ -45,7 +45,7 @@
 //!
 //! | span | fields | parent |
 //! |---|---|---|
-//! | `materialize` | `addr`, `depth` (0 for the requested address, +1 per input level), `result` | the caller's span, or the parent `materialize` for an input |
+//! | `materialize` | `addr`, `depth` (0 for the requested address, +1 per input level), `result`; on a hit of a computed output its origin: `deriva.origin.node`, `deriva.origin.age_seconds`, `deriva.origin.duration_seconds`, `deriva.origin.trace_id`, `deriva.origin.span_id` (and a span link to that compute) | the caller's span, or the parent `materialize` for an input |
 //! | `cache_check` | `hit` | `materialize` |
 //! | `leaf_read` | `found` | `materialize` |
 //! | `compute` | `function`, `input_bytes`, `output_bytes` | `materialize` |
@@ -54,6 +54,7 @@
 //! | `spill_write` | `bytes` | `materialize` (an output above the spill threshold) |
 //! | `invalidate` | `addr`, `cascade`, `policy`, `evicted` | the caller's span |
 //! | `verify_recipe` | `addr`, `deterministic` | the caller's span (an explicit verification) |
+//! | `audit` | `addr`, `function`, `result` (`match`, `mismatch`, `error`) | none: a trace of its own, linked to the compute it checks (`--audit-sample-ratio`) |
 //!
 //! Below these, in a sampled trace, each call the store makes to its backend is a client span
 //! of `deriva_store::observe`: `object_store` and `index_db` (PostgreSQL) on the remote
