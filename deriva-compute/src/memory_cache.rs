@@ -22,6 +22,12 @@
 //! read that started before it. The cache admits a leaf only on its second read in recent
 //! memory ([`Cache::admit_leaf`]), so a scan that reads many leaves once evicts nothing.
 //!
+//! A hit takes the lock shared: hits on many threads do not wait for one another. Only a hit on
+//! an entry whose priority is stale (the clock has moved since its last refresh: something was
+//! evicted) takes it exclusively, to re-rank the entry. Between two evictions every entry's
+//! priority is already current, so a hot entry costs one shared lookup. (Among entries of equal
+//! priority, eviction then follows the order of their last refresh, not of their last hit.)
+//!
 //! Hits, misses, evictions, bytes and entries (in all, and of leaves alone) are atomics in
 //! [`CacheStats`], read without locks by `Status` and by the metrics callbacks.
 
@@ -32,7 +38,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use deriva_core::{CAddr, SignedRecord};
-use parking_lot::Mutex;
+use parking_lot::RwLock;
 
 /// What an entry holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,11 +202,16 @@ fn read_slot(addr: &CAddr) -> (usize, u64) {
 }
 
 impl CacheEntries {
-    fn rank(&mut self, cost: Duration, size: usize) -> (u64, u64) {
+    /// The priority an entry of `cost` and `size` has against the current clock.
+    fn priority(&self, cost: Duration, size: usize) -> u64 {
         // Nanoseconds of compute per KiB held; an empty output counts as one byte.
         let per_kib = (cost.as_nanos().saturating_mul(1024) / size.max(1) as u128) as u64;
+        self.clock.saturating_add(per_kib)
+    }
+
+    fn rank(&mut self, cost: Duration, size: usize) -> (u64, u64) {
         self.seq += 1;
-        (self.clock.saturating_add(per_kib), self.seq)
+        (self.priority(cost, size), self.seq)
     }
 }
 
@@ -208,7 +219,7 @@ impl CacheEntries {
 #[derive(Debug)]
 pub struct Cache {
     budget: u64,
-    inner: Mutex<CacheEntries>,
+    inner: RwLock<CacheEntries>,
     stats: Arc<CacheStats>,
     /// The admission filter of leaves (see [`Cache::admit_leaf`]).
     reads: Box<[AtomicU64]>,
@@ -219,7 +230,7 @@ impl Cache {
     pub fn new(budget_bytes: u64) -> Self {
         Self {
             budget: budget_bytes,
-            inner: Mutex::default(),
+            inner: RwLock::default(),
             stats: Arc::default(),
             reads: (0..READ_SLOTS).map(|_| AtomicU64::new(0)).collect(),
         }
@@ -237,7 +248,26 @@ impl Cache {
 
     /// Looks `addr` up, counting a hit or a miss, and refreshes the entry's priority on a hit.
     pub fn get(&self, addr: &CAddr) -> Option<CacheHit> {
-        let mut inner = self.inner.lock();
+        {
+            let inner = self.inner.read();
+            let Some(entry) = inner.map.get(addr) else {
+                drop(inner);
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                return None;
+            };
+            if inner.priority(entry.cost, entry.data.len()) == entry.rank.0 {
+                let hit = CacheHit {
+                    data: entry.data.clone(),
+                    cost: entry.cost,
+                    kind: entry.kind,
+                    record: entry.record.clone(),
+                };
+                drop(inner);
+                return Some(self.count_hit(hit));
+            }
+        }
+        // The clock moved since the entry's last refresh: re-rank it.
+        let mut inner = self.inner.write();
         let Some((cost, size, old)) = inner.map.get(addr).map(|e| (e.cost, e.data.len(), e.rank))
         else {
             drop(inner);
@@ -256,47 +286,51 @@ impl Cache {
             record: entry.record.clone(),
         };
         drop(inner);
+        Some(self.count_hit(hit))
+    }
+
+    fn count_hit(&self, hit: CacheHit) -> CacheHit {
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
         if hit.kind == EntryKind::Leaf {
             self.stats.leaf_hits.fetch_add(1, Ordering::Relaxed);
         }
-        Some(hit)
+        hit
     }
 
     /// Whether `addr` is cached, without counting a lookup or touching its priority.
     pub fn contains(&self, addr: &CAddr) -> bool {
-        self.inner.lock().map.contains_key(addr)
+        self.inner.read().map.contains_key(addr)
     }
 
     /// What the entry of `addr` holds, if there is one, without counting a lookup or touching
     /// its priority.
     pub fn kind_of(&self, addr: &CAddr) -> Option<EntryKind> {
-        self.inner.lock().map.get(addr).map(|e| e.kind)
+        self.inner.read().map.get(addr).map(|e| e.kind)
     }
 
     /// The record of the cached output of `addr`, if it has one, without counting a lookup or
     /// touching its priority.
     pub fn record_of(&self, addr: &CAddr) -> Option<Arc<SignedRecord>> {
-        self.inner.lock().map.get(addr)?.record.clone()
+        self.inner.read().map.get(addr)?.record.clone()
     }
 
     /// The size of the cached entry of `addr`, if any, without counting a lookup or changing
     /// its rank.
     pub fn size_of(&self, addr: &CAddr) -> Option<u64> {
-        self.inner.lock().map.get(addr).map(|e| e.data.len() as u64)
+        self.inner.read().map.get(addr).map(|e| e.data.len() as u64)
     }
 
     /// Caches `data` as the output of `addr`, evicting lower-priority entries as needed.
     /// Returns the addresses evicted. An output larger than the whole budget is not cached.
     pub fn insert(&self, addr: CAddr, data: Bytes, cost: Duration) -> Vec<CAddr> {
-        let inner = self.inner.lock();
+        let inner = self.inner.write();
         self.insert_locked(inner, addr, (data, None), cost, EntryKind::Output)
     }
 
     /// The invalidation generation of `addr`, to pass to [`Cache::insert_if_current`] or
     /// [`Cache::insert_leaf_if_current`].
     pub fn generation(&self, addr: &CAddr) -> u64 {
-        self.inner.lock().generations[stripe(addr)]
+        self.inner.read().generations[stripe(addr)]
     }
 
     /// Like [`Cache::insert`], with the output's materialization `record`, unless `addr` was
@@ -342,7 +376,7 @@ impl Cache {
         generation: u64,
         kind: EntryKind,
     ) -> Option<Vec<CAddr>> {
-        let inner = self.inner.lock();
+        let inner = self.inner.write();
         if inner.generations[stripe(&addr)] != generation {
             tracing::debug!(%addr, ?kind, "invalidated while it was read or computed; not cached");
             return None;
@@ -353,7 +387,7 @@ impl Cache {
     /// Advances the generation of `addr`, so no compute or leaf read that started earlier
     /// caches it, and removes it; returns whether it was cached.
     pub fn invalidate(&self, addr: &CAddr) -> bool {
-        let mut inner = self.inner.lock();
+        let mut inner = self.inner.write();
         let g = &mut inner.generations[stripe(addr)];
         *g = g.wrapping_add(1);
         self.remove_locked(&mut inner, addr)
@@ -362,7 +396,7 @@ impl Cache {
     /// Invalidates everything: every generation advances and every entry goes (after a node
     /// may have missed invalidations from other nodes). Returns how many entries were cached.
     pub fn invalidate_all(&self) -> usize {
-        let mut inner = self.inner.lock();
+        let mut inner = self.inner.write();
         for g in inner.generations.iter_mut() {
             *g = g.wrapping_add(1);
         }
@@ -377,7 +411,7 @@ impl Cache {
 
     fn insert_locked(
         &self,
-        mut inner: parking_lot::MutexGuard<'_, CacheEntries>,
+        mut inner: parking_lot::RwLockWriteGuard<'_, CacheEntries>,
         addr: CAddr,
         (data, record): (Bytes, Option<Arc<SignedRecord>>),
         cost: Duration,
@@ -424,7 +458,7 @@ impl Cache {
 
     /// Removes `addr`; returns whether it was cached.
     pub fn remove(&self, addr: &CAddr) -> bool {
-        let mut inner = self.inner.lock();
+        let mut inner = self.inner.write();
         self.remove_locked(&mut inner, addr)
     }
 
@@ -524,6 +558,42 @@ mod tests {
         }
         assert!(!cache.contains(&addr(1)));
         assert!(cache.stats().size_bytes() <= 200);
+    }
+
+    /// A hit between two evictions reads under the shared lock; after an eviction moved the
+    /// clock, a hit re-ranks its entry, which then outlives one of equal cost that was not hit.
+    /// Hits from many threads at once all count.
+    #[test]
+    fn hits_share_the_lock_and_a_hit_after_an_eviction_re_ranks() {
+        let cache = std::sync::Arc::new(Cache::new(3));
+        cache.insert(addr(1), Bytes::from_static(b"a"), ms(10));
+        cache.insert(addr(2), Bytes::from_static(b"b"), ms(10));
+        cache.insert(addr(3), Bytes::from_static(b"c"), ms(1));
+        // addr(3) is the cheapest: evicted, and the clock moves to its priority.
+        assert_eq!(
+            cache.insert(addr(4), Bytes::from_static(b"d"), ms(20)),
+            [addr(3)]
+        );
+        assert!(
+            cache.get(&addr(2)).is_some(),
+            "re-ranked against the new clock"
+        );
+        // addr(1) and addr(2) cost the same; only addr(2) was refreshed since the clock moved.
+        assert_eq!(
+            cache.insert(addr(5), Bytes::from_static(b"e"), ms(20)),
+            [addr(1)]
+        );
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let cache = cache.clone();
+                std::thread::spawn(move || {
+                    (0..1000).filter(|_| cache.get(&addr(4)).is_some()).count()
+                })
+            })
+            .collect();
+        let hits: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(hits, 4000);
+        assert_eq!(cache.stats().hits(), 4001);
     }
 
     #[test]
