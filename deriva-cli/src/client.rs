@@ -153,6 +153,9 @@ pub struct Target {
     pub trace_id: String,
     /// Whether to ask the server to sample whatever its ratio (`x-deriva-trace: force`).
     pub force: bool,
+    /// Whether to ask the server to keep this command's request trees in its trace store,
+    /// sampled for export or not (`x-deriva-trace: capture`): for `get --explain`.
+    pub capture: bool,
     /// `authorization: Bearer <token>` for a server with `--auth-tokens`.
     pub authorization: Option<MetadataValue<Ascii>>,
     /// TLS files for https:// URLs.
@@ -214,9 +217,16 @@ impl Target {
             traceparent: Some(traceparent),
             trace_id,
             force,
+            capture: false,
             authorization: None,
             tls: TlsFiles::default(),
         }
+    }
+
+    /// Asks the server to keep this command's request trees (see [`Target::capture`]).
+    pub fn capturing(mut self) -> Self {
+        self.capture = true;
+        self
     }
 
     /// Uses `tls` for an https:// URL.
@@ -247,6 +257,7 @@ impl Target {
 pub struct TraceContext {
     traceparent: Option<MetadataValue<Ascii>>,
     force: bool,
+    capture: bool,
     authorization: Option<MetadataValue<Ascii>>,
 }
 
@@ -260,10 +271,15 @@ impl Interceptor for TraceContext {
                 .metadata_mut()
                 .insert("traceparent", traceparent.clone());
         }
+        // A forced trace is captured too.
         if self.force {
             request
                 .metadata_mut()
                 .insert("x-deriva-trace", MetadataValue::from_static("force"));
+        } else if self.capture {
+            request
+                .metadata_mut()
+                .insert("x-deriva-trace", MetadataValue::from_static("capture"));
         }
         if let Some(authorization) = &self.authorization {
             request
@@ -324,6 +340,7 @@ pub async fn connect(target: &Target) -> Result<Client, CliError> {
     let trace = TraceContext {
         traceparent: target.traceparent.clone(),
         force: target.force,
+        capture: target.capture,
         authorization: target.authorization.clone(),
     };
     Ok(DerivaClient::with_interceptor(channel, trace)

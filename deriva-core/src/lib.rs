@@ -9,6 +9,8 @@
 //!   encoding (signed, with its audits).
 //! - [`spans`]: the names of Deriva's spans and their fields, shared by the engine, the server's
 //!   trace store and the client's `--explain`.
+//! - [`untraced`]: the scope of a request that is not traced (decided when it arrives), which
+//!   every span layer checks and every task the request spawns carries.
 //!
 //! Storage is `deriva-store` (traits, the `Store` facade) and its backends
 //! (`deriva-store-local`, `deriva-store-remote`); helpers with no domain meaning (tokens, sizes,
@@ -51,6 +53,7 @@ pub mod error;
 pub mod provenance;
 pub mod recipe;
 pub mod spans;
+pub mod untraced;
 
 pub use addr::{AddrParseError, CAddr};
 pub use error::{DerivaError, Result};

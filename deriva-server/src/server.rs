@@ -57,6 +57,7 @@ pub struct Server {
     registry: Option<prometheus::Registry>,
     dispatch: Option<Dispatch>,
     traces: Option<TraceStore>,
+    edge: Option<Arc<crate::rpc::Edge>>,
     /// Listens for the other nodes' invalidations (remote backend only); stops when dropped.
     listener: Option<deriva_store_remote::Listener>,
     /// This node's name in `ClusterStatus` (its `service.instance.id` when known).
@@ -210,6 +211,7 @@ impl Server {
             registry: None,
             dispatch: None,
             traces: None,
+            edge: None,
             listener: None,
             node_name,
             nodes: None,
@@ -228,6 +230,14 @@ impl Server {
     /// [`TraceStore::layer`]).
     pub fn with_trace_store(mut self, traces: TraceStore) -> Self {
         self.traces = Some(traces);
+        self
+    }
+
+    /// Decides per request with `edge` whether it is traced, from the telemetry's sampler and
+    /// trace store ([`Telemetry::edge`](crate::telemetry::Telemetry::edge)); without one, every
+    /// request is traced.
+    pub fn with_edge(mut self, edge: crate::rpc::Edge) -> Self {
+        self.edge = Some(Arc::new(edge));
         self
     }
 
@@ -360,6 +370,7 @@ impl Server {
         let grpc_serving = builder
             .layer(
                 RpcLayer::new(self.metrics.clone(), self.dispatch.clone())
+                    .with_edge(self.edge.clone())
                     .with_auth(self.auth.clone())
                     .with_cutoff(cutoff),
             )

@@ -102,6 +102,7 @@ impl Builder {
                     .unwrap()
                     .with_registry(telemetry.registry().clone())
                     .with_trace_store(telemetry.traces().clone())
+                    .with_edge(telemetry.edge())
                     .with_dispatch(dispatch);
                 (server, Some(telemetry))
             }

@@ -141,6 +141,8 @@ pub async fn run(args: CliArgs) -> Result<(), CliError> {
             explain,
         } => {
             let addr = parse_addr("get", &addr)?;
+            // The tree must be kept whatever the server's sampling.
+            let server = if explain { server.capturing() } else { server };
             let result = get(&server, addr, output.as_deref()).await;
             if explain {
                 // Explain failures too: the tree shows where it went wrong.

@@ -181,13 +181,16 @@ impl AsyncExecutor {
         let Ok(permit) = self.state.audits.clone().try_acquire_owned() else {
             return;
         };
-        let span = info_span!(
-            parent: None,
-            spans::AUDIT,
-            { field::ADDR } = %addr,
-            { field::FUNCTION } = %record.record.function,
-            { field::RESULT } = Empty
-        );
+        // A trace of its own, also when the hit's request is not traced.
+        let span = deriva_core::untraced::enter(None, || {
+            info_span!(
+                parent: None,
+                spans::AUDIT,
+                { field::ADDR } = %addr,
+                { field::FUNCTION } = %record.record.function,
+                { field::RESULT } = Empty
+            )
+        });
         if let (Some(links), Some(to)) = (&self.state.config.trace_links, record.record.span) {
             links.link_span(&span, to);
         }

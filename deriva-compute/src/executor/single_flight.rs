@@ -89,14 +89,15 @@ impl AsyncExecutor {
         // makes the caller's subscriber the default: tracing-subscriber closes a parent span
         // through the thread's default subscriber, so a span dropped elsewhere would keep its
         // parent open whenever the subscriber is not global (as in tests).
-        let task = tokio::spawn(
+        // A flight of an untraced request builds no spans either (see `deriva_core::untraced`).
+        let task = tokio::spawn(deriva_core::untraced::in_current(
             async move {
                 this.resolve(addr, depth, tracker, known)
                     .instrument(span)
                     .await
             }
             .with_current_subscriber(),
-        );
+        ));
         let guard = FlightTask {
             task,
             addr,

@@ -258,7 +258,8 @@ async fn run(
     let server = match Server::connect(config, &meter, telemetry.instance_id()).await {
         Ok(s) => s
             .with_registry(telemetry.registry().clone())
-            .with_trace_store(telemetry.traces().clone()),
+            .with_trace_store(telemetry.traces().clone())
+            .with_edge(telemetry.edge()),
         Err(e @ deriva_core::DerivaError::InvalidInput(_)) => {
             // A flag's file (the token file, a certificate) is wrong.
             eprintln!("deriva-server: {e}");

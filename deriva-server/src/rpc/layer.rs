@@ -9,12 +9,17 @@
 //!   caller's W3C `traceparent` when there is a valid one;
 //! - the request id: `x-request-id` when it is a safe token (no whitespace, quote or backslash),
 //!   a new UUID otherwise;
-//! - `x-request-id` and `x-trace-id` on every response, unary or streaming;
+//! - the [`Edge`]'s decision, made before anything else: a traced request gets the span below
+//!   and its tree; an untraced one runs in a [`deriva_core::untraced`] scope, builds no span,
+//!   and is filed by the trace store at its end only if it failed or was slow;
+//! - `x-request-id` on every response, unary or streaming; `x-trace-id` on those of traced
+//!   requests and on the trailers-only failures of untraced ones;
 //! - with `--auth-tokens`, the bearer token checked for the method's scope before the span
 //!   starts: a refused call answers without reaching the service, and is never a forced trace.
 //!   `x-deriva-trace: force` is honoured only for a token with `write` or `admin` (without
 //!   tokens every caller is trusted, so for anyone), and the sampler still counts it against
-//!   `--trace-max-per-second`. An `Explain` carries its [`Caller`](crate::auth::Caller) (name
+//!   `--trace-max-per-second`. `x-deriva-trace: capture` (any caller) keeps the request's tree
+//!   in the trace store without asking for export. An `Explain` carries its [`Caller`](crate::auth::Caller) (name
 //!   and scopes) to the service;
 //! - with a [`Cutoff`], every call but `Status` cut off with `UNAVAILABLE` when the shutdown
 //!   grace is over (see [`crate::rpc::cutoff`]).
@@ -45,8 +50,11 @@ use deriva_core::spans;
 use crate::auth::{AUTH_NAME, AuthError, Scope, Tokens};
 use crate::method::{RpcMethod, SERVICE};
 use crate::rpc::cutoff::Cutoff;
+use crate::rpc::edge::{Decision, Edge};
 use crate::telemetry::RequestId;
 use crate::telemetry::metrics::{RpcTimer, ServerMetrics};
+use crate::trace_store::UntracedEnd;
+use deriva_core::untraced::{self, Untraced};
 
 /// Longest `x-request-id` honored; longer ones are replaced.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
@@ -60,6 +68,7 @@ pub struct RpcLayer {
     dispatch: Option<Dispatch>,
     auth: Option<Arc<Tokens>>,
     cutoff: Cutoff,
+    edge: Option<Arc<Edge>>,
 }
 
 impl RpcLayer {
@@ -71,7 +80,15 @@ impl RpcLayer {
             dispatch,
             auth: None,
             cutoff: Cutoff::default(),
+            edge: None,
         }
+    }
+
+    /// Decides per request with `edge` whether it is traced (see [`crate::rpc::edge`]);
+    /// without one, every request is, and the tracer's sampler decides what is exported.
+    pub fn with_edge(mut self, edge: Option<Arc<Edge>>) -> Self {
+        self.edge = edge;
+        self
     }
 
     /// Requires a bearer token of `tokens` with the scope of each RPC
@@ -100,6 +117,7 @@ impl<S> Layer<S> for RpcLayer {
             dispatch: self.dispatch.clone(),
             auth: self.auth.clone(),
             cutoff: self.cutoff.clone(),
+            edge: self.edge.clone(),
         }
     }
 }
@@ -112,6 +130,7 @@ pub struct RpcService<S> {
     dispatch: Option<Dispatch>,
     auth: Option<Arc<Tokens>>,
     cutoff: Cutoff,
+    edge: Option<Arc<Edge>>,
 }
 
 type Resp = http::Response<tonic::body::Body>;
@@ -145,7 +164,10 @@ where
         // so that only a caller who may force a trace does.
         let mut caller: Option<String> = None;
         let mut refused = None;
-        let mut force = asks_to_force(req.headers());
+        let mut force = asks_for(req.headers(), "force");
+        // Keeping one's own request tree in the trace store (`deriva get --explain`) costs
+        // no export: any caller may ask.
+        let capture = force || asks_for(req.headers(), "capture");
         let mut known = None;
         if let Some(tokens) = self.auth.as_deref() {
             let needed = method.scope();
@@ -186,30 +208,58 @@ where
             req.extensions_mut().insert(known);
         }
         let dispatch = self.dispatch.clone();
-        let span = with_dispatch(dispatch.as_ref(), || {
-            rpc_span(method, &request_id, req.headers(), force)
-        });
-        // Starting the OTel span here (with the remote parent already set) makes the sampling
-        // decision; without an OpenTelemetry layer there is no trace id to report.
-        let trace_id = {
-            let cx = span.context();
-            let sc = cx.span().span_context().clone();
-            sc.is_valid().then(|| sc.trace_id().to_string())
+        // The caller's context when `traceparent` is valid (an empty one otherwise).
+        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
+        let decision = match &self.edge {
+            Some(edge) => edge.decide(parent.span().span_context(), force, capture),
+            None => Decision::Traced { sampled: force },
         };
-        if let Some(id) = &trace_id {
-            span.record(spans::field::TRACE_ID, id.as_str());
-        }
-        if let Some(name) = &caller {
-            span.record(AUTH_NAME, name.as_str());
-        }
+        let sampled = match (decision, &self.edge) {
+            (Decision::Traced { sampled }, Some(_)) => Some(sampled),
+            // No edge: the tracer's sampler decides (`force` asks it to sample).
+            _ => None,
+        };
         let timer = self.metrics.start(method);
-        let end = CallEnd {
+        let mut end = CallEnd {
             timer: Some(timer),
-            span: span.clone(),
+            span: None,
+            untraced: None,
             dispatch: dispatch.clone(),
-            method: method.label(),
+            method,
             caller,
         };
+        let mut trace_id = None;
+        if decision == Decision::Untraced {
+            let caller_trace = parent.span().span_context().trace_id();
+            let id = match caller_trace != opentelemetry::trace::TraceId::INVALID {
+                true => u128::from_be_bytes(caller_trace.to_bytes()),
+                false => fastrand::u128(1..),
+            };
+            let scope = Untraced::new(id, Arc::from(request_id.as_str()));
+            let edge = self
+                .edge
+                .clone()
+                .expect("only an edge decides a request untraced");
+            end.untraced = Some((scope, edge));
+        } else {
+            let span = with_dispatch(dispatch.as_ref(), || {
+                rpc_span(method, &request_id, parent, force, sampled)
+            });
+            // Starting the OTel span here (with the remote parent already set) makes the
+            // sampling decision; without an OpenTelemetry layer there is no trace id to report.
+            trace_id = {
+                let cx = span.context();
+                let sc = cx.span().span_context().clone();
+                sc.is_valid().then(|| sc.trace_id().to_string())
+            };
+            if let Some(id) = &trace_id {
+                span.record(spans::field::TRACE_ID, id.as_str());
+            }
+            if let Some(name) = &end.caller {
+                span.record(AUTH_NAME, name.as_str());
+            }
+            end.span = Some(span);
+        }
 
         // One box per call, below: the refusal and the call are the two arms of an `Either`.
         let call = match refused {
@@ -222,24 +272,39 @@ where
             }
             None => futures::future::Either::Right(self.cutoff.clone().run(inner.call(req))),
         };
-        let call = call.instrument(span);
+        // A traced call runs in its span; an untraced one in its scope (no span: the span
+        // layers see the scope and build none below it).
+        let scope = end.untraced.as_ref().map(|(scope, _)| scope.clone());
+        let call = match &end.span {
+            Some(span) => futures::future::Either::Left(call.instrument(span.clone())),
+            None => futures::future::Either::Right(untraced::scoped(scope.clone(), call)),
+        };
         let call: Pin<Box<dyn Future<Output = Result<Resp, Infallible>> + Send>> = match dispatch {
             Some(d) => Box::pin(call.with_subscriber(d)),
             None => Box::pin(call),
         };
         Box::pin(async move {
             let Ok(mut resp) = call.await;
+            let failed_at_once = Status::from_header_map(resp.headers());
             let headers = resp.headers_mut();
             if let Ok(v) = HeaderValue::from_str(&request_id) {
                 headers.insert("x-request-id", v);
             }
+            // An untraced request's trace id is worth sending only with a failure the trace
+            // store files (a stream's failure comes after its headers).
+            let trace_id = trace_id.or_else(|| {
+                let failed = failed_at_once
+                    .as_ref()
+                    .is_some_and(|s| s.code() != tonic::Code::Ok);
+                scope.filter(|_| failed).map(|s| s.trace_hex())
+            });
             if let Some(v) = trace_id
                 .as_deref()
                 .and_then(|t| HeaderValue::from_str(t).ok())
             {
                 headers.insert("x-trace-id", v);
             }
-            if let Some(status) = Status::from_header_map(resp.headers()) {
+            if let Some(status) = failed_at_once {
                 // Trailers-only response: the call is over.
                 end.finish(status.code() as i32);
                 return Ok(resp);
@@ -264,16 +329,23 @@ fn with_dispatch<T>(dispatch: Option<&Dispatch>, f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Whether the request carries `x-deriva-trace: force`.
-fn asks_to_force(headers: &HeaderMap) -> bool {
+/// Whether the request carries `x-deriva-trace: <what>` (`force` or `capture`).
+fn asks_for(headers: &HeaderMap, what: &str) -> bool {
     headers
         .get("x-deriva-trace")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"force"))
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(what.as_bytes()))
 }
 
-/// The server span, under the caller's context when `traceparent` is valid; `force` asks the
-/// sampler to sample it whatever the ratio (still under the per-second cap).
-fn rpc_span(method: RpcMethod, request_id: &str, headers: &HeaderMap, force: bool) -> Span {
+/// The server span, under the caller's context `parent` (empty when `traceparent` is not
+/// valid). `sampled` is the edge's decision, which the sampler follows; without one, `force`
+/// asks the sampler to sample it whatever the ratio (still under the per-second cap).
+fn rpc_span(
+    method: RpcMethod,
+    request_id: &str,
+    parent: opentelemetry::Context,
+    force: bool,
+    sampled: Option<bool>,
+) -> Span {
     let span = tracing::info_span!(
         spans::RPC,
         otel.name = method.span_name(),
@@ -286,12 +358,11 @@ fn rpc_span(method: RpcMethod, request_id: &str, headers: &HeaderMap, force: boo
         { spans::field::REQUEST_ID } = request_id,
         { spans::field::TRACE_ID } = Empty,
         deriva.force_trace = force,
+        deriva.sampled = sampled,
         auth.name = Empty,
     );
-    // The caller's context when `traceparent` is valid (an empty one otherwise, which makes this
-    // a root), carrying the request id for log lines. Set before the span is entered, so the
-    // sampler sees the remote parent.
-    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    // The caller's context (an empty one makes this a root), carrying the request id for log
+    // lines. Set before the span is entered, so the sampler sees the remote parent.
     let _ = span.set_parent(parent.with_value(RequestId(request_id.into())));
     span
 }
@@ -339,10 +410,13 @@ impl Extractor for HeaderExtractor<'_> {
 /// Finishes a call exactly once: on the final status, or on drop (a client that went away).
 struct CallEnd {
     timer: Option<RpcTimer>,
-    span: Span,
+    /// A traced call's span.
+    span: Option<Span>,
+    /// An untraced call's scope, and the edge whose trace store files it if it fails or is
+    /// slow.
+    untraced: Option<(Arc<Untraced>, Arc<Edge>)>,
     dispatch: Option<Dispatch>,
-    /// The `method` label, for the completion line.
-    method: &'static str,
+    method: RpcMethod,
     /// The caller's token name under `--auth-tokens` (`auth.name` on the completion line).
     caller: Option<String>,
 }
@@ -360,35 +434,71 @@ impl CallEnd {
             return;
         };
         let ok = code == 0;
-        timer.finish(ok);
-        self.span.record("rpc.grpc.status_code", i64::from(code));
-        if !ok {
-            self.span.record("otel.status_code", "ERROR");
-        }
-        let (span, method, caller) = (&self.span, self.method, self.caller.as_deref());
-        with_dispatch(self.dispatch.as_ref(), || {
-            // A line per successful call is an access log, and formatting and writing it cost
-            // ~20% of cached-Get throughput (BENCHMARKS.md): DEBUG. Failures stay INFO. The span
-            // is entered (which activates its OpenTelemetry context for the line's ids) only when
-            // the line will be written: on the hot path DEBUG is usually off.
-            if ok {
-                if tracing::event_enabled!(tracing::Level::DEBUG) {
-                    span.in_scope(|| match caller {
-                        Some(name) => {
-                            tracing::debug!(method = %method, code, auth.name = %name, "rpc finished");
-                        }
-                        None => tracing::debug!(method = %method, code, "rpc finished"),
-                    });
+        let duration = timer.finish(ok);
+        let method = self.method.label();
+        let caller = self.caller.as_deref();
+        if let Some(span) = &self.span {
+            span.record("rpc.grpc.status_code", i64::from(code));
+            if !ok {
+                span.record("otel.status_code", "ERROR");
+            }
+            // The span is entered (which activates its OpenTelemetry context for the line's
+            // ids) only when the line will be written.
+            with_dispatch(self.dispatch.as_ref(), || {
+                if line_wanted(ok) {
+                    span.in_scope(|| finished_line(ok, method, code, caller));
                 }
-            } else {
-                span.in_scope(|| match caller {
-                    Some(name) => {
-                        tracing::info!(method = %method, code, auth.name = %name, "rpc failed");
-                    }
-                    None => tracing::info!(method = %method, code, "rpc failed"),
+            });
+            return;
+        }
+        let Some((scope, edge)) = &self.untraced else {
+            return;
+        };
+        let duration_us = duration.as_micros() as u64;
+        if !ok || edge.traces().would_keep_as_slow(duration_us) {
+            edge.traces().file_untraced(UntracedEnd {
+                trace_id: scope.trace_hex(),
+                request_id: scope.request_id(),
+                method: self.method.grpc_name(),
+                status_code: i64::from(code),
+                duration,
+                caller,
+            });
+        }
+        // The line carries the request's ids through its scope.
+        with_dispatch(self.dispatch.as_ref(), || {
+            if line_wanted(ok) {
+                untraced::enter(Some(scope.clone()), || {
+                    finished_line(ok, method, code, caller);
                 });
             }
         });
+    }
+}
+
+/// Whether the completion line of a call will be written. A line per successful call is an
+/// access log, and formatting and writing it cost ~20% of cached-Get throughput
+/// (BENCHMARKS.md): DEBUG, usually off. Failures stay INFO.
+fn line_wanted(ok: bool) -> bool {
+    !ok || tracing::event_enabled!(tracing::Level::DEBUG)
+}
+
+/// The completion line of a call (see [`line_wanted`]).
+fn finished_line(ok: bool, method: &str, code: i32, caller: Option<&str>) {
+    if ok {
+        match caller {
+            Some(name) => {
+                tracing::debug!(method = %method, code, auth.name = %name, "rpc finished");
+            }
+            None => tracing::debug!(method = %method, code, "rpc finished"),
+        }
+    } else {
+        match caller {
+            Some(name) => {
+                tracing::info!(method = %method, code, auth.name = %name, "rpc failed");
+            }
+            None => tracing::info!(method = %method, code, "rpc failed"),
+        }
     }
 }
 

@@ -21,21 +21,29 @@ pub struct RequestId(pub Arc<str>);
 pub struct LineIds {
     /// W3C trace id, 32 hex characters.
     pub trace_id: String,
-    /// Span id, 16 hex characters.
-    pub span_id: String,
+    /// Span id, 16 hex characters; `None` in an untraced request, which has no span.
+    pub span_id: Option<String>,
     /// The request id, when the line is inside a request.
     pub request_id: Option<Arc<str>>,
 }
 
-/// The ids of the current OpenTelemetry context, if a span is active.
+/// The ids of the current OpenTelemetry context, if a span is active, else those of the
+/// untraced request running (see [`deriva_core::untraced`]), if any.
 pub fn current_ids() -> Option<LineIds> {
     let cx = Context::current();
     let span = cx.span();
     let sc = span.span_context();
-    sc.is_valid().then(|| LineIds {
-        trace_id: sc.trace_id().to_string(),
-        span_id: sc.span_id().to_string(),
-        request_id: cx.get::<RequestId>().map(|r| r.0.clone()),
+    if sc.is_valid() {
+        return Some(LineIds {
+            trace_id: sc.trace_id().to_string(),
+            span_id: Some(sc.span_id().to_string()),
+            request_id: cx.get::<RequestId>().map(|r| r.0.clone()),
+        });
+    }
+    deriva_core::untraced::current().map(|scope| LineIds {
+        trace_id: scope.trace_hex(),
+        span_id: None,
+        request_id: Some(scope.request_id().clone()),
     })
 }
 
@@ -68,24 +76,27 @@ where
         } = ids;
         let body = line.strip_suffix('\n').unwrap_or(&line);
         // Request ids are sanitized tokens (see `rpc::layer::request_id`): safe in JSON and text.
-        match (body.strip_prefix('{'), request_id) {
-            (Some(rest), Some(rid)) => writeln!(
-                writer,
-                "{{\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\",\"request_id\":\"{rid}\",{rest}"
-            ),
-            (Some(rest), None) => {
-                writeln!(
-                    writer,
-                    "{{\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\",{rest}"
-                )
+        match body.strip_prefix('{') {
+            Some(rest) => {
+                write!(writer, "{{\"trace_id\":\"{trace_id}\",")?;
+                if let Some(span_id) = span_id {
+                    write!(writer, "\"span_id\":\"{span_id}\",")?;
+                }
+                if let Some(rid) = request_id {
+                    write!(writer, "\"request_id\":\"{rid}\",")?;
+                }
+                writeln!(writer, "{rest}")
             }
-            (None, Some(rid)) => {
-                writeln!(
-                    writer,
-                    "{body} trace_id={trace_id} span_id={span_id} request_id={rid}"
-                )
+            None => {
+                write!(writer, "{body} trace_id={trace_id}")?;
+                if let Some(span_id) = span_id {
+                    write!(writer, " span_id={span_id}")?;
+                }
+                if let Some(rid) = request_id {
+                    write!(writer, " request_id={rid}")?;
+                }
+                writeln!(writer)
             }
-            (None, None) => writeln!(writer, "{body} trace_id={trace_id} span_id={span_id}"),
         }
     }
 }

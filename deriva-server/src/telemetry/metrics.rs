@@ -285,14 +285,15 @@ pub struct RpcTimer {
 }
 
 impl RpcTimer {
-    /// Records the outcome and the duration.
-    pub fn finish(mut self, ok: bool) {
-        self.record(ok);
+    /// Records the outcome and the duration, which it returns.
+    pub fn finish(mut self, ok: bool) -> std::time::Duration {
+        self.record(ok)
     }
 
-    fn record(&mut self, ok: bool) {
+    fn record(&mut self, ok: bool) -> std::time::Duration {
+        let elapsed = self.start.elapsed();
         if std::mem::replace(&mut self.done, true) {
-            return;
+            return elapsed;
         }
         let inner = &self.metrics.inner;
         inner.counts.active[self.index].fetch_sub(1, Ordering::Relaxed);
@@ -302,16 +303,18 @@ impl RpcTimer {
             &inner.counts.error
         };
         counter[self.index].fetch_add(1, Ordering::Relaxed);
-        inner.rpc_duration.record(
-            self.start.elapsed().as_secs_f64(),
-            &inner.method_attrs[self.index],
-        );
+        inner
+            .rpc_duration
+            .record(elapsed.as_secs_f64(), &inner.method_attrs[self.index]);
+        elapsed
     }
 }
 
 impl Drop for RpcTimer {
     fn drop(&mut self) {
-        self.record(false);
+        if !self.done {
+            self.record(false);
+        }
     }
 }
 

@@ -46,6 +46,7 @@ pub use otlp::{ExportPlan, Protocol};
 pub use sampler::{DerivaSampler, FORCE_TRACE_ATTR, RateLimiter};
 pub use span_queue::{SpanQueue, SpanQueueStats};
 
+use crate::rpc::Edge;
 use crate::trace_store::TraceStore;
 use tracing_subscriber::{EnvFilter, fmt as tfmt};
 
@@ -217,6 +218,8 @@ pub struct Telemetry {
     traces: TraceStore,
     config: TelemetryConfig,
     instance_id: String,
+    /// The tracer's sampler (clones share its cap), for the RPC layer's [`Edge`].
+    sampler: DerivaSampler,
 }
 
 /// The service resource: `service.name` (`OTEL_SERVICE_NAME`, default `deriva-server`),
@@ -263,7 +266,7 @@ impl Telemetry {
             .following_callers(plan.sampler.follow_caller);
         let mut tracers = SdkTracerProvider::builder()
             .with_resource(resource.clone())
-            .with_sampler(sampler);
+            .with_sampler(sampler.clone());
         let mut span_stats = None;
         if let Some(export) = &plan.traces {
             let exporter = otlp::span_exporter(export).map_err(TelemetryError::Otlp)?;
@@ -311,7 +314,14 @@ impl Telemetry {
             traces: TraceStore::new(config.trace_store_capacity),
             config,
             instance_id,
+            sampler,
         })
+    }
+
+    /// The RPC layer's decision per request, with the tracer's sampler and this trace store
+    /// (see [`crate::rpc::edge`]).
+    pub fn edge(&self) -> Edge {
+        Edge::new(self.sampler.clone(), self.traces.clone())
     }
 
     /// The Prometheus registry that `/metrics` serves.
@@ -442,9 +452,12 @@ impl Telemetry {
                     .and(filter_fn(move |meta| exporting_logs && meta.is_event()))
                     .and(not_exporters),
             );
+        // Nothing of an untraced request reaches the span layers (`deriva_core::untraced`): its
+        // spans are not built at all, since no other layer wants them.
+        let traced = filter_fn(|_| !deriva_core::untraced::active());
         let registry = tracing_subscriber::registry()
-            .with(otel.with_filter(spans.clone()))
-            .with(self.traces.layer().with_filter(spans))
+            .with(otel.with_filter(spans.clone().and(traced.clone())))
+            .with(self.traces.layer().with_filter(spans.and(traced)))
             .with(bridge);
         // The fmt layer sees events only. Given spans, it would format every span's fields when
         // the span is created, whether or not a line is ever written inside it: that cost 15%

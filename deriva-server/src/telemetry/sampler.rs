@@ -4,13 +4,18 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use opentelemetry::trace::{Link, SpanKind, TraceContextExt, TraceId};
+use opentelemetry::trace::{Link, SpanContext, SpanKind, TraceContextExt, TraceId};
 use opentelemetry::{Context, KeyValue, Value};
 use opentelemetry_sdk::trace::{Sampler, SamplingDecision, SamplingResult, ShouldSample};
 use parking_lot::Mutex;
 
 /// The span attribute that forces sampling (set when a request carries `x-deriva-trace: force`).
 pub const FORCE_TRACE_ATTR: &str = "deriva.force_trace";
+
+/// The span attribute of a request span whose sampling the RPC layer has decided already
+/// ([`DerivaSampler::decide`]): the sampler follows it, and takes no second place under the
+/// cap.
+pub const SAMPLED_ATTR: &str = "deriva.sampled";
 
 /// Sampling: a request marked `x-deriva-trace: force` is sampled whatever the ratio and the
 /// caller's decision, but counts against the cap like any new trace (a flood of forced requests
@@ -20,6 +25,8 @@ pub const FORCE_TRACE_ATTR: &str = "deriva.force_trace";
 #[derive(Debug, Clone)]
 pub struct DerivaSampler {
     ratio: Sampler,
+    /// The ratio itself, for [`DerivaSampler::decide`].
+    fraction: f64,
     limiter: Option<Arc<RateLimiter>>,
     follow_callers: bool,
 }
@@ -29,6 +36,11 @@ impl DerivaSampler {
     pub fn new(ratio: f64, max_per_second: Option<f64>) -> Self {
         Self {
             ratio: Sampler::TraceIdRatioBased(ratio.clamp(0.0, 1.0)),
+            fraction: if ratio.is_nan() {
+                0.0
+            } else {
+                ratio.clamp(0.0, 1.0)
+            },
             limiter: max_per_second.map(|r| Arc::new(RateLimiter::new(r))),
             follow_callers: true,
         }
@@ -41,6 +53,23 @@ impl DerivaSampler {
     pub fn following_callers(mut self, follow: bool) -> Self {
         self.follow_callers = follow;
         self
+    }
+
+    /// The decision for a new request under `parent` (the caller's context, invalid when it
+    /// sent none), made before any span exists, with the rules of [`ShouldSample`]: forced,
+    /// under the cap; else the caller's decision when callers are followed; else the ratio,
+    /// under the cap. The request span then carries it ([`SAMPLED_ATTR`]).
+    pub fn decide(&self, parent: &SpanContext, force: bool) -> bool {
+        if force {
+            return self.under_cap();
+        }
+        if parent.is_valid() && (self.follow_callers || !parent.is_remote()) {
+            return parent.is_sampled();
+        }
+        // A draw, not the trace id's bits: the trace id does not exist yet. A new trace has no
+        // other node's decision to agree with.
+        let by_ratio = self.fraction >= 1.0 || fastrand::f64() < self.fraction;
+        by_ratio && self.under_cap()
     }
 }
 
@@ -70,6 +99,11 @@ impl ShouldSample for DerivaSampler {
         attributes: &[KeyValue],
         links: &[Link],
     ) -> SamplingResult {
+        for kv in attributes {
+            if kv.key.as_str() == SAMPLED_ATTR {
+                return decision(kv.value == Value::Bool(true), parent);
+            }
+        }
         if attributes
             .iter()
             .any(|kv| kv.key.as_str() == FORCE_TRACE_ATTR && kv.value == Value::Bool(true))
@@ -139,7 +173,7 @@ impl RateLimiter {
 mod tests {
     use std::time::Duration;
 
-    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceState};
+    use opentelemetry::trace::{SpanId, TraceFlags, TraceState};
 
     use super::*;
 
@@ -236,6 +270,43 @@ mod tests {
         let capped = DerivaSampler::new(1.0, Some(1e-3));
         assert!(decide(&capped, None, &force));
         assert!(!decide(&capped, None, &[]));
+    }
+
+    /// The RPC layer's decision, made before the span, follows the same rules; the span then
+    /// carries it and the sampler follows it without a second place under the cap.
+    #[test]
+    fn a_decision_made_at_the_edge_follows_the_rules_and_is_followed_once() {
+        let remote = |sampled| remote_parent(sampled).span().span_context().clone();
+        let none = SpanContext::empty_context();
+        let capped = DerivaSampler::new(1.0, Some(1e-3));
+        assert!(capped.decide(&none, false));
+        assert!(!capped.decide(&none, false), "the cap holds");
+        assert!(!capped.decide(&none, true), "also for a forced one");
+        assert!(
+            capped.decide(&remote(true), false),
+            "a sampled caller is honored"
+        );
+        let never = DerivaSampler::new(0.0, None);
+        assert!(!never.decide(&none, false));
+        assert!(never.decide(&none, true));
+        assert!(!never.decide(&remote(false), false));
+        assert!(!DerivaSampler::new(1.0, None).decide(&remote(false), false));
+        let alone = DerivaSampler::new(0.0, None).following_callers(false);
+        assert!(!alone.decide(&remote(true), false), "a caller not followed");
+        assert!(!DerivaSampler::new(f64::NAN, None).decide(&none, false));
+        // About half at 0.5.
+        let half = DerivaSampler::new(0.5, None);
+        let n = (0..10_000).filter(|_| half.decide(&none, false)).count();
+        assert!((4_000..6_000).contains(&n), "{n}");
+        // The span of a decided request: followed, and the cap (spent) is not asked again.
+        let sampled = [KeyValue::new(SAMPLED_ATTR, true)];
+        assert!(decide(&capped, None, &sampled));
+        assert!(decide(&capped, None, &sampled));
+        assert!(!decide(
+            &capped,
+            Some(&remote_parent(true)),
+            &[KeyValue::new(SAMPLED_ATTR, false)]
+        ));
     }
 
     #[test]

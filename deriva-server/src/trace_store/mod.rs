@@ -10,6 +10,13 @@
 //! - among the slowest [`SLOWEST_KEPT`] requests of the last [`SLOWEST_WINDOW`];
 //! - among the last [`FAILED_KEPT`] failed requests.
 //!
+//! A request that the RPC layer decided not to trace (not sampled, not forced, not among the
+//! [`UNTRACED_CAPTURES_PER_SECOND`] captured anyway) builds no spans
+//! ([`deriva_core::untraced`]). If it fails, or is slow enough to enter the slowest list
+//! ([`TraceStore::would_keep_as_slow`], one atomic read), its request span alone is filed
+//! when it ends ([`TraceStore::file_untraced`]): tail capture from what the layer knows
+//! anyway.
+//!
 //! Memory is bounded: at most [`MAX_SPANS_PER_TRACE`] spans per request (the rest are counted,
 //! not kept) and [`MAX_FIELD_LEN`] bytes per field value. The work per span is one small
 //! allocation; nothing is formatted unless a field is recorded, and nothing is read unless
@@ -21,8 +28,10 @@ pub use layer::TraceStoreLayer;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use deriva_core::spans;
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -41,6 +50,11 @@ pub const SLOWEST_KEPT: usize = 16;
 pub const SLOWEST_WINDOW: Duration = Duration::from_secs(300);
 /// How many failed requests are kept.
 pub const FAILED_KEPT: usize = 64;
+/// How many requests a second that are neither sampled nor forced are traced anyway, so the
+/// debug pages show recent requests whatever the sample ratio.
+pub const UNTRACED_CAPTURES_PER_SECOND: u32 = 10;
+/// The field of a request filed without its spans (`untraced`: the request was not traced).
+pub const CAPTURE_FIELD: &str = "deriva.capture";
 
 /// An event written inside a span (a log line).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -199,6 +213,45 @@ pub struct TraceStore {
     open: Arc<Mutex<HashMap<String, usize>>>,
     /// Notified whenever a request span closes.
     closed: Arc<tokio::sync::Notify>,
+    /// What it takes to enter the slowest list, readable without the lock.
+    bar: Arc<SlowBar>,
+}
+
+/// The slowest list's entry bar: a request longer than `floor_us` enters it, and so does any
+/// request once `until_us` is past (an entry of the list has left the window).
+#[derive(Debug)]
+struct SlowBar {
+    epoch: Instant,
+    floor_us: AtomicU64,
+    /// Microseconds after `epoch`.
+    until_us: AtomicU64,
+}
+
+impl Default for SlowBar {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            floor_us: AtomicU64::new(0),
+            until_us: AtomicU64::new(0),
+        }
+    }
+}
+
+/// How an untraced request ended, for [`TraceStore::file_untraced`].
+#[derive(Debug)]
+pub struct UntracedEnd<'a> {
+    /// Its trace id (the caller's, or the one its log lines carry).
+    pub trace_id: String,
+    /// Its request id.
+    pub request_id: &'a str,
+    /// The RPC method, such as `Get`.
+    pub method: &'static str,
+    /// The gRPC status code.
+    pub status_code: i64,
+    /// How long it took.
+    pub duration: Duration,
+    /// The caller's token name, under `--auth-tokens`.
+    pub caller: Option<&'a str>,
 }
 
 impl TraceStore {
@@ -210,7 +263,60 @@ impl TraceStore {
             next_id: Arc::new(AtomicU64::new(1)),
             open: Arc::default(),
             closed: Arc::default(),
+            bar: Arc::default(),
         }
+    }
+
+    /// Whether a request of `duration_us` would enter the slowest list now. Lock-free: the
+    /// RPC layer asks it at the end of every untraced request.
+    pub fn would_keep_as_slow(&self, duration_us: u64) -> bool {
+        let bar = &self.bar;
+        duration_us > bar.floor_us.load(Ordering::Relaxed)
+            || bar.epoch.elapsed().as_micros() as u64 >= bar.until_us.load(Ordering::Relaxed)
+    }
+
+    /// Files an untraced request that failed or was slow: its request span alone, with the
+    /// fields the RPC layer knows and [`CAPTURE_FIELD`] `= "untraced"`. `Explain` is never
+    /// filed, as for traced requests.
+    pub fn file_untraced(&self, end: UntracedEnd<'_>) {
+        if end.method == "Explain" {
+            return;
+        }
+        let duration_us = end.duration.as_micros() as u64;
+        let started_unix_ms = SystemTime::now()
+            .checked_sub(end.duration)
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut fields = vec![
+            (spans::field::RPC_METHOD, end.method.to_owned()),
+            (spans::field::REQUEST_ID, end.request_id.to_owned()),
+            (spans::field::TRACE_ID, end.trace_id.clone()),
+            ("rpc.grpc.status_code", end.status_code.to_string()),
+            (CAPTURE_FIELD, "untraced".to_owned()),
+        ];
+        if let Some(name) = end.caller {
+            fields.push((crate::auth::AUTH_NAME, name.to_owned()));
+        }
+        self.insert(TraceRecord {
+            trace_id: end.trace_id,
+            request_id: end.request_id.to_owned(),
+            method: end.method.to_owned(),
+            addr: None,
+            status_code: end.status_code,
+            started_unix_ms,
+            duration_us,
+            dropped_spans: 0,
+            spans: vec![SpanRecord {
+                id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                parent: None,
+                name: REQUEST_SPAN,
+                fields,
+                start_us: 0,
+                duration_us,
+                events: Vec::new(),
+                links: Vec::new(),
+            }],
+        });
     }
 
     /// The layer that fills this store.
@@ -220,7 +326,7 @@ impl TraceStore {
         }
     }
 
-    pub(super) fn insert(&self, trace: TraceRecord) {
+    pub(crate) fn insert(&self, trace: TraceRecord) {
         let trace = Arc::new(trace);
         let now = Instant::now();
         let mut kept = self.kept.lock();
@@ -248,6 +354,22 @@ impl TraceStore {
             kept.slowest.insert(at, (now, trace));
             kept.slowest.truncate(SLOWEST_KEPT);
         }
+        let floor = match kept.slowest.len() < SLOWEST_KEPT {
+            true => 0,
+            false => kept.slowest.last().map_or(0, |(_, t)| t.duration_us),
+        };
+        let until = kept
+            .slowest
+            .iter()
+            .map(|(at, _)| {
+                (*at + SLOWEST_WINDOW)
+                    .duration_since(self.bar.epoch)
+                    .as_micros() as u64
+            })
+            .min()
+            .unwrap_or(u64::MAX);
+        self.bar.floor_us.store(floor, Ordering::Relaxed);
+        self.bar.until_us.store(until, Ordering::Relaxed);
     }
 
     /// Recent, slowest and failed requests.
@@ -537,6 +659,54 @@ mod tests {
             .map(|t| t.trace_id.as_str())
             .collect();
         assert!(distinct.len() <= 256 + SLOWEST_KEPT + FAILED_KEPT);
+    }
+
+    fn untraced(store: &TraceStore, i: u64, code: i64, micros: u64) {
+        store.file_untraced(UntracedEnd {
+            trace_id: format!("{i:032x}"),
+            request_id: "req",
+            method: "Get",
+            status_code: code,
+            duration: Duration::from_micros(micros),
+            caller: Some("ci"),
+        });
+    }
+
+    /// The bar an untraced request must pass to be filed as slow: anything until the slowest
+    /// list is full, then only what is slower than its slowest-but-fifteen; a filed request
+    /// has its request span alone, marked untraced.
+    #[test]
+    fn untraced_requests_enter_as_the_slowest_list_would_have_them() {
+        let store = TraceStore::new(8);
+        assert!(store.would_keep_as_slow(1), "an empty list takes anything");
+        for i in 0..SLOWEST_KEPT as u64 {
+            untraced(&store, i, 0, 1_000 + i);
+        }
+        assert!(!store.would_keep_as_slow(1_000), "faster than all sixteen");
+        assert!(store.would_keep_as_slow(1_001), "slower than the sixteenth");
+        untraced(&store, 99, 0, 5_000);
+        assert!(!store.would_keep_as_slow(1_001), "the bar rose");
+        assert!(store.would_keep_as_slow(1_002));
+        untraced(&store, 100, 14, 10);
+        let failed = store.lists().failed;
+        assert_eq!(failed.len(), 1);
+        let trace = store.get(&format!("{:032x}", 100)).unwrap();
+        assert_eq!(trace.spans.len(), 1);
+        let rpc = &trace.spans[0];
+        assert_eq!(rpc.field(CAPTURE_FIELD), Some("untraced"));
+        assert_eq!(rpc.field("rpc.grpc.status_code"), Some("14"));
+        assert_eq!(trace.caller(), Some("ci"));
+        assert_eq!(store.lists().slowest[0].duration_us, 5_000);
+        // `Explain` is never filed.
+        store.file_untraced(UntracedEnd {
+            trace_id: "e".repeat(32),
+            request_id: "x",
+            method: "Explain",
+            status_code: 2,
+            duration: Duration::from_secs(9),
+            caller: None,
+        });
+        assert!(store.get(&"e".repeat(32)).is_none());
     }
 
     #[test]

@@ -755,8 +755,11 @@ fn bench_runs_every_workload_and_reports_json() {
 #[test]
 fn get_explain_prints_the_materialization_tree() {
     // The local store's calls are lines of the tree only with --trace-local-store; without it,
-    // the engine's steps alone.
-    let plain = ServerProcess::start();
+    // the engine's steps alone. This server samples nothing, whatever the caller says: the
+    // tree is there because `--explain` asks for it to be kept (`x-deriva-trace: capture`).
+    let plain = ServerProcess::options()
+        .env("OTEL_TRACES_SAMPLER", "always_off")
+        .start();
     let dir = tempfile::tempdir().unwrap();
     let leaf = dir.path().join("leaf");
     std::fs::write(&leaf, b"plain").unwrap();

@@ -773,3 +773,131 @@ async fn a_joined_materialization_links_to_the_computing_span() {
     );
     obs.stop().await;
 }
+
+/// Issue 34: a request that is neither sampled nor forced is untraced. It builds no spans (the
+/// trace store keeps only the few captured anyway, and nothing reaches the collector) and
+/// answers with no `x-trace-id`; a failed one is filed all the same, by its request span
+/// alone, and its log line carries its trace id and request id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untraced_requests_build_no_spans_but_failures_are_kept_with_their_ids() {
+    use deriva_server::trace_store::CAPTURE_FIELD;
+
+    let mut collector = FakeCollectorServer::start().await.unwrap();
+    let mut obs = observed(TelemetryConfig {
+        otlp_endpoint: Some(collector.endpoint()),
+        sample_ratio: Some(0.0),
+        ..TelemetryConfig::default()
+    })
+    .await;
+    let a = obs.put(b"quiet").await;
+    let start = Instant::now();
+    let mut with_trace_id = 0;
+    const GETS: usize = 200;
+    for _ in 0..GETS {
+        let (bytes, meta) = obs.get_with_metadata(get_req(&a)).await.unwrap();
+        assert_eq!(bytes, b"quiet");
+        assert!(meta.get("x-request-id").is_some());
+        with_trace_id += usize::from(meta.get("x-trace-id").is_some());
+    }
+    // At most ten a second are captured anyway (plus the first).
+    let allowed = 2 + (start.elapsed().as_secs_f64() * 10.0) as usize;
+    assert!(
+        with_trace_id <= allowed.min(GETS - 1),
+        "{with_trace_id} of {GETS} Gets were traced in {:?}",
+        start.elapsed()
+    );
+    // Kept with their spans: only those. The others kept (the slow ones of the latency tail,
+    // which enter the slowest list) are their request span alone.
+    let recent = obs.telemetry().traces().lists().recent;
+    let traced = recent
+        .iter()
+        .filter(|t| t.method == "Get")
+        .filter(|t| {
+            let kept = obs.telemetry().traces().get(&t.trace_id).unwrap();
+            kept.spans[0].field(CAPTURE_FIELD) != Some("untraced")
+        })
+        .count();
+    assert!(
+        traced <= allowed,
+        "{traced} Gets kept with spans: {recent:?}"
+    );
+
+    // Failures: each answers its trace id, and the trace store files it; an untraced one by
+    // its request span alone.
+    let missing = Bytes::from(vec![7u8; 32]);
+    let mut untraced = None;
+    for _ in 0..50 {
+        let err = obs.get_with_metadata(get_req(&missing)).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        let trace_id = err
+            .metadata()
+            .get("x-trace-id")
+            .expect("a failure answers its trace id")
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let request_id = err
+            .metadata()
+            .get("x-request-id")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let kept = obs
+            .telemetry()
+            .traces()
+            .get(&trace_id)
+            .expect("a failure is kept");
+        assert_eq!(kept.status_code, Code::NotFound as i64);
+        assert_eq!(kept.request_id, request_id);
+        if kept.spans.len() == 1 && kept.spans[0].field(CAPTURE_FIELD) == Some("untraced") {
+            untraced = Some((trace_id, request_id));
+            break;
+        }
+    }
+    let (trace_id, request_id) = untraced.expect("an untraced failure among 50");
+    let failed = obs.telemetry().traces().lists().failed;
+    assert!(failed.iter().any(|t| t.trace_id == trace_id), "{failed:?}");
+    let logs = obs.logs.text();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("rpc failed") && l.contains(&format!("trace_id={trace_id}")))
+        .unwrap_or_else(|| panic!("no line with trace_id={trace_id}:\n{logs}"));
+    assert!(line.contains(&format!("request_id={request_id}")), "{line}");
+    assert!(!line.contains("span_id="), "no span, no span id: {line}");
+
+    // A caller that asks for its tree to be kept (`deriva get --explain`) gets it whole,
+    // though it is not sampled.
+    let mut req = get_req(&a);
+    req.metadata_mut()
+        .insert("x-deriva-trace", MetadataValue::from_static("capture"));
+    let (_, meta) = obs.get_with_metadata(req).await.unwrap();
+    let trace_id = meta
+        .get("x-trace-id")
+        .expect("a captured request")
+        .to_str()
+        .unwrap();
+    let kept = obs
+        .telemetry()
+        .traces()
+        .wait_for(trace_id, Duration::from_secs(30))
+        .await;
+    let names: Vec<&str> = kept
+        .as_ref()
+        .unwrap()
+        .spans
+        .iter()
+        .map(|s| s.name)
+        .collect();
+    assert!(names.contains(&"materialize"), "{names:?}");
+
+    // Ratio 0: the collector receives no span at all.
+    obs.telemetry().tracer_provider().force_flush().unwrap();
+    assert!(
+        collector
+            .exported_spans(1, Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+    obs.stop().await;
+}
