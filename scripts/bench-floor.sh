@@ -2,8 +2,9 @@
 # Deriva's per-RPC cost against the transport floor (issues 20 and 34): the `transport-floor`
 # example (a tonic server of the same proto, with no layers and fixed answers) and one release
 # `deriva-server` with telemetry as the README's production advice sets it (the metrics
-# listener, --trace-sample-ratio 0.1, JSON logs at info, OTLP to examples/otlp-sink; set
-# DERIVA_DEFAULTS=1 for its default flags instead: every request traced, no listener, no OTLP),
+# listener, --trace-sample-ratio 0.1 (SAMPLE_RATIO overrides it), JSON logs at info, OTLP to
+# examples/otlp-sink; set DERIVA_DEFAULTS=1 for its default flags instead: every request
+# traced, no listener, no OTLP),
 # on free ports, driven in turn by `deriva bench` in a shuffled order each round:
 #   floor/status  floor/cached-get  deriva/status  deriva/cached-get  deriva/leaf-get  deriva/put-leaf
 # The server's CPU time (utime + stime from /proc/PID/stat) is read around each run and divided
@@ -48,8 +49,8 @@ else
     endpoint=$(head -n1 "$work/sink.out")
     [ -n "$endpoint" ] || { echo "the OTLP receiver did not start; see $work/sink.err" >&2; exit 1; }
     RUST_LOG=info "$bin/deriva-server" --listen "127.0.0.1:$port" --data-dir "$work/deriva" \
-        --metrics-addr "127.0.0.1:$(free_port)" --trace-sample-ratio 0.1 --log-format json \
-        --otlp-endpoint "$endpoint" > /dev/null 2> "$work/deriva.log" &
+        --metrics-addr "127.0.0.1:$(free_port)" --trace-sample-ratio "${SAMPLE_RATIO:-0.1}" \
+        --log-format json --otlp-endpoint "$endpoint" > /dev/null 2> "$work/deriva.log" &
 fi
 pid[deriva]=$!
 bench_pids+=($!)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Telemetry overhead, measured side by side: four release servers on free ports, driven in
 # turn by `deriva bench`, in a shuffled order each round:
-#   off        no metrics listener, no OTLP, RUST_LOG=off;
+#   off        no metrics listener, no OTLP, RUST_LOG=off, --trace-sample-ratio 0 (nothing traced
+#              but the trace store's 10 a second and the failed or slow requests);
 #   full       metrics listener, 100% sampling, OTLP export (spans, metrics and log records) to a
 #              local receiver, JSON logs at info (failed calls only: a served call logs at DEBUG);
 #   full-logs  full, with deriva_server at DEBUG: one log line and one OTLP log record per call
@@ -41,7 +42,7 @@ start_server() { # NAME RUST_LOG ARGS...
     pid[$name]=$!
     bench_pids+=($!)
 }
-start_server off off --metrics-port 0
+start_server off off --metrics-port 0 --trace-sample-ratio 0
 full_flags=(--trace-sample-ratio 1.0 --otlp-endpoint "$endpoint" --log-format json)
 declare -A mport
 mport[full]=$(free_port)

@@ -221,13 +221,24 @@ impl Deriva for DerivaService {
             // A leaf streams from the store as it is sent; an output is cut into slices of one
             // `Bytes`. A leaf whose bytes turn out not to match its address ends the stream with
             // DATA_LOSS instead of OK (a client keeps what it got only after an OK end).
-            let chunks = self.exec.get_stream(addr, self.chunk_bytes).await?;
-            // The error of a stream's end is logged in the request's span, with its trace id.
+            let mut chunks = self.exec.get_stream(addr, self.chunk_bytes).await?;
+            // The stream is polled by the connection, outside the call: each poll runs in the
+            // request's span (a traced request) or scope (an untraced one), so that the reads it
+            // makes build spans only when the request is traced, and the error of its end is
+            // logged with the request's trace id.
             let span = tracing::Span::current();
-            let answers: GetStream = Box::pin(chunks.map(move |item| {
+            let scope = deriva_core::untraced::current();
+            let answers: GetStream = Box::pin(futures::stream::poll_fn(move |cx| {
                 let _in_request = span.enter();
-                item.map(|chunk| GetResponse { chunk })
-                    .map_err(|e| Status::from(ApiError::from(e)))
+                deriva_core::untraced::enter(scope.clone(), || {
+                    chunks.poll_next_unpin(cx).map(|item| {
+                        item.map(|chunk| {
+                            chunk
+                                .map(|chunk| GetResponse { chunk })
+                                .map_err(|e| Status::from(ApiError::from(e)))
+                        })
+                    })
+                })
             }));
             Ok(answers)
         }
