@@ -554,6 +554,60 @@ mod tests {
         kind: Kind::SPAN,
     };
 
+    /// A shared buffer the fmt layer writes lines into.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// In an untraced request's scope no span reaches the trace store (or the OpenTelemetry
+    /// layer: the span is not built at all), and a JSON line carries the request's trace id and
+    /// request id, with no span id; outside it, the same code builds its spans.
+    #[test]
+    fn an_untraced_scope_builds_no_spans_and_its_lines_carry_its_ids() {
+        let telemetry = Telemetry::new(TelemetryConfig {
+            log_format: LogFormat::Json,
+            log_filter: Some("info".into()),
+            ..TelemetryConfig::default()
+        })
+        .unwrap();
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let dispatch = telemetry.subscriber(move || writer.clone()).unwrap();
+        let scope = deriva_core::untraced::Untraced::new(0xfeed, "req-untraced".into());
+        tracing::dispatcher::with_default(&dispatch, || {
+            deriva_core::untraced::enter(Some(scope), || {
+                let span = tracing::info_span!(deriva_core::spans::RPC, rpc.method = "Get");
+                assert!(span.is_disabled(), "a span built in an untraced scope");
+                span.in_scope(|| tracing::warn!("inside an untraced request"));
+            });
+            let span = tracing::info_span!(deriva_core::spans::RPC, rpc.method = "Get");
+            assert!(!span.is_disabled());
+        });
+        let text = String::from_utf8(lines.0.lock().clone()).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.contains("inside an untraced request"))
+            .unwrap_or_else(|| panic!("no line in {text}"));
+        let json: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(json["trace_id"], format!("{:032x}", 0xfeed), "{line}");
+        assert_eq!(json["request_id"], "req-untraced", "{line}");
+        assert!(json.get("span_id").is_none(), "{line}");
+        assert_eq!(
+            telemetry.traces().held().0,
+            1,
+            "only the span outside the scope"
+        );
+    }
+
     #[test]
     fn the_configs_debug_shows_header_names_only() {
         let config = TelemetryConfig {

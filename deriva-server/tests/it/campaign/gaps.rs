@@ -361,6 +361,39 @@ async fn only_writers_and_admins_force_traces_and_only_under_the_cap() {
         .await;
         assert_eq!(writer.unwrap(), b"traced or not");
     }
+    // Asking for capture (what `deriva get --explain` sends) is any caller's: a read-only
+    // caller's request is kept for its own `Explain`, whole, and never exported. A junk value
+    // asks for nothing.
+    let (captured_trace, captured) = get_with(
+        &mut client,
+        &leaf,
+        Some("t-reader"),
+        &[
+            ("x-deriva-trace", "CAPTURE"),
+            ("x-request-id", "reader-captured"),
+        ],
+    )
+    .await;
+    assert_eq!(captured.unwrap(), b"traced or not");
+    let captured_trace = captured_trace.expect("a captured request answers its trace id");
+    let tree = explain(&mut client, "t-reader", &captured_trace)
+        .await
+        .expect("the reader's own captured request");
+    assert!(
+        tree.spans.iter().any(|s| s.name == "materialize"),
+        "kept whole: {tree:?}"
+    );
+    let (_, junk) = get_with(
+        &mut client,
+        &leaf,
+        Some("t-writer"),
+        &[
+            ("x-deriva-trace", "force please"),
+            ("x-request-id", "writer-junk"),
+        ],
+    )
+    .await;
+    assert_eq!(junk.unwrap(), b"traced or not");
     // Two barriers, one after the other was exported: by then every earlier span had ended.
     let mut seen = Vec::new();
     for n in 0..2 {
@@ -382,6 +415,8 @@ async fn only_writers_and_admins_force_traces_and_only_under_the_cap() {
         0,
         "a read-only caller forced a trace"
     );
+    assert_eq!(count("reader-captured"), 0, "a capture was exported");
+    assert_eq!(count("writer-junk"), 0, "a junk value forced a trace");
     let forced: Vec<usize> = (0..5)
         .map(|i| count(&format!("writer-forced-{i}")))
         .collect();
