@@ -154,6 +154,17 @@ struct Entry {
     rank: (u64, u64),
 }
 
+impl Entry {
+    fn hit(&self) -> CacheHit {
+        CacheHit {
+            data: self.data.clone(),
+            cost: self.cost,
+            kind: self.kind,
+            record: self.record.clone(),
+        }
+    }
+}
+
 /// Number of generation stripes.
 const STRIPES: usize = 4096;
 
@@ -256,12 +267,7 @@ impl Cache {
                 return None;
             };
             if inner.priority(entry.cost, entry.data.len()) == entry.rank.0 {
-                let hit = CacheHit {
-                    data: entry.data.clone(),
-                    cost: entry.cost,
-                    kind: entry.kind,
-                    record: entry.record.clone(),
-                };
+                let hit = entry.hit();
                 drop(inner);
                 return Some(self.count_hit(hit));
             }
@@ -279,12 +285,7 @@ impl Cache {
         inner.order.insert((rank.0, rank.1, *addr));
         let entry = inner.map.get_mut(addr)?;
         entry.rank = rank;
-        let hit = CacheHit {
-            data: entry.data.clone(),
-            cost: entry.cost,
-            kind: entry.kind,
-            record: entry.record.clone(),
-        };
+        let hit = entry.hit();
         drop(inner);
         Some(self.count_hit(hit))
     }

@@ -27,6 +27,17 @@ async fn observed(telemetry: TelemetryConfig) -> InProcess {
         .await
 }
 
+/// [`observed`] exporting to `collector` and sampling nothing new
+/// (`--trace-sample-ratio 0`).
+async fn unsampled(collector: &FakeCollectorServer) -> InProcess {
+    observed(TelemetryConfig {
+        otlp_endpoint: Some(collector.endpoint()),
+        sample_ratio: Some(0.0),
+        ..TelemetryConfig::default()
+    })
+    .await
+}
+
 /// [`observed`] with the default telemetry settings.
 async fn plain() -> InProcess {
     observed(TelemetryConfig::default()).await
@@ -494,12 +505,7 @@ async fn spans_of_one_get_reach_a_real_otlp_receiver_as_one_tree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_traceparent_starts_a_new_root() {
     let mut collector = FakeCollectorServer::start().await.unwrap();
-    let mut obs = observed(TelemetryConfig {
-        otlp_endpoint: Some(collector.endpoint()),
-        sample_ratio: Some(0.0),
-        ..TelemetryConfig::default()
-    })
-    .await;
+    let mut obs = unsampled(&collector).await;
     let a = obs.put(b"x").await;
     let mut req = get_req(&a);
     req.metadata_mut().insert(
@@ -526,12 +532,7 @@ async fn a_malformed_traceparent_starts_a_new_root() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ratio_zero_exports_nothing_unless_forced_and_a_sampled_caller_is_honored() {
     let mut collector = FakeCollectorServer::start().await.unwrap();
-    let mut obs = observed(TelemetryConfig {
-        otlp_endpoint: Some(collector.endpoint()),
-        sample_ratio: Some(0.0),
-        ..TelemetryConfig::default()
-    })
-    .await;
+    let mut obs = unsampled(&collector).await;
     let a = obs.put(b"x").await;
     for _ in 0..5 {
         obs.get_with_metadata(get_req(&a)).await.unwrap();
@@ -783,12 +784,7 @@ async fn untraced_requests_build_no_spans_but_failures_are_kept_with_their_ids()
     use deriva_server::trace_store::CAPTURE_FIELD;
 
     let mut collector = FakeCollectorServer::start().await.unwrap();
-    let mut obs = observed(TelemetryConfig {
-        otlp_endpoint: Some(collector.endpoint()),
-        sample_ratio: Some(0.0),
-        ..TelemetryConfig::default()
-    })
-    .await;
+    let mut obs = unsampled(&collector).await;
     let a = obs.put(b"quiet").await;
     let start = Instant::now();
     let mut with_trace_id = 0;
