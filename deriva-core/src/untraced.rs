@@ -90,9 +90,16 @@ impl Drop for Restore<'_> {
 
 /// Runs `f` in `scope` (`None`: outside any untraced request), then restores the thread's scope.
 pub fn enter<R>(mut scope: Option<Arc<Untraced>>, f: impl FnOnce() -> R) -> R {
-    let previous = CURRENT.with(|c| c.replace(scope.take()));
+    within(&mut scope, f)
+}
+
+/// Runs `f` in the scope `slot` holds, then restores the thread's scope. The scope moves into
+/// the thread-local and back into `slot`: no reference count changes, so a future or stream
+/// can hold its scope and run every poll in it.
+pub fn within<R>(slot: &mut Option<Arc<Untraced>>, f: impl FnOnce() -> R) -> R {
+    let previous = CURRENT.with(|c| c.replace(slot.take()));
     let _restore = Restore {
-        slot: &mut scope,
+        slot,
         previous: Some(previous),
     };
     f()
@@ -124,13 +131,8 @@ impl<F: Future> Future for Scoped<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        // The scope moves into the thread-local and back: no reference count changes per poll.
-        let previous = CURRENT.with(|c| c.replace(this.scope.take()));
-        let _restore = Restore {
-            slot: this.scope,
-            previous: Some(previous),
-        };
-        this.inner.poll(cx)
+        let inner = this.inner;
+        within(this.scope, || inner.poll(cx))
     }
 }
 

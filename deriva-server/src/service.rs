@@ -227,10 +227,10 @@ impl Deriva for DerivaService {
             // makes build spans only when the request is traced, and the error of its end is
             // logged with the request's trace id.
             let span = tracing::Span::current();
-            let scope = deriva_core::untraced::current();
+            let mut scope = deriva_core::untraced::current();
             let answers: GetStream = Box::pin(futures::stream::poll_fn(move |cx| {
                 let _in_request = span.enter();
-                deriva_core::untraced::enter(scope.clone(), || {
+                deriva_core::untraced::within(&mut scope, || {
                     chunks.poll_next_unpin(cx).map(|item| {
                         item.map(|chunk| {
                             chunk

@@ -210,15 +210,11 @@ where
         let dispatch = self.dispatch.clone();
         // The caller's context when `traceparent` is valid (an empty one otherwise).
         let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
-        let decision = match &self.edge {
-            Some(edge) => edge.decide(parent.span().span_context(), force, capture),
-            None => Decision::Traced { sampled: force },
-        };
-        let sampled = match (decision, &self.edge) {
-            (Decision::Traced { sampled }, Some(_)) => Some(sampled),
-            // No edge: the tracer's sampler decides (`force` asks it to sample).
-            _ => None,
-        };
+        // `None`: no edge, so traced, and the tracer's sampler decides (`force` asks it to).
+        let decision = self
+            .edge
+            .as_ref()
+            .map(|edge| edge.decide(parent.span().span_context(), force, capture));
         let timer = self.metrics.start(method);
         let mut end = CallEnd {
             timer: Some(timer),
@@ -229,19 +225,16 @@ where
             caller,
         };
         let mut trace_id = None;
-        if decision == Decision::Untraced {
+        if let (Some(Decision::Untraced), Some(edge)) = (decision, &self.edge) {
             let caller_trace = parent.span().span_context().trace_id();
             let id = match caller_trace != opentelemetry::trace::TraceId::INVALID {
                 true => u128::from_be_bytes(caller_trace.to_bytes()),
                 false => fastrand::u128(1..),
             };
             let scope = Untraced::new(id, Arc::from(request_id.as_str()));
-            let edge = self
-                .edge
-                .clone()
-                .expect("only an edge decides a request untraced");
-            end.untraced = Some((scope, edge));
+            end.untraced = Some((scope, edge.clone()));
         } else {
+            let sampled = decision.map(|d| d == Decision::Traced { sampled: true });
             let span = with_dispatch(dispatch.as_ref(), || {
                 rpc_span(method, &request_id, parent, force, sampled)
             });

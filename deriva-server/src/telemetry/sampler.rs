@@ -60,16 +60,23 @@ impl DerivaSampler {
     /// under the cap; else the caller's decision when callers are followed; else the ratio,
     /// under the cap. The request span then carries it ([`SAMPLED_ATTR`]).
     pub fn decide(&self, parent: &SpanContext, force: bool) -> bool {
+        // A draw, not the trace id's bits: the trace id does not exist yet. A new trace has no
+        // other node's decision to agree with.
+        self.rules(parent, force, || {
+            self.fraction >= 1.0 || fastrand::f64() < self.fraction
+        })
+    }
+
+    /// The rules both decisions follow: forced, under the cap; else the caller's (or the local
+    /// parent's) decision when it is followed; else `by_ratio`, under the cap.
+    fn rules(&self, parent: &SpanContext, force: bool, by_ratio: impl FnOnce() -> bool) -> bool {
         if force {
             return self.under_cap();
         }
         if parent.is_valid() && (self.follow_callers || !parent.is_remote()) {
             return parent.is_sampled();
         }
-        // A draw, not the trace id's bits: the trace id does not exist yet. A new trace has no
-        // other node's decision to agree with.
-        let by_ratio = self.fraction >= 1.0 || fastrand::f64() < self.fraction;
-        by_ratio && self.under_cap()
+        by_ratio() && self.under_cap()
     }
 }
 
@@ -104,22 +111,20 @@ impl ShouldSample for DerivaSampler {
                 return decision(kv.value == Value::Bool(true), parent);
             }
         }
-        if attributes
+        let force = attributes
             .iter()
-            .any(|kv| kv.key.as_str() == FORCE_TRACE_ATTR && kv.value == Value::Bool(true))
-        {
-            return decision(self.under_cap(), parent);
-        }
-        if let Some(cx) = parent.filter(|c| c.has_active_span()) {
-            let sc = cx.span().span_context().clone();
-            if sc.is_valid() && (self.follow_callers || !sc.is_remote()) {
-                return decision(sc.is_sampled(), parent);
-            }
-        }
-        let by_ratio = self
-            .ratio
-            .should_sample(parent, trace_id, name, kind, attributes, links);
-        let sample = by_ratio.decision == SamplingDecision::RecordAndSample && self.under_cap();
+            .any(|kv| kv.key.as_str() == FORCE_TRACE_ATTR && kv.value == Value::Bool(true));
+        let parent_span = parent
+            .filter(|c| c.has_active_span())
+            .map_or_else(SpanContext::empty_context, |c| {
+                c.span().span_context().clone()
+            });
+        let sample = self.rules(&parent_span, force, || {
+            self.ratio
+                .should_sample(parent, trace_id, name, kind, attributes, links)
+                .decision
+                == SamplingDecision::RecordAndSample
+        });
         decision(sample, parent)
     }
 }
