@@ -81,18 +81,4 @@ for round in $(seq "$rounds"); do
     done
 done
 median_table "$results" binary/workload "${labels[*]}" "${workloads[*]}"
-python3 - "$results" "${labels[*]}" "${workloads[*]}" <<'PY'
-import statistics, sys
-rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-labels, workloads = sys.argv[2].split(), sys.argv[3].split()
-at = {(r[0], r[1], r[2]): (float(r[3]), float(r[4]), int(r[5])) for r in rows}
-rounds = sorted({r[0] for r in rows}, key=int)
-base = labels[0]
-for label in labels[1:]:
-    print()
-    print(f"CPU per request, {label} / {base} (median of per-round ratios; below 1 is cheaper)")
-    for w in workloads:
-        ratios = [at[(k, label, w)][1] / at[(k, base, w)][1] for k in rounds]
-        spread = " ".join(f"{r:.2f}" for r in ratios)
-        print(f"  {w:<14} {statistics.median(ratios):>6.3f}   rounds: {spread}")
-PY
+ratio_table "$results" "${labels[*]}" "${workloads[*]}" cpu

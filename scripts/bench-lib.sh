@@ -24,6 +24,11 @@
 #                    bench_cpu_run's fields), the median throughput and CPU µs per request and
 #                    the errors of each (name, workload); TITLE heads the first column, NAMES and
 #                    WORKLOADS are space-separated lists.
+# ratio_table RESULTS NAMES WORKLOADS MODE
+#                    prints, for each name of NAMES after the first (the base), the median over
+#                    the rounds of its per-round ratio to the base, per workload, with the
+#                    per-round ratios: MODE `cpu`, the CPU per request; `both`, the throughput
+#                    and the CPU per request (the rounds' throughput ratios shown).
 #
 # A script that appends the pids it starts to the array `bench_pids` has them stopped (TERM,
 # then waited for) on exit, after its own `bench_stop` if it defines one.
@@ -152,5 +157,32 @@ for name in names:
         cpu = statistics.median(at[(k, name, w)][1] for k in rounds)
         errors = sum(at[(k, name, w)][2] for k in rounds)
         print(f"{name + '/' + w:<28} {rps:>9.0f} {cpu:>10.1f} {errors:>7}")
+PY
+}
+
+ratio_table() {
+    python3 - "$@" <<'PY'
+import statistics, sys
+path, names, workloads, mode = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4]
+rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
+at = {(r[0], r[1], r[2]): (float(r[3]), float(r[4]), int(r[5])) for r in rows}
+rounds = sorted({r[0] for r in rows}, key=int)
+base = names[0]
+for name in names[1:]:
+    print()
+    if mode == "cpu":
+        print(f"CPU per request, {name} / {base} (median of per-round ratios; below 1 is cheaper)")
+    else:
+        print(f"{name} / {base} (medians of per-round ratios): throughput, CPU per request")
+    for w in workloads:
+        tput = [at[(k, name, w)][0] / at[(k, base, w)][0] for k in rounds]
+        cpu = [at[(k, name, w)][1] / at[(k, base, w)][1] for k in rounds]
+        if mode == "cpu":
+            spread = " ".join(f"{r:.2f}" for r in cpu)
+            print(f"  {w:<14} {statistics.median(cpu):>6.3f}   rounds: {spread}")
+        else:
+            spread = " ".join(f"{r:.2f}" for r in tput)
+            print(f"  {w:<14} {statistics.median(tput):>6.2f} {statistics.median(cpu):>6.2f}"
+                  f"   rounds: {spread}")
 PY
 }

@@ -112,18 +112,4 @@ for round in $(seq "$rounds"); do
     done
 done
 median_table "$results" server/workload "${servers[*]}" "${workloads[*]}"
-python3 - "$results" "${servers[*]}" "${workloads[*]}" <<'PY'
-import statistics, sys
-rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-servers, workloads = sys.argv[2].split(), sys.argv[3].split()
-at = {(r[0], r[1], r[2]): (float(r[3]), float(r[4]), int(r[5])) for r in rows}
-rounds = sorted({r[0] for r in rows}, key=int)
-for s in servers[1:]:
-    print()
-    print(f"{s} / original (medians of per-round ratios): throughput, CPU per request")
-    for w in workloads:
-        tput = [at[(k, s, w)][0] / at[(k, "original", w)][0] for k in rounds]
-        cpu = [at[(k, s, w)][1] / at[(k, "original", w)][1] for k in rounds]
-        print(f"  {w:<14} {statistics.median(tput):>6.2f} {statistics.median(cpu):>6.2f}"
-              f"   rounds: {' '.join(f'{r:.2f}' for r in tput)}")
-PY
+ratio_table "$results" "${servers[*]}" "${workloads[*]}" both
