@@ -4,7 +4,8 @@
 //! decision, the cap: [`DerivaSampler::decide`]), when its caller forces a trace
 //! (`x-deriva-trace: force`, as `deriva --trace` sends) or asks for its tree to be kept
 //! (`x-deriva-trace: capture`, as `deriva get --explain` sends), or when it is one of the
-//! [`UNTRACED_CAPTURES_PER_SECOND`] others the trace store keeps anyway. A traced request
+//! [`UNTRACED_CAPTURES_PER_SECOND`] others the trace store keeps anyway (a [`RateLimiter`]
+//! with room for one). A traced request
 //! gets its `rpc` span and every span below it, as before.
 //!
 //! Any other request is **untraced**: it runs in a [`deriva_core::untraced`] scope, where no
@@ -13,12 +14,9 @@
 //! slow enough for the slowest list, the trace store files its request span alone
 //! ([`TraceStore::file_untraced`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
-
 use opentelemetry::trace::SpanContext;
 
-use crate::telemetry::DerivaSampler;
+use crate::telemetry::{DerivaSampler, RateLimiter};
 use crate::trace_store::{TraceStore, UNTRACED_CAPTURES_PER_SECOND};
 
 /// See the module docs. Built by [`Telemetry::edge`](crate::telemetry::Telemetry::edge).
@@ -26,7 +24,9 @@ use crate::trace_store::{TraceStore, UNTRACED_CAPTURES_PER_SECOND};
 pub struct Edge {
     sampler: DerivaSampler,
     traces: TraceStore,
-    captures: Pace,
+    /// The untraced requests captured anyway: one at a time, at most
+    /// [`UNTRACED_CAPTURES_PER_SECOND`].
+    captures: RateLimiter,
 }
 
 /// What the edge decided for one request.
@@ -48,7 +48,7 @@ impl Edge {
         Self {
             sampler,
             traces,
-            captures: Pace::per_second(UNTRACED_CAPTURES_PER_SECOND),
+            captures: RateLimiter::with_burst(f64::from(UNTRACED_CAPTURES_PER_SECOND), 1.0),
         }
     }
 
@@ -57,7 +57,7 @@ impl Edge {
     /// to be kept.
     pub fn decide(&self, parent: &SpanContext, force: bool, capture: bool) -> Decision {
         let sampled = self.sampler.decide(parent, force);
-        if sampled || force || capture || self.captures.take() {
+        if sampled || force || capture || self.captures.try_acquire() {
             Decision::Traced { sampled }
         } else {
             Decision::Untraced
@@ -70,42 +70,10 @@ impl Edge {
     }
 }
 
-/// At most one pass per interval, lock-free: one clock read and one atomic load per ask, one
-/// compare-and-swap per pass.
-#[derive(Debug)]
-struct Pace {
-    epoch: Instant,
-    interval_us: u64,
-    next_us: AtomicU64,
-}
-
-impl Pace {
-    fn per_second(n: u32) -> Self {
-        Self {
-            epoch: Instant::now(),
-            interval_us: 1_000_000 / u64::from(n.max(1)),
-            next_us: AtomicU64::new(0),
-        }
-    }
-
-    fn take(&self) -> bool {
-        let now = self.epoch.elapsed().as_micros() as u64;
-        let next = self.next_us.load(Ordering::Relaxed);
-        now >= next
-            && self
-                .next_us
-                .compare_exchange(
-                    next,
-                    now + self.interval_us,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use opentelemetry::trace::{SpanId, TraceFlags, TraceId, TraceState};
 
     use super::*;
@@ -161,13 +129,15 @@ mod tests {
     }
 
     #[test]
-    fn a_pace_passes_once_per_interval() {
-        let pace = Pace::per_second(10);
-        assert!(pace.take());
-        assert!(!pace.take());
-        pace.next_us.store(0, Ordering::Relaxed);
-        assert!(pace.take(), "due again");
-        // Zero a second means once a second, never a division by zero.
-        assert!(Pace::per_second(0).take());
+    fn captures_pass_once_per_interval() {
+        let pace = RateLimiter::with_burst(10.0, 1.0);
+        assert!(pace.try_acquire());
+        assert!(!pace.try_acquire());
+        assert!(
+            pace.try_acquire_at(Instant::now() + std::time::Duration::from_millis(100)),
+            "due again"
+        );
+        // Zero a second means once, never a division by zero.
+        assert!(RateLimiter::with_burst(0.0, 1.0).try_acquire());
     }
 }

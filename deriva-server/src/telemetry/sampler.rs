@@ -7,7 +7,7 @@ use std::time::Instant;
 use opentelemetry::trace::{Link, SpanContext, SpanKind, TraceContextExt, TraceId};
 use opentelemetry::{Context, KeyValue, Value};
 use opentelemetry_sdk::trace::{Sampler, SamplingDecision, SamplingResult, ShouldSample};
-use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The span attribute that forces sampling (set when a request carries `x-deriva-trace: force`).
 pub const FORCE_TRACE_ATTR: &str = "deriva.force_trace";
@@ -136,20 +136,47 @@ impl DerivaSampler {
     }
 }
 
-/// A token bucket: `rate` tokens a second, holding at most `max(rate, 1)`.
+/// A token bucket: `rate` tokens a second, holding at most `burst` (`max(rate, 1)` for
+/// [`RateLimiter::new`]), full at first. Lock-free: it keeps the time at which the bucket will
+/// be full again (the generic cell rate algorithm), so a take is one clock read and one
+/// compare-and-swap; the RPC layer asks it on every request.
 #[derive(Debug)]
 pub struct RateLimiter {
-    rate: f64,
-    state: Mutex<(f64, Instant)>,
+    epoch: Instant,
+    /// Nanoseconds per token (`u64::MAX` for a rate of 0: never refilled).
+    interval_ns: u64,
+    /// How far ahead of now the full time may be while a token is left: `(burst - 1)` tokens.
+    tolerance_ns: u64,
+    /// When the bucket is full again, in nanoseconds after `epoch`.
+    full_at_ns: AtomicU64,
 }
 
 impl RateLimiter {
-    /// A full bucket.
+    /// A full bucket of `max(rate, 1)` tokens.
     pub fn new(rate: f64) -> Self {
         let rate = rate.max(0.0);
+        Self::with_burst(rate, rate.max(1.0))
+    }
+
+    /// A full bucket of `burst` (at least 1) tokens, refilled at `rate` a second.
+    pub fn with_burst(rate: f64, burst: f64) -> Self {
+        let rate = rate.max(0.0);
+        let interval = if rate > 0.0 {
+            1e9 / rate
+        } else {
+            f64::INFINITY
+        };
+        let tolerance = (burst.max(1.0) - 1.0) * interval;
+        // `as` saturates: an infinite interval is u64::MAX.
         Self {
-            rate,
-            state: Mutex::new((rate.max(1.0), Instant::now())),
+            epoch: Instant::now(),
+            interval_ns: interval as u64,
+            tolerance_ns: if tolerance.is_nan() {
+                0
+            } else {
+                tolerance as u64
+            },
+            full_at_ns: AtomicU64::new(0),
         }
     }
 
@@ -158,18 +185,25 @@ impl RateLimiter {
         self.try_acquire_at(Instant::now())
     }
 
-    /// Takes a token if one is available at `now` (not before the last call's `now`).
-    fn try_acquire_at(&self, now: Instant) -> bool {
-        let mut state = self.state.lock();
-        let now = now.max(state.1);
-        let refill = now.duration_since(state.1).as_secs_f64() * self.rate;
-        state.0 = (state.0 + refill).min(self.rate.max(1.0));
-        state.1 = now;
-        if state.0 >= 1.0 {
-            state.0 -= 1.0;
-            true
-        } else {
-            false
+    /// Takes a token if one is available at `now` (time never runs backwards for the bucket:
+    /// an earlier `now` finds it no fuller).
+    pub(crate) fn try_acquire_at(&self, now: Instant) -> bool {
+        let now = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let mut full_at = self.full_at_ns.load(Ordering::Relaxed);
+        loop {
+            if full_at > now.saturating_add(self.tolerance_ns) {
+                return false;
+            }
+            let next = full_at.max(now).saturating_add(self.interval_ns);
+            match self.full_at_ns.compare_exchange_weak(
+                full_at,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => full_at = seen,
+            }
         }
     }
 }
@@ -317,7 +351,7 @@ mod tests {
     #[test]
     fn the_rate_limiter_refills_at_its_rate_up_to_its_burst() {
         let limiter = RateLimiter::new(2.0);
-        let t0 = limiter.state.lock().1;
+        let t0 = limiter.epoch;
         let at = |secs: f64| t0 + Duration::from_secs_f64(secs);
         assert!(limiter.try_acquire_at(at(0.0)));
         assert!(limiter.try_acquire_at(at(0.0)));
