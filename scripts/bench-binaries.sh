@@ -50,18 +50,9 @@ for spec in "$@"; do
     bench_pids+=($!)
 done
 
-# Ready once it answers a Status call; gives up after 30 s or when it has exited.
+# Ready once it answers a Status call.
 for label in "${labels[@]}"; do
-    ready=
-    for _ in $(seq 300); do
-        kill -0 "${pid[$label]}" 2>/dev/null || { echo "$label exited; see $work/$label.log" >&2; exit 1; }
-        if "$bin/deriva" --server "${url[$label]}" status >/dev/null 2>&1; then
-            ready=1
-            break
-        fi
-        sleep 0.1
-    done
-    [ -n "$ready" ] || { echo "$label is not answering after 30 s; see $work/$label.log" >&2; exit 1; }
+    bench_ready "$label" "${pid[$label]}" "${url[$label]}"
 done
 
 results=$work/results.tsv

@@ -24,6 +24,9 @@
 #                    bench_cpu_run's fields), the median throughput and CPU µs per request and
 #                    the errors of each (name, workload); TITLE heads the first column, NAMES and
 #                    WORKLOADS are space-separated lists.
+# bench_ready NAME PID URL
+#                    waits until the server PID answers a Status call at URL; gives up (exit 1,
+#                    naming $work/NAME.log) after 30 s or when it has exited.
 # ratio_table RESULTS NAMES WORKLOADS MODE
 #                    prints, for each name of NAMES after the first (the base), the median over
 #                    the rounds of its per-round ratio to the base, per workload, with the
@@ -158,6 +161,17 @@ for name in names:
         errors = sum(at[(k, name, w)][2] for k in rounds)
         print(f"{name + '/' + w:<28} {rps:>9.0f} {cpu:>10.1f} {errors:>7}")
 PY
+}
+
+bench_ready() {
+    local name=$1 pid=$2 url=$3
+    for _ in $(seq 300); do
+        alive "$pid" || { echo "$name exited; see $work/$name.log" >&2; exit 1; }
+        "${bin:?}/deriva" --server "$url" status >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "$name is not answering after 30 s; see $work/$name.log" >&2
+    exit 1
 }
 
 ratio_table() {

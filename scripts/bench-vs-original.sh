@@ -70,18 +70,9 @@ RUST_LOG=warn "$bin/deriva-server" --listen "127.0.0.1:$port" --data-dir "$work/
 pid[ours-quiet]=$!
 bench_pids+=($!)
 
-# Ready once it answers a Status call; gives up after 30 s or when it has exited.
+# Ready once it answers a Status call.
 for s in "${servers[@]}"; do
-    ready=
-    for _ in $(seq 300); do
-        alive "${pid[$s]}" || { echo "$s exited; see $work/$s.log" >&2; exit 1; }
-        if "$bin/deriva" --server "${url[$s]}" status >/dev/null 2>&1; then
-            ready=1
-            break
-        fi
-        sleep 0.1
-    done
-    [ -n "$ready" ] || { echo "$s is not answering after 30 s; see $work/$s.log" >&2; exit 1; }
+    bench_ready "$s" "${pid[$s]}" "${url[$s]}"
 done
 
 # workload name -> `deriva bench` flags
